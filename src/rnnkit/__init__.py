@@ -1,0 +1,42 @@
+"""rnnkit: recurrent networks for PyTorch.
+
+Cells (one step), the one time loop over any cell (:class:`Recurrent`), :class:`Bidirectional`
+and :class:`Stacked` wrappers, torch.nn drop-ins (:class:`RNN`, :class:`LSTM`, :class:`GRU`)
+with a correct ``lengths=`` argument, and a dispatch that runs each call on the fastest backend
+that computes it exactly (:func:`explain` says which, and why).
+"""
+
+from . import functional
+from .backends import (
+    BackendUnavailable,
+    available as available_backends,
+    explain,
+    get_default_backend,
+    set_default_backend,
+    use_backend,
+)
+from .cells import Cell, GRUCell, LSTMCell, RNNCell
+from .layers import GRU, LSTM, RNN, Bidirectional, Recurrent, Stacked
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRU",
+    "LSTM",
+    "RNN",
+    "BackendUnavailable",
+    "Bidirectional",
+    "Cell",
+    "GRUCell",
+    "LSTMCell",
+    "RNNCell",
+    "Recurrent",
+    "Stacked",
+    "__version__",
+    "available_backends",
+    "explain",
+    "functional",
+    "get_default_backend",
+    "set_default_backend",
+    "use_backend",
+]

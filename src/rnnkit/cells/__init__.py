@@ -1,0 +1,8 @@
+"""Cells: one recurrent step each. See :mod:`rnnkit.cells.base` for the contract."""
+
+from .base import Cell, State
+from .gru import GRUCell
+from .lstm import LSTMCell
+from .rnn import RNNCell
+
+__all__ = ["Cell", "GRUCell", "LSTMCell", "RNNCell", "State"]

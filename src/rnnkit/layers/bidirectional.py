@@ -1,0 +1,91 @@
+"""Bidirectional: two layers over the same sequence, one reading it forwards, one backwards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+__all__ = ["MERGE_MODES", "Bidirectional", "merge"]
+
+MERGE_MODES = ("concat", "sum", "mul", "ave", None)
+
+_MERGES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "concat": lambda a, b: torch.cat([a, b], dim=-1),
+    "sum": torch.add,
+    "mul": torch.mul,
+    "ave": lambda a, b: (a + b) / 2,
+}
+
+
+def check_merge(mode: Any) -> str | None:
+    if mode is not None and mode not in _MERGES:
+        raise ValueError(f"merge = {mode!r} is not a merge mode; expected one of {MERGE_MODES}")
+    return mode
+
+
+def merge(a: Any, b: Any, mode: str | None) -> Any:
+    """Merge forward and backward outputs (Tensors or PackedSequences of the same layout)."""
+    if mode is None:
+        return a, b
+    if isinstance(a, PackedSequence):
+        return a._replace(data=_MERGES[mode](a.data, b.data))
+    return _MERGES[mode](a, b)
+
+
+class Bidirectional(nn.Module):
+    """``Bidirectional(forward, backward, merge="concat")``: run both layers, merge their outputs.
+
+    ``backward`` must read the sequence from its end, e.g. ``Recurrent(cell, reverse=True)``; with
+    ``lengths`` it then starts at each sequence's own last valid step. Any layers that follow the
+    layer contract work (``layer(x, state, lengths=...) -> (output, final_state)``), including ones
+    over user-defined cells. ``merge`` is "concat", "sum", "mul", "ave" or None (return both
+    outputs as a tuple). ``forward(x, state=None, lengths=None)`` takes and returns
+    ``state = (forward_state, backward_state)``.
+    """
+
+    def __init__(self, forward: nn.Module, backward: nn.Module, merge: str | None = "concat") -> None:
+        super().__init__()
+        if getattr(forward, "reverse", False):
+            raise ValueError("the forward layer has reverse=True; expected a layer reading forwards")
+        if getattr(backward, "reverse", True) is False:
+            raise ValueError(
+                "the backward layer has reverse=False; expected a layer reading the sequence "
+                "backwards, e.g. Recurrent(cell, reverse=True)"
+            )
+        self.forward_layer = forward
+        self.backward_layer = backward
+        self.merge = check_merge(merge)
+
+    @property
+    def input_size(self) -> int:
+        return self.forward_layer.input_size
+
+    @property
+    def output_size(self) -> int:
+        size = self.forward_layer.output_size
+        return 2 * size if self.merge == "concat" else size
+
+    def extra_repr(self) -> str:
+        return f"merge={self.merge!r}"
+
+    def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
+        return [
+            (f"{d}.{label}", req, name)
+            for d, layer in (("forward", self.forward_layer), ("backward", self.backward_layer))
+            for label, req, name in layer.dispatch_requests(x, lengths)
+        ]
+
+    def forward(self, x: Any, state: Any = None, lengths: Any = None) -> tuple[Any, tuple[Any, Any]]:
+        if state is None:
+            state = (None, None)
+        elif not isinstance(state, tuple | list) or len(state) != 2:
+            raise TypeError(
+                f"state is a {type(state).__name__}; expected (forward_state, backward_state)"
+            )
+        out_f, s_f = self.forward_layer(x, state[0], lengths=lengths)
+        out_b, s_b = self.backward_layer(x, state[1], lengths=lengths)
+        return merge(out_f, out_b, self.merge), (s_f, s_b)

@@ -1,0 +1,105 @@
+"""Sequence lengths: validation, masks, length-aware reversal, and PackedSequence conversion.
+
+The contract (every layer honours it): ``lengths`` is a 1-D integer tensor (any device) or a list,
+one entry per sequence, ``0 <= len <= T``; sequences are right-padded; outputs at padded positions
+are exactly zero; final states are those at each sequence's own last valid step (a length-0
+sequence returns its initial state); a reversed direction starts at each sequence's own end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+__all__ = [
+    "as_lengths",
+    "from_packed",
+    "mask",
+    "reverse_padded",
+    "to_packed",
+]
+
+LengthsLike = Tensor | Sequence[int]
+
+
+def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.device) -> Tensor:
+    """Validate ``lengths`` against a batch of ``batch`` sequences of ``steps`` steps.
+
+    Returns an int64 tensor of shape (B,) on ``device``. Raises ``ValueError``/``TypeError`` that
+    names the offending entry, e.g. ``lengths[3] = 12 > T = 10``.
+    """
+    if isinstance(lengths, Tensor):
+        if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+            raise TypeError(f"lengths has dtype {lengths.dtype}; expected an integer tensor")
+        if lengths.dim() != 1:
+            raise ValueError(
+                f"lengths has shape {tuple(lengths.shape)}; expected a 1-D tensor of B = {batch}"
+            )
+        values = lengths.detach().to("cpu", torch.int64)
+    else:
+        try:
+            items = list(lengths)
+        except TypeError:
+            raise TypeError(
+                f"lengths = {lengths!r}; expected a 1-D integer tensor or a list of ints"
+            ) from None
+        for k, v in enumerate(items):
+            if isinstance(v, bool) or not isinstance(v, int):
+                if not (isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point()):
+                    raise TypeError(f"lengths[{k}] = {v!r}; expected an integer")
+        values = torch.tensor([int(v) for v in items], dtype=torch.int64)
+    if values.numel() != batch:
+        raise ValueError(f"lengths has {values.numel()} entries; expected one per sequence, B = {batch}")
+    if batch:
+        lo, hi = int(values.argmin()), int(values.argmax())
+        if values[lo] < 0:
+            raise ValueError(f"lengths[{lo}] = {int(values[lo])} < 0; expected 0 <= length <= T")
+        if values[hi] > steps:
+            raise ValueError(f"lengths[{hi}] = {int(values[hi])} > T = {steps}")
+    return values.to(device)
+
+
+def mask(lengths: Tensor, steps: int) -> Tensor:
+    """(T, B) bool mask, True at valid steps ``t < lengths[b]``."""
+    t = torch.arange(steps, device=lengths.device).unsqueeze(1)
+    return t < lengths.unsqueeze(0)
+
+
+def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each time-major sequence (T, B, ...) within its own length; padding stays put.
+
+    ``y[t, b] = x[len_b - 1 - t, b]`` for ``t < len_b`` and ``y[t, b] = x[t, b]`` otherwise. It is
+    its own inverse. Without lengths it is a plain flip along time.
+    """
+    if lengths is None:
+        return x.flip(0)
+    steps = x.shape[0]
+    t = torch.arange(steps, device=x.device).unsqueeze(1)  # (T, 1)
+    n = lengths.to(x.device).unsqueeze(0)  # (1, B)
+    idx = torch.where(t < n, n - 1 - t, t)  # (T, B)
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(0, idx)
+
+
+def from_packed(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """PackedSequence -> (padded time-major (T, B, ...), lengths (B,)) in the original batch order."""
+    padded, lengths = pad_packed_sequence(packed)
+    return padded, lengths.to(padded.device)
+
+
+def to_packed(padded: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack a time-major (T, B, ...) result with exactly the layout of the input ``like``.
+
+    The returned PackedSequence shares ``like``'s batch_sizes and sorting indices, as torch.nn's
+    recurrent layers return it.
+    """
+    batch_sizes = like.batch_sizes  # (T,) on cpu, non-increasing
+    if like.sorted_indices is not None:
+        padded = padded.index_select(1, like.sorted_indices)
+    steps, batch = len(batch_sizes), padded.shape[1]
+    rows = torch.arange(batch).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, B), time-major order
+    data = padded[:steps][rows.to(padded.device)]  # (sum(lengths), ...)
+    return PackedSequence(data, batch_sizes, like.sorted_indices, like.unsorted_indices)
