@@ -9,11 +9,13 @@ that computes it exactly (:func:`explain` says which, and why).
 from . import functional
 from .backends import (
     BackendUnavailable,
-    available as available_backends,
     explain,
     get_default_backend,
     set_default_backend,
     use_backend,
+)
+from .backends import (
+    available as available_backends,
 )
 from .cells import Cell, GRUCell, LSTMCell, RNNCell
 from .layers import GRU, LSTM, RNN, Bidirectional, Recurrent, Stacked

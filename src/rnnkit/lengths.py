@@ -52,7 +52,9 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
                     raise TypeError(f"lengths[{k}] = {v!r}; expected an integer")
         values = torch.tensor([int(v) for v in items], dtype=torch.int64)
     if values.numel() != batch:
-        raise ValueError(f"lengths has {values.numel()} entries; expected one per sequence, B = {batch}")
+        raise ValueError(
+            f"lengths has {values.numel()} entries; expected one per sequence, B = {batch}"
+        )
     if batch:
         lo, hi = int(values.argmin()), int(values.argmax())
         if values[lo] < 0:

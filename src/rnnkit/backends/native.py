@@ -6,8 +6,7 @@ or lengths that can be packed (all >= 1), and no single reversed direction with 
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, _VF
+from torch import _VF, Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import Call, Request
@@ -34,25 +33,29 @@ class NativeBackend:
     def run(self, call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
         req = call.request
         op = _OPS[req.mode]
-        hx = [call.h0, call.c0] if req.mode == "lstm" else call.h0
-        args = (call.weights, req.bias, req.num_layers, call.dropout, call.training,
-                req.bidirectional)
+        lstm = req.mode == "lstm"
+        hx = [call.h0, call.c0] if lstm else [call.h0]
+        args = (
+            call.weights,
+            req.bias,
+            req.num_layers,
+            call.dropout,
+            call.training,
+            req.bidirectional,
+        )
         if call.lengths is None:
             x = call.x.flip(0) if req.reverse else call.x
-            out, *states = op(x, hx, *args, False)
+            out, *states = op(x, hx if lstm else hx[0], *args, False)
             if req.reverse:
                 out = out.flip(0)
         else:
             steps = call.x.shape[0]
             packed = pack_padded_sequence(call.x, call.lengths.cpu(), enforce_sorted=False)
             order, unorder = packed.sorted_indices, packed.unsorted_indices
-            hx = [h.index_select(1, order) for h in hx] if isinstance(hx, list) else hx.index_select(
-                1, order)
-            out, *states = op(packed.data, packed.batch_sizes, hx, *args)
+            hx = [h.index_select(1, order) for h in hx]
+            out, *states = op(packed.data, packed.batch_sizes, hx if lstm else hx[0], *args)
             states = [s.index_select(1, unorder) for s in states]
             out, _ = pad_packed_sequence(
                 type(packed)(out, packed.batch_sizes, order, unorder), total_length=steps
             )
-        return out, states[0], states[1] if len(states) > 1 else None
-
-
+        return out, states[0], states[1] if lstm else None

@@ -56,7 +56,11 @@ class Cell(nn.Module):
         return (self.hidden_size,)
 
     def initial_state(
-        self, batch_size: int, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+        self,
+        batch_size: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
     ) -> State:
         zeros = [torch.zeros(batch_size, n, dtype=dtype, device=device) for n in self.state_sizes]
         return zeros[0] if len(zeros) == 1 else tuple(zeros)

@@ -45,8 +45,12 @@ class LSTMCell(_TorchLayoutCell):
     def state_sizes(self) -> tuple[int, ...]:
         return (self.output_size, self.hidden_size)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(
+        self, x: Tensor, state: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         h, c = state
         w_hr = self.weight_hr if self.proj_size > 0 else None
-        h, c = F.lstm_step(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, w_hr)
+        h, c = F.lstm_step(
+            x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, w_hr
+        )
         return h, (h, c)

@@ -34,8 +34,9 @@ class RNNCell(_TorchLayoutCell):
         self.mode = f"rnn_{nonlinearity}"
 
     def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        h = F.rnn_step(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                       self.nonlinearity)
+        h = F.rnn_step(
+            x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.nonlinearity
+        )
         return h, h
 
     def extra_repr(self) -> str:

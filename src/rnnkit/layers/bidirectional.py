@@ -47,10 +47,14 @@ class Bidirectional(nn.Module):
     ``state = (forward_state, backward_state)``.
     """
 
-    def __init__(self, forward: nn.Module, backward: nn.Module, merge: str | None = "concat") -> None:
+    def __init__(
+        self, forward: nn.Module, backward: nn.Module, merge: str | None = "concat"
+    ) -> None:
         super().__init__()
         if getattr(forward, "reverse", False):
-            raise ValueError("the forward layer has reverse=True; expected a layer reading forwards")
+            raise ValueError(
+                "the forward layer has reverse=True; expected a layer reading forwards"
+            )
         if getattr(backward, "reverse", True) is False:
             raise ValueError(
                 "the backward layer has reverse=False; expected a layer reading the sequence "
@@ -79,7 +83,9 @@ class Bidirectional(nn.Module):
             for label, req, name in layer.dispatch_requests(x, lengths)
         ]
 
-    def forward(self, x: Any, state: Any = None, lengths: Any = None) -> tuple[Any, tuple[Any, Any]]:
+    def forward(
+        self, x: Any, state: Any = None, lengths: Any = None
+    ) -> tuple[Any, tuple[Any, Any]]:
         if state is None:
             state = (None, None)
         elif not isinstance(state, tuple | list) or len(state) != 2:

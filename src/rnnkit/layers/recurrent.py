@@ -96,7 +96,9 @@ def prepare(
     packed = None
     if isinstance(x, PackedSequence):
         if lengths is not None:
-            raise ValueError("lengths was given with a PackedSequence, which carries its own lengths")
+            raise ValueError(
+                "lengths was given with a PackedSequence, which carries its own lengths"
+            )
         packed = x
         x, lengths = L.from_packed(x)
         batch_first = False
@@ -107,7 +109,9 @@ def prepare(
     unbatched = allow_unbatched and x.dim() == 2
     if unbatched:
         if lengths is not None:
-            raise ValueError("lengths was given for an unbatched (T, I) input; add a batch dimension")
+            raise ValueError(
+                "lengths was given for an unbatched (T, I) input; add a batch dimension"
+            )
         x = x.unsqueeze(1)
     elif x.dim() != 3:
         layout = "(B, T, I)" if batch_first else "(T, B, I)"
@@ -160,7 +164,11 @@ class Recurrent(nn.Module):
     """
 
     def __init__(
-        self, cell: Cell, reverse: bool = False, batch_first: bool = False, backend: str | None = None
+        self,
+        cell: Cell,
+        reverse: bool = False,
+        batch_first: bool = False,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module) or not hasattr(cell, "input_size"):

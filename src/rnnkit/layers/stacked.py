@@ -58,10 +58,14 @@ class Stacked(nn.Module):
         for k, layer in enumerate(self.layers):
             if k:
                 x = _like_input(x, layer)
-            requests += [(f"{k}.{label}", r, n) for label, r, n in layer.dispatch_requests(x, lengths)]
+            requests += [
+                (f"{k}.{label}", r, n) for label, r, n in layer.dispatch_requests(x, lengths)
+            ]
         return requests
 
-    def forward(self, x: Any, state: Any = None, lengths: Any = None) -> tuple[Any, tuple[Any, ...]]:
+    def forward(
+        self, x: Any, state: Any = None, lengths: Any = None
+    ) -> tuple[Any, tuple[Any, ...]]:
         n = len(self.layers)
         if state is None:
             state = (None,) * n

@@ -55,7 +55,8 @@ class _RNNBase(nn.Module):
                 f"proj_size = {proj_size} >= hidden_size = {hidden_size}; "
                 "expected proj_size < hidden_size"
             )
-        self.mode = mode
+        self._mode = mode  # the backends' name of the step, e.g. "lstm"
+        self.mode = mode.upper()  # torch.nn's, e.g. "LSTM"
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -127,8 +128,15 @@ class _RNNBase(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
-        defaults = {"proj_size": 0, "num_layers": 1, "bias": True, "batch_first": False,
-                    "dropout": 0.0, "bidirectional": False, "backend": None}
+        defaults = {
+            "proj_size": 0,
+            "num_layers": 1,
+            "bias": True,
+            "batch_first": False,
+            "dropout": 0.0,
+            "bidirectional": False,
+            "backend": None,
+        }
         for key, default in defaults.items():
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)!r}"
@@ -141,7 +149,7 @@ class _RNNBase(nn.Module):
         batch, layers = x.shape[1], self.num_layers * self.num_directions
         h_shape = (layers, batch, self.state_size)
         c_shape = (layers, batch, self.hidden_size)
-        lstm = self.mode == "lstm"
+        lstm = self._mode == "lstm"
         if hx is None:
             h0 = x.new_zeros(h_shape)
             return h0, x.new_zeros(c_shape) if lstm else None
@@ -164,7 +172,7 @@ class _RNNBase(nn.Module):
 
     def _request(self, inp: Prepared, h0: Tensor | None = None, c0: Tensor | None = None):
         return backends.Request(
-            mode=self.mode,
+            mode=self._mode,
             num_layers=self.num_layers,
             bidirectional=self.bidirectional,
             bias=self.bias,
@@ -185,7 +193,7 @@ class _RNNBase(nn.Module):
         """The one-step function of one layer and direction, over its weights."""
         w_ih, w_hh, *rest = weights
         b_ih, b_hh = (rest[0], rest[1]) if self.bias else (None, None)
-        if self.mode == "lstm":
+        if self._mode == "lstm":
             w_hr = rest[-1] if self.proj_size > 0 else None
 
             def lstm(x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple]:
@@ -193,16 +201,16 @@ class _RNNBase(nn.Module):
                 return h, (h, c)
 
             return lstm
-        if self.mode == "gru":
+        if self._mode == "gru":
             step = partial(F.gru_step, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         else:
-            act = self.mode.removeprefix("rnn_")
+            act = self._mode.removeprefix("rnn_")
             step = partial(F.rnn_step, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, nonlinearity=act)
         return lambda x, h: (lambda y: (y, y))(step(x, h))
 
     def _reference(self, call: backends.Call) -> tuple[Tensor, Tensor, Tensor | None]:
         """The stack computed by the time loop: layer by layer, direction by direction."""
-        lstm = self.mode == "lstm"
+        lstm = self._mode == "lstm"
         x, lengths = call.x, call.lengths
         groups = self.all_weights
         h_n, c_n = [], []
@@ -243,7 +251,7 @@ class _RNNBase(nn.Module):
         if inp.unbatched:
             h_n = h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
-        return inp.restore(out), (h_n, c_n) if self.mode == "lstm" else h_n
+        return inp.restore(out), (h_n, c_n) if self._mode == "lstm" else h_n
 
 
 class RNN(_RNNBase):
@@ -271,8 +279,18 @@ class RNN(_RNNBase):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity = {nonlinearity!r}; expected 'tanh' or 'relu'")
         super().__init__(
-            f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first,
-            dropout, bidirectional, 0, device, dtype, backend,
+            f"rnn_{nonlinearity}",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+            backend,
         )
         self.nonlinearity = nonlinearity
 
@@ -304,8 +322,18 @@ class LSTM(_RNNBase):
         backend: str | None = None,
     ) -> None:
         super().__init__(
-            "lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, proj_size, device, dtype, backend,
+            "lstm",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            device,
+            dtype,
+            backend,
         )
 
 
@@ -330,6 +358,16 @@ class GRU(_RNNBase):
         backend: str | None = None,
     ) -> None:
         super().__init__(
-            "gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-            bidirectional, 0, device, dtype, backend,
+            "gru",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            device,
+            dtype,
+            backend,
         )

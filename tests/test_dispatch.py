@@ -1,0 +1,98 @@
+"""The dispatch point: explain(), forced backends, and the global default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_errors import _Custom
+
+import rnnkit
+from rnnkit import backends
+
+T, B, I, H = 5, 3, 4, 6
+
+
+@pytest.fixture
+def reference_and_native(monkeypatch) -> None:
+    """Only the two backends every install has, so choices do not depend on fused kernels."""
+    backends.available()  # make sure the built-in backends are registered
+    keep = {k: v for k, v in backends._registry.items() if k in ("reference", "native")}
+    monkeypatch.setattr(backends, "_registry", keep)
+
+
+def test_explain_reports_native_for_a_plain_call(reference_and_native) -> None:
+    lstm = rnnkit.LSTM(I, H, num_layers=2, bidirectional=True)
+    e = rnnkit.explain(lstm, torch.randn(T, B, I))
+    assert e.backend == "native"
+    assert "torch's fused RNN op" in e.reason
+    e = rnnkit.explain(lstm, torch.randn(T, B, I), lengths=[5, 3, 1])
+    assert e.backend == "native"
+
+
+def test_explain_reports_reference_where_native_cannot_run(reference_and_native) -> None:
+    gru = rnnkit.GRU(I, H)
+    e = rnnkit.explain(gru, torch.randn(T, B, I), lengths=[5, 0, 2])
+    assert e.backend == "reference"
+    assert "not native: a length of 0 cannot be packed" in e.reason
+    e = rnnkit.explain(
+        rnnkit.Recurrent(rnnkit.GRUCell(I, H), reverse=True),
+        torch.randn(T, B, I),
+        lengths=[5, 1, 2],
+    )
+    assert e.backend == "reference"
+    assert "no single reversed direction" in e.reason
+    custom = rnnkit.Recurrent(_Custom())
+    e = rnnkit.explain(custom, torch.randn(T, B, I))
+    assert e.backend == "reference"
+    assert "custom cell" in e.reason
+
+
+def test_explain_forced_and_wrappers(reference_and_native) -> None:
+    gru = rnnkit.GRU(I, H, backend="reference")
+    e = rnnkit.explain(gru, torch.randn(T, B, I))
+    assert (e.backend, e.reason) == ("reference", "asked for by name ('reference')")
+    bi = rnnkit.Bidirectional(
+        rnnkit.Recurrent(_Custom()), rnnkit.Recurrent(rnnkit.GRUCell(I, H), reverse=True)
+    )
+    stack = rnnkit.Stacked([bi, rnnkit.Recurrent(rnnkit.LSTMCell(2 * H, H))])
+    e = rnnkit.explain(stack, torch.randn(T, B, I))
+    labels = [label for label, _ in e.layers]
+    assert labels == ["0.forward._Custom", "0.backward.GRUCell", "1.LSTMCell"]
+    assert e.layers[0][1].backend == "reference"
+    assert e.backend == "mixed"
+    assert [c.backend for _, c in e.layers] == ["reference", "native", "native"]
+    assert "0.forward._Custom: reference" in str(e)
+
+
+def test_use_backend_and_default() -> None:
+    assert rnnkit.get_default_backend() == "auto"
+    lstm = rnnkit.LSTM(I, H)
+    with rnnkit.use_backend("reference"):
+        assert rnnkit.get_default_backend() == "reference"
+        assert rnnkit.explain(lstm, torch.randn(T, B, I)).backend == "reference"
+    assert rnnkit.get_default_backend() == "auto"
+    rnnkit.set_default_backend("reference")
+    try:
+        assert rnnkit.explain(lstm, torch.randn(T, B, I)).backend == "reference"
+    finally:
+        rnnkit.set_default_backend("auto")
+    assert set(rnnkit.available_backends()) >= {"auto", "reference", "native"}
+
+
+def test_requests_describe_the_call() -> None:
+    lstm = rnnkit.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=2)
+    [(label, req, name)] = lstm.dispatch_requests(torch.randn(T, B, I), [5, 0, 1])
+    assert (label, name) == ("LSTM", None)
+    assert req == backends.Request(
+        mode="lstm",
+        num_layers=2,
+        bidirectional=True,
+        proj=True,
+        lengths="has_zero",
+        requires_grad=True,
+        dropout=False,
+        layer="LSTM",
+    )
+    with torch.no_grad():
+        [(_, req, _)] = lstm.dispatch_requests(torch.randn(T, B, I))
+    assert not req.requires_grad and req.lengths == "none"

@@ -1,0 +1,153 @@
+"""Bad input gets a clear error naming the bad value and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnkit
+
+T, B, I, H = 5, 3, 4, 6
+
+
+@pytest.fixture
+def lstm() -> rnnkit.LSTM:
+    return rnnkit.LSTM(I, H, num_layers=2)
+
+
+def test_wrong_input_rank(lstm) -> None:
+    with pytest.raises(ValueError, match=r"shape \(2, 5, 3, 4\); expected 3 dimensions"):
+        lstm(torch.randn(2, T, B, I))
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        rnnkit.Recurrent(rnnkit.GRUCell(I, H))(torch.randn(T))
+
+
+def test_wrong_feature_size(lstm) -> None:
+    with pytest.raises(ValueError, match="input has 7 features .* expected input_size = 4"):
+        lstm(torch.randn(T, B, 7))
+
+
+def test_non_float_or_non_tensor_input(lstm) -> None:
+    with pytest.raises(TypeError, match="dtype torch.int64; expected a floating-point"):
+        lstm(torch.zeros(T, B, I, dtype=torch.long))
+    with pytest.raises(TypeError, match="input is a list"):
+        lstm([[1.0]])
+
+
+def test_batch_mismatch_between_x_hx_and_lengths(lstm) -> None:
+    x = torch.randn(T, B, I)
+    h0, c0 = torch.zeros(2, B + 1, H), torch.zeros(2, B, H)
+    with pytest.raises(ValueError, match=r"h_0 has shape \(2, 4, 6\); expected \(2, 3, 6\)"):
+        lstm(x, (h0, c0))
+    with pytest.raises(ValueError, match="lengths has 2 entries; expected one per sequence, B = 3"):
+        lstm(x, lengths=[5, 5])
+
+
+def test_lengths_out_of_range_or_not_integer(lstm) -> None:
+    x = torch.randn(T, B, I)
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 12 > T = 5"):
+        lstm(x, lengths=[5, 12, 1])
+    with pytest.raises(ValueError, match=r"lengths\[2\] = -1 < 0"):
+        lstm(x, lengths=torch.tensor([5, 2, -1]))
+    with pytest.raises(TypeError, match="lengths has dtype torch.float32; expected an integer"):
+        lstm(x, lengths=torch.tensor([5.0, 2.0, 1.0]))
+    with pytest.raises(TypeError, match=r"lengths\[0\] = 2.5; expected an integer"):
+        lstm(x, lengths=[2.5, 1, 1])
+    with pytest.raises(ValueError, match=r"lengths has shape \(3, 1\); expected a 1-D"):
+        lstm(x, lengths=torch.ones(3, 1, dtype=torch.long))
+
+
+def test_hx_wrong_shape_dtype_device_or_type(lstm) -> None:
+    x = torch.randn(T, B, I)
+    good = torch.zeros(2, B, H)
+    with pytest.raises(TypeError, match="c_0 has dtype torch.float64; expected torch.float32"):
+        lstm(x, (good, good.double()))
+    with pytest.raises(ValueError, match="h_0 is on meta; expected cpu"):
+        lstm(x, (good.to("meta"), good))
+    with pytest.raises(TypeError, match=r"hx is a Tensor; expected a tuple \(h_0, c_0\)"):
+        lstm(x, good)
+    with pytest.raises(ValueError, match=r"state has shape \(3, 5\); expected \(3, 6\)"):
+        rnnkit.Recurrent(rnnkit.GRUCell(I, H))(x, torch.zeros(B, 5))
+
+
+def test_unknown_nonlinearity_and_merge_mode() -> None:
+    with pytest.raises(ValueError, match="nonlinearity = 'sigmoid'; expected 'tanh' or 'relu'"):
+        rnnkit.RNN(I, H, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="nonlinearity = 'gelu'"):
+        rnnkit.RNNCell(I, H, nonlinearity="gelu")
+    fwd = rnnkit.Recurrent(rnnkit.GRUCell(I, H))
+    bwd = rnnkit.Recurrent(rnnkit.GRUCell(I, H), reverse=True)
+    with pytest.raises(ValueError, match="merge = 'max' is not a merge mode"):
+        rnnkit.Bidirectional(fwd, bwd, merge="max")
+    with pytest.raises(ValueError, match="backward layer has reverse=False"):
+        rnnkit.Bidirectional(fwd, rnnkit.Recurrent(rnnkit.GRUCell(I, H)))
+
+
+def test_proj_size_not_below_hidden_size() -> None:
+    with pytest.raises(ValueError, match="proj_size = 6 >= hidden_size = 6"):
+        rnnkit.LSTM(I, H, proj_size=6)
+    with pytest.raises(ValueError, match="proj_size = 8 >= hidden_size = 6"):
+        rnnkit.LSTMCell(I, H, proj_size=8)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, "0.2"])
+def test_dropout_outside_unit_interval(p) -> None:
+    with pytest.raises(ValueError, match=rf"dropout = {p!r}; expected a probability in \[0, 1\)"):
+        rnnkit.GRU(I, H, num_layers=2, dropout=p)
+    with pytest.raises(ValueError, match="dropout = "):
+        rnnkit.Stacked([rnnkit.Recurrent(rnnkit.GRUCell(I, H))], dropout=p)
+
+
+def test_invalid_sizes() -> None:
+    with pytest.raises(ValueError, match="hidden_size = 0; expected a positive integer"):
+        rnnkit.GRU(I, 0)
+    with pytest.raises(ValueError, match="num_layers = 0; expected a positive integer"):
+        rnnkit.LSTM(I, H, num_layers=0)
+
+
+def test_invalid_backend_name() -> None:
+    with pytest.raises(ValueError, match="backend = 'cuda' is not a backend; expected one of"):
+        rnnkit.LSTM(I, H, backend="cuda")
+    with pytest.raises(ValueError, match="backend = 'fast'"):
+        rnnkit.set_default_backend("fast")
+
+
+def test_backend_that_cannot_run_the_call() -> None:
+    lstm = rnnkit.LSTM(I, H, backend="native")
+    with pytest.raises(rnnkit.BackendUnavailable, match="'native' cannot run .* length of 0"):
+        lstm(torch.randn(T, B, I), lengths=[5, 0, 2])
+    custom = rnnkit.Recurrent(_Custom(), backend="native")
+    with pytest.raises(rnnkit.BackendUnavailable, match="custom cell has no torch op"):
+        custom(torch.randn(T, B, I))
+
+
+def test_packed_sequence_with_lengths_is_refused(lstm) -> None:
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(T, B, I), [5, 4, 3])
+    with pytest.raises(ValueError, match="lengths was given with a PackedSequence"):
+        lstm(packed, lengths=[5, 4, 3])
+
+
+def test_nan_propagates_like_torch_nn() -> None:
+    mine = rnnkit.GRU(I, H)
+    ref = torch.nn.GRU(I, H)
+    ref.load_state_dict(mine.state_dict())
+    x = torch.randn(T, B, I)
+    x[2, 1, 0] = float("nan")
+    for backend in ("reference", "auto"):
+        mine.backend = backend
+        out, h = mine(x)
+        want, h_want = ref(x)
+        assert torch.equal(out.isnan(), want.isnan())
+        assert out[2:, 1].isnan().all() and not out[:, 0].isnan().any()
+        assert torch.equal(h.isnan(), h_want.isnan())
+
+
+class _Custom(rnnkit.Cell):
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = I, H
+        self.lin = torch.nn.Linear(I + H, H)
+
+    def forward(self, x, h):
+        h = torch.tanh(self.lin(torch.cat([x, h], 1)))
+        return h, h

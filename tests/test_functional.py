@@ -1,0 +1,63 @@
+"""Verification chain, link 1: functional steps equal torch.nn's cells with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import OUT_TOL, assert_close
+
+from rnnkit import functional as F
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_rnn_step_equals_torch_cell(act: str) -> None:
+    cell = torch.nn.RNNCell(5, 7, nonlinearity=act)
+    x, h = torch.randn(3, 5), torch.randn(3, 7)
+    got = F.rnn_step(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, act)
+    assert_close(got, cell(x, h), OUT_TOL, f"rnn {act}")
+
+
+def test_lstm_step_equals_torch_cell() -> None:
+    cell = torch.nn.LSTMCell(5, 7)
+    x, h, c = torch.randn(3, 5), torch.randn(3, 7), torch.randn(3, 7)
+    got = F.lstm_step(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    want = cell(x, (h, c))
+    assert_close(got[0], want[0], OUT_TOL, "h")
+    assert_close(got[1], want[1], OUT_TOL, "c")
+
+
+def test_lstm_step_with_projection_equals_torch_lstm() -> None:
+    lstm = torch.nn.LSTM(5, 7, proj_size=3)
+    x, h, c = torch.randn(1, 2, 5), torch.randn(1, 2, 3), torch.randn(1, 2, 7)
+    _, (h_want, c_want) = lstm(x, (h, c))
+    h_got, c_got = F.lstm_step(x[0], h[0], c[0], *lstm._flat_weights)
+    assert_close(h_got, h_want[0], OUT_TOL, "h")
+    assert_close(c_got, c_want[0], OUT_TOL, "c")
+
+
+def test_gru_step_equals_torch_cell() -> None:
+    cell = torch.nn.GRUCell(5, 7)
+    x, h = torch.randn(3, 5), torch.randn(3, 7)
+    got = F.gru_step(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    assert_close(got, cell(x, h), OUT_TOL, "gru")
+
+
+def test_steps_without_bias_equal_torch_cells() -> None:
+    cell = torch.nn.GRUCell(4, 6, bias=False)
+    x, h = torch.randn(2, 4), torch.randn(2, 6)
+    assert_close(F.gru_step(x, h, cell.weight_ih, cell.weight_hh), cell(x, h), OUT_TOL, "gru")
+
+
+def test_gate_layout_and_converters() -> None:
+    assert F.GATES["lstm"] == ("i", "f", "g", "o")
+    assert F.GATES["gru"] == ("r", "z", "n")
+    w = torch.arange(8.0).reshape(4, 2)
+    _i, f, _g, _o = F.split_gates(w, "lstm")
+    assert torch.equal(f, w[1:2])
+    back = F.reorder_gates(F.reorder_gates(w, "ifgo", "igfo"), "igfo", "ifgo")
+    assert torch.equal(back, w)
+    assert torch.equal(F.reorder_gates(w, "ifgo", "igfo")[1], w[2])
+    with pytest.raises(ValueError, match="different gates"):
+        F.reorder_gates(w, "ifgo", "ifgx")
+    with pytest.raises(ValueError, match="'bogus'"):
+        F.gate_count("bogus")

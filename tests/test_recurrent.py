@@ -1,0 +1,171 @@
+"""Verification chain, link 2: layers equal the cell stepped by hand, including reversal and lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import OUT_TOL, assert_close, grads, weighted_sum
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkit
+from rnnkit.cells import Cell
+
+T, B, I, H = 6, 4, 3, 5
+LENGTHS = [6, 0, 1, 4]
+
+
+class MinimalGatedCell(Cell):
+    """A user-defined cell following the documented contract."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.lin = torch.nn.Linear(input_size + hidden_size, 2 * hidden_size)
+
+    def forward(self, x, h):
+        f, n = self.lin(torch.cat([x, h], 1)).chunk(2, 1)
+        h = torch.sigmoid(f) * h + (1 - torch.sigmoid(f)) * torch.tanh(n)
+        return h, h
+
+
+def make_cell(kind: str) -> Cell:
+    return {
+        "rnn_tanh": lambda: rnnkit.RNNCell(I, H),
+        "rnn_relu": lambda: rnnkit.RNNCell(I, H, nonlinearity="relu"),
+        "lstm": lambda: rnnkit.LSTMCell(I, H),
+        "lstm_proj": lambda: rnnkit.LSTMCell(I, H, proj_size=2),
+        "gru": lambda: rnnkit.GRUCell(I, H),
+        "custom": lambda: MinimalGatedCell(I, H),
+    }[kind]()
+
+
+KINDS = ["rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru", "custom"]
+
+
+def by_hand(cell, x, state, lengths, reverse):
+    """Each sequence on its own, sliced to its length, stepped one step at a time."""
+    outs, finals = torch.zeros(T, B, cell.output_size), []
+    for b in range(B):
+        n = lengths[b]
+        s = state if isinstance(state, torch.Tensor) else tuple(state)
+        s = s[b : b + 1] if isinstance(s, torch.Tensor) else tuple(t[b : b + 1] for t in s)
+        order = range(n - 1, -1, -1) if reverse else range(n)
+        for t in order:
+            o, s = cell(x[t, b : b + 1], s)
+            outs[t, b] = o[0]
+        finals.append(s)
+    if isinstance(state, torch.Tensor):
+        return outs, torch.cat(finals)
+    return outs, tuple(torch.cat([f[k] for f in finals]) for k in range(len(state)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrent_equals_cell_stepped_by_hand(kind: str, reverse: bool, backend: str) -> None:
+    cell = make_cell(kind)
+    x = torch.randn(T, B, I)
+    state = cell.initial_state(B)
+    state = (
+        torch.randn_like(state)
+        if isinstance(state, torch.Tensor)
+        else tuple(torch.randn_like(s) for s in state)
+    )
+    layer = rnnkit.Recurrent(cell, reverse=reverse, backend=backend)
+    for lengths in (LENGTHS, [T] * B):
+        out, final = layer(x, state, lengths=torch.tensor(lengths))
+        want_out, want_final = by_hand(cell, x, state, lengths, reverse)
+        assert_close(out, want_out, OUT_TOL, "output")
+        assert_close(final, want_final, OUT_TOL, "final state")
+    out_nolen, final_nolen = layer(x, state)
+    assert_close(out_nolen, out, OUT_TOL, "no lengths == full lengths")
+    assert_close(final_nolen, final, OUT_TOL, "no lengths == full lengths")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "custom"])
+def test_recurrent_batch_first_and_packed(kind: str) -> None:
+    cell = make_cell(kind)
+    x = torch.randn(T, B, I)
+    lengths = torch.tensor(LENGTHS)
+    out, final = rnnkit.Recurrent(cell)(x, lengths=lengths)
+    out_bf, final_bf = rnnkit.Recurrent(cell, batch_first=True)(x.transpose(0, 1), lengths=lengths)
+    assert_close(out_bf.transpose(0, 1), out, OUT_TOL, "batch_first")
+    assert_close(final_bf, final, OUT_TOL, "batch_first")
+    full = torch.tensor([T, 1, 4])  # a PackedSequence cannot hold a length-0 sequence
+    packed = pack_padded_sequence(x[:, [0, 2, 3]], full, enforce_sorted=False)
+    out_p, final_p = rnnkit.Recurrent(cell)(packed)
+    out_l, final_l = rnnkit.Recurrent(cell)(x[:, [0, 2, 3]], lengths=full)
+    want = pack_padded_sequence(out_l, full, enforce_sorted=False)
+    assert torch.equal(out_p.batch_sizes, want.batch_sizes)
+    assert torch.equal(out_p.sorted_indices, packed.sorted_indices)
+    assert_close(out_p.data, want.data, OUT_TOL, "packed data")
+    assert_close(final_p, final_l, OUT_TOL, "packed final")
+
+
+def test_lengths_zero_keeps_initial_state_and_gradient_flows_to_it() -> None:
+    cell = rnnkit.LSTMCell(I, H)
+    h0 = torch.randn(B, H, requires_grad=True)
+    c0 = torch.randn(B, H, requires_grad=True)
+    out, (h, c) = rnnkit.Recurrent(cell)(torch.randn(T, B, I), (h0, c0), lengths=LENGTHS)
+    assert torch.equal(h[1], h0[1]) and torch.equal(c[1], c0[1])
+    assert torch.count_nonzero(out[:, 1]) == 0
+    dh0, dc0 = grads(weighted_sum(h, c), [h0, c0])
+    assert torch.equal(dh0[1], torch.linspace(-1, 1, B * H).reshape(B, H).cos()[1])
+    assert dc0.abs().sum() > 0
+
+
+@pytest.mark.parametrize("merge", ["concat", "sum", "mul", "ave", None])
+def test_bidirectional_and_stacked_equal_hand_composition(merge) -> None:
+    fwd, bwd = rnnkit.GRUCell(I, H), rnnkit.GRUCell(I, H)
+    bi = rnnkit.Bidirectional(rnnkit.Recurrent(fwd), rnnkit.Recurrent(bwd, reverse=True), merge)
+    x, lengths = torch.randn(T, B, I), torch.tensor(LENGTHS)
+    out, (s_f, s_b) = bi(x, lengths=lengths)
+    of, sf = by_hand(fwd, x, fwd.initial_state(B), LENGTHS, False)
+    ob, sb = by_hand(bwd, x, bwd.initial_state(B), LENGTHS, True)
+    want = {
+        "concat": torch.cat([of, ob], -1),
+        "sum": of + ob,
+        "mul": of * ob,
+        "ave": (of + ob) / 2,
+        None: (of, ob),
+    }[merge]
+    assert_close(out, want, OUT_TOL, f"merge {merge}")
+    assert_close((s_f, s_b), (sf, sb), OUT_TOL, "states")
+
+    if merge is None:
+        return
+    top = rnnkit.Recurrent(rnnkit.LSTMCell(bi.output_size, H))
+    stack = rnnkit.Stacked([bi, top], dropout=0.5).eval()
+    out2, (st0, st1) = stack(x, lengths=lengths)
+    want2, want_top = by_hand(top.cell, out, top.cell.initial_state(B), LENGTHS, False)
+    assert_close(out2, want2, OUT_TOL, "stacked output")
+    assert_close(st1, want_top, OUT_TOL, "stacked top state")
+    assert_close(st0, (s_f, s_b), OUT_TOL, "stacked bottom state")
+
+
+def test_stacked_dropout_between_layers_not_after_last() -> None:
+    layers = [rnnkit.Recurrent(rnnkit.RNNCell(I, H)), rnnkit.Recurrent(rnnkit.RNNCell(H, H))]
+    stack = rnnkit.Stacked(layers, dropout=0.9).train()
+    x = torch.randn(T, B, I)
+    torch.manual_seed(1)
+    out, _ = stack(x)
+    torch.manual_seed(1)
+    mid, _ = layers[0](x)
+    want, _ = layers[1](torch.nn.functional.dropout(mid, 0.9, True))
+    assert_close(out, want, OUT_TOL, "dropout between layers")
+    assert torch.count_nonzero(out) == out.numel()  # no dropout on the last layer's output
+
+
+def test_wrappers_run_custom_cells_with_gradients() -> None:
+    bi = rnnkit.Bidirectional(
+        rnnkit.Recurrent(MinimalGatedCell(I, H)),
+        rnnkit.Recurrent(MinimalGatedCell(I, H), reverse=True),
+    )
+    stack = rnnkit.Stacked([bi, rnnkit.Recurrent(MinimalGatedCell(2 * H, H))])
+    x = torch.randn(T, B, I, requires_grad=True)
+    out, _ = stack(x, lengths=LENGTHS)
+    assert out.shape == (T, B, H)
+    assert torch.count_nonzero(out[:, 1]) == 0
+    (dx,) = grads(out.sum(), [x])
+    assert torch.count_nonzero(dx[4:, 3]) == 0  # padding gets no gradient
+    assert torch.count_nonzero(dx[:4, 3]) > 0

@@ -1,0 +1,206 @@
+"""Verification chain, link 4: rnnkit.RNN/LSTM/GRU equal torch.nn modules with the same state_dict."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import GRAD_TOL, OUT_TOL, assert_close, grads, weighted_sum
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnnkit
+
+T, B, I, H, P = 5, 3, 4, 6, 3
+
+# (name, rnnkit class, torch class, extra constructor kwargs)
+MODES = [
+    ("rnn_tanh", rnnkit.RNN, torch.nn.RNN, {}),
+    ("rnn_relu", rnnkit.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+    ("lstm", rnnkit.LSTM, torch.nn.LSTM, {}),
+    ("lstm_proj", rnnkit.LSTM, torch.nn.LSTM, {"proj_size": P}),
+    ("gru", rnnkit.GRU, torch.nn.GRU, {}),
+]
+MODE_IDS = [m[0] for m in MODES]
+
+
+def pair(mode, **kw):
+    _, ours, theirs, extra = mode
+    ref = theirs(I, H, **extra, **kw)
+    mine = ours(I, H, **extra, **kw)
+    mine.load_state_dict(ref.state_dict())
+    return mine, ref
+
+
+def initial_states(mod, batch, lstm):
+    n = mod.num_layers * (2 if mod.bidirectional else 1)
+    h_size = mod.proj_size if getattr(mod, "proj_size", 0) else mod.hidden_size
+    h0 = torch.randn(n, batch, h_size, requires_grad=True)
+    if lstm:
+        return h0, torch.randn(n, batch, mod.hidden_size, requires_grad=True)
+    return h0, None
+
+
+def run(mod, x, h0, c0, **kw):
+    hx = None if h0 is None else ((h0, c0) if c0 is not None else h0)
+    out, hn = mod(x, hx, **kw)
+    return out, hn if isinstance(hn, tuple) else (hn,)
+
+
+def compare(mine, ref, x, h0, c0, mine_kw=None, ref_input=None, unpack=None):
+    out_m, st_m = run(mine, x, h0, c0, **(mine_kw or {}))
+    out_r, st_r = run(ref, x if ref_input is None else ref_input, h0, c0)
+    if unpack is not None:
+        out_r = unpack(out_r)
+    assert_close(out_m, out_r, OUT_TOL, "output")
+    for k, (a, b) in enumerate(zip(st_m, st_r, strict=True)):
+        assert_close(a, b, OUT_TOL, f"state {k}")
+    leaves = [x] + [t for t in (h0, c0) if t is not None]
+    g_m = grads(weighted_sum(out_m, *st_m), leaves + list(mine.parameters()))
+    g_r = grads(weighted_sum(out_r, *st_r), leaves + list(ref.parameters()))
+    names = ["x", "h0", "c0"][: len(leaves)] + [n for n, _ in mine.named_parameters()]
+    for name, a, b in zip(names, g_m, g_r, strict=True):
+        assert_close(a, b, GRAD_TOL, f"d{name}")
+
+
+GRID = list(itertools.product([1, 2, 3], [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("layers,bidirectional,batch_first,with_h0", GRID)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_parity_with_torch_nn(mode, layers, bidirectional, batch_first, with_h0, backend) -> None:
+    mine, ref = pair(mode, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    mine.backend = backend
+    shape = (B, T, I) if batch_first else (T, B, I)
+    x = torch.randn(shape, requires_grad=True)
+    h0, c0 = initial_states(ref, B, mode[0].startswith("lstm")) if with_h0 else (None, None)
+    compare(mine, ref, x, h0, c0)
+
+
+@pytest.mark.parametrize("lengths", [[5, 3, 1], [1, 5, 5], [5, 5, 5], [2, 1, 4]])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (1, True), (3, True)])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_lengths_equal_torch_nn_on_packed_input(mode, layers, bidirectional, lengths) -> None:
+    """lengths= on padded input == torch.nn on pack_padded_sequence(enforce_sorted=False)."""
+    for backend in ("reference", "auto"):
+        mine, ref = pair(mode, num_layers=layers, bidirectional=bidirectional)
+        mine.backend = backend
+        x = torch.randn(T, B, I)
+        for b, n in enumerate(lengths):
+            x.data[n:, b] = 0.0  # padding
+        x.requires_grad_(True)
+        h0, c0 = initial_states(ref, B, mode[0].startswith("lstm"))
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+
+        def unpack(out):
+            return pad_packed_sequence(out, total_length=T)[0]
+
+        compare(mine, ref, x, h0, c0, {"lengths": torch.tensor(lengths)}, packed, unpack)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_length_zero_returns_initial_state(mode) -> None:
+    mine, ref = pair(mode, num_layers=2, bidirectional=True)
+    lstm = mode[0].startswith("lstm")
+    x = torch.randn(T, B, I)
+    h0, c0 = initial_states(ref, B, lstm)
+    out, st = run(mine, x, h0, c0, lengths=[0, 5, 2])
+    assert torch.count_nonzero(out[:, 0]) == 0
+    assert torch.equal(st[0][:, 0], h0[:, 0])
+    if lstm:
+        assert torch.equal(st[1][:, 0], c0[:, 0])
+    # the other sequences equal torch.nn run on them alone
+    keep = [1, 2]
+    packed = pack_padded_sequence(x[:, keep], torch.tensor([5, 2]), enforce_sorted=False)
+    hx = (h0[:, keep], c0[:, keep]) if lstm else h0[:, keep]
+    out_r, st_r = ref(packed, hx)
+    assert_close(out[:, keep], pad_packed_sequence(out_r, total_length=T)[0], OUT_TOL, "output")
+    st_r = st_r if isinstance(st_r, tuple) else (st_r,)
+    for a, b in zip(st, st_r, strict=True):
+        assert_close(a[:, keep], b, OUT_TOL, "state")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_packed_sequence_in_packed_sequence_out(mode) -> None:
+    mine, ref = pair(mode, num_layers=2, bidirectional=True)
+    x = torch.randn(T, B, I)
+    packed = pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=False)
+    for backend in ("reference", "auto"):
+        mine.backend = backend
+        out_m, st_m = mine(packed)
+        out_r, st_r = ref(packed)
+        assert isinstance(out_m, torch.nn.utils.rnn.PackedSequence)
+        assert torch.equal(out_m.batch_sizes, out_r.batch_sizes)
+        assert torch.equal(out_m.sorted_indices, out_r.sorted_indices)
+        assert torch.equal(out_m.unsorted_indices, out_r.unsorted_indices)
+        assert_close(out_m.data, out_r.data, OUT_TOL, "packed data")
+        assert_close(st_m, st_r, OUT_TOL, "states")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_state_dict_round_trips_and_same_seed_same_weights(mode) -> None:
+    _, ours, theirs, extra = mode
+    torch.manual_seed(3)
+    mine = ours(I, H, num_layers=2, bidirectional=True, **extra)
+    torch.manual_seed(3)
+    ref = theirs(I, H, num_layers=2, bidirectional=True, **extra)
+    assert list(mine.state_dict()) == list(ref.state_dict())
+    for (n, a), (_, b) in zip(mine.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    fresh_ref = theirs(I, H, num_layers=2, bidirectional=True, **extra)
+    fresh_ref.load_state_dict(mine.state_dict())  # rnnkit -> torch.nn
+    fresh_mine = ours(I, H, num_layers=2, bidirectional=True, **extra)
+    fresh_mine.load_state_dict(fresh_ref.state_dict())  # torch.nn -> rnnkit
+    for a, b in zip(fresh_mine.state_dict().values(), mine.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [p.shape for p in mine.parameters()] == [p.shape for p in ref.parameters()]
+    assert [[w.shape for w in g] for g in mine.all_weights] == [
+        [w.shape for w in g] for g in ref.all_weights
+    ]
+
+
+def test_unbatched_input_and_no_bias() -> None:
+    mine, ref = pair(MODES[2], num_layers=2, bias=False)
+    x = torch.randn(T, I)
+    out_m, (h_m, c_m) = mine(x)
+    out_r, (h_r, c_r) = ref(x)
+    assert out_m.shape == out_r.shape == (T, H)
+    assert_close(out_m, out_r, OUT_TOL, "output")
+    assert_close((h_m, c_m), (h_r, c_r), OUT_TOL, "state")
+    h0 = torch.randn(2, H)
+    assert_close(mine(x, (h0, h0))[0], ref(x, (h0, h0))[0], OUT_TOL, "with h0")
+
+
+def test_dropout_between_layers_only_in_training() -> None:
+    mine, ref = pair(MODES[4], num_layers=2, dropout=0.5)
+    x = torch.randn(T, B, I)
+    mine.eval(), ref.eval()
+    assert_close(mine(x)[0], ref(x)[0], OUT_TOL, "eval: no dropout")
+    mine.train()
+    mine.backend = "reference"
+    torch.manual_seed(0)
+    a = mine(x)[0]
+    torch.manual_seed(0)
+    b = mine(x)[0]
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, mine.eval()(x)[0])
+
+
+def test_drop_in_attributes() -> None:
+    mine, ref = pair(MODES[3], num_layers=2, bidirectional=True, batch_first=True)
+    for attr in (
+        "input_size",
+        "hidden_size",
+        "num_layers",
+        "bias",
+        "batch_first",
+        "dropout",
+        "bidirectional",
+        "proj_size",
+        "mode",
+    ):
+        assert getattr(mine, attr) == getattr(ref, attr), attr
+    assert repr(mine) == repr(ref)
+    mine.flatten_parameters()
+    assert [n for n, _ in mine.named_parameters()] == [n for n, _ in ref.named_parameters()]
