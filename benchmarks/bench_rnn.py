@@ -1,0 +1,226 @@
+"""rnnkit vs torch.nn: training step and inference, interleaved, median ratios with min/max.
+
+    python benchmarks/bench_rnn.py                        # every cell, shapes S M L, both modes
+    python benchmarks/bench_rnn.py --cells lstm --shapes M --backend reference
+    python benchmarks/bench_rnn.py --json out.json --markdown
+
+Shapes (DESIGN.md): S = (T100, B8, I64, H64), M = (T100, B32, I128, H256),
+L = (T200, B64, I256, H512), fp32, one layer, one direction. The case ``bilstm`` is a 2-layer
+bidirectional LSTM at M with lengths uniform in [T/4, T]: rnnkit with ``lengths=`` against torch.nn
+with pack_padded_sequence(enforce_sorted=False) and pad_packed_sequence.
+
+The ratio is torch.nn time / rnnkit time for each interleaved pair (A B A B ...) after warm-up;
+> 1 means rnnkit is faster. A training step is forward + backward of a loss over the output and
+the final states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnnkit
+
+SHAPES = {
+    "S": (100, 8, 64, 64),
+    "M": (100, 32, 128, 256),
+    "L": (200, 64, 256, 512),
+}
+CELLS = {
+    "lstm": (torch.nn.LSTM, rnnkit.LSTM, {}),
+    "gru": (torch.nn.GRU, rnnkit.GRU, {}),
+    "rnn": (torch.nn.RNN, rnnkit.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (torch.nn.RNN, rnnkit.RNN, {"nonlinearity": "relu"}),
+}
+#: Interleaved pairs per measurement; the large shape takes fewer.
+DEFAULT_REPEATS = {"S": 30, "M": 12, "L": 5}
+
+
+@dataclass
+class Row:
+    case: str
+    shape: str
+    mode: str
+    backend: str
+    torch_ms: float
+    rnnkit_ms: float
+    ratio: float
+    ratio_min: float
+    ratio_max: float
+    pairs: int
+
+
+def _loss(out: torch.Tensor, states) -> torch.Tensor:
+    leaves = states if isinstance(states, tuple) else (states,)
+    return out.sum() + sum(s.sum() for s in leaves)
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _interleave(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup: int = 2):
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(pairs):
+        ta.append(_timed(a))
+        tb.append(_timed(b))
+    return ta, tb
+
+
+def _step_fns(ref, mine, x, mode, mine_kw=None, ref_input=None, unpack=None):
+    mine_kw = mine_kw or {}
+    params = list(ref.parameters()) + list(mine.parameters())
+
+    def run_ref():
+        out, st = ref(x if ref_input is None else ref_input)
+        return (unpack(out) if unpack else out), st
+
+    def run_mine():
+        return mine(x, **mine_kw)
+
+    if mode == "infer":
+
+        def infer(fn):
+            def go():
+                with torch.no_grad():
+                    fn()
+
+            return go
+
+        return infer(run_ref), infer(run_mine)
+
+    def train(fn):
+        def go():
+            for p in params:
+                p.grad = None
+            out, st = fn()
+            _loss(out, st).backward()
+
+        return go
+
+    return train(run_ref), train(run_mine)
+
+
+def measure(case: str, shape: str, mode: str, backend: str, pairs: int) -> Row:
+    steps, batch, inp, hidden = SHAPES[shape]
+    torch.manual_seed(0)
+    if case == "bilstm":
+        ref = torch.nn.LSTM(inp, hidden, num_layers=2, bidirectional=True)
+        mine = rnnkit.LSTM(inp, hidden, num_layers=2, bidirectional=True, backend=backend)
+    else:
+        ref_cls, mine_cls, kw = CELLS[case]
+        ref = ref_cls(inp, hidden, **kw)
+        mine = mine_cls(inp, hidden, **kw, backend=backend)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(steps, batch, inp, requires_grad=mode == "train")
+    if case == "bilstm":
+        lengths = torch.randint(steps // 4, steps + 1, (batch,))
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+
+        def unpack(out):
+            return pad_packed_sequence(out, total_length=steps)[0]
+
+        a, b = _step_fns(ref, mine, x, mode, {"lengths": lengths}, packed, unpack)
+        chosen = rnnkit.explain(mine, x, lengths=lengths).backend
+    else:
+        a, b = _step_fns(ref, mine, x, mode)
+        chosen = rnnkit.explain(mine, x).backend
+    ta, tb = _interleave(a, b, pairs)
+    ratios = [x / y for x, y in zip(ta, tb, strict=True)]
+    return Row(
+        case=case,
+        shape=shape,
+        mode=mode,
+        backend=chosen,
+        torch_ms=1e3 * statistics.median(ta),
+        rnnkit_ms=1e3 * statistics.median(tb),
+        ratio=statistics.median(ratios),
+        ratio_min=min(ratios),
+        ratio_max=max(ratios),
+        pairs=pairs,
+    )
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| case | shape | mode | rnnkit backend | torch.nn ms | rnnkit ms | ratio (median) | min–max |",
+        "|---|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.case} | {r.shape} | {r.mode} | {r.backend} | {r.torch_ms:.2f} | "
+            f"{r.rnnkit_ms:.2f} | {r.ratio:.2f} | {r.ratio_min:.2f}–{r.ratio_max:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "rnnkit": rnnkit.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.platform(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cells", nargs="+", default=["lstm", "gru", "rnn", "bilstm"], choices=[*CELLS, "bilstm"]
+    )
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument(
+        "--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"]
+    )
+    parser.add_argument("--backend", default="auto", help="rnnkit backend (default: auto)")
+    parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs per row")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the rows and the environment here")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    for case in args.cells:
+        shapes = ["M"] if case == "bilstm" else args.shapes
+        for shape in shapes:
+            for mode in args.modes:
+                pairs = args.pairs or DEFAULT_REPEATS[shape]
+                row = measure(case, shape, mode, args.backend, pairs)
+                rows.append(row)
+                print(
+                    f"{row.case:8s} {row.shape} {row.mode:5s} {row.backend:9s} "
+                    f"torch.nn {row.torch_ms:9.2f} ms  rnnkit {row.rnnkit_ms:9.2f} ms  "
+                    f"ratio {row.ratio:5.2f} [{row.ratio_min:.2f}, {row.ratio_max:.2f}]",
+                    flush=True,
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"environment": environment(), "rows": [asdict(r) for r in rows]}, f, indent=1
+            )
+    if args.markdown:
+        print()
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
