@@ -206,7 +206,12 @@ class _RNNBase(nn.Module):
         else:
             act = self._mode.removeprefix("rnn_")
             step = partial(F.rnn_step, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, nonlinearity=act)
-        return lambda x, h: (lambda y: (y, y))(step(x, h))
+
+        def single_state(x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+            h = step(x, h)
+            return h, h
+
+        return single_state
 
     def _reference(self, call: backends.Call) -> tuple[Tensor, Tensor, Tensor | None]:
         """The stack computed by the time loop: layer by layer, direction by direction."""
