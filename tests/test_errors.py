@@ -117,7 +117,7 @@ def test_backend_that_cannot_run_the_call() -> None:
     with pytest.raises(rnnkit.BackendUnavailable, match="'native' cannot run .* length of 0"):
         lstm(torch.randn(T, B, I), lengths=[5, 0, 2])
     custom = rnnkit.Recurrent(_Custom(), backend="native")
-    with pytest.raises(rnnkit.BackendUnavailable, match="custom cell has no torch op"):
+    with pytest.raises(rnnkit.BackendUnavailable, match="torch has no fused op for a custom cell"):
         custom(torch.randn(T, B, I))
 
 

@@ -16,10 +16,15 @@ from torch import Tensor
 
 __all__ = [
     "GATES",
+    "GATE_OUTPUTS",
     "MODES",
     "gate_count",
     "gru_step",
+    "layer_norm",
+    "layernorm_gru_step",
+    "layernorm_lstm_step",
     "lstm_step",
+    "peephole_lstm_step",
     "reorder_gates",
     "rnn_step",
     "split_gates",
@@ -35,6 +40,12 @@ GATES: dict[str, tuple[str, ...]] = {
 
 #: The cell families with a built-in step, by the name the backends use.
 MODES: tuple[str, ...] = tuple(GATES)
+
+#: What ``return_gates=True`` returns per step, in order (LSTM adds the new cell state).
+GATE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "lstm": ("i", "f", "g", "o", "c"),
+    "gru": ("r", "z", "n"),
+}
 
 
 def gate_count(mode: str) -> int:
@@ -99,7 +110,8 @@ def lstm_step(
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
     w_hr: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_gates: bool = False,
+) -> tuple[Tensor, ...]:
     """One step of the LSTM (with an optional output projection, LSTMP).
 
         i = sigmoid(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)    input gate
@@ -107,22 +119,105 @@ def lstm_step(
         g = tanh(W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)       candidate cell
         o = sigmoid(W_io x_t + b_io + W_ho h_{t-1} + b_ho)    output gate
         c_t = f * c_{t-1} + i * g                             the cell state: forget, then write
-        h_t = o * tanh(c_t)                                   (then h_t = W_hr h_t with a projection)
+        h_t = o * tanh(c_t)                                   (then W_hr h_t with a projection)
 
     The forget gate decides what of the cell state to keep, the input gate what to write, the
-    output gate what to show. Returns ``(h_t, c_t)``: (B, H) or (B, P), and (B, H).
+    output gate what to show. Returns ``(h_t, c_t)``: (B, H) or (B, P), and (B, H); with
+    ``return_gates`` also the tuple ``(i, f, g, o, c_t)`` (:data:`GATE_OUTPUTS` order).
     """
-    gates = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
-    i, f, g, o = split_gates(gates, "lstm", dim=1)
+    pre = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+    i, f, g, o = split_gates(pre, "lstm", dim=1)
     i = torch.sigmoid(i)
     f = torch.sigmoid(f)
     g = torch.tanh(g)
     o = torch.sigmoid(o)
     c_t = f * c + i * g
     h_t = o * torch.tanh(c_t)
+    return _lstm_out(h_t, c_t, w_hr, (i, f, g, o, c_t) if return_gates else None)
+
+
+def peephole_lstm_step(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_ci: Tensor,
+    w_cf: Tensor,
+    w_co: Tensor,
+    w_hr: Tensor | None = None,
+    return_gates: bool = False,
+) -> tuple[Tensor, ...]:
+    """One step of the peephole LSTM (Gers & Schmidhuber 2000): the gates see the cell state.
+
+        i = sigmoid(W_ii x_t + W_hi h_{t-1} + w_ci * c_{t-1} + b_i)    input gate peeks at c_{t-1}
+        f = sigmoid(W_if x_t + W_hf h_{t-1} + w_cf * c_{t-1} + b_f)    forget gate peeks at c_{t-1}
+        g = tanh(W_ig x_t + W_hg h_{t-1} + b_g)
+        c_t = f * c_{t-1} + i * g
+        o = sigmoid(W_io x_t + W_ho h_{t-1} + w_co * c_t + b_o)        output gate peeks at c_t
+        h_t = o * tanh(c_t)                                            (then W_hr h_t)
+
+    ``w_ci``, ``w_cf``, ``w_co`` are (H,) diagonal peephole weights. Returns as :func:`lstm_step`.
+    """
+    pre = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+    i, f, g, o = split_gates(pre, "lstm", dim=1)
+    i = torch.sigmoid(i + w_ci * c)
+    f = torch.sigmoid(f + w_cf * c)
+    g = torch.tanh(g)
+    c_t = f * c + i * g
+    o = torch.sigmoid(o + w_co * c_t)
+    h_t = o * torch.tanh(c_t)
+    return _lstm_out(h_t, c_t, w_hr, (i, f, g, o, c_t) if return_gates else None)
+
+
+def layernorm_lstm_step(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    ln_ih: tuple[Tensor, Tensor],
+    ln_hh: tuple[Tensor, Tensor],
+    ln_c: tuple[Tensor, Tensor],
+    eps: float = 1e-5,
+    return_gates: bool = False,
+) -> tuple[Tensor, ...]:
+    """One step of the layer-normalised LSTM (Ba, Kiros & Hinton 2016).
+
+        (i, f, g, o) = LN(W_ih x_t; a_x, b_x) + LN(W_hh h_{t-1}; a_h, b_h) + b_ih + b_hh
+        i, f, o = sigmoid(i), sigmoid(f), sigmoid(o);  g = tanh(g)
+        c_t = f * c_{t-1} + i * g
+        h_t = o * tanh(LN(c_t; a_c, b_c))
+
+    Each LN normalises over all G = 4H pre-activations (or the H cells) and applies its gain and
+    bias: ``ln_* = (gain, bias)``. Returns as :func:`lstm_step`.
+    """
+    pre = layer_norm(x @ w_ih.T, *ln_ih, eps) + layer_norm(h @ w_hh.T, *ln_hh, eps)
+    if b_ih is not None:
+        pre = pre + b_ih + b_hh
+    i, f, g, o = split_gates(pre, "lstm", dim=1)
+    i = torch.sigmoid(i)
+    f = torch.sigmoid(f)
+    g = torch.tanh(g)
+    o = torch.sigmoid(o)
+    c_t = f * c + i * g
+    h_t = o * torch.tanh(layer_norm(c_t, *ln_c, eps))
+    return _lstm_out(h_t, c_t, None, (i, f, g, o, c_t) if return_gates else None)
+
+
+def _lstm_out(h_t: Tensor, c_t: Tensor, w_hr: Tensor | None, gates: tuple | None) -> tuple:
     if w_hr is not None:
         h_t = _linear(h_t, w_hr, None)
-    return h_t, c_t
+    return (h_t, c_t) if gates is None else (h_t, c_t, gates)
+
+
+def layer_norm(x: Tensor, gain: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """``gain * (x - mean(x)) / sqrt(var(x) + eps) + bias`` over the last dimension."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], gain, bias, eps)
 
 
 def gru_step(
@@ -132,7 +227,8 @@ def gru_step(
     w_hh: Tensor,
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
-) -> Tensor:
+    return_gates: bool = False,
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """One step of the GRU.
 
         r = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)           reset gate
@@ -141,13 +237,46 @@ def gru_step(
         h_t = (1 - z) * n + z * h_{t-1}
 
     The update gate decides how much of the old state to keep, the reset gate how much of it the
-    candidate may see; the reset applies to ``W_hn h + b_hn`` as in torch.nn. Returns (B, H).
+    candidate may see; the reset applies to ``W_hn h + b_hn`` as in torch.nn. Returns ``h_t``
+    (B, H); with ``return_gates`` the pair ``(h_t, (r, z, n))``.
     """
-    gi = _linear(x, w_ih, b_ih)
-    gh = _linear(h, w_hh, b_hh)
+    return _gru_from(_linear(x, w_ih, b_ih), _linear(h, w_hh, b_hh), h, return_gates)
+
+
+def layernorm_gru_step(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    ln_ih: tuple[Tensor, Tensor],
+    ln_hh: tuple[Tensor, Tensor],
+    eps: float = 1e-5,
+    return_gates: bool = False,
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """One step of the layer-normalised GRU: LN on the input and recurrent pre-activations.
+
+        (x_r, x_z, x_n) = LN(W_ih x_t; a_x, b_x) + b_ih
+        (h_r, h_z, h_n) = LN(W_hh h_{t-1}; a_h, b_h) + b_hh
+        r = sigmoid(x_r + h_r);  z = sigmoid(x_z + h_z)               reset and update gates
+        n = tanh(x_n + r * h_n)
+        h_t = (1 - z) * n + z * h_{t-1}
+
+    Each LN normalises over all G = 3H pre-activations. Returns as :func:`gru_step`.
+    """
+    gi = layer_norm(x @ w_ih.T, *ln_ih, eps)
+    gh = layer_norm(h @ w_hh.T, *ln_hh, eps)
+    if b_ih is not None:
+        gi, gh = gi + b_ih, gh + b_hh
+    return _gru_from(gi, gh, h, return_gates)
+
+
+def _gru_from(gi: Tensor, gh: Tensor, h: Tensor, return_gates: bool):
     i_r, i_z, i_n = split_gates(gi, "gru", dim=1)
     h_r, h_z, h_n = split_gates(gh, "gru", dim=1)
     r = torch.sigmoid(i_r + h_r)
     z = torch.sigmoid(i_z + h_z)
     n = torch.tanh(i_n + r * h_n)
-    return (1 - z) * n + z * h
+    h_t = (1 - z) * n + z * h
+    return (h_t, (r, z, n)) if return_gates else h_t

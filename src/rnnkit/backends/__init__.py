@@ -50,7 +50,9 @@ class Request:
     """What a layer asks to run: everything a backend needs to decide whether it can.
 
     ``mode`` is a key of ``functional.GATES`` for a built-in cell, or None for a custom cell.
-    ``lengths`` is "none", "positive" (all >= 1) or "has_zero".
+    ``lengths`` is "none", "positive" (all >= 1) or "has_zero". ``zoneout`` and
+    ``state_dropout`` ask for the regularisers applied inside the step (their masks come in
+    ``Call.masks``); ``gates`` asks for every step's gate activations.
     """
 
     mode: str | None
@@ -64,6 +66,9 @@ class Request:
     dtype: torch.dtype = torch.float32
     lengths: str = "none"
     requires_grad: bool = False
+    zoneout: bool = False
+    state_dropout: bool = False
+    gates: bool = False
     layer: str = ""
 
 
@@ -73,8 +78,10 @@ class Call:
 
     x: (T, B, I). h0: (L*D, B, P); c0: (L*D, B, H) for LSTM, else None. weights: per layer, per
     direction, ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` (torch.nn's flat order). lengths: (B,) int64 on
-    x's device, or None. ``reference`` runs the layer's own loop and returns the same triple.
-    Backends return ``(output (T, B, D*P), h_n (L*D, B, P), c_n or None)``.
+    x's device, or None. ``masks`` (a ``layers.regularisers.Masks``) holds the zoneout and
+    state-dropout masks when the request asks for them. ``reference`` runs the layer's own loop.
+    Backends return ``(output (T, B, D*P), h_n (L*D, B, P), c_n or None)``, followed by the tuple
+    of (T, B, n) gate activations when ``request.gates``.
     """
 
     request: Request
@@ -85,7 +92,8 @@ class Call:
     lengths: Tensor | None
     dropout: float
     training: bool
-    reference: Callable[[], tuple[Tensor, Tensor, Tensor | None]] = field(repr=False)
+    reference: Callable[[], tuple] = field(repr=False)
+    masks: Any = None
 
 
 class Backend(Protocol):

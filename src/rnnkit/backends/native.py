@@ -21,7 +21,11 @@ class NativeBackend:
 
     def check(self, request: Request) -> str | None:
         if request.mode not in _OPS:
-            return "a custom cell has no torch op"
+            return f"torch has no fused op for {request.mode or 'a custom cell'}"
+        if request.zoneout or request.state_dropout:
+            return "torch's op has no zoneout or recurrent-state dropout inside the step"
+        if request.gates:
+            return "torch's op does not return its gates"
         if request.lengths == "has_zero":
             return "a length of 0 cannot be packed"
         if request.reverse and request.lengths != "none":

@@ -4,5 +4,15 @@ from .base import Cell, State
 from .gru import GRUCell
 from .lstm import LSTMCell
 from .rnn import RNNCell
+from .variants import LayerNormGRUCell, LayerNormLSTMCell, PeepholeLSTMCell
 
-__all__ = ["Cell", "GRUCell", "LSTMCell", "RNNCell", "State"]
+__all__ = [
+    "Cell",
+    "GRUCell",
+    "LSTMCell",
+    "LayerNormGRUCell",
+    "LayerNormLSTMCell",
+    "PeepholeLSTMCell",
+    "RNNCell",
+    "State",
+]

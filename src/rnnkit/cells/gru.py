@@ -13,7 +13,8 @@ class GRUCell(_TorchLayoutCell):
     """GRU cell: update and reset gates (see :func:`rnnkit.functional.gru_step`).
 
     Parameters are named and initialised as ``torch.nn.GRUCell``'s (gate order r, z, n), so
-    state_dicts load both ways. ``forward(x, h) -> (h_t, h_t)``.
+    state_dicts load both ways. ``forward(x, h) -> (h_t, h_t)``, and with ``return_gates=True``
+    also ``(r, z, n)``.
     """
 
     mode = "gru"
@@ -28,6 +29,9 @@ class GRUCell(_TorchLayoutCell):
     ) -> None:
         super().__init__(input_size, hidden_size, 3, bias, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        h = F.gru_step(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        return h, h
+    def forward(self, x: Tensor, h: Tensor, return_gates: bool = False):
+        out = F.gru_step(
+            x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, return_gates
+        )
+        h, *gates = out if return_gates else (out,)
+        return (h, h, *gates)

@@ -14,7 +14,8 @@ class LSTMCell(_TorchLayoutCell):
 
     Parameters are named and initialised as ``torch.nn.LSTMCell``'s (gate order i, f, g, o), so
     state_dicts load both ways. ``proj_size > 0`` adds ``weight_hr`` (P, H) as in torch.nn.LSTM.
-    The state is ``(h, c)``; ``forward(x, (h, c)) -> (h_t, (h_t, c_t))``.
+    The state is ``(h, c)``; ``forward(x, (h, c)) -> (h_t, (h_t, c_t))``, and with
+    ``return_gates=True`` also ``(i, f, g, o, c_t)``.
     """
 
     mode = "lstm"
@@ -45,12 +46,16 @@ class LSTMCell(_TorchLayoutCell):
     def state_sizes(self) -> tuple[int, ...]:
         return (self.output_size, self.hidden_size)
 
-    def forward(
-        self, x: Tensor, state: tuple[Tensor, Tensor]
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        h, c = state
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], return_gates: bool = False):
         w_hr = self.weight_hr if self.proj_size > 0 else None
-        h, c = F.lstm_step(
-            x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, w_hr
+        h, c, *gates = F.lstm_step(
+            x,
+            *state,
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+            w_hr,
+            return_gates,
         )
-        return h, (h, c)
+        return (h, (h, c), *gates)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +14,12 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import backends
 from .. import lengths as L
 from ..cells.base import Cell, State
+from ..functional import GATE_OUTPUTS
+from .regularisers import Regularisers
 
 __all__ = ["Recurrent", "prepare", "scan"]
 
-Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
+Step = Callable[..., tuple]
 
 
 def _where(valid: Tensor, new: Any, old: Any) -> Any:
@@ -25,39 +28,91 @@ def _where(valid: Tensor, new: Any, old: Any) -> Any:
     return type(new)(_where(valid, n, o) for n, o in zip(new, old, strict=True))
 
 
+def _states(state: Any) -> tuple[Tensor, ...]:
+    return (state,) if isinstance(state, Tensor) else tuple(state)
+
+
+def _like(state: Any, tensors: list[Tensor]) -> Any:
+    return tensors[0] if isinstance(state, Tensor) else type(state)(tensors)
+
+
+def _zone(new: Any, old: Any, zoneout: tuple, t: int) -> Any:
+    """Zoneout: keep previous units where the step's mask says so (eval: the expectation)."""
+    mixed = []
+    for z, n, o in zip(zoneout, _states(new), _states(old), strict=True):
+        if isinstance(z, Tensor):
+            mixed.append(torch.where(z[t], o, n))
+        else:
+            mixed.append(n if z == 0.0 else z * o + (1 - z) * n)
+    return _like(new, mixed)
+
+
 def scan(
-    step: Step, x: Tensor, state: Any, lengths: Tensor | None = None, reverse: bool = False
-) -> tuple[Tensor, Any]:
-    """Run ``step(x_t, state) -> (out_t, state)`` over time-major ``x`` (T, B, I).
+    step: Step,
+    x: Tensor,
+    state: Any,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+    *,
+    zoneout: tuple | None = None,
+    state_mask: Tensor | None = None,
+    return_gates: bool = False,
+) -> tuple:
+    """Run ``step(x_t, state) -> (out_t, state)`` over time-major ``x`` (T, B, I): THE time loop.
 
     With ``lengths`` (B,), steps at or beyond a sequence's length leave its state unchanged and
     give a zero output, so the final state is the one at the sequence's own last step. With
     ``reverse`` the sequence is read from each sequence's own last valid step back to its first;
-    outputs are returned in the original time order. Returns ``(out (T, B, O), final_state)``.
+    outputs are returned in the original time order.
+
+    Regularisers (see :mod:`rnnkit.layers.regularisers`): ``state_mask`` (B, n) multiplies the
+    first state tensor (h_{t-1}) as it enters the step; ``zoneout`` holds, per state tensor, a
+    (T, B, n) bool mask (True = keep the previous value at that step) or an eval-mode probability;
+    with zoneout the output is the zoned-out h. With ``return_gates`` the step is called with
+    ``return_gates=True`` and its gates are returned stacked over time.
+
+    Returns ``(out (T, B, O), final_state)``, plus a tuple of (T, B, n) gates with ``return_gates``.
     """
     steps = x.shape[0]
+    masks = list(zoneout) if zoneout is not None and isinstance(zoneout[0], Tensor) else []
     if reverse:
         x = L.reverse_padded(x, lengths)
+        masks = [L.reverse_padded(m, lengths) for m in masks]
+    if masks:
+        zoneout = tuple(masks)
     valid = None
     run = steps
     if lengths is not None:
         valid = L.mask(lengths, steps).unsqueeze(-1)  # (T, B, 1)
         run = int(lengths.max()) if lengths.numel() else 0
-    outs = []
-    for t in range(run):
-        out, new = step(x[t], state)
+    columns: list[tuple[Tensor, ...]] = []  # per step: out, then the gates
+    for t in range(max(run, 1)):
+        entering = state
+        if state_mask is not None:
+            first, *rest = _states(state)
+            entering = _like(state, [first * state_mask, *rest])
+        out, new, *gates = (
+            step(x[t], entering, return_gates=True) if return_gates else step(x[t], entering)
+        )
+        if zoneout is not None:
+            new = _zone(new, state, zoneout, t)
+            out = _states(new)[0]
+        column = (out, *(gates[0] if gates else ()))
+        if t >= run:  # every sequence is empty: this step only gave the shapes
+            columns.append(tuple(torch.zeros_like(c) for c in column))
+            break
         if valid is not None:
-            out = torch.where(valid[t], out, 0.0)
+            column = tuple(torch.where(valid[t], c, 0.0) for c in column)
             new = _where(valid[t], new, state)
-        outs.append(out)
+        columns.append(column)
         state = new
-    if run < steps:  # every sequence has ended: the rest is padding
-        like = outs[0] if outs else step(x[0], state)[0]
-        outs.extend([torch.zeros_like(like)] * (steps - run))
-    out = torch.stack(outs)
+    pad = [tuple(torch.zeros_like(c) for c in columns[0])] * (steps - len(columns))
+    stacked = [torch.stack(c) for c in zip(*columns, *pad, strict=True)]
     if reverse:
-        out = L.reverse_padded(out, lengths)
-    return out, state
+        stacked = [L.reverse_padded(c, lengths) for c in stacked]
+    if return_gates:
+        return stacked[0], state, tuple(stacked[1:])
+    return stacked[0], state
 
 
 @dataclass
@@ -153,14 +208,22 @@ def needs_grad(x: Tensor, *tensors: Tensor | None) -> bool:
 class Recurrent(nn.Module):
     """Run a cell over a sequence: the one time loop of rnnkit.
 
-    ``Recurrent(cell, reverse=False, batch_first=False, backend=None)``;
-    ``forward(x, state=None, lengths=None) -> (output, final_state)``.
+    ``Recurrent(cell, reverse=False, batch_first=False, backend=None, **regularisers)``;
+    ``forward(x, state=None, lengths=None, return_gates=False) -> (output, final_state[, gates])``.
 
     ``x`` is (T, B, I) ((B, T, I) with ``batch_first``) or a PackedSequence (then the output is one
     too). ``state`` is the cell's state (None = zeros). With ``lengths``, outputs at padded steps are
     zero and ``final_state`` is each sequence's state at its own last step; ``reverse=True`` reads
     each sequence from its own last valid step back to the first. Built-in cells run on the fastest
     backend that supports the call (see :func:`rnnkit.explain`); any other cell runs the loop here.
+
+    Regularisers (keyword arguments, see :mod:`rnnkit.layers.regularisers`): ``dropout_input``,
+    ``dropout_state``, ``dropout_output`` (variational, one mask per sequence), ``zoneout`` and
+    ``zoneout_cell``, ``weight_drop`` (DropConnect on ``cell.weight_hh``).
+
+    ``return_gates=True`` (LSTM and GRU families) also returns the gate activations of every step
+    as a dict of tensors in the output's layout, e.g. LSTM ``{"i", "f", "g", "o", "c"}``, zero at
+    padded steps.
     """
 
     def __init__(
@@ -169,6 +232,13 @@ class Recurrent(nn.Module):
         reverse: bool = False,
         batch_first: bool = False,
         backend: str | None = None,
+        *,
+        dropout_input: float = 0.0,
+        dropout_state: float = 0.0,
+        dropout_output: float = 0.0,
+        zoneout: float = 0.0,
+        zoneout_cell: float | None = None,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module) or not hasattr(cell, "input_size"):
@@ -180,6 +250,14 @@ class Recurrent(nn.Module):
         self.reverse = bool(reverse)
         self.batch_first = bool(batch_first)
         self.backend = backends.check_name(backend)
+        self.regularisers = Regularisers(
+            dropout_input, dropout_state, dropout_output, zoneout, zoneout_cell, weight_drop
+        )
+        if weight_drop and not isinstance(getattr(cell, "weight_hh", None), Tensor):
+            raise ValueError(
+                f"weight_drop = {weight_drop} needs a cell with a recurrent weight named "
+                f"weight_hh; {type(cell).__name__} has none"
+            )
 
     @property
     def input_size(self) -> int:
@@ -193,7 +271,8 @@ class Recurrent(nn.Module):
         flags = [f"{k}=True" for k in ("reverse", "batch_first") if getattr(self, k)]
         if self.backend is not None:
             flags.append(f"backend={self.backend!r}")
-        return ", ".join(flags)
+        regs = self.regularisers.extra_repr()
+        return ", ".join(flags + ([regs] if regs else []))
 
     def _initial_state(self, state: State | None, x: Tensor) -> State:
         batch = x.shape[1]
@@ -211,18 +290,22 @@ class Recurrent(nn.Module):
             for k, (s, z) in enumerate(zip(state, zeros, strict=True))
         )
 
-    def _request(self, inp: Prepared) -> backends.Request:
+    def _request(self, inp: Prepared, return_gates: bool = False) -> backends.Request:
         mode = self.cell.kernel_mode() if isinstance(self.cell, Cell) else None
         weights = self.cell.kernel_weights() if mode else list(self.cell.parameters())
+        regs = self.regularisers
         return backends.Request(
             mode=mode,
             reverse=self.reverse,
-            bias=getattr(self.cell, "bias", True),
+            bias=bool(getattr(self.cell, "bias", True)),
             proj=getattr(self.cell, "proj_size", 0) > 0,
             device_type=inp.x.device.type,
             dtype=inp.x.dtype,
             lengths=inp.lengths_kind,
             requires_grad=needs_grad(inp.x, *weights),
+            zoneout=bool(regs.zoneout or regs.zoneout_cell),
+            state_dropout=bool(regs.dropout_state) and self.training,
+            gates=return_gates,
             layer=type(self.cell).__name__,
         )
 
@@ -230,36 +313,81 @@ class Recurrent(nn.Module):
         inp = prepare(x, lengths, self.batch_first, self.input_size)
         return [(type(self.cell).__name__, self._request(inp), self.backend)]
 
+    def _check_gates(self) -> tuple[str, ...]:
+        mode = getattr(self.cell, "mode", None) or ""
+        family = mode.split("_")[0]
+        if "return_gates" not in inspect.signature(self.cell.forward).parameters:
+            raise ValueError(
+                f"return_gates=True, but {type(self.cell).__name__} has no gates to return; "
+                "expected a cell of the LSTM or GRU family"
+            )
+        return GATE_OUTPUTS[family]
+
     def forward(
-        self, x: Tensor | PackedSequence, state: State | None = None, lengths: Any = None
-    ) -> tuple[Tensor | PackedSequence, State]:
+        self,
+        x: Tensor | PackedSequence,
+        state: State | None = None,
+        lengths: Any = None,
+        return_gates: bool = False,
+    ) -> tuple:
+        names = self._check_gates() if return_gates else ()
         inp = prepare(x, lengths, self.batch_first, self.input_size)
         state = self._initial_state(state, inp.x)
-        request = self._request(inp)
+        sizes = tuple(s.shape[-1] for s in _states(state))
+        weight_hh = self.cell.weight_hh if self.regularisers.weight_drop else None
+        masks = self.regularisers.draw(self.training, inp.x, self.output_size, sizes, weight_hh)
+        x = inp.x if masks.input is None else inp.x * masks.input
+        overrides = {} if masks.weight_hh is None else {"weight_hh": weight_hh * masks.weight_hh}
+
+        def step(x_t: Tensor, s: Any, **kw: Any) -> tuple:
+            return torch.func.functional_call(self.cell, overrides, (x_t, s), kw)
+
+        def loop() -> tuple:
+            return scan(
+                step if overrides else self.cell, x, state, inp.lengths, self.reverse,
+                zoneout=masks.zoneout, state_mask=masks.state, return_gates=return_gates,
+            )  # fmt: skip
+
+        request = self._request(inp, return_gates)
         backend, _ = backends.select(request, self.backend)
         if request.mode is None:  # a custom cell: only the reference loop can run it
-            out, state = scan(self.cell, inp.x, state, inp.lengths, self.reverse)
+            out, state, *gates = loop()
+        else:
+            out, state, *gates = self._run_kernel(backend, request, x, state, inp, masks, loop)
+        if masks.output is not None:
+            out = out * masks.output
+        if not return_gates:
             return inp.restore(out), state
+        return (
+            inp.restore(out),
+            state,
+            {n: inp.restore(g) for n, g in zip(names, gates[0], strict=True)},
+        )
 
-        lstm = request.mode == "lstm"
+    def _run_kernel(self, backend, request, x, state, inp, masks, loop) -> tuple:
+        """Run a built-in cell on ``backend`` in the backends' (L*D, B, ...) state layout."""
+        lstm = not isinstance(state, Tensor)
         h0, c0 = (state[0], state[1]) if lstm else (state, None)
 
-        def reference() -> tuple[Tensor, Tensor, Tensor | None]:
-            out, final = scan(self.cell, inp.x, state, inp.lengths, self.reverse)
+        def reference() -> tuple:
+            out, final, *gates = loop()
             h, c = (final[0], final[1]) if lstm else (final, None)
-            return out, h.unsqueeze(0), None if c is None else c.unsqueeze(0)
+            return (out, h.unsqueeze(0), None if c is None else c.unsqueeze(0), *gates)
 
+        weights = self.cell.kernel_weights()
+        if masks.weight_hh is not None:
+            weights[1] = weights[1] * masks.weight_hh
         call = backends.Call(
             request=request,
-            x=inp.x,
+            x=x,
             h0=h0.unsqueeze(0),  # (1, B, P)
             c0=None if c0 is None else c0.unsqueeze(0),  # (1, B, H)
-            weights=self.cell.kernel_weights(),
+            weights=weights,
             lengths=inp.lengths,
             dropout=0.0,
             training=self.training,
             reference=reference,
+            masks=masks,
         )
-        out, h_n, c_n = backend.run(call)
-        final = (h_n[0], c_n[0]) if lstm else h_n[0]
-        return inp.restore(out), final
+        out, h_n, c_n, *gates = backend.run(call)
+        return (out, (h_n[0], c_n[0]) if lstm else h_n[0], *gates)

@@ -1,0 +1,174 @@
+"""Research variants of the LSTM and GRU cells: layer normalisation and peepholes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from .base import Cell, _check_size
+from .lstm import LSTMCell
+
+
+class PeepholeLSTMCell(LSTMCell):
+    """LSTM whose gates see the cell state (see :func:`rnnkit.functional.peephole_lstm_step`).
+
+    The parameters of :class:`LSTMCell` plus the diagonal peephole weights ``weight_ci``,
+    ``weight_cf`` (seen by the input and forget gates, on c_{t-1}) and ``weight_co`` (seen by the
+    output gate, on c_t), each (H,). ``proj_size`` works as in :class:`LSTMCell`.
+    """
+
+    mode = "lstm_peephole"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        proj_size: int = 0,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, proj_size, device, dtype)
+        kw = {"device": device, "dtype": dtype}
+        self.weight_ci = nn.Parameter(torch.empty(hidden_size, **kw))
+        self.weight_cf = nn.Parameter(torch.empty(hidden_size, **kw))
+        self.weight_co = nn.Parameter(torch.empty(hidden_size, **kw))
+        self.reset_parameters()
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], return_gates: bool = False):
+        w_hr = self.weight_hr if self.proj_size > 0 else None
+        h, c, *gates = F.peephole_lstm_step(
+            x, *state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            self.weight_ci, self.weight_cf, self.weight_co, w_hr, return_gates,
+        )  # fmt: skip
+        return (h, (h, c), *gates)
+
+    def kernel_weights(self) -> list[Tensor]:
+        ws = [self.weight_ih, self.weight_hh]
+        if self.bias:
+            ws += [self.bias_ih, self.bias_hh]
+        ws += [self.weight_ci, self.weight_cf, self.weight_co]
+        if self.proj_size > 0:
+            ws.append(self.weight_hr)
+        return ws
+
+
+class _LayerNormCell(Cell):
+    """Shared set-up: torch-named weights, LayerNorm submodules with gain 1 and bias 0."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        gates: int,
+        bias: bool,
+        norms: dict[str, int],
+        eps: float,
+        device: torch.device | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        _check_size("input_size", input_size)
+        _check_size("hidden_size", hidden_size)
+        self.input_size, self.hidden_size, self.bias, self.eps = input_size, hidden_size, bias, eps
+        kw = {"device": device, "dtype": dtype}
+        g = gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(g, input_size, **kw))
+        self.weight_hh = nn.Parameter(torch.empty(g, hidden_size, **kw))
+        self.bias_ih = nn.Parameter(torch.empty(g, **kw)) if bias else None
+        self.bias_hh = nn.Parameter(torch.empty(g, **kw)) if bias else None
+        for name, size in norms.items():
+            setattr(self, name, nn.LayerNorm(size, eps=eps, **kw))
+        self.reset_parameters()
+
+    def _weights(self) -> list[Tensor]:
+        ws = [self.weight_ih, self.weight_hh]
+        return [*ws, self.bias_ih, self.bias_hh] if self.bias else ws
+
+    def reset_parameters(self) -> None:
+        """Weights and biases ~ U(-1/sqrt(H), 1/sqrt(H)); LayerNorm gains 1, biases 0."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name, p in self.named_parameters():
+            if name.startswith("ln_"):
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            else:
+                nn.init.uniform_(p, -bound, bound)
+
+    def _ln(self, name: str) -> tuple[Tensor, Tensor]:
+        norm = getattr(self, name)
+        return norm.weight, norm.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}"
+
+
+class LayerNormLSTMCell(_LayerNormCell):
+    """Layer-normalised LSTM (see :func:`rnnkit.functional.layernorm_lstm_step`).
+
+    Parameters: ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias_ih``/``bias_hh`` (4H,) and the LayerNorms
+    ``ln_ih`` and ``ln_hh`` over the 4H pre-activations and ``ln_c`` over the cell state.
+    """
+
+    mode = "lstm_layernorm"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        eps: float = 1e-5,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        norms = {"ln_ih": 4 * hidden_size, "ln_hh": 4 * hidden_size, "ln_c": hidden_size}
+        super().__init__(input_size, hidden_size, 4, bias, norms, eps, device, dtype)
+
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        return (self.hidden_size, self.hidden_size)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], return_gates: bool = False):
+        h, c, *gates = F.layernorm_lstm_step(
+            x, *state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            self._ln("ln_ih"), self._ln("ln_hh"), self._ln("ln_c"), self.eps, return_gates,
+        )  # fmt: skip
+        return (h, (h, c), *gates)
+
+    def kernel_weights(self) -> list[Tensor]:
+        return [*self._weights(), *self._ln("ln_ih"), *self._ln("ln_hh"), *self._ln("ln_c")]
+
+
+class LayerNormGRUCell(_LayerNormCell):
+    """Layer-normalised GRU (see :func:`rnnkit.functional.layernorm_gru_step`).
+
+    Parameters: ``weight_ih`` (3H, I), ``weight_hh`` (3H, H), ``bias_ih``/``bias_hh`` (3H,) and
+    the LayerNorms ``ln_ih`` and ``ln_hh`` over the 3H pre-activations.
+    """
+
+    mode = "gru_layernorm"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        eps: float = 1e-5,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        norms = {"ln_ih": 3 * hidden_size, "ln_hh": 3 * hidden_size}
+        super().__init__(input_size, hidden_size, 3, bias, norms, eps, device, dtype)
+
+    def forward(self, x: Tensor, h: Tensor, return_gates: bool = False):
+        out = F.layernorm_gru_step(
+            x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+            self._ln("ln_ih"), self._ln("ln_hh"), self.eps, return_gates,
+        )  # fmt: skip
+        h, *gates = out if return_gates else (out,)
+        return (h, h, *gates)
+
+    def kernel_weights(self) -> list[Tensor]:
+        return [*self._weights(), *self._ln("ln_ih"), *self._ln("ln_hh")]

@@ -1,0 +1,298 @@
+"""Cell variants (LayerNorm, peephole), regularisers and gate introspection, on the reference path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import OUT_TOL, assert_close
+
+import rnnkit
+from rnnkit import functional as F
+from rnnkit.cells import LayerNormGRUCell, LayerNormLSTMCell, PeepholeLSTMCell
+from rnnkit.layers.regularisers import Regularisers
+
+T, B, I, H = 6, 4, 3, 5
+LENGTHS = torch.tensor([6, 0, 2, 5])
+
+
+def _ln(v: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    return norm.weight * (v - mean) / torch.sqrt(var + norm.eps) + norm.bias
+
+
+def _randomise(cell: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.uniform_(-0.8, 0.8)
+
+
+def test_layernorm_lstm_step_by_the_equations() -> None:
+    cell = LayerNormLSTMCell(I, H)
+    _randomise(cell)
+    x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
+    pre = _ln(x @ cell.weight_ih.T, cell.ln_ih) + _ln(h @ cell.weight_hh.T, cell.ln_hh)
+    pre = pre + cell.bias_ih + cell.bias_hh
+    i, f, g, o = pre.chunk(4, 1)
+    c_t = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_t = torch.sigmoid(o) * torch.tanh(_ln(c_t, cell.ln_c))
+    _out, (h_got, c_got) = cell(x, (h, c))
+    assert_close((h_got, c_got), (h_t, c_t), OUT_TOL, "LN-LSTM")
+
+
+def test_layernorm_gru_step_by_the_equations() -> None:
+    cell = LayerNormGRUCell(I, H)
+    _randomise(cell)
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    gi = _ln(x @ cell.weight_ih.T, cell.ln_ih) + cell.bias_ih
+    gh = _ln(h @ cell.weight_hh.T, cell.ln_hh) + cell.bias_hh
+    r = torch.sigmoid(gi[:, :H] + gh[:, :H])
+    z = torch.sigmoid(gi[:, H : 2 * H] + gh[:, H : 2 * H])
+    n = torch.tanh(gi[:, 2 * H :] + r * gh[:, 2 * H :])
+    assert_close(cell(x, h)[0], (1 - z) * n + z * h, OUT_TOL, "LN-GRU")
+
+
+def test_peephole_lstm_sees_the_cell_state() -> None:
+    cell = PeepholeLSTMCell(I, H)
+    plain = rnnkit.LSTMCell(I, H)
+    plain.load_state_dict({k: v for k, v in cell.state_dict().items() if "weight_c" not in k})
+    x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
+    with torch.no_grad():
+        for w in (cell.weight_ci, cell.weight_cf, cell.weight_co):
+            w.zero_()
+    assert_close(cell(x, (h, c))[1], plain(x, (h, c))[1], OUT_TOL, "zero peepholes == LSTM")
+    with torch.no_grad():
+        cell.weight_co.fill_(2.0)
+    _, (h_t, c_t) = cell(x, (h, c))
+    pre = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih) + torch.nn.functional.linear(
+        h, cell.weight_hh, cell.bias_hh
+    )
+    o = torch.sigmoid(pre[:, 3 * H :] + 2.0 * c_t)  # the output gate peeks at c_t
+    assert_close(h_t, o * torch.tanh(c_t), OUT_TOL, "output peephole on c_t")
+
+
+VARIANTS = {
+    "layernorm_lstm": lambda i: LayerNormLSTMCell(i, H, dtype=torch.float64),
+    "layernorm_gru": lambda i: LayerNormGRUCell(i, H, dtype=torch.float64),
+    "peephole_lstm": lambda i: PeepholeLSTMCell(i, H, dtype=torch.float64),
+    "peephole_lstmp": lambda i: PeepholeLSTMCell(i, H, proj_size=2, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+def test_variants_gradcheck_through_bidirectional_with_lengths(kind: str) -> None:
+    make = VARIANTS[kind]
+    layer = rnnkit.Bidirectional(rnnkit.Recurrent(make(I)), rnnkit.Recurrent(make(I), reverse=True))
+    for p in layer.parameters():
+        p.data.uniform_(-0.7, 0.7)
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(4, 3, I, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        out, states = torch.func.functional_call(
+            layer, dict(zip(names, ps, strict=True)), (x,), {"lengths": [4, 0, 2]}
+        )
+        return (out, *torch.utils._pytree.tree_leaves(states))
+
+    assert torch.autograd.gradcheck(f, (x, *layer.parameters()), atol=1e-6)
+    assert rnnkit.explain(layer, x).backend == "reference"
+
+
+# -- regularisers --------------------------------------------------------------------------------
+
+
+def _pair(**regs):
+    cell = rnnkit.LSTMCell(I, H)
+    return rnnkit.Recurrent(cell, **regs), rnnkit.Recurrent(cell)
+
+
+ALL_REGS = {
+    "dropout_input": 0.3,
+    "dropout_state": 0.3,
+    "dropout_output": 0.3,
+    "zoneout": 0.2,
+    "zoneout_cell": 0.1,
+    "weight_drop": 0.4,
+}
+
+
+def test_regularisers_are_off_in_eval_mode_and_zoneout_zero_is_the_plain_cell() -> None:
+    regs = {k: v for k, v in ALL_REGS.items() if not k.startswith("zoneout")}
+    layer, plain = _pair(**regs)
+    x = torch.randn(T, B, I)
+    layer.eval()
+    assert_close(layer(x, lengths=LENGTHS), plain(x, lengths=LENGTHS), 0.0, "eval")
+    layer.train()
+    assert not torch.allclose(layer(x)[0], plain(x)[0])
+    zero, plain = _pair(zoneout=0.0, zoneout_cell=0.0)
+    assert_close(zero.train()(x), plain(x), 0.0, "zoneout p=0")
+
+
+def test_zoneout_eval_uses_the_expectation() -> None:
+    layer, _ = _pair(zoneout=0.25, zoneout_cell=0.5)
+    layer.eval()
+    x = torch.randn(T, B, I)
+    out, (h, c) = layer(x)
+    hh, cc = torch.zeros(B, H), torch.zeros(B, H)
+    for t in range(T):
+        _, (h_new, c_new) = layer.cell(x[t], (hh, cc))
+        hh, cc = 0.25 * hh + 0.75 * h_new, 0.5 * cc + 0.5 * c_new
+        assert_close(out[t], hh, OUT_TOL, f"h at {t}")
+    assert_close((h, c), (hh, cc), OUT_TOL, "final")
+
+
+class _Echo(rnnkit.Cell):
+    """out_t = x_t + h_{t-1} as it enters the step; the state becomes x_t + t-dependent noise."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.input_size = self.hidden_size = size
+
+    def forward(self, x, h):
+        return x + h, x + torch.rand_like(x) + 1.0
+
+
+def test_variational_masks_are_one_per_sequence_with_rate_p() -> None:
+    p, size, batch = 0.3, 64, 200
+    x = torch.ones(T, batch, size)
+    layer = rnnkit.Recurrent(_Echo(size), dropout_input=p).train()
+    out, _ = layer(x, torch.zeros(batch, size))
+    first = out[0]  # x_0 * mask + 0
+    for t in range(1, T):  # the same input mask at every step
+        dropped = first == 0
+        assert torch.all(out[t][dropped] > 0)  # h_{t-1} is still added
+    rate = (first == 0).float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / first.numel())
+    assert abs(rate - p) < 4 * sigma, rate
+    assert torch.allclose(first[first != 0], torch.tensor(1 / (1 - p)))
+
+
+def test_state_dropout_mask_is_shared_over_steps() -> None:
+    p, size, batch = 0.5, 32, 100
+    layer = rnnkit.Recurrent(_Echo(size), dropout_state=p).train()
+    x = torch.zeros(T, batch, size)
+    out, _ = layer(x, torch.ones(batch, size))
+    zero = out[0] == 0  # h_0 = 1 entering through the mask
+    for t in range(1, T):
+        assert torch.equal(out[t] == 0, zero)
+    rate = zero.float().mean().item()
+    assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / zero.numel())
+
+
+def test_zoneout_keeps_units_with_rate_p() -> None:
+    p, size, batch = 0.2, 64, 100
+    layer = rnnkit.Recurrent(_Echo(size), zoneout=p).train()
+    x = torch.zeros(T, batch, size)
+    out, _ = layer(x, torch.zeros(batch, size))
+    kept = (out[1:] == out[:-1]).float().mean().item()  # h_t == h_{t-1}
+    n = out[1:].numel()
+    assert abs(kept - p) < 4 * math.sqrt(p * (1 - p) / n), kept
+
+
+def test_weight_drop_is_one_mask_per_call_on_weight_hh() -> None:
+    p = 0.5
+    layer = rnnkit.Recurrent(rnnkit.RNNCell(I, H), weight_drop=p).train()
+    x = torch.randn(T, B, I)
+    torch.manual_seed(7)
+    out, _h = layer(x)
+    torch.manual_seed(7)
+    mask = torch.empty(H, H).bernoulli_(1 - p) / (1 - p)
+    cell = layer.cell
+    hh = torch.zeros(B, H)
+    for t in range(T):
+        hh = F.rnn_step(x[t], hh, cell.weight_ih, cell.weight_hh * mask, cell.bias_ih, cell.bias_hh)
+        assert_close(out[t], hh, OUT_TOL, f"step {t}")
+    torch.manual_seed(7)
+    out, _ = layer(x)
+    out.sum().backward()
+    assert torch.all(cell.weight_hh.grad[mask == 0] == 0)
+    assert torch.count_nonzero(cell.weight_hh.grad[mask != 0]) > 0
+    assert [n for n, _ in layer.named_parameters()] == [
+        "cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh"
+    ]  # fmt: skip
+
+
+def test_all_regularisers_together_seeded_and_with_lengths_in_wrappers() -> None:
+    def build():
+        torch.manual_seed(0)
+        return rnnkit.Stacked(
+            [
+                rnnkit.Bidirectional(
+                    rnnkit.Recurrent(LayerNormLSTMCell(I, H), **ALL_REGS),
+                    rnnkit.Recurrent(LayerNormLSTMCell(I, H), reverse=True, **ALL_REGS),
+                ),
+                rnnkit.Recurrent(rnnkit.GRUCell(2 * H, H), **ALL_REGS),
+            ],
+            dropout=0.2,
+        ).train()
+
+    x = torch.randn(T, B, I)
+    runs = []
+    for _ in range(2):
+        model = build()
+        torch.manual_seed(1)
+        runs.append(model(x, lengths=LENGTHS))
+    assert_close(runs[0], runs[1], 0.0, "same seed, same result")
+    out = runs[0][0]
+    assert torch.count_nonzero(out[:, 1]) == 0 and torch.count_nonzero(out[2:, 2]) == 0
+    torch.manual_seed(2)
+    assert not torch.equal(build()(x, lengths=LENGTHS)[0], out)
+
+
+def test_regulariser_errors() -> None:
+    with pytest.raises(ValueError, match=r"zoneout = 1.0; expected a probability in \[0, 1\)"):
+        Regularisers(zoneout=1.0)
+    with pytest.raises(ValueError, match="dropout_state = -0.5"):
+        rnnkit.Recurrent(rnnkit.GRUCell(I, H), dropout_state=-0.5)
+    with pytest.raises(ValueError, match="weight_drop = 0.5 needs a cell with a recurrent weight"):
+        rnnkit.Recurrent(_Echo(3), weight_drop=0.5)
+
+
+# -- gates -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(
+    "make", [rnnkit.LSTMCell, rnnkit.GRUCell, LayerNormLSTMCell, PeepholeLSTMCell, LayerNormGRUCell]
+)
+def test_returned_gates_equal_the_step_recomputed(make, reverse: bool) -> None:
+    cell = make(I, H)
+    layer = rnnkit.Recurrent(cell, reverse=reverse, batch_first=True)
+    x = torch.randn(B, T, I)
+    _out, _final, gates = layer(x, lengths=LENGTHS, return_gates=True)
+    names = ("i", "f", "g", "o", "c") if "LSTM" in make.__name__ else ("r", "z", "n")
+    assert tuple(gates) == names
+    for b, n in enumerate(LENGTHS.tolist()):
+        state = cell.initial_state(1)
+        for t in reversed(range(n)) if reverse else range(n):
+            _, state, want = cell(x[b, t : t + 1], state, return_gates=True)
+            for name, w in zip(names, want, strict=True):
+                assert_close(gates[name][b, t], w[0], OUT_TOL, f"{name}[{b}, {t}]")
+        for name in names:
+            assert torch.count_nonzero(gates[name][b, n:]) == 0
+
+
+def test_gates_are_not_available_for_cells_without_gates() -> None:
+    with pytest.raises(ValueError, match="RNNCell has no gates to return"):
+        rnnkit.Recurrent(rnnkit.RNNCell(I, H))(torch.randn(T, B, I), return_gates=True)
+
+
+def test_gate_heatmap_png(tmp_path) -> None:
+    from rnnkit.plots import gate_heatmap
+
+    tokens = ["the", "cat", "sat", "on", "a", "mat"]
+    layer = rnnkit.Recurrent(rnnkit.LSTMCell(I, 16))
+    _, _, gates = layer(torch.randn(T, 2, I), return_gates=True)
+    path = gate_heatmap(gates, "f", tokens, tmp_path / "forget.png", sequence=1, dpi=50)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width = int.from_bytes(data[16:20], "big")
+    height = int.from_bytes(data[20:24], "big")
+    assert (width, height) == (
+        int(max(4.0, 0.35 * 6 + 1.5) * 50),
+        int(max(2.5, 0.12 * 16 + 1.2) * 50),
+    )
+    with pytest.raises(KeyError, match="gate = 'q'"):
+        gate_heatmap(gates, "q", tokens, tmp_path / "x.png")
