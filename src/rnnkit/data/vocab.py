@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.itos)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.itos[len(SPECIALS) :])
 
     def __contains__(self, token: str) -> bool:

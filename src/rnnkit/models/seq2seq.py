@@ -206,12 +206,16 @@ class Encoder(nn.Module):
         self.layer = layer
         self.dropout = nn.Dropout(dropout)
         self.batch_first = _batch_first(layer)
-        # Feature sizes of the final-state summary, found by encoding one step of zeros.
+        # Feature sizes of the final-state summary, found by encoding one step of zeros (in eval
+        # mode, so that no dropout draws from the random number generator).
+        training = layer.training
+        layer.eval()
         with torch.no_grad():
             p = next(layer.parameters())
             x = torch.zeros(1, 1, layer.input_size, dtype=p.dtype, device=p.device)
             _, final = layer(x, None, lengths=torch.ones(1, dtype=torch.long, device=p.device))
             h, c = summarise_final_state(layer, final)
+        layer.train(training)
         self.summary_sizes = (h.shape[-1], None if c is None else c.shape[-1])
 
     @property
@@ -308,6 +312,7 @@ class Seq2Seq(nn.Module):
 
     ``Seq2Seq(config, encoder=None)``: ``encoder`` is any rnnkit layer reading
     ``embed_size`` features (default: ``rnnkit.LSTM`` with the config's sizes, bidirectional).
+    Call ``model.eval()`` before searching: dropout stays on in training mode.
     """
 
     def __init__(self, config: Seq2SeqConfig, encoder: nn.Module | None = None) -> None:
