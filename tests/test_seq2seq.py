@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 import rnnkit
 from rnnkit.models import (
     ATTENTIONS,
+    DecoderState,
     Seq2Seq,
     Seq2SeqConfig,
     decoder_io,
@@ -208,6 +210,50 @@ def test_wide_beam_search_is_exhaustive_search(alpha: float) -> None:
     n = int(found.lengths[0])
     assert n == len(best)
     assert math.isclose(float(found.scores[0]) / ((5 + n) / 6) ** alpha, best_score, rel_tol=1e-9)
+
+
+class ScriptedDecoder(Seq2Seq):
+    """A decoder whose next-token distribution over (EOS, a, b) is a table of the prefix."""
+
+    A, B = 3, 4
+
+    def __init__(self, table: dict[tuple[int, ...], tuple[float, float, float]]) -> None:
+        super().__init__(tiny_config(tgt_vocab=5, dropout=0.0))
+        self.table = table
+
+    def start(self, src: torch.Tensor, src_lengths) -> DecoderState:
+        z = torch.zeros(src.shape[0], 1, dtype=torch.float64)
+        prefix = torch.zeros(src.shape[0], 0, dtype=torch.long)
+        ones = torch.ones_like(z, dtype=torch.bool)
+        return DecoderState((prefix,), z, z, z.unsqueeze(1), z.unsqueeze(1), ones)
+
+    def step(self, token: torch.Tensor, state: DecoderState):
+        prefix = state.cells[0]
+        if not bool((token == BOS).all()):
+            prefix = torch.cat([prefix, token.unsqueeze(1)], 1)
+        logits = torch.full((token.shape[0], 5), -math.inf, dtype=torch.float64)
+        for row, p in enumerate(prefix.tolist()):
+            probs = self.table.get(tuple(y for y in p if y != PAD), (1 / 3, 1 / 3, 1 / 3))
+            logits[row, [EOS, self.A, self.B]] = torch.tensor(probs, dtype=torch.float64).log()
+        return logits, replace(state, cells=(prefix,))
+
+
+def test_beam_search_keeps_a_finished_hypothesis_pushed_out_of_the_beam() -> None:
+    """k = 2: "EOS" (p = 0.1) finishes first; then "a a" and "a b" push it out of the beam, but
+    every longer hypothesis ends below it (p <= 0.067), so the search must return it."""
+    a, b = ScriptedDecoder.A, ScriptedDecoder.B
+    table = {(): (0.10, 0.82, 0.08), (a,): (0.01, 0.5, 0.49), (a, a): (0.02, 0.49, 0.49)}
+    table[(a, b)] = table[(a, a)]
+    model = ScriptedDecoder(table).eval()
+    src = torch.tensor([[3, 4], [5, 6]])
+    found = model.beam_search(src, [2, 2], beam_size=2, max_len=4, length_penalty=0.0)
+    assert found.to_lists(EOS) == [[], []]
+    assert found.lengths.tolist() == [1, 1]
+    torch.testing.assert_close(found.scores, torch.full((2,), math.log(0.1), dtype=torch.float64))
+    assert found.tokens.tolist() == [[EOS, PAD, PAD, PAD]] * 2
+    # Wide enough to keep everything, the search agrees.
+    wide = model.beam_search(src, [2, 2], beam_size=50, max_len=4, length_penalty=0.0)
+    assert wide.to_lists(EOS) == [[], []]
 
 
 def test_hypotheses_end_at_eos_and_are_padded_after_it() -> None:

@@ -480,12 +480,13 @@ class Seq2Seq(nn.Module):
 
         Each source keeps ``beam_size`` hypotheses, ranked by the length-normalised score
         ``log p(y | x) / lp(|y|)``, ``lp(n) = ((5 + n) / 6) ** alpha`` (Wu et al., 2016; alpha =
-        ``length_penalty``, 0 = no normalisation). At each step every live hypothesis is
-        extended by every token and a finished one (ended by EOS) competes as it is, so a short
-        finished hypothesis stays only while it outranks the longer ones. The search ends when
-        all hypotheses of all sources have finished, or after ``max_len`` tokens. All sources
-        run as one batch of B * k rows; each row's result equals a search over it alone. With
-        ``beam_size = 1`` it is greedy decoding.
+        ``length_penalty``, 0 = no normalisation; |y| counts the EOS). At each step every live
+        hypothesis is extended by every token, and a finished one (ended by EOS) competes
+        unchanged with them for a place in the beam. The best finished hypothesis seen is kept
+        even after longer ones push it out of the beam. The search ends when all hypotheses of
+        all sources have finished, or after ``max_len`` tokens (then an unfinished hypothesis
+        can win). All sources run as one batch of B * k rows; each source's result equals a
+        search over it alone. With ``beam_size = 1`` it is greedy decoding.
         """
         c = self.config
         k = c.beam_size if beam_size is None else beam_size
@@ -495,6 +496,9 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"beam_size = {k!r}; expected a positive integer")
         batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
 
+        def normalised(score: Tensor, length: Tensor) -> Tensor:
+            return score / ((5.0 + length.to(score.dtype)) / 6.0) ** alpha
+
         rows = torch.arange(batch, device=device)
         state = self.start(src, src_lengths).select(rows.repeat_interleave(k))  # B * k rows
         token = src.new_full((batch * k,), c.bos_id)
@@ -503,6 +507,10 @@ class Seq2Seq(nn.Module):
         lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
         done = scores == -math.inf
         history = src.new_empty(batch, k, 0)
+        # The best finished hypothesis of each source so far.
+        none = scores.new_full((batch,), -math.inf)
+        best = Hypotheses(src.new_empty(batch, 0), lengths[:, 0].clone(), none)
+        best_ranked = none  # (B,) its normalised score, -inf = none yet
         for _ in range(max_len):
             logits, state = self.step(token, state)
             cand = scores.unsqueeze(-1) + self._log_probs(logits).view(batch, k, vocab)
@@ -511,21 +519,42 @@ class Seq2Seq(nn.Module):
             stay[..., c.pad_id] = scores
             cand = torch.where(done.unsqueeze(-1), stay, cand)  # (B, k, V)
             new_lengths = lengths + (~done).long()
-            penalty = ((5.0 + new_lengths.to(cand.dtype)) / 6.0) ** alpha  # (B, k)
-            ranked = (cand / penalty.unsqueeze(-1)).view(batch, k * vocab)
+            ranked = normalised(cand, new_lengths.unsqueeze(-1)).view(batch, k * vocab)
             top = ranked.topk(k, dim=1).indices  # (B, k), best first
             beam, token = top // vocab, top % vocab
             scores = cand.view(batch, k * vocab).gather(1, top)
             lengths = new_lengths.gather(1, beam)
-            done = done.gather(1, beam) | (token == c.eos_id) | (scores == -math.inf)
+            was_done = done.gather(1, beam)
+            done = was_done | (token == c.eos_id) | (scores == -math.inf)
             history = history.gather(1, beam.unsqueeze(-1).expand(-1, -1, history.shape[2]))
             history = torch.cat([history, token.unsqueeze(-1)], -1)  # (B, k, t + 1)
             state = state.select((beam + rows.unsqueeze(1) * k).view(-1))
             token = token.view(-1)
+
+            # Record hypotheses that finished at this step if they beat the best so far.
+            just_done = (token.view(batch, k) == c.eos_id) & ~was_done
+            ranked_done = torch.where(just_done, normalised(scores, lengths), -math.inf)
+            value, slot = ranked_done.max(1)  # the first slot on a tie: the higher ranked
+            better = value > best_ranked
+            pick = slot.unsqueeze(1)
+            padded = torch.cat([best.tokens, best.tokens.new_full((batch, 1), c.pad_id)], 1)
+            best = Hypotheses(
+                torch.where(better.unsqueeze(1), history[rows, slot], padded),
+                torch.where(better, lengths.gather(1, pick).squeeze(1), best.lengths),
+                torch.where(better, scores.gather(1, pick).squeeze(1), best.scores),
+            )
+            best_ranked = torch.where(better, value, best_ranked)
             if bool(done.all()):
                 break
-        # topk sorted the beams: slot 0 is each source's best by the normalised score.
-        return Hypotheses(history[:, 0], lengths[:, 0], scores[:, 0])
+        # topk sorted the beams: slot 0 is the best hypothesis still in each beam (finished, or
+        # cut at max_len). A recorded finished one wins ties: slot 0 may be that very one.
+        top_ranked = normalised(scores[:, 0], lengths[:, 0])
+        keep = (best_ranked >= top_ranked).unsqueeze(1)
+        return Hypotheses(
+            torch.where(keep, best.tokens, history[:, 0]),
+            torch.where(keep.squeeze(1), best.lengths, lengths[:, 0]),
+            torch.where(keep.squeeze(1), best.scores, scores[:, 0]),
+        )
 
 
 # -- training and inspection helpers --------------------------------------------------------------
