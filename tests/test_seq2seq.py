@@ -277,6 +277,10 @@ def test_max_len_stops_the_searches() -> None:
     src, src_lengths = source_batch()
     assert model.greedy(src, src_lengths, max_len=2).tokens.shape[1] <= 2
     assert model.beam_search(src, src_lengths, beam_size=3, max_len=2).tokens.shape[1] <= 2
+    with pytest.raises(ValueError, match="max_len = 0"):
+        model.greedy(src, src_lengths, max_len=0)
+    with pytest.raises(ValueError, match="beam_size = 0"):
+        model.beam_search(src, src_lengths, beam_size=0)
 
 
 def test_decoder_io() -> None:

@@ -447,7 +447,7 @@ class Seq2Seq(nn.Module):
     def greedy(self, src: Tensor, src_lengths: Any, max_len: int | None = None) -> Hypotheses:
         """Greedy decoding: the most probable token at each step, until EOS or ``max_len``."""
         c = self.config
-        max_len = c.max_decode_len if max_len is None else max_len
+        max_len = _check_max_len(c.max_decode_len if max_len is None else max_len)
         state = self.start(src, src_lengths)
         batch = src.shape[0]
         token = src.new_full((batch,), c.bos_id)
@@ -490,7 +490,7 @@ class Seq2Seq(nn.Module):
         """
         c = self.config
         k = c.beam_size if beam_size is None else beam_size
-        max_len = c.max_decode_len if max_len is None else max_len
+        max_len = _check_max_len(c.max_decode_len if max_len is None else max_len)
         alpha = c.length_penalty if length_penalty is None else length_penalty
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValueError(f"beam_size = {k!r}; expected a positive integer")
@@ -555,6 +555,12 @@ class Seq2Seq(nn.Module):
             torch.where(keep.squeeze(1), best.lengths, lengths[:, 0]),
             torch.where(keep.squeeze(1), best.scores, scores[:, 0]),
         )
+
+
+def _check_max_len(max_len: Any) -> int:
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len = {max_len!r}; expected a positive integer")
+    return max_len
 
 
 # -- training and inspection helpers --------------------------------------------------------------
