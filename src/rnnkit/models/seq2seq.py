@@ -1,0 +1,630 @@
+"""Attentional encoder–decoder: an rnnkit encoder, a bridge, an attentional decoder, searches.
+
+The model, for a source ``x_1..x_S`` and a target ``y_1..y_T`` (``y_0`` = BOS, ``y_T`` = EOS):
+
+    h_1..h_S            = encoder(embed(x), lengths)          any rnnkit layer, e.g. a BiLSTM stack
+    s_0                 = bridge(final encoder states)        tanh(W_b [h_fwd; h_bwd]) or zeros
+    s_t                 = cell([embed(y_{t-1}); h~_{t-1}], s_{t-1})      (h~ fed: "input feeding")
+    c_t, a_t            = attention(s_t, h_1..h_S)            (Bahdanau: from s_{t-1}, fed to cell)
+    h~_t                = tanh(W_c [s_t; c_t])                 the attentional state
+    p(y_t | y_<t, x)    = softmax(W_o h~_t)
+
+:meth:`Seq2Seq.step` computes one decoder step and is the only decoder loop body: the
+teacher-forced :meth:`Seq2Seq.forward`, :meth:`Seq2Seq.greedy` and :meth:`Seq2Seq.beam_search`
+all run it, and so can a streaming user::
+
+    state = model.start(src, src_lengths)           # encode once
+    token = torch.full((B,), config.bos_id)
+    while ...:
+        logits, state = model.step(token, state)    # (B, V), the next state
+        token = logits.argmax(-1)
+
+Layouts are batch-first: ``src`` (B, S) and ``tgt`` (B, T) int64 token ids, right-padded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import lengths as L
+from ..cells import GRUCell, LSTMCell
+from ..layers import GRU, LSTM, RNN, Bidirectional, Stacked
+from ..layers.torch_compat import _RNNBase
+from .attention import ATTENTIONS, Attention, build_attention, length_mask
+
+__all__ = [
+    "DecoderState",
+    "EncoderOutput",
+    "Hypotheses",
+    "Seq2Seq",
+    "Seq2SeqConfig",
+    "decoder_io",
+    "plot_attention",
+    "sequence_loss",
+    "summarise_final_state",
+]
+
+_ENCODER_CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+_DECODER_CELLS = {"lstm": LSTMCell, "gru": GRUCell}
+_BRIDGES = ("linear", "zero")
+
+
+@dataclass
+class Seq2SeqConfig:
+    """Sizes and choices of a :class:`Seq2Seq` model. Defaults: a 2-layer BiLSTM encoder, an LSTM
+    decoder with Bahdanau attention and input feeding, and a linear bridge."""
+
+    src_vocab: int
+    tgt_vocab: int
+    embed_size: int = 256
+    #: Encoder (used unless a layer is passed to Seq2Seq): cell, layers, size per direction.
+    encoder_cell: str = "lstm"
+    encoder_layers: int = 2
+    encoder_hidden: int = 256
+    bidirectional: bool = True
+    #: Decoder: cell ("lstm" or "gru"), number of stacked cells, hidden size.
+    decoder_cell: str = "lstm"
+    decoder_layers: int = 1
+    decoder_hidden: int = 256
+    #: "bahdanau" (additive), or Luong's "dot", "general", "concat".
+    attention: str = "bahdanau"
+    attention_size: int = 256
+    #: Feed the previous attentional state h~_{t-1} into the cell (Luong et al., 2015).
+    input_feeding: bool = True
+    #: Decoder initial state: "linear" (from the encoder's final states) or "zero".
+    bridge: str = "linear"
+    dropout: float = 0.2
+    #: Share the target embedding with the output layer (needs embed_size == decoder_hidden).
+    tie_embeddings: bool = False
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    #: Search defaults: maximum output length (EOS included), beam size, length penalty alpha.
+    max_decode_len: int = 100
+    beam_size: int = 5
+    length_penalty: float = 0.6
+
+    def __post_init__(self) -> None:
+        for name in (
+            "src_vocab", "tgt_vocab", "embed_size", "encoder_layers", "encoder_hidden",
+            "decoder_layers", "decoder_hidden", "attention_size", "max_decode_len", "beam_size",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} = {value!r}; expected a positive integer")
+        choices = {
+            "encoder_cell": tuple(_ENCODER_CELLS),
+            "decoder_cell": tuple(_DECODER_CELLS),
+            "attention": tuple(ATTENTIONS),
+            "bridge": _BRIDGES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} = {getattr(self, name)!r}; expected one of {allowed}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout = {self.dropout!r}; expected a probability in [0, 1)")
+        if self.length_penalty < 0:
+            raise ValueError(f"length_penalty = {self.length_penalty!r}; expected >= 0")
+        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+        if len(set(ids.values())) != 3:
+            raise ValueError(f"special ids {ids} must be distinct")
+        for name, value in ids.items():
+            if not 0 <= value < min(self.src_vocab, self.tgt_vocab):
+                raise ValueError(
+                    f"{name} = {value} is outside the vocabularies "
+                    f"(src_vocab = {self.src_vocab}, tgt_vocab = {self.tgt_vocab})"
+                )
+        if self.tie_embeddings and self.embed_size != self.decoder_hidden:
+            raise ValueError(
+                f"tie_embeddings needs embed_size == decoder_hidden; got {self.embed_size} and "
+                f"{self.decoder_hidden}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; ``Seq2SeqConfig(**d)`` rebuilds the config."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# -- encoder ----------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderOutput:
+    """The encoded source: ``memory`` (B, S, M) (exactly 0 at padding), ``mask`` (B, S) (True at
+    valid positions), and the summary of the final states, ``h`` (B, F) and ``c`` (B, F_c) or None
+    (see :func:`summarise_final_state`)."""
+
+    memory: Tensor
+    mask: Tensor
+    h: Tensor
+    c: Tensor | None
+
+
+def summarise_final_state(layer: nn.Module, final: Any) -> tuple[Tensor, Tensor | None]:
+    """The top layer's final state of an rnnkit layer, every direction concatenated.
+
+    Returns ``(h, c)``: ``h`` (B, D * H), and the LSTM cell state ``c`` likewise (None for other
+    cells). Understands ``rnnkit.LSTM/GRU/RNN`` (h_n of shape (L * D, B, H)), :class:`Stacked`
+    (its last layer), :class:`Bidirectional` (forward then backward) and :class:`Recurrent` or any
+    layer returning a cell state (a (B, H) tensor, or a tuple whose first two entries are h, c).
+    """
+    if isinstance(layer, _RNNBase):
+        d = layer.num_directions
+        if isinstance(layer, LSTM):
+            h_n, c_n = final
+            return torch.cat(list(h_n[-d:]), -1), torch.cat(list(c_n[-d:]), -1)
+        return torch.cat(list(final[-d:]), -1), None
+    if isinstance(layer, Stacked):
+        return summarise_final_state(layer.layers[-1], final[-1])
+    if isinstance(layer, Bidirectional):
+        h_f, c_f = summarise_final_state(layer.forward_layer, final[0])
+        h_b, c_b = summarise_final_state(layer.backward_layer, final[1])
+        c = None if c_f is None or c_b is None else torch.cat([c_f, c_b], -1)
+        return torch.cat([h_f, h_b], -1), c
+    if isinstance(final, Tensor) and final.dim() == 2:
+        return final, None
+    if (
+        isinstance(final, tuple | list)
+        and len(final) >= 2
+        and all(isinstance(s, Tensor) and s.dim() == 2 for s in final[:2])
+    ):
+        return final[0], final[1]
+    raise TypeError(
+        f"cannot read a final state of type {type(final).__name__} from a "
+        f"{type(layer).__name__}; expected an rnnkit layer or a (B, H) / (h, c) cell state "
+        "(or use bridge='zero')"
+    )
+
+
+def _batch_first(layer: nn.Module) -> bool:
+    if isinstance(layer, Stacked):
+        return _batch_first(layer.layers[0])
+    if isinstance(layer, Bidirectional):
+        return _batch_first(layer.forward_layer)
+    return bool(getattr(layer, "batch_first", False))
+
+
+class Encoder(nn.Module):
+    """Embedding + any rnnkit layer run with ``lengths=`` (no packing, no sorting)."""
+
+    def __init__(self, embedding: nn.Embedding, layer: nn.Module, dropout: float) -> None:
+        super().__init__()
+        if layer.input_size != embedding.embedding_dim:
+            raise ValueError(
+                f"the encoder layer has input_size = {layer.input_size}; expected embed_size = "
+                f"{embedding.embedding_dim}"
+            )
+        self.embedding = embedding
+        self.layer = layer
+        self.dropout = nn.Dropout(dropout)
+        self.batch_first = _batch_first(layer)
+        # Feature sizes of the final-state summary, found by encoding one step of zeros (in eval
+        # mode, so that no dropout draws from the random number generator).
+        training = layer.training
+        layer.eval()
+        with torch.no_grad():
+            p = next(layer.parameters())
+            x = torch.zeros(1, 1, layer.input_size, dtype=p.dtype, device=p.device)
+            _, final = layer(x, None, lengths=torch.ones(1, dtype=torch.long, device=p.device))
+            h, c = summarise_final_state(layer, final)
+        layer.train(training)
+        self.summary_sizes = (h.shape[-1], None if c is None else c.shape[-1])
+
+    @property
+    def output_size(self) -> int:
+        return self.layer.output_size
+
+    def forward(self, src: Tensor, lengths: Tensor) -> EncoderOutput:
+        x = self.dropout(self.embedding(src))  # (B, S, E)
+        if not self.batch_first:
+            x = x.transpose(0, 1)  # (S, B, E)
+        out, final = self.layer(x, None, lengths=lengths)
+        if not self.batch_first:
+            out = out.transpose(0, 1)  # (B, S, M)
+        h, c = summarise_final_state(self.layer, final)
+        return EncoderOutput(out, length_mask(lengths, src.shape[1]), h, c)
+
+
+def _default_encoder_layer(config: Seq2SeqConfig) -> nn.Module:
+    cls = _ENCODER_CELLS[config.encoder_cell]
+    return cls(
+        config.embed_size,
+        config.encoder_hidden,
+        num_layers=config.encoder_layers,
+        dropout=config.dropout if config.encoder_layers > 1 else 0.0,
+        bidirectional=config.bidirectional,
+        batch_first=True,
+    )
+
+
+# -- decoder state ----------------------------------------------------------------------------
+
+
+def _map(fn: Any, tree: Any) -> Any:
+    if tree is None:
+        return None
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    return tuple(_map(fn, t) for t in tree)
+
+
+@dataclass
+class DecoderState:
+    """Everything the next decoder step needs, each tensor batch-first (B, ...).
+
+    ``cells``: one cell state per decoder layer ((h, c) for LSTM, h for GRU); ``feed``: the last
+    attentional state h~ (B, H) (zeros before the first step); ``weights``: the last attention
+    weights (B, S); ``memory``, ``keys``, ``mask``: the encoded source, its precomputed attention
+    keys and its validity mask.
+    """
+
+    cells: tuple[Any, ...]
+    feed: Tensor
+    weights: Tensor
+    memory: Tensor
+    keys: Tensor
+    mask: Tensor
+
+    def select(self, index: Tensor) -> DecoderState:
+        """The states of rows ``index`` (a 1-D int64 tensor): reorder, repeat or drop rows."""
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return DecoderState(**{f.name: _map(pick, getattr(self, f.name)) for f in fields(self)})
+
+    @property
+    def top(self) -> Tensor:
+        """The top decoder layer's hidden state h (B, H)."""
+        s = self.cells[-1]
+        return s if isinstance(s, Tensor) else s[0]
+
+
+@dataclass
+class Hypotheses:
+    """Decoded sequences: ``tokens`` (B, T) (EOS included where produced, ``pad_id`` after it),
+    ``lengths`` (B,) (tokens up to and including EOS) and ``scores`` (B,) (the sum of the
+    tokens' log-probabilities)."""
+
+    tokens: Tensor
+    lengths: Tensor
+    scores: Tensor
+
+    def to_lists(self, eos_id: int) -> list[list[int]]:
+        """Each hypothesis as a list of token ids, EOS and padding removed."""
+        out = []
+        for row, n in zip(self.tokens.tolist(), self.lengths.tolist(), strict=True):
+            row = row[:n]
+            out.append(row[:-1] if row and row[-1] == eos_id else row)
+        return out
+
+
+# -- the model --------------------------------------------------------------------------------
+
+
+class Seq2Seq(nn.Module):
+    """Attentional encoder–decoder (see the module docstring for the equations).
+
+    ``Seq2Seq(config, encoder=None)``: ``encoder`` is any rnnkit layer reading
+    ``embed_size`` features (default: ``rnnkit.LSTM`` with the config's sizes, bidirectional).
+    Call ``model.eval()`` before searching: dropout stays on in training mode.
+    """
+
+    def __init__(self, config: Seq2SeqConfig, encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = c = config
+        src_embed = nn.Embedding(c.src_vocab, c.embed_size, padding_idx=c.pad_id)
+        layer = encoder if encoder is not None else _default_encoder_layer(c)
+        self.encoder = Encoder(src_embed, layer, c.dropout)
+        memory_size = self.encoder.output_size
+        hidden = c.decoder_hidden
+
+        self.attention: Attention = build_attention(
+            c.attention, hidden, memory_size, c.attention_size
+        )
+        self.attend_before = self.attention.query_source == "previous"
+        input_size = c.embed_size + (hidden if c.input_feeding else 0)
+        input_size += memory_size if self.attend_before else 0
+        cell = _DECODER_CELLS[c.decoder_cell]
+        self.cells = nn.ModuleList(
+            cell(input_size if k == 0 else hidden, hidden) for k in range(c.decoder_layers)
+        )
+        self.tgt_embedding = nn.Embedding(c.tgt_vocab, c.embed_size, padding_idx=c.pad_id)
+        self.combine = nn.Linear(hidden + memory_size, hidden, bias=False)  # W_c
+        self.generator = nn.Linear(hidden, c.tgt_vocab)  # W_o
+        if c.tie_embeddings:
+            self.generator.weight = self.tgt_embedding.weight
+        self.dropout = nn.Dropout(c.dropout)
+
+        if c.bridge == "linear":
+            h_size, c_size = self.encoder.summary_sizes
+            self.bridge_h = nn.Linear(h_size, c.decoder_layers * hidden)
+            if c.decoder_cell == "lstm":
+                self.bridge_c = nn.Linear(c_size or h_size, c.decoder_layers * hidden)
+
+    # -- encoding and the initial state --------------------------------------------------------
+
+    def encode(self, src: Tensor, src_lengths: Any) -> EncoderOutput:
+        """Encode ``src`` (B, S) of lengths ``src_lengths`` (B,) (a tensor or a list)."""
+        if src.dim() != 2:
+            raise ValueError(f"src has shape {tuple(src.shape)}; expected (B, S) token ids")
+        lengths = L.as_lengths(src_lengths, src.shape[0], src.shape[1], src.device)
+        return self.encoder(src, lengths)
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        """The decoder state before the first step: the bridge applied to the encoder's states."""
+        c = self.config
+        batch, hidden, layers = enc.memory.shape[0], c.decoder_hidden, c.decoder_layers
+        if c.bridge == "linear":
+            h0 = torch.tanh(self.bridge_h(enc.h)).view(batch, layers, hidden).unbind(1)
+            if c.decoder_cell == "lstm":
+                src_c = enc.c if enc.c is not None else enc.h
+                c0 = self.bridge_c(src_c).view(batch, layers, hidden).unbind(1)
+        else:
+            h0 = (enc.memory.new_zeros(batch, hidden),) * layers
+            c0 = h0
+        cells = tuple(zip(h0, c0, strict=True)) if c.decoder_cell == "lstm" else tuple(h0)
+        return DecoderState(
+            cells=cells,
+            feed=enc.memory.new_zeros(batch, hidden),
+            weights=enc.memory.new_zeros(batch, enc.memory.shape[1]),
+            memory=enc.memory,
+            keys=self.attention.keys(enc.memory),
+            mask=enc.mask,
+        )
+
+    def start(self, src: Tensor, src_lengths: Any) -> DecoderState:
+        """Encode the source and return the decoder's initial state (the streaming entry point)."""
+        return self.init_state(self.encode(src, src_lengths))
+
+    # -- one decoder step: the body of every decode loop ----------------------------------------
+
+    def _advance(self, token: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        """One step up to the attentional state h~_t (B, H), before the output layer."""
+        parts = [self.dropout(self.tgt_embedding(token))]  # embed(y_{t-1})
+        if self.config.input_feeding:
+            parts.append(state.feed)  # h~_{t-1}
+        if self.attend_before:  # Bahdanau: attend from s_{t-1}, feed c_t to the cell
+            context, weights = self.attention(state.top, state.memory, state.mask, state.keys)
+            parts.append(context)
+        x = torch.cat(parts, -1)
+        cells = []
+        for k, cell in enumerate(self.cells):
+            if k:
+                x = self.dropout(x)
+            x, s = cell(x, state.cells[k])
+            cells.append(s)
+        if not self.attend_before:  # Luong: attend from s_t
+            context, weights = self.attention(x, state.memory, state.mask, state.keys)
+        h_tilde = torch.tanh(self.combine(torch.cat([x, context], -1)))
+        return h_tilde, replace(state, cells=tuple(cells), feed=h_tilde, weights=weights)
+
+    def step(self, token: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        """Feed ``token`` (B,) (the previous output; BOS first) -> (logits (B, V), next state).
+
+        The attention weights of this step are ``next_state.weights`` (B, S).
+        """
+        h_tilde, state = self._advance(token, state)
+        return self.generator(self.dropout(h_tilde)), state
+
+    # -- teacher forcing -------------------------------------------------------------------------
+
+    def forward(
+        self,
+        src: Tensor,
+        src_lengths: Any,
+        tgt_in: Tensor,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Teacher-forced logits (B, T, V) for decoder inputs ``tgt_in`` (B, T): BOS, y_1, ...
+
+        With ``return_attention`` also the attention weights (B, T, S).
+        """
+        state = self.start(src, src_lengths)
+        h_tildes, weights = [], []
+        for t in range(tgt_in.shape[1]):
+            h_tilde, state = self._advance(tgt_in[:, t], state)
+            h_tildes.append(h_tilde)
+            weights.append(state.weights)
+        # The output layer once over all steps: (B, T, H) -> (B, T, V).
+        logits = self.generator(self.dropout(torch.stack(h_tildes, 1)))
+        return (logits, torch.stack(weights, 1)) if return_attention else logits
+
+    # -- searches ---------------------------------------------------------------------------------
+
+    def _log_probs(self, logits: Tensor) -> Tensor:
+        """Next-token log-probabilities; PAD and BOS are never generated."""
+        logp = F.log_softmax(logits, dim=-1)
+        logp[:, [self.config.pad_id, self.config.bos_id]] = -math.inf
+        return logp
+
+    @torch.no_grad()
+    def greedy(self, src: Tensor, src_lengths: Any, max_len: int | None = None) -> Hypotheses:
+        """Greedy decoding: the most probable token at each step, until EOS or ``max_len``."""
+        c = self.config
+        max_len = _check_max_len(c.max_decode_len if max_len is None else max_len)
+        state = self.start(src, src_lengths)
+        batch = src.shape[0]
+        token = src.new_full((batch,), c.bos_id)
+        done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+        scores = state.feed.new_zeros(batch)
+        lengths = torch.zeros(batch, dtype=torch.long, device=src.device)
+        out = []
+        for _ in range(max_len):
+            logits, state = self.step(token, state)
+            best, token = self._log_probs(logits).max(-1)
+            token = torch.where(done, c.pad_id, token)
+            scores += torch.where(done, 0.0, best)
+            lengths += ~done
+            out.append(token)
+            done |= token == c.eos_id
+            if bool(done.all()):
+                break
+        return Hypotheses(torch.stack(out, 1), lengths, scores)
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        src: Tensor,
+        src_lengths: Any,
+        beam_size: int | None = None,
+        max_len: int | None = None,
+        length_penalty: float | None = None,
+    ) -> Hypotheses:
+        """Batched beam search; returns the best hypothesis of each source.
+
+        Each source keeps ``beam_size`` hypotheses, ranked by the length-normalised score
+        ``log p(y | x) / lp(|y|)``, ``lp(n) = ((5 + n) / 6) ** alpha`` (Wu et al., 2016; alpha =
+        ``length_penalty``, 0 = no normalisation; |y| counts the EOS). At each step every live
+        hypothesis is extended by every token, and a finished one (ended by EOS) competes
+        unchanged with them for a place in the beam. The best finished hypothesis seen is kept
+        even after longer ones push it out of the beam. The search ends when all hypotheses of
+        all sources have finished, or after ``max_len`` tokens (then an unfinished hypothesis
+        can win). All sources run as one batch of B * k rows; each source's result equals a
+        search over it alone. With ``beam_size = 1`` it is greedy decoding.
+        """
+        c = self.config
+        k = c.beam_size if beam_size is None else beam_size
+        max_len = _check_max_len(c.max_decode_len if max_len is None else max_len)
+        alpha = c.length_penalty if length_penalty is None else length_penalty
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"beam_size = {k!r}; expected a positive integer")
+        batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
+
+        def normalised(score: Tensor, length: Tensor) -> Tensor:
+            return score / ((5.0 + length.to(score.dtype)) / 6.0) ** alpha
+
+        rows = torch.arange(batch, device=device)
+        state = self.start(src, src_lengths).select(rows.repeat_interleave(k))  # B * k rows
+        token = src.new_full((batch * k,), c.bos_id)
+        scores = state.feed.new_full((batch, k), -math.inf)
+        scores[:, 0] = 0.0  # one live hypothesis to start with; the others are empty slots
+        lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
+        done = scores == -math.inf
+        history = src.new_empty(batch, k, 0)
+        # The best finished hypothesis of each source so far.
+        none = scores.new_full((batch,), -math.inf)
+        best = Hypotheses(src.new_empty(batch, 0), lengths[:, 0].clone(), none)
+        best_ranked = none  # (B,) its normalised score, -inf = none yet
+        for _ in range(max_len):
+            logits, state = self.step(token, state)
+            cand = scores.unsqueeze(-1) + self._log_probs(logits).view(batch, k, vocab)
+            # A finished hypothesis has one continuation: itself, padded, its score unchanged.
+            stay = torch.full_like(cand, -math.inf)
+            stay[..., c.pad_id] = scores
+            cand = torch.where(done.unsqueeze(-1), stay, cand)  # (B, k, V)
+            new_lengths = lengths + (~done).long()
+            ranked = normalised(cand, new_lengths.unsqueeze(-1)).view(batch, k * vocab)
+            top = ranked.topk(k, dim=1).indices  # (B, k), best first
+            beam, token = top // vocab, top % vocab
+            scores = cand.view(batch, k * vocab).gather(1, top)
+            lengths = new_lengths.gather(1, beam)
+            was_done = done.gather(1, beam)
+            done = was_done | (token == c.eos_id) | (scores == -math.inf)
+            history = history.gather(1, beam.unsqueeze(-1).expand(-1, -1, history.shape[2]))
+            history = torch.cat([history, token.unsqueeze(-1)], -1)  # (B, k, t + 1)
+            state = state.select((beam + rows.unsqueeze(1) * k).view(-1))
+            token = token.view(-1)
+
+            # Record hypotheses that finished at this step if they beat the best so far.
+            just_done = (token.view(batch, k) == c.eos_id) & ~was_done
+            ranked_done = torch.where(just_done, normalised(scores, lengths), -math.inf)
+            value, slot = ranked_done.max(1)  # the first slot on a tie: the higher ranked
+            better = value > best_ranked
+            pick = slot.unsqueeze(1)
+            padded = torch.cat([best.tokens, best.tokens.new_full((batch, 1), c.pad_id)], 1)
+            best = Hypotheses(
+                torch.where(better.unsqueeze(1), history[rows, slot], padded),
+                torch.where(better, lengths.gather(1, pick).squeeze(1), best.lengths),
+                torch.where(better, scores.gather(1, pick).squeeze(1), best.scores),
+            )
+            best_ranked = torch.where(better, value, best_ranked)
+            if bool(done.all()):
+                break
+        # topk sorted the beams: slot 0 is the best hypothesis still in each beam (finished, or
+        # cut at max_len). A recorded finished one wins ties: slot 0 may be that very one.
+        top_ranked = normalised(scores[:, 0], lengths[:, 0])
+        keep = (best_ranked >= top_ranked).unsqueeze(1)
+        return Hypotheses(
+            torch.where(keep, best.tokens, history[:, 0]),
+            torch.where(keep.squeeze(1), best.lengths, lengths[:, 0]),
+            torch.where(keep.squeeze(1), best.scores, scores[:, 0]),
+        )
+
+
+def _check_max_len(max_len: Any) -> int:
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len = {max_len!r}; expected a positive integer")
+    return max_len
+
+
+# -- training and inspection helpers --------------------------------------------------------------
+
+
+def decoder_io(tgt: Tensor, tgt_lengths: Any, config: Seq2SeqConfig) -> tuple[Tensor, Tensor]:
+    """Decoder inputs and targets for teacher forcing from right-padded targets ``tgt`` (B, T).
+
+    Returns ``tgt_in`` = [BOS, y_1 .. y_n] and ``tgt_out`` = [y_1 .. y_n, EOS], both (B, T + 1)
+    and padded with ``pad_id``.
+    """
+    lengths = L.as_lengths(tgt_lengths, tgt.shape[0], tgt.shape[1], tgt.device)
+    valid = length_mask(lengths, tgt.shape[1])
+    body = torch.where(valid, tgt, config.pad_id)
+    tgt_in = torch.cat([body.new_full((tgt.shape[0], 1), config.bos_id), body], 1)
+    tgt_out = torch.cat([body, body.new_full((tgt.shape[0], 1), config.pad_id)], 1)
+    tgt_out.scatter_(1, lengths.unsqueeze(1), config.eos_id)
+    return tgt_in, tgt_out
+
+
+def sequence_loss(
+    logits: Tensor, target: Tensor, pad_id: int, label_smoothing: float = 0.0
+) -> Tensor:
+    """Mean cross-entropy over the non-padding tokens of ``target`` (B, T); ``logits`` (B, T, V)."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=pad_id,
+        label_smoothing=label_smoothing,
+    )
+
+
+def plot_attention(
+    weights: Tensor,
+    source: Sequence[str],
+    target: Sequence[str],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Save the attention weights of one example as a heatmap PNG; returns the path.
+
+    ``weights`` (T, S) (e.g. ``model(src, lengths, tgt_in, return_attention=True)[1][b]``) is
+    cropped to ``len(target)`` rows and ``len(source)`` columns, which label the axes.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "plot_attention needs matplotlib; install it with: pip install matplotlib"
+        ) from None
+    data = weights.detach().float().cpu()[: len(target), : len(source)].numpy()
+    rows, cols = data.shape
+    fig = Figure(figsize=(max(4.0, 0.35 * cols + 2.0), max(3.0, 0.35 * rows + 1.5)))
+    ax = fig.add_subplot()
+    image = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(cols), list(source)[:cols], rotation=90)
+    ax.set_yticks(range(rows), list(target)[:rows])
+    ax.set_xlabel("source")
+    ax.set_ylabel("output")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)  # Figure renders with Agg; no pyplot state
+    return path
