@@ -160,9 +160,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     from . import tasks
 
     positional = [a for a in argv if not a.startswith("-")]
-    if not positional or argv[0] in ("-h", "--help"):
-        _train_parser(None).parse_args(argv)  # prints help for -h, or says TASK is missing
-        raise UsageError(f"a task is required; valid tasks: {', '.join(sorted(tasks.TASKS))}")
+    if argv and argv[0] in ("-h", "--help"):
+        _train_parser(None).parse_args(argv)  # prints the help and exits
+    if not positional:
+        raise UsageError(
+            f"a task is required (rnnkit train TASK); valid tasks: {', '.join(sorted(tasks.TASKS))}"
+        )
     name = positional[0]
     if argv[0] != name:
         raise UsageError(f"the task comes first: `rnnkit train {name} [options]`")

@@ -9,6 +9,7 @@ not depend on the training seed: the test split is the same for every run.
 from __future__ import annotations
 
 import csv
+import functools
 import random
 from pathlib import Path
 
@@ -29,16 +30,21 @@ def csv_path() -> Path:
     )
 
 
+@functools.lru_cache(maxsize=2)
+def _rows(path: Path, source: str) -> tuple[tuple[str, int], ...]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return tuple(
+            (r["text"], int(r["label"])) for r in csv.DictReader(f) if r["source"] == source
+        )
+
+
 def load(dataset: str = "rt") -> dict[str, list[tuple[str, int]]]:
     """``{"train"|"valid"|"test": [(text, label), ...]}`` for ``dataset`` "rt" or "imdb"."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset = {dataset!r}; expected one of {sorted(DATASETS)}")
-    source = DATASETS[dataset]
     by_label: dict[int, list[str]] = {0: [], 1: []}
-    with open(csv_path(), encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["source"] == source:
-                by_label[int(row["label"])].append(row["text"])
+    for text, label in _rows(csv_path(), DATASETS[dataset]):
+        by_label[label].append(text)
     rng = random.Random(SPLIT_SEED)
     splits: dict[str, list[tuple[str, int]]] = {"train": [], "valid": [], "test": []}
     for label, texts in by_label.items():
