@@ -55,6 +55,7 @@ CONFIG, VOCAB, MODEL, STATE = "config.json", "vocab.json", "model.safetensors", 
 METRICS, CURVES = "metrics.json", "curves.png"
 RUN_FILES = (CONFIG, VOCAB, MODEL, STATE, METRICS)
 STATE_FORMAT = "rnnkit-resume-1"
+PLOT_SECONDS = 60.0  # redraw curves.png during training at most this often (and at the end)
 
 
 @dataclass
@@ -461,11 +462,13 @@ def _train_epochs(
     budget = config.max_minutes * 60
     last_valid = p.history[-1]["valid"][metric] if p.history else None
     out_of_time = False
+    # Training time counts everything in the loop (validation and checkpoints too), over resumes.
+    start = last_plot = time.perf_counter()
+    base = p.seconds
     try:
         while p.epoch < config.epochs and not out_of_time:
             batches = task.epoch_batches(data["train"], _epoch_generator(config.seed, p.epoch))
-            tick = time.perf_counter()
-            last_save, seqs = tick, 0
+            last_save, seqs = time.perf_counter(), 0
             model.train()
             for k in range(p.batch, len(batches)):
                 batch = task.collate(data["train"], batches[k])
@@ -476,8 +479,7 @@ def _train_epochs(
                     nn.utils.clip_grad_norm_(model.parameters(), config.clip)
                 opt.step()
                 now = time.perf_counter()
-                p.seconds += now - tick
-                tick = now
+                p.seconds = base + now - start
                 p.batch, p.step = k + 1, p.step + 1
                 p.loss_sum += loss.item() * n
                 p.count += n
@@ -504,11 +506,10 @@ def _train_epochs(
                 if due and p.batch < len(batches):
                     save_state()
                     last_save = time.perf_counter()
-                    tick = last_save
 
             # End of the epoch (or of the time budget): validate, keep the best weights.
             valid = task.evaluate(model, data["valid"])
-            p.seconds += time.perf_counter() - tick
+            p.seconds = base + time.perf_counter() - start
             better = _better(cls, valid[metric], valid["loss"], p)
             if better:
                 p.best, p.best_loss, p.best_epoch, p.bad_epochs = (
@@ -548,12 +549,16 @@ def _train_epochs(
             elif p.epoch >= config.epochs:
                 p.stopped = f"{config.epochs} epochs"
             save_state()
-            plot_curves(p.history, metric, run_dir / CURVES)
+            if not p.stopped and time.perf_counter() - last_plot >= PLOT_SECONDS:
+                plot_curves(p.history, metric, run_dir / CURVES)
+                last_plot = time.perf_counter()
             if p.stopped:
                 break
         if not p.stopped:
             p.stopped = f"{config.epochs} epochs"
             save_state()
+        if p.history:
+            plot_curves(p.history, metric, run_dir / CURVES)
     finally:
         bar.close()
     best = "none" if p.best is None else f"{p.best:.4f} at epoch {p.best_epoch}"
