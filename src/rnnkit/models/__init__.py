@@ -1,4 +1,4 @@
-"""Models built on rnnkit's layers: attention and the attentional encoder–decoder."""
+"""Models built from rnnkit layers: classifiers, language models, attention, encoder–decoders."""
 
 from .attention import (
     ATTENTIONS,
@@ -11,6 +11,8 @@ from .attention import (
     length_mask,
     masked_softmax,
 )
+from .classifier import SequenceClassifier, make_encoder, pool
+from .lm import CharLM
 from .seq2seq import (
     DecoderState,
     EncoderOutput,
@@ -27,6 +29,7 @@ __all__ = [
     "ATTENTIONS",
     "Attention",
     "BahdanauAttention",
+    "CharLM",
     "DecoderState",
     "EncoderOutput",
     "Hypotheses",
@@ -35,11 +38,14 @@ __all__ = [
     "LuongGeneralAttention",
     "Seq2Seq",
     "Seq2SeqConfig",
+    "SequenceClassifier",
     "build_attention",
     "decoder_io",
     "length_mask",
+    "make_encoder",
     "masked_softmax",
     "plot_attention",
+    "pool",
     "sequence_loss",
     "summarise_final_state",
 ]

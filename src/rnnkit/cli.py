@@ -1,0 +1,302 @@
+"""``rnnkit``: train, evaluate and use the recipes from the command line.
+
+The CLI only maps arguments onto a task's config dataclass and calls :mod:`rnnkit.train`; every
+flag of ``rnnkit train TASK`` is a field of that task's config (``--hidden-size`` ->
+``hidden_size``). Errors a user can fix print one message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from .errors import RecipeError
+
+__all__ = ["main"]
+
+PROG = "rnnkit"
+COMMANDS = ("tasks", "train", "evaluate", "predict")
+
+
+class UsageError(RecipeError):
+    """A command line that cannot be parsed; the message says what is valid."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises :class:`UsageError` and names the valid options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def option_names(self) -> list[str]:
+        return sorted({s for a in self._actions for s in a.option_strings if s.startswith("--")})
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            bad = message.split(":", 1)[1].split()
+            hints = []
+            for arg in bad:
+                close = difflib.get_close_matches(arg.split("=")[0], self.option_names(), n=1)
+                hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+            message = (
+                f"unknown option(s) for `{self.prog}`: {', '.join(hints)}; valid options: "
+                f"{' '.join(self.option_names())}"
+            )
+        raise UsageError(f"{message}\n(see `{self.prog} --help`)")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, task_cls: Any) -> None:
+    from .backends import available
+
+    hints = typing.get_type_hints(task_cls.Config)
+    presets: dict[str, list[str]] = {}
+    for key, table in task_cls.presets.items():
+        for value, fields in table.items():
+            for f, v in fields.items():
+                presets.setdefault(f, []).append(f"{v} with --{key} {value}")
+    group = parser.add_argument_group(
+        f"{task_cls.name} options (fields of {task_cls.Config.__name__})"
+    )
+    for f in dataclasses.fields(task_cls.Config):
+        kind = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        default = f"default: {f.default}"
+        if f.name in presets:
+            default += "; " + ", ".join(presets[f.name])
+        choices = f.metadata.get("choices")
+        if f.name == "backend":
+            choices = available()
+        kw: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{help_text} ({default})",
+        }
+        if kind is bool:
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            group.add_argument(
+                _flag(f.name),
+                type=kind,
+                choices=choices,
+                metavar=f.name.split("_")[-1].upper(),
+                **kw,
+            )
+
+
+def _tasks_epilog() -> str:
+    from . import tasks
+
+    lines = ["tasks:"]
+    for name, cls in sorted(tasks.TASKS.items()):
+        lines.append(f"  {name:<10} {cls.summary}")
+    return "\n".join(lines)
+
+
+def _train_parser(task_cls: Any | None) -> Parser:
+    name = task_cls.name if task_cls else "TASK"
+    example = (
+        f"example:\n  {task_cls.example}\n  {task_cls.example} --resume   # after an interruption"
+        if task_cls
+        else "example:\n  rnnkit train sentiment --out runs/sentiment\n\n" + _tasks_epilog()
+    )
+    parser = Parser(
+        prog=f"{PROG} train {name}" if task_cls else f"{PROG} train",
+        description=(
+            (task_cls.summary + ".\n\n" if task_cls else "")
+            + "Train a model, showing progress; leaves in --out the checkpoint (safetensors + JSON "
+            "config/vocabulary), metrics.json and curves.png, and prints the test metrics last."
+        ),
+        epilog=example,
+    )
+    if task_cls is None:
+        parser.add_argument("task", help="the task to train (see `rnnkit tasks`)")
+    parser.add_argument(
+        "--out", metavar="DIR", help=f"run directory (default: runs/{name.lower()})"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run in --out exactly"
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)"
+    )
+    if task_cls is not None:
+        _add_config_options(parser, task_cls)
+    return parser
+
+
+def cmd_tasks(argv: Sequence[str]) -> int:
+    from . import tasks
+    from .data.packages import package_dir
+
+    Parser(
+        prog=f"{PROG} tasks",
+        description="List the tasks that `rnnkit train` knows, their metric and data package.",
+        epilog="example:\n  rnnkit tasks",
+    ).parse_args(argv)
+    for name, cls in sorted(tasks.TASKS.items()):
+        installed = any(package_dir(m) is not None for m in cls.data_modules)
+        data = "data installed" if installed else f"data missing: {cls.data_package}"
+        print(f"{name:<10} {cls.summary}\n{'':<10} metric: {cls.metric}; {data}")
+    return 0
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from . import tasks
+
+    positional = [a for a in argv if not a.startswith("-")]
+    if argv and argv[0] in ("-h", "--help"):
+        _train_parser(None).parse_args(argv)  # prints the help and exits
+    if not positional:
+        raise UsageError(
+            f"a task is required (rnnkit train TASK); valid tasks: {', '.join(sorted(tasks.TASKS))}"
+        )
+    name = positional[0]
+    if argv[0] != name:
+        raise UsageError(f"the task comes first: `rnnkit train {name} [options]`")
+    task_cls = tasks.get(name)
+    args = vars(_train_parser(task_cls).parse_args(argv[1:]))
+    out, resume, progress, threads = (args.pop(k) for k in ("out", "resume", "progress", "threads"))
+    _set_threads(threads)
+    from .train import format_metrics, train
+
+    metrics = train(name, args, out=out, resume=resume, progress=progress)
+    print(format_metrics("valid", metrics["valid"]))
+    print(format_metrics("test", metrics["test"]))
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads {threads}; expected >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_evaluate(argv: Sequence[str]) -> int:
+    from .backends import available
+
+    parser = Parser(
+        prog=f"{PROG} evaluate",
+        description="Recompute the validation and test metrics of a trained run (best weights); "
+        "prints the test metrics last. Writes nothing.",
+        epilog="example:\n  rnnkit evaluate runs/sentiment",
+    )
+    parser.add_argument("dir", metavar="DIR", help="run directory written by `rnnkit train`")
+    parser.add_argument(
+        "--backend", choices=available(), help="rnnkit backend (default: the run's)"
+    )
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    args = parser.parse_args(argv)
+    _set_threads(args.threads)
+    from .train import evaluate, format_metrics
+
+    metrics = evaluate(args.dir, args.backend)
+    print(format_metrics("valid", metrics["valid"]))
+    print(format_metrics("test", metrics["test"]))
+    return 0
+
+
+def cmd_predict(argv: Sequence[str]) -> int:
+    from . import tasks
+    from .backends import available
+
+    examples = "\n".join(f"  {cls.predict_example}" for _, cls in sorted(tasks.TASKS.items()))
+    parser = Parser(
+        prog=f"{PROG} predict",
+        description="Run a trained model on inputs: sentences (sentiment: label and probability), "
+        "utterance files (speech: speaker and probability) or prompts (charlm: sampled text).",
+        epilog=f"examples:\n{examples}",
+    )
+    parser.add_argument("dir", metavar="DIR", help="run directory written by `rnnkit train`")
+    parser.add_argument("inputs", metavar="INPUT", nargs="+", help="what to run the model on")
+    parser.add_argument(
+        "--backend", choices=available(), help="rnnkit backend (default: the run's)"
+    )
+    seen: set[str] = set()
+    for name, cls in sorted(tasks.TASKS.items()):
+        for opt, spec in cls.predict_options.items():
+            if opt not in seen:
+                seen.add(opt)
+                parser.add_argument(
+                    _flag(opt),
+                    type=spec.type,
+                    default=argparse.SUPPRESS,
+                    dest=opt,
+                    help=f"{name}: {spec.help} (default: {spec.default})",
+                )
+    args = vars(parser.parse_args(argv))
+    run_dir, inputs, backend = args.pop("dir"), args.pop("inputs"), args.pop("backend")
+    from .train import predict
+
+    for line in predict(run_dir, inputs, args, backend):
+        print(line)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = Parser(
+        prog=PROG,
+        description="rnnkit recipes: train, evaluate and use recurrent models on real data.",
+        epilog=(
+            "commands:\n"
+            "  tasks      list the tasks\n"
+            "  train      train a task's model: rnnkit train TASK [options]\n"
+            "  evaluate   recompute a run's metrics: rnnkit evaluate DIR\n"
+            "  predict    run a trained model: rnnkit predict DIR INPUT...\n\n"
+            "example:\n"
+            "  rnnkit train sentiment --out runs/sentiment\n"
+            '  rnnkit predict runs/sentiment "a gorgeous, witty, seductive movie."\n\n'
+            "`rnnkit COMMAND --help` shows a command's options."
+        ),
+    )
+    top.add_argument("command", choices=COMMANDS, metavar="COMMAND", help=", ".join(COMMANDS))
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            top.print_help()
+            return 0 if argv else 2
+        command, rest = argv[0], argv[1:]
+        if command not in COMMANDS:
+            close = difflib.get_close_matches(command, COMMANDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(
+                f"unknown command {command!r}{hint}; valid commands: {', '.join(COMMANDS)}"
+            )
+        handler = {
+            "tasks": cmd_tasks,
+            "train": cmd_train,
+            "evaluate": cmd_evaluate,
+            "predict": cmd_predict,
+        }[command]
+        return handler(rest)
+    except RecipeError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"{PROG}: interrupted; `rnnkit train TASK --out DIR --resume` continues a run",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Batching by length: sequences of similar length share a batch, so little time goes to padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["bucket_batches", "pad"]
+
+
+def bucket_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    pool: int = 50,
+) -> list[list[int]]:
+    """Split indices ``0..N-1`` into batches of at most ``batch_size`` with similar lengths.
+
+    With a ``generator`` (training) the indices are shuffled, cut into pools of ``pool`` batches,
+    each pool sorted by length and cut into batches, and the batches shuffled: the order depends
+    only on the generator's seed. Without one (evaluation) the batches are the indices sorted by
+    length, longest first.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size}; expected >= 1")
+    n = len(lengths)
+    if generator is None:
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        return [order[k : k + batch_size] for k in range(0, n, batch_size)]
+    perm = torch.randperm(n, generator=generator).tolist()
+    batches = []
+    step = batch_size * pool
+    for start in range(0, n, step):
+        chunk = sorted(perm[start : start + step], key=lambda i: lengths[i])
+        batches.extend(chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size))
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+def pad(seqs: Sequence[Tensor], value: float = 0) -> tuple[Tensor, Tensor]:
+    """Right-pad sequences (L_i, ...) to one (B, T, ...) tensor; returns it and the lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    steps = max(1, int(lengths.max())) if len(seqs) else 1
+    out = seqs[0].new_full((len(seqs), steps, *seqs[0].shape[1:]), value)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out, lengths

@@ -1,0 +1,164 @@
+"""What every recipe shares: the training options (:class:`TrainConfig`) and :class:`Task` hooks.
+
+A task is a config dataclass (a subclass of :class:`TrainConfig` with its data and model options)
+plus the hooks that :func:`rnnkit.train.train` calls: load the splits, build the vocabulary from
+the training split, encode examples, batch them, compute the loss, evaluate, and predict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PredictOption", "Task", "TrainConfig", "option"]
+
+
+def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """A config field with the help text (and choices) that the CLI shows for its flag."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Options of the shared training loop; every task's config extends it."""
+
+    seed: int = option(0, "seed of the weights' initialisation, batch order and dropout")
+    epochs: int = option(10, "most passes over the training split")
+    batch_size: int = option(64, "sequences per batch")
+    lr: float = option(2e-3, "learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip: float = option(1.0, "largest gradient norm; 0 = no clipping")
+    patience: int = option(3, "stop after this many epochs without a better validation metric")
+    max_minutes: float = option(0.0, "stop training after this many minutes; 0 = no limit")
+    backend: str = option("auto", "rnnkit backend for the recurrent layers (see rnnkit.explain)")
+    limit: int = option(0, "use only the first N examples of each split (quick checks); 0 = all")
+    checkpoint_minutes: float = option(
+        5.0, "also save a resumable checkpoint within an epoch after this many minutes"
+    )
+    checkpoint_every: int = option(0, "also save one every N batches within an epoch; 0 = off")
+
+    # Options that may change when a run is resumed; any other difference is a mismatch.
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset(
+        {"epochs", "max_minutes", "patience", "backend", "checkpoint_minutes", "checkpoint_every"}
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option out of range."""
+        positive = ("epochs", "batch_size")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"{f.name} = {value!r}; expected one of {list(choices)}")
+            if f.name in positive and value < 1:
+                raise ValueError(f"{f.name} = {value}; expected >= 1")
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                if f.name != "seed":
+                    raise ValueError(f"{f.name} = {value}; expected >= 0")
+
+
+@dataclass(frozen=True)
+class PredictOption:
+    """An option of ``rnnkit predict`` for one task (e.g. charlm's ``--temperature``)."""
+
+    type: type
+    default: Any
+    help: str
+
+
+class Task:
+    """The hooks of one recipe. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[TrainConfig]]
+    metric: ClassVar[str]  # the validation metric that early stopping and best-model selection use
+    higher_is_better: ClassVar[bool]
+    data_package: ClassVar[str]  # the install command of its data
+    data_modules: ClassVar[tuple[str, ...]]  # packages that can provide the data (any one)
+    example: ClassVar[str]  # an example `rnnkit train` command line
+    predict_example: ClassVar[str]
+    predict_options: ClassVar[dict[str, PredictOption]] = {}
+    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}  # {option: {value: {field: v}}}
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def make_config(cls, overrides: dict[str, Any]) -> TrainConfig:
+        """The config with ``overrides`` applied over the presets they select over the defaults.
+
+        A preset is picked by an option's value (e.g. sentiment's ``dataset = "imdb"`` sets longer
+        inputs and a larger vocabulary); options given explicitly win over the preset.
+        """
+        values: dict[str, Any] = {}
+        for key, table in cls.presets.items():
+            chosen = overrides.get(key, getattr(cls.Config, key, None))
+            values.update(table.get(chosen, {}))
+        values.update(overrides)
+        config = cls.Config(**values)
+        config.check()
+        return config
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def load_splits(self) -> dict[str, list[Any]]:
+        """``{"train", "valid", "test"}`` -> raw examples (each split cut to ``limit`` if set)."""
+        raise NotImplementedError
+
+    def fit_vocab(self, train: list[Any]) -> dict[str, Any]:
+        """What is learnt from the training split alone (vocabulary, labels, feature statistics),
+        as JSON-able data; it is saved with the checkpoint and given back to :meth:`set_vocab`."""
+        raise NotImplementedError
+
+    def set_vocab(self, vocab: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def encode(self, examples: list[Any]) -> Any:
+        """Raw examples of one split -> the tensors that batches are cut from."""
+        raise NotImplementedError
+
+    def size(self, examples: list[Any]) -> int:
+        """The size of a split as metrics.json reports it (examples; characters for charlm)."""
+        return len(examples)
+
+    def epoch_batches(self, data: Any, generator: torch.Generator) -> list[Any]:
+        """One epoch's training batches, as light descriptions (e.g. index lists); the order
+        depends only on ``generator``, so an interrupted epoch can be replayed exactly."""
+        raise NotImplementedError
+
+    def collate(self, data: Any, batch: Any) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def batch_size_of(self, batch: Any) -> int:
+        return len(batch)
+
+    # -- model -----------------------------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Mean loss over the batch and the number of items it averages over."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data: Any) -> dict[str, float]:
+        """Metrics on a split: the task's ``metric``, ``loss`` and ``n`` at least."""
+        raise NotImplementedError
+
+    def explain(self, model: nn.Module, data: Any) -> Any:
+        """:func:`rnnkit.explain` for a training batch: which backend runs, and why."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, inputs: list[str], options: dict[str, Any]) -> list[str]:
+        """Lines to print for ``rnnkit predict``; raises RecipeError for unusable input."""
+        raise NotImplementedError

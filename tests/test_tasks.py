@@ -1,0 +1,216 @@
+"""Each recipe end to end on a tiny slice of its real data: train -> checkpoint -> evaluate ->
+predict; plus the data loaders, tokeniser, vocabulary, batching and pooling they rely on."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from recipe_helpers import TINY, need_data
+
+from rnnkit import tasks
+from rnnkit.data import Vocab, bucket_batches, pad, tokenise
+from rnnkit.data.japanese_vowels import parse_ts
+from rnnkit.data.shakespeare import markdown_to_text
+from rnnkit.models.classifier import pool
+from rnnkit.train import evaluate, predict, train
+
+RUN_FILES = [
+    "config.json",
+    "vocab.json",
+    "model.safetensors",
+    "resume.safetensors",
+    "metrics.json",
+    "curves.png",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def check_run(run, metrics, task, metric, low, high):
+    for f in RUN_FILES:
+        assert (run / f).is_file(), f
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["task"] == task
+    for key in ("valid", "test", "splits", "seed", "wall_seconds", "versions", "backend", "config"):
+        assert key in saved, key
+    assert set(saved["splits"]) == {"train", "valid", "test"}
+    assert saved["versions"]["torch"] == torch.__version__
+    assert saved["backend"]["name"] in ("native", "reference", "cpu")
+    for split in ("valid", "test"):
+        value = saved[split][metric]
+        assert isinstance(value, float) and low <= value <= high and math.isfinite(value)
+    assert saved["test"] == metrics["test"]
+    again = evaluate(run)
+    assert again["test"][metric] == pytest.approx(saved["test"][metric], rel=1e-5)
+    assert again["valid"][metric] == pytest.approx(saved["valid"][metric], rel=1e-5)
+
+
+def test_sentiment_end_to_end(tmp_path):
+    need_data("sentiment")
+    run = tmp_path / "run"
+    metrics = train("sentiment", TINY["sentiment"], out=run, progress=False)
+    check_run(run, metrics, "sentiment", "accuracy", 0.0, 1.0)
+    assert metrics["splits"] == {"train": 160, "valid": 160, "test": 160}
+    lines = predict(run, ["a gorgeous, witty, seductive movie.", "dull and lifeless"])
+    assert len(lines) == 2
+    for line in lines:
+        label, prob, _ = line.split("\t")
+        assert label in ("positive", "negative") and 0.5 <= float(prob) <= 1.0
+    vocab = json.loads((run / "vocab.json").read_text())
+    assert vocab["tokens"][:2] == ["<pad>", "<unk>"]
+
+
+def test_sentiment_imdb_preset(tmp_path):
+    need_data("sentiment")
+    config = tasks.get("sentiment").make_config({"dataset": "imdb"})
+    assert config.max_tokens == 400 and config.max_minutes == 25.0
+    assert (
+        tasks.get("sentiment").make_config({"dataset": "imdb", "max_tokens": 50}).max_tokens == 50
+    )
+    run = tmp_path / "imdb"
+    overrides = {**TINY["sentiment"], "dataset": "imdb", "limit": 40, "max_tokens": 60}
+    metrics = train("sentiment", overrides, out=run, progress=False)
+    check_run(run, metrics, "sentiment", "accuracy", 0.0, 1.0)
+
+
+def test_speech_end_to_end(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    metrics = train("speech", TINY["speech"], out=run, progress=False)
+    check_run(run, metrics, "speech", "accuracy", 0.0, 1.0)
+    assert metrics["backend"]["name"] == "native"  # lengths 7-29, all >= 1: torch's fused op
+    frames = "\n".join(",".join(str(0.1 * (i + j)) for j in range(12)) for i in range(9))
+    utterance = tmp_path / "utterance.csv"
+    utterance.write_text(frames)
+    (line,) = predict(run, [str(utterance)])
+    speaker, prob, name = line.split("\t")
+    assert speaker.startswith("speaker ") and 0 < float(prob) <= 1 and name == str(utterance)
+
+
+def test_speech_full_split_sizes():
+    need_data("speech")
+    splits = tasks.get("speech")(tasks.get("speech").Config()).load_splits()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 243, "valid": 27, "test": 370}
+    lengths = [len(s) for split in splits.values() for s, _ in split]
+    assert min(lengths) == 7 and max(lengths) == 29
+    assert all(len(frame) == 12 for s, _ in splits["test"] for frame in s)
+
+
+def test_charlm_end_to_end(tmp_path):
+    need_data("charlm")
+    run = tmp_path / "run"
+    metrics = train("charlm", TINY["charlm"], out=run, progress=False)
+    check_run(run, metrics, "charlm", "bits_per_char", 0.5, 8.0)
+    first, empty = predict(run, ["ROMEO:", "   "], {"length": 40, "temperature": 0.8})
+    assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 40
+    assert len(empty) == 3 + 40
+    greedy = predict(run, ["KING:"], {"length": 20, "temperature": 0.0})
+    assert greedy == predict(run, ["KING:"], {"length": 20, "temperature": 0.0, "seed": 5})
+
+
+def test_charlm_held_out_plays():
+    need_data("charlm")
+    from rnnkit.data import shakespeare
+
+    splits = shakespeare.load()
+    names = {k: [n for n, _ in v] for k, v in splits.items()}
+    assert names["valid"] == sorted(shakespeare.VALID_PLAYS)
+    assert names["test"] == sorted(shakespeare.TEST_PLAYS)
+    assert len(names["train"]) == 33 and not set(names["train"]) & set(names["test"])
+    assert "**" not in splits["test"][0][1] and "HAMLET:" in dict(splits["test"])["hamlet"]
+
+
+def test_sentiment_splits_are_fixed_and_balanced():
+    need_data("sentiment")
+    from rnnkit.data import movie_reviews
+
+    rt = movie_reviews.load("rt")
+    assert {k: len(v) for k, v in rt.items()} == {"train": 6824, "valid": 852, "test": 854}
+    assert sum(label for _, label in rt["test"]) == 427
+    assert movie_reviews.load("rt")["test"][:5] == rt["test"][:5]
+    train_texts = {t for t, _ in rt["train"]}
+    assert not any(t in train_texts for t, _ in rt["test"][:200])
+
+
+# -- the pieces ----------------------------------------------------------------------------------
+
+
+def test_tokenise():
+    assert tokenise("A well-made film.<br /><br />Isn't it &amp; more?") == [
+        "a",
+        "well-made",
+        "film",
+        ".",
+        "is",
+        "n't",
+        "it",
+        "&",
+        "more",
+        "?",
+    ]
+    assert tokenise("   ") == []
+
+
+def test_vocab_from_training_texts_only():
+    vocab = Vocab.build([["b", "a", "b"], ["c", "b", "a"]], min_freq=2)
+    assert vocab.tokens == ["<pad>", "<unk>", "b", "a"]
+    assert vocab.encode(["a", "zzz"]) == [3, 1]
+    assert Vocab.from_json(vocab.to_json()).index == vocab.index
+    assert len(Vocab.build([["x", "y", "z"]], max_size=3)) == 3
+
+
+def test_bucket_batches_cover_each_index_once_and_follow_the_seed():
+    lengths = [(i * 37) % 50 + 1 for i in range(203)]
+    a = bucket_batches(lengths, 16, torch.Generator().manual_seed(1), pool=4)
+    b = bucket_batches(lengths, 16, torch.Generator().manual_seed(1), pool=4)
+    c = bucket_batches(lengths, 16, torch.Generator().manual_seed(2), pool=4)
+    assert a == b and a != c
+    assert sorted(i for batch in a for i in batch) == list(range(203))
+    assert all(len(batch) <= 16 for batch in a)
+    spread = max(max(lengths[i] for i in bt) - min(lengths[i] for i in bt) for bt in a)
+    assert spread < 49  # batches group similar lengths
+    fixed = bucket_batches(lengths, 16)
+    assert [lengths[i] for i in fixed[0]] == sorted([lengths[i] for i in fixed[0]], reverse=True)
+
+
+def test_pad_and_pool_see_valid_steps_only():
+    x, lengths = pad([torch.ones(3, 2), 2 * torch.ones(1, 2)])
+    assert x.shape == (2, 3, 2) and lengths.tolist() == [3, 1] and x[1, 1:].abs().sum() == 0
+    out = torch.tensor([[[1.0], [5.0], [3.0]], [[-2.0], [-1.0], [-7.0]], [[4.0], [0.0], [0.0]]])
+    lengths = torch.tensor([3, 2, 0])
+    assert pool(out, lengths, "max").flatten().tolist() == [5.0, -1.0, 0.0]
+    assert pool(out, lengths, "mean").flatten().tolist() == [3.0, -1.5, 0.0]
+    assert pool(out, lengths, "meanmax").shape == (3, 2)
+
+
+def test_parse_ts():
+    text = (
+        "# comment\n@problemName toy\n@dimensions 2\n@classLabel true a b\n@data\n"
+        "1,2,3:4,5,6:a\n7:8:b\n"
+    )
+    series, labels, header = parse_ts(text)
+    assert series == [[[1, 4], [2, 5], [3, 6]], [[7, 8]]] and labels == ["a", "b"]
+    assert header["dimensions"] == "2"
+    with pytest.raises(ValueError, match=r"<ts>:4: 1 dimensions; expected @dimensions = 2"):
+        parse_ts("@dimensions 2\n@data\n1:2:a\n1:a\n")
+    with pytest.raises(ValueError, match="<ts>:3: dimensions of different lengths"):
+        parse_ts("@dimensions 2\n@data\n1,2:3:a\n")
+
+
+def test_markdown_to_text():
+    md = (
+        "# Play\n\n## ACT I\n\n_Enter HAMLET_\n\n"
+        "**HAMLET**  \nTo be, or not\\-to be:  \nthat *is*.\n"
+    )
+    assert markdown_to_text(md) == (
+        "Play\n\nACT I\n\nEnter HAMLET\n\nHAMLET:\nTo be, or not-to be:\nthat is.\n"
+    )

@@ -1,0 +1,229 @@
+"""The shared training loop: exact resume (after an exception and after SIGKILL), run-directory
+safety (nothing overwritten, corrupt files named), early stopping and the time limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from recipe_helpers import TINY, cli_args, need_data
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from rnnkit.errors import CheckpointError
+from rnnkit.train import default_out, evaluate, train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+# Several batches per epoch and a checkpoint after every other batch.
+RESUMABLE = {**TINY["speech"], "epochs": 3, "batch_size": 8, "checkpoint_every": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(step: int):
+    def hook(progress):
+        if progress.step == step:
+            raise Killed
+
+    return hook
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two runs ended with bit-identical weights, optimizer state and metrics."""
+    for name in ("model.safetensors", "resume.safetensors"):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}: {key} differs"
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["valid"] == mb["valid"] and ma["test"] == mb["test"]
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in ma["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in mb["history"]]
+
+
+def test_resume_after_an_interruption_gives_identical_weights(tmp_path):
+    need_data("speech")
+    train("speech", RESUMABLE, out=tmp_path / "whole", progress=False)
+    for step in (5, 8, 11):  # mid-epoch after a checkpoint, at an epoch's end, mid-epoch again
+        run = tmp_path / f"killed-{step}"
+        with pytest.raises(Killed):
+            train("speech", RESUMABLE, out=run, progress=False, hook=kill_at(step))
+        assert not (run / "metrics.json").exists()
+        train("speech", {}, out=run, resume=True, progress=False)
+        assert_same_run(tmp_path / "whole", run)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train("speech", RESUMABLE, out=run, progress=False, hook=kill_at(1))
+    assert (run / "config.json").exists() and not (run / "resume.safetensors").exists()
+    train("speech", {}, out=run, resume=True, progress=False)
+    train("speech", RESUMABLE, out=tmp_path / "whole", progress=False)
+    assert_same_run(tmp_path / "whole", run)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rnnkit.cli", *args, "--threads", "1", "--no-progress"]
+
+
+def _step(path: Path) -> int:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["progress"])["step"]
+    except Exception:  # not written yet
+        return -1
+
+
+def test_sigkill_then_resume_gives_identical_weights(tmp_path):
+    need_data("speech")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    overrides = {**RESUMABLE, "epochs": 6, "checkpoint_every": 1}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train("speech", overrides, out=whole, progress=False)  # uninterrupted, in this process
+    proc = subprocess.Popen(
+        _cli("train", "speech", "--out", str(killed), *cli_args(overrides)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _step(killed / "resume.safetensors") < 12 and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "metrics.json").exists()
+    done = subprocess.run(
+        _cli("train", "speech", "--out", str(killed), "--resume"),
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert "resuming" in done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("test accuracy=")
+    assert_same_run(whole, killed)
+
+
+def test_resuming_a_finished_run_is_refused(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    train("speech", TINY["speech"], out=run, progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(CheckpointError, match=r"has finished .*nothing to resume"):
+        train("speech", {}, out=run, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_with_different_options_is_refused(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train("speech", RESUMABLE, out=run, progress=False, hook=kill_at(5))
+    with pytest.raises(CheckpointError, match=r"hidden_size = 16 in the run, 32 given"):
+        train("speech", {"hidden_size": 32}, out=run, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="holds a speech run, not sentiment"):
+        train("sentiment", {}, out=run, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train("speech", {}, out=tmp_path / "empty", resume=True, progress=False)
+    # The number of epochs may change: the run goes on to the new end.
+    metrics = train("speech", {"epochs": 4}, out=run, resume=True, progress=False)
+    assert metrics["epochs_run"] == 4 and metrics["config"]["epochs"] == 4
+
+
+def test_a_new_run_never_overwrites_an_old_one(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    train("speech", TINY["speech"], out=run, progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(CheckpointError, match=r"already holds a run .*--resume"):
+        train("speech", TINY["speech"], out=run, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_default_run_directory_is_never_reused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_out("speech", resume=False) == Path("runs/speech")
+    Path("runs/speech").mkdir(parents=True)
+    assert default_out("speech", resume=False) == Path("runs/speech")  # empty: fine
+    Path("runs/speech/config.json").write_text("{}")
+    assert default_out("speech", resume=False) == Path("runs/speech-2")
+    assert default_out("speech", resume=True) == Path("runs/speech")
+
+
+def test_corrupt_files_are_named_and_left_alone(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train("speech", RESUMABLE, out=run, progress=False, hook=kill_at(9))
+    state = run / "resume.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(CheckpointError, match=r"resume.safetensors cannot be read .*corrupt"):
+        train("speech", {}, out=run, resume=True, progress=False)
+    model = run / "model.safetensors"
+    model.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"model.safetensors cannot be read .*corrupt"):
+        evaluate(run)
+    (run / "config.json").write_text('{"task": "speech", "config": {"hidden_si')
+    with pytest.raises(CheckpointError, match=r"config.json cannot be read .*corrupt"):
+        evaluate(run)
+    (run / "config.json").write_text('{"task": "speech", "config": {"hidden_sighs": 3}}')
+    with pytest.raises(CheckpointError, match="does not describe a speech config"):
+        evaluate(run)
+    before.pop("model.safetensors")
+    after = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert all(after[k] == v for k, v in before.items() if k != "config.json")
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    need_data("speech")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train("speech", TINY["speech"], out=a, progress=False)
+    train("speech", {**TINY["speech"], "hidden_size": 8}, out=b, progress=False)
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        evaluate(a)
+
+
+def test_early_stopping_and_time_limit(tmp_path):
+    need_data("speech")
+    frozen = train(
+        "speech",
+        {**TINY["speech"], "epochs": 5, "lr": 0.0, "patience": 2},
+        out=tmp_path / "frozen",
+        progress=False,
+    )
+    assert frozen["epochs_run"] == 3 and frozen["best_epoch"] == 1
+    assert frozen["stopped"] == "no better validation accuracy in 2 epochs"
+    timed = train(
+        "speech",
+        {**TINY["speech"], "epochs": 50, "max_minutes": 1e-6},
+        out=tmp_path / "timed",
+        progress=False,
+    )
+    assert timed["epochs_run"] == 1 and timed["stopped"].startswith("time limit")
+    assert timed["history"][0]["batches"] == 1
