@@ -96,3 +96,22 @@ def test_requests_describe_the_call() -> None:
     with torch.no_grad():
         [(_, req, _)] = lstm.dispatch_requests(torch.randn(T, B, I))
     assert not req.requires_grad and req.lengths == "none"
+
+
+def test_default_backend_is_process_wide_and_use_backend_is_scoped() -> None:
+    import threading
+
+    seen = []
+    rnnkit.set_default_backend("reference")
+    try:
+        worker = threading.Thread(target=lambda: seen.append(rnnkit.get_default_backend()))
+        worker.start()
+        worker.join()
+        with rnnkit.use_backend("native"):
+            inner = threading.Thread(target=lambda: seen.append(rnnkit.get_default_backend()))
+            inner.start()
+            inner.join()
+            seen.append(rnnkit.get_default_backend())
+    finally:
+        rnnkit.set_default_backend("auto")
+    assert seen == ["reference", "reference", "native"]

@@ -151,3 +151,28 @@ class _Custom(rnnkit.Cell):
     def forward(self, x, h):
         h = torch.tanh(self.lin(torch.cat([x, h], 1)))
         return h, h
+
+
+def test_lengths_accept_numpy_integers_but_not_bools(lstm) -> None:
+    import numpy as np
+
+    x = torch.randn(T, B, I)
+    a = lstm(x, lengths=[np.int64(5), np.int32(2), 1])[0]
+    assert_equal = torch.testing.assert_close
+    assert_equal(a, lstm(x, lengths=[5, 2, 1])[0])
+    with pytest.raises(TypeError, match=r"lengths\[1\] = True; expected an integer"):
+        lstm(x, lengths=[5, True, 1])
+
+
+def test_return_gates_needs_named_gates() -> None:
+    class Gated(_Custom):
+        def forward(self, x, h, return_gates=False):
+            h, _ = super().forward(x, h)
+            return (h, h, (h,)) if return_gates else (h, h)
+
+    layer = rnnkit.Recurrent(Gated())
+    with pytest.raises(ValueError, match="Gated has no gates to return"):
+        layer(torch.randn(T, B, I), return_gates=True)
+    Gated.gate_names = ("a",)
+    _, _, gates = layer(torch.randn(T, B, I), return_gates=True)
+    assert list(gates) == ["a"] and gates["a"].shape == (T, B, H)

@@ -28,5 +28,6 @@ def test_saved_outputs_are_reproduced(path: Path, backend: str) -> None:
     for name, entry in saved.items():
         with rnnkit.use_backend(backend):
             now = cases.outputs(name, entry["state_dict"])
+        assert set(now) == set(entry["outputs"]), f"{path.name}: {name}"
         for key, value in entry["outputs"].items():
             assert_close(now[key], value, OUT_TOL, f"{path.name}: {name}.{key}")

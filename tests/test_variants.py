@@ -296,3 +296,66 @@ def test_gate_heatmap_png(tmp_path) -> None:
     )
     with pytest.raises(KeyError, match="gate = 'q'"):
         gate_heatmap(gates, "q", tokens, tmp_path / "x.png")
+
+
+# -- the torch.nn-compatible layers ---------------------------------------------------------------
+
+
+def _as_stack(mod, cell_cls, regs):
+    """The same network built from Recurrent/Bidirectional/Stacked, sharing mod's weights."""
+    layers = []
+    for layer in range(mod.num_layers):
+        dirs = []
+        for suffix in ("", "_reverse")[: mod.num_directions]:
+            in_size = mod.input_size if layer == 0 else mod.output_size
+            cell = cell_cls(in_size, mod.hidden_size)
+            cell.load_state_dict(
+                {k: getattr(mod, f"{k}_l{layer}{suffix}") for k in cell.state_dict()}
+            )
+            dirs.append(rnnkit.Recurrent(cell, reverse=bool(suffix), **regs))
+        layers.append(rnnkit.Bidirectional(*dirs) if len(dirs) == 2 else dirs[0])
+    return rnnkit.Stacked(layers)
+
+
+@pytest.mark.parametrize(
+    "cls,cell_cls", [(rnnkit.LSTM, rnnkit.LSTMCell), (rnnkit.GRU, rnnkit.GRUCell)]
+)
+def test_torch_compat_regularisers_and_gates_equal_the_wrapper_stack(cls, cell_cls) -> None:
+    mod = cls(I, H, num_layers=2, bidirectional=True, **ALL_REGS).train()
+    stack = _as_stack(mod, cell_cls, ALL_REGS).train()
+    x = torch.randn(T, B, I)
+    torch.manual_seed(3)
+    out, hn, gates = mod(x, lengths=LENGTHS, return_gates=True)
+    torch.manual_seed(3)
+    want, states = stack(x, lengths=LENGTHS)
+    assert_close(out, want, OUT_TOL, "output")
+    h_n = hn[0] if isinstance(hn, tuple) else hn
+    flat = [s[0] if isinstance(s, tuple) else s for pair in states for s in pair]
+    assert_close(h_n, torch.stack(flat), OUT_TOL, "h_n")
+    assert list(gates) == ["l0", "l0_reverse", "l1", "l1_reverse"]
+    assert tuple(gates["l1_reverse"]) == F.GATE_OUTPUTS[mod._mode]
+    mod.eval()
+    with rnnkit.use_backend("reference"):
+        _, _, g_ref = mod(x, lengths=LENGTHS, return_gates=True)
+    layer = stack.layers[1].backward_layer.eval()
+    _, _, g_layer = layer(stack.layers[0].eval()(x, lengths=LENGTHS)[0], lengths=LENGTHS,
+                          return_gates=True)  # fmt: skip
+    for name in g_layer:
+        assert_close(g_ref["l1_reverse"][name], g_layer[name], OUT_TOL, name)
+
+
+def test_torch_compat_regularisers_off_in_eval_and_dispatch() -> None:
+    regs = {k: v for k, v in ALL_REGS.items() if not k.startswith("zoneout")}
+    mod = rnnkit.LSTM(I, H, num_layers=2, **regs)
+    ref = torch.nn.LSTM(I, H, num_layers=2)
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(T, B, I)
+    mod.eval()
+    assert_close(mod(x)[0], ref(x)[0], OUT_TOL, "eval")
+    assert rnnkit.explain(mod, x).backend != "reference"
+    mod.train()
+    assert rnnkit.explain(mod, x).backend in ("reference", "cpu")
+    with pytest.raises(ValueError, match="an Elman RNN has no gates"):
+        rnnkit.RNN(I, H)(x, return_gates=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'zonout'"):
+        rnnkit.GRU(I, H, zonout=0.1)

@@ -8,6 +8,7 @@ sequence returns its initial state); a reversed direction starts at each sequenc
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -46,11 +47,15 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
             raise TypeError(
                 f"lengths = {lengths!r}; expected a 1-D integer tensor or a list of ints"
             ) from None
+        ints = []
         for k, v in enumerate(items):
-            if isinstance(v, bool) or not isinstance(v, int):
-                if not (isinstance(v, Tensor) and v.dim() == 0 and not v.is_floating_point()):
-                    raise TypeError(f"lengths[{k}] = {v!r}; expected an integer")
-        values = torch.tensor([int(v) for v in items], dtype=torch.int64)
+            try:  # ints, numpy integers and 0-d integer tensors; not bools, not floats
+                if isinstance(v, bool):
+                    raise TypeError
+                ints.append(operator.index(v))
+            except TypeError:
+                raise TypeError(f"lengths[{k}] = {v!r}; expected an integer") from None
+        values = torch.tensor(ints, dtype=torch.int64)
     if values.numel() != batch:
         raise ValueError(
             f"lengths has {values.numel()} entries; expected one per sequence, B = {batch}"

@@ -24,7 +24,8 @@ CASES = {
     ),
 }
 T, B, I, H = 7, 4, 5, 6
-LENGTHS = [7, 0, 3, 1]
+#: One set with a length-0 sequence (the reference loop runs it) and one torch's ops can pack.
+LENGTHS = {"with_zero": [7, 0, 3, 1], "packable": [7, 2, 3, 1]}
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -39,9 +40,13 @@ def outputs(name: str, state_dict=None) -> dict[str, torch.Tensor]:
     module, x = build(name)
     if state_dict is not None:
         module.load_state_dict(state_dict)
-    out, hn = module(x, lengths=LENGTHS)
-    hn = hn if isinstance(hn, tuple) else (hn,)
-    return {"output": out.detach(), **{f"state{k}": s.detach() for k, s in enumerate(hn)}}
+    result = {}
+    for label, lengths in LENGTHS.items():
+        out, hn = module(x, lengths=lengths)
+        hn = hn if isinstance(hn, tuple) else (hn,)
+        result[f"{label}.output"] = out.detach()
+        result |= {f"{label}.state{k}": s.detach() for k, s in enumerate(hn)}
+    return result
 
 
 def save() -> Path:

@@ -15,6 +15,7 @@ A new kernel plugs in by :func:`register`-ing an object with ``name``, ``priorit
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ class Request:
 
     ``mode`` is a key of ``functional.GATES`` for a built-in cell, or None for a custom cell.
     ``lengths`` is "none", "positive" (all >= 1) or "has_zero". ``zoneout`` and
-    ``state_dropout`` ask for the regularisers applied inside the step (their masks come in
+    ``state_dropout`` ask for the regularisers applied inside the step, ``variational`` for
+    dropout masks on each layer's input and output inside a stack (their masks come in
     ``Call.masks``); ``gates`` asks for every step's gate activations.
     """
 
@@ -68,6 +70,7 @@ class Request:
     requires_grad: bool = False
     zoneout: bool = False
     state_dropout: bool = False
+    variational: bool = False
     gates: bool = False
     layer: str = ""
 
@@ -78,8 +81,8 @@ class Call:
 
     x: (T, B, I). h0: (L*D, B, P); c0: (L*D, B, H) for LSTM, else None. weights: per layer, per
     direction, ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` (torch.nn's flat order). lengths: (B,) int64 on
-    x's device, or None. ``masks`` (a ``layers.regularisers.Masks``) holds the zoneout and
-    state-dropout masks when the request asks for them. ``reference`` runs the layer's own loop.
+    x's device, or None. ``masks`` holds the regulariser masks (``layers.regularisers.Masks``; for
+    a stack, a list with one per layer and direction) when the request asks for them. ``reference`` runs the layer's own loop.
     Backends return ``(output (T, B, D*P), h_n (L*D, B, P), c_n or None)``, followed by the tuple
     of (T, B, n) gate activations when ``request.gates``.
     """
@@ -115,7 +118,8 @@ class Choice:
 
 _registry: dict[str, Backend] = {}
 _lock = threading.Lock()
-_default = threading.local()
+_default = AUTO  # set_default_backend: the whole process
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("rnnkit_backend", default=None)
 
 
 def register(backend: Backend) -> None:
@@ -141,23 +145,26 @@ def check_name(name: str | None) -> str | None:
 
 
 def set_default_backend(name: str) -> None:
-    """Set the backend used when a layer does not name one ("auto" restores automatic choice)."""
-    _default.name = check_name(name)
+    """Set, for the whole process, the backend used when a layer does not name one.
+
+    "auto" restores the automatic choice. :func:`use_backend` overrides it within a block.
+    """
+    global _default
+    _default = check_name(name)
 
 
 def get_default_backend() -> str:
-    return getattr(_default, "name", AUTO)
+    return _scoped.get() or _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Within the block, layers that do not name a backend use ``name``."""
-    old = get_default_backend()
-    set_default_backend(name)
+    """Within the block (this thread or task), layers that do not name a backend use ``name``."""
+    token = _scoped.set(check_name(name))
     try:
         yield
     finally:
-        _default.name = old
+        _scoped.reset(token)
 
 
 def select(request: Request, name: str | None = None) -> tuple[Backend, Choice]:

@@ -22,8 +22,8 @@ class NativeBackend:
     def check(self, request: Request) -> str | None:
         if request.mode not in _OPS:
             return f"torch has no fused op for {request.mode or 'a custom cell'}"
-        if request.zoneout or request.state_dropout:
-            return "torch's op has no zoneout or recurrent-state dropout inside the step"
+        if request.zoneout or request.state_dropout or request.variational:
+            return "torch's op has no zoneout or variational dropout inside the stack"
         if request.gates:
             return "torch's op does not return its gates"
         if request.lengths == "has_zero":

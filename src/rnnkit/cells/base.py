@@ -34,6 +34,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from ..functional import GATE_OUTPUTS
+
 #: A cell's recurrent state: one tensor, or a tuple of tensors, each (B, ...).
 State = Union[Tensor, tuple[Tensor, ...]]  # noqa: UP007 - a runtime alias, readable in docs
 
@@ -64,6 +66,15 @@ class Cell(nn.Module):
     ) -> State:
         zeros = [torch.zeros(batch_size, n, dtype=dtype, device=device) for n in self.state_sizes]
         return zeros[0] if len(zeros) == 1 else tuple(zeros)
+
+    @property
+    def gate_names(self) -> tuple[str, ...]:
+        """Names of what ``forward(..., return_gates=True)`` returns, in order; () = no gates.
+
+        A custom cell that supports ``return_gates`` overrides this.
+        """
+        family = (self.mode or "").split("_")[0]
+        return GATE_OUTPUTS.get(family, ())
 
     def kernel_mode(self) -> str | None:
         """The built-in step this cell computes unchanged, or None for a custom step.

@@ -14,7 +14,6 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import backends
 from .. import lengths as L
 from ..cells.base import Cell, State
-from ..functional import GATE_OUTPUTS
 from .regularisers import Regularisers
 
 __all__ = ["Recurrent", "prepare", "scan"]
@@ -314,14 +313,14 @@ class Recurrent(nn.Module):
         return [(type(self.cell).__name__, self._request(inp), self.backend)]
 
     def _check_gates(self) -> tuple[str, ...]:
-        mode = getattr(self.cell, "mode", None) or ""
-        family = mode.split("_")[0]
-        if "return_gates" not in inspect.signature(self.cell.forward).parameters:
+        names = getattr(self.cell, "gate_names", ())
+        if not names or "return_gates" not in inspect.signature(self.cell.forward).parameters:
             raise ValueError(
                 f"return_gates=True, but {type(self.cell).__name__} has no gates to return; "
-                "expected a cell of the LSTM or GRU family"
+                "expected a cell of the LSTM or GRU family, or one with gate_names and a "
+                "forward(x, state, return_gates=False)"
             )
-        return GATE_OUTPUTS[family]
+        return names
 
     def forward(
         self,

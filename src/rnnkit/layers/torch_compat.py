@@ -23,6 +23,7 @@ from .. import functional as F
 from ..cells.base import _check_size
 from .bidirectional import merge
 from .recurrent import Prepared, check_state, needs_grad, prepare, scan
+from .regularisers import Regularisers
 from .stacked import check_dropout, dropout
 
 __all__ = ["GRU", "LSTM", "RNN"]
@@ -43,6 +44,7 @@ class _RNNBase(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        regularisers: Regularisers | None = None,
     ) -> None:
         super().__init__()
         _check_size("input_size", input_size)
@@ -66,6 +68,7 @@ class _RNNBase(nn.Module):
         self.bidirectional = bool(bidirectional)
         self.proj_size = proj_size
         self.backend = backends.check_name(backend)
+        self.regularisers = regularisers or Regularisers()
         if self.dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"dropout = {self.dropout} has no effect with num_layers = 1: dropout is applied "
@@ -170,7 +173,14 @@ class _RNNBase(nn.Module):
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def _request(self, inp: Prepared, h0: Tensor | None = None, c0: Tensor | None = None):
+    def _request(
+        self,
+        inp: Prepared,
+        h0: Tensor | None = None,
+        c0: Tensor | None = None,
+        return_gates: bool = False,
+    ) -> backends.Request:
+        regs = self.regularisers
         return backends.Request(
             mode=self._mode,
             num_layers=self.num_layers,
@@ -182,6 +192,10 @@ class _RNNBase(nn.Module):
             dtype=inp.x.dtype,
             lengths=inp.lengths_kind,
             requires_grad=needs_grad(inp.x, h0, c0, *self._flat_weights),
+            zoneout=bool(regs.zoneout or regs.zoneout_cell),
+            state_dropout=bool(regs.dropout_state) and self.training,
+            variational=bool(regs.dropout_input or regs.dropout_output) and self.training,
+            gates=return_gates,
             layer=type(self).__name__,
         )
 
@@ -196,9 +210,9 @@ class _RNNBase(nn.Module):
         if self._mode == "lstm":
             w_hr = rest[-1] if self.proj_size > 0 else None
 
-            def lstm(x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple]:
-                h, c = F.lstm_step(x, *state, w_ih, w_hh, b_ih, b_hh, w_hr)
-                return h, (h, c)
+            def lstm(x: Tensor, state: tuple[Tensor, Tensor], return_gates: bool = False):
+                h, c, *gates = F.lstm_step(x, *state, w_ih, w_hh, b_ih, b_hh, w_hr, return_gates)
+                return (h, (h, c), *gates)
 
             return lstm
         if self._mode == "gru":
@@ -207,56 +221,109 @@ class _RNNBase(nn.Module):
             act = self._mode.removeprefix("rnn_")
             step = partial(F.rnn_step, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, nonlinearity=act)
 
-        def single_state(x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        def single_state(x: Tensor, h: Tensor, return_gates: bool = False) -> tuple:
+            if return_gates:  # GRU only: an Elman RNN has no gates (checked in forward)
+                h, gates = step(x, h, return_gates=True)
+                return h, h, gates
             h = step(x, h)
             return h, h
 
         return single_state
 
-    def _reference(self, call: backends.Call) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _reference(self, call: backends.Call) -> tuple:
         """The stack computed by the time loop: layer by layer, direction by direction."""
         lstm = self._mode == "lstm"
         x, lengths = call.x, call.lengths
-        groups = self.all_weights
-        h_n, c_n = [], []
+        per = len(call.weights) // (self.num_layers * self.num_directions)
+        masks = call.masks or [None] * (self.num_layers * self.num_directions)
+        h_n, c_n, gates = [], [], []
         for layer in range(self.num_layers):
             if layer:
                 x = dropout(x, call.dropout, call.training)
             outs = []
             for d in range(self.num_directions):
                 k = layer * self.num_directions + d
+                m = masks[k]
                 state = (call.h0[k], call.c0[k]) if lstm else call.h0[k]
-                out, final = scan(self._step(groups[k]), x, state, lengths, reverse=d == 1)
-                outs.append(out)
+                out, final, *g = scan(
+                    self._step(call.weights[k * per : (k + 1) * per]),
+                    x if m is None or m.input is None else x * m.input,
+                    state,
+                    lengths,
+                    reverse=d == 1,
+                    zoneout=None if m is None else m.zoneout,
+                    state_mask=None if m is None else m.state,
+                    return_gates=call.request.gates,
+                )
+                outs.append(out if m is None or m.output is None else out * m.output)
                 h_n.append(final[0] if lstm else final)
                 if lstm:
                     c_n.append(final[1])
+                gates += g
             x = merge(outs[0], outs[1], "concat") if self.bidirectional else outs[0]
-        return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
+        result = (x, torch.stack(h_n), torch.stack(c_n) if lstm else None)
+        return (*result, tuple(gates)) if call.request.gates else result
+
+    def _masks(self, x: Tensor, h_size: int, weights: list[Tensor]) -> list | None:
+        """One set of regulariser masks per layer and direction, in that order."""
+        if not self.regularisers.any:
+            return None
+        per = len(weights) // (self.num_layers * self.num_directions)
+        sizes = (h_size, self.hidden_size) if self._mode == "lstm" else (h_size,)
+        masks = []
+        for k in range(self.num_layers * self.num_directions):
+            layer_in = self.input_size if k < self.num_directions else self.output_size
+            like = x.new_empty(x.shape[0], x.shape[1], layer_in)
+            w_hh = weights[k * per + 1] if self.regularisers.weight_drop else None
+            masks.append(self.regularisers.draw(self.training, like, h_size, sizes, w_hh))
+        return masks
 
     def forward(
-        self, input: Tensor | PackedSequence, hx: Any = None, lengths: Any = None
-    ) -> tuple[Tensor | PackedSequence, Any]:
+        self,
+        input: Tensor | PackedSequence,
+        hx: Any = None,
+        lengths: Any = None,
+        return_gates: bool = False,
+    ) -> tuple:
+        if return_gates and self._mode.startswith("rnn"):
+            raise ValueError("return_gates=True, but an Elman RNN has no gates; use LSTM or GRU")
         inp = prepare(input, lengths, self.batch_first, self.input_size, allow_unbatched=True)
         h0, c0 = self._initial_states(hx, inp)
-        request = self._request(inp, h0, c0)
+        weights = self._flat_weights
+        masks = self._masks(inp.x, h0.shape[-1], weights)
+        if masks and masks[0].weight_hh is not None:  # DropConnect: one mask per call and weight
+            per = len(weights) // len(masks)
+            for k, m in enumerate(masks):
+                weights[k * per + 1] = weights[k * per + 1] * m.weight_hh
+        request = self._request(inp, h0, c0, return_gates)
         backend, _ = backends.select(request, self.backend)
         call = backends.Call(
             request=request,
             x=inp.x,
             h0=h0,
             c0=c0,
-            weights=self._flat_weights,
+            weights=weights,
             lengths=inp.lengths,
             dropout=self.dropout,
             training=self.training,
             reference=lambda: self._reference(call),
+            masks=masks,
         )
-        out, h_n, c_n = backend.run(call)
+        out, h_n, c_n, *gates = backend.run(call)
         if inp.unbatched:
             h_n = h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
-        return inp.restore(out), (h_n, c_n) if self._mode == "lstm" else h_n
+        result = (inp.restore(out), (h_n, c_n) if self._mode == "lstm" else h_n)
+        if not return_gates:
+            return result
+        names = F.GATE_OUTPUTS[self._mode]
+        labels = [f"l{k // self.num_directions}{self._suffixes()[k % self.num_directions]}"
+                  for k in range(len(gates[0]))]  # fmt: skip
+        per_layer = {
+            label: {n: inp.restore(g) for n, g in zip(names, layer_gates, strict=True)}
+            for label, layer_gates in zip(labels, gates[0], strict=True)
+        }
+        return (*result, per_layer)
 
 
 class RNN(_RNNBase):
@@ -264,7 +331,8 @@ class RNN(_RNNBase):
 
     ``RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
     batch_first=False, dropout=0.0, bidirectional=False)``;
-    ``forward(input, h_0=None, lengths=None) -> (output, h_n)``.
+    ``forward(input, h_0=None, lengths=None) -> (output, h_n)``. Keyword-only regularisers as
+    in :class:`LSTM`.
     """
 
     def __init__(
@@ -280,6 +348,7 @@ class RNN(_RNNBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        **regularisers: Any,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity = {nonlinearity!r}; expected 'tanh' or 'relu'")
@@ -296,6 +365,7 @@ class RNN(_RNNBase):
             device,
             dtype,
             backend,
+            Regularisers(**regularisers),
         )
         self.nonlinearity = nonlinearity
 
@@ -308,8 +378,14 @@ class LSTM(_RNNBase):
     """LSTM layer, a drop-in for ``torch.nn.LSTM`` (plus ``lengths=`` and ``backend=``).
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-    bidirectional=False, proj_size=0)``; ``forward(input, (h_0, c_0)=None, lengths=None) ->
-    (output, (h_n, c_n))``.
+    bidirectional=False, proj_size=0)``; ``forward(input, (h_0, c_0)=None, lengths=None,
+    return_gates=False) -> (output, (h_n, c_n)[, gates])``.
+
+    Keyword-only regularisers, active in training mode on every layer and direction (see
+    :mod:`rnnkit.layers.regularisers`): ``dropout_input``, ``dropout_state``, ``dropout_output``
+    (variational), ``zoneout``, ``zoneout_cell``, ``weight_drop`` (DropConnect on
+    ``weight_hh_l*``). ``return_gates=True`` adds a dict ``{"l0": {"i": ..., "f": ..., "g": ...,
+    "o": ..., "c": ...}, "l0_reverse": ..., ...}`` of per-step gate activations.
     """
 
     def __init__(
@@ -325,6 +401,7 @@ class LSTM(_RNNBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        **regularisers: Any,
     ) -> None:
         super().__init__(
             "lstm",
@@ -339,6 +416,7 @@ class LSTM(_RNNBase):
             device,
             dtype,
             backend,
+            Regularisers(**regularisers),
         )
 
 
@@ -346,7 +424,9 @@ class GRU(_RNNBase):
     """GRU layer, a drop-in for ``torch.nn.GRU`` (plus ``lengths=`` and ``backend=``).
 
     ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-    bidirectional=False)``; ``forward(input, h_0=None, lengths=None) -> (output, h_n)``.
+    bidirectional=False)``; ``forward(input, h_0=None, lengths=None, return_gates=False) ->
+    (output, h_n[, gates])``, gates ``r, z, n`` per layer and direction. Keyword-only
+    regularisers as in :class:`LSTM`.
     """
 
     def __init__(
@@ -361,6 +441,7 @@ class GRU(_RNNBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        **regularisers: Any,
     ) -> None:
         super().__init__(
             "gru",
@@ -375,4 +456,5 @@ class GRU(_RNNBase):
             device,
             dtype,
             backend,
+            Regularisers(**regularisers),
         )
