@@ -9,7 +9,9 @@ run the request, raises :class:`BackendUnavailable` with the reason.
 
 A new kernel plugs in by :func:`register`-ing an object with ``name``, ``priority``,
 ``check(request) -> str | None`` (None = can run; otherwise the reason it cannot) and
-``run(call) -> (output, h_n, c_n)``.
+``run(call) -> (output, h_n, c_n)``. It may also have ``slower(request) -> str | None``: a reason
+why automatic dispatch should prefer a lower-priority backend for a request it can run (from
+measurements); a backend named explicitly still runs it.
 """
 
 from __future__ import annotations
@@ -180,6 +182,8 @@ def select(request: Request, name: str | None = None) -> tuple[Backend, Choice]:
     skipped = []
     for backend in sorted(_registry.values(), key=lambda b: -b.priority):
         missing = backend.check(request)
+        if missing is None and hasattr(backend, "slower"):
+            missing = backend.slower(request)
         if missing is None:
             why = getattr(backend, "why", backend.name)
             if skipped:
