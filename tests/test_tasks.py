@@ -66,7 +66,7 @@ def test_sentiment_end_to_end(tmp_path):
         label, prob, _ = line.split("\t")
         assert label in ("positive", "negative") and 0.5 <= float(prob) <= 1.0
     vocab = json.loads((run / "vocab.json").read_text())
-    assert vocab["tokens"][:2] == ["<pad>", "<unk>"]
+    assert vocab["tokens"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def test_sentiment_imdb_preset(tmp_path):
@@ -161,11 +161,14 @@ def test_tokenise():
 
 
 def test_vocab_from_training_texts_only():
-    vocab = Vocab.build([["b", "a", "b"], ["c", "b", "a"]], min_freq=2)
-    assert vocab.tokens == ["<pad>", "<unk>", "b", "a"]
-    assert vocab.encode(["a", "zzz"]) == [3, 1]
-    assert Vocab.from_json(vocab.to_json()).index == vocab.index
-    assert len(Vocab.build([["x", "y", "z"]], max_size=3)) == 3
+    vocab = Vocab.build([["b", "a", "b"], ["c", "b", "a"]], min_count=2)
+    assert vocab.to_json() == ["<pad>", "<s>", "</s>", "<unk>", "b", "a"]
+    assert vocab.encode(["a", "zzz"]) == [5, vocab.unk_id]
+    assert Vocab.from_json(vocab.to_json()).stoi == vocab.stoi
+    assert len(Vocab.build([["x", "y", "z"]], max_size=5)) == 5
+    assert Vocab.build([["b", "a"]]).to_json()[4:] == ["a", "b"]  # ties alphabetical
+    with pytest.raises(ValueError, match="starts with"):
+        Vocab.from_json(["<pad>", "<unk>", "a"])
 
 
 def test_bucket_batches_cover_each_index_once_and_follow_the_seed():
