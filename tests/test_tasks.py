@@ -117,6 +117,32 @@ def test_charlm_end_to_end(tmp_path):
     assert greedy == predict(run, ["KING:"], {"length": 20, "temperature": 0.0, "seed": 5})
 
 
+def test_g2p_end_to_end(tmp_path):
+    need_data("g2p")
+    run = tmp_path / "run"
+    metrics = train("g2p", TINY["g2p"], out=run, progress=False)
+    check_run(run, metrics, "g2p", "wer", 0.0, 1.0)
+    assert 0.0 <= metrics["test"]["per"] <= 1.5  # edits / reference length: may exceed 1
+    assert metrics["splits"] == {"train": 200, "valid": 200, "test": 200}
+    assert (run / "attention.png").stat().st_size > 0
+    vocab = json.loads((run / "vocab.json").read_text())
+    assert vocab["letters"][:4] == vocab["phonemes"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
+    assert "AH0" in vocab["phonemes"]
+    lines = predict(run, ["hello", "rnnkit world"], {"beam_size": 1})
+    assert [line.split("\t")[0] for line in lines] == ["hello", "rnnkit", "world"]
+    phonemes = set(vocab["phonemes"][4:])
+    assert all(set(line.split("\t")[1].split()) <= phonemes for line in lines)
+
+
+def test_g2p_split_keeps_alternates_together():
+    need_data("g2p")
+    splits = tasks.get("g2p")(tasks.get("g2p").Config()).load_splits()
+    words = {k: {w for w, _ in v} for k, v in splits.items()}
+    assert not (words["train"] & words["test"]) and not (words["valid"] & words["test"])
+    assert 0.04 < len(words["test"]) / sum(map(len, words.values())) < 0.06
+    assert all(len(set(prons)) == len(prons) >= 1 for _, prons in splits["test"])
+
+
 def test_charlm_held_out_plays():
     need_data("charlm")
     from rnnkit.data import shakespeare

@@ -11,6 +11,7 @@ import difflib
 from ..errors import RecipeError
 from .base import PredictOption, Task, TrainConfig
 from .charlm import CharLMTask
+from .g2p import G2PTask
 from .sentiment import SentimentTask
 from .speech import SpeechTask
 
@@ -24,7 +25,7 @@ def register(task: type[Task]) -> type[Task]:
     return task
 
 
-for _task in (SentimentTask, SpeechTask, CharLMTask):
+for _task in (SentimentTask, SpeechTask, CharLMTask, G2PTask):
     register(_task)
 
 
