@@ -36,6 +36,17 @@ TINY = {
         "batch_size": 32,
         "beam_size": 2,
     },
+    "translate": {
+        "limit": 120,
+        "epochs": 2,
+        "min_count": 1,
+        "embed_size": 16,
+        "hidden_size": 32,
+        "decoder_hidden": 32,
+        "batch_size": 32,
+        "beam_size": 2,
+        "max_decode_len": 20,
+    },
 }
 
 

@@ -14,6 +14,7 @@ from rnnkit import tasks
 from rnnkit.data import Vocab, bucket_batches, pad, tokenise
 from rnnkit.data.japanese_vowels import parse_ts
 from rnnkit.data.shakespeare import markdown_to_text
+from rnnkit.errors import RecipeError
 from rnnkit.models.classifier import pool
 from rnnkit.train import evaluate, predict, train
 
@@ -141,6 +142,30 @@ def test_g2p_split_keeps_alternates_together():
     assert not (words["train"] & words["test"]) and not (words["valid"] & words["test"])
     assert 0.04 < len(words["test"]) / sum(map(len, words.values())) < 0.06
     assert all(len(set(prons)) == len(prons) >= 1 for _, prons in splits["test"])
+
+
+def test_translate_end_to_end(tmp_path):
+    need_data("translate")
+    run = tmp_path / "run"
+    metrics = train("translate", TINY["translate"], out=run, progress=False)
+    check_run(run, metrics, "translate", "bleu", 0.0, 100.0)
+    assert metrics["splits"] == {"train": 120, "valid": 120, "test": 120}
+    assert (run / "attention.png").stat().st_size > 0
+    vocab = json.loads((run / "vocab.json").read_text())
+    assert vocab["source"][:4] == vocab["target"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
+    lines = predict(run, ["And God said, Let there be light.", "Jesus wept."], {"beam_size": 1})
+    assert len(lines) == 2 and all(isinstance(line, str) and "<unk>" not in line for line in lines)
+    with pytest.raises(RecipeError, match="empty"):
+        predict(run, ["  "])
+
+
+def test_translate_split_by_chapter_and_length():
+    need_data("translate")
+    splits = tasks.get("translate")(tasks.get("translate").Config()).load_splits()
+    chapters = {k: {(p.book, p.chapter) for p in v} for k, v in splits.items()}
+    assert not (chapters["train"] & chapters["test"]) and not (chapters["valid"] & chapters["test"])
+    assert sum(map(len, splits.values())) == 16709
+    assert all(len(p.source.split()) <= 25 >= len(p.target.split()) for p in splits["test"])
 
 
 def test_charlm_held_out_plays():

@@ -105,7 +105,6 @@ class G2PTask(Seq2SeqHooks, Task):
         beam = int(options.get("beam_size", self.config.beam_size))
         if beam < 1:
             raise RecipeError(f"beam_size = {beam}; expected >= 1")
-        self.config.beam_size = beam
         items = [self.src_vocab.encode(self.source_tokens(w)) for w in words]
-        prons = self.decode(model, items)
+        prons = self.decode(model, items, beam)
         return [f"{w}\t{' '.join(p)}" for w, p in zip(words, prons, strict=True)]
