@@ -268,3 +268,12 @@ def test_markdown_to_text():
     assert markdown_to_text(md) == (
         "Play\n\nACT I\n\nEnter HAMLET\n\nHAMLET:\nTo be, or not-to be:\nthat is.\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("task", "option", "value"),
+    [("g2p", "beam_size", 0), ("g2p", "hidden_size", 0), ("translate", "max_words", 0)],
+)
+def test_seq2seq_configs_reject_bad_sizes(task, option, value):
+    with pytest.raises(ValueError, match=f"{option} = {value}; expected >= 1"):
+        tasks.get(task).make_config({option: value})

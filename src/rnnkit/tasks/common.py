@@ -15,7 +15,15 @@ from ..data import Vocab, bucket_batches, pad, pad_batch
 from ..models.classifier import make_encoder
 from ..models.seq2seq import Seq2Seq, Seq2SeqConfig, decoder_io, plot_attention, sequence_loss
 
-__all__ = ["ATTENTION", "ClassifierHooks", "Examples", "Pairs", "Seq2SeqHooks"]
+__all__ = [
+    "ATTENTION",
+    "SEQ2SEQ_POSITIVE",
+    "ClassifierHooks",
+    "Examples",
+    "Pairs",
+    "Seq2SeqHooks",
+    "check_positive",
+]
 
 ATTENTION = "attention.png"
 
@@ -90,6 +98,20 @@ class Pairs:
     text: list[str]
 
 
+#: Options of the encoder-decoder configs that must be at least 1.
+SEQ2SEQ_POSITIVE = (
+    "embed_size", "hidden_size", "encoder_layers", "decoder_hidden", "decoder_layers",
+    "beam_size", "valid_beam_size", "max_decode_len",
+)  # fmt: skip
+
+
+def check_positive(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{name} = {value}; expected >= 1")
+
+
 class Seq2SeqHooks:
     """Batching, teacher-forced loss, beam-search evaluation and the attention heatmap for a
     :class:`~rnnkit.models.Seq2Seq` on :class:`Pairs`. A task supplies ``src_vocab``,
@@ -108,8 +130,8 @@ class Seq2SeqHooks:
 
     def pairs(self, sources: list[str], targets: list[list[list[str]]]) -> Pairs:
         """Encode sources (texts) with their reference token sequences (one or more each)."""
-        items = [self.src_vocab.encode(self.source_tokens(s)) or [self.src_vocab.unk_id]
-                 for s in sources]  # fmt: skip
+        unk = [Vocab.unk_id]
+        items = [self.src_vocab.encode(self.source_tokens(s)) or unk for s in sources]
         src, tgt = [], []
         for ids, refs in zip(items, targets, strict=True):
             for ref in refs:
@@ -199,10 +221,9 @@ class Seq2SeqHooks:
         total, tokens = 0.0, 0
         for idx in bucket_batches([len(s) for s in data.src], self.eval_batch_size):
             logits, tgt_out = self._logits(model, self.collate(data, idx))
-            total += float(sequence_loss(logits, tgt_out, Vocab.pad_id)) * int(
-                (tgt_out != Vocab.pad_id).sum()
-            )
-            tokens += int((tgt_out != Vocab.pad_id).sum())
+            n = int((tgt_out != Vocab.pad_id).sum())
+            total += float(sequence_loss(logits, tgt_out, Vocab.pad_id)) * n
+            tokens += n
         model.train(was_training)
         metrics = self.scores(self.decode(model, data.items, beam_size), data.refs)
         return {**metrics, "loss": total / max(tokens, 1), "n": len(data.items)}
