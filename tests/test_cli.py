@@ -155,7 +155,7 @@ def test_unknown_command_task_and_option(capsys):
     )
     code, _, err = run(capsys, "train", "sentimnet")
     assert code == 2 and "unknown task 'sentimnet'" in err and "did you mean 'sentiment'" in err
-    assert "valid tasks: charlm, sentiment, speech" in err
+    assert "valid tasks: charlm, g2p, sentiment, speech, translate" in err
     code, _, err = run(capsys, "train", "sentiment", "--hiden-size", "8")
     assert code == 2 and "--hiden-size (did you mean --hidden-size?)" in err
     assert "valid options:" in err and "--max-minutes" in err

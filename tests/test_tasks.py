@@ -14,6 +14,7 @@ from rnnkit import tasks
 from rnnkit.data import Vocab, bucket_batches, pad, tokenise
 from rnnkit.data.japanese_vowels import parse_ts
 from rnnkit.data.shakespeare import markdown_to_text
+from rnnkit.errors import RecipeError
 from rnnkit.models.classifier import pool
 from rnnkit.train import evaluate, predict, train
 
@@ -66,7 +67,7 @@ def test_sentiment_end_to_end(tmp_path):
         label, prob, _ = line.split("\t")
         assert label in ("positive", "negative") and 0.5 <= float(prob) <= 1.0
     vocab = json.loads((run / "vocab.json").read_text())
-    assert vocab["tokens"][:2] == ["<pad>", "<unk>"]
+    assert vocab["tokens"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def test_sentiment_imdb_preset(tmp_path):
@@ -117,6 +118,56 @@ def test_charlm_end_to_end(tmp_path):
     assert greedy == predict(run, ["KING:"], {"length": 20, "temperature": 0.0, "seed": 5})
 
 
+def test_g2p_end_to_end(tmp_path):
+    need_data("g2p")
+    run = tmp_path / "run"
+    metrics = train("g2p", TINY["g2p"], out=run, progress=False)
+    check_run(run, metrics, "g2p", "wer", 0.0, 1.0)
+    assert 0.0 <= metrics["test"]["per"] <= 1.5  # edits / reference length: may exceed 1
+    assert metrics["splits"] == {"train": 200, "valid": 200, "test": 200}
+    assert (run / "attention.png").stat().st_size > 0
+    vocab = json.loads((run / "vocab.json").read_text())
+    assert vocab["letters"][:4] == vocab["phonemes"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
+    assert "AH0" in vocab["phonemes"]
+    lines = predict(run, ["hello", "rnnkit world"], {"beam_size": 1})
+    assert [line.split("\t")[0] for line in lines] == ["hello", "rnnkit", "world"]
+    phonemes = set(vocab["phonemes"][4:])
+    assert all(set(line.split("\t")[1].split()) <= phonemes for line in lines)
+
+
+def test_g2p_split_keeps_alternates_together():
+    need_data("g2p")
+    splits = tasks.get("g2p")(tasks.get("g2p").Config()).load_splits()
+    words = {k: {w for w, _ in v} for k, v in splits.items()}
+    assert not (words["train"] & words["test"]) and not (words["valid"] & words["test"])
+    assert 0.04 < len(words["test"]) / sum(map(len, words.values())) < 0.06
+    assert all(len(set(prons)) == len(prons) >= 1 for _, prons in splits["test"])
+
+
+def test_translate_end_to_end(tmp_path):
+    need_data("translate")
+    run = tmp_path / "run"
+    metrics = train("translate", TINY["translate"], out=run, progress=False)
+    check_run(run, metrics, "translate", "bleu", 0.0, 100.0)
+    assert metrics["splits"] == {"train": 120, "valid": 120, "test": 120}
+    assert (run / "attention.png").stat().st_size > 0
+    vocab = json.loads((run / "vocab.json").read_text())
+    assert vocab["source"][:4] == vocab["target"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
+    lines = predict(run, ["And God said, Let there be light.", "Jesus wept."], {"beam_size": 1})
+    assert len(lines) == 2 and all(isinstance(line, str) and "<unk>" not in line for line in lines)
+    with pytest.raises(RecipeError, match="empty"):
+        predict(run, ["  "])
+
+
+def test_translate_split_by_chapter_and_length():
+    need_data("translate")
+    splits = tasks.get("translate")(tasks.get("translate").Config()).load_splits()
+    chapters = {k: {(p.book, p.chapter) for p in v} for k, v in splits.items()}
+    assert not (chapters["train"] & chapters["test"]) and not (chapters["valid"] & chapters["test"])
+    assert sum(map(len, splits.values())) == 16709
+    assert all(len(p.source.split()) <= 25 >= len(p.target.split()) for p in splits["test"])
+
+
 def test_charlm_held_out_plays():
     need_data("charlm")
     from rnnkit.data import shakespeare
@@ -161,11 +212,14 @@ def test_tokenise():
 
 
 def test_vocab_from_training_texts_only():
-    vocab = Vocab.build([["b", "a", "b"], ["c", "b", "a"]], min_freq=2)
-    assert vocab.tokens == ["<pad>", "<unk>", "b", "a"]
-    assert vocab.encode(["a", "zzz"]) == [3, 1]
-    assert Vocab.from_json(vocab.to_json()).index == vocab.index
-    assert len(Vocab.build([["x", "y", "z"]], max_size=3)) == 3
+    vocab = Vocab.build([["b", "a", "b"], ["c", "b", "a"]], min_count=2)
+    assert vocab.to_json() == ["<pad>", "<s>", "</s>", "<unk>", "b", "a"]
+    assert vocab.encode(["a", "zzz"]) == [5, vocab.unk_id]
+    assert Vocab.from_json(vocab.to_json()).stoi == vocab.stoi
+    assert len(Vocab.build([["x", "y", "z"]], max_size=5)) == 5
+    assert Vocab.build([["b", "a"]]).to_json()[4:] == ["a", "b"]  # ties alphabetical
+    with pytest.raises(ValueError, match="starts with"):
+        Vocab.from_json(["<pad>", "<unk>", "a"])
 
 
 def test_bucket_batches_cover_each_index_once_and_follow_the_seed():
@@ -214,3 +268,12 @@ def test_markdown_to_text():
     assert markdown_to_text(md) == (
         "Play\n\nACT I\n\nEnter HAMLET\n\nHAMLET:\nTo be, or not-to be:\nthat is.\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("task", "option", "value"),
+    [("g2p", "beam_size", 0), ("g2p", "hidden_size", 0), ("translate", "max_words", 0)],
+)
+def test_seq2seq_configs_reject_bad_sizes(task, option, value):
+    with pytest.raises(ValueError, match=f"{option} = {value}; expected >= 1"):
+        tasks.get(task).make_config({option: value})

@@ -221,8 +221,9 @@ def cmd_predict(argv: Sequence[str]) -> int:
     examples = "\n".join(f"  {cls.predict_example}" for _, cls in sorted(tasks.TASKS.items()))
     parser = Parser(
         prog=f"{PROG} predict",
-        description="Run a trained model on inputs: sentences (sentiment: label and probability), "
-        "utterance files (speech: speaker and probability) or prompts (charlm: sampled text).",
+        description="Run a trained model on inputs: sentences (sentiment: label and probability; "
+        "translate: French), utterance files (speech: speaker and probability), prompts (charlm: "
+        "sampled text) or words (g2p: pronunciations).",
         epilog=f"examples:\n{examples}",
     )
     parser.add_argument("dir", metavar="DIR", help="run directory written by `rnnkit train`")

@@ -8,7 +8,8 @@
 - ``resume.safetensors``: everything needed to continue exactly (weights, optimizer state, the
   torch RNG state, the epoch and batch reached, the history), written at the end of every epoch
   and, within an epoch, every ``checkpoint_minutes`` / ``checkpoint_every`` batches;
-- ``metrics.json`` and ``curves.png`` (loss and validation metric per epoch).
+- ``metrics.json`` and ``curves.png`` (loss and validation metric per epoch), and what the task
+  adds (:meth:`Task.artifacts`, e.g. ``attention.png``).
 
 Every file is written to a temporary name and moved into place with ``os.replace``, so a run
 killed at any moment leaves each file either as it was or complete. The batch order of an epoch
@@ -426,6 +427,7 @@ def train(
         "history": p.history,
     }
     write_json(run_dir / METRICS, metrics)
+    task.artifacts(model, data, run_dir)
     p.finished = True
     save_state()
     return metrics
@@ -508,7 +510,7 @@ def _train_epochs(
                     last_save = time.perf_counter()
 
             # End of the epoch (or of the time budget): validate, keep the best weights.
-            valid = task.evaluate(model, data["valid"])
+            valid = task.validate(model, data["valid"])
             p.seconds = base + time.perf_counter() - start
             better = _better(cls, valid[metric], valid["loss"], p)
             if better:

@@ -7,6 +7,7 @@ fixed, seeded splits, and raise an error naming the install command when the pac
 
 from .batching import bucket_batches, pad
 from .packages import package_dir
-from .text import Vocab, tokenise
+from .text import tokenise
+from .vocab import Vocab, pad_batch
 
-__all__ = ["Vocab", "bucket_batches", "package_dir", "pad", "tokenise"]
+__all__ = ["Vocab", "bucket_batches", "package_dir", "pad", "pad_batch", "tokenise"]

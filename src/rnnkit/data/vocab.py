@@ -1,4 +1,8 @@
-"""Vocabulary (token <-> id, with the special tokens every task uses) and batch padding."""
+"""Vocabulary: tokens <-> ids with the special tokens every task uses, and batch padding.
+
+One :class:`Vocab` serves every recipe: the classifiers use PAD and UNK, the encoder-decoders also
+BOS and EOS. The specials sit at ids 0-3 of every vocabulary (Seq2SeqConfig's default ids).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from torch import Tensor
 __all__ = ["BOS", "EOS", "PAD", "SPECIALS", "UNK", "Vocab", "pad_batch"]
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
-#: Special tokens, at ids 0, 1, 2, 3 of every vocabulary (Seq2SeqConfig's default ids).
+#: Special tokens, at ids 0, 1, 2, 3 of every vocabulary.
 SPECIALS = (PAD, BOS, EOS, UNK)
 
 
@@ -19,9 +23,11 @@ class Vocab:
     """``Vocab(tokens)``: the specials, then ``tokens`` in order. Unknown tokens map to UNK.
 
     ``Vocab.build(sequences, min_count=1, max_size=None)`` counts tokens and keeps the most
-    frequent (ties in first-seen order). ``list(vocab)`` / ``Vocab(list_)`` round-trips through
-    JSON.
+    frequent (ties alphabetical), at most ``max_size`` ids in all. ``vocab.to_json()`` /
+    ``Vocab.from_json(list_)`` round-trip through JSON; ``list(vocab)`` is the non-special tokens.
     """
+
+    pad_id, bos_id, eos_id, unk_id = range(4)
 
     def __init__(self, tokens: Iterable[str]) -> None:
         self.itos: list[str] = list(SPECIALS)
@@ -38,11 +44,26 @@ class Vocab:
     def build(
         cls, sequences: Iterable[Sequence[str]], min_count: int = 1, max_size: int | None = None
     ) -> Vocab:
+        """Tokens seen at least ``min_count`` times, most frequent first (ties alphabetical)."""
         counts = Counter(t for seq in sequences for t in seq)
-        kept = [t for t, n in counts.most_common() if n >= min_count]
+        kept = sorted(
+            (t for t, n in counts.items() if n >= min_count), key=lambda t: (-counts[t], t)
+        )
         return cls(kept if max_size is None else kept[: max(0, max_size - len(SPECIALS))])
 
-    pad_id, bos_id, eos_id, unk_id = range(4)
+    def to_json(self) -> list[str]:
+        """Every token by id, the specials first."""
+        return list(self.itos)
+
+    @classmethod
+    def from_json(cls, tokens: list[str]) -> Vocab:
+        """The vocabulary :meth:`to_json` saved; raises ValueError if it does not open with the
+        specials (ids would shift)."""
+        if list(tokens[: len(SPECIALS)]) != list(SPECIALS):
+            raise ValueError(
+                f"a saved vocabulary starts with {list(SPECIALS)}; got {list(tokens[:4])}"
+            )
+        return cls(tokens[len(SPECIALS) :])
 
     def __len__(self) -> int:
         return len(self.itos)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,8 +57,10 @@ class CharLM(nn.Module):
         length: int,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        banned: Sequence[int] = (),
     ) -> list[int]:
-        """``length`` ids drawn one at a time after reading ``prompt`` (at least one id).
+        """``length`` ids drawn one at a time after reading ``prompt`` (at least one id); ids in
+        ``banned`` (e.g. a vocabulary's special tokens) are never drawn.
 
         Temperature divides the logits: below 1 sharpens, above 1 flattens; 0 takes the most
         likely id each step.
@@ -69,8 +73,10 @@ class CharLM(nn.Module):
         self.eval()
         logits, state = self(torch.tensor([prompt]))
         last = logits[0, -1]
+        banned = list(banned)
         out = []
         for _ in range(length):
+            last[banned] = -math.inf
             if temperature == 0:
                 nxt = int(last.argmax())
             else:

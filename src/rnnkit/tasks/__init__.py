@@ -11,8 +11,10 @@ import difflib
 from ..errors import RecipeError
 from .base import PredictOption, Task, TrainConfig
 from .charlm import CharLMTask
+from .g2p import G2PTask
 from .sentiment import SentimentTask
 from .speech import SpeechTask
+from .translate import TranslateTask
 
 __all__ = ["TASKS", "PredictOption", "Task", "TrainConfig", "get", "register"]
 
@@ -24,7 +26,7 @@ def register(task: type[Task]) -> type[Task]:
     return task
 
 
-for _task in (SentimentTask, SpeechTask, CharLMTask):
+for _task in (SentimentTask, SpeechTask, CharLMTask, G2PTask, TranslateTask):
     register(_task)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -155,9 +156,18 @@ class Task:
         """Metrics on a split: the task's ``metric``, ``loss`` and ``n`` at least."""
         raise NotImplementedError
 
+    def validate(self, model: nn.Module, data: Any) -> dict[str, float]:
+        """The metrics that early stopping reads after each epoch; by default :meth:`evaluate`
+        (a task may make it cheaper, e.g. greedy decoding instead of beam search)."""
+        return self.evaluate(model, data)
+
     def explain(self, model: nn.Module, data: Any) -> Any:
         """:func:`rnnkit.explain` for a training batch: which backend runs, and why."""
         raise NotImplementedError
+
+    def artifacts(self, model: nn.Module, data: dict[str, Any], run_dir: Path) -> None:
+        """Write task-specific files (e.g. an attention heatmap) into ``run_dir`` after the final
+        evaluation of the best weights; by default nothing."""
 
     def predict(self, model: nn.Module, inputs: list[str], options: dict[str, Any]) -> list[str]:
         """Lines to print for ``rnnkit predict``; raises RecipeError for unusable input."""

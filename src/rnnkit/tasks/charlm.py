@@ -17,15 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import shakespeare
+from ..data import Vocab, shakespeare
+from ..data.vocab import SPECIALS
 from ..errors import RecipeError
 from ..models import CharLM
 from ..models.classifier import CELLS
 from .base import PredictOption, Task, TrainConfig, option
 
 __all__ = ["CharLMConfig", "CharLMTask"]
-
-UNKNOWN = "\x00"  # id 0: every character not seen in training
 
 
 @dataclass
@@ -73,14 +72,13 @@ class CharLMTask(Task):
         return sum(len(t) for t in examples)
 
     def fit_vocab(self, train: list[str]) -> dict[str, Any]:
-        return {"chars": [UNKNOWN, *sorted(set("".join(train)) - {UNKNOWN})]}
+        return {"chars": Vocab(sorted(set("".join(train)))).to_json()}
 
     def set_vocab(self, vocab: dict[str, Any]) -> None:
-        self.chars = list(vocab["chars"])
-        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.vocab = Vocab.from_json(vocab["chars"])
 
     def ids(self, text: str) -> list[int]:
-        return [self.index.get(c, 0) for c in text]
+        return self.vocab.encode(text)  # unseen characters -> UNK
 
     def encode(self, examples: list[str]) -> Tensor:
         return torch.tensor(self.ids("".join(examples)), dtype=torch.long)
@@ -103,7 +101,7 @@ class CharLMTask(Task):
     def build_model(self) -> CharLM:
         c = self.config
         return CharLM(
-            len(self.chars), c.embed_size, c.cell, c.hidden_size, c.num_layers, c.dropout, c.backend
+            len(self.vocab), c.embed_size, c.cell, c.hidden_size, c.num_layers, c.dropout, c.backend
         )
 
     def loss(self, model: CharLM, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -146,6 +144,7 @@ class CharLMTask(Task):
         for prompt in inputs:
             # An empty or whitespace-only prompt is a fine start: the model begins a new speech.
             ids = self.ids(prompt) if prompt.strip() else self.ids("\n")
-            text = "".join(self.chars[i] for i in model.sample(ids, length, temperature, gen))
+            sampled = model.sample(ids, length, temperature, gen, banned=range(len(SPECIALS)))
+            text = "".join(self.vocab.itos[i] for i in sampled)
             out.append(prompt + text)
         return out

@@ -1,16 +1,31 @@
-"""Hooks shared by the classification recipes (sentiment, speech)."""
+"""Hooks shared by the classification recipes (sentiment, speech) and the encoder-decoder
+recipes (g2p, translate)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import bucket_batches, pad
+from ..data import Vocab, bucket_batches, pad, pad_batch
+from ..models.classifier import make_encoder
+from ..models.seq2seq import Seq2Seq, Seq2SeqConfig, decoder_io, plot_attention, sequence_loss
 
-__all__ = ["ClassifierHooks", "Examples"]
+__all__ = [
+    "ATTENTION",
+    "SEQ2SEQ_POSITIVE",
+    "ClassifierHooks",
+    "Examples",
+    "Pairs",
+    "Seq2SeqHooks",
+    "check_positive",
+]
+
+ATTENTION = "attention.png"
 
 Examples = tuple[list[Tensor], Tensor]  # (sequences (L_i, ...), labels (N,))
 
@@ -62,3 +77,179 @@ class ClassifierHooks:
         probs = torch.softmax(model(x, lengths), dim=-1)
         best = probs.argmax(-1)
         return [(int(k), float(probs[i, k])) for i, k in enumerate(best)]
+
+
+# -- encoder-decoder recipes (g2p, translate) ----------------------------------------------------
+
+
+@dataclass
+class Pairs:
+    """One split of an encoder-decoder task, encoded.
+
+    ``src``/``tgt``: the training pairs as id lists (one per reference: a word with two
+    pronunciations gives two pairs). ``items``: what is decoded for the metrics, each with
+    ``refs``, the reference token sequences it is scored against, and ``text``, its source text.
+    """
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+    items: list[list[int]]
+    refs: list[list[list[str]]]
+    text: list[str]
+
+
+#: Options of the encoder-decoder configs that must be at least 1.
+SEQ2SEQ_POSITIVE = (
+    "embed_size", "hidden_size", "encoder_layers", "decoder_hidden", "decoder_layers",
+    "beam_size", "valid_beam_size", "max_decode_len",
+)  # fmt: skip
+
+
+def check_positive(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{name} = {value}; expected >= 1")
+
+
+class Seq2SeqHooks:
+    """Batching, teacher-forced loss, beam-search evaluation and the attention heatmap for a
+    :class:`~rnnkit.models.Seq2Seq` on :class:`Pairs`. A task supplies ``src_vocab``,
+    ``tgt_vocab``, :meth:`source_tokens` and :meth:`scores` (metrics of decoded token lists)."""
+
+    config: Any
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    eval_batch_size = 128
+
+    def source_tokens(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    def scores(self, hyps: list[list[str]], refs: list[list[list[str]]]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def pairs(self, sources: list[str], targets: list[list[list[str]]]) -> Pairs:
+        """Encode sources (texts) with their reference token sequences (one or more each)."""
+        unk = [Vocab.unk_id]
+        items = [self.src_vocab.encode(self.source_tokens(s)) or unk for s in sources]
+        src, tgt = [], []
+        for ids, refs in zip(items, targets, strict=True):
+            for ref in refs:
+                src.append(ids)
+                tgt.append(self.tgt_vocab.encode(ref))
+        return Pairs(src, tgt, items, targets, list(sources))
+
+    def build_model(self) -> Seq2Seq:
+        c = self.config
+        config = Seq2SeqConfig(
+            src_vocab=len(self.src_vocab),
+            tgt_vocab=len(self.tgt_vocab),
+            embed_size=c.embed_size,
+            encoder_cell=c.cell,
+            encoder_layers=c.encoder_layers,
+            encoder_hidden=c.hidden_size,
+            decoder_cell=c.cell,
+            decoder_layers=c.decoder_layers,
+            decoder_hidden=c.decoder_hidden,
+            attention=c.attention,
+            attention_size=c.decoder_hidden,
+            dropout=c.dropout,
+            max_decode_len=c.max_decode_len,
+            beam_size=c.beam_size,
+            length_penalty=c.length_penalty,
+            pad_id=Vocab.pad_id,
+            bos_id=Vocab.bos_id,
+            eos_id=Vocab.eos_id,
+        )
+        encoder = make_encoder(
+            c.cell, c.embed_size, c.hidden_size, c.encoder_layers, True, c.dropout, c.backend
+        )
+        return Seq2Seq(config, encoder=encoder)
+
+    def epoch_batches(self, data: Pairs, generator: torch.Generator) -> list[list[int]]:
+        lengths = [len(s) + len(t) for s, t in zip(data.src, data.tgt, strict=True)]
+        return bucket_batches(lengths, self.config.batch_size, generator)
+
+    def collate(self, data: Pairs, batch: list[int]) -> dict[str, Tensor]:
+        src, src_lengths = pad_batch([data.src[i] for i in batch], Vocab.pad_id)
+        tgt, tgt_lengths = pad_batch([data.tgt[i] for i in batch], Vocab.pad_id)
+        return {"src": src, "src_lengths": src_lengths, "tgt": tgt, "tgt_lengths": tgt_lengths}
+
+    def _logits(self, model: Seq2Seq, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        tgt_in, tgt_out = decoder_io(batch["tgt"], batch["tgt_lengths"], model.config)
+        return model(batch["src"], batch["src_lengths"], tgt_in), tgt_out
+
+    def loss(self, model: Seq2Seq, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        logits, tgt_out = self._logits(model, batch)
+        loss = sequence_loss(logits, tgt_out, Vocab.pad_id, self.config.label_smoothing)
+        return loss, int((tgt_out != Vocab.pad_id).sum())
+
+    @torch.no_grad()
+    def decode(
+        self, model: Seq2Seq, items: list[list[int]], beam_size: int | None = None
+    ) -> list[list[str]]:
+        """Output tokens of each source by beam search (``beam_size``, default the config's;
+        1: greedy)."""
+        was_training = model.training
+        model.eval()
+        c = self.config
+        beam = c.beam_size if beam_size is None else beam_size
+        out: list[list[str]] = [[] for _ in items]
+        for idx in bucket_batches([len(s) for s in items], self.eval_batch_size):
+            src, lengths = pad_batch([items[i] for i in idx], Vocab.pad_id)
+            max_len = min(c.max_decode_len, 2 * int(lengths.max()) + 10)
+            if beam > 1:
+                hyp = model.beam_search(src, lengths, beam_size=beam, max_len=max_len)
+            else:
+                hyp = model.greedy(src, lengths, max_len=max_len)
+            for i, ids in zip(idx, hyp.to_lists(Vocab.eos_id), strict=True):
+                out[i] = self.tgt_vocab.decode(ids)
+        model.train(was_training)
+        return out
+
+    def validate(self, model: Seq2Seq, data: Pairs) -> dict[str, float]:
+        """Per-epoch validation decodes greedily (``valid_beam_size``): beam search over the whole
+        validation split each epoch would cost more than the training steps it guides."""
+        return self.evaluate(model, data, beam_size=self.config.valid_beam_size)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: Seq2Seq, data: Pairs, beam_size: int | None = None
+    ) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total, tokens = 0.0, 0
+        for idx in bucket_batches([len(s) for s in data.src], self.eval_batch_size):
+            logits, tgt_out = self._logits(model, self.collate(data, idx))
+            n = int((tgt_out != Vocab.pad_id).sum())
+            total += float(sequence_loss(logits, tgt_out, Vocab.pad_id)) * n
+            tokens += n
+        model.train(was_training)
+        metrics = self.scores(self.decode(model, data.items, beam_size), data.refs)
+        return {**metrics, "loss": total / max(tokens, 1), "n": len(data.items)}
+
+    def explain(self, model: Seq2Seq, data: Pairs) -> Any:
+        from ..backends import explain
+
+        b = self.collate(data, list(range(min(len(data.src), self.config.batch_size))))
+        with torch.no_grad():
+            x = model.encoder.embedding(b["src"])
+        return explain(model.encoder.layer, x.requires_grad_(True), lengths=b["src_lengths"])
+
+    @torch.no_grad()
+    def artifacts(self, model: Seq2Seq, data: dict[str, Pairs], run_dir: Path) -> None:
+        """``attention.png``: the attention weights of the model's output for one test example."""
+        test = data["test"]
+        if not test.items:
+            return
+        k = min(range(len(test.items)), key=lambda i: abs(len(test.items[i]) - 8))
+        model.eval()
+        (hyp,) = self.decode(model, [test.items[k]])
+        src, lengths = pad_batch([test.items[k]], Vocab.pad_id)
+        tgt, tgt_lengths = pad_batch([self.tgt_vocab.encode(hyp)], Vocab.pad_id)
+        tgt_in, _ = decoder_io(tgt, tgt_lengths, model.config)
+        _, weights = model(src, lengths, tgt_in, return_attention=True)
+        source = [self.src_vocab.itos[i] for i in test.items[k]]
+        plot_attention(
+            weights[0], source, [*hyp, "</s>"], run_dir / ATTENTION, title=test.text[k][:80]
+        )

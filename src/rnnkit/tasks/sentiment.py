@@ -85,7 +85,9 @@ class SentimentTask(ClassifierHooks, Task):
         self.vocab = Vocab.from_json(vocab["tokens"])
 
     def ids(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.vocab.encode(self.tokens(text)) or [1], dtype=torch.long)
+        return torch.tensor(
+            self.vocab.encode(self.tokens(text)) or [self.vocab.unk_id], dtype=torch.long
+        )
 
     def encode(self, examples: list[tuple[str, int]]) -> Examples:
         seqs = [self.ids(text) for text, _ in examples]
