@@ -169,10 +169,19 @@ def test_unknown_command_task_and_option(capsys):
 
 def test_bad_option_values(capsys, tmp_path):
     need_data("speech")
-    code, _, err = run(capsys, "train", "speech", "--out", str(tmp_path / "r"), "--epochs", "0")
-    assert code == 2 and "epochs = 0; expected >= 1" in err
-    code, _, err = run(capsys, "train", "speech", "--out", str(tmp_path / "r"), "--dropout", "-1")
-    assert code == 2 and "dropout = -1.0; expected >= 0" in err
+    out = str(tmp_path / "r")
+    cases = [
+        ("speech", "--epochs", "0", "epochs = 0; expected > 0"),
+        ("speech", "--dropout", "-1", "dropout = -1.0; expected a probability in [0, 1)"),
+        ("speech", "--dropout", "1.5", "dropout = 1.5; expected a probability in [0, 1)"),
+        ("speech", "--hidden-size", "0", "hidden_size = 0; expected > 0"),
+        ("speech", "--num-layers", "0", "num_layers = 0; expected > 0"),
+        ("speech", "--lr", "0", "lr = 0.0; expected > 0"),
+        ("speech", "--max-minutes", "-2", "max_minutes = -2.0; expected >= 0"),
+    ]
+    for task, flag, value, message in cases:
+        code, _, err = run(capsys, "train", task, "--out", out, flag, value)
+        assert code == 2 and message in err, (flag, value, err)
     assert not (tmp_path / "r").exists()
 
 

@@ -25,6 +25,18 @@ def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any
     return field(default=default, metadata=meta)
 
 
+#: Options, by name in any task's config, that must be > 0 (sizes, counts, rates).
+POSITIVE = frozenset(
+    {
+        "epochs", "batch_size", "lr", "embed_size", "hidden_size", "num_layers", "encoder_layers",
+        "decoder_hidden", "decoder_layers", "seq_len", "eval_streams", "beam_size",
+        "valid_beam_size", "max_decode_len", "max_words", "min_count", "min_freq", "max_vocab",
+    }
+)  # fmt: skip
+#: Options that are probabilities in [0, 1).
+PROBABILITIES = frozenset({"dropout", "label_smoothing", "token_dropout"})
+
+
 @dataclass
 class TrainConfig:
     """Options of the shared training loop; every task's config extends it."""
@@ -53,18 +65,20 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
-        """Raise ValueError naming the first option out of range."""
-        positive = ("epochs", "batch_size")
+        """Raise ValueError naming the first option out of range (before any data is loaded)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ValueError(f"{f.name} = {value!r}; expected one of {list(choices)}")
-            if f.name in positive and value < 1:
-                raise ValueError(f"{f.name} = {value}; expected >= 1")
-            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-                if f.name != "seed":
-                    raise ValueError(f"{f.name} = {value}; expected >= 0")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if f.name in POSITIVE and value <= 0:
+                raise ValueError(f"{f.name} = {value}; expected > 0")
+            if f.name in PROBABILITIES and not 0 <= value < 1:
+                raise ValueError(f"{f.name} = {value}; expected a probability in [0, 1)")
+            if value < 0 and f.name != "seed":
+                raise ValueError(f"{f.name} = {value}; expected >= 0")
 
 
 @dataclass(frozen=True)
