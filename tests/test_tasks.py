@@ -275,5 +275,5 @@ def test_markdown_to_text():
     [("g2p", "beam_size", 0), ("g2p", "hidden_size", 0), ("translate", "max_words", 0)],
 )
 def test_seq2seq_configs_reject_bad_sizes(task, option, value):
-    with pytest.raises(ValueError, match=f"{option} = {value}; expected >= 1"):
+    with pytest.raises(ValueError, match=f"{option} = {value}; expected > 0"):
         tasks.get(task).make_config({option: value})

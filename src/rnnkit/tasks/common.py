@@ -17,12 +17,10 @@ from ..models.seq2seq import Seq2Seq, Seq2SeqConfig, decoder_io, plot_attention,
 
 __all__ = [
     "ATTENTION",
-    "SEQ2SEQ_POSITIVE",
     "ClassifierHooks",
     "Examples",
     "Pairs",
     "Seq2SeqHooks",
-    "check_positive",
 ]
 
 ATTENTION = "attention.png"
@@ -96,20 +94,6 @@ class Pairs:
     items: list[list[int]]
     refs: list[list[list[str]]]
     text: list[str]
-
-
-#: Options of the encoder-decoder configs that must be at least 1.
-SEQ2SEQ_POSITIVE = (
-    "embed_size", "hidden_size", "encoder_layers", "decoder_hidden", "decoder_layers",
-    "beam_size", "valid_beam_size", "max_decode_len",
-)  # fmt: skip
-
-
-def check_positive(config: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value < 1:
-            raise ValueError(f"{name} = {value}; expected >= 1")
 
 
 class Seq2SeqHooks:

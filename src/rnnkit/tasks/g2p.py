@@ -23,7 +23,7 @@ from ..metrics import g2p_error_rates
 from ..models.attention import ATTENTIONS
 from ..models.seq2seq import Seq2Seq
 from .base import PredictOption, Task, TrainConfig, option
-from .common import SEQ2SEQ_POSITIVE, Pairs, Seq2SeqHooks, check_positive
+from .common import Pairs, Seq2SeqHooks
 
 __all__ = ["G2PConfig", "G2PTask"]
 
@@ -52,10 +52,6 @@ class G2PConfig(TrainConfig):
     valid_beam_size: int = option(1, "beam size of the per-epoch validation; 1 = greedy")
     length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
     max_decode_len: int = option(40, "most phonemes generated per word")
-
-    def check(self) -> None:
-        super().check()
-        check_positive(self, SEQ2SEQ_POSITIVE)
 
 
 class G2PTask(Seq2SeqHooks, Task):

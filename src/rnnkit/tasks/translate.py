@@ -19,7 +19,7 @@ from ..metrics import bleu
 from ..models.attention import ATTENTIONS
 from ..models.seq2seq import Seq2Seq
 from .base import PredictOption, Task, TrainConfig, option
-from .common import SEQ2SEQ_POSITIVE, Pairs, Seq2SeqHooks, check_positive
+from .common import Pairs, Seq2SeqHooks
 
 __all__ = ["TranslateConfig", "TranslateTask"]
 
@@ -49,10 +49,6 @@ class TranslateConfig(TrainConfig):
     valid_beam_size: int = option(1, "beam size of the per-epoch validation; 1 = greedy")
     length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
     max_decode_len: int = option(80, "most tokens generated per verse")
-
-    def check(self) -> None:
-        super().check()
-        check_positive(self, (*SEQ2SEQ_POSITIVE, "max_words"))
 
 
 class TranslateTask(Seq2SeqHooks, Task):
