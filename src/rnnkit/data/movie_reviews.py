@@ -39,12 +39,18 @@ def _rows(path: Path, source: str) -> tuple[tuple[str, int], ...]:
 
 
 def load(dataset: str = "rt") -> dict[str, list[tuple[str, int]]]:
-    """``{"train"|"valid"|"test": [(text, label), ...]}`` for ``dataset`` "rt" or "imdb"."""
+    """``{"train"|"valid"|"test": [(text, label), ...]}`` for ``dataset`` "rt" or "imdb".
+
+    Repeated texts (equal up to case and whitespace) are kept once, so no text is in two splits."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset = {dataset!r}; expected one of {sorted(DATASETS)}")
     by_label: dict[int, list[str]] = {0: [], 1: []}
+    seen: set[str] = set()
     for text, label in _rows(csv_path(), DATASETS[dataset]):
-        by_label[label].append(text)
+        key = " ".join(text.lower().split())  # a review posted twice must not land in two splits
+        if key not in seen:
+            seen.add(key)
+            by_label[label].append(text)
     rng = random.Random(SPLIT_SEED)
     splits: dict[str, list[tuple[str, int]]] = {"train": [], "valid": [], "test": []}
     for label, texts in by_label.items():
