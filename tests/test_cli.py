@@ -3,6 +3,8 @@ predict path, and the message each kind of bad input gets."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from recipe_helpers import TINY, cli_args, need_data
@@ -250,3 +252,18 @@ def test_resume_of_finished_or_foreign_run(capsys, speech_run):
     code, _, err = run(capsys, "train", "speech", "--out", str(speech_run))
     assert code == 2 and "already holds a run" in err and "nothing was overwritten" in err
     assert (speech_run / "resume.safetensors").read_bytes() == before
+
+
+def test_resume_with_a_raised_budget_trains_on(capsys, tmp_path):
+    need_data("speech")
+    out = tmp_path / "speech"
+    train_tiny("speech", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = TINY["speech"]["epochs"]
+    code, _, err = run(capsys, "train", "speech", "--out", str(out), "--resume", "--epochs",
+                       str(epochs + 1), "--threads", "1", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "the new budget lets it go on" in err
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["epochs_run"] == metrics["epochs_run"] + 1 == epochs + 1
+    assert len(after["history"]) == len(metrics["history"]) + 1

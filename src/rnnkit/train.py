@@ -291,6 +291,14 @@ def _check_resume(run_dir: Path, name: str, overrides: dict[str, Any]) -> TrainC
     return config
 
 
+def _still_stopped(p: Progress, config: TrainConfig) -> bool:
+    """Whether a stopped run would stop again at once under ``config`` (its budgets may grow)."""
+    out_of_epochs = p.epoch >= config.epochs
+    out_of_time = config.max_minutes > 0 and p.seconds >= config.max_minutes * 60
+    out_of_patience = config.patience > 0 and p.bad_epochs >= config.patience
+    return out_of_epochs or out_of_time or out_of_patience
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
@@ -328,12 +336,16 @@ def train(
         config = _check_resume(run_dir, name, overrides)
         if (run_dir / STATE).exists():
             state = _read_state(run_dir / STATE)
-            if state[2].finished:
+            p_saved = state[2]
+            if p_saved.finished and _still_stopped(p_saved, config):
                 raise CheckpointError(
-                    f"the run in {run_dir} has finished ({state[2].stopped}); nothing to resume. "
-                    f"`rnnkit evaluate {run_dir}` prints its metrics; start a new run with "
-                    "another --out"
+                    f"the run in {run_dir} has finished ({p_saved.stopped}); nothing to resume. "
+                    "Raise --epochs, --max-minutes or --patience to train it further; "
+                    f"`rnnkit evaluate {run_dir}` prints its metrics"
                 )
+            elif p_saved.stopped and not _still_stopped(p_saved, config):  # a raised budget
+                _say(f"{run_dir} stopped ({p_saved.stopped}); the new budget lets it go on")
+                p_saved.stopped, p_saved.finished = "", False
     else:
         existing = [f for f in RUN_FILES if (run_dir / f).exists()]
         if existing:
