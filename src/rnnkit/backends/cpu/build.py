@@ -46,7 +46,9 @@ def _key() -> str:
 
 def cache_dir() -> Path:
     """Where built kernels are kept: ``$RNNKIT_CACHE`` or ``~/.cache/rnnkit``."""
-    root = os.environ.get("RNNKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rnnkit")
+    root = os.environ.get("RNNKIT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "rnnkit"
+    )
     return Path(root)
 
 
@@ -119,7 +121,9 @@ def unavailable() -> str | None:
                 first = str(e).strip().splitlines()
                 _failure = f"the C++ kernels failed to build: {first[0] if first else type(e)}"
         if _failure is not None:
-            warnings.warn(f"rnnkit: {_failure}; using another backend", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"rnnkit: {_failure}; using another backend", RuntimeWarning, stacklevel=3
+            )
     return _failure
 
 

@@ -97,15 +97,47 @@ def layer_backward(
     projection, dc0 unless LSTM."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_backward(
-        grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, mode,
-        reverse, has_bias, need_dx,
+        grad_out,
+        grad_hn,
+        grad_cn,
+        x,
+        c0,
+        w_ih,
+        w_hh,
+        w_hr,
+        lengths,
+        act,
+        hprev,
+        c,
+        hpre,
+        mode,
+        reverse,
+        has_bias,
+        need_dx,
     )
 
 
 @layer_backward.register_fake
-def _(grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, mode,
-      reverse, has_bias, need_dx):
-    steps, batch, _ = x.shape
+def _(
+    grad_out,
+    grad_hn,
+    grad_cn,
+    x,
+    c0,
+    w_ih,
+    w_hh,
+    w_hr,
+    lengths,
+    act,
+    hprev,
+    c,
+    hpre,
+    mode,
+    reverse,
+    has_bias,
+    need_dx,
+):
+    batch = x.shape[1]
     gates = w_ih.shape[0]
     hidden = gates // {0: 1, 1: 1, 2: 4, 3: 3}[mode]
     state = w_hh.shape[1]
@@ -123,7 +155,7 @@ def _(grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save = inputs
+    x, _, c0, w_ih, w_hh, b_ih, _, w_hr, lengths, mode, reverse, save = inputs
     _, _, _, act, hprev, c, hpre = output
     ctx.mode, ctx.reverse, ctx.save = mode, reverse, save
     ctx.has_bias = b_ih is not None
@@ -142,8 +174,23 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
     x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = layer_backward(
-        grad_out, grad_hn, grad_cn if ctx.mode == _LSTM else None, x, c0, w_ih, w_hh, w_hr,
-        lengths, act, hprev, c, hpre, ctx.mode, ctx.reverse, ctx.has_bias, need_dx,
+        grad_out,
+        grad_hn,
+        grad_cn if ctx.mode == _LSTM else None,
+        x,
+        c0,
+        w_ih,
+        w_hh,
+        w_hr,
+        lengths,
+        act,
+        hprev,
+        c,
+        hpre,
+        ctx.mode,
+        ctx.reverse,
+        ctx.has_bias,
+        need_dx,
     )
     return (
         dx if need_dx else None,
