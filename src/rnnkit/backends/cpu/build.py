@@ -26,7 +26,14 @@ __all__ = ["SOURCES", "cache_dir", "ensure", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = (_HERE / "rnn_kernels.cpp",)
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17")
+_CFLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-std=c++17",
+)
 _LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()

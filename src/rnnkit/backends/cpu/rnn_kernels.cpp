@@ -110,6 +110,58 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
   at::addmm_out(c, c, a, b, beta == T(0) ? T(1) : beta, alpha);
 }
 
+// A right-hand operand used at every step (w_hh, w_hr), packed once into MKL's internal layout:
+// per step C (M, N) = A (M, K) . op(B) (K, N) + beta C without re-packing B. Falls back to gemm
+// where the packed API is absent (fp64, or a torch without MKL).
+
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+}
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+
+template <typename T>
+class PackedB {
+ public:
+  PackedB(bool tb, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
+      : tb_(tb), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
+    if constexpr (std::is_same_v<T, float>) {
+      packed_ = B && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute && M > 0 &&
+                N > 0 && K > 0;
+      if (packed_) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, M, N, K);
+        buffer_ = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+        cblas_sgemm_pack(kRowMajor, kBMatrix, tb ? kTrans : kNoTrans, M, N, K, 1.0f, B, ldb,
+                         reinterpret_cast<float*>(buffer_.mutable_data_ptr()));
+      }
+    }
+  }
+  // C (M, N) = A (M, K) . op(B) + beta C
+  void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_) {
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, M_, N_, K_, A, lda,
+                            reinterpret_cast<const float*>(buffer_.const_data_ptr()), ldb_, beta,
+                            C, ldc);
+        return;
+      }
+    }
+    gemm<T>(false, tb_, M_, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
+  }
+
+ private:
+  bool tb_;
+  int64_t M_, N_, K_;
+  const T* B_;
+  int64_t ldb_;
+  bool packed_ = false;
+  Tensor buffer_;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Activations. fp32: a Cephes-style exp that the compiler vectorises (relative error ~1e-7);
 // fp64 (gradcheck): the C library's.
@@ -356,10 +408,12 @@ void forward_impl(const Shape& n, const T* x, const T* w_ih, const T* w_hh, cons
   T* hp = kProj ? hp_t.mutable_data_ptr<T>() : nullptr;
   T* hq = kProj ? hq_t.mutable_data_ptr<T>() : nullptr;
 
+  const PackedB<T> hh(true, B, G, P, w_hh, P);  // op(B) = w_hh^T (P, G)
+  const PackedB<T> hr(true, B, P, H, w_hr, H);  // op(B) = w_hr^T (H, P), with a projection
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = 0; s < steps; ++s) {
     // hg (B, G) = h (B, P) . w_hh^T
-    gemm<T>(false, true, B, G, P, T(1), h, P, w_hh, P, T(0), hg, G);
+    hh.run(h, P, T(0), hg, G);
     at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
@@ -385,7 +439,7 @@ void forward_impl(const Shape& n, const T* x, const T* w_ih, const T* w_hh, cons
     });
     if constexpr (kProj) {
       // hq (B, P) = hp (B, H) . w_hr^T; finished sequences keep their state.
-      gemm<T>(false, true, B, P, H, T(1), hp, H, w_hr, H, T(0), hq, P);
+      hr.run(hp, H, T(0), hq, P);
       for (int64_t b = 0; b < B; ++b) {
         const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
         if (kLen && t < 0) continue;
@@ -600,6 +654,8 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   T* dhs = kProj ? dhs_t.mutable_data_ptr<T>() : nullptr;
   T* dhp = kProj ? dhp_t.mutable_data_ptr<T>() : nullptr;
 
+  const PackedB<T> hh(false, B, P, G, w_hh, P);  // op(B) = w_hh (G, P)
+  const PackedB<T> hr(false, B, H, P, w_hr, H);  // op(B) = w_hr (P, H), with a projection
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = steps - 1; s >= 0; --s) {
     if constexpr (kProj) {
@@ -613,7 +669,7 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
         std::fill(dh + b * P, dh + b * P + P, T(0));
       }
       // dhp (B, H) = dhs (B, P) . w_hr (P, H)
-      gemm<T>(false, false, B, H, P, T(1), dhs, P, w_hr, H, T(0), dhp, H);
+      hr.run(dhs, P, T(0), dhp, H);
     }
     at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -649,7 +705,7 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
     });
     // dh (B, P) += dg (B, G) . w_hh (G, P): finished rows have dg = 0 and keep their dh.
     const T* dg_step = gather ? dgs : dgh + (reverse ? T_ - 1 - s : s) * B * G;
-    gemm<T>(false, false, B, P, G, T(1), dg_step, G, w_hh, P, T(1), dh, P);
+    hh.run(dg_step, G, T(1), dh, P);
   }
 
   const int64_t TB = T_ * B;
