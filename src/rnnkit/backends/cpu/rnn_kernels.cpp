@@ -359,6 +359,16 @@ inline int64_t time_of(int64_t s, int64_t b, const int64_t* len, int64_t T, bool
   }
 }
 
+// The batch indices of the sequences still running at step s (all of them without lengths).
+template <bool kLen>
+std::vector<int64_t> active_rows(int64_t s, const int64_t* len, int64_t B) {
+  std::vector<int64_t> rows;
+  rows.reserve(B);
+  for (int64_t b = 0; b < B; ++b)
+    if (!kLen || s < len[b]) rows.push_back(b);
+  return rows;
+}
+
 // Rows per parallel chunk: enough work per thread to pay for the fork.
 int64_t grain(int64_t width) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
@@ -403,34 +413,47 @@ void forward_impl(const Shape& n, const T* x, const T* w_ih, const T* w_hh, cons
 
   Tensor hg_t = at::empty({B, G}, opts);  // (B, G) recurrent projection of this step
   T* hg = hg_t.mutable_data_ptr<T>();
-  Tensor hp_t = kProj ? at::empty({B, H}, opts) : Tensor();  // (B, H) projection input
+  Tensor hp_t = kProj ? at::zeros({B, H}, opts) : Tensor();  // (B, H) projection input
   Tensor hq_t = kProj ? at::empty({B, P}, opts) : Tensor();  // (B, P) projection output
   T* hp = kProj ? hp_t.mutable_data_ptr<T>() : nullptr;
   T* hq = kProj ? hq_t.mutable_data_ptr<T>() : nullptr;
 
   const PackedB<T> hh(true, B, G, P, w_hh, P);  // op(B) = w_hh^T (P, G)
   const PackedB<T> hr(true, B, P, H, w_hr, H);  // op(B) = w_hr^T (H, P), with a projection
+  // With lengths, the recurrent GEMM runs over the A sequences still active at this step only:
+  // rows[k] (k < A) is the batch index of the k-th active one and hc (A, P) gathers their states.
+  std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
+  Tensor hc_t = kLen ? at::empty({B, P}, opts) : Tensor();
+  T* hc = kLen ? hc_t.mutable_data_ptr<T>() : nullptr;
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = 0; s < steps; ++s) {
-    // hg (B, G) = h (B, P) . w_hh^T
-    hh.run(h, P, T(0), hg, G);
-    at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+    if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
+    const int64_t A = static_cast<int64_t>(rows.size());
+    if (!kLen || A == B) {
+      // hg (B, G) = h (B, P) . w_hh^T
+      hh.run(h, P, T(0), hg, G);
+    } else {
+      // hg (A, G) = hc (A, P) . w_hh^T
+      for (int64_t k = 0; k < A; ++k) std::copy(h + rows[k] * P, h + rows[k] * P + P, hc + k * P);
+      gemm<T>(false, true, A, G, P, T(1), hc, P, w_hh, P, T(0), hg, G);
+    }
+    at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = rows[k];
         const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
-        if (kLen && t < 0) continue;
         const int64_t row = t * B + b;
         if constexpr (kSave) std::copy(h + b * P, h + b * P + P, hprev + row * P);
         T* a = kSave ? act + row * S : nullptr;
         if constexpr (kMode == kRnnTanh || kMode == kRnnRelu) {
-          rnn_row_forward<T, kMode == kRnnRelu, kSave>(H, xg + row * G, hg + b * G, bias,
+          rnn_row_forward<T, kMode == kRnnRelu, kSave>(H, xg + row * G, hg + k * G, bias,
                                                        h + b * H, out + row * P, a);
         } else if constexpr (kMode == kGru) {
-          gru_row_forward<T, kSave>(H, xg + row * G, hg + b * G, bias, bhn, h + b * H,
+          gru_row_forward<T, kSave>(H, xg + row * G, hg + k * G, bias, bhn, h + b * H,
                                     out + row * P, a);
         } else {
           T* cs_row = kSave ? cs + row * H : nullptr;
           T* hp_row = kProj ? hp + b * H : h + b * H;
-          lstm_row_forward<T, kSave>(H, xg + row * G, hg + b * G, bias, c + b * H, hp_row, a,
+          lstm_row_forward<T, kSave>(H, xg + row * G, hg + k * G, bias, c + b * H, hp_row, a,
                                      cs_row);
           if constexpr (!kProj) std::copy(hp_row, hp_row + H, out + row * P);
           if constexpr (kProj && kSave) std::copy(hp_row, hp_row + H, hpre + row * H);
@@ -637,11 +660,14 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
                                : dgi_t;
   T* dgi = dgi_t.mutable_data_ptr<T>();
   T* dgh = dgh_t.mutable_data_ptr<T>();
-  // With lengths in reverse, one step touches a different t per sequence: the step's rows of
-  // dgh are gathered in dgs (B, G) for the recurrent GEMM. Finished rows stay zero.
-  const bool gather = kLen && reverse;
-  Tensor dgs_t = gather ? at::zeros({B, G}, opts) : Tensor();
-  T* dgs = gather ? dgs_t.mutable_data_ptr<T>() : nullptr;
+  // With lengths, the recurrent GEMM runs over the A sequences active at this step only
+  // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G), and the
+  // product dhc (A, P) is added to their dh.
+  Tensor dgs_t = kLen ? at::empty({B, G}, opts) : Tensor();
+  Tensor dhc_t = kLen ? at::empty({B, P}, opts) : Tensor();
+  T* dgs = kLen ? dgs_t.mutable_data_ptr<T>() : nullptr;
+  T* dhc = kLen ? dhc_t.mutable_data_ptr<T>() : nullptr;
+  std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
   Tensor zero_t = at::zeros({std::max(P, H)}, opts);  // stands in for an absent grad_out row
   const T* zero = zero_t.const_data_ptr<T>();
   // Projected LSTM: dht (T*B, P) gradient reaching each projected h_t; dhs (B, P) this step's;
@@ -658,6 +684,8 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   const PackedB<T> hr(false, B, H, P, w_hr, H);  // op(B) = w_hr (P, H), with a projection
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = steps - 1; s >= 0; --s) {
+    if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
+    const int64_t A = static_cast<int64_t>(rows.size());
     if constexpr (kProj) {
       for (int64_t b = 0; b < B; ++b) {
         const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
@@ -671,20 +699,20 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
       // dhp (B, H) = dhs (B, P) . w_hr (P, H)
       hr.run(dhs, P, T(0), dhp, H);
     }
-    at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+    at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = rows[k];
         const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
-        if (kLen && t < 0) continue;
         const int64_t row = t * B + b;
         const T* go = gout ? gout + row * P : zero;
-        T* dgh_row = gather ? dgs + b * G : dgh + row * G;
+        T* dgh_row = kLen ? dgs + k * G : dgh + row * G;
         if constexpr (kMode == kRnnTanh || kMode == kRnnRelu) {
           rnn_row_backward<T, kMode == kRnnRelu>(H, act + row * S, go, dh + b * H, dgh_row);
-          if (gather) std::copy(dgh_row, dgh_row + G, dgi + row * G);
+          if (kLen) std::copy(dgh_row, dgh_row + G, dgi + row * G);
         } else if constexpr (kMode == kGru) {
           gru_row_backward<T>(H, act + row * S, hprev + row * P, go, dh + b * H, dgi + row * G,
                               dgh_row);
-          if (gather) std::copy(dgh_row, dgh_row + G, dgh + row * G);
+          if (kLen) std::copy(dgh_row, dgh_row + G, dgh + row * G);
         } else {
           // c_{t-1}: the cell state one step earlier in reading order, c0 at the first step.
           const int64_t prev = reverse ? t + 1 : t - 1;
@@ -699,13 +727,25 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
                                  dgh_row);
             std::fill(dh_row, dh_row + H, T(0));
           }
-          if (gather) std::copy(dgh_row, dgh_row + G, dgi + row * G);
+          if (kLen) std::copy(dgh_row, dgh_row + G, dgi + row * G);
         }
       }
     });
-    // dh (B, P) += dg (B, G) . w_hh (G, P): finished rows have dg = 0 and keep their dh.
-    const T* dg_step = gather ? dgs : dgh + (reverse ? T_ - 1 - s : s) * B * G;
-    hh.run(dg_step, G, T(1), dh, P);
+    if (kLen && A == B) {
+      // dh (B, P) += dgs (B, G) . w_hh (G, P): every sequence is active, rows[k] = k
+      hh.run(dgs, G, T(1), dh, P);
+    } else if (kLen) {
+      // dhc (A, P) = dgs (A, G) . w_hh (G, P), added to the active rows of dh
+      gemm<T>(false, false, A, P, G, T(1), dgs, G, w_hh, P, T(0), dhc, P);
+      for (int64_t k = 0; k < A; ++k) {
+        T* dh_row = dh + rows[k] * P;
+        const T* dhc_row = dhc + k * P;
+        for (int64_t j = 0; j < P; ++j) dh_row[j] += dhc_row[j];
+      }
+    } else {
+      // dh (B, P) += dg (B, G) . w_hh (G, P)
+      hh.run(dgh + (reverse ? T_ - 1 - s : s) * B * G, G, T(1), dh, P);
+    }
   }
 
   const int64_t TB = T_ * B;
