@@ -234,11 +234,25 @@ def test_torch_compile_fullgraph():
 
 
 def test_explain_reports_cpu():
+    x = torch.randn(T, B, I)
     for mode in MODES:
-        explanation = rnnkit.explain(make_layer(mode, 2, True), torch.randn(T, B, I))
+        explanation = rnnkit.explain(make_layer(mode, 2, True), x, lengths=LENGTHS["mixed"])
         assert explanation.backend == "cpu", str(explanation)
+    for mode in ("rnn_tanh", "rnn_relu", "gru"):
+        assert rnnkit.explain(make_layer(mode, 2, True), x).backend == "cpu"
     layer = rnnkit.Recurrent(rnnkit.GRUCell(I, H), reverse=True)
-    assert rnnkit.explain(layer, torch.randn(T, B, I), lengths=LENGTHS["mixed"]).backend == "cpu"
+    assert rnnkit.explain(layer, x, lengths=LENGTHS["mixed"]).backend == "cpu"
+    lstm = make_layer("lstm", 1, False, proj_size=3)
+    assert rnnkit.explain(lstm, x).backend == "cpu"
+
+
+def test_plain_lstm_is_left_to_onednn_unless_forced():
+    lstm = make_layer("lstm", 2, True)
+    explanation = rnnkit.explain(lstm, torch.randn(T, B, I))
+    assert explanation.backend == "native"
+    assert "not cpu: torch's oneDNN LSTM measured as fast" in explanation.reason
+    with rnnkit.use_backend("cpu"):
+        assert rnnkit.explain(lstm, torch.randn(T, B, I)).backend == "cpu"
 
 
 def test_declines_what_it_cannot_run():
@@ -258,5 +272,5 @@ def test_without_compiler_warns_once_and_declines(monkeypatch):
         second = build.unavailable()
     assert first == second and "no C++ compiler" in first
     assert len(caught) == 1
-    reason = rnnkit.backends.cpu.CpuBackend().check(rnnkit.backends.Request(mode="lstm"))
+    reason = rnnkit.backends.cpu.CpuBackend().check(rnnkit.backends.Request(mode="gru"))
     assert reason == first

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .. import Call, Request
+from .. import AUTO, Call, Request, get_default_backend
 from . import build, ops
 
 __all__ = ["CpuBackend"]
@@ -21,11 +21,17 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 class CpuBackend:
+    """Chosen automatically on the CPU for every built-in cell except where BENCHMARKS.md
+    measured torch's own op to be as fast: a plain LSTM (no lengths, no projection) is left to
+    oneDNN's fused LSTM. Forced with :func:`rnnkit.use_backend` ("cpu") or a layer's
+    ``backend="cpu"``, it runs every built-in cell and option.
+    """
+
     name = "cpu"
     priority = 20
     why = (
-        "fused C++ kernels with hand-written BPTT (lengths and reversal in the kernel) are faster "
-        "than torch's ops here"
+        "fused C++ kernels with hand-written BPTT (lengths and reversal in the kernel) measured "
+        "faster than torch's op for this cell (BENCHMARKS.md)"
     )
 
     def check(self, request: Request) -> str | None:
@@ -35,7 +41,19 @@ class CpuBackend:
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
         if request.dtype not in _DTYPES:
             return f"dtype {request.dtype} has no C++ kernel (float32 and float64 do)"
+        if get_default_backend() == AUTO and (reason := self.slower(request)):
+            return reason
         return build.unavailable()
+
+    def slower(self, request: Request) -> str | None:
+        """Why automatic dispatch prefers another backend for ``request``, though this one can
+        run it (None: this one is faster)."""
+        if request.mode == "lstm" and request.lengths == "none" and not request.proj:
+            return (
+                "torch's oneDNN LSTM measured as fast or faster for an LSTM without lengths or "
+                "projection (BENCHMARKS.md)"
+            )
+        return None
 
     def run(self, call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
         req = call.request
