@@ -193,6 +193,24 @@ def test_opcheck():
     torch.library.opcheck(ops.layer_forward, (*args, ops.MODE_IDS["gru"], False, True))
 
 
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_pair_op_gradcheck_and_opcheck(mode):
+    forward, reverse = op_args(mode, [3, 0, 4]), op_args(mode, [3, 0, 4])
+    x, lengths = forward[0], forward[8]
+    args = (x, *forward[1:8], *reverse[1:8], lengths, ops.MODE_IDS[mode], True)
+    torch.library.opcheck(ops.pair_forward, args)
+    inputs = [a for a in args[:15] if a is not None]
+    slots = [k for k, a in enumerate(args[:15]) if a is not None]
+
+    def f(*tensors):
+        full = list(args)
+        for k, t in zip(slots, tensors, strict=True):
+            full[k] = t
+        return tuple(ops.pair_forward(*full)[k] for k in (0, 1, 7, 8))
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 # -- behaviour -----------------------------------------------------------------------------------
 
 

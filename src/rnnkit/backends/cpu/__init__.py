@@ -67,23 +67,35 @@ class CpuBackend:
         for layer in range(req.num_layers):
             if layer and call.dropout > 0 and call.training:
                 x = F.dropout(x, call.dropout, True)
-            outs = []
-            for d in range(directions):
-                k = layer * directions + d
-                out, h, c = ops.layer(
+            if directions == 2:
+                k = 2 * layer
+                x, h, c = ops.pair(
                     x,
-                    call.h0[k],
-                    call.c0[k] if lstm else None,
-                    call.weights[k * per : (k + 1) * per],
+                    (call.h0[k], call.h0[k + 1]),
+                    (call.c0[k], call.c0[k + 1]) if lstm else None,
+                    (
+                        call.weights[k * per : (k + 1) * per],
+                        call.weights[(k + 1) * per : (k + 2) * per],
+                    ),
                     lengths,
                     req.mode,
-                    req.reverse != (d == 1),
                     req.bias,
                     req.proj,
                 )
-                outs.append(out)
-                h_n.append(h)
-                if lstm:
-                    c_n.append(c)
-            x = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
+            else:
+                x, h, c = ops.layer(
+                    x,
+                    call.h0[layer],
+                    call.c0[layer] if lstm else None,
+                    call.weights[layer * per : (layer + 1) * per],
+                    lengths,
+                    req.mode,
+                    req.reverse,
+                    req.bias,
+                    req.proj,
+                )
+                h, c = (h,), (c,)
+            h_n += h
+            if lstm:
+                c_n += c
         return x, torch.stack(h_n), torch.stack(c_n) if lstm else None

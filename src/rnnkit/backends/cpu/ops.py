@@ -16,7 +16,15 @@ from torch import Tensor
 
 from . import build
 
-__all__ = ["MODE_IDS", "layer", "layer_backward", "layer_forward"]
+__all__ = [
+    "MODE_IDS",
+    "layer",
+    "layer_backward",
+    "layer_forward",
+    "pair",
+    "pair_backward",
+    "pair_forward",
+]
 
 #: The kernels' cell ids.
 MODE_IDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
@@ -51,7 +59,7 @@ def layer_forward(
 
 
 @layer_forward.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save):
+def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save):
     steps, batch, _ = x.shape
     gates = w_ih.shape[0]
     hidden = gates // {0: 1, 1: 1, 2: 4, 3: 3}[mode]
@@ -118,7 +126,7 @@ def layer_backward(
 
 
 @layer_backward.register_fake
-def _(
+def _layer_backward_fake(
     grad_out,
     grad_hn,
     grad_cn,
@@ -235,3 +243,186 @@ def layer(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode_id, reverse, save
     )
     return out, h_n, c_n if mode_id == _LSTM else None
+
+
+# -- both directions of a bidirectional layer in one op ---------------------------------------
+# The directions are independent: the kernel runs each on its own thread. Arguments are those of
+# layer_forward for the forward direction (_f) and the reverse one (_b); results are
+# layer_forward's seven for each, forward direction first.
+
+
+_Tensors14 = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]  # fmt: skip
+_Tensors16 = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]  # fmt: skip
+
+
+@torch.library.custom_op("rnnkit::pair_forward", mutates_args=())
+def pair_forward(
+    x: Tensor,
+    h0_f: Tensor,
+    c0_f: Tensor | None,
+    w_ih_f: Tensor,
+    w_hh_f: Tensor,
+    b_ih_f: Tensor | None,
+    b_hh_f: Tensor | None,
+    w_hr_f: Tensor | None,
+    h0_b: Tensor,
+    c0_b: Tensor | None,
+    w_ih_b: Tensor,
+    w_hh_b: Tensor,
+    b_ih_b: Tensor | None,
+    b_hh_b: Tensor | None,
+    w_hr_b: Tensor | None,
+    lengths: Tensor | None,
+    mode: int,
+    save: bool,
+) -> _Tensors14:
+    """Both directions of one layer: layer_forward's 7 results for each (14 tensors)."""
+    build.ensure()
+    return tuple(torch.ops.rnnkit_cpu.pair_forward(
+        x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f,
+        h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode, save,
+    ))  # fmt: skip
+
+
+@pair_forward.register_fake
+def _(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b,
+      b_hh_b, w_hr_b, lengths, mode, save):  # fmt: skip
+    f = _layer_forward_fake(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths, mode,
+                            False, save)  # fmt: skip
+    b = _layer_forward_fake(x, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode,
+                            True, save)  # fmt: skip
+    return (*f, *b)
+
+
+@torch.library.custom_op("rnnkit::pair_backward", mutates_args=())
+def pair_backward(
+    grad_out_f: Tensor | None,
+    grad_hn_f: Tensor | None,
+    grad_cn_f: Tensor | None,
+    c0_f: Tensor | None,
+    w_ih_f: Tensor,
+    w_hh_f: Tensor,
+    w_hr_f: Tensor | None,
+    act_f: Tensor,
+    hprev_f: Tensor,
+    c_f: Tensor,
+    hpre_f: Tensor,
+    grad_out_b: Tensor | None,
+    grad_hn_b: Tensor | None,
+    grad_cn_b: Tensor | None,
+    c0_b: Tensor | None,
+    w_ih_b: Tensor,
+    w_hh_b: Tensor,
+    w_hr_b: Tensor | None,
+    act_b: Tensor,
+    hprev_b: Tensor,
+    c_b: Tensor,
+    hpre_b: Tensor,
+    x: Tensor,
+    lengths: Tensor | None,
+    mode: int,
+    has_bias: bool,
+    need_dx: bool,
+) -> _Tensors16:
+    """Backpropagation through pair_forward: layer_backward's 8 results for each direction."""
+    build.ensure()
+    return tuple(torch.ops.rnnkit_cpu.pair_backward(
+        grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f,
+        hpre_f, grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b,
+        c_b, hpre_b, x, lengths, mode, has_bias, need_dx,
+    ))  # fmt: skip
+
+
+@pair_backward.register_fake
+def _(grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f, hpre_f,
+      grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b, c_b, hpre_b,
+      x, lengths, mode, has_bias, need_dx):  # fmt: skip
+    f = _layer_backward_fake(grad_out_f, grad_hn_f, grad_cn_f, x, c0_f, w_ih_f, w_hh_f, w_hr_f,
+                             lengths, act_f, hprev_f, c_f, hpre_f, mode, False, has_bias,
+                             need_dx)  # fmt: skip
+    b = _layer_backward_fake(grad_out_b, grad_hn_b, grad_cn_b, x, c0_b, w_ih_b, w_hh_b, w_hr_b,
+                             lengths, act_b, hprev_b, c_b, hpre_b, mode, True, has_bias,
+                             need_dx)  # fmt: skip
+    return (*f, *b)
+
+
+def _pair_setup_context(ctx, inputs, output) -> None:
+    (x, _, c0_f, w_ih_f, w_hh_f, b_ih_f, _, w_hr_f, _, c0_b, w_ih_b, w_hh_b, _, _, w_hr_b,
+     lengths, mode, save) = inputs  # fmt: skip
+    saved_f, saved_b = output[3:7], output[10:14]
+    ctx.mode, ctx.save = mode, save
+    ctx.has_bias = b_ih_f is not None
+    ctx.has_c0, ctx.has_w_hr = c0_f is not None, w_hr_f is not None
+    ctx.save_for_backward(
+        x, lengths, c0_f, w_ih_f, w_hh_f, w_hr_f, *saved_f, c0_b, w_ih_b, w_hh_b, w_hr_b, *saved_b
+    )
+    ctx.mark_non_differentiable(*saved_f, *saved_b)
+    ctx.set_materialize_grads(False)
+
+
+def _pair_backward(ctx, *grads):
+    if not ctx.save:
+        raise RuntimeError(
+            "rnnkit::pair_forward ran with save=False (no gradient was expected), so it kept "
+            "nothing for backward"
+        )
+    x, lengths, *rest = ctx.saved_tensors
+    fwd, bwd = rest[:8], rest[8:]
+    lstm = ctx.mode == _LSTM
+    g_f = [grads[0], grads[1], grads[2] if lstm else None]
+    g_b = [grads[7], grads[8], grads[9] if lstm else None]
+    need_dx = ctx.needs_input_grad[0]
+    r = pair_backward(*g_f, *fwd, *g_b, *bwd, x, lengths, ctx.mode, ctx.has_bias, need_dx)
+    dx = None
+    if need_dx:
+        dx = r[0] + r[8]
+
+    def direction(d):  # dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr of one direction
+        dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = d[1:8]
+        return (
+            dh0,
+            dc0 if ctx.has_c0 else None,
+            dw_ih,
+            dw_hh,
+            db_ih if ctx.has_bias else None,
+            db_hh if ctx.has_bias else None,
+            dw_hr if ctx.has_w_hr else None,
+        )
+
+    return (dx, *direction(r[:8]), *direction(r[8:]), None, None, None)
+
+
+pair_forward.register_autograd(_pair_backward, setup_context=_pair_setup_context)
+
+
+def pair(
+    x: Tensor,
+    h0: tuple[Tensor, Tensor],
+    c0: tuple[Tensor, Tensor] | None,
+    weights: tuple[list[Tensor], list[Tensor]],
+    lengths: Tensor | None,
+    mode: str,
+    bias: bool,
+    proj: bool,
+) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    """Both directions of a bidirectional layer (forward first): ``(out (T, B, 2P),
+    (h_n forward, h_n reverse), (c_n forward, c_n reverse) or None)``."""
+    args = []
+    for d in range(2):
+        w_ih, w_hh, *rest = weights[d]
+        b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
+        w_hr = rest[-1] if proj else None
+        args += [h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih, b_hh, w_hr]
+    tensors = (x, *args)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    mode_id = MODE_IDS[mode]
+    r = pair_forward(x, *args, lengths, mode_id, save)
+    out = torch.cat([r[0], r[7]], dim=-1)
+    c_n = (r[2], r[9]) if mode_id == _LSTM else None
+    return out, (r[1], r[8]), c_n

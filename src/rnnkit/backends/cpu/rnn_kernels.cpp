@@ -28,6 +28,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -40,7 +41,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace rnnkit {
 namespace {
@@ -873,6 +879,93 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   return {r.dx, r.dh0, r.dc0, r.dw_ih, r.dw_hh, r.db_ih, r.db_hh, r.dw_hr};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Both directions of a bidirectional layer at once: they are independent, so with two or more
+// threads each runs on its own thread (its GEMMs single-threaded), instead of splitting every
+// small per-step GEMM across threads. Arguments and results are those of layer_forward and
+// layer_backward for the forward direction, then for the reverse one.
+
+template <typename F>
+void both(F&& run) {
+  std::exception_ptr error[2];
+  // The caller's thread-local state (autograd off below the custom op, grad mode, ...) must hold
+  // on the worker thread too.
+  const at::ThreadLocalState state;
+  auto guarded = [&](int d) {
+    try {
+      at::ThreadLocalStateGuard guard(state);
+      run(d);
+    } catch (...) {
+      error[d] = std::current_exception();
+    }
+  };
+#ifdef _OPENMP
+  if (at::get_num_threads() >= 2 && !at::in_parallel_region()) {
+#pragma omp parallel num_threads(2)
+    guarded(omp_get_thread_num());
+  } else {
+    guarded(0);
+    guarded(1);
+  }
+#else
+  guarded(0);
+  guarded(1);
+#endif
+  for (auto& e : error)
+    if (e) std::rethrow_exception(e);
+}
+
+std::vector<Tensor> pair_forward(
+    const Tensor& x, const Tensor& h0_f, const std::optional<Tensor>& c0_f, const Tensor& w_ih_f,
+    const Tensor& w_hh_f, const std::optional<Tensor>& b_ih_f, const std::optional<Tensor>& b_hh_f,
+    const std::optional<Tensor>& w_hr_f, const Tensor& h0_b, const std::optional<Tensor>& c0_b,
+    const Tensor& w_ih_b, const Tensor& w_hh_b, const std::optional<Tensor>& b_ih_b,
+    const std::optional<Tensor>& b_hh_b, const std::optional<Tensor>& w_hr_b,
+    const std::optional<Tensor>& lengths, int64_t mode, bool save) {
+  const Tensor xc = x.contiguous();
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
+  both([&](int d) {
+    r[d] = d == 0 ? layer_forward(xc, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths,
+                                  mode, false, save)
+                  : layer_forward(xc, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths,
+                                  mode, true, save);
+  });
+  std::vector<Tensor> out;
+  for (auto& t : r) {
+    auto [a, b, c, d, e, f, g] = t;
+    out.insert(out.end(), {a, b, c, d, e, f, g});
+  }
+  return out;
+}
+
+std::vector<Tensor> pair_backward(
+    const std::optional<Tensor>& grad_out_f, const std::optional<Tensor>& grad_hn_f,
+    const std::optional<Tensor>& grad_cn_f, const std::optional<Tensor>& c0_f, const Tensor& w_ih_f,
+    const Tensor& w_hh_f, const std::optional<Tensor>& w_hr_f, const Tensor& act_f,
+    const Tensor& hprev_f, const Tensor& c_f, const Tensor& hpre_f,
+    const std::optional<Tensor>& grad_out_b, const std::optional<Tensor>& grad_hn_b,
+    const std::optional<Tensor>& grad_cn_b, const std::optional<Tensor>& c0_b, const Tensor& w_ih_b,
+    const Tensor& w_hh_b, const std::optional<Tensor>& w_hr_b, const Tensor& act_b,
+    const Tensor& hprev_b, const Tensor& c_b, const Tensor& hpre_b, const Tensor& x,
+    const std::optional<Tensor>& lengths, int64_t mode, bool has_bias, bool need_dx) {
+  const Tensor xc = x.contiguous();
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
+  both([&](int d) {
+    r[d] = d == 0 ? layer_backward(grad_out_f, grad_hn_f, grad_cn_f, xc, c0_f, w_ih_f, w_hh_f,
+                                   w_hr_f, lengths, act_f, hprev_f, c_f, hpre_f, mode, false,
+                                   has_bias, need_dx)
+                  : layer_backward(grad_out_b, grad_hn_b, grad_cn_b, xc, c0_b, w_ih_b, w_hh_b,
+                                   w_hr_b, lengths, act_b, hprev_b, c_b, hpre_b, mode, true,
+                                   has_bias, need_dx);
+  });
+  std::vector<Tensor> out;
+  for (auto& t : r) {
+    auto [a, b, c, d, e, f, g, h] = t;
+    out.insert(out.end(), {a, b, c, d, e, f, g, h});
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace rnnkit
 
@@ -886,9 +979,23 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor act, Tensor hprev, "
       "Tensor c, Tensor hpre, int mode, bool reverse, bool has_bias, bool need_dx) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "pair_forward(Tensor x, Tensor h0_f, Tensor? c0_f, Tensor w_ih_f, Tensor w_hh_f, "
+      "Tensor? b_ih_f, Tensor? b_hh_f, Tensor? w_hr_f, Tensor h0_b, Tensor? c0_b, Tensor w_ih_b, "
+      "Tensor w_hh_b, Tensor? b_ih_b, Tensor? b_hh_b, Tensor? w_hr_b, Tensor? lengths, int mode, "
+      "bool save) -> Tensor[]");
+  m.def(
+      "pair_backward(Tensor? grad_out_f, Tensor? grad_hn_f, Tensor? grad_cn_f, Tensor? c0_f, "
+      "Tensor w_ih_f, Tensor w_hh_f, Tensor? w_hr_f, Tensor act_f, Tensor hprev_f, Tensor c_f, "
+      "Tensor hpre_f, Tensor? grad_out_b, Tensor? grad_hn_b, Tensor? grad_cn_b, Tensor? c0_b, "
+      "Tensor w_ih_b, Tensor w_hh_b, Tensor? w_hr_b, Tensor act_b, Tensor hprev_b, Tensor c_b, "
+      "Tensor hpre_b, Tensor x, Tensor? lengths, int mode, bool has_bias, bool need_dx) -> "
+      "Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
   m.impl("layer_forward", &rnnkit::layer_forward);
   m.impl("layer_backward", &rnnkit::layer_backward);
+  m.impl("pair_forward", &rnnkit::pair_forward);
+  m.impl("pair_backward", &rnnkit::pair_backward);
 }
