@@ -19,11 +19,12 @@ import statistics
 import time
 
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnkit
 
 SHAPES = {"S": (100, 8, 64, 64), "M": (100, 32, 128, 256), "L": (200, 64, 256, 512)}
-GATES = {"lstm": 4, "gru": 3, "rnn": 1, "rnn_relu": 1}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1, "rnn_relu": 1, "bilstm": 4}
 
 
 def _best(fn, repeats: int) -> tuple[float, float]:
@@ -68,7 +69,10 @@ def gemm(args) -> None:
 def _modules(case: str, shape: str):
     _, _, i, h = SHAPES[shape]
     torch.manual_seed(0)
-    if case in ("lstm", "gru"):
+    if case == "bilstm":
+        ref = torch.nn.LSTM(i, h, num_layers=2, bidirectional=True)
+        mine = rnnkit.LSTM(i, h, num_layers=2, bidirectional=True, backend="cpu")
+    elif case in ("lstm", "gru"):
         ref = getattr(torch.nn, case.upper())(i, h)
         mine = getattr(rnnkit, case.upper())(i, h, backend="cpu")
     else:
@@ -82,6 +86,8 @@ def _modules(case: str, shape: str):
 def _train_flop(case: str, shape: str) -> float:
     t, b, i, h = SHAPES[shape]
     g = GATES[case] * h
+    if case == "bilstm":  # two directions; layer 2 reads 2H features
+        return 3 * 2 * (2 * t * b * g * (i + h) + 2 * t * b * g * (2 * h + h))
     forward = 2 * t * b * g * (i + h)  # input projection + recurrent steps
     backward = 2 * t * b * g * (i + h) * 2  # dx, dh per step; dW_ih, dW_hh
     return forward + backward
@@ -92,20 +98,31 @@ def cells(args) -> None:
     # (meaningful with --threads 1 only).
     clock = time.thread_time if args.cpu_time else time.perf_counter
     for case in args.cells:
-        for shape in args.shapes:
+        # bilstm: 2-layer bidirectional LSTM at M, lengths uniform in [T/4, T]; torch.nn packed.
+        for shape in ["M"] if case == "bilstm" else args.shapes:
             for mode in args.modes:
                 ref, mine = _modules(case, shape)
                 t, b, i, _ = SHAPES[shape]
                 x = torch.randn(t, b, i, requires_grad=mode == "train")
+                lengths = torch.randint(t // 4, t + 1, (b,)) if case == "bilstm" else None
 
-                def step(m, x=x, mode=mode):
+                def run(m, x=x, lengths=lengths, t=t, mine=mine):
+                    if lengths is None:
+                        return m(x)
+                    if m is mine:
+                        return m(x, lengths=lengths)
+                    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+                    out, st = m(packed)
+                    return pad_packed_sequence(out, total_length=t)[0], st
+
+                def step(m, run=run, mode=mode):
                     if mode == "infer":
                         with torch.no_grad():
-                            m(x)
+                            run(m)
                         return
                     for p in m.parameters():
                         p.grad = None
-                    out, st = m(x)
+                    out, st = run(m)
                     st = st if isinstance(st, tuple) else (st,)
                     (out.sum() + sum(s.sum() for s in st)).backward()
 
