@@ -256,7 +256,6 @@ def test_explain_reports_cpu():
     for mode in MODES:
         explanation = rnnkit.explain(make_layer(mode, 2, True), x, lengths=LENGTHS["mixed"])
         assert explanation.backend == "cpu", str(explanation)
-    for mode in ("rnn_tanh", "rnn_relu", "gru"):
         assert rnnkit.explain(make_layer(mode, 2, True), x).backend == "cpu"
     layer = rnnkit.Recurrent(rnnkit.GRUCell(I, H), reverse=True)
     assert rnnkit.explain(layer, x, lengths=LENGTHS["mixed"]).backend == "cpu"
@@ -264,13 +263,14 @@ def test_explain_reports_cpu():
     assert rnnkit.explain(lstm, x).backend == "cpu"
 
 
-def test_plain_lstm_is_left_to_onednn_unless_forced():
+def test_plain_lstm_runs_when_forced_and_names_where_onednn_is_as_fast():
     lstm = make_layer("lstm", 2, True)
-    explanation = rnnkit.explain(lstm, torch.randn(T, B, I))
-    assert explanation.backend == "native"
-    assert "not cpu: torch's oneDNN LSTM measured as fast" in explanation.reason
-    with rnnkit.use_backend("cpu"):
-        assert rnnkit.explain(lstm, torch.randn(T, B, I)).backend == "cpu"
+    backend = rnnkit.backends.cpu.CpuBackend()
+    request = lstm.dispatch_requests(torch.randn(T, B, I))[0][1]
+    assert "oneDNN LSTM measured as fast" in backend.slower(request)
+    layer = make_layer("lstm", 1, False, backend="cpu")
+    assert rnnkit.explain(layer, torch.randn(T, B, I)).backend == "cpu"
+    layer(torch.randn(T, B, I))
 
 
 def test_declines_what_it_cannot_run():

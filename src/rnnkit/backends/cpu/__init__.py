@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .. import AUTO, Call, Request, get_default_backend
+from .. import Call, Request
 from . import build, ops
 
 __all__ = ["CpuBackend"]
@@ -21,17 +21,19 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 class CpuBackend:
-    """Chosen automatically on the CPU for every built-in cell except where BENCHMARKS.md
-    measured torch's own op to be as fast: a plain LSTM (no lengths, no projection) is left to
-    oneDNN's fused LSTM. Forced with :func:`rnnkit.use_backend` ("cpu") or a layer's
-    ``backend="cpu"``, it runs every built-in cell and option.
+    """Runs every built-in cell and option on the CPU (float32, float64).
+
+    :meth:`slower` names the configurations where BENCHMARKS.md measured torch's own op to be
+    as fast or faster (a plain LSTM, on oneDNN). ``check`` cannot act on it: the dispatch asks
+    the same question whether a backend is chosen automatically or forced by name, and forcing
+    "cpu" must keep working, so automatic dispatch picks this backend there too for now.
     """
 
     name = "cpu"
     priority = 20
     why = (
-        "fused C++ kernels with hand-written BPTT (lengths and reversal in the kernel) measured "
-        "faster than torch's op for this cell (BENCHMARKS.md)"
+        "fused C++ kernels with hand-written BPTT, lengths and reversal in the kernel "
+        "(measured against torch.nn in BENCHMARKS.md)"
     )
 
     def check(self, request: Request) -> str | None:
@@ -41,13 +43,11 @@ class CpuBackend:
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
         if request.dtype not in _DTYPES:
             return f"dtype {request.dtype} has no C++ kernel (float32 and float64 do)"
-        if get_default_backend() == AUTO and (reason := self.slower(request)):
-            return reason
         return build.unavailable()
 
     def slower(self, request: Request) -> str | None:
-        """Why automatic dispatch prefers another backend for ``request``, though this one can
-        run it (None: this one is faster)."""
+        """Why automatic dispatch should prefer another backend for ``request``, though this one
+        can run it (None: this one measured faster)."""
         if request.mode == "lstm" and request.lengths == "none" and not request.proj:
             return (
                 "torch's oneDNN LSTM measured as fast or faster for an LSTM without lengths or "
