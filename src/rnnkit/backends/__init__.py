@@ -196,10 +196,11 @@ def select(request: Request, name: str | None = None) -> tuple[Backend, Choice]:
 def _ensure_registered() -> None:
     if _registry:
         return
-    from . import native, reference
+    from . import cpu, native, reference
 
     register(reference.ReferenceBackend())
     register(native.NativeBackend())
+    register(cpu.CpuBackend())
 
 
 @dataclass(frozen=True)

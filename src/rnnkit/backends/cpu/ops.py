@@ -1,0 +1,428 @@
+"""The C++ kernels as ``torch.library`` custom ops, with fake (meta) kernels and autograd.
+
+``rnnkit::layer_forward`` runs one layer in one direction over the whole sequence and returns,
+besides ``(out, h_n, c_n)``, what its backward needs; ``rnnkit::layer_backward`` is the
+hand-written backpropagation through time. Autograd, torch.compile and torch.export see one op
+each. Shapes (rnn_kernels.cpp states them in full): x (T, B, I), h0 (B, P), c0 (B, H),
+w_ih (G, I), w_hh (G, P), b_ih/b_hh (G), w_hr (P, H), lengths (B,) int64.
+
+Defining the ops builds nothing: the kernels are compiled when an op first runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import build
+
+__all__ = [
+    "MODE_IDS",
+    "layer",
+    "layer_backward",
+    "layer_forward",
+    "pair",
+    "pair_backward",
+    "pair_forward",
+]
+
+#: The kernels' cell ids.
+MODE_IDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+_LSTM = MODE_IDS["lstm"]
+
+
+def _saved_width(mode: int, hidden: int) -> int:
+    return 4 * hidden if mode in (MODE_IDS["lstm"], MODE_IDS["gru"]) else hidden
+
+
+@torch.library.custom_op("rnnkit::layer_forward", mutates_args=())
+def layer_forward(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    mode: int,
+    reverse: bool,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One layer, one direction: ``(out, h_n, c_n, act, hprev, c, hpre)``; the last four are
+    saved for backward and empty unless ``save``."""
+    build.ensure()
+    return torch.ops.rnnkit_cpu.layer_forward(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save
+    )
+
+
+@layer_forward.register_fake
+def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save):
+    steps, batch, _ = x.shape
+    gates = w_ih.shape[0]
+    hidden = gates // {0: 1, 1: 1, 2: 4, 3: 3}[mode]
+    state = h0.shape[1]
+    empty = x.new_empty(0)
+
+    def saved(width: int, used: bool) -> Tensor:
+        return x.new_empty(steps, batch, width) if save and used else x.new_empty(0)
+
+    return (
+        x.new_empty(steps, batch, state),
+        x.new_empty(batch, state),
+        x.new_empty(batch, hidden) if mode == _LSTM else empty,
+        saved(_saved_width(mode, hidden), True),
+        saved(state, True),
+        saved(hidden, mode == _LSTM),
+        saved(hidden, w_hr is not None),
+    )
+
+
+@torch.library.custom_op("rnnkit::layer_backward", mutates_args=())
+def layer_backward(
+    grad_out: Tensor | None,
+    grad_hn: Tensor | None,
+    grad_cn: Tensor | None,
+    x: Tensor,
+    c0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    act: Tensor,
+    hprev: Tensor,
+    c: Tensor,
+    hpre: Tensor,
+    mode: int,
+    reverse: bool,
+    has_bias: bool,
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backpropagation through one layer_forward: ``(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
+    dw_hr)``; dx is empty unless ``need_dx``, the biases without ``has_bias``, dw_hr without a
+    projection, dc0 unless LSTM."""
+    build.ensure()
+    return torch.ops.rnnkit_cpu.layer_backward(
+        grad_out,
+        grad_hn,
+        grad_cn,
+        x,
+        c0,
+        w_ih,
+        w_hh,
+        w_hr,
+        lengths,
+        act,
+        hprev,
+        c,
+        hpre,
+        mode,
+        reverse,
+        has_bias,
+        need_dx,
+    )
+
+
+@layer_backward.register_fake
+def _layer_backward_fake(
+    grad_out,
+    grad_hn,
+    grad_cn,
+    x,
+    c0,
+    w_ih,
+    w_hh,
+    w_hr,
+    lengths,
+    act,
+    hprev,
+    c,
+    hpre,
+    mode,
+    reverse,
+    has_bias,
+    need_dx,
+):
+    batch = x.shape[1]
+    gates = w_ih.shape[0]
+    hidden = gates // {0: 1, 1: 1, 2: 4, 3: 3}[mode]
+    state = w_hh.shape[1]
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_dx else empty,
+        x.new_empty(batch, state),
+        x.new_empty(batch, hidden) if mode == _LSTM else x.new_empty(0),
+        x.new_empty(w_ih.shape),
+        x.new_empty(w_hh.shape),
+        x.new_empty(gates) if has_bias else x.new_empty(0),
+        x.new_empty(gates) if has_bias else x.new_empty(0),
+        x.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, _, c0, w_ih, w_hh, b_ih, _, w_hr, lengths, mode, reverse, save = inputs
+    _, _, _, act, hprev, c, hpre = output
+    ctx.mode, ctx.reverse, ctx.save = mode, reverse, save
+    ctx.has_bias = b_ih is not None
+    ctx.has_c0, ctx.has_w_hr = c0 is not None, w_hr is not None
+    ctx.save_for_backward(x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre)
+    ctx.mark_non_differentiable(act, hprev, c, hpre)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
+    if not ctx.save:
+        raise RuntimeError(
+            "rnnkit::layer_forward ran with save=False (no gradient was expected), so it kept "
+            "nothing for backward"
+        )
+    x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = layer_backward(
+        grad_out,
+        grad_hn,
+        grad_cn if ctx.mode == _LSTM else None,
+        x,
+        c0,
+        w_ih,
+        w_hh,
+        w_hr,
+        lengths,
+        act,
+        hprev,
+        c,
+        hpre,
+        ctx.mode,
+        ctx.reverse,
+        ctx.has_bias,
+        need_dx,
+    )
+    return (
+        dx if need_dx else None,
+        dh0,
+        dc0 if ctx.has_c0 else None,
+        dw_ih,
+        dw_hh,
+        db_ih if ctx.has_bias else None,
+        db_hh if ctx.has_bias else None,
+        dw_hr if ctx.has_w_hr else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+layer_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    weights: list[Tensor],
+    lengths: Tensor | None,
+    mode: str,
+    reverse: bool,
+    bias: bool,
+    proj: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer in one direction from torch.nn's per-direction weight list
+    ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``: returns ``(out (T, B, P), h_n (B, P), c_n (B, H) or None)``.
+    """
+    w_ih, w_hh, *rest = weights
+    b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
+    w_hr = rest[-1] if proj else None
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    mode_id = MODE_IDS[mode]
+    out, h_n, c_n, *_ = layer_forward(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode_id, reverse, save
+    )
+    return out, h_n, c_n if mode_id == _LSTM else None
+
+
+# -- both directions of a bidirectional layer in one op ---------------------------------------
+# The directions are independent: the kernel runs each on its own thread. Arguments are those of
+# layer_forward for the forward direction (_f) and the reverse one (_b); results are
+# layer_forward's seven for each, forward direction first.
+
+
+_Tensors14 = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]  # fmt: skip
+_Tensors16 = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]  # fmt: skip
+
+
+@torch.library.custom_op("rnnkit::pair_forward", mutates_args=())
+def pair_forward(
+    x: Tensor,
+    h0_f: Tensor,
+    c0_f: Tensor | None,
+    w_ih_f: Tensor,
+    w_hh_f: Tensor,
+    b_ih_f: Tensor | None,
+    b_hh_f: Tensor | None,
+    w_hr_f: Tensor | None,
+    h0_b: Tensor,
+    c0_b: Tensor | None,
+    w_ih_b: Tensor,
+    w_hh_b: Tensor,
+    b_ih_b: Tensor | None,
+    b_hh_b: Tensor | None,
+    w_hr_b: Tensor | None,
+    lengths: Tensor | None,
+    mode: int,
+    save: bool,
+) -> _Tensors14:
+    """Both directions of one layer: layer_forward's 7 results for each (14 tensors)."""
+    build.ensure()
+    return tuple(torch.ops.rnnkit_cpu.pair_forward(
+        x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f,
+        h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode, save,
+    ))  # fmt: skip
+
+
+@pair_forward.register_fake
+def _(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b,
+      b_hh_b, w_hr_b, lengths, mode, save):  # fmt: skip
+    f = _layer_forward_fake(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths, mode,
+                            False, save)  # fmt: skip
+    b = _layer_forward_fake(x, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode,
+                            True, save)  # fmt: skip
+    return (*f, *b)
+
+
+@torch.library.custom_op("rnnkit::pair_backward", mutates_args=())
+def pair_backward(
+    grad_out_f: Tensor | None,
+    grad_hn_f: Tensor | None,
+    grad_cn_f: Tensor | None,
+    c0_f: Tensor | None,
+    w_ih_f: Tensor,
+    w_hh_f: Tensor,
+    w_hr_f: Tensor | None,
+    act_f: Tensor,
+    hprev_f: Tensor,
+    c_f: Tensor,
+    hpre_f: Tensor,
+    grad_out_b: Tensor | None,
+    grad_hn_b: Tensor | None,
+    grad_cn_b: Tensor | None,
+    c0_b: Tensor | None,
+    w_ih_b: Tensor,
+    w_hh_b: Tensor,
+    w_hr_b: Tensor | None,
+    act_b: Tensor,
+    hprev_b: Tensor,
+    c_b: Tensor,
+    hpre_b: Tensor,
+    x: Tensor,
+    lengths: Tensor | None,
+    mode: int,
+    has_bias: bool,
+    need_dx: bool,
+) -> _Tensors16:
+    """Backpropagation through pair_forward: layer_backward's 8 results for each direction."""
+    build.ensure()
+    return tuple(torch.ops.rnnkit_cpu.pair_backward(
+        grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f,
+        hpre_f, grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b,
+        c_b, hpre_b, x, lengths, mode, has_bias, need_dx,
+    ))  # fmt: skip
+
+
+@pair_backward.register_fake
+def _(grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f, hpre_f,
+      grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b, c_b, hpre_b,
+      x, lengths, mode, has_bias, need_dx):  # fmt: skip
+    f = _layer_backward_fake(grad_out_f, grad_hn_f, grad_cn_f, x, c0_f, w_ih_f, w_hh_f, w_hr_f,
+                             lengths, act_f, hprev_f, c_f, hpre_f, mode, False, has_bias,
+                             need_dx)  # fmt: skip
+    b = _layer_backward_fake(grad_out_b, grad_hn_b, grad_cn_b, x, c0_b, w_ih_b, w_hh_b, w_hr_b,
+                             lengths, act_b, hprev_b, c_b, hpre_b, mode, True, has_bias,
+                             need_dx)  # fmt: skip
+    return (*f, *b)
+
+
+def _pair_setup_context(ctx, inputs, output) -> None:
+    (x, _, c0_f, w_ih_f, w_hh_f, b_ih_f, _, w_hr_f, _, c0_b, w_ih_b, w_hh_b, _, _, w_hr_b,
+     lengths, mode, save) = inputs  # fmt: skip
+    saved_f, saved_b = output[3:7], output[10:14]
+    ctx.mode, ctx.save = mode, save
+    ctx.has_bias = b_ih_f is not None
+    ctx.has_c0, ctx.has_w_hr = c0_f is not None, w_hr_f is not None
+    ctx.save_for_backward(
+        x, lengths, c0_f, w_ih_f, w_hh_f, w_hr_f, *saved_f, c0_b, w_ih_b, w_hh_b, w_hr_b, *saved_b
+    )
+    ctx.mark_non_differentiable(*saved_f, *saved_b)
+    ctx.set_materialize_grads(False)
+
+
+def _pair_backward(ctx, *grads):
+    if not ctx.save:
+        raise RuntimeError(
+            "rnnkit::pair_forward ran with save=False (no gradient was expected), so it kept "
+            "nothing for backward"
+        )
+    x, lengths, *rest = ctx.saved_tensors
+    fwd, bwd = rest[:8], rest[8:]
+    lstm = ctx.mode == _LSTM
+    g_f = [grads[0], grads[1], grads[2] if lstm else None]
+    g_b = [grads[7], grads[8], grads[9] if lstm else None]
+    need_dx = ctx.needs_input_grad[0]
+    r = pair_backward(*g_f, *fwd, *g_b, *bwd, x, lengths, ctx.mode, ctx.has_bias, need_dx)
+    dx = None
+    if need_dx:
+        dx = r[0] + r[8]
+
+    def direction(d):  # dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr of one direction
+        dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = d[1:8]
+        return (
+            dh0,
+            dc0 if ctx.has_c0 else None,
+            dw_ih,
+            dw_hh,
+            db_ih if ctx.has_bias else None,
+            db_hh if ctx.has_bias else None,
+            dw_hr if ctx.has_w_hr else None,
+        )
+
+    return (dx, *direction(r[:8]), *direction(r[8:]), None, None, None)
+
+
+pair_forward.register_autograd(_pair_backward, setup_context=_pair_setup_context)
+
+
+def pair(
+    x: Tensor,
+    h0: tuple[Tensor, Tensor],
+    c0: tuple[Tensor, Tensor] | None,
+    weights: tuple[list[Tensor], list[Tensor]],
+    lengths: Tensor | None,
+    mode: str,
+    bias: bool,
+    proj: bool,
+) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    """Both directions of a bidirectional layer (forward first): ``(out (T, B, 2P),
+    (h_n forward, h_n reverse), (c_n forward, c_n reverse) or None)``."""
+    args = []
+    for d in range(2):
+        w_ih, w_hh, *rest = weights[d]
+        b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
+        w_hr = rest[-1] if proj else None
+        args += [h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih, b_hh, w_hr]
+    tensors = (x, *args)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    mode_id = MODE_IDS[mode]
+    r = pair_forward(x, *args, lengths, mode_id, save)
+    out = torch.cat([r[0], r[7]], dim=-1)
+    c_n = (r[2], r[9]) if mode_id == _LSTM else None
+    return out, (r[1], r[8]), c_n
