@@ -89,6 +89,9 @@ def _build() -> None:
         directory.mkdir(parents=True, exist_ok=True)
         with _file_lock(directory / "build.lock"):
             if not library.exists():  # another process may have built it while we waited
+                # Under our lock no one else builds here: a baton left by a build that was killed
+                # would make cpp_extension wait forever.
+                (directory / "lock").unlink(missing_ok=True)
                 print(
                     f"rnnkit: building the C++ CPU kernels (first use, cached in {directory})",
                     file=sys.stderr,

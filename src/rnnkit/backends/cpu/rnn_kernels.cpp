@@ -20,11 +20,16 @@
 //   -> dx (T, B, I) [or (0) unless need_dx]   dh0 (B, P)   dc0 (B, H)   dw_ih (G, I)
 //      dw_hh (G, P)   db_ih, db_hh (G) [or (0) without bias]   dw_hr (P, H) [or (0)]
 //
+// pair_forward / pair_backward: both directions of a bidirectional layer (forward then reverse
+//   arguments, then x, lengths, mode, ...), each direction on its own thread; the results are
+//   layer_forward's 7 (layer_backward's 8) per direction, forward direction first.
+//
 // Step s (0 <= s < max length) reads time t = s forwards, t = len_b - 1 - s in reverse (T - 1 - s
 // without lengths); a sequence b with s >= len_b is finished: its state is kept, its output is 0.
 // The forward is: one GEMM for the input projection of all steps, then per step one recurrent
-// GEMM and one fused pass over the gates. The backward reads the forward in reverse, one
-// derivative per line; dx, dw_ih, dw_hh and the biases are single GEMMs over all steps at the end.
+// GEMM (over the still-active sequences only, with lengths) and one fused pass over the gates.
+// The backward reads the forward in reverse, one derivative per line; dx, dw_ih, dw_hh and the
+// biases are single GEMMs over all steps at the end.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
