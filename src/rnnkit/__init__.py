@@ -17,7 +17,15 @@ from .backends import (
 from .backends import (
     available as available_backends,
 )
-from .cells import Cell, GRUCell, LSTMCell, RNNCell
+from .cells import (
+    Cell,
+    GRUCell,
+    LayerNormGRUCell,
+    LayerNormLSTMCell,
+    LSTMCell,
+    PeepholeLSTMCell,
+    RNNCell,
+)
 from .layers import GRU, LSTM, RNN, Bidirectional, Recurrent, Stacked
 
 __version__ = "0.1.0"
@@ -31,6 +39,9 @@ __all__ = [
     "Cell",
     "GRUCell",
     "LSTMCell",
+    "LayerNormGRUCell",
+    "LayerNormLSTMCell",
+    "PeepholeLSTMCell",
     "RNNCell",
     "Recurrent",
     "Stacked",

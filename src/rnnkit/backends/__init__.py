@@ -17,7 +17,6 @@ measurements); a backend named explicitly still runs it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -121,7 +120,7 @@ class Choice:
 _registry: dict[str, Backend] = {}
 _lock = threading.Lock()
 _default = AUTO  # set_default_backend: the whole process
-_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("rnnkit_backend", default=None)
+_scoped = threading.local()  # use_backend: this thread, within the block (torch.compile traces it)
 
 
 def register(backend: Backend) -> None:
@@ -156,17 +155,18 @@ def set_default_backend(name: str) -> None:
 
 
 def get_default_backend() -> str:
-    return _scoped.get() or _default
+    return getattr(_scoped, "name", None) or _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Within the block (this thread or task), layers that do not name a backend use ``name``."""
-    token = _scoped.set(check_name(name))
+    """Within the block (in this thread), layers that do not name a backend use ``name``."""
+    outer = getattr(_scoped, "name", None)
+    _scoped.name = check_name(name)
     try:
         yield
     finally:
-        _scoped.reset(token)
+        _scoped.name = outer
 
 
 def select(request: Request, name: str | None = None) -> tuple[Backend, Choice]:

@@ -24,9 +24,8 @@ class CpuBackend:
     """Runs every built-in cell and option on the CPU (float32, float64).
 
     :meth:`slower` names the configurations where BENCHMARKS.md measured torch's own op to be
-    as fast or faster (a plain LSTM, on oneDNN). ``check`` cannot act on it: the dispatch asks
-    the same question whether a backend is chosen automatically or forced by name, and forcing
-    "cpu" must keep working, so automatic dispatch picks this backend there too for now.
+    as fast or faster (a plain LSTM, on oneDNN): automatic dispatch then skips this backend,
+    while ``backend="cpu"`` still runs them.
     """
 
     name = "cpu"
@@ -38,7 +37,11 @@ class CpuBackend:
 
     def check(self, request: Request) -> str | None:
         if request.mode not in ops.MODE_IDS:
-            return "a custom cell has no C++ kernel"
+            return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
+        if request.zoneout or request.state_dropout or request.variational:
+            return "the C++ kernels have no zoneout or variational dropout yet"
+        if request.gates:
+            return "the C++ kernels do not return gates yet"
         if request.device_type != "cpu":
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
         if request.dtype not in _DTYPES:
