@@ -64,10 +64,13 @@ def _loss(out: torch.Tensor, states) -> torch.Tensor:
     return out.sum() + sum(s.sum() for s in leaves)
 
 
+_CLOCK = time.perf_counter  # --cpu-time: time.thread_time, which other processes cannot inflate
+
+
 def _timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
+    start = _CLOCK()
     fn()
-    return time.perf_counter() - start
+    return _CLOCK() - start
 
 
 def _interleave(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup: int = 2):
@@ -81,12 +84,12 @@ def _interleave(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup
     return ta, tb
 
 
-def _step_fns(ref, mine, x, mode, mine_kw=None, ref_input=None, unpack=None):
+def _step_fns(ref, mine, x, mode, mine_kw=None, pack=None, unpack=None):
     mine_kw = mine_kw or {}
     params = list(ref.parameters()) + list(mine.parameters())
 
-    def run_ref():
-        out, st = ref(x if ref_input is None else ref_input)
+    def run_ref():  # torch.nn users pack on every call, so the packing is timed too
+        out, st = ref(x if pack is None else pack(x))
         return (unpack(out) if unpack else out), st
 
     def run_mine():
@@ -129,12 +132,14 @@ def measure(case: str, shape: str, mode: str, backend: str, pairs: int) -> Row:
     x = torch.randn(steps, batch, inp, requires_grad=mode == "train")
     if case == "bilstm":
         lengths = torch.randint(steps // 4, steps + 1, (batch,))
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+
+        def pack(x):
+            return pack_padded_sequence(x, lengths, enforce_sorted=False)
 
         def unpack(out):
             return pad_packed_sequence(out, total_length=steps)[0]
 
-        a, b = _step_fns(ref, mine, x, mode, {"lengths": lengths}, packed, unpack)
+        a, b = _step_fns(ref, mine, x, mode, {"lengths": lengths}, pack, unpack)
         chosen = rnnkit.explain(mine, x, lengths=lengths).backend
     else:
         a, b = _step_fns(ref, mine, x, mode)
@@ -193,10 +198,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="auto", help="rnnkit backend (default: auto)")
     parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs per row")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with this thread's CPU time (for a shared machine; use with --threads 1)",
+    )
     parser.add_argument("--json", help="write the rows and the environment here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global _CLOCK
+        _CLOCK = time.thread_time
 
     rows = []
     for case in args.cells:

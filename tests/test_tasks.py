@@ -88,7 +88,7 @@ def test_speech_end_to_end(tmp_path):
     run = tmp_path / "run"
     metrics = train("speech", TINY["speech"], out=run, progress=False)
     check_run(run, metrics, "speech", "accuracy", 0.0, 1.0)
-    assert metrics["backend"]["name"] == "native"  # lengths 7-29, all >= 1: torch's fused op
+    assert metrics["backend"]["name"] in ("cpu", "native")  # a fused backend, not the loop
     frames = "\n".join(",".join(str(0.1 * (i + j)) for j in range(12)) for i in range(9))
     utterance = tmp_path / "utterance.csv"
     utterance.write_text(frames)
