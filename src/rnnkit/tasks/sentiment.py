@@ -67,7 +67,7 @@ class SentimentTask(ClassifierHooks, Task):
                 "min_freq": 3,
                 "lr": 2e-3,
                 "embed_size": 128,
-                "hidden_size": 128,
+                "hidden_size": 64,
                 "token_dropout": 0.1,
             },
         }
