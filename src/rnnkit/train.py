@@ -57,6 +57,7 @@ METRICS, CURVES = "metrics.json", "curves.png"
 RUN_FILES = (CONFIG, VOCAB, MODEL, STATE, METRICS)
 STATE_FORMAT = "rnnkit-resume-1"
 PLOT_SECONDS = 60.0  # redraw curves.png during training at most this often (and at the end)
+LOG_SECONDS = 60.0  # without a progress bar (stderr not a terminal), one progress line this often
 
 
 @dataclass
@@ -223,6 +224,11 @@ def format_metrics(split: str, metrics: dict[str, Any]) -> str:
     for k, v in metrics.items():
         parts.append(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
     return f"{split} " + " ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _say(message: str) -> None:
@@ -477,12 +483,13 @@ def _train_epochs(
     last_valid = p.history[-1]["valid"][metric] if p.history else None
     out_of_time = False
     # Training time counts everything in the loop (validation and checkpoints too), over resumes.
-    start = last_plot = time.perf_counter()
+    start = last_plot = last_log = time.perf_counter()
     base = p.seconds
+    done_here, seqs_here = 0, 0  # batches and sequences trained by this process
     try:
         while p.epoch < config.epochs and not out_of_time:
             batches = task.epoch_batches(data["train"], _epoch_generator(config.seed, p.epoch))
-            last_save, seqs = time.perf_counter(), 0
+            last_save = time.perf_counter()
             model.train()
             for k in range(p.batch, len(batches)):
                 batch = task.collate(data["train"], batches[k])
@@ -497,7 +504,8 @@ def _train_epochs(
                 p.batch, p.step = k + 1, p.step + 1
                 p.loss_sum += loss.item() * n
                 p.count += n
-                seqs += task.batch_size_of(batches[k])
+                done_here += 1
+                seqs_here += task.batch_size_of(batches[k])
                 bar.update(1)
                 shown = {
                     "epoch": f"{p.epoch + 1}/{config.epochs}",
@@ -505,10 +513,18 @@ def _train_epochs(
                 }
                 if last_valid is not None:
                     shown[f"valid_{metric}"] = f"{last_valid:.4f}"
-                shown["seq/s"] = (
-                    f"{seqs / max(bar.format_dict['elapsed'], 1e-9):.0f}" if show else ""
-                )
+                shown["seq/s"] = f"{seqs_here / max(now - start, 1e-9):.0f}"
                 bar.set_postfix(shown, refresh=False)
+                if not show and now - last_log >= LOG_SECONDS:
+                    last_log = now
+                    left = (bar.total - bar.n) * (now - start) / done_here
+                    if budget:
+                        left = min(left, max(budget - p.seconds, 0.0))
+                    say(
+                        f"epoch {p.epoch + 1}/{config.epochs} batch {p.batch}/{len(batches)}: "
+                        f"loss {p.loss_sum / p.count:.4f}, {seqs_here / (now - start):.0f} seq/s, "
+                        f"ETA {_clock(left)}"
+                    )
                 if hook is not None:
                     hook(p)
                 if budget and p.seconds >= budget:

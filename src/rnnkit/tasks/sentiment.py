@@ -28,12 +28,16 @@ class SentimentConfig(TrainConfig):
     dataset: str = option(
         "rt", "rt (Rotten Tomatoes sentences) or imdb (IMDB reviews)", ("rt", "imdb")
     )
+    epochs: int = option(20, "most passes over the training split")
+    lr: float = option(3e-3, "learning rate (AdamW)")
+    patience: int = option(5, "stop after this many epochs without a better validation metric")
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
-    embed_size: int = option(128, "word embedding size")
-    hidden_size: int = option(128, "hidden size per direction")
+    embed_size: int = option(256, "word embedding size")
+    hidden_size: int = option(96, "hidden size per direction")
     num_layers: int = option(1, "stacked recurrent layers")
     bidirectional: bool = option(True, "read each text in both directions")
     dropout: float = option(0.5, "dropout on embeddings, between layers and before the classifier")
+    token_dropout: float = option(0.25, "in training, replace this fraction of words by <unk>")
     pooling: str = option(
         "max", "how encoder outputs become one vector (valid steps only)", POOLING
     )
@@ -55,7 +59,17 @@ class SentimentTask(ClassifierHooks, Task):
     predict_example = 'rnnkit predict runs/sentiment "a gorgeous, witty, seductive movie."'
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "dataset": {
-            "imdb": {"max_tokens": 400, "epochs": 6, "max_minutes": 25.0, "min_freq": 3},
+            "imdb": {
+                "max_tokens": 400,
+                "epochs": 6,
+                "patience": 2,
+                "max_minutes": 25.0,
+                "min_freq": 3,
+                "lr": 2e-3,
+                "embed_size": 128,
+                "hidden_size": 64,
+                "token_dropout": 0.1,
+            },
         }
     }
 
@@ -105,6 +119,7 @@ class SentimentTask(ClassifierHooks, Task):
             bidirectional=c.bidirectional,
             dropout=c.dropout,
             pooling=c.pooling,
+            token_dropout=c.token_dropout,
             backend=c.backend,
         )
 
