@@ -178,7 +178,7 @@ def test_bad_option_values(capsys, tmp_path):
         ("speech", "--dropout", "1.5", "dropout = 1.5; expected a probability in [0, 1)"),
         ("speech", "--hidden-size", "0", "hidden_size = 0; expected > 0"),
         ("speech", "--num-layers", "0", "num_layers = 0; expected > 0"),
-        ("speech", "--lr", "0", "lr = 0.0; expected > 0"),
+        ("speech", "--lr", "-1", "lr = -1.0; expected >= 0"),
         ("speech", "--max-minutes", "-2", "max_minutes = -2.0; expected >= 0"),
     ]
     for task, flag, value, message in cases:

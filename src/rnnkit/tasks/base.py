@@ -25,10 +25,10 @@ def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any
     return field(default=default, metadata=meta)
 
 
-#: Options, by name in any task's config, that must be > 0 (sizes, counts, rates).
+#: Options, by name in any task's config, that must be > 0 (sizes and counts).
 POSITIVE = frozenset(
     {
-        "epochs", "batch_size", "lr", "embed_size", "hidden_size", "num_layers", "encoder_layers",
+        "epochs", "batch_size", "embed_size", "hidden_size", "num_layers", "encoder_layers",
         "decoder_hidden", "decoder_layers", "seq_len", "eval_streams", "beam_size",
         "valid_beam_size", "max_decode_len", "max_words", "min_count", "min_freq", "max_vocab",
     }
