@@ -281,3 +281,13 @@ def test_markdown_to_text():
 def test_seq2seq_configs_reject_bad_sizes(task, option, value):
     with pytest.raises(ValueError, match=f"{option} = {value}; expected > 0"):
         tasks.get(task).make_config({option: value})
+
+
+def test_speech_limit_keeps_every_speaker():
+    need_data("speech")
+    task_cls = tasks.get("speech")
+    splits = task_cls(task_cls.make_config({"limit": 18})).load_splits()
+    for name, examples in splits.items():
+        assert len(examples) == 18, name
+        speakers = [label for _, label in examples]
+        assert len(set(speakers)) == 9 and all(speakers.count(s) == 2 for s in set(speakers))

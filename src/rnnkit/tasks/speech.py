@@ -8,6 +8,7 @@ deviation; utterances of 7-29 frames are batched with ``lengths=``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,8 @@ class SpeechTask(ClassifierHooks, Task):
 
     def load_splits(self) -> dict[str, list[tuple[list[list[float]], str]]]:
         splits = japanese_vowels.load()
-        if self.config.limit:
-            splits = {k: v[: self.config.limit] for k, v in splits.items()}
+        if self.config.limit:  # a slice with every speaker: take the utterances round-robin
+            splits = {k: _round_robin(v)[: self.config.limit] for k, v in splits.items()}
         return splits
 
     def fit_vocab(self, train: list[tuple[list[list[float]], str]]) -> dict[str, Any]:
@@ -133,3 +134,12 @@ class SpeechTask(ClassifierHooks, Task):
             f"speaker {self.labels[k]}\t{p:.3f}\t{name}"
             for (k, p), (name, _) in zip(results, items, strict=True)
         ]
+
+
+def _round_robin(examples: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
+    """The first utterance of each speaker, then the second of each, and so on."""
+    by_speaker: dict[str, list[tuple[Any, str]]] = {}
+    for example in examples:
+        by_speaker.setdefault(example[1], []).append(example)
+    rounds = itertools.zip_longest(*by_speaker.values())
+    return [example for row in rounds for example in row if example is not None]
