@@ -25,7 +25,8 @@ from torch import Tensor
 __all__ = ["Masks", "Regularisers"]
 
 
-def _check_p(name: str, p: object) -> float:
+def check_probability(name: str, p: object) -> float:
+    """``p`` as a float, or ValueError naming ``name`` unless it is a probability in [0, 1)."""
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
         raise ValueError(f"{name} = {p!r}; expected a probability in [0, 1)")
     return float(p)
@@ -46,7 +47,7 @@ class Regularisers:
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None:
-                object.__setattr__(self, f.name, _check_p(f.name, value))
+                object.__setattr__(self, f.name, check_probability(f.name, value))
 
     @property
     def any(self) -> bool:

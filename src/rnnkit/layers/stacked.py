@@ -9,13 +9,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from .regularisers import check_probability
+
 __all__ = ["Stacked", "check_dropout", "dropout"]
 
 
 def check_dropout(p: Any) -> float:
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout = {p!r}; expected a probability in [0, 1)")
-    return float(p)
+    return check_probability("dropout", p)
 
 
 def dropout(x: Any, p: float, training: bool) -> Any:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import lengths as L
+
 __all__ = [
     "ATTENTIONS",
     "Attention",
@@ -36,8 +38,7 @@ __all__ = [
 
 def length_mask(lengths: Tensor, steps: int) -> Tensor:
     """(B, S) bool mask, True at valid positions ``s < lengths[b]``."""
-    positions = torch.arange(steps, device=lengths.device)
-    return positions.unsqueeze(0) < lengths.to(positions.device).unsqueeze(1)
+    return L.mask(lengths, steps).T
 
 
 def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:

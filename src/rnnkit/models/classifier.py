@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import lengths as L
 from ..layers import GRU, LSTM, RNN
 
 __all__ = ["CELLS", "POOLING", "SequenceClassifier", "make_encoder", "pool"]
@@ -48,8 +49,7 @@ def pool(
     at each sequence's own last step. A length-0 sequence pools to zeros (or its initial state).
     """
     steps = out.shape[1]
-    valid = torch.arange(steps, device=out.device)[None, :] < lengths.to(out.device)[:, None]
-    valid = valid.unsqueeze(-1)  # (B, T, 1)
+    valid = L.mask(lengths.to(out.device), steps).T.unsqueeze(-1)  # (B, T, 1)
     if how == "last":
         if h_n is None:
             raise ValueError("pooling 'last' needs the final states h_n")

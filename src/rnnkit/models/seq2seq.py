@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from .. import lengths as L
 from ..cells import GRUCell, LSTMCell
 from ..layers import GRU, LSTM, RNN, Bidirectional, Stacked
+from ..layers.stacked import check_dropout
 from ..layers.torch_compat import _RNNBase
 from .attention import ATTENTIONS, Attention, build_attention, length_mask
 
@@ -109,8 +110,7 @@ class Seq2SeqConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}; expected one of {allowed}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout = {self.dropout!r}; expected a probability in [0, 1)")
+        check_dropout(self.dropout)
         if self.length_penalty < 0:
             raise ValueError(f"length_penalty = {self.length_penalty!r}; expected >= 0")
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
