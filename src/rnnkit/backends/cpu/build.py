@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCES", "cache_dir", "ensure", "unavailable"]
+__all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = (_HERE / "rnn_kernels.cpp",)
+HEADERS = (_HERE / "kernel_common.h",)  # hashed into the cache key, not compiled alone
 _CFLAGS = (
     "-O3",
     "-march=native",
@@ -43,7 +44,7 @@ _failure: str | None = None  # why the kernels cannot be used, once a build was 
 
 def _key() -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     h.update(torch.__version__.encode())

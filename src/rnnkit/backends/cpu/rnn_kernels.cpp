@@ -53,6 +53,8 @@
 #include <omp.h>
 #endif
 
+#include "kernel_common.h"
+
 namespace rnnkit {
 namespace {
 
@@ -60,158 +62,6 @@ using at::Tensor;
 using std::int64_t;
 
 enum Mode : int64_t { kRnnTanh = 0, kRnnRelu = 1, kLstm = 2, kGru = 3 };
-
-// ---------------------------------------------------------------------------------------------
-// GEMM: MKL's BLAS when torch exports it (through its Fortran symbols), else at::addmm.
-
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
-template <typename T>
-void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-               const T* alpha, const T* a, const int* lda, const T* b, const int* ldb,
-               const T* beta, T* c, const int* ldc) {
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  } else {
-    dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  }
-}
-
-template <typename T>
-bool have_blas() {
-  if constexpr (std::is_same_v<T, float>) {
-    return sgemm_ != nullptr;
-  } else {
-    return dgemm_ != nullptr;
-  }
-}
-
-// C (M, N) = alpha * op(A) (M, K) . op(B) (K, N) + beta * C, row-major; op = transpose if ta/tb.
-template <typename T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
-    return;
-  }
-  if (have_blas<T>()) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-    const char fa = ta ? 'T' : 'N', fb = tb ? 'T' : 'N';
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-    blas_gemm<T>(&fb, &fa, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
-                : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
-                : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (beta == T(0)) c.zero_();
-  at::addmm_out(c, c, a, b, beta == T(0) ? T(1) : beta, alpha);
-}
-
-// A right-hand operand used at every step (w_hh, w_hr), packed once into MKL's internal layout:
-// per step C (M, N) = A (M, K) . op(B) (K, N) + beta C without re-packing B. Falls back to gemm
-// where the packed API is absent (fp64, or a torch without MKL).
-
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
-                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
-}
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
-
-template <typename T>
-class PackedB {
- public:
-  PackedB(bool tb, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
-      : tb_(tb), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
-    if constexpr (std::is_same_v<T, float>) {
-      packed_ = B && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute && M > 0 &&
-                N > 0 && K > 0;
-      if (packed_) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, M, N, K);
-        buffer_ = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
-        cblas_sgemm_pack(kRowMajor, kBMatrix, tb ? kTrans : kNoTrans, M, N, K, 1.0f, B, ldb,
-                         reinterpret_cast<float*>(buffer_.mutable_data_ptr()));
-      }
-    }
-  }
-  // C (M, N) = A (M, K) . op(B) + beta C
-  void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_) {
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, M_, N_, K_, A, lda,
-                            reinterpret_cast<const float*>(buffer_.const_data_ptr()), ldb_, beta,
-                            C, ldc);
-        return;
-      }
-    }
-    gemm<T>(false, tb_, M_, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
-  }
-
- private:
-  bool tb_;
-  int64_t M_, N_, K_;
-  const T* B_;
-  int64_t ldb_;
-  bool packed_ = false;
-  Tensor buffer_;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Activations. fp32: a Cephes-style exp that the compiler vectorises (relative error ~1e-7);
-// fp64 (gradcheck): the C library's.
-
-inline float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // x = n ln2 + r, |r| <= ln2/2
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return 1.0f / (1.0f + exp_fast(-x));
-  } else {
-    return T(1) / (T(1) + std::exp(-x));
-  }
-}
-
-template <typename T>
-inline T tanh_(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return 2.0f / (1.0f + exp_fast(-2.0f * x)) - 1.0f;
-  } else {
-    return std::tanh(x);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // One fused pass over the gates of one row (one sequence) at one step; j runs over H.
@@ -342,57 +192,6 @@ inline void gru_row_backward(int64_t H, const T* act, const T* hprev, const T* g
     dgh[2 * H + j] = dnp * r;
     dh[j] = dht * z;
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Sizes and step -> time indexing shared by forward and backward.
-
-struct Shape {
-  int64_t T, B, I, H, P, G, S;
-};
-
-int64_t max_length(const int64_t* len, int64_t B, int64_t T) {
-  if (!len) return T;
-  int64_t m = 0;
-  for (int64_t b = 0; b < B; ++b) m = std::max(m, len[b]);
-  return m;
-}
-
-// Time index of sequence b at step s, or -1 once the sequence has ended.
-template <bool kLen>
-inline int64_t time_of(int64_t s, int64_t b, const int64_t* len, int64_t T, bool reverse) {
-  if constexpr (kLen) {
-    const int64_t n = len[b];
-    if (s >= n) return -1;
-    return reverse ? n - 1 - s : s;
-  } else {
-    return reverse ? T - 1 - s : s;
-  }
-}
-
-// The batch indices of the sequences still running at step s (all of them without lengths).
-template <bool kLen>
-std::vector<int64_t> active_rows(int64_t s, const int64_t* len, int64_t B) {
-  std::vector<int64_t> rows;
-  rows.reserve(B);
-  for (int64_t b = 0; b < B; ++b)
-    if (!kLen || s < len[b]) rows.push_back(b);
-  return rows;
-}
-
-// Rows per parallel chunk: enough work per thread to pay for the fork.
-int64_t grain(int64_t width) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
-}
-
-template <typename T>
-const T* ptr(const Tensor& t) {
-  return t.defined() && t.numel() ? t.const_data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* mptr(Tensor& t) {
-  return t.numel() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
 int64_t saved_width(int64_t mode, int64_t H) { return mode == kLstm || mode == kGru ? 4 * H : H; }
