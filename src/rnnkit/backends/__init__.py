@@ -83,9 +83,10 @@ class Call:
     x: (T, B, I). h0: (L*D, B, P); c0: (L*D, B, H) for LSTM, else None. weights: per layer, per
     direction, ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` (torch.nn's flat order). lengths: (B,) int64 on
     x's device, or None. ``masks`` holds the regulariser masks (``layers.regularisers.Masks``; for
-    a stack, a list with one per layer and direction) when the request asks for them. ``reference`` runs the layer's own loop.
-    Backends return ``(output (T, B, D*P), h_n (L*D, B, P), c_n or None)``, followed by the tuple
-    of (T, B, n) gate activations when ``request.gates``.
+    a stack, a list with one per layer and direction) when the request asks for them. ``reference``
+    runs the layer's own loop. Backends return ``(output (T, B, D*P), h_n (L*D, B, P), c_n or
+    None)``, followed, when ``request.gates``, by a tuple with one tuple of (T, B, n) gate
+    activations per layer and direction (h_n's order). A fused backend may return them detached.
     """
 
     request: Request

@@ -222,7 +222,8 @@ class Recurrent(nn.Module):
 
     ``return_gates=True`` (LSTM and GRU families) also returns the gate activations of every step
     as a dict of tensors in the output's layout, e.g. LSTM ``{"i", "f", "g", "o", "c"}``, zero at
-    padded steps.
+    padded steps. They are for inspection: the fused ``cpu`` backend returns them detached (no
+    gradient flows through them); ``backend="reference"`` returns differentiable ones.
     """
 
     def __init__(
@@ -368,10 +369,11 @@ class Recurrent(nn.Module):
         lstm = not isinstance(state, Tensor)
         h0, c0 = (state[0], state[1]) if lstm else (state, None)
 
-        def reference() -> tuple:
+        def reference() -> tuple:  # gates, if any, as backends return them: one tuple per layer
             out, final, *gates = loop()
             h, c = (final[0], final[1]) if lstm else (final, None)
-            return (out, h.unsqueeze(0), None if c is None else c.unsqueeze(0), *gates)
+            result = (out, h.unsqueeze(0), None if c is None else c.unsqueeze(0))
+            return (*result, tuple(gates)) if gates else result
 
         weights = self.cell.kernel_weights()
         if masks.weight_hh is not None:
@@ -389,4 +391,4 @@ class Recurrent(nn.Module):
             masks=masks,
         )
         out, h_n, c_n, *gates = backend.run(call)
-        return (out, (h_n[0], c_n[0]) if lstm else h_n[0], *gates)
+        return (out, (h_n[0], c_n[0]) if lstm else h_n[0], *(g[0] for g in gates))

@@ -385,7 +385,8 @@ class LSTM(_RNNBase):
     :mod:`rnnkit.layers.regularisers`): ``dropout_input``, ``dropout_state``, ``dropout_output``
     (variational), ``zoneout``, ``zoneout_cell``, ``weight_drop`` (DropConnect on
     ``weight_hh_l*``). ``return_gates=True`` adds a dict ``{"l0": {"i": ..., "f": ..., "g": ...,
-    "o": ..., "c": ...}, "l0_reverse": ..., ...}`` of per-step gate activations.
+    "o": ..., "c": ...}, "l0_reverse": ..., ...}`` of per-step gate activations (for inspection:
+    detached on the fused ``cpu`` backend, differentiable on ``backend="reference"``).
     """
 
     def __init__(

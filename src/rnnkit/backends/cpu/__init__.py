@@ -40,8 +40,6 @@ class CpuBackend:
             return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
         if request.zoneout or request.state_dropout or request.variational:
             return "the C++ kernels have no zoneout or variational dropout yet"
-        if request.gates:
-            return "the C++ kernels do not return gates yet"
         if request.device_type != "cpu":
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
         if request.dtype not in _DTYPES:
@@ -51,14 +49,22 @@ class CpuBackend:
     def slower(self, request: Request) -> str | None:
         """Why automatic dispatch should prefer another backend for ``request``, though this one
         can run it (None: this one measured faster)."""
-        if request.mode == "lstm" and request.lengths == "none" and not request.proj:
+        native_runs_it = not request.gates  # torch's op returns no gates
+        if (
+            request.mode == "lstm"
+            and request.lengths == "none"
+            and not request.proj
+            and native_runs_it
+        ):
             return (
                 "torch's oneDNN LSTM measured as fast or faster for an LSTM without lengths or "
                 "projection (BENCHMARKS.md)"
             )
         return None
 
-    def run(self, call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
+    def run(self, call: Call) -> tuple:
+        """``(output, h_n, c_n)``, plus one tuple of gates per layer and direction when the request
+        asks for them: read from the kernel's saved activations, detached (not differentiable)."""
         req = call.request
         lstm = req.mode == "lstm"
         directions = 2 if req.bidirectional else 1
@@ -67,12 +73,13 @@ class CpuBackend:
         x = call.x
         h_n: list[Tensor] = []
         c_n: list[Tensor] = []
+        gates: list[tuple[Tensor, ...]] = []
         for layer in range(req.num_layers):
             if layer and call.dropout > 0 and call.training:
                 x = F.dropout(x, call.dropout, True)
             if directions == 2:
                 k = 2 * layer
-                x, h, c = ops.pair(
+                x, h, c, g = ops.pair(
                     x,
                     (call.h0[k], call.h0[k + 1]),
                     (call.c0[k], call.c0[k + 1]) if lstm else None,
@@ -84,9 +91,10 @@ class CpuBackend:
                     req.mode,
                     req.bias,
                     req.proj,
+                    req.gates,
                 )
             else:
-                x, h, c = ops.layer(
+                x, h, c, g = ops.layer(
                     x,
                     call.h0[layer],
                     call.c0[layer] if lstm else None,
@@ -96,9 +104,13 @@ class CpuBackend:
                     req.reverse,
                     req.bias,
                     req.proj,
+                    req.gates,
                 )
-                h, c = (h,), (c,)
+                h, c, g = (h,), (c,), (g,)
             h_n += h
             if lstm:
                 c_n += c
-        return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
+            if req.gates:
+                gates += g
+        result = (x, torch.stack(h_n), torch.stack(c_n) if lstm else None)
+        return (*result, tuple(gates)) if req.gates else result

@@ -18,6 +18,7 @@ from . import build
 
 __all__ = [
     "MODE_IDS",
+    "gates_of",
     "layer",
     "layer_backward",
     "layer_forward",
@@ -219,6 +220,19 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
 layer_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+Gates = tuple[Tensor, ...]
+
+
+def gates_of(mode: int, act: Tensor, c: Tensor) -> Gates:
+    """The gate activations of every step, (T, B, H) each, from what layer_forward saved: LSTM
+    ``i, f, g, o, c`` (act holds i f g o, c the new cell state), GRU ``r, z, n`` (act holds r z n
+    hn). Copies, not differentiable: the saved activations are outputs without a gradient."""
+    hidden = act.shape[-1] // 4
+    if mode == _LSTM:
+        return (*(a.contiguous() for a in act.split(hidden, dim=-1)), c.clone())
+    return tuple(a.contiguous() for a in act.split(hidden, dim=-1)[:3])
+
+
 def layer(
     x: Tensor,
     h0: Tensor,
@@ -229,20 +243,22 @@ def layer(
     reverse: bool,
     bias: bool,
     proj: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    gates: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Gates | None]:
     """One layer in one direction from torch.nn's per-direction weight list
-    ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``: returns ``(out (T, B, P), h_n (B, P), c_n (B, H) or None)``.
+    ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``: returns ``(out (T, B, P), h_n (B, P), c_n (B, H) or None,
+    gates or None)``; with ``gates``, :func:`gates_of` (detached copies).
     """
     w_ih, w_hh, *rest = weights
     b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
     w_hr = rest[-1] if proj else None
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     mode_id = MODE_IDS[mode]
-    out, h_n, c_n, *_ = layer_forward(
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode_id, reverse, save
+    out, h_n, c_n, act, _, c, _ = layer_forward(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode_id, reverse, grad or gates
     )
-    return out, h_n, c_n if mode_id == _LSTM else None
+    return out, h_n, c_n if mode_id == _LSTM else None, gates_of(mode_id, act, c) if gates else None
 
 
 # -- both directions of a bidirectional layer in one op ---------------------------------------
@@ -410,9 +426,11 @@ def pair(
     mode: str,
     bias: bool,
     proj: bool,
-) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    gates: bool = False,
+) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None, tuple[Gates, Gates] | None]:
     """Both directions of a bidirectional layer (forward first): ``(out (T, B, 2P),
-    (h_n forward, h_n reverse), (c_n forward, c_n reverse) or None)``."""
+    (h_n forward, h_n reverse), (c_n forward, c_n reverse) or None, gates per direction or None)``.
+    """
     args = []
     for d in range(2):
         w_ih, w_hh, *rest = weights[d]
@@ -420,9 +438,10 @@ def pair(
         w_hr = rest[-1] if proj else None
         args += [h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih, b_hh, w_hr]
     tensors = (x, *args)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     mode_id = MODE_IDS[mode]
-    r = pair_forward(x, *args, lengths, mode_id, save)
+    r = pair_forward(x, *args, lengths, mode_id, grad or gates)
     out = torch.cat([r[0], r[7]], dim=-1)
     c_n = (r[2], r[9]) if mode_id == _LSTM else None
-    return out, (r[1], r[8]), c_n
+    g = (gates_of(mode_id, r[3], r[5]), gates_of(mode_id, r[10], r[12])) if gates else None
+    return out, (r[1], r[8]), c_n, g
