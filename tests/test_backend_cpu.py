@@ -281,7 +281,7 @@ def test_declines_what_it_cannot_run():
     backend = rnnkit.backends.cpu.CpuBackend()
     assert "custom cell" in backend.check(rnnkit.backends.Request(mode=None))
     assert "lstm_layernorm" in backend.check(rnnkit.backends.Request(mode="lstm_layernorm"))
-    for flag in ("zoneout", "state_dropout", "variational"):
+    for flag in ("zoneout", "state_dropout"):
         assert "yet" in backend.check(rnnkit.backends.Request(mode="gru", **{flag: True}))
     assert "bfloat16" in backend.check(rnnkit.backends.Request(mode="lstm", dtype=torch.bfloat16))
     assert "cuda" in backend.check(rnnkit.backends.Request(mode="gru", device_type="cuda"))

@@ -76,3 +76,63 @@ def test_gates_are_accepted_and_not_left_to_onednn():
     backend = CpuBackend()
     request = rnnkit.backends.Request(mode="lstm", gates=True)
     assert backend.check(request) is None and backend.slower(request) is None
+
+
+# -- regularisers through the torch.nn drop-ins ----------------------------------------------------
+
+REGS = {
+    "variational": {"dropout_input": 0.3, "dropout_output": 0.4},
+    "weight_drop": {"weight_drop": 0.4},
+}
+DROP_INS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN}
+
+
+def initial_state(module, requires_grad: bool = True):
+    layers = module.num_layers * module.num_directions
+    g = torch.Generator().manual_seed(1)
+    h0 = torch.randn(layers, B, module.state_size, generator=g).requires_grad_(requires_grad)
+    if module.mode != "LSTM":
+        return h0
+    return h0, torch.randn(layers, B, H, generator=g).requires_grad_(requires_grad)
+
+
+def run(module, backend: str, x, state, lengths, seed: int = 11, **kw):
+    """Outputs, final states and the gradients of a position-weighted loss w.r.t. x, every
+    parameter and the initial state; masks drawn after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    with rnnkit.use_backend(backend):
+        out, final = module(x, state, lengths=lengths, **kw)
+    finals = list(torch.utils._pytree.tree_leaves(final))
+    loss = (out * out.detach().cos()).sum() + sum((f * f.detach().sin()).sum() for f in finals)
+    inputs = [x, *module.parameters(), *torch.utils._pytree.tree_leaves(state)]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
+    return [out, *finals], grads
+
+
+def assert_same(module, x, state, lengths, **kw):
+    ref_vals, ref_grads = run(module, "reference", x, state, lengths, **kw)
+    cpu_vals, cpu_grads = run(module, "cpu", x, state, lengths, **kw)
+    for r, c in zip(ref_vals, cpu_vals, strict=True):
+        torch.testing.assert_close(c, r, atol=OUT_TOL, rtol=OUT_TOL)
+    names = ["x", *(n for n, _ in module.named_parameters()), "h0", "c0"]
+    for name, r, c in zip(names, ref_grads, cpu_grads, strict=False):
+        torch.testing.assert_close(
+            c, r, atol=GRAD_TOL, rtol=GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("reg", list(REGS))
+@pytest.mark.parametrize("mode", list(DROP_INS))
+def test_drop_in_regularisers_equal_reference(mode, reg, bidirectional, num_layers, lengths):
+    torch.manual_seed(0)
+    module = DROP_INS[mode](I, H, num_layers, bidirectional=bidirectional, **REGS[reg]).train()
+    x = _x()
+    # DropConnect only masks the weight handed to the kernel: a plain LSTM stays with oneDNN
+    onednn = mode == "lstm" and reg == "weight_drop" and lengths == "none"
+    want = "native" if onednn else "cpu"
+    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == want
+    assert_same(module, x, initial_state(module), LENGTHS[lengths])

@@ -8,12 +8,17 @@ composed here, one kernel call per layer and direction, with dropout between lay
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from .. import Call, Request
 from . import build, ops
+
+if TYPE_CHECKING:
+    from ...layers.regularisers import Masks
 
 __all__ = ["CpuBackend"]
 
@@ -38,8 +43,8 @@ class CpuBackend:
     def check(self, request: Request) -> str | None:
         if request.mode not in ops.MODE_IDS:
             return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
-        if request.zoneout or request.state_dropout or request.variational:
-            return "the C++ kernels have no zoneout or variational dropout yet"
+        if request.zoneout or request.state_dropout:
+            return "the C++ kernels have no zoneout or state dropout yet"
         if request.device_type != "cpu":
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
         if request.dtype not in _DTYPES:
@@ -49,7 +54,8 @@ class CpuBackend:
     def slower(self, request: Request) -> str | None:
         """Why automatic dispatch should prefer another backend for ``request``, though this one
         can run it (None: this one measured faster)."""
-        native_runs_it = not request.gates  # torch's op returns no gates
+        # torch's op returns no gates and has no dropout masks inside the stack
+        native_runs_it = not (request.gates or request.variational)
         if (
             request.mode == "lstm"
             and request.lengths == "none"
@@ -64,11 +70,18 @@ class CpuBackend:
 
     def run(self, call: Call) -> tuple:
         """``(output, h_n, c_n)``, plus one tuple of gates per layer and direction when the request
-        asks for them: read from the kernel's saved activations, detached (not differentiable)."""
+        asks for them: read from the kernel's saved activations, detached (not differentiable).
+
+        Variational dropout (``request.variational``: the masks of ``call.masks`` on each layer's
+        input and output) is applied here around the kernels, autograd differentiating the
+        multiplies; a caller without it has applied its own masks already.
+        """
         req = call.request
         lstm = req.mode == "lstm"
         directions = 2 if req.bidirectional else 1
         per = len(call.weights) // (req.num_layers * directions)
+        masks = _per_direction(call.masks, req.num_layers * directions)
+        variational = req.variational
         lengths = call.lengths
         x = call.x
         h_n: list[Tensor] = []
@@ -77,10 +90,12 @@ class CpuBackend:
         for layer in range(req.num_layers):
             if layer and call.dropout > 0 and call.training:
                 x = F.dropout(x, call.dropout, True)
+            k = directions * layer
+            ms = masks[k : k + directions]
+            inputs = [x * m.input if variational and m.input is not None else x for m in ms]
             if directions == 2:
-                k = 2 * layer
-                x, h, c, g = ops.pair(
-                    x,
+                out, h, c, g = ops.pair(
+                    inputs[0],
                     (call.h0[k], call.h0[k + 1]),
                     (call.c0[k], call.c0[k + 1]) if lstm else None,
                     (
@@ -92,10 +107,11 @@ class CpuBackend:
                     req.bias,
                     req.proj,
                     req.gates,
+                    x_b=None if inputs[1] is inputs[0] else inputs[1],
                 )
             else:
-                x, h, c, g = ops.layer(
-                    x,
+                out, h, c, g = ops.layer(
+                    inputs[0],
                     call.h0[layer],
                     call.c0[layer] if lstm else None,
                     call.weights[layer * per : (layer + 1) * per],
@@ -107,6 +123,9 @@ class CpuBackend:
                     req.gates,
                 )
                 h, c, g = (h,), (c,), (g,)
+            if variational and ms[0].output is not None:
+                out = out * torch.cat([m.output for m in ms], dim=-1)  # (B, D*P) per sequence
+            x = out
             h_n += h
             if lstm:
                 c_n += c
@@ -114,3 +133,11 @@ class CpuBackend:
                 gates += g
         result = (x, torch.stack(h_n), torch.stack(c_n) if lstm else None)
         return (*result, tuple(gates)) if req.gates else result
+
+
+def _per_direction(masks: Any, n: int) -> list[Masks | None]:
+    """``call.masks`` as one entry per layer and direction (``Recurrent`` hands one set; it runs
+    one layer in one direction)."""
+    if masks is None:
+        return [None] * n
+    return list(masks) if isinstance(masks, list | tuple) else [masks]

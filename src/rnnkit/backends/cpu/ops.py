@@ -297,18 +297,20 @@ def pair_forward(
     lengths: Tensor | None,
     mode: int,
     save: bool,
+    x_b: Tensor | None = None,
 ) -> _Tensors14:
-    """Both directions of one layer: layer_forward's 7 results for each (14 tensors)."""
+    """Both directions of one layer: layer_forward's 7 results for each (14 tensors). ``x_b``:
+    the reverse direction's own input (None: it reads ``x``)."""
     build.ensure()
     return tuple(torch.ops.rnnkit_cpu.pair_forward(
         x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f,
-        h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode, save,
+        h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode, save, x_b,
     ))  # fmt: skip
 
 
 @pair_forward.register_fake
 def _(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b,
-      b_hh_b, w_hr_b, lengths, mode, save):  # fmt: skip
+      b_hh_b, w_hr_b, lengths, mode, save, x_b=None):  # fmt: skip
     f = _layer_forward_fake(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths, mode,
                             False, save)  # fmt: skip
     b = _layer_forward_fake(x, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode,
@@ -345,20 +347,21 @@ def pair_backward(
     mode: int,
     has_bias: bool,
     need_dx: bool,
+    x_b: Tensor | None = None,
 ) -> _Tensors16:
     """Backpropagation through pair_forward: layer_backward's 8 results for each direction."""
     build.ensure()
     return tuple(torch.ops.rnnkit_cpu.pair_backward(
         grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f,
         hpre_f, grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b,
-        c_b, hpre_b, x, lengths, mode, has_bias, need_dx,
+        c_b, hpre_b, x, lengths, mode, has_bias, need_dx, x_b,
     ))  # fmt: skip
 
 
 @pair_backward.register_fake
 def _(grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f, hpre_f,
       grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b, c_b, hpre_b,
-      x, lengths, mode, has_bias, need_dx):  # fmt: skip
+      x, lengths, mode, has_bias, need_dx, x_b=None):  # fmt: skip
     f = _layer_backward_fake(grad_out_f, grad_hn_f, grad_cn_f, x, c0_f, w_ih_f, w_hh_f, w_hr_f,
                              lengths, act_f, hprev_f, c_f, hpre_f, mode, False, has_bias,
                              need_dx)  # fmt: skip
@@ -370,13 +373,25 @@ def _(grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hpr
 
 def _pair_setup_context(ctx, inputs, output) -> None:
     (x, _, c0_f, w_ih_f, w_hh_f, b_ih_f, _, w_hr_f, _, c0_b, w_ih_b, w_hh_b, _, _, w_hr_b,
-     lengths, mode, save) = inputs  # fmt: skip
+     lengths, mode, save, x_b) = inputs  # fmt: skip
     saved_f, saved_b = output[3:7], output[10:14]
     ctx.mode, ctx.save = mode, save
     ctx.has_bias = b_ih_f is not None
     ctx.has_c0, ctx.has_w_hr = c0_f is not None, w_hr_f is not None
     ctx.save_for_backward(
-        x, lengths, c0_f, w_ih_f, w_hh_f, w_hr_f, *saved_f, c0_b, w_ih_b, w_hh_b, w_hr_b, *saved_b
+        x,
+        x_b,
+        lengths,
+        c0_f,
+        w_ih_f,
+        w_hh_f,
+        w_hr_f,
+        *saved_f,
+        c0_b,
+        w_ih_b,
+        w_hh_b,
+        w_hr_b,
+        *saved_b,
     )
     ctx.mark_non_differentiable(*saved_f, *saved_b)
     ctx.set_materialize_grads(False)
@@ -388,16 +403,18 @@ def _pair_backward(ctx, *grads):
             "rnnkit::pair_forward ran with save=False (no gradient was expected), so it kept "
             "nothing for backward"
         )
-    x, lengths, *rest = ctx.saved_tensors
+    x, x_b, lengths, *rest = ctx.saved_tensors
     fwd, bwd = rest[:8], rest[8:]
     lstm = ctx.mode == _LSTM
     g_f = [grads[0], grads[1], grads[2] if lstm else None]
     g_b = [grads[7], grads[8], grads[9] if lstm else None]
-    need_dx = ctx.needs_input_grad[0]
-    r = pair_backward(*g_f, *fwd, *g_b, *bwd, x, lengths, ctx.mode, ctx.has_bias, need_dx)
-    dx = None
-    if need_dx:
+    need_dx = ctx.needs_input_grad[0] or (x_b is not None and ctx.needs_input_grad[18])
+    r = pair_backward(*g_f, *fwd, *g_b, *bwd, x, lengths, ctx.mode, ctx.has_bias, need_dx, x_b)
+    dx = dx_b = None
+    if need_dx and x_b is None:
         dx = r[0] + r[8]
+    elif need_dx:  # each direction read its own input
+        dx, dx_b = r[0], r[8]
 
     def direction(d):  # dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr of one direction
         dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = d[1:8]
@@ -411,7 +428,7 @@ def _pair_backward(ctx, *grads):
             dw_hr if ctx.has_w_hr else None,
         )
 
-    return (dx, *direction(r[:8]), *direction(r[8:]), None, None, None)
+    return (dx, *direction(r[:8]), *direction(r[8:]), None, None, None, dx_b)
 
 
 pair_forward.register_autograd(_pair_backward, setup_context=_pair_setup_context)
@@ -427,9 +444,11 @@ def pair(
     bias: bool,
     proj: bool,
     gates: bool = False,
+    x_b: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None, tuple[Gates, Gates] | None]:
     """Both directions of a bidirectional layer (forward first): ``(out (T, B, 2P),
     (h_n forward, h_n reverse), (c_n forward, c_n reverse) or None, gates per direction or None)``.
+    ``x_b``: the reverse direction's own input (None: both read ``x``).
     """
     args = []
     for d in range(2):
@@ -437,10 +456,10 @@ def pair(
         b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
         w_hr = rest[-1] if proj else None
         args += [h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih, b_hh, w_hr]
-    tensors = (x, *args)
+    tensors = (x, x_b, *args)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     mode_id = MODE_IDS[mode]
-    r = pair_forward(x, *args, lengths, mode_id, grad or gates)
+    r = pair_forward(x, *args, lengths, mode_id, grad or gates, x_b)
     out = torch.cat([r[0], r[7]], dim=-1)
     c_n = (r[2], r[9]) if mode_id == _LSTM else None
     g = (gates_of(mode_id, r[3], r[5]), gates_of(mode_id, r[10], r[12])) if gates else None

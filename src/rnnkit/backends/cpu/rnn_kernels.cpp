@@ -21,8 +21,10 @@
 //      dw_hh (G, P)   db_ih, db_hh (G) [or (0) without bias]   dw_hr (P, H) [or (0)]
 //
 // pair_forward / pair_backward: both directions of a bidirectional layer (forward then reverse
-//   arguments, then x, lengths, mode, ...), each direction on its own thread; the results are
-//   layer_forward's 7 (layer_backward's 8) per direction, forward direction first.
+//   arguments, then x, lengths, mode, ..., x_b), each direction on its own thread; the results
+//   are layer_forward's 7 (layer_backward's 8) per direction, forward direction first. x_b
+//   (T, B, I) [optional]: the reverse direction's own input (variational dropout masks each
+//   direction's input apart), else it reads x too.
 //
 // Step s (0 <= s < max length) reads time t = s forwards, t = len_b - 1 - s in reverse (T - 1 - s
 // without lengths); a sequence b with s >= len_b is finished: its state is kept, its output is 0.
@@ -725,13 +727,15 @@ std::vector<Tensor> pair_forward(
     const std::optional<Tensor>& w_hr_f, const Tensor& h0_b, const std::optional<Tensor>& c0_b,
     const Tensor& w_ih_b, const Tensor& w_hh_b, const std::optional<Tensor>& b_ih_b,
     const std::optional<Tensor>& b_hh_b, const std::optional<Tensor>& w_hr_b,
-    const std::optional<Tensor>& lengths, int64_t mode, bool save) {
+    const std::optional<Tensor>& lengths, int64_t mode, bool save,
+    const std::optional<Tensor>& x_b) {
   const Tensor xc = x.contiguous();
+  const Tensor xb = x_b.has_value() && x_b->defined() ? x_b->contiguous() : xc;
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
   both([&](int d) {
     r[d] = d == 0 ? layer_forward(xc, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths,
                                   mode, false, save)
-                  : layer_forward(xc, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths,
+                  : layer_forward(xb, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths,
                                   mode, true, save);
   });
   std::vector<Tensor> out;
@@ -751,14 +755,16 @@ std::vector<Tensor> pair_backward(
     const std::optional<Tensor>& grad_cn_b, const std::optional<Tensor>& c0_b, const Tensor& w_ih_b,
     const Tensor& w_hh_b, const std::optional<Tensor>& w_hr_b, const Tensor& act_b,
     const Tensor& hprev_b, const Tensor& c_b, const Tensor& hpre_b, const Tensor& x,
-    const std::optional<Tensor>& lengths, int64_t mode, bool has_bias, bool need_dx) {
+    const std::optional<Tensor>& lengths, int64_t mode, bool has_bias, bool need_dx,
+    const std::optional<Tensor>& x_b) {
   const Tensor xc = x.contiguous();
+  const Tensor xb = x_b.has_value() && x_b->defined() ? x_b->contiguous() : xc;
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
   both([&](int d) {
     r[d] = d == 0 ? layer_backward(grad_out_f, grad_hn_f, grad_cn_f, xc, c0_f, w_ih_f, w_hh_f,
                                    w_hr_f, lengths, act_f, hprev_f, c_f, hpre_f, mode, false,
                                    has_bias, need_dx)
-                  : layer_backward(grad_out_b, grad_hn_b, grad_cn_b, xc, c0_b, w_ih_b, w_hh_b,
+                  : layer_backward(grad_out_b, grad_hn_b, grad_cn_b, xb, c0_b, w_ih_b, w_hh_b,
                                    w_hr_b, lengths, act_b, hprev_b, c_b, hpre_b, mode, true,
                                    has_bias, need_dx);
   });
@@ -787,14 +793,14 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "pair_forward(Tensor x, Tensor h0_f, Tensor? c0_f, Tensor w_ih_f, Tensor w_hh_f, "
       "Tensor? b_ih_f, Tensor? b_hh_f, Tensor? w_hr_f, Tensor h0_b, Tensor? c0_b, Tensor w_ih_b, "
       "Tensor w_hh_b, Tensor? b_ih_b, Tensor? b_hh_b, Tensor? w_hr_b, Tensor? lengths, int mode, "
-      "bool save) -> Tensor[]");
+      "bool save, Tensor? x_b=None) -> Tensor[]");
   m.def(
       "pair_backward(Tensor? grad_out_f, Tensor? grad_hn_f, Tensor? grad_cn_f, Tensor? c0_f, "
       "Tensor w_ih_f, Tensor w_hh_f, Tensor? w_hr_f, Tensor act_f, Tensor hprev_f, Tensor c_f, "
       "Tensor hpre_f, Tensor? grad_out_b, Tensor? grad_hn_b, Tensor? grad_cn_b, Tensor? c0_b, "
       "Tensor w_ih_b, Tensor w_hh_b, Tensor? w_hr_b, Tensor act_b, Tensor hprev_b, Tensor c_b, "
-      "Tensor hpre_b, Tensor x, Tensor? lengths, int mode, bool has_bias, bool need_dx) -> "
-      "Tensor[]");
+      "Tensor hpre_b, Tensor x, Tensor? lengths, int mode, bool has_bias, bool need_dx, "
+      "Tensor? x_b=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
