@@ -206,7 +206,7 @@ def test_pair_op_gradcheck_and_opcheck(mode):
         full = list(args)
         for k, t in zip(slots, tensors, strict=True):
             full[k] = t
-        return tuple(ops.pair_forward(*full)[k] for k in (0, 1, 7, 8))
+        return tuple(ops.pair_forward(*full)[k] for k in (0, 1, 8, 9))
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -281,8 +281,8 @@ def test_declines_what_it_cannot_run():
     backend = rnnkit.backends.cpu.CpuBackend()
     assert "custom cell" in backend.check(rnnkit.backends.Request(mode=None))
     assert "lstm_layernorm" in backend.check(rnnkit.backends.Request(mode="lstm_layernorm"))
-    for flag in ("zoneout", "state_dropout"):
-        assert "yet" in backend.check(rnnkit.backends.Request(mode="gru", **{flag: True}))
+    for flag in ("zoneout", "state_dropout", "variational", "gates"):
+        assert backend.check(rnnkit.backends.Request(mode="gru", **{flag: True})) is None
     assert "bfloat16" in backend.check(rnnkit.backends.Request(mode="lstm", dtype=torch.bfloat16))
     assert "cuda" in backend.check(rnnkit.backends.Request(mode="gru", device_type="cuda"))
 

@@ -9,7 +9,7 @@ import torch
 from conftest import GRAD_TOL, OUT_TOL
 
 import rnnkit
-from rnnkit.backends.cpu import CpuBackend, build
+from rnnkit.backends.cpu import CpuBackend, build, ops
 
 T, B, I, H = 6, 5, 4, 5
 # Right-padded lengths with a 0, a 1 and a full-length T, in no particular order.
@@ -83,6 +83,16 @@ def test_gates_are_accepted_and_not_left_to_onednn():
 REGS = {
     "variational": {"dropout_input": 0.3, "dropout_output": 0.4},
     "weight_drop": {"weight_drop": 0.4},
+    "state": {"dropout_state": 0.3},
+    "zoneout": {"zoneout": 0.2, "zoneout_cell": 0.4},
+    "all": {
+        "dropout_input": 0.2,
+        "dropout_state": 0.3,
+        "dropout_output": 0.3,
+        "zoneout": 0.3,
+        "zoneout_cell": 0.2,
+        "weight_drop": 0.3,
+    },
 }
 DROP_INS = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU, "rnn": rnnkit.RNN}
 
@@ -104,7 +114,8 @@ def run(module, backend: str, x, state, lengths, seed: int = 11, **kw):
         out, final = module(x, state, lengths=lengths, **kw)
     finals = list(torch.utils._pytree.tree_leaves(final))
     loss = (out * out.detach().cos()).sum() + sum((f * f.detach().sin()).sum() for f in finals)
-    inputs = [x, *module.parameters(), *torch.utils._pytree.tree_leaves(state)]
+    states = [] if state is None else torch.utils._pytree.tree_leaves(state)
+    inputs = [x, *module.parameters(), *states]
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
     return [out, *finals], grads
@@ -136,3 +147,186 @@ def test_drop_in_regularisers_equal_reference(mode, reg, bidirectional, num_laye
     want = "native" if onednn else "cpu"
     assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == want
     assert_same(module, x, initial_state(module), LENGTHS[lengths])
+
+
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_projected_lstm_with_every_regulariser_equals_reference(bidirectional, lengths):
+    torch.manual_seed(0)
+    module = rnnkit.LSTM(I, H, 2, bidirectional=bidirectional, proj_size=3, **REGS["all"])
+    x = _x()
+    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
+    assert_same(module.train(), x, initial_state(module), LENGTHS[lengths])
+
+
+@pytest.mark.parametrize("mode", list(DROP_INS))
+def test_eval_mode_runs_fused_with_regularisers_off_and_zoneout_as_expectation(mode):
+    torch.manual_seed(0)
+    module = DROP_INS[mode](I, H, 2, bidirectional=True, **REGS["all"]).eval()
+    x = _x()
+    request = module.dispatch_requests(x, LENGTHS["mixed"])[0][1]
+    assert request.zoneout and not (request.state_dropout or request.variational)
+    assert rnnkit.explain(module, x, lengths=LENGTHS["mixed"]).backend == "cpu"
+    assert_same(module, x, initial_state(module), LENGTHS["mixed"])
+    with torch.no_grad():  # the inference kernels (nothing saved) too
+        with rnnkit.use_backend("reference"):
+            want = module(x, lengths=LENGTHS["mixed"])[0]
+        with rnnkit.use_backend("cpu"):
+            got = module(x, lengths=LENGTHS["mixed"])[0]
+    torch.testing.assert_close(got, want, atol=OUT_TOL, rtol=OUT_TOL)
+    no_zoneout = {k: v for k, v in REGS["all"].items() if not k.startswith("zoneout")}
+    plain = DROP_INS[mode](I, H, 2, bidirectional=True, **no_zoneout).eval()
+    request = plain.dispatch_requests(x)[0][1]
+    assert not (request.zoneout or request.state_dropout or request.variational)
+
+
+# -- regularisers through Recurrent, Bidirectional and Stacked ------------------------------------
+
+CELLS = {"lstm": rnnkit.LSTMCell, "gru": rnnkit.GRUCell, "rnn": rnnkit.RNNCell}
+
+
+def stack(make, regs: dict):
+    """A 2-layer stack: a bidirectional layer, then a reverse one, every layer with ``regs``."""
+    torch.manual_seed(0)
+    return rnnkit.Stacked(
+        [
+            rnnkit.Bidirectional(
+                rnnkit.Recurrent(make(I, H), **regs),
+                rnnkit.Recurrent(make(I, H), reverse=True, **regs),
+            ),
+            rnnkit.Recurrent(make(2 * H, H), reverse=True, **regs),
+        ]
+    )
+
+
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("reg", ["state", "zoneout", "all"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_wrapper_stack_regularisers_equal_reference(cell, reg, lengths):
+    module = stack(CELLS[cell], REGS[reg]).train()
+    x = _x()
+    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
+    assert_same(module, x, None, LENGTHS[lengths])
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_recurrent_regularisers_with_initial_state_equal_reference(cell, reverse):
+    torch.manual_seed(0)
+    layer = rnnkit.Recurrent(CELLS[cell](I, H), reverse=reverse, **REGS["all"]).train()
+    g = torch.Generator().manual_seed(4)
+    state = torch.randn(B, H, generator=g).requires_grad_()
+    if cell == "lstm":
+        state = (state, torch.randn(B, H, generator=g).requires_grad_())
+    assert_same(layer, _x(), state, LENGTHS["mixed"])
+
+
+@pytest.mark.parametrize("make", [rnnkit.LSTMCell, rnnkit.GRUCell])
+def test_gates_with_regularisers_equal_reference(make):
+    layer = stack(make, REGS["all"]).layers[0].backward_layer.train()
+    x = _x(False)
+    results = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(5)
+        with rnnkit.use_backend(backend):
+            results[backend] = layer(x, lengths=LENGTHS["mixed"], return_gates=True)
+    (out, _, gates), (want_out, _, want) = results["cpu"], results["reference"]
+    torch.testing.assert_close(out, want_out, atol=OUT_TOL, rtol=OUT_TOL)
+    for name in want:
+        torch.testing.assert_close(gates[name], want[name], atol=OUT_TOL, rtol=OUT_TOL)
+
+
+# -- the custom ops with regularisers, in float64 (masks fixed) ----------------------------------
+
+GC_T, GC_B, GC_I, GC_H, GC_P = 4, 3, 2, 3, 2
+GC_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+
+def op_args(mode: str, lengths, proj: bool = False, seed: int = 5):
+    """x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths in float64, all requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    gates = GC_GATES[mode] * GC_H
+    state = GC_P if proj else GC_H
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    x, h0 = rand(GC_T, GC_B, GC_I), rand(GC_B, state)
+    c0 = rand(GC_B, GC_H) if mode == "lstm" else None
+    w_ih, w_hh, b_ih, b_hh = rand(gates, GC_I), rand(gates, state), rand(gates), rand(gates)
+    w_hr = rand(GC_P, GC_H) if proj else None
+    lens = None if lengths is None else torch.tensor(lengths)
+    return [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens]
+
+
+def op_regularisers(mode: str, proj: bool, zone: str, seed: int = 6):
+    """state_mask, zone_h, zone_c: drawn once (constants), zoneout per step ("train") or as the
+    eval-mode probability ("eval")."""
+    g = torch.Generator().manual_seed(seed)
+    state = GC_P if proj else GC_H
+    kw = {"dtype": torch.float64}
+    mask = (torch.rand(GC_B, state, generator=g, **kw) < 0.7).double() / 0.7
+    sizes = (state, GC_H) if mode == "lstm" else (state,)
+    if zone == "train":
+        zones = [(torch.rand(GC_T, GC_B, n, generator=g, **kw) < 0.4).double() for n in sizes]
+    else:
+        zones = [torch.full((n,), p, **kw) for n, p in zip(sizes, (0.3, 0.6), strict=False)]
+    return [mask, *zones, *([None] * (2 - len(zones)))]
+
+
+def _gradcheck(fn, args, slots):
+    inputs = [args[k] for k in slots]
+
+    def f(*tensors):
+        full = list(args)
+        for k, t in zip(slots, tensors, strict=True):
+            full[k] = t
+        return fn(*full)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("zone", ["train", "eval"])
+@pytest.mark.parametrize("lengths", [None, [3, 0, 4]], ids=["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru", "lstm-proj"])
+def test_layer_op_gradcheck_float64_with_regularisers(mode, reverse, lengths, zone):
+    proj = mode == "lstm-proj"
+    mode = "lstm" if proj else mode
+    args = op_args(mode, lengths, proj)
+    regs = op_regularisers(mode, proj, zone)
+    mode_id = ops.MODE_IDS[mode]
+    full = [*args, mode_id, reverse, True, *regs]
+    slots = [k for k, a in enumerate(args[:8]) if a is not None]
+
+    def fn(*a):
+        out, h_n, c_n, *_ = ops.layer_forward(*a)
+        return (out, h_n, c_n) if mode == "lstm" else (out, h_n)
+
+    _gradcheck(fn, full, slots)
+
+
+def test_ops_opcheck_with_regularisers():
+    args = op_args("lstm", [3, 0, 4], proj=True)
+    regs = op_regularisers("lstm", True, "train")
+    torch.library.opcheck(ops.layer_forward, (*args, ops.MODE_IDS["lstm"], True, True, *regs))
+    f, b = op_args("gru", [3, 0, 4]), op_args("gru", [3, 0, 4], seed=7)
+    x_b = b[0]
+    regs_f, regs_b = op_regularisers("gru", False, "train"), op_regularisers("gru", False, "eval")
+    pair_args = (f[0], *f[1:8], *b[1:8], f[8], ops.MODE_IDS["gru"], True, x_b, *regs_f[:3],
+                 *regs_b[:3])  # fmt: skip
+    torch.library.opcheck(ops.pair_forward, pair_args)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_pair_op_gradcheck_float64_with_own_inputs_and_regularisers(mode):
+    f, b = op_args(mode, [3, 0, 4]), op_args(mode, [3, 0, 4], seed=7)
+    regs_f, regs_b = op_regularisers(mode, False, "train"), op_regularisers(mode, False, "eval", 8)
+    full = [f[0], *f[1:8], *b[1:8], f[8], ops.MODE_IDS[mode], True, b[0], *regs_f, *regs_b]
+    slots = [k for k, a in enumerate(full[:15]) if a is not None] + [18]  # x_b
+
+    def fn(*a):
+        r = ops.pair_forward(*a)
+        return tuple(r[k] for k in ((0, 1, 2, 8, 9, 10) if mode == "lstm" else (0, 1, 8, 9)))
+
+    _gradcheck(fn, full, slots)

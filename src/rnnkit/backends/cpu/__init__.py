@@ -26,7 +26,9 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 class CpuBackend:
-    """Runs every built-in cell and option on the CPU (float32, float64).
+    """Runs the Elman RNN, LSTM (with projection) and GRU on the CPU (float32, float64), with
+    every option: lengths, reversal, bidirectional and deep stacks, gate outputs (detached), and
+    the regularisers (variational dropout, state dropout, zoneout, DropConnect).
 
     :meth:`slower` names the configurations where BENCHMARKS.md measured torch's own op to be
     as fast or faster (a plain LSTM, on oneDNN): automatic dispatch then skips this backend,
@@ -43,8 +45,6 @@ class CpuBackend:
     def check(self, request: Request) -> str | None:
         if request.mode not in ops.MODE_IDS:
             return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
-        if request.zoneout or request.state_dropout:
-            return "the C++ kernels have no zoneout or state dropout yet"
         if request.device_type != "cpu":
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
         if request.dtype not in _DTYPES:
@@ -54,8 +54,10 @@ class CpuBackend:
     def slower(self, request: Request) -> str | None:
         """Why automatic dispatch should prefer another backend for ``request``, though this one
         can run it (None: this one measured faster)."""
-        # torch's op returns no gates and has no dropout masks inside the stack
-        native_runs_it = not (request.gates or request.variational)
+        # torch's op returns no gates and has no regularisers inside the stack
+        native_runs_it = not (
+            request.gates or request.variational or request.state_dropout or request.zoneout
+        )
         if (
             request.mode == "lstm"
             and request.lengths == "none"
@@ -74,7 +76,8 @@ class CpuBackend:
 
         Variational dropout (``request.variational``: the masks of ``call.masks`` on each layer's
         input and output) is applied here around the kernels, autograd differentiating the
-        multiplies; a caller without it has applied its own masks already.
+        multiplies; a caller without it has applied its own masks already. State dropout and
+        zoneout run inside the kernels, from the same masks.
         """
         req = call.request
         lstm = req.mode == "lstm"
@@ -93,6 +96,7 @@ class CpuBackend:
             k = directions * layer
             ms = masks[k : k + directions]
             inputs = [x * m.input if variational and m.input is not None else x for m in ms]
+            regs = [_in_kernel(m, call.h0[k], None if call.c0 is None else call.c0[k]) for m in ms]
             if directions == 2:
                 out, h, c, g = ops.pair(
                     inputs[0],
@@ -108,6 +112,7 @@ class CpuBackend:
                     req.proj,
                     req.gates,
                     x_b=None if inputs[1] is inputs[0] else inputs[1],
+                    regularisers=(regs[0], regs[1]),
                 )
             else:
                 out, h, c, g = ops.layer(
@@ -121,6 +126,7 @@ class CpuBackend:
                     req.bias,
                     req.proj,
                     req.gates,
+                    regularisers=regs[0],
                 )
                 h, c, g = (h,), (c,), (g,)
             if variational and ms[0].output is not None:
@@ -133,6 +139,20 @@ class CpuBackend:
                 gates += g
         result = (x, torch.stack(h_n), torch.stack(c_n) if lstm else None)
         return (*result, tuple(gates)) if req.gates else result
+
+
+def _in_kernel(masks: Masks | None, h0: Tensor, c0: Tensor | None) -> ops.Regularisers:
+    """The state dropout and zoneout masks of one layer and direction as the kernels take them:
+    zoneout's bool masks (T, B, n) as 0/1 in the input's dtype, its eval-mode probabilities as
+    (n,) vectors."""
+    if masks is None:
+        return ops.Regularisers()
+    zone: list[Tensor | None] = [None, None]
+    if masks.zoneout is not None:
+        for k, (z, like) in enumerate(zip(masks.zoneout, (h0, c0), strict=False)):
+            size = like.shape[-1]
+            zone[k] = z.to(h0.dtype) if isinstance(z, Tensor) else h0.new_full((size,), z)
+    return ops.Regularisers(masks.state, zone[0], zone[1])
 
 
 def _per_direction(masks: Any, n: int) -> list[Masks | None]:

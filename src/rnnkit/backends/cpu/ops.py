@@ -4,12 +4,17 @@
 besides ``(out, h_n, c_n)``, what its backward needs; ``rnnkit::layer_backward`` is the
 hand-written backpropagation through time. Autograd, torch.compile and torch.export see one op
 each. Shapes (rnn_kernels.cpp states them in full): x (T, B, I), h0 (B, P), c0 (B, H),
-w_ih (G, I), w_hh (G, P), b_ih/b_hh (G), w_hr (P, H), lengths (B,) int64.
+w_ih (G, I), w_hh (G, P), b_ih/b_hh (G), w_hr (P, H), lengths (B,) int64; the regularisers
+state_mask (B, P) (state dropout) and zone_h (T, B, P) or (P,), zone_c (T, B, H) or (H,)
+(zoneout: 1 = keep the previous value, or in eval mode the probability) are constants: they get
+no gradient.
 
 Defining the ops builds nothing: the kernels are compiled when an op first runs.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,6 +23,7 @@ from . import build
 
 __all__ = [
     "MODE_IDS",
+    "Regularisers",
     "gates_of",
     "layer",
     "layer_backward",
@@ -30,6 +36,8 @@ __all__ = [
 #: The kernels' cell ids.
 MODE_IDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 _LSTM = MODE_IDS["lstm"]
+
+_Tensors8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _saved_width(mode: int, hidden: int) -> int:
@@ -50,17 +58,24 @@ def layer_forward(
     mode: int,
     reverse: bool,
     save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One layer, one direction: ``(out, h_n, c_n, act, hprev, c, hpre)``; the last four are
-    saved for backward and empty unless ``save``."""
+    state_mask: Tensor | None = None,
+    zone_h: Tensor | None = None,
+    zone_c: Tensor | None = None,
+) -> _Tensors8:
+    """One layer, one direction: ``(out, h_n, c_n, act, hprev, c, hpre, cprev)``; the last five
+    are saved for backward and empty unless ``save``."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_forward(
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save
-    )
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save,
+        state_mask, zone_h, zone_c,
+    )  # fmt: skip
 
 
 @layer_forward.register_fake
-def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save):
+def _layer_forward_fake(
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save,
+    state_mask=None, zone_h=None, zone_c=None,
+):  # fmt: skip
     steps, batch, _ = x.shape
     gates = w_ih.shape[0]
     hidden = gates // {0: 1, 1: 1, 2: 4, 3: 3}[mode]
@@ -78,6 +93,7 @@ def _layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, 
         saved(state, True),
         saved(hidden, mode == _LSTM),
         saved(hidden, w_hr is not None),
+        saved(hidden, mode == _LSTM and zone_h is not None),
     )
 
 
@@ -100,52 +116,26 @@ def layer_backward(
     reverse: bool,
     has_bias: bool,
     need_dx: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    state_mask: Tensor | None = None,
+    zone_h: Tensor | None = None,
+    zone_c: Tensor | None = None,
+    cprev: Tensor | None = None,
+) -> _Tensors8:
     """Backpropagation through one layer_forward: ``(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
     dw_hr)``; dx is empty unless ``need_dx``, the biases without ``has_bias``, dw_hr without a
     projection, dc0 unless LSTM."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_backward(
-        grad_out,
-        grad_hn,
-        grad_cn,
-        x,
-        c0,
-        w_ih,
-        w_hh,
-        w_hr,
-        lengths,
-        act,
-        hprev,
-        c,
-        hpre,
-        mode,
-        reverse,
-        has_bias,
-        need_dx,
-    )
+        grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre,
+        mode, reverse, has_bias, need_dx, state_mask, zone_h, zone_c, cprev,
+    )  # fmt: skip
 
 
 @layer_backward.register_fake
 def _layer_backward_fake(
-    grad_out,
-    grad_hn,
-    grad_cn,
-    x,
-    c0,
-    w_ih,
-    w_hh,
-    w_hr,
-    lengths,
-    act,
-    hprev,
-    c,
-    hpre,
-    mode,
-    reverse,
-    has_bias,
-    need_dx,
-):
+    grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, mode,
+    reverse, has_bias, need_dx, state_mask=None, zone_h=None, zone_c=None, cprev=None,
+):  # fmt: skip
     batch = x.shape[1]
     gates = w_ih.shape[0]
     hidden = gates // {0: 1, 1: 1, 2: 4, 3: 3}[mode]
@@ -164,13 +154,14 @@ def _layer_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, _, c0, w_ih, w_hh, b_ih, _, w_hr, lengths, mode, reverse, save = inputs
-    _, _, _, act, hprev, c, hpre = output
+    x, _, c0, w_ih, w_hh, b_ih, _, w_hr, lengths, mode, reverse, save, *regs = inputs
+    _, _, _, act, hprev, c, hpre, cprev = output
     ctx.mode, ctx.reverse, ctx.save = mode, reverse, save
     ctx.has_bias = b_ih is not None
     ctx.has_c0, ctx.has_w_hr = c0 is not None, w_hr is not None
-    ctx.save_for_backward(x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre)
-    ctx.mark_non_differentiable(act, hprev, c, hpre)
+    regs = (regs + [None] * 3)[:3]  # state_mask, zone_h, zone_c (torch.compile may drop Nones)
+    ctx.save_for_backward(x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, cprev, *regs)
+    ctx.mark_non_differentiable(act, hprev, c, hpre, cprev)
     ctx.set_materialize_grads(False)
 
 
@@ -180,27 +171,12 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
             "rnnkit::layer_forward ran with save=False (no gradient was expected), so it kept "
             "nothing for backward"
         )
-    x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre = ctx.saved_tensors
+    x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, cprev, *regs = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = layer_backward(
-        grad_out,
-        grad_hn,
-        grad_cn if ctx.mode == _LSTM else None,
-        x,
-        c0,
-        w_ih,
-        w_hh,
-        w_hr,
-        lengths,
-        act,
-        hprev,
-        c,
-        hpre,
-        ctx.mode,
-        ctx.reverse,
-        ctx.has_bias,
-        need_dx,
-    )
+        grad_out, grad_hn, grad_cn if ctx.mode == _LSTM else None, x, c0, w_ih, w_hh, w_hr,
+        lengths, act, hprev, c, hpre, ctx.mode, ctx.reverse, ctx.has_bias, need_dx, *regs, cprev,
+    )  # fmt: skip
     return (
         dx if need_dx else None,
         dh0,
@@ -210,15 +186,30 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
         db_ih if ctx.has_bias else None,
         db_hh if ctx.has_bias else None,
         dw_hr if ctx.has_w_hr else None,
-        None,
-        None,
-        None,
-        None,
+        None,  # lengths
+        None,  # mode
+        None,  # reverse
+        None,  # save
+        None,  # state_mask: a constant
+        None,  # zone_h: a constant
+        None,  # zone_c: a constant
     )
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)
 
+
+class Regularisers(NamedTuple):
+    """One direction's in-kernel regularisers, as the ops take them (None = off): state_mask
+    (B, P) multiplies h_{t-1} entering the step; zone_h (T, B, P) or (P,) and zone_c (T, B, H) or
+    (H,) [LSTM] are zoneout's keep weights (0/1 per step in training, p in eval mode)."""
+
+    state_mask: Tensor | None = None
+    zone_h: Tensor | None = None
+    zone_c: Tensor | None = None
+
+
+_OFF = Regularisers()
 
 Gates = tuple[Tensor, ...]
 
@@ -233,6 +224,19 @@ def gates_of(mode: int, act: Tensor, c: Tensor) -> Gates:
     return tuple(a.contiguous() for a in act.split(hidden, dim=-1)[:3])
 
 
+def _direction_args(weights: list[Tensor], bias: bool, proj: bool) -> list[Tensor | None]:
+    """``w_ih, w_hh, b_ih, b_hh, w_hr`` from torch.nn's per-direction weight list
+    ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``."""
+    w_ih, w_hh, *rest = weights
+    b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
+    w_hr = rest[-1] if proj else None
+    return [w_ih, w_hh, b_ih, b_hh, w_hr]
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def layer(
     x: Tensor,
     h0: Tensor,
@@ -244,19 +248,17 @@ def layer(
     bias: bool,
     proj: bool,
     gates: bool = False,
+    regularisers: Regularisers = _OFF,
 ) -> tuple[Tensor, Tensor, Tensor | None, Gates | None]:
     """One layer in one direction from torch.nn's per-direction weight list
     ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``: returns ``(out (T, B, P), h_n (B, P), c_n (B, H) or None,
     gates or None)``; with ``gates``, :func:`gates_of` (detached copies).
     """
-    w_ih, w_hh, *rest = weights
-    b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
-    w_hr = rest[-1] if proj else None
-    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    args = [h0, c0, *_direction_args(weights, bias, proj)]
+    grad = _needs_grad([x, *args])
     mode_id = MODE_IDS[mode]
-    out, h_n, c_n, act, _, c, _ = layer_forward(
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode_id, reverse, grad or gates
+    out, h_n, c_n, act, _, c, _, _ = layer_forward(
+        x, *args, lengths, mode_id, reverse, grad or gates, *regularisers
     )
     return out, h_n, c_n if mode_id == _LSTM else None, gates_of(mode_id, act, c) if gates else None
 
@@ -264,13 +266,9 @@ def layer(
 # -- both directions of a bidirectional layer in one op ---------------------------------------
 # The directions are independent: the kernel runs each on its own thread. Arguments are those of
 # layer_forward for the forward direction (_f) and the reverse one (_b); results are
-# layer_forward's seven for each, forward direction first.
+# layer_forward's eight for each, forward direction first.
 
 
-_Tensors14 = tuple[
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-]  # fmt: skip
 _Tensors16 = tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -298,23 +296,31 @@ def pair_forward(
     mode: int,
     save: bool,
     x_b: Tensor | None = None,
-) -> _Tensors14:
-    """Both directions of one layer: layer_forward's 7 results for each (14 tensors). ``x_b``:
+    state_mask_f: Tensor | None = None,
+    zone_h_f: Tensor | None = None,
+    zone_c_f: Tensor | None = None,
+    state_mask_b: Tensor | None = None,
+    zone_h_b: Tensor | None = None,
+    zone_c_b: Tensor | None = None,
+) -> _Tensors16:
+    """Both directions of one layer: layer_forward's 8 results for each (16 tensors). ``x_b``:
     the reverse direction's own input (None: it reads ``x``)."""
     build.ensure()
     return tuple(torch.ops.rnnkit_cpu.pair_forward(
         x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f,
         h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode, save, x_b,
+        state_mask_f, zone_h_f, zone_c_f, state_mask_b, zone_h_b, zone_c_b,
     ))  # fmt: skip
 
 
 @pair_forward.register_fake
 def _(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b,
-      b_hh_b, w_hr_b, lengths, mode, save, x_b=None):  # fmt: skip
+      b_hh_b, w_hr_b, lengths, mode, save, x_b=None, state_mask_f=None, zone_h_f=None,
+      zone_c_f=None, state_mask_b=None, zone_h_b=None, zone_c_b=None):  # fmt: skip
     f = _layer_forward_fake(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths, mode,
-                            False, save)  # fmt: skip
+                            False, save, state_mask_f, zone_h_f, zone_c_f)  # fmt: skip
     b = _layer_forward_fake(x, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode,
-                            True, save)  # fmt: skip
+                            True, save, state_mask_b, zone_h_b, zone_c_b)  # fmt: skip
     return (*f, *b)
 
 
@@ -348,20 +354,31 @@ def pair_backward(
     has_bias: bool,
     need_dx: bool,
     x_b: Tensor | None = None,
+    state_mask_f: Tensor | None = None,
+    zone_h_f: Tensor | None = None,
+    zone_c_f: Tensor | None = None,
+    cprev_f: Tensor | None = None,
+    state_mask_b: Tensor | None = None,
+    zone_h_b: Tensor | None = None,
+    zone_c_b: Tensor | None = None,
+    cprev_b: Tensor | None = None,
 ) -> _Tensors16:
     """Backpropagation through pair_forward: layer_backward's 8 results for each direction."""
     build.ensure()
     return tuple(torch.ops.rnnkit_cpu.pair_backward(
         grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f,
         hpre_f, grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b,
-        c_b, hpre_b, x, lengths, mode, has_bias, need_dx, x_b,
+        c_b, hpre_b, x, lengths, mode, has_bias, need_dx, x_b, state_mask_f, zone_h_f, zone_c_f,
+        cprev_f, state_mask_b, zone_h_b, zone_c_b, cprev_b,
     ))  # fmt: skip
 
 
 @pair_backward.register_fake
 def _(grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f, hpre_f,
       grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b, c_b, hpre_b,
-      x, lengths, mode, has_bias, need_dx, x_b=None):  # fmt: skip
+      x, lengths, mode, has_bias, need_dx, x_b=None, state_mask_f=None, zone_h_f=None,
+      zone_c_f=None, cprev_f=None, state_mask_b=None, zone_h_b=None, zone_c_b=None,
+      cprev_b=None):  # fmt: skip
     f = _layer_backward_fake(grad_out_f, grad_hn_f, grad_cn_f, x, c0_f, w_ih_f, w_hh_f, w_hr_f,
                              lengths, act_f, hprev_f, c_f, hpre_f, mode, False, has_bias,
                              need_dx)  # fmt: skip
@@ -373,26 +390,18 @@ def _(grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hpr
 
 def _pair_setup_context(ctx, inputs, output) -> None:
     (x, _, c0_f, w_ih_f, w_hh_f, b_ih_f, _, w_hr_f, _, c0_b, w_ih_b, w_hh_b, _, _, w_hr_b,
-     lengths, mode, save, x_b) = inputs  # fmt: skip
-    saved_f, saved_b = output[3:7], output[10:14]
+     lengths, mode, save, *extra) = inputs  # fmt: skip
+    # x_b, then state_mask, zone_h, zone_c of each direction (torch.compile may drop Nones)
+    x_b, *regs = (extra + [None] * 7)[:7]
+    saved_f, saved_b = output[3:8], output[11:16]
     ctx.mode, ctx.save = mode, save
     ctx.has_bias = b_ih_f is not None
     ctx.has_c0, ctx.has_w_hr = c0_f is not None, w_hr_f is not None
+    ctx.has_x_b = x_b is not None
     ctx.save_for_backward(
-        x,
-        x_b,
-        lengths,
-        c0_f,
-        w_ih_f,
-        w_hh_f,
-        w_hr_f,
-        *saved_f,
-        c0_b,
-        w_ih_b,
-        w_hh_b,
-        w_hr_b,
-        *saved_b,
-    )
+        x, x_b, lengths, c0_f, w_ih_f, w_hh_f, w_hr_f, *saved_f, c0_b, w_ih_b, w_hh_b, w_hr_b,
+        *saved_b, *regs,
+    )  # fmt: skip
     ctx.mark_non_differentiable(*saved_f, *saved_b)
     ctx.set_materialize_grads(False)
 
@@ -404,14 +413,18 @@ def _pair_backward(ctx, *grads):
             "nothing for backward"
         )
     x, x_b, lengths, *rest = ctx.saved_tensors
-    fwd, bwd = rest[:8], rest[8:]
+    # per direction: c0, w_ih, w_hh, w_hr, act, hprev, c, hpre, cprev; then the regularisers
+    fwd, bwd, regs = rest[:9], rest[9:18], rest[18:]
     lstm = ctx.mode == _LSTM
     g_f = [grads[0], grads[1], grads[2] if lstm else None]
-    g_b = [grads[7], grads[8], grads[9] if lstm else None]
-    need_dx = ctx.needs_input_grad[0] or (x_b is not None and ctx.needs_input_grad[18])
-    r = pair_backward(*g_f, *fwd, *g_b, *bwd, x, lengths, ctx.mode, ctx.has_bias, need_dx, x_b)
+    g_b = [grads[8], grads[9], grads[10] if lstm else None]
+    need_dx = ctx.needs_input_grad[0] or (ctx.has_x_b and ctx.needs_input_grad[18])
+    r = pair_backward(
+        *g_f, *fwd[:8], *g_b, *bwd[:8], x, lengths, ctx.mode, ctx.has_bias, need_dx, x_b,
+        *regs[:3], fwd[8], *regs[3:], bwd[8],
+    )  # fmt: skip
     dx = dx_b = None
-    if need_dx and x_b is None:
+    if need_dx and not ctx.has_x_b:
         dx = r[0] + r[8]
     elif need_dx:  # each direction read its own input
         dx, dx_b = r[0], r[8]
@@ -428,7 +441,8 @@ def _pair_backward(ctx, *grads):
             dw_hr if ctx.has_w_hr else None,
         )
 
-    return (dx, *direction(r[:8]), *direction(r[8:]), None, None, None, dx_b)
+    # lengths, mode, save; x_b; the regularisers (constants)
+    return (dx, *direction(r[:8]), *direction(r[8:]), None, None, None, dx_b, *[None] * 6)
 
 
 pair_forward.register_autograd(_pair_backward, setup_context=_pair_setup_context)
@@ -445,6 +459,7 @@ def pair(
     proj: bool,
     gates: bool = False,
     x_b: Tensor | None = None,
+    regularisers: tuple[Regularisers, Regularisers] = (_OFF, _OFF),
 ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None, tuple[Gates, Gates] | None]:
     """Both directions of a bidirectional layer (forward first): ``(out (T, B, 2P),
     (h_n forward, h_n reverse), (c_n forward, c_n reverse) or None, gates per direction or None)``.
@@ -452,15 +467,13 @@ def pair(
     """
     args = []
     for d in range(2):
-        w_ih, w_hh, *rest = weights[d]
-        b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
-        w_hr = rest[-1] if proj else None
-        args += [h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih, b_hh, w_hr]
-    tensors = (x, x_b, *args)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        args += [h0[d], None if c0 is None else c0[d], *_direction_args(weights[d], bias, proj)]
+    grad = _needs_grad([x, x_b, *args])
     mode_id = MODE_IDS[mode]
-    r = pair_forward(x, *args, lengths, mode_id, grad or gates, x_b)
-    out = torch.cat([r[0], r[7]], dim=-1)
-    c_n = (r[2], r[9]) if mode_id == _LSTM else None
-    g = (gates_of(mode_id, r[3], r[5]), gates_of(mode_id, r[10], r[12])) if gates else None
-    return out, (r[1], r[8]), c_n, g
+    r = pair_forward(
+        x, *args, lengths, mode_id, grad or gates, x_b, *regularisers[0], *regularisers[1]
+    )
+    out = torch.cat([r[0], r[8]], dim=-1)
+    c_n = (r[2], r[10]) if mode_id == _LSTM else None
+    g = (gates_of(mode_id, r[3], r[5]), gates_of(mode_id, r[11], r[13])) if gates else None
+    return out, (r[1], r[9]), c_n, g

@@ -6,25 +6,34 @@
 // S = saved activations per step (H rnn, 4H lstm: i f g o, 4H gru: r z n hn).
 // Every tensor is contiguous, row-major, time-major.
 //
-// layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save)
+// layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save,
+//               state_mask, zone_h, zone_c)
 //   x (T, B, I)   h0 (B, P)   c0 (B, H) [lstm]   w_ih (G, I)   w_hh (G, P)   b_ih, b_hh (G)
 //   w_hr (P, H) [projected lstm]   lengths (B) int64, 0 <= len <= T [optional]
 //   mode 0 rnn_tanh, 1 rnn_relu, 2 lstm, 3 gru; reverse: read each sequence from its own end
+//   state_mask (B, P) [optional]: state dropout, h_{t-1} * state_mask is what enters the step
+//     (the recurrent GEMM and, in the GRU, z * h_{t-1})
+//   zone_h (T, B, P) or (P) [optional], zone_c (T, B, H) or (H) [lstm, given with zone_h]:
+//     zoneout, each state becomes keep * previous + (1 - keep) * new, keep = zone[t, b] (0 or 1:
+//     training) or zone (the probability, every step: eval mode); the output is the zoned h
 //   -> out (T, B, P)   h_n (B, P)   c_n (B, H) [lstm, else (0)]
 //      saved for backward (each (0) unless save): act (T, B, S)   hprev (T, B, P) state fed into
-//      the step at t   c (T, B, H) [lstm]   hpre (T, B, H) [projected lstm: o * tanh(c)]
+//      the step at t (after state_mask)   c (T, B, H) [lstm: the new cell state, before zoneout]
+//      hpre (T, B, H) [projected lstm: o * tanh(c)]   cprev (T, B, H) [lstm with zoneout: the
+//      cell state entering the step at t]
 //
 // layer_backward(grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c,
-//                hpre, mode, reverse, has_bias, need_dx)
-//   grad_out (T, B, P)   grad_hn (B, P)   grad_cn (B, H)   (each optional: absent = zero)
+//                hpre, mode, reverse, has_bias, need_dx, state_mask, zone_h, zone_c, cprev)
+//   grad_out (T, B, P)   grad_hn (B, P)   grad_cn (B, H)   (each optional: absent = zero);
+//   state_mask, zone_h, zone_c as given to layer_forward; cprev as it saved
 //   -> dx (T, B, I) [or (0) unless need_dx]   dh0 (B, P)   dc0 (B, H)   dw_ih (G, I)
 //      dw_hh (G, P)   db_ih, db_hh (G) [or (0) without bias]   dw_hr (P, H) [or (0)]
 //
 // pair_forward / pair_backward: both directions of a bidirectional layer (forward then reverse
-//   arguments, then x, lengths, mode, ..., x_b), each direction on its own thread; the results
-//   are layer_forward's 7 (layer_backward's 8) per direction, forward direction first. x_b
-//   (T, B, I) [optional]: the reverse direction's own input (variational dropout masks each
-//   direction's input apart), else it reads x too.
+//   arguments, then x, lengths, mode, ..., x_b, then the regulariser tensors of each direction),
+//   each direction on its own thread; the results are layer_forward's 8 (layer_backward's 8) per
+//   direction, forward direction first. x_b (T, B, I) [optional]: the reverse direction's own
+//   input (variational dropout masks each direction's input apart), else it reads x too.
 //
 // Step s (0 <= s < max length) reads time t = s forwards, t = len_b - 1 - s in reverse (T - 1 - s
 // without lengths); a sequence b with s >= len_b is finished: its state is kept, its output is 0.
@@ -32,6 +41,9 @@
 // GEMM (over the still-active sequences only, with lengths) and one fused pass over the gates.
 // The backward reads the forward in reverse, one derivative per line; dx, dw_ih, dw_hh and the
 // biases are single GEMMs over all steps at the end.
+//
+// Variants are compiled apart (a bit each of one template argument, see Flag): lengths,
+// projection, saving for backward, state dropout, zoneout. A variant that is off costs nothing.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -49,6 +61,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -65,60 +78,103 @@ using std::int64_t;
 
 enum Mode : int64_t { kRnnTanh = 0, kRnnRelu = 1, kLstm = 2, kGru = 3 };
 
+// The compile-time variants of a kernel: bits of its template argument kF.
+enum Flag : int {
+  kLengths = 1 << 0,     // lengths given: finished sequences keep their state
+  kProjection = 1 << 1,  // projected LSTM (w_hr)
+  kSaving = 1 << 2,      // the forward keeps what backward needs
+  kStateDrop = 1 << 3,   // state dropout: h_{t-1} * state_mask enters the step
+  kZoneout = 1 << 4,     // zoneout on h (and c)
+};
+constexpr int kFlagBits = 5;
+
+// fn(std::integral_constant<int, F>{}) with F = flags as a compile-time constant. Only the bits of
+// kUsed are branched on (the others are 0), so only the variants a caller can ask for are built.
+template <int kUsed, int kF = 0, int kBit = 0, typename Fn>
+void with_flags(int flags, Fn&& fn) {
+  if constexpr (kBit == kFlagBits) {
+    fn(std::integral_constant<int, kF>{});
+  } else if constexpr ((kUsed & (1 << kBit)) == 0) {
+    with_flags<kUsed, kF, kBit + 1>(flags, fn);
+  } else if (flags & (1 << kBit)) {
+    with_flags<kUsed, kF | (1 << kBit), kBit + 1>(flags, fn);
+  } else {
+    with_flags<kUsed, kF, kBit + 1>(flags, fn);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // One fused pass over the gates of one row (one sequence) at one step; j runs over H.
+// keep (H or P) is the row's zoneout mask with kZone: state = keep * previous + (1 - keep) * new.
 
-// Elman RNN: h = act(xg + b + hg). Saves h.
-template <typename T, bool kRelu, bool kSave>
-inline void rnn_row_forward(int64_t H, const T* xg, const T* hg, const T* b, T* h, T* out,
-                            T* act) {
+// Elman RNN: h_new = act(xg + b + hg). h holds the previous state and receives the new one.
+// Saves h_new.
+template <typename T, bool kRelu, bool kSave, bool kZone>
+inline void rnn_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* keep, T* h,
+                            T* out, T* act) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T pre = xg[j] + hg[j] + b[j];
     const T h_new = kRelu ? (pre > T(0) ? pre : T(0)) : tanh_(pre);
-    h[j] = h_new;
-    out[j] = h_new;
+    const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
+    h[j] = h_t;
+    out[j] = h_t;
     if constexpr (kSave) act[j] = h_new;
   }
 }
 
-// LSTM: c = f c + i g, h = o tanh(c) (h goes to hp, the projection's input, with a projection).
-template <typename T, bool kSave>
-inline void lstm_row_forward(int64_t H, const T* xg, const T* hg, const T* b, T* c, T* hp,
-                             T* act, T* cs) {
+// LSTM: c_new = f c + i g, h_new = o tanh(c_new). c holds the previous cell state and receives
+// the new one. Without a projection h (the state) receives h_new and out the same; with one, h
+// is the projection's input row and receives h_new (zoneout and out come after the projection).
+// cs saves c_new, cp the previous cell state (with zoneout), hpre h_new (with a projection).
+template <typename T, bool kSave, bool kProj, bool kZone>
+inline void lstm_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* keep_h,
+                             const T* keep_c, T* c, T* h, T* out, T* act, T* cs, T* cp, T* hpre) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
+    const T c_old = c[j];
     const T i = sigmoid(xg[j] + hg[j] + b[j]);
     const T f = sigmoid(xg[H + j] + hg[H + j] + b[H + j]);
     const T g = tanh_(xg[2 * H + j] + hg[2 * H + j] + b[2 * H + j]);
     const T o = sigmoid(xg[3 * H + j] + hg[3 * H + j] + b[3 * H + j]);
-    const T c_new = f * c[j] + i * g;
-    c[j] = c_new;
-    hp[j] = o * tanh_(c_new);
+    const T c_new = f * c_old + i * g;
+    const T h_new = o * tanh_(c_new);
+    c[j] = kZone ? keep_c[j] * c_old + (T(1) - keep_c[j]) * c_new : c_new;
+    if constexpr (kProj) {
+      h[j] = h_new;
+      if constexpr (kSave) hpre[j] = h_new;
+    } else {
+      const T h_t = kZone ? keep_h[j] * h[j] + (T(1) - keep_h[j]) * h_new : h_new;
+      h[j] = h_t;
+      out[j] = h_t;
+    }
     if constexpr (kSave) {
       act[j] = i;
       act[H + j] = f;
       act[2 * H + j] = g;
       act[3 * H + j] = o;
       cs[j] = c_new;
+      if constexpr (kZone) cp[j] = c_old;
     }
   }
 }
 
-// GRU: r, z from x and h; n = tanh(xn + r (W_hn h + b_hn)); h = (1 - z) n + z h.
-// b holds b_ir + b_hr, b_iz + b_hz, b_in; bhn holds b_hn.
-template <typename T, bool kSave>
-inline void gru_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* bhn, T* h,
-                            T* out, T* act) {
+// GRU: r, z from x and hin; n = tanh(xn + r (W_hn hin + b_hn)); h_new = (1 - z) n + z hin.
+// hin is the state that entered the step (after state dropout); h holds the previous state and
+// receives the new one. b holds b_ir + b_hr, b_iz + b_hz, b_in; bhn holds b_hn.
+template <typename T, bool kSave, bool kZone>
+inline void gru_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* bhn,
+                            const T* hin, const T* keep, T* h, T* out, T* act) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T r = sigmoid(xg[j] + hg[j] + b[j]);
     const T z = sigmoid(xg[H + j] + hg[H + j] + b[H + j]);
     const T hn = hg[2 * H + j] + bhn[j];
     const T n = tanh_(xg[2 * H + j] + b[2 * H + j] + r * hn);
-    const T h_new = (T(1) - z) * n + z * h[j];
-    h[j] = h_new;
-    out[j] = h_new;
+    const T h_new = (T(1) - z) * n + z * hin[j];
+    const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
+    h[j] = h_t;
+    out[j] = h_t;
     if constexpr (kSave) {
       act[j] = r;
       act[H + j] = z;
@@ -128,26 +184,32 @@ inline void gru_row_forward(int64_t H, const T* xg, const T* hg, const T* b, con
   }
 }
 
-// Backward rows: dh is the gradient reaching h_t from later steps, gout the one from the output
-// at t. Each writes the gate pre-activation gradients and leaves in dh the part of dh_{t-1} that
-// does not go through w_hh (the recurrent GEMM adds the rest).
+// Backward rows: dh holds the gradient reaching the state h_t from later steps, gout the one from
+// the output at t (the output is h_t). Each writes the gate pre-activation gradients and leaves in
+// dh the part of dh_{t-1} that goes neither through w_hh nor through state dropout (zoneout's
+// keep, and without state dropout the GRU's z * h_{t-1}); the recurrent GEMM adds the rest.
 
-template <typename T, bool kRelu>
-inline void rnn_row_backward(int64_t H, const T* act, const T* gout, T* dh, T* dg) {
+template <typename T, bool kRelu, bool kZone>
+inline void rnn_row_backward(int64_t H, const T* act, const T* gout, const T* keep, T* dh,
+                             T* dg) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T h = act[j];
     const T dht = dh[j] + gout[j];
-    const T dpre = kRelu ? (h > T(0) ? dht : T(0)) : dht * (T(1) - h * h);
+    const T dh_new = kZone ? (T(1) - keep[j]) * dht : dht;
+    const T dpre = kRelu ? (h > T(0) ? dh_new : T(0)) : dh_new * (T(1) - h * h);
     dg[j] = dpre;
-    dh[j] = T(0);
+    dh[j] = kZone ? keep[j] * dht : T(0);
   }
 }
 
-// dht: the gradient reaching h_t = o tanh(c_t) (after the projection's backward, if any).
-template <typename T>
-inline void lstm_row_backward(int64_t H, const T* act, const T* cs, const T* cprev, const T* dht,
-                              T* dc, T* dg) {
+// dhp: with a projection, the gradient reaching h_new = o tanh(c_new) through it (zoneout on h
+// was taken apart before the projection); without, it comes from dh and gout here. dc holds the
+// gradient reaching the cell state c_t and receives the one reaching c_{t-1}.
+template <typename T, bool kProj, bool kZone>
+inline void lstm_row_backward(int64_t H, const T* act, const T* cs, const T* cprev,
+                              const T* keep_h, const T* keep_c, const T* dhp, const T* gout,
+                              T* dh, T* dc, T* dg) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T i = act[j];
@@ -155,24 +217,33 @@ inline void lstm_row_backward(int64_t H, const T* act, const T* cs, const T* cpr
     const T g = act[2 * H + j];
     const T o = act[3 * H + j];
     const T tc = tanh_(cs[j]);
-    const T dh = dht[j];
-    const T d_o = dh * tc;
-    const T dct = dc[j] + dh * o * (T(1) - tc * tc);
-    const T di = dct * g;
-    const T dgg = dct * i;
-    const T df = dct * cprev[j];
+    T dh_new;
+    if constexpr (kProj) {
+      dh_new = dhp[j];
+    } else {
+      const T dht = dh[j] + gout[j];
+      dh_new = kZone ? (T(1) - keep_h[j]) * dht : dht;
+      dh[j] = kZone ? keep_h[j] * dht : T(0);
+    }
+    const T dct = dc[j];
+    const T dc_new = (kZone ? (T(1) - keep_c[j]) * dct : dct) + dh_new * o * (T(1) - tc * tc);
+    const T d_o = dh_new * tc;
+    const T di = dc_new * g;
+    const T dgg = dc_new * i;
+    const T df = dc_new * cprev[j];
     dg[j] = di * i * (T(1) - i);
     dg[H + j] = df * f * (T(1) - f);
     dg[2 * H + j] = dgg * (T(1) - g * g);
     dg[3 * H + j] = d_o * o * (T(1) - o);
-    dc[j] = dct * f;
+    dc[j] = kZone ? dc_new * f + keep_c[j] * dct : dc_new * f;
   }
 }
 
-// dgi: gradient of the input pre-activations (r z n); dgh: of W_hh h + b_hh (r z hn).
-template <typename T>
-inline void gru_row_backward(int64_t H, const T* act, const T* hprev, const T* gout, T* dh,
-                             T* dgi, T* dgh) {
+// dgi: gradient of the input pre-activations (r z n); dgh: of W_hh hin + b_hh (r z hn). With
+// state dropout the gradient reaching hin directly (through z * hin) goes to dhin, to be masked.
+template <typename T, bool kZone, bool kState>
+inline void gru_row_backward(int64_t H, const T* act, const T* hin, const T* gout, const T* keep,
+                             T* dh, T* dhin, T* dgi, T* dgh) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T r = act[j];
@@ -180,35 +251,67 @@ inline void gru_row_backward(int64_t H, const T* act, const T* hprev, const T* g
     const T n = act[2 * H + j];
     const T hn = act[3 * H + j];
     const T dht = dh[j] + gout[j];
-    const T dn = dht * (T(1) - z);
-    const T dz = dht * (hprev[j] - n);
+    const T dh_new = kZone ? (T(1) - keep[j]) * dht : dht;
+    const T dn = dh_new * (T(1) - z);
+    const T dz = dh_new * (hin[j] - n);
     const T dnp = dn * (T(1) - n * n);
     const T dr = dnp * hn;
     const T drp = dr * r * (T(1) - r);
     const T dzp = dz * z * (T(1) - z);
+    const T dhz = dh_new * z;
     dgi[j] = drp;
     dgi[H + j] = dzp;
     dgi[2 * H + j] = dnp;
     dgh[j] = drp;
     dgh[H + j] = dzp;
     dgh[2 * H + j] = dnp * r;
-    dh[j] = dht * z;
+    if constexpr (kState) {
+      dhin[j] = dhz;
+      dh[j] = kZone ? keep[j] * dht : T(0);
+    } else {
+      dh[j] = kZone ? keep[j] * dht + dhz : dhz;
+    }
   }
 }
 
 int64_t saved_width(int64_t mode, int64_t H) { return mode == kLstm || mode == kGru ? 4 * H : H; }
 
+// The zoneout mask of row (t, b): zone (T, B, n) per step, or (n) the same at every step.
+template <typename T>
+inline const T* keep_row(const T* zone, int64_t step, int64_t row) {
+  return zone + row * step;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-struct ForwardOut {
-  Tensor out, h_n, c_n, act, hprev, c, hpre;
+struct ForwardIn {
+  const void *x, *w_ih, *w_hh, *w_hr, *bias, *bhn, *mask, *zone_h, *zone_c;
+  int64_t zone_h_step, zone_c_step;  // per row: n, or 0 when the same mask serves every step
+  const int64_t* len;
+  bool reverse;
 };
 
-template <typename T, int64_t kMode, bool kLen, bool kProj, bool kSave>
-void forward_impl(const Shape& n, const T* x, const T* w_ih, const T* w_hh, const T* w_hr,
-                  const T* bias, const T* bhn, const int64_t* len, bool reverse, ForwardOut& r) {
+struct ForwardOut {
+  Tensor out, h_n, c_n, act, hprev, c, hpre, cprev;
+};
+
+template <typename T, int64_t kMode, int kF>
+void forward_impl(const Shape& n, const ForwardIn& in, ForwardOut& r) {
+  constexpr bool kLen = kF & kLengths, kProj = kF & kProjection, kSave = kF & kSaving;
+  constexpr bool kState = kF & kStateDrop, kZone = kF & kZoneout;
   const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, S = n.S;
+  const bool reverse = in.reverse;
+  const int64_t* len = in.len;
+  const T* x = static_cast<const T*>(in.x);
+  const T* w_ih = static_cast<const T*>(in.w_ih);
+  const T* w_hh = static_cast<const T*>(in.w_hh);
+  const T* w_hr = static_cast<const T*>(in.w_hr);
+  const T* bias = static_cast<const T*>(in.bias);
+  const T* bhn = static_cast<const T*>(in.bhn);
+  const T* mask = static_cast<const T*>(in.mask);      // (B, P) with kState
+  const T* zone_h = static_cast<const T*>(in.zone_h);  // (T, B, P) or (P) with kZone
+  const T* zone_c = static_cast<const T*>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
   auto opts = r.out.options();
   // xg (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once.
   Tensor xg_t = at::empty({T_ * B, G}, opts);
@@ -222,6 +325,7 @@ void forward_impl(const Shape& n, const T* x, const T* w_ih, const T* w_hh, cons
   T* hprev = kSave ? mptr<T>(r.hprev) : nullptr;
   T* cs = kSave && kMode == kLstm ? mptr<T>(r.c) : nullptr;
   T* hpre = kSave && kProj ? mptr<T>(r.hpre) : nullptr;
+  T* cp = kSave && kZone && kMode == kLstm ? mptr<T>(r.cprev) : nullptr;
 
   Tensor hg_t = at::empty({B, G}, opts);  // (B, G) recurrent projection of this step
   T* hg = hg_t.mutable_data_ptr<T>();
@@ -232,21 +336,37 @@ void forward_impl(const Shape& n, const T* x, const T* w_ih, const T* w_hh, cons
 
   const PackedB<T> hh(true, B, G, P, w_hh, P);  // op(B) = w_hh^T (P, G)
   const PackedB<T> hr(true, B, P, H, w_hr, H);  // op(B) = w_hr^T (H, P), with a projection
-  // With lengths, the recurrent GEMM runs over the A sequences still active at this step only:
-  // rows[k] (k < A) is the batch index of the k-th active one and hc (A, P) gathers their states.
+  // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it runs
+  // over (rows[k], k < A: their batch indices), when they are not h itself: with lengths while
+  // some sequences have finished, and with state dropout (hc = h * mask).
   std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
-  Tensor hc_t = kLen ? at::empty({B, P}, opts) : Tensor();
-  T* hc = kLen ? hc_t.mutable_data_ptr<T>() : nullptr;
+  Tensor hc_t = kLen || kState ? at::empty({B, P}, opts) : Tensor();
+  T* hc = kLen || kState ? hc_t.mutable_data_ptr<T>() : nullptr;
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = 0; s < steps; ++s) {
     if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
     const int64_t A = static_cast<int64_t>(rows.size());
-    if (!kLen || A == B) {
+    const bool gathered = kState || (kLen && A < B);
+    if (gathered) {
+      for (int64_t k = 0; k < A; ++k) {
+        const T* h_row = h + rows[k] * P;
+        T* hc_row = hc + k * P;
+        if constexpr (kState) {
+          const T* m_row = mask + rows[k] * P;
+          for (int64_t j = 0; j < P; ++j) hc_row[j] = h_row[j] * m_row[j];
+        } else {
+          std::copy(h_row, h_row + P, hc_row);
+        }
+      }
+    }
+    if (!gathered) {
       // hg (B, G) = h (B, P) . w_hh^T
       hh.run(h, P, T(0), hg, G);
+    } else if (A == B) {
+      // hg (B, G) = hc (B, P) . w_hh^T
+      hh.run(hc, P, T(0), hg, G);
     } else {
       // hg (A, G) = hc (A, P) . w_hh^T
-      for (int64_t k = 0; k < A; ++k) std::copy(h + rows[k] * P, h + rows[k] * P + P, hc + k * P);
       gemm<T>(false, true, A, G, P, T(1), hc, P, w_hh, P, T(0), hg, G);
     }
     at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
@@ -254,70 +374,43 @@ void forward_impl(const Shape& n, const T* x, const T* w_ih, const T* w_hh, cons
         const int64_t b = rows[k];
         const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
         const int64_t row = t * B + b;
-        if constexpr (kSave) std::copy(h + b * P, h + b * P + P, hprev + row * P);
+        const T* hin = gathered ? hc + k * P : h + b * P;  // (P) the state entering the step
+        if constexpr (kSave) std::copy(hin, hin + P, hprev + row * P);
         T* a = kSave ? act + row * S : nullptr;
+        const T* keep_h = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
         if constexpr (kMode == kRnnTanh || kMode == kRnnRelu) {
-          rnn_row_forward<T, kMode == kRnnRelu, kSave>(H, xg + row * G, hg + k * G, bias,
-                                                       h + b * H, out + row * P, a);
+          rnn_row_forward<T, kMode == kRnnRelu, kSave, kZone>(H, xg + row * G, hg + k * G, bias,
+                                                              keep_h, h + b * H, out + row * P,
+                                                              a);
         } else if constexpr (kMode == kGru) {
-          gru_row_forward<T, kSave>(H, xg + row * G, hg + k * G, bias, bhn, h + b * H,
-                                    out + row * P, a);
+          gru_row_forward<T, kSave, kZone>(H, xg + row * G, hg + k * G, bias, bhn, hin, keep_h,
+                                           h + b * H, out + row * P, a);
         } else {
-          T* cs_row = kSave ? cs + row * H : nullptr;
-          T* hp_row = kProj ? hp + b * H : h + b * H;
-          lstm_row_forward<T, kSave>(H, xg + row * G, hg + k * G, bias, c + b * H, hp_row, a,
-                                     cs_row);
-          if constexpr (!kProj) std::copy(hp_row, hp_row + H, out + row * P);
-          if constexpr (kProj && kSave) std::copy(hp_row, hp_row + H, hpre + row * H);
+          const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
+          lstm_row_forward<T, kSave, kProj, kZone>(
+              H, xg + row * G, hg + k * G, bias, keep_h, keep_c, c + b * H,
+              kProj ? hp + b * H : h + b * H, out + row * P, a, kSave ? cs + row * H : nullptr,
+              kSave && kZone ? cp + row * H : nullptr, kSave && kProj ? hpre + row * H : nullptr);
         }
       }
     });
     if constexpr (kProj) {
       // hq (B, P) = hp (B, H) . w_hr^T; finished sequences keep their state.
       hr.run(hp, H, T(0), hq, P);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
-        if (kLen && t < 0) continue;
-        std::copy(hq + b * P, hq + b * P + P, h + b * P);
-        std::copy(hq + b * P, hq + b * P + P, out + (t * B + b) * P);
+      for (int64_t k = 0; k < A; ++k) {
+        const int64_t b = rows[k];
+        const int64_t row = time_of<kLen>(s, b, len, T_, reverse) * B + b;
+        const T* keep = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
+        T* h_row = h + b * P;
+        const T* hq_row = hq + b * P;
+        T* out_row = out + row * P;
+        for (int64_t j = 0; j < P; ++j) {
+          const T h_t = kZone ? keep[j] * h_row[j] + (T(1) - keep[j]) * hq_row[j] : hq_row[j];
+          h_row[j] = h_t;
+          out_row[j] = h_t;
+        }
       }
     }
-  }
-}
-
-template <typename T, int64_t kMode, bool kLen, bool kProj>
-void forward_save(bool save, const Shape& n, const T* x, const T* w_ih, const T* w_hh,
-                  const T* w_hr, const T* bias, const T* bhn, const int64_t* len, bool reverse,
-                  ForwardOut& r) {
-  if (save) {
-    forward_impl<T, kMode, kLen, kProj, true>(n, x, w_ih, w_hh, w_hr, bias, bhn, len, reverse, r);
-  } else {
-    forward_impl<T, kMode, kLen, kProj, false>(n, x, w_ih, w_hh, w_hr, bias, bhn, len, reverse,
-                                               r);
-  }
-}
-
-template <typename T, int64_t kMode, bool kLen>
-void forward_proj(bool proj, bool save, const Shape& n, const T* x, const T* w_ih, const T* w_hh,
-                  const T* w_hr, const T* bias, const T* bhn, const int64_t* len, bool reverse,
-                  ForwardOut& r) {
-  if constexpr (kMode == kLstm) {
-    if (proj) {
-      forward_save<T, kMode, kLen, true>(save, n, x, w_ih, w_hh, w_hr, bias, bhn, len, reverse, r);
-      return;
-    }
-  }
-  forward_save<T, kMode, kLen, false>(save, n, x, w_ih, w_hh, w_hr, bias, bhn, len, reverse, r);
-}
-
-template <typename T, int64_t kMode>
-void forward_len(bool has_len, bool proj, bool save, const Shape& n, const T* x, const T* w_ih,
-                 const T* w_hh, const T* w_hr, const T* bias, const T* bhn, const int64_t* len,
-                 bool reverse, ForwardOut& r) {
-  if (has_len) {
-    forward_proj<T, kMode, true>(proj, save, n, x, w_ih, w_hh, w_hr, bias, bhn, len, reverse, r);
-  } else {
-    forward_proj<T, kMode, false>(proj, save, n, x, w_ih, w_hh, w_hr, bias, bhn, len, reverse, r);
   }
 }
 
@@ -343,11 +436,76 @@ void check_lengths(const Tensor& lengths, int64_t B, int64_t T) {
                 T);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
+// The regularisers' tensors of one call, checked against the layer's shapes.
+struct Regularisers {
+  Tensor mask, zone_h, zone_c;
+  int64_t zone_h_step = 0, zone_c_step = 0;
+
+  Regularisers(const std::optional<Tensor>& mask_, const std::optional<Tensor>& zone_h_,
+               const std::optional<Tensor>& zone_c_, int64_t mode, const Shape& n,
+               const Tensor& x)
+      : mask(contiguous_or_empty(mask_)),
+        zone_h(contiguous_or_empty(zone_h_)),
+        zone_c(contiguous_or_empty(zone_c_)) {
+    if (mask.defined()) {
+      TORCH_CHECK(mask.dim() == 2 && mask.size(0) == n.B && mask.size(1) == n.P &&
+                      mask.scalar_type() == x.scalar_type(),
+                  "state_mask has shape ", mask.sizes(), " and dtype ", mask.scalar_type(),
+                  "; expected (B, P) = (", n.B, ", ", n.P, ") ", x.scalar_type());
+    }
+    TORCH_CHECK(!zone_c.defined() || zone_h.defined(), "zone_c was given without zone_h");
+    TORCH_CHECK(!zone_h.defined() || mode != kLstm || zone_c.defined(),
+                "zoneout on an LSTM needs zone_c as well as zone_h");
+    zone_h_step = check_zone("zone_h", zone_h, n.P, n, x);
+    zone_c_step = check_zone("zone_c", zone_c, n.H, n, x);
+  }
+
+  static int64_t check_zone(const char* name, const Tensor& z, int64_t width, const Shape& n,
+                            const Tensor& x) {
+    if (!z.defined()) return 0;
+    const bool per_step = z.dim() == 3 && z.size(0) == n.T && z.size(1) == n.B;
+    TORCH_CHECK((per_step || z.dim() == 1) && z.size(-1) == width &&
+                    z.scalar_type() == x.scalar_type(),
+                name, " has shape ", z.sizes(), " and dtype ", z.scalar_type(), "; expected (T, B, ",
+                width, ") = (", n.T, ", ", n.B, ", ", width, ") or (", width, ") ",
+                x.scalar_type());
+    return per_step ? width : 0;
+  }
+
+  int flags() const {
+    return (mask.defined() ? kStateDrop : 0) | (zone_h.defined() ? kZoneout : 0);
+  }
+};
+
+template <typename T>
+void forward_mode(int64_t mode, int flags, const Shape& n, const ForwardIn& in, ForwardOut& r) {
+  constexpr int kCell = kLengths | kSaving | kStateDrop | kZoneout;
+  auto run = [&](auto mode_c) {
+    constexpr int64_t kMode = decltype(mode_c)::value;
+    constexpr int kUsed = kMode == kLstm ? kCell | kProjection : kCell;
+    with_flags<kUsed>(flags, [&](auto f) { forward_impl<T, kMode, decltype(f)::value>(n, in, r); });
+  };
+  switch (mode) {
+    case kRnnTanh:
+      run(std::integral_constant<int64_t, kRnnTanh>{});
+      break;
+    case kRnnRelu:
+      run(std::integral_constant<int64_t, kRnnRelu>{});
+      break;
+    case kLstm:
+      run(std::integral_constant<int64_t, kLstm>{});
+      break;
+    default:
+      run(std::integral_constant<int64_t, kGru>{});
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& x_, const Tensor& h0, const std::optional<Tensor>& c0_, const Tensor& w_ih_,
     const Tensor& w_hh_, const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, int64_t mode,
-    bool reverse, bool save) {
+    bool reverse, bool save, const std::optional<Tensor>& state_mask,
+    const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c) {
   check_mode(mode);
   TORCH_CHECK(x_.dim() == 3, "x has shape ", x_.sizes(), "; expected (T, B, I)");
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
@@ -375,7 +533,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward
   TORCH_CHECK(mode != kLstm || (c0.defined() && c0.size(0) == n.B && c0.size(1) == n.H),
               "the LSTM needs c0 of shape (", n.B, ", ", n.H, ")");
   check_lengths(lengths, n.B, n.T);
+  const Regularisers reg(state_mask, zone_h, zone_c, mode, n, x);
   const bool has_len = lengths.defined();
+  const bool zone = reg.zone_h.defined();
 
   auto opts = x.options();
   ForwardOut r;
@@ -391,6 +551,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward
   r.hprev = saved(n.P, true);
   r.c = saved(n.H, mode == kLstm);
   r.hpre = saved(n.H, proj);
+  r.cprev = saved(n.H, mode == kLstm && zone);
 
   // Biases as the gate pass adds them: b_ih + b_hh, except the GRU's b_hn, kept apart.
   Tensor bias = at::zeros({n.G}, opts), bhn = at::zeros({n.H}, opts);
@@ -403,39 +564,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward
       bias.add_(b_hh);
     }
   }
-  const int64_t* len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
+  auto raw = [](const Tensor& t) -> const void* {
+    return t.defined() && t.numel() ? t.const_data_ptr() : nullptr;
+  };
+  ForwardIn in;
+  in.x = raw(x);
+  in.w_ih = raw(w_ih);
+  in.w_hh = raw(w_hh);
+  in.w_hr = raw(w_hr);
+  in.bias = raw(bias);
+  in.bhn = raw(bhn);
+  in.mask = raw(reg.mask);
+  in.zone_h = raw(reg.zone_h);
+  in.zone_c = raw(reg.zone_c);
+  in.zone_h_step = reg.zone_h_step;
+  in.zone_c_step = reg.zone_c_step;
+  in.len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
+  in.reverse = reverse;
+  const int flags = (has_len ? kLengths : 0) | (proj ? kProjection : 0) | (save ? kSaving : 0) |
+                    reg.flags();
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layer_forward", [&] {
-    using T = scalar_t;
-    const T *px = x.const_data_ptr<T>(), *pih = w_ih.const_data_ptr<T>(),
-            *phh = w_hh.const_data_ptr<T>(), *phr = proj ? w_hr.const_data_ptr<T>() : nullptr,
-            *pb = bias.const_data_ptr<T>(), *pbhn = bhn.const_data_ptr<T>();
-    switch (mode) {
-      case kRnnTanh:
-        forward_len<T, kRnnTanh>(has_len, proj, save, n, px, pih, phh, phr, pb, pbhn, len,
-                                 reverse, r);
-        break;
-      case kRnnRelu:
-        forward_len<T, kRnnRelu>(has_len, proj, save, n, px, pih, phh, phr, pb, pbhn, len,
-                                 reverse, r);
-        break;
-      case kLstm:
-        forward_len<T, kLstm>(has_len, proj, save, n, px, pih, phh, phr, pb, pbhn, len, reverse,
-                              r);
-        break;
-      default:
-        forward_len<T, kGru>(has_len, proj, save, n, px, pih, phh, phr, pb, pbhn, len, reverse,
-                             r);
-    }
-  });
-  return {r.out, r.h_n, r.c_n, r.act, r.hprev, r.c, r.hpre};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layer_forward",
+                             [&] { forward_mode<scalar_t>(mode, flags, n, in, r); });
+  return {r.out, r.h_n, r.c_n, r.act, r.hprev, r.c, r.hpre, r.cprev};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
 struct BackwardIn {
-  const void *gout, *x, *c0, *w_ih, *w_hh, *w_hr, *act, *hprev, *cs, *hpre;
+  const void *gout, *x, *c0, *w_ih, *w_hh, *w_hr, *act, *hprev, *cs, *hpre, *cprev, *mask,
+      *zone_h, *zone_c;
+  int64_t zone_h_step, zone_c_step;
   const int64_t* len;
   bool reverse, need_dx, has_bias;
 };
@@ -444,8 +604,10 @@ struct BackwardOut {
   Tensor dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr;
 };
 
-template <typename T, int64_t kMode, bool kLen, bool kProj>
+template <typename T, int64_t kMode, int kF>
 void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
+  constexpr bool kLen = kF & kLengths, kProj = kF & kProjection;
+  constexpr bool kState = kF & kStateDrop, kZone = kF & kZoneout;
   const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, S = n.S;
   const bool reverse = in.reverse;
   const int64_t* len = in.len;
@@ -460,6 +622,10 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   const T* hprev = static_cast<const T*>(in.hprev);
   const T* cs = static_cast<const T*>(in.cs);
   const T* hpre = static_cast<const T*>(in.hpre);
+  const T* cp = static_cast<const T*>(in.cprev);       // (T, B, H), LSTM with kZone
+  const T* mask = static_cast<const T*>(in.mask);      // (B, P) with kState
+  const T* zone_h = static_cast<const T*>(in.zone_h);  // (T, B, P) or (P) with kZone
+  const T* zone_c = static_cast<const T*>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
 
   // The carried gradients: dh (B, P) reaching h_s from later steps, dc (B, H) reaching c_s.
   T* dh = r.dh0.mutable_data_ptr<T>();
@@ -473,17 +639,18 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   T* dgi = dgi_t.mutable_data_ptr<T>();
   T* dgh = dgh_t.mutable_data_ptr<T>();
   // With lengths, the recurrent GEMM runs over the A sequences active at this step only
-  // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G), and the
-  // product dhc (A, P) is added to their dh.
+  // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G). Its
+  // product dhc (A, P), the gradient reaching the states that entered the step (with state
+  // dropout: before the mask, which then multiplies it), is added to their dh.
   Tensor dgs_t = kLen ? at::empty({B, G}, opts) : Tensor();
-  Tensor dhc_t = kLen ? at::empty({B, P}, opts) : Tensor();
+  Tensor dhc_t = kLen || kState ? at::empty({B, P}, opts) : Tensor();
   T* dgs = kLen ? dgs_t.mutable_data_ptr<T>() : nullptr;
-  T* dhc = kLen ? dhc_t.mutable_data_ptr<T>() : nullptr;
+  T* dhc = kLen || kState ? dhc_t.mutable_data_ptr<T>() : nullptr;
   std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
   Tensor zero_t = at::zeros({std::max(P, H)}, opts);  // stands in for an absent grad_out row
   const T* zero = zero_t.const_data_ptr<T>();
-  // Projected LSTM: dht (T*B, P) gradient reaching each projected h_t; dhs (B, P) this step's;
-  // dhp (B, H) the gradient reaching o tanh(c) after the projection.
+  // Projected LSTM: dht (T*B, P) gradient reaching each projection output; dhs (B, P) this
+  // step's; dhp (B, H) the gradient reaching o tanh(c) after the projection.
   Tensor dht_t = kProj ? (kLen ? at::zeros({T_ * B, P}, opts) : at::empty({T_ * B, P}, opts))
                        : Tensor();
   Tensor dhs_t = kProj ? at::zeros({B, P}, opts) : Tensor();
@@ -499,14 +666,19 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
     if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
     const int64_t A = static_cast<int64_t>(rows.size());
     if constexpr (kProj) {
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
-        if (kLen && t < 0) continue;
-        const int64_t row = t * B + b;
+      for (int64_t k = 0; k < A; ++k) {
+        const int64_t b = rows[k];
+        const int64_t row = time_of<kLen>(s, b, len, T_, reverse) * B + b;
         const T* go = gout ? gout + row * P : zero;
-        for (int64_t j = 0; j < P; ++j) dhs[b * P + j] = dh[b * P + j] + go[j];
-        std::copy(dhs + b * P, dhs + b * P + P, dht + row * P);
-        std::fill(dh + b * P, dh + b * P + P, T(0));
+        const T* keep = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
+        T* dh_row = dh + b * P;
+        T* dhs_row = dhs + b * P;
+        for (int64_t j = 0; j < P; ++j) {
+          const T dh_t = dh_row[j] + go[j];
+          dhs_row[j] = kZone ? (T(1) - keep[j]) * dh_t : dh_t;
+          dh_row[j] = kZone ? keep[j] * dh_t : T(0);
+        }
+        std::copy(dhs_row, dhs_row + P, dht + row * P);
       }
       // dhp (B, H) = dhs (B, P) . w_hr (P, H)
       hr.run(dhs, P, T(0), dhp, H);
@@ -517,46 +689,58 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
         const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
         const int64_t row = t * B + b;
         const T* go = gout ? gout + row * P : zero;
+        const T* keep_h = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
         T* dgh_row = kLen ? dgs + k * G : dgh + row * G;
         if constexpr (kMode == kRnnTanh || kMode == kRnnRelu) {
-          rnn_row_backward<T, kMode == kRnnRelu>(H, act + row * S, go, dh + b * H, dgh_row);
+          rnn_row_backward<T, kMode == kRnnRelu, kZone>(H, act + row * S, go, keep_h, dh + b * H,
+                                                        dgh_row);
           if (kLen) std::copy(dgh_row, dgh_row + G, dgi + row * G);
         } else if constexpr (kMode == kGru) {
-          gru_row_backward<T>(H, act + row * S, hprev + row * P, go, dh + b * H, dgi + row * G,
-                              dgh_row);
+          gru_row_backward<T, kZone, kState>(H, act + row * S, hprev + row * P, go, keep_h,
+                                             dh + b * H, kState ? dhc + k * P : nullptr,
+                                             dgi + row * G, dgh_row);
           if (kLen) std::copy(dgh_row, dgh_row + G, dgh + row * G);
         } else {
-          // c_{t-1}: the cell state one step earlier in reading order, c0 at the first step.
+          // c_{t-1}: saved with zoneout; else the new cell state one step earlier in reading
+          // order, c0 at the first step.
           const int64_t prev = reverse ? t + 1 : t - 1;
-          const T* cprev = s == 0 ? c0 + b * H : cs + (prev * B + b) * H;
-          if constexpr (kProj) {
-            lstm_row_backward<T>(H, act + row * S, cs + row * H, cprev, dhp + b * H, dc + b * H,
-                                 dgh_row);
-          } else {
-            T* dh_row = dh + b * H;
-            for (int64_t j = 0; j < H; ++j) dh_row[j] += go[j];
-            lstm_row_backward<T>(H, act + row * S, cs + row * H, cprev, dh_row, dc + b * H,
-                                 dgh_row);
-            std::fill(dh_row, dh_row + H, T(0));
-          }
+          const T* cprev = kZone ? cp + row * H : s == 0 ? c0 + b * H : cs + (prev * B + b) * H;
+          const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
+          lstm_row_backward<T, kProj, kZone>(H, act + row * S, cs + row * H, cprev, keep_h,
+                                             keep_c, kProj ? dhp + b * H : nullptr, go,
+                                             dh + b * H, dc + b * H, dgh_row);
           if (kLen) std::copy(dgh_row, dgh_row + G, dgi + row * G);
         }
       }
     });
-    if (kLen && A == B) {
-      // dh (B, P) += dgs (B, G) . w_hh (G, P): every sequence is active, rows[k] = k
-      hh.run(dgs, G, T(1), dh, P);
-    } else if (kLen) {
-      // dhc (A, P) = dgs (A, G) . w_hh (G, P), added to the active rows of dh
-      gemm<T>(false, false, A, P, G, T(1), dgs, G, w_hh, P, T(0), dhc, P);
+    // This step's gate gradients of the A active sequences: dga (A, G).
+    const T* dga = kLen ? dgs : dgh + (reverse ? T_ - 1 - s : s) * B * G;
+    if constexpr (kState) {
+      // dhc (A, P) = dga (A, G) . w_hh (G, P) [+ the GRU's z * h term, there already], the
+      // gradient reaching h * mask; dh += mask * dhc on the active rows.
+      const T beta = kMode == kGru ? T(1) : T(0);
+      if (A == B) {
+        hh.run(dga, G, beta, dhc, P);
+      } else {
+        gemm<T>(false, false, A, P, G, T(1), dga, G, w_hh, P, beta, dhc, P);
+      }
+      for (int64_t k = 0; k < A; ++k) {
+        T* dh_row = dh + rows[k] * P;
+        const T* m_row = mask + rows[k] * P;
+        const T* dhc_row = dhc + k * P;
+        for (int64_t j = 0; j < P; ++j) dh_row[j] += m_row[j] * dhc_row[j];
+      }
+    } else if (!kLen || A == B) {
+      // dh (B, P) += dga (B, G) . w_hh (G, P): every sequence is active, rows[k] = k
+      hh.run(dga, G, T(1), dh, P);
+    } else {
+      // dhc (A, P) = dga (A, G) . w_hh (G, P), added to the active rows of dh
+      gemm<T>(false, false, A, P, G, T(1), dga, G, w_hh, P, T(0), dhc, P);
       for (int64_t k = 0; k < A; ++k) {
         T* dh_row = dh + rows[k] * P;
         const T* dhc_row = dhc + k * P;
         for (int64_t j = 0; j < P; ++j) dh_row[j] += dhc_row[j];
       }
-    } else {
-      // dh (B, P) += dg (B, G) . w_hh (G, P)
-      hh.run(dgh + (reverse ? T_ - 1 - s : s) * B * G, G, T(1), dh, P);
     }
   }
 
@@ -584,23 +768,27 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   }
 }
 
-template <typename T, int64_t kMode>
-void backward_variant(bool has_len, bool proj, const Shape& n, const BackwardIn& in,
-                      BackwardOut& r) {
-  if constexpr (kMode == kLstm) {
-    if (proj) {
-      if (has_len) {
-        backward_impl<T, kMode, true, true>(n, in, r);
-      } else {
-        backward_impl<T, kMode, false, true>(n, in, r);
-      }
-      return;
-    }
-  }
-  if (has_len) {
-    backward_impl<T, kMode, true, false>(n, in, r);
-  } else {
-    backward_impl<T, kMode, false, false>(n, in, r);
+template <typename T>
+void backward_mode(int64_t mode, int flags, const Shape& n, const BackwardIn& in,
+                   BackwardOut& r) {
+  constexpr int kCell = kLengths | kStateDrop | kZoneout;
+  auto run = [&](auto mode_c) {
+    constexpr int64_t kMode = decltype(mode_c)::value;
+    constexpr int kUsed = kMode == kLstm ? kCell | kProjection : kCell;
+    with_flags<kUsed>(flags, [&](auto f) { backward_impl<T, kMode, decltype(f)::value>(n, in, r); });
+  };
+  switch (mode) {
+    case kRnnTanh:
+      run(std::integral_constant<int64_t, kRnnTanh>{});
+      break;
+    case kRnnRelu:
+      run(std::integral_constant<int64_t, kRnnRelu>{});
+      break;
+    case kLstm:
+      run(std::integral_constant<int64_t, kLstm>{});
+      break;
+    default:
+      run(std::integral_constant<int64_t, kGru>{});
   }
 }
 
@@ -610,14 +798,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& w_ih_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
     const std::optional<Tensor>& lengths_, const Tensor& act_, const Tensor& hprev_,
     const Tensor& c_, const Tensor& hpre_, int64_t mode, bool reverse, bool has_bias,
-    bool need_dx) {
+    bool need_dx, const std::optional<Tensor>& state_mask, const std::optional<Tensor>& zone_h,
+    const std::optional<Tensor>& zone_c, const std::optional<Tensor>& cprev_) {
   check_mode(mode);
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_hr = contiguous_or_empty(w_hr_), c0 = contiguous_or_empty(c0_);
   const Tensor gout = contiguous_or_empty(grad_out_), ghn = contiguous_or_empty(grad_hn_);
   const Tensor gcn = contiguous_or_empty(grad_cn_);
   const Tensor act = act_.contiguous(), hprev = hprev_.contiguous(), cs = c_.contiguous();
-  const Tensor hpre = hpre_.contiguous();
+  const Tensor hpre = hpre_.contiguous(), cprev = contiguous_or_empty(cprev_);
   const Tensor lengths = lengths_.has_value() && lengths_->defined()
                              ? lengths_->to(at::kCPU).contiguous()
                              : Tensor();
@@ -633,6 +822,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   TORCH_CHECK(act.numel() == n.T * n.B * n.S && hprev.numel() == n.T * n.B * n.P,
               "layer_backward: the forward was run without saving for backward");
   check_lengths(lengths, n.B, n.T);
+  const Regularisers reg(state_mask, zone_h, zone_c, mode, n, x);
+  TORCH_CHECK(mode != kLstm || !reg.zone_h.defined() ||
+                  (cprev.defined() && cprev.numel() == n.T * n.B * n.H),
+              "layer_backward: an LSTM with zoneout needs the cprev its forward saved");
   auto opts = x.options();
   BackwardOut r;
   r.dx = need_dx ? at::empty({n.T, n.B, n.I}, opts) : at::empty({0}, opts);
@@ -664,24 +857,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   in.hprev = raw(hprev);
   in.cs = raw(cs);
   in.hpre = raw(hpre);
+  in.cprev = raw(cprev);
+  in.mask = raw(reg.mask);
+  in.zone_h = raw(reg.zone_h);
+  in.zone_c = raw(reg.zone_c);
+  in.zone_h_step = reg.zone_h_step;
+  in.zone_c_step = reg.zone_c_step;
+  const int flags = (lengths.defined() ? kLengths : 0) | (proj ? kProjection : 0) | reg.flags();
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layer_backward", [&] {
-    using T = scalar_t;
-    const bool has_len = lengths.defined();
-    switch (mode) {
-      case kRnnTanh:
-        backward_variant<T, kRnnTanh>(has_len, proj, n, in, r);
-        break;
-      case kRnnRelu:
-        backward_variant<T, kRnnRelu>(has_len, proj, n, in, r);
-        break;
-      case kLstm:
-        backward_variant<T, kLstm>(has_len, proj, n, in, r);
-        break;
-      default:
-        backward_variant<T, kGru>(has_len, proj, n, in, r);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layer_backward",
+                             [&] { backward_mode<scalar_t>(mode, flags, n, in, r); });
   return {r.dx, r.dh0, r.dc0, r.dw_ih, r.dw_hh, r.db_ih, r.db_hh, r.dw_hr};
 }
 
@@ -728,20 +913,23 @@ std::vector<Tensor> pair_forward(
     const Tensor& w_ih_b, const Tensor& w_hh_b, const std::optional<Tensor>& b_ih_b,
     const std::optional<Tensor>& b_hh_b, const std::optional<Tensor>& w_hr_b,
     const std::optional<Tensor>& lengths, int64_t mode, bool save,
-    const std::optional<Tensor>& x_b) {
+    const std::optional<Tensor>& x_b, const std::optional<Tensor>& state_mask_f,
+    const std::optional<Tensor>& zone_h_f, const std::optional<Tensor>& zone_c_f,
+    const std::optional<Tensor>& state_mask_b, const std::optional<Tensor>& zone_h_b,
+    const std::optional<Tensor>& zone_c_b) {
   const Tensor xc = x.contiguous();
   const Tensor xb = x_b.has_value() && x_b->defined() ? x_b->contiguous() : xc;
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
   both([&](int d) {
     r[d] = d == 0 ? layer_forward(xc, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths,
-                                  mode, false, save)
+                                  mode, false, save, state_mask_f, zone_h_f, zone_c_f)
                   : layer_forward(xb, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths,
-                                  mode, true, save);
+                                  mode, true, save, state_mask_b, zone_h_b, zone_c_b);
   });
   std::vector<Tensor> out;
   for (auto& t : r) {
-    auto [a, b, c, d, e, f, g] = t;
-    out.insert(out.end(), {a, b, c, d, e, f, g});
+    auto [a, b, c, d, e, f, g, h] = t;
+    out.insert(out.end(), {a, b, c, d, e, f, g, h});
   }
   return out;
 }
@@ -756,17 +944,21 @@ std::vector<Tensor> pair_backward(
     const Tensor& w_hh_b, const std::optional<Tensor>& w_hr_b, const Tensor& act_b,
     const Tensor& hprev_b, const Tensor& c_b, const Tensor& hpre_b, const Tensor& x,
     const std::optional<Tensor>& lengths, int64_t mode, bool has_bias, bool need_dx,
-    const std::optional<Tensor>& x_b) {
+    const std::optional<Tensor>& x_b, const std::optional<Tensor>& state_mask_f,
+    const std::optional<Tensor>& zone_h_f, const std::optional<Tensor>& zone_c_f,
+    const std::optional<Tensor>& cprev_f, const std::optional<Tensor>& state_mask_b,
+    const std::optional<Tensor>& zone_h_b, const std::optional<Tensor>& zone_c_b,
+    const std::optional<Tensor>& cprev_b) {
   const Tensor xc = x.contiguous();
   const Tensor xb = x_b.has_value() && x_b->defined() ? x_b->contiguous() : xc;
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
   both([&](int d) {
     r[d] = d == 0 ? layer_backward(grad_out_f, grad_hn_f, grad_cn_f, xc, c0_f, w_ih_f, w_hh_f,
                                    w_hr_f, lengths, act_f, hprev_f, c_f, hpre_f, mode, false,
-                                   has_bias, need_dx)
+                                   has_bias, need_dx, state_mask_f, zone_h_f, zone_c_f, cprev_f)
                   : layer_backward(grad_out_b, grad_hn_b, grad_cn_b, xb, c0_b, w_ih_b, w_hh_b,
                                    w_hr_b, lengths, act_b, hprev_b, c_b, hpre_b, mode, true,
-                                   has_bias, need_dx);
+                                   has_bias, need_dx, state_mask_b, zone_h_b, zone_c_b, cprev_b);
   });
   std::vector<Tensor> out;
   for (auto& t : r) {
@@ -782,25 +974,31 @@ std::vector<Tensor> pair_backward(
 TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
       "layer_forward(Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, int mode, bool reverse, bool save) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, int mode, bool reverse, bool save, "
+      "Tensor? state_mask=None, Tensor? zone_h=None, Tensor? zone_c=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "layer_backward(Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, Tensor x, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor act, Tensor hprev, "
-      "Tensor c, Tensor hpre, int mode, bool reverse, bool has_bias, bool need_dx) -> "
+      "Tensor c, Tensor hpre, int mode, bool reverse, bool has_bias, bool need_dx, "
+      "Tensor? state_mask=None, Tensor? zone_h=None, Tensor? zone_c=None, Tensor? cprev=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "pair_forward(Tensor x, Tensor h0_f, Tensor? c0_f, Tensor w_ih_f, Tensor w_hh_f, "
       "Tensor? b_ih_f, Tensor? b_hh_f, Tensor? w_hr_f, Tensor h0_b, Tensor? c0_b, Tensor w_ih_b, "
       "Tensor w_hh_b, Tensor? b_ih_b, Tensor? b_hh_b, Tensor? w_hr_b, Tensor? lengths, int mode, "
-      "bool save, Tensor? x_b=None) -> Tensor[]");
+      "bool save, Tensor? x_b=None, Tensor? state_mask_f=None, Tensor? zone_h_f=None, "
+      "Tensor? zone_c_f=None, Tensor? state_mask_b=None, Tensor? zone_h_b=None, "
+      "Tensor? zone_c_b=None) -> Tensor[]");
   m.def(
       "pair_backward(Tensor? grad_out_f, Tensor? grad_hn_f, Tensor? grad_cn_f, Tensor? c0_f, "
       "Tensor w_ih_f, Tensor w_hh_f, Tensor? w_hr_f, Tensor act_f, Tensor hprev_f, Tensor c_f, "
       "Tensor hpre_f, Tensor? grad_out_b, Tensor? grad_hn_b, Tensor? grad_cn_b, Tensor? c0_b, "
       "Tensor w_ih_b, Tensor w_hh_b, Tensor? w_hr_b, Tensor act_b, Tensor hprev_b, Tensor c_b, "
       "Tensor hpre_b, Tensor x, Tensor? lengths, int mode, bool has_bias, bool need_dx, "
-      "Tensor? x_b=None) -> Tensor[]");
+      "Tensor? x_b=None, Tensor? state_mask_f=None, Tensor? zone_h_f=None, Tensor? zone_c_f=None, "
+      "Tensor? cprev_f=None, Tensor? state_mask_b=None, Tensor? zone_h_b=None, "
+      "Tensor? zone_c_b=None, Tensor? cprev_b=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
