@@ -221,6 +221,26 @@ def test_recurrent_regularisers_with_initial_state_equal_reference(cell, reverse
     assert_same(layer, _x(), state, LENGTHS["mixed"])
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_weight_drop_masks_weight_hh_once_per_call_on_the_fused_path(cell):
+    """DropConnect: the layer hands the kernel weight_hh * mask; autograd differentiates the
+    multiply, so dropped weights get exactly zero gradient."""
+    torch.manual_seed(0)
+    layer = rnnkit.Recurrent(CELLS[cell](I, H), **REGS["weight_drop"]).train()
+    x = _x()
+    assert rnnkit.explain(layer, x, lengths=LENGTHS["mixed"]).backend == "cpu"
+    assert_same(layer, x, None, LENGTHS["mixed"])
+    torch.manual_seed(11)
+    mask = torch.empty(layer.cell.weight_hh.shape).bernoulli_(0.6)  # the draw the layer makes
+    layer.cell.weight_hh.grad = None
+    torch.manual_seed(11)
+    with rnnkit.use_backend("cpu"):
+        out, _ = layer(x, lengths=LENGTHS["mixed"])
+    out.sum().backward()
+    assert torch.all(layer.cell.weight_hh.grad[mask == 0] == 0)
+    assert torch.count_nonzero(layer.cell.weight_hh.grad[mask != 0]) > 0
+
+
 @pytest.mark.parametrize("make", [rnnkit.LSTMCell, rnnkit.GRUCell])
 def test_gates_with_regularisers_equal_reference(make):
     layer = stack(make, REGS["all"]).layers[0].backward_layer.train()
