@@ -10,6 +10,7 @@ from conftest import GRAD_TOL, OUT_TOL
 
 import rnnkit
 from rnnkit.backends.cpu import CpuBackend, build, ops
+from rnnkit.cells import PeepholeLSTMCell
 
 T, B, I, H = 6, 5, 4, 5
 # Right-padded lengths with a 0, a 1 and a full-length T, in no particular order.
@@ -256,6 +257,69 @@ def test_gates_with_regularisers_equal_reference(make):
         torch.testing.assert_close(gates[name], want[name], atol=OUT_TOL, rtol=OUT_TOL)
 
 
+# -- the peephole LSTM ----------------------------------------------------------------------------
+
+
+def peephole(input_size: int, hidden_size: int, proj_size: int = 0) -> PeepholeLSTMCell:
+    """A peephole cell with weights large enough that the peepholes matter."""
+    cell = PeepholeLSTMCell(input_size, hidden_size, proj_size=proj_size)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.uniform_(-0.7, 0.7)
+    return cell
+
+
+def peephole_stack(regs: dict, proj: int = 0):
+    torch.manual_seed(0)
+    out = 2 * (proj or H)
+    return rnnkit.Stacked(
+        [
+            rnnkit.Bidirectional(
+                rnnkit.Recurrent(peephole(I, H, proj), **regs),
+                rnnkit.Recurrent(peephole(I, H, proj), reverse=True, **regs),
+            ),
+            rnnkit.Recurrent(peephole(out, H, proj), reverse=True, **regs),
+        ]
+    )
+
+
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("proj", [0, 3], ids=["plain", "proj"])
+@pytest.mark.parametrize("reg", ["none", "state", "zoneout", "all"])
+def test_peephole_stack_equals_reference(reg, proj, lengths):
+    module = peephole_stack(REGS.get(reg, {}), proj).train()
+    x = _x()
+    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
+    assert_same(module, x, None, LENGTHS[lengths])
+    module.eval()  # zoneout as its expectation, the rest off
+    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
+    assert_same(module, x, None, LENGTHS[lengths])
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_peephole_with_initial_state_and_gates_equals_reference(reverse):
+    torch.manual_seed(0)
+    layer = rnnkit.Recurrent(peephole(I, H), reverse=reverse, **REGS["zoneout"]).train()
+    g = torch.Generator().manual_seed(4)
+    state = tuple(torch.randn(B, H, generator=g).requires_grad_() for _ in range(2))
+    assert_same(layer, _x(), state, LENGTHS["mixed"])
+    results = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(5)
+        with rnnkit.use_backend(backend):
+            results[backend] = layer(_x(False), lengths=LENGTHS["mixed"], return_gates=True)[2]
+    for name, want in results["reference"].items():
+        torch.testing.assert_close(results["cpu"][name], want, atol=OUT_TOL, rtol=OUT_TOL)
+
+
+def test_check_accepts_the_peephole_and_declines_what_has_no_kernel():
+    backend = CpuBackend()
+    assert backend.check(rnnkit.backends.Request(mode="lstm_peephole", proj=True)) is None
+    for mode in ("lstm_layernorm", "gru_layernorm"):
+        assert f"no C++ kernel for {mode}" in backend.check(rnnkit.backends.Request(mode=mode))
+    assert "custom cell" in backend.check(rnnkit.backends.Request(mode=None))
+
+
 # -- the custom ops with regularisers, in float64 (masks fixed) ----------------------------------
 
 GC_T, GC_B, GC_I, GC_H, GC_P = 4, 3, 2, 3, 2
@@ -350,3 +414,38 @@ def test_pair_op_gradcheck_float64_with_own_inputs_and_regularisers(mode):
         return tuple(r[k] for k in ((0, 1, 2, 8, 9, 10) if mode == "lstm" else (0, 1, 8, 9)))
 
     _gradcheck(fn, full, slots)
+
+
+@pytest.mark.parametrize("zone", ["off", "train"])
+@pytest.mark.parametrize("lengths", [None, [3, 0, 4]], ids=["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj"])
+def test_peephole_op_gradcheck_float64(proj, reverse, lengths, zone):
+    args = op_args("lstm", lengths, proj)
+    regs = op_regularisers("lstm", proj, "train") if zone == "train" else [None] * 3
+    g = torch.Generator().manual_seed(9)
+    peep = torch.randn(3, GC_H, generator=g, dtype=torch.float64).requires_grad_()
+    full = [*args, ops.MODE_IDS["lstm"], reverse, True, *regs, peep]
+    slots = [k for k, a in enumerate(args[:8]) if a is not None] + [len(full) - 1]
+
+    def fn(*a):
+        return ops.layer_forward(*a)[:3]
+
+    _gradcheck(fn, full, slots)
+    torch.library.opcheck(ops.layer_forward, tuple(full))
+
+
+def test_peephole_pair_op_gradcheck_float64():
+    f, b = op_args("lstm", [3, 0, 4]), op_args("lstm", [3, 0, 4], seed=7)
+    g = torch.Generator().manual_seed(9)
+    peeps = [torch.randn(3, GC_H, generator=g, dtype=torch.float64).requires_grad_()
+             for _ in range(2)]  # fmt: skip
+    full = [f[0], *f[1:8], *b[1:8], f[8], ops.MODE_IDS["lstm"], True, None, *[None] * 6, *peeps]
+    slots = [k for k, a in enumerate(full[:15]) if a is not None] + [25, 26]
+
+    def fn(*a):
+        r = ops.pair_forward(*a)
+        return tuple(r[k] for k in (0, 1, 2, 8, 9, 10))
+
+    _gradcheck(fn, full, slots)
+    torch.library.opcheck(ops.pair_forward, tuple(full))

@@ -26,9 +26,9 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 class CpuBackend:
-    """Runs the Elman RNN, LSTM (with projection) and GRU on the CPU (float32, float64), with
-    every option: lengths, reversal, bidirectional and deep stacks, gate outputs (detached), and
-    the regularisers (variational dropout, state dropout, zoneout, DropConnect).
+    """Runs the Elman RNN, LSTM (with projection, with peepholes) and GRU on the CPU (float32,
+    float64), with every option: lengths, reversal, bidirectional and deep stacks, gate outputs
+    (detached), and the regularisers (variational dropout, state dropout, zoneout, DropConnect).
 
     :meth:`slower` names the configurations where BENCHMARKS.md measured torch's own op to be
     as fast or faster (a plain LSTM, on oneDNN): automatic dispatch then skips this backend,
@@ -43,7 +43,7 @@ class CpuBackend:
     )
 
     def check(self, request: Request) -> str | None:
-        if request.mode not in ops.MODE_IDS:
+        if request.mode not in ops.KERNELS:
             return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
         if request.device_type != "cpu":
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
@@ -80,7 +80,7 @@ class CpuBackend:
         zoneout run inside the kernels, from the same masks.
         """
         req = call.request
-        lstm = req.mode == "lstm"
+        lstm = ops.KERNELS[req.mode][0] == ops.MODE_IDS["lstm"]  # the peephole LSTM too
         directions = 2 if req.bidirectional else 1
         per = len(call.weights) // (req.num_layers * directions)
         masks = _per_direction(call.masks, req.num_layers * directions)

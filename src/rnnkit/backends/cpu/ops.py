@@ -7,7 +7,7 @@ each. Shapes (rnn_kernels.cpp states them in full): x (T, B, I), h0 (B, P), c0 (
 w_ih (G, I), w_hh (G, P), b_ih/b_hh (G), w_hr (P, H), lengths (B,) int64; the regularisers
 state_mask (B, P) (state dropout) and zone_h (T, B, P) or (P,), zone_c (T, B, H) or (H,)
 (zoneout: 1 = keep the previous value, or in eval mode the probability) are constants: they get
-no gradient.
+no gradient. peep (3, H) stacks the peephole LSTM's w_ci, w_cf, w_co.
 
 Defining the ops builds nothing: the kernels are compiled when an op first runs.
 """
@@ -22,6 +22,7 @@ from torch import Tensor
 from . import build
 
 __all__ = [
+    "KERNELS",
     "MODE_IDS",
     "Regularisers",
     "gates_of",
@@ -36,8 +37,11 @@ __all__ = [
 #: The kernels' cell ids.
 MODE_IDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 _LSTM = MODE_IDS["lstm"]
+#: Every cell mode the kernels run: (cell id, peepholes).
+KERNELS = {**{mode: (i, False) for mode, i in MODE_IDS.items()}, "lstm_peephole": (_LSTM, True)}
 
 _Tensors8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+_Tensors9 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _saved_width(mode: int, hidden: int) -> int:
@@ -61,20 +65,21 @@ def layer_forward(
     state_mask: Tensor | None = None,
     zone_h: Tensor | None = None,
     zone_c: Tensor | None = None,
+    peep: Tensor | None = None,
 ) -> _Tensors8:
     """One layer, one direction: ``(out, h_n, c_n, act, hprev, c, hpre, cprev)``; the last five
     are saved for backward and empty unless ``save``."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_forward(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save,
-        state_mask, zone_h, zone_c,
+        state_mask, zone_h, zone_c, peep,
     )  # fmt: skip
 
 
 @layer_forward.register_fake
 def _layer_forward_fake(
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save,
-    state_mask=None, zone_h=None, zone_c=None,
+    state_mask=None, zone_h=None, zone_c=None, peep=None,
 ):  # fmt: skip
     steps, batch, _ = x.shape
     gates = w_ih.shape[0]
@@ -93,7 +98,7 @@ def _layer_forward_fake(
         saved(state, True),
         saved(hidden, mode == _LSTM),
         saved(hidden, w_hr is not None),
-        saved(hidden, mode == _LSTM and zone_h is not None),
+        saved(hidden, mode == _LSTM and (zone_h is not None or peep is not None)),
     )
 
 
@@ -120,21 +125,22 @@ def layer_backward(
     zone_h: Tensor | None = None,
     zone_c: Tensor | None = None,
     cprev: Tensor | None = None,
-) -> _Tensors8:
+    peep: Tensor | None = None,
+) -> _Tensors9:
     """Backpropagation through one layer_forward: ``(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
-    dw_hr)``; dx is empty unless ``need_dx``, the biases without ``has_bias``, dw_hr without a
-    projection, dc0 unless LSTM."""
+    dw_hr, dpeep)``; dx is empty unless ``need_dx``, the biases without ``has_bias``, dw_hr
+    without a projection, dc0 unless LSTM, dpeep without peepholes."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_backward(
         grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre,
-        mode, reverse, has_bias, need_dx, state_mask, zone_h, zone_c, cprev,
+        mode, reverse, has_bias, need_dx, state_mask, zone_h, zone_c, cprev, peep,
     )  # fmt: skip
 
 
 @layer_backward.register_fake
 def _layer_backward_fake(
     grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, mode,
-    reverse, has_bias, need_dx, state_mask=None, zone_h=None, zone_c=None, cprev=None,
+    reverse, has_bias, need_dx, state_mask=None, zone_h=None, zone_c=None, cprev=None, peep=None,
 ):  # fmt: skip
     batch = x.shape[1]
     gates = w_ih.shape[0]
@@ -150,17 +156,19 @@ def _layer_backward_fake(
         x.new_empty(gates) if has_bias else x.new_empty(0),
         x.new_empty(gates) if has_bias else x.new_empty(0),
         x.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0),
+        x.new_empty(peep.shape) if peep is not None else x.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, _, c0, w_ih, w_hh, b_ih, _, w_hr, lengths, mode, reverse, save, *regs = inputs
+    x, _, c0, w_ih, w_hh, b_ih, _, w_hr, lengths, mode, reverse, save, *extra = inputs
     _, _, _, act, hprev, c, hpre, cprev = output
     ctx.mode, ctx.reverse, ctx.save = mode, reverse, save
     ctx.has_bias = b_ih is not None
     ctx.has_c0, ctx.has_w_hr = c0 is not None, w_hr is not None
-    regs = (regs + [None] * 3)[:3]  # state_mask, zone_h, zone_c (torch.compile may drop Nones)
-    ctx.save_for_backward(x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, cprev, *regs)
+    # state_mask, zone_h, zone_c, peep (torch.compile may drop trailing Nones)
+    extra = (extra + [None] * 4)[:4]
+    ctx.save_for_backward(x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, cprev, *extra)
     ctx.mark_non_differentiable(act, hprev, c, hpre, cprev)
     ctx.set_materialize_grads(False)
 
@@ -171,11 +179,13 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
             "rnnkit::layer_forward ran with save=False (no gradient was expected), so it kept "
             "nothing for backward"
         )
-    x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, cprev, *regs = ctx.saved_tensors
+    x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, cprev, *extra = ctx.saved_tensors
+    mask, zone_h, zone_c, peep = extra
     need_dx = ctx.needs_input_grad[0]
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = layer_backward(
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeep = layer_backward(
         grad_out, grad_hn, grad_cn if ctx.mode == _LSTM else None, x, c0, w_ih, w_hh, w_hr,
-        lengths, act, hprev, c, hpre, ctx.mode, ctx.reverse, ctx.has_bias, need_dx, *regs, cprev,
+        lengths, act, hprev, c, hpre, ctx.mode, ctx.reverse, ctx.has_bias, need_dx, mask, zone_h,
+        zone_c, cprev, peep,
     )  # fmt: skip
     return (
         dx if need_dx else None,
@@ -193,6 +203,7 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
         None,  # state_mask: a constant
         None,  # zone_h: a constant
         None,  # zone_c: a constant
+        None if peep is None else dpeep,
     )
 
 
@@ -224,13 +235,17 @@ def gates_of(mode: int, act: Tensor, c: Tensor) -> Gates:
     return tuple(a.contiguous() for a in act.split(hidden, dim=-1)[:3])
 
 
-def _direction_args(weights: list[Tensor], bias: bool, proj: bool) -> list[Tensor | None]:
-    """``w_ih, w_hh, b_ih, b_hh, w_hr`` from torch.nn's per-direction weight list
-    ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``."""
+def _direction_args(
+    weights: list[Tensor], bias: bool, proj: bool, peephole: bool
+) -> tuple[list[Tensor | None], Tensor | None]:
+    """``[w_ih, w_hh, b_ih, b_hh, w_hr]`` and ``peep`` (3, H) from a cell's per-direction weight
+    list ``w_ih, w_hh[, b_ih, b_hh][, w_ci, w_cf, w_co][, w_hr]`` (torch.nn's, plus peepholes)."""
     w_ih, w_hh, *rest = weights
     b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
     w_hr = rest[-1] if proj else None
-    return [w_ih, w_hh, b_ih, b_hh, w_hr]
+    first = 2 if bias else 0
+    peep = torch.stack(rest[first : first + 3]) if peephole else None  # (3, H)
+    return [w_ih, w_hh, b_ih, b_hh, w_hr], peep
 
 
 def _needs_grad(tensors) -> bool:
@@ -250,15 +265,17 @@ def layer(
     gates: bool = False,
     regularisers: Regularisers = _OFF,
 ) -> tuple[Tensor, Tensor, Tensor | None, Gates | None]:
-    """One layer in one direction from torch.nn's per-direction weight list
-    ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``: returns ``(out (T, B, P), h_n (B, P), c_n (B, H) or None,
-    gates or None)``; with ``gates``, :func:`gates_of` (detached copies).
+    """One layer in one direction of ``mode`` (a key of :data:`KERNELS`) from the cell's
+    per-direction weight list ``w_ih, w_hh[, b_ih, b_hh][, w_ci, w_cf, w_co][, w_hr]``: returns
+    ``(out (T, B, P), h_n (B, P), c_n (B, H) or None, gates or None)``; with ``gates``,
+    :func:`gates_of` (detached copies).
     """
-    args = [h0, c0, *_direction_args(weights, bias, proj)]
-    grad = _needs_grad([x, *args])
-    mode_id = MODE_IDS[mode]
+    mode_id, peephole = KERNELS[mode]
+    weights, peep = _direction_args(weights, bias, proj, peephole)
+    args = [h0, c0, *weights]
+    grad = _needs_grad([x, peep, *args])
     out, h_n, c_n, act, _, c, _, _ = layer_forward(
-        x, *args, lengths, mode_id, reverse, grad or gates, *regularisers
+        x, *args, lengths, mode_id, reverse, grad or gates, *regularisers, peep
     )
     return out, h_n, c_n if mode_id == _LSTM else None, gates_of(mode_id, act, c) if gates else None
 
@@ -272,6 +289,10 @@ def layer(
 _Tensors16 = tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]  # fmt: skip
+_Tensors18 = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
 ]  # fmt: skip
 
 
@@ -302,6 +323,8 @@ def pair_forward(
     state_mask_b: Tensor | None = None,
     zone_h_b: Tensor | None = None,
     zone_c_b: Tensor | None = None,
+    peep_f: Tensor | None = None,
+    peep_b: Tensor | None = None,
 ) -> _Tensors16:
     """Both directions of one layer: layer_forward's 8 results for each (16 tensors). ``x_b``:
     the reverse direction's own input (None: it reads ``x``)."""
@@ -309,18 +332,19 @@ def pair_forward(
     return tuple(torch.ops.rnnkit_cpu.pair_forward(
         x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f,
         h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode, save, x_b,
-        state_mask_f, zone_h_f, zone_c_f, state_mask_b, zone_h_b, zone_c_b,
+        state_mask_f, zone_h_f, zone_c_f, state_mask_b, zone_h_b, zone_c_b, peep_f, peep_b,
     ))  # fmt: skip
 
 
 @pair_forward.register_fake
 def _(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b,
       b_hh_b, w_hr_b, lengths, mode, save, x_b=None, state_mask_f=None, zone_h_f=None,
-      zone_c_f=None, state_mask_b=None, zone_h_b=None, zone_c_b=None):  # fmt: skip
+      zone_c_f=None, state_mask_b=None, zone_h_b=None, zone_c_b=None, peep_f=None,
+      peep_b=None):  # fmt: skip
     f = _layer_forward_fake(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths, mode,
-                            False, save, state_mask_f, zone_h_f, zone_c_f)  # fmt: skip
+                            False, save, state_mask_f, zone_h_f, zone_c_f, peep_f)  # fmt: skip
     b = _layer_forward_fake(x, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode,
-                            True, save, state_mask_b, zone_h_b, zone_c_b)  # fmt: skip
+                            True, save, state_mask_b, zone_h_b, zone_c_b, peep_b)  # fmt: skip
     return (*f, *b)
 
 
@@ -362,14 +386,16 @@ def pair_backward(
     zone_h_b: Tensor | None = None,
     zone_c_b: Tensor | None = None,
     cprev_b: Tensor | None = None,
-) -> _Tensors16:
-    """Backpropagation through pair_forward: layer_backward's 8 results for each direction."""
+    peep_f: Tensor | None = None,
+    peep_b: Tensor | None = None,
+) -> _Tensors18:
+    """Backpropagation through pair_forward: layer_backward's 9 results for each direction."""
     build.ensure()
     return tuple(torch.ops.rnnkit_cpu.pair_backward(
         grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f,
         hpre_f, grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b,
         c_b, hpre_b, x, lengths, mode, has_bias, need_dx, x_b, state_mask_f, zone_h_f, zone_c_f,
-        cprev_f, state_mask_b, zone_h_b, zone_c_b, cprev_b,
+        cprev_f, state_mask_b, zone_h_b, zone_c_b, cprev_b, peep_f, peep_b,
     ))  # fmt: skip
 
 
@@ -378,26 +404,28 @@ def _(grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hpr
       grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b, c_b, hpre_b,
       x, lengths, mode, has_bias, need_dx, x_b=None, state_mask_f=None, zone_h_f=None,
       zone_c_f=None, cprev_f=None, state_mask_b=None, zone_h_b=None, zone_c_b=None,
-      cprev_b=None):  # fmt: skip
+      cprev_b=None, peep_f=None, peep_b=None):  # fmt: skip
     f = _layer_backward_fake(grad_out_f, grad_hn_f, grad_cn_f, x, c0_f, w_ih_f, w_hh_f, w_hr_f,
                              lengths, act_f, hprev_f, c_f, hpre_f, mode, False, has_bias,
-                             need_dx)  # fmt: skip
+                             need_dx, peep=peep_f)  # fmt: skip
     b = _layer_backward_fake(grad_out_b, grad_hn_b, grad_cn_b, x, c0_b, w_ih_b, w_hh_b, w_hr_b,
                              lengths, act_b, hprev_b, c_b, hpre_b, mode, True, has_bias,
-                             need_dx)  # fmt: skip
+                             need_dx, peep=peep_b)  # fmt: skip
     return (*f, *b)
 
 
 def _pair_setup_context(ctx, inputs, output) -> None:
     (x, _, c0_f, w_ih_f, w_hh_f, b_ih_f, _, w_hr_f, _, c0_b, w_ih_b, w_hh_b, _, _, w_hr_b,
      lengths, mode, save, *extra) = inputs  # fmt: skip
-    # x_b, then state_mask, zone_h, zone_c of each direction (torch.compile may drop Nones)
-    x_b, *regs = (extra + [None] * 7)[:7]
+    # x_b; state_mask, zone_h, zone_c of each direction; peep_f, peep_b (torch.compile may drop
+    # trailing Nones)
+    x_b, *regs = (extra + [None] * 9)[:9]
     saved_f, saved_b = output[3:8], output[11:16]
     ctx.mode, ctx.save = mode, save
     ctx.has_bias = b_ih_f is not None
     ctx.has_c0, ctx.has_w_hr = c0_f is not None, w_hr_f is not None
     ctx.has_x_b = x_b is not None
+    ctx.has_peep = regs[-1] is not None
     ctx.save_for_backward(
         x, x_b, lengths, c0_f, w_ih_f, w_hh_f, w_hr_f, *saved_f, c0_b, w_ih_b, w_hh_b, w_hr_b,
         *saved_b, *regs,
@@ -413,7 +441,8 @@ def _pair_backward(ctx, *grads):
             "nothing for backward"
         )
     x, x_b, lengths, *rest = ctx.saved_tensors
-    # per direction: c0, w_ih, w_hh, w_hr, act, hprev, c, hpre, cprev; then the regularisers
+    # per direction: c0, w_ih, w_hh, w_hr, act, hprev, c, hpre, cprev; then the regularisers of
+    # each direction and the peepholes of each
     fwd, bwd, regs = rest[:9], rest[9:18], rest[18:]
     lstm = ctx.mode == _LSTM
     g_f = [grads[0], grads[1], grads[2] if lstm else None]
@@ -421,13 +450,13 @@ def _pair_backward(ctx, *grads):
     need_dx = ctx.needs_input_grad[0] or (ctx.has_x_b and ctx.needs_input_grad[18])
     r = pair_backward(
         *g_f, *fwd[:8], *g_b, *bwd[:8], x, lengths, ctx.mode, ctx.has_bias, need_dx, x_b,
-        *regs[:3], fwd[8], *regs[3:], bwd[8],
+        *regs[:3], fwd[8], *regs[3:6], bwd[8], *regs[6:],
     )  # fmt: skip
     dx = dx_b = None
     if need_dx and not ctx.has_x_b:
-        dx = r[0] + r[8]
+        dx = r[0] + r[9]
     elif need_dx:  # each direction read its own input
-        dx, dx_b = r[0], r[8]
+        dx, dx_b = r[0], r[9]
 
     def direction(d):  # dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr of one direction
         dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = d[1:8]
@@ -441,8 +470,9 @@ def _pair_backward(ctx, *grads):
             dw_hr if ctx.has_w_hr else None,
         )
 
-    # lengths, mode, save; x_b; the regularisers (constants)
-    return (dx, *direction(r[:8]), *direction(r[8:]), None, None, None, dx_b, *[None] * 6)
+    dpeep = (r[8], r[17]) if ctx.has_peep else (None, None)
+    # lengths, mode, save; x_b; the regularisers (constants); the peepholes
+    return (dx, *direction(r[:9]), *direction(r[9:]), None, None, None, dx_b, *[None] * 6, *dpeep)
 
 
 pair_forward.register_autograd(_pair_backward, setup_context=_pair_setup_context)
@@ -461,17 +491,20 @@ def pair(
     x_b: Tensor | None = None,
     regularisers: tuple[Regularisers, Regularisers] = (_OFF, _OFF),
 ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None, tuple[Gates, Gates] | None]:
-    """Both directions of a bidirectional layer (forward first): ``(out (T, B, 2P),
+    """Both directions of a bidirectional layer of ``mode`` (a key of :data:`KERNELS`; weights
+    as :func:`layer` takes them), forward first: ``(out (T, B, 2P),
     (h_n forward, h_n reverse), (c_n forward, c_n reverse) or None, gates per direction or None)``.
     ``x_b``: the reverse direction's own input (None: both read ``x``).
     """
-    args = []
+    mode_id, peephole = KERNELS[mode]
+    args, peeps = [], []
     for d in range(2):
-        args += [h0[d], None if c0 is None else c0[d], *_direction_args(weights[d], bias, proj)]
-    grad = _needs_grad([x, x_b, *args])
-    mode_id = MODE_IDS[mode]
+        direction, peep = _direction_args(weights[d], bias, proj, peephole)
+        args += [h0[d], None if c0 is None else c0[d], *direction]
+        peeps.append(peep)
+    grad = _needs_grad([x, x_b, *args, *peeps])
     r = pair_forward(
-        x, *args, lengths, mode_id, grad or gates, x_b, *regularisers[0], *regularisers[1]
+        x, *args, lengths, mode_id, grad or gates, x_b, *regularisers[0], *regularisers[1], *peeps
     )
     out = torch.cat([r[0], r[8]], dim=-1)
     c_n = (r[2], r[10]) if mode_id == _LSTM else None

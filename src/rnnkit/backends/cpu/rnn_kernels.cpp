@@ -7,7 +7,7 @@
 // Every tensor is contiguous, row-major, time-major.
 //
 // layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save,
-//               state_mask, zone_h, zone_c)
+//               state_mask, zone_h, zone_c, peep)
 //   x (T, B, I)   h0 (B, P)   c0 (B, H) [lstm]   w_ih (G, I)   w_hh (G, P)   b_ih, b_hh (G)
 //   w_hr (P, H) [projected lstm]   lengths (B) int64, 0 <= len <= T [optional]
 //   mode 0 rnn_tanh, 1 rnn_relu, 2 lstm, 3 gru; reverse: read each sequence from its own end
@@ -16,35 +16,41 @@
 //   zone_h (T, B, P) or (P) [optional], zone_c (T, B, H) or (H) [lstm, given with zone_h]:
 //     zoneout, each state becomes keep * previous + (1 - keep) * new, keep = zone[t, b] (0 or 1:
 //     training) or zone (the probability, every step: eval mode); the output is the zoned h
+//   peep (3, H) [optional, lstm]: the peephole LSTM's w_ci, w_cf, w_co: i and f see c_{t-1}
+//     (+ w_ci * c_{t-1}, + w_cf * c_{t-1}), o sees the new cell state (+ w_co * c_t)
 //   -> out (T, B, P)   h_n (B, P)   c_n (B, H) [lstm, else (0)]
 //      saved for backward (each (0) unless save): act (T, B, S)   hprev (T, B, P) state fed into
 //      the step at t (after state_mask)   c (T, B, H) [lstm: the new cell state, before zoneout]
-//      hpre (T, B, H) [projected lstm: o * tanh(c)]   cprev (T, B, H) [lstm with zoneout: the
-//      cell state entering the step at t]
+//      hpre (T, B, H) [projected lstm: o * tanh(c)]   cprev (T, B, H) [lstm with zoneout or
+//      peepholes: the cell state entering the step at t]
 //
 // layer_backward(grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c,
-//                hpre, mode, reverse, has_bias, need_dx, state_mask, zone_h, zone_c, cprev)
+//                hpre, mode, reverse, has_bias, need_dx, state_mask, zone_h, zone_c, cprev, peep)
 //   grad_out (T, B, P)   grad_hn (B, P)   grad_cn (B, H)   (each optional: absent = zero);
-//   state_mask, zone_h, zone_c as given to layer_forward; cprev as it saved
+//   state_mask, zone_h, zone_c, peep as given to layer_forward; cprev as it saved
 //   -> dx (T, B, I) [or (0) unless need_dx]   dh0 (B, P)   dc0 (B, H)   dw_ih (G, I)
 //      dw_hh (G, P)   db_ih, db_hh (G) [or (0) without bias]   dw_hr (P, H) [or (0)]
+//      dpeep (3, H) [or (0) without peep]
 //
 // pair_forward / pair_backward: both directions of a bidirectional layer (forward then reverse
-//   arguments, then x, lengths, mode, ..., x_b, then the regulariser tensors of each direction),
-//   each direction on its own thread; the results are layer_forward's 8 (layer_backward's 8) per
-//   direction, forward direction first. x_b (T, B, I) [optional]: the reverse direction's own
-//   input (variational dropout masks each direction's input apart), else it reads x too.
+//   arguments, then x, lengths, mode, ..., x_b, the regulariser tensors of each direction, the
+//   peep of each direction), each direction on its own thread; the results are layer_forward's
+//   8 (layer_backward's 9) per direction, forward direction first. x_b (T, B, I) [optional]: the
+//   reverse direction's own input (variational dropout masks each direction's input apart),
+//   else it reads x too.
 //
 // Step s (0 <= s < max length) reads time t = s forwards, t = len_b - 1 - s in reverse (T - 1 - s
 // without lengths); a sequence b with s >= len_b is finished: its state is kept, its output is 0.
 // The forward is: one GEMM for the input projection of all steps, then per step one recurrent
 // GEMM (over the still-active sequences only, with lengths) and one fused pass over the gates.
 // The backward reads the forward in reverse, one derivative per line; dx, dw_ih, dw_hh and the
-// biases are single GEMMs over all steps at the end.
+// biases are single GEMMs over all steps at the end, the peephole weights one reduction.
 //
 // Variants are compiled apart (a bit each of one template argument, see Flag): lengths,
-// projection, saving for backward, state dropout, zoneout. A variant that is off costs nothing.
+// projection, saving for backward, state dropout, zoneout, peepholes. A variant that is off
+// costs nothing.
 
+#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -85,8 +91,9 @@ enum Flag : int {
   kSaving = 1 << 2,      // the forward keeps what backward needs
   kStateDrop = 1 << 3,   // state dropout: h_{t-1} * state_mask enters the step
   kZoneout = 1 << 4,     // zoneout on h (and c)
+  kPeephole = 1 << 5,    // peephole LSTM: the gates see the cell state
 };
-constexpr int kFlagBits = 5;
+constexpr int kFlagBits = 6;
 
 // fn(std::integral_constant<int, F>{}) with F = flags as a compile-time constant. Only the bits of
 // kUsed are branched on (the others are 0), so only the variants a caller can ask for are built.
@@ -126,18 +133,29 @@ inline void rnn_row_forward(int64_t H, const T* xg, const T* hg, const T* b, con
 // LSTM: c_new = f c + i g, h_new = o tanh(c_new). c holds the previous cell state and receives
 // the new one. Without a projection h (the state) receives h_new and out the same; with one, h
 // is the projection's input row and receives h_new (zoneout and out come after the projection).
-// cs saves c_new, cp the previous cell state (with zoneout), hpre h_new (with a projection).
-template <typename T, bool kSave, bool kProj, bool kZone>
-inline void lstm_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* keep_h,
-                             const T* keep_c, T* c, T* h, T* out, T* act, T* cs, T* cp, T* hpre) {
+// With peepholes, peep (3H) holds w_ci, w_cf (i and f see c_{t-1}) and w_co (o sees c_new).
+// cs saves c_new, cp the previous cell state (with zoneout or peepholes), hpre h_new (with a
+// projection).
+template <typename T, bool kSave, bool kProj, bool kZone, bool kPeep>
+inline void lstm_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* peep,
+                             const T* keep_h, const T* keep_c, T* c, T* h, T* out, T* act, T* cs,
+                             T* cp, T* hpre) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T c_old = c[j];
-    const T i = sigmoid(xg[j] + hg[j] + b[j]);
-    const T f = sigmoid(xg[H + j] + hg[H + j] + b[H + j]);
+    T pi = xg[j] + hg[j] + b[j];
+    T pf = xg[H + j] + hg[H + j] + b[H + j];
+    T po = xg[3 * H + j] + hg[3 * H + j] + b[3 * H + j];
+    if constexpr (kPeep) {
+      pi += peep[j] * c_old;
+      pf += peep[H + j] * c_old;
+    }
+    const T i = sigmoid(pi);
+    const T f = sigmoid(pf);
     const T g = tanh_(xg[2 * H + j] + hg[2 * H + j] + b[2 * H + j]);
-    const T o = sigmoid(xg[3 * H + j] + hg[3 * H + j] + b[3 * H + j]);
     const T c_new = f * c_old + i * g;
+    if constexpr (kPeep) po += peep[2 * H + j] * c_new;
+    const T o = sigmoid(po);
     const T h_new = o * tanh_(c_new);
     c[j] = kZone ? keep_c[j] * c_old + (T(1) - keep_c[j]) * c_new : c_new;
     if constexpr (kProj) {
@@ -154,7 +172,7 @@ inline void lstm_row_forward(int64_t H, const T* xg, const T* hg, const T* b, co
       act[2 * H + j] = g;
       act[3 * H + j] = o;
       cs[j] = c_new;
-      if constexpr (kZone) cp[j] = c_old;
+      if constexpr (kZone || kPeep) cp[j] = c_old;
     }
   }
 }
@@ -205,11 +223,11 @@ inline void rnn_row_backward(int64_t H, const T* act, const T* gout, const T* ke
 
 // dhp: with a projection, the gradient reaching h_new = o tanh(c_new) through it (zoneout on h
 // was taken apart before the projection); without, it comes from dh and gout here. dc holds the
-// gradient reaching the cell state c_t and receives the one reaching c_{t-1}.
-template <typename T, bool kProj, bool kZone>
+// gradient reaching the cell state c_t and receives the one reaching c_{t-1}. peep as forward.
+template <typename T, bool kProj, bool kZone, bool kPeep>
 inline void lstm_row_backward(int64_t H, const T* act, const T* cs, const T* cprev,
-                              const T* keep_h, const T* keep_c, const T* dhp, const T* gout,
-                              T* dh, T* dc, T* dg) {
+                              const T* peep, const T* keep_h, const T* keep_c, const T* dhp,
+                              const T* gout, T* dh, T* dc, T* dg) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T i = act[j];
@@ -226,16 +244,22 @@ inline void lstm_row_backward(int64_t H, const T* act, const T* cs, const T* cpr
       dh[j] = kZone ? keep_h[j] * dht : T(0);
     }
     const T dct = dc[j];
-    const T dc_new = (kZone ? (T(1) - keep_c[j]) * dct : dct) + dh_new * o * (T(1) - tc * tc);
     const T d_o = dh_new * tc;
+    const T dop = d_o * o * (T(1) - o);
+    T dc_new = (kZone ? (T(1) - keep_c[j]) * dct : dct) + dh_new * o * (T(1) - tc * tc);
+    if constexpr (kPeep) dc_new += dop * peep[2 * H + j];
     const T di = dc_new * g;
     const T dgg = dc_new * i;
     const T df = dc_new * cprev[j];
-    dg[j] = di * i * (T(1) - i);
-    dg[H + j] = df * f * (T(1) - f);
+    const T dip = di * i * (T(1) - i);
+    const T dfp = df * f * (T(1) - f);
+    dg[j] = dip;
+    dg[H + j] = dfp;
     dg[2 * H + j] = dgg * (T(1) - g * g);
-    dg[3 * H + j] = d_o * o * (T(1) - o);
-    dc[j] = kZone ? dc_new * f + keep_c[j] * dct : dc_new * f;
+    dg[3 * H + j] = dop;
+    T dc_old = dc_new * f;
+    if constexpr (kPeep) dc_old += dip * peep[j] + dfp * peep[H + j];
+    dc[j] = kZone ? dc_old + keep_c[j] * dct : dc_old;
   }
 }
 
@@ -286,7 +310,7 @@ inline const T* keep_row(const T* zone, int64_t step, int64_t row) {
 // Forward.
 
 struct ForwardIn {
-  const void *x, *w_ih, *w_hh, *w_hr, *bias, *bhn, *mask, *zone_h, *zone_c;
+  const void *x, *w_ih, *w_hh, *w_hr, *bias, *bhn, *peep, *mask, *zone_h, *zone_c;
   int64_t zone_h_step, zone_c_step;  // per row: n, or 0 when the same mask serves every step
   const int64_t* len;
   bool reverse;
@@ -299,7 +323,7 @@ struct ForwardOut {
 template <typename T, int64_t kMode, int kF>
 void forward_impl(const Shape& n, const ForwardIn& in, ForwardOut& r) {
   constexpr bool kLen = kF & kLengths, kProj = kF & kProjection, kSave = kF & kSaving;
-  constexpr bool kState = kF & kStateDrop, kZone = kF & kZoneout;
+  constexpr bool kState = kF & kStateDrop, kZone = kF & kZoneout, kPeep = kF & kPeephole;
   const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, S = n.S;
   const bool reverse = in.reverse;
   const int64_t* len = in.len;
@@ -309,6 +333,7 @@ void forward_impl(const Shape& n, const ForwardIn& in, ForwardOut& r) {
   const T* w_hr = static_cast<const T*>(in.w_hr);
   const T* bias = static_cast<const T*>(in.bias);
   const T* bhn = static_cast<const T*>(in.bhn);
+  const T* peep = static_cast<const T*>(in.peep);      // (3, H) with kPeep
   const T* mask = static_cast<const T*>(in.mask);      // (B, P) with kState
   const T* zone_h = static_cast<const T*>(in.zone_h);  // (T, B, P) or (P) with kZone
   const T* zone_c = static_cast<const T*>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
@@ -325,7 +350,7 @@ void forward_impl(const Shape& n, const ForwardIn& in, ForwardOut& r) {
   T* hprev = kSave ? mptr<T>(r.hprev) : nullptr;
   T* cs = kSave && kMode == kLstm ? mptr<T>(r.c) : nullptr;
   T* hpre = kSave && kProj ? mptr<T>(r.hpre) : nullptr;
-  T* cp = kSave && kZone && kMode == kLstm ? mptr<T>(r.cprev) : nullptr;
+  T* cp = kSave && (kZone || kPeep) ? mptr<T>(r.cprev) : nullptr;  // LSTM only
 
   Tensor hg_t = at::empty({B, G}, opts);  // (B, G) recurrent projection of this step
   T* hg = hg_t.mutable_data_ptr<T>();
@@ -387,10 +412,11 @@ void forward_impl(const Shape& n, const ForwardIn& in, ForwardOut& r) {
                                            h + b * H, out + row * P, a);
         } else {
           const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
-          lstm_row_forward<T, kSave, kProj, kZone>(
-              H, xg + row * G, hg + k * G, bias, keep_h, keep_c, c + b * H,
+          lstm_row_forward<T, kSave, kProj, kZone, kPeep>(
+              H, xg + row * G, hg + k * G, bias, peep, keep_h, keep_c, c + b * H,
               kProj ? hp + b * H : h + b * H, out + row * P, a, kSave ? cs + row * H : nullptr,
-              kSave && kZone ? cp + row * H : nullptr, kSave && kProj ? hpre + row * H : nullptr);
+              kSave && (kZone || kPeep) ? cp + row * H : nullptr,
+              kSave && kProj ? hpre + row * H : nullptr);
         }
       }
     });
@@ -434,6 +460,15 @@ void check_lengths(const Tensor& lengths, int64_t B, int64_t T) {
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(l[b] >= 0 && l[b] <= T, "lengths[", b, "] = ", l[b], "; expected 0 <= len <= T = ",
                 T);
+}
+
+void check_peep(const Tensor& peep, int64_t mode, int64_t H, const Tensor& x) {
+  if (!peep.defined()) return;
+  TORCH_CHECK(mode == kLstm, "peepholes are only defined for the LSTM");
+  TORCH_CHECK(peep.dim() == 2 && peep.size(0) == 3 && peep.size(1) == H &&
+                  peep.scalar_type() == x.scalar_type(),
+              "peep has shape ", peep.sizes(), " and dtype ", peep.scalar_type(),
+              "; expected (3, H) = (3, ", H, ") ", x.scalar_type(), ": w_ci, w_cf, w_co");
 }
 
 // The regularisers' tensors of one call, checked against the layer's shapes.
@@ -482,7 +517,7 @@ void forward_mode(int64_t mode, int flags, const Shape& n, const ForwardIn& in, 
   constexpr int kCell = kLengths | kSaving | kStateDrop | kZoneout;
   auto run = [&](auto mode_c) {
     constexpr int64_t kMode = decltype(mode_c)::value;
-    constexpr int kUsed = kMode == kLstm ? kCell | kProjection : kCell;
+    constexpr int kUsed = kMode == kLstm ? kCell | kProjection | kPeephole : kCell;
     with_flags<kUsed>(flags, [&](auto f) { forward_impl<T, kMode, decltype(f)::value>(n, in, r); });
   };
   switch (mode) {
@@ -505,12 +540,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& w_hh_, const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, int64_t mode,
     bool reverse, bool save, const std::optional<Tensor>& state_mask,
-    const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c) {
+    const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c,
+    const std::optional<Tensor>& peep_) {
   check_mode(mode);
   TORCH_CHECK(x_.dim() == 3, "x has shape ", x_.sizes(), "; expected (T, B, I)");
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor b_ih = contiguous_or_empty(b_ih_), b_hh = contiguous_or_empty(b_hh_);
   const Tensor w_hr = contiguous_or_empty(w_hr_), c0 = contiguous_or_empty(c0_);
+  const Tensor peep = contiguous_or_empty(peep_);
   const Tensor lengths = lengths_.has_value() && lengths_->defined()
                              ? lengths_->to(at::kCPU).contiguous()
                              : Tensor();
@@ -533,9 +570,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   TORCH_CHECK(mode != kLstm || (c0.defined() && c0.size(0) == n.B && c0.size(1) == n.H),
               "the LSTM needs c0 of shape (", n.B, ", ", n.H, ")");
   check_lengths(lengths, n.B, n.T);
+  check_peep(peep, mode, n.H, x);
   const Regularisers reg(state_mask, zone_h, zone_c, mode, n, x);
   const bool has_len = lengths.defined();
   const bool zone = reg.zone_h.defined();
+  const bool has_peep = peep.defined();
 
   auto opts = x.options();
   ForwardOut r;
@@ -551,7 +590,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   r.hprev = saved(n.P, true);
   r.c = saved(n.H, mode == kLstm);
   r.hpre = saved(n.H, proj);
-  r.cprev = saved(n.H, mode == kLstm && zone);
+  r.cprev = saved(n.H, mode == kLstm && (zone || has_peep));
 
   // Biases as the gate pass adds them: b_ih + b_hh, except the GRU's b_hn, kept apart.
   Tensor bias = at::zeros({n.G}, opts), bhn = at::zeros({n.H}, opts);
@@ -574,6 +613,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   in.w_hr = raw(w_hr);
   in.bias = raw(bias);
   in.bhn = raw(bhn);
+  in.peep = raw(peep);
   in.mask = raw(reg.mask);
   in.zone_h = raw(reg.zone_h);
   in.zone_c = raw(reg.zone_c);
@@ -582,7 +622,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   in.len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
   in.reverse = reverse;
   const int flags = (has_len ? kLengths : 0) | (proj ? kProjection : 0) | (save ? kSaving : 0) |
-                    reg.flags();
+                    (has_peep ? kPeephole : 0) | reg.flags();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layer_forward",
                              [&] { forward_mode<scalar_t>(mode, flags, n, in, r); });
@@ -593,7 +633,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 // Backward.
 
 struct BackwardIn {
-  const void *gout, *x, *c0, *w_ih, *w_hh, *w_hr, *act, *hprev, *cs, *hpre, *cprev, *mask,
+  const void *gout, *x, *c0, *w_ih, *w_hh, *w_hr, *act, *hprev, *cs, *hpre, *cprev, *peep, *mask,
       *zone_h, *zone_c;
   int64_t zone_h_step, zone_c_step;
   const int64_t* len;
@@ -601,13 +641,13 @@ struct BackwardIn {
 };
 
 struct BackwardOut {
-  Tensor dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr;
+  Tensor dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeep;
 };
 
 template <typename T, int64_t kMode, int kF>
 void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   constexpr bool kLen = kF & kLengths, kProj = kF & kProjection;
-  constexpr bool kState = kF & kStateDrop, kZone = kF & kZoneout;
+  constexpr bool kState = kF & kStateDrop, kZone = kF & kZoneout, kPeep = kF & kPeephole;
   const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, S = n.S;
   const bool reverse = in.reverse;
   const int64_t* len = in.len;
@@ -622,7 +662,8 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   const T* hprev = static_cast<const T*>(in.hprev);
   const T* cs = static_cast<const T*>(in.cs);
   const T* hpre = static_cast<const T*>(in.hpre);
-  const T* cp = static_cast<const T*>(in.cprev);       // (T, B, H), LSTM with kZone
+  const T* cp = static_cast<const T*>(in.cprev);       // (T, B, H), LSTM with kZone or kPeep
+  const T* peep = static_cast<const T*>(in.peep);      // (3, H) with kPeep
   const T* mask = static_cast<const T*>(in.mask);      // (B, P) with kState
   const T* zone_h = static_cast<const T*>(in.zone_h);  // (T, B, P) or (P) with kZone
   const T* zone_c = static_cast<const T*>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
@@ -701,14 +742,16 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
                                              dgi + row * G, dgh_row);
           if (kLen) std::copy(dgh_row, dgh_row + G, dgh + row * G);
         } else {
-          // c_{t-1}: saved with zoneout; else the new cell state one step earlier in reading
-          // order, c0 at the first step.
+          // c_{t-1}: saved with zoneout or peepholes; else the new cell state one step earlier
+          // in reading order, c0 at the first step.
           const int64_t prev = reverse ? t + 1 : t - 1;
-          const T* cprev = kZone ? cp + row * H : s == 0 ? c0 + b * H : cs + (prev * B + b) * H;
+          const T* cprev = kZone || kPeep ? cp + row * H
+                           : s == 0       ? c0 + b * H
+                                          : cs + (prev * B + b) * H;
           const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
-          lstm_row_backward<T, kProj, kZone>(H, act + row * S, cs + row * H, cprev, keep_h,
-                                             keep_c, kProj ? dhp + b * H : nullptr, go,
-                                             dh + b * H, dc + b * H, dgh_row);
+          lstm_row_backward<T, kProj, kZone, kPeep>(H, act + row * S, cs + row * H, cprev, peep,
+                                                    keep_h, keep_c, kProj ? dhp + b * H : nullptr,
+                                                    go, dh + b * H, dc + b * H, dgh_row);
           if (kLen) std::copy(dgh_row, dgh_row + G, dgi + row * G);
         }
       }
@@ -766,6 +809,31 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
     // dw_hr (P, H) = dht^T (P, T*B) . hpre (T*B, H)
     gemm<T>(true, false, P, H, TB, T(1), dht, P, hpre, H, T(0), r.dw_hr.mutable_data_ptr<T>(), H);
   }
+  if constexpr (kPeep) {
+    // dpeep (3, H): dw_ci = sum over (t, b) of di' * c_{t-1}, dw_cf of df' * c_{t-1}, dw_co of
+    // do' * c_t (di', df', do' the gate pre-activation gradients in dgi (T*B, G); padded rows
+    // are zero), one pass over all steps; each thread sums its own units j.
+    using acc_t = at::acc_type<T, false>;
+    T* dpeep = r.dpeep.mutable_data_ptr<T>();
+    at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
+      std::vector<acc_t> ci(j1 - j0, acc_t(0)), cf(j1 - j0, acc_t(0)), co(j1 - j0, acc_t(0));
+      for (int64_t row = 0; row < TB; ++row) {
+        const T* dg = dgi + row * G;
+        const T* c_prev = cp + row * H;
+        const T* c_new = cs + row * H;
+        for (int64_t j = j0; j < j1; ++j) {
+          ci[j - j0] += acc_t(dg[j]) * acc_t(c_prev[j]);
+          cf[j - j0] += acc_t(dg[H + j]) * acc_t(c_prev[j]);
+          co[j - j0] += acc_t(dg[3 * H + j]) * acc_t(c_new[j]);
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        dpeep[j] = static_cast<T>(ci[j - j0]);
+        dpeep[H + j] = static_cast<T>(cf[j - j0]);
+        dpeep[2 * H + j] = static_cast<T>(co[j - j0]);
+      }
+    });
+  }
 }
 
 template <typename T>
@@ -774,7 +842,7 @@ void backward_mode(int64_t mode, int flags, const Shape& n, const BackwardIn& in
   constexpr int kCell = kLengths | kStateDrop | kZoneout;
   auto run = [&](auto mode_c) {
     constexpr int64_t kMode = decltype(mode_c)::value;
-    constexpr int kUsed = kMode == kLstm ? kCell | kProjection : kCell;
+    constexpr int kUsed = kMode == kLstm ? kCell | kProjection | kPeephole : kCell;
     with_flags<kUsed>(flags, [&](auto f) { backward_impl<T, kMode, decltype(f)::value>(n, in, r); });
   };
   switch (mode) {
@@ -792,14 +860,15 @@ void backward_mode(int64_t mode, int flags, const Shape& n, const BackwardIn& in
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_hn_,
     const std::optional<Tensor>& grad_cn_, const Tensor& x_, const std::optional<Tensor>& c0_,
     const Tensor& w_ih_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
     const std::optional<Tensor>& lengths_, const Tensor& act_, const Tensor& hprev_,
     const Tensor& c_, const Tensor& hpre_, int64_t mode, bool reverse, bool has_bias,
     bool need_dx, const std::optional<Tensor>& state_mask, const std::optional<Tensor>& zone_h,
-    const std::optional<Tensor>& zone_c, const std::optional<Tensor>& cprev_) {
+    const std::optional<Tensor>& zone_c, const std::optional<Tensor>& cprev_,
+    const std::optional<Tensor>& peep_) {
   check_mode(mode);
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_hr = contiguous_or_empty(w_hr_), c0 = contiguous_or_empty(c0_);
@@ -807,6 +876,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor gcn = contiguous_or_empty(grad_cn_);
   const Tensor act = act_.contiguous(), hprev = hprev_.contiguous(), cs = c_.contiguous();
   const Tensor hpre = hpre_.contiguous(), cprev = contiguous_or_empty(cprev_);
+  const Tensor peep = contiguous_or_empty(peep_);
   const Tensor lengths = lengths_.has_value() && lengths_->defined()
                              ? lengths_->to(at::kCPU).contiguous()
                              : Tensor();
@@ -822,10 +892,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   TORCH_CHECK(act.numel() == n.T * n.B * n.S && hprev.numel() == n.T * n.B * n.P,
               "layer_backward: the forward was run without saving for backward");
   check_lengths(lengths, n.B, n.T);
+  check_peep(peep, mode, n.H, x);
   const Regularisers reg(state_mask, zone_h, zone_c, mode, n, x);
-  TORCH_CHECK(mode != kLstm || !reg.zone_h.defined() ||
+  TORCH_CHECK(mode != kLstm || !(reg.zone_h.defined() || peep.defined()) ||
                   (cprev.defined() && cprev.numel() == n.T * n.B * n.H),
-              "layer_backward: an LSTM with zoneout needs the cprev its forward saved");
+              "layer_backward: an LSTM with zoneout or peepholes needs the cprev its forward "
+              "saved");
   auto opts = x.options();
   BackwardOut r;
   r.dx = need_dx ? at::empty({n.T, n.B, n.I}, opts) : at::empty({0}, opts);
@@ -838,6 +910,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   r.db_ih = has_bias ? at::empty({n.G}, opts) : at::empty({0}, opts);
   r.db_hh = has_bias ? at::empty({n.G}, opts) : at::empty({0}, opts);
   r.dw_hr = proj ? at::empty({n.P, n.H}, opts) : at::empty({0}, opts);
+  r.dpeep = peep.defined() ? at::empty({3, n.H}, opts) : at::empty({0}, opts);
 
   BackwardIn in;
   in.len = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
@@ -858,16 +931,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   in.cs = raw(cs);
   in.hpre = raw(hpre);
   in.cprev = raw(cprev);
+  in.peep = raw(peep);
   in.mask = raw(reg.mask);
   in.zone_h = raw(reg.zone_h);
   in.zone_c = raw(reg.zone_c);
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
-  const int flags = (lengths.defined() ? kLengths : 0) | (proj ? kProjection : 0) | reg.flags();
+  const int flags = (lengths.defined() ? kLengths : 0) | (proj ? kProjection : 0) |
+                    (peep.defined() ? kPeephole : 0) | reg.flags();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layer_backward",
                              [&] { backward_mode<scalar_t>(mode, flags, n, in, r); });
-  return {r.dx, r.dh0, r.dc0, r.dw_ih, r.dw_hh, r.db_ih, r.db_hh, r.dw_hr};
+  return {r.dx, r.dh0, r.dc0, r.dw_ih, r.dw_hh, r.db_ih, r.db_hh, r.dw_hr, r.dpeep};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -916,15 +991,16 @@ std::vector<Tensor> pair_forward(
     const std::optional<Tensor>& x_b, const std::optional<Tensor>& state_mask_f,
     const std::optional<Tensor>& zone_h_f, const std::optional<Tensor>& zone_c_f,
     const std::optional<Tensor>& state_mask_b, const std::optional<Tensor>& zone_h_b,
-    const std::optional<Tensor>& zone_c_b) {
+    const std::optional<Tensor>& zone_c_b, const std::optional<Tensor>& peep_f,
+    const std::optional<Tensor>& peep_b) {
   const Tensor xc = x.contiguous();
   const Tensor xb = x_b.has_value() && x_b->defined() ? x_b->contiguous() : xc;
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
   both([&](int d) {
     r[d] = d == 0 ? layer_forward(xc, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths,
-                                  mode, false, save, state_mask_f, zone_h_f, zone_c_f)
+                                  mode, false, save, state_mask_f, zone_h_f, zone_c_f, peep_f)
                   : layer_forward(xb, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths,
-                                  mode, true, save, state_mask_b, zone_h_b, zone_c_b);
+                                  mode, true, save, state_mask_b, zone_h_b, zone_c_b, peep_b);
   });
   std::vector<Tensor> out;
   for (auto& t : r) {
@@ -948,22 +1024,25 @@ std::vector<Tensor> pair_backward(
     const std::optional<Tensor>& zone_h_f, const std::optional<Tensor>& zone_c_f,
     const std::optional<Tensor>& cprev_f, const std::optional<Tensor>& state_mask_b,
     const std::optional<Tensor>& zone_h_b, const std::optional<Tensor>& zone_c_b,
-    const std::optional<Tensor>& cprev_b) {
+    const std::optional<Tensor>& cprev_b, const std::optional<Tensor>& peep_f,
+    const std::optional<Tensor>& peep_b) {
   const Tensor xc = x.contiguous();
   const Tensor xb = x_b.has_value() && x_b->defined() ? x_b->contiguous() : xc;
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> r[2];
   both([&](int d) {
     r[d] = d == 0 ? layer_backward(grad_out_f, grad_hn_f, grad_cn_f, xc, c0_f, w_ih_f, w_hh_f,
                                    w_hr_f, lengths, act_f, hprev_f, c_f, hpre_f, mode, false,
-                                   has_bias, need_dx, state_mask_f, zone_h_f, zone_c_f, cprev_f)
+                                   has_bias, need_dx, state_mask_f, zone_h_f, zone_c_f, cprev_f,
+                                   peep_f)
                   : layer_backward(grad_out_b, grad_hn_b, grad_cn_b, xb, c0_b, w_ih_b, w_hh_b,
                                    w_hr_b, lengths, act_b, hprev_b, c_b, hpre_b, mode, true,
-                                   has_bias, need_dx, state_mask_b, zone_h_b, zone_c_b, cprev_b);
+                                   has_bias, need_dx, state_mask_b, zone_h_b, zone_c_b, cprev_b,
+                                   peep_b);
   });
   std::vector<Tensor> out;
   for (auto& t : r) {
-    auto [a, b, c, d, e, f, g, h] = t;
-    out.insert(out.end(), {a, b, c, d, e, f, g, h});
+    auto [a, b, c, d, e, f, g, h, k] = t;
+    out.insert(out.end(), {a, b, c, d, e, f, g, h, k});
   }
   return out;
 }
@@ -975,21 +1054,22 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
       "layer_forward(Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, int mode, bool reverse, bool save, "
-      "Tensor? state_mask=None, Tensor? zone_h=None, Tensor? zone_c=None) -> "
+      "Tensor? state_mask=None, Tensor? zone_h=None, Tensor? zone_c=None, Tensor? peep=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "layer_backward(Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, Tensor x, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, Tensor act, Tensor hprev, "
       "Tensor c, Tensor hpre, int mode, bool reverse, bool has_bias, bool need_dx, "
-      "Tensor? state_mask=None, Tensor? zone_h=None, Tensor? zone_c=None, Tensor? cprev=None) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? state_mask=None, Tensor? zone_h=None, Tensor? zone_c=None, Tensor? cprev=None, "
+      "Tensor? peep=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "pair_forward(Tensor x, Tensor h0_f, Tensor? c0_f, Tensor w_ih_f, Tensor w_hh_f, "
       "Tensor? b_ih_f, Tensor? b_hh_f, Tensor? w_hr_f, Tensor h0_b, Tensor? c0_b, Tensor w_ih_b, "
       "Tensor w_hh_b, Tensor? b_ih_b, Tensor? b_hh_b, Tensor? w_hr_b, Tensor? lengths, int mode, "
       "bool save, Tensor? x_b=None, Tensor? state_mask_f=None, Tensor? zone_h_f=None, "
       "Tensor? zone_c_f=None, Tensor? state_mask_b=None, Tensor? zone_h_b=None, "
-      "Tensor? zone_c_b=None) -> Tensor[]");
+      "Tensor? zone_c_b=None, Tensor? peep_f=None, Tensor? peep_b=None) -> Tensor[]");
   m.def(
       "pair_backward(Tensor? grad_out_f, Tensor? grad_hn_f, Tensor? grad_cn_f, Tensor? c0_f, "
       "Tensor w_ih_f, Tensor w_hh_f, Tensor? w_hr_f, Tensor act_f, Tensor hprev_f, Tensor c_f, "
@@ -998,7 +1078,8 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "Tensor hpre_b, Tensor x, Tensor? lengths, int mode, bool has_bias, bool need_dx, "
       "Tensor? x_b=None, Tensor? state_mask_f=None, Tensor? zone_h_f=None, Tensor? zone_c_f=None, "
       "Tensor? cprev_f=None, Tensor? state_mask_b=None, Tensor? zone_h_b=None, "
-      "Tensor? zone_c_b=None, Tensor? cprev_b=None) -> Tensor[]");
+      "Tensor? zone_c_b=None, Tensor? cprev_b=None, Tensor? peep_f=None, Tensor? peep_b=None) -> "
+      "Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
