@@ -449,3 +449,18 @@ def test_peephole_pair_op_gradcheck_float64():
 
     _gradcheck(fn, full, slots)
     torch.library.opcheck(ops.pair_forward, tuple(full))
+
+
+def test_torch_compile_fullgraph_with_zoneout_and_peepholes():
+    lstm = rnnkit.LSTM(I, H, 2, bidirectional=True, **REGS["zoneout"]).eval()
+    layer = rnnkit.Recurrent(peephole(I, H), reverse=True, **REGS["zoneout"]).eval()
+    x = _x()
+    for module in (lstm, layer):
+        with rnnkit.use_backend("cpu"):
+            want = module(x)[0]
+            compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+            out = compiled(x)[0]
+        torch.testing.assert_close(out, want, atol=OUT_TOL, rtol=OUT_TOL)
+        (dx,) = torch.autograd.grad(out.sum(), [x])
+        (want_dx,) = torch.autograd.grad(want.sum(), [x])
+        torch.testing.assert_close(dx, want_dx, atol=GRAD_TOL, rtol=GRAD_TOL)
