@@ -137,6 +137,7 @@ class Seq2SeqHooks:
             decoder_hidden=c.decoder_hidden,
             attention=c.attention,
             attention_size=c.decoder_hidden,
+            input_feeding=c.input_feeding,
             dropout=c.dropout,
             max_decode_len=c.max_decode_len,
             beam_size=c.beam_size,
@@ -148,7 +149,7 @@ class Seq2SeqHooks:
         encoder = make_encoder(
             c.cell, c.embed_size, c.hidden_size, c.encoder_layers, True, c.dropout, c.backend
         )
-        return Seq2Seq(config, encoder=encoder)
+        return Seq2Seq(config, encoder=encoder, backend=c.backend)
 
     def epoch_batches(self, data: Pairs, generator: torch.Generator) -> list[list[int]]:
         lengths = [len(s) + len(t) for s, t in zip(data.src, data.tgt, strict=True)]

@@ -8,8 +8,9 @@ distance / reference length). Early stopping and model selection use the validat
 decoding after each epoch; the final metrics use beam search.
 
 The model: letter embeddings, a bidirectional LSTM encoder read with ``lengths=``, an LSTM decoder
-with Luong (general) attention and input feeding, trained with teacher forcing (cf. Yao & Zweig 2015, whose BiLSTM
-reaches 23.6 % WER / 5.5 % PER on CMUdict).
+with Luong (general) attention, trained with teacher forcing, the decoder run over all steps at
+once (no input feeding; ``--input-feeding`` restores it, step by step) (cf. Yao & Zweig 2015, whose
+BiLSTM reaches 23.6 % WER / 5.5 % PER on CMUdict).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class G2PConfig(TrainConfig):
     decoder_hidden: int = option(256, "decoder hidden size (and attention size)")
     decoder_layers: int = option(1, "stacked decoder cells")
     attention: str = option("general", "attention", tuple(ATTENTIONS))
+    input_feeding: bool = option(
+        False,
+        "feed the last attentional state into the decoder cell (Luong); without it, training "
+        "runs the decoder over all steps at once",
+    )
     dropout: float = option(0.2, "dropout on embeddings, between layers and before the output")
     label_smoothing: float = option(0.0, "label smoothing of the training loss")
     beam_size: int = option(5, "beam size of the final evaluation and predict; 1 = greedy")

@@ -43,6 +43,11 @@ class TranslateConfig(TrainConfig):
     decoder_hidden: int = option(256, "decoder hidden size (and attention size)")
     decoder_layers: int = option(1, "stacked decoder cells")
     attention: str = option("general", "attention", tuple(ATTENTIONS))
+    input_feeding: bool = option(
+        False,
+        "feed the last attentional state into the decoder cell (Luong); without it, training "
+        "runs the decoder over all steps at once",
+    )
     dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
     label_smoothing: float = option(0.1, "label smoothing of the training loss")
     beam_size: int = option(5, "beam size of the final evaluation and predict; 1 = greedy")
