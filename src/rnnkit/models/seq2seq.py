@@ -41,10 +41,11 @@ from torch.nn import functional as F
 from .. import backends
 from .. import lengths as L
 from ..cells import GRUCell, LSTMCell
-from ..layers import GRU, LSTM, RNN, Bidirectional, Recurrent, Stacked
+from ..layers import LSTM, Bidirectional, Recurrent, Stacked
 from ..layers.stacked import check_dropout
 from ..layers.torch_compat import _RNNBase
 from .attention import ATTENTIONS, Attention, build_attention, length_mask
+from .classifier import CELLS, make_encoder
 
 __all__ = [
     "DecoderState",
@@ -58,7 +59,6 @@ __all__ = [
     "summarise_final_state",
 ]
 
-_ENCODER_CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 _DECODER_CELLS = {"lstm": LSTMCell, "gru": GRUCell}
 _BRIDGES = ("linear", "zero")
 
@@ -107,7 +107,7 @@ class Seq2SeqConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} = {value!r}; expected a positive integer")
         choices = {
-            "encoder_cell": tuple(_ENCODER_CELLS),
+            "encoder_cell": tuple(CELLS),
             "decoder_cell": tuple(_DECODER_CELLS),
             "attention": tuple(ATTENTIONS),
             "bridge": _BRIDGES,
@@ -239,14 +239,9 @@ class Encoder(nn.Module):
 
 
 def _default_encoder_layer(config: Seq2SeqConfig) -> nn.Module:
-    cls = _ENCODER_CELLS[config.encoder_cell]
-    return cls(
-        config.embed_size,
-        config.encoder_hidden,
-        num_layers=config.encoder_layers,
-        dropout=config.dropout if config.encoder_layers > 1 else 0.0,
-        bidirectional=config.bidirectional,
-        batch_first=True,
+    c = config
+    return make_encoder(
+        c.encoder_cell, c.embed_size, c.encoder_hidden, c.encoder_layers, c.bidirectional, c.dropout
     )
 
 
