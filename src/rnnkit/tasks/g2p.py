@@ -37,6 +37,9 @@ class G2PConfig(EncoderDecoderConfig):
     epochs: int = option(40, "most passes over the training split")
     batch_size: int = option(128, "word pairs per batch")
     lr: float = option(2e-3, "learning rate (AdamW)")
+    lr_decay: float = option(
+        0.5, "multiply the learning rate by this after each epoch without a better validation WER"
+    )
     patience: int = option(4, "stop after this many epochs without a better validation WER")
     max_minutes: float = option(60.0, "stop training after this many minutes; 0 = no limit")
     embed_size: int = option(64, "letter and phoneme embedding size")

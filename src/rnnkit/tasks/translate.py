@@ -30,6 +30,9 @@ class TranslateConfig(EncoderDecoderConfig):
     epochs: int = option(30, "most passes over the training split")
     batch_size: int = option(64, "verse pairs per batch")
     lr: float = option(2e-3, "learning rate (AdamW)")
+    lr_decay: float = option(
+        0.5, "multiply the learning rate by this after each epoch without a better validation BLEU"
+    )
     patience: int = option(4, "stop after this many epochs without a better validation BLEU")
     max_minutes: float = option(30.0, "stop training after this many minutes; 0 = no limit")
     max_words: int = option(25, "keep verses of at most this many words on both sides")
