@@ -160,6 +160,38 @@ def test_no_grad_and_inference_mode(mode):
 
 
 @pytest.mark.parametrize("mode", list(CELLS))
+def test_row_passes_split_across_threads_equal_reference(mode):
+    """A batch and width large enough that the per-row passes and the gain sums run in several
+    chunks with two threads; float64, so only a wrong split could differ."""
+    torch.manual_seed(0)
+    layer = rnnkit.Recurrent(CELLS[mode](3, 64, dtype=torch.float64), reverse=True)
+    x = torch.randn(4, 300, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(1))
+    results = []
+    for backend in ("reference", "cpu", "cpu"):
+        with rnnkit.use_backend(backend):
+            out, final = layer(x, lengths=lengths)
+        values = [out, *tree_leaves(final)]
+        loss = sum((v * v.detach().cos()).sum() for v in values)
+        results.append(values + list(torch.autograd.grad(loss, [x, *layer.parameters()])))
+    for r, c, again in zip(*results, strict=True):
+        torch.testing.assert_close(c, r, atol=1e-10, rtol=1e-10)
+        assert torch.equal(c, again)  # deterministic
+
+
+def test_torch_compile_fullgraph():
+    module = make_layer("lstm_layernorm", "bi", 1)
+    x = torch.randn(T, B, I)
+    with rnnkit.use_backend("cpu"):
+        expected = module(x)[0]
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        out = compiled(x)[0]
+    torch.testing.assert_close(out, expected, atol=OUT_TOL, rtol=OUT_TOL)
+    out.sum().backward()
+    assert module.backward_layer.cell.ln_c.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
 def test_run_composes_a_bidirectional_stack_in_one_call(mode):
     """layernorm.run on one Call for a 2-layer bidirectional stack equals the layers composed."""
     module = make_layer(mode, "bi", 2)
