@@ -303,15 +303,20 @@ def test_gradcheck_float64(mode, reverse, lengths, bias):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_opcheck():
-    for mode, lengths, bias in (
-        ("lstm_layernorm", [3, 0, 4], True),
-        ("gru_layernorm", None, False),
-    ):
-        args = op_args(mode, lengths, bias)
-        torch.library.opcheck(
-            layernorm.layernorm_forward, (*args, 1e-5, layernorm.MODE_IDS[mode], True, True)
-        )
+@pytest.mark.parametrize(
+    "mode, lengths, bias, reverse",
+    [
+        ("lstm_layernorm", None, True, False),
+        ("lstm_layernorm", [3, 0, 4], False, True),
+        ("gru_layernorm", None, False, True),
+        ("gru_layernorm", [3, 0, 4], True, False),
+    ],
+)
+def test_opcheck(mode, lengths, bias, reverse):
+    args = op_args(mode, lengths, bias)
+    torch.library.opcheck(
+        layernorm.layernorm_forward, (*args, 1e-5, layernorm.MODE_IDS[mode], reverse, True)
+    )
 
 
 def test_op_errors_echo_the_bad_value():

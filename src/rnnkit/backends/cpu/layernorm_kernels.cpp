@@ -212,7 +212,10 @@ inline void ln_gru_row_forward(int64_t H, T eps, const T* xl, const T* hw, const
       act[3 * H + j] = hn;
     }
   }
-  if constexpr (kSave) rstd[1] = rstd_h;
+  if constexpr (kSave) {
+    rstd[1] = rstd_h;
+    rstd[2] = T(0);  // no cell-state LayerNorm
+  }
 }
 
 // Backward rows. Each writes the gradients of the step's pre-activations (dxl: of the input side;
