@@ -31,10 +31,10 @@
 //
 // Step s (0 <= s < max length) reads time t = s forwards, t = len_b - 1 - s in reverse (T - 1 - s
 // without lengths); a sequence b with s >= len_b is finished: its state is kept, its output is 0.
-// The forward is: one GEMM for the input projection of all steps and the input-side LayerNorm of
-// all steps (with every bias that can be added there), then per step one recurrent GEMM (over the
-// still-active sequences only, with lengths) and one fused pass per sequence: the recurrent
-// LayerNorm, the gates and, for the LSTM, the cell-state LayerNorm. The backward reads the forward
+// The forward is: one GEMM for the input projection of all steps, normalised for all steps in one
+// pass, then per step one recurrent GEMM (over the still-active sequences only, with lengths) and
+// one fused pass per sequence: the input side's gain and biases, the recurrent LayerNorm, the
+// gates and, for the LSTM, the cell-state LayerNorm. The backward reads the forward
 // in reverse, one derivative per line; the input-side LayerNorm's backward, dx, dw_ih, dw_hh and
 // the gain and bias gradients are single passes, GEMMs and column sums over all steps at the end.
 
@@ -122,16 +122,17 @@ void column_sums(int64_t R, int64_t W, const T* a, const T* b, T* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One fused pass per row (one sequence) at one step; j runs over H. xl (G): the input side of the
-// pre-activations, LN(W_ih x_t) with its gain and bias and the biases added there; hw (G):
-// W_hh h_{t-1} from the step's GEMM.
+// One fused pass per row (one sequence) at one step; j runs over H. xhat (G): the normalised
+// W_ih x_t from the pass over all steps, whose input side of the pre-activations is
+// xl = wx * xhat + xb (wx = ln_ih_w; xb: ln_ih_b and the biases added there); hw (G): W_hh h_{t-1}
+// from the step's GEMM.
 
-// LSTM: pre = xl + wh * LN(hw) (every bias is in xl); c = f c + i g; h = o tanh(LN(c)).
+// LSTM: pre = xl + wh * LN(hw) (every bias is in xb); c = f c + i g; h = o tanh(LN(c)).
 // out holds o until the cell state's moments are known.
 template <typename T, bool kSave>
-inline void ln_lstm_row_forward(int64_t H, T eps, const T* xl, const T* hw, const T* wh,
-                                const T* wc, const T* bc, T* c, T* h, T* out, T* act, T* cs,
-                                T* hhat, T* chat, T* rstd) {
+inline void ln_lstm_row_forward(int64_t H, T eps, const T* xhat, const T* wx, const T* xb,
+                                const T* hw, const T* wh, const T* wc, const T* bc, T* c, T* h,
+                                T* out, T* act, T* cs, T* hhat, T* chat, T* rstd) {
   T mean_h, rstd_h;
   moments(4 * H, hw, eps, mean_h, rstd_h);
   T sum_c = T(0);
@@ -141,10 +142,10 @@ inline void ln_lstm_row_forward(int64_t H, T eps, const T* xl, const T* hw, cons
     const T hf = (hw[H + j] - mean_h) * rstd_h;
     const T hg = (hw[2 * H + j] - mean_h) * rstd_h;
     const T ho = (hw[3 * H + j] - mean_h) * rstd_h;
-    const T i = sigmoid(xl[j] + wh[j] * hi);
-    const T f = sigmoid(xl[H + j] + wh[H + j] * hf);
-    const T g = tanh_(xl[2 * H + j] + wh[2 * H + j] * hg);
-    const T o = sigmoid(xl[3 * H + j] + wh[3 * H + j] * ho);
+    const T i = sigmoid(wx[j] * xhat[j] + xb[j] + wh[j] * hi);
+    const T f = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hf);
+    const T g = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + wh[2 * H + j] * hg);
+    const T o = sigmoid(wx[3 * H + j] * xhat[3 * H + j] + xb[3 * H + j] + wh[3 * H + j] * ho);
     const T c_new = f * c[j] + i * g;
     c[j] = c_new;
     out[j] = o;
@@ -183,11 +184,12 @@ inline void ln_lstm_row_forward(int64_t H, T eps, const T* xl, const T* hw, cons
   }
 }
 
-// GRU: hl = wh * LN(hw) + bh (bh = ln_hh_b + b_hh); r, z = sigmoid(xl + hl);
+// GRU: hl = wh * LN(hw) + hb (hb = ln_hh_b + b_hh); r, z = sigmoid(xl + hl);
 // n = tanh(xl_n + r hl_n); h = (1 - z) n + z h.
 template <typename T, bool kSave>
-inline void ln_gru_row_forward(int64_t H, T eps, const T* xl, const T* hw, const T* wh,
-                               const T* bh, T* h, T* out, T* act, T* hhat, T* rstd) {
+inline void ln_gru_row_forward(int64_t H, T eps, const T* xhat, const T* wx, const T* xb,
+                               const T* hw, const T* wh, const T* hb, T* h, T* out, T* act,
+                               T* hhat, T* rstd) {
   T mean_h, rstd_h;
   moments(3 * H, hw, eps, mean_h, rstd_h);
 #pragma omp simd
@@ -195,10 +197,10 @@ inline void ln_gru_row_forward(int64_t H, T eps, const T* xl, const T* hw, const
     const T hr = (hw[j] - mean_h) * rstd_h;
     const T hz = (hw[H + j] - mean_h) * rstd_h;
     const T hnn = (hw[2 * H + j] - mean_h) * rstd_h;
-    const T r = sigmoid(xl[j] + wh[j] * hr + bh[j]);
-    const T z = sigmoid(xl[H + j] + wh[H + j] * hz + bh[H + j]);
-    const T hn = wh[2 * H + j] * hnn + bh[2 * H + j];
-    const T n = tanh_(xl[2 * H + j] + r * hn);
+    const T r = sigmoid(wx[j] * xhat[j] + xb[j] + wh[j] * hr + hb[j]);
+    const T z = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hz + hb[H + j]);
+    const T hn = wh[2 * H + j] * hnn + hb[2 * H + j];
+    const T n = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + r * hn);
     const T h_new = (T(1) - z) * n + z * h[j];
     h[j] = h_new;
     out[j] = h_new;
@@ -333,32 +335,29 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
   T* act = kSave ? mptr<T>(r.act) : nullptr;
   T* hprev = kSave ? mptr<T>(r.hprev) : nullptr;
   T* cs = kSave && kLstm ? mptr<T>(r.c) : nullptr;
-  T* xhat = kSave ? mptr<T>(r.xhat) : nullptr;
   T* hhat = kSave ? mptr<T>(r.hhat) : nullptr;
   T* chat = kSave && kLstm ? mptr<T>(r.chat) : nullptr;
   T* rstd = kSave ? mptr<T>(r.rstd) : nullptr;
 
-  // xl (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once, then, row by
-  // row, its LayerNorm: xl = ln_ih_w * xhat + xbias. Padded positions are skipped.
-  Tensor xl_t = at::empty({TB, G}, opts);
-  T* xl = xl_t.mutable_data_ptr<T>();
-  gemm<T>(false, true, TB, G, I, T(1), x, I, w_ih, I, T(0), xl, G);
+  // xhat (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once, then, row
+  // by row, normalised in place (the saved xhat, when saving). Padded rows are set to 0.
+  Tensor xhat_t = kSave ? r.xhat : at::empty({TB, G}, opts);
+  T* xhat = xhat_t.mutable_data_ptr<T>();
+  gemm<T>(false, true, TB, G, I, T(1), x, I, w_ih, I, T(0), xhat, G);
   at::parallel_for(0, TB, grain(G), [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
+      T* v = xhat + row * G;
       if constexpr (kLen) {
-        if (row / B >= len[row % B]) continue;
+        if (row / B >= len[row % B]) {
+          std::fill(v, v + G, T(0));
+          continue;
+        }
       }
-      T* v = xl + row * G;
       T mean, rs;
       moments(G, v, eps, mean, rs);
       if constexpr (kSave) rstd[row * kStats] = rs;
-      T* vhat = kSave ? xhat + row * G : nullptr;
 #pragma omp simd
-      for (int64_t j = 0; j < G; ++j) {
-        const T vh = (v[j] - mean) * rs;
-        if constexpr (kSave) vhat[j] = vh;
-        v[j] = wx[j] * vh + xbias[j];
-      }
+      for (int64_t j = 0; j < G; ++j) v[j] = (v[j] - mean) * rs;
     }
   });
 
@@ -392,13 +391,13 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
         T* hhat_row = kSave ? hhat + row * G : nullptr;
         T* rs = kSave ? rstd + row * kStats : nullptr;
         if constexpr (kLstm) {
-          ln_lstm_row_forward<T, kSave>(H, eps, xl + row * G, hw + k * G, wh, wc, bc, c + b * H,
-                                        h + b * H, out + row * H, a,
+          ln_lstm_row_forward<T, kSave>(H, eps, xhat + row * G, wx, xbias, hw + k * G, wh, wc,
+                                        bc, c + b * H, h + b * H, out + row * H, a,
                                         kSave ? cs + row * H : nullptr, hhat_row,
                                         kSave ? chat + row * H : nullptr, rs);
         } else {
-          ln_gru_row_forward<T, kSave>(H, eps, xl + row * G, hw + k * G, wh, hbias, h + b * H,
-                                       out + row * H, a, hhat_row, rs);
+          ln_gru_row_forward<T, kSave>(H, eps, xhat + row * G, wx, xbias, hw + k * G, wh, hbias,
+                                       h + b * H, out + row * H, a, hhat_row, rs);
         }
       }
     });
