@@ -280,7 +280,7 @@ def test_plain_lstm_runs_when_forced_and_names_where_onednn_is_as_fast():
 def test_declines_what_it_cannot_run():
     backend = rnnkit.backends.cpu.CpuBackend()
     assert "custom cell" in backend.check(rnnkit.backends.Request(mode=None))
-    assert "lstm_layernorm" in backend.check(rnnkit.backends.Request(mode="lstm_layernorm"))
+    assert "lstm_peephole" in backend.check(rnnkit.backends.Request(mode="lstm_peephole"))
     for flag in ("zoneout", "state_dropout", "variational", "gates"):
         assert "yet" in backend.check(rnnkit.backends.Request(mode="gru", **{flag: True}))
     assert "bfloat16" in backend.check(rnnkit.backends.Request(mode="lstm", dtype=torch.bfloat16))

@@ -84,6 +84,7 @@ class Call:
     direction, ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` (torch.nn's flat order). lengths: (B,) int64 on
     x's device, or None. ``masks`` holds the regulariser masks (``layers.regularisers.Masks``; for
     a stack, a list with one per layer and direction) when the request asks for them. ``reference`` runs the layer's own loop.
+    ``eps``: the LayerNorm cells' epsilon.
     Backends return ``(output (T, B, D*P), h_n (L*D, B, P), c_n or None)``, followed by the tuple
     of (T, B, n) gate activations when ``request.gates``.
     """
@@ -98,6 +99,7 @@ class Call:
     training: bool
     reference: Callable[[], tuple] = field(repr=False)
     masks: Any = None
+    eps: float = 1e-5
 
 
 class Backend(Protocol):

@@ -326,21 +326,6 @@ void check_mode(int64_t mode) {
 
 int64_t gates_of(int64_t mode) { return mode == kLstm ? 4 : mode == kGru ? 3 : 1; }
 
-Tensor contiguous_or_empty(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
-}
-
-void check_lengths(const Tensor& lengths, int64_t B, int64_t T) {
-  if (!lengths.defined()) return;
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.scalar_type() == at::kLong,
-              "lengths has shape ", lengths.sizes(), " and dtype ", lengths.scalar_type(),
-              "; expected (B,) = (", B, ",) int64");
-  const int64_t* l = lengths.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(l[b] >= 0 && l[b] <= T, "lengths[", b, "] = ", l[b], "; expected 0 <= len <= T = ",
-                T);
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& x_, const Tensor& h0, const std::optional<Tensor>& c0_, const Tensor& w_ih_,
     const Tensor& w_hh_, const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
