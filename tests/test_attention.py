@@ -94,14 +94,15 @@ def test_precomputed_keys_give_the_same_result(name: str) -> None:
 def test_scores_match_their_equations() -> None:
     query, memory, _ = inputs()
 
+    query = query.unsqueeze(1)  # (B, T = 1, Q): score reads every step's query at once
     dot = make("dot")
     torch.testing.assert_close(
-        dot.score(query, dot.keys(memory)), torch.einsum("bq,bsq->bs", query, memory), **TOL
+        dot.score(query, dot.keys(memory)), torch.einsum("btq,bsq->bts", query, memory), **TOL
     )
 
     general = make("general")
     w_a = general.key_proj.weight  # (Q, M)
-    expected = torch.einsum("bq,qm,bsm->bs", query, w_a, memory)
+    expected = torch.einsum("btq,qm,bsm->bts", query, w_a, memory)
     torch.testing.assert_close(general.score(query, general.keys(memory)), expected, **TOL)
 
     for cls in (BahdanauAttention, LuongConcatAttention):
@@ -109,9 +110,24 @@ def test_scores_match_their_equations() -> None:
         add = cls(Q, M, A).double()
         # v^T tanh(W_a [q; h_s] + b), with W_a = [W_q, W_k]
         w_a = torch.cat([add.query_proj.weight, add.key_proj.weight], 1)  # (A, Q + M)
-        pairs = torch.cat([query.unsqueeze(1).expand(-1, S, -1), memory], -1)  # (B, S, Q + M)
+        pairs = torch.cat([query.expand(-1, S, -1), memory], -1)  # (B, S, Q + M)
         expected = torch.tanh(pairs @ w_a.T + add.key_proj.bias) @ add.v.weight.squeeze(0)
-        torch.testing.assert_close(add.score(query, add.keys(memory)), expected, **TOL)
+        torch.testing.assert_close(add.score(query, add.keys(memory)), expected.unsqueeze(1), **TOL)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTIONS))
+def test_all_steps_at_once_equal_each_step_alone(name: str) -> None:
+    """Queries (B, T, Q) give, step by step, what one (B, Q) query per step gives."""
+    _, memory, mask = inputs()
+    attention = make(name)
+    queries = torch.randn(memory.shape[0], 4, Q, dtype=torch.float64)
+    context, weights = attention(queries, memory, mask)
+    assert context.shape == (memory.shape[0], 4, M) and weights.shape == (memory.shape[0], 4, S)
+    for t in range(4):
+        c_t, a_t = attention(queries[:, t], memory, mask, attention.keys(memory))
+        torch.testing.assert_close(context[:, t], c_t, **TOL)
+        torch.testing.assert_close(weights[:, t], a_t, **TOL)
+    assert torch.all(weights.masked_select(~mask.unsqueeze(1)) == 0.0)
 
 
 def test_hand_computed_dot_attention() -> None:

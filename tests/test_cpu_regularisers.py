@@ -314,10 +314,13 @@ def test_peephole_with_initial_state_and_gates_equals_reference(reverse):
 
 def test_check_accepts_the_peephole_and_declines_what_has_no_kernel():
     backend = CpuBackend()
-    assert backend.check(rnnkit.backends.Request(mode="lstm_peephole", proj=True)) is None
+    request = rnnkit.backends.Request
+    for flags in ({}, {"zoneout": True, "state_dropout": True, "gates": True, "proj": True}):
+        assert backend.check(request(mode="lstm_peephole", **flags)) is None
+    assert "custom cell" in backend.check(request(mode=None))
+    # the LayerNorm kernels (layernorm.py) decline the in-step regularisers and gates
     for mode in ("lstm_layernorm", "gru_layernorm"):
-        assert f"no C++ kernel for {mode}" in backend.check(rnnkit.backends.Request(mode=mode))
-    assert "custom cell" in backend.check(rnnkit.backends.Request(mode=None))
+        assert "LayerNorm kernels" in backend.check(request(mode=mode, zoneout=True))
 
 
 # -- the custom ops with regularisers, in float64 (masks fixed) ----------------------------------

@@ -103,6 +103,44 @@ def test_step_wise_decoder_equals_full_decoder(variant: dict) -> None:
         torch.testing.assert_close(state.weights, weights[:, t], **TOL)
 
 
+@pytest.mark.parametrize("attention", ["dot", "general", "concat"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_whole_sequence_decoder_has_the_step_loops_gradients(attention: str, cell: str) -> None:
+    """Luong attention without input feeding runs the decoder cells over all steps at once; its
+    loss and every parameter's gradient equal those of the step-by-step loop."""
+    model = tiny_model(
+        attention=attention, decoder_cell=cell, input_feeding=False, decoder_layers=2
+    )
+    assert model.parallel_decoder
+    src, src_lengths = source_batch()
+    tgt, tgt_lengths = target_batch()
+    tgt_in, tgt_out = decoder_io(tgt, tgt_lengths, model.config)
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole = sequence_loss(model(src, src_lengths, tgt_in), tgt_out, PAD)
+    whole_grads = grads(whole)
+    state, logits = model.start(src, src_lengths), []
+    for t in range(tgt_in.shape[1]):
+        step_logits, state = model.step(tgt_in[:, t], state)
+        logits.append(step_logits)
+    steps = sequence_loss(torch.stack(logits, 1), tgt_out, PAD)
+    step_grads = grads(steps)
+    torch.testing.assert_close(whole, steps, **TOL)
+    assert whole_grads.keys() == step_grads.keys() and len(whole_grads) > 10
+    for name, g in step_grads.items():
+        torch.testing.assert_close(whole_grads[name], g, **TOL, msg=name)
+
+
+def test_only_luong_without_input_feeding_decodes_all_steps_at_once() -> None:
+    assert not tiny_model(attention="general", input_feeding=True).parallel_decoder
+    assert not tiny_model(attention="bahdanau", input_feeding=False).parallel_decoder
+    assert tiny_model(attention="concat", input_feeding=False).parallel_decoder
+
+
 @pytest.mark.parametrize("attention", sorted(ATTENTIONS))
 def test_batch_equals_each_example_alone(attention: str) -> None:
     """Padding of the source (and its padded tokens' values) never changes an example's result."""

@@ -123,7 +123,9 @@ def test_g2p_end_to_end(tmp_path):
     run = tmp_path / "run"
     metrics = train("g2p", TINY["g2p"], out=run, progress=False)
     check_run(run, metrics, "g2p", "wer", 0.0, 1.0)
-    assert 0.0 <= metrics["test"]["per"] <= 1.5  # edits / reference length: may exceed 1
+    # Edits / reference length: above 1 when an untrained model rambles, at most one edit per
+    # generated phoneme (max_decode_len) per reference phoneme.
+    assert 0.0 <= metrics["test"]["per"] <= metrics["config"]["max_decode_len"]
     assert metrics["splits"] == {"train": 200, "valid": 200, "test": 200}
     assert (run / "attention.png").stat().st_size > 0
     vocab = json.loads((run / "vocab.json").read_text())

@@ -227,3 +227,17 @@ def test_early_stopping_and_time_limit(tmp_path):
     )
     assert timed["epochs_run"] == 1 and timed["stopped"].startswith("time limit")
     assert timed["history"][0]["batches"] == 1
+
+
+def test_learning_rate_decays_after_each_epoch_without_improvement(tmp_path):
+    need_data("speech")
+    # A rate far below float32 resolution leaves the weights as they are: from the second epoch
+    # on, no epoch improves, and each multiplies the rate by lr_decay.
+    run = train(
+        "speech",
+        {**TINY["speech"], "epochs": 4, "lr": 1e-12, "lr_decay": 0.5, "patience": 0},
+        out=tmp_path / "decay",
+        progress=False,
+    )
+    assert run["best_epoch"] == 1
+    assert [h["lr"] for h in run["history"]] == [1e-12, 1e-12, 5e-13, 2.5e-13]

@@ -10,7 +10,7 @@ from conftest import OUT_TOL, assert_close
 
 import rnnkit
 from rnnkit import functional as F
-from rnnkit.backends.cpu import build as cpu_build
+from rnnkit.backends.cpu import build
 from rnnkit.cells import LayerNormGRUCell, LayerNormLSTMCell, PeepholeLSTMCell
 from rnnkit.layers.regularisers import Regularisers
 
@@ -98,7 +98,9 @@ def test_variants_gradcheck_through_bidirectional_with_lengths(kind: str) -> Non
         return (out, *torch.utils._pytree.tree_leaves(states))
 
     assert torch.autograd.gradcheck(f, (x, *layer.parameters()), atol=1e-6)
-    fused = kind.startswith("peephole") and cpu_build.unavailable() is None  # the cpu kernels
+    fused = (
+        kind.startswith(("layernorm", "peephole")) and build.unavailable() is None
+    )  # cpu kernels
     assert rnnkit.explain(layer, x).backend == ("cpu" if fused else "reference")
 
 

@@ -539,6 +539,7 @@ def _train_epochs(
 
             # End of the epoch (or of the time budget): validate, keep the best weights.
             valid = task.validate(model, data["valid"])
+            lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with
             p.seconds = base + time.perf_counter() - start
             better = _better(cls, valid[metric], valid["loss"], p)
             if better:
@@ -555,11 +556,14 @@ def _train_epochs(
                 )
             else:
                 p.bad_epochs += 1
+                for group in opt.param_groups:  # kept in the optimiser state: resumes exactly
+                    group["lr"] *= config.lr_decay
             p.history.append(
                 {
                     "epoch": p.epoch + 1,
                     "batches": p.batch,
                     "train_loss": p.loss_sum / max(p.count, 1),
+                    "lr": lr,
                     "valid": valid,
                     "seconds": round(p.seconds, 2),
                 }

@@ -87,6 +87,7 @@ class Call:
     runs the layer's own loop. Backends return ``(output (T, B, D*P), h_n (L*D, B, P), c_n or
     None)``, followed, when ``request.gates``, by a tuple with one tuple of (T, B, n) gate
     activations per layer and direction (h_n's order). A fused backend may return them detached.
+    ``eps``: the LayerNorm cells' epsilon.
     """
 
     request: Request
@@ -99,6 +100,7 @@ class Call:
     training: bool
     reference: Callable[[], tuple] = field(repr=False)
     masks: Any = None
+    eps: float = 1e-5
 
 
 class Backend(Protocol):

@@ -389,6 +389,7 @@ class Recurrent(nn.Module):
             training=self.training,
             reference=reference,
             masks=masks,
+            eps=getattr(self.cell, "eps", 1e-5),
         )
         out, h_n, c_n, *gates = backend.run(call)
         return (out, (h_n[0], c_n[0]) if lstm else h_n[0], *(g[0] for g in gates))

@@ -7,7 +7,9 @@ Every attention here computes, for a decoder query ``q`` (B, Q) and the encoder 
     a_s = exp(e_s) / sum_{s' valid} exp(e_s')   softmax over the valid positions only
     c   = sum_s a_s h_s                         the context vector, (B, M)
 
-and returns ``(c, a)``. Positions at or beyond a source's length get weight exactly 0 (not a
+and returns ``(c, a)``. A query may also hold every decoder step at once, ``q`` (B, T, Q): then
+``c`` is (B, T, M) and ``a`` (B, T, S), all steps scored in one batched product (a teacher-forced
+decoder whose queries do not depend on earlier contexts uses this). Positions at or beyond a source's length get weight exactly 0 (not a
 small number), so padding never leaks into the context; a length-0 source gets all-zero weights
 and a zero context. The variants differ only in ``score``.
 
@@ -42,7 +44,8 @@ def length_mask(lengths: Tensor, steps: int) -> Tensor:
 
 
 def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
-    """Softmax over the last dimension of ``scores`` (B, S), restricted to ``mask`` (B, S).
+    """Softmax over the last dimension of ``scores`` (B, S) (or (B, T, S)), restricted to
+    ``mask`` (B, S) (or one that broadcasts, e.g. (B, 1, S)).
 
     Masked positions get weight exactly 0; a row with no valid position is all zeros (no NaN, in
     the forward pass or the gradient).
@@ -58,10 +61,11 @@ def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
 class Attention(nn.Module):
     """Base class: ``forward(query, memory, mask=None, keys=None) -> (context, weights)``.
 
-    ``query`` (B, Q), ``memory`` (B, S, M), ``mask`` (B, S) bool (True = valid; see
-    :func:`length_mask`), ``keys`` = ``self.keys(memory)`` if precomputed. Returns ``context``
-    (B, M) and ``weights`` (B, S). Subclasses define :meth:`score` (and :meth:`keys` when part of
-    the score depends on the memory alone).
+    ``query`` (B, Q) or, for T steps at once, (B, T, Q); ``memory`` (B, S, M), ``mask`` (B, S)
+    bool (True = valid; see :func:`length_mask`), ``keys`` = ``self.keys(memory)`` if
+    precomputed. Returns ``context`` (B, M) and ``weights`` (B, S) ((B, T, M) and (B, T, S) for
+    T steps). Subclasses define :meth:`score` (and :meth:`keys` when part of the score depends on
+    the memory alone).
 
     ``query_source`` says which decoder state the attention reads: ``"current"`` (Luong: the state
     after this step's recurrent update) or ``"previous"`` (Bahdanau: the state before it).
@@ -79,7 +83,7 @@ class Attention(nn.Module):
         return memory
 
     def score(self, query: Tensor, keys: Tensor) -> Tensor:
-        """Unnormalised scores (B, S) of ``query`` (B, Q) against ``keys`` (B, S, K)."""
+        """Unnormalised scores (B, T, S) of ``query`` (B, T, Q) against ``keys`` (B, S, K)."""
         raise NotImplementedError
 
     def forward(
@@ -91,9 +95,10 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         if memory.dim() != 3:
             raise ValueError(f"memory has shape {tuple(memory.shape)}; expected (B, S, M)")
-        if query.dim() != 2 or query.shape[0] != memory.shape[0]:
+        if query.dim() not in (2, 3) or query.shape[0] != memory.shape[0]:
             raise ValueError(
-                f"query has shape {tuple(query.shape)}; expected (B, Q) with B = {memory.shape[0]}"
+                f"query has shape {tuple(query.shape)}; expected (B, Q) or (B, T, Q) with "
+                f"B = {memory.shape[0]}"
             )
         if mask is not None and tuple(mask.shape) != tuple(memory.shape[:2]):
             raise ValueError(
@@ -101,8 +106,13 @@ class Attention(nn.Module):
             )
         if keys is None:
             keys = self.keys(memory)
-        weights = masked_softmax(self.score(query, keys), mask)  # (B, S)
-        context = torch.bmm(weights.unsqueeze(1), memory).squeeze(1)  # (B, 1, S) @ (B, S, M)
+        one_step = query.dim() == 2
+        queries = query.unsqueeze(1) if one_step else query  # (B, T, Q)
+        scores = self.score(queries, keys)  # (B, T, S)
+        weights = masked_softmax(scores, None if mask is None else mask.unsqueeze(1))
+        context = torch.bmm(weights, memory)  # (B, T, S) @ (B, S, M)
+        if one_step:
+            return context.squeeze(1), weights.squeeze(1)
         return context, weights
 
     def extra_repr(self) -> str:
@@ -123,8 +133,8 @@ class _Additive(Attention):
         return self.key_proj(memory)  # (B, S, A)
 
     def score(self, query: Tensor, keys: Tensor) -> Tensor:
-        q = self.query_proj(query).unsqueeze(1)  # (B, 1, A)
-        return self.v(torch.tanh(q + keys)).squeeze(-1)  # (B, S)
+        q = self.query_proj(query).unsqueeze(2)  # (B, T, 1, A)
+        return self.v(torch.tanh(q + keys.unsqueeze(1))).squeeze(-1)  # (B, T, S, A) -> (B, T, S)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", attention_size={self.attention_size}"
@@ -172,7 +182,7 @@ class LuongDotAttention(Attention):
         super().__init__(query_size, memory_size)
 
     def score(self, query: Tensor, keys: Tensor) -> Tensor:
-        return torch.bmm(keys, query.unsqueeze(2)).squeeze(2)  # (B, S, M) @ (B, M, 1)
+        return torch.bmm(query, keys.transpose(1, 2))  # (B, T, M) @ (B, M, S)
 
 
 class LuongGeneralAttention(Attention):
@@ -192,7 +202,7 @@ class LuongGeneralAttention(Attention):
         return self.key_proj(memory)  # (B, S, Q)
 
     def score(self, query: Tensor, keys: Tensor) -> Tensor:
-        return torch.bmm(keys, query.unsqueeze(2)).squeeze(2)  # (B, S, Q) @ (B, Q, 1)
+        return torch.bmm(query, keys.transpose(1, 2))  # (B, T, Q) @ (B, Q, S)
 
 
 #: Attention variants by name, as :class:`rnnkit.models.seq2seq.Seq2SeqConfig` names them.

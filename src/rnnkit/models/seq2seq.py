@@ -11,7 +11,11 @@ The model, for a source ``x_1..x_S`` and a target ``y_1..y_T`` (``y_0`` = BOS, `
 
 :meth:`Seq2Seq.step` computes one decoder step and is the only decoder loop body: the
 teacher-forced :meth:`Seq2Seq.forward`, :meth:`Seq2Seq.greedy` and :meth:`Seq2Seq.beam_search`
-all run it, and so can a streaming user::
+all run it, and so can a streaming user. One exception makes training fast: with Luong attention
+(queried by s_t) and no input feeding, nothing a step's cell reads depends on an earlier context,
+so teacher forcing runs each decoder cell over all T steps as one :class:`~rnnkit.Recurrent` call
+(dispatched like any layer, e.g. to the fused kernels) and attends from all T states at once; a
+test keeps it equal to the step loop::
 
     state = model.start(src, src_lengths)           # encode once
     token = torch.full((B,), config.bos_id)
@@ -34,12 +38,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import backends
 from .. import lengths as L
 from ..cells import GRUCell, LSTMCell
-from ..layers import GRU, LSTM, RNN, Bidirectional, Stacked
+from ..layers import LSTM, Bidirectional, Recurrent, Stacked
 from ..layers.stacked import check_dropout
 from ..layers.torch_compat import _RNNBase
 from .attention import ATTENTIONS, Attention, build_attention, length_mask
+from .classifier import CELLS, make_encoder
 
 __all__ = [
     "DecoderState",
@@ -53,7 +59,6 @@ __all__ = [
     "summarise_final_state",
 ]
 
-_ENCODER_CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 _DECODER_CELLS = {"lstm": LSTMCell, "gru": GRUCell}
 _BRIDGES = ("linear", "zero")
 
@@ -102,7 +107,7 @@ class Seq2SeqConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} = {value!r}; expected a positive integer")
         choices = {
-            "encoder_cell": tuple(_ENCODER_CELLS),
+            "encoder_cell": tuple(CELLS),
             "decoder_cell": tuple(_DECODER_CELLS),
             "attention": tuple(ATTENTIONS),
             "bridge": _BRIDGES,
@@ -234,14 +239,9 @@ class Encoder(nn.Module):
 
 
 def _default_encoder_layer(config: Seq2SeqConfig) -> nn.Module:
-    cls = _ENCODER_CELLS[config.encoder_cell]
-    return cls(
-        config.embed_size,
-        config.encoder_hidden,
-        num_layers=config.encoder_layers,
-        dropout=config.dropout if config.encoder_layers > 1 else 0.0,
-        bidirectional=config.bidirectional,
-        batch_first=True,
+    c = config
+    return make_encoder(
+        c.encoder_cell, c.embed_size, c.encoder_hidden, c.encoder_layers, c.bidirectional, c.dropout
     )
 
 
@@ -278,6 +278,14 @@ class DecoderState:
         pick = lambda t: t.index_select(0, index)  # noqa: E731
         return DecoderState(**{f.name: _map(pick, getattr(self, f.name)) for f in fields(self)})
 
+    def reorder(self, index: Tensor) -> DecoderState:
+        """Like :meth:`select`, for an ``index`` that moves rows only among rows with the same
+        source (a beam's hypotheses): the source's memory, keys and mask stay where they are."""
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return replace(
+            self, cells=_map(pick, self.cells), feed=pick(self.feed), weights=pick(self.weights)
+        )
+
     @property
     def top(self) -> Tensor:
         """The top decoder layer's hidden state h (B, H)."""
@@ -310,14 +318,19 @@ class Hypotheses:
 class Seq2Seq(nn.Module):
     """Attentional encoder–decoder (see the module docstring for the equations).
 
-    ``Seq2Seq(config, encoder=None)``: ``encoder`` is any rnnkit layer reading
-    ``embed_size`` features (default: ``rnnkit.LSTM`` with the config's sizes, bidirectional).
-    Call ``model.eval()`` before searching: dropout stays on in training mode.
+    ``Seq2Seq(config, encoder=None, backend=None)``: ``encoder`` is any rnnkit layer reading
+    ``embed_size`` features (default: ``rnnkit.LSTM`` with the config's sizes, bidirectional);
+    ``backend`` names the backend of the decoder's whole-sequence runs (see
+    :attr:`parallel_decoder`; None: the default). Call ``model.eval()`` before searching: dropout
+    stays on in training mode.
     """
 
-    def __init__(self, config: Seq2SeqConfig, encoder: nn.Module | None = None) -> None:
+    def __init__(
+        self, config: Seq2SeqConfig, encoder: nn.Module | None = None, backend: str | None = None
+    ) -> None:
         super().__init__()
         self.config = c = config
+        self.backend = backends.check_name(None if backend == backends.AUTO else backend)
         src_embed = nn.Embedding(c.src_vocab, c.embed_size, padding_idx=c.pad_id)
         layer = encoder if encoder is not None else _default_encoder_layer(c)
         self.encoder = Encoder(src_embed, layer, c.dropout)
@@ -414,6 +427,24 @@ class Seq2Seq(nn.Module):
 
     # -- teacher forcing -------------------------------------------------------------------------
 
+    @property
+    def parallel_decoder(self) -> bool:
+        """Whether teacher forcing runs the decoder over all steps at once (Luong attention
+        without input feeding), rather than step by step."""
+        return not self.config.input_feeding and not self.attend_before
+
+    def _decode_all(self, state: DecoderState, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
+        """h~ (B, T, H) and the attention weights (B, T, S) of all T steps of ``tgt_in`` at once:
+        what T calls of :meth:`_advance` compute, when no step's cell input needs a context."""
+        x = self.dropout(self.tgt_embedding(tgt_in))  # (B, T, E)
+        for k, cell in enumerate(self.cells):
+            if k:
+                x = self.dropout(x)
+            layer = Recurrent(cell, batch_first=True, backend=self.backend)  # shares the cell
+            x, _ = layer.train(self.training)(x, state.cells[k])  # (B, T, H)
+        context, weights = self.attention(x, state.memory, state.mask, state.keys)  # all T
+        return torch.tanh(self.combine(torch.cat([x, context], -1))), weights
+
     def forward(
         self,
         src: Tensor,
@@ -425,15 +456,24 @@ class Seq2Seq(nn.Module):
 
         With ``return_attention`` also the attention weights (B, T, S).
         """
+        if tgt_in.dim() != 2 or tgt_in.shape[0] != src.shape[0]:
+            raise ValueError(
+                f"tgt_in has shape {tuple(tgt_in.shape)}; expected (B, T) token ids with "
+                f"B = {src.shape[0]}"
+            )
         state = self.start(src, src_lengths)
-        h_tildes, weights = [], []
-        for t in range(tgt_in.shape[1]):
-            h_tilde, state = self._advance(tgt_in[:, t], state)
-            h_tildes.append(h_tilde)
-            weights.append(state.weights)
+        if self.parallel_decoder:
+            h_tilde, weights = self._decode_all(state, tgt_in)
+        else:
+            h_tildes, steps = [], []
+            for t in range(tgt_in.shape[1]):
+                h_t, state = self._advance(tgt_in[:, t], state)
+                h_tildes.append(h_t)
+                steps.append(state.weights)
+            h_tilde, weights = torch.stack(h_tildes, 1), torch.stack(steps, 1)
         # The output layer once over all steps: (B, T, H) -> (B, T, V).
-        logits = self.generator(self.dropout(torch.stack(h_tildes, 1)))
-        return (logits, torch.stack(weights, 1)) if return_attention else logits
+        logits = self.generator(self.dropout(h_tilde))
+        return (logits, weights) if return_attention else logits
 
     # -- searches ---------------------------------------------------------------------------------
 
@@ -528,7 +568,7 @@ class Seq2Seq(nn.Module):
             done = was_done | (token == c.eos_id) | (scores == -math.inf)
             history = history.gather(1, beam.unsqueeze(-1).expand(-1, -1, history.shape[2]))
             history = torch.cat([history, token.unsqueeze(-1)], -1)  # (B, k, t + 1)
-            state = state.select((beam + rows.unsqueeze(1) * k).view(-1))
+            state = state.reorder((beam + rows.unsqueeze(1) * k).view(-1))  # within each source
             token = token.view(-1)
 
             # Record hypotheses that finished at this step if they beat the best so far.

@@ -46,6 +46,11 @@ class TrainConfig:
     batch_size: int = option(64, "sequences per batch")
     lr: float = option(2e-3, "learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
+    lr_decay: float = option(
+        1.0,
+        "multiply the learning rate by this after each epoch without a better validation "
+        "metric; 1 = constant",
+    )
     clip: float = option(1.0, "largest gradient norm; 0 = no clipping")
     patience: int = option(3, "stop after this many epochs without a better validation metric")
     max_minutes: float = option(0.0, "stop training after this many minutes; 0 = no limit")
@@ -75,6 +80,8 @@ class TrainConfig:
                 continue
             if f.name in POSITIVE and value <= 0:
                 raise ValueError(f"{f.name} = {value}; expected > 0")
+            if f.name == "lr_decay" and not 0 < value <= 1:
+                raise ValueError(f"lr_decay = {value}; expected a factor in (0, 1]")
             if f.name in PROBABILITIES and not 0 <= value < 1:
                 raise ValueError(f"{f.name} = {value}; expected a probability in [0, 1)")
             if value < 0 and f.name != "seed":

@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import Vocab, bucket_batches, pad, pad_batch
+from ..models.attention import ATTENTIONS
 from ..models.classifier import make_encoder
 from ..models.seq2seq import Seq2Seq, Seq2SeqConfig, decoder_io, plot_attention, sequence_loss
+from .base import TrainConfig, option
 
 __all__ = [
     "ATTENTION",
     "ClassifierHooks",
+    "EncoderDecoderConfig",
     "Examples",
     "Pairs",
     "Seq2SeqHooks",
@@ -81,6 +84,30 @@ class ClassifierHooks:
 
 
 @dataclass
+class EncoderDecoderConfig(TrainConfig):
+    """The model and search options of the encoder-decoder recipes; each sets its own defaults."""
+
+    cell: str = option("lstm", "encoder and decoder cell", ("lstm", "gru"))
+    embed_size: int = option(256, "source and target embedding size")
+    hidden_size: int = option(256, "encoder hidden size per direction")
+    encoder_layers: int = option(1, "stacked bidirectional encoder layers")
+    decoder_hidden: int = option(256, "decoder hidden size (and attention size)")
+    decoder_layers: int = option(1, "stacked decoder cells")
+    attention: str = option("general", "attention", tuple(ATTENTIONS))
+    input_feeding: bool = option(
+        False,
+        "feed the last attentional state into the decoder cell (Luong); without it, training "
+        "runs the decoder over all steps at once",
+    )
+    dropout: float = option(0.2, "dropout on embeddings, between layers and before the output")
+    label_smoothing: float = option(0.0, "label smoothing of the training loss")
+    beam_size: int = option(5, "beam size of the final evaluation and predict; 1 = greedy")
+    valid_beam_size: int = option(1, "beam size of the per-epoch validation; 1 = greedy")
+    length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
+    max_decode_len: int = option(80, "most tokens generated per source")
+
+
+@dataclass
 class Pairs:
     """One split of an encoder-decoder task, encoded.
 
@@ -101,7 +128,7 @@ class Seq2SeqHooks:
     :class:`~rnnkit.models.Seq2Seq` on :class:`Pairs`. A task supplies ``src_vocab``,
     ``tgt_vocab``, :meth:`source_tokens` and :meth:`scores` (metrics of decoded token lists)."""
 
-    config: Any
+    config: EncoderDecoderConfig
     src_vocab: Vocab
     tgt_vocab: Vocab
     eval_batch_size = 128
@@ -137,6 +164,7 @@ class Seq2SeqHooks:
             decoder_hidden=c.decoder_hidden,
             attention=c.attention,
             attention_size=c.decoder_hidden,
+            input_feeding=c.input_feeding,
             dropout=c.dropout,
             max_decode_len=c.max_decode_len,
             beam_size=c.beam_size,
@@ -148,7 +176,7 @@ class Seq2SeqHooks:
         encoder = make_encoder(
             c.cell, c.embed_size, c.hidden_size, c.encoder_layers, True, c.dropout, c.backend
         )
-        return Seq2Seq(config, encoder=encoder)
+        return Seq2Seq(config, encoder=encoder, backend=c.backend)
 
     def epoch_batches(self, data: Pairs, generator: torch.Generator) -> list[list[int]]:
         lengths = [len(s) + len(t) for s, t in zip(data.src, data.tgt, strict=True)]

@@ -8,8 +8,9 @@ distance / reference length). Early stopping and model selection use the validat
 decoding after each epoch; the final metrics use beam search.
 
 The model: letter embeddings, a bidirectional LSTM encoder read with ``lengths=``, an LSTM decoder
-with Luong (general) attention and input feeding, trained with teacher forcing (cf. Yao & Zweig 2015, whose BiLSTM
-reaches 23.6 % WER / 5.5 % PER on CMUdict).
+with Luong (general) attention, trained with teacher forcing, the decoder run over all steps at
+once (no input feeding; ``--input-feeding`` restores it, step by step) (cf. Yao & Zweig 2015, whose
+BiLSTM reaches 23.6 % WER / 5.5 % PER on CMUdict).
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from typing import Any, ClassVar
 from ..data import Vocab, cmudict
 from ..errors import RecipeError
 from ..metrics import g2p_error_rates
-from ..models.attention import ATTENTIONS
 from ..models.seq2seq import Seq2Seq
-from .base import PredictOption, Task, TrainConfig, option
-from .common import Pairs, Seq2SeqHooks
+from .base import PredictOption, Task, option
+from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
 
 __all__ = ["G2PConfig", "G2PTask"]
 
@@ -33,24 +33,16 @@ Entry = tuple[str, list[tuple[str, ...]]]  # (word, its pronunciations)
 
 
 @dataclass
-class G2PConfig(TrainConfig):
+class G2PConfig(EncoderDecoderConfig):
     epochs: int = option(40, "most passes over the training split")
     batch_size: int = option(128, "word pairs per batch")
     lr: float = option(2e-3, "learning rate (AdamW)")
+    lr_decay: float = option(
+        0.5, "multiply the learning rate by this after each epoch without a better validation WER"
+    )
     patience: int = option(4, "stop after this many epochs without a better validation WER")
     max_minutes: float = option(60.0, "stop training after this many minutes; 0 = no limit")
-    cell: str = option("lstm", "encoder and decoder cell", ("lstm", "gru"))
     embed_size: int = option(64, "letter and phoneme embedding size")
-    hidden_size: int = option(256, "encoder hidden size per direction")
-    encoder_layers: int = option(1, "stacked bidirectional encoder layers")
-    decoder_hidden: int = option(256, "decoder hidden size (and attention size)")
-    decoder_layers: int = option(1, "stacked decoder cells")
-    attention: str = option("general", "attention", tuple(ATTENTIONS))
-    dropout: float = option(0.2, "dropout on embeddings, between layers and before the output")
-    label_smoothing: float = option(0.0, "label smoothing of the training loss")
-    beam_size: int = option(5, "beam size of the final evaluation and predict; 1 = greedy")
-    valid_beam_size: int = option(1, "beam size of the per-epoch validation; 1 = greedy")
-    length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
     max_decode_len: int = option(40, "most phonemes generated per word")
 
 

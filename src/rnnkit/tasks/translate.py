@@ -16,10 +16,9 @@ from typing import Any, ClassVar
 from ..data import Vocab, bible
 from ..errors import RecipeError
 from ..metrics import bleu
-from ..models.attention import ATTENTIONS
 from ..models.seq2seq import Seq2Seq
-from .base import PredictOption, Task, TrainConfig, option
-from .common import Pairs, Seq2SeqHooks
+from .base import PredictOption, Task, option
+from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
 
 __all__ = ["TranslateConfig", "TranslateTask"]
 
@@ -27,27 +26,21 @@ SPLIT_SEED = 0  # the split is fixed; --seed changes the initialisation and batc
 
 
 @dataclass
-class TranslateConfig(TrainConfig):
+class TranslateConfig(EncoderDecoderConfig):
     epochs: int = option(30, "most passes over the training split")
     batch_size: int = option(64, "verse pairs per batch")
     lr: float = option(2e-3, "learning rate (AdamW)")
+    lr_decay: float = option(
+        0.5, "multiply the learning rate by this after each epoch without a better validation BLEU"
+    )
     patience: int = option(4, "stop after this many epochs without a better validation BLEU")
     max_minutes: float = option(30.0, "stop training after this many minutes; 0 = no limit")
     max_words: int = option(25, "keep verses of at most this many words on both sides")
     min_count: int = option(2, "keep tokens seen at least this often in the training split")
     max_vocab: int = option(16000, "largest vocabulary per language (most frequent first)")
-    cell: str = option("lstm", "encoder and decoder cell", ("lstm", "gru"))
     embed_size: int = option(256, "word embedding size")
-    hidden_size: int = option(256, "encoder hidden size per direction")
-    encoder_layers: int = option(1, "stacked bidirectional encoder layers")
-    decoder_hidden: int = option(256, "decoder hidden size (and attention size)")
-    decoder_layers: int = option(1, "stacked decoder cells")
-    attention: str = option("general", "attention", tuple(ATTENTIONS))
     dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
     label_smoothing: float = option(0.1, "label smoothing of the training loss")
-    beam_size: int = option(5, "beam size of the final evaluation and predict; 1 = greedy")
-    valid_beam_size: int = option(1, "beam size of the per-epoch validation; 1 = greedy")
-    length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
     max_decode_len: int = option(80, "most tokens generated per verse")
 
 

@@ -3,7 +3,9 @@
 ``rnn_kernels.cpp`` runs one layer in one direction over the whole sequence (forward and
 backward, lengths and reversal inside the kernel); ``ops.py`` registers it as torch.library
 custom ops with autograd; ``build.py`` compiles it at first use. A deep or bidirectional stack is
-composed here, one kernel call per layer and direction, with dropout between layers.
+composed here, one kernel call per layer and direction, with dropout between layers. The
+LayerNorm LSTM and GRU have their own kernels (``layernorm_kernels.cpp``) and glue
+(``layernorm.py``), to which check and run hand those two modes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import Call, Request
-from . import build, ops
+from . import build, layernorm, ops
 
 if TYPE_CHECKING:
     from ...layers.regularisers import Masks
@@ -43,6 +45,8 @@ class CpuBackend:
     )
 
     def check(self, request: Request) -> str | None:
+        if request.mode in layernorm.MODE_IDS:
+            return layernorm.check(request)
         if request.mode not in ops.KERNELS:
             return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
         if request.device_type != "cpu":
@@ -79,6 +83,8 @@ class CpuBackend:
         multiplies; a caller without it has applied its own masks already. State dropout and
         zoneout run inside the kernels, from the same masks.
         """
+        if call.request.mode in layernorm.MODE_IDS:
+            return layernorm.run(call)
         req = call.request
         lstm = ops.KERNELS[req.mode][0] == ops.MODE_IDS["lstm"]  # the peephole LSTM too
         directions = 2 if req.bidirectional else 1

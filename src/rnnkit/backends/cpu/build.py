@@ -25,7 +25,7 @@ import torch
 __all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = (_HERE / "rnn_kernels.cpp",)
+SOURCES = (_HERE / "rnn_kernels.cpp", _HERE / "layernorm_kernels.cpp")
 HEADERS = (_HERE / "kernel_common.h",)  # hashed into the cache key, not compiled alone
 _CFLAGS = (
     "-O3",

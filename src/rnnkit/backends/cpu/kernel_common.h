@@ -224,6 +224,22 @@ T* mptr(Tensor& t) {
   return t.numel() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
+// An optional tensor argument made contiguous, or an undefined Tensor when absent.
+Tensor contiguous_or_empty(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+// lengths (B) int64 with 0 <= len <= T each, when defined.
+void check_lengths(const Tensor& lengths, int64_t B, int64_t T) {
+  if (!lengths.defined()) return;
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.scalar_type() == at::kLong,
+              "lengths has shape ", lengths.sizes(), " and dtype ", lengths.scalar_type(),
+              "; expected (B,) = (", B, ",) int64");
+  const int64_t* l = lengths.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(l[b] >= 0 && l[b] <= T, "lengths[", b, "] = ", l[b], "; expected 0 <= len <= T = ",
+                T);
+}
 
 }  // namespace
 }  // namespace rnnkit

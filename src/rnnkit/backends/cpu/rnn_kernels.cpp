@@ -447,21 +447,6 @@ void check_mode(int64_t mode) {
 
 int64_t gates_of(int64_t mode) { return mode == kLstm ? 4 : mode == kGru ? 3 : 1; }
 
-Tensor contiguous_or_empty(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
-}
-
-void check_lengths(const Tensor& lengths, int64_t B, int64_t T) {
-  if (!lengths.defined()) return;
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.scalar_type() == at::kLong,
-              "lengths has shape ", lengths.sizes(), " and dtype ", lengths.scalar_type(),
-              "; expected (B,) = (", B, ",) int64");
-  const int64_t* l = lengths.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(l[b] >= 0 && l[b] <= T, "lengths[", b, "] = ", l[b], "; expected 0 <= len <= T = ",
-                T);
-}
-
 void check_peep(const Tensor& peep, int64_t mode, int64_t H, const Tensor& x) {
   if (!peep.defined()) return;
   TORCH_CHECK(mode == kLstm, "peepholes are only defined for the LSTM");

@@ -1,0 +1,830 @@
+// Fused layer-normalised LSTM and GRU for rnnkit's "cpu" backend (the cells LayerNormLSTMCell and
+// LayerNormGRUCell; the equations are in functional.layernorm_lstm_step / layernorm_gru_step):
+// one layer, one direction per call, the forward over the whole sequence and its hand-written
+// backward (backpropagation through time).
+//
+// Shapes, in single letters: T steps, B batch, I input features, H hidden size, G = gates * H
+// (4H lstm, 3H gru). Every tensor is contiguous, row-major, time-major.
+//
+// layernorm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
+//                   ln_c_w, ln_c_b, lengths, eps, mode, reverse, save)
+//   x (T, B, I)   h0 (B, H)   c0 (B, H) [lstm]   w_ih (G, I)   w_hh (G, H)   b_ih, b_hh (G)
+//   [optional, both or neither]   ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b (G): gain and bias of the
+//   input-side and recurrent LayerNorm   ln_c_w, ln_c_b (H) [lstm]: of the cell-state LayerNorm
+//   lengths (B) int64, 0 <= len <= T [optional]   eps: the LayerNorms' epsilon
+//   mode 0 LayerNorm LSTM, 1 LayerNorm GRU; reverse: read each sequence from its own end
+//   -> [out (T, B, H), h_n (B, H), c_n (B, H) [lstm, else (0)],
+//       saved for backward (each (0) unless save):
+//       act (T, B, 4H): lstm i f g o, gru r z n hn (hn = the recurrent side of n, before r)
+//       hprev (T, B, H): the state fed into the step at t   c (T, B, H) [lstm]: the cell state
+//       xhat (T, B, G), hhat (T, B, G): the normalised W_ih x_t and W_hh h_{t-1}
+//       chat (T, B, H) [lstm]: the normalised c_t
+//       rstd (T, B, 3): 1 / sqrt(var + eps) of the input-side, recurrent and cell LayerNorm]
+//
+// layernorm_backward(grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w,
+//                    ln_c_b, lengths, act, hprev, c, xhat, hhat, chat, rstd, mode, reverse,
+//                    has_bias, need_dx)
+//   grad_out (T, B, H)   grad_hn (B, H)   grad_cn (B, H) [lstm]   (each optional: absent = zero)
+//   -> [dx (T, B, I) [or (0) unless need_dx], dh0 (B, H), dc0 (B, H) [lstm, else (0)],
+//       dw_ih (G, I), dw_hh (G, H), db_ih, db_hh (G) [or (0) without bias],
+//       dln_ih_w, dln_ih_b, dln_hh_w, dln_hh_b (G), dln_c_w, dln_c_b (H) [lstm, else (0)]]
+//
+// Step s (0 <= s < max length) reads time t = s forwards, t = len_b - 1 - s in reverse (T - 1 - s
+// without lengths); a sequence b with s >= len_b is finished: its state is kept, its output is 0.
+// The forward is: one GEMM for the input projection of all steps, normalised for all steps in one
+// pass, then per step one recurrent GEMM (over the still-active sequences only, with lengths) and
+// one fused pass per sequence: the input side's gain and biases, the recurrent LayerNorm, the
+// gates and, for the LSTM, the cell-state LayerNorm. The backward reads the forward
+// in reverse, one derivative per line; the input-side LayerNorm's backward, dx, dw_ih, dw_hh and
+// the gain and bias gradients are single passes, GEMMs and column sums over all steps at the end.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
+#include <vector>
+
+#include "kernel_common.h"
+
+namespace rnnkit {
+namespace {
+
+using at::Tensor;
+using std::int64_t;
+
+enum LnMode : int64_t { kLnLstm = 0, kLnGru = 1 };
+
+constexpr int64_t kStats = 3;  // rstd per row: input-side, recurrent, cell LayerNorm
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm pieces. torch's layer_norm: biased variance (divided by n), eps inside the root.
+
+// mean and 1 / sqrt(var + eps) of v (n), in two passes over v.
+template <typename T>
+inline void moments(int64_t n, const T* v, T eps, T& mean, T& rstd) {
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += v[j];
+  mean = sum / T(n);
+  T sq = T(0);
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < n; ++j) {
+    const T d = v[j] - mean;
+    sq += d * d;
+  }
+  rstd = T(1) / std::sqrt(sq / T(n) + eps);
+}
+
+// The gradient reaching v (n) through y = w * vhat + bias, vhat = (v - mean) * rstd, from dy:
+//   dvhat = dy * w;   dv = rstd * (dvhat - mean(dvhat) - vhat * mean(dvhat * vhat)).
+// dv may alias dy.
+template <typename T>
+inline void layer_norm_backward(int64_t n, const T* dy, const T* w, const T* vhat, T rstd, T* dv) {
+  T sum = T(0), dot = T(0);
+#pragma omp simd reduction(+ : sum, dot)
+  for (int64_t j = 0; j < n; ++j) {
+    const T dvhat = dy[j] * w[j];
+    sum += dvhat;
+    dot += dvhat * vhat[j];
+  }
+  const T mean_dvhat = sum / T(n), mean_dot = dot / T(n);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dv[j] = rstd * (dy[j] * w[j] - mean_dvhat - vhat[j] * mean_dot);
+}
+
+// out (W) = the sum over rows of a (R, W) * b (R, W) elementwise (of a alone without b): the gain
+// and bias gradients, summed over all steps. Each thread owns a range of columns, so the result
+// does not depend on the thread count.
+template <typename T>
+void column_sums(int64_t R, int64_t W, const T* a, const T* b, T* out) {
+  at::parallel_for(0, W, std::max<int64_t>(16, grain(R)), [&](int64_t j0, int64_t j1) {
+    std::fill(out + j0, out + j1, T(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const T* ar = a + r * W;
+      if (b) {
+        const T* br = b + r * W;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) out[j] += ar[j] * br[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) out[j] += ar[j];
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// One fused pass per row (one sequence) at one step; j runs over H. xhat (G): the normalised
+// W_ih x_t from the pass over all steps, whose input side of the pre-activations is
+// xl = wx * xhat + xb (wx = ln_ih_w; xb: ln_ih_b and the biases added there); hw (G): W_hh h_{t-1}
+// from the step's GEMM.
+
+// LSTM: pre = xl + wh * LN(hw) (every bias is in xb); c = f c + i g; h = o tanh(LN(c)).
+// out holds o until the cell state's moments are known.
+template <typename T, bool kSave>
+inline void ln_lstm_row_forward(int64_t H, T eps, const T* xhat, const T* wx, const T* xb,
+                                const T* hw, const T* wh, const T* wc, const T* bc, T* c, T* h,
+                                T* out, T* act, T* cs, T* hhat, T* chat, T* rstd) {
+  T mean_h, rstd_h;
+  moments(4 * H, hw, eps, mean_h, rstd_h);
+  T sum_c = T(0);
+#pragma omp simd reduction(+ : sum_c)
+  for (int64_t j = 0; j < H; ++j) {
+    const T hi = (hw[j] - mean_h) * rstd_h;
+    const T hf = (hw[H + j] - mean_h) * rstd_h;
+    const T hg = (hw[2 * H + j] - mean_h) * rstd_h;
+    const T ho = (hw[3 * H + j] - mean_h) * rstd_h;
+    const T i = sigmoid(wx[j] * xhat[j] + xb[j] + wh[j] * hi);
+    const T f = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hf);
+    const T g = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + wh[2 * H + j] * hg);
+    const T o = sigmoid(wx[3 * H + j] * xhat[3 * H + j] + xb[3 * H + j] + wh[3 * H + j] * ho);
+    const T c_new = f * c[j] + i * g;
+    c[j] = c_new;
+    out[j] = o;
+    sum_c += c_new;
+    if constexpr (kSave) {
+      hhat[j] = hi;
+      hhat[H + j] = hf;
+      hhat[2 * H + j] = hg;
+      hhat[3 * H + j] = ho;
+      act[j] = i;
+      act[H + j] = f;
+      act[2 * H + j] = g;
+      act[3 * H + j] = o;
+      cs[j] = c_new;
+    }
+  }
+  const T mean_c = sum_c / T(H);
+  T sq = T(0);
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < H; ++j) {
+    const T d = c[j] - mean_c;
+    sq += d * d;
+  }
+  const T rstd_c = T(1) / std::sqrt(sq / T(H) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T cn = (c[j] - mean_c) * rstd_c;
+    const T h_new = out[j] * tanh_(wc[j] * cn + bc[j]);
+    h[j] = h_new;
+    out[j] = h_new;
+    if constexpr (kSave) chat[j] = cn;
+  }
+  if constexpr (kSave) {
+    rstd[1] = rstd_h;
+    rstd[2] = rstd_c;
+  }
+}
+
+// GRU: hl = wh * LN(hw) + hb (hb = ln_hh_b + b_hh); r, z = sigmoid(xl + hl);
+// n = tanh(xl_n + r hl_n); h = (1 - z) n + z h.
+template <typename T, bool kSave>
+inline void ln_gru_row_forward(int64_t H, T eps, const T* xhat, const T* wx, const T* xb,
+                               const T* hw, const T* wh, const T* hb, T* h, T* out, T* act,
+                               T* hhat, T* rstd) {
+  T mean_h, rstd_h;
+  moments(3 * H, hw, eps, mean_h, rstd_h);
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T hr = (hw[j] - mean_h) * rstd_h;
+    const T hz = (hw[H + j] - mean_h) * rstd_h;
+    const T hnn = (hw[2 * H + j] - mean_h) * rstd_h;
+    const T r = sigmoid(wx[j] * xhat[j] + xb[j] + wh[j] * hr + hb[j]);
+    const T z = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hz + hb[H + j]);
+    const T hn = wh[2 * H + j] * hnn + hb[2 * H + j];
+    const T n = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + r * hn);
+    const T h_new = (T(1) - z) * n + z * h[j];
+    h[j] = h_new;
+    out[j] = h_new;
+    if constexpr (kSave) {
+      hhat[j] = hr;
+      hhat[H + j] = hz;
+      hhat[2 * H + j] = hnn;
+      act[j] = r;
+      act[H + j] = z;
+      act[2 * H + j] = n;
+      act[3 * H + j] = hn;
+    }
+  }
+  if constexpr (kSave) {
+    rstd[1] = rstd_h;
+    rstd[2] = T(0);  // no cell-state LayerNorm
+  }
+}
+
+// Backward rows. Each writes the gradients of the step's pre-activations (dxl: of the input side;
+// dhl: of the recurrent side after its LayerNorm, the same for the LSTM; dcl: of the cell
+// LayerNorm's output) and dhw, the gradient of W_hh h_{t-1}; the recurrent GEMM turns dhw into
+// the part of dh_{t-1} that goes through w_hh.
+
+// dht: the gradient reaching h_t; dc: reaching c_t, left holding the one reaching c_{t-1}.
+template <typename T>
+inline void ln_lstm_row_backward(int64_t H, const T* act, const T* cprev, const T* chat,
+                                 const T* hhat, const T* rstd, const T* wh, const T* wc,
+                                 const T* bc, const T* dht, T* dc, T* dg, T* dcl, T* dhw) {
+  const T rstd_c = rstd[2];
+  // Through h = o tanh(cl), cl = wc * chat + bc: the output gate and the cell LayerNorm's output.
+  T sum = T(0), dot = T(0);
+#pragma omp simd reduction(+ : sum, dot)
+  for (int64_t j = 0; j < H; ++j) {
+    const T o = act[3 * H + j];
+    const T tc = tanh_(wc[j] * chat[j] + bc[j]);
+    const T d_o = dht[j] * tc;
+    const T dclj = dht[j] * o * (T(1) - tc * tc);
+    const T dchat = dclj * wc[j];
+    dg[3 * H + j] = d_o * o * (T(1) - o);
+    dcl[j] = dclj;
+    sum += dchat;
+    dot += dchat * chat[j];
+  }
+  const T mean_dchat = sum / T(H), mean_dot = dot / T(H);
+  // Through c_t = f c_{t-1} + i g, with the cell LayerNorm's backward.
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = act[j];
+    const T f = act[H + j];
+    const T g = act[2 * H + j];
+    const T dchat = dcl[j] * wc[j];
+    const T dct = dc[j] + rstd_c * (dchat - mean_dchat - chat[j] * mean_dot);
+    const T di = dct * g;
+    const T dgg = dct * i;
+    const T df = dct * cprev[j];
+    dg[j] = di * i * (T(1) - i);
+    dg[H + j] = df * f * (T(1) - f);
+    dg[2 * H + j] = dgg * (T(1) - g * g);
+    dc[j] = dct * f;
+  }
+  // The recurrent LayerNorm: pre = xl + wh * hhat.
+  layer_norm_backward(4 * H, dg, wh, hhat, rstd[1], dhw);
+}
+
+// dh: the gradient reaching h_t from later steps, left holding the part of dh_{t-1} that does
+// not go through w_hh; gout: the one from the output at t.
+template <typename T>
+inline void ln_gru_row_backward(int64_t H, const T* act, const T* hprev, const T* hhat,
+                                const T* rstd, const T* wh, const T* gout, T* dh, T* dxl, T* dhl,
+                                T* dhw) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = act[j];
+    const T z = act[H + j];
+    const T n = act[2 * H + j];
+    const T hn = act[3 * H + j];
+    const T dht = dh[j] + gout[j];
+    const T dn = dht * (T(1) - z);
+    const T dz = dht * (hprev[j] - n);
+    const T dnp = dn * (T(1) - n * n);
+    const T dr = dnp * hn;
+    const T drp = dr * r * (T(1) - r);
+    const T dzp = dz * z * (T(1) - z);
+    dxl[j] = drp;
+    dxl[H + j] = dzp;
+    dxl[2 * H + j] = dnp;
+    dhl[j] = drp;
+    dhl[H + j] = dzp;
+    dhl[2 * H + j] = dnp * r;
+    dh[j] = dht * z;
+  }
+  // The recurrent LayerNorm: hl = wh * hhat + bh.
+  layer_norm_backward(3 * H, dhl, wh, hhat, rstd[1], dhw);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+struct LnForwardIn {
+  const void *x, *w_ih, *w_hh, *xbias, *hbias, *ln_ih_w, *ln_hh_w, *ln_c_w, *ln_c_b;
+  const int64_t* len;
+  bool reverse;
+  double eps;
+};
+
+struct LnForwardOut {
+  Tensor out, h_n, c_n, act, hprev, c, xhat, hhat, chat, rstd;
+};
+
+template <typename T, int64_t kMode, bool kLen, bool kSave>
+void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
+  constexpr bool kLstm = kMode == kLnLstm;
+  const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, G = n.G, TB = n.T * n.B;
+  const bool reverse = in.reverse;
+  const int64_t* len = in.len;
+  const T eps = static_cast<T>(in.eps);
+  const T* x = static_cast<const T*>(in.x);
+  const T* w_ih = static_cast<const T*>(in.w_ih);
+  const T* w_hh = static_cast<const T*>(in.w_hh);
+  const T* xbias = static_cast<const T*>(in.xbias);  // (G) ln_ih_b + b_ih [+ ln_hh_b + b_hh]
+  const T* hbias = static_cast<const T*>(in.hbias);  // (G) ln_hh_b + b_hh [gru]
+  const T* wx = static_cast<const T*>(in.ln_ih_w);
+  const T* wh = static_cast<const T*>(in.ln_hh_w);
+  const T* wc = static_cast<const T*>(in.ln_c_w);
+  const T* bc = static_cast<const T*>(in.ln_c_b);
+  auto opts = r.out.options();
+
+  T* h = r.h_n.mutable_data_ptr<T>();  // (B, H), starts as h0, updated in place
+  T* c = kLstm ? r.c_n.mutable_data_ptr<T>() : nullptr;  // (B, H)
+  T* out = r.out.mutable_data_ptr<T>();
+  T* act = kSave ? mptr<T>(r.act) : nullptr;
+  T* hprev = kSave ? mptr<T>(r.hprev) : nullptr;
+  T* cs = kSave && kLstm ? mptr<T>(r.c) : nullptr;
+  T* hhat = kSave ? mptr<T>(r.hhat) : nullptr;
+  T* chat = kSave && kLstm ? mptr<T>(r.chat) : nullptr;
+  T* rstd = kSave ? mptr<T>(r.rstd) : nullptr;
+
+  // xhat (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once, then, row
+  // by row, normalised in place (the saved xhat, when saving). Padded rows are set to 0.
+  Tensor xhat_t = kSave ? r.xhat : at::empty({TB, G}, opts);
+  T* xhat = xhat_t.mutable_data_ptr<T>();
+  gemm<T>(false, true, TB, G, I, T(1), x, I, w_ih, I, T(0), xhat, G);
+  at::parallel_for(0, TB, grain(G), [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      T* v = xhat + row * G;
+      if constexpr (kLen) {
+        if (row / B >= len[row % B]) {
+          std::fill(v, v + G, T(0));
+          continue;
+        }
+      }
+      T mean, rs;
+      moments(G, v, eps, mean, rs);
+      if constexpr (kSave) rstd[row * kStats] = rs;
+#pragma omp simd
+      for (int64_t j = 0; j < G; ++j) v[j] = (v[j] - mean) * rs;
+    }
+  });
+
+  Tensor hw_t = at::empty({B, G}, opts);  // (B, G) recurrent projection of this step
+  T* hw = hw_t.mutable_data_ptr<T>();
+  const PackedB<T> hh(true, B, G, H, w_hh, H);  // op(B) = w_hh^T (H, G)
+  // With lengths, the recurrent GEMM runs over the A sequences still active at this step only:
+  // rows[k] (k < A) is the batch index of the k-th active one and hc (A, H) gathers their states.
+  std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
+  Tensor hc_t = kLen ? at::empty({B, H}, opts) : Tensor();
+  T* hc = kLen ? hc_t.mutable_data_ptr<T>() : nullptr;
+  const int64_t steps = max_length(len, B, T_);
+  for (int64_t s = 0; s < steps; ++s) {
+    if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
+    const int64_t A = static_cast<int64_t>(rows.size());
+    if (!kLen || A == B) {
+      // hw (B, G) = h (B, H) . w_hh^T
+      hh.run(h, H, T(0), hw, G);
+    } else {
+      // hw (A, G) = hc (A, H) . w_hh^T
+      for (int64_t k = 0; k < A; ++k) std::copy(h + rows[k] * H, h + rows[k] * H + H, hc + k * H);
+      gemm<T>(false, true, A, G, H, T(1), hc, H, w_hh, H, T(0), hw, G);
+    }
+    at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = rows[k];
+        const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
+        const int64_t row = t * B + b;
+        if constexpr (kSave) std::copy(h + b * H, h + b * H + H, hprev + row * H);
+        T* a = kSave ? act + row * 4 * H : nullptr;
+        T* hhat_row = kSave ? hhat + row * G : nullptr;
+        T* rs = kSave ? rstd + row * kStats : nullptr;
+        if constexpr (kLstm) {
+          ln_lstm_row_forward<T, kSave>(H, eps, xhat + row * G, wx, xbias, hw + k * G, wh, wc,
+                                        bc, c + b * H, h + b * H, out + row * H, a,
+                                        kSave ? cs + row * H : nullptr, hhat_row,
+                                        kSave ? chat + row * H : nullptr, rs);
+        } else {
+          ln_gru_row_forward<T, kSave>(H, eps, xhat + row * G, wx, xbias, hw + k * G, wh, hbias,
+                                       h + b * H, out + row * H, a, hhat_row, rs);
+        }
+      }
+    });
+  }
+}
+
+template <typename T, int64_t kMode>
+void ln_forward_variant(bool has_len, bool save, const Shape& n, const LnForwardIn& in,
+                        LnForwardOut& r) {
+  if (has_len) {
+    if (save) {
+      ln_forward_impl<T, kMode, true, true>(n, in, r);
+    } else {
+      ln_forward_impl<T, kMode, true, false>(n, in, r);
+    }
+  } else {
+    if (save) {
+      ln_forward_impl<T, kMode, false, true>(n, in, r);
+    } else {
+      ln_forward_impl<T, kMode, false, false>(n, in, r);
+    }
+  }
+}
+
+void check_ln_mode(int64_t mode) {
+  TORCH_CHECK(mode == kLnLstm || mode == kLnGru, "rnnkit cpu LayerNorm kernels: mode = ", mode,
+              "; expected 0 (lstm_layernorm) or 1 (gru_layernorm)");
+}
+
+void check_vector(const char* name, const Tensor& t, int64_t size) {
+  TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == size, name, " has shape ",
+              t.defined() ? t.sizes() : at::IntArrayRef{}, "; expected (", size, ",)");
+}
+
+// The kernels read every tensor as x's scalar type: each defined one must have it.
+void check_dtypes(const Tensor& x,
+                  std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(!t->defined() || t->scalar_type() == x.scalar_type(), name, " has dtype ",
+                t->scalar_type(), "; expected ", x.scalar_type(), " like x");
+}
+
+std::vector<Tensor> layernorm_forward(
+    const Tensor& x_, const Tensor& h0, const std::optional<Tensor>& c0_, const Tensor& w_ih_,
+    const Tensor& w_hh_, const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
+    const Tensor& ln_ih_w_, const Tensor& ln_ih_b_, const Tensor& ln_hh_w_,
+    const Tensor& ln_hh_b_, const std::optional<Tensor>& ln_c_w_,
+    const std::optional<Tensor>& ln_c_b_, const std::optional<Tensor>& lengths_, double eps,
+    int64_t mode, bool reverse, bool save) {
+  check_ln_mode(mode);
+  const bool lstm = mode == kLnLstm;
+  TORCH_CHECK(x_.dim() == 3, "x has shape ", x_.sizes(), "; expected (T, B, I)");
+  TORCH_CHECK(eps >= 0, "eps = ", eps, "; expected eps >= 0");
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor b_ih = contiguous_or_empty(b_ih_), b_hh = contiguous_or_empty(b_hh_);
+  const Tensor ln_ih_w = ln_ih_w_.contiguous(), ln_ih_b = ln_ih_b_.contiguous();
+  const Tensor ln_hh_w = ln_hh_w_.contiguous(), ln_hh_b = ln_hh_b_.contiguous();
+  const Tensor ln_c_w = contiguous_or_empty(ln_c_w_), ln_c_b = contiguous_or_empty(ln_c_b_);
+  const Tensor c0 = contiguous_or_empty(c0_);
+  const Tensor lengths = lengths_.has_value() && lengths_->defined()
+                             ? lengths_->to(at::kCPU).contiguous()
+                             : Tensor();
+  Shape n;
+  n.T = x.size(0);
+  n.B = x.size(1);
+  n.I = x.size(2);
+  n.G = w_ih.size(0);
+  n.H = n.G / (lstm ? 4 : 3);
+  n.P = n.H;
+  n.S = 4 * n.H;
+  TORCH_CHECK(w_ih.dim() == 2 && n.G == (lstm ? 4 : 3) * n.H && w_ih.size(1) == n.I,
+              "w_ih has shape ", w_ih.sizes(), "; expected (G = ", lstm ? 4 : 3, "H, I = ", n.I,
+              ")");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == n.G && w_hh.size(1) == n.H, "w_hh has shape ",
+              w_hh.sizes(), "; expected (", n.G, ", ", n.H, ")");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == n.B && h0.size(1) == n.H, "h0 has shape ",
+              h0.sizes(), "; expected (", n.B, ", ", n.H, ")");
+  TORCH_CHECK(b_ih.defined() == b_hh.defined(), "b_ih and b_hh: expected both or neither");
+  if (b_ih.defined()) {
+    check_vector("b_ih", b_ih, n.G);
+    check_vector("b_hh", b_hh, n.G);
+  }
+  check_vector("ln_ih_w", ln_ih_w, n.G);
+  check_vector("ln_ih_b", ln_ih_b, n.G);
+  check_vector("ln_hh_w", ln_hh_w, n.G);
+  check_vector("ln_hh_b", ln_hh_b, n.G);
+  if (lstm) {
+    TORCH_CHECK(c0.defined() && c0.dim() == 2 && c0.size(0) == n.B && c0.size(1) == n.H,
+                "the LayerNorm LSTM needs c0 of shape (", n.B, ", ", n.H, ")");
+    check_vector("ln_c_w", ln_c_w, n.H);
+    check_vector("ln_c_b", ln_c_b, n.H);
+  }
+  check_lengths(lengths, n.B, n.T);
+  check_dtypes(x, {{"h0", &h0}, {"c0", &c0}, {"w_ih", &w_ih}, {"w_hh", &w_hh}, {"b_ih", &b_ih},
+                   {"b_hh", &b_hh}, {"ln_ih_w", &ln_ih_w}, {"ln_ih_b", &ln_ih_b},
+                   {"ln_hh_w", &ln_hh_w}, {"ln_hh_b", &ln_hh_b}, {"ln_c_w", &ln_c_w},
+                   {"ln_c_b", &ln_c_b}});
+  const bool has_len = lengths.defined();
+
+  auto opts = x.options();
+  LnForwardOut r;
+  r.out = has_len ? at::zeros({n.T, n.B, n.H}, opts) : at::empty({n.T, n.B, n.H}, opts);
+  r.h_n = h0.contiguous().clone();
+  r.c_n = lstm ? c0.clone() : at::empty({0}, opts);
+  auto saved = [&](int64_t width, bool used) {
+    if (!save || !used) return at::empty({0}, opts);
+    // Padded positions must hold finite values: the final GEMMs multiply them by zero.
+    return has_len ? at::zeros({n.T, n.B, width}, opts) : at::empty({n.T, n.B, width}, opts);
+  };
+  r.act = saved(4 * n.H, true);
+  r.hprev = saved(n.H, true);
+  r.c = saved(n.H, lstm);
+  r.xhat = save ? at::empty({n.T, n.B, n.G}, opts) : at::empty({0}, opts);  // all rows written
+  r.hhat = saved(n.G, true);
+  r.chat = saved(n.H, lstm);
+  r.rstd = saved(kStats, true);
+
+  // Biases as the passes add them: the LSTM adds every bias on the input side; the GRU keeps the
+  // recurrent ones apart, since its reset gate scales the recurrent side of n.
+  Tensor xbias = ln_ih_b.clone(), hbias = ln_hh_b.clone();
+  if (b_ih.defined()) {
+    xbias.add_(b_ih);
+    hbias.add_(b_hh);
+  }
+  if (lstm) xbias.add_(hbias);
+
+  LnForwardIn in;
+  in.len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
+  in.reverse = reverse;
+  in.eps = eps;
+  in.x = x.const_data_ptr();
+  in.w_ih = w_ih.const_data_ptr();
+  in.w_hh = w_hh.const_data_ptr();
+  in.xbias = xbias.const_data_ptr();
+  in.hbias = hbias.const_data_ptr();
+  in.ln_ih_w = ln_ih_w.const_data_ptr();
+  in.ln_hh_w = ln_hh_w.const_data_ptr();
+  in.ln_c_w = lstm ? ln_c_w.const_data_ptr() : nullptr;
+  in.ln_c_b = lstm ? ln_c_b.const_data_ptr() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layernorm_forward", [&] {
+    using T = scalar_t;
+    if (lstm) {
+      ln_forward_variant<T, kLnLstm>(has_len, save, n, in, r);
+    } else {
+      ln_forward_variant<T, kLnGru>(has_len, save, n, in, r);
+    }
+  });
+  return {r.out, r.h_n, r.c_n, r.act, r.hprev, r.c, r.xhat, r.hhat, r.chat, r.rstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+struct LnBackwardIn {
+  const void *gout, *x, *c0, *w_ih, *w_hh, *ln_ih_w, *ln_hh_w, *ln_c_w, *ln_c_b;
+  const void *act, *hprev, *cs, *xhat, *hhat, *chat, *rstd;
+  const int64_t* len;
+  bool reverse, need_dx, has_bias;
+};
+
+struct LnBackwardOut {
+  Tensor dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dln_ih_w, dln_ih_b, dln_hh_w, dln_hh_b,
+      dln_c_w, dln_c_b;
+};
+
+template <typename T, int64_t kMode, bool kLen>
+void ln_backward_impl(const Shape& n, const LnBackwardIn& in, LnBackwardOut& r) {
+  constexpr bool kLstm = kMode == kLnLstm;
+  const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, G = n.G, TB = n.T * n.B;
+  const bool reverse = in.reverse;
+  const int64_t* len = in.len;
+  auto opts = r.dh0.options();
+  const T* gout = static_cast<const T*>(in.gout);  // (T, B, H) or nullptr
+  const T* x = static_cast<const T*>(in.x);
+  const T* c0 = static_cast<const T*>(in.c0);
+  const T* w_ih = static_cast<const T*>(in.w_ih);
+  const T* w_hh = static_cast<const T*>(in.w_hh);
+  const T* wx = static_cast<const T*>(in.ln_ih_w);
+  const T* wh = static_cast<const T*>(in.ln_hh_w);
+  const T* wc = static_cast<const T*>(in.ln_c_w);
+  const T* bc = static_cast<const T*>(in.ln_c_b);
+  const T* act = static_cast<const T*>(in.act);
+  const T* hprev = static_cast<const T*>(in.hprev);
+  const T* cs = static_cast<const T*>(in.cs);
+  const T* xhat = static_cast<const T*>(in.xhat);
+  const T* hhat = static_cast<const T*>(in.hhat);
+  const T* chat = static_cast<const T*>(in.chat);
+  const T* rstd = static_cast<const T*>(in.rstd);
+
+  // The carried gradients: dh (B, H) reaching h_s from later steps, dc (B, H) reaching c_s.
+  T* dh = r.dh0.mutable_data_ptr<T>();
+  T* dc = kLstm ? r.dc0.mutable_data_ptr<T>() : nullptr;
+  // Per-step gradients, time-ordered, zero at padded positions: dxl (T*B, G) of the input side
+  // of the pre-activations; dhl (T*B, G) of the recurrent side after its LayerNorm (the same
+  // tensor for the LSTM); dhw (T*B, G) of W_hh h_{t-1}; dcl (T*B, H) of the cell LayerNorm's
+  // output [lstm].
+  auto buffer = [&](int64_t width) {
+    return kLen ? at::zeros({TB, width}, opts) : at::empty({TB, width}, opts);
+  };
+  Tensor dxl_t = buffer(G);
+  Tensor dhl_t = kLstm ? dxl_t : buffer(G);
+  Tensor dhw_t = buffer(G);
+  Tensor dcl_t = kLstm ? buffer(H) : Tensor();
+  T* dxl = dxl_t.mutable_data_ptr<T>();
+  T* dhl = dhl_t.mutable_data_ptr<T>();
+  T* dhw = dhw_t.mutable_data_ptr<T>();
+  T* dcl = kLstm ? dcl_t.mutable_data_ptr<T>() : nullptr;
+  // With lengths, the recurrent GEMM runs over the A sequences active at this step only
+  // (rows[k], k < A, their batch indices): their dhw rows are gathered in dhs (A, G), and the
+  // product dhc (A, H) is added to their dh.
+  Tensor dhs_t = kLen ? at::empty({B, G}, opts) : Tensor();
+  Tensor dhc_t = kLen ? at::empty({B, H}, opts) : Tensor();
+  T* dhs = kLen ? dhs_t.mutable_data_ptr<T>() : nullptr;
+  T* dhc = kLen ? dhc_t.mutable_data_ptr<T>() : nullptr;
+  std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
+  Tensor zero_t = at::zeros({H}, opts);  // stands in for an absent grad_out row
+  const T* zero = zero_t.const_data_ptr<T>();
+
+  const PackedB<T> hh(false, B, H, G, w_hh, H);  // op(B) = w_hh (G, H)
+  const int64_t steps = max_length(len, B, T_);
+  for (int64_t s = steps - 1; s >= 0; --s) {
+    if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
+    const int64_t A = static_cast<int64_t>(rows.size());
+    at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = rows[k];
+        const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
+        const int64_t row = t * B + b;
+        const T* go = gout ? gout + row * H : zero;
+        T* dhw_row = kLen ? dhs + k * G : dhw + row * G;
+        if constexpr (kLstm) {
+          // c_{t-1}: the cell state one step earlier in reading order, c0 at the first step.
+          const int64_t prev = reverse ? t + 1 : t - 1;
+          const T* cprev = s == 0 ? c0 + b * H : cs + (prev * B + b) * H;
+          T* dh_row = dh + b * H;
+          for (int64_t j = 0; j < H; ++j) dh_row[j] += go[j];
+          ln_lstm_row_backward<T>(H, act + row * 4 * H, cprev, chat + row * H, hhat + row * G,
+                                  rstd + row * kStats, wh, wc, bc, dh_row, dc + b * H,
+                                  dxl + row * G, dcl + row * H, dhw_row);
+          std::fill(dh_row, dh_row + H, T(0));
+        } else {
+          ln_gru_row_backward<T>(H, act + row * 4 * H, hprev + row * H, hhat + row * G,
+                                 rstd + row * kStats, wh, go, dh + b * H, dxl + row * G,
+                                 dhl + row * G, dhw_row);
+        }
+        if (kLen) std::copy(dhw_row, dhw_row + G, dhw + row * G);
+      }
+    });
+    if (kLen && A == B) {
+      // dh (B, H) += dhs (B, G) . w_hh (G, H): every sequence is active, rows[k] = k
+      hh.run(dhs, G, T(1), dh, H);
+    } else if (kLen) {
+      // dhc (A, H) = dhs (A, G) . w_hh (G, H), added to the active rows of dh
+      gemm<T>(false, false, A, H, G, T(1), dhs, G, w_hh, H, T(0), dhc, H);
+      for (int64_t k = 0; k < A; ++k) {
+        T* dh_row = dh + rows[k] * H;
+        const T* dhc_row = dhc + k * H;
+        for (int64_t j = 0; j < H; ++j) dh_row[j] += dhc_row[j];
+      }
+    } else {
+      // dh (B, H) += dhw (B, G) . w_hh (G, H), the rows of time t = s (T - 1 - s in reverse)
+      hh.run(dhw + (reverse ? T_ - 1 - s : s) * B * G, G, T(1), dh, H);
+    }
+  }
+
+  // Gains and biases, summed over all steps: ln_ih_b and b_ih receive dxl, ln_hh_b and b_hh
+  // receive dhl (the same for the LSTM, whose biases all add to the pre-activations).
+  column_sums<T>(TB, G, dxl, xhat, r.dln_ih_w.mutable_data_ptr<T>());
+  column_sums<T>(TB, G, dxl, nullptr, r.dln_ih_b.mutable_data_ptr<T>());
+  column_sums<T>(TB, G, dhl, hhat, r.dln_hh_w.mutable_data_ptr<T>());
+  if constexpr (kLstm) {
+    r.dln_hh_b.copy_(r.dln_ih_b);
+    column_sums<T>(TB, H, dcl, chat, r.dln_c_w.mutable_data_ptr<T>());
+    column_sums<T>(TB, H, dcl, nullptr, r.dln_c_b.mutable_data_ptr<T>());
+  } else {
+    column_sums<T>(TB, G, dhl, nullptr, r.dln_hh_b.mutable_data_ptr<T>());
+  }
+  if (in.has_bias) {
+    r.db_ih.copy_(r.dln_ih_b);
+    r.db_hh.copy_(r.dln_hh_b);
+  }
+
+  // dxw (T*B, G): the gradient of W_ih x_t through the input-side LayerNorm, row by row, in
+  // place of dxl (padded rows stay zero: their dxl is zero).
+  T* dxw = dxl;
+  at::parallel_for(0, TB, grain(G), [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row)
+      layer_norm_backward(G, dxl + row * G, wx, xhat + row * G, rstd[row * kStats],
+                          dxw + row * G);
+  });
+  if (in.need_dx) {
+    // dx (T*B, I) = dxw (T*B, G) . w_ih (G, I)
+    gemm<T>(false, false, TB, I, G, T(1), dxw, G, w_ih, I, T(0), r.dx.mutable_data_ptr<T>(), I);
+  }
+  // dw_ih (G, I) = dxw^T (G, T*B) . x (T*B, I)
+  gemm<T>(true, false, G, I, TB, T(1), dxw, G, x, I, T(0), r.dw_ih.mutable_data_ptr<T>(), I);
+  // dw_hh (G, H) = dhw^T (G, T*B) . hprev (T*B, H)
+  gemm<T>(true, false, G, H, TB, T(1), dhw, G, hprev, H, T(0), r.dw_hh.mutable_data_ptr<T>(), H);
+}
+
+std::vector<Tensor> layernorm_backward(
+    const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_hn_,
+    const std::optional<Tensor>& grad_cn_, const Tensor& x_, const std::optional<Tensor>& c0_,
+    const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& ln_ih_w_, const Tensor& ln_hh_w_,
+    const std::optional<Tensor>& ln_c_w_, const std::optional<Tensor>& ln_c_b_,
+    const std::optional<Tensor>& lengths_, const Tensor& act_, const Tensor& hprev_,
+    const Tensor& c_, const Tensor& xhat_, const Tensor& hhat_, const Tensor& chat_,
+    const Tensor& rstd_, int64_t mode, bool reverse, bool has_bias, bool need_dx) {
+  check_ln_mode(mode);
+  const bool lstm = mode == kLnLstm;
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor ln_ih_w = ln_ih_w_.contiguous(), ln_hh_w = ln_hh_w_.contiguous();
+  const Tensor ln_c_w = contiguous_or_empty(ln_c_w_), ln_c_b = contiguous_or_empty(ln_c_b_);
+  const Tensor c0 = contiguous_or_empty(c0_);
+  const Tensor gout = contiguous_or_empty(grad_out_), ghn = contiguous_or_empty(grad_hn_);
+  const Tensor gcn = contiguous_or_empty(grad_cn_);
+  const Tensor act = act_.contiguous(), hprev = hprev_.contiguous(), cs = c_.contiguous();
+  const Tensor xhat = xhat_.contiguous(), hhat = hhat_.contiguous(), chat = chat_.contiguous();
+  const Tensor rstd = rstd_.contiguous();
+  const Tensor lengths = lengths_.has_value() && lengths_->defined()
+                             ? lengths_->to(at::kCPU).contiguous()
+                             : Tensor();
+  Shape n;
+  n.T = x.size(0);
+  n.B = x.size(1);
+  n.I = x.size(2);
+  n.G = w_ih.size(0);
+  n.H = n.G / (lstm ? 4 : 3);
+  n.P = n.H;
+  n.S = 4 * n.H;
+  const int64_t TB = n.T * n.B;
+  TORCH_CHECK(act.numel() == TB * 4 * n.H && hprev.numel() == TB * n.H &&
+                  xhat.numel() == TB * n.G && hhat.numel() == TB * n.G &&
+                  rstd.numel() == TB * kStats,
+              "layernorm_backward: the forward was run without saving for backward");
+  TORCH_CHECK(!lstm || (c0.defined() && cs.numel() == TB * n.H && chat.numel() == TB * n.H &&
+                        ln_c_w.defined() && ln_c_b.defined()),
+              "layernorm_backward: the LayerNorm LSTM needs c0, ln_c_w, ln_c_b and the saved c "
+              "and chat");
+  check_lengths(lengths, n.B, n.T);
+  check_dtypes(x, {{"grad_out", &gout}, {"grad_hn", &ghn}, {"grad_cn", &gcn}, {"c0", &c0},
+                   {"w_ih", &w_ih}, {"w_hh", &w_hh}, {"ln_ih_w", &ln_ih_w}, {"ln_hh_w", &ln_hh_w},
+                   {"ln_c_w", &ln_c_w}, {"ln_c_b", &ln_c_b}, {"act", &act}, {"hprev", &hprev},
+                   {"c", &cs}, {"xhat", &xhat}, {"hhat", &hhat}, {"chat", &chat},
+                   {"rstd", &rstd}});
+  auto opts = x.options();
+  LnBackwardOut r;
+  r.dx = need_dx ? at::empty({n.T, n.B, n.I}, opts) : at::empty({0}, opts);
+  r.dh0 = ghn.defined() ? ghn.clone() : at::zeros({n.B, n.H}, opts);
+  r.dc0 = !lstm ? at::empty({0}, opts) : gcn.defined() ? gcn.clone() : at::zeros({n.B, n.H}, opts);
+  r.dw_ih = at::empty({n.G, n.I}, opts);
+  r.dw_hh = at::empty({n.G, n.H}, opts);
+  r.db_ih = has_bias ? at::empty({n.G}, opts) : at::empty({0}, opts);
+  r.db_hh = has_bias ? at::empty({n.G}, opts) : at::empty({0}, opts);
+  r.dln_ih_w = at::empty({n.G}, opts);
+  r.dln_ih_b = at::empty({n.G}, opts);
+  r.dln_hh_w = at::empty({n.G}, opts);
+  r.dln_hh_b = at::empty({n.G}, opts);
+  r.dln_c_w = lstm ? at::empty({n.H}, opts) : at::empty({0}, opts);
+  r.dln_c_b = lstm ? at::empty({n.H}, opts) : at::empty({0}, opts);
+
+  LnBackwardIn in;
+  in.len = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  in.reverse = reverse;
+  in.need_dx = need_dx;
+  in.has_bias = has_bias;
+  auto raw = [](const Tensor& t) -> const void* {
+    return t.defined() && t.numel() ? t.const_data_ptr() : nullptr;
+  };
+  in.gout = raw(gout);
+  in.x = raw(x);
+  in.c0 = raw(c0);
+  in.w_ih = raw(w_ih);
+  in.w_hh = raw(w_hh);
+  in.ln_ih_w = raw(ln_ih_w);
+  in.ln_hh_w = raw(ln_hh_w);
+  in.ln_c_w = raw(ln_c_w);
+  in.ln_c_b = raw(ln_c_b);
+  in.act = raw(act);
+  in.hprev = raw(hprev);
+  in.cs = raw(cs);
+  in.xhat = raw(xhat);
+  in.hhat = raw(hhat);
+  in.chat = raw(chat);
+  in.rstd = raw(rstd);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layernorm_backward", [&] {
+    using T = scalar_t;
+    const bool has_len = lengths.defined();
+    if (lstm) {
+      if (has_len) {
+        ln_backward_impl<T, kLnLstm, true>(n, in, r);
+      } else {
+        ln_backward_impl<T, kLnLstm, false>(n, in, r);
+      }
+    } else {
+      if (has_len) {
+        ln_backward_impl<T, kLnGru, true>(n, in, r);
+      } else {
+        ln_backward_impl<T, kLnGru, false>(n, in, r);
+      }
+    }
+  });
+  return {r.dx,       r.dh0,      r.dc0,      r.dw_ih,    r.dw_hh,   r.db_ih,  r.db_hh,
+          r.dln_ih_w, r.dln_ih_b, r.dln_hh_w, r.dln_hh_b, r.dln_c_w, r.dln_c_b};
+}
+
+}  // namespace
+}  // namespace rnnkit
+
+// rnn_kernels.cpp owns the library (TORCH_LIBRARY); these ops join it.
+TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
+  m.def(
+      "layernorm_forward(Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor ln_ih_w, Tensor ln_ih_b, Tensor ln_hh_w, "
+      "Tensor ln_hh_b, Tensor? ln_c_w, Tensor? ln_c_b, Tensor? lengths, float eps, int mode, "
+      "bool reverse, bool save) -> Tensor[]");
+  m.def(
+      "layernorm_backward(Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, Tensor x, "
+      "Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor ln_ih_w, Tensor ln_hh_w, Tensor? ln_c_w, "
+      "Tensor? ln_c_b, Tensor? lengths, Tensor act, Tensor hprev, Tensor c, Tensor xhat, "
+      "Tensor hhat, Tensor chat, Tensor rstd, int mode, bool reverse, bool has_bias, "
+      "bool need_dx) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
+  m.impl("layernorm_forward", &rnnkit::layernorm_forward);
+  m.impl("layernorm_backward", &rnnkit::layernorm_backward);
+}

@@ -1,0 +1,24 @@
+"""The README's tour runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_tour_runs(tmp_path, monkeypatch) -> None:
+    text = README.read_text()
+    section = text.split("## A short tour", 1)[1]
+    (code,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
+    monkeypatch.chdir(tmp_path)  # the tour saves forget.png
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "forget.png").stat().st_size > 0
