@@ -418,6 +418,11 @@ def test_config_errors_name_the_bad_value() -> None:
         tiny_config(tie_embeddings=True)
     with pytest.raises(ValueError, match="expected embed_size = 6"):
         Seq2Seq(tiny_config(), encoder=rnnkit.LSTM(5, 4))
+    with pytest.raises(ValueError, match="backend = 'fast'"):
+        Seq2Seq(tiny_config(), backend="fast")
+    src, src_lengths = source_batch()
+    with pytest.raises(ValueError, match=r"tgt_in has shape \(2, 3\); expected \(B, T\)"):
+        tiny_model()(src, src_lengths, torch.ones(2, 3, dtype=torch.long))
     assert Seq2SeqConfig(**tiny_config().to_dict()) == tiny_config()
 
 
