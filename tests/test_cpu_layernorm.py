@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 import rnnkit
 from rnnkit.backends.cpu import CpuBackend, build, layernorm
 from rnnkit.cells import LayerNormGRUCell, LayerNormLSTMCell
+from rnnkit.layers.regularisers import Masks
 
 CELLS = {"lstm_layernorm": LayerNormLSTMCell, "gru_layernorm": LayerNormGRUCell}
 T, B, I, H = 7, 5, 4, 6
@@ -225,6 +226,82 @@ def test_run_composes_a_bidirectional_stack_in_one_call(mode):
         torch.testing.assert_close(c_n, torch.stack([s[1] for s in finals]))
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_run_applies_variational_masks_around_the_kernels(mode, lengths, bidirectional, num_layers):
+    """A Call asking for variational dropout (one Masks per layer and direction: input (B, I),
+    output (B, H)) equals each layer run on the reference backend on the masked input, its output
+    masked: outputs, final states and every gradient."""
+    direction = "bi" if bidirectional else "forward"
+    module = make_layer(mode, direction, num_layers).train()
+    lengths = LENGTHS[lengths] and torch.tensor(LENGTHS[lengths])
+    layers = list(module.layers) if num_layers > 1 else [module]
+    recs = [
+        r
+        for lay in layers
+        for r in ((lay.forward_layer, lay.backward_layer) if bidirectional else (lay,))
+    ]
+    g = torch.Generator().manual_seed(7)
+    masks = [
+        Masks(
+            input=torch.empty(B, r.input_size).bernoulli_(0.7, generator=g) / 0.7,
+            state=None,
+            output=torch.empty(B, H).bernoulli_(0.6, generator=g) / 0.6,
+            zoneout=None,
+            weight_hh=None,
+        )
+        for r in recs
+    ]
+    x = torch.randn(T, B, I, generator=g, requires_grad=True)
+    lstm = mode == "lstm_layernorm"
+    directions = 2 if bidirectional else 1
+
+    def reference():
+        inp, h_n, c_n = x, [], []
+        for k in range(num_layers):
+            outs = []
+            for d in range(directions):
+                rec, m = recs[k * directions + d], masks[k * directions + d]
+                with rnnkit.use_backend("reference"):
+                    out, final = rec(inp * m.input, lengths=lengths)
+                outs.append(out * m.output)
+                h_n.append(final[0] if lstm else final)
+                c_n += [final[1]] if lstm else []
+            inp = torch.cat(outs, dim=-1)
+        return [inp, torch.stack(h_n), *([torch.stack(c_n)] if lstm else [])]
+
+    zeros = torch.zeros(num_layers * directions, B, H)
+    call = rnnkit.backends.Call(
+        request=rnnkit.backends.Request(
+            mode=mode, num_layers=num_layers, bidirectional=bidirectional, variational=True
+        ),
+        x=x,
+        h0=zeros,
+        c0=zeros if lstm else None,
+        weights=[w for r in recs for w in r.cell.kernel_weights()],
+        lengths=lengths,
+        dropout=0.0,
+        training=True,
+        reference=lambda: None,
+        masks=masks,
+    )
+    got = [v for v in CpuBackend().run(call) if v is not None]
+    want = reference()
+    inputs = [x, *module.parameters()]
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(v.shape, generator=gen) for v in want]
+    grads = [
+        torch.autograd.grad(sum((v * w).sum() for v, w in zip(vs, weights, strict=True)), inputs)
+        for vs in (want, got)
+    ]
+    for r, c in zip(want, got, strict=True):
+        torch.testing.assert_close(c, r, atol=OUT_TOL, rtol=OUT_TOL)
+    for r, c in zip(*grads, strict=True):
+        torch.testing.assert_close(c, r, atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
 def test_explain_names_cpu_and_declines_with_reasons():
     x = torch.randn(T, B, I)
     for mode in CELLS:
@@ -238,9 +315,10 @@ def test_explain_names_cpu_and_declines_with_reasons():
     for mode in CELLS:
         assert backend.check(rnnkit.backends.Request(mode=mode)) is None
         assert backend.check(rnnkit.backends.Request(mode=mode, dtype=torch.float64)) is None
-        for flag in ("zoneout", "state_dropout", "variational"):
+        assert backend.check(rnnkit.backends.Request(mode=mode, variational=True)) is None
+        for flag in ("zoneout", "state_dropout"):
             reason = backend.check(rnnkit.backends.Request(mode=mode, **{flag: True}))
-            assert "LayerNorm kernels have no zoneout or variational dropout" in reason
+            assert "LayerNorm kernels have no zoneout or state dropout" in reason
         assert "do not return gates" in backend.check(
             rnnkit.backends.Request(mode=mode, gates=True)
         )
@@ -250,7 +328,7 @@ def test_explain_names_cpu_and_declines_with_reasons():
 
 def test_gates_and_regularisers_still_run_on_reference():
     layer = rnnkit.Recurrent(make_cell("lstm_layernorm", I), dropout_state=0.2).train()
-    with pytest.raises(rnnkit.backends.BackendUnavailable, match="no zoneout or variational"):
+    with pytest.raises(rnnkit.backends.BackendUnavailable, match="no zoneout or state dropout"):
         with rnnkit.use_backend("cpu"):
             layer(torch.randn(T, B, I))
     gru = rnnkit.Recurrent(make_cell("gru_layernorm", I))

@@ -236,8 +236,8 @@ def layer(
 
 def check(request: Request) -> str | None:
     """What the LayerNorm kernels cannot run in ``request`` (None: they can)."""
-    if request.zoneout or request.state_dropout or request.variational:
-        return "the LayerNorm kernels have no zoneout or variational dropout (reference runs them)"
+    if request.zoneout or request.state_dropout:
+        return "the LayerNorm kernels have no zoneout or state dropout (reference runs them)"
     if request.gates:
         return "the LayerNorm kernels do not return gates (reference does)"
     if request.device_type != "cpu":
@@ -249,11 +249,19 @@ def check(request: Request) -> str | None:
 
 def run(call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
     """A stack of LayerNorm layers: one kernel call per layer and direction (the reverse direction
-    after the forward one), with dropout between layers in training."""
+    after the forward one), with dropout between layers in training.
+
+    Variational dropout (``request.variational``: the masks of ``call.masks`` on each layer's
+    input and output) is applied here around the kernels, as ``CpuBackend.run`` does; autograd
+    differentiates the multiplies.
+    """
+    from . import _per_direction  # the package imports this module first
+
     req = call.request
     lstm = MODE_IDS[req.mode] == _LSTM
     directions = 2 if req.bidirectional else 1
     per = len(call.weights) // (req.num_layers * directions)
+    masks = _per_direction(call.masks, req.num_layers * directions)
     x = call.x
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -263,8 +271,10 @@ def run(call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
         outs = []
         for d in range(directions):
             k = layer_index * directions + d
+            m = masks[k]
+            variational = req.variational and m is not None
             out, h, c = layer(
-                x,
+                x * m.input if variational and m.input is not None else x,
                 call.h0[k],
                 call.c0[k] if lstm else None,
                 call.weights[k * per : (k + 1) * per],
@@ -274,6 +284,8 @@ def run(call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
                 req.bias,
                 call.eps,
             )
+            if variational and m.output is not None:
+                out = out * m.output  # (B, H) per sequence
             outs.append(out)
             h_n.append(h)
             if lstm:
