@@ -226,14 +226,18 @@ def test_run_composes_a_bidirectional_stack_in_one_call(mode):
         torch.testing.assert_close(c_n, torch.stack([s[1] for s in finals]))
 
 
+@pytest.mark.parametrize("gates", [False, True], ids=["", "gates"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
 @pytest.mark.parametrize("mode", list(CELLS))
-def test_run_applies_variational_masks_around_the_kernels(mode, lengths, bidirectional, num_layers):
+def test_run_applies_variational_masks_around_the_kernels(
+    mode, lengths, bidirectional, num_layers, gates
+):
     """A Call asking for variational dropout (one Masks per layer and direction: input (B, I),
     output (B, H)) equals each layer run on the reference backend on the masked input, its output
-    masked: outputs, final states and every gradient."""
+    masked: outputs, final states and every gradient; with gates, one detached tuple per layer
+    and direction equal to the reference's (zeros at padded steps)."""
     direction = "bi" if bidirectional else "forward"
     module = make_layer(mode, direction, num_layers).train()
     lengths = LENGTHS[lengths] and torch.tensor(LENGTHS[lengths])
@@ -258,6 +262,8 @@ def test_run_applies_variational_masks_around_the_kernels(mode, lengths, bidirec
     lstm = mode == "lstm_layernorm"
     directions = 2 if bidirectional else 1
 
+    ref_gates = []
+
     def reference():
         inp, h_n, c_n = x, [], []
         for k in range(num_layers):
@@ -265,7 +271,8 @@ def test_run_applies_variational_masks_around_the_kernels(mode, lengths, bidirec
             for d in range(directions):
                 rec, m = recs[k * directions + d], masks[k * directions + d]
                 with rnnkit.use_backend("reference"):
-                    out, final = rec(inp * m.input, lengths=lengths)
+                    out, final, *g = rec(inp * m.input, lengths=lengths, return_gates=gates)
+                ref_gates.append(tuple(g[0].values()) if gates else ())
                 outs.append(out * m.output)
                 h_n.append(final[0] if lstm else final)
                 c_n += [final[1]] if lstm else []
@@ -275,7 +282,11 @@ def test_run_applies_variational_masks_around_the_kernels(mode, lengths, bidirec
     zeros = torch.zeros(num_layers * directions, B, H)
     call = rnnkit.backends.Call(
         request=rnnkit.backends.Request(
-            mode=mode, num_layers=num_layers, bidirectional=bidirectional, variational=True
+            mode=mode,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            variational=True,
+            gates=gates,
         ),
         x=x,
         h0=zeros,
@@ -289,6 +300,14 @@ def test_run_applies_variational_masks_around_the_kernels(mode, lengths, bidirec
     )
     got = [v for v in CpuBackend().run(call) if v is not None]
     want = reference()
+    if gates:
+        got_gates = got.pop()
+        assert len(got_gates) == len(ref_gates) == num_layers * directions
+        for per_got, per_want in zip(got_gates, ref_gates, strict=True):
+            assert len(per_got) == len(per_want) == (5 if lstm else 3)
+            for c, r in zip(per_got, per_want, strict=True):
+                assert not c.requires_grad
+                torch.testing.assert_close(c, r.detach(), atol=OUT_TOL, rtol=OUT_TOL)
     inputs = [x, *module.parameters()]
     gen = torch.Generator().manual_seed(2)
     weights = [torch.randn(v.shape, generator=gen) for v in want]
@@ -319,21 +338,42 @@ def test_explain_names_cpu_and_declines_with_reasons():
         for flag in ("zoneout", "state_dropout"):
             reason = backend.check(rnnkit.backends.Request(mode=mode, **{flag: True}))
             assert "LayerNorm kernels have no zoneout or state dropout" in reason
-        assert "do not return gates" in backend.check(
-            rnnkit.backends.Request(mode=mode, gates=True)
-        )
+        assert backend.check(rnnkit.backends.Request(mode=mode, gates=True)) is None
         assert "bfloat16" in backend.check(rnnkit.backends.Request(mode=mode, dtype=torch.bfloat16))
         assert "cuda" in backend.check(rnnkit.backends.Request(mode=mode, device_type="cuda"))
 
 
-def test_gates_and_regularisers_still_run_on_reference():
+def test_regularisers_still_run_on_reference():
     layer = rnnkit.Recurrent(make_cell("lstm_layernorm", I), dropout_state=0.2).train()
     with pytest.raises(rnnkit.backends.BackendUnavailable, match="no zoneout or state dropout"):
         with rnnkit.use_backend("cpu"):
             layer(torch.randn(T, B, I))
-    gru = rnnkit.Recurrent(make_cell("gru_layernorm", I))
-    _, _, gates = gru(torch.randn(T, B, I), return_gates=True)
-    assert set(gates) == {"r", "z", "n"}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_recurrent_gates_equal_reference(mode, direction, grad):
+    layer = make_layer(mode, direction, 1)
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=grad)
+    assert rnnkit.explain(layer, x, lengths=LENGTHS["mixed"]).backend == "cpu"
+    results = {}
+    for backend in ("reference", "cpu"):
+        with rnnkit.use_backend(backend), torch.set_grad_enabled(grad):
+            results[backend] = layer(x, lengths=LENGTHS["mixed"], return_gates=True)
+    (out, _, got), (want_out, _, want) = results["cpu"], results["reference"]
+    torch.testing.assert_close(out, want_out, atol=OUT_TOL, rtol=OUT_TOL)
+    assert (
+        list(got)
+        == list(want)
+        == (["i", "f", "g", "o", "c"] if "lstm" in mode else ["r", "z", "n"])
+    )
+    for name in want:
+        assert not got[name].requires_grad
+        torch.testing.assert_close(got[name], want[name].detach(), atol=OUT_TOL, rtol=OUT_TOL)
+    for b, n in enumerate(LENGTHS["mixed"]):
+        for name in got:
+            assert torch.equal(got[name][n:, b], torch.zeros_like(got[name][n:, b]))
 
 
 # -- the custom op itself, in float64 -------------------------------------------------------------

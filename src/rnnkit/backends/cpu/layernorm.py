@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import Call, Request
-from . import build
+from . import build, ops
 
 __all__ = ["MODE_IDS", "check", "layer", "layernorm_backward", "layernorm_forward", "run"]
 
@@ -214,10 +214,13 @@ def layer(
     reverse: bool,
     bias: bool,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    gates: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, ops.Gates | None]:
     """One layer in one direction from the cell's ``kernel_weights()`` list ``w_ih, w_hh[, b_ih,
     b_hh], ln_ih.weight, ln_ih.bias, ln_hh.weight, ln_hh.bias[, ln_c.weight, ln_c.bias]`` (the
-    last pair for the LSTM): returns ``(out (T, B, H), h_n (B, H), c_n (B, H) or None)``."""
+    last pair for the LSTM): returns ``(out (T, B, H), h_n (B, H), c_n (B, H) or None, gates or
+    None)``; with ``gates``, the activations the kernel saved (``ops.gates_of``: LSTM i, f, g, o,
+    c_t; GRU r, z, n), detached copies, zero at padded steps."""
     mode_id = MODE_IDS[mode]
     lstm = mode_id == _LSTM
     w_ih, w_hh, *rest = weights
@@ -227,19 +230,19 @@ def layer(
     ln_c_w, ln_c_b = (norms[4], norms[5]) if lstm else (None, None)
     tensors = (x, h0, c0, *weights)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, h_n, c_n, *_ = layernorm_forward(
+    out, h_n, c_n, act, _, c, *_ = layernorm_forward(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
-        lengths, eps, mode_id, reverse, save,
+        lengths, eps, mode_id, reverse, save or gates,
     )  # fmt: skip
-    return out, h_n, c_n if lstm else None
+    # act and c share the plain kernels' layout (act: i f g o or r z n hn; c: the new c_t)
+    g = ops.gates_of(ops.MODE_IDS["lstm" if lstm else "gru"], act, c) if gates else None
+    return out, h_n, c_n if lstm else None, g
 
 
 def check(request: Request) -> str | None:
     """What the LayerNorm kernels cannot run in ``request`` (None: they can)."""
     if request.zoneout or request.state_dropout:
         return "the LayerNorm kernels have no zoneout or state dropout (reference runs them)"
-    if request.gates:
-        return "the LayerNorm kernels do not return gates (reference does)"
     if request.device_type != "cpu":
         return f"the C++ kernels run on the CPU, not on {request.device_type}"
     if request.dtype not in _DTYPES:
@@ -247,13 +250,14 @@ def check(request: Request) -> str | None:
     return build.unavailable()
 
 
-def run(call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
+def run(call: Call) -> tuple:
     """A stack of LayerNorm layers: one kernel call per layer and direction (the reverse direction
     after the forward one), with dropout between layers in training.
 
     Variational dropout (``request.variational``: the masks of ``call.masks`` on each layer's
     input and output) is applied here around the kernels, as ``CpuBackend.run`` does; autograd
-    differentiates the multiplies.
+    differentiates the multiplies. With ``request.gates`` one tuple of gates per layer and
+    direction follows ``(output, h_n, c_n)``, in h_n's order, detached.
     """
     from . import _per_direction  # the package imports this module first
 
@@ -265,6 +269,7 @@ def run(call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
     x = call.x
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
+    gates: list[ops.Gates] = []
     for layer_index in range(req.num_layers):
         if layer_index and call.dropout > 0 and call.training:
             x = F.dropout(x, call.dropout, True)
@@ -273,7 +278,7 @@ def run(call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
             k = layer_index * directions + d
             m = masks[k]
             variational = req.variational and m is not None
-            out, h, c = layer(
+            out, h, c, g = layer(
                 x * m.input if variational and m.input is not None else x,
                 call.h0[k],
                 call.c0[k] if lstm else None,
@@ -283,6 +288,7 @@ def run(call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
                 req.reverse if directions == 1 else d == 1,
                 req.bias,
                 call.eps,
+                req.gates,
             )
             if variational and m.output is not None:
                 out = out * m.output  # (B, H) per sequence
@@ -290,5 +296,8 @@ def run(call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
             h_n.append(h)
             if lstm:
                 c_n.append(c)
+            if g is not None:
+                gates.append(g)
         x = outs[0] if directions == 1 else torch.cat(outs, dim=-1)
-    return x, torch.stack(h_n), torch.stack(c_n) if lstm else None
+    result = (x, torch.stack(h_n), torch.stack(c_n) if lstm else None)
+    return (*result, tuple(gates)) if req.gates else result
