@@ -1,7 +1,8 @@
 """The cpu backend's LayerNorm LSTM and GRU kernels equal the reference backend: outputs, final
 states and every gradient (input, initial states, weights, LayerNorm gains and biases), through
 Recurrent, Bidirectional and Stacked, with and without lengths and initial states; gradcheck and
-opcheck in float64 through the custom op; no_grad; explain; what check declines."""
+opcheck in float64 through the custom op; no_grad; explain; what check accepts; gate outputs,
+variational dropout, and zoneout and state dropout inside the kernels (same seed, same masks)."""
 
 from __future__ import annotations
 
@@ -326,28 +327,140 @@ def test_explain_names_cpu_and_declines_with_reasons():
     for mode in CELLS:
         explanation = rnnkit.explain(make_layer(mode, "bi", 2), x, lengths=LENGTHS["mixed"])
         assert explanation.backend == "cpu", str(explanation)
-        layer = rnnkit.Recurrent(make_cell(mode, I), zoneout=0.1)
-        explanation = rnnkit.explain(layer, x)
-        assert explanation.backend == "reference"
-        assert "LayerNorm kernels have no zoneout" in explanation.reason
+        layer = rnnkit.Recurrent(make_cell(mode, I), zoneout=0.1, dropout_state=0.2).train()
+        assert rnnkit.explain(layer, x).backend == "cpu"
     backend = CpuBackend()
     for mode in CELLS:
         assert backend.check(rnnkit.backends.Request(mode=mode)) is None
         assert backend.check(rnnkit.backends.Request(mode=mode, dtype=torch.float64)) is None
-        assert backend.check(rnnkit.backends.Request(mode=mode, variational=True)) is None
-        for flag in ("zoneout", "state_dropout"):
-            reason = backend.check(rnnkit.backends.Request(mode=mode, **{flag: True}))
-            assert "LayerNorm kernels have no zoneout or state dropout" in reason
+        for flag in ("zoneout", "state_dropout", "variational", "gates"):
+            assert backend.check(rnnkit.backends.Request(mode=mode, **{flag: True})) is None
+        every = {"zoneout": True, "state_dropout": True, "variational": True, "gates": True}
+        assert backend.check(rnnkit.backends.Request(mode=mode, **every)) is None
         assert backend.check(rnnkit.backends.Request(mode=mode, gates=True)) is None
         assert "bfloat16" in backend.check(rnnkit.backends.Request(mode=mode, dtype=torch.bfloat16))
         assert "cuda" in backend.check(rnnkit.backends.Request(mode=mode, device_type="cuda"))
 
 
-def test_regularisers_still_run_on_reference():
-    layer = rnnkit.Recurrent(make_cell("lstm_layernorm", I), dropout_state=0.2).train()
-    with pytest.raises(rnnkit.backends.BackendUnavailable, match="no zoneout or state dropout"):
-        with rnnkit.use_backend("cpu"):
-            layer(torch.randn(T, B, I))
+# -- the in-kernel regularisers: zoneout and state dropout ---------------------------------------
+
+# State dropout scales h_{t-1} by 1 / (1 - p) into the recurrent LayerNorm; at p = 0.3 the fp32
+# gradients of a 2-layer bidirectional LSTM stack (both backends) stray from float64 by up to
+# 2 GRAD_TOL, so these use p = 0.2; test_state_dropout_float64_equals_reference covers p = 0.3
+# in float64, where the two agree to 1e-12.
+REGS = {
+    "state": {"dropout_state": 0.2},
+    "zoneout": {"zoneout": 0.2, "zoneout_cell": 0.4},
+    "all": {
+        "dropout_input": 0.2,
+        "dropout_state": 0.2,
+        "dropout_output": 0.3,
+        "zoneout": 0.3,
+        "zoneout_cell": 0.2,
+    },
+}
+
+
+def make_reg_layer(mode: str, direction: str, num_layers: int, regs: dict) -> torch.nn.Module:
+    """make_layer with ``regs`` on every Recurrent."""
+    torch.manual_seed(0)
+
+    def one(input_size: int) -> torch.nn.Module:
+        def rec(reverse: bool) -> rnnkit.Recurrent:
+            return rnnkit.Recurrent(make_cell(mode, input_size), reverse=reverse, **regs)
+
+        if direction == "bi":
+            return rnnkit.Bidirectional(rec(False), rec(True))
+        return rec(direction == "reverse")
+
+    if num_layers == 1:
+        return one(I)
+    width = 2 * H if direction == "bi" else H
+    return rnnkit.Stacked([one(I), *(one(width) for _ in range(num_layers - 1))])
+
+
+def assert_same_seeded(module, x, state, lengths, seed: int = 11):
+    """assert_same with the masks of both backends drawn after ``torch.manual_seed(seed)``."""
+    results = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(seed)
+        results[backend] = run(module, backend, x, state, lengths)
+    (ref_values, ref_grads), (cpu_values, cpu_grads) = results["reference"], results["cpu"]
+    for k, (r, c) in enumerate(zip(ref_values, cpu_values, strict=True)):
+        torch.testing.assert_close(
+            c, r, atol=OUT_TOL, rtol=OUT_TOL, msg=lambda m, k=k: f"value {k}: {m}"
+        )
+    assert ref_grads.keys() == cpu_grads.keys()
+    for name, r in ref_grads.items():
+        torch.testing.assert_close(
+            cpu_grads[name], r, atol=GRAD_TOL, rtol=GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bi"])
+@pytest.mark.parametrize("reg", list(REGS))
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_regularisers_equal_reference(mode, reg, direction, num_layers, lengths):
+    module = make_reg_layer(mode, direction, num_layers, REGS[reg]).train()
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
+    state = initial_state(mode, direction, num_layers)
+    assert_same_seeded(module, x, state, LENGTHS[lengths])
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_state_dropout_float64_equals_reference(mode):
+    module = make_reg_layer(mode, "bi", 2, {"dropout_state": 0.3, "zoneout": 0.2}).train()
+    module.double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64, requires_grad=True)
+    state = torch.utils._pytree.tree_map(
+        lambda t: t.detach().double().requires_grad_(), initial_state(mode, "bi", 2)
+    )
+    results = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(11)
+        results[backend] = run(module, backend, x, state, LENGTHS["mixed"])
+    (ref_values, ref_grads), (values, grads) = results["reference"], results["cpu"]
+    for r, c in zip(ref_values, values, strict=True):
+        torch.testing.assert_close(c, r, atol=1e-10, rtol=1e-10)
+    for name, r in ref_grads.items():
+        torch.testing.assert_close(grads[name], r, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("direction", ["forward", "bi"])
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_eval_mode_zoneout_is_the_expectation(mode, direction):
+    module = make_reg_layer(mode, direction, 2, REGS["all"]).eval()
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    assert rnnkit.explain(module, x, lengths=LENGTHS["mixed"]).backend == "cpu"
+    assert_same_seeded(module, x, initial_state(mode, direction, 2), LENGTHS["mixed"])
+    with torch.no_grad():  # nothing saved
+        outs = {}
+        for backend in ("reference", "cpu"):
+            with rnnkit.use_backend(backend):
+                outs[backend] = module(x, lengths=LENGTHS["mixed"])[0]
+    torch.testing.assert_close(outs["cpu"], outs["reference"], atol=OUT_TOL, rtol=OUT_TOL)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_gates_with_regularisers_equal_reference(mode, direction, grad):
+    layer = make_reg_layer(mode, direction, 1, REGS["all"]).train()
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=grad)
+    results = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(5)
+        with rnnkit.use_backend(backend), torch.set_grad_enabled(grad):
+            results[backend] = layer(x, lengths=LENGTHS["mixed"], return_gates=True)
+    (out, _, got), (want_out, _, want) = results["cpu"], results["reference"]
+    torch.testing.assert_close(out, want_out, atol=OUT_TOL, rtol=OUT_TOL)
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name].detach(), atol=OUT_TOL, rtol=OUT_TOL)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
@@ -419,6 +532,52 @@ def test_gradcheck_float64(mode, reverse, lengths, bias):
 
     inputs = [args[k] for k in slots]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def fixed_masks(mode: str, kind: str):
+    """state_mask (B, H), zone_h, zone_c: training's 0/1 masks (T, B, H) or eval's (H,)."""
+    g = torch.Generator().manual_seed(9)
+    lstm = mode == "lstm_layernorm"
+    mask = torch.empty(GC_B, GC_H, dtype=torch.float64).bernoulli_(0.7, generator=g) / 0.7
+    if kind == "eval":
+        zone = [torch.full((GC_H,), p, dtype=torch.float64) for p in (0.3, 0.2)]
+        return None, zone[0], zone[1] if lstm else None
+
+    def hold(p):
+        return (torch.rand(GC_T, GC_B, GC_H, generator=g) < p).double()
+
+    return mask, hold(0.4), hold(0.3) if lstm else None
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+@pytest.mark.parametrize("lengths", [None, [3, 0, 4]], ids=["none", "mixed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_gradcheck_float64_with_regularisers(mode, reverse, lengths, kind):
+    args = op_args(mode, lengths)
+    masks = fixed_masks(mode, kind)
+    mode_id = layernorm.MODE_IDS[mode]
+    slots = [k for k, a in enumerate(args[:13]) if a is not None]
+
+    def f(*tensors):
+        full = list(args)
+        for k, t in zip(slots, tensors, strict=True):
+            full[k] = t
+        out, h_n, c_n, *_ = layernorm.layernorm_forward(*full, 1e-5, mode_id, reverse, True, *masks)
+        return (out, h_n, c_n) if mode == "lstm_layernorm" else (out, h_n)
+
+    inputs = [args[k] for k in slots]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_opcheck_with_regularisers(mode):
+    args = op_args(mode, [3, 0, 4])
+    masks = fixed_masks(mode, "train")
+    torch.library.opcheck(
+        layernorm.layernorm_forward,
+        (*args, 1e-5, layernorm.MODE_IDS[mode], True, True, *masks),
+    )
 
 
 @pytest.mark.parametrize(

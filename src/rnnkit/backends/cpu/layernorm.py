@@ -26,8 +26,11 @@ __all__ = ["MODE_IDS", "check", "layer", "layernorm_backward", "layernorm_forwar
 MODE_IDS = {"lstm_layernorm": 0, "gru_layernorm": 1}
 _LSTM = MODE_IDS["lstm_layernorm"]
 _DTYPES = (torch.float32, torch.float64)
+_OFF = ops.Regularisers()
 
-_Tensors10 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+_Tensors11 = tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]  # fmt: skip
 _Tensors13 = tuple[
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -54,20 +57,25 @@ def layernorm_forward(
     mode: int,
     reverse: bool,
     save: bool,
-) -> _Tensors10:
-    """One layer, one direction: ``(out, h_n, c_n, act, hprev, c, xhat, hhat, chat, rstd)``; the
-    last seven are saved for backward and empty unless ``save``."""
+    state_mask: Tensor | None = None,
+    zone_h: Tensor | None = None,
+    zone_c: Tensor | None = None,
+) -> _Tensors11:
+    """One layer, one direction: ``(out, h_n, c_n, act, hprev, c, xhat, hhat, chat, rstd,
+    cprev)``; the last eight are saved for backward and empty unless ``save`` (cprev unless the
+    LSTM has zoneout). ``state_mask``, ``zone_h``, ``zone_c``: the in-kernel regularisers, as
+    :class:`ops.Regularisers` describes them (None = off)."""
     build.ensure()
     return tuple(torch.ops.rnnkit_cpu.layernorm_forward(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
-        lengths, eps, mode, reverse, save,
+        lengths, eps, mode, reverse, save, state_mask, zone_h, zone_c,
     ))  # fmt: skip
 
 
 @layernorm_forward.register_fake
 def _layernorm_forward_fake(
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
-    lengths, eps, mode, reverse, save,
+    lengths, eps, mode, reverse, save, state_mask=None, zone_h=None, zone_c=None,
 ):  # fmt: skip
     steps, batch, _ = x.shape
     gates = w_ih.shape[0]
@@ -88,6 +96,7 @@ def _layernorm_forward_fake(
         saved(gates),
         saved(hidden, lstm),
         saved(3),
+        saved(hidden, lstm and zone_h is not None),
     )
 
 
@@ -116,6 +125,10 @@ def layernorm_backward(
     reverse: bool,
     has_bias: bool,
     need_dx: bool,
+    state_mask: Tensor | None = None,
+    zone_h: Tensor | None = None,
+    zone_c: Tensor | None = None,
+    cprev: Tensor | None = None,
 ) -> _Tensors13:
     """Backpropagation through one layernorm_forward: ``(dx, dh0, dc0, dw_ih, dw_hh, db_ih,
     db_hh, dln_ih_w, dln_ih_b, dln_hh_w, dln_hh_b, dln_c_w, dln_c_b)``; dx is empty unless
@@ -123,14 +136,16 @@ def layernorm_backward(
     build.ensure()
     return tuple(torch.ops.rnnkit_cpu.layernorm_backward(
         grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, lengths,
-        act, hprev, c, xhat, hhat, chat, rstd, mode, reverse, has_bias, need_dx,
+        act, hprev, c, xhat, hhat, chat, rstd, mode, reverse, has_bias, need_dx, state_mask,
+        zone_h, zone_c, cprev,
     ))  # fmt: skip
 
 
 @layernorm_backward.register_fake
 def _layernorm_backward_fake(
     grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, lengths,
-    act, hprev, c, xhat, hhat, chat, rstd, mode, reverse, has_bias, need_dx,
+    act, hprev, c, xhat, hhat, chat, rstd, mode, reverse, has_bias, need_dx, state_mask=None,
+    zone_h=None, zone_c=None, cprev=None,
 ):  # fmt: skip
     batch = x.shape[1]
     gates = w_ih.shape[0]
@@ -156,11 +171,15 @@ def _layernorm_backward_fake(
 
 def _setup_context(ctx, inputs, output) -> None:
     (x, _, c0, w_ih, w_hh, b_ih, _, ln_ih_w, _, ln_hh_w, _, ln_c_w, ln_c_b, lengths, _, mode,
-     reverse, save) = inputs  # fmt: skip
-    saved = output[3:]
+     reverse, save, *extra) = inputs  # fmt: skip
+    saved = output[3:]  # act, hprev, c, xhat, hhat, chat, rstd, cprev
     ctx.mode, ctx.reverse, ctx.save = mode, reverse, save
     ctx.has_bias, ctx.has_c0 = b_ih is not None, c0 is not None
-    ctx.save_for_backward(x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, lengths, *saved)
+    # state_mask, zone_h, zone_c (torch.compile may drop trailing Nones)
+    extra = (list(extra) + [None] * 3)[:3]
+    ctx.save_for_backward(
+        x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, lengths, *extra, *saved
+    )
     ctx.mark_non_differentiable(*saved)
     ctx.set_materialize_grads(False)
 
@@ -171,13 +190,15 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
             "rnnkit::layernorm_forward ran with save=False (no gradient was expected), so it "
             "kept nothing for backward"
         )
-    x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, lengths, *saved = ctx.saved_tensors
+    (x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, lengths, mask, zone_h, zone_c,
+     *saved, cprev) = ctx.saved_tensors  # fmt: skip
     lstm = ctx.mode == _LSTM
     need_dx = ctx.needs_input_grad[0]
     (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dln_ih_w, dln_ih_b, dln_hh_w, dln_hh_b, dln_c_w,
      dln_c_b) = layernorm_backward(
         grad_out, grad_hn, grad_cn if lstm else None, x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w,
-        ln_c_b, lengths, *saved, ctx.mode, ctx.reverse, ctx.has_bias, need_dx,
+        ln_c_b, lengths, *saved, ctx.mode, ctx.reverse, ctx.has_bias, need_dx, mask, zone_h,
+        zone_c, cprev if lstm and zone_h is not None else None,
     )  # fmt: skip
     return (
         dx if need_dx else None,
@@ -193,11 +214,14 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
         dln_hh_b,
         dln_c_w if lstm else None,
         dln_c_b if lstm else None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        None,  # lengths
+        None,  # eps
+        None,  # mode
+        None,  # reverse
+        None,  # save
+        None,  # state_mask: a constant
+        None,  # zone_h: a constant
+        None,  # zone_c: a constant
     )
 
 
@@ -215,12 +239,15 @@ def layer(
     bias: bool,
     eps: float,
     gates: bool = False,
+    regularisers: ops.Regularisers = _OFF,
 ) -> tuple[Tensor, Tensor, Tensor | None, ops.Gates | None]:
     """One layer in one direction from the cell's ``kernel_weights()`` list ``w_ih, w_hh[, b_ih,
     b_hh], ln_ih.weight, ln_ih.bias, ln_hh.weight, ln_hh.bias[, ln_c.weight, ln_c.bias]`` (the
     last pair for the LSTM): returns ``(out (T, B, H), h_n (B, H), c_n (B, H) or None, gates or
     None)``; with ``gates``, the activations the kernel saved (``ops.gates_of``: LSTM i, f, g, o,
-    c_t; GRU r, z, n), detached copies, zero at padded steps."""
+    c_t; GRU r, z, n), detached copies, zero at padded steps. ``regularisers``: state dropout
+    and zoneout inside the kernel (``ops.Regularisers``; masks are constants, not
+    differentiated)."""
     mode_id = MODE_IDS[mode]
     lstm = mode_id == _LSTM
     w_ih, w_hh, *rest = weights
@@ -232,7 +259,7 @@ def layer(
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, h_n, c_n, act, _, c, *_ = layernorm_forward(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
-        lengths, eps, mode_id, reverse, save or gates,
+        lengths, eps, mode_id, reverse, save or gates, *regularisers,
     )  # fmt: skip
     # act and c share the plain kernels' layout (act: i f g o or r z n hn; c: the new c_t)
     g = ops.gates_of(ops.MODE_IDS["lstm" if lstm else "gru"], act, c) if gates else None
@@ -240,9 +267,9 @@ def layer(
 
 
 def check(request: Request) -> str | None:
-    """What the LayerNorm kernels cannot run in ``request`` (None: they can)."""
-    if request.zoneout or request.state_dropout:
-        return "the LayerNorm kernels have no zoneout or state dropout (reference runs them)"
+    """What the LayerNorm kernels cannot run in ``request`` (None: they can): every option of the
+    two LayerNorm cells (lengths, reversal, stacks, gates, zoneout, state and variational
+    dropout), on the CPU in float32 and float64."""
     if request.device_type != "cpu":
         return f"the C++ kernels run on the CPU, not on {request.device_type}"
     if request.dtype not in _DTYPES:
@@ -259,7 +286,7 @@ def run(call: Call) -> tuple:
     differentiates the multiplies. With ``request.gates`` one tuple of gates per layer and
     direction follows ``(output, h_n, c_n)``, in h_n's order, detached.
     """
-    from . import _per_direction  # the package imports this module first
+    from . import _in_kernel, _per_direction  # the package imports this module first
 
     req = call.request
     lstm = MODE_IDS[req.mode] == _LSTM
@@ -278,10 +305,11 @@ def run(call: Call) -> tuple:
             k = layer_index * directions + d
             m = masks[k]
             variational = req.variational and m is not None
+            h0, c0 = call.h0[k], call.c0[k] if lstm else None
             out, h, c, g = layer(
                 x * m.input if variational and m.input is not None else x,
-                call.h0[k],
-                call.c0[k] if lstm else None,
+                h0,
+                c0,
                 call.weights[k * per : (k + 1) * per],
                 call.lengths,
                 req.mode,
@@ -289,6 +317,7 @@ def run(call: Call) -> tuple:
                 req.bias,
                 call.eps,
                 req.gates,
+                _in_kernel(m, h0, c0),
             )
             if variational and m.output is not None:
                 out = out * m.output  # (B, H) per sequence

@@ -7,24 +7,32 @@
 // (4H lstm, 3H gru). Every tensor is contiguous, row-major, time-major.
 //
 // layernorm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
-//                   ln_c_w, ln_c_b, lengths, eps, mode, reverse, save)
+//                   ln_c_w, ln_c_b, lengths, eps, mode, reverse, save, state_mask, zone_h,
+//                   zone_c)
 //   x (T, B, I)   h0 (B, H)   c0 (B, H) [lstm]   w_ih (G, I)   w_hh (G, H)   b_ih, b_hh (G)
 //   [optional, both or neither]   ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b (G): gain and bias of the
 //   input-side and recurrent LayerNorm   ln_c_w, ln_c_b (H) [lstm]: of the cell-state LayerNorm
 //   lengths (B) int64, 0 <= len <= T [optional]   eps: the LayerNorms' epsilon
 //   mode 0 LayerNorm LSTM, 1 LayerNorm GRU; reverse: read each sequence from its own end
+//   state_mask (B, H) [optional]: state dropout, h_{t-1} * state_mask is what enters the step
+//   zone_h (T, B, H) or (H) [optional], zone_c (T, B, H) or (H) [lstm, given with zone_h]:
+//     zoneout, each state becomes keep * previous + (1 - keep) * new, keep = zone[t, b] (0 or 1:
+//     training) or zone (the probability, every step: eval mode); the output is the zoned h
 //   -> [out (T, B, H), h_n (B, H), c_n (B, H) [lstm, else (0)],
 //       saved for backward (each (0) unless save):
 //       act (T, B, 4H): lstm i f g o, gru r z n hn (hn = the recurrent side of n, before r)
-//       hprev (T, B, H): the state fed into the step at t   c (T, B, H) [lstm]: the cell state
+//       hprev (T, B, H): the state fed into the step at t (after state_mask)
+//       c (T, B, H) [lstm]: the new cell state, before zoneout
 //       xhat (T, B, G), hhat (T, B, G): the normalised W_ih x_t and W_hh h_{t-1}
 //       chat (T, B, H) [lstm]: the normalised c_t
-//       rstd (T, B, 3): 1 / sqrt(var + eps) of the input-side, recurrent and cell LayerNorm]
+//       rstd (T, B, 3): 1 / sqrt(var + eps) of the input-side, recurrent and cell LayerNorm
+//       cprev (T, B, H) [lstm with zoneout]: the cell state entering the step at t]
 //
 // layernorm_backward(grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w,
 //                    ln_c_b, lengths, act, hprev, c, xhat, hhat, chat, rstd, mode, reverse,
-//                    has_bias, need_dx)
+//                    has_bias, need_dx, state_mask, zone_h, zone_c, cprev)
 //   grad_out (T, B, H)   grad_hn (B, H)   grad_cn (B, H) [lstm]   (each optional: absent = zero)
+//   state_mask, zone_h, zone_c as given to layernorm_forward; cprev as it saved
 //   -> [dx (T, B, I) [or (0) unless need_dx], dh0 (B, H), dc0 (B, H) [lstm, else (0)],
 //       dw_ih (G, I), dw_hh (G, H), db_ih, db_hh (G) [or (0) without bias],
 //       dln_ih_w, dln_ih_b, dln_hh_w, dln_hh_b (G), dln_c_w, dln_c_b (H) [lstm, else (0)]]
@@ -128,11 +136,14 @@ void column_sums(int64_t R, int64_t W, const T* a, const T* b, T* out) {
 // from the step's GEMM.
 
 // LSTM: pre = xl + wh * LN(hw) (every bias is in xb); c = f c + i g; h = o tanh(LN(c)).
-// out holds o until the cell state's moments are known.
-template <typename T, bool kSave>
+// out holds o until the cell state's moments are known. cn (H) receives the new cell state
+// before zoneout (c itself without kZone); with kZone, keep_h and keep_c (H) are the row's
+// zoneout weights: state = keep * previous + (1 - keep) * new. cp saves c_{t-1} [kZone, kSave].
+template <typename T, bool kSave, bool kZone>
 inline void ln_lstm_row_forward(int64_t H, T eps, const T* xhat, const T* wx, const T* xb,
-                                const T* hw, const T* wh, const T* wc, const T* bc, T* c, T* h,
-                                T* out, T* act, T* cs, T* hhat, T* chat, T* rstd) {
+                                const T* hw, const T* wh, const T* wc, const T* bc,
+                                const T* keep_h, const T* keep_c, T* c, T* cn, T* h, T* out,
+                                T* act, T* cs, T* cp, T* hhat, T* chat, T* rstd) {
   T mean_h, rstd_h;
   moments(4 * H, hw, eps, mean_h, rstd_h);
   T sum_c = T(0);
@@ -146,8 +157,14 @@ inline void ln_lstm_row_forward(int64_t H, T eps, const T* xhat, const T* wx, co
     const T f = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hf);
     const T g = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + wh[2 * H + j] * hg);
     const T o = sigmoid(wx[3 * H + j] * xhat[3 * H + j] + xb[3 * H + j] + wh[3 * H + j] * ho);
-    const T c_new = f * c[j] + i * g;
-    c[j] = c_new;
+    const T c_old = c[j];
+    const T c_new = f * c_old + i * g;
+    if constexpr (kZone) {
+      cn[j] = c_new;
+      c[j] = keep_c[j] * c_old + (T(1) - keep_c[j]) * c_new;
+    } else {
+      c[j] = c_new;
+    }
     out[j] = o;
     sum_c += c_new;
     if constexpr (kSave) {
@@ -160,23 +177,25 @@ inline void ln_lstm_row_forward(int64_t H, T eps, const T* xhat, const T* wx, co
       act[2 * H + j] = g;
       act[3 * H + j] = o;
       cs[j] = c_new;
+      if constexpr (kZone) cp[j] = c_old;
     }
   }
   const T mean_c = sum_c / T(H);
   T sq = T(0);
 #pragma omp simd reduction(+ : sq)
   for (int64_t j = 0; j < H; ++j) {
-    const T d = c[j] - mean_c;
+    const T d = cn[j] - mean_c;
     sq += d * d;
   }
   const T rstd_c = T(1) / std::sqrt(sq / T(H) + eps);
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
-    const T cn = (c[j] - mean_c) * rstd_c;
-    const T h_new = out[j] * tanh_(wc[j] * cn + bc[j]);
-    h[j] = h_new;
-    out[j] = h_new;
-    if constexpr (kSave) chat[j] = cn;
+    const T cl = (cn[j] - mean_c) * rstd_c;
+    const T h_new = out[j] * tanh_(wc[j] * cl + bc[j]);
+    const T h_t = kZone ? keep_h[j] * h[j] + (T(1) - keep_h[j]) * h_new : h_new;
+    h[j] = h_t;
+    out[j] = h_t;
+    if constexpr (kSave) chat[j] = cl;
   }
   if constexpr (kSave) {
     rstd[1] = rstd_h;
@@ -185,11 +204,13 @@ inline void ln_lstm_row_forward(int64_t H, T eps, const T* xhat, const T* wx, co
 }
 
 // GRU: hl = wh * LN(hw) + hb (hb = ln_hh_b + b_hh); r, z = sigmoid(xl + hl);
-// n = tanh(xl_n + r hl_n); h = (1 - z) n + z h.
-template <typename T, bool kSave>
+// n = tanh(xl_n + r hl_n); h = (1 - z) n + z hin. hin (H): the state entering the step
+// (h_{t-1}, times the state dropout mask with it); h: the state, updated in place, with kZone
+// keep (H) * previous + (1 - keep) * new.
+template <typename T, bool kSave, bool kZone>
 inline void ln_gru_row_forward(int64_t H, T eps, const T* xhat, const T* wx, const T* xb,
-                               const T* hw, const T* wh, const T* hb, T* h, T* out, T* act,
-                               T* hhat, T* rstd) {
+                               const T* hw, const T* wh, const T* hb, const T* hin,
+                               const T* keep, T* h, T* out, T* act, T* hhat, T* rstd) {
   T mean_h, rstd_h;
   moments(3 * H, hw, eps, mean_h, rstd_h);
 #pragma omp simd
@@ -201,9 +222,10 @@ inline void ln_gru_row_forward(int64_t H, T eps, const T* xhat, const T* wx, con
     const T z = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hz + hb[H + j]);
     const T hn = wh[2 * H + j] * hnn + hb[2 * H + j];
     const T n = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + r * hn);
-    const T h_new = (T(1) - z) * n + z * h[j];
-    h[j] = h_new;
-    out[j] = h_new;
+    const T h_new = (T(1) - z) * n + z * hin[j];
+    const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
+    h[j] = h_t;
+    out[j] = h_t;
     if constexpr (kSave) {
       hhat[j] = hr;
       hhat[H + j] = hz;
@@ -226,10 +248,13 @@ inline void ln_gru_row_forward(int64_t H, T eps, const T* xhat, const T* wx, con
 // the part of dh_{t-1} that goes through w_hh.
 
 // dht: the gradient reaching h_t; dc: reaching c_t, left holding the one reaching c_{t-1}.
-template <typename T>
+// With kZone (keep_h, keep_c (H): the row's zoneout weights), dhz receives the part of dh_{t-1}
+// that zoneout carries past the step: keep_h * dht.
+template <typename T, bool kZone>
 inline void ln_lstm_row_backward(int64_t H, const T* act, const T* cprev, const T* chat,
                                  const T* hhat, const T* rstd, const T* wh, const T* wc,
-                                 const T* bc, const T* dht, T* dc, T* dg, T* dcl, T* dhw) {
+                                 const T* bc, const T* keep_h, const T* keep_c, const T* dht,
+                                 T* dc, T* dg, T* dcl, T* dhw, T* dhz) {
   const T rstd_c = rstd[2];
   // Through h = o tanh(cl), cl = wc * chat + bc: the output gate and the cell LayerNorm's output.
   T sum = T(0), dot = T(0);
@@ -237,8 +262,10 @@ inline void ln_lstm_row_backward(int64_t H, const T* act, const T* cprev, const 
   for (int64_t j = 0; j < H; ++j) {
     const T o = act[3 * H + j];
     const T tc = tanh_(wc[j] * chat[j] + bc[j]);
-    const T d_o = dht[j] * tc;
-    const T dclj = dht[j] * o * (T(1) - tc * tc);
+    const T dh_new = kZone ? (T(1) - keep_h[j]) * dht[j] : dht[j];
+    const T d_o = dh_new * tc;
+    const T dclj = dh_new * o * (T(1) - tc * tc);
+    if constexpr (kZone) dhz[j] = keep_h[j] * dht[j];
     const T dchat = dclj * wc[j];
     dg[3 * H + j] = d_o * o * (T(1) - o);
     dcl[j] = dclj;
@@ -253,32 +280,37 @@ inline void ln_lstm_row_backward(int64_t H, const T* act, const T* cprev, const 
     const T f = act[H + j];
     const T g = act[2 * H + j];
     const T dchat = dcl[j] * wc[j];
-    const T dct = dc[j] + rstd_c * (dchat - mean_dchat - chat[j] * mean_dot);
+    const T dc_t = dc[j];
+    const T dc_new = kZone ? (T(1) - keep_c[j]) * dc_t : dc_t;
+    const T dct = dc_new + rstd_c * (dchat - mean_dchat - chat[j] * mean_dot);
     const T di = dct * g;
     const T dgg = dct * i;
     const T df = dct * cprev[j];
     dg[j] = di * i * (T(1) - i);
     dg[H + j] = df * f * (T(1) - f);
     dg[2 * H + j] = dgg * (T(1) - g * g);
-    dc[j] = dct * f;
+    dc[j] = kZone ? dct * f + keep_c[j] * dc_t : dct * f;
   }
   // The recurrent LayerNorm: pre = xl + wh * hhat.
   layer_norm_backward(4 * H, dg, wh, hhat, rstd[1], dhw);
 }
 
-// dh: the gradient reaching h_t from later steps, left holding the part of dh_{t-1} that does
-// not go through w_hh; gout: the one from the output at t.
-template <typename T>
+// dh: the gradient reaching h_t from later steps, left holding the part of the gradient of the
+// state entering the step (hprev) that does not go through w_hh; gout: the one from the output
+// at t. With kZone (keep (H)), dhz receives the part of dh_{t-1} that zoneout carries past the
+// step: keep * (dh + gout).
+template <typename T, bool kZone>
 inline void ln_gru_row_backward(int64_t H, const T* act, const T* hprev, const T* hhat,
-                                const T* rstd, const T* wh, const T* gout, T* dh, T* dxl, T* dhl,
-                                T* dhw) {
+                                const T* rstd, const T* wh, const T* keep, const T* gout, T* dh,
+                                T* dxl, T* dhl, T* dhw, T* dhz) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T r = act[j];
     const T z = act[H + j];
     const T n = act[2 * H + j];
     const T hn = act[3 * H + j];
-    const T dht = dh[j] + gout[j];
+    const T dh_t = dh[j] + gout[j];
+    const T dht = kZone ? (T(1) - keep[j]) * dh_t : dh_t;
     const T dn = dht * (T(1) - z);
     const T dz = dht * (hprev[j] - n);
     const T dnp = dn * (T(1) - n * n);
@@ -292,6 +324,7 @@ inline void ln_gru_row_backward(int64_t H, const T* act, const T* hprev, const T
     dhl[H + j] = dzp;
     dhl[2 * H + j] = dnp * r;
     dh[j] = dht * z;
+    if constexpr (kZone) dhz[j] = keep[j] * dh_t;
   }
   // The recurrent LayerNorm: hl = wh * hhat + bh.
   layer_norm_backward(3 * H, dhl, wh, hhat, rstd[1], dhw);
@@ -300,18 +333,77 @@ inline void ln_gru_row_backward(int64_t H, const T* act, const T* hprev, const T
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// Calls fn with std::bool_constant<b>: a runtime flag made a compile-time one.
+template <typename Fn>
+inline void with_bool(bool b, Fn&& fn) {
+  if (b) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// The zoneout weights of row (t, b): zone (T, B, n) per step (step = n), or (n) the same at
+// every step (step = 0: eval mode's probabilities).
+template <typename T>
+inline const T* keep_row(const T* zone, int64_t step, int64_t row) {
+  return zone + row * step;
+}
+
+// The regularisers' tensors of one call (each undefined when off), checked against the shapes.
+struct LnRegularisers {
+  Tensor mask, zone_h, zone_c;
+  int64_t zone_h_step = 0, zone_c_step = 0;
+
+  LnRegularisers(const std::optional<Tensor>& mask_, const std::optional<Tensor>& zone_h_,
+                 const std::optional<Tensor>& zone_c_, bool lstm, const Shape& n,
+                 const Tensor& x)
+      : mask(contiguous_or_empty(mask_)),
+        zone_h(contiguous_or_empty(zone_h_)),
+        zone_c(contiguous_or_empty(zone_c_)) {
+    if (mask.defined()) {
+      TORCH_CHECK(mask.dim() == 2 && mask.size(0) == n.B && mask.size(1) == n.H &&
+                      mask.scalar_type() == x.scalar_type(),
+                  "state_mask has shape ", mask.sizes(), " and dtype ", mask.scalar_type(),
+                  "; expected (B, H) = (", n.B, ", ", n.H, ") ", x.scalar_type());
+    }
+    TORCH_CHECK(!zone_c.defined() || (lstm && zone_h.defined()),
+                "zone_c: expected only for the LayerNorm LSTM, with zone_h");
+    TORCH_CHECK(!zone_h.defined() || !lstm || zone_c.defined(),
+                "zoneout on the LayerNorm LSTM needs zone_c as well as zone_h");
+    zone_h_step = check_zone("zone_h", zone_h, n, x);
+    zone_c_step = check_zone("zone_c", zone_c, n, x);
+  }
+
+  static int64_t check_zone(const char* name, const Tensor& z, const Shape& n, const Tensor& x) {
+    if (!z.defined()) return 0;
+    const bool per_step = z.dim() == 3 && z.size(0) == n.T && z.size(1) == n.B;
+    TORCH_CHECK((per_step || z.dim() == 1) && z.size(-1) == n.H &&
+                    z.scalar_type() == x.scalar_type(),
+                name, " has shape ", z.sizes(), " and dtype ", z.scalar_type(),
+                "; expected (T, B, H) = (", n.T, ", ", n.B, ", ", n.H, ") or (", n.H, ") ",
+                x.scalar_type());
+    return per_step ? n.H : 0;
+  }
+
+  static const void* ptr(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+};
+
 struct LnForwardIn {
   const void *x, *w_ih, *w_hh, *xbias, *hbias, *ln_ih_w, *ln_hh_w, *ln_c_w, *ln_c_b;
+  const void *mask, *zone_h, *zone_c;  // regularisers, nullptr when off
+  int64_t zone_h_step, zone_c_step;
   const int64_t* len;
   bool reverse;
   double eps;
 };
 
 struct LnForwardOut {
-  Tensor out, h_n, c_n, act, hprev, c, xhat, hhat, chat, rstd;
+  Tensor out, h_n, c_n, act, hprev, c, xhat, hhat, chat, rstd, cprev;
 };
 
-template <typename T, int64_t kMode, bool kLen, bool kSave>
+// kState: state dropout, h_{t-1} * mask (B, H) enters the step; kZone: zoneout on h (and c).
+template <typename T, int64_t kMode, bool kLen, bool kSave, bool kState, bool kZone>
 void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
   constexpr bool kLstm = kMode == kLnLstm;
   const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, G = n.G, TB = n.T * n.B;
@@ -338,6 +430,14 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
   T* hhat = kSave ? mptr<T>(r.hhat) : nullptr;
   T* chat = kSave && kLstm ? mptr<T>(r.chat) : nullptr;
   T* rstd = kSave ? mptr<T>(r.rstd) : nullptr;
+  T* cp = kSave && kLstm && kZone ? mptr<T>(r.cprev) : nullptr;
+  const T* mask = static_cast<const T*>(in.mask);      // (B, H) with kState
+  const T* zone_h = static_cast<const T*>(in.zone_h);  // (T, B, H) or (H) with kZone
+  const T* zone_c = static_cast<const T*>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
+  // cn_t (B, H): the new cell states before zoneout, when they are not saved
+  constexpr bool kScratch = kLstm && kZone && !kSave;
+  Tensor cn_t = kScratch ? at::empty({B, H}, opts) : Tensor();
+  T* cn_scratch = kScratch ? cn_t.mutable_data_ptr<T>() : nullptr;
 
   // xhat (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once, then, row
   // by row, normalised in place (the saved xhat, when saving). Padded rows are set to 0.
@@ -366,19 +466,33 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
   const PackedB<T> hh(true, B, G, H, w_hh, H);  // op(B) = w_hh^T (H, G)
   // With lengths, the recurrent GEMM runs over the A sequences still active at this step only:
   // rows[k] (k < A) is the batch index of the k-th active one and hc (A, H) gathers their states.
+  // With state dropout, hc (A, H) holds the masked states entering the step.
   std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
-  Tensor hc_t = kLen ? at::empty({B, H}, opts) : Tensor();
-  T* hc = kLen ? hc_t.mutable_data_ptr<T>() : nullptr;
+  Tensor hc_t = kLen || kState ? at::empty({B, H}, opts) : Tensor();
+  T* hc = kLen || kState ? hc_t.mutable_data_ptr<T>() : nullptr;
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = 0; s < steps; ++s) {
     if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
     const int64_t A = static_cast<int64_t>(rows.size());
-    if (!kLen || A == B) {
-      // hw (B, G) = h (B, H) . w_hh^T
-      hh.run(h, H, T(0), hw, G);
+    const bool gathered = kState || (kLen && A < B);
+    if (gathered) {
+      for (int64_t k = 0; k < A; ++k) {
+        const T* h_row = h + rows[k] * H;
+        T* hc_row = hc + k * H;
+        if constexpr (kState) {
+          const T* m = mask + rows[k] * H;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) hc_row[j] = h_row[j] * m[j];
+        } else {
+          std::copy(h_row, h_row + H, hc_row);
+        }
+      }
+    }
+    if (A == B) {
+      // hw (B, G) = h or hc (B, H) . w_hh^T
+      hh.run(gathered ? hc : h, H, T(0), hw, G);
     } else {
       // hw (A, G) = hc (A, H) . w_hh^T
-      for (int64_t k = 0; k < A; ++k) std::copy(h + rows[k] * H, h + rows[k] * H + H, hc + k * H);
       gemm<T>(false, true, A, G, H, T(1), hc, H, w_hh, H, T(0), hw, G);
     }
     at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
@@ -386,18 +500,24 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
         const int64_t b = rows[k];
         const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
         const int64_t row = t * B + b;
-        if constexpr (kSave) std::copy(h + b * H, h + b * H + H, hprev + row * H);
+        const T* hin = kState ? hc + k * H : h + b * H;  // the state entering the step
+        if constexpr (kSave) std::copy(hin, hin + H, hprev + row * H);
         T* a = kSave ? act + row * 4 * H : nullptr;
         T* hhat_row = kSave ? hhat + row * G : nullptr;
         T* rs = kSave ? rstd + row * kStats : nullptr;
+        const T* keep_h = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
         if constexpr (kLstm) {
-          ln_lstm_row_forward<T, kSave>(H, eps, xhat + row * G, wx, xbias, hw + k * G, wh, wc,
-                                        bc, c + b * H, h + b * H, out + row * H, a,
-                                        kSave ? cs + row * H : nullptr, hhat_row,
-                                        kSave ? chat + row * H : nullptr, rs);
+          const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
+          T* cs_row = kSave ? cs + row * H : nullptr;
+          T* cn = !kZone ? c + b * H : kSave ? cs_row : cn_scratch + b * H;
+          ln_lstm_row_forward<T, kSave, kZone>(
+              H, eps, xhat + row * G, wx, xbias, hw + k * G, wh, wc, bc, keep_h, keep_c, c + b * H,
+              cn, h + b * H, out + row * H, a, cs_row, kSave && kZone ? cp + row * H : nullptr,
+              hhat_row, kSave ? chat + row * H : nullptr, rs);
         } else {
-          ln_gru_row_forward<T, kSave>(H, eps, xhat + row * G, wx, xbias, hw + k * G, wh, hbias,
-                                       h + b * H, out + row * H, a, hhat_row, rs);
+          ln_gru_row_forward<T, kSave, kZone>(H, eps, xhat + row * G, wx, xbias, hw + k * G, wh,
+                                              hbias, hin, keep_h, h + b * H, out + row * H, a,
+                                              hhat_row, rs);
         }
       }
     });
@@ -405,21 +525,18 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
 }
 
 template <typename T, int64_t kMode>
-void ln_forward_variant(bool has_len, bool save, const Shape& n, const LnForwardIn& in,
-                        LnForwardOut& r) {
-  if (has_len) {
-    if (save) {
-      ln_forward_impl<T, kMode, true, true>(n, in, r);
-    } else {
-      ln_forward_impl<T, kMode, true, false>(n, in, r);
-    }
-  } else {
-    if (save) {
-      ln_forward_impl<T, kMode, false, true>(n, in, r);
-    } else {
-      ln_forward_impl<T, kMode, false, false>(n, in, r);
-    }
-  }
+void ln_forward_variant(bool has_len, bool save, bool state, bool zone, const Shape& n,
+                        const LnForwardIn& in, LnForwardOut& r) {
+  with_bool(has_len, [&](auto len) {
+    with_bool(save, [&](auto sv) {
+      with_bool(state, [&](auto st) {
+        with_bool(zone, [&](auto zn) {
+          ln_forward_impl<T, kMode, decltype(len)::value, decltype(sv)::value,
+                          decltype(st)::value, decltype(zn)::value>(n, in, r);
+        });
+      });
+    });
+  });
 }
 
 void check_ln_mode(int64_t mode) {
@@ -446,7 +563,8 @@ std::vector<Tensor> layernorm_forward(
     const Tensor& ln_ih_w_, const Tensor& ln_ih_b_, const Tensor& ln_hh_w_,
     const Tensor& ln_hh_b_, const std::optional<Tensor>& ln_c_w_,
     const std::optional<Tensor>& ln_c_b_, const std::optional<Tensor>& lengths_, double eps,
-    int64_t mode, bool reverse, bool save) {
+    int64_t mode, bool reverse, bool save, const std::optional<Tensor>& state_mask,
+    const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c) {
   check_ln_mode(mode);
   const bool lstm = mode == kLnLstm;
   TORCH_CHECK(x_.dim() == 3, "x has shape ", x_.sizes(), "; expected (T, B, I)");
@@ -496,6 +614,8 @@ std::vector<Tensor> layernorm_forward(
                    {"ln_hh_w", &ln_hh_w}, {"ln_hh_b", &ln_hh_b}, {"ln_c_w", &ln_c_w},
                    {"ln_c_b", &ln_c_b}});
   const bool has_len = lengths.defined();
+  const LnRegularisers reg(state_mask, zone_h, zone_c, lstm, n, x);
+  const bool zone = reg.zone_h.defined();
 
   auto opts = x.options();
   LnForwardOut r;
@@ -514,6 +634,7 @@ std::vector<Tensor> layernorm_forward(
   r.hhat = saved(n.G, true);
   r.chat = saved(n.H, lstm);
   r.rstd = saved(kStats, true);
+  r.cprev = saved(n.H, lstm && zone);
 
   // Biases as the passes add them: the LSTM adds every bias on the input side; the GRU keeps the
   // recurrent ones apart, since its reset gate scales the recurrent side of n.
@@ -537,16 +658,22 @@ std::vector<Tensor> layernorm_forward(
   in.ln_hh_w = ln_hh_w.const_data_ptr();
   in.ln_c_w = lstm ? ln_c_w.const_data_ptr() : nullptr;
   in.ln_c_b = lstm ? ln_c_b.const_data_ptr() : nullptr;
+  in.mask = LnRegularisers::ptr(reg.mask);
+  in.zone_h = LnRegularisers::ptr(reg.zone_h);
+  in.zone_c = LnRegularisers::ptr(reg.zone_c);
+  in.zone_h_step = reg.zone_h_step;
+  in.zone_c_step = reg.zone_c_step;
+  const bool state = reg.mask.defined();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layernorm_forward", [&] {
     using T = scalar_t;
     if (lstm) {
-      ln_forward_variant<T, kLnLstm>(has_len, save, n, in, r);
+      ln_forward_variant<T, kLnLstm>(has_len, save, state, zone, n, in, r);
     } else {
-      ln_forward_variant<T, kLnGru>(has_len, save, n, in, r);
+      ln_forward_variant<T, kLnGru>(has_len, save, state, zone, n, in, r);
     }
   });
-  return {r.out, r.h_n, r.c_n, r.act, r.hprev, r.c, r.xhat, r.hhat, r.chat, r.rstd};
+  return {r.out, r.h_n, r.c_n, r.act, r.hprev, r.c, r.xhat, r.hhat, r.chat, r.rstd, r.cprev};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -554,7 +681,9 @@ std::vector<Tensor> layernorm_forward(
 
 struct LnBackwardIn {
   const void *gout, *x, *c0, *w_ih, *w_hh, *ln_ih_w, *ln_hh_w, *ln_c_w, *ln_c_b;
-  const void *act, *hprev, *cs, *xhat, *hhat, *chat, *rstd;
+  const void *act, *hprev, *cs, *xhat, *hhat, *chat, *rstd, *cprev;
+  const void *mask, *zone_h, *zone_c;  // regularisers, nullptr when off
+  int64_t zone_h_step, zone_c_step;
   const int64_t* len;
   bool reverse, need_dx, has_bias;
 };
@@ -564,7 +693,7 @@ struct LnBackwardOut {
       dln_c_w, dln_c_b;
 };
 
-template <typename T, int64_t kMode, bool kLen>
+template <typename T, int64_t kMode, bool kLen, bool kState, bool kZone>
 void ln_backward_impl(const Shape& n, const LnBackwardIn& in, LnBackwardOut& r) {
   constexpr bool kLstm = kMode == kLnLstm;
   const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, G = n.G, TB = n.T * n.B;
@@ -587,6 +716,13 @@ void ln_backward_impl(const Shape& n, const LnBackwardIn& in, LnBackwardOut& r) 
   const T* hhat = static_cast<const T*>(in.hhat);
   const T* chat = static_cast<const T*>(in.chat);
   const T* rstd = static_cast<const T*>(in.rstd);
+  const T* cprev_saved = static_cast<const T*>(in.cprev);  // (T, B, H), LSTM with kZone
+  const T* mask = static_cast<const T*>(in.mask);          // (B, H) with kState
+  const T* zone_h = static_cast<const T*>(in.zone_h);      // (T, B, H) or (H) with kZone
+  const T* zone_c = static_cast<const T*>(in.zone_c);      // (T, B, H) or (H), LSTM with kZone
+  // dhz (B, H): the part of dh_{t-1} that zoneout carries past the step [kZone]
+  Tensor dhz_t = kZone ? at::empty({B, H}, opts) : Tensor();
+  T* dhz = kZone ? dhz_t.mutable_data_ptr<T>() : nullptr;
 
   // The carried gradients: dh (B, H) reaching h_s from later steps, dc (B, H) reaching c_s.
   T* dh = r.dh0.mutable_data_ptr<T>();
@@ -629,20 +765,27 @@ void ln_backward_impl(const Shape& n, const LnBackwardIn& in, LnBackwardOut& r) 
         const int64_t row = t * B + b;
         const T* go = gout ? gout + row * H : zero;
         T* dhw_row = kLen ? dhs + k * G : dhw + row * G;
+        const T* keep_h = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
+        T* dhz_row = kZone ? dhz + b * H : nullptr;
         if constexpr (kLstm) {
-          // c_{t-1}: the cell state one step earlier in reading order, c0 at the first step.
+          // c_{t-1}: the cell state one step earlier in reading order, c0 at the first step
+          // (with zoneout, as saved: the new cell state of the step before is not it).
           const int64_t prev = reverse ? t + 1 : t - 1;
-          const T* cprev = s == 0 ? c0 + b * H : cs + (prev * B + b) * H;
+          const T* cprev = kZone   ? cprev_saved + row * H
+                           : s == 0 ? c0 + b * H
+                                    : cs + (prev * B + b) * H;
+          const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
           T* dh_row = dh + b * H;
           for (int64_t j = 0; j < H; ++j) dh_row[j] += go[j];
-          ln_lstm_row_backward<T>(H, act + row * 4 * H, cprev, chat + row * H, hhat + row * G,
-                                  rstd + row * kStats, wh, wc, bc, dh_row, dc + b * H,
-                                  dxl + row * G, dcl + row * H, dhw_row);
+          ln_lstm_row_backward<T, kZone>(H, act + row * 4 * H, cprev, chat + row * H,
+                                         hhat + row * G, rstd + row * kStats, wh, wc, bc, keep_h,
+                                         keep_c, dh_row, dc + b * H, dxl + row * G,
+                                         dcl + row * H, dhw_row, dhz_row);
           std::fill(dh_row, dh_row + H, T(0));
         } else {
-          ln_gru_row_backward<T>(H, act + row * 4 * H, hprev + row * H, hhat + row * G,
-                                 rstd + row * kStats, wh, go, dh + b * H, dxl + row * G,
-                                 dhl + row * G, dhw_row);
+          ln_gru_row_backward<T, kZone>(H, act + row * 4 * H, hprev + row * H, hhat + row * G,
+                                        rstd + row * kStats, wh, keep_h, go, dh + b * H,
+                                        dxl + row * G, dhl + row * G, dhw_row, dhz_row);
         }
         if (kLen) std::copy(dhw_row, dhw_row + G, dhw + row * G);
       }
@@ -661,6 +804,21 @@ void ln_backward_impl(const Shape& n, const LnBackwardIn& in, LnBackwardOut& r) 
     } else {
       // dh (B, H) += dhw (B, G) . w_hh (G, H), the rows of time t = s (T - 1 - s in reverse)
       hh.run(dhw + (reverse ? T_ - 1 - s : s) * B * G, G, T(1), dh, H);
+    }
+    if constexpr (kState || kZone) {
+      // dh now holds the gradient of the state entering the step: through the state dropout
+      // mask to h_{t-1}, plus what zoneout carried past the step.
+      for (int64_t k = 0; k < A; ++k) {
+        const int64_t b = rows[k];
+        T* dh_row = dh + b * H;
+        const T* m = kState ? mask + b * H : nullptr;
+        const T* dz = kZone ? dhz + b * H : nullptr;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          const T dhin = kState ? dh_row[j] * m[j] : dh_row[j];
+          dh_row[j] = kZone ? dhin + dz[j] : dhin;
+        }
+      }
     }
   }
 
@@ -706,7 +864,9 @@ std::vector<Tensor> layernorm_backward(
     const std::optional<Tensor>& ln_c_w_, const std::optional<Tensor>& ln_c_b_,
     const std::optional<Tensor>& lengths_, const Tensor& act_, const Tensor& hprev_,
     const Tensor& c_, const Tensor& xhat_, const Tensor& hhat_, const Tensor& chat_,
-    const Tensor& rstd_, int64_t mode, bool reverse, bool has_bias, bool need_dx) {
+    const Tensor& rstd_, int64_t mode, bool reverse, bool has_bias, bool need_dx,
+    const std::optional<Tensor>& state_mask, const std::optional<Tensor>& zone_h,
+    const std::optional<Tensor>& zone_c, const std::optional<Tensor>& cprev_) {
   check_ln_mode(mode);
   const bool lstm = mode == kLnLstm;
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
@@ -738,6 +898,11 @@ std::vector<Tensor> layernorm_backward(
                         ln_c_w.defined() && ln_c_b.defined()),
               "layernorm_backward: the LayerNorm LSTM needs c0, ln_c_w, ln_c_b and the saved c "
               "and chat");
+  const LnRegularisers reg(state_mask, zone_h, zone_c, lstm, n, x);
+  const bool zone = reg.zone_h.defined(), state = reg.mask.defined();
+  const Tensor cprev = contiguous_or_empty(cprev_);
+  TORCH_CHECK(!lstm || !zone || (cprev.defined() && cprev.numel() == TB * n.H),
+              "layernorm_backward: zoneout on the LayerNorm LSTM needs the saved cprev");
   check_lengths(lengths, n.B, n.T);
   check_dtypes(x, {{"grad_out", &gout}, {"grad_hn", &ghn}, {"grad_cn", &gcn}, {"c0", &c0},
                    {"w_ih", &w_ih}, {"w_hh", &w_hh}, {"ln_ih_w", &ln_ih_w}, {"ln_hh_w", &ln_hh_w},
@@ -784,23 +949,28 @@ std::vector<Tensor> layernorm_backward(
   in.hhat = raw(hhat);
   in.chat = raw(chat);
   in.rstd = raw(rstd);
+  in.cprev = raw(cprev);
+  in.mask = LnRegularisers::ptr(reg.mask);
+  in.zone_h = LnRegularisers::ptr(reg.zone_h);
+  in.zone_c = LnRegularisers::ptr(reg.zone_c);
+  in.zone_h_step = reg.zone_h_step;
+  in.zone_c_step = reg.zone_c_step;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layernorm_backward", [&] {
     using T = scalar_t;
-    const bool has_len = lengths.defined();
-    if (lstm) {
-      if (has_len) {
-        ln_backward_impl<T, kLnLstm, true>(n, in, r);
-      } else {
-        ln_backward_impl<T, kLnLstm, false>(n, in, r);
-      }
-    } else {
-      if (has_len) {
-        ln_backward_impl<T, kLnGru, true>(n, in, r);
-      } else {
-        ln_backward_impl<T, kLnGru, false>(n, in, r);
-      }
-    }
+    with_bool(lengths.defined(), [&](auto len) {
+      with_bool(state, [&](auto st) {
+        with_bool(zone, [&](auto zn) {
+          constexpr bool kLen = decltype(len)::value, kSt = decltype(st)::value;
+          constexpr bool kZn = decltype(zn)::value;
+          if (lstm) {
+            ln_backward_impl<T, kLnLstm, kLen, kSt, kZn>(n, in, r);
+          } else {
+            ln_backward_impl<T, kLnGru, kLen, kSt, kZn>(n, in, r);
+          }
+        });
+      });
+    });
   });
   return {r.dx,       r.dh0,      r.dc0,      r.dw_ih,    r.dw_hh,   r.db_ih,  r.db_hh,
           r.dln_ih_w, r.dln_ih_b, r.dln_hh_w, r.dln_hh_b, r.dln_c_w, r.dln_c_b};
@@ -815,13 +985,15 @@ TORCH_LIBRARY_FRAGMENT(rnnkit_cpu, m) {
       "layernorm_forward(Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor ln_ih_w, Tensor ln_ih_b, Tensor ln_hh_w, "
       "Tensor ln_hh_b, Tensor? ln_c_w, Tensor? ln_c_b, Tensor? lengths, float eps, int mode, "
-      "bool reverse, bool save) -> Tensor[]");
+      "bool reverse, bool save, Tensor? state_mask=None, Tensor? zone_h=None, "
+      "Tensor? zone_c=None) -> Tensor[]");
   m.def(
       "layernorm_backward(Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, Tensor x, "
       "Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor ln_ih_w, Tensor ln_hh_w, Tensor? ln_c_w, "
       "Tensor? ln_c_b, Tensor? lengths, Tensor act, Tensor hprev, Tensor c, Tensor xhat, "
       "Tensor hhat, Tensor chat, Tensor rstd, int mode, bool reverse, bool has_bias, "
-      "bool need_dx) -> Tensor[]");
+      "bool need_dx, Tensor? state_mask=None, Tensor? zone_h=None, Tensor? zone_c=None, "
+      "Tensor? cprev=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {
