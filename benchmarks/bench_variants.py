@@ -54,6 +54,8 @@ CASES: dict[str, tuple[type, type, dict[str, Any]]] = {
     "all-lstm": (rnnkit.LSTMCell, rnnkit.LSTMCell, _ALL),
     "all-gru": (rnnkit.GRUCell, rnnkit.GRUCell, _ALL),
     "all-peephole": (rnnkit.PeepholeLSTMCell, rnnkit.LSTMCell, _ALL),
+    "all-layernorm-lstm": (rnnkit.LayerNormLSTMCell, rnnkit.LSTMCell, _ALL),
+    "all-layernorm-gru": (rnnkit.LayerNormGRUCell, rnnkit.GRUCell, _ALL),
 }
 
 _CLOCK: Callable[[], float] = time.perf_counter
