@@ -280,10 +280,12 @@ def test_plain_lstm_runs_when_forced_and_names_where_onednn_is_as_fast():
 def test_declines_what_it_cannot_run():
     backend = rnnkit.backends.cpu.CpuBackend()
     assert "custom cell" in backend.check(rnnkit.backends.Request(mode=None))
-    ln_zoneout = rnnkit.backends.Request(mode="lstm_layernorm", zoneout=True)
-    assert "LayerNorm kernels have no zoneout" in backend.check(ln_zoneout)
-    for flag in ("zoneout", "state_dropout", "variational", "gates"):
-        assert backend.check(rnnkit.backends.Request(mode="gru", **{flag: True})) is None
+    for mode in ("gru", "lstm_peephole", "lstm_layernorm", "gru_layernorm"):
+        for flag in ("zoneout", "state_dropout", "variational", "gates"):
+            assert backend.check(rnnkit.backends.Request(mode=mode, **{flag: True})) is None
+    assert "cuda" in backend.check(
+        rnnkit.backends.Request(mode="gru_layernorm", device_type="cuda")
+    )
     assert "bfloat16" in backend.check(rnnkit.backends.Request(mode="lstm", dtype=torch.bfloat16))
     assert "cuda" in backend.check(rnnkit.backends.Request(mode="gru", device_type="cuda"))
 
