@@ -241,5 +241,49 @@ void check_lengths(const Tensor& lengths, int64_t B, int64_t T) {
                 T);
 }
 
+// The state dropout and zoneout tensors of one call (each undefined when off), checked against
+// the layer's shapes: state_mask (B, P); zone_h (T, B, P) per step in training or (P) keep
+// probabilities in eval; zone_c likewise with H, for an LSTM only.
+struct Regularisers {
+  Tensor mask, zone_h, zone_c;
+  int64_t zone_h_step = 0, zone_c_step = 0;
+
+  Regularisers(const std::optional<Tensor>& mask_, const std::optional<Tensor>& zone_h_,
+               const std::optional<Tensor>& zone_c_, bool lstm, const Shape& n, const Tensor& x)
+      : mask(contiguous_or_empty(mask_)),
+        zone_h(contiguous_or_empty(zone_h_)),
+        zone_c(contiguous_or_empty(zone_c_)) {
+    if (mask.defined()) {
+      TORCH_CHECK(mask.dim() == 2 && mask.size(0) == n.B && mask.size(1) == n.P &&
+                      mask.scalar_type() == x.scalar_type(),
+                  "state_mask has shape ", mask.sizes(), " and dtype ", mask.scalar_type(),
+                  "; expected (B, P) = (", n.B, ", ", n.P, ") ", x.scalar_type());
+    }
+    TORCH_CHECK(!zone_c.defined() || (lstm && zone_h.defined()),
+                "zone_c: expected only for an LSTM, together with zone_h");
+    TORCH_CHECK(!zone_h.defined() || !lstm || zone_c.defined(),
+                "zoneout on an LSTM needs zone_c as well as zone_h");
+    zone_h_step = check_zone("zone_h", zone_h, n.P, n, x);
+    zone_c_step = check_zone("zone_c", zone_c, n.H, n, x);
+  }
+
+  static int64_t check_zone(const char* name, const Tensor& z, int64_t width, const Shape& n,
+                            const Tensor& x) {
+    if (!z.defined()) return 0;
+    const bool per_step = z.dim() == 3 && z.size(0) == n.T && z.size(1) == n.B;
+    TORCH_CHECK((per_step || z.dim() == 1) && z.size(-1) == width &&
+                    z.scalar_type() == x.scalar_type(),
+                name, " has shape ", z.sizes(), " and dtype ", z.scalar_type(), "; expected (T, B, ",
+                width, ") = (", n.T, ", ", n.B, ", ", width, ") or (", width, ") ",
+                x.scalar_type());
+    return per_step ? width : 0;
+  }
+};
+
+// The data of an optional tensor, or nullptr when it is undefined or empty.
+inline const void* raw_ptr(const Tensor& t) {
+  return t.defined() && t.numel() ? t.const_data_ptr() : nullptr;
+}
+
 }  // namespace
 }  // namespace rnnkit

@@ -350,44 +350,6 @@ inline const T* keep_row(const T* zone, int64_t step, int64_t row) {
   return zone + row * step;
 }
 
-// The regularisers' tensors of one call (each undefined when off), checked against the shapes.
-struct LnRegularisers {
-  Tensor mask, zone_h, zone_c;
-  int64_t zone_h_step = 0, zone_c_step = 0;
-
-  LnRegularisers(const std::optional<Tensor>& mask_, const std::optional<Tensor>& zone_h_,
-                 const std::optional<Tensor>& zone_c_, bool lstm, const Shape& n,
-                 const Tensor& x)
-      : mask(contiguous_or_empty(mask_)),
-        zone_h(contiguous_or_empty(zone_h_)),
-        zone_c(contiguous_or_empty(zone_c_)) {
-    if (mask.defined()) {
-      TORCH_CHECK(mask.dim() == 2 && mask.size(0) == n.B && mask.size(1) == n.H &&
-                      mask.scalar_type() == x.scalar_type(),
-                  "state_mask has shape ", mask.sizes(), " and dtype ", mask.scalar_type(),
-                  "; expected (B, H) = (", n.B, ", ", n.H, ") ", x.scalar_type());
-    }
-    TORCH_CHECK(!zone_c.defined() || (lstm && zone_h.defined()),
-                "zone_c: expected only for the LayerNorm LSTM, with zone_h");
-    TORCH_CHECK(!zone_h.defined() || !lstm || zone_c.defined(),
-                "zoneout on the LayerNorm LSTM needs zone_c as well as zone_h");
-    zone_h_step = check_zone("zone_h", zone_h, n, x);
-    zone_c_step = check_zone("zone_c", zone_c, n, x);
-  }
-
-  static int64_t check_zone(const char* name, const Tensor& z, const Shape& n, const Tensor& x) {
-    if (!z.defined()) return 0;
-    const bool per_step = z.dim() == 3 && z.size(0) == n.T && z.size(1) == n.B;
-    TORCH_CHECK((per_step || z.dim() == 1) && z.size(-1) == n.H &&
-                    z.scalar_type() == x.scalar_type(),
-                name, " has shape ", z.sizes(), " and dtype ", z.scalar_type(),
-                "; expected (T, B, H) = (", n.T, ", ", n.B, ", ", n.H, ") or (", n.H, ") ",
-                x.scalar_type());
-    return per_step ? n.H : 0;
-  }
-
-  static const void* ptr(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-};
 
 struct LnForwardIn {
   const void *x, *w_ih, *w_hh, *xbias, *hbias, *ln_ih_w, *ln_hh_w, *ln_c_w, *ln_c_b;
@@ -614,7 +576,7 @@ std::vector<Tensor> layernorm_forward(
                    {"ln_hh_w", &ln_hh_w}, {"ln_hh_b", &ln_hh_b}, {"ln_c_w", &ln_c_w},
                    {"ln_c_b", &ln_c_b}});
   const bool has_len = lengths.defined();
-  const LnRegularisers reg(state_mask, zone_h, zone_c, lstm, n, x);
+  const Regularisers reg(state_mask, zone_h, zone_c, lstm, n, x);
   const bool zone = reg.zone_h.defined();
 
   auto opts = x.options();
@@ -658,9 +620,9 @@ std::vector<Tensor> layernorm_forward(
   in.ln_hh_w = ln_hh_w.const_data_ptr();
   in.ln_c_w = lstm ? ln_c_w.const_data_ptr() : nullptr;
   in.ln_c_b = lstm ? ln_c_b.const_data_ptr() : nullptr;
-  in.mask = LnRegularisers::ptr(reg.mask);
-  in.zone_h = LnRegularisers::ptr(reg.zone_h);
-  in.zone_c = LnRegularisers::ptr(reg.zone_c);
+  in.mask = raw_ptr(reg.mask);
+  in.zone_h = raw_ptr(reg.zone_h);
+  in.zone_c = raw_ptr(reg.zone_c);
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
   const bool state = reg.mask.defined();
@@ -898,7 +860,7 @@ std::vector<Tensor> layernorm_backward(
                         ln_c_w.defined() && ln_c_b.defined()),
               "layernorm_backward: the LayerNorm LSTM needs c0, ln_c_w, ln_c_b and the saved c "
               "and chat");
-  const LnRegularisers reg(state_mask, zone_h, zone_c, lstm, n, x);
+  const Regularisers reg(state_mask, zone_h, zone_c, lstm, n, x);
   const bool zone = reg.zone_h.defined(), state = reg.mask.defined();
   const Tensor cprev = contiguous_or_empty(cprev_);
   TORCH_CHECK(!lstm || !zone || (cprev.defined() && cprev.numel() == TB * n.H),
@@ -930,29 +892,26 @@ std::vector<Tensor> layernorm_backward(
   in.reverse = reverse;
   in.need_dx = need_dx;
   in.has_bias = has_bias;
-  auto raw = [](const Tensor& t) -> const void* {
-    return t.defined() && t.numel() ? t.const_data_ptr() : nullptr;
-  };
-  in.gout = raw(gout);
-  in.x = raw(x);
-  in.c0 = raw(c0);
-  in.w_ih = raw(w_ih);
-  in.w_hh = raw(w_hh);
-  in.ln_ih_w = raw(ln_ih_w);
-  in.ln_hh_w = raw(ln_hh_w);
-  in.ln_c_w = raw(ln_c_w);
-  in.ln_c_b = raw(ln_c_b);
-  in.act = raw(act);
-  in.hprev = raw(hprev);
-  in.cs = raw(cs);
-  in.xhat = raw(xhat);
-  in.hhat = raw(hhat);
-  in.chat = raw(chat);
-  in.rstd = raw(rstd);
-  in.cprev = raw(cprev);
-  in.mask = LnRegularisers::ptr(reg.mask);
-  in.zone_h = LnRegularisers::ptr(reg.zone_h);
-  in.zone_c = LnRegularisers::ptr(reg.zone_c);
+  in.gout = raw_ptr(gout);
+  in.x = raw_ptr(x);
+  in.c0 = raw_ptr(c0);
+  in.w_ih = raw_ptr(w_ih);
+  in.w_hh = raw_ptr(w_hh);
+  in.ln_ih_w = raw_ptr(ln_ih_w);
+  in.ln_hh_w = raw_ptr(ln_hh_w);
+  in.ln_c_w = raw_ptr(ln_c_w);
+  in.ln_c_b = raw_ptr(ln_c_b);
+  in.act = raw_ptr(act);
+  in.hprev = raw_ptr(hprev);
+  in.cs = raw_ptr(cs);
+  in.xhat = raw_ptr(xhat);
+  in.hhat = raw_ptr(hhat);
+  in.chat = raw_ptr(chat);
+  in.rstd = raw_ptr(rstd);
+  in.cprev = raw_ptr(cprev);
+  in.mask = raw_ptr(reg.mask);
+  in.zone_h = raw_ptr(reg.zone_h);
+  in.zone_c = raw_ptr(reg.zone_c);
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
 

@@ -456,46 +456,10 @@ void check_peep(const Tensor& peep, int64_t mode, int64_t H, const Tensor& x) {
               "; expected (3, H) = (3, ", H, ") ", x.scalar_type(), ": w_ci, w_cf, w_co");
 }
 
-// The regularisers' tensors of one call, checked against the layer's shapes.
-struct Regularisers {
-  Tensor mask, zone_h, zone_c;
-  int64_t zone_h_step = 0, zone_c_step = 0;
-
-  Regularisers(const std::optional<Tensor>& mask_, const std::optional<Tensor>& zone_h_,
-               const std::optional<Tensor>& zone_c_, int64_t mode, const Shape& n,
-               const Tensor& x)
-      : mask(contiguous_or_empty(mask_)),
-        zone_h(contiguous_or_empty(zone_h_)),
-        zone_c(contiguous_or_empty(zone_c_)) {
-    if (mask.defined()) {
-      TORCH_CHECK(mask.dim() == 2 && mask.size(0) == n.B && mask.size(1) == n.P &&
-                      mask.scalar_type() == x.scalar_type(),
-                  "state_mask has shape ", mask.sizes(), " and dtype ", mask.scalar_type(),
-                  "; expected (B, P) = (", n.B, ", ", n.P, ") ", x.scalar_type());
-    }
-    TORCH_CHECK(!zone_c.defined() || zone_h.defined(), "zone_c was given without zone_h");
-    TORCH_CHECK(!zone_h.defined() || mode != kLstm || zone_c.defined(),
-                "zoneout on an LSTM needs zone_c as well as zone_h");
-    zone_h_step = check_zone("zone_h", zone_h, n.P, n, x);
-    zone_c_step = check_zone("zone_c", zone_c, n.H, n, x);
-  }
-
-  static int64_t check_zone(const char* name, const Tensor& z, int64_t width, const Shape& n,
-                            const Tensor& x) {
-    if (!z.defined()) return 0;
-    const bool per_step = z.dim() == 3 && z.size(0) == n.T && z.size(1) == n.B;
-    TORCH_CHECK((per_step || z.dim() == 1) && z.size(-1) == width &&
-                    z.scalar_type() == x.scalar_type(),
-                name, " has shape ", z.sizes(), " and dtype ", z.scalar_type(), "; expected (T, B, ",
-                width, ") = (", n.T, ", ", n.B, ", ", width, ") or (", width, ") ",
-                x.scalar_type());
-    return per_step ? width : 0;
-  }
-
-  int flags() const {
-    return (mask.defined() ? kStateDrop : 0) | (zone_h.defined() ? kZoneout : 0);
-  }
-};
+// Which compile-time regulariser variant a call's masks select.
+int regulariser_flags(const Regularisers& reg) {
+  return (reg.mask.defined() ? kStateDrop : 0) | (reg.zone_h.defined() ? kZoneout : 0);
+}
 
 template <typename T>
 void forward_mode(int64_t mode, int flags, const Shape& n, const ForwardIn& in, ForwardOut& r) {
@@ -556,7 +520,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
               "the LSTM needs c0 of shape (", n.B, ", ", n.H, ")");
   check_lengths(lengths, n.B, n.T);
   check_peep(peep, mode, n.H, x);
-  const Regularisers reg(state_mask, zone_h, zone_c, mode, n, x);
+  const Regularisers reg(state_mask, zone_h, zone_c, mode == kLstm, n, x);
   const bool has_len = lengths.defined();
   const bool zone = reg.zone_h.defined();
   const bool has_peep = peep.defined();
@@ -588,26 +552,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       bias.add_(b_hh);
     }
   }
-  auto raw = [](const Tensor& t) -> const void* {
-    return t.defined() && t.numel() ? t.const_data_ptr() : nullptr;
-  };
   ForwardIn in;
-  in.x = raw(x);
-  in.w_ih = raw(w_ih);
-  in.w_hh = raw(w_hh);
-  in.w_hr = raw(w_hr);
-  in.bias = raw(bias);
-  in.bhn = raw(bhn);
-  in.peep = raw(peep);
-  in.mask = raw(reg.mask);
-  in.zone_h = raw(reg.zone_h);
-  in.zone_c = raw(reg.zone_c);
+  in.x = raw_ptr(x);
+  in.w_ih = raw_ptr(w_ih);
+  in.w_hh = raw_ptr(w_hh);
+  in.w_hr = raw_ptr(w_hr);
+  in.bias = raw_ptr(bias);
+  in.bhn = raw_ptr(bhn);
+  in.peep = raw_ptr(peep);
+  in.mask = raw_ptr(reg.mask);
+  in.zone_h = raw_ptr(reg.zone_h);
+  in.zone_c = raw_ptr(reg.zone_c);
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
   in.len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
   in.reverse = reverse;
   const int flags = (has_len ? kLengths : 0) | (proj ? kProjection : 0) | (save ? kSaving : 0) |
-                    (has_peep ? kPeephole : 0) | reg.flags();
+                    (has_peep ? kPeephole : 0) | regulariser_flags(reg);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layer_forward",
                              [&] { forward_mode<scalar_t>(mode, flags, n, in, r); });
@@ -878,7 +839,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
               "layer_backward: the forward was run without saving for backward");
   check_lengths(lengths, n.B, n.T);
   check_peep(peep, mode, n.H, x);
-  const Regularisers reg(state_mask, zone_h, zone_c, mode, n, x);
+  const Regularisers reg(state_mask, zone_h, zone_c, mode == kLstm, n, x);
   TORCH_CHECK(mode != kLstm || !(reg.zone_h.defined() || peep.defined()) ||
                   (cprev.defined() && cprev.numel() == n.T * n.B * n.H),
               "layer_backward: an LSTM with zoneout or peepholes needs the cprev its forward "
@@ -902,28 +863,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   in.reverse = reverse;
   in.need_dx = need_dx;
   in.has_bias = has_bias;
-  auto raw = [](const Tensor& t) -> const void* {
-    return t.defined() && t.numel() ? t.const_data_ptr() : nullptr;
-  };
-  in.gout = raw(gout);
-  in.x = raw(x);
-  in.c0 = raw(c0);
-  in.w_ih = raw(w_ih);
-  in.w_hh = raw(w_hh);
-  in.w_hr = raw(w_hr);
-  in.act = raw(act);
-  in.hprev = raw(hprev);
-  in.cs = raw(cs);
-  in.hpre = raw(hpre);
-  in.cprev = raw(cprev);
-  in.peep = raw(peep);
-  in.mask = raw(reg.mask);
-  in.zone_h = raw(reg.zone_h);
-  in.zone_c = raw(reg.zone_c);
+  in.gout = raw_ptr(gout);
+  in.x = raw_ptr(x);
+  in.c0 = raw_ptr(c0);
+  in.w_ih = raw_ptr(w_ih);
+  in.w_hh = raw_ptr(w_hh);
+  in.w_hr = raw_ptr(w_hr);
+  in.act = raw_ptr(act);
+  in.hprev = raw_ptr(hprev);
+  in.cs = raw_ptr(cs);
+  in.hpre = raw_ptr(hpre);
+  in.cprev = raw_ptr(cprev);
+  in.peep = raw_ptr(peep);
+  in.mask = raw_ptr(reg.mask);
+  in.zone_h = raw_ptr(reg.zone_h);
+  in.zone_c = raw_ptr(reg.zone_c);
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
   const int flags = (lengths.defined() ? kLengths : 0) | (proj ? kProjection : 0) |
-                    (peep.defined() ? kPeephole : 0) | reg.flags();
+                    (peep.defined() ? kPeephole : 0) | regulariser_flags(reg);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layer_backward",
                              [&] { backward_mode<scalar_t>(mode, flags, n, in, r); });
