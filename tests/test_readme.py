@@ -22,3 +22,13 @@ def test_the_tour_runs(tmp_path, monkeypatch) -> None:
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "forget.png").stat().st_size > 0
+
+
+def test_the_drop_in_example_runs(tmp_path, monkeypatch) -> None:
+    section = README.read_text().split("## Drop-ins for torch.nn", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)  # the example saves gru.pt
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert (tmp_path / "gru.pt").stat().st_size > 0
+    assert type(namespace["model"]).__name__ == "GRU"

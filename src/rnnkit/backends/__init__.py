@@ -127,7 +127,11 @@ _scoped = threading.local()  # use_backend: this thread, within the block (torch
 
 
 def register(backend: Backend) -> None:
-    """Add (or replace) a backend in the dispatch table."""
+    """Add (or replace) a backend in the dispatch table, beside the built-in ones.
+
+    A backend registered under a built-in's name replaces it, whenever it is registered.
+    """
+    _ensure_registered()
     with _lock:
         _registry[backend.name] = backend
 
@@ -196,14 +200,21 @@ def select(request: Request, name: str | None = None) -> tuple[Backend, Choice]:
     raise AssertionError("the reference backend accepts every request")  # pragma: no cover
 
 
+_builtins_registered = False
+
+
 def _ensure_registered() -> None:
-    if _registry:
+    """Add the built-in backends to the table once (importing them builds nothing)."""
+    global _builtins_registered
+    if _builtins_registered:
         return
     from . import cpu, native, reference
 
-    register(reference.ReferenceBackend())
-    register(native.NativeBackend())
-    register(cpu.CpuBackend())
+    with _lock:
+        if not _builtins_registered:
+            for builtin in (reference.ReferenceBackend(), native.NativeBackend(), cpu.CpuBackend()):
+                _registry.setdefault(builtin.name, builtin)
+            _builtins_registered = True
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +14,9 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import backends
 from .. import lengths as L
 from ..cells.base import Cell, State
-from .regularisers import Regularisers
+from .regularisers import PlainPickle, Regularisers
 
-__all__ = ["Recurrent", "prepare", "scan"]
+__all__ = ["Recurrent", "check_dtypes", "prepare", "scan"]
 
 Step = Callable[..., tuple]
 
@@ -145,8 +145,14 @@ def prepare(
     batch_first: bool,
     input_size: int,
     allow_unbatched: bool = False,
+    weights: Iterable[tuple[str, Tensor]] = (),
+    layer: str = "RNN",
 ) -> Prepared:
-    """Validate a layer's input and lengths and bring them to the time-major layout."""
+    """Validate a layer's input and lengths and bring them to the time-major layout.
+
+    ``weights`` (name, tensor) are the layer's parameters that its kernels read in the input's
+    dtype: the input must have their dtype (see :func:`check_dtypes`).
+    """
     packed = None
     if isinstance(x, PackedSequence):
         if lengths is not None:
@@ -160,6 +166,7 @@ def prepare(
         raise TypeError(f"input is a {type(x).__name__}; expected a Tensor or a PackedSequence")
     if not x.is_floating_point():
         raise TypeError(f"input has dtype {x.dtype}; expected a floating-point tensor")
+    given = tuple(x.shape)  # as the caller passed it, for the messages below
     unbatched = allow_unbatched and x.dim() == 2
     if unbatched:
         if lengths is not None:
@@ -175,14 +182,43 @@ def prepare(
         x = x.transpose(0, 1)
     if x.shape[-1] != input_size:
         raise ValueError(
-            f"input has {x.shape[-1]} features (shape {tuple(x.shape)}); expected input_size = "
-            f"{input_size}"
+            f"input has {x.shape[-1]} features (shape {given}); expected input_size = {input_size}"
         )
     if x.shape[0] == 0:
-        raise ValueError(f"input has T = 0 steps (shape {tuple(x.shape)}); expected T >= 1")
+        raise ValueError(f"input has T = 0 steps (shape {given}); expected T >= 1")
+    x = check_dtypes(x, weights, layer)
     if lengths is not None:
         lengths = L.as_lengths(lengths, x.shape[1], x.shape[0], x.device)
     return Prepared(x, lengths, packed, batch_first, unbatched)
+
+
+def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = "RNN") -> Tensor:
+    """The input in the dtype of the layer's weights, or ValueError naming the mismatch.
+
+    Every backend reads the input and the weights as one dtype, so a float64 input to a float32
+    layer (or the reverse) is refused as torch.nn refuses it, before any backend runs; so is a
+    layer whose weights do not share one dtype. Under autocast the input is converted instead,
+    as torch.nn's layers accept it there.
+    """
+    weights = list(weights)
+    if not weights:
+        return x
+    first_name, first = weights[0]
+    for name, w in weights[1:]:
+        if w.dtype != first.dtype:
+            raise ValueError(
+                f"{layer} parameter {name} has dtype {w.dtype}, but {first_name} has "
+                f"{first.dtype}; expected one dtype for every parameter (convert the model with "
+                f"model.to({first.dtype}))"
+            )
+    if x.dtype == first.dtype:
+        return x
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(first.dtype)
+    raise ValueError(
+        f"{layer} input dtype ({x.dtype}) does not match weight dtype ({first.dtype}). Convert "
+        f"input: input.to({first.dtype}), or convert model: model.to({x.dtype})"
+    )
 
 
 def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -192,6 +228,8 @@ def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> 
     if tuple(value.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(value.shape)}; expected {shape}")
     if value.dtype != like.dtype:
+        if value.is_floating_point() and torch.is_autocast_enabled(like.device.type):
+            return value.to(like.dtype)  # as the input was converted (check_dtypes)
         raise TypeError(f"{name} has dtype {value.dtype}; expected {like.dtype} like the input")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}; expected {like.device} like the input")
@@ -204,7 +242,7 @@ def needs_grad(x: Tensor, *tensors: Tensor | None) -> bool:
     return x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
 
 
-class Recurrent(nn.Module):
+class Recurrent(PlainPickle, nn.Module):
     """Run a cell over a sequence: the one time loop of rnnkit.
 
     ``Recurrent(cell, reverse=False, batch_first=False, backend=None, **regularisers)``;
@@ -309,8 +347,16 @@ class Recurrent(nn.Module):
             layer=type(self.cell).__name__,
         )
 
+    def _prepare(self, x: Any, lengths: Any) -> Prepared:
+        # a built-in cell's kernels read its weights in the input's dtype; a custom cell's own
+        # operations check what they need
+        built_in = isinstance(self.cell, Cell) and self.cell.kernel_mode() is not None
+        weights = self.cell.named_parameters() if built_in else ()
+        layer = f"Recurrent({type(self.cell).__name__})"
+        return prepare(x, lengths, self.batch_first, self.input_size, weights=weights, layer=layer)
+
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
-        inp = prepare(x, lengths, self.batch_first, self.input_size)
+        inp = self._prepare(x, lengths)
         return [(type(self.cell).__name__, self._request(inp), self.backend)]
 
     def _check_gates(self) -> tuple[str, ...]:
@@ -331,7 +377,7 @@ class Recurrent(nn.Module):
         return_gates: bool = False,
     ) -> tuple:
         names = self._check_gates() if return_gates else ()
-        inp = prepare(x, lengths, self.batch_first, self.input_size)
+        inp = self._prepare(x, lengths)
         state = self._initial_state(state, inp.x)
         sizes = tuple(s.shape[-1] for s in _states(state))
         weight_hh = self.cell.weight_hh if self.regularisers.weight_drop else None

@@ -17,12 +17,13 @@ so a seed reproduces a run, and every backend sees the same masks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Masks", "Regularisers"]
+__all__ = ["Masks", "PlainPickle", "Regularisers"]
 
 
 def check_probability(name: str, p: object) -> float:
@@ -111,3 +112,23 @@ class Masks:
     output: Tensor | None
     zoneout: tuple[Tensor, ...] | tuple[float, ...] | None
     weight_hh: Tensor | None
+
+
+class PlainPickle:
+    """Mixin of the layers that hold a :class:`Regularisers`: it is pickled as a dict of floats.
+
+    So ``torch.save(model, f)`` loads back with ``torch.load(f)`` (``weights_only=True``) when
+    only the layer's own public class is allowed (``torch.serialization.safe_globals``), as for
+    torch.nn's layers.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        if isinstance(state.get("regularisers"), Regularisers):
+            state["regularisers"] = asdict(state["regularisers"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("regularisers"), dict):
+            state = {**state, "regularisers": Regularisers(**state["regularisers"])}
+        super().__setstate__(state)  # type: ignore[misc]

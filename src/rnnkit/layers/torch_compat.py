@@ -23,13 +23,13 @@ from .. import functional as F
 from ..cells.base import _check_size
 from .bidirectional import merge
 from .recurrent import Prepared, check_state, needs_grad, prepare, scan
-from .regularisers import Regularisers
+from .regularisers import PlainPickle, Regularisers
 from .stacked import check_dropout, dropout
 
 __all__ = ["GRU", "LSTM", "RNN"]
 
 
-class _RNNBase(nn.Module):
+class _RNNBase(PlainPickle, nn.Module):
     def __init__(
         self,
         mode: str,
@@ -199,8 +199,15 @@ class _RNNBase(nn.Module):
             layer=type(self).__name__,
         )
 
+    def _prepare(self, x: Any, lengths: Any) -> Prepared:
+        weights = ((n, getattr(self, n)) for n in self._flat_weights_names)
+        return prepare(
+            x, lengths, self.batch_first, self.input_size, allow_unbatched=True, weights=weights,
+            layer=type(self).__name__,
+        )  # fmt: skip
+
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
-        inp = prepare(x, lengths, self.batch_first, self.input_size, allow_unbatched=True)
+        inp = self._prepare(x, lengths)
         return [(type(self).__name__, self._request(inp), self.backend)]
 
     def _step(self, weights: list[Tensor]) -> Any:
@@ -287,7 +294,7 @@ class _RNNBase(nn.Module):
     ) -> tuple:
         if return_gates and self._mode.startswith("rnn"):
             raise ValueError("return_gates=True, but an Elman RNN has no gates; use LSTM or GRU")
-        inp = prepare(input, lengths, self.batch_first, self.input_size, allow_unbatched=True)
+        inp = self._prepare(input, lengths)
         h0, c0 = self._initial_states(hx, inp)
         weights = self._flat_weights
         masks = self._masks(inp.x, h0.shape[-1], weights)

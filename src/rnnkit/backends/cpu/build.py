@@ -1,20 +1,33 @@
 """Build and load the C++ kernels at first use (never at import).
 
-The shared library is compiled with ``torch.utils.cpp_extension`` into a cache directory keyed by
-a hash of the sources, the compiler flags and the torch version (``$RNNKIT_CACHE`` or
-``~/.cache/rnnkit``), so later processes load it without compiling. A file lock keeps two
-processes from building at once; one line on stderr says that a build is happening. Without a
-compiler, or if the build fails, one warning is issued and :func:`unavailable` returns the reason,
-so the dispatch falls back to another backend.
+The shared library is compiled with ``torch.utils.cpp_extension`` into a cache directory
+(``$RNNKIT_CACHE`` or ``~/.cache/rnnkit``) keyed by everything that decides the machine code: a
+hash of the sources and flags, the torch and Python versions, the compiler's identity and the
+instruction set ``-march=native`` means on this machine (so a home directory shared by two CPU
+generations keeps one build per generation). One line on stderr says that a build is happening.
+
+The cache cannot crash the process:
+
+* a build is compiled aside (a private temporary directory) and moved into place with a rename,
+  under a file lock that keeps two processes from building at once;
+* a checksum is written beside the library only after it has loaded once; before loading, the
+  library is checked against it (and, without one, checked to be a complete ELF file), so a
+  truncated or damaged file is never mapped;
+* when a check or the load fails, the library is rebuilt once; if that fails too, one warning is
+  issued and :func:`unavailable` returns the reason, so the dispatch falls back to another backend.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
+import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -22,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "unavailable"]
+__all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "library_path", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = (_HERE / "rnn_kernels.cpp", _HERE / "layernorm_kernels.cpp")
@@ -42,6 +55,36 @@ _loaded = False
 _failure: str | None = None  # why the kernels cannot be used, once a build was tried
 
 
+class CacheError(RuntimeError):
+    """A library in the cache failed its checks or its load."""
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx.split()[0]) if cxx else None
+
+
+@functools.cache
+def _toolchain() -> str:
+    """The compiler's identity and what ``-march=native`` expands to here (its target ISA)."""
+    cxx = os.environ.get("CXX", "c++").split()
+    parts = []
+    for args in (["--version"], ["-march=native", "-###", "-x", "c++", "-c", os.devnull]):
+        try:
+            run = subprocess.run(
+                [*cxx, *args], capture_output=True, text=True, timeout=60, check=False
+            )
+            parts.append(run.stdout + run.stderr)
+        except (OSError, subprocess.SubprocessError) as e:
+            parts.append(f"unavailable: {e}")
+    # the expansion names the temporary files it would write: keep only the target options
+    words = parts[1].replace('"', " ").split()
+    target = [w for w in words if w.startswith(("-m", "--param", "-target"))] + [
+        w for k, w in enumerate(words[1:]) if words[k] in ("-target-cpu", "-target-feature")
+    ]
+    return parts[0] + "\n" + " ".join(target)
+
+
 def _key() -> str:
     h = hashlib.sha256()
     for src in SOURCES + HEADERS:
@@ -49,6 +92,7 @@ def _key() -> str:
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
+    h.update(_toolchain().encode())
     return h.hexdigest()[:16]
 
 
@@ -60,11 +104,73 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def library_path() -> Path:
+    """Where this machine's build of the kernels lives in the cache (it may not exist yet)."""
+    name = f"rnnkit_cpu_{_key()}"
+    return cache_dir() / name / f"{name}.so"
+
+
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _elf_complete(path: Path) -> bool:
+    """Whether ``path`` is a 64-bit little-endian ELF file holding every byte its headers name
+    (a truncated library maps pages past its end, and touching them kills the process)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return False
+            phoff, shoff = struct.unpack_from("<QQ", head, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 54)
+            end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+            if end > size:
+                return False
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            if len(table) < phentsize * phnum:
+                return False
+            for k in range(phnum):  # each segment: p_offset at byte 8, p_filesz at byte 32
+                offset = struct.unpack_from("<Q", table, k * phentsize + 8)[0]
+                filesz = struct.unpack_from("<Q", table, k * phentsize + 32)[0]
+                end = max(end, offset + filesz)
+        return end <= size
+    except OSError:
+        return False
+
+
+def _verified(library: Path) -> bool:
+    """The library exists and matches the checksum written after it first loaded."""
+    checksum = _checksum_path(library)
+    if not (library.is_file() and checksum.is_file()):
+        return False
+    try:
+        return checksum.read_text().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
+def _discard(library: Path) -> None:
+    for path in (_checksum_path(library), library):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: cpp_extension's own baton still applies
+    except ImportError:  # pragma: no cover - not POSIX: builds are not serialised
         yield
         return
     with open(path, "w") as f:
@@ -75,40 +181,70 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _compiler() -> str | None:
-    cxx = os.environ.get("CXX", "c++")
-    return shutil.which(cxx.split()[0]) if cxx else None
+def _compile(directory: Path, name: str) -> Path:
+    """Compile the kernels in a private directory under ``directory`` and load them into this
+    process (cpp_extension does both); returns the library, moved beside its final place."""
+    from torch.utils import cpp_extension
+
+    with tempfile.TemporaryDirectory(prefix="build-", dir=directory) as tmp:
+        cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=tmp,
+            is_python_module=False,
+            verbose=False,
+        )
+        # cpp_extension renames a second build of one name in a process (name_v1.so)
+        built = max(Path(tmp).glob(f"{name}*.so"), key=lambda p: p.stat().st_mtime)
+        staged = directory / f".{name}.{os.getpid()}.so"
+        shutil.move(str(built), staged)
+    return staged
+
+
+def _load(library: Path) -> None:
+    if not _elf_complete(library):
+        raise CacheError(f"{library} is not a complete shared library")
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as e:
+        raise CacheError(f"{library} failed to load: {e}") from None
 
 
 def _build() -> None:
-    from torch.utils import cpp_extension
-
-    name = f"rnnkit_cpu_{_key()}"
-    directory = cache_dir() / name
-    library = directory / f"{name}.so"
-    if not library.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        with _file_lock(directory / "build.lock"):
-            if not library.exists():  # another process may have built it while we waited
-                # Under our lock no one else builds here: a baton left by a build that was killed
-                # would make cpp_extension wait forever.
-                (directory / "lock").unlink(missing_ok=True)
-                print(
-                    f"rnnkit: building the C++ CPU kernels (first use, cached in {directory})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                cpp_extension.load(
-                    name=name,
-                    sources=[str(s) for s in SOURCES],
-                    extra_cflags=list(_CFLAGS),
-                    extra_ldflags=list(_LDFLAGS),
-                    build_directory=str(directory),
-                    is_python_module=False,
-                    verbose=False,
-                )
+    """Load the cached library if it passes its checks; else build, install and load it."""
+    library = library_path()
+    with contextlib.suppress(CacheError):
+        if _verified(library):
+            _load(library)
+            return
+    directory = library.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    with _file_lock(directory / "build.lock"):
+        with contextlib.suppress(CacheError):
+            if _verified(library):  # another process built it while we waited
+                _load(library)
                 return
-    torch.ops.load_library(str(library))
+        stale = library.exists()
+        _discard(library)
+        print(
+            f"rnnkit: building the C++ CPU kernels (first use, cached in {directory})"
+            if not stale
+            else f"rnnkit: rebuilding the C++ CPU kernels (the cached library in {directory} "
+            "failed its checks)",
+            file=sys.stderr,
+            flush=True,
+        )
+        staged = _compile(directory, library.stem)
+        try:
+            if not _elf_complete(staged):
+                raise CacheError(f"the build left an incomplete library ({staged})")
+            os.replace(staged, library)  # atomic: others see all of it or nothing
+        finally:
+            staged.unlink(missing_ok=True)
+        # it loaded (in _compile): only now is it known good
+        _checksum_path(library).write_text(_sha256(library) + "\n")
 
 
 def unavailable() -> str | None:

@@ -352,8 +352,8 @@ inline const T* keep_row(const T* zone, int64_t step, int64_t row) {
 
 
 struct LnForwardIn {
-  const void *x, *w_ih, *w_hh, *xbias, *hbias, *ln_ih_w, *ln_hh_w, *ln_c_w, *ln_c_b;
-  const void *mask, *zone_h, *zone_c;  // regularisers, nullptr when off
+  Tensor x, w_ih, w_hh, xbias, hbias, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b;
+  Tensor mask, zone_h, zone_c;  // regularisers, undefined when off
   int64_t zone_h_step, zone_c_step;
   const int64_t* len;
   bool reverse;
@@ -372,15 +372,15 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
   const bool reverse = in.reverse;
   const int64_t* len = in.len;
   const T eps = static_cast<T>(in.eps);
-  const T* x = static_cast<const T*>(in.x);
-  const T* w_ih = static_cast<const T*>(in.w_ih);
-  const T* w_hh = static_cast<const T*>(in.w_hh);
-  const T* xbias = static_cast<const T*>(in.xbias);  // (G) ln_ih_b + b_ih [+ ln_hh_b + b_hh]
-  const T* hbias = static_cast<const T*>(in.hbias);  // (G) ln_hh_b + b_hh [gru]
-  const T* wx = static_cast<const T*>(in.ln_ih_w);
-  const T* wh = static_cast<const T*>(in.ln_hh_w);
-  const T* wc = static_cast<const T*>(in.ln_c_w);
-  const T* bc = static_cast<const T*>(in.ln_c_b);
+  const T* x = ptr<T>(in.x);
+  const T* w_ih = ptr<T>(in.w_ih);
+  const T* w_hh = ptr<T>(in.w_hh);
+  const T* xbias = ptr<T>(in.xbias);  // (G) ln_ih_b + b_ih [+ ln_hh_b + b_hh]
+  const T* hbias = ptr<T>(in.hbias);  // (G) ln_hh_b + b_hh [gru]
+  const T* wx = ptr<T>(in.ln_ih_w);
+  const T* wh = ptr<T>(in.ln_hh_w);
+  const T* wc = ptr<T>(in.ln_c_w);
+  const T* bc = ptr<T>(in.ln_c_b);
   auto opts = r.out.options();
 
   T* h = r.h_n.mutable_data_ptr<T>();  // (B, H), starts as h0, updated in place
@@ -393,9 +393,9 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
   T* chat = kSave && kLstm ? mptr<T>(r.chat) : nullptr;
   T* rstd = kSave ? mptr<T>(r.rstd) : nullptr;
   T* cp = kSave && kLstm && kZone ? mptr<T>(r.cprev) : nullptr;
-  const T* mask = static_cast<const T*>(in.mask);      // (B, H) with kState
-  const T* zone_h = static_cast<const T*>(in.zone_h);  // (T, B, H) or (H) with kZone
-  const T* zone_c = static_cast<const T*>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
+  const T* mask = ptr<T>(in.mask);      // (B, H) with kState
+  const T* zone_h = ptr<T>(in.zone_h);  // (T, B, H) or (H) with kZone
+  const T* zone_c = ptr<T>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
   // cn_t (B, H): the new cell states before zoneout, when they are not saved
   constexpr bool kScratch = kLstm && kZone && !kSave;
   Tensor cn_t = kScratch ? at::empty({B, H}, opts) : Tensor();
@@ -507,16 +507,15 @@ void check_ln_mode(int64_t mode) {
 }
 
 void check_vector(const char* name, const Tensor& t, int64_t size) {
-  TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == size, name, " has shape ",
-              t.defined() ? t.sizes() : at::IntArrayRef{}, "; expected (", size, ",)");
+  TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == size, "rnnkit cpu kernels: ", name,
+              " has shape ", t.defined() ? t.sizes() : at::IntArrayRef{}, "; expected (", size,
+              ",)");
 }
 
-// The kernels read every tensor as x's scalar type: each defined one must have it.
+// The kernels read every tensor as x's scalar type: each defined one must have it, on the CPU.
 void check_dtypes(const Tensor& x,
                   std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
-  for (const auto& [name, t] : tensors)
-    TORCH_CHECK(!t->defined() || t->scalar_type() == x.scalar_type(), name, " has dtype ",
-                t->scalar_type(), "; expected ", x.scalar_type(), " like x");
+  for (const auto& [name, t] : tensors) check_arg(name, *t, x);
 }
 
 std::vector<Tensor> layernorm_forward(
@@ -529,7 +528,7 @@ std::vector<Tensor> layernorm_forward(
     const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c) {
   check_ln_mode(mode);
   const bool lstm = mode == kLnLstm;
-  TORCH_CHECK(x_.dim() == 3, "x has shape ", x_.sizes(), "; expected (T, B, I)");
+  check_input(x_);
   TORCH_CHECK(eps >= 0, "eps = ", eps, "; expected eps >= 0");
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor b_ih = contiguous_or_empty(b_ih_), b_hh = contiguous_or_empty(b_hh_);
@@ -544,13 +543,11 @@ std::vector<Tensor> layernorm_forward(
   n.T = x.size(0);
   n.B = x.size(1);
   n.I = x.size(2);
+  n.H = hidden_of(w_ih, lstm ? 4 : 3, lstm ? "LayerNorm LSTM" : "LayerNorm GRU");
   n.G = w_ih.size(0);
-  n.H = n.G / (lstm ? 4 : 3);
   n.P = n.H;
   n.S = 4 * n.H;
-  TORCH_CHECK(w_ih.dim() == 2 && n.G == (lstm ? 4 : 3) * n.H && w_ih.size(1) == n.I,
-              "w_ih has shape ", w_ih.sizes(), "; expected (G = ", lstm ? 4 : 3, "H, I = ", n.I,
-              ")");
+  check_arg("w_ih", w_ih, x, {n.G, n.I}, "(G, I)");
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == n.G && w_hh.size(1) == n.H, "w_hh has shape ",
               w_hh.sizes(), "; expected (", n.G, ", ", n.H, ")");
   TORCH_CHECK(h0.dim() == 2 && h0.size(0) == n.B && h0.size(1) == n.H, "h0 has shape ",
@@ -611,18 +608,18 @@ std::vector<Tensor> layernorm_forward(
   in.len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
   in.reverse = reverse;
   in.eps = eps;
-  in.x = x.const_data_ptr();
-  in.w_ih = w_ih.const_data_ptr();
-  in.w_hh = w_hh.const_data_ptr();
-  in.xbias = xbias.const_data_ptr();
-  in.hbias = hbias.const_data_ptr();
-  in.ln_ih_w = ln_ih_w.const_data_ptr();
-  in.ln_hh_w = ln_hh_w.const_data_ptr();
-  in.ln_c_w = lstm ? ln_c_w.const_data_ptr() : nullptr;
-  in.ln_c_b = lstm ? ln_c_b.const_data_ptr() : nullptr;
-  in.mask = raw_ptr(reg.mask);
-  in.zone_h = raw_ptr(reg.zone_h);
-  in.zone_c = raw_ptr(reg.zone_c);
+  in.x = x;
+  in.w_ih = w_ih;
+  in.w_hh = w_hh;
+  in.xbias = xbias;
+  in.hbias = hbias;
+  in.ln_ih_w = ln_ih_w;
+  in.ln_hh_w = ln_hh_w;
+  in.ln_c_w = lstm ? ln_c_w : Tensor();
+  in.ln_c_b = lstm ? ln_c_b : Tensor();
+  in.mask = reg.mask;
+  in.zone_h = reg.zone_h;
+  in.zone_c = reg.zone_c;
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
   const bool state = reg.mask.defined();
@@ -642,9 +639,9 @@ std::vector<Tensor> layernorm_forward(
 // Backward.
 
 struct LnBackwardIn {
-  const void *gout, *x, *c0, *w_ih, *w_hh, *ln_ih_w, *ln_hh_w, *ln_c_w, *ln_c_b;
-  const void *act, *hprev, *cs, *xhat, *hhat, *chat, *rstd, *cprev;
-  const void *mask, *zone_h, *zone_c;  // regularisers, nullptr when off
+  Tensor gout, x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b;
+  Tensor act, hprev, cs, xhat, hhat, chat, rstd, cprev;
+  Tensor mask, zone_h, zone_c;  // regularisers, undefined when off
   int64_t zone_h_step, zone_c_step;
   const int64_t* len;
   bool reverse, need_dx, has_bias;
@@ -662,26 +659,26 @@ void ln_backward_impl(const Shape& n, const LnBackwardIn& in, LnBackwardOut& r) 
   const bool reverse = in.reverse;
   const int64_t* len = in.len;
   auto opts = r.dh0.options();
-  const T* gout = static_cast<const T*>(in.gout);  // (T, B, H) or nullptr
-  const T* x = static_cast<const T*>(in.x);
-  const T* c0 = static_cast<const T*>(in.c0);
-  const T* w_ih = static_cast<const T*>(in.w_ih);
-  const T* w_hh = static_cast<const T*>(in.w_hh);
-  const T* wx = static_cast<const T*>(in.ln_ih_w);
-  const T* wh = static_cast<const T*>(in.ln_hh_w);
-  const T* wc = static_cast<const T*>(in.ln_c_w);
-  const T* bc = static_cast<const T*>(in.ln_c_b);
-  const T* act = static_cast<const T*>(in.act);
-  const T* hprev = static_cast<const T*>(in.hprev);
-  const T* cs = static_cast<const T*>(in.cs);
-  const T* xhat = static_cast<const T*>(in.xhat);
-  const T* hhat = static_cast<const T*>(in.hhat);
-  const T* chat = static_cast<const T*>(in.chat);
-  const T* rstd = static_cast<const T*>(in.rstd);
-  const T* cprev_saved = static_cast<const T*>(in.cprev);  // (T, B, H), LSTM with kZone
-  const T* mask = static_cast<const T*>(in.mask);          // (B, H) with kState
-  const T* zone_h = static_cast<const T*>(in.zone_h);      // (T, B, H) or (H) with kZone
-  const T* zone_c = static_cast<const T*>(in.zone_c);      // (T, B, H) or (H), LSTM with kZone
+  const T* gout = ptr<T>(in.gout);  // (T, B, H) or nullptr
+  const T* x = ptr<T>(in.x);
+  const T* c0 = ptr<T>(in.c0);
+  const T* w_ih = ptr<T>(in.w_ih);
+  const T* w_hh = ptr<T>(in.w_hh);
+  const T* wx = ptr<T>(in.ln_ih_w);
+  const T* wh = ptr<T>(in.ln_hh_w);
+  const T* wc = ptr<T>(in.ln_c_w);
+  const T* bc = ptr<T>(in.ln_c_b);
+  const T* act = ptr<T>(in.act);
+  const T* hprev = ptr<T>(in.hprev);
+  const T* cs = ptr<T>(in.cs);
+  const T* xhat = ptr<T>(in.xhat);
+  const T* hhat = ptr<T>(in.hhat);
+  const T* chat = ptr<T>(in.chat);
+  const T* rstd = ptr<T>(in.rstd);
+  const T* cprev_saved = ptr<T>(in.cprev);  // (T, B, H), LSTM with kZone
+  const T* mask = ptr<T>(in.mask);          // (B, H) with kState
+  const T* zone_h = ptr<T>(in.zone_h);      // (T, B, H) or (H) with kZone
+  const T* zone_c = ptr<T>(in.zone_c);      // (T, B, H) or (H), LSTM with kZone
   // dhz (B, H): the part of dh_{t-1} that zoneout carries past the step [kZone]
   Tensor dhz_t = kZone ? at::empty({B, H}, opts) : Tensor();
   T* dhz = kZone ? dhz_t.mutable_data_ptr<T>() : nullptr;
@@ -830,6 +827,7 @@ std::vector<Tensor> layernorm_backward(
     const std::optional<Tensor>& state_mask, const std::optional<Tensor>& zone_h,
     const std::optional<Tensor>& zone_c, const std::optional<Tensor>& cprev_) {
   check_ln_mode(mode);
+  check_input(x_);
   const bool lstm = mode == kLnLstm;
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor ln_ih_w = ln_ih_w_.contiguous(), ln_hh_w = ln_hh_w_.contiguous();
@@ -847,10 +845,24 @@ std::vector<Tensor> layernorm_backward(
   n.T = x.size(0);
   n.B = x.size(1);
   n.I = x.size(2);
+  n.H = hidden_of(w_ih, lstm ? 4 : 3, lstm ? "LayerNorm LSTM" : "LayerNorm GRU");
   n.G = w_ih.size(0);
-  n.H = n.G / (lstm ? 4 : 3);
   n.P = n.H;
   n.S = 4 * n.H;
+  check_arg("w_ih", w_ih, x, {n.G, n.I}, "(G, I)");
+  check_arg("w_hh", w_hh, x, {n.G, n.H}, "(G, H)");
+  check_vector("ln_ih_w", ln_ih_w, n.G);
+  check_vector("ln_hh_w", ln_hh_w, n.G);
+  check_arg("grad_out", gout, x, {n.T, n.B, n.H}, "(T, B, H)");
+  check_arg("grad_hn", ghn, x, {n.B, n.H}, "(B, H)");
+  TORCH_CHECK(lstm || !gcn.defined(), "rnnkit cpu kernels: grad_cn is given, but only the "
+              "LayerNorm LSTM has a cell state");
+  check_arg("grad_cn", gcn, x, {n.B, n.H}, "(B, H)");
+  check_arg("c0", c0, x, {n.B, n.H}, "(B, H)");
+  if (lstm) {
+    check_vector("ln_c_w", ln_c_w, n.H);
+    check_vector("ln_c_b", ln_c_b, n.H);
+  }
   const int64_t TB = n.T * n.B;
   TORCH_CHECK(act.numel() == TB * 4 * n.H && hprev.numel() == TB * n.H &&
                   xhat.numel() == TB * n.G && hhat.numel() == TB * n.G &&
@@ -892,26 +904,26 @@ std::vector<Tensor> layernorm_backward(
   in.reverse = reverse;
   in.need_dx = need_dx;
   in.has_bias = has_bias;
-  in.gout = raw_ptr(gout);
-  in.x = raw_ptr(x);
-  in.c0 = raw_ptr(c0);
-  in.w_ih = raw_ptr(w_ih);
-  in.w_hh = raw_ptr(w_hh);
-  in.ln_ih_w = raw_ptr(ln_ih_w);
-  in.ln_hh_w = raw_ptr(ln_hh_w);
-  in.ln_c_w = raw_ptr(ln_c_w);
-  in.ln_c_b = raw_ptr(ln_c_b);
-  in.act = raw_ptr(act);
-  in.hprev = raw_ptr(hprev);
-  in.cs = raw_ptr(cs);
-  in.xhat = raw_ptr(xhat);
-  in.hhat = raw_ptr(hhat);
-  in.chat = raw_ptr(chat);
-  in.rstd = raw_ptr(rstd);
-  in.cprev = raw_ptr(cprev);
-  in.mask = raw_ptr(reg.mask);
-  in.zone_h = raw_ptr(reg.zone_h);
-  in.zone_c = raw_ptr(reg.zone_c);
+  in.gout = gout;
+  in.x = x;
+  in.c0 = c0;
+  in.w_ih = w_ih;
+  in.w_hh = w_hh;
+  in.ln_ih_w = ln_ih_w;
+  in.ln_hh_w = ln_hh_w;
+  in.ln_c_w = ln_c_w;
+  in.ln_c_b = ln_c_b;
+  in.act = act;
+  in.hprev = hprev;
+  in.cs = cs;
+  in.xhat = xhat;
+  in.hhat = hhat;
+  in.chat = chat;
+  in.rstd = rstd;
+  in.cprev = cprev;
+  in.mask = reg.mask;
+  in.zone_h = reg.zone_h;
+  in.zone_c = reg.zone_c;
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
 

@@ -310,7 +310,7 @@ inline const T* keep_row(const T* zone, int64_t step, int64_t row) {
 // Forward.
 
 struct ForwardIn {
-  const void *x, *w_ih, *w_hh, *w_hr, *bias, *bhn, *peep, *mask, *zone_h, *zone_c;
+  Tensor x, w_ih, w_hh, w_hr, bias, bhn, peep, mask, zone_h, zone_c;
   int64_t zone_h_step, zone_c_step;  // per row: n, or 0 when the same mask serves every step
   const int64_t* len;
   bool reverse;
@@ -327,16 +327,16 @@ void forward_impl(const Shape& n, const ForwardIn& in, ForwardOut& r) {
   const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, S = n.S;
   const bool reverse = in.reverse;
   const int64_t* len = in.len;
-  const T* x = static_cast<const T*>(in.x);
-  const T* w_ih = static_cast<const T*>(in.w_ih);
-  const T* w_hh = static_cast<const T*>(in.w_hh);
-  const T* w_hr = static_cast<const T*>(in.w_hr);
-  const T* bias = static_cast<const T*>(in.bias);
-  const T* bhn = static_cast<const T*>(in.bhn);
-  const T* peep = static_cast<const T*>(in.peep);      // (3, H) with kPeep
-  const T* mask = static_cast<const T*>(in.mask);      // (B, P) with kState
-  const T* zone_h = static_cast<const T*>(in.zone_h);  // (T, B, P) or (P) with kZone
-  const T* zone_c = static_cast<const T*>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
+  const T* x = ptr<T>(in.x);
+  const T* w_ih = ptr<T>(in.w_ih);
+  const T* w_hh = ptr<T>(in.w_hh);
+  const T* w_hr = ptr<T>(in.w_hr);
+  const T* bias = ptr<T>(in.bias);
+  const T* bhn = ptr<T>(in.bhn);
+  const T* peep = ptr<T>(in.peep);      // (3, H) with kPeep
+  const T* mask = ptr<T>(in.mask);      // (B, P) with kState
+  const T* zone_h = ptr<T>(in.zone_h);  // (T, B, P) or (P) with kZone
+  const T* zone_c = ptr<T>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
   auto opts = r.out.options();
   // xg (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once.
   Tensor xg_t = at::empty({T_ * B, G}, opts);
@@ -450,10 +450,49 @@ int64_t gates_of(int64_t mode) { return mode == kLstm ? 4 : mode == kGru ? 3 : 1
 void check_peep(const Tensor& peep, int64_t mode, int64_t H, const Tensor& x) {
   if (!peep.defined()) return;
   TORCH_CHECK(mode == kLstm, "peepholes are only defined for the LSTM");
-  TORCH_CHECK(peep.dim() == 2 && peep.size(0) == 3 && peep.size(1) == H &&
-                  peep.scalar_type() == x.scalar_type(),
-              "peep has shape ", peep.sizes(), " and dtype ", peep.scalar_type(),
-              "; expected (3, H) = (3, ", H, ") ", x.scalar_type(), ": w_ci, w_cf, w_co");
+  check_arg("peep (w_ci, w_cf, w_co)", peep, x, {3, H}, "(3, H)");
+}
+
+// The sizes of a call from x (T, B, I), w_ih (G, I) and w_hr (P, H) [projected LSTM].
+Shape shape_of(const Tensor& x, const Tensor& w_ih, const Tensor& w_hr, int64_t mode) {
+  static const char* names[] = {"Elman RNN", "Elman RNN", "LSTM", "GRU"};
+  Shape n;
+  n.T = x.size(0);
+  n.B = x.size(1);
+  n.I = x.size(2);
+  n.H = hidden_of(w_ih, gates_of(mode), names[mode]);
+  n.G = w_ih.size(0);
+  TORCH_CHECK(!w_hr.defined() || (w_hr.dim() == 2 && w_hr.size(0) > 0),
+              "rnnkit cpu kernels: w_hr has shape ", w_hr.defined() ? w_hr.sizes() : at::IntArrayRef{},
+              "; expected (P, H)");
+  n.P = w_hr.defined() ? w_hr.size(0) : n.H;
+  n.S = saved_width(mode, n.H);
+  return n;
+}
+
+// The weights of one direction, against the call's sizes and x's dtype.
+void check_weights(const Shape& n, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                   const Tensor& b_ih, const Tensor& b_hh, const Tensor& w_hr, int64_t mode) {
+  check_arg("w_ih", w_ih, x, {n.G, n.I}, "(G, I)");
+  check_arg("w_hh", w_hh, x, {n.G, n.P}, "(G, P)");
+  TORCH_CHECK(w_hh.defined(), "rnnkit cpu kernels: w_hh is missing");
+  TORCH_CHECK(b_ih.defined() == b_hh.defined(),
+              "rnnkit cpu kernels: b_ih and b_hh: expected both or neither");
+  check_arg("b_ih", b_ih, x, {n.G}, "(G)");
+  check_arg("b_hh", b_hh, x, {n.G}, "(G)");
+  check_arg("w_hr", w_hr, x, {n.P, n.H}, "(P, H)");
+}
+
+// c (B, H): required for an LSTM, absent otherwise.
+void check_c(const Tensor& c, const char* name, const Shape& n, const Tensor& x, int64_t mode) {
+  if (mode != kLstm) {
+    TORCH_CHECK(!c.defined() || c.numel() == 0, "rnnkit cpu kernels: ", name,
+                " is given, but only the LSTM has a cell state");
+    return;
+  }
+  TORCH_CHECK(c.defined(), "rnnkit cpu kernels: the LSTM needs ", name, " of shape (B, H) = (",
+              n.B, ", ", n.H, ")");
+  check_arg(name, c, x, {n.B, n.H}, "(B, H)");
 }
 
 // Which compile-time regulariser variant a call's masks select.
@@ -492,7 +531,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c,
     const std::optional<Tensor>& peep_) {
   check_mode(mode);
-  TORCH_CHECK(x_.dim() == 3, "x has shape ", x_.sizes(), "; expected (T, B, I)");
+  check_input(x_);
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor b_ih = contiguous_or_empty(b_ih_), b_hh = contiguous_or_empty(b_hh_);
   const Tensor w_hr = contiguous_or_empty(w_hr_), c0 = contiguous_or_empty(c0_);
@@ -502,22 +541,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
                              : Tensor();
   const bool proj = w_hr.defined();
   TORCH_CHECK(!proj || mode == kLstm, "w_hr (a projection) is only defined for the LSTM");
-  Shape n;
-  n.T = x.size(0);
-  n.B = x.size(1);
-  n.I = x.size(2);
-  n.G = w_ih.size(0);
-  n.H = n.G / gates_of(mode);
-  n.P = proj ? w_hr.size(0) : n.H;
-  n.S = saved_width(mode, n.H);
-  TORCH_CHECK(w_ih.size(1) == n.I, "w_ih has shape ", w_ih.sizes(), "; expected (G, I = ", n.I,
-              ")");
-  TORCH_CHECK(w_hh.size(0) == n.G && w_hh.size(1) == n.P, "w_hh has shape ", w_hh.sizes(),
-              "; expected (", n.G, ", ", n.P, ")");
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == n.B && h0.size(1) == n.P, "h0 has shape ",
-              h0.sizes(), "; expected (", n.B, ", ", n.P, ")");
-  TORCH_CHECK(mode != kLstm || (c0.defined() && c0.size(0) == n.B && c0.size(1) == n.H),
-              "the LSTM needs c0 of shape (", n.B, ", ", n.H, ")");
+  const Shape n = shape_of(x, w_ih, w_hr, mode);
+  check_weights(n, x, w_ih, w_hh, b_ih, b_hh, w_hr, mode);
+  check_arg("h0", h0, x, {n.B, n.P}, "(B, P)");
+  TORCH_CHECK(h0.defined(), "rnnkit cpu kernels: h0 is missing");
+  check_c(c0, "c0", n, x, mode);
   check_lengths(lengths, n.B, n.T);
   check_peep(peep, mode, n.H, x);
   const Regularisers reg(state_mask, zone_h, zone_c, mode == kLstm, n, x);
@@ -553,16 +581,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     }
   }
   ForwardIn in;
-  in.x = raw_ptr(x);
-  in.w_ih = raw_ptr(w_ih);
-  in.w_hh = raw_ptr(w_hh);
-  in.w_hr = raw_ptr(w_hr);
-  in.bias = raw_ptr(bias);
-  in.bhn = raw_ptr(bhn);
-  in.peep = raw_ptr(peep);
-  in.mask = raw_ptr(reg.mask);
-  in.zone_h = raw_ptr(reg.zone_h);
-  in.zone_c = raw_ptr(reg.zone_c);
+  in.x = x;
+  in.w_ih = w_ih;
+  in.w_hh = w_hh;
+  in.w_hr = w_hr;
+  in.bias = bias;
+  in.bhn = bhn;
+  in.peep = peep;
+  in.mask = reg.mask;
+  in.zone_h = reg.zone_h;
+  in.zone_c = reg.zone_c;
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
   in.len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
@@ -579,8 +607,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 // Backward.
 
 struct BackwardIn {
-  const void *gout, *x, *c0, *w_ih, *w_hh, *w_hr, *act, *hprev, *cs, *hpre, *cprev, *peep, *mask,
-      *zone_h, *zone_c;
+  Tensor gout, x, c0, w_ih, w_hh, w_hr, act, hprev, cs, hpre, cprev, peep, mask, zone_h, zone_c;
   int64_t zone_h_step, zone_c_step;
   const int64_t* len;
   bool reverse, need_dx, has_bias;
@@ -598,21 +625,21 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   const bool reverse = in.reverse;
   const int64_t* len = in.len;
   auto opts = r.dh0.options();
-  const T* gout = static_cast<const T*>(in.gout);  // (T, B, P) or nullptr
-  const T* x = static_cast<const T*>(in.x);
-  const T* c0 = static_cast<const T*>(in.c0);
-  const T* w_ih = static_cast<const T*>(in.w_ih);
-  const T* w_hh = static_cast<const T*>(in.w_hh);
-  const T* w_hr = static_cast<const T*>(in.w_hr);
-  const T* act = static_cast<const T*>(in.act);
-  const T* hprev = static_cast<const T*>(in.hprev);
-  const T* cs = static_cast<const T*>(in.cs);
-  const T* hpre = static_cast<const T*>(in.hpre);
-  const T* cp = static_cast<const T*>(in.cprev);       // (T, B, H), LSTM with kZone or kPeep
-  const T* peep = static_cast<const T*>(in.peep);      // (3, H) with kPeep
-  const T* mask = static_cast<const T*>(in.mask);      // (B, P) with kState
-  const T* zone_h = static_cast<const T*>(in.zone_h);  // (T, B, P) or (P) with kZone
-  const T* zone_c = static_cast<const T*>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
+  const T* gout = ptr<T>(in.gout);  // (T, B, P) or nullptr
+  const T* x = ptr<T>(in.x);
+  const T* c0 = ptr<T>(in.c0);
+  const T* w_ih = ptr<T>(in.w_ih);
+  const T* w_hh = ptr<T>(in.w_hh);
+  const T* w_hr = ptr<T>(in.w_hr);
+  const T* act = ptr<T>(in.act);
+  const T* hprev = ptr<T>(in.hprev);
+  const T* cs = ptr<T>(in.cs);
+  const T* hpre = ptr<T>(in.hpre);
+  const T* cp = ptr<T>(in.cprev);       // (T, B, H), LSTM with kZone or kPeep
+  const T* peep = ptr<T>(in.peep);      // (3, H) with kPeep
+  const T* mask = ptr<T>(in.mask);      // (B, P) with kState
+  const T* zone_h = ptr<T>(in.zone_h);  // (T, B, P) or (P) with kZone
+  const T* zone_c = ptr<T>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
 
   // The carried gradients: dh (B, P) reaching h_s from later steps, dc (B, H) reaching c_s.
   T* dh = r.dh0.mutable_data_ptr<T>();
@@ -816,6 +843,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const std::optional<Tensor>& zone_c, const std::optional<Tensor>& cprev_,
     const std::optional<Tensor>& peep_) {
   check_mode(mode);
+  check_input(x_);
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_hr = contiguous_or_empty(w_hr_), c0 = contiguous_or_empty(c0_);
   const Tensor gout = contiguous_or_empty(grad_out_), ghn = contiguous_or_empty(grad_hn_);
@@ -827,23 +855,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                              ? lengths_->to(at::kCPU).contiguous()
                              : Tensor();
   const bool proj = w_hr.defined();
-  Shape n;
-  n.T = x.size(0);
-  n.B = x.size(1);
-  n.I = x.size(2);
-  n.G = w_ih.size(0);
-  n.H = n.G / gates_of(mode);
-  n.P = proj ? w_hr.size(0) : n.H;
-  n.S = saved_width(mode, n.H);
-  TORCH_CHECK(act.numel() == n.T * n.B * n.S && hprev.numel() == n.T * n.B * n.P,
-              "layer_backward: the forward was run without saving for backward");
+  TORCH_CHECK(!proj || mode == kLstm, "w_hr (a projection) is only defined for the LSTM");
+  const Shape n = shape_of(x, w_ih, w_hr, mode);
+  const bool lstm = mode == kLstm;
+  check_weights(n, x, w_ih, w_hh, Tensor(), Tensor(), w_hr, mode);
+  check_c(c0, "c0", n, x, mode);
+  check_arg("grad_out", gout, x, {n.T, n.B, n.P}, "(T, B, P)");
+  check_arg("grad_hn", ghn, x, {n.B, n.P}, "(B, P)");
+  TORCH_CHECK(lstm || !gcn.defined(), "rnnkit cpu kernels: grad_cn is given, but only the LSTM "
+              "has a cell state");
+  check_arg("grad_cn", gcn, x, {n.B, n.H}, "(B, H)");
   check_lengths(lengths, n.B, n.T);
   check_peep(peep, mode, n.H, x);
-  const Regularisers reg(state_mask, zone_h, zone_c, mode == kLstm, n, x);
-  TORCH_CHECK(mode != kLstm || !(reg.zone_h.defined() || peep.defined()) ||
-                  (cprev.defined() && cprev.numel() == n.T * n.B * n.H),
-              "layer_backward: an LSTM with zoneout or peepholes needs the cprev its forward "
-              "saved");
+  const Regularisers reg(state_mask, zone_h, zone_c, lstm, n, x);
+  const bool uses_cprev = lstm && (reg.zone_h.defined() || peep.defined());
+  check_saved("act", act, x, true, {n.T, n.B, n.S}, "(T, B, S)");
+  check_saved("hprev", hprev, x, true, {n.T, n.B, n.P}, "(T, B, P)");
+  check_saved("c", cs, x, lstm, {n.T, n.B, n.H}, "(T, B, H)");
+  check_saved("hpre", hpre, x, proj, {n.T, n.B, n.H}, "(T, B, H)");
+  TORCH_CHECK(!uses_cprev || cprev.defined(), "layer_backward: an LSTM with zoneout or "
+              "peepholes needs the cprev its forward saved");
+  if (cprev.defined()) check_saved("cprev", cprev, x, uses_cprev, {n.T, n.B, n.H}, "(T, B, H)");
   auto opts = x.options();
   BackwardOut r;
   r.dx = need_dx ? at::empty({n.T, n.B, n.I}, opts) : at::empty({0}, opts);
@@ -863,21 +895,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   in.reverse = reverse;
   in.need_dx = need_dx;
   in.has_bias = has_bias;
-  in.gout = raw_ptr(gout);
-  in.x = raw_ptr(x);
-  in.c0 = raw_ptr(c0);
-  in.w_ih = raw_ptr(w_ih);
-  in.w_hh = raw_ptr(w_hh);
-  in.w_hr = raw_ptr(w_hr);
-  in.act = raw_ptr(act);
-  in.hprev = raw_ptr(hprev);
-  in.cs = raw_ptr(cs);
-  in.hpre = raw_ptr(hpre);
-  in.cprev = raw_ptr(cprev);
-  in.peep = raw_ptr(peep);
-  in.mask = raw_ptr(reg.mask);
-  in.zone_h = raw_ptr(reg.zone_h);
-  in.zone_c = raw_ptr(reg.zone_c);
+  in.gout = gout;
+  in.x = x;
+  in.c0 = c0;
+  in.w_ih = w_ih;
+  in.w_hh = w_hh;
+  in.w_hr = w_hr;
+  in.act = act;
+  in.hprev = hprev;
+  in.cs = cs;
+  in.hpre = hpre;
+  in.cprev = cprev;
+  in.peep = peep;
+  in.mask = reg.mask;
+  in.zone_h = reg.zone_h;
+  in.zone_c = reg.zone_c;
   in.zone_h_step = reg.zone_h_step;
   in.zone_c_step = reg.zone_c_step;
   const int flags = (lengths.defined() ? kLengths : 0) | (proj ? kProjection : 0) |
@@ -910,8 +942,10 @@ void both(F&& run) {
   };
 #ifdef _OPENMP
   if (at::get_num_threads() >= 2 && !at::in_parallel_region()) {
+    // OpenMP may hand the region fewer threads than asked for (OMP_THREAD_LIMIT, dynamic teams,
+    // nested regions): each thread takes every direction left to it, so both always run.
 #pragma omp parallel num_threads(2)
-    guarded(omp_get_thread_num());
+    for (int d = omp_get_thread_num(); d < 2; d += omp_get_num_threads()) guarded(d);
   } else {
     guarded(0);
     guarded(1);
