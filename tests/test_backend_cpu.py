@@ -73,60 +73,7 @@ def assert_same(module, x, hx, lengths):
         )
 
 
-@pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "h0"])
-@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
-@pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-@pytest.mark.parametrize("mode", MODES)
-def test_torch_compat_layers_equal_reference(mode, bidirectional, num_layers, lengths, with_h0):
-    module = make_layer(mode, num_layers, bidirectional)
-    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    hx = initial_state(module, mode) if with_h0 else None
-    assert_same(module, x, hx, LENGTHS[lengths])
-
-
-@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_projected_lstm_equals_reference(bidirectional, lengths):
-    module = make_layer("lstm", 2, bidirectional, proj_size=3)
-    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    assert_same(module, x, initial_state(module, "lstm"), LENGTHS[lengths])
-
-
-def test_without_bias_equals_reference():
-    for mode in MODES:
-        module = make_layer(mode, 1, True, bias=False)
-        x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=True)
-        assert_same(module, x, None, LENGTHS["mixed"])
-
-
 CELLS = {"rnn_tanh": rnnkit.RNNCell, "lstm": rnnkit.LSTMCell, "gru": rnnkit.GRUCell}
-
-
-@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", list(CELLS))
-def test_recurrent_over_cell_equals_reference(mode, reverse, lengths):
-    torch.manual_seed(0)
-    layer = rnnkit.Recurrent(CELLS[mode](I, H), reverse=reverse)
-    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    g = torch.Generator().manual_seed(4)
-    state = torch.randn(B, H, generator=g).requires_grad_()
-    if mode == "lstm":
-        state = (state, torch.randn(B, H, generator=g).requires_grad_())
-    results = {}
-    for backend in ("reference", "cpu"):
-        with rnnkit.use_backend(backend):
-            out, final = layer(x, state, lengths=LENGTHS[lengths])
-        finals = list(final) if mode == "lstm" else [final]
-        loss = (out * out.detach().cos()).sum() + sum((f * f.detach().sin()).sum() for f in finals)
-        states = list(state) if mode == "lstm" else [state]
-        grads = torch.autograd.grad(loss, [x, *layer.parameters(), *states])
-        results[backend] = ([out, *finals], grads)
-    for r, c in zip(results["reference"][0], results["cpu"][0], strict=True):
-        torch.testing.assert_close(c, r, atol=OUT_TOL, rtol=OUT_TOL)
-    for r, c in zip(results["reference"][1], results["cpu"][1], strict=True):
-        torch.testing.assert_close(c, r, atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
 def test_padded_outputs_are_exactly_zero():

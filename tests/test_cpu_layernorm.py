@@ -14,7 +14,6 @@ from torch.utils._pytree import tree_leaves
 import rnnkit
 from rnnkit.backends.cpu import CpuBackend, build, layernorm
 from rnnkit.cells import LayerNormGRUCell, LayerNormLSTMCell
-from rnnkit.layers.regularisers import Masks
 
 CELLS = {"lstm_layernorm": LayerNormLSTMCell, "gru_layernorm": LayerNormGRUCell}
 T, B, I, H = 7, 5, 4, 6
@@ -111,18 +110,6 @@ def assert_same(module, x, state, lengths):
         )
 
 
-@pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "h0"])
-@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
-@pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("direction", ["forward", "reverse", "bi"])
-@pytest.mark.parametrize("mode", list(CELLS))
-def test_layers_equal_reference(mode, direction, num_layers, lengths, with_h0):
-    module = make_layer(mode, direction, num_layers)
-    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    state = initial_state(mode, direction, num_layers) if with_h0 else None
-    assert_same(module, x, state, LENGTHS[lengths])
-
-
 @pytest.mark.parametrize("mode", list(CELLS))
 def test_without_bias_and_other_eps_equal_reference(mode):
     for kw in ({"bias": False}, {"eps": 1e-2}):
@@ -191,135 +178,6 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, expected, atol=OUT_TOL, rtol=OUT_TOL)
     out.sum().backward()
     assert module.backward_layer.cell.ln_c.weight.grad is not None
-
-
-@pytest.mark.parametrize("mode", list(CELLS))
-def test_run_composes_a_bidirectional_stack_in_one_call(mode):
-    """layernorm.run on one Call for a 2-layer bidirectional stack equals the layers composed."""
-    module = make_layer(mode, "bi", 2)
-    x = torch.randn(T, B, I)
-    lengths = torch.tensor(LENGTHS["mixed"])
-    state = initial_state(mode, "bi", 2)
-    with rnnkit.use_backend("reference"), torch.no_grad():
-        expected, final = module(x, state, lengths=lengths)
-    lstm = mode == "lstm_layernorm"
-    # per layer, per direction: (h, c) for the LSTM, h for the GRU
-    per_direction = [s for layer_state in state for s in layer_state]
-    h0 = torch.stack([s[0] if lstm else s for s in per_direction]).detach()
-    c0 = torch.stack([s[1] for s in per_direction]).detach() if lstm else None
-    cells = [d.cell for bi in module.layers for d in (bi.forward_layer, bi.backward_layer)]
-    call = rnnkit.backends.Call(
-        request=rnnkit.backends.Request(mode=mode, num_layers=2, bidirectional=True),
-        x=x,
-        h0=h0,
-        c0=c0,
-        weights=[w.detach() for cell in cells for w in cell.kernel_weights()],
-        lengths=lengths,
-        dropout=0.0,
-        training=False,
-        reference=lambda: None,
-    )
-    out, h_n, c_n = CpuBackend().run(call)
-    torch.testing.assert_close(out, expected, atol=OUT_TOL, rtol=OUT_TOL)
-    finals = [s for layer_state in final for s in layer_state]
-    torch.testing.assert_close(h_n, torch.stack([s[0] if lstm else s for s in finals]))
-    if lstm:
-        torch.testing.assert_close(c_n, torch.stack([s[1] for s in finals]))
-
-
-@pytest.mark.parametrize("gates", [False, True], ids=["", "gates"])
-@pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
-@pytest.mark.parametrize("mode", list(CELLS))
-def test_run_applies_variational_masks_around_the_kernels(
-    mode, lengths, bidirectional, num_layers, gates
-):
-    """A Call asking for variational dropout (one Masks per layer and direction: input (B, I),
-    output (B, H)) equals each layer run on the reference backend on the masked input, its output
-    masked: outputs, final states and every gradient; with gates, one detached tuple per layer
-    and direction equal to the reference's (zeros at padded steps)."""
-    direction = "bi" if bidirectional else "forward"
-    module = make_layer(mode, direction, num_layers).train()
-    lengths = LENGTHS[lengths] and torch.tensor(LENGTHS[lengths])
-    layers = list(module.layers) if num_layers > 1 else [module]
-    recs = [
-        r
-        for lay in layers
-        for r in ((lay.forward_layer, lay.backward_layer) if bidirectional else (lay,))
-    ]
-    g = torch.Generator().manual_seed(7)
-    masks = [
-        Masks(
-            input=torch.empty(B, r.input_size).bernoulli_(0.7, generator=g) / 0.7,
-            state=None,
-            output=torch.empty(B, H).bernoulli_(0.6, generator=g) / 0.6,
-            zoneout=None,
-            weight_hh=None,
-        )
-        for r in recs
-    ]
-    x = torch.randn(T, B, I, generator=g, requires_grad=True)
-    lstm = mode == "lstm_layernorm"
-    directions = 2 if bidirectional else 1
-
-    ref_gates = []
-
-    def reference():
-        inp, h_n, c_n = x, [], []
-        for k in range(num_layers):
-            outs = []
-            for d in range(directions):
-                rec, m = recs[k * directions + d], masks[k * directions + d]
-                with rnnkit.use_backend("reference"):
-                    out, final, *g = rec(inp * m.input, lengths=lengths, return_gates=gates)
-                ref_gates.append(tuple(g[0].values()) if gates else ())
-                outs.append(out * m.output)
-                h_n.append(final[0] if lstm else final)
-                c_n += [final[1]] if lstm else []
-            inp = torch.cat(outs, dim=-1)
-        return [inp, torch.stack(h_n), *([torch.stack(c_n)] if lstm else [])]
-
-    zeros = torch.zeros(num_layers * directions, B, H)
-    call = rnnkit.backends.Call(
-        request=rnnkit.backends.Request(
-            mode=mode,
-            num_layers=num_layers,
-            bidirectional=bidirectional,
-            variational=True,
-            gates=gates,
-        ),
-        x=x,
-        h0=zeros,
-        c0=zeros if lstm else None,
-        weights=[w for r in recs for w in r.cell.kernel_weights()],
-        lengths=lengths,
-        dropout=0.0,
-        training=True,
-        reference=lambda: None,
-        masks=masks,
-    )
-    got = [v for v in CpuBackend().run(call) if v is not None]
-    want = reference()
-    if gates:
-        got_gates = got.pop()
-        assert len(got_gates) == len(ref_gates) == num_layers * directions
-        for per_got, per_want in zip(got_gates, ref_gates, strict=True):
-            assert len(per_got) == len(per_want) == (5 if lstm else 3)
-            for c, r in zip(per_got, per_want, strict=True):
-                assert not c.requires_grad
-                torch.testing.assert_close(c, r.detach(), atol=OUT_TOL, rtol=OUT_TOL)
-    inputs = [x, *module.parameters()]
-    gen = torch.Generator().manual_seed(2)
-    weights = [torch.randn(v.shape, generator=gen) for v in want]
-    grads = [
-        torch.autograd.grad(sum((v * w).sum() for v, w in zip(vs, weights, strict=True)), inputs)
-        for vs in (want, got)
-    ]
-    for r, c in zip(want, got, strict=True):
-        torch.testing.assert_close(c, r, atol=OUT_TOL, rtol=OUT_TOL)
-    for r, c in zip(*grads, strict=True):
-        torch.testing.assert_close(c, r, atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
 def test_explain_names_cpu_and_declines_with_reasons():
@@ -397,19 +255,6 @@ def assert_same_seeded(module, x, state, lengths, seed: int = 11):
         )
 
 
-@pytest.mark.parametrize("lengths", list(LENGTHS), ids=list(LENGTHS))
-@pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("direction", ["forward", "reverse", "bi"])
-@pytest.mark.parametrize("reg", list(REGS))
-@pytest.mark.parametrize("mode", list(CELLS))
-def test_regularisers_equal_reference(mode, reg, direction, num_layers, lengths):
-    module = make_reg_layer(mode, direction, num_layers, REGS[reg]).train()
-    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
-    state = initial_state(mode, direction, num_layers)
-    assert_same_seeded(module, x, state, LENGTHS[lengths])
-
-
 @pytest.mark.parametrize("mode", list(CELLS))
 def test_state_dropout_float64_equals_reference(mode):
     module = make_reg_layer(mode, "bi", 2, {"dropout_state": 0.3, "zoneout": 0.2}).train()
@@ -443,50 +288,6 @@ def test_eval_mode_zoneout_is_the_expectation(mode, direction):
             with rnnkit.use_backend(backend):
                 outs[backend] = module(x, lengths=LENGTHS["mixed"])[0]
     torch.testing.assert_close(outs["cpu"], outs["reference"], atol=OUT_TOL, rtol=OUT_TOL)
-
-
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("mode", list(CELLS))
-def test_gates_with_regularisers_equal_reference(mode, direction, grad):
-    layer = make_reg_layer(mode, direction, 1, REGS["all"]).train()
-    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=grad)
-    results = {}
-    for backend in ("reference", "cpu"):
-        torch.manual_seed(5)
-        with rnnkit.use_backend(backend), torch.set_grad_enabled(grad):
-            results[backend] = layer(x, lengths=LENGTHS["mixed"], return_gates=True)
-    (out, _, got), (want_out, _, want) = results["cpu"], results["reference"]
-    torch.testing.assert_close(out, want_out, atol=OUT_TOL, rtol=OUT_TOL)
-    assert list(got) == list(want)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name].detach(), atol=OUT_TOL, rtol=OUT_TOL)
-
-
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("mode", list(CELLS))
-def test_recurrent_gates_equal_reference(mode, direction, grad):
-    layer = make_layer(mode, direction, 1)
-    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), requires_grad=grad)
-    assert rnnkit.explain(layer, x, lengths=LENGTHS["mixed"]).backend == "cpu"
-    results = {}
-    for backend in ("reference", "cpu"):
-        with rnnkit.use_backend(backend), torch.set_grad_enabled(grad):
-            results[backend] = layer(x, lengths=LENGTHS["mixed"], return_gates=True)
-    (out, _, got), (want_out, _, want) = results["cpu"], results["reference"]
-    torch.testing.assert_close(out, want_out, atol=OUT_TOL, rtol=OUT_TOL)
-    assert (
-        list(got)
-        == list(want)
-        == (["i", "f", "g", "o", "c"] if "lstm" in mode else ["r", "z", "n"])
-    )
-    for name in want:
-        assert not got[name].requires_grad
-        torch.testing.assert_close(got[name], want[name].detach(), atol=OUT_TOL, rtol=OUT_TOL)
-    for b, n in enumerate(LENGTHS["mixed"]):
-        for name in got:
-            assert torch.equal(got[name][n:, b], torch.zeros_like(got[name][n:, b]))
 
 
 # -- the custom op itself, in float64 -------------------------------------------------------------

@@ -32,47 +32,6 @@ def _x(requires_grad: bool = True) -> torch.Tensor:
 # -- gates ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lengths", list(LENGTHS))
-@pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-@pytest.mark.parametrize("cls", [rnnkit.LSTM, rnnkit.GRU], ids=["lstm", "gru"])
-def test_drop_in_gates_equal_reference(cls, bidirectional, num_layers, lengths):
-    torch.manual_seed(0)
-    module = cls(I, H, num_layers, bidirectional=bidirectional)
-    x = _x()
-    results = {}
-    for backend in ("reference", "cpu"):
-        with rnnkit.use_backend(backend):
-            out, _, gates = module(x, lengths=LENGTHS[lengths], return_gates=True)
-        (dx,) = torch.autograd.grad(out.sum(), [x])
-        results[backend] = out, gates, dx
-    (ref_out, ref_gates, ref_dx), (out, gates, dx) = results["reference"], results["cpu"]
-    torch.testing.assert_close(out, ref_out, atol=OUT_TOL, rtol=OUT_TOL)
-    torch.testing.assert_close(dx, ref_dx, atol=GRAD_TOL, rtol=GRAD_TOL)
-    assert list(gates) == list(ref_gates)
-    for label, per_gate in ref_gates.items():
-        assert list(gates[label]) == list(per_gate)
-        for name, want in per_gate.items():
-            got = gates[label][name]
-            torch.testing.assert_close(got, want, atol=OUT_TOL, rtol=OUT_TOL)
-            assert not got.requires_grad  # for inspection: detached, never a silent wrong grad
-
-
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("make", [rnnkit.LSTMCell, rnnkit.GRUCell])
-def test_recurrent_gates_equal_reference(make, reverse):
-    torch.manual_seed(0)
-    layer = rnnkit.Recurrent(make(I, H), reverse=reverse, batch_first=True)
-    x = _x(False).transpose(0, 1)
-    with rnnkit.use_backend("reference"):
-        _, _, want = layer(x, lengths=LENGTHS["mixed"], return_gates=True)
-    with rnnkit.use_backend("cpu"), torch.no_grad():
-        _, _, got = layer(x, lengths=LENGTHS["mixed"], return_gates=True)
-    assert list(got) == list(want)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=OUT_TOL, rtol=OUT_TOL)
-
-
 def test_gates_are_accepted_and_not_left_to_onednn():
     backend = CpuBackend()
     request = rnnkit.backends.Request(mode="lstm", gates=True)
@@ -134,32 +93,6 @@ def assert_same(module, x, state, lengths, **kw):
         )
 
 
-@pytest.mark.parametrize("lengths", list(LENGTHS))
-@pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-@pytest.mark.parametrize("reg", list(REGS))
-@pytest.mark.parametrize("mode", list(DROP_INS))
-def test_drop_in_regularisers_equal_reference(mode, reg, bidirectional, num_layers, lengths):
-    torch.manual_seed(0)
-    module = DROP_INS[mode](I, H, num_layers, bidirectional=bidirectional, **REGS[reg]).train()
-    x = _x()
-    # DropConnect only masks the weight handed to the kernel: a plain LSTM stays with oneDNN
-    onednn = mode == "lstm" and reg == "weight_drop" and lengths == "none"
-    want = "native" if onednn else "cpu"
-    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == want
-    assert_same(module, x, initial_state(module), LENGTHS[lengths])
-
-
-@pytest.mark.parametrize("lengths", list(LENGTHS))
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_projected_lstm_with_every_regulariser_equals_reference(bidirectional, lengths):
-    torch.manual_seed(0)
-    module = rnnkit.LSTM(I, H, 2, bidirectional=bidirectional, proj_size=3, **REGS["all"])
-    x = _x()
-    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
-    assert_same(module.train(), x, initial_state(module), LENGTHS[lengths])
-
-
 @pytest.mark.parametrize("mode", list(DROP_INS))
 def test_eval_mode_runs_fused_with_regularisers_off_and_zoneout_as_expectation(mode):
     torch.manual_seed(0)
@@ -200,28 +133,6 @@ def stack(make, regs: dict):
     )
 
 
-@pytest.mark.parametrize("lengths", list(LENGTHS))
-@pytest.mark.parametrize("reg", ["state", "zoneout", "all"])
-@pytest.mark.parametrize("cell", list(CELLS))
-def test_wrapper_stack_regularisers_equal_reference(cell, reg, lengths):
-    module = stack(CELLS[cell], REGS[reg]).train()
-    x = _x()
-    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
-    assert_same(module, x, None, LENGTHS[lengths])
-
-
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("cell", list(CELLS))
-def test_recurrent_regularisers_with_initial_state_equal_reference(cell, reverse):
-    torch.manual_seed(0)
-    layer = rnnkit.Recurrent(CELLS[cell](I, H), reverse=reverse, **REGS["all"]).train()
-    g = torch.Generator().manual_seed(4)
-    state = torch.randn(B, H, generator=g).requires_grad_()
-    if cell == "lstm":
-        state = (state, torch.randn(B, H, generator=g).requires_grad_())
-    assert_same(layer, _x(), state, LENGTHS["mixed"])
-
-
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_weight_drop_masks_weight_hh_once_per_call_on_the_fused_path(cell):
     """DropConnect: the layer hands the kernel weight_hh * mask; autograd differentiates the
@@ -240,21 +151,6 @@ def test_weight_drop_masks_weight_hh_once_per_call_on_the_fused_path(cell):
     out.sum().backward()
     assert torch.all(layer.cell.weight_hh.grad[mask == 0] == 0)
     assert torch.count_nonzero(layer.cell.weight_hh.grad[mask != 0]) > 0
-
-
-@pytest.mark.parametrize("make", [rnnkit.LSTMCell, rnnkit.GRUCell])
-def test_gates_with_regularisers_equal_reference(make):
-    layer = stack(make, REGS["all"]).layers[0].backward_layer.train()
-    x = _x(False)
-    results = {}
-    for backend in ("reference", "cpu"):
-        torch.manual_seed(5)
-        with rnnkit.use_backend(backend):
-            results[backend] = layer(x, lengths=LENGTHS["mixed"], return_gates=True)
-    (out, _, gates), (want_out, _, want) = results["cpu"], results["reference"]
-    torch.testing.assert_close(out, want_out, atol=OUT_TOL, rtol=OUT_TOL)
-    for name in want:
-        torch.testing.assert_close(gates[name], want[name], atol=OUT_TOL, rtol=OUT_TOL)
 
 
 # -- the peephole LSTM ----------------------------------------------------------------------------
@@ -281,35 +177,6 @@ def peephole_stack(regs: dict, proj: int = 0):
             rnnkit.Recurrent(peephole(out, H, proj), reverse=True, **regs),
         ]
     )
-
-
-@pytest.mark.parametrize("lengths", list(LENGTHS))
-@pytest.mark.parametrize("proj", [0, 3], ids=["plain", "proj"])
-@pytest.mark.parametrize("reg", ["none", "state", "zoneout", "all"])
-def test_peephole_stack_equals_reference(reg, proj, lengths):
-    module = peephole_stack(REGS.get(reg, {}), proj).train()
-    x = _x()
-    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
-    assert_same(module, x, None, LENGTHS[lengths])
-    module.eval()  # zoneout as its expectation, the rest off
-    assert rnnkit.explain(module, x, lengths=LENGTHS[lengths]).backend == "cpu"
-    assert_same(module, x, None, LENGTHS[lengths])
-
-
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_peephole_with_initial_state_and_gates_equals_reference(reverse):
-    torch.manual_seed(0)
-    layer = rnnkit.Recurrent(peephole(I, H), reverse=reverse, **REGS["zoneout"]).train()
-    g = torch.Generator().manual_seed(4)
-    state = tuple(torch.randn(B, H, generator=g).requires_grad_() for _ in range(2))
-    assert_same(layer, _x(), state, LENGTHS["mixed"])
-    results = {}
-    for backend in ("reference", "cpu"):
-        torch.manual_seed(5)
-        with rnnkit.use_backend(backend):
-            results[backend] = layer(_x(False), lengths=LENGTHS["mixed"], return_gates=True)[2]
-    for name, want in results["reference"].items():
-        torch.testing.assert_close(results["cpu"][name], want, atol=OUT_TOL, rtol=OUT_TOL)
 
 
 def test_check_accepts_the_peephole_and_declines_what_has_no_kernel():

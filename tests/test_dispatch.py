@@ -92,6 +92,10 @@ def test_requests_describe_the_call() -> None:
         requires_grad=True,
         dropout=False,
         layer="LSTM",
+        steps=T,
+        batch=B,
+        input_size=I,
+        hidden_size=H,
     )
     with torch.no_grad():
         [(_, req, _)] = lstm.dispatch_requests(torch.randn(T, B, I))

@@ -26,7 +26,7 @@ from .cells import (
     PeepholeLSTMCell,
     RNNCell,
 )
-from .layers import GRU, LSTM, RNN, Bidirectional, Recurrent, Stacked
+from .layers import GRU, LSTM, RNN, Bidirectional, Recurrent, Stacked, top_states
 
 __version__ = "0.1.0"
 
@@ -51,5 +51,6 @@ __all__ = [
     "functional",
     "get_default_backend",
     "set_default_backend",
+    "top_states",
     "use_backend",
 ]

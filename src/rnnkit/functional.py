@@ -3,16 +3,19 @@
 Shapes: ``x`` is (B, I), ``h`` is (B, H) (``(B, P)`` for a projected LSTM), ``c`` is (B, H).
 Weights follow torch.nn's layout: ``w_ih`` is (G, I) and ``w_hh`` is (G, H) (``(G, P)`` with a
 projection), where ``G = gates * H`` and the gate blocks are stacked in the order given by
-:data:`GATES`. This module is the one place that knows that order; :func:`split_gates` and
-:func:`reorder_gates` are the converters everything else uses.
+the cell table (:mod:`rnnkit.cells.table`, re-exported here as :data:`GATES`);
+:func:`split_gates` and :func:`reorder_gates` are the converters everything else uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .cells.table import SPECS, TORCH_MODES, spec
 
 __all__ = [
     "GATES",
@@ -28,32 +31,25 @@ __all__ = [
     "reorder_gates",
     "rnn_step",
     "split_gates",
+    "step",
 ]
 
-#: Gate order of the stacked weight blocks for each cell family (torch.nn's order).
-GATES: dict[str, tuple[str, ...]] = {
-    "rnn_tanh": ("h",),
-    "rnn_relu": ("h",),
-    "lstm": ("i", "f", "g", "o"),
-    "gru": ("r", "z", "n"),
-}
+#: Gate order of the stacked weight blocks for each cell family (torch.nn's order), from the cell
+#: table (:mod:`rnnkit.cells.table`).
+GATES: dict[str, tuple[str, ...]] = {m: SPECS[m].gates for m in TORCH_MODES}
 
 #: The cell families with a built-in step, by the name the backends use.
-MODES: tuple[str, ...] = tuple(GATES)
+MODES: tuple[str, ...] = TORCH_MODES
 
 #: What ``return_gates=True`` returns per step, in order (LSTM adds the new cell state).
 GATE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "lstm": ("i", "f", "g", "o", "c"),
-    "gru": ("r", "z", "n"),
+    m: SPECS[m].gate_outputs for m in TORCH_MODES if SPECS[m].gate_outputs
 }
 
 
 def gate_count(mode: str) -> int:
     """Number of stacked gate blocks in ``w_ih``/``w_hh`` for ``mode`` (1, 4 or 3)."""
-    try:
-        return len(GATES[mode])
-    except KeyError:
-        raise ValueError(f"mode = {mode!r} is not a cell family; expected one of {MODES}") from None
+    return spec(mode).gate_count
 
 
 def split_gates(t: Tensor, mode: str, dim: int = 0) -> tuple[Tensor, ...]:
@@ -280,3 +276,44 @@ def _gru_from(gi: Tensor, gh: Tensor, h: Tensor, return_gates: bool):
     n = torch.tanh(i_n + r * h_n)
     h_t = (1 - z) * n + z * h
     return (h_t, (r, z, n)) if return_gates else h_t
+
+
+def step(
+    mode: str,
+    weights: Mapping[str, Tensor],
+    x: Tensor,
+    state: Any,
+    return_gates: bool = False,
+    eps: float = 1e-5,
+) -> tuple:
+    """One step of the built-in cell ``mode`` (a key of the cell table), with one direction's
+    ``weights`` by the table's names (``weight_ih``, ``weight_hh``, ``bias_ih``, ...; biases and
+    projection optional): ``(out_t, new_state)``, plus the gates (the table's ``gate_outputs``)
+    with ``return_gates``, as a cell's ``forward`` returns them. ``state`` is h, or (h, c) for
+    the LSTM family; ``eps`` is the LayerNorm cells'.
+    """
+    w = weights
+    ih, hh, b_ih, b_hh = w["weight_ih"], w["weight_hh"], w.get("bias_ih"), w.get("bias_hh")
+    family = spec(mode).family
+    if family == "rnn":
+        h = rnn_step(x, state, ih, hh, b_ih, b_hh, mode.removeprefix("rnn_"))
+        return h, h
+    if family == "gru":
+        if mode == "gru_layernorm":
+            ln = (w["ln_ih.weight"], w["ln_ih.bias"]), (w["ln_hh.weight"], w["ln_hh.bias"])
+            out = layernorm_gru_step(x, state, ih, hh, b_ih, b_hh, *ln, eps, return_gates)
+        else:
+            out = gru_step(x, state, ih, hh, b_ih, b_hh, return_gates)
+        h, *gates = out if return_gates else (out,)
+        return (h, h, *gates)
+    if mode == "lstm_layernorm":
+        ln = [(w[f"{n}.weight"], w[f"{n}.bias"]) for n in ("ln_ih", "ln_hh", "ln_c")]
+        h, c, *gates = layernorm_lstm_step(x, *state, ih, hh, b_ih, b_hh, *ln, eps, return_gates)
+    elif mode == "lstm_peephole":
+        peep = w["weight_ci"], w["weight_cf"], w["weight_co"]
+        h, c, *gates = peephole_lstm_step(
+            x, *state, ih, hh, b_ih, b_hh, *peep, w.get("weight_hr"), return_gates
+        )
+    else:
+        h, c, *gates = lstm_step(x, *state, ih, hh, b_ih, b_hh, w.get("weight_hr"), return_gates)
+    return (h, (h, c), *gates)

@@ -1,29 +1,53 @@
-"""The one dispatch point: which implementation runs a recurrent layer, and why.
+"""The one dispatch point and the backend contract: which implementation runs a recurrent layer,
+and why.
 
-A layer describes its call as a :class:`Request` and hands a :class:`Call` to the backend that
-:func:`select` picks. Backends are tried in order of ``priority`` (highest first); the first whose
-``check`` finds nothing missing runs it. ``reference`` (the layer's own Python time loop, with
-autograd) supports everything and comes last. A backend named explicitly (the layer's
-``backend=`` argument, :func:`set_default_backend` or :func:`use_backend`) is used or, if it cannot
-run the request, raises :class:`BackendUnavailable` with the reason.
+A layer describes its whole stack as a :class:`Call` (built by :func:`make_call`): the input and,
+per layer and direction, a :class:`Direction` (the cell's mode from the cell table, its weights
+by the table's names, the initial state, reading order and regularisers). :func:`select` picks a
+backend for the call's :class:`Request`; :func:`run` hands the call to the stack composer
+(:mod:`.stack`), which does, once for every backend, what a stack needs around the layers:
+dropout between layers, the regulariser masks (drawn once per call; DropConnect applied to the
+weights; variational masks on each direction's input and output), the state layout and the
+collection of gates.
 
-A new kernel plugs in by :func:`register`-ing an object with ``name``, ``priority``,
-``check(request) -> str | None`` (None = can run; otherwise the reason it cannot) and
-``run(call) -> (output, h_n, c_n)``. It may also have ``slower(request) -> str | None``: a reason
-why automatic dispatch should prefer a lower-priority backend for a request it can run (from
-measurements); a backend named explicitly still runs it.
+Adding a backend
+----------------
+A backend is an object with
+
+* ``name`` and ``priority`` (automatic dispatch tries the highest first; ``reference`` is 0);
+* ``check(request) -> str | None``: None if it can run the request, else the reason it cannot;
+* ``run_layer(layer: LayerCall) -> LayerResult``: ONE layer, every direction of it (one call
+  per direction, or all at once if it fuses them), forward; its backward is whatever autograd
+  differentiates (a custom op with a hand-written backward, or plain torch operations);
+* optionally ``slower(request) -> str | None`` (a measured reason why automatic dispatch should
+  prefer a lower-priority backend that can also run the request) and ``why`` (one line for
+  :func:`rnnkit.explain`).
+
+:func:`register` adds it beside the built-ins (``reference``: the Python time loop, which runs
+everything; ``native``: torch's own fused ops; ``cpu``: rnnkit's C++ kernels). A registered
+backend is enrolled in the conformance suite (``tests/test_conformance.py``): parity with the
+reference backend in outputs, final states and every gradient, over every cell, lengths 0/1/T,
+both directions, stacks, each regulariser, gates, float32/float64 and the error cases, for every
+request its ``check`` accepts.
+
+A backend named explicitly (the layer's ``backend=`` argument, :func:`set_default_backend` or
+:func:`use_backend`) is used or, if it cannot run the request, raises
+:class:`BackendUnavailable` with the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..cells.table import SPECS
+from ..regularisers import Masks, Regularisers
 
 __all__ = [
     "AUTO",
@@ -31,10 +55,16 @@ __all__ = [
     "BackendUnavailable",
     "Call",
     "Choice",
+    "Direction",
+    "LayerCall",
+    "LayerResult",
     "Request",
+    "StackResult",
     "available",
     "get_default_backend",
+    "make_call",
     "register",
+    "run",
     "select",
     "set_default_backend",
     "use_backend",
@@ -51,11 +81,13 @@ class BackendUnavailable(ValueError):
 class Request:
     """What a layer asks to run: everything a backend needs to decide whether it can.
 
-    ``mode`` is a key of ``functional.GATES`` for a built-in cell, or None for a custom cell.
-    ``lengths`` is "none", "positive" (all >= 1) or "has_zero". ``zoneout`` and
-    ``state_dropout`` ask for the regularisers applied inside the step, ``variational`` for
-    dropout masks on each layer's input and output inside a stack (their masks come in
-    ``Call.masks``); ``gates`` asks for every step's gate activations.
+    ``mode`` is a key of the cell table (:data:`rnnkit.cells.table.SPECS`) for a built-in cell,
+    or None for a custom cell. ``lengths`` is "none", "positive" (all >= 1) or "has_zero".
+    ``zoneout`` and ``state_dropout`` ask for the regularisers applied inside the step,
+    ``variational`` for dropout masks on each direction's input and output (applied by the
+    composer, around the backend), ``dropout`` for dropout between layers (likewise);
+    ``gates`` asks for every step's gate activations. ``steps``, ``batch``, ``input_size`` (of
+    the first layer) and ``hidden_size`` are T, B, I and H, for choices by shape.
     """
 
     mode: str | None
@@ -74,33 +106,97 @@ class Request:
     variational: bool = False
     gates: bool = False
     layer: str = ""
+    steps: int = 0
+    batch: int = 0
+    input_size: int = 0
+    hidden_size: int = 0
+
+
+@dataclass
+class Direction:
+    """One direction of one layer.
+
+    ``mode``: the built-in step (a key of the cell table), or None for a custom ``cell`` (which
+    only the reference backend runs). ``weights``: one direction's weights by the cell table's
+    names (``weight_ih``, ``weight_hh``, ``bias_ih``, ...; for a custom cell, ``weight_hh`` when
+    DropConnect needs it). ``state``: the initial state tensors, (B, n) each (``(h, c)`` for the
+    LSTM family); ``tuple_state`` says whether the cell takes them as a tuple or, for one tensor,
+    bare. ``regularisers`` is the configuration; the composer draws ``masks`` from it (and
+    multiplies DropConnect's mask into ``weights["weight_hh"]``) before a backend sees it.
+    """
+
+    mode: str | None
+    weights: dict[str, Tensor]
+    state: tuple[Tensor, ...]
+    reverse: bool = False
+    tuple_state: bool = False
+    cell: nn.Module | None = field(default=None, repr=False)
+    eps: float = 1e-5
+    regularisers: Regularisers = field(default_factory=Regularisers)
+    masks: Masks | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        if self.mode is not None:
+            return self.weights["weight_hh"].shape[0] // SPECS[self.mode].gate_count
+        return int(self.cell.hidden_size)  # type: ignore[union-attr]
+
+    @property
+    def output_size(self) -> int:
+        return self.state[0].shape[-1]
 
 
 @dataclass
 class Call:
-    """One run of a stack of recurrent layers, in the backends' layout (time-major).
-
-    x: (T, B, I). h0: (L*D, B, P); c0: (L*D, B, H) for LSTM, else None. weights: per layer, per
-    direction, ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` (torch.nn's flat order). lengths: (B,) int64 on
-    x's device, or None. ``masks`` holds the regulariser masks (``layers.regularisers.Masks``; for
-    a stack, a list with one per layer and direction) when the request asks for them. ``reference``
-    runs the layer's own loop. Backends return ``(output (T, B, D*P), h_n (L*D, B, P), c_n or
-    None)``, followed, when ``request.gates``, by a tuple with one tuple of (T, B, n) gate
-    activations per layer and direction (h_n's order). A fused backend may return them detached.
-    ``eps``: the LayerNorm cells' epsilon.
-    """
+    """A whole stack, in the backends' time-major layout: ``x`` (T, B, I), ``layers`` (per layer,
+    per direction, forward direction first), ``lengths`` (B,) int64 on x's device or None,
+    ``dropout`` between layers (in training), and whether to collect ``gates``."""
 
     request: Request
     x: Tensor
-    h0: Tensor
-    c0: Tensor | None
-    weights: list[Tensor]
+    layers: list[list[Direction]]
     lengths: Tensor | None
-    dropout: float
+    dropout: float = 0.0
+    training: bool = False
+    gates: bool = False
+
+
+@dataclass
+class LayerCall:
+    """One layer, as :meth:`Backend.run_layer` gets it: ``inputs`` has one (T, B, I) tensor per
+    direction (the same tensor object for both unless variational masks differ), ``directions``
+    their :class:`Direction` (masks drawn, DropConnect applied), ``lengths`` as in :class:`Call`.
+    """
+
+    request: Request
+    inputs: list[Tensor]
+    directions: list[Direction]
+    lengths: Tensor | None
     training: bool
-    reference: Callable[[], tuple] = field(repr=False)
-    masks: Any = None
-    eps: float = 1e-5
+    gates: bool
+
+
+class LayerResult(NamedTuple):
+    """What :meth:`Backend.run_layer` returns: ``out`` (T, B, D*P) every direction's output
+    concatenated (zero at padded steps); ``states`` one tuple of final state tensors (B, n) per
+    direction; ``gates`` (with ``LayerCall.gates``) one tuple of (T, B, n) gate activations per
+    direction (the cell table's ``gate_outputs``; a fused backend may return them detached)."""
+
+    out: Tensor
+    states: list[tuple[Tensor, ...]]
+    gates: list[tuple[Tensor, ...]] | None = None
+
+
+@dataclass
+class StackResult:
+    """What :func:`run` returns: ``out`` (T, B, D*P) the top layer's output, ``last`` its
+    per-direction outputs (views), ``states[layer][direction]`` the final states, and with
+    ``gates`` requested ``gates[layer][direction]``."""
+
+    out: Tensor
+    last: list[Tensor]
+    states: list[list[tuple[Tensor, ...]]]
+    gates: list[list[tuple[Tensor, ...]]] | None = None
 
 
 class Backend(Protocol):
@@ -109,7 +205,7 @@ class Backend(Protocol):
 
     def check(self, request: Request) -> str | None: ...
 
-    def run(self, call: Call) -> tuple[Tensor, Tensor, Tensor | None]: ...
+    def run_layer(self, layer: LayerCall) -> LayerResult: ...
 
 
 @dataclass(frozen=True)
@@ -215,6 +311,70 @@ def _ensure_registered() -> None:
             for builtin in (reference.ReferenceBackend(), native.NativeBackend(), cpu.CpuBackend()):
                 _registry.setdefault(builtin.name, builtin)
             _builtins_registered = True
+
+
+# -- describing a call ---------------------------------------------------------------------------
+
+
+def _lengths_kind(lengths: Tensor | None) -> str:
+    if lengths is None:
+        return "none"
+    return "has_zero" if bool((lengths == 0).any()) else "positive"
+
+
+def make_call(
+    x: Tensor,
+    layers: list[list[Direction]],
+    lengths: Tensor | None = None,
+    *,
+    dropout: float = 0.0,
+    training: bool = False,
+    gates: bool = False,
+    label: str = "",
+) -> Call:
+    """A :class:`Call` for ``layers`` over the time-major ``x``, with its :class:`Request`."""
+    directions = [d for layer in layers for d in layer]
+    first = directions[0]
+    modes = {d.mode for d in directions}
+    regs = [d.regularisers for d in directions]
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or any(t.requires_grad for d in directions for t in (*d.weights.values(), *d.state))
+        or any(
+            p.requires_grad for d in directions if d.cell is not None for p in d.cell.parameters()
+        )
+    )
+    request = Request(
+        mode=first.mode if len(modes) == 1 else None,
+        num_layers=len(layers),
+        bidirectional=len(layers[0]) == 2,
+        reverse=len(layers[0]) == 1 and first.reverse,
+        bias="bias_ih" in first.weights,
+        proj="weight_hr" in first.weights,
+        dropout=dropout > 0 and training and len(layers) > 1,
+        device_type=x.device.type,
+        dtype=x.dtype,
+        lengths=_lengths_kind(lengths),
+        requires_grad=grad,
+        zoneout=any(r.zoneout or r.zoneout_cell for r in regs),
+        state_dropout=training and any(r.dropout_state for r in regs),
+        variational=training and any(r.dropout_input or r.dropout_output for r in regs),
+        gates=gates,
+        layer=label,
+        steps=x.shape[0],
+        batch=x.shape[1],
+        input_size=x.shape[2],
+        hidden_size=first.hidden_size,
+    )
+    return Call(request, x, layers, lengths, dropout, training, gates)
+
+
+def run(call: Call, name: str | None = None) -> StackResult:
+    """Run ``call`` on the backend :func:`select` picks (``name`` forces one)."""
+    from .stack import compose
+
+    backend, _ = select(call.request, name)
+    return compose(call, backend)
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
 """The native backend: torch's own fused recurrent ops (oneDNN on CPU, cuDNN on GPU).
 
-Chosen only when the configuration is exactly what those ops compute: a built-in cell, no lengths
-or lengths that can be packed (all >= 1), and no single reversed direction with lengths.
+Chosen only when the layer is exactly what those ops compute: a torch.nn cell (Elman RNN, LSTM
+with or without projection, GRU), no regularisers or gates, no lengths or lengths that can be
+packed (all >= 1), and no single reversed direction with lengths. It runs one layer per call
+(both directions at once), like every backend; the composer stacks the layers.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import _VF, Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from . import Call, Request
+from . import LayerCall, LayerResult, Request
 
 _OPS = {"rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu, "lstm": _VF.lstm, "gru": _VF.gru}
 
@@ -34,32 +37,38 @@ class NativeBackend:
             return f"dtype {request.dtype} is not floating point"
         return None
 
-    def run(self, call: Call) -> tuple[Tensor, Tensor, Tensor | None]:
-        req = call.request
-        op = _OPS[req.mode]
-        lstm = req.mode == "lstm"
-        hx = [call.h0, call.c0] if lstm else [call.h0]
-        args = (
-            call.weights,
-            req.bias,
-            req.num_layers,
-            call.dropout,
-            call.training,
-            req.bidirectional,
-        )
-        if call.lengths is None:
-            x = call.x.flip(0) if req.reverse else call.x
-            out, *states = op(x, hx if lstm else hx[0], *args, False)
-            if req.reverse:
+    def run_layer(self, layer: LayerCall) -> LayerResult:
+        directions = layer.directions
+        mode = directions[0].mode
+        assert mode is not None
+        op = _OPS[mode]
+        lstm = mode == "lstm"
+        bidirectional = len(directions) == 2
+        reverse = not bidirectional and directions[0].reverse
+        # torch's flat weights: per direction w_ih, w_hh[, b_ih, b_hh][, w_hr], the table's order
+        weights = [w for d in directions for w in d.weights.values()]
+        bias = "bias_ih" in directions[0].weights
+        h0 = torch.stack([d.state[0] for d in directions])  # (D, B, P)
+        hx = [h0, torch.stack([d.state[1] for d in directions])] if lstm else [h0]
+        args = (weights, bias, 1, 0.0, layer.training, bidirectional)
+        x = layer.inputs[0]
+        if layer.lengths is None:
+            if reverse:
+                x = x.flip(0)
+            out, *finals = op(x, hx if lstm else hx[0], *args, False)
+            if reverse:
                 out = out.flip(0)
         else:
-            steps = call.x.shape[0]
-            packed = pack_padded_sequence(call.x, call.lengths.cpu(), enforce_sorted=False)
+            steps = x.shape[0]
+            packed = pack_padded_sequence(x, layer.lengths.cpu(), enforce_sorted=False)
             order, unorder = packed.sorted_indices, packed.unsorted_indices
             hx = [h.index_select(1, order) for h in hx]
-            out, *states = op(packed.data, packed.batch_sizes, hx if lstm else hx[0], *args)
-            states = [s.index_select(1, unorder) for s in states]
+            out, *finals = op(packed.data, packed.batch_sizes, hx if lstm else hx[0], *args)
+            finals = [s.index_select(1, unorder) for s in finals]
             out, _ = pad_packed_sequence(
                 type(packed)(out, packed.batch_sizes, order, unorder), total_length=steps
             )
-        return out, states[0], states[1] if lstm else None
+        states: list[tuple[Tensor, ...]] = [
+            tuple(s[k] for s in finals) for k in range(len(directions))
+        ]
+        return LayerResult(out, states)

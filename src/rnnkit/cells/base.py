@@ -29,12 +29,13 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..functional import GATE_OUTPUTS
+from .. import functional as F
+from .table import SPECS, CellSpec
 
 #: A cell's recurrent state: one tensor, or a tuple of tensors, each (B, ...).
 State = Union[Tensor, tuple[Tensor, ...]]  # noqa: UP007 - a runtime alias, readable in docs
@@ -45,8 +46,10 @@ class Cell(nn.Module):
 
     input_size: int
     hidden_size: int
-    #: Name of the built-in step this cell computes (a key of ``functional.GATES``), or None.
+    #: Name of the built-in step this cell computes (a key of the cell table), or None.
     mode: str | None = None
+    #: Size of a projected LSTM's output (0: no projection).
+    proj_size: int = 0
 
     @property
     def output_size(self) -> int:
@@ -73,8 +76,8 @@ class Cell(nn.Module):
 
         A custom cell that supports ``return_gates`` overrides this.
         """
-        family = (self.mode or "").split("_")[0]
-        return GATE_OUTPUTS.get(family, ())
+        spec = SPECS.get(self.mode or "")
+        return spec.gate_outputs if spec else ()
 
     def kernel_mode(self) -> str | None:
         """The built-in step this cell computes unchanged, or None for a custom step.
@@ -85,12 +88,33 @@ class Cell(nn.Module):
         owner = next(c for c in type(self).__mro__ if "forward" in c.__dict__)
         return self.mode if owner.__module__.startswith("rnnkit.cells") else None
 
-    def kernel_weights(self) -> list[Tensor]:
-        """Weights in the backends' per-direction order: w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
-        raise NotImplementedError(f"{type(self).__name__} has no built-in kernel")
+    @property
+    def spec(self) -> CellSpec | None:
+        """The cell table's entry for the built-in step this cell computes (None: a custom one)."""
+        mode = self.kernel_mode()
+        return SPECS[mode] if mode else None
+
+    def kernel_weights(self) -> dict[str, Tensor]:
+        """The weights of this cell's built-in step by the cell table's names, in the kernels'
+        order (``weight_ih``, ``weight_hh``, the biases, ...)."""
+        spec = SPECS.get(self.mode or "")
+        if spec is None:
+            raise NotImplementedError(f"{type(self).__name__} has no built-in step")
+        names = spec.weight_names(bool(getattr(self, "bias", True)), self.proj_size > 0)
+        return {n: self.get_parameter(n) for n in names}
 
 
-class _TorchLayoutCell(Cell):
+class BuiltinCell(Cell):
+    """A cell whose step is rnnkit's own (:func:`rnnkit.functional.step` of its ``mode``, over
+    its :meth:`kernel_weights`): what the fused backends run unchanged."""
+
+    eps: float = 1e-5  # the LayerNorm cells' epsilon
+
+    def forward(self, x: Tensor, state: Any, return_gates: bool = False) -> tuple:
+        return F.step(self.mode, self.kernel_weights(), x, state, return_gates, self.eps)
+
+
+class _TorchLayoutCell(BuiltinCell):
     """Shared parameter set-up of the built-in cells (torch.nn names, shapes and init)."""
 
     def __init__(
@@ -129,14 +153,6 @@ class _TorchLayoutCell(Cell):
         bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
-
-    def kernel_weights(self) -> list[Tensor]:
-        ws = [self.weight_ih, self.weight_hh]
-        if self.bias:
-            ws += [self.bias_ih, self.bias_hh]
-        if self.proj_size > 0:
-            ws.append(self.weight_hr)
-        return ws
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from .. import functional as F
 from .base import _TorchLayoutCell
 
 
@@ -28,10 +26,3 @@ class GRUCell(_TorchLayoutCell):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_size, hidden_size, 3, bias, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor, h: Tensor, return_gates: bool = False):
-        out = F.gru_step(
-            x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, return_gates
-        )
-        h, *gates = out if return_gates else (out,)
-        return (h, h, *gates)

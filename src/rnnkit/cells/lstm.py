@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from .. import functional as F
 from .base import _TorchLayoutCell
 
 
@@ -45,17 +43,3 @@ class LSTMCell(_TorchLayoutCell):
     @property
     def state_sizes(self) -> tuple[int, ...]:
         return (self.output_size, self.hidden_size)
-
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], return_gates: bool = False):
-        w_hr = self.weight_hr if self.proj_size > 0 else None
-        h, c, *gates = F.lstm_step(
-            x,
-            *state,
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            w_hr,
-            return_gates,
-        )
-        return (h, (h, c), *gates)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from .. import functional as F
 from .base import _TorchLayoutCell
 
 _NONLINEARITIES = ("tanh", "relu")
@@ -32,12 +30,6 @@ class RNNCell(_TorchLayoutCell):
         super().__init__(input_size, hidden_size, 1, bias, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
         self.mode = f"rnn_{nonlinearity}"
-
-    def forward(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        h = F.rnn_step(
-            x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.nonlinearity
-        )
-        return h, h
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .. import functional as F
-from .base import Cell, _check_size
+from .base import BuiltinCell, _check_size
 from .lstm import LSTMCell
 
 
@@ -38,25 +37,8 @@ class PeepholeLSTMCell(LSTMCell):
         self.weight_co = nn.Parameter(torch.empty(hidden_size, **kw))
         self.reset_parameters()
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], return_gates: bool = False):
-        w_hr = self.weight_hr if self.proj_size > 0 else None
-        h, c, *gates = F.peephole_lstm_step(
-            x, *state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            self.weight_ci, self.weight_cf, self.weight_co, w_hr, return_gates,
-        )  # fmt: skip
-        return (h, (h, c), *gates)
 
-    def kernel_weights(self) -> list[Tensor]:
-        ws = [self.weight_ih, self.weight_hh]
-        if self.bias:
-            ws += [self.bias_ih, self.bias_hh]
-        ws += [self.weight_ci, self.weight_cf, self.weight_co]
-        if self.proj_size > 0:
-            ws.append(self.weight_hr)
-        return ws
-
-
-class _LayerNormCell(Cell):
+class _LayerNormCell(BuiltinCell):
     """Shared set-up: torch-named weights, LayerNorm submodules with gain 1 and bias 0."""
 
     def __init__(
@@ -84,10 +66,6 @@ class _LayerNormCell(Cell):
             setattr(self, name, nn.LayerNorm(size, eps=eps, **kw))
         self.reset_parameters()
 
-    def _weights(self) -> list[Tensor]:
-        ws = [self.weight_ih, self.weight_hh]
-        return [*ws, self.bias_ih, self.bias_hh] if self.bias else ws
-
     def reset_parameters(self) -> None:
         """Weights and biases ~ U(-1/sqrt(H), 1/sqrt(H)); LayerNorm gains 1, biases 0."""
         bound = 1.0 / math.sqrt(self.hidden_size)
@@ -96,10 +74,6 @@ class _LayerNormCell(Cell):
                 nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
             else:
                 nn.init.uniform_(p, -bound, bound)
-
-    def _ln(self, name: str) -> tuple[Tensor, Tensor]:
-        norm = getattr(self, name)
-        return norm.weight, norm.bias
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}"
@@ -130,16 +104,6 @@ class LayerNormLSTMCell(_LayerNormCell):
     def state_sizes(self) -> tuple[int, ...]:
         return (self.hidden_size, self.hidden_size)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor], return_gates: bool = False):
-        h, c, *gates = F.layernorm_lstm_step(
-            x, *state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            self._ln("ln_ih"), self._ln("ln_hh"), self._ln("ln_c"), self.eps, return_gates,
-        )  # fmt: skip
-        return (h, (h, c), *gates)
-
-    def kernel_weights(self) -> list[Tensor]:
-        return [*self._weights(), *self._ln("ln_ih"), *self._ln("ln_hh"), *self._ln("ln_c")]
-
 
 class LayerNormGRUCell(_LayerNormCell):
     """Layer-normalised GRU (see :func:`rnnkit.functional.layernorm_gru_step`).
@@ -161,14 +125,3 @@ class LayerNormGRUCell(_LayerNormCell):
     ) -> None:
         norms = {"ln_ih": 3 * hidden_size, "ln_hh": 3 * hidden_size}
         super().__init__(input_size, hidden_size, 3, bias, norms, eps, device, dtype)
-
-    def forward(self, x: Tensor, h: Tensor, return_gates: bool = False):
-        out = F.layernorm_gru_step(
-            x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            self._ln("ln_ih"), self._ln("ln_hh"), self.eps, return_gates,
-        )  # fmt: skip
-        h, *gates = out if return_gates else (out,)
-        return (h, h, *gates)
-
-    def kernel_weights(self) -> list[Tensor]:
-        return [*self._weights(), *self._ln("ln_ih"), *self._ln("ln_hh")]

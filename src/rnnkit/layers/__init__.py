@@ -1,8 +1,8 @@
 """Layers: the time loop over any cell, wrappers, and torch.nn-compatible RNN/LSTM/GRU."""
 
 from .bidirectional import Bidirectional
-from .recurrent import Recurrent, scan
+from .recurrent import Recurrent, scan, top_states
 from .stacked import Stacked
 from .torch_compat import GRU, LSTM, RNN
 
-__all__ = ["GRU", "LSTM", "RNN", "Bidirectional", "Recurrent", "Stacked", "scan"]
+__all__ = ["GRU", "LSTM", "RNN", "Bidirectional", "Recurrent", "Stacked", "scan", "top_states"]

@@ -9,6 +9,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ..backends import Direction
+from .recurrent import (
+    Prepared,
+    cell_state,
+    dispatch_request,
+    prepare,
+    run_stack,
+    signature,
+    top_states,
+)
+
 __all__ = ["MERGE_MODES", "Bidirectional", "merge"]
 
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
@@ -38,6 +49,10 @@ def merge(a: Any, b: Any, mode: str | None) -> Any:
 
 class Bidirectional(nn.Module):
     """``Bidirectional(forward, backward, merge="concat")``: run both layers, merge their outputs.
+
+    Two :class:`Recurrent` layers over agreeing cells run as the two directions of one layer
+    (a backend may run them at once, e.g. one on each thread); other layers run one after the
+    other.
 
     ``backward`` must read the sequence from its end, e.g. ``Recurrent(cell, reverse=True)``; with
     ``lengths`` it then starts at each sequence's own last valid step. Any layers that follow the
@@ -76,7 +91,51 @@ class Bidirectional(nn.Module):
     def extra_repr(self) -> str:
         return f"merge={self.merge!r}"
 
+    def fused(self) -> bool:
+        """Whether both layers run as the two directions of one layer (both :class:`Recurrent`
+        over cells that agree: same built-in step and weights, or both custom; same layout and
+        backend), so a backend may run them together; else each runs on its own."""
+        sig = signature(self.forward_layer)
+        return sig is not None and sig == signature(self.backward_layer)
+
+    def directions(self, like: Tensor, state: Any) -> list[list[Direction]]:
+        """Both layers as one layer of two directions (when :meth:`fused`)."""
+        state = self._check_state(state)
+        (forward,) = self.forward_layer.directions(like, state[0])
+        (backward,) = self.backward_layer.directions(like, state[1])
+        return [[*forward, *backward]]
+
+    def dtype_weights(self) -> list[tuple[str, Tensor]]:
+        return [*self.forward_layer.dtype_weights(), *self.backward_layer.dtype_weights()]
+
+    def _check_state(self, state: Any) -> tuple[Any, Any]:
+        if state is None:
+            return (None, None)
+        if not isinstance(state, tuple | list) or len(state) != 2:
+            raise TypeError(
+                f"state is a {type(state).__name__}; expected (forward_state, backward_state)"
+            )
+        return state[0], state[1]
+
+    def _prepare(self, x: Any, lengths: Any) -> Prepared:
+        first = self.forward_layer
+        return prepare(
+            x, lengths, first.batch_first, self.input_size, weights=self.dtype_weights(),
+            layer="Bidirectional",
+        )  # fmt: skip
+
+    def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
+        forward, backward = self._check_state(state)
+        return (
+            *top_states(self.forward_layer, forward),
+            *top_states(self.backward_layer, backward),
+        )
+
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
+        if self.fused():
+            inp = self._prepare(x, lengths)
+            request = dispatch_request(self, inp, self.directions(inp.x, None))
+            return [("Bidirectional", request, self.forward_layer.backend)]
         return [
             (f"{d}.{label}", req, name)
             for d, layer in (("forward", self.forward_layer), ("backward", self.backward_layer))
@@ -86,12 +145,19 @@ class Bidirectional(nn.Module):
     def forward(
         self, x: Any, state: Any = None, lengths: Any = None
     ) -> tuple[Any, tuple[Any, Any]]:
-        if state is None:
-            state = (None, None)
-        elif not isinstance(state, tuple | list) or len(state) != 2:
-            raise TypeError(
-                f"state is a {type(state).__name__}; expected (forward_state, backward_state)"
+        if self.fused():
+            inp = self._prepare(x, lengths)
+            layers = self.directions(inp.x, state)
+            result = run_stack(self, inp, layers, self.forward_layer.backend)
+            out_f, out_b = (inp.restore(o) for o in result.last)
+            out = (
+                inp.restore(result.out)
+                if self.merge == "concat"
+                else merge(out_f, out_b, self.merge)
             )
+            (s_f, s_b) = result.states[0]
+            return out, (cell_state(layers[0][0], s_f), cell_state(layers[0][1], s_b))
+        state = self._check_state(state)
         out_f, s_f = self.forward_layer(x, state[0], lengths=lengths)
         out_b, s_b = self.backward_layer(x, state[1], lengths=lengths)
         return merge(out_f, out_b, self.merge), (s_f, s_b)

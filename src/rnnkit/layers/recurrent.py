@@ -1,9 +1,28 @@
-"""The one time loop (:func:`scan`) and the layer that runs any cell over a sequence (:class:`Recurrent`)."""
+"""The layer that runs any cell over a sequence (:class:`Recurrent`), the input checks every layer
+shares, and how a layer hands its stack to the backends.
+
+The time loop itself is :func:`rnnkit.backends.reference.scan` (re-exported here as
+:func:`scan`): every layer describes its stack (layers x directions, see
+:class:`rnnkit.backends.Direction`) and the backends run it, the reference backend with that loop.
+
+States
+------
+What a layer takes and returns as its state has the layer's shape, so that a returned state can
+be handed back in (streaming):
+
+* :class:`Recurrent`: the cell's state (a (B, H) tensor, or a tuple such as ``(h, c)``);
+* :class:`~rnnkit.Bidirectional`: ``(forward_state, backward_state)``;
+* :class:`~rnnkit.Stacked`: a tuple with one state per layer;
+* the drop-ins (:class:`~rnnkit.RNN`, :class:`~rnnkit.LSTM`, :class:`~rnnkit.GRU`): torch.nn's
+  ``h_n`` (L*D, B, P) (and ``c_n`` (L*D, B, H) for the LSTM).
+
+:func:`top_states` reads any of them the same way: the top layer's final state per direction.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,105 +32,21 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
 from .. import lengths as L
+from ..backends import Direction, StackResult
+from ..backends.reference import scan
 from ..cells.base import Cell, State
-from .regularisers import PlainPickle, Regularisers
+from ..regularisers import PlainPickle, Regularisers
 
-__all__ = ["Recurrent", "check_dtypes", "prepare", "scan"]
-
-Step = Callable[..., tuple]
-
-
-def _where(valid: Tensor, new: Any, old: Any) -> Any:
-    if isinstance(new, Tensor):
-        return torch.where(valid, new, old)
-    return type(new)(_where(valid, n, o) for n, o in zip(new, old, strict=True))
+__all__ = ["Recurrent", "check_dtypes", "prepare", "scan", "top_states"]
 
 
 def _states(state: Any) -> tuple[Tensor, ...]:
     return (state,) if isinstance(state, Tensor) else tuple(state)
 
 
-def _like(state: Any, tensors: list[Tensor]) -> Any:
-    return tensors[0] if isinstance(state, Tensor) else type(state)(tensors)
-
-
-def _zone(new: Any, old: Any, zoneout: tuple, t: int) -> Any:
-    """Zoneout: keep previous units where the step's mask says so (eval: the expectation)."""
-    mixed = []
-    for z, n, o in zip(zoneout, _states(new), _states(old), strict=True):
-        if isinstance(z, Tensor):
-            mixed.append(torch.where(z[t], o, n))
-        else:
-            mixed.append(n if z == 0.0 else z * o + (1 - z) * n)
-    return _like(new, mixed)
-
-
-def scan(
-    step: Step,
-    x: Tensor,
-    state: Any,
-    lengths: Tensor | None = None,
-    reverse: bool = False,
-    *,
-    zoneout: tuple | None = None,
-    state_mask: Tensor | None = None,
-    return_gates: bool = False,
-) -> tuple:
-    """Run ``step(x_t, state) -> (out_t, state)`` over time-major ``x`` (T, B, I): THE time loop.
-
-    With ``lengths`` (B,), steps at or beyond a sequence's length leave its state unchanged and
-    give a zero output, so the final state is the one at the sequence's own last step. With
-    ``reverse`` the sequence is read from each sequence's own last valid step back to its first;
-    outputs are returned in the original time order.
-
-    Regularisers (see :mod:`rnnkit.layers.regularisers`): ``state_mask`` (B, n) multiplies the
-    first state tensor (h_{t-1}) as it enters the step; ``zoneout`` holds, per state tensor, a
-    (T, B, n) bool mask (True = keep the previous value at that step) or an eval-mode probability;
-    with zoneout the output is the zoned-out h. With ``return_gates`` the step is called with
-    ``return_gates=True`` and its gates are returned stacked over time.
-
-    Returns ``(out (T, B, O), final_state)``, plus a tuple of (T, B, n) gates with ``return_gates``.
-    """
-    steps = x.shape[0]
-    masks = list(zoneout) if zoneout is not None and isinstance(zoneout[0], Tensor) else []
-    if reverse:
-        x = L.reverse_padded(x, lengths)
-        masks = [L.reverse_padded(m, lengths) for m in masks]
-    if masks:
-        zoneout = tuple(masks)
-    valid = None
-    run = steps
-    if lengths is not None:
-        valid = L.mask(lengths, steps).unsqueeze(-1)  # (T, B, 1)
-        run = int(lengths.max()) if lengths.numel() else 0
-    columns: list[tuple[Tensor, ...]] = []  # per step: out, then the gates
-    for t in range(max(run, 1)):
-        entering = state
-        if state_mask is not None:
-            first, *rest = _states(state)
-            entering = _like(state, [first * state_mask, *rest])
-        out, new, *gates = (
-            step(x[t], entering, return_gates=True) if return_gates else step(x[t], entering)
-        )
-        if zoneout is not None:
-            new = _zone(new, state, zoneout, t)
-            out = _states(new)[0]
-        column = (out, *(gates[0] if gates else ()))
-        if t >= run:  # every sequence is empty: this step only gave the shapes
-            columns.append(tuple(torch.zeros_like(c) for c in column))
-            break
-        if valid is not None:
-            column = tuple(torch.where(valid[t], c, 0.0) for c in column)
-            new = _where(valid[t], new, state)
-        columns.append(column)
-        state = new
-    pad = [tuple(torch.zeros_like(c) for c in columns[0])] * (steps - len(columns))
-    stacked = [torch.stack(c) for c in zip(*columns, *pad, strict=True)]
-    if reverse:
-        stacked = [L.reverse_padded(c, lengths) for c in stacked]
-    if return_gates:
-        return stacked[0], state, tuple(stacked[1:])
-    return stacked[0], state
+def cell_state(direction: Direction, tensors: tuple[Tensor, ...]) -> State:
+    """Final state tensors of ``direction`` in its cell's layout (a tuple, or one tensor)."""
+    return tuple(tensors) if direction.tuple_state else tensors[0]
 
 
 @dataclass
@@ -236,14 +171,72 @@ def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> 
     return value
 
 
-def needs_grad(x: Tensor, *tensors: Tensor | None) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+def top_states(layer: nn.Module, state: Any) -> tuple[tuple[Tensor, ...], ...]:
+    """The top layer's final state per direction (forward first), from the state any rnnkit layer
+    returns: one tuple of state tensors per direction, each (B, n); entry ``[d][0]`` is the final
+    hidden state of direction d, ``[d][1]`` the LSTM's cell state.
+
+    Works for :class:`Recurrent`, :class:`~rnnkit.Bidirectional`, :class:`~rnnkit.Stacked`, the
+    drop-ins, and any other layer whose state is a cell state ((B, H), or a tuple of such).
+    """
+    read = getattr(layer, "top_states", None)
+    if read is not None:
+        return read(state)
+    tensors = _states(state) if isinstance(state, Tensor | tuple | list) else ()
+    if not tensors or not all(isinstance(t, Tensor) and t.dim() == 2 for t in tensors):
+        raise TypeError(
+            f"cannot read a final state of type {type(state).__name__} from a "
+            f"{type(layer).__name__}; expected an rnnkit layer or a (B, H) / (h, c) cell state"
+        )
+    return (tensors,)
+
+
+def run_stack(
+    module: nn.Module,
+    inp: Prepared,
+    layers: list[list[Direction]],
+    backend: str | None,
+    *,
+    dropout: float = 0.0,
+    gates: bool = False,
+) -> StackResult:
+    """Hand a layer's stack (``layers``, built by the layer over ``inp``) to the backends."""
+    call = backends.make_call(
+        inp.x,
+        layers,
+        inp.lengths,
+        dropout=dropout,
+        training=module.training,
+        gates=gates,
+        label=type(module).__name__,
+    )
+    return backends.run(call, backend)
+
+
+def dispatch_request(
+    module: nn.Module, inp: Prepared, layers: list[list[Direction]], dropout: float = 0.0
+) -> backends.Request:
+    """The request :func:`run_stack` would dispatch (for :func:`rnnkit.explain`; nothing runs)."""
+    call = backends.make_call(
+        inp.x, layers, inp.lengths, dropout=dropout, training=module.training,
+        label=type(module).__name__,
+    )  # fmt: skip
+    return call.request
+
+
+def signature(layer: nn.Module) -> tuple | None:
+    """What must agree between the directions of one fused stack, or None when ``layer`` is not
+    a :class:`Recurrent` (then a wrapper composes it module by module)."""
+    if not isinstance(layer, Recurrent):
+        return None
+    cell = layer.cell
+    mode = cell.kernel_mode() if isinstance(cell, Cell) else None
+    weights = tuple(cell.kernel_weights()) if mode else ("custom",)
+    return (mode, weights, getattr(cell, "eps", 1e-5), layer.batch_first, layer.backend)
 
 
 class Recurrent(PlainPickle, nn.Module):
-    """Run a cell over a sequence: the one time loop of rnnkit.
+    """Run a cell over a sequence.
 
     ``Recurrent(cell, reverse=False, batch_first=False, backend=None, **regularisers)``;
     ``forward(x, state=None, lengths=None, return_gates=False) -> (output, final_state[, gates])``.
@@ -251,10 +244,11 @@ class Recurrent(PlainPickle, nn.Module):
     ``x`` is (T, B, I) ((B, T, I) with ``batch_first``) or a PackedSequence (then the output is one
     too). ``state`` is the cell's state (None = zeros). With ``lengths``, outputs at padded steps are
     zero and ``final_state`` is each sequence's state at its own last step; ``reverse=True`` reads
-    each sequence from its own last valid step back to the first. Built-in cells run on the fastest
-    backend that supports the call (see :func:`rnnkit.explain`); any other cell runs the loop here.
+    each sequence from its own last valid step back to the first. Every call goes through the
+    dispatch: built-in cells run on the fastest backend that supports the call (see
+    :func:`rnnkit.explain`); any other cell on the reference backend's time loop.
 
-    Regularisers (keyword arguments, see :mod:`rnnkit.layers.regularisers`): ``dropout_input``,
+    Regularisers (keyword arguments, see :mod:`rnnkit.regularisers`): ``dropout_input``,
     ``dropout_state``, ``dropout_output`` (variational, one mask per sequence), ``zoneout`` and
     ``zoneout_cell``, ``weight_drop`` (DropConnect on ``cell.weight_hh``).
 
@@ -328,36 +322,48 @@ class Recurrent(PlainPickle, nn.Module):
             for k, (s, z) in enumerate(zip(state, zeros, strict=True))
         )
 
-    def _request(self, inp: Prepared, return_gates: bool = False) -> backends.Request:
-        mode = self.cell.kernel_mode() if isinstance(self.cell, Cell) else None
-        weights = self.cell.kernel_weights() if mode else list(self.cell.parameters())
-        regs = self.regularisers
-        return backends.Request(
-            mode=mode,
-            reverse=self.reverse,
-            bias=bool(getattr(self.cell, "bias", True)),
-            proj=getattr(self.cell, "proj_size", 0) > 0,
-            device_type=inp.x.device.type,
-            dtype=inp.x.dtype,
-            lengths=inp.lengths_kind,
-            requires_grad=needs_grad(inp.x, *weights),
-            zoneout=bool(regs.zoneout or regs.zoneout_cell),
-            state_dropout=bool(regs.dropout_state) and self.training,
-            gates=return_gates,
-            layer=type(self.cell).__name__,
-        )
+    def dtype_weights(self) -> Iterable[tuple[str, Tensor]]:
+        """The parameters the input's dtype must match: a built-in cell's (its kernels read them
+        in the input's dtype); a custom cell's own operations check what they need."""
+        built_in = isinstance(self.cell, Cell) and self.cell.kernel_mode() is not None
+        return self.cell.named_parameters() if built_in else ()
 
     def _prepare(self, x: Any, lengths: Any) -> Prepared:
-        # a built-in cell's kernels read its weights in the input's dtype; a custom cell's own
-        # operations check what they need
-        built_in = isinstance(self.cell, Cell) and self.cell.kernel_mode() is not None
-        weights = self.cell.named_parameters() if built_in else ()
         layer = f"Recurrent({type(self.cell).__name__})"
-        return prepare(x, lengths, self.batch_first, self.input_size, weights=weights, layer=layer)
+        return prepare(
+            x, lengths, self.batch_first, self.input_size, weights=self.dtype_weights(),
+            layer=layer,
+        )  # fmt: skip
+
+    def directions(self, like: Tensor, state: Any) -> list[list[Direction]]:
+        """This layer as the backends run it: one layer of one direction, from ``state`` (or
+        zeros) for a batch like ``like`` (T, B, I)."""
+        state = self._initial_state(state, like)
+        cell = self.cell
+        mode = cell.kernel_mode() if isinstance(cell, Cell) else None
+        if mode is not None:
+            weights = cell.kernel_weights()
+        else:  # a custom cell runs itself; DropConnect needs its weight_hh
+            weights = {"weight_hh": cell.weight_hh} if self.regularisers.weight_drop else {}
+        direction = Direction(
+            mode=mode,
+            weights=weights,
+            state=_states(state),
+            reverse=self.reverse,
+            tuple_state=not isinstance(state, Tensor),
+            cell=None if mode is not None else cell,
+            eps=getattr(cell, "eps", 1e-5),
+            regularisers=self.regularisers,
+        )
+        return [[direction]]
+
+    def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
+        return (_states(state),)
 
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
         inp = self._prepare(x, lengths)
-        return [(type(self.cell).__name__, self._request(inp), self.backend)]
+        request = dispatch_request(self, inp, self.directions(inp.x, None))
+        return [(type(self.cell).__name__, request, self.backend)]
 
     def _check_gates(self) -> tuple[str, ...]:
         names = getattr(self.cell, "gate_names", ())
@@ -378,64 +384,14 @@ class Recurrent(PlainPickle, nn.Module):
     ) -> tuple:
         names = self._check_gates() if return_gates else ()
         inp = self._prepare(x, lengths)
-        state = self._initial_state(state, inp.x)
-        sizes = tuple(s.shape[-1] for s in _states(state))
-        weight_hh = self.cell.weight_hh if self.regularisers.weight_drop else None
-        masks = self.regularisers.draw(self.training, inp.x, self.output_size, sizes, weight_hh)
-        x = inp.x if masks.input is None else inp.x * masks.input
-        overrides = {} if masks.weight_hh is None else {"weight_hh": weight_hh * masks.weight_hh}
-
-        def step(x_t: Tensor, s: Any, **kw: Any) -> tuple:
-            return torch.func.functional_call(self.cell, overrides, (x_t, s), kw)
-
-        def loop() -> tuple:
-            return scan(
-                step if overrides else self.cell, x, state, inp.lengths, self.reverse,
-                zoneout=masks.zoneout, state_mask=masks.state, return_gates=return_gates,
-            )  # fmt: skip
-
-        request = self._request(inp, return_gates)
-        backend, _ = backends.select(request, self.backend)
-        if request.mode is None:  # a custom cell: only the reference loop can run it
-            out, state, *gates = loop()
-        else:
-            out, state, *gates = self._run_kernel(backend, request, x, state, inp, masks, loop)
-        if masks.output is not None:
-            out = out * masks.output
+        layers = self.directions(inp.x, state)
+        result = run_stack(self, inp, layers, self.backend, gates=return_gates)
+        final = cell_state(layers[0][0], result.states[0][0])
         if not return_gates:
-            return inp.restore(out), state
+            return inp.restore(result.out), final
+        gates = result.gates[0][0]  # type: ignore[index]
         return (
-            inp.restore(out),
-            state,
-            {n: inp.restore(g) for n, g in zip(names, gates[0], strict=True)},
+            inp.restore(result.out),
+            final,
+            {n: inp.restore(g) for n, g in zip(names, gates, strict=True)},
         )
-
-    def _run_kernel(self, backend, request, x, state, inp, masks, loop) -> tuple:
-        """Run a built-in cell on ``backend`` in the backends' (L*D, B, ...) state layout."""
-        lstm = not isinstance(state, Tensor)
-        h0, c0 = (state[0], state[1]) if lstm else (state, None)
-
-        def reference() -> tuple:  # gates, if any, as backends return them: one tuple per layer
-            out, final, *gates = loop()
-            h, c = (final[0], final[1]) if lstm else (final, None)
-            result = (out, h.unsqueeze(0), None if c is None else c.unsqueeze(0))
-            return (*result, tuple(gates)) if gates else result
-
-        weights = self.cell.kernel_weights()
-        if masks.weight_hh is not None:
-            weights[1] = weights[1] * masks.weight_hh
-        call = backends.Call(
-            request=request,
-            x=x,
-            h0=h0.unsqueeze(0),  # (1, B, P)
-            c0=None if c0 is None else c0.unsqueeze(0),  # (1, B, H)
-            weights=weights,
-            lengths=inp.lengths,
-            dropout=0.0,
-            training=self.training,
-            reference=reference,
-            masks=masks,
-            eps=getattr(self.cell, "eps", 1e-5),
-        )
-        out, h_n, c_n, *gates = backend.run(call)
-        return (out, (h_n[0], c_n[0]) if lstm else h_n[0], *(g[0] for g in gates))

@@ -9,7 +9,18 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .regularisers import check_probability
+from ..backends import Direction
+from ..regularisers import check_probability
+from .bidirectional import Bidirectional, merge
+from .recurrent import (
+    Prepared,
+    cell_state,
+    dispatch_request,
+    prepare,
+    run_stack,
+    signature,
+    top_states,
+)
 
 __all__ = ["Stacked", "check_dropout", "dropout"]
 
@@ -29,6 +40,10 @@ def dropout(x: Any, p: float, training: bool) -> Any:
 
 class Stacked(nn.Module):
     """``Stacked(layers, dropout=0.0)``: a deep stack; layer k+1 reads layer k's output.
+
+    A stack of :class:`Recurrent` and :class:`Bidirectional` layers over agreeing cells runs as
+    one call of layers x directions (as the drop-ins do), so a backend runs it layer by layer
+    with the regulariser masks of every layer drawn once; other layers run one after the other.
 
     Dropout (in training mode) is applied between layers, not after the last. ``lengths`` is
     passed to every layer unchanged. ``forward(x, state=None, lengths=None)`` takes and returns a
@@ -53,7 +68,61 @@ class Stacked(nn.Module):
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}" if self.dropout else ""
 
+    def fused(self) -> bool:
+        """Whether the stack runs as one call of layers x directions: every layer a
+        :class:`Recurrent` or a fused :class:`Bidirectional` (concatenating, except the top one),
+        all over agreeing cells. Else each layer runs on its own, dropout between them."""
+        signatures = []
+        for k, layer in enumerate(self.layers):
+            if isinstance(layer, Bidirectional):
+                if not layer.fused() or (layer.merge != "concat" and k < len(self.layers) - 1):
+                    return False
+                layer = layer.forward_layer
+            sig = signature(layer)
+            if sig is None:
+                return False
+            signatures.append(sig)
+        return len(set(signatures)) == 1
+
+    def directions(self, like: Tensor, state: Any) -> list[list[Direction]]:
+        """Every layer's directions, from ``state`` (one entry per layer, or None)."""
+        state = self._check_state(state)
+        return [
+            d
+            for layer, s in zip(self.layers, state, strict=True)
+            for d in layer.directions(like, s)
+        ]
+
+    def dtype_weights(self) -> list[tuple[str, Tensor]]:
+        return [w for layer in self.layers for w in layer.dtype_weights()]
+
+    def _check_state(self, state: Any) -> tuple[Any, ...]:
+        n = len(self.layers)
+        if state is None:
+            return (None,) * n
+        if not isinstance(state, tuple | list) or len(state) != n:
+            got = len(state) if isinstance(state, tuple | list) else type(state).__name__
+            raise ValueError(f"state has {got} entries; expected one per layer, {n}")
+        return tuple(state)
+
+    def _first(self) -> nn.Module:
+        first = self.layers[0]
+        return first.forward_layer if isinstance(first, Bidirectional) else first
+
+    def _prepare(self, x: Any, lengths: Any) -> Prepared:
+        return prepare(
+            x, lengths, self._first().batch_first, self.input_size,
+            weights=self.dtype_weights(), layer="Stacked",
+        )  # fmt: skip
+
+    def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
+        return top_states(self.layers[-1], self._check_state(state)[-1])
+
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
+        if self.fused():
+            inp = self._prepare(x, lengths)
+            request = dispatch_request(self, inp, self.directions(inp.x, None), self.dropout)
+            return [("Stacked", request, self._first().backend)]
         requests = []
         for k, layer in enumerate(self.layers):
             if k:
@@ -66,12 +135,9 @@ class Stacked(nn.Module):
     def forward(
         self, x: Any, state: Any = None, lengths: Any = None
     ) -> tuple[Any, tuple[Any, ...]]:
-        n = len(self.layers)
-        if state is None:
-            state = (None,) * n
-        elif not isinstance(state, tuple | list) or len(state) != n:
-            got = len(state) if isinstance(state, tuple | list) else type(state).__name__
-            raise ValueError(f"state has {got} entries; expected one per layer, {n}")
+        if self.fused():
+            return self._forward_fused(x, state, lengths)
+        state = self._check_state(state)
         finals = []
         for k, layer in enumerate(self.layers):
             if k:
@@ -79,6 +145,21 @@ class Stacked(nn.Module):
             x, s = layer(x, state[k], lengths=lengths)
             finals.append(s)
         return x, tuple(finals)
+
+    def _forward_fused(self, x: Any, state: Any, lengths: Any) -> tuple[Any, tuple[Any, ...]]:
+        inp = self._prepare(x, lengths)
+        layers = self.directions(inp.x, state)
+        result = run_stack(self, inp, layers, self._first().backend, dropout=self.dropout)
+        top = self.layers[-1]
+        if isinstance(top, Bidirectional) and top.merge != "concat":
+            out = merge(*(inp.restore(o) for o in result.last), top.merge)
+        else:
+            out = inp.restore(result.out)
+        finals = []
+        for layer, directions, states in zip(self.layers, layers, result.states, strict=True):
+            cells = tuple(cell_state(d, s) for d, s in zip(directions, states, strict=True))
+            finals.append(cells if isinstance(layer, Bidirectional) else cells[0])
+        return out, tuple(finals)
 
 
 def _like_input(x: Any, layer: nn.Module) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
 from typing import Any
 
 import torch
@@ -19,12 +18,12 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
-from .. import functional as F
+from ..backends import Direction
 from ..cells.base import _check_size
-from .bidirectional import merge
-from .recurrent import Prepared, check_state, needs_grad, prepare, scan
-from .regularisers import PlainPickle, Regularisers
-from .stacked import check_dropout, dropout
+from ..cells.table import SPECS
+from ..regularisers import PlainPickle, Regularisers
+from .recurrent import Prepared, check_state, dispatch_request, prepare, run_stack
+from .stacked import check_dropout
 
 __all__ = ["GRU", "LSTM", "RNN"]
 
@@ -75,7 +74,7 @@ class _RNNBase(PlainPickle, nn.Module):
                 "between layers",
                 stacklevel=3,
             )
-        gates = F.gate_count(mode) * hidden_size
+        gates = SPECS[mode].gate_count * hidden_size
         kw = {"device": device, "dtype": dtype}
         self._flat_weights_names: list[str] = []
         for layer in range(num_layers):
@@ -173,32 +172,6 @@ class _RNNBase(PlainPickle, nn.Module):
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def _request(
-        self,
-        inp: Prepared,
-        h0: Tensor | None = None,
-        c0: Tensor | None = None,
-        return_gates: bool = False,
-    ) -> backends.Request:
-        regs = self.regularisers
-        return backends.Request(
-            mode=self._mode,
-            num_layers=self.num_layers,
-            bidirectional=self.bidirectional,
-            bias=self.bias,
-            proj=self.proj_size > 0,
-            dropout=self.dropout > 0 and self.training,
-            device_type=inp.x.device.type,
-            dtype=inp.x.dtype,
-            lengths=inp.lengths_kind,
-            requires_grad=needs_grad(inp.x, h0, c0, *self._flat_weights),
-            zoneout=bool(regs.zoneout or regs.zoneout_cell),
-            state_dropout=bool(regs.dropout_state) and self.training,
-            variational=bool(regs.dropout_input or regs.dropout_output) and self.training,
-            gates=return_gates,
-            layer=type(self).__name__,
-        )
-
     def _prepare(self, x: Any, lengths: Any) -> Prepared:
         weights = ((n, getattr(self, n)) for n in self._flat_weights_names)
         return prepare(
@@ -206,84 +179,38 @@ class _RNNBase(PlainPickle, nn.Module):
             layer=type(self).__name__,
         )  # fmt: skip
 
+    def directions(self, like: Tensor, h0: Tensor, c0: Tensor | None) -> list[list[Direction]]:
+        """The stack as the backends run it: per layer, per direction (forward first), the cell
+        table's weights (``weight_ih_l{k}{suffix}`` ... under the table's names) and states."""
+        names = SPECS[self._mode].weight_names(self.bias, self.proj_size > 0)
+        layers = []
+        for layer in range(self.num_layers):
+            directions = []
+            for d, suffix in enumerate(self._suffixes()):
+                k = layer * self.num_directions + d
+                directions.append(
+                    Direction(
+                        mode=self._mode,
+                        weights={n: getattr(self, f"{n}_l{layer}{suffix}") for n in names},
+                        state=(h0[k], c0[k]) if c0 is not None else (h0[k],),
+                        reverse=d == 1,
+                        tuple_state=c0 is not None,
+                        regularisers=self.regularisers,
+                    )
+                )
+            layers.append(directions)
+        return layers
+
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
         inp = self._prepare(x, lengths)
-        return [(type(self).__name__, self._request(inp), self.backend)]
+        h0, c0 = self._initial_states(None, inp)
+        request = dispatch_request(self, inp, self.directions(inp.x, h0, c0), self.dropout)
+        return [(type(self).__name__, request, self.backend)]
 
-    def _step(self, weights: list[Tensor]) -> Any:
-        """The one-step function of one layer and direction, over its weights."""
-        w_ih, w_hh, *rest = weights
-        b_ih, b_hh = (rest[0], rest[1]) if self.bias else (None, None)
-        if self._mode == "lstm":
-            w_hr = rest[-1] if self.proj_size > 0 else None
-
-            def lstm(x: Tensor, state: tuple[Tensor, Tensor], return_gates: bool = False):
-                h, c, *gates = F.lstm_step(x, *state, w_ih, w_hh, b_ih, b_hh, w_hr, return_gates)
-                return (h, (h, c), *gates)
-
-            return lstm
-        if self._mode == "gru":
-            step = partial(F.gru_step, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
-        else:
-            act = self._mode.removeprefix("rnn_")
-            step = partial(F.rnn_step, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, nonlinearity=act)
-
-        def single_state(x: Tensor, h: Tensor, return_gates: bool = False) -> tuple:
-            if return_gates:  # GRU only: an Elman RNN has no gates (checked in forward)
-                h, gates = step(x, h, return_gates=True)
-                return h, h, gates
-            h = step(x, h)
-            return h, h
-
-        return single_state
-
-    def _reference(self, call: backends.Call) -> tuple:
-        """The stack computed by the time loop: layer by layer, direction by direction."""
-        lstm = self._mode == "lstm"
-        x, lengths = call.x, call.lengths
-        per = len(call.weights) // (self.num_layers * self.num_directions)
-        masks = call.masks or [None] * (self.num_layers * self.num_directions)
-        h_n, c_n, gates = [], [], []
-        for layer in range(self.num_layers):
-            if layer:
-                x = dropout(x, call.dropout, call.training)
-            outs = []
-            for d in range(self.num_directions):
-                k = layer * self.num_directions + d
-                m = masks[k]
-                state = (call.h0[k], call.c0[k]) if lstm else call.h0[k]
-                out, final, *g = scan(
-                    self._step(call.weights[k * per : (k + 1) * per]),
-                    x if m is None or m.input is None else x * m.input,
-                    state,
-                    lengths,
-                    reverse=d == 1,
-                    zoneout=None if m is None else m.zoneout,
-                    state_mask=None if m is None else m.state,
-                    return_gates=call.request.gates,
-                )
-                outs.append(out if m is None or m.output is None else out * m.output)
-                h_n.append(final[0] if lstm else final)
-                if lstm:
-                    c_n.append(final[1])
-                gates += g
-            x = merge(outs[0], outs[1], "concat") if self.bidirectional else outs[0]
-        result = (x, torch.stack(h_n), torch.stack(c_n) if lstm else None)
-        return (*result, tuple(gates)) if call.request.gates else result
-
-    def _masks(self, x: Tensor, h_size: int, weights: list[Tensor]) -> list | None:
-        """One set of regulariser masks per layer and direction, in that order."""
-        if not self.regularisers.any:
-            return None
-        per = len(weights) // (self.num_layers * self.num_directions)
-        sizes = (h_size, self.hidden_size) if self._mode == "lstm" else (h_size,)
-        masks = []
-        for k in range(self.num_layers * self.num_directions):
-            layer_in = self.input_size if k < self.num_directions else self.output_size
-            like = x.new_empty(x.shape[0], x.shape[1], layer_in)
-            w_hh = weights[k * per + 1] if self.regularisers.weight_drop else None
-            masks.append(self.regularisers.draw(self.training, like, h_size, sizes, w_hh))
-        return masks
+    def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
+        h_n, c_n = state if self._mode == "lstm" else (state, None)
+        top = range(len(h_n) - self.num_directions, len(h_n))
+        return tuple((h_n[k], c_n[k]) if c_n is not None else (h_n[k],) for k in top)
 
     def forward(
         self,
@@ -296,41 +223,27 @@ class _RNNBase(PlainPickle, nn.Module):
             raise ValueError("return_gates=True, but an Elman RNN has no gates; use LSTM or GRU")
         inp = self._prepare(input, lengths)
         h0, c0 = self._initial_states(hx, inp)
-        weights = self._flat_weights
-        masks = self._masks(inp.x, h0.shape[-1], weights)
-        if masks and masks[0].weight_hh is not None:  # DropConnect: one mask per call and weight
-            per = len(weights) // len(masks)
-            for k, m in enumerate(masks):
-                weights[k * per + 1] = weights[k * per + 1] * m.weight_hh
-        request = self._request(inp, h0, c0, return_gates)
-        backend, _ = backends.select(request, self.backend)
-        call = backends.Call(
-            request=request,
-            x=inp.x,
-            h0=h0,
-            c0=c0,
-            weights=weights,
-            lengths=inp.lengths,
-            dropout=self.dropout,
-            training=self.training,
-            reference=lambda: self._reference(call),
-            masks=masks,
+        layers = self.directions(inp.x, h0, c0)
+        result = run_stack(
+            self, inp, layers, self.backend, dropout=self.dropout, gates=return_gates
         )
-        out, h_n, c_n, *gates = backend.run(call)
+        finals = [s for layer in result.states for s in layer]
+        h_n = torch.stack([s[0] for s in finals])  # (L*D, B, P)
+        c_n = torch.stack([s[1] for s in finals]) if c0 is not None else None  # (L*D, B, H)
         if inp.unbatched:
             h_n = h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
-        result = (inp.restore(out), (h_n, c_n) if self._mode == "lstm" else h_n)
+        out = (inp.restore(result.out), (h_n, c_n) if self._mode == "lstm" else h_n)
         if not return_gates:
-            return result
-        names = F.GATE_OUTPUTS[self._mode]
-        labels = [f"l{k // self.num_directions}{self._suffixes()[k % self.num_directions]}"
-                  for k in range(len(gates[0]))]  # fmt: skip
+            return out
+        names = SPECS[self._mode].gate_outputs
+        labels = [f"l{k}{suffix}" for k in range(self.num_layers) for suffix in self._suffixes()]
+        flat = [g for layer in result.gates or [] for g in layer]
         per_layer = {
             label: {n: inp.restore(g) for n, g in zip(names, layer_gates, strict=True)}
-            for label, layer_gates in zip(labels, gates[0], strict=True)
+            for label, layer_gates in zip(labels, flat, strict=True)
         }
-        return (*result, per_layer)
+        return (*out, per_layer)
 
 
 class RNN(_RNNBase):
@@ -389,7 +302,7 @@ class LSTM(_RNNBase):
     return_gates=False) -> (output, (h_n, c_n)[, gates])``.
 
     Keyword-only regularisers, active in training mode on every layer and direction (see
-    :mod:`rnnkit.layers.regularisers`): ``dropout_input``, ``dropout_state``, ``dropout_output``
+    :mod:`rnnkit.regularisers`): ``dropout_input``, ``dropout_state``, ``dropout_output``
     (variational), ``zoneout``, ``zoneout_cell``, ``weight_drop`` (DropConnect on
     ``weight_hh_l*``). ``return_gates=True`` adds a dict ``{"l0": {"i": ..., "f": ..., "g": ...,
     "o": ..., "c": ...}, "l0_reverse": ..., ...}`` of per-step gate activations (for inspection:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import lengths as L
-from ..layers import GRU, LSTM, RNN
+from ..layers import GRU, LSTM, RNN, top_states
 
 __all__ = ["CELLS", "POOLING", "SequenceClassifier", "make_encoder", "pool"]
 
@@ -123,8 +123,8 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         out, state = self.encoder(self.encoder_input(x), lengths=lengths)
-        h_n = state[0] if isinstance(state, tuple) else state
-        return self.head(self.dropout(pool(out, lengths, self.pooling, h_n, self.directions)))
+        top = torch.stack([d[0] for d in top_states(self.encoder, state)])  # (D, B, H)
+        return self.head(self.dropout(pool(out, lengths, self.pooling, top, self.directions)))
 
     def explain(self, x: Tensor, lengths: Tensor) -> Any:
         """Which backend the encoder runs on for this batch, and why (:func:`rnnkit.explain`)."""

@@ -41,9 +41,8 @@ from torch.nn import functional as F
 from .. import backends
 from .. import lengths as L
 from ..cells import GRUCell, LSTMCell
-from ..layers import LSTM, Bidirectional, Recurrent, Stacked
+from ..layers import Bidirectional, Recurrent, Stacked, top_states
 from ..layers.stacked import check_dropout
-from ..layers.torch_compat import _RNNBase
 from .attention import ATTENTIONS, Attention, build_attention, length_mask
 from .classifier import CELLS, make_encoder
 
@@ -157,36 +156,12 @@ def summarise_final_state(layer: nn.Module, final: Any) -> tuple[Tensor, Tensor 
     """The top layer's final state of an rnnkit layer, every direction concatenated.
 
     Returns ``(h, c)``: ``h`` (B, D * H), and the LSTM cell state ``c`` likewise (None for other
-    cells). Understands ``rnnkit.LSTM/GRU/RNN`` (h_n of shape (L * D, B, H)), :class:`Stacked`
-    (its last layer), :class:`Bidirectional` (forward then backward) and :class:`Recurrent` or any
-    layer returning a cell state (a (B, H) tensor, or a tuple whose first two entries are h, c).
+    cells). Reads any layer's state through :func:`rnnkit.top_states`.
     """
-    if isinstance(layer, _RNNBase):
-        d = layer.num_directions
-        if isinstance(layer, LSTM):
-            h_n, c_n = final
-            return torch.cat(list(h_n[-d:]), -1), torch.cat(list(c_n[-d:]), -1)
-        return torch.cat(list(final[-d:]), -1), None
-    if isinstance(layer, Stacked):
-        return summarise_final_state(layer.layers[-1], final[-1])
-    if isinstance(layer, Bidirectional):
-        h_f, c_f = summarise_final_state(layer.forward_layer, final[0])
-        h_b, c_b = summarise_final_state(layer.backward_layer, final[1])
-        c = None if c_f is None or c_b is None else torch.cat([c_f, c_b], -1)
-        return torch.cat([h_f, h_b], -1), c
-    if isinstance(final, Tensor) and final.dim() == 2:
-        return final, None
-    if (
-        isinstance(final, tuple | list)
-        and len(final) >= 2
-        and all(isinstance(s, Tensor) and s.dim() == 2 for s in final[:2])
-    ):
-        return final[0], final[1]
-    raise TypeError(
-        f"cannot read a final state of type {type(final).__name__} from a "
-        f"{type(layer).__name__}; expected an rnnkit layer or a (B, H) / (h, c) cell state "
-        "(or use bridge='zero')"
-    )
+    directions = top_states(layer, final)
+    h = torch.cat([d[0] for d in directions], -1)
+    has_c = all(len(d) >= 2 for d in directions)
+    return h, torch.cat([d[1] for d in directions], -1) if has_c else None
 
 
 def _batch_first(layer: nn.Module) -> bool:

@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
-from .. import Call, Request
+from .. import LayerCall, LayerResult, Request
 from . import build, ops
 
-__all__ = ["MODE_IDS", "check", "layer", "layernorm_backward", "layernorm_forward", "run"]
+__all__ = [
+    "MODE_IDS",
+    "check",
+    "layernorm_backward",
+    "layernorm_forward",
+    "run_direction",
+    "run_layer",
+]
 
 #: The LayerNorm kernels' cell ids, by the cells' mode names.
 MODE_IDS = {"lstm_layernorm": 0, "gru_layernorm": 1}
@@ -228,7 +234,7 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
 layernorm_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def layer(
+def run_direction(
     x: Tensor,
     h0: Tensor,
     c0: Tensor | None,
@@ -277,56 +283,29 @@ def check(request: Request) -> str | None:
     return build.unavailable()
 
 
-def run(call: Call) -> tuple:
-    """A stack of LayerNorm layers: one kernel call per layer and direction (the reverse direction
-    after the forward one), with dropout between layers in training.
-
-    Variational dropout (``request.variational``: the masks of ``call.masks`` on each layer's
-    input and output) is applied here around the kernels, as ``CpuBackend.run`` does; autograd
-    differentiates the multiplies. With ``request.gates`` one tuple of gates per layer and
-    direction follows ``(output, h_n, c_n)``, in h_n's order, detached.
-    """
-    from . import _in_kernel, _per_direction  # the package imports this module first
-
-    req = call.request
-    lstm = MODE_IDS[req.mode] == _LSTM
-    directions = 2 if req.bidirectional else 1
-    per = len(call.weights) // (req.num_layers * directions)
-    masks = _per_direction(call.masks, req.num_layers * directions)
-    x = call.x
-    h_n: list[Tensor] = []
-    c_n: list[Tensor] = []
-    gates: list[ops.Gates] = []
-    for layer_index in range(req.num_layers):
-        if layer_index and call.dropout > 0 and call.training:
-            x = F.dropout(x, call.dropout, True)
-        outs = []
-        for d in range(directions):
-            k = layer_index * directions + d
-            m = masks[k]
-            variational = req.variational and m is not None
-            h0, c0 = call.h0[k], call.c0[k] if lstm else None
-            out, h, c, g = layer(
-                x * m.input if variational and m.input is not None else x,
-                h0,
-                c0,
-                call.weights[k * per : (k + 1) * per],
-                call.lengths,
-                req.mode,
-                req.reverse if directions == 1 else d == 1,
-                req.bias,
-                call.eps,
-                req.gates,
-                _in_kernel(m, h0, c0),
-            )
-            if variational and m.output is not None:
-                out = out * m.output  # (B, H) per sequence
-            outs.append(out)
-            h_n.append(h)
-            if lstm:
-                c_n.append(c)
-            if g is not None:
-                gates.append(g)
-        x = outs[0] if directions == 1 else torch.cat(outs, dim=-1)
-    result = (x, torch.stack(h_n), torch.stack(c_n) if lstm else None)
-    return (*result, tuple(gates)) if req.gates else result
+def run_layer(layer: LayerCall) -> LayerResult:
+    """One layer of LayerNorm cells: one kernel call per direction (the reverse one after the
+    forward one), each reading its own input. With ``layer.gates`` one detached tuple of gates
+    per direction."""
+    outs, states, gates = [], [], []
+    for x, d in zip(layer.inputs, layer.directions, strict=True):
+        assert d.mode is not None
+        lstm = MODE_IDS[d.mode] == _LSTM
+        out, h, c, g = run_direction(
+            x,
+            d.state[0],
+            d.state[1] if lstm else None,
+            list(d.weights.values()),
+            layer.lengths,
+            d.mode,
+            d.reverse,
+            "bias_ih" in d.weights,
+            d.eps,
+            layer.gates,
+            ops.in_kernel(d),
+        )
+        outs.append(out)
+        states.append((h, c) if lstm else (h,))
+        gates.append(g)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return LayerResult(out, states, gates if layer.gates else None)

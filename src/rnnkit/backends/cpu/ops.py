@@ -14,18 +14,22 @@ Defining the ops builds nothing: the kernels are compiled when an op first runs.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import build
 
+if TYPE_CHECKING:
+    from .. import Direction
+
 __all__ = [
     "KERNELS",
     "MODE_IDS",
     "Regularisers",
     "gates_of",
+    "in_kernel",
     "layer",
     "layer_backward",
     "layer_forward",
@@ -221,6 +225,22 @@ class Regularisers(NamedTuple):
 
 
 _OFF = Regularisers()
+
+
+def in_kernel(direction: Direction) -> Regularisers:
+    """A direction's state dropout and zoneout masks as the kernels take them: zoneout's bool
+    masks (T, B, n) as 0/1 in the input's dtype, its eval-mode probabilities as (n,) vectors."""
+    masks = direction.masks
+    if masks is None:
+        return Regularisers()
+    h0 = direction.state[0]
+    zone: list[Tensor | None] = [None, None]
+    if masks.zoneout is not None:
+        for k, (z, like) in enumerate(zip(masks.zoneout, direction.state, strict=False)):
+            size = like.shape[-1]
+            zone[k] = z.to(h0.dtype) if isinstance(z, Tensor) else h0.new_full((size,), z)
+    return Regularisers(masks.state, zone[0], zone[1])
+
 
 Gates = tuple[Tensor, ...]
 

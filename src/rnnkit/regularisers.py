@@ -1,0 +1,134 @@
+"""Training-time regularisers of a recurrent layer, and the masks they draw for one forward call.
+
+* Variational dropout (Gal & Ghahramani 2016): ONE mask per sequence, the same at every step, on
+  the input features (``dropout_input``), on h_{t-1} as it enters the step (``dropout_state``) and
+  on the output features (``dropout_output``).
+* Zoneout (Krueger et al. 2016): at each step each unit of h (``zoneout``) and, for an LSTM, of c
+  (``zoneout_cell``, default: same as ``zoneout``) keeps its previous value with probability p.
+  In eval mode the expectation is used: ``p * previous + (1 - p) * new``.
+* DropConnect on the recurrent weights (``weight_drop``, Merity et al. 2017): one mask over the
+  cell's ``weight_hh`` per forward call, applied to the weight tensor handed to the step or the
+  kernel, with no re-registration of parameters.
+
+Everything is active only in training mode (zoneout then uses its expectation, see above). Masks
+are drawn from torch's global generator in a fixed order (input, state, output, zoneout, weights),
+so a seed reproduces a run, and every backend sees the same masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Masks", "PlainPickle", "Regularisers"]
+
+
+def check_probability(name: str, p: object) -> float:
+    """``p`` as a float, or ValueError naming ``name`` unless it is a probability in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} = {p!r}; expected a probability in [0, 1)")
+    return float(p)
+
+
+@dataclass(frozen=True)
+class Regularisers:
+    """Which regularisers a layer applies, and how strongly (all probabilities in [0, 1))."""
+
+    dropout_input: float = 0.0
+    dropout_state: float = 0.0
+    dropout_output: float = 0.0
+    zoneout: float = 0.0
+    zoneout_cell: float | None = None
+    weight_drop: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                object.__setattr__(self, f.name, check_probability(f.name, value))
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
+
+    def zoneouts(self, n_states: int) -> tuple[float, ...]:
+        """Zoneout probability per state tensor (h, then c for an LSTM)."""
+        cell = self.zoneout if self.zoneout_cell is None else self.zoneout_cell
+        return (self.zoneout, cell)[:n_states] if n_states > 1 else (self.zoneout,)
+
+    def extra_repr(self) -> str:
+        return ", ".join(
+            f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name)
+        )
+
+    def draw(
+        self,
+        training: bool,
+        x: Tensor,
+        out_size: int,
+        state_sizes: tuple[int, ...],
+        weight_hh: Tensor | None,
+    ) -> Masks:
+        """The masks for one forward call over time-major ``x`` (T, B, I)."""
+        steps, batch, inp = x.shape
+        zoneouts = self.zoneouts(len(state_sizes))
+        if not training:
+            zone = zoneouts if any(zoneouts) else None
+            return Masks(None, None, None, zone, None)
+
+        def keep(p: float, *shape: int) -> Tensor | None:
+            if p == 0.0:
+                return None
+            return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p) / (1 - p)
+
+        def hold(p: float, size: int) -> Tensor:  # True = keep the previous value
+            return torch.rand(steps, batch, size, device=x.device) < p
+
+        return Masks(
+            input=keep(self.dropout_input, batch, inp),
+            state=keep(self.dropout_state, batch, state_sizes[0]),
+            output=keep(self.dropout_output, batch, out_size),
+            zoneout=tuple(hold(p, n) for p, n in zip(zoneouts, state_sizes, strict=True))
+            if any(zoneouts)
+            else None,
+            weight_hh=None if weight_hh is None else keep(self.weight_drop, *weight_hh.shape),
+        )
+
+
+@dataclass
+class Masks:
+    """The masks of one forward call. Dropout masks are scaled by 1/(1-p); None = not applied.
+
+    input (B, I), state (B, n_h), output (B, O), weight_hh like the weight. ``zoneout`` is None,
+    one (T, B, n) bool tensor per state tensor (True = keep the previous value), or in eval mode
+    one probability per state tensor.
+    """
+
+    input: Tensor | None
+    state: Tensor | None
+    output: Tensor | None
+    zoneout: tuple[Tensor, ...] | tuple[float, ...] | None
+    weight_hh: Tensor | None
+
+
+class PlainPickle:
+    """Mixin of the layers that hold a :class:`Regularisers`: it is pickled as a dict of floats.
+
+    So ``torch.save(model, f)`` loads back with ``torch.load(f)`` (``weights_only=True``) when
+    only the layer's own public class is allowed (``torch.serialization.safe_globals``), as for
+    torch.nn's layers.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        if isinstance(state.get("regularisers"), Regularisers):
+            state["regularisers"] = asdict(state["regularisers"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("regularisers"), dict):
+            state = {**state, "regularisers": Regularisers(**state["regularisers"])}
+        super().__setstate__(state)  # type: ignore[misc]
