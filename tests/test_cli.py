@@ -269,3 +269,170 @@ def test_resume_with_a_raised_budget_trains_on(capsys, tmp_path):
     after = json.loads((out / "metrics.json").read_text())
     assert after["epochs_run"] == metrics["epochs_run"] + 1 == epochs + 1
     assert len(after["history"]) == len(metrics["history"]) + 1
+
+
+# -- one line, never a traceback -----------------------------------------------------------------
+
+
+def one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--lr", "nan", "lr = nan; expected a finite number"),
+        ("--lr", "inf", "lr = inf; expected a finite number"),
+        ("--weight-decay", "inf", "weight_decay = inf; expected a finite number"),
+        ("--lr-decay", "nan", "lr_decay = nan; expected a finite number"),
+        ("--clip", "nan", "clip = nan; expected a finite number (0 = no limit)"),
+        ("--max-minutes", "nan", "max_minutes = nan; expected a finite number (0 = no limit)"),
+        ("--max-minutes", "inf", "max_minutes = inf; expected a finite number (0 = no limit)"),
+        ("--checkpoint-minutes", "inf", "checkpoint_minutes = inf; expected a finite number"),
+        ("--dropout", "nan", "dropout = nan; expected a finite number"),
+    ],
+)
+def test_float_options_refuse_nan_and_inf(capsys, tmp_path, flag, value, message):
+    tiny = cli_args({**TINY["speech"], "epochs": 1})  # were the value taken, a short run
+    code, _, err = run(capsys, "train", "speech", "--out", str(tmp_path / "r"), *tiny, flag, value)
+    assert code == 2 and message in one_line(err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_seq2seq_float_options_refuse_nan(capsys, tmp_path):
+    tiny = cli_args({**TINY["g2p"], "epochs": 1})
+    code, _, err = run(capsys, "train", "g2p", "--out", str(tmp_path / "r"), *tiny,
+                       "--length-penalty", "nan")  # fmt: skip
+    assert code == 2 and "length_penalty = nan; expected a finite number" in one_line(err)
+
+
+def test_options_before_the_task_name(capsys):
+    code, _, err = run(capsys, "train", "--epochs", "1", "speech")
+    assert code == 2
+    assert "options go after the task name: rnnkit train speech --epochs 1" in one_line(err)
+    code, _, err = run(capsys, "train", "--out", "runs/x", "--lr", "0.01", "sentiment")
+    assert "rnnkit train sentiment --out runs/x --lr 0.01" in err
+    code, _, err = run(capsys, "train", "--epochs", "1")
+    assert code == 2 and "a task is required first" in err and "valid tasks: charlm" in err
+
+
+def fake_run(directory, task: str):
+    """A run directory holding only config.json: enough to check predict options, which are
+    checked before the vocabulary and weights are read."""
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"task": task, "config": {}}))
+    return directory
+
+
+def test_predict_options_are_spelled_as_flags(capsys, tmp_path, speech_run):
+    g2p = fake_run(tmp_path / "g2p", "g2p")
+    code, _, err = run(capsys, "predict", str(g2p), "hello", "--beam-size", "0")
+    assert code == 2 and "--beam-size 0; expected >= 1" in one_line(err)
+    code, _, err = run(capsys, "predict", str(speech_run), "x.csv", "--beam-size", "2")
+    line = one_line(err)
+    assert code == 2 and "option(s) --beam-size do not apply to a speech model" in line
+    assert "beam_size" not in line
+    charlm = fake_run(tmp_path / "charlm", "charlm")
+    code, _, err = run(capsys, "predict", str(charlm), "x.csv", "--beam-size", "2")
+    assert "its predict options: --temperature, --length, --seed" in err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nan", "--temperature nan; expected a finite number >= 0"),
+        ("inf", "--temperature inf; expected a finite number >= 0"),
+        ("-1", "--temperature -1.0; expected >= 0"),
+    ],
+)
+def test_charlm_temperature_must_be_finite(capsys, tmp_path, value, message):
+    charlm = fake_run(tmp_path / "charlm", "charlm")
+    code, _, err = run(capsys, "predict", str(charlm), "ROMEO:", "--temperature", value)
+    assert code == 2 and message in one_line(err)
+    code, _, err = run(capsys, "predict", str(charlm), "ROMEO:", "--length", "-5")
+    assert code == 2 and "--length -5; expected >= 0" in one_line(err)
+
+
+def test_charlm_predict_samples_with_a_checked_temperature(capsys, tmp_path):
+    need_data("charlm")
+    out = tmp_path / "charlm"
+    train_tiny("charlm", out)
+    capsys.readouterr()
+    code, text, err = run(capsys, "predict", str(out), "ROMEO:", "--temperature", "0.5",
+                          "--length", "20")  # fmt: skip
+    assert code == 0, err
+    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) == len("ROMEO:") + 20
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("1,2,3,4,5,6,7,8,9,10,11,12\nnan,2,3,4,5,6,7,8,9,10,11,12\n", "line 2, column 1: nan"),
+        ("\n1 2 3 4 5 6 7 8 9 10 11 -inf\n", "line 2, column 12: -inf; expected a finite number"),
+        ("1,2,3,4,5,6,7,8,9,10,11,1e300\n", "line 1, column 12: 1e+300; expected |x| <= 3.4e+38"),
+        ("1,2,3,4,5,6,7,8,9,10,11,x\n", "line 1, column 12: 'x'; expected a number"),
+        ("1,2,3,4,5,6,7,8,9,10,11,12\n1,2,3\n", "line 2 has 3 values where line 1 has 12"),
+    ],
+)
+def test_speech_predict_refuses_bad_values_naming_row_and_column(
+    capsys, speech_run, tmp_path, content, message
+):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(content)
+    code, out, err = run(capsys, "predict", str(speech_run), str(bad))
+    assert code == 2 and out == "" and message in one_line(err), err
+
+
+def test_speech_predict_refuses_non_finite_ts_values(capsys, speech_run, tmp_path):
+    frames = [",".join(["0.5"] * 8) for _ in range(12)]
+    frames[4] = "0.5,0.5,NaN,0.5,0.5,0.5,0.5,0.5"
+    ts = tmp_path / "nan.ts"
+    ts.write_text("@dimensions 12\n@data\n" + ":".join(frames) + ":1\n")
+    code, _, err = run(capsys, "predict", str(speech_run), str(ts))
+    assert code == 2 and "nan.ts#1 frame 3, channel 5: nan" in one_line(err)
+
+
+def test_speech_predict_refuses_a_binary_file(capsys, speech_run, tmp_path):
+    binary = tmp_path / "utterance.csv"
+    binary.write_bytes(b"\xff\xfe1,2,3\n")
+    code, _, err = run(capsys, "predict", str(speech_run), str(binary))
+    line = one_line(err)
+    assert code == 2 and "utterance.csv is not UTF-8 text (byte 0xff at offset 0)" in line
+
+
+def test_damaged_vocabulary_statistics_are_named(capsys, speech_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(speech_run, broken)
+    vocab = json.loads((broken / "vocab.json").read_text())
+    vocab["std"][3] = float("nan")
+    (broken / "vocab.json").write_text(json.dumps(vocab))
+    code, _, err = run(capsys, "evaluate", str(broken))
+    assert code == 2 and "vocab.json is damaged" in one_line(err) and "std = " in err
+
+
+def test_errors_in_a_subprocess_are_one_line_with_their_exit_status(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    need_data("speech")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    tiny = cli_args({**TINY["speech"], "epochs": 1})
+    cases = [
+        (["train", "speech", "--out", str(tmp_path / "r"), *tiny, "--lr", "nan"], 2, "lr = nan"),
+        (["train", "speech", "--out", str(a_file), *tiny], 2, "is a file"),
+    ]
+    for argv, status, message in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "rnnkit.cli", *argv], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == status and message in one_line(done.stderr), done.stderr

@@ -2,7 +2,10 @@
 
 The CLI only maps arguments onto a task's config dataclass and calls :mod:`rnnkit.train`; every
 flag of ``rnnkit train TASK`` is a field of that task's config (``--hidden-size`` ->
-``hidden_size``). Errors a user can fix print one message and exit with status 2.
+``hidden_size``). An error prints one line, never a traceback, and exits with status 2 when the
+command line, an input or a run directory is wrong, 1 when a sound command could not finish (a full
+or read-only disk, a diverging training run); Ctrl-C exits 130 (after ``rnnkit train`` has saved a
+checkpoint that ``--resume`` continues from).
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import shlex
 import sys
 import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .errors import RecipeError
+from .tasks.base import flag as _flag
 
 __all__ = ["main"]
 
@@ -49,10 +54,6 @@ class Parser(argparse.ArgumentParser):
                 f"{' '.join(self.option_names())}"
             )
         raise UsageError(f"{message}\n(see `{self.prog} --help`)")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _add_config_options(parser: argparse.ArgumentParser, task_cls: Any) -> None:
@@ -159,16 +160,21 @@ def cmd_tasks(argv: Sequence[str]) -> int:
 def cmd_train(argv: Sequence[str]) -> int:
     from . import tasks
 
-    positional = [a for a in argv if not a.startswith("-")]
     if argv and argv[0] in ("-h", "--help"):
         _train_parser(None).parse_args(argv)  # prints the help and exits
-    if not positional:
+    if not argv or argv[0].startswith("-"):
+        named = [a for a in argv if a in tasks.TASKS]
+        if named:
+            rest = list(argv)
+            rest.remove(named[0])
+            raise UsageError(
+                f"options go after the task name: {shlex.join([PROG, 'train', named[0], *rest])}"
+            )
         raise UsageError(
-            f"a task is required (rnnkit train TASK); valid tasks: {', '.join(sorted(tasks.TASKS))}"
+            f"a task is required first (rnnkit train TASK [options]); valid tasks: "
+            f"{', '.join(sorted(tasks.TASKS))}"
         )
-    name = positional[0]
-    if argv[0] != name:
-        raise UsageError(f"the task comes first: `rnnkit train {name} [options]`")
+    name = argv[0]
     task_cls = tasks.get(name)
     args = vars(_train_parser(task_cls).parse_args(argv[1:]))
     out, resume, progress, threads = (args.pop(k) for k in ("out", "resume", "progress", "threads"))
@@ -290,12 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(rest)
     except RecipeError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            f"{PROG}: interrupted; `rnnkit train TASK --out DIR --resume` continues a run",
-            file=sys.stderr,
-        )
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        message = str(e) or "interrupted; `rnnkit train TASK --out DIR --resume` continues a run"
+        print(f"{PROG}: {message}", file=sys.stderr)
         return 130
 
 

@@ -1,12 +1,19 @@
-"""Errors the recipes raise for a user to read: the CLI prints the message and exits with code 2."""
+"""Errors the recipes raise for a user to read: the CLI prints the message on one line and exits
+with the error's ``exit_code``: 2 when the command line, an input or a run directory is wrong
+(the user changes the command), 1 when a sound command could not run to the end (the disk is full
+or read-only, training diverged)."""
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataMissing", "RecipeError"]
+from typing import ClassVar
+
+__all__ = ["CheckpointError", "DataMissing", "RecipeError", "StorageError", "TrainingDiverged"]
 
 
 class RecipeError(Exception):
     """A problem with the user's input, data or run directory (not a bug in rnnkit)."""
+
+    exit_code: ClassVar[int] = 2
 
 
 class DataMissing(RecipeError):
@@ -15,3 +22,17 @@ class DataMissing(RecipeError):
 
 class CheckpointError(RecipeError):
     """A run directory's checkpoint or config is missing, unreadable or does not match."""
+
+
+class StorageError(RecipeError):
+    """The run directory cannot be written: the disk is full or read-only, or permission is
+    denied. The files already in the run directory are left as they were."""
+
+    exit_code = 1
+
+
+class TrainingDiverged(RecipeError):
+    """The training loss or gradient norm became NaN or infinite; training stopped at that batch
+    and the run directory keeps its last good checkpoint."""
+
+    exit_code = 1

@@ -15,7 +15,14 @@ Every file is written to a temporary name and moved into place with ``os.replace
 killed at any moment leaves each file either as it was or complete. The batch order of an epoch
 depends only on (seed, epoch), and dropout draws from the torch RNG saved in the checkpoint, so a
 run killed (even by SIGKILL) and resumed with ``resume=True`` ends with the same weights as a run
-that was never interrupted.
+that was never interrupted. Ctrl-C (SIGINT) lets the batch at hand finish, saves a resumable
+checkpoint of that batch, then raises :class:`Interrupted`.
+
+What a run refuses, on one line each: an ``out`` that cannot hold a run (checked before any data
+is loaded); a NaN or infinite training loss or gradient norm (:class:`TrainingDiverged`, naming
+the epoch and batch; nothing is written after the last good checkpoint); a checkpoint with a
+non-finite tensor or a damaged progress record (:class:`CheckpointError`); a disk that refuses a
+write (:class:`StorageError`; the files already there are left as they were).
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ import json
 import math
 import os
 import platform
+import shlex
+import signal
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,14 +47,15 @@ import torch
 from torch import nn
 
 from . import __version__, tasks
-from .errors import CheckpointError, RecipeError
-from .tasks.base import Task, TrainConfig
+from .errors import CheckpointError, RecipeError, StorageError, TrainingDiverged
+from .tasks.base import Task, TrainConfig, flag
 
 __all__ = [
     "CONFIG",
     "METRICS",
     "MODEL",
     "STATE",
+    "Interrupted",
     "Progress",
     "evaluate",
     "format_metrics",
@@ -80,19 +92,105 @@ class Progress:
     finished: bool = False  # the final evaluation is done and metrics.json written
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a resumable checkpoint was saved; the message says where."""
+
+
+#: Progress fields that are counts (integers >= 0) and amounts (finite numbers).
+_COUNTS = ("epoch", "batch", "step", "count", "best_epoch", "bad_epochs")
+_AMOUNTS = ("loss_sum", "seconds", "wall")
+_HISTORY = {"epoch": int, "batches": int, "train_loss": float, "lr": float, "seconds": float}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _progress_from(text: str) -> Progress:
+    """The :class:`Progress` saved as JSON; ValueError naming the first field out of place."""
+    values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{type(values).__name__} found; expected an object")
+    names = [f.name for f in dataclasses.fields(Progress)]
+    missing = [n for n in sorted(names) if n not in values]
+    unknown = sorted(set(values) - set(names))
+    if missing or unknown:
+        parts = [f"missing {', '.join(missing)}"] if missing else []
+        parts += [f"unknown {', '.join(unknown)}"] if unknown else []
+        raise ValueError("; ".join(parts))
+    for name in _COUNTS:
+        v = values[name]
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{name} = {v!r}; expected an integer >= 0")
+    for name in (*_AMOUNTS, "best", "best_loss"):
+        v = values[name]
+        if not (_number(v) or (v is None and name.startswith("best"))):
+            raise ValueError(f"{name} = {v!r}; expected a finite number")
+    if not isinstance(values["stopped"], str) or not isinstance(values["finished"], bool):
+        raise ValueError(f"stopped = {values['stopped']!r}, finished = {values['finished']!r}")
+    history = values["history"]
+    if not isinstance(history, list):
+        raise ValueError(f"history = {history!r}; expected a list")
+    for k, h in enumerate(history):
+        if not isinstance(h, dict):
+            raise ValueError(f"history[{k}] = {h!r}; expected an object")
+        for key, kind in _HISTORY.items():
+            ok = _number(h.get(key)) and (kind is float or isinstance(h[key], int))
+            if not ok:
+                raise ValueError(f"history[{k}].{key} = {h.get(key)!r}; expected a {kind.__name__}")
+        if not isinstance(h.get("valid"), dict) or "loss" not in h["valid"]:
+            raise ValueError(f"history[{k}].valid = {h.get('valid')!r}; expected the metrics")
+    return Progress(**values)
+
+
 # -- files ---------------------------------------------------------------------------------------
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp)`` and ``os.replace``: it is never seen half-written."""
+    """Write ``path`` through ``write(tmp)`` and ``os.replace``: it is never seen half-written.
+
+    An OSError (disk full, read-only, permission) is a :class:`StorageError`; ``path`` is then
+    as it was, and no temporary file is left.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise StorageError(
+            f"cannot write {path}: {e.strerror or e}; the files already in {path.parent} are "
+            "unchanged"
+        ) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def check_out(run_dir: Path) -> None:
+    """Refuse a run directory that cannot hold a run: an existing file, a path under a file, a
+    place where no file can be created. Cheap, and done before any data is loaded."""
+    existing = run_dir
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RecipeError(
+                f"--out {run_dir} is a file; expected a directory (new, empty or holding a run)"
+            )
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RecipeError(f"--out {run_dir}: {existing} is a file, not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".rnnkit-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StorageError(
+            f"--out {run_dir}: cannot create files in {existing} ({e.strerror or e}); expected a "
+            "writable directory"
+        ) from None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -110,11 +208,28 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} cannot be read ({e}); the file is corrupt") from None
 
 
+class _NonFinite(ValueError):
+    """A tensor about to be saved holds NaN or infinity (it is never written)."""
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(name, description) of the first floating-point tensor with a NaN or infinity."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            kind = "NaN" if bool(torch.isnan(t).any()) else "infinity"
+            return name, f"holds {kind} ({bad} of {t.numel()} values not finite)"
+    return None
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    import safetensors.torch
 
     flat = {k: v.detach().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
+    bad = _non_finite(flat)
+    if bad is not None:
+        raise _NonFinite(f"tensor {bad[0]!r} {bad[1]}")
+    _atomic(path, lambda tmp: safetensors.torch.save_file(flat, str(tmp), metadata=meta))
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -124,12 +239,19 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(f"{path} is missing; the run has no checkpoint there")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(
             f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is corrupt or "
             "incomplete"
         ) from None
+    bad = _non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: tensor {bad[0]!r} {bad[1]}; the checkpoint is damaged (expected finite "
+            "numbers)"
+        )
+    return tensors, meta
 
 
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -170,8 +292,8 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Pr
             f"{STATE_FORMAT!r})"
         )
     try:
-        progress = Progress(**json.loads(meta["progress"]))
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        progress = _progress_from(meta["progress"])
+    except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: its progress record is damaged ({e})") from None
     return tensors, meta, progress
 
@@ -190,7 +312,7 @@ def _restore_state(
             state.setdefault(int(idx), {}).update(entries)
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta["optim_groups"])})
         torch.set_rng_state(tensors["rng.torch"])
-    except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the optimizer or RNG state is damaged ({e})") from None
 
 
@@ -337,6 +459,7 @@ def train(
     overrides = dict(overrides or {})
     task_cls = tasks.get(name)
     run_dir = Path(out) if out is not None else default_out(name, resume)
+    check_out(run_dir)
     state = None
     if resume:
         config = _check_resume(run_dir, name, overrides)
@@ -387,7 +510,10 @@ def train(
         p = state[2]
         _say(f"resuming {run_dir}: epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
     elif not resume or not (run_dir / VOCAB).exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create {run_dir}: {e.strerror or e}") from None
         write_json(run_dir / VOCAB, vocab)
         write_json(
             run_dir / CONFIG,
@@ -414,7 +540,10 @@ def train(
         _save_state(run_dir / STATE, model, opt, p)
 
     if not p.stopped:
-        _train_epochs(task, config, model, opt, data, p, run_dir, save_state, progress, hook)
+        with _CtrlC() as ctrl_c:
+            _train_epochs(
+                task, config, model, opt, data, p, run_dir, save_state, progress, hook, ctrl_c
+            )
 
     # Final evaluation of the best weights.
     weights, _ = _load_tensors(run_dir / MODEL)
@@ -445,10 +574,42 @@ def train(
         "history": p.history,
     }
     write_json(run_dir / METRICS, metrics)
-    task.artifacts(model, data, run_dir)
+    try:
+        task.artifacts(model, data, run_dir)
+    except OSError as e:
+        raise StorageError(f"cannot write the plots of {task.name} into {run_dir}: {e}") from None
     p.finished = True
     save_state()
     return metrics
+
+
+class _CtrlC:
+    """SIGINT while training: the batch at hand finishes and :func:`_train_epochs` saves a
+    checkpoint of it before stopping (``pending``). While ``at_once`` is set (validation, which a
+    resumed run repeats) it stops at once, as a second Ctrl-C always does. Installed only in the
+    main thread and where SIGINT is not ignored; the previous handler comes back on exit."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.at_once = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not None and previous != signal.SIG_IGN:
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.at_once or self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
 
 
 def _train_epochs(
@@ -462,12 +623,23 @@ def _train_epochs(
     save_state: Callable[[], None],
     progress: bool | None,
     hook: Callable[[Progress], None] | None,
+    ctrl_c: _CtrlC | None = None,
 ) -> None:
     from tqdm import tqdm
 
     cls = type(task)
     metric = cls.metric
-    per_epoch = len(task.epoch_batches(data["train"], _epoch_generator(config.seed, p.epoch)))
+    ctrl_c = ctrl_c or _CtrlC()
+
+    def batches_of(epoch: int) -> list[Any]:
+        return task.epoch_batches(data["train"], _epoch_generator(config.seed, epoch))
+
+    per_epoch = len(batches_of(p.epoch))
+    if p.batch > per_epoch:
+        raise CheckpointError(
+            f"{run_dir / STATE}: its progress record is damaged (batch = {p.batch}; the epoch "
+            f"has only {per_epoch} batches)"
+        )
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(
         total=config.epochs * per_epoch,
@@ -486,23 +658,79 @@ def _train_epochs(
     start = last_plot = last_log = time.perf_counter()
     base = p.seconds
     done_here, seqs_here = 0, 0  # batches and sequences trained by this process
+    # Where the resume checkpoint on disk stands (epoch, batch), if there is one.
+    saved: list[tuple[int, int] | None] = [(p.epoch, p.batch) if p.step else None]
+
+    def diverged(where: str, what: str) -> TrainingDiverged:
+        if config.clip > 0:
+            cure = f"lower --lr (now {config.lr:g}) or --clip (now {config.clip:g})"
+        else:
+            cure = f"lower --lr (now {config.lr:g}) or set --clip (e.g. --clip 1; now off)"
+        kept = (
+            f"the checkpoint in {run_dir} is kept as saved at epoch {saved[0][0] + 1}, batch "
+            f"{saved[0][1]}"
+            if saved[0] is not None
+            else f"no checkpoint had been saved in {run_dir}"
+        )
+        return TrainingDiverged(
+            f"training diverged at epoch {p.epoch + 1}/{config.epochs}, {where}: {what}; "
+            f"{cure} and start a new run; {kept}"
+        )
+
+    def checkpoint(where: str) -> None:
+        if saved[0] == (p.epoch, p.batch) and p.batch:
+            return  # this very batch is on disk already
+        try:
+            save_state()
+        except _NonFinite as e:
+            raise diverged(
+                where, f"the weights or optimizer state became non-finite ({e})"
+            ) from None
+        saved[0] = (p.epoch, p.batch)
+
+    def stop_if_interrupted() -> None:
+        if not ctrl_c.pending:
+            return
+        checkpoint(f"batch {p.batch}")
+        where = (
+            f"after training ({p.stopped}), before the final evaluation"
+            if p.stopped
+            else f"at epoch {p.epoch + 1}/{config.epochs}, batch {p.batch}/"
+            f"{len(batches_of(p.epoch))}"
+        )
+        raise Interrupted(
+            f"interrupted {where}; saved {run_dir / STATE}; `rnnkit train {cls.name} --out "
+            f"{shlex.quote(str(run_dir))} --resume` continues from there"
+        )
+
     try:
         while p.epoch < config.epochs and not out_of_time:
-            batches = task.epoch_batches(data["train"], _epoch_generator(config.seed, p.epoch))
+            batches = batches_of(p.epoch)
             last_save = time.perf_counter()
             model.train()
             for k in range(p.batch, len(batches)):
+                where = f"batch {k + 1}/{len(batches)}"
                 batch = task.collate(data["train"], batches[k])
                 loss, n = task.loss(model, batch)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise diverged(where, f"the training loss is {loss_value}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if config.clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-                opt.step()
+                # The norm of all gradients before clipping (max_norm = inf: none; grads * 1.0).
+                norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.clip or math.inf))
+                if not math.isfinite(norm):
+                    raise diverged(where, f"the gradient norm is {norm}")
+                try:
+                    opt.step()
+                except RuntimeError as e:
+                    if "overflow" not in str(e):
+                        raise
+                    raise diverged(where, f"the optimizer step overflows ({e})") from None
                 now = time.perf_counter()
                 p.seconds = base + now - start
                 p.batch, p.step = k + 1, p.step + 1
-                p.loss_sum += loss.item() * n
+                p.loss_sum += loss_value * n
                 p.count += n
                 done_here += 1
                 seqs_here += task.batch_size_of(batches[k])
@@ -534,25 +762,43 @@ def _train_epochs(
                     config.checkpoint_minutes and now - last_save >= config.checkpoint_minutes * 60
                 )
                 if due and p.batch < len(batches):
-                    save_state()
+                    checkpoint(where)
                     last_save = time.perf_counter()
+                stop_if_interrupted()
 
-            # End of the epoch (or of the time budget): validate, keep the best weights.
-            valid = task.validate(model, data["valid"])
+            # End of the epoch (or of the time budget): validate, keep the best weights. Ctrl-C
+            # stops validation of a whole epoch at once: the checkpoint of its last batch makes a
+            # resumed run validate it. (Out of time, mid-epoch, it waits for the epoch's end.)
+            ctrl_c.at_once = not out_of_time
+            try:
+                valid = task.validate(model, data["valid"])
+            except KeyboardInterrupt:
+                ctrl_c.pending = True
+                stop_if_interrupted()
+                raise
+            finally:
+                ctrl_c.at_once = False
+            if not math.isfinite(valid["loss"]):
+                raise diverged("in validation", f"the validation loss is {valid['loss']}")
             lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with
             p.seconds = base + time.perf_counter() - start
             better = _better(cls, valid[metric], valid["loss"], p)
             if better:
+                try:
+                    _save_tensors(
+                        run_dir / MODEL,
+                        model.state_dict(),
+                        {"epoch": str(p.epoch + 1), metric: repr(valid[metric])},
+                    )
+                except _NonFinite as e:
+                    raise diverged(
+                        "in validation", f"the weights became non-finite ({e})"
+                    ) from None
                 p.best, p.best_loss, p.best_epoch, p.bad_epochs = (
                     valid[metric],
                     valid["loss"],
                     p.epoch + 1,
                     0,
-                )
-                _save_tensors(
-                    run_dir / MODEL,
-                    model.state_dict(),
-                    {"epoch": str(p.epoch + 1), metric: repr(valid[metric])},
                 )
             else:
                 p.bad_epochs += 1
@@ -582,17 +828,19 @@ def _train_epochs(
                 p.stopped = f"no better validation {metric} in {config.patience} epochs"
             elif p.epoch >= config.epochs:
                 p.stopped = f"{config.epochs} epochs"
-            save_state()
+            checkpoint("the end of the epoch")
             if not p.stopped and time.perf_counter() - last_plot >= PLOT_SECONDS:
                 plot_curves(p.history, metric, run_dir / CURVES)
                 last_plot = time.perf_counter()
             if p.stopped:
                 break
+            stop_if_interrupted()
         if not p.stopped:
             p.stopped = f"{config.epochs} epochs"
-            save_state()
+            checkpoint("the end")
         if p.history:
             plot_curves(p.history, metric, run_dir / CURVES)
+        stop_if_interrupted()
     finally:
         bar.close()
     best = "none" if p.best is None else f"{p.best:.4f} at epoch {p.best_epoch}"
@@ -633,13 +881,19 @@ def predict(
     """Run the model in ``run_dir`` on ``inputs`` (sentences, files or prompts, by task)."""
     if not inputs:
         raise RecipeError("no input given; expected at least one INPUT")
-    task, model = load_run(run_dir, backend)
+    task_cls, _, _ = _saved_run(Path(run_dir))
     options = options or {}
-    unknown = sorted(set(options) - set(type(task).predict_options))
+    unknown = sorted(set(options) - set(task_cls.predict_options))
     if unknown:
-        valid = ", ".join(f"--{o}" for o in type(task).predict_options) or "none"
+        valid = ", ".join(flag(o) for o in task_cls.predict_options) or "none"
         raise RecipeError(
-            f"option(s) {', '.join('--' + u for u in unknown)} do not apply to a {task.name} "
+            f"option(s) {', '.join(flag(u) for u in unknown)} do not apply to a {task_cls.name} "
             f"model; its predict options: {valid}"
         )
+    for name, value in options.items():
+        try:
+            task_cls.predict_options[name].check(name, value)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+    task, model = load_run(run_dir, backend)
     return task.predict(model, inputs, options)

@@ -8,6 +8,7 @@ the training split, encode examples, batch them, compute the loss, evaluate, and
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PredictOption", "Task", "TrainConfig", "option"]
+__all__ = ["PredictOption", "Task", "TrainConfig", "flag", "option"]
 
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
@@ -35,6 +36,13 @@ POSITIVE = frozenset(
 )  # fmt: skip
 #: Options that are probabilities in [0, 1).
 PROBABILITIES = frozenset({"dropout", "label_smoothing", "token_dropout"})
+#: Options where 0 means "no limit" (what to give instead of infinity).
+ZERO_IS_OFF = frozenset({"clip", "max_minutes", "checkpoint_minutes"})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field or predict option: ``beam_size`` -> ``--beam-size``."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -78,6 +86,9 @@ class TrainConfig:
                 raise ValueError(f"{f.name} = {value!r}; expected one of {list(choices)}")
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
+            if not math.isfinite(value):
+                off = " (0 = no limit)" if f.name in ZERO_IS_OFF else ""
+                raise ValueError(f"{f.name} = {value}; expected a finite number{off}")
             if f.name in POSITIVE and value <= 0:
                 raise ValueError(f"{f.name} = {value}; expected > 0")
             if f.name == "lr_decay" and not 0 < value <= 1:
@@ -90,11 +101,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PredictOption:
-    """An option of ``rnnkit predict`` for one task (e.g. charlm's ``--temperature``)."""
+    """An option of ``rnnkit predict`` for one task (e.g. charlm's ``--temperature``): a number
+    of ``type``, finite and at least ``minimum`` when that is set."""
 
     type: type
     default: Any
     help: str
+    minimum: float | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise ValueError naming the flag when ``value`` is not a usable setting."""
+        if isinstance(value, float) and not math.isfinite(value):
+            low = f" >= {self.minimum:g}" if self.minimum is not None else ""
+            raise ValueError(f"{flag(name)} {value}; expected a finite number{low}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{flag(name)} {value}; expected >= {self.minimum:g}")
 
 
 class Task:
@@ -191,5 +212,7 @@ class Task:
         evaluation of the best weights; by default nothing."""
 
     def predict(self, model: nn.Module, inputs: list[str], options: dict[str, Any]) -> list[str]:
-        """Lines to print for ``rnnkit predict``; raises RecipeError for unusable input."""
+        """Lines to print for ``rnnkit predict``; raises RecipeError for unusable input.
+        ``options`` hold only this task's :attr:`predict_options`, each checked by its
+        :meth:`PredictOption.check`."""
         raise NotImplementedError

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from ..data import Vocab, shakespeare
 from ..data.vocab import SPECIALS
-from ..errors import RecipeError
 from ..models import CharLM
 from ..models.classifier import CELLS
 from .base import PredictOption, Task, TrainConfig, option
@@ -53,8 +52,10 @@ class CharLMTask(Task):
     example = "rnnkit train charlm --out runs/charlm --max-minutes 20"
     predict_example = 'rnnkit predict runs/charlm "ROMEO:" --temperature 0.8 --length 300'
     predict_options: ClassVar[dict[str, PredictOption]] = {
-        "temperature": PredictOption(float, 0.8, "sampling temperature; 0 = most likely character"),
-        "length": PredictOption(int, 300, "characters to generate after each prompt"),
+        "temperature": PredictOption(
+            float, 0.8, "sampling temperature; 0 = most likely character", minimum=0
+        ),
+        "length": PredictOption(int, 300, "characters to generate after each prompt", minimum=0),
         "seed": PredictOption(int, 0, "seed of the sampling"),
     }
 
@@ -137,8 +138,6 @@ class CharLMTask(Task):
     def predict(self, model: CharLM, inputs: list[str], options: dict[str, Any]) -> list[str]:
         temperature = float(options.get("temperature", 0.8))
         length = int(options.get("length", 300))
-        if temperature < 0 or length < 0:
-            raise RecipeError(f"temperature = {temperature}, length = {length}; expected both >= 0")
         gen = torch.Generator().manual_seed(int(options.get("seed", 0)))
         out = []
         for prompt in inputs:

@@ -59,7 +59,7 @@ class G2PTask(Seq2SeqHooks, Task):
     example = "rnnkit train g2p --out runs/g2p"
     predict_example = "rnnkit predict runs/g2p rnnkit serendipity"
     predict_options: ClassVar[dict[str, PredictOption]] = {
-        "beam_size": PredictOption(int, 5, "beam size; 1 = greedy (default: the run's)"),
+        "beam_size": PredictOption(int, 5, "beam size; 1 = greedy (default: the run's)", minimum=1),
     }
 
     config: G2PConfig
@@ -95,8 +95,6 @@ class G2PTask(Seq2SeqHooks, Task):
         if not words:
             raise RecipeError("the input holds no word; expected words such as: rnnkit hello")
         beam = int(options.get("beam_size", self.config.beam_size))
-        if beam < 1:
-            raise RecipeError(f"beam_size = {beam}; expected >= 1")
         items = [self.src_vocab.encode(self.source_tokens(w)) for w in words]
         prons = self.decode(model, items, beam)
         return [f"{w}\t{' '.join(p)}" for w, p in zip(words, prons, strict=True)]

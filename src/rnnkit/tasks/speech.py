@@ -9,6 +9,7 @@ deviation; utterances of 7-29 frames are batched with ``lengths=``.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,9 @@ class SpeechTask(ClassifierHooks, Task):
         self.labels = list(vocab["labels"])
         self.mean = torch.tensor(vocab["mean"], dtype=torch.float32)
         self.std = torch.tensor(vocab["std"], dtype=torch.float32)
+        for name, t in (("mean", self.mean), ("std", self.std)):
+            if not bool(torch.isfinite(t).all()) or (name == "std" and bool((t <= 0).any())):
+                raise ValueError(f"{name} = {t.tolist()}; expected finite numbers (std > 0)")
 
     def features(self, series: list[list[float]]) -> torch.Tensor:
         x = torch.tensor(series, dtype=torch.float32)
@@ -107,7 +111,11 @@ class SpeechTask(ClassifierHooks, Task):
         )
 
     def read_input(self, path_text: str) -> list[tuple[str, list[list[float]]]]:
-        """Utterances in a ``.ts`` file (all of them) or a text/CSV file (one frame per line)."""
+        """Utterances in a ``.ts`` file (all of them) or a text/CSV file (one frame per line).
+
+        Every value must be a number that float32 holds (finite, ``|x| <= 3.4e38``); the error
+        names the line and column (CSV) or the utterance, frame and channel (``.ts``).
+        """
         if not path_text.strip():
             raise RecipeError("an input is empty; expected the path of a .ts or .csv file")
         path = Path(path_text)
@@ -115,14 +123,43 @@ class SpeechTask(ClassifierHooks, Task):
             text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise RecipeError(f"cannot read {path}: {e.strerror or e}") from None
-        try:
-            if path.suffix == ".ts":
+        except UnicodeDecodeError as e:
+            raise RecipeError(
+                f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                "expected a .ts file or a CSV of numbers, one frame per line"
+            ) from None
+        if path.suffix == ".ts":
+            try:
                 series, _, _ = japanese_vowels.parse_ts(text, str(path))
-                return [(f"{path}#{k + 1}", s) for k, s in enumerate(series)]
-            rows = [line.replace(",", " ").split() for line in text.splitlines()]
-            frames = [[float(v) for v in row] for row in rows if row]
-        except ValueError as e:
-            raise RecipeError(f"{path}: {e}") from None
+            except ValueError as e:
+                where = "" if str(e).startswith(str(path)) else f"{path}: "
+                raise RecipeError(f"{where}{e}") from None
+            for k, frames in enumerate(series):
+                for f, frame in enumerate(frames):
+                    for c, value in enumerate(frame):
+                        _check_value(value, f"{path}#{k + 1} frame {f + 1}, channel {c + 1}")
+            return [(f"{path}#{k + 1}", s) for k, s in enumerate(series)]
+        frames: list[list[float]] = []
+        first = 0  # the line of the first frame
+        for number, line in enumerate(text.splitlines(), 1):
+            fields = line.replace(",", " ").split()
+            if not fields:
+                continue
+            if frames and len(fields) != len(frames[0]):
+                raise RecipeError(
+                    f"{path} line {number} has {len(fields)} values where line {first} has "
+                    f"{len(frames[0])}; expected one frame of {len(self.mean)} numbers per line"
+                )
+            first = first or number
+            frame = []
+            for c, field in enumerate(fields, 1):
+                where = f"{path} line {number}, column {c}"
+                try:
+                    value = float(field)
+                except ValueError:
+                    raise RecipeError(f"{where}: {field!r}; expected a number") from None
+                frame.append(_check_value(value, where))
+            frames.append(frame)
         if not frames:
             raise RecipeError(f"{path} holds no frames; expected one line of 12 numbers per frame")
         return [(str(path), frames)]
@@ -134,6 +171,18 @@ class SpeechTask(ClassifierHooks, Task):
             f"speaker {self.labels[k]}\t{p:.3f}\t{name}"
             for (k, p), (name, _) in zip(results, items, strict=True)
         ]
+
+
+#: The largest magnitude a float32 feature can hold.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_value(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise RecipeError(f"{where}: {value}; expected a finite number")
+    if abs(value) > FLOAT32_MAX:
+        raise RecipeError(f"{where}: {value:g}; expected |x| <= {FLOAT32_MAX:.3g} (float32)")
+    return value
 
 
 def _round_robin(examples: list[tuple[Any, str]]) -> list[tuple[Any, str]]:

@@ -55,7 +55,7 @@ class TranslateTask(Seq2SeqHooks, Task):
     example = "rnnkit train translate --out runs/translate --max-minutes 20"
     predict_example = 'rnnkit predict runs/translate "And God said, Let there be light."'
     predict_options: ClassVar[dict[str, PredictOption]] = {
-        "beam_size": PredictOption(int, 5, "beam size; 1 = greedy (default: the run's)"),
+        "beam_size": PredictOption(int, 5, "beam size; 1 = greedy (default: the run's)", minimum=1),
     }
 
     config: TranslateConfig
@@ -100,7 +100,5 @@ class TranslateTask(Seq2SeqHooks, Task):
                     f"input {i} of {len(inputs)} is empty or whitespace only; expected a sentence"
                 )
         beam = int(options.get("beam_size", self.config.beam_size))
-        if beam < 1:
-            raise RecipeError(f"beam_size = {beam}; expected >= 1")
         items = [self.src_vocab.encode(self.source_tokens(t)) for t in inputs]
         return [self.detokenize(out) for out in self.decode(model, items, beam)]
