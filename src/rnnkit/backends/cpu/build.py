@@ -38,8 +38,11 @@ import torch
 __all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "library_path", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = (_HERE / "rnn_kernels.cpp", _HERE / "layernorm_kernels.cpp")
-HEADERS = (_HERE / "kernel_common.h",)  # hashed into the cache key, not compiled alone
+SOURCES = (_HERE / "rnn_kernels.cpp", _HERE / "layernorm_kernels.cpp", _HERE / "cell_rnn.cpp")
+#: Hashed into the cache key, not compiled alone.
+HEADERS = tuple(
+    _HERE / h for h in ("kernel_common.h", "kernels.h", "cells.h", "driver.h", "checks.h")
+)
 _CFLAGS = (
     "-O3",
     "-march=native",

@@ -60,10 +60,13 @@
 #include <utility>
 #include <vector>
 
+#include "checks.h"
 #include "kernel_common.h"
 
 namespace rnnkit {
 namespace {
+
+using namespace cpu;
 
 using at::Tensor;
 using std::int64_t;
@@ -74,60 +77,6 @@ constexpr int64_t kStats = 3;  // rstd per row: input-side, recurrent, cell Laye
 
 // ---------------------------------------------------------------------------------------------
 // LayerNorm pieces. torch's layer_norm: biased variance (divided by n), eps inside the root.
-
-// mean and 1 / sqrt(var + eps) of v (n), in two passes over v.
-template <typename T>
-inline void moments(int64_t n, const T* v, T eps, T& mean, T& rstd) {
-  T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += v[j];
-  mean = sum / T(n);
-  T sq = T(0);
-#pragma omp simd reduction(+ : sq)
-  for (int64_t j = 0; j < n; ++j) {
-    const T d = v[j] - mean;
-    sq += d * d;
-  }
-  rstd = T(1) / std::sqrt(sq / T(n) + eps);
-}
-
-// The gradient reaching v (n) through y = w * vhat + bias, vhat = (v - mean) * rstd, from dy:
-//   dvhat = dy * w;   dv = rstd * (dvhat - mean(dvhat) - vhat * mean(dvhat * vhat)).
-// dv may alias dy.
-template <typename T>
-inline void layer_norm_backward(int64_t n, const T* dy, const T* w, const T* vhat, T rstd, T* dv) {
-  T sum = T(0), dot = T(0);
-#pragma omp simd reduction(+ : sum, dot)
-  for (int64_t j = 0; j < n; ++j) {
-    const T dvhat = dy[j] * w[j];
-    sum += dvhat;
-    dot += dvhat * vhat[j];
-  }
-  const T mean_dvhat = sum / T(n), mean_dot = dot / T(n);
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dv[j] = rstd * (dy[j] * w[j] - mean_dvhat - vhat[j] * mean_dot);
-}
-
-// out (W) = the sum over rows of a (R, W) * b (R, W) elementwise (of a alone without b): the gain
-// and bias gradients, summed over all steps. Each thread owns a range of columns, so the result
-// does not depend on the thread count.
-template <typename T>
-void column_sums(int64_t R, int64_t W, const T* a, const T* b, T* out) {
-  at::parallel_for(0, W, std::max<int64_t>(16, grain(R)), [&](int64_t j0, int64_t j1) {
-    std::fill(out + j0, out + j1, T(0));
-    for (int64_t r = 0; r < R; ++r) {
-      const T* ar = a + r * W;
-      if (b) {
-        const T* br = b + r * W;
-#pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) out[j] += ar[j] * br[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) out[j] += ar[j];
-      }
-    }
-  });
-}
 
 // ---------------------------------------------------------------------------------------------
 // One fused pass per row (one sequence) at one step; j runs over H. xhat (G): the normalised
@@ -343,12 +292,6 @@ inline void with_bool(bool b, Fn&& fn) {
   }
 }
 
-// The zoneout weights of row (t, b): zone (T, B, n) per step (step = n), or (n) the same at
-// every step (step = 0: eval mode's probabilities).
-template <typename T>
-inline const T* keep_row(const T* zone, int64_t step, int64_t row) {
-  return zone + row * step;
-}
 
 
 struct LnForwardIn {
@@ -429,12 +372,14 @@ void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
   // With lengths, the recurrent GEMM runs over the A sequences still active at this step only:
   // rows[k] (k < A) is the batch index of the k-th active one and hc (A, H) gathers their states.
   // With state dropout, hc (A, H) holds the masked states entering the step.
-  std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
+  std::vector<int64_t> rows;
+  rows.reserve(B);
+  active_rows<kLen>(0, len, B, rows);
   Tensor hc_t = kLen || kState ? at::empty({B, H}, opts) : Tensor();
   T* hc = kLen || kState ? hc_t.mutable_data_ptr<T>() : nullptr;
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = 0; s < steps; ++s) {
-    if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
+    if constexpr (kLen) active_rows<kLen>(s, len, B, rows);
     const int64_t A = static_cast<int64_t>(rows.size());
     const bool gathered = kState || (kLen && A < B);
     if (gathered) {
@@ -708,14 +653,16 @@ void ln_backward_impl(const Shape& n, const LnBackwardIn& in, LnBackwardOut& r) 
   Tensor dhc_t = kLen ? at::empty({B, H}, opts) : Tensor();
   T* dhs = kLen ? dhs_t.mutable_data_ptr<T>() : nullptr;
   T* dhc = kLen ? dhc_t.mutable_data_ptr<T>() : nullptr;
-  std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
+  std::vector<int64_t> rows;
+  rows.reserve(B);
+  active_rows<kLen>(0, len, B, rows);
   Tensor zero_t = at::zeros({H}, opts);  // stands in for an absent grad_out row
   const T* zero = zero_t.const_data_ptr<T>();
 
   const PackedB<T> hh(false, B, H, G, w_hh, H);  // op(B) = w_hh (G, H)
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = steps - 1; s >= 0; --s) {
-    if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
+    if constexpr (kLen) active_rows<kLen>(s, len, B, rows);
     const int64_t A = static_cast<int64_t>(rows.size());
     at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {

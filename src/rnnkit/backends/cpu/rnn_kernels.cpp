@@ -74,10 +74,14 @@
 #include <omp.h>
 #endif
 
+#include "checks.h"
 #include "kernel_common.h"
+#include "kernels.h"
 
 namespace rnnkit {
 namespace {
+
+using namespace cpu;
 
 using at::Tensor;
 using std::int64_t;
@@ -300,17 +304,12 @@ inline void gru_row_backward(int64_t H, const T* act, const T* hin, const T* gou
 
 int64_t saved_width(int64_t mode, int64_t H) { return mode == kLstm || mode == kGru ? 4 * H : H; }
 
-// The zoneout mask of row (t, b): zone (T, B, n) per step, or (n) the same at every step.
-template <typename T>
-inline const T* keep_row(const T* zone, int64_t step, int64_t row) {
-  return zone + row * step;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
 struct ForwardIn {
-  Tensor x, w_ih, w_hh, w_hr, bias, bhn, peep, mask, zone_h, zone_c;
+  Tensor x, w_ih, w_hh, w_hr, b_ih, b_hh, bias, bhn, peep, mask, zone_h, zone_c;
   int64_t zone_h_step, zone_c_step;  // per row: n, or 0 when the same mask serves every step
   const int64_t* len;
   bool reverse;
@@ -364,12 +363,14 @@ void forward_impl(const Shape& n, const ForwardIn& in, ForwardOut& r) {
   // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it runs
   // over (rows[k], k < A: their batch indices), when they are not h itself: with lengths while
   // some sequences have finished, and with state dropout (hc = h * mask).
-  std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
+  std::vector<int64_t> rows;
+  rows.reserve(B);
+  active_rows<kLen>(0, len, B, rows);
   Tensor hc_t = kLen || kState ? at::empty({B, P}, opts) : Tensor();
   T* hc = kLen || kState ? hc_t.mutable_data_ptr<T>() : nullptr;
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = 0; s < steps; ++s) {
-    if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
+    if constexpr (kLen) active_rows<kLen>(s, len, B, rows);
     const int64_t A = static_cast<int64_t>(rows.size());
     const bool gathered = kState || (kLen && A < B);
     if (gathered) {
@@ -500,8 +501,51 @@ int regulariser_flags(const Regularisers& reg) {
   return (reg.mask.defined() ? kStateDrop : 0) | (reg.zone_h.defined() ? kZoneout : 0);
 }
 
+// The cells already on the new driver (driver.h, cell_*.cpp).
+template <typename T>
+bool forward_new(int64_t mode, int flags, const Shape& n, const ForwardIn& in, ForwardOut& r) {
+  if (mode != kRnnTanh && mode != kRnnRelu) return false;
+  ForwardArgs<T> a;
+  a.n = n;
+  a.reverse = in.reverse;
+  a.len = in.len;
+  a.x = ptr<T>(in.x);
+  a.w[kWeightIh] = ptr<T>(in.w_ih);
+  a.w[kWeightHh] = ptr<T>(in.w_hh);
+  a.w[kBiasIh] = ptr<T>(in.b_ih);
+  a.w[kBiasHh] = ptr<T>(in.b_hh);
+  a.w[kWeightHr] = ptr<T>(in.w_hr);
+  if (const T* peep = ptr<T>(in.peep)) {
+    a.w[kWeightCi] = peep;
+    a.w[kWeightCf] = peep + n.H;
+    a.w[kWeightCo] = peep + 2 * n.H;
+  }
+  a.masks.mask = ptr<T>(in.mask);
+  a.masks.zone_h = ptr<T>(in.zone_h);
+  a.masks.zone_c = ptr<T>(in.zone_c);
+  a.masks.zone_h_step = in.zone_h_step;
+  a.masks.zone_c_step = in.zone_c_step;
+  a.out = mptr<T>(r.out);
+  a.h = mptr<T>(r.h_n);
+  a.c = mptr<T>(r.c_n);
+  a.saved.at[kAct] = mptr<T>(r.act);
+  a.saved.at[kHprev] = mptr<T>(r.hprev);
+  a.saved.at[kC] = mptr<T>(r.c);
+  a.saved.at[kHpre] = mptr<T>(r.hpre);
+  a.saved.at[kCprev] = mptr<T>(r.cprev);
+  const Variants v{bool(flags & kLengths), bool(flags & kProjection), bool(flags & kSaving),
+                   bool(flags & kStateDrop), bool(flags & kZoneout)};
+  if (mode == kRnnTanh) {
+    run_forward<RnnTanh, T>(v, a);
+  } else {
+    run_forward<RnnRelu, T>(v, a);
+  }
+  return true;
+}
+
 template <typename T>
 void forward_mode(int64_t mode, int flags, const Shape& n, const ForwardIn& in, ForwardOut& r) {
+  if (forward_new<T>(mode, flags, n, in, r)) return;
   constexpr int kCell = kLengths | kSaving | kStateDrop | kZoneout;
   auto run = [&](auto mode_c) {
     constexpr int64_t kMode = decltype(mode_c)::value;
@@ -586,6 +630,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   in.w_hh = w_hh;
   in.w_hr = w_hr;
   in.bias = bias;
+  in.b_ih = b_ih;
+  in.b_hh = b_hh;
   in.bhn = bhn;
   in.peep = peep;
   in.mask = reg.mask;
@@ -660,7 +706,9 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   Tensor dhc_t = kLen || kState ? at::empty({B, P}, opts) : Tensor();
   T* dgs = kLen ? dgs_t.mutable_data_ptr<T>() : nullptr;
   T* dhc = kLen || kState ? dhc_t.mutable_data_ptr<T>() : nullptr;
-  std::vector<int64_t> rows = active_rows<kLen>(0, len, B);
+  std::vector<int64_t> rows;
+  rows.reserve(B);
+  active_rows<kLen>(0, len, B, rows);
   Tensor zero_t = at::zeros({std::max(P, H)}, opts);  // stands in for an absent grad_out row
   const T* zero = zero_t.const_data_ptr<T>();
   // Projected LSTM: dht (T*B, P) gradient reaching each projection output; dhs (B, P) this
@@ -677,7 +725,7 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
   const PackedB<T> hr(false, B, H, P, w_hr, H);  // op(B) = w_hr (P, H), with a projection
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = steps - 1; s >= 0; --s) {
-    if constexpr (kLen) rows = active_rows<kLen>(s, len, B);
+    if constexpr (kLen) active_rows<kLen>(s, len, B, rows);
     const int64_t A = static_cast<int64_t>(rows.size());
     if constexpr (kProj) {
       for (int64_t k = 0; k < A; ++k) {
@@ -810,8 +858,60 @@ void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
 }
 
 template <typename T>
+bool backward_new(int64_t mode, int flags, const Shape& n, const BackwardIn& in,
+                  BackwardOut& r) {
+  if (mode != kRnnTanh && mode != kRnnRelu) return false;
+  BackwardArgs<T> a;
+  a.n = n;
+  a.reverse = in.reverse;
+  a.len = in.len;
+  a.gout = ptr<T>(in.gout);
+  a.x = ptr<T>(in.x);
+  a.c0 = ptr<T>(in.c0);
+  a.w[kWeightIh] = ptr<T>(in.w_ih);
+  a.w[kWeightHh] = ptr<T>(in.w_hh);
+  a.w[kWeightHr] = ptr<T>(in.w_hr);
+  T* dpeep = mptr<T>(r.dpeep);
+  if (const T* peep = ptr<T>(in.peep)) {
+    a.w[kWeightCi] = peep;
+    a.w[kWeightCf] = peep + n.H;
+    a.w[kWeightCo] = peep + 2 * n.H;
+    a.dw[kWeightCi] = dpeep;
+    a.dw[kWeightCf] = dpeep + n.H;
+    a.dw[kWeightCo] = dpeep + 2 * n.H;
+  }
+  a.masks.mask = ptr<T>(in.mask);
+  a.masks.zone_h = ptr<T>(in.zone_h);
+  a.masks.zone_c = ptr<T>(in.zone_c);
+  a.masks.zone_h_step = in.zone_h_step;
+  a.masks.zone_c_step = in.zone_c_step;
+  a.saved.at[kAct] = ptr<T>(in.act);
+  a.saved.at[kHprev] = ptr<T>(in.hprev);
+  a.saved.at[kC] = ptr<T>(in.cs);
+  a.saved.at[kHpre] = ptr<T>(in.hpre);
+  a.saved.at[kCprev] = ptr<T>(in.cprev);
+  a.dx = in.need_dx ? mptr<T>(r.dx) : nullptr;
+  a.dh = mptr<T>(r.dh0);
+  a.dc = mptr<T>(r.dc0);
+  a.dw[kWeightIh] = mptr<T>(r.dw_ih);
+  a.dw[kWeightHh] = mptr<T>(r.dw_hh);
+  a.dw[kBiasIh] = in.has_bias ? mptr<T>(r.db_ih) : nullptr;
+  a.dw[kBiasHh] = in.has_bias ? mptr<T>(r.db_hh) : nullptr;
+  a.dw[kWeightHr] = mptr<T>(r.dw_hr);
+  const Variants v{bool(flags & kLengths), bool(flags & kProjection), false,
+                   bool(flags & kStateDrop), bool(flags & kZoneout)};
+  if (mode == kRnnTanh) {
+    run_backward<RnnTanh, T>(v, a);
+  } else {
+    run_backward<RnnRelu, T>(v, a);
+  }
+  return true;
+}
+
+template <typename T>
 void backward_mode(int64_t mode, int flags, const Shape& n, const BackwardIn& in,
                    BackwardOut& r) {
+  if (backward_new<T>(mode, flags, n, in, r)) return;
   constexpr int kCell = kLengths | kStateDrop | kZoneout;
   auto run = [&](auto mode_c) {
     constexpr int64_t kMode = decltype(mode_c)::value;
@@ -1025,6 +1125,34 @@ std::vector<Tensor> pair_backward(
 }
 
 }  // namespace
+}  // namespace rnnkit
+
+namespace rnnkit {
+namespace cpu {
+
+template <typename T>
+void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                   int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
+                : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == T(0)) c.zero_();
+  at::addmm_out(c, c, a, b, beta == T(0) ? T(1) : beta, alpha);
+}
+
+template void gemm_fallback<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*,
+                                   int64_t, const float*, int64_t, float, float*, int64_t);
+template void gemm_fallback<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*,
+                                    int64_t, const double*, int64_t, double, double*, int64_t);
+
+void parallel_chunks(int64_t n, int64_t grain, const Chunks& body) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { body.run(begin, end); });
+}
+
+}  // namespace cpu
 }  // namespace rnnkit
 
 TORCH_LIBRARY(rnnkit_cpu, m) {
