@@ -38,7 +38,17 @@ import torch
 __all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "library_path", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = (_HERE / "rnn_kernels.cpp", _HERE / "layernorm_kernels.cpp", _HERE / "cell_rnn.cpp")
+SOURCES = tuple(
+    _HERE / s
+    for s in (
+        "rnn_kernels.cpp",
+        "layernorm_kernels.cpp",
+        "cell_rnn.cpp",
+        "cell_lstm.cpp",
+        "cell_lstm_peephole.cpp",
+        "cell_gru.cpp",
+    )
+)
 #: Hashed into the cache key, not compiled alone.
 HEADERS = tuple(
     _HERE / h for h in ("kernel_common.h", "kernels.h", "cells.h", "driver.h", "checks.h")

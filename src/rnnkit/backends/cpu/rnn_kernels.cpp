@@ -97,213 +97,8 @@ enum Flag : int {
   kZoneout = 1 << 4,     // zoneout on h (and c)
   kPeephole = 1 << 5,    // peephole LSTM: the gates see the cell state
 };
-constexpr int kFlagBits = 6;
-
-// fn(std::integral_constant<int, F>{}) with F = flags as a compile-time constant. Only the bits of
-// kUsed are branched on (the others are 0), so only the variants a caller can ask for are built.
-template <int kUsed, int kF = 0, int kBit = 0, typename Fn>
-void with_flags(int flags, Fn&& fn) {
-  if constexpr (kBit == kFlagBits) {
-    fn(std::integral_constant<int, kF>{});
-  } else if constexpr ((kUsed & (1 << kBit)) == 0) {
-    with_flags<kUsed, kF, kBit + 1>(flags, fn);
-  } else if (flags & (1 << kBit)) {
-    with_flags<kUsed, kF | (1 << kBit), kBit + 1>(flags, fn);
-  } else {
-    with_flags<kUsed, kF, kBit + 1>(flags, fn);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// One fused pass over the gates of one row (one sequence) at one step; j runs over H.
-// keep (H or P) is the row's zoneout mask with kZone: state = keep * previous + (1 - keep) * new.
-
-// Elman RNN: h_new = act(xg + b + hg). h holds the previous state and receives the new one.
-// Saves h_new.
-template <typename T, bool kRelu, bool kSave, bool kZone>
-inline void rnn_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* keep, T* h,
-                            T* out, T* act) {
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T pre = xg[j] + hg[j] + b[j];
-    const T h_new = kRelu ? (pre > T(0) ? pre : T(0)) : tanh_(pre);
-    const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
-    h[j] = h_t;
-    out[j] = h_t;
-    if constexpr (kSave) act[j] = h_new;
-  }
-}
-
-// LSTM: c_new = f c + i g, h_new = o tanh(c_new). c holds the previous cell state and receives
-// the new one. Without a projection h (the state) receives h_new and out the same; with one, h
-// is the projection's input row and receives h_new (zoneout and out come after the projection).
-// With peepholes, peep (3H) holds w_ci, w_cf (i and f see c_{t-1}) and w_co (o sees c_new).
-// cs saves c_new, cp the previous cell state (with zoneout or peepholes), hpre h_new (with a
-// projection).
-template <typename T, bool kSave, bool kProj, bool kZone, bool kPeep>
-inline void lstm_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* peep,
-                             const T* keep_h, const T* keep_c, T* c, T* h, T* out, T* act, T* cs,
-                             T* cp, T* hpre) {
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T c_old = c[j];
-    T pi = xg[j] + hg[j] + b[j];
-    T pf = xg[H + j] + hg[H + j] + b[H + j];
-    T po = xg[3 * H + j] + hg[3 * H + j] + b[3 * H + j];
-    if constexpr (kPeep) {
-      pi += peep[j] * c_old;
-      pf += peep[H + j] * c_old;
-    }
-    const T i = sigmoid(pi);
-    const T f = sigmoid(pf);
-    const T g = tanh_(xg[2 * H + j] + hg[2 * H + j] + b[2 * H + j]);
-    const T c_new = f * c_old + i * g;
-    if constexpr (kPeep) po += peep[2 * H + j] * c_new;
-    const T o = sigmoid(po);
-    const T h_new = o * tanh_(c_new);
-    c[j] = kZone ? keep_c[j] * c_old + (T(1) - keep_c[j]) * c_new : c_new;
-    if constexpr (kProj) {
-      h[j] = h_new;
-      if constexpr (kSave) hpre[j] = h_new;
-    } else {
-      const T h_t = kZone ? keep_h[j] * h[j] + (T(1) - keep_h[j]) * h_new : h_new;
-      h[j] = h_t;
-      out[j] = h_t;
-    }
-    if constexpr (kSave) {
-      act[j] = i;
-      act[H + j] = f;
-      act[2 * H + j] = g;
-      act[3 * H + j] = o;
-      cs[j] = c_new;
-      if constexpr (kZone || kPeep) cp[j] = c_old;
-    }
-  }
-}
-
-// GRU: r, z from x and hin; n = tanh(xn + r (W_hn hin + b_hn)); h_new = (1 - z) n + z hin.
-// hin is the state that entered the step (after state dropout); h holds the previous state and
-// receives the new one. b holds b_ir + b_hr, b_iz + b_hz, b_in; bhn holds b_hn.
-template <typename T, bool kSave, bool kZone>
-inline void gru_row_forward(int64_t H, const T* xg, const T* hg, const T* b, const T* bhn,
-                            const T* hin, const T* keep, T* h, T* out, T* act) {
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T r = sigmoid(xg[j] + hg[j] + b[j]);
-    const T z = sigmoid(xg[H + j] + hg[H + j] + b[H + j]);
-    const T hn = hg[2 * H + j] + bhn[j];
-    const T n = tanh_(xg[2 * H + j] + b[2 * H + j] + r * hn);
-    const T h_new = (T(1) - z) * n + z * hin[j];
-    const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
-    h[j] = h_t;
-    out[j] = h_t;
-    if constexpr (kSave) {
-      act[j] = r;
-      act[H + j] = z;
-      act[2 * H + j] = n;
-      act[3 * H + j] = hn;
-    }
-  }
-}
-
-// Backward rows: dh holds the gradient reaching the state h_t from later steps, gout the one from
-// the output at t (the output is h_t). Each writes the gate pre-activation gradients and leaves in
-// dh the part of dh_{t-1} that goes neither through w_hh nor through state dropout (zoneout's
-// keep, and without state dropout the GRU's z * h_{t-1}); the recurrent GEMM adds the rest.
-
-template <typename T, bool kRelu, bool kZone>
-inline void rnn_row_backward(int64_t H, const T* act, const T* gout, const T* keep, T* dh,
-                             T* dg) {
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T h = act[j];
-    const T dht = dh[j] + gout[j];
-    const T dh_new = kZone ? (T(1) - keep[j]) * dht : dht;
-    const T dpre = kRelu ? (h > T(0) ? dh_new : T(0)) : dh_new * (T(1) - h * h);
-    dg[j] = dpre;
-    dh[j] = kZone ? keep[j] * dht : T(0);
-  }
-}
-
-// dhp: with a projection, the gradient reaching h_new = o tanh(c_new) through it (zoneout on h
-// was taken apart before the projection); without, it comes from dh and gout here. dc holds the
-// gradient reaching the cell state c_t and receives the one reaching c_{t-1}. peep as forward.
-template <typename T, bool kProj, bool kZone, bool kPeep>
-inline void lstm_row_backward(int64_t H, const T* act, const T* cs, const T* cprev,
-                              const T* peep, const T* keep_h, const T* keep_c, const T* dhp,
-                              const T* gout, T* dh, T* dc, T* dg) {
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T i = act[j];
-    const T f = act[H + j];
-    const T g = act[2 * H + j];
-    const T o = act[3 * H + j];
-    const T tc = tanh_(cs[j]);
-    T dh_new;
-    if constexpr (kProj) {
-      dh_new = dhp[j];
-    } else {
-      const T dht = dh[j] + gout[j];
-      dh_new = kZone ? (T(1) - keep_h[j]) * dht : dht;
-      dh[j] = kZone ? keep_h[j] * dht : T(0);
-    }
-    const T dct = dc[j];
-    const T d_o = dh_new * tc;
-    const T dop = d_o * o * (T(1) - o);
-    T dc_new = (kZone ? (T(1) - keep_c[j]) * dct : dct) + dh_new * o * (T(1) - tc * tc);
-    if constexpr (kPeep) dc_new += dop * peep[2 * H + j];
-    const T di = dc_new * g;
-    const T dgg = dc_new * i;
-    const T df = dc_new * cprev[j];
-    const T dip = di * i * (T(1) - i);
-    const T dfp = df * f * (T(1) - f);
-    dg[j] = dip;
-    dg[H + j] = dfp;
-    dg[2 * H + j] = dgg * (T(1) - g * g);
-    dg[3 * H + j] = dop;
-    T dc_old = dc_new * f;
-    if constexpr (kPeep) dc_old += dip * peep[j] + dfp * peep[H + j];
-    dc[j] = kZone ? dc_old + keep_c[j] * dct : dc_old;
-  }
-}
-
-// dgi: gradient of the input pre-activations (r z n); dgh: of W_hh hin + b_hh (r z hn). With
-// state dropout the gradient reaching hin directly (through z * hin) goes to dhin, to be masked.
-template <typename T, bool kZone, bool kState>
-inline void gru_row_backward(int64_t H, const T* act, const T* hin, const T* gout, const T* keep,
-                             T* dh, T* dhin, T* dgi, T* dgh) {
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T r = act[j];
-    const T z = act[H + j];
-    const T n = act[2 * H + j];
-    const T hn = act[3 * H + j];
-    const T dht = dh[j] + gout[j];
-    const T dh_new = kZone ? (T(1) - keep[j]) * dht : dht;
-    const T dn = dh_new * (T(1) - z);
-    const T dz = dh_new * (hin[j] - n);
-    const T dnp = dn * (T(1) - n * n);
-    const T dr = dnp * hn;
-    const T drp = dr * r * (T(1) - r);
-    const T dzp = dz * z * (T(1) - z);
-    const T dhz = dh_new * z;
-    dgi[j] = drp;
-    dgi[H + j] = dzp;
-    dgi[2 * H + j] = dnp;
-    dgh[j] = drp;
-    dgh[H + j] = dzp;
-    dgh[2 * H + j] = dnp * r;
-    if constexpr (kState) {
-      dhin[j] = dhz;
-      dh[j] = kZone ? keep[j] * dht : T(0);
-    } else {
-      dh[j] = kZone ? keep[j] * dht + dhz : dhz;
-    }
-  }
-}
 
 int64_t saved_width(int64_t mode, int64_t H) { return mode == kLstm || mode == kGru ? 4 * H : H; }
-
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
@@ -318,128 +113,6 @@ struct ForwardIn {
 struct ForwardOut {
   Tensor out, h_n, c_n, act, hprev, c, hpre, cprev;
 };
-
-template <typename T, int64_t kMode, int kF>
-void forward_impl(const Shape& n, const ForwardIn& in, ForwardOut& r) {
-  constexpr bool kLen = kF & kLengths, kProj = kF & kProjection, kSave = kF & kSaving;
-  constexpr bool kState = kF & kStateDrop, kZone = kF & kZoneout, kPeep = kF & kPeephole;
-  const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, S = n.S;
-  const bool reverse = in.reverse;
-  const int64_t* len = in.len;
-  const T* x = ptr<T>(in.x);
-  const T* w_ih = ptr<T>(in.w_ih);
-  const T* w_hh = ptr<T>(in.w_hh);
-  const T* w_hr = ptr<T>(in.w_hr);
-  const T* bias = ptr<T>(in.bias);
-  const T* bhn = ptr<T>(in.bhn);
-  const T* peep = ptr<T>(in.peep);      // (3, H) with kPeep
-  const T* mask = ptr<T>(in.mask);      // (B, P) with kState
-  const T* zone_h = ptr<T>(in.zone_h);  // (T, B, P) or (P) with kZone
-  const T* zone_c = ptr<T>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
-  auto opts = r.out.options();
-  // xg (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once.
-  Tensor xg_t = at::empty({T_ * B, G}, opts);
-  T* xg = xg_t.mutable_data_ptr<T>();
-  gemm<T>(false, true, T_ * B, G, I, T(1), x, I, w_ih, I, T(0), xg, G);
-
-  T* h = r.h_n.mutable_data_ptr<T>();  // (B, P), starts as h0, updated in place
-  T* c = kMode == kLstm ? r.c_n.mutable_data_ptr<T>() : nullptr;  // (B, H)
-  T* out = r.out.mutable_data_ptr<T>();
-  T* act = kSave ? mptr<T>(r.act) : nullptr;
-  T* hprev = kSave ? mptr<T>(r.hprev) : nullptr;
-  T* cs = kSave && kMode == kLstm ? mptr<T>(r.c) : nullptr;
-  T* hpre = kSave && kProj ? mptr<T>(r.hpre) : nullptr;
-  T* cp = kSave && (kZone || kPeep) ? mptr<T>(r.cprev) : nullptr;  // LSTM only
-
-  Tensor hg_t = at::empty({B, G}, opts);  // (B, G) recurrent projection of this step
-  T* hg = hg_t.mutable_data_ptr<T>();
-  Tensor hp_t = kProj ? at::zeros({B, H}, opts) : Tensor();  // (B, H) projection input
-  Tensor hq_t = kProj ? at::empty({B, P}, opts) : Tensor();  // (B, P) projection output
-  T* hp = kProj ? hp_t.mutable_data_ptr<T>() : nullptr;
-  T* hq = kProj ? hq_t.mutable_data_ptr<T>() : nullptr;
-
-  const PackedB<T> hh(true, B, G, P, w_hh, P);  // op(B) = w_hh^T (P, G)
-  const PackedB<T> hr(true, B, P, H, w_hr, H);  // op(B) = w_hr^T (H, P), with a projection
-  // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it runs
-  // over (rows[k], k < A: their batch indices), when they are not h itself: with lengths while
-  // some sequences have finished, and with state dropout (hc = h * mask).
-  std::vector<int64_t> rows;
-  rows.reserve(B);
-  active_rows<kLen>(0, len, B, rows);
-  Tensor hc_t = kLen || kState ? at::empty({B, P}, opts) : Tensor();
-  T* hc = kLen || kState ? hc_t.mutable_data_ptr<T>() : nullptr;
-  const int64_t steps = max_length(len, B, T_);
-  for (int64_t s = 0; s < steps; ++s) {
-    if constexpr (kLen) active_rows<kLen>(s, len, B, rows);
-    const int64_t A = static_cast<int64_t>(rows.size());
-    const bool gathered = kState || (kLen && A < B);
-    if (gathered) {
-      for (int64_t k = 0; k < A; ++k) {
-        const T* h_row = h + rows[k] * P;
-        T* hc_row = hc + k * P;
-        if constexpr (kState) {
-          const T* m_row = mask + rows[k] * P;
-          for (int64_t j = 0; j < P; ++j) hc_row[j] = h_row[j] * m_row[j];
-        } else {
-          std::copy(h_row, h_row + P, hc_row);
-        }
-      }
-    }
-    if (!gathered) {
-      // hg (B, G) = h (B, P) . w_hh^T
-      hh.run(h, P, T(0), hg, G);
-    } else if (A == B) {
-      // hg (B, G) = hc (B, P) . w_hh^T
-      hh.run(hc, P, T(0), hg, G);
-    } else {
-      // hg (A, G) = hc (A, P) . w_hh^T
-      gemm<T>(false, true, A, G, P, T(1), hc, P, w_hh, P, T(0), hg, G);
-    }
-    at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t b = rows[k];
-        const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
-        const int64_t row = t * B + b;
-        const T* hin = gathered ? hc + k * P : h + b * P;  // (P) the state entering the step
-        if constexpr (kSave) std::copy(hin, hin + P, hprev + row * P);
-        T* a = kSave ? act + row * S : nullptr;
-        const T* keep_h = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
-        if constexpr (kMode == kRnnTanh || kMode == kRnnRelu) {
-          rnn_row_forward<T, kMode == kRnnRelu, kSave, kZone>(H, xg + row * G, hg + k * G, bias,
-                                                              keep_h, h + b * H, out + row * P,
-                                                              a);
-        } else if constexpr (kMode == kGru) {
-          gru_row_forward<T, kSave, kZone>(H, xg + row * G, hg + k * G, bias, bhn, hin, keep_h,
-                                           h + b * H, out + row * P, a);
-        } else {
-          const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
-          lstm_row_forward<T, kSave, kProj, kZone, kPeep>(
-              H, xg + row * G, hg + k * G, bias, peep, keep_h, keep_c, c + b * H,
-              kProj ? hp + b * H : h + b * H, out + row * P, a, kSave ? cs + row * H : nullptr,
-              kSave && (kZone || kPeep) ? cp + row * H : nullptr,
-              kSave && kProj ? hpre + row * H : nullptr);
-        }
-      }
-    });
-    if constexpr (kProj) {
-      // hq (B, P) = hp (B, H) . w_hr^T; finished sequences keep their state.
-      hr.run(hp, H, T(0), hq, P);
-      for (int64_t k = 0; k < A; ++k) {
-        const int64_t b = rows[k];
-        const int64_t row = time_of<kLen>(s, b, len, T_, reverse) * B + b;
-        const T* keep = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
-        T* h_row = h + b * P;
-        const T* hq_row = hq + b * P;
-        T* out_row = out + row * P;
-        for (int64_t j = 0; j < P; ++j) {
-          const T h_t = kZone ? keep[j] * h_row[j] + (T(1) - keep[j]) * hq_row[j] : hq_row[j];
-          h_row[j] = h_t;
-          out_row[j] = h_t;
-        }
-      }
-    }
-  }
-}
 
 void check_mode(int64_t mode) {
   TORCH_CHECK(mode >= kRnnTanh && mode <= kGru, "rnnkit cpu kernels: mode = ", mode,
@@ -501,10 +174,9 @@ int regulariser_flags(const Regularisers& reg) {
   return (reg.mask.defined() ? kStateDrop : 0) | (reg.zone_h.defined() ? kZoneout : 0);
 }
 
-// The cells already on the new driver (driver.h, cell_*.cpp).
+// The drivers (driver.h, compiled in cell_*.cpp).
 template <typename T>
 bool forward_new(int64_t mode, int flags, const Shape& n, const ForwardIn& in, ForwardOut& r) {
-  if (mode != kRnnTanh && mode != kRnnRelu) return false;
   ForwardArgs<T> a;
   a.n = n;
   a.reverse = in.reverse;
@@ -537,34 +209,21 @@ bool forward_new(int64_t mode, int flags, const Shape& n, const ForwardIn& in, F
                    bool(flags & kStateDrop), bool(flags & kZoneout)};
   if (mode == kRnnTanh) {
     run_forward<RnnTanh, T>(v, a);
-  } else {
+  } else if (mode == kRnnRelu) {
     run_forward<RnnRelu, T>(v, a);
+  } else if (mode == kGru) {
+    run_forward<Gru, T>(v, a);
+  } else if (a.w[kWeightCi]) {
+    run_forward<PeepholeLstm, T>(v, a);
+  } else {
+    run_forward<PlainLstm, T>(v, a);
   }
   return true;
 }
 
 template <typename T>
 void forward_mode(int64_t mode, int flags, const Shape& n, const ForwardIn& in, ForwardOut& r) {
-  if (forward_new<T>(mode, flags, n, in, r)) return;
-  constexpr int kCell = kLengths | kSaving | kStateDrop | kZoneout;
-  auto run = [&](auto mode_c) {
-    constexpr int64_t kMode = decltype(mode_c)::value;
-    constexpr int kUsed = kMode == kLstm ? kCell | kProjection | kPeephole : kCell;
-    with_flags<kUsed>(flags, [&](auto f) { forward_impl<T, kMode, decltype(f)::value>(n, in, r); });
-  };
-  switch (mode) {
-    case kRnnTanh:
-      run(std::integral_constant<int64_t, kRnnTanh>{});
-      break;
-    case kRnnRelu:
-      run(std::integral_constant<int64_t, kRnnRelu>{});
-      break;
-    case kLstm:
-      run(std::integral_constant<int64_t, kLstm>{});
-      break;
-    default:
-      run(std::integral_constant<int64_t, kGru>{});
-  }
+  forward_new<T>(mode, flags, n, in, r);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
@@ -663,204 +322,9 @@ struct BackwardOut {
   Tensor dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeep;
 };
 
-template <typename T, int64_t kMode, int kF>
-void backward_impl(const Shape& n, const BackwardIn& in, BackwardOut& r) {
-  constexpr bool kLen = kF & kLengths, kProj = kF & kProjection;
-  constexpr bool kState = kF & kStateDrop, kZone = kF & kZoneout, kPeep = kF & kPeephole;
-  const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, S = n.S;
-  const bool reverse = in.reverse;
-  const int64_t* len = in.len;
-  auto opts = r.dh0.options();
-  const T* gout = ptr<T>(in.gout);  // (T, B, P) or nullptr
-  const T* x = ptr<T>(in.x);
-  const T* c0 = ptr<T>(in.c0);
-  const T* w_ih = ptr<T>(in.w_ih);
-  const T* w_hh = ptr<T>(in.w_hh);
-  const T* w_hr = ptr<T>(in.w_hr);
-  const T* act = ptr<T>(in.act);
-  const T* hprev = ptr<T>(in.hprev);
-  const T* cs = ptr<T>(in.cs);
-  const T* hpre = ptr<T>(in.hpre);
-  const T* cp = ptr<T>(in.cprev);       // (T, B, H), LSTM with kZone or kPeep
-  const T* peep = ptr<T>(in.peep);      // (3, H) with kPeep
-  const T* mask = ptr<T>(in.mask);      // (B, P) with kState
-  const T* zone_h = ptr<T>(in.zone_h);  // (T, B, P) or (P) with kZone
-  const T* zone_c = ptr<T>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
-
-  // The carried gradients: dh (B, P) reaching h_s from later steps, dc (B, H) reaching c_s.
-  T* dh = r.dh0.mutable_data_ptr<T>();
-  T* dc = kMode == kLstm ? r.dc0.mutable_data_ptr<T>() : nullptr;
-  // Gate gradients of every step, time-ordered (T*B, G), zero at padded positions. dgi: of the
-  // input pre-activations; dgh: of W_hh h + b_hh (the same tensor except for the GRU).
-  Tensor dgi_t = kLen ? at::zeros({T_ * B, G}, opts) : at::empty({T_ * B, G}, opts);
-  Tensor dgh_t = kMode == kGru ? (kLen ? at::zeros({T_ * B, G}, opts)
-                                       : at::empty({T_ * B, G}, opts))
-                               : dgi_t;
-  T* dgi = dgi_t.mutable_data_ptr<T>();
-  T* dgh = dgh_t.mutable_data_ptr<T>();
-  // With lengths, the recurrent GEMM runs over the A sequences active at this step only
-  // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G). Its
-  // product dhc (A, P), the gradient reaching the states that entered the step (with state
-  // dropout: before the mask, which then multiplies it), is added to their dh.
-  Tensor dgs_t = kLen ? at::empty({B, G}, opts) : Tensor();
-  Tensor dhc_t = kLen || kState ? at::empty({B, P}, opts) : Tensor();
-  T* dgs = kLen ? dgs_t.mutable_data_ptr<T>() : nullptr;
-  T* dhc = kLen || kState ? dhc_t.mutable_data_ptr<T>() : nullptr;
-  std::vector<int64_t> rows;
-  rows.reserve(B);
-  active_rows<kLen>(0, len, B, rows);
-  Tensor zero_t = at::zeros({std::max(P, H)}, opts);  // stands in for an absent grad_out row
-  const T* zero = zero_t.const_data_ptr<T>();
-  // Projected LSTM: dht (T*B, P) gradient reaching each projection output; dhs (B, P) this
-  // step's; dhp (B, H) the gradient reaching o tanh(c) after the projection.
-  Tensor dht_t = kProj ? (kLen ? at::zeros({T_ * B, P}, opts) : at::empty({T_ * B, P}, opts))
-                       : Tensor();
-  Tensor dhs_t = kProj ? at::zeros({B, P}, opts) : Tensor();
-  Tensor dhp_t = kProj ? at::empty({B, H}, opts) : Tensor();
-  T* dht = kProj ? dht_t.mutable_data_ptr<T>() : nullptr;
-  T* dhs = kProj ? dhs_t.mutable_data_ptr<T>() : nullptr;
-  T* dhp = kProj ? dhp_t.mutable_data_ptr<T>() : nullptr;
-
-  const PackedB<T> hh(false, B, P, G, w_hh, P);  // op(B) = w_hh (G, P)
-  const PackedB<T> hr(false, B, H, P, w_hr, H);  // op(B) = w_hr (P, H), with a projection
-  const int64_t steps = max_length(len, B, T_);
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    if constexpr (kLen) active_rows<kLen>(s, len, B, rows);
-    const int64_t A = static_cast<int64_t>(rows.size());
-    if constexpr (kProj) {
-      for (int64_t k = 0; k < A; ++k) {
-        const int64_t b = rows[k];
-        const int64_t row = time_of<kLen>(s, b, len, T_, reverse) * B + b;
-        const T* go = gout ? gout + row * P : zero;
-        const T* keep = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
-        T* dh_row = dh + b * P;
-        T* dhs_row = dhs + b * P;
-        for (int64_t j = 0; j < P; ++j) {
-          const T dh_t = dh_row[j] + go[j];
-          dhs_row[j] = kZone ? (T(1) - keep[j]) * dh_t : dh_t;
-          dh_row[j] = kZone ? keep[j] * dh_t : T(0);
-        }
-        std::copy(dhs_row, dhs_row + P, dht + row * P);
-      }
-      // dhp (B, H) = dhs (B, P) . w_hr (P, H)
-      hr.run(dhs, P, T(0), dhp, H);
-    }
-    at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t b = rows[k];
-        const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
-        const int64_t row = t * B + b;
-        const T* go = gout ? gout + row * P : zero;
-        const T* keep_h = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
-        T* dgh_row = kLen ? dgs + k * G : dgh + row * G;
-        if constexpr (kMode == kRnnTanh || kMode == kRnnRelu) {
-          rnn_row_backward<T, kMode == kRnnRelu, kZone>(H, act + row * S, go, keep_h, dh + b * H,
-                                                        dgh_row);
-          if (kLen) std::copy(dgh_row, dgh_row + G, dgi + row * G);
-        } else if constexpr (kMode == kGru) {
-          gru_row_backward<T, kZone, kState>(H, act + row * S, hprev + row * P, go, keep_h,
-                                             dh + b * H, kState ? dhc + k * P : nullptr,
-                                             dgi + row * G, dgh_row);
-          if (kLen) std::copy(dgh_row, dgh_row + G, dgh + row * G);
-        } else {
-          // c_{t-1}: saved with zoneout or peepholes; else the new cell state one step earlier
-          // in reading order, c0 at the first step.
-          const int64_t prev = reverse ? t + 1 : t - 1;
-          const T* cprev = kZone || kPeep ? cp + row * H
-                           : s == 0       ? c0 + b * H
-                                          : cs + (prev * B + b) * H;
-          const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
-          lstm_row_backward<T, kProj, kZone, kPeep>(H, act + row * S, cs + row * H, cprev, peep,
-                                                    keep_h, keep_c, kProj ? dhp + b * H : nullptr,
-                                                    go, dh + b * H, dc + b * H, dgh_row);
-          if (kLen) std::copy(dgh_row, dgh_row + G, dgi + row * G);
-        }
-      }
-    });
-    // This step's gate gradients of the A active sequences: dga (A, G).
-    const T* dga = kLen ? dgs : dgh + (reverse ? T_ - 1 - s : s) * B * G;
-    if constexpr (kState) {
-      // dhc (A, P) = dga (A, G) . w_hh (G, P) [+ the GRU's z * h term, there already], the
-      // gradient reaching h * mask; dh += mask * dhc on the active rows.
-      const T beta = kMode == kGru ? T(1) : T(0);
-      if (A == B) {
-        hh.run(dga, G, beta, dhc, P);
-      } else {
-        gemm<T>(false, false, A, P, G, T(1), dga, G, w_hh, P, beta, dhc, P);
-      }
-      for (int64_t k = 0; k < A; ++k) {
-        T* dh_row = dh + rows[k] * P;
-        const T* m_row = mask + rows[k] * P;
-        const T* dhc_row = dhc + k * P;
-        for (int64_t j = 0; j < P; ++j) dh_row[j] += m_row[j] * dhc_row[j];
-      }
-    } else if (!kLen || A == B) {
-      // dh (B, P) += dga (B, G) . w_hh (G, P): every sequence is active, rows[k] = k
-      hh.run(dga, G, T(1), dh, P);
-    } else {
-      // dhc (A, P) = dga (A, G) . w_hh (G, P), added to the active rows of dh
-      gemm<T>(false, false, A, P, G, T(1), dga, G, w_hh, P, T(0), dhc, P);
-      for (int64_t k = 0; k < A; ++k) {
-        T* dh_row = dh + rows[k] * P;
-        const T* dhc_row = dhc + k * P;
-        for (int64_t j = 0; j < P; ++j) dh_row[j] += dhc_row[j];
-      }
-    }
-  }
-
-  const int64_t TB = T_ * B;
-  if (in.need_dx) {
-    // dx (T*B, I) = dgi (T*B, G) . w_ih (G, I)
-    gemm<T>(false, false, TB, I, G, T(1), dgi, G, w_ih, I, T(0), r.dx.mutable_data_ptr<T>(), I);
-  }
-  // dw_ih (G, I) = dgi^T (G, T*B) . x (T*B, I)
-  gemm<T>(true, false, G, I, TB, T(1), dgi, G, x, I, T(0), r.dw_ih.mutable_data_ptr<T>(), I);
-  // dw_hh (G, P) = dgh^T (G, T*B) . hprev (T*B, P)
-  gemm<T>(true, false, G, P, TB, T(1), dgh, G, hprev, P, T(0), r.dw_hh.mutable_data_ptr<T>(), P);
-  if (in.has_bias) {
-    // db (1, G) = ones (1, T*B) . dg (T*B, G)
-    Tensor ones_t = at::ones({TB}, opts);
-    const T* ones = ones_t.const_data_ptr<T>();
-    gemm<T>(false, false, 1, G, TB, T(1), ones, TB, dgi, G, T(0), r.db_ih.mutable_data_ptr<T>(),
-            G);
-    gemm<T>(false, false, 1, G, TB, T(1), ones, TB, dgh, G, T(0), r.db_hh.mutable_data_ptr<T>(),
-            G);
-  }
-  if constexpr (kProj) {
-    // dw_hr (P, H) = dht^T (P, T*B) . hpre (T*B, H)
-    gemm<T>(true, false, P, H, TB, T(1), dht, P, hpre, H, T(0), r.dw_hr.mutable_data_ptr<T>(), H);
-  }
-  if constexpr (kPeep) {
-    // dpeep (3, H): dw_ci = sum over (t, b) of di' * c_{t-1}, dw_cf of df' * c_{t-1}, dw_co of
-    // do' * c_t (di', df', do' the gate pre-activation gradients in dgi (T*B, G); padded rows
-    // are zero), one pass over all steps; each thread sums its own units j.
-    using acc_t = at::acc_type<T, false>;
-    T* dpeep = r.dpeep.mutable_data_ptr<T>();
-    at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
-      std::vector<acc_t> ci(j1 - j0, acc_t(0)), cf(j1 - j0, acc_t(0)), co(j1 - j0, acc_t(0));
-      for (int64_t row = 0; row < TB; ++row) {
-        const T* dg = dgi + row * G;
-        const T* c_prev = cp + row * H;
-        const T* c_new = cs + row * H;
-        for (int64_t j = j0; j < j1; ++j) {
-          ci[j - j0] += acc_t(dg[j]) * acc_t(c_prev[j]);
-          cf[j - j0] += acc_t(dg[H + j]) * acc_t(c_prev[j]);
-          co[j - j0] += acc_t(dg[3 * H + j]) * acc_t(c_new[j]);
-        }
-      }
-      for (int64_t j = j0; j < j1; ++j) {
-        dpeep[j] = static_cast<T>(ci[j - j0]);
-        dpeep[H + j] = static_cast<T>(cf[j - j0]);
-        dpeep[2 * H + j] = static_cast<T>(co[j - j0]);
-      }
-    });
-  }
-}
-
 template <typename T>
 bool backward_new(int64_t mode, int flags, const Shape& n, const BackwardIn& in,
                   BackwardOut& r) {
-  if (mode != kRnnTanh && mode != kRnnRelu) return false;
   BackwardArgs<T> a;
   a.n = n;
   a.reverse = in.reverse;
@@ -902,8 +366,14 @@ bool backward_new(int64_t mode, int flags, const Shape& n, const BackwardIn& in,
                    bool(flags & kStateDrop), bool(flags & kZoneout)};
   if (mode == kRnnTanh) {
     run_backward<RnnTanh, T>(v, a);
-  } else {
+  } else if (mode == kRnnRelu) {
     run_backward<RnnRelu, T>(v, a);
+  } else if (mode == kGru) {
+    run_backward<Gru, T>(v, a);
+  } else if (a.w[kWeightCi]) {
+    run_backward<PeepholeLstm, T>(v, a);
+  } else {
+    run_backward<PlainLstm, T>(v, a);
   }
   return true;
 }
@@ -911,26 +381,7 @@ bool backward_new(int64_t mode, int flags, const Shape& n, const BackwardIn& in,
 template <typename T>
 void backward_mode(int64_t mode, int flags, const Shape& n, const BackwardIn& in,
                    BackwardOut& r) {
-  if (backward_new<T>(mode, flags, n, in, r)) return;
-  constexpr int kCell = kLengths | kStateDrop | kZoneout;
-  auto run = [&](auto mode_c) {
-    constexpr int64_t kMode = decltype(mode_c)::value;
-    constexpr int kUsed = kMode == kLstm ? kCell | kProjection | kPeephole : kCell;
-    with_flags<kUsed>(flags, [&](auto f) { backward_impl<T, kMode, decltype(f)::value>(n, in, r); });
-  };
-  switch (mode) {
-    case kRnnTanh:
-      run(std::integral_constant<int64_t, kRnnTanh>{});
-      break;
-    case kRnnRelu:
-      run(std::integral_constant<int64_t, kRnnRelu>{});
-      break;
-    case kLstm:
-      run(std::integral_constant<int64_t, kLstm>{});
-      break;
-    default:
-      run(std::integral_constant<int64_t, kGru>{});
-  }
+  backward_new<T>(mode, flags, n, in, r);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
