@@ -47,6 +47,8 @@ SOURCES = tuple(
         "cell_lstm.cpp",
         "cell_lstm_peephole.cpp",
         "cell_gru.cpp",
+        "cell_layernorm_lstm.cpp",
+        "cell_layernorm_gru.cpp",
     )
 )
 #: Hashed into the cache key, not compiled alone.

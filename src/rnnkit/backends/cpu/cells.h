@@ -468,14 +468,17 @@ struct LayerNormParams {
         wh(w[kLnHhWeight]),
         wc(w[kLnCWeight]),
         bc(w[kLnCBias]),
-        xbias(w[kLnIhBias], w[kLnIhBias] + dim.G),
-        hbias(w[kLnHhBias], w[kLnHhBias] + dim.G) {
+        xbias(dim.G),
+        hbias(dim.G) {
     for (int64_t j = 0; j < dim.G; ++j) {
+      T x = w[kLnIhBias] ? w[kLnIhBias][j] : T(0);
+      T h = w[kLnHhBias] ? w[kLnHhBias][j] : T(0);
       if (w[kBiasIh]) {
-        xbias[j] += w[kBiasIh][j];
-        hbias[j] += w[kBiasHh][j];
+        x += w[kBiasIh][j];
+        h += w[kBiasHh][j];
       }
-      if (fold) xbias[j] += hbias[j];
+      xbias[j] = fold ? x + h : x;
+      hbias[j] = h;
     }
   }
   T eps;

@@ -62,6 +62,7 @@
 
 #include "checks.h"
 #include "kernel_common.h"
+#include "kernels.h"
 
 namespace rnnkit {
 namespace {
@@ -73,378 +74,6 @@ using std::int64_t;
 
 enum LnMode : int64_t { kLnLstm = 0, kLnGru = 1 };
 
-constexpr int64_t kStats = 3;  // rstd per row: input-side, recurrent, cell LayerNorm
-
-// ---------------------------------------------------------------------------------------------
-// LayerNorm pieces. torch's layer_norm: biased variance (divided by n), eps inside the root.
-
-// ---------------------------------------------------------------------------------------------
-// One fused pass per row (one sequence) at one step; j runs over H. xhat (G): the normalised
-// W_ih x_t from the pass over all steps, whose input side of the pre-activations is
-// xl = wx * xhat + xb (wx = ln_ih_w; xb: ln_ih_b and the biases added there); hw (G): W_hh h_{t-1}
-// from the step's GEMM.
-
-// LSTM: pre = xl + wh * LN(hw) (every bias is in xb); c = f c + i g; h = o tanh(LN(c)).
-// out holds o until the cell state's moments are known. cn (H) receives the new cell state
-// before zoneout (c itself without kZone); with kZone, keep_h and keep_c (H) are the row's
-// zoneout weights: state = keep * previous + (1 - keep) * new. cp saves c_{t-1} [kZone, kSave].
-template <typename T, bool kSave, bool kZone>
-inline void ln_lstm_row_forward(int64_t H, T eps, const T* xhat, const T* wx, const T* xb,
-                                const T* hw, const T* wh, const T* wc, const T* bc,
-                                const T* keep_h, const T* keep_c, T* c, T* cn, T* h, T* out,
-                                T* act, T* cs, T* cp, T* hhat, T* chat, T* rstd) {
-  T mean_h, rstd_h;
-  moments(4 * H, hw, eps, mean_h, rstd_h);
-  T sum_c = T(0);
-#pragma omp simd reduction(+ : sum_c)
-  for (int64_t j = 0; j < H; ++j) {
-    const T hi = (hw[j] - mean_h) * rstd_h;
-    const T hf = (hw[H + j] - mean_h) * rstd_h;
-    const T hg = (hw[2 * H + j] - mean_h) * rstd_h;
-    const T ho = (hw[3 * H + j] - mean_h) * rstd_h;
-    const T i = sigmoid(wx[j] * xhat[j] + xb[j] + wh[j] * hi);
-    const T f = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hf);
-    const T g = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + wh[2 * H + j] * hg);
-    const T o = sigmoid(wx[3 * H + j] * xhat[3 * H + j] + xb[3 * H + j] + wh[3 * H + j] * ho);
-    const T c_old = c[j];
-    const T c_new = f * c_old + i * g;
-    if constexpr (kZone) {
-      cn[j] = c_new;
-      c[j] = keep_c[j] * c_old + (T(1) - keep_c[j]) * c_new;
-    } else {
-      c[j] = c_new;
-    }
-    out[j] = o;
-    sum_c += c_new;
-    if constexpr (kSave) {
-      hhat[j] = hi;
-      hhat[H + j] = hf;
-      hhat[2 * H + j] = hg;
-      hhat[3 * H + j] = ho;
-      act[j] = i;
-      act[H + j] = f;
-      act[2 * H + j] = g;
-      act[3 * H + j] = o;
-      cs[j] = c_new;
-      if constexpr (kZone) cp[j] = c_old;
-    }
-  }
-  const T mean_c = sum_c / T(H);
-  T sq = T(0);
-#pragma omp simd reduction(+ : sq)
-  for (int64_t j = 0; j < H; ++j) {
-    const T d = cn[j] - mean_c;
-    sq += d * d;
-  }
-  const T rstd_c = T(1) / std::sqrt(sq / T(H) + eps);
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T cl = (cn[j] - mean_c) * rstd_c;
-    const T h_new = out[j] * tanh_(wc[j] * cl + bc[j]);
-    const T h_t = kZone ? keep_h[j] * h[j] + (T(1) - keep_h[j]) * h_new : h_new;
-    h[j] = h_t;
-    out[j] = h_t;
-    if constexpr (kSave) chat[j] = cl;
-  }
-  if constexpr (kSave) {
-    rstd[1] = rstd_h;
-    rstd[2] = rstd_c;
-  }
-}
-
-// GRU: hl = wh * LN(hw) + hb (hb = ln_hh_b + b_hh); r, z = sigmoid(xl + hl);
-// n = tanh(xl_n + r hl_n); h = (1 - z) n + z hin. hin (H): the state entering the step
-// (h_{t-1}, times the state dropout mask with it); h: the state, updated in place, with kZone
-// keep (H) * previous + (1 - keep) * new.
-template <typename T, bool kSave, bool kZone>
-inline void ln_gru_row_forward(int64_t H, T eps, const T* xhat, const T* wx, const T* xb,
-                               const T* hw, const T* wh, const T* hb, const T* hin,
-                               const T* keep, T* h, T* out, T* act, T* hhat, T* rstd) {
-  T mean_h, rstd_h;
-  moments(3 * H, hw, eps, mean_h, rstd_h);
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T hr = (hw[j] - mean_h) * rstd_h;
-    const T hz = (hw[H + j] - mean_h) * rstd_h;
-    const T hnn = (hw[2 * H + j] - mean_h) * rstd_h;
-    const T r = sigmoid(wx[j] * xhat[j] + xb[j] + wh[j] * hr + hb[j]);
-    const T z = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hz + hb[H + j]);
-    const T hn = wh[2 * H + j] * hnn + hb[2 * H + j];
-    const T n = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + r * hn);
-    const T h_new = (T(1) - z) * n + z * hin[j];
-    const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
-    h[j] = h_t;
-    out[j] = h_t;
-    if constexpr (kSave) {
-      hhat[j] = hr;
-      hhat[H + j] = hz;
-      hhat[2 * H + j] = hnn;
-      act[j] = r;
-      act[H + j] = z;
-      act[2 * H + j] = n;
-      act[3 * H + j] = hn;
-    }
-  }
-  if constexpr (kSave) {
-    rstd[1] = rstd_h;
-    rstd[2] = T(0);  // no cell-state LayerNorm
-  }
-}
-
-// Backward rows. Each writes the gradients of the step's pre-activations (dxl: of the input side;
-// dhl: of the recurrent side after its LayerNorm, the same for the LSTM; dcl: of the cell
-// LayerNorm's output) and dhw, the gradient of W_hh h_{t-1}; the recurrent GEMM turns dhw into
-// the part of dh_{t-1} that goes through w_hh.
-
-// dht: the gradient reaching h_t; dc: reaching c_t, left holding the one reaching c_{t-1}.
-// With kZone (keep_h, keep_c (H): the row's zoneout weights), dhz receives the part of dh_{t-1}
-// that zoneout carries past the step: keep_h * dht.
-template <typename T, bool kZone>
-inline void ln_lstm_row_backward(int64_t H, const T* act, const T* cprev, const T* chat,
-                                 const T* hhat, const T* rstd, const T* wh, const T* wc,
-                                 const T* bc, const T* keep_h, const T* keep_c, const T* dht,
-                                 T* dc, T* dg, T* dcl, T* dhw, T* dhz) {
-  const T rstd_c = rstd[2];
-  // Through h = o tanh(cl), cl = wc * chat + bc: the output gate and the cell LayerNorm's output.
-  T sum = T(0), dot = T(0);
-#pragma omp simd reduction(+ : sum, dot)
-  for (int64_t j = 0; j < H; ++j) {
-    const T o = act[3 * H + j];
-    const T tc = tanh_(wc[j] * chat[j] + bc[j]);
-    const T dh_new = kZone ? (T(1) - keep_h[j]) * dht[j] : dht[j];
-    const T d_o = dh_new * tc;
-    const T dclj = dh_new * o * (T(1) - tc * tc);
-    if constexpr (kZone) dhz[j] = keep_h[j] * dht[j];
-    const T dchat = dclj * wc[j];
-    dg[3 * H + j] = d_o * o * (T(1) - o);
-    dcl[j] = dclj;
-    sum += dchat;
-    dot += dchat * chat[j];
-  }
-  const T mean_dchat = sum / T(H), mean_dot = dot / T(H);
-  // Through c_t = f c_{t-1} + i g, with the cell LayerNorm's backward.
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T i = act[j];
-    const T f = act[H + j];
-    const T g = act[2 * H + j];
-    const T dchat = dcl[j] * wc[j];
-    const T dc_t = dc[j];
-    const T dc_new = kZone ? (T(1) - keep_c[j]) * dc_t : dc_t;
-    const T dct = dc_new + rstd_c * (dchat - mean_dchat - chat[j] * mean_dot);
-    const T di = dct * g;
-    const T dgg = dct * i;
-    const T df = dct * cprev[j];
-    dg[j] = di * i * (T(1) - i);
-    dg[H + j] = df * f * (T(1) - f);
-    dg[2 * H + j] = dgg * (T(1) - g * g);
-    dc[j] = kZone ? dct * f + keep_c[j] * dc_t : dct * f;
-  }
-  // The recurrent LayerNorm: pre = xl + wh * hhat.
-  layer_norm_backward(4 * H, dg, wh, hhat, rstd[1], dhw);
-}
-
-// dh: the gradient reaching h_t from later steps, left holding the part of the gradient of the
-// state entering the step (hprev) that does not go through w_hh; gout: the one from the output
-// at t. With kZone (keep (H)), dhz receives the part of dh_{t-1} that zoneout carries past the
-// step: keep * (dh + gout).
-template <typename T, bool kZone>
-inline void ln_gru_row_backward(int64_t H, const T* act, const T* hprev, const T* hhat,
-                                const T* rstd, const T* wh, const T* keep, const T* gout, T* dh,
-                                T* dxl, T* dhl, T* dhw, T* dhz) {
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T r = act[j];
-    const T z = act[H + j];
-    const T n = act[2 * H + j];
-    const T hn = act[3 * H + j];
-    const T dh_t = dh[j] + gout[j];
-    const T dht = kZone ? (T(1) - keep[j]) * dh_t : dh_t;
-    const T dn = dht * (T(1) - z);
-    const T dz = dht * (hprev[j] - n);
-    const T dnp = dn * (T(1) - n * n);
-    const T dr = dnp * hn;
-    const T drp = dr * r * (T(1) - r);
-    const T dzp = dz * z * (T(1) - z);
-    dxl[j] = drp;
-    dxl[H + j] = dzp;
-    dxl[2 * H + j] = dnp;
-    dhl[j] = drp;
-    dhl[H + j] = dzp;
-    dhl[2 * H + j] = dnp * r;
-    dh[j] = dht * z;
-    if constexpr (kZone) dhz[j] = keep[j] * dh_t;
-  }
-  // The recurrent LayerNorm: hl = wh * hhat + bh.
-  layer_norm_backward(3 * H, dhl, wh, hhat, rstd[1], dhw);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward.
-
-// Calls fn with std::bool_constant<b>: a runtime flag made a compile-time one.
-template <typename Fn>
-inline void with_bool(bool b, Fn&& fn) {
-  if (b) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
-}
-
-
-
-struct LnForwardIn {
-  Tensor x, w_ih, w_hh, xbias, hbias, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b;
-  Tensor mask, zone_h, zone_c;  // regularisers, undefined when off
-  int64_t zone_h_step, zone_c_step;
-  const int64_t* len;
-  bool reverse;
-  double eps;
-};
-
-struct LnForwardOut {
-  Tensor out, h_n, c_n, act, hprev, c, xhat, hhat, chat, rstd, cprev;
-};
-
-// kState: state dropout, h_{t-1} * mask (B, H) enters the step; kZone: zoneout on h (and c).
-template <typename T, int64_t kMode, bool kLen, bool kSave, bool kState, bool kZone>
-void ln_forward_impl(const Shape& n, const LnForwardIn& in, LnForwardOut& r) {
-  constexpr bool kLstm = kMode == kLnLstm;
-  const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, G = n.G, TB = n.T * n.B;
-  const bool reverse = in.reverse;
-  const int64_t* len = in.len;
-  const T eps = static_cast<T>(in.eps);
-  const T* x = ptr<T>(in.x);
-  const T* w_ih = ptr<T>(in.w_ih);
-  const T* w_hh = ptr<T>(in.w_hh);
-  const T* xbias = ptr<T>(in.xbias);  // (G) ln_ih_b + b_ih [+ ln_hh_b + b_hh]
-  const T* hbias = ptr<T>(in.hbias);  // (G) ln_hh_b + b_hh [gru]
-  const T* wx = ptr<T>(in.ln_ih_w);
-  const T* wh = ptr<T>(in.ln_hh_w);
-  const T* wc = ptr<T>(in.ln_c_w);
-  const T* bc = ptr<T>(in.ln_c_b);
-  auto opts = r.out.options();
-
-  T* h = r.h_n.mutable_data_ptr<T>();  // (B, H), starts as h0, updated in place
-  T* c = kLstm ? r.c_n.mutable_data_ptr<T>() : nullptr;  // (B, H)
-  T* out = r.out.mutable_data_ptr<T>();
-  T* act = kSave ? mptr<T>(r.act) : nullptr;
-  T* hprev = kSave ? mptr<T>(r.hprev) : nullptr;
-  T* cs = kSave && kLstm ? mptr<T>(r.c) : nullptr;
-  T* hhat = kSave ? mptr<T>(r.hhat) : nullptr;
-  T* chat = kSave && kLstm ? mptr<T>(r.chat) : nullptr;
-  T* rstd = kSave ? mptr<T>(r.rstd) : nullptr;
-  T* cp = kSave && kLstm && kZone ? mptr<T>(r.cprev) : nullptr;
-  const T* mask = ptr<T>(in.mask);      // (B, H) with kState
-  const T* zone_h = ptr<T>(in.zone_h);  // (T, B, H) or (H) with kZone
-  const T* zone_c = ptr<T>(in.zone_c);  // (T, B, H) or (H), LSTM with kZone
-  // cn_t (B, H): the new cell states before zoneout, when they are not saved
-  constexpr bool kScratch = kLstm && kZone && !kSave;
-  Tensor cn_t = kScratch ? at::empty({B, H}, opts) : Tensor();
-  T* cn_scratch = kScratch ? cn_t.mutable_data_ptr<T>() : nullptr;
-
-  // xhat (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once, then, row
-  // by row, normalised in place (the saved xhat, when saving). Padded rows are set to 0.
-  Tensor xhat_t = kSave ? r.xhat : at::empty({TB, G}, opts);
-  T* xhat = xhat_t.mutable_data_ptr<T>();
-  gemm<T>(false, true, TB, G, I, T(1), x, I, w_ih, I, T(0), xhat, G);
-  at::parallel_for(0, TB, grain(G), [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row) {
-      T* v = xhat + row * G;
-      if constexpr (kLen) {
-        if (row / B >= len[row % B]) {
-          std::fill(v, v + G, T(0));
-          continue;
-        }
-      }
-      T mean, rs;
-      moments(G, v, eps, mean, rs);
-      if constexpr (kSave) rstd[row * kStats] = rs;
-#pragma omp simd
-      for (int64_t j = 0; j < G; ++j) v[j] = (v[j] - mean) * rs;
-    }
-  });
-
-  Tensor hw_t = at::empty({B, G}, opts);  // (B, G) recurrent projection of this step
-  T* hw = hw_t.mutable_data_ptr<T>();
-  const PackedB<T> hh(true, B, G, H, w_hh, H);  // op(B) = w_hh^T (H, G)
-  // With lengths, the recurrent GEMM runs over the A sequences still active at this step only:
-  // rows[k] (k < A) is the batch index of the k-th active one and hc (A, H) gathers their states.
-  // With state dropout, hc (A, H) holds the masked states entering the step.
-  std::vector<int64_t> rows;
-  rows.reserve(B);
-  active_rows<kLen>(0, len, B, rows);
-  Tensor hc_t = kLen || kState ? at::empty({B, H}, opts) : Tensor();
-  T* hc = kLen || kState ? hc_t.mutable_data_ptr<T>() : nullptr;
-  const int64_t steps = max_length(len, B, T_);
-  for (int64_t s = 0; s < steps; ++s) {
-    if constexpr (kLen) active_rows<kLen>(s, len, B, rows);
-    const int64_t A = static_cast<int64_t>(rows.size());
-    const bool gathered = kState || (kLen && A < B);
-    if (gathered) {
-      for (int64_t k = 0; k < A; ++k) {
-        const T* h_row = h + rows[k] * H;
-        T* hc_row = hc + k * H;
-        if constexpr (kState) {
-          const T* m = mask + rows[k] * H;
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) hc_row[j] = h_row[j] * m[j];
-        } else {
-          std::copy(h_row, h_row + H, hc_row);
-        }
-      }
-    }
-    if (A == B) {
-      // hw (B, G) = h or hc (B, H) . w_hh^T
-      hh.run(gathered ? hc : h, H, T(0), hw, G);
-    } else {
-      // hw (A, G) = hc (A, H) . w_hh^T
-      gemm<T>(false, true, A, G, H, T(1), hc, H, w_hh, H, T(0), hw, G);
-    }
-    at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t b = rows[k];
-        const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
-        const int64_t row = t * B + b;
-        const T* hin = kState ? hc + k * H : h + b * H;  // the state entering the step
-        if constexpr (kSave) std::copy(hin, hin + H, hprev + row * H);
-        T* a = kSave ? act + row * 4 * H : nullptr;
-        T* hhat_row = kSave ? hhat + row * G : nullptr;
-        T* rs = kSave ? rstd + row * kStats : nullptr;
-        const T* keep_h = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
-        if constexpr (kLstm) {
-          const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
-          T* cs_row = kSave ? cs + row * H : nullptr;
-          T* cn = !kZone ? c + b * H : kSave ? cs_row : cn_scratch + b * H;
-          ln_lstm_row_forward<T, kSave, kZone>(
-              H, eps, xhat + row * G, wx, xbias, hw + k * G, wh, wc, bc, keep_h, keep_c, c + b * H,
-              cn, h + b * H, out + row * H, a, cs_row, kSave && kZone ? cp + row * H : nullptr,
-              hhat_row, kSave ? chat + row * H : nullptr, rs);
-        } else {
-          ln_gru_row_forward<T, kSave, kZone>(H, eps, xhat + row * G, wx, xbias, hw + k * G, wh,
-                                              hbias, hin, keep_h, h + b * H, out + row * H, a,
-                                              hhat_row, rs);
-        }
-      }
-    });
-  }
-}
-
-template <typename T, int64_t kMode>
-void ln_forward_variant(bool has_len, bool save, bool state, bool zone, const Shape& n,
-                        const LnForwardIn& in, LnForwardOut& r) {
-  with_bool(has_len, [&](auto len) {
-    with_bool(save, [&](auto sv) {
-      with_bool(state, [&](auto st) {
-        with_bool(zone, [&](auto zn) {
-          ln_forward_impl<T, kMode, decltype(len)::value, decltype(sv)::value,
-                          decltype(st)::value, decltype(zn)::value>(n, in, r);
-        });
-      });
-    });
-  });
-}
 
 void check_ln_mode(int64_t mode) {
   TORCH_CHECK(mode == kLnLstm || mode == kLnGru, "rnnkit cpu LayerNorm kernels: mode = ", mode,
@@ -462,6 +91,10 @@ void check_dtypes(const Tensor& x,
                   std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
   for (const auto& [name, t] : tensors) check_arg(name, *t, x);
 }
+
+struct ForwardOut {
+  Tensor out, h_n, c_n, act, hprev, c, xhat, hhat, chat, rstd, cprev;
+};
 
 std::vector<Tensor> layernorm_forward(
     const Tensor& x_, const Tensor& h0, const std::optional<Tensor>& c0_, const Tensor& w_ih_,
@@ -522,7 +155,7 @@ std::vector<Tensor> layernorm_forward(
   const bool zone = reg.zone_h.defined();
 
   auto opts = x.options();
-  LnForwardOut r;
+  ForwardOut r;
   r.out = has_len ? at::zeros({n.T, n.B, n.H}, opts) : at::empty({n.T, n.B, n.H}, opts);
   r.h_n = h0.contiguous().clone();
   r.c_n = lstm ? c0.clone() : at::empty({0}, opts);
@@ -540,41 +173,45 @@ std::vector<Tensor> layernorm_forward(
   r.rstd = saved(kStats, true);
   r.cprev = saved(n.H, lstm && zone);
 
-  // Biases as the passes add them: the LSTM adds every bias on the input side; the GRU keeps the
-  // recurrent ones apart, since its reset gate scales the recurrent side of n.
-  Tensor xbias = ln_ih_b.clone(), hbias = ln_hh_b.clone();
-  if (b_ih.defined()) {
-    xbias.add_(b_ih);
-    hbias.add_(b_hh);
-  }
-  if (lstm) xbias.add_(hbias);
-
-  LnForwardIn in;
-  in.len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
-  in.reverse = reverse;
-  in.eps = eps;
-  in.x = x;
-  in.w_ih = w_ih;
-  in.w_hh = w_hh;
-  in.xbias = xbias;
-  in.hbias = hbias;
-  in.ln_ih_w = ln_ih_w;
-  in.ln_hh_w = ln_hh_w;
-  in.ln_c_w = lstm ? ln_c_w : Tensor();
-  in.ln_c_b = lstm ? ln_c_b : Tensor();
-  in.mask = reg.mask;
-  in.zone_h = reg.zone_h;
-  in.zone_c = reg.zone_c;
-  in.zone_h_step = reg.zone_h_step;
-  in.zone_c_step = reg.zone_c_step;
-  const bool state = reg.mask.defined();
-
+  const Variants v{has_len, false, save, reg.mask.defined(), zone};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layernorm_forward", [&] {
     using T = scalar_t;
+    ForwardArgs<T> a;
+    a.n = n;
+    a.reverse = reverse;
+    a.len = has_len ? lengths.const_data_ptr<int64_t>() : nullptr;
+    a.eps = static_cast<T>(eps);
+    a.x = ptr<T>(x);
+    a.w[kWeightIh] = ptr<T>(w_ih);
+    a.w[kWeightHh] = ptr<T>(w_hh);
+    a.w[kBiasIh] = ptr<T>(b_ih);
+    a.w[kBiasHh] = ptr<T>(b_hh);
+    a.w[kLnIhWeight] = ptr<T>(ln_ih_w);
+    a.w[kLnIhBias] = ptr<T>(ln_ih_b);
+    a.w[kLnHhWeight] = ptr<T>(ln_hh_w);
+    a.w[kLnHhBias] = ptr<T>(ln_hh_b);
+    a.w[kLnCWeight] = lstm ? ptr<T>(ln_c_w) : nullptr;
+    a.w[kLnCBias] = lstm ? ptr<T>(ln_c_b) : nullptr;
+    a.masks.mask = ptr<T>(reg.mask);
+    a.masks.zone_h = ptr<T>(reg.zone_h);
+    a.masks.zone_c = ptr<T>(reg.zone_c);
+    a.masks.zone_h_step = reg.zone_h_step;
+    a.masks.zone_c_step = reg.zone_c_step;
+    a.out = mptr<T>(r.out);
+    a.h = mptr<T>(r.h_n);
+    a.c = mptr<T>(r.c_n);
+    a.saved.at[kAct] = mptr<T>(r.act);
+    a.saved.at[kHprev] = mptr<T>(r.hprev);
+    a.saved.at[kC] = mptr<T>(r.c);
+    a.saved.at[kCprev] = mptr<T>(r.cprev);
+    a.saved.at[kXhat] = mptr<T>(r.xhat);
+    a.saved.at[kHhat] = mptr<T>(r.hhat);
+    a.saved.at[kChat] = mptr<T>(r.chat);
+    a.saved.at[kRstd] = mptr<T>(r.rstd);
     if (lstm) {
-      ln_forward_variant<T, kLnLstm>(has_len, save, state, zone, n, in, r);
+      run_forward<LayerNormLstm, T>(v, a);
     } else {
-      ln_forward_variant<T, kLnGru>(has_len, save, state, zone, n, in, r);
+      run_forward<LayerNormGru, T>(v, a);
     }
   });
   return {r.out, r.h_n, r.c_n, r.act, r.hprev, r.c, r.xhat, r.hhat, r.chat, r.rstd, r.cprev};
@@ -583,185 +220,10 @@ std::vector<Tensor> layernorm_forward(
 // ---------------------------------------------------------------------------------------------
 // Backward.
 
-struct LnBackwardIn {
-  Tensor gout, x, c0, w_ih, w_hh, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b;
-  Tensor act, hprev, cs, xhat, hhat, chat, rstd, cprev;
-  Tensor mask, zone_h, zone_c;  // regularisers, undefined when off
-  int64_t zone_h_step, zone_c_step;
-  const int64_t* len;
-  bool reverse, need_dx, has_bias;
-};
-
-struct LnBackwardOut {
+struct BackwardOut {
   Tensor dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dln_ih_w, dln_ih_b, dln_hh_w, dln_hh_b,
       dln_c_w, dln_c_b;
 };
-
-template <typename T, int64_t kMode, bool kLen, bool kState, bool kZone>
-void ln_backward_impl(const Shape& n, const LnBackwardIn& in, LnBackwardOut& r) {
-  constexpr bool kLstm = kMode == kLnLstm;
-  const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, G = n.G, TB = n.T * n.B;
-  const bool reverse = in.reverse;
-  const int64_t* len = in.len;
-  auto opts = r.dh0.options();
-  const T* gout = ptr<T>(in.gout);  // (T, B, H) or nullptr
-  const T* x = ptr<T>(in.x);
-  const T* c0 = ptr<T>(in.c0);
-  const T* w_ih = ptr<T>(in.w_ih);
-  const T* w_hh = ptr<T>(in.w_hh);
-  const T* wx = ptr<T>(in.ln_ih_w);
-  const T* wh = ptr<T>(in.ln_hh_w);
-  const T* wc = ptr<T>(in.ln_c_w);
-  const T* bc = ptr<T>(in.ln_c_b);
-  const T* act = ptr<T>(in.act);
-  const T* hprev = ptr<T>(in.hprev);
-  const T* cs = ptr<T>(in.cs);
-  const T* xhat = ptr<T>(in.xhat);
-  const T* hhat = ptr<T>(in.hhat);
-  const T* chat = ptr<T>(in.chat);
-  const T* rstd = ptr<T>(in.rstd);
-  const T* cprev_saved = ptr<T>(in.cprev);  // (T, B, H), LSTM with kZone
-  const T* mask = ptr<T>(in.mask);          // (B, H) with kState
-  const T* zone_h = ptr<T>(in.zone_h);      // (T, B, H) or (H) with kZone
-  const T* zone_c = ptr<T>(in.zone_c);      // (T, B, H) or (H), LSTM with kZone
-  // dhz (B, H): the part of dh_{t-1} that zoneout carries past the step [kZone]
-  Tensor dhz_t = kZone ? at::empty({B, H}, opts) : Tensor();
-  T* dhz = kZone ? dhz_t.mutable_data_ptr<T>() : nullptr;
-
-  // The carried gradients: dh (B, H) reaching h_s from later steps, dc (B, H) reaching c_s.
-  T* dh = r.dh0.mutable_data_ptr<T>();
-  T* dc = kLstm ? r.dc0.mutable_data_ptr<T>() : nullptr;
-  // Per-step gradients, time-ordered, zero at padded positions: dxl (T*B, G) of the input side
-  // of the pre-activations; dhl (T*B, G) of the recurrent side after its LayerNorm (the same
-  // tensor for the LSTM); dhw (T*B, G) of W_hh h_{t-1}; dcl (T*B, H) of the cell LayerNorm's
-  // output [lstm].
-  auto buffer = [&](int64_t width) {
-    return kLen ? at::zeros({TB, width}, opts) : at::empty({TB, width}, opts);
-  };
-  Tensor dxl_t = buffer(G);
-  Tensor dhl_t = kLstm ? dxl_t : buffer(G);
-  Tensor dhw_t = buffer(G);
-  Tensor dcl_t = kLstm ? buffer(H) : Tensor();
-  T* dxl = dxl_t.mutable_data_ptr<T>();
-  T* dhl = dhl_t.mutable_data_ptr<T>();
-  T* dhw = dhw_t.mutable_data_ptr<T>();
-  T* dcl = kLstm ? dcl_t.mutable_data_ptr<T>() : nullptr;
-  // With lengths, the recurrent GEMM runs over the A sequences active at this step only
-  // (rows[k], k < A, their batch indices): their dhw rows are gathered in dhs (A, G), and the
-  // product dhc (A, H) is added to their dh.
-  Tensor dhs_t = kLen ? at::empty({B, G}, opts) : Tensor();
-  Tensor dhc_t = kLen ? at::empty({B, H}, opts) : Tensor();
-  T* dhs = kLen ? dhs_t.mutable_data_ptr<T>() : nullptr;
-  T* dhc = kLen ? dhc_t.mutable_data_ptr<T>() : nullptr;
-  std::vector<int64_t> rows;
-  rows.reserve(B);
-  active_rows<kLen>(0, len, B, rows);
-  Tensor zero_t = at::zeros({H}, opts);  // stands in for an absent grad_out row
-  const T* zero = zero_t.const_data_ptr<T>();
-
-  const PackedB<T> hh(false, B, H, G, w_hh, H);  // op(B) = w_hh (G, H)
-  const int64_t steps = max_length(len, B, T_);
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    if constexpr (kLen) active_rows<kLen>(s, len, B, rows);
-    const int64_t A = static_cast<int64_t>(rows.size());
-    at::parallel_for(0, A, grain(G), [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t b = rows[k];
-        const int64_t t = time_of<kLen>(s, b, len, T_, reverse);
-        const int64_t row = t * B + b;
-        const T* go = gout ? gout + row * H : zero;
-        T* dhw_row = kLen ? dhs + k * G : dhw + row * G;
-        const T* keep_h = kZone ? keep_row(zone_h, in.zone_h_step, row) : nullptr;
-        T* dhz_row = kZone ? dhz + b * H : nullptr;
-        if constexpr (kLstm) {
-          // c_{t-1}: the cell state one step earlier in reading order, c0 at the first step
-          // (with zoneout, as saved: the new cell state of the step before is not it).
-          const int64_t prev = reverse ? t + 1 : t - 1;
-          const T* cprev = kZone   ? cprev_saved + row * H
-                           : s == 0 ? c0 + b * H
-                                    : cs + (prev * B + b) * H;
-          const T* keep_c = kZone ? keep_row(zone_c, in.zone_c_step, row) : nullptr;
-          T* dh_row = dh + b * H;
-          for (int64_t j = 0; j < H; ++j) dh_row[j] += go[j];
-          ln_lstm_row_backward<T, kZone>(H, act + row * 4 * H, cprev, chat + row * H,
-                                         hhat + row * G, rstd + row * kStats, wh, wc, bc, keep_h,
-                                         keep_c, dh_row, dc + b * H, dxl + row * G,
-                                         dcl + row * H, dhw_row, dhz_row);
-          std::fill(dh_row, dh_row + H, T(0));
-        } else {
-          ln_gru_row_backward<T, kZone>(H, act + row * 4 * H, hprev + row * H, hhat + row * G,
-                                        rstd + row * kStats, wh, keep_h, go, dh + b * H,
-                                        dxl + row * G, dhl + row * G, dhw_row, dhz_row);
-        }
-        if (kLen) std::copy(dhw_row, dhw_row + G, dhw + row * G);
-      }
-    });
-    if (kLen && A == B) {
-      // dh (B, H) += dhs (B, G) . w_hh (G, H): every sequence is active, rows[k] = k
-      hh.run(dhs, G, T(1), dh, H);
-    } else if (kLen) {
-      // dhc (A, H) = dhs (A, G) . w_hh (G, H), added to the active rows of dh
-      gemm<T>(false, false, A, H, G, T(1), dhs, G, w_hh, H, T(0), dhc, H);
-      for (int64_t k = 0; k < A; ++k) {
-        T* dh_row = dh + rows[k] * H;
-        const T* dhc_row = dhc + k * H;
-        for (int64_t j = 0; j < H; ++j) dh_row[j] += dhc_row[j];
-      }
-    } else {
-      // dh (B, H) += dhw (B, G) . w_hh (G, H), the rows of time t = s (T - 1 - s in reverse)
-      hh.run(dhw + (reverse ? T_ - 1 - s : s) * B * G, G, T(1), dh, H);
-    }
-    if constexpr (kState || kZone) {
-      // dh now holds the gradient of the state entering the step: through the state dropout
-      // mask to h_{t-1}, plus what zoneout carried past the step.
-      for (int64_t k = 0; k < A; ++k) {
-        const int64_t b = rows[k];
-        T* dh_row = dh + b * H;
-        const T* m = kState ? mask + b * H : nullptr;
-        const T* dz = kZone ? dhz + b * H : nullptr;
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) {
-          const T dhin = kState ? dh_row[j] * m[j] : dh_row[j];
-          dh_row[j] = kZone ? dhin + dz[j] : dhin;
-        }
-      }
-    }
-  }
-
-  // Gains and biases, summed over all steps: ln_ih_b and b_ih receive dxl, ln_hh_b and b_hh
-  // receive dhl (the same for the LSTM, whose biases all add to the pre-activations).
-  column_sums<T>(TB, G, dxl, xhat, r.dln_ih_w.mutable_data_ptr<T>());
-  column_sums<T>(TB, G, dxl, nullptr, r.dln_ih_b.mutable_data_ptr<T>());
-  column_sums<T>(TB, G, dhl, hhat, r.dln_hh_w.mutable_data_ptr<T>());
-  if constexpr (kLstm) {
-    r.dln_hh_b.copy_(r.dln_ih_b);
-    column_sums<T>(TB, H, dcl, chat, r.dln_c_w.mutable_data_ptr<T>());
-    column_sums<T>(TB, H, dcl, nullptr, r.dln_c_b.mutable_data_ptr<T>());
-  } else {
-    column_sums<T>(TB, G, dhl, nullptr, r.dln_hh_b.mutable_data_ptr<T>());
-  }
-  if (in.has_bias) {
-    r.db_ih.copy_(r.dln_ih_b);
-    r.db_hh.copy_(r.dln_hh_b);
-  }
-
-  // dxw (T*B, G): the gradient of W_ih x_t through the input-side LayerNorm, row by row, in
-  // place of dxl (padded rows stay zero: their dxl is zero).
-  T* dxw = dxl;
-  at::parallel_for(0, TB, grain(G), [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row)
-      layer_norm_backward(G, dxl + row * G, wx, xhat + row * G, rstd[row * kStats],
-                          dxw + row * G);
-  });
-  if (in.need_dx) {
-    // dx (T*B, I) = dxw (T*B, G) . w_ih (G, I)
-    gemm<T>(false, false, TB, I, G, T(1), dxw, G, w_ih, I, T(0), r.dx.mutable_data_ptr<T>(), I);
-  }
-  // dw_ih (G, I) = dxw^T (G, T*B) . x (T*B, I)
-  gemm<T>(true, false, G, I, TB, T(1), dxw, G, x, I, T(0), r.dw_ih.mutable_data_ptr<T>(), I);
-  // dw_hh (G, H) = dhw^T (G, T*B) . hprev (T*B, H)
-  gemm<T>(true, false, G, H, TB, T(1), dhw, G, hprev, H, T(0), r.dw_hh.mutable_data_ptr<T>(), H);
-}
 
 std::vector<Tensor> layernorm_backward(
     const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_hn_,
@@ -831,7 +293,7 @@ std::vector<Tensor> layernorm_backward(
                    {"c", &cs}, {"xhat", &xhat}, {"hhat", &hhat}, {"chat", &chat},
                    {"rstd", &rstd}});
   auto opts = x.options();
-  LnBackwardOut r;
+  BackwardOut r;
   r.dx = need_dx ? at::empty({n.T, n.B, n.I}, opts) : at::empty({0}, opts);
   r.dh0 = ghn.defined() ? ghn.clone() : at::zeros({n.B, n.H}, opts);
   r.dc0 = !lstm ? at::empty({0}, opts) : gcn.defined() ? gcn.clone() : at::zeros({n.B, n.H}, opts);
@@ -846,49 +308,53 @@ std::vector<Tensor> layernorm_backward(
   r.dln_c_w = lstm ? at::empty({n.H}, opts) : at::empty({0}, opts);
   r.dln_c_b = lstm ? at::empty({n.H}, opts) : at::empty({0}, opts);
 
-  LnBackwardIn in;
-  in.len = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
-  in.reverse = reverse;
-  in.need_dx = need_dx;
-  in.has_bias = has_bias;
-  in.gout = gout;
-  in.x = x;
-  in.c0 = c0;
-  in.w_ih = w_ih;
-  in.w_hh = w_hh;
-  in.ln_ih_w = ln_ih_w;
-  in.ln_hh_w = ln_hh_w;
-  in.ln_c_w = ln_c_w;
-  in.ln_c_b = ln_c_b;
-  in.act = act;
-  in.hprev = hprev;
-  in.cs = cs;
-  in.xhat = xhat;
-  in.hhat = hhat;
-  in.chat = chat;
-  in.rstd = rstd;
-  in.cprev = cprev;
-  in.mask = reg.mask;
-  in.zone_h = reg.zone_h;
-  in.zone_c = reg.zone_c;
-  in.zone_h_step = reg.zone_h_step;
-  in.zone_c_step = reg.zone_c_step;
-
+  const Variants v{lengths.defined(), false, false, state, zone};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnkit_layernorm_backward", [&] {
     using T = scalar_t;
-    with_bool(lengths.defined(), [&](auto len) {
-      with_bool(state, [&](auto st) {
-        with_bool(zone, [&](auto zn) {
-          constexpr bool kLen = decltype(len)::value, kSt = decltype(st)::value;
-          constexpr bool kZn = decltype(zn)::value;
-          if (lstm) {
-            ln_backward_impl<T, kLnLstm, kLen, kSt, kZn>(n, in, r);
-          } else {
-            ln_backward_impl<T, kLnGru, kLen, kSt, kZn>(n, in, r);
-          }
-        });
-      });
-    });
+    BackwardArgs<T> a;
+    a.n = n;
+    a.reverse = reverse;
+    a.len = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+    a.gout = ptr<T>(gout);
+    a.x = ptr<T>(x);
+    a.c0 = ptr<T>(c0);
+    a.w[kWeightIh] = ptr<T>(w_ih);
+    a.w[kWeightHh] = ptr<T>(w_hh);
+    a.w[kLnIhWeight] = ptr<T>(ln_ih_w);
+    a.w[kLnHhWeight] = ptr<T>(ln_hh_w);
+    a.w[kLnCWeight] = ptr<T>(ln_c_w);
+    a.w[kLnCBias] = ptr<T>(ln_c_b);
+    a.masks.mask = ptr<T>(reg.mask);
+    a.masks.zone_h = ptr<T>(reg.zone_h);
+    a.masks.zone_c = ptr<T>(reg.zone_c);
+    a.masks.zone_h_step = reg.zone_h_step;
+    a.masks.zone_c_step = reg.zone_c_step;
+    a.saved.at[kAct] = ptr<T>(act);
+    a.saved.at[kHprev] = ptr<T>(hprev);
+    a.saved.at[kC] = ptr<T>(cs);
+    a.saved.at[kCprev] = ptr<T>(cprev);
+    a.saved.at[kXhat] = ptr<T>(xhat);
+    a.saved.at[kHhat] = ptr<T>(hhat);
+    a.saved.at[kChat] = ptr<T>(chat);
+    a.saved.at[kRstd] = ptr<T>(rstd);
+    a.dx = need_dx ? mptr<T>(r.dx) : nullptr;
+    a.dh = mptr<T>(r.dh0);
+    a.dc = mptr<T>(r.dc0);
+    a.dw[kWeightIh] = mptr<T>(r.dw_ih);
+    a.dw[kWeightHh] = mptr<T>(r.dw_hh);
+    a.dw[kBiasIh] = has_bias ? mptr<T>(r.db_ih) : nullptr;
+    a.dw[kBiasHh] = has_bias ? mptr<T>(r.db_hh) : nullptr;
+    a.dw[kLnIhWeight] = mptr<T>(r.dln_ih_w);
+    a.dw[kLnIhBias] = mptr<T>(r.dln_ih_b);
+    a.dw[kLnHhWeight] = mptr<T>(r.dln_hh_w);
+    a.dw[kLnHhBias] = mptr<T>(r.dln_hh_b);
+    a.dw[kLnCWeight] = mptr<T>(r.dln_c_w);
+    a.dw[kLnCBias] = mptr<T>(r.dln_c_b);
+    if (lstm) {
+      run_backward<LayerNormLstm, T>(v, a);
+    } else {
+      run_backward<LayerNormGru, T>(v, a);
+    }
   });
   return {r.dx,       r.dh0,      r.dc0,      r.dw_ih,    r.dw_hh,   r.db_ih,  r.db_hh,
           r.dln_ih_w, r.dln_ih_b, r.dln_hh_w, r.dln_hh_b, r.dln_c_w, r.dln_c_b};
