@@ -38,11 +38,12 @@ import torch
 __all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "library_path", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
+#: The op entries, and one translation unit per cell family instantiating the drivers: they
+#: compile in parallel.
 SOURCES = tuple(
     _HERE / s
     for s in (
-        "rnn_kernels.cpp",
-        "layernorm_kernels.cpp",
+        "ops.cpp",
         "cell_rnn.cpp",
         "cell_lstm.cpp",
         "cell_lstm_peephole.cpp",

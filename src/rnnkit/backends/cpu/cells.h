@@ -5,15 +5,15 @@
 //
 // A policy states its facts (the cell table's: kernel id, gates, saved width, weights in kernel
 // order) and provides
-//   Params<T>(w, dim, eps)   its weights as the row passes read them, built once per call;
-//   prepare                before the steps, on the input projection of every step (LayerNorm:
-//                          normalise it; the others: nothing);
-//   forward_row            one sequence at one step, after the step's recurrent GEMM;
-//   backward_row           its mirror: writes the gradients of the pre-activations and leaves in
-//                          dh the part of dh_{t-1} that bypasses w_hh and the state dropout mask;
-//   Grads<T>               per-step gradients of its own (LayerNorm), and
-//   finish                 after the steps: the gradients of its own weights (biases, peepholes,
-//                          LayerNorm gains and biases).
+//   Params<T>(w, dim, eps)  its weights as the row passes read them, built once per call;
+//   prepare                 before the steps, on the input projection of every step (LayerNorm:
+//                           normalise it; the others: nothing);
+//   forward_row             one sequence at one step, after the step's recurrent GEMM;
+//   backward_row            its mirror: writes the gradients of the pre-activations and leaves in
+//                           dh the part of dh_{t-1} that bypasses w_hh and the state dropout mask;
+//   Grads<T>                per-step gradients of its own (LayerNorm), and
+//   finish                  after the steps: the gradients of its own weights (biases, peepholes,
+//                           LayerNorm gains and biases).
 // Shapes are kernels.h's: T, B, I, H, P, G, S; j runs over the H units of a row.
 #pragma once
 
@@ -39,8 +39,18 @@ struct ForwardRow {
   T* h = nullptr;    // (H) the state, updated in place; projected LSTM: the projection's input
   T* c = nullptr;    // (H) the cell state, updated in place [a cell state]
   T* out = nullptr;  // (P) the output at t (a projected LSTM's is written after the projection)
+  T* act = nullptr;  // (S) the saved activations of the row [kSave]
   T* tmp = nullptr;  // (H) scratch [Cell::kRowScratch]
 };
+
+// h_t of unit j from h_new, to the state and the output: with zoneout
+// keep_h * h_{t-1} + (1 - keep_h) * h_new.
+template <bool kZone, typename T>
+RNNKIT_INLINE void emit(const ForwardRow<T>& step, int64_t j, T h_new) {
+  const T h_t = kZone ? step.keep_h[j] * step.h[j] + (T(1) - step.keep_h[j]) * h_new : h_new;
+  step.h[j] = h_t;
+  step.out[j] = h_t;
+}
 
 // What the backward driver hands a row pass.
 template <typename T>
@@ -49,6 +59,8 @@ struct BackwardRow {
   const T* gout = nullptr;    // (P) the gradient reaching the output at t (zeros when none)
   const T* keep_h = nullptr;  // as forward
   const T* keep_c = nullptr;
+  const T* act = nullptr;     // (S) the activations the forward saved for the row
+  const T* hin = nullptr;     // (P) the state that entered the step (saved hprev)
   const T* cprev = nullptr;   // (H) c_{t-1} [a cell state]
   const T* dhp = nullptr;     // (H) projected LSTM: the gradient reaching o tanh(c_t) through
                               // the projection (zoneout on h and gout are taken apart before it)
@@ -61,6 +73,15 @@ struct BackwardRow {
   T* dg = nullptr;    // (G) the gradient of W_hh hin, what the recurrent GEMM multiplies (and,
                       // unless kSplit, of the input side too)
 };
+
+// The mirror of emit: dh_t = dh + gout reaches h_t; zoneout's keep_h * dh_t goes on to h_{t-1}
+// (left in dh; 0 without zoneout) and the rest, returned, reaches h_new.
+template <bool kZone, typename T>
+RNNKIT_INLINE T receive(const BackwardRow<T>& step, int64_t j) {
+  const T dht = step.dh[j] + step.gout[j];
+  step.dh[j] = kZone ? step.keep_h[j] * dht : T(0);
+  return kZone ? (T(1) - step.keep_h[j]) * dht : dht;
+}
 
 // The weights a cell takes, in the cell table's order: the first `count` of `at`.
 struct SlotList {
@@ -134,45 +155,86 @@ struct Elman : CellBase {
   };
 
   template <typename T, bool kSave, bool kZone, bool kProj>
-  static void forward_row(const Params<T>& p, const ForwardRow<T>& step, const Saved<T>& saved,
+  static void forward_row(const Params<T>& p, const ForwardRow<T>& step, const Saved<T>&,
                           const Shape& dim) {
     const T* xg = step.xg;
     const T* hg = step.hg;
     const T* b = p.bias.data();
-    const T* keep = step.keep_h;
-    T* h = step.h;
-    T* out = step.out;
-    T* act = kSave ? saved.at[kAct] + step.row * dim.S : nullptr;
 #pragma omp simd
     for (int64_t j = 0; j < dim.H; ++j) {
       const T pre = xg[j] + hg[j] + b[j];
       const T h_new = kRelu ? (pre > T(0) ? pre : T(0)) : tanh_(pre);
-      const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
-      h[j] = h_t;
-      out[j] = h_t;
-      if constexpr (kSave) act[j] = h_new;
+      emit<kZone>(step, j, h_new);
+      if constexpr (kSave) step.act[j] = h_new;
     }
   }
 
   template <typename T, bool kZone, bool kState, bool kProj, typename GradsT>
-  static void backward_row(const Params<T>&, const BackwardRow<T>& step, const ConstSaved<T>& saved,
+  static void backward_row(const Params<T>&, const BackwardRow<T>& step, const ConstSaved<T>&,
                            GradsT&, const Shape& dim) {
-    const T* act = saved.at[kAct] + step.row * dim.S;
-    const T* gout = step.gout;
-    const T* keep = step.keep_h;
-    T* dh = step.dh;
-    T* dg = step.dg;
 #pragma omp simd
     for (int64_t j = 0; j < dim.H; ++j) {
-      const T h = act[j];
-      const T dht = dh[j] + gout[j];
-      const T dh_new = kZone ? (T(1) - keep[j]) * dht : dht;
+      const T h = step.act[j];
+      const T dh_new = receive<kZone>(step, j);
       const T dpre = kRelu ? (h > T(0) ? dh_new : T(0)) : dh_new * (T(1) - h * h);
-      dg[j] = dpre;
-      dh[j] = kZone ? keep[j] * dht : T(0);
+      step.dg[j] = dpre;
     }
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// The cell state of an LSTM-family row (the LSTMs and the LayerNorm LSTM): c holds c_{t-1} and
+// receives c_t = f c_{t-1} + i g (with zoneout keep_c * c_{t-1} + (1 - keep_c) * c_t); with
+// kSave the gates go to act (i f g o), c_t to cs and, with kSaveCprev, c_{t-1} to cp.
+
+template <typename T, bool kSave, bool kZone, bool kSaveCprev>
+struct CellState {
+  CellState(const ForwardRow<T>& step, const Saved<T>& saved, const Shape& dim)
+      : keep_c(step.keep_c),
+        c(step.c),
+        act(step.act),
+        cs(kSave ? saved.at[kC] + step.row * dim.H : nullptr),
+        cp(kSave && kSaveCprev ? saved.at[kCprev] + step.row * dim.H : nullptr) {}
+
+  // c_t of unit j from its gates i, f, g (o is saved apart: it may see c_t).
+  RNNKIT_INLINE T update(int64_t H, int64_t j, T i, T f, T g) const {
+    const T c_old = c[j];
+    const T c_new = f * c_old + i * g;
+    c[j] = kZone ? keep_c[j] * c_old + (T(1) - keep_c[j]) * c_new : c_new;
+    if constexpr (kSave) {
+      act[j] = i;
+      act[H + j] = f;
+      act[2 * H + j] = g;
+      cs[j] = c_new;
+      if constexpr (kSaveCprev) cp[j] = c_old;
+    }
+    return c_new;
+  }
+
+  RNNKIT_INLINE void save_o(int64_t H, int64_t j, T o) const {
+    if constexpr (kSave) act[3 * H + j] = o;
+  }
+
+  const T* keep_c;
+  T *c, *act, *cs, *cp;
+};
+
+// The mirror of CellState::update: from dc_new, the gradient reaching c_t, the gradients of the
+// pre-activations of i, f, g to dg (dip and dfp also returned, for the peepholes); returns
+// dc_new * f, the gradient reaching c_{t-1} through c_t.
+template <typename T>
+RNNKIT_INLINE T cell_state_backward(int64_t H, int64_t j, T dc_new, T i, T f, T g, T c_prev, T* dg,
+                             T& dip, T& dfp) {
+  const T di = dc_new * g;
+  const T dgg = dc_new * i;
+  const T df = dc_new * c_prev;
+  dip = di * i * (T(1) - i);
+  dfp = df * f * (T(1) - f);
+  dg[j] = dip;
+  dg[H + j] = dfp;
+  dg[2 * H + j] = dgg * (T(1) - g * g);
+  return dc_new * f;
+}
 
 // ---------------------------------------------------------------------------------------------
 // LSTM: (i, f, g, o) = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh; i, f, o = sigmoid(.), g = tanh(.);
@@ -198,13 +260,12 @@ struct Lstm : CellBase {
   struct Params {
     Params(const T* const* w, const Shape& dim, T)
         : bias(summed_biases(w, dim.G)), w_ci(w[kWeightCi]), w_cf(w[kWeightCf]), w_co(w[kWeightCo]) {}
-    std::vector<T> bias;            // (G) b_ih + b_hh
+    std::vector<T> bias;          // (G) b_ih + b_hh
     const T *w_ci, *w_cf, *w_co;  // (H) each [kPeep]
   };
 
-  // c holds c_{t-1} and receives c_t. Without a projection h (the state) receives h_new and out
-  // the same; with one, h is the projection's input row and receives h_new (zoneout on h and
-  // out come after the projection).
+  // Without a projection h (the state) receives h_new and out the same; with one, h is the
+  // projection's input row and receives h_new (zoneout on h and out come after the projection).
   template <typename T, bool kSave, bool kZone, bool kProj>
   static void forward_row(const Params<T>& p, const ForwardRow<T>& step, const Saved<T>& saved,
                           const Shape& dim) {
@@ -212,104 +273,60 @@ struct Lstm : CellBase {
     const T* xg = step.xg;
     const T* hg = step.hg;
     const T* b = p.bias.data();
-    const T* w_ci = p.w_ci;
-    const T* w_cf = p.w_cf;
-    const T* w_co = p.w_co;
-    const T* keep_h = step.keep_h;
-    const T* keep_c = step.keep_c;
-    T* c = step.c;
-    T* h = step.h;
-    T* out = step.out;
-    T* act = kSave ? saved.at[kAct] + step.row * dim.S : nullptr;
-    T* cs = kSave ? saved.at[kC] + step.row * H : nullptr;
-    T* cp = kSave && saves_cprev(kZone) ? saved.at[kCprev] + step.row * H : nullptr;
     T* hpre = kSave && kProj ? saved.at[kHpre] + step.row * H : nullptr;
+    const CellState<T, kSave, kZone, saves_cprev(kZone)> state(step, saved, dim);
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const T c_old = c[j];
+      const T c_old = state.c[j];
       T pi = xg[j] + hg[j] + b[j];
       T pf = xg[H + j] + hg[H + j] + b[H + j];
       T po = xg[3 * H + j] + hg[3 * H + j] + b[3 * H + j];
       if constexpr (kPeep) {
-        pi += w_ci[j] * c_old;
-        pf += w_cf[j] * c_old;
+        pi += p.w_ci[j] * c_old;
+        pf += p.w_cf[j] * c_old;
       }
       const T i = sigmoid(pi);
       const T f = sigmoid(pf);
       const T g = tanh_(xg[2 * H + j] + hg[2 * H + j] + b[2 * H + j]);
-      const T c_new = f * c_old + i * g;
-      if constexpr (kPeep) po += w_co[j] * c_new;
+      const T c_new = state.update(H, j, i, f, g);
+      if constexpr (kPeep) po += p.w_co[j] * c_new;
       const T o = sigmoid(po);
+      state.save_o(H, j, o);
       const T h_new = o * tanh_(c_new);
-      c[j] = kZone ? keep_c[j] * c_old + (T(1) - keep_c[j]) * c_new : c_new;
       if constexpr (kProj) {
-        h[j] = h_new;
+        step.h[j] = h_new;
         if constexpr (kSave) hpre[j] = h_new;
       } else {
-        const T h_t = kZone ? keep_h[j] * h[j] + (T(1) - keep_h[j]) * h_new : h_new;
-        h[j] = h_t;
-        out[j] = h_t;
-      }
-      if constexpr (kSave) {
-        act[j] = i;
-        act[H + j] = f;
-        act[2 * H + j] = g;
-        act[3 * H + j] = o;
-        cs[j] = c_new;
-        if constexpr (saves_cprev(kZone)) cp[j] = c_old;
+        emit<kZone>(step, j, h_new);
       }
     }
   }
 
   // dc holds the gradient reaching c_t and receives the one reaching c_{t-1}.
   template <typename T, bool kZone, bool kState, bool kProj, typename GradsT>
-  static void backward_row(const Params<T>& p, const BackwardRow<T>& step, const ConstSaved<T>& saved,
-                           GradsT&, const Shape& dim) {
+  static void backward_row(const Params<T>& p, const BackwardRow<T>& step,
+                           const ConstSaved<T>& saved, GradsT&, const Shape& dim) {
     const int64_t H = dim.H;
-    const T* act = saved.at[kAct] + step.row * dim.S;
+    const T* act = step.act;  // i f g o
     const T* cs = saved.at[kC] + step.row * H;
-    const T* cprev = step.cprev;
-    const T* w_ci = p.w_ci;
-    const T* w_cf = p.w_cf;
-    const T* w_co = p.w_co;
-    const T* keep_h = step.keep_h;
     const T* keep_c = step.keep_c;
-    const T* dhp = step.dhp;
-    const T* gout = step.gout;
-    T* dh = step.dh;
     T* dc = step.dc;
     T* dg = step.dg;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const T i = act[j];
-      const T f = act[H + j];
-      const T g = act[2 * H + j];
       const T o = act[3 * H + j];
       const T tc = tanh_(cs[j]);
-      T dh_new;
-      if constexpr (kProj) {
-        dh_new = dhp[j];
-      } else {
-        const T dht = dh[j] + gout[j];
-        dh_new = kZone ? (T(1) - keep_h[j]) * dht : dht;
-        dh[j] = kZone ? keep_h[j] * dht : T(0);
-      }
+      const T dh_new = kProj ? step.dhp[j] : receive<kZone>(step, j);
       const T dct = dc[j];
       const T d_o = dh_new * tc;
       const T dop = d_o * o * (T(1) - o);
       T dc_new = (kZone ? (T(1) - keep_c[j]) * dct : dct) + dh_new * o * (T(1) - tc * tc);
-      if constexpr (kPeep) dc_new += dop * w_co[j];
-      const T di = dc_new * g;
-      const T dgg = dc_new * i;
-      const T df = dc_new * cprev[j];
-      const T dip = di * i * (T(1) - i);
-      const T dfp = df * f * (T(1) - f);
-      dg[j] = dip;
-      dg[H + j] = dfp;
-      dg[2 * H + j] = dgg * (T(1) - g * g);
+      if constexpr (kPeep) dc_new += dop * p.w_co[j];
+      T dip, dfp;
+      T dc_old = cell_state_backward(H, j, dc_new, act[j], act[H + j], act[2 * H + j],
+                                     step.cprev[j], dg, dip, dfp);
       dg[3 * H + j] = dop;
-      T dc_old = dc_new * f;
-      if constexpr (kPeep) dc_old += dip * w_ci[j] + dfp * w_cf[j];
+      if constexpr (kPeep) dc_old += dip * p.w_ci[j] + dfp * p.w_cf[j];
       dc[j] = kZone ? dc_old + keep_c[j] * dct : dc_old;
     }
   }
@@ -372,64 +389,61 @@ struct Gru : CellBase {
     std::vector<T> bhn;   // (H) b_hn
   };
 
-  // hin: the state that entered the step (after state dropout); h holds h_{t-1} and receives h_t.
   template <typename T, bool kSave, bool kZone, bool kProj>
-  static void forward_row(const Params<T>& p, const ForwardRow<T>& step, const Saved<T>& saved,
+  static void forward_row(const Params<T>& p, const ForwardRow<T>& step, const Saved<T>&,
                           const Shape& dim) {
     const int64_t H = dim.H;
     const T* xg = step.xg;
     const T* hg = step.hg;
     const T* b = p.bias.data();
-    const T* bhn = p.bhn.data();
-    const T* hin = step.hin;
-    const T* keep = step.keep_h;
-    T* h = step.h;
-    T* out = step.out;
-    T* act = kSave ? saved.at[kAct] + step.row * dim.S : nullptr;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const T r = sigmoid(xg[j] + hg[j] + b[j]);
-      const T z = sigmoid(xg[H + j] + hg[H + j] + b[H + j]);
-      const T hn = hg[2 * H + j] + bhn[j];
-      const T n = tanh_(xg[2 * H + j] + b[2 * H + j] + r * hn);
-      const T h_new = (T(1) - z) * n + z * hin[j];
-      const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
-      h[j] = h_t;
-      out[j] = h_t;
-      if constexpr (kSave) {
-        act[j] = r;
-        act[H + j] = z;
-        act[2 * H + j] = n;
-        act[3 * H + j] = hn;
-      }
+      gates<T, kSave, kZone>(H, j, xg[j] + hg[j] + b[j], xg[H + j] + hg[H + j] + b[H + j],
+                             xg[2 * H + j] + b[2 * H + j], hg[2 * H + j] + p.bhn[j], step);
+    }
+  }
+
+  // The gates of unit j from its pre-activations: pr and pz of r and z, xn and hn the input and
+  // recurrent sides of n (hin: the state that entered the step, after state dropout); h_t out,
+  // and with kSave r z n hn to act.
+  template <typename T, bool kSave, bool kZone>
+  RNNKIT_INLINE static void gates(int64_t H, int64_t j, T pr, T pz, T xn, T hn,
+                                  const ForwardRow<T>& step) {
+    const T r = sigmoid(pr);
+    const T z = sigmoid(pz);
+    const T n = tanh_(xn + r * hn);
+    emit<kZone>(step, j, (T(1) - z) * n + z * step.hin[j]);
+    if constexpr (kSave) {
+      step.act[j] = r;
+      step.act[H + j] = z;
+      step.act[2 * H + j] = n;
+      step.act[3 * H + j] = hn;
     }
   }
 
   // dgi: the gradient of the input pre-activations (r z n); dg: of W_hh hin + b_hh (r z hn).
-  // The direct term z * dh_new (through h_t = ... + z hin) goes to dhin with state dropout (to
-  // be masked with the GEMM's result), else into dh.
   template <typename T, bool kZone, bool kState, bool kProj, typename GradsT>
-  static void backward_row(const Params<T>&, const BackwardRow<T>& step, const ConstSaved<T>& saved,
+  static void backward_row(const Params<T>&, const BackwardRow<T>& step, const ConstSaved<T>&,
                            GradsT&, const Shape& dim) {
-    const int64_t H = dim.H;
-    const T* act = saved.at[kAct] + step.row * dim.S;
-    const T* hin = saved.at[kHprev] + step.row * dim.P;
-    const T* gout = step.gout;
-    const T* keep = step.keep_h;
-    T* dh = step.dh;
-    T* dhin = step.dhin;
+    gates_backward<T, kZone, kState>(dim.H, step, step.dg);
+  }
+
+  // The mirror of gates over a row: dgi receives the gradient of the input sides (r z n), dgh of
+  // the recurrent sides (r z hn). The direct term z * dh_new (through h_t = ... + z hin) goes to
+  // dhin with state dropout (to be masked with the GEMM's result), else into dh.
+  template <typename T, bool kZone, bool kState>
+  static void gates_backward(int64_t H, const BackwardRow<T>& step, T* dgh) {
+    const T* act = step.act;  // r z n hn
     T* dgi = step.dgi;
-    T* dgh = step.dg;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const T r = act[j];
       const T z = act[H + j];
       const T n = act[2 * H + j];
       const T hn = act[3 * H + j];
-      const T dht = dh[j] + gout[j];
-      const T dh_new = kZone ? (T(1) - keep[j]) * dht : dht;
+      const T dh_new = receive<kZone>(step, j);
       const T dn = dh_new * (T(1) - z);
-      const T dz = dh_new * (hin[j] - n);
+      const T dz = dh_new * (step.hin[j] - n);
       const T dnp = dn * (T(1) - n * n);
       const T dr = dnp * hn;
       const T drp = dr * r * (T(1) - r);
@@ -442,10 +456,9 @@ struct Gru : CellBase {
       dgh[H + j] = dzp;
       dgh[2 * H + j] = dnp * r;
       if constexpr (kState) {
-        dhin[j] = dhz;
-        dh[j] = kZone ? keep[j] * dht : T(0);
+        step.dhin[j] = dhz;
       } else {
-        dh[j] = kZone ? keep[j] * dht + dhz : dhz;
+        step.dh[j] += dhz;
       }
     }
   }
@@ -482,14 +495,36 @@ struct LayerNormParams {
     }
   }
   T eps;
-  const T *wx, *wh;     // (G) the input-side and recurrent gains
-  const T *wc, *bc;     // (H) the cell-state LayerNorm's gain and bias [LSTM]
+  const T *wx, *wh;      // (G) the input-side and recurrent gains
+  const T *wc, *bc;      // (H) the cell-state LayerNorm's gain and bias [LSTM]
   std::vector<T> xbias;  // (G) ln_ih_b + b_ih [+ ln_hh_b + b_hh: fold]
   std::vector<T> hbias;  // (G) ln_hh_b + b_hh
 };
 
+template <bool kLstm>
 struct LayerNormCell : CellBase {
   static constexpr bool kLayerNorm = true, kSplit = true;
+
+  template <typename T>
+  struct Params : LayerNormParams<T> {
+    Params(const T* const* w, const Shape& dim, T eps) : LayerNormParams<T>(w, dim, eps, kLstm) {}
+  };
+
+  // dnorm: the gradient of the output of the LayerNorm whose gain and bias finish sums besides
+  // the input side's: the LSTM's cell LayerNorm, dcl (T*B, H); the GRU's recurrent one, dhl
+  // (T*B, G).
+  template <typename T>
+  struct Grads {
+    Grads(const Shape& dim, bool zeroed) : dnorm(dim.T * dim.B * (kLstm ? dim.H : dim.G), zeroed) {}
+    Buffer<T> dnorm;
+  };
+
+  // The input side of pre-activation k: wx * xhat + xbias.
+  template <typename T>
+  RNNKIT_INLINE static T input_side(const LayerNormParams<T>& p, const ForwardRow<T>& step,
+                                    int64_t k) {
+    return p.wx[k] * step.xg[k] + p.xbias[k];
+  }
 
   // xhat (T*B, G): W_ih x_t of every step, normalised in place row by row (its rstd saved);
   // padded rows are set to 0.
@@ -514,6 +549,32 @@ struct LayerNormCell : CellBase {
         for (int64_t j = 0; j < G; ++j) v[j] = (v[j] - mean) * rs;
       }
     });
+  }
+
+  // The recurrent LayerNorm of a row: the moments of hw = W_hh h_{t-1} (G), the normalised hhat
+  // saved (kSave) with its rstd; its backward from dhl, the gradient of wh * hhat + hbias, to
+  // the row's dg (the gradient of hw).
+  template <typename T>
+  struct Recurrent {
+    Recurrent(const ForwardRow<T>& step, const Saved<T>& saved, const Shape& dim, T eps)
+        : hw(step.hg),
+          hhat(saved.at[kHhat] ? saved.at[kHhat] + step.row * dim.G : nullptr),
+          rstd_row(saved.at[kRstd] ? saved.at[kRstd] + step.row * kStats : nullptr) {
+      moments(dim.G, hw, eps, mean, rstd);
+      if (rstd_row) rstd_row[1] = rstd;
+    }
+    RNNKIT_INLINE T at(int64_t k) const { return (hw[k] - mean) * rstd; }
+    const T* hw;
+    T* hhat;
+    T* rstd_row;
+    T mean, rstd;
+  };
+
+  template <typename T>
+  static void recurrent_backward(const LayerNormParams<T>& p, const BackwardRow<T>& step,
+                                 const ConstSaved<T>& saved, const Shape& dim, const T* dhl) {
+    layer_norm_backward(dim.G, dhl, p.wh, saved.at[kHhat] + step.row * dim.G,
+                        saved.at[kRstd][step.row * kStats + 1], step.dg);
   }
 
   // The input-side and recurrent gains and biases, summed over all steps: ln_ih_b and b_ih
@@ -550,7 +611,7 @@ struct LayerNormCell : CellBase {
 // c_t = f c_{t-1} + i g; h_t = o tanh(LN(c_t)).
 // Saves act = i f g o, c_t, xhat, hhat, chat = the normalised c_t, rstd, c_{t-1} with zoneout.
 
-struct LayerNormLstm : LayerNormCell {
+struct LayerNormLstm : LayerNormCell<true> {
   static constexpr int64_t kId = 5;
   static constexpr const char* kName = "LayerNorm LSTM";
   static constexpr int64_t kGates = 4, kSaved = 4;
@@ -561,80 +622,40 @@ struct LayerNormLstm : LayerNormCell {
                                              kLnCBias}};
   static constexpr bool saves_cprev(bool zoneout) { return zoneout; }
 
-  template <typename T>
-  struct Params : LayerNormParams<T> {
-    Params(const T* const* w, const Shape& dim, T eps) : LayerNormParams<T>(w, dim, eps, true) {}
-  };
-
-  // dcl (T*B, H): the gradient of the cell LayerNorm's output, for its gain and bias.
-  template <typename T>
-  struct Grads {
-    Grads(const Shape& dim, bool zeroed) : dcl(dim.T * dim.B * dim.H, zeroed) {}
-    Buffer<T> dcl;
-  };
-
-  // pre = xl + wh * LN(hw), xl = wx * xhat + xbias (every bias is in xbias). out holds o until
-  // the cell state's moments are known; cn receives c_t before zoneout (c itself without it).
+  // pre = wx * xhat + xbias + wh * LN(hw) (every bias is in xbias). out holds o until the cell
+  // state's moments are known; cn receives c_t before zoneout (c itself without it).
   template <typename T, bool kSave, bool kZone, bool kProj>
   static void forward_row(const Params<T>& p, const ForwardRow<T>& step, const Saved<T>& saved,
                           const Shape& dim) {
-    const int64_t H = dim.H, G = dim.G, row = step.row;
-    const T eps = p.eps;
-    const T* xhat = step.xg;
-    const T* hw = step.hg;
-    const T* wx = p.wx;
-    const T* xb = p.xbias.data();
-    const T* wh = p.wh;
-    const T* wc = p.wc;
-    const T* bc = p.bc;
-    const T* keep_h = step.keep_h;
-    const T* keep_c = step.keep_c;
-    T* c = step.c;
-    T* h = step.h;
-    T* out = step.out;
-    T* act = kSave ? saved.at[kAct] + row * dim.S : nullptr;
-    T* cs = kSave ? saved.at[kC] + row * H : nullptr;
-    T* cp = kSave && kZone ? saved.at[kCprev] + row * H : nullptr;
-    T* hhat = kSave ? saved.at[kHhat] + row * G : nullptr;
-    T* chat = kSave ? saved.at[kChat] + row * H : nullptr;
-    T* rstd = kSave ? saved.at[kRstd] + row * kStats : nullptr;
-    T* cn = !kZone ? c : kSave ? cs : step.tmp;
-    T mean_h, rstd_h;
-    moments(4 * H, hw, eps, mean_h, rstd_h);
+    const int64_t H = dim.H;
+    const Recurrent<T> hl(step, saved, dim, p.eps);
+    const CellState<T, kSave, kZone, kZone> state(step, saved, dim);
+    T* cn = !kZone ? state.c : kSave ? state.cs : step.tmp;
+    T* chat = kSave ? saved.at[kChat] + step.row * H : nullptr;
     T sum_c = T(0);
 #pragma omp simd reduction(+ : sum_c)
     for (int64_t j = 0; j < H; ++j) {
-      const T hi = (hw[j] - mean_h) * rstd_h;
-      const T hf = (hw[H + j] - mean_h) * rstd_h;
-      const T hg = (hw[2 * H + j] - mean_h) * rstd_h;
-      const T ho = (hw[3 * H + j] - mean_h) * rstd_h;
-      const T i = sigmoid(wx[j] * xhat[j] + xb[j] + wh[j] * hi);
-      const T f = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hf);
-      const T g = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + wh[2 * H + j] * hg);
-      const T o = sigmoid(wx[3 * H + j] * xhat[3 * H + j] + xb[3 * H + j] + wh[3 * H + j] * ho);
-      const T c_old = c[j];
-      const T c_new = f * c_old + i * g;
-      if constexpr (kZone) {
-        cn[j] = c_new;
-        c[j] = keep_c[j] * c_old + (T(1) - keep_c[j]) * c_new;
-      } else {
-        c[j] = c_new;
-      }
-      out[j] = o;
+      const T hi = hl.at(j);
+      const T hf = hl.at(H + j);
+      const T hg = hl.at(2 * H + j);
+      const T ho = hl.at(3 * H + j);
+      const T i = sigmoid(input_side(p, step, j) + p.wh[j] * hi);
+      const T f = sigmoid(input_side(p, step, H + j) + p.wh[H + j] * hf);
+      const T g = tanh_(input_side(p, step, 2 * H + j) + p.wh[2 * H + j] * hg);
+      const T o = sigmoid(input_side(p, step, 3 * H + j) + p.wh[3 * H + j] * ho);
+      const T c_new = state.update(H, j, i, f, g);
+      state.save_o(H, j, o);
+      if constexpr (kZone && !kSave) cn[j] = c_new;
+      step.out[j] = o;
       sum_c += c_new;
       if constexpr (kSave) {
-        hhat[j] = hi;
-        hhat[H + j] = hf;
-        hhat[2 * H + j] = hg;
-        hhat[3 * H + j] = ho;
-        act[j] = i;
-        act[H + j] = f;
-        act[2 * H + j] = g;
-        act[3 * H + j] = o;
-        cs[j] = c_new;
-        if constexpr (kZone) cp[j] = c_old;
+        hl.hhat[j] = hi;
+        hl.hhat[H + j] = hf;
+        hl.hhat[2 * H + j] = hg;
+        hl.hhat[3 * H + j] = ho;
       }
     }
+    // h_t = o tanh(LN(c_t)): the cell LayerNorm's moments, then h.
     const T mean_c = sum_c / T(H);
     T sq = T(0);
 #pragma omp simd reduction(+ : sq)
@@ -642,57 +663,39 @@ struct LayerNormLstm : LayerNormCell {
       const T d = cn[j] - mean_c;
       sq += d * d;
     }
-    const T rstd_c = T(1) / std::sqrt(sq / T(H) + eps);
+    const T rstd_c = T(1) / std::sqrt(sq / T(H) + p.eps);
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const T cl = (cn[j] - mean_c) * rstd_c;
-      const T h_new = out[j] * tanh_(wc[j] * cl + bc[j]);
-      const T h_t = kZone ? keep_h[j] * h[j] + (T(1) - keep_h[j]) * h_new : h_new;
-      h[j] = h_t;
-      out[j] = h_t;
+      emit<kZone>(step, j, step.out[j] * tanh_(p.wc[j] * cl + p.bc[j]));
       if constexpr (kSave) chat[j] = cl;
     }
-    if constexpr (kSave) {
-      rstd[1] = rstd_h;
-      rstd[2] = rstd_c;
-    }
+    if constexpr (kSave) hl.rstd_row[2] = rstd_c;
   }
 
   // dgi receives the gradients of the pre-activations (dxl, which is dhl too); dcl of the cell
   // LayerNorm's output; dg of W_hh h_{t-1}, through the recurrent LayerNorm.
   template <typename T, bool kZone, bool kState, bool kProj>
-  static void backward_row(const Params<T>& p, const BackwardRow<T>& step, const ConstSaved<T>& saved,
-                           Grads<T>& grads, const Shape& dim) {
-    const int64_t H = dim.H, G = dim.G, row = step.row;
-    const T* act = saved.at[kAct] + row * dim.S;
-    const T* chat = saved.at[kChat] + row * H;
-    const T* hhat = saved.at[kHhat] + row * G;
-    const T* rstd = saved.at[kRstd] + row * kStats;
-    const T* cprev = step.cprev;
-    const T* wh = p.wh;
-    const T* wc = p.wc;
-    const T* bc = p.bc;
-    const T* keep_h = step.keep_h;
+  static void backward_row(const Params<T>& p, const BackwardRow<T>& step,
+                           const ConstSaved<T>& saved, Grads<T>& grads, const Shape& dim) {
+    const int64_t H = dim.H;
+    const T* act = step.act;  // i f g o
+    const T* chat = saved.at[kChat] + step.row * H;
     const T* keep_c = step.keep_c;
-    const T* gout = step.gout;
-    T* dh = step.dh;
-    T* dc = step.dc;
     T* dg = step.dgi;
-    T* dcl = grads.dcl.data() + row * H;
-    const T rstd_c = rstd[2];
+    T* dcl = grads.dnorm.data() + step.row * H;
+    const T rstd_c = saved.at[kRstd][step.row * kStats + 2];
     // Through h_t = o tanh(cl), cl = wc * chat + bc: the output gate and the cell LayerNorm's
     // output.
     T sum = T(0), dot = T(0);
 #pragma omp simd reduction(+ : sum, dot)
     for (int64_t j = 0; j < H; ++j) {
       const T o = act[3 * H + j];
-      const T tc = tanh_(wc[j] * chat[j] + bc[j]);
-      const T dht = dh[j] + gout[j];
-      const T dh_new = kZone ? (T(1) - keep_h[j]) * dht : dht;
+      const T tc = tanh_(p.wc[j] * chat[j] + p.bc[j]);
+      const T dh_new = receive<kZone>(step, j);
       const T d_o = dh_new * tc;
       const T dclj = dh_new * o * (T(1) - tc * tc);
-      dh[j] = kZone ? keep_h[j] * dht : T(0);
-      const T dchat = dclj * wc[j];
+      const T dchat = dclj * p.wc[j];
       dg[3 * H + j] = d_o * o * (T(1) - o);
       dcl[j] = dclj;
       sum += dchat;
@@ -702,23 +705,17 @@ struct LayerNormLstm : LayerNormCell {
     // Through c_t = f c_{t-1} + i g, with the cell LayerNorm's backward.
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const T i = act[j];
-      const T f = act[H + j];
-      const T g = act[2 * H + j];
-      const T dchat = dcl[j] * wc[j];
-      const T dc_t = dc[j];
+      const T dchat = dcl[j] * p.wc[j];
+      const T dc_t = step.dc[j];
       const T dc_new = kZone ? (T(1) - keep_c[j]) * dc_t : dc_t;
       const T dct = dc_new + rstd_c * (dchat - mean_dchat - chat[j] * mean_dot);
-      const T di = dct * g;
-      const T dgg = dct * i;
-      const T df = dct * cprev[j];
-      dg[j] = di * i * (T(1) - i);
-      dg[H + j] = df * f * (T(1) - f);
-      dg[2 * H + j] = dgg * (T(1) - g * g);
-      dc[j] = kZone ? dct * f + keep_c[j] * dc_t : dct * f;
+      T dip, dfp;
+      const T dc_old = cell_state_backward(H, j, dct, act[j], act[H + j], act[2 * H + j],
+                                           step.cprev[j], dg, dip, dfp);
+      step.dc[j] = kZone ? dc_old + keep_c[j] * dc_t : dc_old;
     }
     // The recurrent LayerNorm: pre = xl + wh * hhat.
-    layer_norm_backward(4 * H, dg, wh, hhat, rstd[1], step.dg);
+    recurrent_backward(p, step, saved, dim, dg);
   }
 
   // The gains and biases; the cell LayerNorm's from dcl.
@@ -726,8 +723,8 @@ struct LayerNormLstm : LayerNormCell {
   static void finish(const Params<T>& p, const BackwardArgs<T>& a, T* dgi, const T*,
                      Grads<T>& grads) {
     const int64_t TB = a.n.T * a.n.B, H = a.n.H;
-    column_sums<T>(TB, H, grads.dcl.data(), a.saved.at[kChat], a.dw[kLnCWeight]);
-    column_sums<T>(TB, H, grads.dcl.data(), nullptr, a.dw[kLnCBias]);
+    column_sums<T>(TB, H, grads.dnorm.data(), a.saved.at[kChat], a.dw[kLnCWeight]);
+    column_sums<T>(TB, H, grads.dnorm.data(), nullptr, a.dw[kLnCBias]);
     finish_norms<T>(p, a, dgi, dgi);
   }
 };
@@ -736,7 +733,7 @@ struct LayerNormLstm : LayerNormCell {
 // r = sigmoid(x_r + h_r); z = sigmoid(x_z + h_z); n = tanh(x_n + r h_n); h_t = (1 - z) n + z h_{t-1}.
 // Saves act = r z n hn (hn = h_n), xhat, hhat, rstd.
 
-struct LayerNormGru : LayerNormCell {
+struct LayerNormGru : LayerNormCell<false> {
   static constexpr int64_t kId = 6;
   static constexpr const char* kName = "LayerNorm GRU";
   static constexpr int64_t kGates = 3, kSaved = 4;
@@ -744,122 +741,77 @@ struct LayerNormGru : LayerNormCell {
   static constexpr SlotList kWeights = {
       8, {kWeightIh, kWeightHh, kBiasIh, kBiasHh, kLnIhWeight, kLnIhBias, kLnHhWeight, kLnHhBias}};
 
-  template <typename T>
-  struct Params : LayerNormParams<T> {
-    Params(const T* const* w, const Shape& dim, T eps) : LayerNormParams<T>(w, dim, eps, false) {}
-  };
-
-  // dhl (T*B, G): the gradient of the recurrent side after its LayerNorm, for its gain and bias.
-  template <typename T>
-  struct Grads {
-    Grads(const Shape& dim, bool zeroed) : dhl(dim.T * dim.B * dim.G, zeroed) {}
-    Buffer<T> dhl;
-  };
-
-  // hl = wh * LN(hw) + hbias; r, z = sigmoid(xl + hl); n = tanh(xl_n + r hl_n); hin: the state
-  // entering the step; h: the state, updated in place.
+  // The GRU's gates, its sides xl = wx * xhat + xbias and hl = wh * LN(hw) + hbias.
   template <typename T, bool kSave, bool kZone, bool kProj>
   static void forward_row(const Params<T>& p, const ForwardRow<T>& step, const Saved<T>& saved,
                           const Shape& dim) {
-    const int64_t H = dim.H, G = dim.G, row = step.row;
-    const T* xhat = step.xg;
-    const T* hw = step.hg;
-    const T* wx = p.wx;
-    const T* xb = p.xbias.data();
-    const T* wh = p.wh;
+    const int64_t H = dim.H;
     const T* hb = p.hbias.data();
-    const T* hin = step.hin;
-    const T* keep = step.keep_h;
-    T* h = step.h;
-    T* out = step.out;
-    T* act = kSave ? saved.at[kAct] + row * dim.S : nullptr;
-    T* hhat = kSave ? saved.at[kHhat] + row * G : nullptr;
-    T* rstd = kSave ? saved.at[kRstd] + row * kStats : nullptr;
-    T mean_h, rstd_h;
-    moments(3 * H, hw, p.eps, mean_h, rstd_h);
+    const Recurrent<T> hl(step, saved, dim, p.eps);
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const T hr = (hw[j] - mean_h) * rstd_h;
-      const T hz = (hw[H + j] - mean_h) * rstd_h;
-      const T hnn = (hw[2 * H + j] - mean_h) * rstd_h;
-      const T r = sigmoid(wx[j] * xhat[j] + xb[j] + wh[j] * hr + hb[j]);
-      const T z = sigmoid(wx[H + j] * xhat[H + j] + xb[H + j] + wh[H + j] * hz + hb[H + j]);
-      const T hn = wh[2 * H + j] * hnn + hb[2 * H + j];
-      const T n = tanh_(wx[2 * H + j] * xhat[2 * H + j] + xb[2 * H + j] + r * hn);
-      const T h_new = (T(1) - z) * n + z * hin[j];
-      const T h_t = kZone ? keep[j] * h[j] + (T(1) - keep[j]) * h_new : h_new;
-      h[j] = h_t;
-      out[j] = h_t;
+      const T hr = hl.at(j);
+      const T hz = hl.at(H + j);
+      const T hnn = hl.at(2 * H + j);
       if constexpr (kSave) {
-        hhat[j] = hr;
-        hhat[H + j] = hz;
-        hhat[2 * H + j] = hnn;
-        act[j] = r;
-        act[H + j] = z;
-        act[2 * H + j] = n;
-        act[3 * H + j] = hn;
+        hl.hhat[j] = hr;
+        hl.hhat[H + j] = hz;
+        hl.hhat[2 * H + j] = hnn;
       }
+      Gru::gates<T, kSave, kZone>(H, j, input_side(p, step, j) + p.wh[j] * hr + hb[j],
+                                  input_side(p, step, H + j) + p.wh[H + j] * hz + hb[H + j],
+                                  input_side(p, step, 2 * H + j),
+                                  p.wh[2 * H + j] * hnn + hb[2 * H + j], step);
     }
-    if constexpr (kSave) {
-      rstd[1] = rstd_h;
-      rstd[2] = T(0);  // no cell-state LayerNorm
-    }
+    if constexpr (kSave) hl.rstd_row[2] = T(0);  // no cell-state LayerNorm
   }
 
   // dgi receives the gradient of the input side (dxl), dhl of the recurrent side after its
   // LayerNorm, dg of W_hh h_{t-1} through it; the direct term z * dh_new as the GRU's.
   template <typename T, bool kZone, bool kState, bool kProj>
-  static void backward_row(const Params<T>& p, const BackwardRow<T>& step, const ConstSaved<T>& saved,
-                           Grads<T>& grads, const Shape& dim) {
-    const int64_t H = dim.H, G = dim.G, row = step.row;
-    const T* act = saved.at[kAct] + row * dim.S;
-    const T* hin = saved.at[kHprev] + row * dim.P;
-    const T* hhat = saved.at[kHhat] + row * G;
-    const T* rstd = saved.at[kRstd] + row * kStats;
-    const T* keep = step.keep_h;
-    const T* gout = step.gout;
-    T* dh = step.dh;
-    T* dhin = step.dhin;
-    T* dxl = step.dgi;
-    T* dhl = grads.dhl.data() + row * G;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const T r = act[j];
-      const T z = act[H + j];
-      const T n = act[2 * H + j];
-      const T hn = act[3 * H + j];
-      const T dht = dh[j] + gout[j];
-      const T dh_new = kZone ? (T(1) - keep[j]) * dht : dht;
-      const T dn = dh_new * (T(1) - z);
-      const T dz = dh_new * (hin[j] - n);
-      const T dnp = dn * (T(1) - n * n);
-      const T dr = dnp * hn;
-      const T drp = dr * r * (T(1) - r);
-      const T dzp = dz * z * (T(1) - z);
-      const T dhz = dh_new * z;
-      dxl[j] = drp;
-      dxl[H + j] = dzp;
-      dxl[2 * H + j] = dnp;
-      dhl[j] = drp;
-      dhl[H + j] = dzp;
-      dhl[2 * H + j] = dnp * r;
-      if constexpr (kState) {
-        dhin[j] = dhz;
-        dh[j] = kZone ? keep[j] * dht : T(0);
-      } else {
-        dh[j] = kZone ? keep[j] * dht + dhz : dhz;
-      }
-    }
-    // The recurrent LayerNorm: hl = wh * hhat + hbias.
-    layer_norm_backward(3 * H, dhl, p.wh, hhat, rstd[1], step.dg);
+  static void backward_row(const Params<T>& p, const BackwardRow<T>& step,
+                           const ConstSaved<T>& saved, Grads<T>& grads, const Shape& dim) {
+    T* dhl = grads.dnorm.data() + step.row * dim.G;
+    Gru::gates_backward<T, kZone, kState>(dim.H, step, dhl);
+    recurrent_backward(p, step, saved, dim, dhl);
   }
 
   template <typename T, bool kLen>
   static void finish(const Params<T>& p, const BackwardArgs<T>& a, T* dgi, const T*,
                      Grads<T>& grads) {
-    finish_norms<T>(p, a, dgi, grads.dhl.data());
+    finish_norms<T>(p, a, dgi, grads.dnorm.data());
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+
+// The width of each array a forward of Cell saves (0: not saved), per row of (T, B, width), for a
+// call of shape n with or without a projection and zoneout. The op entries allocate by it; the
+// row passes write what it names.
+template <typename Cell>
+constexpr int64_t saved_width(int slot, const Shape& n, bool projection, bool zoneout) {
+  switch (slot) {
+    case kAct:
+      return n.S;
+    case kHprev:
+      return n.P;
+    case kC:
+      return Cell::kCellState ? n.H : 0;
+    case kCprev:
+      return Cell::kCellState && Cell::saves_cprev(zoneout) ? n.H : 0;
+    case kHpre:
+      return projection ? n.H : 0;
+    case kXhat:
+    case kHhat:
+      return Cell::kLayerNorm ? n.G : 0;
+    case kChat:
+      return Cell::kLayerNorm && Cell::kCellState ? n.H : 0;
+    case kRstd:
+      return Cell::kLayerNorm ? kStats : 0;
+    default:
+      return 0;
+  }
+}
 
 }  // namespace cpu
 }  // namespace rnnkit

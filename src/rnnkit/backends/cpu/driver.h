@@ -33,12 +33,9 @@ template <typename Cell, typename T, bool kLengths, bool kProjection, bool kSavi
 void forward(const ForwardArgs<T>& a) {
   const Shape& n = a.n;
   const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, TB = n.T * n.B;
-  const bool reverse = a.reverse;
   const int64_t* len = a.len;
   const Masks<T>& m = a.masks;
   const Saved<T>& saved = a.saved;
-  const T* w_hh = a.w[kWeightHh];
-  const T* w_hr = a.w[kWeightHr];
   const typename Cell::template Params<T> p(a.w, n, a.eps);
 
   // xg (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once. A LayerNorm
@@ -59,8 +56,8 @@ void forward(const ForwardArgs<T>& a) {
   Buffer<T> tmp_t(Cell::kRowScratch * B * H);  // (B, H) per row, for the cell's own use
   T* tmp = tmp_t.data();
 
-  const PackedB<T> hh(true, B, G, P, w_hh, P);  // op(B) = w_hh^T (P, G)
-  const PackedB<T> hr(true, B, P, H, w_hr, H);  // op(B) = w_hr^T (H, P), with a projection
+  const PackedB<T> hh(true, B, G, P, a.w[kWeightHh], P);  // op(B) = w_hh^T (P, G)
+  const PackedB<T> hr(true, B, P, H, a.w[kWeightHr], H);  // op(B) = w_hr^T (H, P), projected
   // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it runs
   // over (rows[k], k < A: their batch indices), when they are not h itself: with lengths while
   // some sequences have finished, and with state dropout (hc = h * mask).
@@ -92,13 +89,13 @@ void forward(const ForwardArgs<T>& a) {
       hh.run(gathered ? hc : h, P, T(0), hg, G);
     } else {
       // hg (A, G) = hc (A, P) . w_hh^T
-      gemm<T>(false, true, A, G, P, T(1), hc, P, w_hh, P, T(0), hg, G);
+      gemm<T>(false, true, A, G, P, T(1), hc, P, a.w[kWeightHh], P, T(0), hg, G);
     }
     parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t b = rows[k];
         ForwardRow<T> r;
-        r.row = time_of<kLengths>(s, b, len, T_, reverse) * B + b;
+        r.row = time_of<kLengths>(s, b, len, T_, a.reverse) * B + b;
         r.xg = xg + r.row * G;
         r.hg = hg + k * G;
         r.hin = gathered ? hc + k * P : h + b * P;
@@ -110,6 +107,7 @@ void forward(const ForwardArgs<T>& a) {
         r.h = kProjection ? hp + b * H : h + b * H;
         if constexpr (Cell::kCellState) r.c = c + b * H;
         r.out = a.out + r.row * P;
+        if constexpr (kSaving) r.act = saved.at[kAct] + r.row * n.S;
         if constexpr (Cell::kRowScratch > 0) r.tmp = tmp + b * H;
         Cell::template forward_row<T, kSaving, kZoneout, kProjection>(p, r, saved, n);
       }
@@ -119,16 +117,13 @@ void forward(const ForwardArgs<T>& a) {
       hr.run(hp, H, T(0), hq, P);
       for (int64_t k = 0; k < A; ++k) {
         const int64_t b = rows[k];
-        const int64_t row = time_of<kLengths>(s, b, len, T_, reverse) * B + b;
-        const T* keep = kZoneout ? keep_row(m.zone_h, m.zone_h_step, row) : nullptr;
-        T* h_row = h + b * P;
+        ForwardRow<T> r;
+        r.row = time_of<kLengths>(s, b, len, T_, a.reverse) * B + b;
+        if constexpr (kZoneout) r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
+        r.h = h + b * P;
+        r.out = a.out + r.row * P;
         const T* hq_row = hq + b * P;
-        T* out = a.out + row * P;
-        for (int64_t j = 0; j < P; ++j) {
-          const T h_t = kZoneout ? keep[j] * h_row[j] + (T(1) - keep[j]) * hq_row[j] : hq_row[j];
-          h_row[j] = h_t;
-          out[j] = h_t;
-        }
+        for (int64_t j = 0; j < P; ++j) emit<kZoneout>(r, j, hq_row[j]);
       }
     }
   }
@@ -137,15 +132,12 @@ void forward(const ForwardArgs<T>& a) {
 template <typename Cell, typename T, bool kLengths, bool kProjection, bool kStateDropout,
           bool kZoneout>
 void backward(const BackwardArgs<T>& a) {
-  const Shape& n = a.n;
-  const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, TB = n.T * n.B;
+  const int64_t T_ = a.n.T, B = a.n.B, I = a.n.I, H = a.n.H, P = a.n.P, G = a.n.G;
+  const int64_t TB = T_ * B;
   const bool reverse = a.reverse;
   const int64_t* len = a.len;
-  const Masks<T>& m = a.masks;
-  const ConstSaved<T>& saved = a.saved;
   const T* w_hh = a.w[kWeightHh];
-  const T* w_hr = a.w[kWeightHr];
-  const typename Cell::template Params<T> p(a.w, n, a.eps);
+  const typename Cell::template Params<T> p(a.w, a.n, a.eps);
 
   // The carried gradients: dh (B, P) reaching h_s from later steps, dc (B, H) reaching c_s.
   T* dh = a.dh;
@@ -157,7 +149,7 @@ void backward(const BackwardArgs<T>& a) {
   Buffer<T> dgh_t(Cell::kSplit ? TB * G : 0, kLengths);
   T* dgi = dgi_t.data();
   T* dgh = Cell::kSplit ? dgh_t.data() : dgi;
-  typename Cell::template Grads<T> cell_grads(n, kLengths);  // the cell's own, per step
+  typename Cell::template Grads<T> cell_grads(a.n, kLengths);  // the cell's own, per step
   // With lengths, the recurrent GEMM runs over the A sequences active at this step only
   // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G). Its
   // product dhc (A, P), the gradient reaching the states that entered the step (with state
@@ -181,7 +173,7 @@ void backward(const BackwardArgs<T>& a) {
   T* dhp = dhp_t.data();
 
   const PackedB<T> hh(false, B, P, G, w_hh, P);  // op(B) = w_hh (G, P)
-  const PackedB<T> hr(false, B, H, P, w_hr, H);  // op(B) = w_hr (P, H), with a projection
+  const PackedB<T> hr(false, B, H, P, a.w[kWeightHr], H);  // op(B) = w_hr (P, H), projected
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = steps - 1; s >= 0; --s) {
     if constexpr (kLengths) active_rows<kLengths>(s, len, B, rows);
@@ -191,17 +183,14 @@ void backward(const BackwardArgs<T>& a) {
       // the projection's output, keep (dh + gout) the state before the step.
       for (int64_t k = 0; k < A; ++k) {
         const int64_t b = rows[k];
-        const int64_t row = time_of<kLengths>(s, b, len, T_, reverse) * B + b;
-        const T* go = a.gout ? a.gout + row * P : zero;
-        const T* keep = kZoneout ? keep_row(m.zone_h, m.zone_h_step, row) : nullptr;
-        T* dh_row = dh + b * P;
+        BackwardRow<T> r;
+        r.row = time_of<kLengths>(s, b, len, T_, reverse) * B + b;
+        r.gout = a.gout ? a.gout + r.row * P : zero;
+        if constexpr (kZoneout) r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
+        r.dh = dh + b * P;
         T* dhs_row = dhs + b * P;
-        for (int64_t j = 0; j < P; ++j) {
-          const T dh_t = dh_row[j] + go[j];
-          dhs_row[j] = kZoneout ? (T(1) - keep[j]) * dh_t : dh_t;
-          dh_row[j] = kZoneout ? keep[j] * dh_t : T(0);
-        }
-        std::copy(dhs_row, dhs_row + P, dht + row * P);
+        for (int64_t j = 0; j < P; ++j) dhs_row[j] = receive<kZoneout>(r, j);
+        std::copy(dhs_row, dhs_row + P, dht + r.row * P);
       }
       // dhp (B, H) = dhs (B, P) . w_hr (P, H)
       hr.run(dhs, P, T(0), dhp, H);
@@ -213,17 +202,19 @@ void backward(const BackwardArgs<T>& a) {
         BackwardRow<T> r;
         r.row = t * B + b;
         r.gout = a.gout ? a.gout + r.row * P : zero;
+        r.act = a.saved.at[kAct] + r.row * a.n.S;
+        r.hin = a.saved.at[kHprev] + r.row * P;
         if constexpr (kZoneout) {
-          r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
-          if constexpr (Cell::kCellState) r.keep_c = keep_row(m.zone_c, m.zone_c_step, r.row);
+          r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
+          if constexpr (Cell::kCellState) r.keep_c = keep_row(a.masks.zone_c, a.masks.zone_c_step, r.row);
         }
         if constexpr (Cell::kCellState) {
           // c_{t-1}: saved where the forward overwrote it (zoneout) or the cell saves it
           // (peepholes); else the new cell state one step earlier in reading order, c0 first.
           const int64_t prev = reverse ? t + 1 : t - 1;
-          r.cprev = Cell::saves_cprev(kZoneout) ? saved.at[kCprev] + r.row * H
+          r.cprev = Cell::saves_cprev(kZoneout) ? a.saved.at[kCprev] + r.row * H
                     : s == 0                    ? a.c0 + b * H
-                                                : saved.at[kC] + (prev * B + b) * H;
+                                                : a.saved.at[kC] + (prev * B + b) * H;
           r.dc = dc + b * H;
         }
         if constexpr (kProjection) r.dhp = dhp + b * H;
@@ -231,8 +222,8 @@ void backward(const BackwardArgs<T>& a) {
         if constexpr (kStateDropout) r.dhin = dhc + k * P;
         r.dgi = dgi + r.row * G;
         r.dg = kLengths ? dgs + k * G : dgh + r.row * G;
-        Cell::template backward_row<T, kZoneout, kStateDropout, kProjection>(p, r, saved,
-                                                                             cell_grads, n);
+        Cell::template backward_row<T, kZoneout, kStateDropout, kProjection>(p, r, a.saved,
+                                                                             cell_grads, a.n);
         if (kLengths) std::copy(r.dg, r.dg + G, dgh + r.row * G);
       }
     });
@@ -249,7 +240,7 @@ void backward(const BackwardArgs<T>& a) {
       }
       for (int64_t k = 0; k < A; ++k) {
         T* dh_row = dh + rows[k] * P;
-        const T* m_row = m.mask + rows[k] * P;
+        const T* m_row = a.masks.mask + rows[k] * P;
         const T* dhc_row = dhc + k * P;
 #pragma omp simd
         for (int64_t j = 0; j < P; ++j) dh_row[j] += m_row[j] * dhc_row[j];
@@ -279,10 +270,10 @@ void backward(const BackwardArgs<T>& a) {
   // dw_ih (G, I) = dgi^T (G, T*B) . x (T*B, I)
   gemm<T>(true, false, G, I, TB, T(1), dgi, G, a.x, I, T(0), a.dw[kWeightIh], I);
   // dw_hh (G, P) = dgh^T (G, T*B) . hprev (T*B, P)
-  gemm<T>(true, false, G, P, TB, T(1), dgh, G, saved.at[kHprev], P, T(0), a.dw[kWeightHh], P);
+  gemm<T>(true, false, G, P, TB, T(1), dgh, G, a.saved.at[kHprev], P, T(0), a.dw[kWeightHh], P);
   if constexpr (kProjection) {
     // dw_hr (P, H) = dht^T (P, T*B) . hpre (T*B, H)
-    gemm<T>(true, false, P, H, TB, T(1), dht, P, saved.at[kHpre], H, T(0), a.dw[kWeightHr], H);
+    gemm<T>(true, false, P, H, TB, T(1), dht, P, a.saved.at[kHpre], H, T(0), a.dw[kWeightHr], H);
   }
 }
 

@@ -23,6 +23,10 @@ namespace cpu {
 
 using std::int64_t;
 
+// For the per-unit helpers called inside the row passes' `omp simd` loops: inlined, so that the
+// loops vectorise.
+#define RNNKIT_INLINE inline __attribute__((always_inline))
+
 // ---------------------------------------------------------------------------------------------
 // GEMM: MKL's BLAS when torch exports it (through its Fortran symbols), else at::addmm.
 
@@ -221,7 +225,7 @@ inline auto possible(bool flag) {
 // Activations. fp32: a Cephes-style exp that the compiler vectorises (relative error ~1e-7);
 // fp64 (gradcheck): the C library's.
 
-inline float exp_fast(float x) {
+RNNKIT_INLINE float exp_fast(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // x = n ln2 + r, |r| <= ln2/2
   float r = x - n * 0.693359375f;
@@ -240,7 +244,7 @@ inline float exp_fast(float x) {
 }
 
 template <typename T>
-inline T sigmoid(T x) {
+RNNKIT_INLINE T sigmoid(T x) {
   if constexpr (std::is_same_v<T, float>) {
     return 1.0f / (1.0f + exp_fast(-x));
   } else {
@@ -249,7 +253,7 @@ inline T sigmoid(T x) {
 }
 
 template <typename T>
-inline T tanh_(T x) {
+RNNKIT_INLINE T tanh_(T x) {
   if constexpr (std::is_same_v<T, float>) {
     return 2.0f / (1.0f + exp_fast(-2.0f * x)) - 1.0f;
   } else {
