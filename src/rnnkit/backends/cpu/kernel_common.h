@@ -3,8 +3,8 @@
 // and the step -> time indexing with lengths.
 //
 // Plain C++, no ATen header: the translation units that instantiate the drivers (cell_*.cpp)
-// include only this, so they compile fast. The two functions that need ATen (gemm_fallback and
-// parallel_chunks) are defined once, in ops.cpp.
+// include only this, so they compile fast. The GEMMs and the thread pool are defined once, in
+// ops.cpp.
 #pragma once
 
 #include <algorithm>
@@ -28,63 +28,13 @@ using std::int64_t;
 #define RNNKIT_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: MKL's BLAS when torch exports it (through its Fortran symbols), else at::addmm.
-
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
-// C (M, N) = alpha * op(A) (M, K) . op(B) (K, N) + beta * C through at::addmm (ops.cpp): for a
-// torch without a BLAS of its own. K > 0.
-template <typename T>
-void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                   int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
-
-template <typename T>
-inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const T* alpha, const T* a, const int* lda, const T* b, const int* ldb,
-                      const T* beta, T* c, const int* ldc) {
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  } else {
-    dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  }
-}
-
-template <typename T>
-inline bool have_blas() {
-  if constexpr (std::is_same_v<T, float>) {
-    return sgemm_ != nullptr;
-  } else {
-    return dgemm_ != nullptr;
-  }
-}
+// GEMM: MKL's BLAS when torch exports it, else at::addmm. Defined once, in ops.cpp: the one place
+// that decides where the GEMMs come from.
 
 // C (M, N) = alpha * op(A) (M, K) . op(B) (K, N) + beta * C, row-major; op = transpose if ta/tb.
 template <typename T>
-inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                 int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
-    return;
-  }
-  if (have_blas<T>()) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-    const char fa = ta ? 'T' : 'N', fb = tb ? 'T' : 'N';
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-    blas_gemm<T>(&fb, &fa, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
-    return;
-  }
-  gemm_fallback<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
 
 // ---------------------------------------------------------------------------------------------
 // Scratch memory: n elements of T, 64-byte aligned (as ATen allocates), uninitialised unless
@@ -109,45 +59,13 @@ class Buffer {
 
 // A right-hand operand used at every step (w_hh, w_hr), packed once into MKL's internal layout:
 // per step C (M, N) = A (M, K) . op(B) (K, N) + beta C without re-packing B. Falls back to gemm
-// where the packed API is absent (fp64, or a torch without MKL).
-
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
-                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
-}
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
-
+// where the packed API is absent (fp64, or a torch without MKL). Defined in ops.cpp.
 template <typename T>
 class PackedB {
  public:
-  PackedB(bool tb, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
-      : tb_(tb), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
-    if constexpr (std::is_same_v<T, float>) {
-      packed_ = B && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute && M > 0 &&
-                N > 0 && K > 0;
-      if (packed_) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, M, N, K);
-        buffer_ = Buffer<float>(static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float)));
-        cblas_sgemm_pack(kRowMajor, kBMatrix, tb ? kTrans : kNoTrans, M, N, K, 1.0f, B, ldb,
-                         buffer_.data());
-      }
-    }
-  }
+  PackedB(bool tb, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb);
   // C (M, N) = A (M, K) . op(B) + beta C
-  void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_) {
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, M_, N_, K_, A, lda, buffer_.data(), ldb_,
-                            beta, C, ldc);
-        return;
-      }
-    }
-    gemm<T>(false, tb_, M_, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
-  }
+  void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
 
  private:
   bool tb_;
@@ -157,6 +75,9 @@ class PackedB {
   bool packed_ = false;
   Buffer<float> buffer_;
 };
+
+extern template class PackedB<float>;
+extern template class PackedB<double>;
 
 // ---------------------------------------------------------------------------------------------
 // The thread pool: a loop over [0, n) in chunks of at least `grain`, as at::parallel_for runs it

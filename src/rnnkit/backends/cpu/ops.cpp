@@ -44,9 +44,11 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -61,11 +63,68 @@
 namespace rnnkit {
 namespace cpu {
 
-// What kernel_common.h leaves to ATen.
+// ---------------------------------------------------------------------------------------------
+// What kernel_common.h declares and defines here, once: the GEMMs (MKL's BLAS when torch exports
+// it, through its Fortran symbols and its packed API; else at::addmm) and the thread pool
+// (at::parallel_for). The one place that decides where the GEMMs come from.
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+}
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+
+namespace {
 
 template <typename T>
-void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                   int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+               const T* alpha, const T* a, const int* lda, const T* b, const int* ldb,
+               const T* beta, T* c, const int* ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+template <typename T>
+bool have_blas() {
+  if constexpr (std::is_same_v<T, float>) {
+    return sgemm_ != nullptr;
+  } else {
+    return dgemm_ != nullptr;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  if (have_blas<T>()) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+    const char fa = ta ? 'T' : 'N', fb = tb ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+    blas_gemm<T>(&fb, &fa, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    return;
+  }
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
                 : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
@@ -76,14 +135,45 @@ void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, c
   at::addmm_out(c, c, a, b, beta == T(0) ? T(1) : beta, alpha);
 }
 
-template void gemm_fallback<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*,
-                                   int64_t, const float*, int64_t, float, float*, int64_t);
-template void gemm_fallback<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*,
-                                    int64_t, const double*, int64_t, double, double*, int64_t);
+template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                          const float*, int64_t, float, float*, int64_t);
+template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                           const double*, int64_t, double, double*, int64_t);
+
+template <typename T>
+PackedB<T>::PackedB(bool tb, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
+    : tb_(tb), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
+  if constexpr (std::is_same_v<T, float>) {
+    packed_ = B && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute && M > 0 &&
+              N > 0 && K > 0;
+    if (packed_) {
+      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, M, N, K);
+      buffer_ = Buffer<float>(static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float)));
+      cblas_sgemm_pack(kRowMajor, kBMatrix, tb ? kTrans : kNoTrans, M, N, K, 1.0f, B, ldb,
+                       buffer_.data());
+    }
+  }
+}
+
+template <typename T>
+void PackedB<T>::run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+  if constexpr (std::is_same_v<T, float>) {
+    if (packed_) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, M_, N_, K_, A, lda, buffer_.data(), ldb_,
+                          beta, C, ldc);
+      return;
+    }
+  }
+  gemm<T>(false, tb_, M_, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
+}
+
+template class PackedB<float>;
+template class PackedB<double>;
 
 void parallel_chunks(int64_t n, int64_t grain, const Chunks& body) {
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { body.run(begin, end); });
 }
+
 
 namespace {
 
