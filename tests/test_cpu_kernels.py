@@ -10,12 +10,13 @@ suite's (tests/test_conformance.py); here:
   input or one per direction);
 * every argument the op entries check: a bad one is an error that names it;
 * determinism, no_grad / inference_mode, row passes split across threads, torch.compile with
-  fullgraph, what the backend accepts and declines (explain), and the fallback without a
-  compiler.
+  fullgraph, what the backend accepts and declines (explain), the build's sources and jobs, and
+  the fallback without a compiler.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -477,6 +478,23 @@ def test_accepts_every_cell_and_option_and_declines_the_rest():
         assert "cuda" in backend.check(Request(mode=mode, device_type="cuda"))
     assert backend.check(Request(mode="lstm_peephole", proj=True)) is None
     assert "custom cell" in backend.check(Request(mode=None))
+
+
+def test_every_source_is_compiled_and_every_header_keys_the_cache():
+    here = build.SOURCES[0].parent
+    assert set(build.SOURCES) == set(here.glob("*.cpp"))
+    assert set(build.HEADERS) == set(here.glob("*.h"))
+
+
+def test_the_build_runs_one_compiler_per_cpu_unless_max_jobs_is_set(monkeypatch):
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    with build._max_jobs():
+        assert int(os.environ["MAX_JOBS"]) == build._jobs() >= 1
+    assert "MAX_JOBS" not in os.environ
+    monkeypatch.setenv("MAX_JOBS", "7")
+    with build._max_jobs():
+        assert os.environ["MAX_JOBS"] == "7"
+    assert os.environ["MAX_JOBS"] == "7"
 
 
 def test_without_compiler_warns_once_and_declines(monkeypatch):

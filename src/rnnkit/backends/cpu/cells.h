@@ -259,7 +259,10 @@ struct Lstm : CellBase {
   template <typename T>
   struct Params {
     Params(const T* const* w, const Shape& dim, T)
-        : bias(summed_biases(w, dim.G)), w_ci(w[kWeightCi]), w_cf(w[kWeightCf]), w_co(w[kWeightCo]) {}
+        : bias(summed_biases(w, dim.G)),
+          w_ci(w[kWeightCi]),
+          w_cf(w[kWeightCf]),
+          w_co(w[kWeightCo]) {}
     std::vector<T> bias;          // (G) b_ih + b_hh
     const T *w_ci, *w_cf, *w_co;  // (H) each [kPeep]
   };
@@ -730,7 +733,8 @@ struct LayerNormLstm : LayerNormCell<true> {
 };
 
 // LayerNorm GRU: (x_r, x_z, x_n) = LN(W_ih x_t) + b_ih; (h_r, h_z, h_n) = LN(W_hh h_{t-1}) + b_hh;
-// r = sigmoid(x_r + h_r); z = sigmoid(x_z + h_z); n = tanh(x_n + r h_n); h_t = (1 - z) n + z h_{t-1}.
+// r = sigmoid(x_r + h_r); z = sigmoid(x_z + h_z); n = tanh(x_n + r h_n);
+// h_t = (1 - z) n + z h_{t-1}.
 // Saves act = r z n hn (hn = h_n), xhat, hhat, rstd.
 
 struct LayerNormGru : LayerNormCell<false> {

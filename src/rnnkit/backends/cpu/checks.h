@@ -123,9 +123,9 @@ struct Regularisers {
     const bool per_step = z.dim() == 3 && z.size(0) == n.T && z.size(1) == n.B;
     TORCH_CHECK((per_step || z.dim() == 1) && z.size(-1) == width &&
                     z.scalar_type() == x.scalar_type(),
-                name, " has shape ", z.sizes(), " and dtype ", z.scalar_type(), "; expected (T, B, ",
-                width, ") = (", n.T, ", ", n.B, ", ", width, ") or (", width, ") ",
-                x.scalar_type());
+                name, " has shape ", z.sizes(), " and dtype ", z.scalar_type(),
+                "; expected (T, B, ", width, ") = (", n.T, ", ", n.B, ", ", width, ") or (", width,
+                ") ", x.scalar_type());
     return per_step ? width : 0;
   }
 };

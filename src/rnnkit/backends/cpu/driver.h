@@ -206,7 +206,8 @@ void backward(const BackwardArgs<T>& a) {
         r.hin = a.saved.at[kHprev] + r.row * P;
         if constexpr (kZoneout) {
           r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
-          if constexpr (Cell::kCellState) r.keep_c = keep_row(a.masks.zone_c, a.masks.zone_c_step, r.row);
+          if constexpr (Cell::kCellState)
+            r.keep_c = keep_row(a.masks.zone_c, a.masks.zone_c_step, r.row);
         }
         if constexpr (Cell::kCellState) {
           // c_{t-1}: saved where the forward overwrote it (zoneout) or the cell saves it

@@ -64,8 +64,8 @@ namespace rnnkit {
 namespace cpu {
 
 // ---------------------------------------------------------------------------------------------
-// What kernel_common.h declares and defines here, once: the GEMMs (MKL's BLAS when torch exports
-// it, through its Fortran symbols and its packed API; else at::addmm) and the thread pool
+// What kernel_common.h declares, defined here once: the GEMMs (MKL's BLAS when torch exports it,
+// through its Fortran symbols and its packed API; else at::addmm) and the thread pool
 // (at::parallel_for). The one place that decides where the GEMMs come from.
 
 extern "C" {
@@ -173,7 +173,6 @@ template class PackedB<double>;
 void parallel_chunks(int64_t n, int64_t grain, const Chunks& body) {
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { body.run(begin, end); });
 }
-
 
 namespace {
 
@@ -309,9 +308,10 @@ Call::Call(int64_t kernel_id, at::TensorList inputs, at::TensorList states,
   TORCH_CHECK(inputs.size() == 1 || static_cast<int64_t>(inputs.size()) == D,
               "rnnkit cpu kernels: inputs has ", inputs.size(),
               " tensors; expected 1 (shared) or one per direction (", D, ")");
-  TORCH_CHECK(static_cast<int64_t>(states.size()) == D * f.states, "rnnkit cpu kernels: states has ",
-              states.size(), " tensors; expected ", D * f.states, ": ",
-              f.cell_state ? "h0 and c0" : "h0", " per direction for the ", f.name);
+  TORCH_CHECK(static_cast<int64_t>(states.size()) == D * f.states,
+              "rnnkit cpu kernels: states has ", states.size(), " tensors; expected ",
+              D * f.states, ": ", f.cell_state ? "h0 and c0" : "h0", " per direction for the ",
+              f.name);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == D * nw, "rnnkit cpu kernels: weights has ",
               weights.size(), " tensors; expected ", D * nw, ": the ", nw,
               " weights per direction of the ", f.name);
@@ -335,8 +335,8 @@ Call::Call(int64_t kernel_id, at::TensorList inputs, at::TensorList states,
     n.G = dir.w[kWeightIh].size(0);
     const Tensor& w_hr = dir.w[kWeightHr];
     TORCH_CHECK(!w_hr.defined() || (w_hr.dim() == 2 && w_hr.size(0) > 0),
-                "rnnkit cpu kernels: w_hr has shape ", w_hr.defined() ? w_hr.sizes() : at::IntArrayRef{},
-                "; expected (P, H)");
+                "rnnkit cpu kernels: w_hr has shape ",
+                w_hr.defined() ? w_hr.sizes() : at::IntArrayRef{}, "; expected (P, H)");
     n.P = w_hr.defined() ? w_hr.size(0) : n.H;
     n.S = f.saved * n.H;
     for (int64_t k = 0; k < nw; ++k) {
