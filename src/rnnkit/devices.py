@@ -151,7 +151,8 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 def to_device(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor in it (also inside dicts, lists and tuples) on ``device``."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        # Asynchronous only towards an accelerator: a copy to the CPU must be complete when read.
+        return obj.to(device, non_blocking=device.type != "cpu")
     if isinstance(obj, Mapping):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, tuple | list):

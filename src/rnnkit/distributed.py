@@ -160,9 +160,9 @@ class World:
             return [obj]
         import torch.distributed as dist
 
-        out: list[Any] | None = [None] * self.size if self.is_main else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)  # (gather_object is not supported by every backend)
+        return out if self.is_main else None
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` run on rank 0 alone; its result on every rank, or its exception raised on
