@@ -274,9 +274,16 @@ def test_a_checkpoint_restores_onto_the_device_of_the_model(tmp_path):
     assert torch.equal(torch.get_rng_state(), other["torch"])  # rank 1 took its own generator
 
 
-def test_a_run_loads_onto_the_device_asked_for(tmp_path):
+def test_a_run_loads_onto_the_device_asked_for(tmp_path, capsys):
     need_data("speech")
     train("speech", TINY["speech"], out=tmp_path / "r", progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r"), "--device", "cpu", "--precision", "bf16"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("test accuracy=")
+    utterance = tmp_path / "u.csv"
+    utterance.write_text("\n".join(" ".join(["0.1"] * 12) for _ in range(9)))
+    assert main(["predict", str(tmp_path / "r"), str(utterance), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("speaker ")
     task, model = load_run(tmp_path / "r", device="cpu", precision="bf16")
     assert task.device == torch.device("cpu") and task.config.precision == "bf16"
     assert {p.device.type for p in model.parameters()} == {"cpu"}

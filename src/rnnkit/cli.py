@@ -120,7 +120,7 @@ def _train_parser(task_cls: Any | None) -> Parser:
         lines.append(f"{task_cls.example} --resume   # after an interruption")
     lines += [
         f"{PROG} train {task} --device cuda --precision bf16   # on a GPU, mixed precision",
-        f"torchrun --nproc-per-node=2 $(which {PROG}) train {task}   # 2 processes",
+        f"torchrun --standalone --nproc-per-node=2 $(which {PROG}) train {task}   # 2 processes",
     ]
     example = "example:\n" + "\n".join(f"  {line}" for line in lines)
     if task_cls is None:

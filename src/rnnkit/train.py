@@ -508,7 +508,7 @@ def resume_command(task: str, run_dir: Path, world_size: int = 1, alone: bool = 
     if world_size == 1:
         return f"`{command}`" + (" (one process, without torchrun)" if alone else "")
     return (
-        f"`torchrun --nproc-per-node={world_size} $(which rnnkit) {command[7:]}` (or "
+        f"`torchrun --standalone --nproc-per-node={world_size} $(which rnnkit) {command[7:]}` (or "
         f"{world_size} processes in all over several machines)"
     )
 
