@@ -115,8 +115,8 @@ class CharLMTask(Task):
         model.eval()
         streams = max(1, min(self.config.eval_streams, (len(data) - 1) // 2))
         per = (len(data) - 1) // streams
-        x = data[: streams * per].view(streams, per)  # (S, N)
-        y = data[1 : streams * per + 1].view(streams, per)
+        x = self.to_device(data[: streams * per].view(streams, per))  # (S, N)
+        y = self.to_device(data[1 : streams * per + 1].view(streams, per))
         window = 4 * self.config.seq_len
         total, state = 0.0, None
         for t in range(0, per, window):
@@ -133,7 +133,8 @@ class CharLMTask(Task):
 
     def explain(self, model: CharLM, data: Tensor) -> Any:
         gen = torch.Generator().manual_seed(0)
-        return model.explain(self.collate(data, self.epoch_batches(data, gen)[0])["x"])
+        batch = self.collate(data, self.epoch_batches(data, gen)[0])
+        return model.explain(self.to_device(batch["x"]))
 
     def predict(self, model: CharLM, inputs: list[str], options: dict[str, Any]) -> list[str]:
         temperature = float(options.get("temperature", 0.8))

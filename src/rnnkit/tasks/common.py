@@ -35,6 +35,8 @@ class ClassifierHooks:
     """Batching, loss and evaluation for a model ``(x, lengths) -> logits`` on labelled data."""
 
     config: Any
+    device: torch.device
+    to_device: Any  # Task.to_device
     eval_batch_size = 256
 
     def epoch_batches(self, data: Examples, generator: torch.Generator) -> list[list[int]]:
@@ -57,7 +59,7 @@ class ClassifierHooks:
         seqs, labels = data
         correct, total_loss = 0, 0.0
         for idx in bucket_batches([len(s) for s in seqs], self.eval_batch_size):
-            b = self.collate(data, idx)
+            b = self.to_device(self.collate(data, idx))
             logits = model(b["x"], b["lengths"])
             total_loss += float(F.cross_entropy(logits, b["y"], reduction="sum"))
             correct += int((logits.argmax(-1) == b["y"]).sum())
@@ -68,13 +70,14 @@ class ClassifierHooks:
     def explain(self, model: nn.Module, data: Examples) -> Any:
         seqs, _ = data
         b = self.collate(data, list(range(min(len(seqs), self.config.batch_size))))
+        b = self.to_device(b)
         return model.explain(b["x"], b["lengths"])
 
     @torch.no_grad()
     def classify(self, model: nn.Module, seqs: list[Tensor]) -> list[tuple[int, float]]:
         """(predicted class, its probability) for each sequence."""
         model.eval()
-        x, lengths = pad(seqs)
+        x, lengths = self.to_device(pad(seqs))
         probs = torch.softmax(model(x, lengths), dim=-1)
         best = probs.argmax(-1)
         return [(int(k), float(probs[i, k])) for i, k in enumerate(best)]
@@ -131,6 +134,8 @@ class Seq2SeqHooks:
     config: EncoderDecoderConfig
     src_vocab: Vocab
     tgt_vocab: Vocab
+    device: torch.device
+    to_device: Any  # Task.to_device
     eval_batch_size = 128
 
     def source_tokens(self, text: str) -> list[str]:
@@ -208,7 +213,7 @@ class Seq2SeqHooks:
         beam = c.beam_size if beam_size is None else beam_size
         out: list[list[str]] = [[] for _ in items]
         for idx in bucket_batches([len(s) for s in items], self.eval_batch_size):
-            src, lengths = pad_batch([items[i] for i in idx], Vocab.pad_id)
+            src, lengths = pad_batch([items[i] for i in idx], Vocab.pad_id, self.device)
             max_len = min(c.max_decode_len, 2 * int(lengths.max()) + 10)
             if beam > 1:
                 hyp = model.beam_search(src, lengths, beam_size=beam, max_len=max_len)
@@ -232,7 +237,7 @@ class Seq2SeqHooks:
         model.eval()
         total, tokens = 0.0, 0
         for idx in bucket_batches([len(s) for s in data.src], self.eval_batch_size):
-            logits, tgt_out = self._logits(model, self.collate(data, idx))
+            logits, tgt_out = self._logits(model, self.to_device(self.collate(data, idx)))
             n = int((tgt_out != Vocab.pad_id).sum())
             total += float(sequence_loss(logits, tgt_out, Vocab.pad_id)) * n
             tokens += n
@@ -244,6 +249,7 @@ class Seq2SeqHooks:
         from ..backends import explain
 
         b = self.collate(data, list(range(min(len(data.src), self.config.batch_size))))
+        b = self.to_device(b)
         with torch.no_grad():
             x = model.encoder.embedding(b["src"])
         return explain(model.encoder.layer, x.requires_grad_(True), lengths=b["src_lengths"])
@@ -257,8 +263,8 @@ class Seq2SeqHooks:
         k = min(range(len(test.items)), key=lambda i: abs(len(test.items[i]) - 8))
         model.eval()
         (hyp,) = self.decode(model, [test.items[k]])
-        src, lengths = pad_batch([test.items[k]], Vocab.pad_id)
-        tgt, tgt_lengths = pad_batch([self.tgt_vocab.encode(hyp)], Vocab.pad_id)
+        src, lengths = pad_batch([test.items[k]], Vocab.pad_id, self.device)
+        tgt, tgt_lengths = pad_batch([self.tgt_vocab.encode(hyp)], Vocab.pad_id, self.device)
         tgt_in, _ = decoder_io(tgt, tgt_lengths, model.config)
         _, weights = model(src, lengths, tgt_in, return_attention=True)
         source = [self.src_vocab.itos[i] for i in test.items[k]]
