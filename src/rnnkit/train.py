@@ -297,6 +297,14 @@ def _rng_states(device: torch.device) -> RNG:
     return states
 
 
+CARRY = "carry_"  # the names of a task's carried state among a process's saved states
+
+
+def _carry_of(task: Task) -> dict[str, torch.Tensor]:
+    """The task's state carried between batches, named as it is saved beside the generators."""
+    return {CARRY + k: v.detach().cpu() for k, v in task.carry_state().items()}
+
+
 def _save_state(
     path: Path,
     model: nn.Module,
@@ -306,9 +314,10 @@ def _save_state(
     scaler: torch.amp.GradScaler,
     device: torch.device,
 ) -> None:
-    """The resume checkpoint: weights, optimizer and loss-scaler state, progress, and the random
-    generators of every process (``rngs[rank]``; rank 0's as ``rng.torch``, rank r's with the
-    suffix ``.r``)."""
+    """The resume checkpoint: weights, optimizer and loss-scaler state, progress, and every
+    process's random generators and the state its task carries between batches
+    (``rngs[rank]``; rank 0's as ``rng.torch``, ``rng.carry_h``..., rank r's with the suffix
+    ``.r``)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_state = opt.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -379,13 +388,14 @@ def _restore_state(
         for idx, entries in json.loads(meta["optim_scalars"]).items():
             state.setdefault(int(idx), {}).update(entries)
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta["optim_groups"])})
-        rngs: list[RNG] = []
-        for rank in range(world.size):
-            suffix = f".{rank}" if rank else ""
-            states = {"torch": tensors[f"rng.torch{suffix}"]}
-            if f"rng.device{suffix}" in tensors:
-                states["device"] = tensors[f"rng.device{suffix}"]
-            rngs.append(states)
+        rngs: list[RNG] = [{} for _ in range(world.size)]
+        for key, value in tensors.items():  # rng.KIND (rank 0) or rng.KIND.RANK
+            if key.startswith("rng."):
+                _, kind, *rank = key.split(".")
+                rngs[int(rank[0]) if rank else 0][kind] = value
+        for rank, states in enumerate(rngs):
+            if "torch" not in states:
+                raise KeyError(f"rng.torch{f'.{rank}' if rank else ''}")
         torch.set_rng_state(rngs[world.rank]["torch"])
         # A GPU's generator continues only on the same kind of device (another device's numbers
         # differ anyway); the CPU generator always continues.
@@ -685,6 +695,9 @@ def _train(
     if state is not None:
         rngs = _restore_state(run_dir / STATE, *state[:2], model, opt, scaler, world, dev)
         p = state[2]
+        carried = {k[len(CARRY) :]: v for k, v in rngs[world.rank].items() if k.startswith(CARRY)}
+        if carried and p.batch:
+            task.load_carry(to_device(carried, dev))
         say(f"resuming {run_dir}: epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
     else:
 
@@ -727,10 +740,11 @@ def _train(
         training, when the other ranks have left; their generators are as last gathered)."""
         p.wall = wall_before + time.perf_counter() - started
         if final:
-            rngs[:] = [_rng_states(dev), *rngs[1:]] if rngs else [_rng_states(dev)]
+            mine = {**_rng_states(dev), **_carry_of(task)}
+            rngs[:] = [mine, *rngs[1:]] if rngs else [mine]
             _save_state(run_dir / STATE, model, opt, p, rngs, scaler, dev)
             return
-        gathered = world.gather(_rng_states(dev))
+        gathered = world.gather({**_rng_states(dev), **_carry_of(task)})
         if gathered is not None:
             rngs[:] = gathered
         world.on_main(lambda: _save_state(run_dir / STATE, model, opt, p, rngs, scaler, dev))
@@ -954,6 +968,8 @@ def _train_epochs(
             last_save = clock if world.distributed else time.perf_counter() - start
             model.train()
             for k in range(p.batch, len(batches)):
+                if k == 0:
+                    task.start_epoch()
                 where = f"batch {k + 1}/{len(batches)}"
                 part, real = batches[k], True
                 if world.distributed:  # this rank's shard; an empty one computes with weight 0

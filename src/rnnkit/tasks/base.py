@@ -216,6 +216,22 @@ class Task:
     def batch_size_of(self, batch: Any) -> int:
         return len(batch)
 
+    # -- state carried from batch to batch --------------------------------------------------------
+
+    def start_epoch(self) -> None:
+        """Called before an epoch's first batch (not when a run resumes within an epoch): a task
+        that carries state from one batch to the next (:meth:`carry_state`) starts it afresh."""
+
+    def carry_state(self) -> dict[str, Tensor]:
+        """What this process carries from one training batch to the next (e.g. a language
+        model's recurrent state over consecutive windows of its text streams), by name (letters,
+        digits and underscores): saved in every resume checkpoint, so a resumed run continues
+        exactly. Empty for tasks whose batches are independent."""
+        return {}
+
+    def load_carry(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`carry_state` returned, when a run resumes within an epoch."""
+
     # -- model -----------------------------------------------------------------------------------
 
     def build_model(self) -> nn.Module:
