@@ -60,12 +60,6 @@ class Prepared:
     batch_first: bool
     unbatched: bool
 
-    @property
-    def lengths_kind(self) -> str:
-        if self.lengths is None:
-            return "none"
-        return "has_zero" if bool((self.lengths == 0).any()) else "positive"
-
     def restore(self, out: Tensor) -> Tensor | PackedSequence:
         """Give a time-major result the caller's layout (packed, batch-first or unbatched)."""
         if self.packed is not None:
