@@ -16,7 +16,14 @@ DATA = {
 
 # Tiny configurations: each trains in about a second on one thread.
 TINY = {
-    "sentiment": {"limit": 160, "epochs": 2, "embed_size": 16, "hidden_size": 16, "batch_size": 32},
+    "sentiment": {
+        "limit": 160,
+        "epochs": 2,
+        "vectors": "none",
+        "embed_size": 16,
+        "hidden_size": 16,
+        "batch_size": 32,
+    },
     "speech": {"limit": 60, "epochs": 2, "hidden_size": 16, "batch_size": 16},
     "charlm": {
         "limit": 4000,

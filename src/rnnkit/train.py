@@ -606,6 +606,7 @@ def load_run(run_dir: str | Path, backend: str | None = None) -> tuple[Task, nn.
     if backend is not None:
         config.backend = backend
     task = task_cls(config)
+    task.run_dir = run_dir  # where a task's predict may draw (e.g. sentiment's --explain)
     try:
         task.set_vocab(read_json(run_dir / VOCAB))
     except (KeyError, TypeError, ValueError) as e:

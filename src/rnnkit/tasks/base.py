@@ -111,6 +111,9 @@ class Task:
     predict_example: ClassVar[str]
     predict_options: ClassVar[dict[str, PredictOption]] = {}
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}  # {option: {value: {field: v}}}
+    #: The run directory of a loaded model (set by :func:`rnnkit.train.load_run`), where
+    #: :meth:`predict` may write pictures; None while training.
+    run_dir: Path | None = None
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
