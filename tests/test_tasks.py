@@ -198,11 +198,15 @@ def test_translate_subword_model_round_trips_text():
     )
     for pair in splits["test"][:50]:  # held-out text comes back exactly from its pieces
         for text in (pair.source, pair.target):
-            pieces = task.source_tokens(text)
+            pieces = task.target_tokens(text)
             assert task.detokenize(pieces) == text and len(pieces) <= len(text)
+    # A source asks for the French edition it is to be translated into.
+    tag, *pieces = task.source_tokens("Jesus wept.")
+    assert tag == "<2l>" and task.detokenize(pieces) == "Jesus wept."
+    assert task.source_tokens("Jesus wept.", "5")[0] == "<2_5>" and "<2o>" in task.src_vocab
     words = task_cls(task_cls.make_config({"limit": 300, "units": "words"}))
     words.set_vocab(words.fit_vocab(splits["train"]))
-    assert words.sp is None and "▁God" in words.src_vocab
+    assert words.sp is None and "▁God" in words.src_vocab and "<2l>" in words.src_vocab
 
 
 def test_translate_split_by_chapter_and_length():

@@ -59,13 +59,15 @@ SPACE = "\u2581"
 
 @dataclass(frozen=True)
 class VersePair:
-    """One verse: where it is, its source (English) text and its target (French) text."""
+    """One verse: where it is, its source (English) text, its target (French) text, and the
+    French edition the target comes from (``bbName`` code)."""
 
     book: int
     chapter: int
     verse: int
     source: str
     target: str
+    edition: str = "l"
 
 
 def database_path() -> Path:
@@ -105,7 +107,7 @@ def read_pairs(
         con.close()
     if not rows:
         raise ValueError(f"{path} has no verse pairs for bbName {source!r} -> {target!r}")
-    return [VersePair(b, c, v, clean(s), clean(t)) for b, c, v, s, t in rows]
+    return [VersePair(b, c, v, clean(s), clean(t), target) for b, c, v, s, t in rows]
 
 
 def read_edition(path: str | Path | None, code: str) -> dict[tuple[int, int, int], str]:
@@ -200,8 +202,8 @@ def load_bible(
         train = []
         for key in keys:
             for src in english.values():
-                for tgt in french.values():
-                    p = VersePair(*key, src.get(key, ""), tgt.get(key, ""))
+                for code, tgt in french.items():
+                    p = VersePair(*key, src.get(key, ""), tgt.get(key, ""), code)
                     if p.source and p.target and short(p) and (p.source, p.target) not in seen:
                         seen.add((p.source, p.target))
                         train.append(p)

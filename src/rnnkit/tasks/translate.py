@@ -9,7 +9,9 @@ chapters held out of training in every edition.
 Text is cut into subword units (``--units unigram`` or ``bpe``: a sentencepiece model trained on
 the training split's English and French together, ``--max-vocab`` pieces, saved in vocab.json),
 or into words and punctuation marks (``--units words``: :func:`rnnkit.data.bible.tokenize`, one
-vocabulary per language, rare words unknown). Either way the output detokenises back to plain
+vocabulary per language, rare words unknown). Each source starts with a token naming the French
+edition wanted (``<2l>`` Segond, ``<2o>`` Ostervald, ``<2_5>`` Darby), so that training on three
+French editions still gives Segond's wording when Segond is asked for (evaluation and predict). Either way the output detokenises back to plain
 text, and BLEU is sacreBLEU's on that text against the original French verse. Early stopping and
 model selection use the BLEU of greedy decoding after each epoch; the final metrics use beam
 search.
@@ -108,14 +110,18 @@ class TranslateTask(Seq2SeqHooks, Task):
         return splits
 
     sp: Any = None  # the sentencepiece processor (subword units), set by set_vocab
+    tags = False  # whether sources start with the target edition's tag (runs before tags: no)
 
-    def source_tokens(self, text: str) -> list[str]:
+    def target_tokens(self, text: str) -> list[str]:
         if self.sp is not None:
             return self.sp.encode(text, out_type=str)
         return bible.tokenize(text)
 
-    def target_tokens(self, text: str) -> list[str]:
-        return self.source_tokens(text)  # one tokeniser (and subword model) for both languages
+    def source_tokens(self, text: str, edition: str = "l") -> list[str]:
+        """The source's tokens (the same tokeniser, and subword model, as the target's), after
+        the tag of the French ``edition`` wanted."""
+        tokens = self.target_tokens(text)
+        return [edition_tag(edition), *tokens] if self.tags else tokens
 
     def fit_vocab(self, train: list[bible.VersePair]) -> dict[str, Any]:
         c = self.config
@@ -123,12 +129,18 @@ class TranslateTask(Seq2SeqHooks, Task):
             model = train_subwords(
                 [p.source for p in train] + [p.target for p in train], c.units, c.max_vocab
             )
-            return {"units": c.units, "sentencepiece": base64.b64encode(model).decode("ascii")}
+            return {
+                "units": c.units,
+                "tags": True,
+                "sentencepiece": base64.b64encode(model).decode("ascii"),
+            }
+        tags = [edition_tag(code) for code in bible.EDITIONS["fr"]]
         source = Vocab.build((bible.tokenize(p.source) for p in train), c.min_count, c.max_vocab)
         target = Vocab.build((bible.tokenize(p.target) for p in train), c.min_count, c.max_vocab)
-        return {"source": source.to_json(), "target": target.to_json()}
+        return {"tags": True, "source": [*source.to_json(), *tags], "target": target.to_json()}
 
     def set_vocab(self, vocab: dict[str, Any]) -> None:
+        self.tags = bool(vocab.get("tags", False))
         if "sentencepiece" in vocab:
             self.sp = _processor(base64.b64decode(vocab["sentencepiece"]))
             pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
@@ -139,9 +151,10 @@ class TranslateTask(Seq2SeqHooks, Task):
         self.tgt_vocab = Vocab.from_json(vocab["target"])
 
     def encode(self, examples: list[bible.VersePair]) -> Pairs:
-        return self.pairs(
-            [p.source for p in examples], [[self.target_tokens(p.target)] for p in examples]
-        )
+        src = [self.src_vocab.encode(self.source_tokens(p.source, p.edition)) for p in examples]
+        refs = [[self.target_tokens(p.target)] for p in examples]
+        tgt = [self.tgt_vocab.encode(r[0]) for r in refs]
+        return Pairs(src, tgt, src, refs, [p.source for p in examples])
 
     def detokenize(self, tokens: list[str]) -> str:
         """Plain text of output tokens; unknown-word markers are dropped."""
@@ -165,6 +178,11 @@ class TranslateTask(Seq2SeqHooks, Task):
             raise RecipeError(f"beam_size = {beam}; expected >= 1")
         items = [self.src_vocab.encode(self.source_tokens(t)) for t in inputs]
         return [self.detokenize(out) for out in self.decode(model, items, beam)]
+
+
+def edition_tag(code: str) -> str:
+    """The source token that asks for French edition ``code``: ``<2l>``, ``<2o>``, ``<2_5>``."""
+    return f"<2{'_' if code.isdigit() else ''}{code}>"
 
 
 def _codes(text: str) -> tuple[str, ...]:
@@ -215,6 +233,7 @@ def train_subwords(texts: list[str], kind: str, size: int, seed: int = SPLIT_SEE
         bos_piece=bos,
         eos_piece=eos,
         unk_piece=unk,
+        user_defined_symbols=[edition_tag(code) for code in bible.EDITIONS["fr"]],
         num_threads=torch.get_num_threads(),
         minloglevel=2,
     )
