@@ -104,8 +104,10 @@ def measure(name: str, seeds: list[int]) -> None:
                 for cls, attr, value in undo:
                     setattr(cls, attr, value)
             values.append(m["test"][metric])
+            extra = " ".join(f"{k} {v:.4f}" for k, v in m["test"].items() if k not in (metric, "n"))
             print(
-                f"{name} {variant:<12} seed {seed}: test {metric} {values[-1]:.4f} ({seconds:.1f} s)"
+                f"{name} {variant:<12} seed {seed}: test {metric} {values[-1]:.4f} ({extra}) "
+                f"({seconds:.1f} s)"
             )
         worst, best = (min(values), max(values)) if higher else (max(values), min(values))
         print(f"{name} {variant:<12} worst {worst:.4f} best {best:.4f}  ({metric})", flush=True)

@@ -67,17 +67,18 @@ TINY = {
 SLICE = {
     "sentiment": {
         "limit": 1000,
-        "epochs": 3,
+        "epochs": 5,
         "hidden_size": 32,
         "batch_size": 32,
         "max_minutes": 0.0,
     },
-    "speech": {"limit": 90, "epochs": 15, "hidden_size": 32, "batch_size": 16, "max_minutes": 0.0},
+    "speech": {"limit": 90, "epochs": 25, "hidden_size": 32, "batch_size": 16, "max_minutes": 0.0},
     "charlm": {
         "limit": 30000,
-        "epochs": 2,
+        "epochs": 5,
+        "lr": 5e-3,
         "embed_size": 16,
-        "hidden_size": 64,
+        "hidden_size": 128,
         "seq_len": 64,
         "batch_size": 32,
         "eval_streams": 8,
@@ -85,7 +86,8 @@ SLICE = {
     },
     "g2p": {
         "limit": 2000,
-        "epochs": 4,
+        "epochs": 6,
+        "lr": 3e-3,
         "embed_size": 32,
         "hidden_size": 64,
         "decoder_hidden": 64,
@@ -94,8 +96,10 @@ SLICE = {
         "max_minutes": 0.0,
     },
     "translate": {
-        "limit": 2000,
-        "epochs": 4,
+        "limit": 3000,
+        "epochs": 8,
+        "lr": 3e-3,
+        "max_words": 12,
         "train_sources": "k",
         "train_targets": "l",
         "max_vocab": 1000,
@@ -114,7 +118,7 @@ FLOOR_METRIC = {
     "speech": ("accuracy", True),
     "charlm": ("bits_per_char", False),
     "g2p": ("per", False),
-    "translate": ("bleu", True),
+    "translate": ("loss", False),
 }
 
 

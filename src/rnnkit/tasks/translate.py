@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from ..data import Vocab, bible
 from ..data.vocab import SPECIALS
 from ..errors import DataMissing, RecipeError
-from ..metrics import bleu
+from ..metrics import bleu, chrf
 from ..models.seq2seq import Seq2Seq
 from .base import PredictOption, Task, option
 from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
@@ -165,7 +165,8 @@ class TranslateTask(Seq2SeqHooks, Task):
 
     def scores(self, hyps: list[list[str]], refs: list[list[list[str]]]) -> dict[str, float]:
         hypotheses = [self.detokenize(h) for h in hyps]
-        return {"bleu": bleu(hypotheses, [self.detokenize(r[0]) for r in refs])}
+        references = [self.detokenize(r[0]) for r in refs]
+        return {"bleu": bleu(hypotheses, references), "chrf": chrf(hypotheses, references)}
 
     def predict(self, model: Seq2Seq, inputs: list[str], options: dict[str, Any]) -> list[str]:
         for i, text in enumerate(inputs, 1):
