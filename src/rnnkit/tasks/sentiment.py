@@ -44,6 +44,10 @@ class SentimentConfig(TrainConfig):
     epochs: int = option(20, "most passes over the training split")
     lr: float = option(3e-3, "learning rate (AdamW)")
     patience: int = option(5, "stop after this many epochs without a better validation metric")
+    lr_decay: float = option(
+        0.5,
+        "multiply the learning rate by this after each epoch without a better validation accuracy",
+    )
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
     vectors: str = option(
         "glove50",
@@ -54,7 +58,7 @@ class SentimentConfig(TrainConfig):
         False, "keep the pretrained vectors fixed (words without one are learnt either way)"
     )
     embed_size: int = option(256, "word embedding size (the vectors' size with --vectors)")
-    hidden_size: int = option(96, "hidden size per direction")
+    hidden_size: int = option(150, "hidden size per direction")
     num_layers: int = option(1, "stacked recurrent layers")
     bidirectional: bool = option(True, "read each text in both directions")
     dropout: float = option(0.5, "dropout on embeddings, between layers and before the classifier")
