@@ -108,3 +108,12 @@ def test_attention_strips(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="2 words but 3 weights"):
         attention_strips([("x", "y", ["a", "b"], [0.1, 0.2, 0.7])], tmp_path / "bad.png")
+
+
+def test_input_noise_in_training_only():
+    model = SequenceClassifier(3, input_size=4, hidden_size=5, input_noise=0.5)
+    x, lengths = torch.randn(2, 6, 4), torch.tensor([6, 3])
+    model.train()
+    assert not torch.equal(model(x, lengths), model(x, lengths))
+    model.eval()
+    torch.testing.assert_close(model(x, lengths), model(x, lengths), rtol=0, atol=0)

@@ -127,6 +127,7 @@ class SequenceClassifier(nn.Module):
         backend: str | None = None,
         attention_size: int | None = None,
         unk_id: int = 1,
+        input_noise: float = 0.0,
         vectors: Tensor | None = None,
         frozen: Tensor | None = None,
     ) -> None:
@@ -166,6 +167,7 @@ class SequenceClassifier(nn.Module):
         self.pooling = pooling
         self.token_dropout = token_dropout
         self.unk_id = unk_id
+        self.input_noise = input_noise
         self.directions = 2 if bidirectional else 1
         width = hidden_size * self.directions  # the encoder's output features F
         self.attention = None
@@ -178,9 +180,12 @@ class SequenceClassifier(nn.Module):
         """What the recurrent encoder reads: embedded tokens or the features, after dropout.
 
         In training, ``token_dropout`` replaces that fraction of the tokens by the unknown-token id
-        ``unk_id`` (padding stays padding), so the model cannot lean on any single word.
+        ``unk_id`` (padding stays padding), so the model cannot lean on any single word; features
+        get Gaussian noise of standard deviation ``input_noise`` added.
         """
         if self.embedding is None:
+            if self.training and self.input_noise > 0:
+                x = x + self.input_noise * torch.randn_like(x)
             return self.dropout(x)
         if self.training and self.token_dropout > 0:
             drop = torch.rand(x.shape, device=x.device) < self.token_dropout
