@@ -73,6 +73,11 @@ class SentimentConfig(TrainConfig):
         2, "keep words seen this often in the training split (once, if they have a vector)"
     )
     max_vocab: int = option(30000, "largest vocabulary (most frequent words first)")
+    glove_words: int = option(
+        0,
+        "with --vectors, also give rows to the N most frequent words of the vectors, so that "
+        "words the training split never shows keep their pretrained vector (beyond max_vocab)",
+    )
     max_tokens: int = option(0, "keep the first and last N/2 tokens of longer texts; 0 = all")
     max_minutes: float = option(8.0, "stop training after this many minutes; 0 = no limit")
 
@@ -140,7 +145,8 @@ class SentimentTask(ClassifierHooks, Task):
     def fit_vocab(self, train: list[tuple[str, int]]) -> dict[str, Any]:
         """The training words, those with a pretrained vector first (ids 4 .. 4 + n - 1, the rows
         that ``--freeze-vectors`` keeps): a word with a vector is kept when seen once, any other
-        word when seen ``min_freq`` times; most frequent first, at most ``max_vocab`` ids."""
+        word when seen ``min_freq`` times; most frequent first, at most ``max_vocab`` ids; then,
+        with ``glove_words``, the vectors' most frequent words that the training split lacks."""
         c = self.config
         counts = Counter(t for text, _ in train for t in self.tokens(text))
         ranked = sorted(counts, key=lambda t: (-counts[t], t))
@@ -152,6 +158,10 @@ class SentimentTask(ClassifierHooks, Task):
             : c.max_vocab - len(SPECIALS)
         ]
         with_vectors = [t for t in kept if t in rows]
+        if c.glove_words:  # the vectors' words come most frequent first
+            have = set(with_vectors)
+            frequent = sorted(rows, key=rows.__getitem__)[: c.glove_words]
+            with_vectors += [w for w in frequent if w not in have]
         tokens = Vocab(with_vectors + [t for t in kept if t not in rows]).to_json()
         self.fresh = True  # build_model starts from the vectors (not on a resume or a load)
         return {

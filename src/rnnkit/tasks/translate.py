@@ -74,6 +74,11 @@ class TranslateConfig(EncoderDecoderConfig):
     embed_size: int = option(256, "word embedding size")
     dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
     label_smoothing: float = option(0.1, "label smoothing of the training loss")
+    bf16_output: bool = option(
+        True,
+        "in training, run the output layer's matrix product (the largest of a step) in bfloat16 "
+        "(softmax, loss and evaluation stay float32)",
+    )
     max_decode_len: int = option(80, "most tokens generated per verse")
 
 
