@@ -230,9 +230,10 @@ class SentimentTask(ClassifierHooks, Task):
 
     @torch.no_grad()
     def explain_lines(self, model: SequenceClassifier, inputs: list[str]) -> list[str]:
-        """Each input's label line, then one line per word: two spaces, the word (marked "(unknown)"
-        when the vocabulary lacks it), a tab, its attention weight, a tab and a bar of that
-        length; the weights are drawn as heat strips in ``run_dir/explain.png``."""
+        """Each input's label line, then one line per word: two spaces, the word (marked
+        "(unknown)" when the vocabulary lacks it) padded to the longest, a tab, its attention
+        weight, a tab and a bar of that length; the weights are drawn as heat strips in
+        ``run_dir/explain.png``."""
         if model.attention is None:
             raise RecipeError(
                 f"this model pools by {model.pooling!r}, which has no per-word weights; --explain "
@@ -253,8 +254,9 @@ class SentimentTask(ClassifierHooks, Task):
                 t if i != self.vocab.unk_id else f"{t} (unknown)"
                 for t, i in zip(words[b], seqs[b].tolist(), strict=False)
             ]
+            width = max(map(len, shown))
             for t, a in zip(shown, w, strict=True):
-                lines.append(f"  {t}\t{a:.3f}\t{'#' * round(40 * a)}")
+                lines.append(f"  {t:<{width}}\t{a:.3f}\t{'#' * round(40 * a)}")
             strips.append((text, f"{self.labels[k]} {float(probs[b, k]):.3f}", shown, w))
         if self.run_dir is not None:
             from ..plots import attention_strips
