@@ -58,7 +58,7 @@ class SentimentConfig(TrainConfig):
         False, "keep the pretrained vectors fixed (words without one are learnt either way)"
     )
     embed_size: int = option(256, "word embedding size (the vectors' size with --vectors)")
-    hidden_size: int = option(150, "hidden size per direction")
+    hidden_size: int = option(256, "hidden size per direction")
     num_layers: int = option(1, "stacked recurrent layers")
     bidirectional: bool = option(True, "read each text in both directions")
     dropout: float = option(0.5, "dropout on embeddings, between layers and before the classifier")
