@@ -272,9 +272,12 @@ def cmd_predict(argv: Sequence[str]) -> int:
         for opt, spec in cls.predict_options.items():
             if opt not in seen:
                 seen.add(opt)
+                kind: dict[str, Any] = (
+                    {"action": "store_true"} if spec.type is bool else {"type": spec.type}
+                )
                 parser.add_argument(
                     _flag(opt),
-                    type=spec.type,
+                    **kind,
                     default=argparse.SUPPRESS,
                     dest=opt,
                     help=f"{name}: {spec.help} (default: {spec.default})",

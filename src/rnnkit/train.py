@@ -1178,6 +1178,7 @@ def load_run(
     check_precision(dev, config.precision)
     task = task_cls(config)
     task.device = dev
+    task.run_dir = run_dir  # where a task's predict may draw (e.g. sentiment's --explain)
     try:
         task.set_vocab(read_json(run_dir / VOCAB))
     except (KeyError, TypeError, ValueError) as e:

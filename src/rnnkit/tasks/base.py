@@ -145,6 +145,9 @@ class Task:
     predict_example: ClassVar[str]
     predict_options: ClassVar[dict[str, PredictOption]] = {}
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}  # {option: {value: {field: v}}}
+    #: The run directory of a loaded model (set by :func:`rnnkit.train.load_run`), where
+    #: :meth:`predict` may write pictures; None while training.
+    run_dir: Path | None = None
 
     #: Where the model is (set by :mod:`rnnkit.train`): the hooks that build tensors for the
     #: model (evaluation, prediction) put them here with :meth:`to_device`.

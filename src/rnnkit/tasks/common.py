@@ -104,6 +104,11 @@ class EncoderDecoderConfig(TrainConfig):
     )
     dropout: float = option(0.2, "dropout on embeddings, between layers and before the output")
     label_smoothing: float = option(0.0, "label smoothing of the training loss")
+    bf16_output: bool = option(
+        False,
+        "in training, run the output layer's matrix product in bfloat16 (autocast; faster where "
+        "the CPU has bfloat16 units; softmax, loss and evaluation stay float32)",
+    )
     beam_size: int = option(5, "beam size of the final evaluation and predict; 1 = greedy")
     valid_beam_size: int = option(1, "beam size of the per-epoch validation; 1 = greedy")
     length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
@@ -174,6 +179,7 @@ class Seq2SeqHooks:
             max_decode_len=c.max_decode_len,
             beam_size=c.beam_size,
             length_penalty=c.length_penalty,
+            bf16_output=c.bf16_output,
             pad_id=Vocab.pad_id,
             bos_id=Vocab.bos_id,
             eos_id=Vocab.eos_id,
@@ -197,8 +203,9 @@ class Seq2SeqHooks:
         return model(batch["src"], batch["src_lengths"], tgt_in), tgt_out
 
     def loss(self, model: Seq2Seq, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        logits, tgt_out = self._logits(model, batch)
-        loss = sequence_loss(logits, tgt_out, Vocab.pad_id, self.config.label_smoothing)
+        tgt_in, tgt_out = decoder_io(batch["tgt"], batch["tgt_lengths"], model.config)
+        src, lengths = batch["src"], batch["src_lengths"]
+        loss = model.loss(src, lengths, tgt_in, tgt_out, self.config.label_smoothing)
         return loss, int((tgt_out != Vocab.pad_id).sum())
 
     @torch.no_grad()

@@ -38,6 +38,9 @@ class SpeechConfig(TrainConfig):
     num_layers: int = option(1, "stacked recurrent layers")
     bidirectional: bool = option(True, "read each utterance in both directions")
     dropout: float = option(0.2, "dropout on inputs, between layers and before the classifier")
+    input_noise: float = option(
+        0.0, "in training, add Gaussian noise of this standard deviation to the standardised frames"
+    )
     pooling: str = option(
         "meanmax", "how encoder outputs become one vector (valid frames only)", POOLING
     )
@@ -108,6 +111,7 @@ class SpeechTask(ClassifierHooks, Task):
             dropout=c.dropout,
             pooling=c.pooling,
             backend=c.backend,
+            input_noise=c.input_noise,
         )
 
     def read_input(self, path_text: str) -> list[tuple[str, list[list[float]]]]:
