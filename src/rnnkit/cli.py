@@ -288,7 +288,7 @@ def cmd_predict(argv: Sequence[str]) -> int:
     from .train import predict
 
     for line in predict(run_dir, inputs, args, backend, device, precision):
-        print(line)
+        print(line, flush=True)
     return 0
 
 

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1215,9 +1215,10 @@ def predict(
     backend: str | None = None,
     device: str = "auto",
     precision: str | None = None,
-) -> list[str]:
+) -> list[str] | Iterator[str]:
     """Run the model in ``run_dir`` on ``inputs`` (sentences, files or prompts, by task) on
-    ``device`` in ``precision`` (default: the run's)."""
+    ``device`` in ``precision`` (default: the run's): the lines to print, or, from a task that
+    streams them (speech's ``--stream``), an iterator giving each as it is ready."""
     if not inputs:
         raise RecipeError("no input given; expected at least one INPUT")
     dev = resolve_device(device)
@@ -1237,4 +1238,12 @@ def predict(
             raise RecipeError(str(e)) from None
     task, model = load_run(run_dir, backend, dev, precision)
     with autocast(dev, task.config.precision):
-        return task.predict(model, inputs, options)
+        lines = task.predict(model, inputs, options)
+    if isinstance(lines, list):
+        return lines
+
+    def streamed() -> Iterator[str]:  # a task streaming its lines: each as it comes
+        with autocast(dev, task.config.precision):
+            yield from lines
+
+    return streamed()

@@ -11,7 +11,15 @@ from .. import lengths as L
 from ..layers import GRU, LSTM, RNN, top_states
 from .attention import masked_softmax
 
-__all__ = ["CELLS", "POOLING", "SelfAttentionPool", "SequenceClassifier", "make_encoder", "pool"]
+__all__ = [
+    "CELLS",
+    "POOLING",
+    "ClassifierStream",
+    "SelfAttentionPool",
+    "SequenceClassifier",
+    "make_encoder",
+    "pool",
+]
 
 CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 #: Poolings that need no parameters (:func:`pool`).
@@ -196,6 +204,12 @@ class SequenceClassifier(nn.Module):
         self, x: Tensor, lengths: Tensor, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         out, state = self.encoder(self.encoder_input(x), lengths=lengths)
+        return self.classify(out, lengths, state, return_attention)
+
+    def classify(
+        self, out: Tensor, lengths: Tensor, state: Any, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Logits (B, classes) from the encoder's outputs (B, T, F) and final state."""
         weights = None
         if self.attention is not None:
             pooled, weights = self.attention(out, lengths)
@@ -207,6 +221,16 @@ class SequenceClassifier(nn.Module):
         logits = self.head(self.dropout(pooled))
         return (logits, weights) if return_attention else logits
 
+    def stream(self) -> ClassifierStream:
+        """A classifier that reads its sequences a few steps at a time: :meth:`ClassifierStream.push`
+        returns the logits of everything read so far (a unidirectional encoder only)."""
+        if self.directions != 1:
+            raise ValueError(
+                "a bidirectional encoder reads each sequence from its end too, so it cannot "
+                "classify a sequence while it arrives; train a unidirectional model"
+            )
+        return ClassifierStream(self)
+
     def explain(self, x: Tensor, lengths: Tensor) -> Any:
         """Which backend the encoder runs on for this batch, and why (:func:`rnnkit.explain`)."""
         from ..backends import explain
@@ -214,3 +238,26 @@ class SequenceClassifier(nn.Module):
         with torch.no_grad():  # no dropout here: explaining draws nothing from the RNG
             inp = self.embedding(x) if self.embedding is not None else x
         return explain(self.encoder, inp.requires_grad_(self.training), lengths=lengths)
+
+
+class ClassifierStream:
+    """A :class:`SequenceClassifier` over sequences that arrive a few steps at a time: the encoder
+    reads each new piece once, from the state it reached (streaming inference), and the pooling
+    runs over every output so far, so :meth:`push` gives exactly the logits the model gives for
+    the sequences read so far."""
+
+    def __init__(self, model: SequenceClassifier) -> None:
+        self.model = model
+        self.state: Any = None
+        self.outputs: list[Tensor] = []
+
+    @torch.no_grad()
+    def push(self, x: Tensor) -> Tensor:
+        """Read the next steps ``x`` (B, n) token ids or (B, n, features) of every sequence;
+        returns the logits (B, classes) of the sequences read so far."""
+        model = self.model
+        out, self.state = model.encoder(model.encoder_input(x), self.state)
+        self.outputs.append(out)  # (B, n, F)
+        seen = torch.cat(self.outputs, dim=1)
+        lengths = torch.full((seen.shape[0],), seen.shape[1], dtype=torch.long)
+        return model.classify(seen, lengths.to(seen.device), self.state)

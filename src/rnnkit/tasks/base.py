@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -263,8 +263,11 @@ class Task:
         """Write task-specific files (e.g. an attention heatmap) into ``run_dir`` after the final
         evaluation of the best weights; by default nothing."""
 
-    def predict(self, model: nn.Module, inputs: list[str], options: dict[str, Any]) -> list[str]:
-        """Lines to print for ``rnnkit predict``; raises RecipeError for unusable input.
+    def predict(
+        self, model: nn.Module, inputs: list[str], options: dict[str, Any]
+    ) -> list[str] | Iterator[str]:
+        """Lines to print for ``rnnkit predict`` (a list, or an iterator that gives each line as
+        it is ready, e.g. a running prediction); raises RecipeError for unusable input.
         ``options`` hold only this task's :attr:`predict_options`, each checked by its
         :meth:`PredictOption.check`."""
         raise NotImplementedError
