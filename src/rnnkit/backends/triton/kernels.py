@@ -42,16 +42,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors).
-INTERPRETED = not isinstance(triton.jit(lambda: None), triton.runtime.JITFunction)
-
-__all__ = ["INTERPRETED", "backward_kernel", "forward_kernel"]
+__all__ = [
+    "INTERPRETED",
+    "backward_kernel",
+    "forward_kernel",
+    "proj_backward_kernel",
+    "proj_forward_kernel",
+]
 
 
 @triton.jit
 def forward_kernel(
     gx, gh, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_c, lengths, smask, zone_h, zone_c,
-    out, h_n, c_n, hin_next, s_act, s_hin, s_cprev, s_c, s_hfull, s_xhat, s_stats,
+    out, h_n, c_n, hin_next, h_full_step, s_act, s_hin, s_cprev, s_c, s_hfull, s_xhat, s_stats,
     t0, T, B, H, P, eps,
     MODE: tl.constexpr,  # 0 rnn_tanh, 1 rnn_relu, 2 LSTM family, 3 GRU family
     NG: tl.constexpr,  # gates: 1, 4 or 3
@@ -66,6 +69,7 @@ def forward_kernel(
     ZONE_C: tl.constexpr,
     SAVE: tl.constexpr,
     STEPWISE: tl.constexpr,
+    HOST_PROJ: tl.constexpr,  # STEPWISE with a projection: W_hr h_t is the host's GEMM
     REV0: tl.constexpr,
     REV1: tl.constexpr,
     BB: tl.constexpr,  # batch rows per program
@@ -118,11 +122,12 @@ def forward_kernel(
         if NG > 3:
             w3 = tl.load(wbase + (3 * H + hc)[None, :] * P + kp[:, None], mask=wmask, other=0.0)
     if PROJ:
-        # W_hr^T (HP, PP): [j, p] = w_hr[d, p, j]
-        whr = tl.load(
-            w_hr + d * P * H + pc[None, :] * H + hc[:, None],
-            mask=hmask[:, None] & pmask[None, :], other=0.0,
-        )  # fmt: skip
+        if not HOST_PROJ:
+            # W_hr^T (HP, PP): [j, p] = w_hr[d, p, j]
+            whr = tl.load(
+                w_hr + d * P * H + pc[None, :] * H + hc[:, None],
+                mask=hmask[:, None] & pmask[None, :], other=0.0,
+            )  # fmt: skip
     if HAS_BHH:
         bb0 = tl.load(b_hh + d * G + (0 * H + hc), mask=hmask, other=0.0).to(tl.float32)
         if NG > 1:
@@ -257,17 +262,22 @@ def forward_kernel(
             h_full = tl.where(hmask[None, :], (1.0 - 2.0 / (tl.exp(2.0 * (g0 + a0)) + 1.0)), 0.0)
         else:
             h_full = tl.where(hmask[None, :], tl.maximum(g0 + a0, 0.0), 0.0)
-        if PROJ:
-            h_new = tl.dot(h_full.to(whr.dtype), whr, input_precision=DOT_PREC)  # (BB, PP)
+        if HOST_PROJ:  # the host projects; proj_forward_kernel finishes h
+            fp = h_full_step + srow[:, None] * H + hc[None, :]
+            tl.store(fp, tl.where(vh, h_full, 0.0).to(h_full_step.dtype.element_ty), mask=rh)
         else:
-            h_new = h_full
-
-        # -- zoneout: keep the previous value where the mask says so (eval: the expectation) --
-        if ZONE == 1:
-            zh = tl.load(zone_h + trow[:, None] * P + pc[None, :], mask=vp, other=0.0)
-            h_new = zh * h + (1.0 - zh) * h_new
-        elif ZONE == 2:
-            h_new = zh_p[None, :] * h + (1.0 - zh_p[None, :]) * h_new
+            if PROJ:
+                h_new = tl.dot(h_full.to(whr.dtype), whr, input_precision=DOT_PREC)  # (BB, PP)
+            else:
+                h_new = h_full
+            # zoneout: keep the previous value where the mask says so (eval: the expectation)
+            if ZONE == 1:
+                zh = tl.load(zone_h + trow[:, None] * P + pc[None, :], mask=vp, other=0.0)
+                h_new = zh * h + (1.0 - zh) * h_new
+            elif ZONE == 2:
+                h_new = zh_p[None, :] * h + (1.0 - zh_p[None, :]) * h_new
+            optr = out + (tt * B + rows).to(tl.int64)[:, None] * (D * P) + d * P + pc[None, :]
+            tl.store(optr, h_new.to(out.dtype.element_ty), mask=vp)
         if MODE == 2:
             c_keep = c_new
             if ZONE_C:
@@ -276,13 +286,11 @@ def forward_kernel(
                     c_keep = zc * c + (1.0 - zc) * c_new
                 else:
                     c_keep = zc_p[None, :] * c + (1.0 - zc_p[None, :]) * c_new
-
-        optr = out + (tt * B + rows).to(tl.int64)[:, None] * (D * P) + d * P + pc[None, :]
-        tl.store(optr, h_new.to(out.dtype.element_ty), mask=vp)
         if SAVE:
             NAH = NA * H
             ap = s_act + trow[:, None] * NAH
-            tl.store(s_hin + trow[:, None] * P + pc[None, :], hin, mask=vp)
+            first = (pc * 0 + pid_h) == 0  # (PP,): one H tile stores hin
+            tl.store(s_hin + trow[:, None] * P + pc[None, :], hin, mask=vp & first[None, :])
             if MODE == 2:
                 tl.store(ap + (0 * H + hc)[None, :], ig, mask=vh)
                 tl.store(ap + (1 * H + hc)[None, :], fg, mask=vh)
@@ -309,28 +317,29 @@ def forward_kernel(
                     tl.store(xp + (3 * H + hc)[None, :], x3, mask=vh)
                     tl.store(s_stats + trow * 3 + 1, cm, mask=valid)
                     tl.store(s_stats + trow * 3 + 2, crs, mask=valid)
-        h = tl.where(valid[:, None], h_new, h)
+        if not HOST_PROJ:
+            h = tl.where(valid[:, None], h_new, h)
         if MODE == 2:
             c = tl.where(valid[:, None], c_keep, c)
 
-    tl.store(h_n + srow[:, None] * P + pc[None, :], h.to(h_n.dtype.element_ty), mask=rp)
+    if not HOST_PROJ:
+        tl.store(h_n + srow[:, None] * P + pc[None, :], h.to(h_n.dtype.element_ty), mask=rp)
+        if STEPWISE:  # the next step's GEMM input: h_t * state mask, in the weights' dtype
+            if SMASK:
+                nxt = h * sm
+            else:
+                nxt = h
+            nxt_ptr = hin_next + srow[:, None] * P + pc[None, :]
+            tl.store(nxt_ptr, nxt.to(hin_next.dtype.element_ty), mask=rp)
     if NG == 4:
         tl.store(c_n + srow[:, None] * H + hc[None, :], c.to(c_n.dtype.element_ty), mask=rh)
-    if STEPWISE:  # the next step's GEMM input: h_t * state mask, in the weights' dtype
-        if SMASK:
-            nxt = h * sm
-        else:
-            nxt = h
-        tl.store(
-            hin_next + srow[:, None] * P + pc[None, :], nxt.to(hin_next.dtype.element_ty), mask=rp
-        )
 
 
 @triton.jit
 def backward_kernel(
     grad_out, dh_in, dpart, dc, w_hh, w_hr, peep, ln_hh, ln_c, lengths, smask, zone_h, zone_c,
     s_act, s_hin, s_cprev, s_c, s_hfull, s_xhat, s_stats,
-    dgx, dgh, dghr, dh_new_s, dyc_s, dh0, dc0, dghr_step,
+    dgx, dgh, dghr, dh_new_s, dyc_s, dh0, dc0, dghr_step, dh_full_step,
     t0, T, B, H, P,
     MODE: tl.constexpr,
     NG: tl.constexpr,
@@ -344,6 +353,7 @@ def backward_kernel(
     ZONE: tl.constexpr,
     ZONE_C: tl.constexpr,
     STEPWISE: tl.constexpr,
+    HOST_PROJ: tl.constexpr,
     REV0: tl.constexpr,
     REV1: tl.constexpr,
     BB: tl.constexpr,
@@ -351,17 +361,18 @@ def backward_kernel(
     PP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    """Backpropagation through time of :func:`forward_kernel`, the forward read in reverse.
+    """Backpropagation
+    through time of :func:`forward_kernel`, the forward read in reverse.
 
-    grad_out (T, B, D*P); dh_in, dpart (D, B, P), dc (D, B, H): persistent: d h_n, unused and
-    d c_n; STEPWISE: the state's gradient after step t+1 is dh_in * smask + dpart, where dh_in
-    is the host's GEMM dghr_{t+1} W_hh, and dc is d c_t (updated in place). Written: dgx, dgh,
-    dghr (D, T, B, G) the gradients of the input pre-activations, of the recurrent ones (after
-    LayerNorm and bias) and of the raw h_{t-1} W_hh^T; dh_new_s (D, T, B, P) the gradient of the
-    projected h (for dW_hr); dyc_s (D, T, B, H) that of LN(c_t) (for ln_c's gain and bias);
-    dh0, dc0 (D, B, P/H); STEPWISE: dghr_step (D, B, G) this step's dghr for the host GEMM and
-    dpart for the next (earlier) step. dgh and dghr are written only where they differ from dgx
-    (GRU; LayerNorm).
+       grad_out (T, B, D*P); dh_in, dpart (D, B, P), dc (D, B, H): persistent: d h_n, unused and
+       d c_n; STEPWISE: the state's gradient after step t+1 is dh_in * smask + dpart, where dh_in
+       is the host's GEMM dghr_{t+1} W_hh, and dc is d c_t (updated in place). Written: dgx, dgh,
+       dghr (D, T, B, G) the gradients of the input pre-activations, of the recurrent ones (after
+       LayerNorm and bias) and of the raw h_{t-1} W_hh^T; dh_new_s (D, T, B, P) the gradient of the
+       projected h (for dW_hr); dyc_s (D, T, B, H) that of LN(c_t) (for ln_c's gain and bias);
+       dh0, dc0 (D, B, P/H); STEPWISE: dghr_step (D, B, G) this step's dghr for the host GEMM and
+       dpart for the next (earlier) step. dgh and dghr are written only where they differ from dgx
+       (GRU; LayerNorm).
     """
     pid_b = tl.program_id(0)
     d = tl.program_id(1)
@@ -387,13 +398,14 @@ def backward_kernel(
     if SMASK:
         sm = tl.load(smask + srow[:, None] * P + pc[None, :], mask=rp, other=0.0).to(tl.float32)
     # the gradient of the state after the step: dh (BB, PP), dc (BB, HP)
-    dh = tl.load(dpart + srow[:, None] * P + pc[None, :], mask=rp, other=0.0).to(tl.float32)
-    if STEPWISE:
-        dhin_prev = tl.load(dh_in + srow[:, None] * P + pc[None, :], mask=rp, other=0.0)
-        if SMASK:
-            dh += dhin_prev * sm
-        else:
-            dh += dhin_prev
+    if not HOST_PROJ:
+        dh = tl.load(dpart + srow[:, None] * P + pc[None, :], mask=rp, other=0.0).to(tl.float32)
+        if STEPWISE:
+            dhin_prev = tl.load(dh_in + srow[:, None] * P + pc[None, :], mask=rp, other=0.0)
+            if SMASK:
+                dh += dhin_prev * sm
+            else:
+                dh += dhin_prev
     dcs = tl.full((BB, HP), 0.0, tl.float32)
     if NG == 4:
         dcs = tl.load(dc + srow[:, None] * H + hc[None, :], mask=rh, other=0.0).to(tl.float32)
@@ -414,11 +426,12 @@ def backward_kernel(
         if NG > 3:
             w3 = tl.load(wbase + (3 * H + hc)[:, None] * P + kp[None, :], mask=wmask, other=0.0)
     if PROJ:
-        # W_hr (PP, HP): [p, j] = w_hr[d, p, j]
-        whr = tl.load(
-            w_hr + d * P * H + pc[:, None] * H + hc[None, :],
-            mask=pmask[:, None] & hmask[None, :], other=0.0,
-        )  # fmt: skip
+        if not HOST_PROJ:
+            # W_hr (PP, HP): [p, j] = w_hr[d, p, j]
+            whr = tl.load(
+                w_hr + d * P * H + pc[:, None] * H + hc[None, :],
+                mask=pmask[:, None] & hmask[None, :], other=0.0,
+            )  # fmt: skip
     if PEEP:
         wci = tl.load(peep + d * 3 * H + hc, mask=hmask, other=0.0).to(tl.float32)
         wcf = tl.load(peep + d * 3 * H + H + hc, mask=hmask, other=0.0).to(tl.float32)
@@ -450,26 +463,29 @@ def backward_kernel(
         vh = valid[:, None] & hmask[None, :]
         vp = valid[:, None] & pmask[None, :]
 
-        dht = dh  # d out_t + d h_t (the state after the step is the output)
-        if HAS_GOUT:
-            gp = grad_out + (tt * B + rows).to(tl.int64)[:, None] * (D * P) + d * P + pc[None, :]
-            dht += tl.load(gp, mask=vp, other=0.0).to(tl.float32)
-        # zoneout: h = zh * h_{t-1} + (1 - zh) * h_new
-        if ZONE == 1:
-            zh = tl.load(zone_h + trow[:, None] * P + pc[None, :], mask=vp, other=0.0)
-            dh_new = (1.0 - zh) * dht
-            dh_keep = zh * dht
-        elif ZONE == 2:
-            dh_new = (1.0 - zh_p[None, :]) * dht
-            dh_keep = zh_p[None, :] * dht
+        if HOST_PROJ:  # proj_backward_kernel and the host's GEMM gave d(o * tanh(c_t))
+            dh_full = tl.load(dh_full_step + srow[:, None] * H + hc[None, :], mask=vh, other=0.0)
         else:
-            dh_new = dht
-        if PROJ:
-            tl.store(dh_new_s + trow[:, None] * P + pc[None, :], dh_new, mask=vp)
-            dh_full = tl.dot(dh_new.to(whr.dtype), whr, input_precision=DOT_PREC)  # (BB, HP)
-        else:
-            dh_full = dh_new
-        hin = tl.load(s_hin + trow[:, None] * P + pc[None, :], mask=vp, other=0.0)
+            dht = dh  # d out_t + d h_t (the state after the step is the output)
+            if HAS_GOUT:
+                gp = grad_out + (tt * B + rows).to(tl.int64)[:, None] * (D * P)
+                gp += d * P + pc[None, :]
+                dht += tl.load(gp, mask=vp, other=0.0).to(tl.float32)
+            # zoneout: h = zh * h_{t-1} + (1 - zh) * h_new
+            if ZONE == 1:
+                zh = tl.load(zone_h + trow[:, None] * P + pc[None, :], mask=vp, other=0.0)
+                dh_new = (1.0 - zh) * dht
+                dh_keep = zh * dht
+            elif ZONE == 2:
+                dh_new = (1.0 - zh_p[None, :]) * dht
+                dh_keep = zh_p[None, :] * dht
+            else:
+                dh_new = dht
+            if PROJ:
+                tl.store(dh_new_s + trow[:, None] * P + pc[None, :], dh_new, mask=vp)
+                dh_full = tl.dot(dh_new.to(whr.dtype), whr, input_precision=DOT_PREC)  # (BB, HP)
+            else:
+                dh_full = dh_new
         ap = s_act + trow[:, None] * NAH
 
         if MODE == 2:  # LSTM
@@ -514,8 +530,8 @@ def backward_kernel(
             df_pre = dcn * cp * fg * (1.0 - fg)
             dg_pre = dcn * ig * (1.0 - gg * gg)
             dc_prev = dcn * fg
-            if PEEP:
-                dc_prev += di_pre * wci[None, :] + df_pre * wcf[None, :]
+            if PEEP:  # as fma: the sum of products crashes LLVM's SLP vectoriser (sm_90)
+                dc_prev = tl.fma(di_pre, wci[None, :], tl.fma(df_pre, wcf[None, :], dc_prev))
             if ZONE_C:
                 dc_prev += dc_keep
             e0 = di_pre
@@ -527,6 +543,7 @@ def backward_kernel(
             q2 = e2
             q3 = e3
         elif MODE == 3:  # GRU
+            hin = tl.load(s_hin + trow[:, None] * P + pc[None, :], mask=vp, other=0.0)
             rg = tl.load(ap + (0 * H + hc)[None, :], mask=vh, other=0.0)
             zg = tl.load(ap + (1 * H + hc)[None, :], mask=vh, other=0.0)
             ng = tl.load(ap + (2 * H + hc)[None, :], mask=vh, other=0.0)
@@ -617,25 +634,149 @@ def backward_kernel(
                 dhin += tl.dot(r2.to(w0.dtype), w2, input_precision=DOT_PREC)
             if NG > 3:
                 dhin += tl.dot(r3.to(w0.dtype), w3, input_precision=DOT_PREC)
-        if MODE == 3:
-            dhin += dhin_direct
-        if SMASK:
-            dh_prev = dhin * sm
-        else:
-            dh_prev = dhin
-        if ZONE != 0:
-            dh_prev += dh_keep
-        dh = tl.where(valid[:, None], dh_prev, dh)
+        if not HOST_PROJ:  # (with HOST_PROJ, proj_backward_kernel keeps the rest of d h_{t-1})
+            if MODE == 3:
+                dhin += dhin_direct
+            if SMASK:
+                dh_prev = dhin * sm
+            else:
+                dh_prev = dhin
+            if ZONE != 0:
+                dh_prev += dh_keep
+            dh = tl.where(valid[:, None], dh_prev, dh)
         if MODE == 2:
             dcs = tl.where(valid[:, None], dc_prev, dcs)
 
     if STEPWISE:
         # after this step: d h_{t-1} = (dghr_t W_hh) * smask + dpart, the host's GEMM adds the
         # first term; invalid rows wrote dghr = 0 and pass dh on unchanged in dpart
-        tl.store(dpart + srow[:, None] * P + pc[None, :], dh, mask=rp)
+        if not HOST_PROJ:
+            tl.store(dpart + srow[:, None] * P + pc[None, :], dh, mask=rp)
+
         if NG == 4:
             tl.store(dc + srow[:, None] * H + hc[None, :], dcs, mask=rh)
     else:
         tl.store(dh0 + srow[:, None] * P + pc[None, :], dh, mask=rp)
         if NG == 4:
             tl.store(dc0 + srow[:, None] * H + hc[None, :], dcs, mask=rh)
+
+
+@triton.jit
+def proj_forward_kernel(
+    hp_step, h_state, out, hin_next, lengths, smask, zone_h,
+    t, T, B, P,
+    D: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    SMASK: tl.constexpr,
+    ZONE: tl.constexpr,
+    REV0: tl.constexpr,
+    REV1: tl.constexpr,
+    BB: tl.constexpr,
+    PT: tl.constexpr,  # state columns per program
+):  # fmt: skip
+    """The end of a projected LSTM's step t, one launch per step (forward_kernel with
+    HOST_PROJ ran the cell, the host's GEMM projected it): hp_step (D, B, P) = W_hr h_full;
+    zoneout, the output, the state h_state (D, B, P, fp32, in place) and the next GEMM's input
+    hin_next (D, B, P) = h_t * smask."""
+    pid_b = tl.program_id(0)
+    d = tl.program_id(1)
+    rev = tl.where(d == 0, REV0, REV1)
+    rows = pid_b * BB + tl.arange(0, BB)
+    rmask = rows < B
+    pc = tl.program_id(2) * PT + tl.arange(0, PT)
+    pmask = pc < P
+    rp = rmask[:, None] & pmask[None, :]
+    srow = (d * B + rows).to(tl.int64)
+    if HAS_LEN:
+        L = tl.load(lengths + rows, mask=rmask, other=0).to(tl.int32)
+    else:
+        L = tl.full((BB,), 0, tl.int32) + T
+    valid = rmask & (t < L)
+    tt = tl.where(rev != 0, L - 1 - t, t)
+    tt = tl.where(valid, tt, 0)
+    vp = valid[:, None] & pmask[None, :]
+    sp = srow[:, None] * P + pc[None, :]
+    h = tl.load(h_state + sp, mask=rp, other=0.0)
+    h_new = tl.load(hp_step + sp, mask=rp, other=0.0).to(tl.float32)
+    if ZONE == 1:
+        trow = ((d * T + tt) * B + rows).to(tl.int64)
+        zh = tl.load(zone_h + trow[:, None] * P + pc[None, :], mask=vp, other=0.0)
+        h_new = zh * h + (1.0 - zh) * h_new
+    elif ZONE == 2:
+        zh_p = tl.load(zone_h + d * P + pc, mask=pmask, other=0.0)
+        h_new = zh_p[None, :] * h + (1.0 - zh_p[None, :]) * h_new
+    optr = out + (tt * B + rows).to(tl.int64)[:, None] * (D * P) + d * P + pc[None, :]
+    tl.store(optr, h_new.to(out.dtype.element_ty), mask=vp)
+    h = tl.where(valid[:, None], h_new, h)
+    tl.store(h_state + sp, h, mask=rp)
+    if SMASK:
+        h = h * tl.load(smask + sp, mask=rp, other=0.0).to(tl.float32)
+    tl.store(hin_next + sp, h.to(hin_next.dtype.element_ty), mask=rp)
+
+
+@triton.jit
+def proj_backward_kernel(
+    grad_out, dh_in, dpart, lengths, smask, zone_h, dh_new_s, dh_new_step,
+    t, T, B, P,
+    D: tl.constexpr,
+    HAS_LEN: tl.constexpr,
+    HAS_GOUT: tl.constexpr,
+    SMASK: tl.constexpr,
+    ZONE: tl.constexpr,
+    REV0: tl.constexpr,
+    REV1: tl.constexpr,
+    BB: tl.constexpr,
+    PT: tl.constexpr,
+):  # fmt: skip
+    """The start of a projected LSTM's backward step t, one launch per step: the state's
+    gradient dh = dh_in * smask + dpart (dh_in: the host's GEMM dghr_{t+1} W_hh), plus
+    d out_t, split by zoneout into d(W_hr h_full) -> dh_new_step (D, B, P) for the host's GEMM
+    (and dh_new_s (D, T, B, P) for dW_hr) and the part kept from h_{t-1} -> dpart (in place);
+    backward_kernel with HOST_PROJ then runs the cell."""
+    pid_b = tl.program_id(0)
+    d = tl.program_id(1)
+    rev = tl.where(d == 0, REV0, REV1)
+    rows = pid_b * BB + tl.arange(0, BB)
+    rmask = rows < B
+    pc = tl.program_id(2) * PT + tl.arange(0, PT)
+    pmask = pc < P
+    rp = rmask[:, None] & pmask[None, :]
+    srow = (d * B + rows).to(tl.int64)
+    if HAS_LEN:
+        L = tl.load(lengths + rows, mask=rmask, other=0).to(tl.int32)
+    else:
+        L = tl.full((BB,), 0, tl.int32) + T
+    valid = rmask & (t < L)
+    tt = tl.where(rev != 0, L - 1 - t, t)
+    tt = tl.where(valid, tt, 0)
+    trow = ((d * T + tt) * B + rows).to(tl.int64)
+    vp = valid[:, None] & pmask[None, :]
+    sp = srow[:, None] * P + pc[None, :]
+    dh = tl.load(dpart + sp, mask=rp, other=0.0)
+    dhin = tl.load(dh_in + sp, mask=rp, other=0.0)
+    if SMASK:
+        dhin = dhin * tl.load(smask + sp, mask=rp, other=0.0).to(tl.float32)
+    dh += dhin
+    dht = dh
+    if HAS_GOUT:
+        gp = grad_out + (tt * B + rows).to(tl.int64)[:, None] * (D * P) + d * P + pc[None, :]
+        dht += tl.load(gp, mask=vp, other=0.0).to(tl.float32)
+    if ZONE == 1:
+        zh = tl.load(zone_h + trow[:, None] * P + pc[None, :], mask=vp, other=0.0)
+        dh_new = (1.0 - zh) * dht
+        dh_keep = zh * dht
+    elif ZONE == 2:
+        zh_p = tl.load(zone_h + d * P + pc, mask=pmask, other=0.0)
+        dh_new = (1.0 - zh_p[None, :]) * dht
+        dh_keep = zh_p[None, :] * dht
+    else:
+        dh_new = dht
+        dh_keep = tl.full((BB, PT), 0.0, tl.float32)
+    tl.store(dh_new_s + trow[:, None] * P + pc[None, :], dh_new, mask=vp)
+    tl.store(dh_new_step + sp, tl.where(vp, dh_new, 0.0).to(dh_new_step.dtype.element_ty), mask=rp)
+    tl.store(dpart + sp, tl.where(valid[:, None], dh_keep, dh), mask=rp)
+
+
+#: True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors).
+
+INTERPRETED = not isinstance(forward_kernel, triton.runtime.JITFunction)

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from ...cells.table import SPECS
 
-__all__ = ["kernel_path", "triton_backward", "triton_forward"]
+__all__ = ["dot_precision", "kernel_path", "triton_backward", "triton_forward"]
 
 #: Recurrent weights up to this many bytes stay resident in the persistent kernel; larger ones
 #: run one launch per step.
@@ -73,8 +73,17 @@ def kernels() -> Any:
 
 
 def _pow2(n: int, least: int = 16) -> int:
+    """The least power of two >= n and >= least."""
     p = least
     while p < n:
+        p *= 2
+    return p
+
+
+def _floor_pow2(n: int) -> int:
+    """The greatest power of two <= n (1 for n < 2)."""
+    p = 1
+    while p * 2 <= n:
         p *= 2
     return p
 
@@ -90,13 +99,28 @@ def kernel_path(mode: str, hidden: int, state: int, proj: bool, dtype: torch.dty
     gates = _MODES[mode][1]
     tiles = gates * _pow2(hidden) * _pow2(state) + (_pow2(hidden) * _pow2(state) if proj else 0)
     size = tiles * torch.empty(0, dtype=dtype).element_size()
-    return "persistent" if size <= PERSISTENT_WEIGHT_BYTES else "stepwise"
+    if size > PERSISTENT_WEIGHT_BYTES:
+        return "stepwise"
+    if dot_precision(dtype) == "ieee" and _pow2(hidden) > 64:
+        return "stepwise"  # exact fp32 dots run on FMA units: wider tiles spill (sm_90)
+    return "persistent"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The precision of the kernels' fp32 ``tl.dot``: "ieee" (exact fp32, the default), or
+    "tf32" when ``torch.set_float32_matmul_precision("high")`` (or "medium") allows it, as for
+    torch's own matmuls. Other dtypes ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 class _Config:
-    """One call's sizes, flags and launch shape."""
+    """One call's sizes, flags and launch shape: T, B, I; D directions, G = gates * H, P."""
 
-    def __init__(self, mode: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None, path: str):
+    def __init__(
+        self, mode: str, T: int, B: int, D: int, G: int, P: int, proj: bool, dtype: torch.dtype
+    ) -> None:
         self.mode = mode
         self.kid, self.gates = _MODES[mode]
         spec = SPECS[mode]
@@ -104,27 +128,44 @@ class _Config:
         self.gru = self.kid == 3
         self.ln = spec.layernorm
         self.peep = spec.peephole
-        self.proj = w_hr is not None
-        self.T, self.B, self.I = x.shape
-        self.D, self.G, self.P = w_hh.shape
-        self.H = self.G // self.gates
+        self.proj = proj
+        self.T, self.B, self.D, self.G, self.P = T, B, D, G, P
+        self.H = G // self.gates
         self.na = 4 if self.gates > 1 else 1  # saved activations per step, in units of H
-        self.stepwise = path == "stepwise"
-        hp, pp = _pow2(self.H), _pow2(self.P)
+        self.stepwise = kernel_path(mode, self.H, P, proj, dtype) == "stepwise"
+        hp, pp = _pow2(self.H), _pow2(P)
         self.bb = _BB
         self.h_tiles = 1
-        if self.stepwise and not (self.ln or self.proj):
+        # stepwise with a projection: the host's GEMM projects (HOST_PROJ), the kernels stay
+        # column-local in H
+        self.host_proj = self.stepwise and proj
+        if self.stepwise and not self.ln:
             hp = min(hp, 64)  # tiled over H: each program owns HP columns of every gate
-            pp = hp
+            pp = pp if proj else hp
             self.h_tiles = -(-self.H // hp)
-        elif self.stepwise and not self.proj:  # no tl.dot: fewer rows for wide LayerNorm rows
-            self.bb = max(2, min(_BB, _pow2(8192 // (self.gates * hp), least=2) // 2))
+        elif self.stepwise:  # LayerNorm needs whole rows; no tl.dot: fewer rows when wide
+            self.bb = max(2, min(_BB, _floor_pow2(8192 // (self.gates * hp))))
+        self.pt = min(_pow2(P), 64)  # the projection kernels' state columns per program
         self.hp, self.pp = hp, pp
-        self.dot_prec = "ieee" if w_hh.dtype == torch.float32 else "tf32"
-        self.num_warps = 4 if self.gates * hp * pp <= 4096 else 8
+        self.dot_prec = dot_precision(dtype)
+        # warps by what a program holds, about 16 values a thread: its resident weights
+        # (persistent) or its rows of the step's gates (stepwise); from the register use that
+        # ahead.compile_layer reports for sm_90
+        held = self.bb * self.gates * hp
+        if not self.stepwise:
+            held = self.gates * hp * pp + (hp * pp if proj else 0)
+        self.num_warps = max(4, min(16, _pow2(-(-held // 512), least=1)))
+
+    @classmethod
+    def of(cls, mode: str, x: Tensor, w_hh: Tensor, w_hr: Tensor | None) -> _Config:
+        D, G, P = w_hh.shape
+        return cls(mode, x.shape[0], x.shape[1], D, G, P, w_hr is not None, w_hh.dtype)
 
     def grid(self) -> tuple[int, int, int]:
         return (-(-self.B // self.bb), self.D, self.h_tiles)
+
+    def proj_grid(self) -> tuple[int, int, int]:
+        return (-(-self.B // _BB), self.D, -(-self.P // self.pt))
 
     def constants(self) -> dict[str, Any]:
         return {
@@ -135,6 +176,7 @@ class _Config:
             "LN": self.ln,
             "PROJ": self.proj,
             "STEPWISE": self.stepwise,
+            "HOST_PROJ": self.host_proj,
             "BB": self.bb,
             "HP": self.hp,
             "PP": self.pp,
@@ -214,8 +256,7 @@ def triton_forward(
     ``save`` and the cell uses them; :mod:`.kernels` lists them)."""
     _check(x, x_b, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peep, ln_ih, ln_hh, ln_c, lengths,
            state_mask, zone_h, zone_c, mode)  # fmt: skip
-    cfg = _Config(mode, x, w_hh, w_hr, kernel_path(mode, w_hh.shape[1] // _MODES[mode][1],
-                                                    w_hh.shape[2], w_hr is not None, w_hh.dtype))  # fmt: skip
+    cfg = _Config.of(mode, x, w_hh, w_hr)
     K = kernels()
     T, B, D, G, H, P = cfg.T, cfg.B, cfg.D, cfg.G, cfg.H, cfg.P
     gx = _input_gates(cfg, x, x_b, w_ih, b_ih, b_hh, ln_ih, eps)
@@ -254,7 +295,7 @@ def triton_forward(
     if not cfg.stepwise:
         K.forward_kernel[cfg.grid()](
             gx=gx, gh=dummy, h0=h0.contiguous(), c0=_or(c0, dummy), h_n=h_n, c_n=c_n,
-            hin_next=dummy, t0=0, **args,
+            hin_next=dummy, h_full_step=dummy, t0=0, **args,
         )  # fmt: skip
         return out, h_n, c_n, act, hin, cprev, c, hfull, xhat, stats
     # one launch per step: the state lives in global memory (fp32), the GEMM is the host's
@@ -263,12 +304,24 @@ def triton_forward(
     hin_next = (h0 * state_mask if state_mask is not None else h0).to(w_hh.dtype).contiguous()
     gh = torch.empty(D, B, G, dtype=w_hh.dtype, device=x.device)
     w_hh_t = w_hh.transpose(1, 2)  # (D, P, G)
+    h_full = h_proj = dummy
+    if cfg.host_proj:
+        assert w_hr is not None
+        h_full = torch.empty(D, B, H, dtype=w_hh.dtype, device=x.device)  # o * tanh(c_t)
+        h_proj = torch.empty(D, B, P, dtype=w_hh.dtype, device=x.device)  # W_hr h_full
     for t in range(T):
         torch.bmm(hin_next, w_hh_t, out=gh)  # (D, B, G): h_{t-1} W_hh^T
         K.forward_kernel[cfg.grid()](
             gx=gx, gh=gh, h0=h_state, c0=c_state, h_n=h_state, c_n=c_state, hin_next=hin_next,
-            t0=t, **args,
+            h_full_step=h_full, t0=t, **args,
         )  # fmt: skip
+        if cfg.host_proj:
+            torch.bmm(h_full, w_hr.transpose(1, 2), out=h_proj)  # (D, B, P)
+            K.proj_forward_kernel[cfg.proj_grid()](
+                h_proj, h_state, out, hin_next, args["lengths"], args["smask"], args["zone_h"],
+                t, T, B, P, D=D, HAS_LEN=args["HAS_LEN"], SMASK=args["SMASK"], ZONE=zone,
+                REV0=args["REV0"], REV1=args["REV1"], BB=_BB, PT=cfg.pt,
+            )  # fmt: skip
     h_n.copy_(h_state)
     if cfg.lstm:
         c_n.copy_(c_state)
@@ -342,8 +395,7 @@ def triton_backward(
     """Backpropagation through one triton_forward: ``(dx, dx_b, dh0, dc0, dw_ih, dw_hh, db_ih,
     db_hh, dw_hr, dpeep, dln_ih, dln_hh, dln_c)``, empty where the forward had no such input
     (dx, dx_b unless ``need_dx``)."""
-    cfg = _Config(mode, x, w_hh, w_hr, kernel_path(mode, w_hh.shape[1] // _MODES[mode][1],
-                                                    w_hh.shape[2], w_hr is not None, w_hh.dtype))  # fmt: skip
+    cfg = _Config.of(mode, x, w_hh, w_hr)
     K = kernels()
     T, B, D, G, H, P = cfg.T, cfg.B, cfg.D, cfg.G, cfg.H, cfg.P
     f32 = {"dtype": torch.float32, "device": x.device}
@@ -376,13 +428,30 @@ def triton_backward(
         REV0=reverse & 1, REV1=(reverse >> 1) & 1, **cfg.constants(),
     )  # fmt: skip
     if not cfg.stepwise:
-        K.backward_kernel[cfg.grid()](dh_in=dummy, dghr_step=dummy, t0=T - 1, **args)
+        K.backward_kernel[cfg.grid()](
+            dh_in=dummy, dghr_step=dummy, dh_full_step=dummy, t0=T - 1, **args
+        )
     else:
         dh_in = torch.zeros(D, B, P, **f32)
         step = torch.empty(D, B, G, dtype=w_hh.dtype, device=x.device)
+        dh_full = dummy
+        if cfg.host_proj:
+            assert w_hr is not None
+            dh_proj = torch.empty(D, B, P, dtype=w_hh.dtype, device=x.device)
         for t in reversed(range(T)):
-            K.backward_kernel[cfg.grid()](dh_in=dh_in, dghr_step=step, t0=t, **args)
+            if cfg.host_proj:  # d(W_hr h_full) and the rest of dh, then the host's GEMM
+                K.proj_backward_kernel[cfg.proj_grid()](
+                    args["grad_out"], dh_in, dpart, args["lengths"], args["smask"],
+                    args["zone_h"], dh_new, dh_proj, t, T, B, P, D=D, HAS_LEN=args["HAS_LEN"],
+                    HAS_GOUT=args["HAS_GOUT"], SMASK=args["SMASK"], ZONE=args["ZONE"],
+                    REV0=args["REV0"], REV1=args["REV1"], BB=_BB, PT=cfg.pt,
+                )  # fmt: skip
+                dh_full = torch.bmm(dh_proj, w_hr).float()  # (D, B, H)
+            K.backward_kernel[cfg.grid()](
+                dh_in=dh_in, dghr_step=step, dh_full_step=dh_full, t0=t, **args
+            )
             dh_in = torch.bmm(step, w_hh).float()  # (D, B, P): dghr_t W_hh
+
         dh0 = dh_in * state_mask if state_mask is not None else dh_in
         dh0 = dh0 + dpart
         if cfg.lstm:
