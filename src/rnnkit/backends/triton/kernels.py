@@ -289,8 +289,11 @@ def forward_kernel(
         if SAVE:
             NAH = NA * H
             ap = s_act + trow[:, None] * NAH
-            first = (pc * 0 + pid_h) == 0  # (PP,): one H tile stores hin
-            tl.store(s_hin + trow[:, None] * P + pc[None, :], hin, mask=vp & first[None, :])
+            if PROJ:  # every H tile holds all of h_{t-1}: the first one stores it
+                first = (pc * 0 + pid_h) == 0  # (PP,)
+                tl.store(s_hin + trow[:, None] * P + pc[None, :], hin, mask=vp & first[None, :])
+            else:
+                tl.store(s_hin + trow[:, None] * P + pc[None, :], hin, mask=vp)
             if MODE == 2:
                 tl.store(ap + (0 * H + hc)[None, :], ig, mask=vh)
                 tl.store(ap + (1 * H + hc)[None, :], fg, mask=vh)
