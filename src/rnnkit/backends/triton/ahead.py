@@ -35,6 +35,7 @@ class Compiled:
 
     kernel: str
     constants: dict[str, Any]
+    num_warps: int
     registers: int | None
     spill_stack: int | None
     shared: int
@@ -175,7 +176,10 @@ def compile_layer(
     results = []
     for name, kwargs in launches.items():
         fn = getattr(kernels, name)
-        options = {"num_warps": num_warps or kwargs.pop("num_warps", 4)}
+        options = {
+            "num_warps": num_warps or kwargs.pop("num_warps", 4),
+            "enable_fp_fusion": kwargs.pop("enable_fp_fusion", True),
+        }
         kwargs.pop("num_warps", None)
 
         constexprs = {p.name: kwargs[p.name] for p in fn.params if p.is_constexpr}
@@ -186,5 +190,7 @@ def compile_layer(
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
         regs, stack = _resources(compiled.asm["cubin"])
-        results.append(Compiled(name, constexprs, regs, stack, compiled.metadata.shared))
+        results.append(
+            Compiled(name, constexprs, options["num_warps"], regs, stack, compiled.metadata.shared)
+        )
     return results

@@ -50,15 +50,19 @@ __all__ = [
     "proj_forward_kernel",
 ]
 
+#: Sizes, the step and the directions' reading orders are plain runtime arguments: specialising
+#: on their values (triton does, for 1 and multiples of 16) would compile a kernel per step.
+_RUNTIME = ["t0", "T", "B", "H", "P", "D", "rev0", "rev1"]
+_RUNTIME_PROJ = ["t", "T", "B", "P", "D", "rev0", "rev1"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_RUNTIME)
 def forward_kernel(
     gx, gh, h0, c0, w_hh, b_hh, w_hr, peep, ln_hh, ln_c, lengths, smask, zone_h, zone_c,
     out, h_n, c_n, hin_next, h_full_step, s_act, s_hin, s_cprev, s_c, s_hfull, s_xhat, s_stats,
-    t0, T, B, H, P, eps,
+    t0, T, B, H, P, D, rev0, rev1, eps,
     MODE: tl.constexpr,  # 0 rnn_tanh, 1 rnn_relu, 2 LSTM family, 3 GRU family
     NG: tl.constexpr,  # gates: 1, 4 or 3
-    D: tl.constexpr,
     PEEP: tl.constexpr,
     LN: tl.constexpr,
     PROJ: tl.constexpr,
@@ -70,8 +74,6 @@ def forward_kernel(
     SAVE: tl.constexpr,
     STEPWISE: tl.constexpr,
     HOST_PROJ: tl.constexpr,  # STEPWISE with a projection: W_hr h_t is the host's GEMM
-    REV0: tl.constexpr,
-    REV1: tl.constexpr,
     BB: tl.constexpr,  # batch rows per program
     HP: tl.constexpr,  # hidden columns per program (all of H, padded, unless tiled)
     PP: tl.constexpr,  # state columns (P padded; HP without a projection)
@@ -82,7 +84,7 @@ def forward_kernel(
     pid_h = tl.program_id(2)
     G = NG * H
     NA = 4 if NG > 1 else 1
-    rev = tl.where(d == 0, REV0, REV1)
+    rev = tl.where(d == 0, rev0, rev1)
     rows = pid_b * BB + tl.arange(0, BB)  # (BB,)
     rmask = rows < B
     hc = pid_h * HP + tl.arange(0, HP)  # (HP,) this program's hidden units
@@ -338,15 +340,14 @@ def forward_kernel(
         tl.store(c_n + srow[:, None] * H + hc[None, :], c.to(c_n.dtype.element_ty), mask=rh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME)
 def backward_kernel(
     grad_out, dh_in, dpart, dc, w_hh, w_hr, peep, ln_hh, ln_c, lengths, smask, zone_h, zone_c,
     s_act, s_hin, s_cprev, s_c, s_hfull, s_xhat, s_stats,
     dgx, dgh, dghr, dh_new_s, dyc_s, dh0, dc0, dghr_step, dh_full_step,
-    t0, T, B, H, P,
+    t0, T, B, H, P, D, rev0, rev1,
     MODE: tl.constexpr,
     NG: tl.constexpr,
-    D: tl.constexpr,
     PEEP: tl.constexpr,
     LN: tl.constexpr,
     PROJ: tl.constexpr,
@@ -357,8 +358,6 @@ def backward_kernel(
     ZONE_C: tl.constexpr,
     STEPWISE: tl.constexpr,
     HOST_PROJ: tl.constexpr,
-    REV0: tl.constexpr,
-    REV1: tl.constexpr,
     BB: tl.constexpr,
     HP: tl.constexpr,
     PP: tl.constexpr,
@@ -383,7 +382,7 @@ def backward_kernel(
     G = NG * H
     NA = 4 if NG > 1 else 1
     NAH = NA * H
-    rev = tl.where(d == 0, REV0, REV1)
+    rev = tl.where(d == 0, rev0, rev1)
     rows = pid_b * BB + tl.arange(0, BB)
     rmask = rows < B
     hc = pid_h * HP + tl.arange(0, HP)
@@ -664,16 +663,13 @@ def backward_kernel(
             tl.store(dc0 + srow[:, None] * H + hc[None, :], dcs, mask=rh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_PROJ)
 def proj_forward_kernel(
     hp_step, h_state, out, hin_next, lengths, smask, zone_h,
-    t, T, B, P,
-    D: tl.constexpr,
+    t, T, B, P, D, rev0, rev1,
     HAS_LEN: tl.constexpr,
     SMASK: tl.constexpr,
     ZONE: tl.constexpr,
-    REV0: tl.constexpr,
-    REV1: tl.constexpr,
     BB: tl.constexpr,
     PT: tl.constexpr,  # state columns per program
 ):  # fmt: skip
@@ -683,7 +679,7 @@ def proj_forward_kernel(
     hin_next (D, B, P) = h_t * smask."""
     pid_b = tl.program_id(0)
     d = tl.program_id(1)
-    rev = tl.where(d == 0, REV0, REV1)
+    rev = tl.where(d == 0, rev0, rev1)
     rows = pid_b * BB + tl.arange(0, BB)
     rmask = rows < B
     pc = tl.program_id(2) * PT + tl.arange(0, PT)
@@ -717,17 +713,14 @@ def proj_forward_kernel(
     tl.store(hin_next + sp, h.to(hin_next.dtype.element_ty), mask=rp)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_PROJ)
 def proj_backward_kernel(
     grad_out, dh_in, dpart, lengths, smask, zone_h, dh_new_s, dh_new_step,
-    t, T, B, P,
-    D: tl.constexpr,
+    t, T, B, P, D, rev0, rev1,
     HAS_LEN: tl.constexpr,
     HAS_GOUT: tl.constexpr,
     SMASK: tl.constexpr,
     ZONE: tl.constexpr,
-    REV0: tl.constexpr,
-    REV1: tl.constexpr,
     BB: tl.constexpr,
     PT: tl.constexpr,
 ):  # fmt: skip
@@ -738,7 +731,7 @@ def proj_backward_kernel(
     backward_kernel with HOST_PROJ then runs the cell."""
     pid_b = tl.program_id(0)
     d = tl.program_id(1)
-    rev = tl.where(d == 0, REV0, REV1)
+    rev = tl.where(d == 0, rev0, rev1)
     rows = pid_b * BB + tl.arange(0, BB)
     rmask = rows < B
     pc = tl.program_id(2) * PT + tl.arange(0, PT)

@@ -171,7 +171,6 @@ class _Config:
         return {
             "MODE": self.kid,
             "NG": self.gates,
-            "D": self.D,
             "PEEP": self.peep,
             "LN": self.ln,
             "PROJ": self.proj,
@@ -182,6 +181,7 @@ class _Config:
             "PP": self.pp,
             "DOT_PREC": self.dot_prec,
             "num_warps": self.num_warps,
+            "enable_fp_fusion": True,  # a*b + c as one fma (and no warning that it is a default)
         }
 
 
@@ -289,7 +289,7 @@ def triton_forward(
         zone_h=_or(zone_h, dummy), zone_c=_or(zone_c, dummy), out=out, s_act=act, s_hin=hin, s_cprev=cprev, s_c=c, s_hfull=hfull, s_xhat=xhat,
         s_stats=stats, T=T, B=B, H=H, P=P, eps=eps,
         HAS_BHH=has_bhh, HAS_LEN=lengths is not None, SMASK=state_mask is not None, ZONE=zone,
-        ZONE_C=zone_c is not None, SAVE=save, REV0=reverse & 1, REV1=(reverse >> 1) & 1,
+        ZONE_C=zone_c is not None, SAVE=save, D=D, rev0=reverse & 1, rev1=(reverse >> 1) & 1,
         **cfg.constants(),
     )  # fmt: skip
     if not cfg.stepwise:
@@ -319,8 +319,8 @@ def triton_forward(
             torch.bmm(h_full, w_hr.transpose(1, 2), out=h_proj)  # (D, B, P)
             K.proj_forward_kernel[cfg.proj_grid()](
                 h_proj, h_state, out, hin_next, args["lengths"], args["smask"], args["zone_h"],
-                t, T, B, P, D=D, HAS_LEN=args["HAS_LEN"], SMASK=args["SMASK"], ZONE=zone,
-                REV0=args["REV0"], REV1=args["REV1"], BB=_BB, PT=cfg.pt,
+                t, T, B, P, D, args["rev0"], args["rev1"], HAS_LEN=args["HAS_LEN"],
+                SMASK=args["SMASK"], ZONE=zone, BB=_BB, PT=cfg.pt, enable_fp_fusion=True,
             )  # fmt: skip
     h_n.copy_(h_state)
     if cfg.lstm:
@@ -425,7 +425,7 @@ def triton_backward(
         dgx=dgx, dgh=dgh, dghr=dghr, dh_new_s=dh_new, dyc_s=dyc, dh0=dh0, dc0=dc0,
         T=T, B=B, H=H, P=P, HAS_LEN=lengths is not None, HAS_GOUT=grad_out is not None,
         SMASK=state_mask is not None, ZONE=_zone_kind(zone_h), ZONE_C=zone_c is not None,
-        REV0=reverse & 1, REV1=(reverse >> 1) & 1, **cfg.constants(),
+        D=D, rev0=reverse & 1, rev1=(reverse >> 1) & 1, **cfg.constants(),
     )  # fmt: skip
     if not cfg.stepwise:
         K.backward_kernel[cfg.grid()](
@@ -442,9 +442,10 @@ def triton_backward(
             if cfg.host_proj:  # d(W_hr h_full) and the rest of dh, then the host's GEMM
                 K.proj_backward_kernel[cfg.proj_grid()](
                     args["grad_out"], dh_in, dpart, args["lengths"], args["smask"],
-                    args["zone_h"], dh_new, dh_proj, t, T, B, P, D=D, HAS_LEN=args["HAS_LEN"],
+                    args["zone_h"], dh_new, dh_proj, t, T, B, P, D, args["rev0"], args["rev1"],
+                    HAS_LEN=args["HAS_LEN"],
                     HAS_GOUT=args["HAS_GOUT"], SMASK=args["SMASK"], ZONE=args["ZONE"],
-                    REV0=args["REV0"], REV1=args["REV1"], BB=_BB, PT=cfg.pt,
+                    BB=_BB, PT=cfg.pt, enable_fp_fusion=True,
                 )  # fmt: skip
                 dh_full = torch.bmm(dh_proj, w_hr).float()  # (D, B, H)
             K.backward_kernel[cfg.grid()](
