@@ -190,13 +190,16 @@ WIDE = {
 
 
 @needs_interpreter
-@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
-@pytest.mark.parametrize("cell", list(WIDE))
+@pytest.mark.parametrize(
+    ("cell", "kernel"),
+    # the persistent kernel: its wide tiles for a projection and a LayerNorm row (the rest of
+    # it is the conformance suite's)
+    [(cell, "stepwise") for cell in WIDE]
+    + [("lstm_proj", "persistent"), ("gru_layernorm", "persistent")],
+)
 def test_wide_layers_equal_the_reference(monkeypatch, cell: str, kernel: str) -> None:
     """Both kernel shapes over several batch and hidden tiles, lengths with zeros, both
     directions, state dropout and zoneout in training."""
-    if kernel == "persistent" and cell not in ("lstm_proj", "gru_layernorm"):
-        pytest.skip("the persistent kernel's tiles are covered by the conformance suite")
     monkeypatch.setenv(ops.KERNEL_ENV, kernel)
     module = _bidirectional(WIDE[cell], dropout_state=0.3, zoneout=0.2).train()
     g = torch.Generator().manual_seed(3)
@@ -284,3 +287,45 @@ def test_kernels_compile_for_sm90(mode, hidden, proj, dtype, kernels, monkeypatc
     assert len(compiled) == kernels
     for c in compiled:
         assert c.spill_stack is None or c.spill_stack < 1024, (c.kernel, c.spill_stack)
+
+
+@needs_interpreter
+def test_an_empty_batch() -> None:
+    lstm = rnnkit.LSTM(3, 5, bidirectional=True, backend="triton")
+    x = torch.randn(4, 0, 3, requires_grad=True)
+    out, (h, c) = lstm(x)
+    out.sum().backward()
+    assert out.shape == (4, 0, 10) and h.shape == (2, 0, 5) and c.shape == (2, 0, 5)
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("mode", "proj", "dtype"),
+    [("lstm_peephole", 3, torch.bfloat16), ("gru_layernorm", 0, torch.float16)],
+)
+def test_16_bit_on_the_stepwise_kernels(monkeypatch, mode: str, proj: int, dtype) -> None:
+    """bf16/fp16 weights and inputs, fp32 state and accumulation, against fp32. The stepwise
+    kernels have no tl.dot (the host's GEMMs do them), so the interpreter can run them in 16
+    bits; its 16-bit tl.dot is unreliable, so the persistent kernel's are checked on a GPU
+    (benchmarks/bench_gpu.py)."""
+    monkeypatch.setenv(ops.KERNEL_ENV, "stepwise")
+    args = _op_args(mode, proj, 2, "train")
+    float_args = [k for k, t in enumerate(args) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run(cast):
+        inputs = [
+            cast(t).detach().requires_grad_() if k in float_args else t for k, t in enumerate(args)
+        ]
+        if inputs[14] is not None:
+            inputs[14] = cast(inputs[14])  # the state dropout mask, in the input's dtype
+        out, h_n, c_n, *_ = ops.triton_forward(*inputs)
+        loss = out.float().pow(2).sum() + h_n.float().sum() + c_n.float().sum()
+        grads = torch.autograd.grad(loss, [inputs[k] for k in float_args])
+        return [out, h_n, c_n, *grads]
+
+    full, half = run(lambda t: t.float()), run(lambda t: t.to(dtype))
+    for a, b in zip(half, full, strict=True):
+        assert a.dtype == (dtype if b.numel() else a.dtype)
+        error = float((a.float() - b).norm() / b.norm().clamp_min(1e-6))
+        assert error < 3e-2, error

@@ -7,6 +7,13 @@ kernel, both directions of a bidirectional layer in one launch, state dropout an
 the composer's masks (DropConnect and variational dropout the composer applies around it),
 gate outputs (detached), float32 and bfloat16/float16 (fp32 accumulation and fp32 state).
 
+The kernel shape follows the size (:func:`.ops.kernel_path`): a persistent kernel (one
+program per batch tile loops over all steps, its recurrent weights resident on chip) while one
+direction's recurrent weights fit in 64 KiB, else one launch per step beside the host's cuBLAS
+GEMM; ``RNNKIT_TRITON_KERNEL=persistent|stepwise`` forces either. fp32 dots are exact unless
+``torch.set_float32_matmul_precision("high")`` allows TF32, as for torch's own matmuls.
+:mod:`.ahead` compiles the kernels for a GPU target on a machine without one.
+
 Triton is optional (``pip install 'rnnkit[gpu]'``): without it the backend declines, naming
 that. On CUDA it is chosen after ``native`` (torch's cuDNN op, where that computes the call
 exactly) and before ``reference``. With ``TRITON_INTERPRET=1`` set before the kernels are first

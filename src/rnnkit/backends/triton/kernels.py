@@ -10,7 +10,15 @@ Two kernels, each in two shapes chosen at compile time (``STEPWISE``):
 * one launch per step (``STEPWISE=True``), for weights that do not fit on chip: the host runs
   the step's recurrent GEMM (h_{t-1} W_hh^T for all directions, one batched cuBLAS call) and
   the kernel does the rest of the step, reading and writing the state in global memory. Cells
-  without LayerNorm or projection are tiled over H too (grid axis 2).
+  without LayerNorm are tiled over H too (grid axis 2). A projected LSTM (``HOST_PROJ``) has
+  the host project o * tanh(c_t) as well, between the kernel and ``proj_forward_kernel``
+  (zoneout, output and state of the projected h); backward, ``proj_backward_kernel`` comes
+  first and the host's GEMM hands the kernel d(o * tanh(c_t)).
+
+sigmoid(x) = 1 / (1 + e^-x) and tanh(x) = 1 - 2 / (e^2x + 1) are written out where they are
+used: under the interpreter every call of a ``@triton.jit`` helper re-patches
+``triton.language``, which costs more than the step it computes.
+
 
 Shapes, in the letters of DESIGN.md (D = directions of the layer, 1 or 2; G = NG * H; P = H
 without a projection), all row-major and contiguous:
@@ -79,6 +87,9 @@ def forward_kernel(
     PP: tl.constexpr,  # state columns (P padded; HP without a projection)
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
+    """One layer forward, for the batch rows of tile program_id(0), direction program_id(1)
+    and hidden units of tile program_id(2): all T steps (persistent), or step t0 (STEPWISE).
+    The module docstring gives every tensor's shape."""
     pid_b = tl.program_id(0)
     d = tl.program_id(1)
     pid_h = tl.program_id(2)

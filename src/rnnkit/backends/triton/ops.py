@@ -486,10 +486,10 @@ def triton_backward(
     if need_dx:
         dxs = torch.bmm(draw.to(w_ih.dtype), w_ih)  # (D, TB, I)
         if x_b is None:
-            dx = dxs.sum(0).view(T, B, -1).to(x.dtype)
+            dx = dxs.sum(0).view(x.shape).to(x.dtype)
         else:
             # two outputs, not two views of one tensor (outputs never alias)
-            dx, dx_b = (d.reshape(T, B, -1).to(x.dtype, copy=True) for d in dxs)
+            dx, dx_b = (d.reshape(x.shape).to(x.dtype, copy=True) for d in dxs)
     dw_ih = torch.bmm(draw.transpose(1, 2), xs.float())  # (D, G, I)
     dw_hh = torch.bmm(dghr.view(D, TB, G).transpose(1, 2), hin.view(D, TB, P))  # (D, G, P)
     db_ih = dgx2.sum(1) if has_bias else none()
