@@ -333,11 +333,16 @@ def _ensure_registered() -> None:
     global _builtins_registered
     if _builtins_registered:
         return
-    from . import cpu, native, reference
+    from . import cpu, native, reference, triton
 
     with _lock:
         if not _builtins_registered:
-            for builtin in (reference.ReferenceBackend(), native.NativeBackend(), cpu.CpuBackend()):
+            for builtin in (
+                reference.ReferenceBackend(),
+                native.NativeBackend(),
+                cpu.CpuBackend(),
+                triton.TritonBackend(),
+            ):
                 _registry.setdefault(builtin.name, builtin)
             _builtins_registered = True
 
