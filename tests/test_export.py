@@ -194,3 +194,13 @@ def test_drop_ins_export_with_their_torch_nn_signature() -> None:
         x = torch.randn(3, 5, I)
         ep = torch.export.export(layer, (x,), {"lengths": torch.tensor([5, 3, 1])})
         assert sum(n.target == OP for n in ep.graph.nodes) == 2, name
+
+
+def test_rnnkit_export_help_has_an_example(capsys) -> None:
+    from rnnkit import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "rnnkit export runs/sentiment --onnx" in out
+    assert "export" in cli.COMMANDS

@@ -235,7 +235,7 @@ def test_rnnkit_export_of_an_encoder_decoder_writes_two_graphs(capsys, tmp_path)
     capsys.readouterr()
     code, out, err = _export(capsys, tmp_path / "run", tmp_path / "g2p.onnx", "--limit", "40")
     assert code == 0, err
-    assert re.search(r"on 40 validation examples: max \|difference\| .* of 12 outputs", out)
+    assert re.search(r"on 40 validation examples: max \|difference\| .*; 12 outputs compared", out)
     for name in ("g2p.encoder.onnx", "g2p.decoder_step.onnx"):
         assert (tmp_path / name).stat().st_size > 0
     assert not (tmp_path / "g2p.onnx").exists()
@@ -258,7 +258,9 @@ def test_rnnkit_export_of_the_character_lm_refuses_a_difference(capsys, tmp_path
 
     monkeypatch.setattr(recipes.CharLMExporter, "check", off)
     code, out, err = _export(capsys, tmp_path / "run", tmp_path / "lm.onnx", "--limit", "600")
-    assert re.search(r"on 600 validation characters: max \|difference\| 1 .* of 3 outputs", out)
+    assert re.search(
+        r"on 600 validation characters: max \|difference\| 1 .*; 3 outputs compared", out
+    )
     assert code == 1 and "nothing was written" in err and "> --tolerance 0.0001" in err
     assert list(tmp_path.glob("*.onnx")) == [] and list(tmp_path.glob(".rnnkit-export-*")) == []
 

@@ -3,8 +3,8 @@
 It is registered with the built-in backends and marked ``first``: while a model is exported
 (:func:`rnnkit.backends.exporting`: ``torch.export.export``, ``torch.onnx.export`` with either
 exporter) it runs every call it accepts, even on a layer that names another backend, since an
-eager backend's kernels (the C++ ops, torch's fused op) have no ONNX lowering and the exported
-graph should not depend on how the model was trained. Outside export it declines, and the other
+eager backend's kernels (the C++ ops, torch's fused op) have no ONNX lowering, and an exported
+graph is the same whichever backend a layer names. Outside export it declines, and the other
 backends run the call.
 
 Each layer (both directions at once when they have one size) becomes:

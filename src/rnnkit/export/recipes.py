@@ -483,7 +483,8 @@ def export_run(
         say(
             f"onnxruntime vs PyTorch on {check.examples} validation "
             f"{'characters' if isinstance(model, CharLM) else 'examples'}: max |difference| "
-            f"{check.difference:.3g} (in {check.worst}, of {len(check.names)} outputs compared)"
+            f"{check.difference:.3g} (in {check.worst}; {len(check.names)} "
+            f"output{'s' if len(check.names) != 1 else ''} compared)"
             f"{agree}"
         )
         if not check.difference <= tolerance:
