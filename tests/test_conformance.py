@@ -4,7 +4,8 @@ For each backend (every name in ``rnnkit.available_backends()`` but "auto" and "
 backend registered before the tests are collected is enrolled too), over every built-in cell,
 one layer forwards and reversed, bidirectional, a two-layer bidirectional stack (built from
 Recurrent/Bidirectional/Stacked, and as a torch.nn drop-in), lengths with a 0, a 1 and a T, each
-regulariser alone and all together (same seed, same masks), gate outputs, float32 and float64:
+regulariser alone and all together (same seed, same masks), gate outputs, checkpointed BPTT,
+float32 and float64:
 
 * a call the backend accepts (``check`` gives None) equals the reference: outputs (exactly zero
   at padded steps), final states, gates, and the gradients of the input, of every initial state
@@ -78,6 +79,7 @@ class Case:
     training: bool = True
     dtype: torch.dtype = torch.float32
     bias: bool = True
+    checkpoint: int | None = None
 
     @property
     def id(self) -> str:
@@ -87,6 +89,7 @@ class Case:
         parts += [] if self.training else ["eval"]
         parts += ["f64"] if self.dtype == torch.float64 else []
         parts += [] if self.bias else ["no-bias"]
+        parts += [] if self.checkpoint is None else [f"checkpoint{self.checkpoint}"]
         return "-".join(parts)
 
 
@@ -105,6 +108,16 @@ def _cases() -> list[Case]:
         cases.append(Case(cell, "reverse", regularisers="zoneout", training=False))
         cases.append(Case(cell, "stack", regularisers="all", dtype=torch.float64))
         cases.append(Case(cell, "forward", bias=False))
+        cases.append(Case(cell, "stack", regularisers="all", checkpoint=2))
+        cases.append(
+            Case(
+                cell,
+                "reverse",
+                regularisers="zoneout",
+                checkpoint=4,
+                gates=bool(SPECS[cell.removesuffix("_proj")].gate_outputs),
+            )
+        )
         if SPECS[cell.removesuffix("_proj")].gate_outputs:
             cases.append(Case(cell, "reverse", gates=True))
             cases.append(Case(cell, "forward", regularisers="all", gates=True))
@@ -112,6 +125,7 @@ def _cases() -> list[Case]:
                 cases.append(Case(cell, "drop-in", regularisers="all", gates=True))
     for cell in DROP_INS:
         cases.append(Case(cell, "drop-in", regularisers="all"))
+        cases.append(Case(cell, "drop-in", regularisers="variational", checkpoint=3))
     return cases
 
 
@@ -137,11 +151,14 @@ def build(case: Case) -> torch.nn.Module:
     regs = REGULARISERS[case.regularisers]
     kw = {} if case.bias else {"bias": False}
     if case.structure == "drop-in":
-        module = DROP_INS[case.cell](num_layers=2, bidirectional=True, dropout=0.3, **kw, **regs)
+        module = DROP_INS[case.cell](
+            num_layers=2, bidirectional=True, dropout=0.3, checkpoint=case.checkpoint, **kw, **regs
+        )
     else:
 
         def recurrent(i: int, reverse: bool = False) -> rnnkit.Recurrent:
-            return rnnkit.Recurrent(CELLS[case.cell](i, **kw), reverse=reverse, **regs)
+            cell = CELLS[case.cell](i, **kw)
+            return rnnkit.Recurrent(cell, reverse=reverse, checkpoint=case.checkpoint, **regs)
 
         def bidirectional(i: int) -> rnnkit.Bidirectional:
             return rnnkit.Bidirectional(recurrent(i), recurrent(i, reverse=True))

@@ -36,6 +36,15 @@ def test_the_drop_in_example_runs(tmp_path, monkeypatch) -> None:
     assert type(namespace["model"]).__name__ == "GRU"
 
 
+def test_the_streaming_example_runs() -> None:
+    section = README.read_text().split("## Long sequences and streaming", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["out"].shape == (100, 8, 32)
+    assert not any(t.requires_grad for t in namespace["state"])
+
+
 def test_the_export_example_runs(tmp_path, monkeypatch) -> None:
     pytest.importorskip("onnxscript", reason='pip install "rnnkit[onnx]"')
     pytest.importorskip("onnxruntime", reason='pip install "rnnkit[onnx]"')

@@ -62,6 +62,7 @@ __all__ = [
     "LayerCall",
     "LayerResult",
     "Request",
+    "StackMasks",
     "StackResult",
     "available",
     "exporting",
@@ -150,11 +151,35 @@ class Direction:
         return self.state[0].shape[-1]
 
 
+@dataclass(frozen=True)
+class StackMasks:
+    """The regulariser masks of a whole stack, drawn once for a sequence of ``steps`` steps
+    (``masks[layer][direction]``, None where a direction has no regulariser), so that a sequence
+    fed in chunks sees the masks one call over all of it would draw. :meth:`at` gives the view for
+    the chunk that starts at step ``t0`` (zoneout's per-step masks are read from there on)."""
+
+    masks: tuple[tuple[Masks | None, ...], ...]
+    steps: int
+    batch: int
+    offset: int = 0
+
+    def at(self, t0: int) -> StackMasks:
+        """These masks for the chunk that starts at step ``t0`` of the sequence."""
+        if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 < self.steps:
+            raise ValueError(
+                f"t0 = {t0!r}; expected a step of the sequence, 0 <= t0 < {self.steps}"
+            )
+        return StackMasks(self.masks, self.steps, self.batch, t0)
+
+
 @dataclass
 class Call:
     """A whole stack, in the backends' time-major layout: ``x`` (T, B, I), ``layers`` (per layer,
     per direction, forward direction first), ``lengths`` (B,) int64 on x's device or None,
-    ``dropout`` between layers (in training), and whether to collect ``gates``."""
+    ``dropout`` between layers (in training), and whether to collect ``gates``. ``checkpoint``:
+    keep the state every that many steps and recompute each segment in the backward pass (0:
+    keep everything). ``masks``: regulariser masks drawn beforehand (streaming), else the
+    composer draws them."""
 
     request: Request
     x: Tensor
@@ -163,13 +188,17 @@ class Call:
     dropout: float = 0.0
     training: bool = False
     gates: bool = False
+    checkpoint: int = 0
+    masks: StackMasks | None = None
 
 
 @dataclass
 class LayerCall:
     """One layer, as :meth:`Backend.run_layer` gets it: ``inputs`` has one (T, B, I) tensor per
     direction (the same tensor object for both unless variational masks differ), ``directions``
-    their :class:`Direction` (masks drawn, DropConnect applied), ``lengths`` as in :class:`Call`.
+    their :class:`Direction` (masks drawn, DropConnect applied): one direction reading forwards
+    or reversed (``Direction.reverse``), or two, a forward one then a reversed one. ``lengths``
+    as in :class:`Call`.
     """
 
     request: Request
@@ -363,6 +392,8 @@ def make_call(
     training: bool = False,
     gates: bool = False,
     label: str = "",
+    checkpoint: int = 0,
+    masks: StackMasks | None = None,
 ) -> Call:
     """A :class:`Call` for ``layers`` over the time-major ``x``, with its :class:`Request`."""
     directions = [d for layer in layers for d in layer]
@@ -398,7 +429,7 @@ def make_call(
         input_size=x.shape[2],
         hidden_size=first.hidden_size,
     )
-    return Call(request, x, layers, lengths, dropout, training, gates)
+    return Call(request, x, layers, lengths, dropout, training, gates, checkpoint, masks)
 
 
 def run(call: Call, name: str | None = None) -> StackResult:

@@ -82,7 +82,11 @@ class CpuBackend:
         proj = "weight_hr" in d0.weights
         regs = [ops.in_kernel(d) for d in layer.directions]
         weights = [list(d.weights.values()) for d in layer.directions]
-        if len(layer.directions) == 2:
+        if (
+            len(layer.directions) == 2
+            and not layer.directions[0].reverse
+            and layer.directions[1].reverse
+        ):
             f, b = layer.directions
             x, x_b = layer.inputs
             out, h, c, g = ops.pair(
@@ -100,17 +104,14 @@ class CpuBackend:
             )
             states = [(h[0], c[0]) if lstm else (h[0],), (h[1], c[1]) if lstm else (h[1],)]
             return LayerResult(out, states, list(g) if g is not None else None)
-        out, h, c, g = ops.layer(
-            layer.inputs[0],
-            d0.state[0],
-            d0.state[1] if lstm else None,
-            weights[0],
-            layer.lengths,
-            mode,
-            d0.reverse,
-            bias,
-            proj,
-            layer.gates,
-            regularisers=regs[0],
-        )
-        return LayerResult(out, [(h, c) if lstm else (h,)], [g] if g is not None else None)
+        outs, states, gates = [], [], []
+        for x, d, w, r in zip(layer.inputs, layer.directions, weights, regs, strict=True):
+            out, h, c, g = ops.layer(
+                x, d.state[0], d.state[1] if lstm else None, w, layer.lengths, mode, d.reverse,
+                bias, proj, layer.gates, regularisers=r,
+            )  # fmt: skip
+            outs.append(out)
+            states.append((h, c) if lstm else (h,))
+            gates.append(g)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return LayerResult(out, states, gates if layer.gates else None)
