@@ -204,3 +204,16 @@ def test_rnnkit_export_help_has_an_example(capsys) -> None:
     out = capsys.readouterr().out
     assert stop.value.code == 0 and "rnnkit export runs/sentiment --onnx" in out
     assert "export" in cli.COMMANDS
+
+
+def test_a_checkpointed_layer_exports_as_one_op_per_layer() -> None:
+    """checkpoint=K saves memory for a backward pass; the exported graph has none."""
+    lstm = rnnkit.LSTM(I, H, num_layers=2, checkpoint=2)
+    x, lengths = torch.randn(7, 3, I, requires_grad=True), torch.tensor([7, 2, 5])
+    ep = torch.export.export(lstm, (x,), {"lengths": lengths})
+    assert sum(n.target == OP for n in ep.graph.nodes) == 2
+    with torch.no_grad():
+        for got, expected in zip(
+            ep.module()(x, lengths=lengths), lstm(x, lengths=lengths), strict=True
+        ):
+            torch.testing.assert_close(got, expected, atol=OUT_TOL, rtol=OUT_TOL)
