@@ -11,7 +11,8 @@ float32 and float64:
   at padded steps), final states, gates, and the gradients of the input, of every initial state
   and of every parameter;
 * a call it declines raises :class:`rnnkit.BackendUnavailable` naming the reason when the
-  backend is forced, and automatic dispatch runs it elsewhere, equal to the reference;
+  backend is forced, and automatic dispatch runs it elsewhere (automatic dispatch equals the
+  reference on every case);
 * bad input gets the same clear error on every backend.
 """
 
@@ -259,15 +260,21 @@ def request_of(module, case: Case) -> backends.Request:
 def test_backend_equals_reference(backend: str, case: Case) -> None:
     module = build(case)
     request = request_of(module, case)
-    declined = backends.select(request, "auto")[0]  # registers the built-ins
+    chosen = backends.select(request, "auto")[0]  # registers the built-ins
     reason = backends._registry[backend].check(request)
     if reason is None:
         assert_equal_to_reference(module, case, backend)
         return
-    with pytest.raises(rnnkit.BackendUnavailable, match="cannot run this call"):
+    with pytest.raises(
+        rnnkit.BackendUnavailable, match=f"backend {backend!r} cannot run this call"
+    ):
         run(module, case, backend)
-    assert declined.name != backend
-    assert_equal_to_reference(module, case, "auto")
+    assert chosen.name != backend  # automatic dispatch runs it elsewhere (checked below)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_automatic_dispatch_equals_reference(case: Case) -> None:
+    assert_equal_to_reference(build(case), case, "auto")
 
 
 def test_the_suite_covers_every_cell_structure_and_regulariser() -> None:

@@ -30,7 +30,7 @@ from .tasks.base import flag as _flag
 __all__ = ["main"]
 
 PROG = "rnnkit"
-COMMANDS = ("tasks", "train", "evaluate", "predict")
+COMMANDS = ("tasks", "train", "evaluate", "predict", "export")
 DEVICE_HELP = (
     "where the model runs: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps "
     "(default: auto)"
@@ -300,6 +300,41 @@ def _rank() -> int:
         return 0
 
 
+def cmd_export(argv: Sequence[str]) -> int:
+    parser = Parser(
+        prog=f"{PROG} export",
+        description="Export a trained run's model to ONNX (dynamic batch and lengths): a "
+        "classifier's encoder and head, the character LM with its state, or an encoder-decoder's "
+        "encoder and one decoder step (two files, PATH with .encoder.onnx and "
+        ".decoder_step.onnx). onnxruntime runs it on the validation split first and the largest "
+        "difference from PyTorch is printed; above --tolerance nothing is written. Needs the "
+        'onnx extra: pip install "rnnkit[onnx]".',
+        epilog="example:\n  rnnkit export runs/sentiment --onnx sentiment.onnx",
+    )
+    parser.add_argument("dir", metavar="DIR", help="run directory written by `rnnkit train`")
+    parser.add_argument("--onnx", metavar="PATH", required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest difference from PyTorch accepted (default: 1e-4)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="check only the first N validation examples (characters for charlm); 0 = all",
+    )
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    args = parser.parse_args(argv)
+    _set_threads(args.threads)
+    from .export.recipes import export_run
+
+    export_run(args.dir, args.onnx, tolerance=args.tolerance, limit=args.limit)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = Parser(
@@ -310,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "  tasks      list the tasks\n"
             "  train      train a task's model: rnnkit train TASK [options]\n"
             "  evaluate   recompute a run's metrics: rnnkit evaluate DIR\n"
-            "  predict    run a trained model: rnnkit predict DIR INPUT...\n\n"
+            "  predict    run a trained model: rnnkit predict DIR INPUT...\n"
+            "  export     export a trained model to ONNX: rnnkit export DIR --onnx PATH\n\n"
             "example:\n"
             "  rnnkit train sentiment --out runs/sentiment\n"
             '  rnnkit predict runs/sentiment "a gorgeous, witty, seductive movie."\n\n'
@@ -334,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train": cmd_train,
             "evaluate": cmd_evaluate,
             "predict": cmd_predict,
+            "export": cmd_export,
         }[command]
         return handler(rest)
     except RecipeError as e:

@@ -28,7 +28,16 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from .. import lengths as L
 from ..regularisers import Masks
-from . import Backend, Call, Direction, LayerCall, LayerResult, StackMasks, StackResult
+from . import (
+    Backend,
+    Call,
+    Direction,
+    LayerCall,
+    LayerResult,
+    StackMasks,
+    StackResult,
+    exporting,
+)
 
 __all__ = ["auto_checkpoint", "compose", "draw_masks"]
 
@@ -112,7 +121,9 @@ def compose(call: Call, backend: Backend) -> StackResult:
     gates: list[list[tuple[Tensor, ...]]] = []
     out = x
     last: list[Tensor] = [x]
-    segment = call.checkpoint if call.request.requires_grad else 0
+    # Checkpointing saves memory for a backward pass; an exported graph has none (and its T is
+    # symbolic: it cannot be cut into segments).
+    segment = call.checkpoint if call.request.requires_grad and not exporting() else 0
     for index, directions in enumerate(_with_masks(call)):
         if index and call.dropout > 0 and call.training:
             x = F.dropout(x, call.dropout, True)
