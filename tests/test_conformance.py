@@ -4,13 +4,15 @@ For each backend (every name in ``rnnkit.available_backends()`` but "auto" and "
 backend registered before the tests are collected is enrolled too), over every built-in cell,
 one layer forwards and reversed, bidirectional, a two-layer bidirectional stack (built from
 Recurrent/Bidirectional/Stacked, and as a torch.nn drop-in), lengths with a 0, a 1 and a T, each
-regulariser alone and all together (same seed, same masks), gate outputs, float32 and float64:
+regulariser alone and all together (same seed, same masks), gate outputs, checkpointed BPTT,
+float32 and float64:
 
 * a call the backend accepts (``check`` gives None) equals the reference: outputs (exactly zero
   at padded steps), final states, gates, and the gradients of the input, of every initial state
   and of every parameter;
 * a call it declines raises :class:`rnnkit.BackendUnavailable` naming the reason when the
-  backend is forced, and automatic dispatch runs it elsewhere, equal to the reference;
+  backend is forced, and automatic dispatch runs it elsewhere (automatic dispatch equals the
+  reference on every case);
 * bad input gets the same clear error on every backend.
 """
 
@@ -78,6 +80,7 @@ class Case:
     training: bool = True
     dtype: torch.dtype = torch.float32
     bias: bool = True
+    checkpoint: int | None = None
 
     @property
     def id(self) -> str:
@@ -87,6 +90,7 @@ class Case:
         parts += [] if self.training else ["eval"]
         parts += ["f64"] if self.dtype == torch.float64 else []
         parts += [] if self.bias else ["no-bias"]
+        parts += [] if self.checkpoint is None else [f"checkpoint{self.checkpoint}"]
         return "-".join(parts)
 
 
@@ -105,6 +109,16 @@ def _cases() -> list[Case]:
         cases.append(Case(cell, "reverse", regularisers="zoneout", training=False))
         cases.append(Case(cell, "stack", regularisers="all", dtype=torch.float64))
         cases.append(Case(cell, "forward", bias=False))
+        cases.append(Case(cell, "stack", regularisers="all", checkpoint=2))
+        cases.append(
+            Case(
+                cell,
+                "reverse",
+                regularisers="zoneout",
+                checkpoint=4,
+                gates=bool(SPECS[cell.removesuffix("_proj")].gate_outputs),
+            )
+        )
         if SPECS[cell.removesuffix("_proj")].gate_outputs:
             cases.append(Case(cell, "reverse", gates=True))
             cases.append(Case(cell, "forward", regularisers="all", gates=True))
@@ -112,6 +126,7 @@ def _cases() -> list[Case]:
                 cases.append(Case(cell, "drop-in", regularisers="all", gates=True))
     for cell in DROP_INS:
         cases.append(Case(cell, "drop-in", regularisers="all"))
+        cases.append(Case(cell, "drop-in", regularisers="variational", checkpoint=3))
     return cases
 
 
@@ -137,11 +152,14 @@ def build(case: Case) -> torch.nn.Module:
     regs = REGULARISERS[case.regularisers]
     kw = {} if case.bias else {"bias": False}
     if case.structure == "drop-in":
-        module = DROP_INS[case.cell](num_layers=2, bidirectional=True, dropout=0.3, **kw, **regs)
+        module = DROP_INS[case.cell](
+            num_layers=2, bidirectional=True, dropout=0.3, checkpoint=case.checkpoint, **kw, **regs
+        )
     else:
 
         def recurrent(i: int, reverse: bool = False) -> rnnkit.Recurrent:
-            return rnnkit.Recurrent(CELLS[case.cell](i, **kw), reverse=reverse, **regs)
+            cell = CELLS[case.cell](i, **kw)
+            return rnnkit.Recurrent(cell, reverse=reverse, checkpoint=case.checkpoint, **regs)
 
         def bidirectional(i: int) -> rnnkit.Bidirectional:
             return rnnkit.Bidirectional(recurrent(i), recurrent(i, reverse=True))
@@ -242,15 +260,21 @@ def request_of(module, case: Case) -> backends.Request:
 def test_backend_equals_reference(backend: str, case: Case) -> None:
     module = build(case)
     request = request_of(module, case)
-    declined = backends.select(request, "auto")[0]  # registers the built-ins
+    chosen = backends.select(request, "auto")[0]  # registers the built-ins
     reason = backends._registry[backend].check(request)
     if reason is None:
         assert_equal_to_reference(module, case, backend)
         return
-    with pytest.raises(rnnkit.BackendUnavailable, match="cannot run this call"):
+    with pytest.raises(
+        rnnkit.BackendUnavailable, match=f"backend {backend!r} cannot run this call"
+    ):
         run(module, case, backend)
-    assert declined.name != backend
-    assert_equal_to_reference(module, case, "auto")
+    assert chosen.name != backend  # automatic dispatch runs it elsewhere (checked below)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_automatic_dispatch_equals_reference(case: Case) -> None:
+    assert_equal_to_reference(build(case), case, "auto")
 
 
 def test_the_suite_covers_every_cell_structure_and_regulariser() -> None:

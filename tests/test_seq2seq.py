@@ -338,6 +338,45 @@ def test_sequence_loss_ignores_padding() -> None:
     torch.testing.assert_close(sequence_loss(logits, target, PAD), expected)
 
 
+@pytest.mark.parametrize("feed", [False, True])
+def test_model_loss_is_sequence_loss_of_the_logits(feed: bool) -> None:
+    """Seq2Seq.loss runs the output layer on non-padding positions only; the loss and every
+    gradient equal the loss of the full logits."""
+    model = tiny_model(input_feeding=feed, attention="general", dropout=0.0)
+    src, src_lengths = source_batch()
+    tgt_in, tgt_out = decoder_io(*target_batch(), model.config)
+
+    def grads(loss):
+        return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    packed = model.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing=0.1)
+    full = sequence_loss(model(src, src_lengths, tgt_in), tgt_out, PAD, 0.1)
+    torch.testing.assert_close(packed, full, **TOL)
+    for a, b in zip(grads(packed), grads(full), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_bf16_output_runs_in_training_only() -> None:
+    model = Seq2Seq(tiny_config(bf16_output=True, dropout=0.0))
+    src, src_lengths = source_batch()
+    tgt_in, tgt_out = decoder_io(*target_batch(), model.config)
+    exact = Seq2Seq(tiny_config(dropout=0.0))
+    exact.load_state_dict(model.state_dict())
+    for m in (model, exact):
+        m.train()
+    fast = model.loss(src, src_lengths, tgt_in, tgt_out)
+    slow = exact.loss(src, src_lengths, tgt_in, tgt_out)
+    assert fast.dtype == torch.float32 and fast != slow  # bfloat16 products differ...
+    torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)  # ...by bfloat16 rounding
+    fast.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    model.eval()
+    exact.eval()
+    torch.testing.assert_close(model(src, src_lengths, tgt_in), exact(src, src_lengths, tgt_in))
+
+
 def test_summarise_final_state_reads_the_top_layer_of_every_encoder() -> None:
     x = torch.randn(6, 3, 4)
     lengths = torch.tensor([6, 2, 4])

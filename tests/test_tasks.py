@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from recipe_helpers import TINY, need_data
+from recipe_helpers import FLOOR_METRIC, SLICE, TINY, need_data
 
 from rnnkit import tasks
 from rnnkit.data import Vocab, bucket_batches, pad, tokenise
@@ -55,12 +55,48 @@ def check_run(run, metrics, task, metric, low, high):
     assert again["valid"][metric] == pytest.approx(saved["valid"][metric], rel=1e-5)
 
 
+# Each recipe's test trains its slice (recipe_helpers.SLICE) and asserts a floor on the test split
+# that a working model clears and a broken one does not. Measured with
+# `python tests/measure_floors.py --seeds 0 1 2` (one thread, shared 2-core machine, load 2-4):
+# per recipe the worst working seed, then the best seed of each broken variant (learning rate 0;
+# training targets shuffled; a wrong mask, every sequence claiming the padded length):
+#   sentiment  accuracy  working >= 0.704; no learning <= 0.500, shuffled <= 0.514, mask 0.679-0.721
+#   speech     accuracy  working >= 0.889; no learning <= 0.200, shuffled <= 0.133, mask 0.778-0.867
+#   charlm     bits/char working <= 3.65;  no learning >= 5.99,  shuffled >= 4.81
+#   g2p        PER       working <= 0.639; no learning >= 3.99,  shuffled >= 0.889, mask 0.541-0.680
+#   translate  loss      working <= 5.22; no learning >= 6.89,  shuffled 4.80 (seeds 0 1; BLEU and
+#                        chrF stay near 0 for working and broken alike: no translation is learnt
+#                        in seconds, so this floor only tells a model that learns from one that
+#                        does not)
+# Bucketed batches carry little padding, so a wrong mask costs these slices little: the floors
+# catch a model that does not learn, not a subtle mask error (the lengths tests of the
+# verification chain and test_classifier's padding tests do that).
+FLOOR = {
+    "sentiment": 0.62,
+    "speech": 0.6,
+    "charlm": 4.2,
+    "g2p": 0.78,
+    "translate": 6.0,
+}
+
+
+def clears_floor(metrics, task: str) -> None:
+    metric, higher = FLOOR_METRIC[task]
+    value, floor = metrics["test"][metric], FLOOR[task]
+    assert (value >= floor) if higher else (value <= floor), (
+        f"{task}: test {metric} = {value:.4f} does not clear the floor {floor} that a working "
+        f"model reaches on this slice"
+    )
+
+
 def test_sentiment_end_to_end(tmp_path):
     need_data("sentiment")
+    need_data("glove")
     run = tmp_path / "run"
-    metrics = train("sentiment", TINY["sentiment"], out=run, progress=False)
+    metrics = train("sentiment", SLICE["sentiment"], out=run, progress=False)
     check_run(run, metrics, "sentiment", "accuracy", 0.0, 1.0)
-    assert metrics["splits"] == {"train": 160, "valid": 160, "test": 160}
+    clears_floor(metrics, "sentiment")
+    assert metrics["splits"] == {"train": 1000, "valid": 852, "test": 854}
     lines = predict(run, ["a gorgeous, witty, seductive movie.", "dull and lifeless"])
     assert len(lines) == 2
     for line in lines:
@@ -86,8 +122,9 @@ def test_sentiment_imdb_preset(tmp_path):
 def test_speech_end_to_end(tmp_path):
     need_data("speech")
     run = tmp_path / "run"
-    metrics = train("speech", TINY["speech"], out=run, progress=False)
+    metrics = train("speech", SLICE["speech"], out=run, progress=False)
     check_run(run, metrics, "speech", "accuracy", 0.0, 1.0)
+    clears_floor(metrics, "speech")
     assert metrics["backend"]["name"] in ("cpu", "native")  # a fused backend, not the loop
     frames = "\n".join(",".join(str(0.1 * (i + j)) for j in range(12)) for i in range(9))
     utterance = tmp_path / "utterance.csv"
@@ -109,8 +146,9 @@ def test_speech_full_split_sizes():
 def test_charlm_end_to_end(tmp_path):
     need_data("charlm")
     run = tmp_path / "run"
-    metrics = train("charlm", TINY["charlm"], out=run, progress=False)
+    metrics = train("charlm", SLICE["charlm"], out=run, progress=False)
     check_run(run, metrics, "charlm", "bits_per_char", 0.5, 8.0)
+    clears_floor(metrics, "charlm")
     first, empty = predict(run, ["ROMEO:", "   "], {"length": 40, "temperature": 0.8})
     assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 40
     assert len(empty) == 3 + 40
@@ -121,12 +159,13 @@ def test_charlm_end_to_end(tmp_path):
 def test_g2p_end_to_end(tmp_path):
     need_data("g2p")
     run = tmp_path / "run"
-    metrics = train("g2p", TINY["g2p"], out=run, progress=False)
+    metrics = train("g2p", SLICE["g2p"], out=run, progress=False)
     check_run(run, metrics, "g2p", "wer", 0.0, 1.0)
-    # Edits / reference length: above 1 when an untrained model rambles, at most one edit per
-    # generated phoneme (max_decode_len) per reference phoneme.
-    assert 0.0 <= metrics["test"]["per"] <= metrics["config"]["max_decode_len"]
-    assert metrics["splits"] == {"train": 200, "valid": 200, "test": 200}
+    clears_floor(metrics, "g2p")
+    test = metrics["test"]  # any listed pronunciation counts; the others are stricter or looser
+    assert test["wer_no_stress"] <= test["wer"] <= test["wer_first"]
+    assert test["per_no_stress"] <= test["per"] <= test["per_first"]
+    assert metrics["splits"] == {"train": 2000, "valid": 2000, "test": 2000}
     assert (run / "attention.png").stat().st_size > 0
     vocab = json.loads((run / "vocab.json").read_text())
     assert vocab["letters"][:4] == vocab["phonemes"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
@@ -149,25 +188,60 @@ def test_g2p_split_keeps_alternates_together():
 def test_translate_end_to_end(tmp_path):
     need_data("translate")
     run = tmp_path / "run"
-    metrics = train("translate", TINY["translate"], out=run, progress=False)
+    metrics = train("translate", SLICE["translate"], out=run, progress=False)
     check_run(run, metrics, "translate", "bleu", 0.0, 100.0)
-    assert metrics["splits"] == {"train": 120, "valid": 120, "test": 120}
+    clears_floor(metrics, "translate")
+    assert metrics["splits"] == {"train": 1983, "valid": 104, "test": 77}  # <= 12 words
     assert (run / "attention.png").stat().st_size > 0
-    vocab = json.loads((run / "vocab.json").read_text())
-    assert vocab["source"][:4] == vocab["target"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
     lines = predict(run, ["And God said, Let there be light.", "Jesus wept."], {"beam_size": 1})
     assert len(lines) == 2 and all(isinstance(line, str) and "<unk>" not in line for line in lines)
     with pytest.raises(RecipeError, match="empty"):
         predict(run, ["  "])
 
 
+def test_translate_subword_model_round_trips_text():
+    need_data("translate")
+    pytest.importorskip("sentencepiece")
+    task_cls = tasks.get("translate")
+    task = task_cls(task_cls.make_config({"limit": 300, "max_vocab": 500}))
+    splits = task.load_splits()
+    vocab = task.fit_vocab(splits["train"])
+    task.set_vocab(json.loads(json.dumps(vocab)))  # as vocab.json saves it
+    assert (
+        task.src_vocab.itos[:4] == ["<pad>", "<s>", "</s>", "<unk>"] and len(task.src_vocab) == 500
+    )
+    for pair in splits["test"][:50]:  # held-out text comes back exactly from its pieces
+        for text in (pair.source, pair.target):
+            pieces = task.target_tokens(text)
+            assert task.detokenize(pieces) == text and len(pieces) <= len(text)
+    # A source asks for the French edition it is to be translated into.
+    tag, *pieces = task.source_tokens("Jesus wept.")
+    assert tag == "<2l>" and task.detokenize(pieces) == "Jesus wept."
+    assert task.source_tokens("Jesus wept.", "5")[0] == "<2_5>" and "<2o>" in task.src_vocab
+    words = task_cls(task_cls.make_config({"limit": 300, "units": "words"}))
+    words.set_vocab(words.fit_vocab(splits["train"]))
+    assert words.sp is None and "▁God" in words.src_vocab and "<2l>" in words.src_vocab
+
+
 def test_translate_split_by_chapter_and_length():
     need_data("translate")
-    splits = tasks.get("translate")(tasks.get("translate").Config()).load_splits()
-    chapters = {k: {(p.book, p.chapter) for p in v} for k, v in splits.items()}
-    assert not (chapters["train"] & chapters["test"]) and not (chapters["valid"] & chapters["test"])
+    task_cls = tasks.get("translate")
+    kjv = task_cls(task_cls.make_config({"train_sources": "k", "train_targets": "l"}))
+    splits = kjv.load_splits()
     assert sum(map(len, splits.values())) == 16709
     assert all(len(p.source.split()) <= 25 >= len(p.target.split()) for p in splits["test"])
+    every = task_cls(task_cls.Config()).load_splits()  # four English x three French editions
+    assert every["valid"] == splits["valid"] and every["test"] == splits["test"]  # KJV -> Segond
+    chapters = {k: {(p.book, p.chapter) for p in v} for k, v in every.items()}
+    assert not (chapters["train"] & chapters["test"]) and not (
+        chapters["train"] & chapters["valid"]
+    )
+    assert 12 * len(splits["train"]) > len(every["train"]) > 8 * len(splits["train"])
+    assert len({(p.source, p.target) for p in every["train"]}) == len(every["train"])
+    sources = {p.source for p in every["train"] if (p.book, p.chapter, p.verse) == (1, 1, 1)}
+    assert "In the beginning God created the heaven and the earth." in sources and len(sources) > 1
+    with pytest.raises(RecipeError, match=r"en editions \['k', 'x'\]; expected one or more of"):
+        task_cls(task_cls.make_config({"train_sources": "k,x"})).load_splits()
 
 
 def test_charlm_held_out_plays():
@@ -293,3 +367,14 @@ def test_speech_limit_keeps_every_speaker():
         assert len(examples) == 18, name
         speakers = [label for _, label in examples]
         assert len(set(speakers)) == 9 and all(speakers.count(s) == 2 for s in set(speakers))
+
+
+def test_g2p_scores_any_listed_pronunciation():
+    task_cls = tasks.get("g2p")
+    task = task_cls(task_cls.Config())
+    refs = [[["R", "IY1", "D"], ["R", "EH1", "D"]], [["T", "UW1"]], [["AH0", "B", "AW1", "T"]]]
+    hyps = [["R", "EH1", "D"], ["T", "UW0"], ["AH0", "B", "AW1", "T"]]
+    s = task.scores(hyps, refs)
+    assert s["wer"] == pytest.approx(1 / 3) and s["per"] == pytest.approx(1 / 9)  # "read" is right
+    assert s["wer_first"] == pytest.approx(2 / 3) and s["per_first"] == pytest.approx(2 / 9)
+    assert s["wer_no_stress"] == 0.0 and s["per_no_stress"] == 0.0  # "to": only its stress differs

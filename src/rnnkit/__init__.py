@@ -26,7 +26,16 @@ from .cells import (
     PeepholeLSTMCell,
     RNNCell,
 )
-from .layers import GRU, LSTM, RNN, Bidirectional, Recurrent, Stacked, top_states
+from .layers import (
+    GRU,
+    LSTM,
+    RNN,
+    Bidirectional,
+    Recurrent,
+    Stacked,
+    detach_state,
+    top_states,
+)
 
 __version__ = "0.1.0"
 
@@ -47,6 +56,7 @@ __all__ = [
     "Stacked",
     "__version__",
     "available_backends",
+    "detach_state",
     "explain",
     "functional",
     "get_default_backend",

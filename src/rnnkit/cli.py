@@ -6,6 +6,10 @@ flag of ``rnnkit train TASK`` is a field of that task's config (``--hidden-size`
 command line, an input or a run directory is wrong, 1 when a sound command could not finish (a full
 or read-only disk, a diverging training run); Ctrl-C exits 130 (after ``rnnkit train`` has saved a
 checkpoint that ``--resume`` continues from).
+
+``--device`` (train, evaluate, predict) says where the model runs and ``--precision`` in which
+dtype (:mod:`rnnkit.devices`); under ``torchrun`` every process runs the same command and rank 0
+alone prints the metrics (:mod:`rnnkit.distributed`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import shlex
 import sys
 import typing
@@ -25,7 +30,11 @@ from .tasks.base import flag as _flag
 __all__ = ["main"]
 
 PROG = "rnnkit"
-COMMANDS = ("tasks", "train", "evaluate", "predict")
+COMMANDS = ("tasks", "train", "evaluate", "predict", "export")
+DEVICE_HELP = (
+    "where the model runs: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps "
+    "(default: auto)"
+)
 
 
 class UsageError(RecipeError):
@@ -105,11 +114,17 @@ def _tasks_epilog() -> str:
 
 def _train_parser(task_cls: Any | None) -> Parser:
     name = task_cls.name if task_cls else "TASK"
-    example = (
-        f"example:\n  {task_cls.example}\n  {task_cls.example} --resume   # after an interruption"
-        if task_cls
-        else "example:\n  rnnkit train sentiment --out runs/sentiment\n\n" + _tasks_epilog()
-    )
+    task = task_cls.name if task_cls else "sentiment"
+    lines = [task_cls.example if task_cls else f"{PROG} train sentiment --out runs/sentiment"]
+    if task_cls:
+        lines.append(f"{task_cls.example} --resume   # after an interruption")
+    lines += [
+        f"{PROG} train {task} --device cuda --precision bf16   # on a GPU, mixed precision",
+        f"torchrun --standalone --nproc-per-node=2 $(which {PROG}) train {task}   # 2 processes",
+    ]
+    example = "example:\n" + "\n".join(f"  {line}" for line in lines)
+    if task_cls is None:
+        example += "\n\n" + _tasks_epilog()
     parser = Parser(
         prog=f"{PROG} train {name}" if task_cls else f"{PROG} train",
         description=(
@@ -136,6 +151,7 @@ def _train_parser(task_cls: Any | None) -> Parser:
     parser.add_argument(
         "--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)"
     )
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     if task_cls is not None:
         _add_config_options(parser, task_cls)
     return parser
@@ -177,11 +193,14 @@ def cmd_train(argv: Sequence[str]) -> int:
     name = argv[0]
     task_cls = tasks.get(name)
     args = vars(_train_parser(task_cls).parse_args(argv[1:]))
-    out, resume, progress, threads = (args.pop(k) for k in ("out", "resume", "progress", "threads"))
+    keys = ("out", "resume", "progress", "threads", "device")
+    out, resume, progress, threads, device = (args.pop(k) for k in keys)
     _set_threads(threads)
     from .train import format_metrics, train
 
-    metrics = train(name, args, out=out, resume=resume, progress=progress)
+    metrics = train(name, args, out=out, resume=resume, progress=progress, device=device)
+    if not metrics:  # a process other than rank 0 under torchrun: rank 0 prints the metrics
+        return 0
     print(format_metrics("valid", metrics["valid"]))
     print(format_metrics("test", metrics["test"]))
     return 0
@@ -196,6 +215,15 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="fp32, or bf16 / fp16 under torch.autocast (default: the run's)",
+    )
+
+
 def cmd_evaluate(argv: Sequence[str]) -> int:
     from .backends import available
 
@@ -203,18 +231,19 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
         prog=f"{PROG} evaluate",
         description="Recompute the validation and test metrics of a trained run (best weights); "
         "prints the test metrics last. Writes nothing.",
-        epilog="example:\n  rnnkit evaluate runs/sentiment",
+        epilog="example:\n  rnnkit evaluate runs/sentiment\n  rnnkit evaluate runs/sentiment --device cpu",
     )
     parser.add_argument("dir", metavar="DIR", help="run directory written by `rnnkit train`")
     parser.add_argument(
         "--backend", choices=available(), help="rnnkit backend (default: the run's)"
     )
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    _add_device_options(parser)
     args = parser.parse_args(argv)
     _set_threads(args.threads)
     from .train import evaluate, format_metrics
 
-    metrics = evaluate(args.dir, args.backend)
+    metrics = evaluate(args.dir, args.backend, args.device, args.precision)
     print(format_metrics("valid", metrics["valid"]))
     print(format_metrics("test", metrics["test"]))
     return 0
@@ -237,24 +266,72 @@ def cmd_predict(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--backend", choices=available(), help="rnnkit backend (default: the run's)"
     )
+    _add_device_options(parser)
     seen: set[str] = set()
     for name, cls in sorted(tasks.TASKS.items()):
         for opt, spec in cls.predict_options.items():
             if opt not in seen:
                 seen.add(opt)
+                kind: dict[str, Any] = (
+                    {"action": "store_true"} if spec.type is bool else {"type": spec.type}
+                )
                 parser.add_argument(
                     _flag(opt),
-                    type=spec.type,
+                    **kind,
                     default=argparse.SUPPRESS,
                     dest=opt,
                     help=f"{name}: {spec.help} (default: {spec.default})",
                 )
     args = vars(parser.parse_args(argv))
     run_dir, inputs, backend = args.pop("dir"), args.pop("inputs"), args.pop("backend")
+    device, precision = args.pop("device"), args.pop("precision")
     from .train import predict
 
-    for line in predict(run_dir, inputs, args, backend):
-        print(line)
+    for line in predict(run_dir, inputs, args, backend, device, precision):
+        print(line, flush=True)
+    return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    parser = Parser(
+        prog=f"{PROG} export",
+        description="Export a trained run's model to ONNX (dynamic batch and lengths): a "
+        "classifier's encoder and head, the character LM with its state, or an encoder-decoder's "
+        "encoder and one decoder step (two files, PATH with .encoder.onnx and "
+        ".decoder_step.onnx). onnxruntime runs it on the validation split first and the largest "
+        "difference from PyTorch is printed; above --tolerance nothing is written. Needs the "
+        'onnx extra: pip install "rnnkit[onnx]".',
+        epilog="example:\n  rnnkit export runs/sentiment --onnx sentiment.onnx",
+    )
+    parser.add_argument("dir", metavar="DIR", help="run directory written by `rnnkit train`")
+    parser.add_argument("--onnx", metavar="PATH", required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest difference from PyTorch accepted (default: 1e-4)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="check only the first N validation examples (characters for charlm); 0 = all",
+    )
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    args = parser.parse_args(argv)
+    _set_threads(args.threads)
+    from .export.recipes import export_run
+
+    export_run(args.dir, args.onnx, tolerance=args.tolerance, limit=args.limit)
     return 0
 
 
@@ -268,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "  tasks      list the tasks\n"
             "  train      train a task's model: rnnkit train TASK [options]\n"
             "  evaluate   recompute a run's metrics: rnnkit evaluate DIR\n"
-            "  predict    run a trained model: rnnkit predict DIR INPUT...\n\n"
+            "  predict    run a trained model: rnnkit predict DIR INPUT...\n"
+            "  export     export a trained model to ONNX: rnnkit export DIR --onnx PATH\n\n"
             "example:\n"
             "  rnnkit train sentiment --out runs/sentiment\n"
             '  rnnkit predict runs/sentiment "a gorgeous, witty, seductive movie."\n\n'
@@ -292,14 +370,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train": cmd_train,
             "evaluate": cmd_evaluate,
             "predict": cmd_predict,
+            "export": cmd_export,
         }[command]
         return handler(rest)
     except RecipeError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        if not getattr(e, "shared", False):  # under torchrun, rank 0 reports what all ranks hit
+            print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        message = str(e) or "interrupted; `rnnkit train TASK --out DIR --resume` continues a run"
-        print(f"{PROG}: {message}", file=sys.stderr)
+        if _rank() == 0:  # under torchrun every rank stops at the same batch; rank 0 says where
+            message = (
+                str(e) or "interrupted; `rnnkit train TASK --out DIR --resume` continues a run"
+            )
+            print(f"{PROG}: {message}", file=sys.stderr)
         return 130
 
 

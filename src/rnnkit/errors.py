@@ -1,13 +1,20 @@
 """Errors the recipes raise for a user to read: the CLI prints the message on one line and exits
 with the error's ``exit_code``: 2 when the command line, an input or a run directory is wrong
 (the user changes the command), 1 when a sound command could not run to the end (the disk is full
-or read-only, training diverged)."""
+or read-only, training diverged, the machine lacks the device asked for)."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-__all__ = ["CheckpointError", "DataMissing", "RecipeError", "StorageError", "TrainingDiverged"]
+__all__ = [
+    "CheckpointError",
+    "DataMissing",
+    "DeviceError",
+    "RecipeError",
+    "StorageError",
+    "TrainingDiverged",
+]
 
 
 class RecipeError(Exception):
@@ -34,5 +41,13 @@ class StorageError(RecipeError):
 class TrainingDiverged(RecipeError):
     """The training loss or gradient norm became NaN or infinite; training stopped at that batch
     and the run directory keeps its last good checkpoint."""
+
+    exit_code = 1
+
+
+class DeviceError(RecipeError):
+    """The device, precision or process group the command asks for is not available here (no
+    CUDA device, cuda:3 on a machine with two GPUs, processes that cannot reach each other); the
+    message says what to use instead."""
 
     exit_code = 1

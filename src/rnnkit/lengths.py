@@ -31,6 +31,9 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
 
     Returns an int64 tensor of shape (B,) on ``device``. Raises ``ValueError``/``TypeError`` that
     names the offending entry, e.g. ``lengths[3] = 12 > T = 10``.
+
+    While a model is exported (:func:`rnnkit.backends.exporting`) a tensor's values are the
+    graph's input, unknown when it is traced: its dtype and shape are checked, not its values.
     """
     if isinstance(lengths, Tensor):
         if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
@@ -39,6 +42,15 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
             raise ValueError(
                 f"lengths has shape {tuple(lengths.shape)}; expected a 1-D tensor of B = {batch}"
             )
+        if torch.compiler.is_exporting():  # torch.export: B may be symbolic
+            if lengths.shape[0] != batch:
+                raise ValueError(
+                    f"lengths has {lengths.shape[0]} entries; expected one per sequence, "
+                    f"B = {batch}"
+                )
+            return lengths.to(device, torch.int64)
+        if torch.onnx.is_in_onnx_export():  # the TorchScript-based exporter traces sizes
+            return lengths.to(device, torch.int64)
         values = lengths.detach().to("cpu", torch.int64)
     else:
         try:

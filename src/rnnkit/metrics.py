@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-__all__ = ["bleu", "edit_distance", "error_rate", "g2p_error_rates"]
+__all__ = ["bleu", "chrf", "edit_distance", "error_rate", "g2p_error_rates"]
 
 SACREBLEU_INSTALL = "pip install sacrebleu"
 
@@ -80,6 +80,17 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str = "
     return float(
         sacrebleu.corpus_bleu(list(hypotheses), [list(references)], tokenize=tokenize).score
     )
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (0–100): the F-score (beta = 2) of character 6-grams, by sacreBLEU with its
+    default settings. It credits partly right words, so it moves before BLEU does."""
+    _check_pairs(hypotheses, references)
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ImportError(f"chrf needs sacrebleu; install it with: {SACREBLEU_INSTALL}") from None
+    return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
 
 
 def _check_pairs(hypotheses: Sequence, references: Sequence) -> None:

@@ -18,6 +18,13 @@ run killed (even by SIGKILL) and resumed with ``resume=True`` ends with the same
 that was never interrupted. Ctrl-C (SIGINT) lets the batch at hand finish, saves a resumable
 checkpoint of that batch, then raises :class:`Interrupted`.
 
+Devices and precision: ``train(..., device="auto")`` (``--device``) puts the model, its batches
+and its optimizer state on a device (:mod:`rnnkit.devices`); the config's ``precision`` runs the
+forward passes under autocast (fp16 with a gradient scaler). Checkpoints hold CPU copies, so a run
+continues or is evaluated on any device. Under torchrun (:mod:`rnnkit.distributed`) each process
+trains on its shard of every global batch with DistributedDataParallel, and rank 0 alone reads
+and writes the run directory.
+
 What a run refuses, on one line each: an ``out`` that cannot hold a run (checked before any data
 is loaded); a NaN or infinite training loss or gradient norm (:class:`TrainingDiverged`, naming
 the epoch and batch; nothing is written after the last good checkpoint); a checkpoint with a
@@ -27,6 +34,7 @@ write (:class:`StorageError`; the files already there are left as they were).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -38,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,17 @@ import torch
 from torch import nn
 
 from . import __version__, tasks
+from .devices import (
+    autocast,
+    check_precision,
+    describe,
+    grad_scaler,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+    to_device,
+)
+from .distributed import World
 from .errors import CheckpointError, RecipeError, StorageError, TrainingDiverged
 from .tasks.base import Task, TrainConfig, flag
 
@@ -68,6 +87,8 @@ CONFIG, VOCAB, MODEL, STATE = "config.json", "vocab.json", "model.safetensors", 
 METRICS, CURVES = "metrics.json", "curves.png"
 RUN_FILES = (CONFIG, VOCAB, MODEL, STATE, METRICS)
 STATE_FORMAT = "rnnkit-resume-1"
+#: fp16 only: this many optimizer steps in a row skipped for overflowing gradients is divergence.
+MAX_OVERFLOWS = 50
 PLOT_SECONDS = 60.0  # redraw curves.png during training at most this often (and at the end)
 LOG_SECONDS = 60.0  # without a progress bar (stderr not a terminal), one progress line this often
 
@@ -81,7 +102,7 @@ class Progress:
     step: int = 0  # optimizer steps in all
     loss_sum: float = 0.0  # the current epoch's training loss so far (sum over items)
     count: int = 0  # ... and the number of items it sums over
-    seconds: float = 0.0  # training time so far, over every process that worked on the run
+    seconds: float = 0.0  # training time so far (rank 0's clock), over every resumed part
     wall: float = 0.0  # wall time so far, set-up and evaluation included
     best: float | None = None  # the best validation metric so far
     best_loss: float | None = None
@@ -225,7 +246,7 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, str] | None:
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     import safetensors.torch
 
-    flat = {k: v.detach().contiguous() for k, v in tensors.items()}
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     bad = _non_finite(flat)
     if bad is not None:
         raise _NonFinite(f"tensor {bad[0]!r} {bad[1]}")
@@ -264,7 +285,39 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path
         ) from None
 
 
-def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, p: Progress) -> None:
+RNG = dict[str, torch.Tensor]  # one process's random generators: "torch" (CPU), "device"
+
+
+def _rng_states(device: torch.device) -> RNG:
+    """This process's generator states: the CPU's and, on a GPU, the device's (dropout there)."""
+    states = {"torch": torch.get_rng_state()}
+    on_device = rng_state(device)
+    if on_device is not None:
+        states["device"] = on_device
+    return states
+
+
+CARRY = "carry_"  # the names of a task's carried state among a process's saved states
+
+
+def _carry_of(task: Task) -> dict[str, torch.Tensor]:
+    """The task's state carried between batches, named as it is saved beside the generators."""
+    return {CARRY + k: v.detach().cpu() for k, v in task.carry_state().items()}
+
+
+def _save_state(
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    p: Progress,
+    rngs: list[RNG],
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> None:
+    """The resume checkpoint: weights, optimizer and loss-scaler state, progress, and every
+    process's random generators and the state its task carries between batches
+    (``rngs[rank]``; rank 0's as ``rng.torch``, ``rng.carry_h``..., rank r's with the suffix
+    ``.r``)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_state = opt.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -274,13 +327,19 @@ def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, p: Pro
                 tensors[f"optim.{idx}.{key}"] = value
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    tensors["rng.torch"] = torch.get_rng_state()
+    for rank, states in enumerate(rngs):
+        for kind, state in states.items():
+            tensors[f"rng.{kind}" + (f".{rank}" if rank else "")] = state
     meta = {
         "format": STATE_FORMAT,
         "progress": json.dumps(dataclasses.asdict(p)),
         "optim_groups": json.dumps(opt_state["param_groups"]),
         "optim_scalars": json.dumps(scalars),
+        "world_size": str(len(rngs)),
+        "device_type": device.type,
     }
+    if scaler.is_enabled():
+        meta["scaler"] = json.dumps(scaler.state_dict())
     _save_tensors(path, tensors, meta)
 
 
@@ -298,9 +357,27 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Pr
     return tensors, meta, progress
 
 
+def _saved_world_size(meta: dict[str, str]) -> int:
+    """How many processes trained the checkpoint (1 for checkpoints before torchrun support)."""
+    try:
+        return int(meta.get("world_size", "1"))
+    except ValueError:
+        return -1
+
+
 def _restore_state(
-    path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], model: nn.Module, opt: Any
-) -> None:
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    model: nn.Module,
+    opt: Any,
+    scaler: torch.amp.GradScaler,
+    world: World,
+    device: torch.device,
+) -> list[RNG]:
+    """Load a resume checkpoint into the model, the optimizer (its state follows the parameters
+    onto their device), the loss scaler and this rank's random generators; returns every rank's
+    generator states as saved."""
     _load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
     try:
         state: dict[int, dict[str, Any]] = {}
@@ -311,9 +388,24 @@ def _restore_state(
         for idx, entries in json.loads(meta["optim_scalars"]).items():
             state.setdefault(int(idx), {}).update(entries)
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta["optim_groups"])})
-        torch.set_rng_state(tensors["rng.torch"])
+        rngs: list[RNG] = [{} for _ in range(world.size)]
+        for key, value in tensors.items():  # rng.KIND (rank 0) or rng.KIND.RANK
+            if key.startswith("rng."):
+                _, kind, *rank = key.split(".")
+                rngs[int(rank[0]) if rank else 0][kind] = value
+        for rank, states in enumerate(rngs):
+            if "torch" not in states:
+                raise KeyError(f"rng.torch{f'.{rank}' if rank else ''}")
+        torch.set_rng_state(rngs[world.rank]["torch"])
+        # A GPU's generator continues only on the same kind of device (another device's numbers
+        # differ anyway); the CPU generator always continues.
+        if "device" in rngs[world.rank] and meta.get("device_type") == device.type:
+            set_rng_state(device, rngs[world.rank]["device"])
+        if scaler.is_enabled() and "scaler" in meta:
+            scaler.load_state_dict(json.loads(meta["scaler"]))
     except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the optimizer or RNG state is damaged ({e})") from None
+    return rngs
 
 
 def plot_curves(history: list[dict[str, Any]], metric: str, path: Path) -> None:
@@ -419,6 +511,18 @@ def _check_resume(run_dir: Path, name: str, overrides: dict[str, Any]) -> TrainC
     return config
 
 
+def resume_command(task: str, run_dir: Path, world_size: int = 1, alone: bool = False) -> str:
+    """The command that continues a run of ``world_size`` processes, in backquotes (``alone``:
+    say that one process means no torchrun)."""
+    command = f"rnnkit train {task} --out {shlex.quote(str(run_dir))} --resume"
+    if world_size == 1:
+        return f"`{command}`" + (" (one process, without torchrun)" if alone else "")
+    return (
+        f"`torchrun --standalone --nproc-per-node={world_size} $(which rnnkit) {command[7:]}` (or "
+        f"{world_size} processes in all over several machines)"
+    )
+
+
 def _still_stopped(p: Progress, config: TrainConfig) -> bool:
     """Whether a stopped run would stop again at once under ``config`` (its budgets may grow)."""
     out_of_epochs = p.epoch >= config.epochs
@@ -439,6 +543,32 @@ def _better(task: type[Task], value: float, loss: float, p: Progress) -> bool:
     return value > p.best if task.higher_is_better else value < p.best
 
 
+def _global_batches(task: Task, data: Any, generator: torch.Generator, world_size: int) -> list:
+    """One epoch's batches for ``world_size`` processes together: the batches one process with a
+    ``world_size`` times larger ``batch_size`` would train on, in the same order."""
+    if world_size == 1:
+        return task.epoch_batches(data, generator)
+    wide = copy.copy(task)
+    wide.config = dataclasses.replace(task.config, batch_size=task.config.batch_size * world_size)
+    return wide.epoch_batches(data, generator)
+
+
+def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel (its call synchronises the gradients of the
+    backward pass that follows); the model's own attributes (``config``, methods) stay visible
+    through the wrapper, so the tasks' hooks read it as the model."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Replicated(DistributedDataParallel):
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return Replicated(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def train(
     name: str,
     overrides: dict[str, Any] | None = None,
@@ -446,6 +576,7 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     hook: Callable[[Progress], None] | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Train task ``name`` with config ``overrides`` into run directory ``out``; return metrics.
 
@@ -453,11 +584,34 @@ def train(
     never overwrites an existing one; ``resume=True`` continues the run in ``out`` exactly where
     its last checkpoint left it (options in ``TrainConfig.RESUMABLE`` may change, others must
     match). ``progress`` shows a progress bar (default: when stderr is a terminal). ``hook`` is
-    called with the :class:`Progress` after every batch.
+    called with the :class:`Progress` after every batch. ``device``: ``auto``, ``cpu``,
+    ``cuda``, ``cuda:N`` or ``mps`` (:func:`rnnkit.devices.resolve_device`).
+
+    Started by torchrun (``WORLD_SIZE`` > 1), every process calls this; each trains on its shard
+    of every batch, rank 0 alone reads and writes ``out`` and returns the metrics, the others
+    return an empty dict when training ends (before the final evaluation, which rank 0 does).
     """
     started = time.perf_counter()
     overrides = dict(overrides or {})
     task_cls = tasks.get(name)
+    world = World.from_env()
+    dev = resolve_device(device, world.local_rank if world.distributed else None)
+    world.start(dev)
+    try:
+        return _train(task_cls, overrides, out, resume, progress, hook, world, dev, started)
+    finally:
+        world.close()
+
+
+def _setup(
+    task_cls: type[Task],
+    overrides: dict[str, Any],
+    out: str | Path | None,
+    resume: bool,
+    world: World,
+) -> tuple[Path, TrainConfig, Any]:
+    """Rank 0's look at the run directory: where it is, the config, the checkpoint to resume."""
+    name = task_cls.name
     run_dir = Path(out) if out is not None else default_out(name, resume)
     check_out(run_dir)
     state = None
@@ -466,6 +620,14 @@ def train(
         if (run_dir / STATE).exists():
             state = _read_state(run_dir / STATE)
             p_saved = state[2]
+            saved_world = _saved_world_size(state[1])
+            if saved_world != world.size:
+                many = f"{world.size} processes are" if world.distributed else "1 process is"
+                raise CheckpointError(
+                    f"{run_dir / STATE} holds a run of {saved_world} process(es) and {many} "
+                    f"running; the batch order needs the same number: "
+                    f"{resume_command(name, run_dir, saved_world, alone=True)}"
+                )
             if p_saved.finished and _still_stopped(p_saved, config):
                 raise CheckpointError(
                     f"the run in {run_dir} has finished ({p_saved.stopped}); nothing to resume. "
@@ -486,13 +648,33 @@ def train(
             config = task_cls.make_config(overrides)
         except (TypeError, ValueError) as e:
             raise RecipeError(str(e)) from None
+    return run_dir, config, state
+
+
+def _train(
+    task_cls: type[Task],
+    overrides: dict[str, Any],
+    out: str | Path | None,
+    resume: bool,
+    progress: bool | None,
+    hook: Callable[[Progress], None] | None,
+    world: World,
+    dev: torch.device,
+    started: float,
+) -> dict[str, Any]:
+    name = task_cls.name
+    run_dir, config, state = world.on_main(lambda: _setup(task_cls, overrides, out, resume, world))
+    check_precision(dev, config.precision)
+    say = _say if world.is_main else _quiet
 
     task = task_cls(config)
+    task.device = dev
     splits = task.load_splits()
-    if resume:
-        vocab = read_json(run_dir / VOCAB)
-    else:
-        vocab = task.fit_vocab(splits["train"])
+
+    def vocabulary() -> dict[str, Any]:
+        return read_json(run_dir / VOCAB) if resume else task.fit_vocab(splits["train"])
+
+    vocab = world.on_main(vocabulary)
     try:
         task.set_vocab(vocab)
     except (KeyError, TypeError, ValueError) as e:
@@ -501,55 +683,101 @@ def train(
     sizes = {k: task.size(v) for k, v in splits.items()}
 
     torch.manual_seed(config.seed)
-    model = task.build_model()
+    model = task.build_model()  # on the CPU: the same initial weights on every device
+    model.to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = grad_scaler(dev, config.precision)
+    if world.rank:  # dropout: the other ranks draw their own masks (rank 0 draws as one process)
+        torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
     p = Progress()
+    rngs: list[RNG] = []
     if state is not None:
-        _restore_state(run_dir / STATE, *state[:2], model, opt)
+        rngs = _restore_state(run_dir / STATE, *state[:2], model, opt, scaler, world, dev)
         p = state[2]
-        _say(f"resuming {run_dir}: epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
-    elif not resume or not (run_dir / VOCAB).exists():
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StorageError(f"cannot create {run_dir}: {e.strerror or e}") from None
-        write_json(run_dir / VOCAB, vocab)
-        write_json(
-            run_dir / CONFIG,
-            {
-                "task": name,
-                "config": config.to_dict(),
-                "rnnkit": __version__,
-                "torch": torch.__version__,
-            },
-        )
+        carried = {k[len(CARRY) :]: v for k, v in rngs[world.rank].items() if k.startswith(CARRY)}
+        if carried and p.batch:
+            task.load_carry(to_device(carried, dev))
+        say(f"resuming {run_dir}: epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
+    else:
+
+        def start_files() -> None:
+            if resume and (run_dir / VOCAB).exists():
+                return
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"cannot create {run_dir}: {e.strerror or e}") from None
+            write_json(run_dir / VOCAB, vocab)
+            write_json(
+                run_dir / CONFIG,
+                {
+                    "task": name,
+                    "config": config.to_dict(),
+                    "rnnkit": __version__,
+                    "torch": torch.__version__,
+                },
+            )
+
+        world.on_main(start_files)
     wall_before = p.wall
 
-    with torch.random.fork_rng(devices=[]):  # explaining must not move the RNG that dropout uses
-        choice = task.explain(model, data["train"])
+    choice = None
+    if world.is_main:
+        with torch.random.fork_rng(devices=[]):  # explaining must not move dropout's RNG
+            choice = task.explain(model, data["train"])
     n_params = sum(t.numel() for t in model.parameters())
-    _say(
+    procs = f" x {world.size} processes" if world.distributed else ""
+    say(
         f"{name}: training {n_params:,} parameters on {sizes['train']:,} train / "
         f"{sizes['valid']:,} valid / {sizes['test']:,} test -> {run_dir}"
     )
-    _say(f"backend: {choice}")
+    say(f"device: {dev} ({describe(dev)}){procs}, precision {config.precision}")
+    say(f"backend: {choice}")
 
-    def save_state() -> None:
+    def save_state(final: bool = False) -> None:
+        """Write the resume checkpoint on rank 0 with every rank's generators (``final``: after
+        training, when the other ranks have left; their generators are as last gathered)."""
         p.wall = wall_before + time.perf_counter() - started
-        _save_state(run_dir / STATE, model, opt, p)
+        if final:
+            mine = {**_rng_states(dev), **_carry_of(task)}
+            rngs[:] = [mine, *rngs[1:]] if rngs else [mine]
+            _save_state(run_dir / STATE, model, opt, p, rngs, scaler, dev)
+            return
+        gathered = world.gather({**_rng_states(dev), **_carry_of(task)})
+        if gathered is not None:
+            rngs[:] = gathered
+        world.on_main(lambda: _save_state(run_dir / STATE, model, opt, p, rngs, scaler, dev))
 
     if not p.stopped:
+        trained = _replicate(model, dev) if world.distributed else model
         with _CtrlC() as ctrl_c:
             _train_epochs(
-                task, config, model, opt, data, p, run_dir, save_state, progress, hook, ctrl_c
+                task,
+                config,
+                model,
+                opt,
+                data,
+                p,
+                run_dir,
+                save_state,
+                progress,
+                hook,
+                ctrl_c,
+                world=world,
+                device=dev,
+                scaler=scaler,
+                trained=trained,
             )
+    if not world.is_main:
+        return {}  # rank 0 evaluates and writes metrics.json
 
     # Final evaluation of the best weights.
     weights, _ = _load_tensors(run_dir / MODEL)
     _load_weights(model, weights, run_dir / MODEL)
-    valid = task.evaluate(model, data["valid"])
-    test = task.evaluate(model, data["test"])
+    with autocast(dev, config.precision):
+        valid = task.evaluate(model, data["valid"])
+        test = task.evaluate(model, data["test"])
     metrics = {
         "task": name,
         "metric": task.metric,
@@ -563,6 +791,10 @@ def train(
         "train_seconds": round(p.seconds, 2),
         "wall_seconds": round(wall_before + time.perf_counter() - started, 2),
         "backend": {"name": choice.backend, "reason": choice.reason},
+        "device": str(dev),
+        "device_name": describe(dev),
+        "precision": config.precision,
+        "world_size": world.size,
         "threads": torch.get_num_threads(),
         "parameters": n_params,
         "versions": {
@@ -575,12 +807,17 @@ def train(
     }
     write_json(run_dir / METRICS, metrics)
     try:
-        task.artifacts(model, data, run_dir)
+        with autocast(dev, config.precision):
+            task.artifacts(model, data, run_dir)
     except OSError as e:
         raise StorageError(f"cannot write the plots of {task.name} into {run_dir}: {e}") from None
     p.finished = True
-    save_state()
+    save_state(final=True)
     return metrics
+
+
+def _quiet(message: str) -> None:
+    """What ranks other than 0 say: nothing (rank 0 speaks for the run)."""
 
 
 class _CtrlC:
@@ -624,15 +861,28 @@ def _train_epochs(
     progress: bool | None,
     hook: Callable[[Progress], None] | None,
     ctrl_c: _CtrlC | None = None,
+    *,
+    world: World | None = None,
+    device: torch.device | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    trained: nn.Module | None = None,
 ) -> None:
+    """The epochs of a run. ``trained`` is what the loss calls (``model``, or its
+    DistributedDataParallel wrapper under torchrun); ``model`` is validated and saved."""
     from tqdm import tqdm
 
     cls = type(task)
     metric = cls.metric
     ctrl_c = ctrl_c or _CtrlC()
+    world = world or World()
+    device = device or torch.device("cpu")
+    scaler = scaler or grad_scaler(device, "fp32")
+    trained = trained or model
+    precision = config.precision
 
     def batches_of(epoch: int) -> list[Any]:
-        return task.epoch_batches(data["train"], _epoch_generator(config.seed, epoch))
+        generator = _epoch_generator(config.seed, epoch)
+        return _global_batches(task, data["train"], generator, world.size)
 
     per_epoch = len(batches_of(p.epoch))
     if p.batch > per_epoch:
@@ -640,7 +890,7 @@ def _train_epochs(
             f"{run_dir / STATE}: its progress record is damaged (batch = {p.batch}; the epoch "
             f"has only {per_epoch} batches)"
         )
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() if progress is None else progress) and world.is_main
     bar = tqdm(
         total=config.epochs * per_epoch,
         initial=min(p.epoch * per_epoch + p.batch, config.epochs * per_epoch),
@@ -650,14 +900,18 @@ def _train_epochs(
         file=sys.stderr,
         mininterval=0.5,
     )
-    say = bar.write if show else _say
+    say = bar.write if show else _say if world.is_main else _quiet
     budget = config.max_minutes * 60
     last_valid = p.history[-1]["valid"][metric] if p.history else None
     out_of_time = False
     # Training time counts everything in the loop (validation and checkpoints too), over resumes.
     start = last_plot = last_log = time.perf_counter()
     base = p.seconds
-    done_here, seqs_here = 0, 0  # batches and sequences trained by this process
+    # Seconds since ``start`` by rank 0's clock, as every rank knows it (each batch agrees on it):
+    # the time limit and the checkpoint schedule follow it, so all ranks stop at the same batch.
+    clock = 0.0
+    done_here, seqs_here = 0, 0  # batches and sequences trained by this process (all ranks)
+    overflows = 0  # fp16: optimizer steps skipped in a row for overflowing gradients
     # Where the resume checkpoint on disk stands (epoch, batch), if there is one.
     saved: list[tuple[int, int] | None] = [(p.epoch, p.batch) if p.step else None]
 
@@ -688,9 +942,14 @@ def _train_epochs(
             ) from None
         saved[0] = (p.epoch, p.batch)
 
-    def stop_if_interrupted() -> None:
-        if not ctrl_c.pending:
+    def stop_if_interrupted(agreed: bool | None = None) -> None:
+        """Save and stop if Ctrl-C was pressed (on any rank; ``agreed``: the ranks have already
+        agreed whether it was, otherwise they agree here)."""
+        if agreed is None:
+            agreed = world.any(ctrl_c.pending)
+        if not agreed:
             return
+        ctrl_c.pending = True
         checkpoint(f"batch {p.batch}")
         where = (
             f"after training ({p.stopped}), before the final evaluation"
@@ -699,39 +958,80 @@ def _train_epochs(
             f"{len(batches_of(p.epoch))}"
         )
         raise Interrupted(
-            f"interrupted {where}; saved {run_dir / STATE}; `rnnkit train {cls.name} --out "
-            f"{shlex.quote(str(run_dir))} --resume` continues from there"
+            f"interrupted {where}; saved {run_dir / STATE}; "
+            f"{resume_command(cls.name, run_dir, world.size)} continues from there"
         )
 
     try:
         while p.epoch < config.epochs and not out_of_time:
             batches = batches_of(p.epoch)
-            last_save = time.perf_counter()
+            last_save = clock if world.distributed else time.perf_counter() - start
             model.train()
             for k in range(p.batch, len(batches)):
+                if k == 0:
+                    task.start_epoch()
                 where = f"batch {k + 1}/{len(batches)}"
-                batch = task.collate(data["train"], batches[k])
-                loss, n = task.loss(model, batch)
-                loss_value = loss.item()
+                part, real = batches[k], True
+                if world.distributed:  # this rank's shard; an empty one computes with weight 0
+                    part = task.shard(batches[k], world.rank, world.size)
+                    if len(part) == 0:
+                        part, real = batches[k][:1], False
+                batch = to_device(task.collate(data["train"], part), device)
+                with autocast(device, precision):
+                    loss, n = task.loss(trained, batch)
+                n = n if real else 0
+                if world.distributed:
+                    # One all-reduce: the loss summed over items and the item count of the
+                    # global batch, whether Ctrl-C was pressed anywhere, and rank 0's clock.
+                    here = float(loss.detach()) * n if n else 0.0
+                    mine = time.perf_counter() - start if world.is_main else 0.0
+                    loss_sum, count, interrupted, clock = world.sum(
+                        [here, n, float(ctrl_c.pending), mine]
+                    )
+                    count = round(count)
+                    loss_value = loss_sum / max(count, 1)
+                    # DistributedDataParallel averages the ranks' gradients; weighting each
+                    # rank's mean loss by its share of the items makes that average the gradient
+                    # of the global batch's mean loss, as one process would compute it.
+                    loss = loss * (n * world.size / max(count, 1))
+                else:
+                    loss_value = loss.item()
+                    loss_sum, count, interrupted = loss_value * n, n, 0.0
                 if not math.isfinite(loss_value):
                     raise diverged(where, f"the training loss is {loss_value}")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)  # fp16: the true gradients, for the norm and clipping
                 # The norm of all gradients before clipping (max_norm = inf: none; grads * 1.0).
                 norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.clip or math.inf))
                 if not math.isfinite(norm):
-                    raise diverged(where, f"the gradient norm is {norm}")
+                    if not scaler.is_enabled():
+                        raise diverged(where, f"the gradient norm is {norm}")
+                    # fp16: the loss scale was too high; the scaler skips this step and halves
+                    # it. Only a long run of such steps is divergence.
+                    overflows += 1
+                    if overflows >= MAX_OVERFLOWS:
+                        raise diverged(
+                            where,
+                            f"the gradients overflowed float16 in {overflows} steps in a row "
+                            f"(loss scale now {scaler.get_scale():g}); try --precision bf16",
+                        )
+                else:
+                    overflows = 0
                 try:
-                    opt.step()
+                    scaler.step(opt)
                 except RuntimeError as e:
                     if "overflow" not in str(e):
                         raise
                     raise diverged(where, f"the optimizer step overflows ({e})") from None
+                scaler.update()
                 now = time.perf_counter()
-                p.seconds = base + now - start
+                if not world.distributed:
+                    clock = now - start
+                p.seconds = base + clock
                 p.batch, p.step = k + 1, p.step + 1
-                p.loss_sum += loss_value * n
-                p.count += n
+                p.loss_sum += loss_sum
+                p.count += count
                 done_here += 1
                 seqs_here += task.batch_size_of(batches[k])
                 bar.update(1)
@@ -759,19 +1059,25 @@ def _train_epochs(
                     out_of_time = True
                     break
                 due = (config.checkpoint_every and p.batch % config.checkpoint_every == 0) or (
-                    config.checkpoint_minutes and now - last_save >= config.checkpoint_minutes * 60
+                    config.checkpoint_minutes
+                    and clock - last_save >= config.checkpoint_minutes * 60
                 )
                 if due and p.batch < len(batches):
                     checkpoint(where)
-                    last_save = time.perf_counter()
-                stop_if_interrupted()
+                    last_save = clock if world.distributed else time.perf_counter() - start
+                stop_if_interrupted(interrupted > 0 if world.distributed else ctrl_c.pending)
 
             # End of the epoch (or of the time budget): validate, keep the best weights. Ctrl-C
             # stops validation of a whole epoch at once: the checkpoint of its last batch makes a
             # resumed run validate it. (Out of time, mid-epoch, it waits for the epoch's end.)
-            ctrl_c.at_once = not out_of_time
+            ctrl_c.at_once = not out_of_time and world.is_main
+
+            def validate() -> dict[str, Any]:
+                with autocast(device, precision):
+                    return task.validate(model, data["valid"])
+
             try:
-                valid = task.validate(model, data["valid"])
+                valid = world.on_main(validate)  # rank 0 validates; every rank reads its metrics
             except KeyboardInterrupt:
                 ctrl_c.pending = True
                 stop_if_interrupted()
@@ -784,11 +1090,12 @@ def _train_epochs(
             p.seconds = base + time.perf_counter() - start
             better = _better(cls, valid[metric], valid["loss"], p)
             if better:
+                best_meta = {"epoch": str(p.epoch + 1), metric: repr(valid[metric])}
                 try:
-                    _save_tensors(
-                        run_dir / MODEL,
-                        model.state_dict(),
-                        {"epoch": str(p.epoch + 1), metric: repr(valid[metric])},
+                    world.on_main(
+                        lambda meta=best_meta: _save_tensors(
+                            run_dir / MODEL, model.state_dict(), meta
+                        )
                     )
                 except _NonFinite as e:
                     raise diverged(
@@ -829,9 +1136,14 @@ def _train_epochs(
             elif p.epoch >= config.epochs:
                 p.stopped = f"{config.epochs} epochs"
             checkpoint("the end of the epoch")
-            if not p.stopped and time.perf_counter() - last_plot >= PLOT_SECONDS:
-                plot_curves(p.history, metric, run_dir / CURVES)
-                last_plot = time.perf_counter()
+
+            def plot_now(since: float = last_plot) -> float:
+                if not p.stopped and time.perf_counter() - since >= PLOT_SECONDS:
+                    plot_curves(p.history, metric, run_dir / CURVES)
+                    return time.perf_counter()
+                return since
+
+            last_plot = world.on_main(plot_now)
             if p.stopped:
                 break
             stop_if_interrupted()
@@ -839,7 +1151,7 @@ def _train_epochs(
             p.stopped = f"{config.epochs} epochs"
             checkpoint("the end")
         if p.history:
-            plot_curves(p.history, metric, run_dir / CURVES)
+            world.on_main(lambda: plot_curves(p.history, metric, run_dir / CURVES))
         stop_if_interrupted()
     finally:
         bar.close()
@@ -847,29 +1159,53 @@ def _train_epochs(
     say(f"stopped: {p.stopped}; best validation {metric}: {best}")
 
 
-def load_run(run_dir: str | Path, backend: str | None = None) -> tuple[Task, nn.Module]:
-    """The task (with its vocabulary) and model (best weights) saved in ``run_dir``."""
+def load_run(
+    run_dir: str | Path,
+    backend: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str | None = None,
+) -> tuple[Task, nn.Module]:
+    """The task (with its vocabulary) and model (best weights) saved in ``run_dir``, the model on
+    ``device`` (a name as ``--device`` takes, or a torch.device). ``backend`` and ``precision``
+    replace the run's (``task.config`` holds what applies)."""
     run_dir = Path(run_dir)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     task_cls, config, _ = _saved_run(run_dir)
     if backend is not None:
         config.backend = backend
+    if precision is not None:
+        config.precision = precision
+    check_precision(dev, config.precision)
     task = task_cls(config)
+    task.device = dev
+    task.run_dir = run_dir  # where a task's predict may draw (e.g. sentiment's --explain)
     try:
         task.set_vocab(read_json(run_dir / VOCAB))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / VOCAB} is damaged: {e!r}") from None
     model = task.build_model()
-    weights, _ = _load_tensors(run_dir / MODEL)
+    weights, _ = _load_tensors(run_dir / MODEL)  # CPU tensors, copied onto the model's device
     _load_weights(model, weights, run_dir / MODEL)
+    model.to(dev)
     model.eval()
     return task, model
 
 
-def evaluate(run_dir: str | Path, backend: str | None = None) -> dict[str, Any]:
-    """Recompute the validation and test metrics of the best weights in ``run_dir``."""
-    task, model = load_run(run_dir, backend)
+def evaluate(
+    run_dir: str | Path,
+    backend: str | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+) -> dict[str, Any]:
+    """Recompute the validation and test metrics of the best weights in ``run_dir`` on
+    ``device`` in ``precision`` (default: the run's)."""
+    dev = resolve_device(device)
+    task, model = load_run(run_dir, backend, dev, precision)
     splits = task.load_splits()
-    return {split: task.evaluate(model, task.encode(splits[split])) for split in ("valid", "test")}
+    with autocast(dev, task.config.precision):
+        return {
+            split: task.evaluate(model, task.encode(splits[split])) for split in ("valid", "test")
+        }
 
 
 def predict(
@@ -877,10 +1213,15 @@ def predict(
     inputs: list[str],
     options: dict[str, Any] | None = None,
     backend: str | None = None,
-) -> list[str]:
-    """Run the model in ``run_dir`` on ``inputs`` (sentences, files or prompts, by task)."""
+    device: str = "auto",
+    precision: str | None = None,
+) -> list[str] | Iterator[str]:
+    """Run the model in ``run_dir`` on ``inputs`` (sentences, files or prompts, by task) on
+    ``device`` in ``precision`` (default: the run's): the lines to print, or, from a task that
+    streams them (speech's ``--stream``), an iterator giving each as it is ready."""
     if not inputs:
         raise RecipeError("no input given; expected at least one INPUT")
+    dev = resolve_device(device)
     task_cls, _, _ = _saved_run(Path(run_dir))
     options = options or {}
     unknown = sorted(set(options) - set(task_cls.predict_options))
@@ -895,5 +1236,14 @@ def predict(
             task_cls.predict_options[name].check(name, value)
         except ValueError as e:
             raise RecipeError(str(e)) from None
-    task, model = load_run(run_dir, backend)
-    return task.predict(model, inputs, options)
+    task, model = load_run(run_dir, backend, dev, precision)
+    with autocast(dev, task.config.precision):
+        lines = task.predict(model, inputs, options)
+    if isinstance(lines, list):
+        return lines
+
+    def streamed() -> Iterator[str]:  # a task streaming its lines: each as it comes
+        with autocast(dev, task.config.precision):
+            yield from lines
+
+    return streamed()

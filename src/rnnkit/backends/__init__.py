@@ -20,15 +20,18 @@ A backend is an object with
   per direction, or all at once if it fuses them), forward; its backward is whatever autograd
   differentiates (a custom op with a hand-written backward, or plain torch operations);
 * optionally ``slower(request) -> str | None`` (a measured reason why automatic dispatch should
-  prefer a lower-priority backend that can also run the request) and ``why`` (one line for
-  :func:`rnnkit.explain`).
+  prefer a lower-priority backend that can also run the request), ``why`` (one line for
+  :func:`rnnkit.explain`) and ``first = True`` (consulted before anything else, even a backend
+  named explicitly; automatic dispatch does not list its reasons when it declines).
 
 :func:`register` adds it beside the built-ins (``reference``: the Python time loop, which runs
-everything; ``native``: torch's own fused ops; ``cpu``: rnnkit's C++ kernels). A registered
-backend is enrolled in the conformance suite (``tests/test_conformance.py``): parity with the
-reference backend in outputs, final states and every gradient, over every cell, lengths 0/1/T,
-both directions, stacks, each regulariser, gates, float32/float64 and the error cases, for every
-request its ``check`` accepts.
+everything; ``native``: torch's own fused ops; ``cpu``: rnnkit's C++ kernels; ``export``: while
+a model is exported (:func:`exporting`), one portable op per layer that lowers to ONNX, see
+:mod:`rnnkit.export`; it is ``first``, so an exported graph never holds an eager kernel).
+A registered backend is enrolled in the conformance suite (``tests/test_conformance.py``):
+parity with the reference backend in outputs, final states and every gradient, over every cell,
+lengths 0/1/T, both directions, stacks, each regulariser, gates, float32/float64 and the error
+cases, for every request its ``check`` accepts.
 
 A backend named explicitly (the layer's ``backend=`` argument, :func:`set_default_backend` or
 :func:`use_backend`) is used or, if it cannot run the request, raises
@@ -59,8 +62,10 @@ __all__ = [
     "LayerCall",
     "LayerResult",
     "Request",
+    "StackMasks",
     "StackResult",
     "available",
+    "exporting",
     "get_default_backend",
     "make_call",
     "register",
@@ -146,11 +151,35 @@ class Direction:
         return self.state[0].shape[-1]
 
 
+@dataclass(frozen=True)
+class StackMasks:
+    """The regulariser masks of a whole stack, drawn once for a sequence of ``steps`` steps
+    (``masks[layer][direction]``, None where a direction has no regulariser), so that a sequence
+    fed in chunks sees the masks one call over all of it would draw. :meth:`at` gives the view for
+    the chunk that starts at step ``t0`` (zoneout's per-step masks are read from there on)."""
+
+    masks: tuple[tuple[Masks | None, ...], ...]
+    steps: int
+    batch: int
+    offset: int = 0
+
+    def at(self, t0: int) -> StackMasks:
+        """These masks for the chunk that starts at step ``t0`` of the sequence."""
+        if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 < self.steps:
+            raise ValueError(
+                f"t0 = {t0!r}; expected a step of the sequence, 0 <= t0 < {self.steps}"
+            )
+        return StackMasks(self.masks, self.steps, self.batch, t0)
+
+
 @dataclass
 class Call:
     """A whole stack, in the backends' time-major layout: ``x`` (T, B, I), ``layers`` (per layer,
     per direction, forward direction first), ``lengths`` (B,) int64 on x's device or None,
-    ``dropout`` between layers (in training), and whether to collect ``gates``."""
+    ``dropout`` between layers (in training), and whether to collect ``gates``. ``checkpoint``:
+    keep the state every that many steps and recompute each segment in the backward pass (0:
+    keep everything). ``masks``: regulariser masks drawn beforehand (streaming), else the
+    composer draws them."""
 
     request: Request
     x: Tensor
@@ -159,13 +188,17 @@ class Call:
     dropout: float = 0.0
     training: bool = False
     gates: bool = False
+    checkpoint: int = 0
+    masks: StackMasks | None = None
 
 
 @dataclass
 class LayerCall:
     """One layer, as :meth:`Backend.run_layer` gets it: ``inputs`` has one (T, B, I) tensor per
     direction (the same tensor object for both unless variational masks differ), ``directions``
-    their :class:`Direction` (masks drawn, DropConnect applied), ``lengths`` as in :class:`Call`.
+    their :class:`Direction` (masks drawn, DropConnect applied): one direction reading forwards
+    or reversed (``Direction.reverse``), or two, a forward one then a reversed one. ``lengths``
+    as in :class:`Call`.
     """
 
     request: Request
@@ -239,7 +272,12 @@ def available() -> tuple[str, ...]:
 
 
 def check_name(name: str | None) -> str | None:
-    """Validate a backend name (None = follow the global default)."""
+    """Validate a backend name (None = follow the global default).
+
+    Every layer checks its ``backend=`` when it is built, which registers the built-in backends
+    then, so that a traced forward (torch.compile, torch.export) never takes the registry lock.
+    """
+    _ensure_registered()
     if name is None:
         return None
     names = available()
@@ -272,9 +310,26 @@ def use_backend(name: str) -> Iterator[None]:
         _scoped.name = outer
 
 
+def exporting() -> bool:
+    """Whether a model is being exported: traced by ``torch.export.export`` (which
+    ``torch.onnx.export(..., dynamo=True)`` uses) or by the TorchScript-based ONNX exporter.
+
+    The values of the tensors are then unknown to the graph (only their shapes), so nothing may
+    branch on them: ``lengths=`` is checked by its shape alone.
+    """
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+
+
 def select(request: Request, name: str | None = None) -> tuple[Backend, Choice]:
-    """Pick the backend for ``request``; ``name`` (or the global default) forces one."""
+    """Pick the backend for ``request``; ``name`` (or the global default) forces one.
+
+    A backend marked ``first`` (the export backend) that accepts the request is chosen before
+    anything else, even a named backend.
+    """
     _ensure_registered()
+    for backend in _registry.values():
+        if getattr(backend, "first", False) and backend.check(request) is None:
+            return backend, Choice(backend.name, getattr(backend, "why", backend.name))
     forced = check_name(name) or get_default_backend()
     if forced != AUTO:
         backend = _registry[forced]
@@ -284,6 +339,8 @@ def select(request: Request, name: str | None = None) -> tuple[Backend, Choice]:
         return backend, Choice(forced, f"asked for by name ({forced!r})")
     skipped = []
     for backend in sorted(_registry.values(), key=lambda b: -b.priority):
+        if getattr(backend, "first", False):
+            continue  # consulted above
         missing = backend.check(request)
         if missing is None and hasattr(backend, "slower"):
             missing = backend.slower(request)
@@ -304,11 +361,18 @@ def _ensure_registered() -> None:
     global _builtins_registered
     if _builtins_registered:
         return
-    from . import cpu, native, reference
+    from . import cpu, export, native, reference, triton
 
+    builtins = (
+        reference.ReferenceBackend(),
+        native.NativeBackend(),
+        cpu.CpuBackend(),
+        triton.TritonBackend(),
+        export.ExportBackend(),
+    )
     with _lock:
         if not _builtins_registered:
-            for builtin in (reference.ReferenceBackend(), native.NativeBackend(), cpu.CpuBackend()):
+            for builtin in builtins:
                 _registry.setdefault(builtin.name, builtin)
             _builtins_registered = True
 
@@ -319,6 +383,8 @@ def _ensure_registered() -> None:
 def _lengths_kind(lengths: Tensor | None) -> str:
     if lengths is None:
         return "none"
+    if exporting():  # the values are the graph's input: any of them may be 0
+        return "has_zero"
     return "has_zero" if bool((lengths == 0).any()) else "positive"
 
 
@@ -331,6 +397,8 @@ def make_call(
     training: bool = False,
     gates: bool = False,
     label: str = "",
+    checkpoint: int = 0,
+    masks: StackMasks | None = None,
 ) -> Call:
     """A :class:`Call` for ``layers`` over the time-major ``x``, with its :class:`Request`."""
     directions = [d for layer in layers for d in layer]
@@ -366,7 +434,7 @@ def make_call(
         input_size=x.shape[2],
         hidden_size=first.hidden_size,
     )
-    return Call(request, x, layers, lengths, dropout, training, gates)
+    return Call(request, x, layers, lengths, dropout, training, gates, checkpoint, masks)
 
 
 def run(call: Call, name: str | None = None) -> StackResult:

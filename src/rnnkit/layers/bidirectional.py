@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..backends import Direction
+from ..backends import Direction, StackMasks
 from .recurrent import (
     Prepared,
     cell_state,
     dispatch_request,
+    draw_stack_masks,
     prepare,
     run_stack,
     signature,
@@ -142,13 +143,29 @@ class Bidirectional(nn.Module):
             for label, req, name in layer.dispatch_requests(x, lengths)
         ]
 
+    def draw_masks(self, x: Any, lengths: Any = None) -> StackMasks:
+        """As :meth:`Recurrent.draw_masks` (both layers must run fused, see :meth:`fused`)."""
+        self._need_fused("draw_masks")
+        inp = self._prepare(x, lengths)
+        return draw_stack_masks(self, inp, self.directions(inp.x, None))
+
+    def _need_fused(self, what: str) -> None:
+        if not self.fused():
+            raise ValueError(
+                f"{what} needs both layers to run as one (two Recurrent layers over agreeing "
+                "cells); these run one after the other"
+            )
+
     def forward(
-        self, x: Any, state: Any = None, lengths: Any = None
+        self, x: Any, state: Any = None, lengths: Any = None, masks: StackMasks | None = None
     ) -> tuple[Any, tuple[Any, Any]]:
         if self.fused():
             inp = self._prepare(x, lengths)
             layers = self.directions(inp.x, state)
-            result = run_stack(self, inp, layers, self.forward_layer.backend)
+            first = self.forward_layer
+            result = run_stack(
+                self, inp, layers, first.backend, checkpoint=first.checkpoint, masks=masks
+            )
             out_f, out_b = (inp.restore(o) for o in result.last)
             out = (
                 inp.restore(result.out)
@@ -157,6 +174,8 @@ class Bidirectional(nn.Module):
             )
             (s_f, s_b) = result.states[0]
             return out, (cell_state(layers[0][0], s_f), cell_state(layers[0][1], s_b))
+        if masks is not None:
+            self._need_fused("masks=")
         state = self._check_state(state)
         out_f, s_f = self.forward_layer(x, state[0], lengths=lengths)
         out_b, s_b = self.backward_layer(x, state[1], lengths=lengths)

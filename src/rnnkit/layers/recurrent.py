@@ -32,12 +32,13 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
 from .. import lengths as L
-from ..backends import Direction, StackResult
+from ..backends import Direction, StackMasks, StackResult
 from ..backends.reference import scan
+from ..backends.stack import auto_checkpoint, draw_masks
 from ..cells.base import Cell, State
 from ..regularisers import PlainPickle, Regularisers
 
-__all__ = ["Recurrent", "check_dtypes", "prepare", "scan", "top_states"]
+__all__ = ["Recurrent", "check_dtypes", "detach_state", "prepare", "scan", "top_states"]
 
 
 def _states(state: Any) -> tuple[Tensor, ...]:
@@ -58,12 +59,6 @@ class Prepared:
     packed: PackedSequence | None
     batch_first: bool
     unbatched: bool
-
-    @property
-    def lengths_kind(self) -> str:
-        if self.lengths is None:
-            return "none"
-        return "has_zero" if bool((self.lengths == 0).any()) else "positive"
 
     def restore(self, out: Tensor) -> Tensor | PackedSequence:
         """Give a time-major result the caller's layout (packed, batch-first or unbatched)."""
@@ -191,6 +186,23 @@ def top_states(layer: nn.Module, state: Any) -> tuple[tuple[Tensor, ...], ...]:
     return (tensors,)
 
 
+def check_checkpoint(value: Any) -> int | str | None:
+    """``checkpoint`` as a layer takes it: None (keep every step), a positive int K (keep the
+    state every K steps, recompute the rest in the backward pass) or "auto" (K about sqrt(T))."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"checkpoint = {value!r}; expected None, a positive integer or 'auto'")
+    return value
+
+
+def segment(checkpoint: int | str | None, steps: int) -> int:
+    """The segment length of checkpointed BPTT over ``steps`` steps (0: not checkpointed)."""
+    if checkpoint is None:
+        return 0
+    return auto_checkpoint(steps) if checkpoint == "auto" else int(checkpoint)
+
+
 def run_stack(
     module: nn.Module,
     inp: Prepared,
@@ -199,8 +211,12 @@ def run_stack(
     *,
     dropout: float = 0.0,
     gates: bool = False,
+    checkpoint: int | str | None = None,
+    masks: StackMasks | None = None,
 ) -> StackResult:
     """Hand a layer's stack (``layers``, built by the layer over ``inp``) to the backends."""
+    if masks is not None:
+        check_streaming(module, layers, masks, inp.x.shape[0])
     call = backends.make_call(
         inp.x,
         layers,
@@ -209,8 +225,35 @@ def run_stack(
         training=module.training,
         gates=gates,
         label=type(module).__name__,
+        checkpoint=segment(checkpoint, inp.x.shape[0]),
+        masks=masks,
     )
     return backends.run(call, backend)
+
+
+def check_streaming(
+    module: nn.Module, layers: list[list[Direction]], masks: Any, steps: int
+) -> None:
+    """``masks`` must come from :meth:`draw_masks`; a chunk of a longer sequence cannot be read
+    backwards."""
+    if not isinstance(masks, StackMasks):
+        raise TypeError(
+            f"masks is a {type(masks).__name__}; expected what {type(module).__name__}.draw_masks "
+            "returns (or its .at(t0) for a chunk)"
+        )
+    chunk = masks.offset > 0 or steps < masks.steps
+    if chunk and any(d.reverse for layer in layers for d in layer):
+        raise ValueError(
+            f"{type(module).__name__} has a reversed direction, which reads each sequence from its "
+            f"end: it cannot run a sequence of {masks.steps} steps chunk by chunk (this chunk: "
+            f"steps {masks.offset}..{masks.offset + steps - 1}); run the whole sequence in one call"
+        )
+
+
+def draw_stack_masks(module: nn.Module, inp: Prepared, layers: list[list[Direction]]) -> StackMasks:
+    """The masks ``module`` would draw for a call over ``inp``, drawn now (see :meth:`draw_masks`)."""
+    call = backends.make_call(inp.x, layers, inp.lengths, training=module.training)
+    return draw_masks(call)
 
 
 def dispatch_request(
@@ -224,6 +267,19 @@ def dispatch_request(
     return call.request
 
 
+def detach_state(state: Any) -> Any:
+    """``state`` (any layer's: a tensor, or tuples/lists of them, nested) with every tensor
+    detached from the graph: carry it into the next chunk without backpropagating into the
+    previous one (truncated BPTT)."""
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, tuple | list):
+        return type(state)(detach_state(s) for s in state)
+    if state is None:
+        return None
+    raise TypeError(f"state is a {type(state).__name__}; expected a tensor or tuples of tensors")
+
+
 def signature(layer: nn.Module) -> tuple | None:
     """What must agree between the directions of one fused stack, or None when ``layer`` is not
     a :class:`Recurrent` (then a wrapper composes it module by module)."""
@@ -232,7 +288,10 @@ def signature(layer: nn.Module) -> tuple | None:
     cell = layer.cell
     mode = cell.kernel_mode() if isinstance(cell, Cell) else None
     weights = tuple(cell.kernel_weights()) if mode else ("custom",)
-    return (mode, weights, getattr(cell, "eps", 1e-5), layer.batch_first, layer.backend)
+    return (
+        mode, weights, getattr(cell, "eps", 1e-5), layer.batch_first, layer.backend,
+        layer.checkpoint,
+    )  # fmt: skip
 
 
 class Recurrent(PlainPickle, nn.Module):
@@ -251,6 +310,14 @@ class Recurrent(PlainPickle, nn.Module):
     Regularisers (keyword arguments, see :mod:`rnnkit.regularisers`): ``dropout_input``,
     ``dropout_state``, ``dropout_output`` (variational, one mask per sequence), ``zoneout`` and
     ``zoneout_cell``, ``weight_drop`` (DropConnect on ``cell.weight_hh``).
+
+    ``checkpoint``: None keeps every step's activations for the backward pass; an int K keeps
+    the state every K steps and recomputes each segment of K steps just before the backward pass
+    needs it (about sqrt(T) with "auto"), for the same gradients in far less memory.
+
+    Streaming: a state returned by one call goes into the next; :func:`rnnkit.detach_state`
+    cuts the graph between them (truncated BPTT); :meth:`draw_masks` draws the regulariser masks
+    once for a whole sequence, to be passed (``masks=masks.at(t0)``) with each chunk.
 
     ``return_gates=True`` (LSTM and GRU families) also returns the gate activations of every step
     as a dict of tensors in the output's layout, e.g. LSTM ``{"i", "f", "g", "o", "c"}``, zero at
@@ -271,6 +338,7 @@ class Recurrent(PlainPickle, nn.Module):
         zoneout: float = 0.0,
         zoneout_cell: float | None = None,
         weight_drop: float = 0.0,
+        checkpoint: int | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module) or not hasattr(cell, "input_size"):
@@ -285,6 +353,7 @@ class Recurrent(PlainPickle, nn.Module):
         self.regularisers = Regularisers(
             dropout_input, dropout_state, dropout_output, zoneout, zoneout_cell, weight_drop
         )
+        self.checkpoint = check_checkpoint(checkpoint)
         if weight_drop and not isinstance(getattr(cell, "weight_hh", None), Tensor):
             raise ValueError(
                 f"weight_drop = {weight_drop} needs a cell with a recurrent weight named "
@@ -303,6 +372,8 @@ class Recurrent(PlainPickle, nn.Module):
         flags = [f"{k}=True" for k in ("reverse", "batch_first") if getattr(self, k)]
         if self.backend is not None:
             flags.append(f"backend={self.backend!r}")
+        if self.checkpoint is not None:
+            flags.append(f"checkpoint={self.checkpoint!r}")
         regs = self.regularisers.extra_repr()
         return ", ".join(flags + ([regs] if regs else []))
 
@@ -375,17 +446,30 @@ class Recurrent(PlainPickle, nn.Module):
             )
         return names
 
+    def draw_masks(self, x: Tensor | PackedSequence, lengths: Any = None) -> StackMasks:
+        """The regulariser masks of a call over the whole sequence ``x``, drawn now: pass
+        ``masks.at(t0)`` with each chunk that starts at step t0 (and the previous chunk's state),
+        and the chunks compute exactly what one call over ``x`` computes (streaming, truncated
+        BPTT)."""
+        inp = self._prepare(x, lengths)
+        return draw_stack_masks(self, inp, self.directions(inp.x, None))
+
     def forward(
         self,
         x: Tensor | PackedSequence,
         state: State | None = None,
         lengths: Any = None,
         return_gates: bool = False,
+        masks: StackMasks | None = None,
     ) -> tuple:
+        """``masks``: from :meth:`draw_masks` (for a chunk, ``.at(t0)``); None draws new ones."""
         names = self._check_gates() if return_gates else ()
         inp = self._prepare(x, lengths)
         layers = self.directions(inp.x, state)
-        result = run_stack(self, inp, layers, self.backend, gates=return_gates)
+        result = run_stack(
+            self, inp, layers, self.backend, gates=return_gates, checkpoint=self.checkpoint,
+            masks=masks,
+        )  # fmt: skip
         final = cell_state(layers[0][0], result.states[0][0])
         if not return_gates:
             return inp.restore(result.out), final

@@ -9,13 +9,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from ..backends import Direction
+from ..backends import Direction, StackMasks
 from ..regularisers import check_probability
 from .bidirectional import Bidirectional, merge
 from .recurrent import (
     Prepared,
     cell_state,
     dispatch_request,
+    draw_stack_masks,
     prepare,
     run_stack,
     signature,
@@ -132,11 +133,26 @@ class Stacked(nn.Module):
             ]
         return requests
 
+    def draw_masks(self, x: Any, lengths: Any = None) -> StackMasks:
+        """As :meth:`Recurrent.draw_masks` (the stack must run fused, see :meth:`fused`)."""
+        self._need_fused("draw_masks")
+        inp = self._prepare(x, lengths)
+        return draw_stack_masks(self, inp, self.directions(inp.x, None))
+
+    def _need_fused(self, what: str) -> None:
+        if not self.fused():
+            raise ValueError(
+                f"{what} needs the stack to run as one call (Recurrent and Bidirectional layers "
+                "over agreeing cells); these layers run one after the other"
+            )
+
     def forward(
-        self, x: Any, state: Any = None, lengths: Any = None
+        self, x: Any, state: Any = None, lengths: Any = None, masks: StackMasks | None = None
     ) -> tuple[Any, tuple[Any, ...]]:
         if self.fused():
-            return self._forward_fused(x, state, lengths)
+            return self._forward_fused(x, state, lengths, masks)
+        if masks is not None:
+            self._need_fused("masks=")
         state = self._check_state(state)
         finals = []
         for k, layer in enumerate(self.layers):
@@ -146,10 +162,16 @@ class Stacked(nn.Module):
             finals.append(s)
         return x, tuple(finals)
 
-    def _forward_fused(self, x: Any, state: Any, lengths: Any) -> tuple[Any, tuple[Any, ...]]:
+    def _forward_fused(
+        self, x: Any, state: Any, lengths: Any, masks: StackMasks | None
+    ) -> tuple[Any, tuple[Any, ...]]:
         inp = self._prepare(x, lengths)
         layers = self.directions(inp.x, state)
-        result = run_stack(self, inp, layers, self._first().backend, dropout=self.dropout)
+        first = self._first()
+        result = run_stack(
+            self, inp, layers, first.backend, dropout=self.dropout, checkpoint=first.checkpoint,
+            masks=masks,
+        )  # fmt: skip
         top = self.layers[-1]
         if isinstance(top, Bidirectional) and top.merge != "concat":
             out = merge(*(inp.restore(o) for o in result.last), top.merge)

@@ -18,11 +18,19 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
-from ..backends import Direction
+from ..backends import Direction, StackMasks
 from ..cells.base import _check_size
 from ..cells.table import SPECS
 from ..regularisers import PlainPickle, Regularisers
-from .recurrent import Prepared, check_state, dispatch_request, prepare, run_stack
+from .recurrent import (
+    Prepared,
+    check_checkpoint,
+    check_state,
+    dispatch_request,
+    draw_stack_masks,
+    prepare,
+    run_stack,
+)
 from .stacked import check_dropout
 
 __all__ = ["GRU", "LSTM", "RNN"]
@@ -44,6 +52,7 @@ class _RNNBase(PlainPickle, nn.Module):
         dtype: torch.dtype | None = None,
         backend: str | None = None,
         regularisers: Regularisers | None = None,
+        checkpoint: int | str | None = None,
     ) -> None:
         super().__init__()
         _check_size("input_size", input_size)
@@ -68,6 +77,7 @@ class _RNNBase(PlainPickle, nn.Module):
         self.proj_size = proj_size
         self.backend = backends.check_name(backend)
         self.regularisers = regularisers or Regularisers()
+        self.checkpoint = check_checkpoint(checkpoint)
         if self.dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"dropout = {self.dropout} has no effect with num_layers = 1: dropout is applied "
@@ -138,6 +148,7 @@ class _RNNBase(PlainPickle, nn.Module):
             "dropout": 0.0,
             "bidirectional": False,
             "backend": None,
+            "checkpoint": None,
         }
         for key, default in defaults.items():
             if getattr(self, key) != default:
@@ -212,12 +223,21 @@ class _RNNBase(PlainPickle, nn.Module):
         top = range(len(h_n) - self.num_directions, len(h_n))
         return tuple((h_n[k], c_n[k]) if c_n is not None else (h_n[k],) for k in top)
 
+    def draw_masks(self, input: Tensor | PackedSequence, lengths: Any = None) -> StackMasks:
+        """The regulariser masks of a call over the whole sequence ``input``, drawn now: pass
+        ``masks.at(t0)`` with each chunk that starts at step t0 (and the previous chunk's state)
+        to compute what one call over ``input`` computes. A bidirectional layer cannot stream."""
+        inp = self._prepare(input, lengths)
+        h0, c0 = self._initial_states(None, inp)
+        return draw_stack_masks(self, inp, self.directions(inp.x, h0, c0))
+
     def forward(
         self,
         input: Tensor | PackedSequence,
         hx: Any = None,
         lengths: Any = None,
         return_gates: bool = False,
+        masks: StackMasks | None = None,
     ) -> tuple:
         if return_gates and self._mode.startswith("rnn"):
             raise ValueError("return_gates=True, but an Elman RNN has no gates; use LSTM or GRU")
@@ -225,8 +245,9 @@ class _RNNBase(PlainPickle, nn.Module):
         h0, c0 = self._initial_states(hx, inp)
         layers = self.directions(inp.x, h0, c0)
         result = run_stack(
-            self, inp, layers, self.backend, dropout=self.dropout, gates=return_gates
-        )
+            self, inp, layers, self.backend, dropout=self.dropout, gates=return_gates,
+            checkpoint=self.checkpoint, masks=masks,
+        )  # fmt: skip
         finals = [s for layer in result.states for s in layer]
         h_n = torch.stack([s[0] for s in finals])  # (L*D, B, P)
         c_n = torch.stack([s[1] for s in finals]) if c0 is not None else None  # (L*D, B, H)
@@ -268,6 +289,7 @@ class RNN(_RNNBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        checkpoint: int | str | None = None,
         **regularisers: Any,
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
@@ -286,6 +308,7 @@ class RNN(_RNNBase):
             dtype,
             backend,
             Regularisers(**regularisers),
+            checkpoint,
         )
         self.nonlinearity = nonlinearity
 
@@ -307,6 +330,12 @@ class LSTM(_RNNBase):
     ``weight_hh_l*``). ``return_gates=True`` adds a dict ``{"l0": {"i": ..., "f": ..., "g": ...,
     "o": ..., "c": ...}, "l0_reverse": ..., ...}`` of per-step gate activations (for inspection:
     detached on the fused ``cpu`` backend, differentiable on ``backend="reference"``).
+
+    ``checkpoint`` (keyword-only; every drop-in takes it): None keeps every step's activations
+    for the backward pass; an int K keeps the state every K steps and recomputes each segment
+    when the backward pass needs it ("auto": K about sqrt(T)), same gradients, far less memory.
+    ``forward(..., masks=layer.draw_masks(x).at(t0))`` runs a chunk of a longer sequence with the
+    masks one call over all of it would use (see :meth:`draw_masks`).
     """
 
     def __init__(
@@ -322,6 +351,7 @@ class LSTM(_RNNBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        checkpoint: int | str | None = None,
         **regularisers: Any,
     ) -> None:
         super().__init__(
@@ -338,6 +368,7 @@ class LSTM(_RNNBase):
             dtype,
             backend,
             Regularisers(**regularisers),
+            checkpoint,
         )
 
 
@@ -362,6 +393,7 @@ class GRU(_RNNBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        checkpoint: int | str | None = None,
         **regularisers: Any,
     ) -> None:
         super().__init__(
@@ -378,4 +410,5 @@ class GRU(_RNNBase):
             dtype,
             backend,
             Regularisers(**regularisers),
+            checkpoint,
         )

@@ -9,11 +9,24 @@ from torch import Tensor, nn
 
 from .. import lengths as L
 from ..layers import GRU, LSTM, RNN, top_states
+from .attention import masked_softmax
 
-__all__ = ["CELLS", "POOLING", "SequenceClassifier", "make_encoder", "pool"]
+__all__ = [
+    "CELLS",
+    "POOLING",
+    "ClassifierStream",
+    "SelfAttentionPool",
+    "SequenceClassifier",
+    "make_encoder",
+    "pool",
+]
 
 CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
-POOLING = ("max", "mean", "meanmax", "last")
+#: Poolings that need no parameters (:func:`pool`).
+SIMPLE_POOLING = ("max", "mean", "meanmax", "last")
+#: Every pooling of :class:`SequenceClassifier`: the simple ones, additive self-attention, and
+#: self-attention concatenated with max pooling.
+POOLING = (*SIMPLE_POOLING, "attention", "attention-max")
 
 
 def make_encoder(
@@ -54,8 +67,8 @@ def pool(
         if h_n is None:
             raise ValueError("pooling 'last' needs the final states h_n")
         return torch.cat(list(h_n[-directions:]), dim=-1)  # (B, D*H)
-    if how not in POOLING:
-        raise ValueError(f"pooling = {how!r}; expected one of {POOLING}")
+    if how not in SIMPLE_POOLING:
+        raise ValueError(f"pooling = {how!r}; expected one of {SIMPLE_POOLING}")
     count = valid.sum(1).clamp(min=1)  # (B, 1)
     mean = out.masked_fill(~valid, 0.0).sum(1) / count
     if how == "mean":
@@ -65,12 +78,44 @@ def pool(
     return maxed if how == "max" else torch.cat([mean, maxed], dim=-1)
 
 
+class SelfAttentionPool(nn.Module):
+    """Additive self-attention over the valid steps of encoder outputs (Bahdanau-style scoring with
+    a learnt query, as in Yang et al. 2016 and Lin et al. 2017):
+
+        u_t = tanh(W h_t + b)                 (B, T, A)
+        e_t = v^T u_t                         one score per step
+        a   = softmax(e) over valid t only    padded steps get weight exactly 0
+        c   = sum_t a_t h_t                   (B, F)
+
+    ``forward(out (B, T, F), lengths (B,)) -> (c (B, F), a (B, T))``. A length-0 sequence gets
+    all-zero weights and a zero vector.
+    """
+
+    def __init__(self, features: int, attention_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(features, attention_size)  # W, b
+        self.v = nn.Linear(attention_size, 1, bias=False)
+
+    def forward(self, out: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        valid = L.mask(lengths.to(out.device), out.shape[1]).T  # (B, T)
+        scores = self.v(torch.tanh(self.proj(out))).squeeze(-1)  # (B, T)
+        weights = masked_softmax(scores, valid)  # (B, T)
+        return torch.bmm(weights.unsqueeze(1), out).squeeze(1), weights  # (B, 1, T) @ (B, T, F)
+
+
 class SequenceClassifier(nn.Module):
     """Tokens or feature frames -> rnnkit recurrent encoder (``lengths=``) -> pooling -> logits.
 
-    Give ``vocab_size`` for token ids (B, T) (an embedding of ``embed_size``, id 0 = padding, id 1
-    = unknown) or ``input_size`` for feature frames (B, T, input_size).
-    ``forward(x, lengths) -> (B, classes)``.
+    Give ``vocab_size`` for token ids (B, T) (an embedding of ``embed_size``, id 0 = padding,
+    ``unk_id`` = unknown) or ``input_size`` for feature frames (B, T, input_size).
+    ``forward(x, lengths) -> (B, classes)``; ``forward(x, lengths, return_attention=True)`` also
+    returns the attention weights (B, T) of the attention poolings (None for the others).
+
+    ``pooling``: "max", "mean", "meanmax" (both concatenated), "last" (final states), "attention"
+    (:class:`SelfAttentionPool`) or "attention-max" (attention and max pooling concatenated); each
+    reads the valid steps only. ``vectors`` (vocab_size, embed_size) initialises the embedding
+    (pretrained word vectors); ``frozen`` (vocab_size,) bool marks rows that training leaves as
+    they are (their gradient is zeroed), e.g. the words that have a pretrained vector.
     """
 
     def __init__(
@@ -88,6 +133,11 @@ class SequenceClassifier(nn.Module):
         pooling: str = "max",
         token_dropout: float = 0.0,
         backend: str | None = None,
+        attention_size: int | None = None,
+        unk_id: int = 1,
+        input_noise: float = 0.0,
+        vectors: Tensor | None = None,
+        frozen: Tensor | None = None,
     ) -> None:
         super().__init__()
         if (vocab_size is None) == (input_size is None):
@@ -98,33 +148,88 @@ class SequenceClassifier(nn.Module):
         if vocab_size is not None:
             self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=0)
             input_size = embed_size
+            if vectors is not None:
+                if tuple(vectors.shape) != (vocab_size, embed_size):
+                    raise ValueError(
+                        f"vectors have shape {tuple(vectors.shape)}; expected (vocab_size, "
+                        f"embed_size) = ({vocab_size}, {embed_size})"
+                    )
+                with torch.no_grad():
+                    self.embedding.weight.copy_(vectors)
+                    self.embedding.weight[0] = 0.0  # padding
+            if frozen is not None:
+                if tuple(frozen.shape) != (vocab_size,):
+                    raise ValueError(
+                        f"frozen has shape {tuple(frozen.shape)}; expected (vocab_size,) = "
+                        f"({vocab_size},)"
+                    )
+                keep = (~frozen.bool()).to(self.embedding.weight.dtype).unsqueeze(1)  # (V, 1)
+                self.register_buffer("trainable_rows", keep, persistent=False)
+                self.embedding.weight.register_hook(lambda g: g * self.trainable_rows)
+        elif vectors is not None or frozen is not None:
+            raise ValueError("vectors and frozen need vocab_size (token ids)")
         self.dropout = nn.Dropout(dropout)
         self.encoder = make_encoder(
             cell, input_size, hidden_size, num_layers, bidirectional, dropout, backend
         )
         self.pooling = pooling
         self.token_dropout = token_dropout
+        self.unk_id = unk_id
+        self.input_noise = input_noise
         self.directions = 2 if bidirectional else 1
-        features = hidden_size * (2 if bidirectional else 1) * (2 if pooling == "meanmax" else 1)
+        width = hidden_size * self.directions  # the encoder's output features F
+        self.attention = None
+        if pooling.startswith("attention"):
+            self.attention = SelfAttentionPool(width, attention_size or width)
+        features = width * (2 if pooling in ("meanmax", "attention-max") else 1)
         self.head = nn.Linear(features, num_classes)
 
     def encoder_input(self, x: Tensor) -> Tensor:
         """What the recurrent encoder reads: embedded tokens or the features, after dropout.
 
         In training, ``token_dropout`` replaces that fraction of the tokens by the unknown-token id
-        1 (padding stays padding), so the model cannot lean on any single word.
+        ``unk_id`` (padding stays padding), so the model cannot lean on any single word; features
+        get Gaussian noise of standard deviation ``input_noise`` added.
         """
         if self.embedding is None:
+            if self.training and self.input_noise > 0:
+                x = x + self.input_noise * torch.randn_like(x)
             return self.dropout(x)
         if self.training and self.token_dropout > 0:
             drop = torch.rand(x.shape, device=x.device) < self.token_dropout
-            x = torch.where(drop & (x != 0), 1, x)
+            x = torch.where(drop & (x != 0), self.unk_id, x)
         return self.dropout(self.embedding(x))
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, lengths: Tensor, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
         out, state = self.encoder(self.encoder_input(x), lengths=lengths)
-        top = torch.stack([d[0] for d in top_states(self.encoder, state)])  # (D, B, H)
-        return self.head(self.dropout(pool(out, lengths, self.pooling, top, self.directions)))
+        return self.classify(out, lengths, state, return_attention)
+
+    def classify(
+        self, out: Tensor, lengths: Tensor, state: Any, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Logits (B, classes) from the encoder's outputs (B, T, F) and final state."""
+        weights = None
+        if self.attention is not None:
+            pooled, weights = self.attention(out, lengths)
+            if self.pooling == "attention-max":
+                pooled = torch.cat([pooled, pool(out, lengths, "max")], dim=-1)
+        else:
+            top = torch.stack([d[0] for d in top_states(self.encoder, state)])  # (D, B, H)
+            pooled = pool(out, lengths, self.pooling, top, self.directions)
+        logits = self.head(self.dropout(pooled))
+        return (logits, weights) if return_attention else logits
+
+    def stream(self) -> ClassifierStream:
+        """A classifier that reads its sequences a few steps at a time: :meth:`ClassifierStream.push`
+        returns the logits of everything read so far (a unidirectional encoder only)."""
+        if self.directions != 1:
+            raise ValueError(
+                "a bidirectional encoder reads each sequence from its end too, so it cannot "
+                "classify a sequence while it arrives; train a unidirectional model"
+            )
+        return ClassifierStream(self)
 
     def explain(self, x: Tensor, lengths: Tensor) -> Any:
         """Which backend the encoder runs on for this batch, and why (:func:`rnnkit.explain`)."""
@@ -133,3 +238,26 @@ class SequenceClassifier(nn.Module):
         with torch.no_grad():  # no dropout here: explaining draws nothing from the RNG
             inp = self.embedding(x) if self.embedding is not None else x
         return explain(self.encoder, inp.requires_grad_(self.training), lengths=lengths)
+
+
+class ClassifierStream:
+    """A :class:`SequenceClassifier` over sequences that arrive a few steps at a time: the encoder
+    reads each new piece once, from the state it reached (streaming inference), and the pooling
+    runs over every output so far, so :meth:`push` gives exactly the logits the model gives for
+    the sequences read so far."""
+
+    def __init__(self, model: SequenceClassifier) -> None:
+        self.model = model
+        self.state: Any = None
+        self.outputs: list[Tensor] = []
+
+    @torch.no_grad()
+    def push(self, x: Tensor) -> Tensor:
+        """Read the next steps ``x`` (B, n) token ids or (B, n, features) of every sequence;
+        returns the logits (B, classes) of the sequences read so far."""
+        model = self.model
+        out, self.state = model.encoder(model.encoder_input(x), self.state)
+        self.outputs.append(out)  # (B, n, F)
+        seen = torch.cat(self.outputs, dim=1)
+        lengths = torch.full((seen.shape[0],), seen.shape[1], dtype=torch.long)
+        return model.classify(seen, lengths.to(seen.device), self.state)

@@ -71,8 +71,9 @@ class CharLM(nn.Module):
             raise ValueError(f"temperature = {temperature}; expected >= 0")
         was_training = self.training
         self.eval()
-        logits, state = self(torch.tensor([prompt]))
-        last = logits[0, -1]
+        device = self.head.weight.device
+        logits, state = self(torch.tensor([prompt], device=device))
+        last = logits[0, -1].float().cpu()  # drawn on the CPU: the same text on every device
         banned = list(banned)
         out = []
         for _ in range(length):
@@ -83,7 +84,7 @@ class CharLM(nn.Module):
                 probs = torch.softmax(last / temperature, dim=-1)
                 nxt = int(torch.multinomial(probs, 1, generator=generator))
             out.append(nxt)
-            logits, state = self(torch.tensor([[nxt]]), state)
-            last = logits[0, -1]
+            logits, state = self(torch.tensor([[nxt]], device=device), state)
+            last = logits[0, -1].float().cpu()
         self.train(was_training)
         return out

@@ -89,6 +89,10 @@ class Seq2SeqConfig:
     dropout: float = 0.2
     #: Share the target embedding with the output layer (needs embed_size == decoder_hidden).
     tie_embeddings: bool = False
+    #: In training, run the output layer's matrix product (the largest of a step when the target
+    #: vocabulary is large) in bfloat16 under autocast; the softmax and loss stay float32, and
+    #: evaluation and search run entirely in float32.
+    bf16_output: bool = False
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -431,6 +435,15 @@ class Seq2Seq(nn.Module):
 
         With ``return_attention`` also the attention weights (B, T, S).
         """
+        h_tilde, weights = self._attentional_states(src, src_lengths, tgt_in)
+        # The output layer once over all steps: (B, T, H) -> (B, T, V).
+        logits = self._output(self.dropout(h_tilde))
+        return (logits, weights) if return_attention else logits
+
+    def _attentional_states(
+        self, src: Tensor, src_lengths: Any, tgt_in: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """h~ (B, T, H) and the attention weights (B, T, S) of teacher forcing ``tgt_in``."""
         if tgt_in.dim() != 2 or tgt_in.shape[0] != src.shape[0]:
             raise ValueError(
                 f"tgt_in has shape {tuple(tgt_in.shape)}; expected (B, T) token ids with "
@@ -438,17 +451,39 @@ class Seq2Seq(nn.Module):
             )
         state = self.start(src, src_lengths)
         if self.parallel_decoder:
-            h_tilde, weights = self._decode_all(state, tgt_in)
-        else:
-            h_tildes, steps = [], []
-            for t in range(tgt_in.shape[1]):
-                h_t, state = self._advance(tgt_in[:, t], state)
-                h_tildes.append(h_t)
-                steps.append(state.weights)
-            h_tilde, weights = torch.stack(h_tildes, 1), torch.stack(steps, 1)
-        # The output layer once over all steps: (B, T, H) -> (B, T, V).
-        logits = self.generator(self.dropout(h_tilde))
-        return (logits, weights) if return_attention else logits
+            return self._decode_all(state, tgt_in)
+        h_tildes, steps = [], []
+        for t in range(tgt_in.shape[1]):
+            h_t, state = self._advance(tgt_in[:, t], state)
+            h_tildes.append(h_t)
+            steps.append(state.weights)
+        return torch.stack(h_tildes, 1), torch.stack(steps, 1)
+
+    def _output(self, h: Tensor) -> Tensor:
+        """The output layer ``W_o h`` (float32 logits; bfloat16 products with ``bf16_output`` in
+        training)."""
+        if self.config.bf16_output and self.training:
+            with torch.autocast(h.device.type, dtype=torch.bfloat16):
+                return self.generator(h).float()
+        return self.generator(h)
+
+    def loss(
+        self,
+        src: Tensor,
+        src_lengths: Any,
+        tgt_in: Tensor,
+        tgt_out: Tensor,
+        label_smoothing: float = 0.0,
+    ) -> Tensor:
+        """Teacher-forced mean cross-entropy over the non-padding tokens of ``tgt_out`` (B, T).
+
+        Equals ``sequence_loss(model(src, src_lengths, tgt_in), tgt_out, pad_id)``, but the output
+        layer and softmax run on the non-padding positions only.
+        """
+        h_tilde, _ = self._attentional_states(src, src_lengths, tgt_in)
+        valid = tgt_out != self.config.pad_id  # (B, T)
+        logits = self._output(self.dropout(h_tilde[valid]))  # (N, H) -> (N, V)
+        return F.cross_entropy(logits, tgt_out[valid], label_smoothing=label_smoothing)
 
     # -- searches ---------------------------------------------------------------------------------
 

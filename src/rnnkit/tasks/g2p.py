@@ -2,9 +2,12 @@
 
 The split is :func:`rnnkit.data.cmudict.load_cmudict`'s (by word, ≈ 90/5/5, seed 0, alternate
 pronunciations kept together). Every pronunciation of a training word is a training pair; a word is
-decoded once (beam search) and scored against its closest pronunciation: word error rate (the
-fraction of words not pronounced exactly as one of their references) and phoneme error rate (edit
-distance / reference length). Early stopping and model selection use the validation WER of greedy
+decoded once (beam search) and scored as the G2P literature scores it, against its closest listed
+pronunciation: ``wer``, the fraction of words not pronounced exactly as any one of their listed
+pronunciations, and ``per``, the edit distance to the closest one / its length. metrics.json also
+reports ``wer_first``/``per_first`` (against the first listed pronunciation only) and
+``wer_no_stress``/``per_no_stress`` (stress digits removed from output and references alike: the
+39-phoneme scoring of papers that drop stress). Early stopping and model selection use the validation WER of greedy
 decoding after each epoch; the final metrics use beam search.
 
 The model: letter embeddings, a bidirectional LSTM encoder read with ``lengths=``, an LSTM decoder
@@ -88,7 +91,20 @@ class G2PTask(Seq2SeqHooks, Task):
         return self.pairs(words, [[list(p) for p in prons] for _, prons in examples])
 
     def scores(self, hyps: list[list[str]], refs: list[list[list[str]]]) -> dict[str, float]:
-        return g2p_error_rates(hyps, refs)
+        """``wer``/``per`` against any listed pronunciation, then the stricter (first listed only)
+        and the looser (no stress) scorings."""
+        scored = g2p_error_rates(hyps, refs)
+        first = g2p_error_rates(hyps, [r[:1] for r in refs])
+        plain = g2p_error_rates(
+            [_no_stress(h) for h in hyps], [[_no_stress(p) for p in r] for r in refs]
+        )
+        return {
+            **scored,
+            "wer_first": first["wer"],
+            "per_first": first["per"],
+            "wer_no_stress": plain["wer"],
+            "per_no_stress": plain["per"],
+        }
 
     def predict(self, model: Seq2Seq, inputs: list[str], options: dict[str, Any]) -> list[str]:
         words = [w for text in inputs for w in text.split()]
@@ -98,3 +114,8 @@ class G2PTask(Seq2SeqHooks, Task):
         items = [self.src_vocab.encode(self.source_tokens(w)) for w in words]
         prons = self.decode(model, items, beam)
         return [f"{w}\t{' '.join(p)}" for w, p in zip(words, prons, strict=True)]
+
+
+def _no_stress(phonemes: list[str]) -> list[str]:
+    """ARPAbet without stress digits: ``AH0`` -> ``AH``."""
+    return [p.rstrip("012") for p in phonemes]

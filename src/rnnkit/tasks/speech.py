@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,7 +22,7 @@ from ..data import japanese_vowels
 from ..errors import RecipeError
 from ..models import SequenceClassifier
 from ..models.classifier import CELLS, POOLING
-from .base import Task, TrainConfig, option
+from .base import PredictOption, Task, TrainConfig, option
 from .common import ClassifierHooks, Examples
 
 __all__ = ["SpeechConfig", "SpeechTask"]
@@ -38,6 +40,9 @@ class SpeechConfig(TrainConfig):
     num_layers: int = option(1, "stacked recurrent layers")
     bidirectional: bool = option(True, "read each utterance in both directions")
     dropout: float = option(0.2, "dropout on inputs, between layers and before the classifier")
+    input_noise: float = option(
+        0.0, "in training, add Gaussian noise of this standard deviation to the standardised frames"
+    )
     pooling: str = option(
         "meanmax", "how encoder outputs become one vector (valid frames only)", POOLING
     )
@@ -55,6 +60,14 @@ class SpeechTask(ClassifierHooks, Task):
     data_modules = ("sktime", "aeon")
     example = "rnnkit train speech --out runs/speech"
     predict_example = "rnnkit predict runs/speech utterance.csv  (one frame of 12 numbers per line)"
+    predict_options: ClassVar[dict[str, PredictOption]] = {
+        "stream": PredictOption(
+            bool,
+            False,
+            "print the running prediction after every frame of one CSV (or - for standard "
+            "input) as the frames arrive; a model trained with --no-bidirectional",
+        ),
+    }
 
     config: SpeechConfig
 
@@ -108,6 +121,7 @@ class SpeechTask(ClassifierHooks, Task):
             dropout=c.dropout,
             pooling=c.pooling,
             backend=c.backend,
+            input_noise=c.input_noise,
         )
 
     def read_input(self, path_text: str) -> list[tuple[str, list[list[float]]]]:
@@ -139,32 +153,76 @@ class SpeechTask(ClassifierHooks, Task):
                     for c, value in enumerate(frame):
                         _check_value(value, f"{path}#{k + 1} frame {f + 1}, channel {c + 1}")
             return [(f"{path}#{k + 1}", s) for k, s in enumerate(series)]
-        frames: list[list[float]] = []
+        frames = list(self._csv_frames(text.splitlines(), str(path)))
+        if not frames:
+            raise RecipeError(f"{path} holds no frames; expected one line of 12 numbers per frame")
+        return [(str(path), frames)]
+
+    def _csv_frames(self, lines: Iterable[str], name: str) -> Iterator[list[float]]:
+        """The frames of CSV/text ``lines`` (one frame of numbers per line, blank lines skipped),
+        each checked as it is read; errors name ``name``, the line and the column."""
+        width = 0
         first = 0  # the line of the first frame
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(lines, 1):
             fields = line.replace(",", " ").split()
             if not fields:
                 continue
-            if frames and len(fields) != len(frames[0]):
+            if width and len(fields) != width:
                 raise RecipeError(
-                    f"{path} line {number} has {len(fields)} values where line {first} has "
-                    f"{len(frames[0])}; expected one frame of {len(self.mean)} numbers per line"
+                    f"{name} line {number} has {len(fields)} values where line {first} has "
+                    f"{width}; expected one frame of {len(self.mean)} numbers per line"
                 )
-            first = first or number
+            first, width = first or number, width or len(fields)
             frame = []
             for c, field in enumerate(fields, 1):
-                where = f"{path} line {number}, column {c}"
+                where = f"{name} line {number}, column {c}"
                 try:
                     value = float(field)
                 except ValueError:
                     raise RecipeError(f"{where}: {field!r}; expected a number") from None
                 frame.append(_check_value(value, where))
-            frames.append(frame)
-        if not frames:
-            raise RecipeError(f"{path} holds no frames; expected one line of 12 numbers per frame")
-        return [(str(path), frames)]
+            yield frame
 
-    def predict(self, model: Any, inputs: list[str], options: dict[str, Any]) -> list[str]:
+    def stream(self, model: Any, source: str) -> Iterator[str]:
+        """The running prediction after every frame of ``source`` (a CSV/text file, or ``-`` for
+        standard input), read line by line as the frames arrive: the encoder reads each frame
+        once, from the state it reached (a unidirectional model)."""
+        if self.config.bidirectional:
+            raise RecipeError(
+                "--stream needs a unidirectional model (a bidirectional one reads each utterance "
+                "from its end too); train one with --no-bidirectional"
+            )
+        model.eval()
+        reader = model.stream()
+        if source == "-":
+            lines: Iterable[str] = sys.stdin
+        else:
+            try:
+                lines = open(source, encoding="utf-8")  # closed below
+            except OSError as e:
+                raise RecipeError(f"cannot read {source}: {e.strerror or e}") from None
+        try:
+            for k, frame in enumerate(self._csv_frames(lines, source), 1):
+                x = self.to_device(self.features([frame]).unsqueeze(0))  # (1, 1, channels)
+                probs = torch.softmax(reader.push(x).float(), dim=-1)[0]
+                best = int(probs.argmax())
+                yield f"frame {k}\tspeaker {self.labels[best]}\t{float(probs[best]):.3f}"
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{source} is not UTF-8 text ({e.reason})") from None
+        finally:
+            if lines is not sys.stdin:
+                lines.close()  # type: ignore[union-attr]
+
+    def predict(
+        self, model: Any, inputs: list[str], options: dict[str, Any]
+    ) -> list[str] | Iterator[str]:
+        if options.get("stream"):
+            if len(inputs) != 1:
+                raise RecipeError(
+                    f"--stream reads one source; got {len(inputs)} inputs (a file, or - for "
+                    "standard input)"
+                )
+            return self.stream(model, inputs[0])
         items = [item for text in inputs for item in self.read_input(text)]
         results = self.classify(model, [self.features(series) for _, series in items])
         return [

@@ -2,20 +2,32 @@
 
 The pairs and split are :func:`rnnkit.data.bible.load_bible`'s (split by chapter, seed 0, so
 neighbouring verses never straddle splits; verses of at most ``max_words`` words on both sides).
-Text is tokenised into words and punctuation marks that remember whether a space preceded them
-(:func:`rnnkit.data.bible.tokenize`), so the output detokenises back to plain text, and BLEU is
-sacreBLEU's on that detokenised text against the original French verse. Early stopping and model
-selection use the BLEU of greedy decoding after each epoch; the final metrics use beam search.
+Training pairs come from every pairing of the editions ``--train-sources`` x ``--train-targets``
+(default: four English and three French editions); validation and test are KJV -> Segond, their
+chapters held out of training in every edition.
+
+Text is cut into subword units (``--units unigram`` or ``bpe``: a sentencepiece model trained on
+the training split's English and French together, ``--max-vocab`` pieces, saved in vocab.json),
+or into words and punctuation marks (``--units words``: :func:`rnnkit.data.bible.tokenize`, one
+vocabulary per language, rare words unknown). Each source starts with a token naming the French
+edition wanted (``<2l>`` Segond, ``<2o>`` Ostervald, ``<2_5>`` Darby), so that training on three
+French editions still gives Segond's wording when Segond is asked for (evaluation and predict). Either way the output detokenises back to plain
+text, and BLEU is sacreBLEU's on that text against the original French verse. Early stopping and
+model selection use the BLEU of greedy decoding after each epoch; the final metrics use beam
+search.
 """
 
 from __future__ import annotations
 
+import base64
+import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..data import Vocab, bible
-from ..errors import RecipeError
-from ..metrics import bleu
+from ..data.vocab import SPECIALS
+from ..errors import DataMissing, RecipeError
+from ..metrics import bleu, chrf
 from ..models.seq2seq import Seq2Seq
 from .base import PredictOption, Task, option
 from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
@@ -23,6 +35,9 @@ from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
 __all__ = ["TranslateConfig", "TranslateTask"]
 
 SPLIT_SEED = 0  # the split is fixed; --seed changes the initialisation and batch order only
+SENTENCEPIECE_INSTALL = "pip install sentencepiece"
+#: Sentences that train the subword model at most (a seeded sample of the training texts).
+SUBWORD_SENTENCES = 200_000
 
 
 @dataclass
@@ -36,11 +51,34 @@ class TranslateConfig(EncoderDecoderConfig):
     patience: int = option(4, "stop after this many epochs without a better validation BLEU")
     max_minutes: float = option(30.0, "stop training after this many minutes; 0 = no limit")
     max_words: int = option(25, "keep verses of at most this many words on both sides")
-    min_count: int = option(2, "keep tokens seen at least this often in the training split")
-    max_vocab: int = option(16000, "largest vocabulary per language (most frequent first)")
+    train_sources: str = option(
+        "k,2,3,4",
+        "English editions of the training pairs: k (KJV), 2 (KJV 2000), 3 (Basic "
+        "English), 4 (World English Bible), comma-separated",
+    )
+    train_targets: str = option(
+        "l,o,5", "French editions of the training pairs: l (Segond), o (Ostervald), 5 (Darby)"
+    )
+    units: str = option(
+        "unigram",
+        "text units: unigram or bpe subwords (sentencepiece, one model for both languages), or "
+        "words",
+        ("unigram", "bpe", "words"),
+    )
+    min_count: int = option(2, "words: keep tokens seen at least this often in the training split")
+    max_vocab: int = option(
+        8000,
+        "subword pieces (both languages), or with --units words the largest vocabulary per "
+        "language (most frequent first)",
+    )
     embed_size: int = option(256, "word embedding size")
     dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
     label_smoothing: float = option(0.1, "label smoothing of the training loss")
+    bf16_output: bool = option(
+        True,
+        "in training, run the output layer's matrix product (the largest of a step) in bfloat16 "
+        "(softmax, loss and evaluation stay float32)",
+    )
     max_decode_len: int = option(80, "most tokens generated per verse")
 
 
@@ -61,37 +99,79 @@ class TranslateTask(Seq2SeqHooks, Task):
     config: TranslateConfig
 
     def load_splits(self) -> dict[str, list[bible.VersePair]]:
-        data = bible.load_bible(max_words=self.config.max_words, seed=SPLIT_SEED)
+        c = self.config
+        try:
+            data = bible.load_bible(
+                max_words=c.max_words,
+                seed=SPLIT_SEED,
+                train_sources=_codes(c.train_sources),
+                train_targets=_codes(c.train_targets),
+            )
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         splits = {name: data.split(name) for name in ("train", "valid", "test")}
         if self.config.limit:
             splits = {k: v[: self.config.limit] for k, v in splits.items()}
         return splits
 
-    def source_tokens(self, text: str) -> list[str]:
+    sp: Any = None  # the sentencepiece processor (subword units), set by set_vocab
+    tags = False  # whether sources start with the target edition's tag (runs before tags: no)
+
+    def target_tokens(self, text: str) -> list[str]:
+        if self.sp is not None:
+            return self.sp.encode(text, out_type=str)
         return bible.tokenize(text)
+
+    def source_tokens(self, text: str, edition: str = "l") -> list[str]:
+        """The source's tokens (the same tokeniser, and subword model, as the target's), after
+        the tag of the French ``edition`` wanted."""
+        tokens = self.target_tokens(text)
+        return [edition_tag(edition), *tokens] if self.tags else tokens
 
     def fit_vocab(self, train: list[bible.VersePair]) -> dict[str, Any]:
         c = self.config
+        if c.units != "words":
+            model = train_subwords(
+                [p.source for p in train] + [p.target for p in train], c.units, c.max_vocab
+            )
+            return {
+                "units": c.units,
+                "tags": True,
+                "sentencepiece": base64.b64encode(model).decode("ascii"),
+            }
+        tags = [edition_tag(code) for code in bible.EDITIONS["fr"]]
         source = Vocab.build((bible.tokenize(p.source) for p in train), c.min_count, c.max_vocab)
         target = Vocab.build((bible.tokenize(p.target) for p in train), c.min_count, c.max_vocab)
-        return {"source": source.to_json(), "target": target.to_json()}
+        return {"tags": True, "source": [*source.to_json(), *tags], "target": target.to_json()}
 
     def set_vocab(self, vocab: dict[str, Any]) -> None:
+        self.tags = bool(vocab.get("tags", False))
+        if "sentencepiece" in vocab:
+            self.sp = _processor(base64.b64decode(vocab["sentencepiece"]))
+            pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
+            self.src_vocab = self.tgt_vocab = Vocab.from_json(pieces)
+            return
+        self.sp = None
         self.src_vocab = Vocab.from_json(vocab["source"])
         self.tgt_vocab = Vocab.from_json(vocab["target"])
 
     def encode(self, examples: list[bible.VersePair]) -> Pairs:
-        return self.pairs(
-            [p.source for p in examples], [[bible.tokenize(p.target)] for p in examples]
-        )
+        src = [self.src_vocab.encode(self.source_tokens(p.source, p.edition)) for p in examples]
+        refs = [[self.target_tokens(p.target)] for p in examples]
+        tgt = [self.tgt_vocab.encode(r[0]) for r in refs]
+        return Pairs(src, tgt, src, refs, [p.source for p in examples])
 
     def detokenize(self, tokens: list[str]) -> str:
         """Plain text of output tokens; unknown-word markers are dropped."""
-        return bible.detokenize([t for t in tokens if t != self.tgt_vocab.itos[Vocab.unk_id]])
+        kept = [t for t in tokens if t != self.tgt_vocab.itos[Vocab.unk_id]]
+        if self.sp is not None:
+            return self.sp.decode_pieces(kept)
+        return bible.detokenize(kept)
 
     def scores(self, hyps: list[list[str]], refs: list[list[list[str]]]) -> dict[str, float]:
         hypotheses = [self.detokenize(h) for h in hyps]
-        return {"bleu": bleu(hypotheses, [bible.detokenize(r[0]) for r in refs])}
+        references = [self.detokenize(r[0]) for r in refs]
+        return {"bleu": bleu(hypotheses, references), "chrf": chrf(hypotheses, references)}
 
     def predict(self, model: Seq2Seq, inputs: list[str], options: dict[str, Any]) -> list[str]:
         for i, text in enumerate(inputs, 1):
@@ -102,3 +182,63 @@ class TranslateTask(Seq2SeqHooks, Task):
         beam = int(options.get("beam_size", self.config.beam_size))
         items = [self.src_vocab.encode(self.source_tokens(t)) for t in inputs]
         return [self.detokenize(out) for out in self.decode(model, items, beam)]
+
+
+def edition_tag(code: str) -> str:
+    """The source token that asks for French edition ``code``: ``<2l>``, ``<2o>``, ``<2_5>``."""
+    return f"<2{'_' if code.isdigit() else ''}{code}>"
+
+
+def _codes(text: str) -> tuple[str, ...]:
+    return tuple(code.strip() for code in text.split(",") if code.strip())
+
+
+def _sentencepiece() -> Any:
+    try:
+        import sentencepiece
+    except ImportError:
+        raise DataMissing(
+            f"subword units need sentencepiece; install it with:\n    {SENTENCEPIECE_INSTALL}\n"
+            "(or the [data] extra), or train with --units words"
+        ) from None
+    return sentencepiece
+
+
+def _processor(model: bytes) -> Any:
+    return _sentencepiece().SentencePieceProcessor(model_proto=model)
+
+
+def train_subwords(texts: list[str], kind: str, size: int, seed: int = SPLIT_SEED) -> bytes:
+    """A sentencepiece model (``kind`` "unigram" or "bpe", ``size`` pieces) of ``texts``, as the
+    bytes of its model file. Ids 0-3 are the specials of :class:`~rnnkit.data.Vocab`; text is not
+    normalised (decoding gives the text back); every character seen is covered; at most
+    :data:`SUBWORD_SENTENCES` distinct texts (a seeded sample) train it."""
+    import io
+
+    import torch
+
+    spm = _sentencepiece()
+    unique = sorted(set(texts))
+    random.Random(seed).shuffle(unique)
+    out = io.BytesIO()
+    pad, bos, eos, unk = SPECIALS
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(unique[:SUBWORD_SENTENCES]),
+        model_writer=out,
+        model_type=kind,
+        vocab_size=size,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece=pad,
+        bos_piece=bos,
+        eos_piece=eos,
+        unk_piece=unk,
+        user_defined_symbols=[edition_tag(code) for code in bible.EDITIONS["fr"]],
+        num_threads=torch.get_num_threads(),
+        minloglevel=2,
+    )
+    return out.getvalue()

@@ -1,0 +1,196 @@
+"""Training with several processes (one machine or many), as launched by ``torchrun``.
+
+``torchrun --nproc_per_node=N $(which rnnkit) train TASK ...`` starts N copies of the command
+with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
+:meth:`World.from_env` reads them and :meth:`World.start` joins the process group (gloo on the
+CPU, nccl on CUDA). Multi-node runs use torchrun's own rendezvous options (``--nnodes``,
+``--node-rank``, ``--rdzv-backend``, ``--rdzv-endpoint``); nothing here reinvents them.
+
+The rules :mod:`rnnkit.train` follows with a :class:`World`:
+
+- rank 0 alone reads and writes the run directory; what the other ranks need from it (the config,
+  the vocabulary, a checkpoint) reaches them through :meth:`World.share`;
+- whatever rank 0 does alone runs through :meth:`World.on_main`, which hands its result, or the
+  exception it raised, to every rank, so that an error stops all of them at the same point with
+  the same message instead of leaving the others waiting;
+- every decision that changes the control flow (stop, checkpoint, out of time) is taken from
+  numbers every rank holds identically (:meth:`World.sum`), never from a clock of its own.
+
+With one process (no torchrun) every method is the identity and nothing touches
+``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from .errors import DeviceError, RecipeError
+
+__all__ = ["World"]
+
+T = TypeVar("T")
+
+#: How long a rank waits for the others at one collective (rank 0 validating, writing a checkpoint).
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+class _Failed:
+    """What :meth:`World.on_main` sends in place of a result when rank 0 raised."""
+
+    def __init__(self, error: BaseException) -> None:
+        try:
+            pickle.dumps(error)
+            self.error: BaseException = error
+        except Exception:  # an exception that does not pickle travels as its message
+            self.error = RuntimeError(f"{type(error).__name__}: {error}")
+
+
+@dataclass
+class World:
+    """This process's place among the processes that train one run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    started_here: bool = False  # this object joined the process group (and leaves it at close)
+    device: torch.device | None = None
+
+    @classmethod
+    def from_env(cls) -> World:
+        """The world torchrun describes in the environment (one process when it does not)."""
+        size = _env_int("WORLD_SIZE", 1)
+        if size <= 1:
+            return cls()
+        rank, local = _env_int("RANK", -1), _env_int("LOCAL_RANK", -1)
+        if not 0 <= rank < size or local < 0:
+            raise DeviceError(
+                f"WORLD_SIZE = {size} but RANK = {os.environ.get('RANK')!r}, LOCAL_RANK = "
+                f"{os.environ.get('LOCAL_RANK')!r}; expected torchrun's environment (start the "
+                "command with torchrun, or unset WORLD_SIZE)"
+            )
+        return cls(rank=rank, size=size, local_rank=local)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group for ``device`` (nccl for CUDA, gloo otherwise)."""
+        self.device = device
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # a caller's own process group: use it, leave it to the caller
+            if dist.get_world_size() != self.size:
+                raise DeviceError(
+                    f"the process group has {dist.get_world_size()} processes but WORLD_SIZE = "
+                    f"{self.size}"
+                )
+            return
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            dist.init_process_group(
+                backend,
+                rank=self.rank,
+                world_size=self.size,
+                timeout=TIMEOUT,
+                **({"device_id": device} if device.type == "cuda" else {}),
+            )
+        except (RuntimeError, ValueError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeviceError(
+                f"rank {self.rank} of {self.size} cannot join the {backend} process group at "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({first}); "
+                "check torchrun's --rdzv-endpoint and that the machines reach each other"
+            ) from None
+        self.started_here = True
+
+    def close(self) -> None:
+        """Leave the process group if :meth:`start` joined it."""
+        if self.started_here:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.started_here = False
+
+    # -- collectives (every rank calls them at the same point) ----------------------------------
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks (float64), identically on every rank."""
+        if not self.distributed:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank."""
+        return self.sum([float(flag)])[0] > 0 if self.distributed else flag
+
+    def share(self, obj: T | None) -> T:
+        """Rank 0's ``obj`` on every rank (the others pass anything, e.g. None)."""
+        if not self.distributed:
+            return obj  # type: ignore[return-value]
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=self._object_device())
+        return box[0]  # type: ignore[return-value]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` as a list on rank 0 (None on the others)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)  # (gather_object is not supported by every backend)
+        return out if self.is_main else None
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on rank 0 alone; its result on every rank, or its exception raised on
+        every rank (a KeyboardInterrupt too, so that all of them stop at this point)."""
+        if not self.distributed:
+            return fn()
+        result: Any = None
+        if self.is_main:
+            try:
+                result = fn()
+            except (Exception, KeyboardInterrupt) as e:
+                result = _Failed(e)
+        result = self.share(result)
+        if isinstance(result, _Failed):
+            if not self.is_main and isinstance(result.error, RecipeError):
+                result.error.shared = True  # type: ignore[attr-defined]  # rank 0 reports it
+            raise result.error
+        return result
+
+    def _object_device(self) -> torch.device | None:
+        return self.device if self.device is not None and self.device.type == "cuda" else None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DeviceError(f"{name} = {value!r}; expected an integer (torchrun sets it)") from None

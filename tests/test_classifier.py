@@ -1,0 +1,119 @@
+"""SequenceClassifier's attention pooling, pretrained and frozen word vectors, the GloVe loader,
+and the attention heat strip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from recipe_helpers import need_data
+
+from rnnkit.models import SequenceClassifier
+from rnnkit.models.classifier import POOLING, SelfAttentionPool
+from rnnkit.plots import attention_strips
+
+#: fp32 tolerance for outputs (DESIGN.md: verification chain).
+OUT_TOL = 1e-5
+
+
+def test_attention_pool_weights_cover_valid_steps_only():
+    attn = SelfAttentionPool(6, 5)
+    out = torch.randn(3, 4, 6)
+    lengths = torch.tensor([4, 2, 0])
+    pooled, weights = attn(out, lengths)
+    assert pooled.shape == (3, 6) and weights.shape == (3, 4)
+    torch.testing.assert_close(weights[:2].sum(-1), torch.ones(2), rtol=OUT_TOL, atol=OUT_TOL)
+    assert (weights[1, 2:] == 0).all() and (weights[2] == 0).all() and (pooled[2] == 0).all()
+    # The pooled vector is the weighted sum of the valid steps; padding never enters it.
+    expected = (weights[1, :2, None] * out[1, :2]).sum(0)
+    torch.testing.assert_close(pooled[1], expected, rtol=OUT_TOL, atol=OUT_TOL)
+    noisy = out.clone()
+    noisy[1, 2:] = 1e3
+    again, w_again = attn(noisy, lengths)
+    torch.testing.assert_close(again, pooled, rtol=0, atol=0)
+    torch.testing.assert_close(w_again, weights, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pooling", POOLING)
+def test_prediction_does_not_depend_on_padding(pooling):
+    model = SequenceClassifier(2, vocab_size=30, embed_size=8, hidden_size=6, pooling=pooling)
+    model.eval()
+    x = torch.randint(4, 30, (2, 7))
+    x[1, 3:] = 0
+    alone = model(x[1:, :3], torch.tensor([3]))
+    batched = model(x, torch.tensor([7, 3]))
+    torch.testing.assert_close(batched[1:], alone, rtol=OUT_TOL, atol=OUT_TOL)
+    logits, weights = model(x, torch.tensor([7, 3]), return_attention=True)
+    assert logits.shape == (2, 2)
+    if pooling.startswith("attention"):
+        assert weights.shape == (2, 7) and (weights[1, 3:] == 0).all()
+    else:
+        assert weights is None
+
+
+def test_pretrained_vectors_and_frozen_rows():
+    vectors = torch.randn(10, 4)
+    frozen = torch.zeros(10, dtype=torch.bool)
+    frozen[4:8] = True
+    model = SequenceClassifier(
+        2, vocab_size=10, embed_size=4, hidden_size=3, vectors=vectors, frozen=frozen, unk_id=3
+    )
+    weight = model.embedding.weight
+    assert (weight[0] == 0).all()  # padding
+    torch.testing.assert_close(weight[1:], vectors[1:], rtol=0, atol=0)
+    before = weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)
+    x = torch.tensor([[4, 5, 8, 9], [6, 7, 8, 3]])
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(
+            model(x, torch.tensor([4, 4])), torch.tensor([0, 1])
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.embedding.weight.detach()
+    assert torch.equal(after[4:8], before[4:8])  # the frozen rows stay exactly as loaded
+    assert not torch.equal(after[8:10], before[8:10])  # the others learn
+    with pytest.raises(ValueError, match=r"vectors have shape \(9, 4\); expected"):
+        SequenceClassifier(2, vocab_size=10, embed_size=4, vectors=torch.zeros(9, 4))
+
+
+def test_token_dropout_uses_the_unknown_id():
+    model = SequenceClassifier(2, vocab_size=10, embed_size=4, token_dropout=0.999, unk_id=3)
+    seen = []
+    model.embedding.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    model.train()
+    model(torch.tensor([[5, 6, 0]]), torch.tensor([2]))
+    assert seen[0].tolist() == [[3, 3, 0]]
+
+
+def test_glove_vectors():
+    need_data("glove")
+    from rnnkit.data import glove
+
+    vectors, found = glove.lookup(["the", "movie", "qzxqzxqzx", "n't"])
+    assert found.tolist() == [True, True, False, True]
+    torch.testing.assert_close(
+        vectors[0, :3], torch.tensor([0.418, 0.24968, -0.41242]), rtol=0, atol=1e-6
+    )
+    assert (vectors[2] == 0).all() and vectors.shape == (4, 50)
+    rows = glove.index()
+    assert len(rows) == 400_000 and rows["the"] == 0
+
+
+def test_attention_strips(tmp_path):
+    path = attention_strips(
+        [("a fine film", "positive 0.9", ["a", "fine", "film"], [0.1, 0.7, 0.2])],
+        tmp_path / "strip.png",
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="2 words but 3 weights"):
+        attention_strips([("x", "y", ["a", "b"], [0.1, 0.2, 0.7])], tmp_path / "bad.png")
+
+
+def test_input_noise_in_training_only():
+    model = SequenceClassifier(3, input_size=4, hidden_size=5, input_noise=0.5)
+    x, lengths = torch.randn(2, 6, 4), torch.tensor([6, 3])
+    model.train()
+    assert not torch.equal(model(x, lengths), model(x, lengths))
+    model.eval()
+    torch.testing.assert_close(model(x, lengths), model(x, lengths), rtol=0, atol=0)

@@ -1,0 +1,235 @@
+"""Training with several processes (torchrun, gloo on the CPU): the same weights as one process
+with the global batch, an exact resume after every process was killed, rank 0 alone writing and
+reporting, and errors that stop every rank instead of leaving some waiting."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from recipe_helpers import TINY, cli_args, need_data
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_train import assert_same_run
+
+from rnnkit.distributed import World
+from rnnkit.errors import CheckpointError
+from rnnkit.tasks.speech import SpeechConfig, SpeechTask
+from rnnkit.train import _global_batches, train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_name, None)
+#: Weights of 2 processes vs 1 process with the same global batch, after a few AdamW steps.
+WEIGHT_TOL = 1e-5
+LAUNCH_TIMEOUT = 180  # seconds; a hang (a rank left waiting at a collective) fails the test
+
+# 60 utterances, 4 per process per batch: 8 global batches per epoch.
+PER_PROCESS = {**TINY["speech"], "batch_size": 4, "epochs": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _args(task: str, out: Path, overrides: dict, *extra: str) -> list[str]:
+    return [
+        "train", task, "--out", str(out), *cli_args(overrides), "--threads", "1",
+        "--no-progress", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node=N -m rnnkit.cli ARGS`` (rendezvous on localhost)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={processes}", "-m", "rnnkit.cli", *args,
+    ]  # fmt: skip
+    return subprocess.run(
+        command, env=ENV, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, check=False
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(*args: str, processes: int = 2) -> list[subprocess.Popen]:
+    """The ranks of ``rnnkit ARGS`` started with the environment torchrun gives them (without
+    torchrun's own process: cheaper, and each rank can be killed on its own)."""
+    port, procs = _free_port(), []
+    for rank in range(processes):
+        env = {
+            **ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+            "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }  # fmt: skip
+        command = [sys.executable, "-m", "rnnkit.cli", *args]
+        procs.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    return procs
+
+
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each rank, once all have ended."""
+    try:
+        outs = [proc.communicate(timeout=LAUNCH_TIMEOUT) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [(proc.returncode, *out) for proc, out in zip(procs, outs, strict=True)]
+
+
+def _step(path: Path) -> int:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["progress"])["step"]
+    except Exception:  # not written yet
+        return -1
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    """The weights at the end of training (the resume checkpoint's, not the best epoch's)."""
+    return {
+        k: v for k, v in load_file(run / "resume.safetensors").items() if k.startswith("model.")
+    }
+
+
+def test_two_processes_reach_the_weights_of_one_with_the_global_batch(tmp_path):
+    need_data("speech")
+    overrides = {**PER_PROCESS, "dropout": 0.0}  # no dropout: one process draws other masks
+    one = train("speech", {**overrides, "batch_size": 8}, out=tmp_path / "one", progress=False)
+    done = torchrun(*_args("speech", tmp_path / "two", overrides))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 0 alone reports: the metrics once, as the last lines of stdout.
+    lines = done.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["valid", "test"], done.stdout
+    assert done.stderr.count("speech: training") == 1
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert two["device"] == "cpu" and two["precision"] == "fp32"
+    assert two["config"]["batch_size"] == 4
+    # Rank 0 alone writes: the run directory holds one run's files and nothing else.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
+    steps = [_step(tmp_path / d / "resume.safetensors") for d in ("one", "two")]
+    assert steps[0] == steps[1] == 2 * 8
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=WEIGHT_TOL, atol=WEIGHT_TOL, msg=key)
+    # The training loss is the global batch's, as one process computes it.
+    for h1, h2 in zip(one["history"], two["history"], strict=True):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
+        assert h2["batches"] == h1["batches"] == 8
+
+
+def test_a_killed_two_process_run_resumes_exactly(tmp_path):
+    need_data("speech")
+    # Dropout on: each rank's random generator must come back as it was.
+    overrides = {**PER_PROCESS, "epochs": 3, "checkpoint_every": 1}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for status, _, err in finish(spawn(*_args("speech", whole, overrides))):
+        assert status == 0, err[-3000:]
+
+    # Both processes killed at once, as when the machine fails.
+    procs = spawn(*_args("speech", killed, overrides))
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while _step(killed / "resume.safetensors") < 11 and procs[0].poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        statuses = finish(procs)
+    assert statuses[0][0] == -signal.SIGKILL, statuses[0][2][-3000:]
+    assert not (killed / "metrics.json").exists()
+    reached = _step(killed / "resume.safetensors")
+    assert 11 <= reached < 24
+
+    # One process cannot continue it: the batch order needs the same number.
+    with pytest.raises(CheckpointError, match=r"run of 2 process\(es\) .*nproc-per-node=2"):
+        train("speech", {}, out=killed, resume=True, progress=False)
+    done = torchrun("train", "speech", "--out", str(killed), "--resume", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"step {reached}" in done.stderr
+    assert_same_run(whole, killed)
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # a run directory that is not new
+    ranks = finish(spawn(*_args("speech", run, PER_PROCESS)))  # a hang fails at the timeout
+    assert [status for status, _, _ in ranks] == [2, 2]  # every rank stops, with rank 0's status
+    errors = [line for _, _, err in ranks for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1, errors  # said once, by rank 0
+    assert errors[0].startswith("rnnkit: error: ") and "already holds a run" in errors[0]
+
+
+# -- the batches each process takes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 8, 13])
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_cut_a_batch_in_order_into_near_equal_parts(size, world):
+    task = SpeechTask(SpeechConfig())
+    batch = list(range(100, 100 + size))
+    parts = [task.shard(batch, rank, world) for rank in range(world)]
+    assert [i for part in parts for i in part] == batch
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_global_batches_are_those_of_one_process_with_a_larger_batch():
+    need_data("speech")
+    task = SpeechTask(SpeechConfig(limit=60, batch_size=4))
+    splits = task.load_splits()
+    task.set_vocab(task.fit_vocab(splits["train"]))
+    data = task.encode(splits["train"])
+    wide = SpeechTask(SpeechConfig(limit=60, batch_size=12))
+    expected = wide.epoch_batches(data, torch.Generator().manual_seed(5))
+    assert _global_batches(task, data, torch.Generator().manual_seed(5), 3) == expected
+    assert task.config.batch_size == 4  # the task itself is left as it was
+
+
+def test_one_process_world_touches_nothing_distributed(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = World.from_env()
+    assert (world.rank, world.size, world.distributed) == (0, 1, False)
+    assert world.sum([1.5, 2.0]) == [1.5, 2.0] and world.share("x") == "x"
+    assert world.gather(3) == [3] and world.on_main(lambda: 4) == 4
+
+
+def test_a_broken_torchrun_environment_is_one_line(monkeypatch):
+    from rnnkit.errors import DeviceError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(DeviceError, match=r"WORLD_SIZE = 2 but RANK = None"):
+        World.from_env()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DeviceError, match=r"WORLD_SIZE = 'two'; expected an integer"):
+        World.from_env()

@@ -1,0 +1,274 @@
+"""ONNX export, checked in onnxruntime: every cell x one and two layers x forward, reverse and
+bidirectional x with and without ``lengths=`` (a 0, a 1 and T among them), states in and out,
+at a T and B other than the example's, through both of torch's exporters (the TorchScript-based
+one and ``dynamo=True``, the default); a pytorch/examples-style model with rnnkit.GRU; and
+``rnnkit export`` of trained recipes.
+
+Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime); skipped without it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+import pytest
+import torch
+from conftest import OUT_TOL
+from export_helpers import CELLS, LAYERS, check_inputs, example, labels, mixed, zoo
+from recipe_helpers import TINY, cli_args, need_data
+from torch import nn
+
+pytest.importorskip("onnx", reason='pip install "rnnkit[onnx]"')
+pytest.importorskip("onnxscript", reason='pip install "rnnkit[onnx]"')
+ort = pytest.importorskip("onnxruntime", reason='pip install "rnnkit[onnx]"')
+
+import rnnkit  # noqa: E402
+from rnnkit import cli  # noqa: E402
+from rnnkit.backends.export import legacy  # noqa: E402
+
+#: ``dynamo=True`` takes about a second per layer to export (three for a Scan), so it gets each
+#: cell as a bidirectional layer with and without lengths, and
+#: :func:`test_dynamo_onnx_directions_zoneout_sizes_of_one` the single directions and a stack;
+#: the TorchScript-based exporter gets every layer of the zoo, for every cell.
+DYNAMO_LAYERS = ("bi1",)
+#: (cell, layer): two forward layers, reverse on ONNX's own operator and as a Scan, zoneout (a
+#: Scan), a batch-first drop-in.
+DIRECTIONS = [
+    ("gru", "uni2"),
+    ("lstm_peephole", "rev1"),
+    ("gru_layernorm", "rev1"),
+    ("lstm", "bi1-zoneout"),
+    ("rnn_relu", "drop-in-uni1"),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only waits at every op on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def onnx_dynamo(module, args, dynamic_shapes) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False
+        )
+    return program.model_proto.SerializeToString()
+
+
+def onnx_legacy(module, args, names: list[str], axes: dict, opset: int | None = None) -> bytes:
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, f, dynamo=False, input_names=names, dynamic_axes=axes,
+            opset_version=opset,
+        )  # fmt: skip
+    return f.getvalue()
+
+
+def run_ort(model: bytes | str, inputs: list[torch.Tensor]) -> list:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert len(names) == len(inputs), (names, len(inputs))
+    return session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+
+
+def assert_matches(got: list, expected, names: list[str], tol: float = OUT_TOL) -> None:
+    assert len(got) == len(expected)
+    for name, g, e in zip(names, got, expected, strict=True):
+        torch.testing.assert_close(
+            torch.from_numpy(g), e.detach(), atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def zoo_dynamo(module) -> bytes:
+    shapes = {
+        "x": {0: "T", 1: "B"},
+        "lengths": {0: "B"},
+        "states": [{axis: "B"} for axis in module.state_axes()],
+    }
+    return onnx_dynamo(module, example(module), shapes)
+
+
+def zoo_legacy(module, opset: int | None = None) -> bytes:
+    x, lengths, states = example(module)
+    names = ["x", "lengths"] + [f"state{k}" for k in range(len(states))]
+    axes = {"x": {0: "T", 1: "B"}, "lengths": {0: "B"}}
+    axes |= {f"state{k}": {a: "B"} for k, a in enumerate(module.state_axes())}
+    return onnx_legacy(module, (x, lengths, states), names, axes, opset)
+
+
+def check_zoo(module, model: bytes, **shape) -> None:
+    x, lengths, states = check_inputs(module, **shape)
+    expected = module(x, lengths, states)
+    assert_matches(run_ort(model, [x, lengths, *states]), expected, labels(module))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dynamo_onnx_equals_rnnkit(cell: str) -> None:
+    module = zoo(cell, DYNAMO_LAYERS)
+    check_zoo(module, zoo_dynamo(module))
+
+
+def test_dynamo_onnx_directions_zoneout_sizes_of_one() -> None:
+    """Single directions, zoneout, a drop-in; also at B = 1 and T = 1 (the example has B and T
+    >= 2: torch.export treats 0 and 1 as constants)."""
+    module = mixed(DIRECTIONS)
+    model = zoo_dynamo(module)
+    check_zoo(module, model)
+    check_zoo(module, model, lengths=[1], steps=1)
+    check_zoo(module, model, lengths=[0], steps=4)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_torchscript_onnx_equals_rnnkit(cell: str) -> None:
+    module = zoo(cell, LAYERS)
+    check_zoo(module, zoo_legacy(module))
+
+
+def test_torchscript_onnx_below_opset_17_writes_layernorm_out() -> None:
+    module = zoo("gru_layernorm", ("uni1", "bi1"))
+    check_zoo(module, zoo_legacy(module, opset=14))
+
+
+def test_the_loop_lowering_of_every_native_cell(monkeypatch) -> None:
+    """The Loop over the cell's step, for the cells that ONNX's own operators otherwise run."""
+    monkeypatch.setattr(legacy, "NATIVE", False)
+    for cell in ("rnn_tanh", "gru", "lstm", "lstm_peephole"):
+        module = zoo(cell, ("rev1", "bi1"))
+        check_zoo(module, zoo_legacy(module))
+
+
+def test_torchscript_onnx_float64_and_sizes_of_one() -> None:
+    """float64 runs as a Loop (onnxruntime's RNN operators are float32 only); B = 1, T = 1."""
+    module = zoo("lstm", ("uni1", "bi1", "drop-in-uni1"), dtype=torch.float64)
+    model = zoo_legacy(module)
+    for shape in ({}, {"lengths": [1], "steps": 1}, {"lengths": [0, 2], "steps": 3}):
+        x, lengths, states = check_inputs(module, torch.float64, **shape)
+        got = run_ort(model, [x, lengths, *states])
+        assert_matches(got, module(x, lengths, states), labels(module), tol=1e-9)
+
+
+class WordLanguageModel(nn.Module):
+    """pytorch/examples' word_language_model RNNModel, its nn.GRU swapped for rnnkit.GRU."""
+
+    def __init__(self, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout: float = 0.5):
+        super().__init__()
+        self.ntoken = ntoken
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = rnnkit.GRU(ninp, nhid, nlayers, dropout=dropout)
+        self.decoder = nn.Linear(nhid, ntoken)
+        self.nhid, self.nlayers = nhid, nlayers
+
+    def forward(self, input: torch.Tensor, hidden: torch.Tensor):
+        emb = self.drop(self.encoder(input))
+        output, hidden = self.rnn(emb, hidden)
+        output = self.drop(output)
+        decoded = self.decoder(output).view(-1, self.ntoken)
+        return nn.functional.log_softmax(decoded, dim=1), hidden
+
+    def init_hidden(self, bsz: int) -> torch.Tensor:
+        weight = next(self.parameters())
+        return weight.new_zeros(self.nlayers, bsz, self.nhid)
+
+
+def test_a_word_language_model_with_rnnkit_gru_exports_as_the_example_does(tmp_path) -> None:
+    model = WordLanguageModel(50, 16, 16, 2).eval()
+    seq_len, batch_size = 7, 3
+    dummy_input = torch.LongTensor(seq_len * batch_size).zero_().view(-1, batch_size)
+    hidden = model.init_hidden(batch_size)
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy_input, hidden), path)  # main.py's --onnx-export
+    tokens = torch.randint(0, 50, (seq_len, batch_size))
+    hidden = torch.randn(2, batch_size, 16)
+    expected = model(tokens, hidden)
+    got = run_ort(str(path), [tokens, hidden])  # the weights may be stored beside it
+    assert_matches(got, expected, ["log-probabilities", "hidden"])
+
+
+# -- rnnkit export ------------------------------------------------------------------------------
+
+
+def _train(task: str, out) -> None:
+    """A tiny run: one epoch, greedy decoding (what is exported is checked, not learnt)."""
+    quick = {"epochs": 1} | ({"beam_size": 1} if "beam_size" in TINY[task] else {})
+    argv = ["train", task, "--out", str(out), "--no-progress", "--threads", "1"]
+    assert cli.main(argv + cli_args(TINY[task] | quick)) == 0
+
+
+def _export(capsys, run, path, *extra: str) -> tuple[int, str, str]:
+    code = cli.main(["export", str(run), "--onnx", str(path), *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_rnnkit_export_of_a_classifier(capsys, tmp_path) -> None:
+    need_data("speech")
+    _train("speech", tmp_path / "run")
+    capsys.readouterr()
+    code, out, err = _export(capsys, tmp_path / "run", tmp_path / "speech.onnx")
+    assert code == 0, err
+    assert re.search(r"on \d+ validation examples: max \|difference\| [0-9.e+-]+ \(in logits", out)
+    assert "wrote" in out and (tmp_path / "speech.onnx").stat().st_size > 0
+    from rnnkit.train import load_run
+
+    _, model = load_run(tmp_path / "run")
+    x, lengths = torch.randn(5, 11, 12), torch.tensor([11, 1, 7, 3, 9])
+    assert_matches(
+        run_ort(str(tmp_path / "speech.onnx"), [x, lengths]), [model(x, lengths)], ["logits"]
+    )
+
+
+def test_rnnkit_export_of_an_encoder_decoder_writes_two_graphs(capsys, tmp_path) -> None:
+    need_data("g2p")
+    _train("g2p", tmp_path / "run")
+    capsys.readouterr()
+    code, out, err = _export(capsys, tmp_path / "run", tmp_path / "g2p.onnx", "--limit", "40")
+    assert code == 0, err
+    assert re.search(r"on 40 validation examples: max \|difference\| .*; 12 outputs compared", out)
+    for name in ("g2p.encoder.onnx", "g2p.decoder_step.onnx"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert not (tmp_path / "g2p.onnx").exists()
+
+
+def test_rnnkit_export_of_the_character_lm_refuses_a_difference(capsys, tmp_path, monkeypatch):
+    """The whole path but the writing (which the other two tests see): the check, here made
+    to fail by 1, refuses to write anything."""
+    need_data("charlm")
+    _train("charlm", tmp_path / "run")
+    capsys.readouterr()
+    from rnnkit.export import recipes
+
+    real = recipes.CharLMExporter.check
+
+    def off(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        result.difference += 1.0
+        return result
+
+    monkeypatch.setattr(recipes.CharLMExporter, "check", off)
+    code, out, err = _export(capsys, tmp_path / "run", tmp_path / "lm.onnx", "--limit", "600")
+    assert re.search(
+        r"on 600 validation characters: max \|difference\| 1 .*; 3 outputs compared", out
+    )
+    assert code == 1 and "nothing was written" in err and "> --tolerance 0.0001" in err
+    assert list(tmp_path.glob("*.onnx")) == [] and list(tmp_path.glob(".rnnkit-export-*")) == []
+
+
+def test_rnnkit_export_refuses_bad_arguments(capsys, tmp_path) -> None:
+    code, _, err = _export(capsys, tmp_path / "nothing", tmp_path / "m.onnx")
+    assert code == 2 and "not a directory" in err
+    code, _, err = _export(capsys, tmp_path, tmp_path / "m.txt")
+    assert code == 2 and "ending in .onnx" in err
+    code, _, err = _export(capsys, tmp_path, tmp_path / "m.onnx", "--tolerance", "nan")
+    assert code == 2 and "--tolerance nan" in err

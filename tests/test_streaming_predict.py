@@ -1,0 +1,101 @@
+"""Streaming inference: a unidirectional classifier reads a sequence as it arrives, each frame
+once from the state it reached, and gives after each frame exactly the logits of the sequence so
+far; ``rnnkit predict RUN --stream FILE`` prints that running prediction frame by frame."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import OUT_TOL
+from recipe_helpers import TINY, need_data
+
+from rnnkit.models import SequenceClassifier
+from rnnkit.models.classifier import POOLING
+from rnnkit.train import predict, train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.mark.parametrize("pooling", POOLING)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_pushing_frames_gives_the_logits_of_the_prefix(cell, pooling):
+    torch.manual_seed(0)
+    model = SequenceClassifier(5, input_size=4, cell=cell, hidden_size=6, num_layers=2,
+                               bidirectional=False, pooling=pooling).eval()  # fmt: skip
+    x = torch.randn(3, 9, 4)  # (B, T, features)
+    reader = model.stream()
+    seen = 0
+    for n in (1, 3, 1, 4):  # frames arrive in pieces of any size
+        logits = reader.push(x[:, seen : seen + n])
+        seen += n
+        with torch.no_grad():
+            want = model(x[:, :seen], torch.full((3,), seen))
+        torch.testing.assert_close(logits, want, atol=OUT_TOL, rtol=OUT_TOL)
+
+
+def test_a_bidirectional_classifier_cannot_stream():
+    model = SequenceClassifier(5, input_size=4, hidden_size=6, bidirectional=True)
+    with pytest.raises(ValueError, match="bidirectional encoder reads each sequence from its end"):
+        model.stream()
+
+
+def frames_csv(path: Path, count: int) -> Path:
+    path.write_text(
+        "\n".join(",".join(f"{0.1 * (i + j):.2f}" for j in range(12)) for i in range(count))
+    )
+    return path
+
+
+def test_predict_stream_prints_the_running_prediction_per_frame(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    train("speech", {**TINY["speech"], "bidirectional": False}, out=run, progress=False)
+    utterance = frames_csv(tmp_path / "utterance.csv", 7)
+    lines = list(predict(run, [str(utterance)], {"stream": True}))
+    assert [line.split("\t")[0] for line in lines] == [f"frame {k}" for k in range(1, 8)]
+    (whole,) = predict(run, [str(utterance)])
+    speaker, prob, _ = whole.split("\t")
+    _, last_speaker, last_prob = lines[-1].split("\t")
+    assert last_speaker == speaker  # after the last frame: the prediction of the utterance
+    assert abs(float(last_prob) - float(prob)) < 1e-3
+    # from standard input, through the command line, as the lines arrive
+    done = subprocess.run(
+        [sys.executable, "-m", "rnnkit.cli", "predict", str(run), "--stream", "-"],
+        input=utterance.read_text(),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == lines
+
+
+def test_predict_stream_refuses_a_bidirectional_model_and_bad_frames(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    train("speech", {**TINY["speech"], "epochs": 1}, out=run, progress=False)  # bidirectional
+    utterance = frames_csv(tmp_path / "u.csv", 3)
+    with pytest.raises(Exception, match="--stream needs a unidirectional model"):
+        list(predict(run, [str(utterance)], {"stream": True}))
+    uni = tmp_path / "uni"
+    train(
+        "speech", {**TINY["speech"], "epochs": 1, "bidirectional": False}, out=uni, progress=False
+    )
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join([",".join(["0.1"] * 12), ",".join(["0.1"] * 11 + ["nan"])]))
+    lines = predict(uni, [str(bad)], {"stream": True})
+    assert next(lines).startswith(
+        "frame 1\t"
+    )  # the first frame is answered before the second is read
+    with pytest.raises(
+        Exception, match=r"bad.csv line 2, column 12: nan; expected a finite number"
+    ):
+        next(lines)
+    with pytest.raises(Exception, match="--stream reads one source; got 2 inputs"):
+        predict(uni, [str(bad), str(bad)], {"stream": True})
