@@ -1,7 +1,7 @@
-"""Hardening: the layers refuse mixed dtypes before any backend runs, the C++ ops check every
-argument (dtype, device, sizes) instead of reading memory as the wrong type, both directions run
-whatever OpenMP hands out, user backends join the built-in ones, a damaged kernel cache is
-rebuilt instead of crashing the process, and the drop-ins pickle like torch.nn's layers.
+"""Hardening: the layers refuse mixed dtypes before any backend runs (the C++ ops check their
+own arguments: test_cpu_kernels.py), both directions run whatever OpenMP hands out, user
+backends join the built-in ones, a damaged kernel cache is rebuilt instead of crashing the
+process, and the drop-ins pickle like torch.nn's layers.
 
 Where a crash is possible the case runs in a subprocess, so a regression fails the test instead
 of killing the test run.
@@ -22,7 +22,7 @@ import torch
 from conftest import GRAD_TOL, OUT_TOL, assert_close
 
 import rnnkit
-from rnnkit.backends.cpu import build, ops
+from rnnkit.backends.cpu import build
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -117,93 +117,6 @@ def test_large_float64_layer_given_float32_weights_does_not_crash():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused: GRU input dtype (torch.float64)" in done.stdout
-
-
-# -- 1. the C++ ops check every argument ---------------------------------------------------------
-
-
-def op_args(dtype=torch.float64, **change):
-    """layer_forward's arguments for a GRU (T 3, B 2, I 8, H 16), with some replaced."""
-    f = {"dtype": dtype}
-    args = {
-        "x": torch.randn(3, 2, 8, **f),
-        "h0": torch.zeros(2, 16, **f),
-        "c0": None,
-        "w_ih": torch.randn(48, 8, **f),
-        "w_hh": torch.randn(48, 16, **f),
-        "b_ih": torch.randn(48, **f),
-        "b_hh": torch.randn(48, **f),
-        "w_hr": None,
-        "lengths": None,
-        "mode": 3,
-        "reverse": False,
-        "save": True,
-    }
-    args.update(change)
-    return args
-
-
-BAD_ARGUMENTS = {
-    "w_ih float32": ({"w_ih": torch.randn(48, 8)}, "w_ih has dtype Float; expected Double"),
-    "w_hh float32": ({"w_hh": torch.randn(48, 16)}, "w_hh has dtype Float; expected Double"),
-    "h0 float32": ({"h0": torch.zeros(2, 16)}, "h0 has dtype Float; expected Double"),
-    "bias float32": ({"b_hh": torch.randn(48)}, "b_hh has dtype Float"),
-    "bias short": ({"b_ih": torch.randn(47, dtype=torch.float64)}, r"b_ih has shape \[47\]"),
-    "one bias": ({"b_hh": None}, "b_ih and b_hh: expected both or neither"),
-    "rows not 3H": ({"w_ih": torch.randn(47, 8, dtype=torch.float64)}, "G = 47 rows; expected a"),
-    "w_hh columns": (
-        {"w_hh": torch.randn(48, 15, dtype=torch.float64)},
-        r"w_hh has shape \[48, 15\]",
-    ),
-    "h0 batch": ({"h0": torch.zeros(3, 16, dtype=torch.float64)}, r"h0 has shape \[3, 16\]"),
-    "c0 for a GRU": ({"c0": torch.zeros(2, 16, dtype=torch.float64)}, "only the LSTM has a cell"),
-    "lstm without c0": (
-        {
-            "mode": 2,
-            "w_ih": torch.randn(64, 8, dtype=torch.float64),
-            "w_hh": torch.randn(64, 16, dtype=torch.float64),
-            "b_ih": None,
-            "b_hh": None,
-        },
-        "the LSTM needs c0",
-    ),
-    "projection on a GRU": (
-        {"w_hr": torch.randn(4, 16, dtype=torch.float64)},
-        "only defined for the LSTM",
-    ),
-    "lengths float": ({"lengths": torch.tensor([3.0, 1.0])}, "lengths has shape"),
-    "x int": ({"x": torch.zeros(3, 2, 8, dtype=torch.int64)}, "x has dtype Long"),
-    "x 2-D": ({"x": torch.zeros(3, 8, dtype=torch.float64)}, r"x has shape \[3, 8\]"),
-}
-
-
-@pytest.mark.usefixtures("kernels")
-@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
-def test_layer_forward_names_a_bad_argument(case):
-    change, message = BAD_ARGUMENTS[case]
-    with pytest.raises(RuntimeError, match=message):
-        ops.layer_forward(**op_args(**change))
-
-
-@pytest.mark.usefixtures("kernels")
-def test_layer_backward_checks_gradients_and_saved_tensors():
-    args = op_args()
-    out, _, _, act, hprev, c, hpre, _ = ops.layer_forward(**args)
-    common = {
-        "x": args["x"], "c0": None, "w_ih": args["w_ih"], "w_hh": args["w_hh"], "w_hr": None,
-        "lengths": None, "act": act, "hprev": hprev, "c": c, "hpre": hpre, "mode": 3,
-        "reverse": False, "has_bias": True, "need_dx": True,
-    }  # fmt: skip
-    good = ops.layer_backward(torch.ones_like(out), None, None, **common)
-    assert good[0].shape == args["x"].shape
-    with pytest.raises(RuntimeError, match="grad_out has dtype Float; expected Double"):
-        ops.layer_backward(torch.ones(out.shape), None, None, **common)
-    with pytest.raises(RuntimeError, match=r"grad_hn has shape \[2, 15\]"):
-        ops.layer_backward(None, torch.ones(2, 15, dtype=torch.float64), None, **common)
-    with pytest.raises(RuntimeError, match=r"act has shape"):
-        ops.layer_backward(torch.ones_like(out), None, None, **{**common, "act": act[1:]})
-    with pytest.raises(RuntimeError, match="act has dtype Float"):
-        ops.layer_backward(torch.ones_like(out), None, None, **{**common, "act": act.float()})
 
 
 # -- 2. both directions run whatever thread team OpenMP hands out ---------------------------------

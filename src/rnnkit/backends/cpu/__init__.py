@@ -1,11 +1,11 @@
 """The cpu backend: fused C++ kernels with hand-written backpropagation through time.
 
-``rnn_kernels.cpp`` runs one layer in one direction over the whole sequence (forward and
-backward, lengths and reversal inside the kernel), or both directions of a layer at once;
-``ops.py`` registers it as torch.library custom ops with autograd; ``build.py`` compiles it at
-first use. The stack composer (:mod:`rnnkit.backends.stack`) runs the layers. The LayerNorm
-LSTM and GRU have their own kernels (``layernorm_kernels.cpp``) and glue (``layernorm.py``), to
-which check and run_layer hand those two modes.
+The kernels run one layer of any built-in cell over the whole sequence (forward and backward,
+lengths, reversal and the in-step regularisers inside the kernel), one direction or both
+directions of a bidirectional layer at once: ``driver.h`` is the one forward and one backward
+driver, ``cells.h`` the cells as its policies, ``ops.cpp`` the op entries; ``ops.py`` registers
+them as torch.library custom ops with autograd; ``build.py`` compiles them at first use. The
+stack composer (:mod:`rnnkit.backends.stack`) runs the layers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from ...cells.table import SPECS
 from .. import LayerCall, LayerResult, Request
-from . import build, layernorm, ops
+from . import build, ops
 
 __all__ = ["CpuBackend"]
 
@@ -22,9 +22,10 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 class CpuBackend:
-    """Runs the Elman RNN, LSTM (with projection, with peepholes) and GRU on the CPU (float32,
-    float64), with every option: lengths, reversal, bidirectional and deep stacks, gate outputs
-    (detached), and the regularisers (variational dropout, state dropout, zoneout, DropConnect).
+    """Runs every built-in cell (the Elman RNN, the LSTM with projection or peepholes, the GRU,
+    the LayerNorm LSTM and GRU) on the CPU (float32, float64), with every option: lengths,
+    reversal, bidirectional and deep stacks, gate outputs (detached), and the regularisers
+    (variational dropout, state dropout, zoneout, DropConnect).
 
     :meth:`slower` names the configurations where BENCHMARKS.md measured torch's own op to be
     as fast or faster (a plain LSTM, on oneDNN): automatic dispatch then skips this backend,
@@ -39,9 +40,7 @@ class CpuBackend:
     )
 
     def check(self, request: Request) -> str | None:
-        if request.mode in layernorm.MODE_IDS:
-            return layernorm.check(request)
-        if request.mode not in ops.KERNELS:
+        if request.mode not in SPECS:
             return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
         if request.device_type != "cpu":
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
@@ -69,49 +68,31 @@ class CpuBackend:
         return None
 
     def run_layer(self, layer: LayerCall) -> LayerResult:
-        """One layer: both directions in one op (each on its own thread) or one direction; state
+        """One layer in one op: both directions at once (each on its own thread) or one; state
         dropout and zoneout inside the kernels, from the composer's masks; gates read from the
         kernel's saved activations, detached (not differentiable)."""
-        d0 = layer.directions[0]
-        mode = d0.mode
-        assert mode is not None
-        if mode in layernorm.MODE_IDS:
-            return layernorm.run_layer(layer)
-        lstm = SPECS[mode].has_cell_state
-        bias = "bias_ih" in d0.weights
-        proj = "weight_hr" in d0.weights
-        regs = [ops.in_kernel(d) for d in layer.directions]
-        weights = [list(d.weights.values()) for d in layer.directions]
-        if (
-            len(layer.directions) == 2
-            and not layer.directions[0].reverse
-            and layer.directions[1].reverse
-        ):
-            f, b = layer.directions
-            x, x_b = layer.inputs
-            out, h, c, g = ops.pair(
-                x,
-                (f.state[0], b.state[0]),
-                (f.state[1], b.state[1]) if lstm else None,
-                (weights[0], weights[1]),
-                layer.lengths,
-                mode,
-                bias,
-                proj,
-                layer.gates,
-                x_b=None if x_b is x else x_b,
-                regularisers=(regs[0], regs[1]),
-            )
-            states = [(h[0], c[0]) if lstm else (h[0],), (h[1], c[1]) if lstm else (h[1],)]
-            return LayerResult(out, states, list(g) if g is not None else None)
-        outs, states, gates = [], [], []
-        for x, d, w, r in zip(layer.inputs, layer.directions, weights, regs, strict=True):
-            out, h, c, g = ops.layer(
-                x, d.state[0], d.state[1] if lstm else None, w, layer.lengths, mode, d.reverse,
-                bias, proj, layer.gates, regularisers=r,
-            )  # fmt: skip
-            outs.append(out)
-            states.append((h, c) if lstm else (h,))
-            gates.append(g)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        return LayerResult(out, states, gates if layer.gates else None)
+        first = layer.directions[0]
+        spec = SPECS[first.mode]  # type: ignore[index]
+        x = layer.inputs[0]
+        inputs = [x] if all(i is x for i in layer.inputs) else list(layer.inputs)
+        empty = x.new_empty(0)
+        states = [s for d in layer.directions for s in d.state]
+        weights = [d.weights.get(n, empty) for d in layer.directions for n in spec.weights]
+        masks = [m for d in layer.directions for m in ops.masks(d, empty)]
+        grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (*inputs, *states, *weights)
+        )
+        reverse = [d.reverse for d in layer.directions]
+        r = ops.layer_forward(
+            inputs, states, weights, masks, layer.lengths, spec.kernel_id, reverse, first.eps,
+            grad or layer.gates,
+        )  # fmt: skip
+        ns, per = len(spec.states), 1 + len(spec.states) + len(ops.SAVED)
+        runs = [r[d * per : (d + 1) * per] for d in range(len(reverse))]
+        out = torch.cat([run[0] for run in runs], dim=-1) if len(runs) > 1 else runs[0][0]
+        finals = [tuple(run[1 : 1 + ns]) for run in runs]
+        if not layer.gates:
+            return LayerResult(out, finals)
+        act, c = ops.SAVED.index("act"), ops.SAVED.index("c")
+        gates = [ops.gates(spec, run[1 + ns + act], run[1 + ns + c]) for run in runs]
+        return LayerResult(out, finals, gates)

@@ -38,8 +38,24 @@ import torch
 __all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "library_path", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
-SOURCES = (_HERE / "rnn_kernels.cpp", _HERE / "layernorm_kernels.cpp")
-HEADERS = (_HERE / "kernel_common.h",)  # hashed into the cache key, not compiled alone
+#: One translation unit per cell family instantiating the drivers, and the op entries (with the
+#: GEMMs and the thread pool): they compile in parallel, the longest first.
+SOURCES = tuple(
+    _HERE / s
+    for s in (
+        "cell_lstm_peephole.cpp",
+        "cell_lstm.cpp",
+        "ops.cpp",
+        "cell_rnn.cpp",
+        "cell_layernorm_lstm.cpp",
+        "cell_layernorm_gru.cpp",
+        "cell_gru.cpp",
+    )
+)
+#: Hashed into the cache key, not compiled alone.
+HEADERS = tuple(
+    _HERE / h for h in ("kernel_common.h", "kernels.h", "cells.h", "driver.h", "checks.h")
+)
 _CFLAGS = (
     "-O3",
     "-march=native",
@@ -181,12 +197,34 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _jobs() -> int:
+    """The CPUs this process may run on (ninja's own default, their count + 2, only makes the
+    compilers of a small machine take turns)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _max_jobs() -> Iterator[None]:
+    """cpp_extension's ninja runs one compiler per CPU, unless ``MAX_JOBS`` says otherwise."""
+    if "MAX_JOBS" in os.environ:
+        yield
+        return
+    os.environ["MAX_JOBS"] = str(_jobs())
+    try:
+        yield
+    finally:
+        os.environ.pop("MAX_JOBS", None)
+
+
 def _compile(directory: Path, name: str) -> Path:
     """Compile the kernels in a private directory under ``directory`` and load them into this
     process (cpp_extension does both); returns the library, moved beside its final place."""
     from torch.utils import cpp_extension
 
-    with tempfile.TemporaryDirectory(prefix="build-", dir=directory) as tmp:
+    with tempfile.TemporaryDirectory(prefix="build-", dir=directory) as tmp, _max_jobs():
         cpp_extension.load(
             name=name,
             sources=[str(s) for s in SOURCES],

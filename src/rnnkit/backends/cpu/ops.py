@@ -1,532 +1,227 @@
-"""The C++ kernels as ``torch.library`` custom ops, with fake (meta) kernels and autograd.
+"""The C++ kernels as two ``torch.library`` custom ops, with fake (meta) kernels and autograd.
 
-``rnnkit::layer_forward`` runs one layer in one direction over the whole sequence and returns,
-besides ``(out, h_n, c_n)``, what its backward needs; ``rnnkit::layer_backward`` is the
+``rnnkit::layer_forward`` runs one layer of any built-in cell over the whole sequence, in one
+direction or both directions of a bidirectional layer at once, and returns per direction the
+output, the final states and what its backward needs; ``rnnkit::layer_backward`` is the
 hand-written backpropagation through time. Autograd, torch.compile and torch.export see one op
-each. Shapes (rnn_kernels.cpp states them in full): x (T, B, I), h0 (B, P), c0 (B, H),
-w_ih (G, I), w_hh (G, P), b_ih/b_hh (G), w_hr (P, H), lengths (B,) int64; the regularisers
-state_mask (B, P) (state dropout) and zone_h (T, B, P) or (P,), zone_c (T, B, H) or (H,)
-(zoneout: 1 = keep the previous value, or in eval mode the probability) are constants: they get
-no gradient. peep (3, H) stacks the peephole LSTM's w_ci, w_cf, w_co.
+each. Their arguments are grouped per direction (ops.cpp states them in full): the inputs, the
+initial states (the cell table's ``states``), the weights in the cell table's order (``weights``;
+an absent bias or projection as an empty tensor), the in-kernel regularisers (:data:`MASKS`),
+then the lengths, the cell table's ``kernel_id`` and the directions' reading orders. Every shape
+here comes from the cell table (:data:`rnnkit.cells.table.SPECS`).
 
 Defining the ops builds nothing: the kernels are compiled when an op first runs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from ...cells.table import SPECS, CellSpec
 from . import build
 
 if TYPE_CHECKING:
     from .. import Direction
 
-__all__ = [
-    "KERNELS",
-    "MODE_IDS",
-    "Regularisers",
-    "gates_of",
-    "in_kernel",
-    "layer",
-    "layer_backward",
-    "layer_forward",
-    "pair",
-    "pair_backward",
-    "pair_forward",
-]
+__all__ = ["MASKS", "SAVED", "gates", "layer_backward", "layer_forward", "masks", "saved_widths"]
 
-#: The kernels' cell ids.
-MODE_IDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
-_LSTM = MODE_IDS["lstm"]
-#: Every cell mode the kernels run: (cell id, peepholes).
-KERNELS = {**{mode: (i, False) for mode, i in MODE_IDS.items()}, "lstm_peephole": (_LSTM, True)}
+#: One direction's in-kernel regularisers, in the order the ops take them: state_mask (B, P)
+#: multiplies h_{t-1} entering the step; zone_h (T, B, P) or (P,) and zone_c (T, B, H) or (H,)
+#: are zoneout's keep weights (0/1 per step in training, the probability in eval mode). They are
+#: constants: they get no gradient.
+MASKS = ("state_mask", "zone_h", "zone_c")
+#: What the forward keeps for backward, per direction, in the order the op returns it.
+SAVED = ("act", "hprev", "c", "cprev", "hpre", "xhat", "hhat", "chat", "rstd")
 
-_Tensors8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-_Tensors9 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+_BY_KERNEL = {s.kernel_id: s for s in SPECS.values()}
 
 
-def _saved_width(mode: int, hidden: int) -> int:
-    return 4 * hidden if mode in (MODE_IDS["lstm"], MODE_IDS["gru"]) else hidden
+def _spec(kernel_id: int) -> CellSpec:
+    try:
+        return _BY_KERNEL[kernel_id]
+    except KeyError:
+        raise ValueError(
+            f"kernel_id = {kernel_id}; expected one of the cell table's {sorted(_BY_KERNEL)}"
+        ) from None
+
+
+def saved_widths(
+    spec: CellSpec, hidden: int, state: int, projection: bool, zoneout: bool
+) -> tuple[int, ...]:
+    """The width of each :data:`SAVED` array (T, B, width) of one direction, 0 where the cell
+    does not use it: act S = saved * H; hprev P; the cell state c and, with zoneout or
+    peepholes, c_{t-1}; hpre H with a projection; the LayerNorm cells' xhat, hhat (G), chat (H,
+    LSTM) and rstd (3)."""
+    cell, norm = spec.has_cell_state, spec.layernorm
+    gates = spec.gate_count * hidden
+    return (
+        spec.saved * hidden,
+        state,
+        hidden if cell else 0,
+        hidden if cell and (zoneout or spec.peephole) else 0,
+        hidden if projection else 0,
+        gates if norm else 0,
+        gates if norm else 0,
+        hidden if norm and cell else 0,
+        3 if norm else 0,
+    )
+
+
+def _direction(spec: CellSpec, inputs, states, weights, masks, d: int):
+    """T, B, I, H, P, projection and zoneout of direction ``d`` of an op's arguments."""
+    x = inputs[d if len(inputs) > 1 else 0]
+    nw = len(spec.weights)
+    w = dict(zip(spec.weights, weights[d * nw : (d + 1) * nw], strict=True))
+    hidden = w["weight_ih"].shape[0] // spec.gate_count
+    state = states[d * len(spec.states)].shape[-1]
+    projection = "weight_hr" in w and w["weight_hr"].numel() > 0
+    zoneout = masks[d * len(MASKS) + 1].numel() > 0
+    return (*x.shape, hidden, state, projection, zoneout)
 
 
 @torch.library.custom_op("rnnkit::layer_forward", mutates_args=())
 def layer_forward(
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor | None,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
+    inputs: list[Tensor],
+    states: list[Tensor],
+    weights: list[Tensor],
+    masks: list[Tensor],
     lengths: Tensor | None,
-    mode: int,
-    reverse: bool,
+    kernel_id: int,
+    reverse: list[bool],
+    eps: float,
     save: bool,
-    state_mask: Tensor | None = None,
-    zone_h: Tensor | None = None,
-    zone_c: Tensor | None = None,
-    peep: Tensor | None = None,
-) -> _Tensors8:
-    """One layer, one direction: ``(out, h_n, c_n, act, hprev, c, hpre, cprev)``; the last five
-    are saved for backward and empty unless ``save``."""
+) -> list[Tensor]:
+    """One layer: per direction ``out, *final states, *saved`` (:data:`SAVED`, empty unless
+    ``save``)."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_forward(
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save,
-        state_mask, zone_h, zone_c, peep,
-    )  # fmt: skip
+        inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save
+    )
 
 
 @layer_forward.register_fake
-def _layer_forward_fake(
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, mode, reverse, save,
-    state_mask=None, zone_h=None, zone_c=None, peep=None,
-):  # fmt: skip
-    steps, batch, _ = x.shape
-    gates = w_ih.shape[0]
-    hidden = gates // {0: 1, 1: 1, 2: 4, 3: 3}[mode]
-    state = h0.shape[1]
-    empty = x.new_empty(0)
-
-    def saved(width: int, used: bool) -> Tensor:
-        return x.new_empty(steps, batch, width) if save and used else x.new_empty(0)
-
-    return (
-        x.new_empty(steps, batch, state),
-        x.new_empty(batch, state),
-        x.new_empty(batch, hidden) if mode == _LSTM else empty,
-        saved(_saved_width(mode, hidden), True),
-        saved(state, True),
-        saved(hidden, mode == _LSTM),
-        saved(hidden, w_hr is not None),
-        saved(hidden, mode == _LSTM and (zone_h is not None or peep is not None)),
-    )
+def _layer_forward_fake(inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save):
+    spec = _spec(kernel_id)
+    x = inputs[0]
+    result = []
+    for d in range(len(reverse)):
+        steps, batch, _, hidden, state, proj, zone = _direction(
+            spec, inputs, states, weights, masks, d
+        )
+        result.append(x.new_empty(steps, batch, state))
+        result += [x.new_empty(batch, state if k == 0 else hidden) for k in range(len(spec.states))]
+        for width in saved_widths(spec, hidden, state, proj, zone):
+            result.append(x.new_empty(steps, batch, width) if save and width else x.new_empty(0))
+    return result
 
 
 @torch.library.custom_op("rnnkit::layer_backward", mutates_args=())
 def layer_backward(
-    grad_out: Tensor | None,
-    grad_hn: Tensor | None,
-    grad_cn: Tensor | None,
-    x: Tensor,
-    c0: Tensor | None,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
+    grads: list[Tensor | None],
+    inputs: list[Tensor],
+    states: list[Tensor],
+    weights: list[Tensor],
+    masks: list[Tensor],
+    saved: list[Tensor],
     lengths: Tensor | None,
-    act: Tensor,
-    hprev: Tensor,
-    c: Tensor,
-    hpre: Tensor,
-    mode: int,
-    reverse: bool,
-    has_bias: bool,
+    kernel_id: int,
+    reverse: list[bool],
+    eps: float,
     need_dx: bool,
-    state_mask: Tensor | None = None,
-    zone_h: Tensor | None = None,
-    zone_c: Tensor | None = None,
-    cprev: Tensor | None = None,
-    peep: Tensor | None = None,
-) -> _Tensors9:
-    """Backpropagation through one layer_forward: ``(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
-    dw_hr, dpeep)``; dx is empty unless ``need_dx``, the biases without ``has_bias``, dw_hr
-    without a projection, dc0 unless LSTM, dpeep without peepholes."""
+) -> list[Tensor]:
+    """Backpropagation through one layer_forward: ``dx`` per input (empty unless ``need_dx``),
+    then per direction the gradients of the initial states and of the weights (empty where a
+    weight is)."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_backward(
-        grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre,
-        mode, reverse, has_bias, need_dx, state_mask, zone_h, zone_c, cprev, peep,
-    )  # fmt: skip
+        grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx
+    )
 
 
 @layer_backward.register_fake
 def _layer_backward_fake(
-    grad_out, grad_hn, grad_cn, x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, mode,
-    reverse, has_bias, need_dx, state_mask=None, zone_h=None, zone_c=None, cprev=None, peep=None,
-):  # fmt: skip
-    batch = x.shape[1]
-    gates = w_ih.shape[0]
-    hidden = gates // {0: 1, 1: 1, 2: 4, 3: 3}[mode]
-    state = w_hh.shape[1]
-    empty = x.new_empty(0)
-    return (
-        x.new_empty(x.shape) if need_dx else empty,
-        x.new_empty(batch, state),
-        x.new_empty(batch, hidden) if mode == _LSTM else x.new_empty(0),
-        x.new_empty(w_ih.shape),
-        x.new_empty(w_hh.shape),
-        x.new_empty(gates) if has_bias else x.new_empty(0),
-        x.new_empty(gates) if has_bias else x.new_empty(0),
-        x.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0),
-        x.new_empty(peep.shape) if peep is not None else x.new_empty(0),
-    )
+    grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx
+):
+    spec = _spec(kernel_id)
+    x = inputs[0]
+    nw, ns = len(spec.weights), len(spec.states)
+    result = [x.new_empty(i.shape) if need_dx else x.new_empty(0) for i in inputs]
+    for d in range(len(reverse)):
+        result += [x.new_empty(s.shape) for s in states[d * ns : (d + 1) * ns]]
+        result += [x.new_empty(w.shape) for w in weights[d * nw : (d + 1) * nw]]
+    return result
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, _, c0, w_ih, w_hh, b_ih, _, w_hr, lengths, mode, reverse, save, *extra = inputs
-    _, _, _, act, hprev, c, hpre, cprev = output
-    ctx.mode, ctx.reverse, ctx.save = mode, reverse, save
-    ctx.has_bias = b_ih is not None
-    ctx.has_c0, ctx.has_w_hr = c0 is not None, w_hr is not None
-    # state_mask, zone_h, zone_c, peep (torch.compile may drop trailing Nones)
-    extra = (extra + [None] * 4)[:4]
-    ctx.save_for_backward(x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, cprev, *extra)
-    ctx.mark_non_differentiable(act, hprev, c, hpre, cprev)
+    ins, states, weights, masks, lengths, kernel_id, reverse, eps, save = inputs
+    spec = _spec(kernel_id)
+    first, per = 1 + len(spec.states), 1 + len(spec.states) + len(SAVED)
+    saved = [t for d in range(len(reverse)) for t in output[d * per + first : (d + 1) * per]]
+    ctx.kernel_id, ctx.reverse, ctx.eps, ctx.save = kernel_id, list(reverse), eps, save
+    ctx.counts = (len(ins), len(states), len(weights), len(masks))
+    ctx.save_for_backward(*ins, *states, *weights, *masks, *saved, lengths)
+    ctx.mark_non_differentiable(*saved)
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
+def _backward(ctx, grads):
     if not ctx.save:
         raise RuntimeError(
             "rnnkit::layer_forward ran with save=False (no gradient was expected), so it kept "
             "nothing for backward"
         )
-    x, c0, w_ih, w_hh, w_hr, lengths, act, hprev, c, hpre, cprev, *extra = ctx.saved_tensors
-    mask, zone_h, zone_c, peep = extra
-    need_dx = ctx.needs_input_grad[0]
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeep = layer_backward(
-        grad_out, grad_hn, grad_cn if ctx.mode == _LSTM else None, x, c0, w_ih, w_hh, w_hr,
-        lengths, act, hprev, c, hpre, ctx.mode, ctx.reverse, ctx.has_bias, need_dx, mask, zone_h,
-        zone_c, cprev, peep,
+    *tensors, lengths = ctx.saved_tensors
+    groups = []
+    for count in ctx.counts:
+        groups.append(tensors[:count])
+        tensors = tensors[count:]
+    ins, states, weights, masks = groups
+    spec = _spec(ctx.kernel_id)
+    ns, nw = len(spec.states), len(spec.weights)
+    per = 1 + ns + len(SAVED)
+    given = [grads[d * per + k] for d in range(len(ctx.reverse)) for k in range(1 + ns)]
+    need_dx = any(ctx.needs_input_grad[0])
+    r = layer_backward(
+        given, ins, states, weights, masks, tensors, lengths, ctx.kernel_id, ctx.reverse,
+        ctx.eps, need_dx,
     )  # fmt: skip
-    return (
-        dx if need_dx else None,
-        dh0,
-        dc0 if ctx.has_c0 else None,
-        dw_ih,
-        dw_hh,
-        db_ih if ctx.has_bias else None,
-        db_hh if ctx.has_bias else None,
-        dw_hr if ctx.has_w_hr else None,
-        None,  # lengths
-        None,  # mode
-        None,  # reverse
-        None,  # save
-        None,  # state_mask: a constant
-        None,  # zone_h: a constant
-        None,  # zone_c: a constant
-        None if peep is None else dpeep,
-    )
+    dx, r = r[: len(ins)], r[len(ins) :]
+    dstates, dweights = [], []
+    for d in range(len(ctx.reverse)):
+        part = r[d * (ns + nw) : (d + 1) * (ns + nw)]
+        dstates += part[:ns]
+        given_w = weights[d * nw : (d + 1) * nw]
+        dweights += [g if w.numel() else None for g, w in zip(part[ns:], given_w, strict=True)]
+    dx = [g if need_dx else None for g in dx]
+    # masks: constants; lengths, kernel_id, reverse, eps, save: not tensors
+    return dx, dstates, dweights, [None] * len(masks), None, None, None, None, None
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-class Regularisers(NamedTuple):
-    """One direction's in-kernel regularisers, as the ops take them (None = off): state_mask
-    (B, P) multiplies h_{t-1} entering the step; zone_h (T, B, P) or (P,) and zone_c (T, B, H) or
-    (H,) [LSTM] are zoneout's keep weights (0/1 per step in training, p in eval mode)."""
-
-    state_mask: Tensor | None = None
-    zone_h: Tensor | None = None
-    zone_c: Tensor | None = None
-
-
-_OFF = Regularisers()
-
-
-def in_kernel(direction: Direction) -> Regularisers:
-    """A direction's state dropout and zoneout masks as the kernels take them: zoneout's bool
-    masks (T, B, n) as 0/1 in the input's dtype, its eval-mode probabilities as (n,) vectors."""
-    masks = direction.masks
-    if masks is None:
-        return Regularisers()
-    h0 = direction.state[0]
-    zone: list[Tensor | None] = [None, None]
-    if masks.zoneout is not None:
-        for k, (z, like) in enumerate(zip(masks.zoneout, direction.state, strict=False)):
-            size = like.shape[-1]
-            zone[k] = z.to(h0.dtype) if isinstance(z, Tensor) else h0.new_full((size,), z)
-    return Regularisers(masks.state, zone[0], zone[1])
+def masks(direction: Direction, empty: Tensor) -> list[Tensor]:
+    """A direction's state dropout and zoneout as the ops take them (:data:`MASKS`; ``empty``
+    where off): zoneout's bool masks (T, B, n) as 0/1 in the state's dtype, its eval-mode
+    probabilities as (n,) vectors."""
+    drawn = direction.masks
+    if drawn is None:
+        return [empty] * len(MASKS)
+    zone = [empty, empty]
+    for k, (z, like) in enumerate(zip(drawn.zoneout or (), direction.state, strict=False)):
+        zone[k] = z.to(like.dtype) if isinstance(z, Tensor) else like.new_full(like.shape[-1:], z)
+    return [empty if drawn.state is None else drawn.state, *zone]
 
 
-Gates = tuple[Tensor, ...]
-
-
-def gates_of(mode: int, act: Tensor, c: Tensor) -> Gates:
-    """The gate activations of every step, (T, B, H) each, from what layer_forward saved: LSTM
-    ``i, f, g, o, c`` (act holds i f g o, c the new cell state), GRU ``r, z, n`` (act holds r z n
-    hn). Copies, not differentiable: the saved activations are outputs without a gradient."""
-    hidden = act.shape[-1] // 4
-    if mode == _LSTM:
-        return (*(a.contiguous() for a in act.split(hidden, dim=-1)), c.clone())
-    return tuple(a.contiguous() for a in act.split(hidden, dim=-1)[:3])
-
-
-def _direction_args(
-    weights: list[Tensor], bias: bool, proj: bool, peephole: bool
-) -> tuple[list[Tensor | None], Tensor | None]:
-    """``[w_ih, w_hh, b_ih, b_hh, w_hr]`` and ``peep`` (3, H) from a cell's per-direction weight
-    list ``w_ih, w_hh[, b_ih, b_hh][, w_ci, w_cf, w_co][, w_hr]`` (torch.nn's, plus peepholes)."""
-    w_ih, w_hh, *rest = weights
-    b_ih, b_hh = (rest[0], rest[1]) if bias else (None, None)
-    w_hr = rest[-1] if proj else None
-    first = 2 if bias else 0
-    peep = torch.stack(rest[first : first + 3]) if peephole else None  # (3, H)
-    return [w_ih, w_hh, b_ih, b_hh, w_hr], peep
-
-
-def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def layer(
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor | None,
-    weights: list[Tensor],
-    lengths: Tensor | None,
-    mode: str,
-    reverse: bool,
-    bias: bool,
-    proj: bool,
-    gates: bool = False,
-    regularisers: Regularisers = _OFF,
-) -> tuple[Tensor, Tensor, Tensor | None, Gates | None]:
-    """One layer in one direction of ``mode`` (a key of :data:`KERNELS`) from the cell's
-    per-direction weight list ``w_ih, w_hh[, b_ih, b_hh][, w_ci, w_cf, w_co][, w_hr]``: returns
-    ``(out (T, B, P), h_n (B, P), c_n (B, H) or None, gates or None)``; with ``gates``,
-    :func:`gates_of` (detached copies).
-    """
-    mode_id, peephole = KERNELS[mode]
-    weights, peep = _direction_args(weights, bias, proj, peephole)
-    args = [h0, c0, *weights]
-    grad = _needs_grad([x, peep, *args])
-    out, h_n, c_n, act, _, c, _, _ = layer_forward(
-        x, *args, lengths, mode_id, reverse, grad or gates, *regularisers, peep
+def gates(spec: CellSpec, act: Tensor, c: Tensor) -> tuple[Tensor, ...]:
+    """The cell table's ``gate_outputs`` of every step, (T, B, H) each, from what the forward
+    saved: act holds the gates in the table's order (the GRU's followed by hn), c the new cell
+    state. Copies, not differentiable: the saved activations are outputs without a gradient."""
+    blocks = act.split(act.shape[-1] // spec.saved, dim=-1)
+    return tuple(
+        c.clone() if name == "c" else blocks[spec.gates.index(name)].contiguous()
+        for name in spec.gate_outputs
     )
-    return out, h_n, c_n if mode_id == _LSTM else None, gates_of(mode_id, act, c) if gates else None
-
-
-# -- both directions of a bidirectional layer in one op ---------------------------------------
-# The directions are independent: the kernel runs each on its own thread. Arguments are those of
-# layer_forward for the forward direction (_f) and the reverse one (_b); results are
-# layer_forward's eight for each, forward direction first.
-
-
-_Tensors16 = tuple[
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-]  # fmt: skip
-_Tensors18 = tuple[
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-]  # fmt: skip
-
-
-@torch.library.custom_op("rnnkit::pair_forward", mutates_args=())
-def pair_forward(
-    x: Tensor,
-    h0_f: Tensor,
-    c0_f: Tensor | None,
-    w_ih_f: Tensor,
-    w_hh_f: Tensor,
-    b_ih_f: Tensor | None,
-    b_hh_f: Tensor | None,
-    w_hr_f: Tensor | None,
-    h0_b: Tensor,
-    c0_b: Tensor | None,
-    w_ih_b: Tensor,
-    w_hh_b: Tensor,
-    b_ih_b: Tensor | None,
-    b_hh_b: Tensor | None,
-    w_hr_b: Tensor | None,
-    lengths: Tensor | None,
-    mode: int,
-    save: bool,
-    x_b: Tensor | None = None,
-    state_mask_f: Tensor | None = None,
-    zone_h_f: Tensor | None = None,
-    zone_c_f: Tensor | None = None,
-    state_mask_b: Tensor | None = None,
-    zone_h_b: Tensor | None = None,
-    zone_c_b: Tensor | None = None,
-    peep_f: Tensor | None = None,
-    peep_b: Tensor | None = None,
-) -> _Tensors16:
-    """Both directions of one layer: layer_forward's 8 results for each (16 tensors). ``x_b``:
-    the reverse direction's own input (None: it reads ``x``)."""
-    build.ensure()
-    return tuple(torch.ops.rnnkit_cpu.pair_forward(
-        x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f,
-        h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode, save, x_b,
-        state_mask_f, zone_h_f, zone_c_f, state_mask_b, zone_h_b, zone_c_b, peep_f, peep_b,
-    ))  # fmt: skip
-
-
-@pair_forward.register_fake
-def _(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b,
-      b_hh_b, w_hr_b, lengths, mode, save, x_b=None, state_mask_f=None, zone_h_f=None,
-      zone_c_f=None, state_mask_b=None, zone_h_b=None, zone_c_b=None, peep_f=None,
-      peep_b=None):  # fmt: skip
-    f = _layer_forward_fake(x, h0_f, c0_f, w_ih_f, w_hh_f, b_ih_f, b_hh_f, w_hr_f, lengths, mode,
-                            False, save, state_mask_f, zone_h_f, zone_c_f, peep_f)  # fmt: skip
-    b = _layer_forward_fake(x, h0_b, c0_b, w_ih_b, w_hh_b, b_ih_b, b_hh_b, w_hr_b, lengths, mode,
-                            True, save, state_mask_b, zone_h_b, zone_c_b, peep_b)  # fmt: skip
-    return (*f, *b)
-
-
-@torch.library.custom_op("rnnkit::pair_backward", mutates_args=())
-def pair_backward(
-    grad_out_f: Tensor | None,
-    grad_hn_f: Tensor | None,
-    grad_cn_f: Tensor | None,
-    c0_f: Tensor | None,
-    w_ih_f: Tensor,
-    w_hh_f: Tensor,
-    w_hr_f: Tensor | None,
-    act_f: Tensor,
-    hprev_f: Tensor,
-    c_f: Tensor,
-    hpre_f: Tensor,
-    grad_out_b: Tensor | None,
-    grad_hn_b: Tensor | None,
-    grad_cn_b: Tensor | None,
-    c0_b: Tensor | None,
-    w_ih_b: Tensor,
-    w_hh_b: Tensor,
-    w_hr_b: Tensor | None,
-    act_b: Tensor,
-    hprev_b: Tensor,
-    c_b: Tensor,
-    hpre_b: Tensor,
-    x: Tensor,
-    lengths: Tensor | None,
-    mode: int,
-    has_bias: bool,
-    need_dx: bool,
-    x_b: Tensor | None = None,
-    state_mask_f: Tensor | None = None,
-    zone_h_f: Tensor | None = None,
-    zone_c_f: Tensor | None = None,
-    cprev_f: Tensor | None = None,
-    state_mask_b: Tensor | None = None,
-    zone_h_b: Tensor | None = None,
-    zone_c_b: Tensor | None = None,
-    cprev_b: Tensor | None = None,
-    peep_f: Tensor | None = None,
-    peep_b: Tensor | None = None,
-) -> _Tensors18:
-    """Backpropagation through pair_forward: layer_backward's 9 results for each direction."""
-    build.ensure()
-    return tuple(torch.ops.rnnkit_cpu.pair_backward(
-        grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f,
-        hpre_f, grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b,
-        c_b, hpre_b, x, lengths, mode, has_bias, need_dx, x_b, state_mask_f, zone_h_f, zone_c_f,
-        cprev_f, state_mask_b, zone_h_b, zone_c_b, cprev_b, peep_f, peep_b,
-    ))  # fmt: skip
-
-
-@pair_backward.register_fake
-def _(grad_out_f, grad_hn_f, grad_cn_f, c0_f, w_ih_f, w_hh_f, w_hr_f, act_f, hprev_f, c_f, hpre_f,
-      grad_out_b, grad_hn_b, grad_cn_b, c0_b, w_ih_b, w_hh_b, w_hr_b, act_b, hprev_b, c_b, hpre_b,
-      x, lengths, mode, has_bias, need_dx, x_b=None, state_mask_f=None, zone_h_f=None,
-      zone_c_f=None, cprev_f=None, state_mask_b=None, zone_h_b=None, zone_c_b=None,
-      cprev_b=None, peep_f=None, peep_b=None):  # fmt: skip
-    f = _layer_backward_fake(grad_out_f, grad_hn_f, grad_cn_f, x, c0_f, w_ih_f, w_hh_f, w_hr_f,
-                             lengths, act_f, hprev_f, c_f, hpre_f, mode, False, has_bias,
-                             need_dx, peep=peep_f)  # fmt: skip
-    b = _layer_backward_fake(grad_out_b, grad_hn_b, grad_cn_b, x, c0_b, w_ih_b, w_hh_b, w_hr_b,
-                             lengths, act_b, hprev_b, c_b, hpre_b, mode, True, has_bias,
-                             need_dx, peep=peep_b)  # fmt: skip
-    return (*f, *b)
-
-
-def _pair_setup_context(ctx, inputs, output) -> None:
-    (x, _, c0_f, w_ih_f, w_hh_f, b_ih_f, _, w_hr_f, _, c0_b, w_ih_b, w_hh_b, _, _, w_hr_b,
-     lengths, mode, save, *extra) = inputs  # fmt: skip
-    # x_b; state_mask, zone_h, zone_c of each direction; peep_f, peep_b (torch.compile may drop
-    # trailing Nones)
-    x_b, *regs = (extra + [None] * 9)[:9]
-    saved_f, saved_b = output[3:8], output[11:16]
-    ctx.mode, ctx.save = mode, save
-    ctx.has_bias = b_ih_f is not None
-    ctx.has_c0, ctx.has_w_hr = c0_f is not None, w_hr_f is not None
-    ctx.has_x_b = x_b is not None
-    ctx.has_peep = regs[-1] is not None
-    ctx.save_for_backward(
-        x, x_b, lengths, c0_f, w_ih_f, w_hh_f, w_hr_f, *saved_f, c0_b, w_ih_b, w_hh_b, w_hr_b,
-        *saved_b, *regs,
-    )  # fmt: skip
-    ctx.mark_non_differentiable(*saved_f, *saved_b)
-    ctx.set_materialize_grads(False)
-
-
-def _pair_backward(ctx, *grads):
-    if not ctx.save:
-        raise RuntimeError(
-            "rnnkit::pair_forward ran with save=False (no gradient was expected), so it kept "
-            "nothing for backward"
-        )
-    x, x_b, lengths, *rest = ctx.saved_tensors
-    # per direction: c0, w_ih, w_hh, w_hr, act, hprev, c, hpre, cprev; then the regularisers of
-    # each direction and the peepholes of each
-    fwd, bwd, regs = rest[:9], rest[9:18], rest[18:]
-    lstm = ctx.mode == _LSTM
-    g_f = [grads[0], grads[1], grads[2] if lstm else None]
-    g_b = [grads[8], grads[9], grads[10] if lstm else None]
-    need_dx = ctx.needs_input_grad[0] or (ctx.has_x_b and ctx.needs_input_grad[18])
-    r = pair_backward(
-        *g_f, *fwd[:8], *g_b, *bwd[:8], x, lengths, ctx.mode, ctx.has_bias, need_dx, x_b,
-        *regs[:3], fwd[8], *regs[3:6], bwd[8], *regs[6:],
-    )  # fmt: skip
-    dx = dx_b = None
-    if need_dx and not ctx.has_x_b:
-        dx = r[0] + r[9]
-    elif need_dx:  # each direction read its own input
-        dx, dx_b = r[0], r[9]
-
-    def direction(d):  # dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr of one direction
-        dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = d[1:8]
-        return (
-            dh0,
-            dc0 if ctx.has_c0 else None,
-            dw_ih,
-            dw_hh,
-            db_ih if ctx.has_bias else None,
-            db_hh if ctx.has_bias else None,
-            dw_hr if ctx.has_w_hr else None,
-        )
-
-    dpeep = (r[8], r[17]) if ctx.has_peep else (None, None)
-    # lengths, mode, save; x_b; the regularisers (constants); the peepholes
-    return (dx, *direction(r[:9]), *direction(r[9:]), None, None, None, dx_b, *[None] * 6, *dpeep)
-
-
-pair_forward.register_autograd(_pair_backward, setup_context=_pair_setup_context)
-
-
-def pair(
-    x: Tensor,
-    h0: tuple[Tensor, Tensor],
-    c0: tuple[Tensor, Tensor] | None,
-    weights: tuple[list[Tensor], list[Tensor]],
-    lengths: Tensor | None,
-    mode: str,
-    bias: bool,
-    proj: bool,
-    gates: bool = False,
-    x_b: Tensor | None = None,
-    regularisers: tuple[Regularisers, Regularisers] = (_OFF, _OFF),
-) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None, tuple[Gates, Gates] | None]:
-    """Both directions of a bidirectional layer of ``mode`` (a key of :data:`KERNELS`; weights
-    as :func:`layer` takes them), forward first: ``(out (T, B, 2P),
-    (h_n forward, h_n reverse), (c_n forward, c_n reverse) or None, gates per direction or None)``.
-    ``x_b``: the reverse direction's own input (None: both read ``x``).
-    """
-    mode_id, peephole = KERNELS[mode]
-    args, peeps = [], []
-    for d in range(2):
-        direction, peep = _direction_args(weights[d], bias, proj, peephole)
-        args += [h0[d], None if c0 is None else c0[d], *direction]
-        peeps.append(peep)
-    grad = _needs_grad([x, x_b, *args, *peeps])
-    r = pair_forward(
-        x, *args, lengths, mode_id, grad or gates, x_b, *regularisers[0], *regularisers[1], *peeps
-    )
-    out = torch.cat([r[0], r[8]], dim=-1)
-    c_n = (r[2], r[10]) if mode_id == _LSTM else None
-    g = (gates_of(mode_id, r[3], r[5]), gates_of(mode_id, r[11], r[13])) if gates else None
-    return out, (r[1], r[9]), c_n, g

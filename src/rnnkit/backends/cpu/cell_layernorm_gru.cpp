@@ -1,0 +1,10 @@
+// The LayerNorm GRU's drivers, in float32 and float64.
+#include "driver.h"
+
+namespace rnnkit {
+namespace cpu {
+
+RNNKIT_INSTANTIATE(LayerNormGru);
+
+}  // namespace cpu
+}  // namespace rnnkit

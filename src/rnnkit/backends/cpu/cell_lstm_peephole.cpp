@@ -1,0 +1,10 @@
+// The peephole LSTM's drivers (plain and projected), in float32 and float64.
+#include "driver.h"
+
+namespace rnnkit {
+namespace cpu {
+
+RNNKIT_INSTANTIATE(PeepholeLstm);
+
+}  // namespace cpu
+}  // namespace rnnkit

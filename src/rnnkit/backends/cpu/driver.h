@@ -1,0 +1,311 @@
+// The one forward driver and the one backward driver of rnnkit's fused recurrent layers, for
+// every cell: templated on a cell policy (cells.h) and on named compile-time variants, as haste's
+// kernels are. Included by the cell_*.cpp translation units only, each of which compiles the
+// drivers of its cells (RNNKIT_INSTANTIATE); ops.cpp calls them through kernels.h.
+//
+// Forward: one GEMM projects the inputs of all steps (a LayerNorm cell then normalises them in
+// one pass); per step, one recurrent GEMM over the sequences still running and one fused pass of
+// the cell over each of their rows (Cell::forward_row); a projected LSTM adds the projection's
+// GEMM. Backward: the forward read in reverse; per step the cell's mirrored row pass
+// (Cell::backward_row) and one GEMM through w_hh; the cell's own weight gradients (biases,
+// peepholes, LayerNorm gains: Cell::finish), dx, dw_ih, dw_hh and dw_hr as single GEMMs and
+// reductions over all steps at the end. No allocation per step.
+//
+// A variant that is off costs nothing: kLengths (finished sequences keep their state, and the
+// recurrent GEMM runs over the active rows only), kProjection (w_hr), kSaving (the forward keeps
+// what backward needs), kStateDropout (h_{t-1} * mask enters the step), kZoneout (each state
+// becomes keep * previous + (1 - keep) * new).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cells.h"
+#include "kernel_common.h"
+#include "kernels.h"
+
+namespace rnnkit {
+namespace cpu {
+
+template <typename Cell, typename T, bool kLengths, bool kProjection, bool kSaving,
+          bool kStateDropout, bool kZoneout>
+void forward(const ForwardArgs<T>& a) {
+  const Shape& n = a.n;
+  const int64_t T_ = n.T, B = n.B, I = n.I, H = n.H, P = n.P, G = n.G, TB = n.T * n.B;
+  const int64_t* len = a.len;
+  const Masks<T>& m = a.masks;
+  const Saved<T>& saved = a.saved;
+  const typename Cell::template Params<T> p(a.w, n, a.eps);
+
+  // xg (T*B, G) = x (T*B, I) . w_ih^T: the input projection of every step at once. A LayerNorm
+  // cell normalises it in place (into the saved xhat when saving).
+  Buffer<T> xg_t(saved.at[kXhat] ? 0 : TB * G);
+  T* xg = saved.at[kXhat] ? saved.at[kXhat] : xg_t.data();
+  gemm<T>(false, true, TB, G, I, T(1), a.x, I, a.w[kWeightIh], I, T(0), xg, G);
+  Cell::template prepare<T, kLengths, kSaving>(n, len, p, xg, saved);
+
+  T* h = a.h;  // (B, P) the state, updated in place
+  T* c = a.c;  // (B, H) the cell state, updated in place [a cell state]
+  Buffer<T> hg_t(B * G);  // (B, G) the recurrent projection of this step
+  T* hg = hg_t.data();
+  // Projected LSTM: hp (B, H) the projection's input o * tanh(c), hq (B, P) its output.
+  Buffer<T> hp_t(kProjection ? B * H : 0, true), hq_t(kProjection ? B * P : 0);
+  T* hp = hp_t.data();
+  T* hq = hq_t.data();
+  Buffer<T> tmp_t(Cell::kRowScratch * B * H);  // (B, H) per row, for the cell's own use
+  T* tmp = tmp_t.data();
+
+  const PackedB<T> hh(true, B, G, P, a.w[kWeightHh], P);  // op(B) = w_hh^T (P, G)
+  const PackedB<T> hr(true, B, P, H, a.w[kWeightHr], H);  // op(B) = w_hr^T (H, P), projected
+  // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it runs
+  // over (rows[k], k < A: their batch indices), when they are not h itself: with lengths while
+  // some sequences have finished, and with state dropout (hc = h * mask).
+  std::vector<int64_t> rows;
+  rows.reserve(B);
+  active_rows<kLengths>(0, len, B, rows);
+  Buffer<T> hc_t(kLengths || kStateDropout ? B * P : 0);
+  T* hc = hc_t.data();
+  const int64_t steps = max_length(len, B, T_);
+  for (int64_t s = 0; s < steps; ++s) {
+    if constexpr (kLengths) active_rows<kLengths>(s, len, B, rows);
+    const int64_t A = static_cast<int64_t>(rows.size());
+    const bool gathered = kStateDropout || (kLengths && A < B);
+    if (gathered) {
+      for (int64_t k = 0; k < A; ++k) {
+        const T* h_row = h + rows[k] * P;
+        T* hc_row = hc + k * P;
+        if constexpr (kStateDropout) {
+          const T* m_row = m.mask + rows[k] * P;
+#pragma omp simd
+          for (int64_t j = 0; j < P; ++j) hc_row[j] = h_row[j] * m_row[j];
+        } else {
+          std::copy(h_row, h_row + P, hc_row);
+        }
+      }
+    }
+    if (A == B) {
+      // hg (B, G) = h or hc (B, P) . w_hh^T
+      hh.run(gathered ? hc : h, P, T(0), hg, G);
+    } else {
+      // hg (A, G) = hc (A, P) . w_hh^T
+      gemm<T>(false, true, A, G, P, T(1), hc, P, a.w[kWeightHh], P, T(0), hg, G);
+    }
+    parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = rows[k];
+        ForwardRow<T> r;
+        r.row = time_of<kLengths>(s, b, len, T_, a.reverse) * B + b;
+        r.xg = xg + r.row * G;
+        r.hg = hg + k * G;
+        r.hin = gathered ? hc + k * P : h + b * P;
+        if constexpr (kSaving) std::copy(r.hin, r.hin + P, saved.at[kHprev] + r.row * P);
+        if constexpr (kZoneout) {
+          r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
+          if constexpr (Cell::kCellState) r.keep_c = keep_row(m.zone_c, m.zone_c_step, r.row);
+        }
+        r.h = kProjection ? hp + b * H : h + b * H;
+        if constexpr (Cell::kCellState) r.c = c + b * H;
+        r.out = a.out + r.row * P;
+        if constexpr (kSaving) r.act = saved.at[kAct] + r.row * n.S;
+        if constexpr (Cell::kRowScratch > 0) r.tmp = tmp + b * H;
+        Cell::template forward_row<T, kSaving, kZoneout, kProjection>(p, r, saved, n);
+      }
+    });
+    if constexpr (kProjection) {
+      // hq (B, P) = hp (B, H) . w_hr^T; finished sequences keep their state.
+      hr.run(hp, H, T(0), hq, P);
+      for (int64_t k = 0; k < A; ++k) {
+        const int64_t b = rows[k];
+        ForwardRow<T> r;
+        r.row = time_of<kLengths>(s, b, len, T_, a.reverse) * B + b;
+        if constexpr (kZoneout) r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
+        r.h = h + b * P;
+        r.out = a.out + r.row * P;
+        const T* hq_row = hq + b * P;
+        for (int64_t j = 0; j < P; ++j) emit<kZoneout>(r, j, hq_row[j]);
+      }
+    }
+  }
+}
+
+template <typename Cell, typename T, bool kLengths, bool kProjection, bool kStateDropout,
+          bool kZoneout>
+void backward(const BackwardArgs<T>& a) {
+  const int64_t T_ = a.n.T, B = a.n.B, I = a.n.I, H = a.n.H, P = a.n.P, G = a.n.G;
+  const int64_t TB = T_ * B;
+  const bool reverse = a.reverse;
+  const int64_t* len = a.len;
+  const T* w_hh = a.w[kWeightHh];
+  const typename Cell::template Params<T> p(a.w, a.n, a.eps);
+
+  // The carried gradients: dh (B, P) reaching h_s from later steps, dc (B, H) reaching c_s.
+  T* dh = a.dh;
+  T* dc = a.dc;
+  // Gate gradients of every step, time-ordered (T*B, G), zero at padded positions: dgi of the
+  // input side of the pre-activations, dgh of W_hh hin, what the recurrent GEMM multiplies (the
+  // same array unless the cell's recurrent side has a gradient of its own: Cell::kSplit).
+  Buffer<T> dgi_t(TB * G, kLengths);
+  Buffer<T> dgh_t(Cell::kSplit ? TB * G : 0, kLengths);
+  T* dgi = dgi_t.data();
+  T* dgh = Cell::kSplit ? dgh_t.data() : dgi;
+  typename Cell::template Grads<T> cell_grads(a.n, kLengths);  // the cell's own, per step
+  // With lengths, the recurrent GEMM runs over the A sequences active at this step only
+  // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G). Its
+  // product dhc (A, P), the gradient reaching the states that entered the step (with state
+  // dropout: before the mask, which then multiplies it), is added to their dh.
+  Buffer<T> dgs_t(kLengths ? B * G : 0);
+  Buffer<T> dhc_t(kLengths || kStateDropout ? B * P : 0);
+  T* dgs = dgs_t.data();
+  T* dhc = dhc_t.data();
+  std::vector<int64_t> rows;
+  rows.reserve(B);
+  active_rows<kLengths>(0, len, B, rows);
+  Buffer<T> zero_t(std::max(P, H), true);  // stands in for an absent grad_out row
+  const T* zero = zero_t.data();
+  // Projected LSTM: dht (T*B, P) the gradient reaching each projection output; dhs (B, P) this
+  // step's; dhp (B, H) the gradient reaching o tanh(c) through the projection.
+  Buffer<T> dht_t(kProjection ? TB * P : 0, kLengths);
+  Buffer<T> dhs_t(kProjection ? B * P : 0, true);
+  Buffer<T> dhp_t(kProjection ? B * H : 0);
+  T* dht = dht_t.data();
+  T* dhs = dhs_t.data();
+  T* dhp = dhp_t.data();
+
+  const PackedB<T> hh(false, B, P, G, w_hh, P);  // op(B) = w_hh (G, P)
+  const PackedB<T> hr(false, B, H, P, a.w[kWeightHr], H);  // op(B) = w_hr (P, H), projected
+  const int64_t steps = max_length(len, B, T_);
+  for (int64_t s = steps - 1; s >= 0; --s) {
+    if constexpr (kLengths) active_rows<kLengths>(s, len, B, rows);
+    const int64_t A = static_cast<int64_t>(rows.size());
+    if constexpr (kProjection) {
+      // Zoneout on h is taken apart before the projection: dhs = (1 - keep) (dh + gout) reaches
+      // the projection's output, keep (dh + gout) the state before the step.
+      for (int64_t k = 0; k < A; ++k) {
+        const int64_t b = rows[k];
+        BackwardRow<T> r;
+        r.row = time_of<kLengths>(s, b, len, T_, reverse) * B + b;
+        r.gout = a.gout ? a.gout + r.row * P : zero;
+        if constexpr (kZoneout) r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
+        r.dh = dh + b * P;
+        T* dhs_row = dhs + b * P;
+        for (int64_t j = 0; j < P; ++j) dhs_row[j] = receive<kZoneout>(r, j);
+        std::copy(dhs_row, dhs_row + P, dht + r.row * P);
+      }
+      // dhp (B, H) = dhs (B, P) . w_hr (P, H)
+      hr.run(dhs, P, T(0), dhp, H);
+    }
+    parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = rows[k];
+        const int64_t t = time_of<kLengths>(s, b, len, T_, reverse);
+        BackwardRow<T> r;
+        r.row = t * B + b;
+        r.gout = a.gout ? a.gout + r.row * P : zero;
+        r.act = a.saved.at[kAct] + r.row * a.n.S;
+        r.hin = a.saved.at[kHprev] + r.row * P;
+        if constexpr (kZoneout) {
+          r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
+          if constexpr (Cell::kCellState)
+            r.keep_c = keep_row(a.masks.zone_c, a.masks.zone_c_step, r.row);
+        }
+        if constexpr (Cell::kCellState) {
+          // c_{t-1}: saved where the forward overwrote it (zoneout) or the cell saves it
+          // (peepholes); else the new cell state one step earlier in reading order, c0 first.
+          const int64_t prev = reverse ? t + 1 : t - 1;
+          r.cprev = Cell::saves_cprev(kZoneout) ? a.saved.at[kCprev] + r.row * H
+                    : s == 0                    ? a.c0 + b * H
+                                                : a.saved.at[kC] + (prev * B + b) * H;
+          r.dc = dc + b * H;
+        }
+        if constexpr (kProjection) r.dhp = dhp + b * H;
+        r.dh = dh + b * P;
+        if constexpr (kStateDropout) r.dhin = dhc + k * P;
+        r.dgi = dgi + r.row * G;
+        r.dg = kLengths ? dgs + k * G : dgh + r.row * G;
+        Cell::template backward_row<T, kZoneout, kStateDropout, kProjection>(p, r, a.saved,
+                                                                             cell_grads, a.n);
+        if (kLengths) std::copy(r.dg, r.dg + G, dgh + r.row * G);
+      }
+    });
+    // This step's gradients of W_hh hin of the A active sequences: dga (A, G).
+    const T* dga = kLengths ? dgs : dgh + (reverse ? T_ - 1 - s : s) * B * G;
+    if constexpr (kStateDropout) {
+      // dhc (A, P) = dga (A, G) . w_hh (G, P) [+ the cell's direct term, there already], the
+      // gradient reaching hin = h * mask; dh += mask * dhc on the active rows.
+      const T beta = Cell::kDirect ? T(1) : T(0);
+      if (A == B) {
+        hh.run(dga, G, beta, dhc, P);
+      } else {
+        gemm<T>(false, false, A, P, G, T(1), dga, G, w_hh, P, beta, dhc, P);
+      }
+      for (int64_t k = 0; k < A; ++k) {
+        T* dh_row = dh + rows[k] * P;
+        const T* m_row = a.masks.mask + rows[k] * P;
+        const T* dhc_row = dhc + k * P;
+#pragma omp simd
+        for (int64_t j = 0; j < P; ++j) dh_row[j] += m_row[j] * dhc_row[j];
+      }
+    } else if (!kLengths || A == B) {
+      // dh (B, P) += dga (B, G) . w_hh (G, P): every sequence is active, rows[k] = k
+      hh.run(dga, G, T(1), dh, P);
+    } else {
+      // dhc (A, P) = dga (A, G) . w_hh (G, P), added to the active rows of dh
+      gemm<T>(false, false, A, P, G, T(1), dga, G, w_hh, P, T(0), dhc, P);
+      for (int64_t k = 0; k < A; ++k) {
+        T* dh_row = dh + rows[k] * P;
+        const T* dhc_row = dhc + k * P;
+#pragma omp simd
+        for (int64_t j = 0; j < P; ++j) dh_row[j] += dhc_row[j];
+      }
+    }
+  }
+
+  // The cell's own weights (biases, peepholes, LayerNorm gains); a LayerNorm cell turns dgi into
+  // the gradient of W_ih x_t.
+  Cell::template finish<T, kLengths>(p, a, dgi, dgh, cell_grads);
+  if (a.dx) {
+    // dx (T*B, I) = dgi (T*B, G) . w_ih (G, I)
+    gemm<T>(false, false, TB, I, G, T(1), dgi, G, a.w[kWeightIh], I, T(0), a.dx, I);
+  }
+  // dw_ih (G, I) = dgi^T (G, T*B) . x (T*B, I)
+  gemm<T>(true, false, G, I, TB, T(1), dgi, G, a.x, I, T(0), a.dw[kWeightIh], I);
+  // dw_hh (G, P) = dgh^T (G, T*B) . hprev (T*B, P)
+  gemm<T>(true, false, G, P, TB, T(1), dgh, G, a.saved.at[kHprev], P, T(0), a.dw[kWeightHh], P);
+  if constexpr (kProjection) {
+    // dw_hr (P, H) = dht^T (P, T*B) . hpre (T*B, H)
+    gemm<T>(true, false, P, H, TB, T(1), dht, P, a.saved.at[kHpre], H, T(0), a.dw[kWeightHr], H);
+  }
+}
+
+// The variants of a call, made compile-time; those the cell cannot have are not compiled.
+template <typename Cell, typename T>
+void run_forward(const Variants& v, const ForwardArgs<T>& a) {
+  with_bools(
+      [&](auto len, auto proj, auto save, auto state, auto zone) {
+        forward<Cell, T, decltype(len)::value, decltype(proj)::value, decltype(save)::value,
+                decltype(state)::value, decltype(zone)::value>(a);
+      },
+      v.lengths, possible<Cell::kProjection>(v.projection), v.saving, v.state_dropout,
+      v.zoneout);
+}
+
+template <typename Cell, typename T>
+void run_backward(const Variants& v, const BackwardArgs<T>& a) {
+  with_bools(
+      [&](auto len, auto proj, auto state, auto zone) {
+        backward<Cell, T, decltype(len)::value, decltype(proj)::value, decltype(state)::value,
+                 decltype(zone)::value>(a);
+      },
+      v.lengths, possible<Cell::kProjection>(v.projection), v.state_dropout, v.zoneout);
+}
+
+// The drivers of `Cell` in float32 and float64, compiled in this translation unit.
+#define RNNKIT_INSTANTIATE(Cell)                                                          \
+  template void run_forward<Cell, float>(const Variants&, const ForwardArgs<float>&);    \
+  template void run_forward<Cell, double>(const Variants&, const ForwardArgs<double>&);  \
+  template void run_backward<Cell, float>(const Variants&, const BackwardArgs<float>&);  \
+  template void run_backward<Cell, double>(const Variants&, const BackwardArgs<double>&)
+
+}  // namespace cpu
+}  // namespace rnnkit
