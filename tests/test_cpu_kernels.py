@@ -508,3 +508,15 @@ def test_without_compiler_warns_once_and_declines(monkeypatch):
     assert first == second and "no C++ compiler" in first
     assert len(caught) == 1
     assert CpuBackend().check(Request(mode="gru")) == first
+
+
+def test_the_callers_subnormal_arithmetic_is_left_as_it_was():
+    # The kernels flush subnormals to zero while they run and restore the thread's setting after:
+    # torch's own arithmetic in the same thread still produces subnormals.
+    tiny = torch.finfo(torch.float32).tiny
+    layer = rnnkit.GRU(4, 8, backend="cpu")
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    out, _ = layer(x)
+    out.sum().backward()
+    subnormal = torch.tensor(tiny) / 16
+    assert 0 < subnormal.item() < tiny
