@@ -9,6 +9,7 @@ from torch import nn
 
 from .base import BuiltinCell, _check_size
 from .lstm import LSTMCell
+from .table import SPECS
 
 
 class PeepholeLSTMCell(LSTMCell):
@@ -39,31 +40,34 @@ class PeepholeLSTMCell(LSTMCell):
 
 
 class _LayerNormCell(BuiltinCell):
-    """Shared set-up: torch-named weights, LayerNorm submodules with gain 1 and bias 0."""
+    """Shared set-up: torch-named weights, LayerNorm submodules with gain 1 and bias 0, their
+    sizes from the cell table (``ln_ih`` and ``ln_hh`` over the G = gates x H pre-activations,
+    ``ln_c`` over the cell state where there is one)."""
 
     def __init__(
         self,
         input_size: int,
         hidden_size: int,
-        gates: int,
-        bias: bool,
-        norms: dict[str, int],
-        eps: float,
-        device: torch.device | None,
-        dtype: torch.dtype | None,
+        bias: bool = True,
+        eps: float = 1e-5,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         _check_size("input_size", input_size)
         _check_size("hidden_size", hidden_size)
         self.input_size, self.hidden_size, self.bias, self.eps = input_size, hidden_size, bias, eps
+        spec = SPECS[self.mode]
         kw = {"device": device, "dtype": dtype}
-        g = gates * hidden_size
+        g = len(spec.gates) * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(g, input_size, **kw))
         self.weight_hh = nn.Parameter(torch.empty(g, hidden_size, **kw))
         self.bias_ih = nn.Parameter(torch.empty(g, **kw)) if bias else None
         self.bias_hh = nn.Parameter(torch.empty(g, **kw)) if bias else None
-        for name, size in norms.items():
-            setattr(self, name, nn.LayerNorm(size, eps=eps, **kw))
+        self.ln_ih = nn.LayerNorm(g, eps=eps, **kw)
+        self.ln_hh = nn.LayerNorm(g, eps=eps, **kw)
+        if spec.has_cell_state:
+            self.ln_c = nn.LayerNorm(hidden_size, eps=eps, **kw)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -88,18 +92,6 @@ class LayerNormLSTMCell(_LayerNormCell):
 
     mode = "lstm_layernorm"
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        eps: float = 1e-5,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        norms = {"ln_ih": 4 * hidden_size, "ln_hh": 4 * hidden_size, "ln_c": hidden_size}
-        super().__init__(input_size, hidden_size, 4, bias, norms, eps, device, dtype)
-
     @property
     def state_sizes(self) -> tuple[int, ...]:
         return (self.hidden_size, self.hidden_size)
@@ -113,15 +105,3 @@ class LayerNormGRUCell(_LayerNormCell):
     """
 
     mode = "gru_layernorm"
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        eps: float = 1e-5,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        norms = {"ln_ih": 3 * hidden_size, "ln_hh": 3 * hidden_size}
-        super().__init__(input_size, hidden_size, 3, bias, norms, eps, device, dtype)

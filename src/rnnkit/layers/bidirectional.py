@@ -10,12 +10,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..backends import Direction, StackMasks
+from .composite import Composite
 from .recurrent import (
-    Prepared,
     cell_state,
     dispatch_request,
-    draw_stack_masks,
-    prepare,
     run_stack,
     signature,
     top_states,
@@ -48,7 +46,7 @@ def merge(a: Any, b: Any, mode: str | None) -> Any:
     return _MERGES[mode](a, b)
 
 
-class Bidirectional(nn.Module):
+class Bidirectional(Composite):
     """``Bidirectional(forward, backward, merge="concat")``: run both layers, merge their outputs.
 
     Two :class:`Recurrent` layers over agreeing cells run as the two directions of one layer
@@ -62,6 +60,8 @@ class Bidirectional(nn.Module):
     outputs as a tuple). ``forward(x, state=None, lengths=None)`` takes and returns
     ``state = (forward_state, backward_state)``.
     """
+
+    _fusion = "both layers to run as one (two Recurrent layers over agreeing cells)"
 
     def __init__(
         self, forward: nn.Module, backward: nn.Module, merge: str | None = "concat"
@@ -106,8 +106,11 @@ class Bidirectional(nn.Module):
         (backward,) = self.backward_layer.directions(like, state[1])
         return [[*forward, *backward]]
 
-    def dtype_weights(self) -> list[tuple[str, Tensor]]:
-        return [*self.forward_layer.dtype_weights(), *self.backward_layer.dtype_weights()]
+    def _parts(self) -> list[nn.Module]:
+        return [self.forward_layer, self.backward_layer]
+
+    def _first(self) -> nn.Module:
+        return self.forward_layer
 
     def _check_state(self, state: Any) -> tuple[Any, Any]:
         if state is None:
@@ -117,13 +120,6 @@ class Bidirectional(nn.Module):
                 f"state is a {type(state).__name__}; expected (forward_state, backward_state)"
             )
         return state[0], state[1]
-
-    def _prepare(self, x: Any, lengths: Any) -> Prepared:
-        first = self.forward_layer
-        return prepare(
-            x, lengths, first.batch_first, self.input_size, weights=self.dtype_weights(),
-            layer="Bidirectional",
-        )  # fmt: skip
 
     def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
         forward, backward = self._check_state(state)
@@ -142,19 +138,6 @@ class Bidirectional(nn.Module):
             for d, layer in (("forward", self.forward_layer), ("backward", self.backward_layer))
             for label, req, name in layer.dispatch_requests(x, lengths)
         ]
-
-    def draw_masks(self, x: Any, lengths: Any = None) -> StackMasks:
-        """As :meth:`Recurrent.draw_masks` (both layers must run fused, see :meth:`fused`)."""
-        self._need_fused("draw_masks")
-        inp = self._prepare(x, lengths)
-        return draw_stack_masks(self, inp, self.directions(inp.x, None))
-
-    def _need_fused(self, what: str) -> None:
-        if not self.fused():
-            raise ValueError(
-                f"{what} needs both layers to run as one (two Recurrent layers over agreeing "
-                "cells); these run one after the other"
-            )
 
     def forward(
         self, x: Any, state: Any = None, lengths: Any = None, masks: StackMasks | None = None

@@ -12,12 +12,10 @@ from torch.nn.utils.rnn import PackedSequence
 from ..backends import Direction, StackMasks
 from ..regularisers import check_probability
 from .bidirectional import Bidirectional, merge
+from .composite import Composite
 from .recurrent import (
-    Prepared,
     cell_state,
     dispatch_request,
-    draw_stack_masks,
-    prepare,
     run_stack,
     signature,
     top_states,
@@ -39,7 +37,7 @@ def dropout(x: Any, p: float, training: bool) -> Any:
     return F.dropout(x, p, True)
 
 
-class Stacked(nn.Module):
+class Stacked(Composite):
     """``Stacked(layers, dropout=0.0)``: a deep stack; layer k+1 reads layer k's output.
 
     A stack of :class:`Recurrent` and :class:`Bidirectional` layers over agreeing cells runs as
@@ -50,6 +48,10 @@ class Stacked(nn.Module):
     passed to every layer unchanged. ``forward(x, state=None, lengths=None)`` takes and returns a
     tuple with one state per layer.
     """
+
+    _fusion = (
+        "the stack to run as one call (Recurrent and Bidirectional layers over agreeing cells)"
+    )
 
     def __init__(self, layers: Iterable[nn.Module], dropout: float = 0.0) -> None:
         super().__init__()
@@ -94,8 +96,8 @@ class Stacked(nn.Module):
             for d in layer.directions(like, s)
         ]
 
-    def dtype_weights(self) -> list[tuple[str, Tensor]]:
-        return [w for layer in self.layers for w in layer.dtype_weights()]
+    def _parts(self) -> list[nn.Module]:
+        return list(self.layers)
 
     def _check_state(self, state: Any) -> tuple[Any, ...]:
         n = len(self.layers)
@@ -109,12 +111,6 @@ class Stacked(nn.Module):
     def _first(self) -> nn.Module:
         first = self.layers[0]
         return first.forward_layer if isinstance(first, Bidirectional) else first
-
-    def _prepare(self, x: Any, lengths: Any) -> Prepared:
-        return prepare(
-            x, lengths, self._first().batch_first, self.input_size,
-            weights=self.dtype_weights(), layer="Stacked",
-        )  # fmt: skip
 
     def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
         return top_states(self.layers[-1], self._check_state(state)[-1])
@@ -132,19 +128,6 @@ class Stacked(nn.Module):
                 (f"{k}.{label}", r, n) for label, r, n in layer.dispatch_requests(x, lengths)
             ]
         return requests
-
-    def draw_masks(self, x: Any, lengths: Any = None) -> StackMasks:
-        """As :meth:`Recurrent.draw_masks` (the stack must run fused, see :meth:`fused`)."""
-        self._need_fused("draw_masks")
-        inp = self._prepare(x, lengths)
-        return draw_stack_masks(self, inp, self.directions(inp.x, None))
-
-    def _need_fused(self, what: str) -> None:
-        if not self.fused():
-            raise ValueError(
-                f"{what} needs the stack to run as one call (Recurrent and Bidirectional layers "
-                "over agreeing cells); these layers run one after the other"
-            )
 
     def forward(
         self, x: Any, state: Any = None, lengths: Any = None, masks: StackMasks | None = None
