@@ -187,12 +187,14 @@ def _segments(
     state = d.state
     outs: list[Tensor] = []
     gates: list[tuple[Tensor, ...]] = []
-    for s0 in range(0, steps, every):
-        s1 = min(steps, s0 + every)
+    # One split, whose backward joins the segments' input gradients in one copy (a slice per
+    # segment would fill a zero gradient of the whole input for each: O(T^2 / K) traffic).
+    for s0, piece in zip(range(0, steps, every), x.split(every), strict=True):
+        s1 = s0 + piece.shape[0]
         lengths = None if layer.lengths is None else (layer.lengths - s0).clamp(0, s1 - s0)
         masks = None if d.masks is None else _chunk(d.masks, s0, s1 - s0)
         part = LayerCall(
-            layer.request, [x[s0:s1]], [replace(d, state=state, masks=masks)], lengths,
+            layer.request, [piece], [replace(d, state=state, masks=masks)], lengths,
             layer.training, layer.gates,
         )  # fmt: skip
         result = recompute(backend.run_layer, part, use_reentrant=False)
