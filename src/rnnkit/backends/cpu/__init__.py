@@ -14,11 +14,28 @@ import torch
 
 from ...cells.table import SPECS
 from .. import LayerCall, LayerResult, Request
-from . import build, ops
+from . import build, gemm, ops
 
-__all__ = ["CpuBackend"]
+__all__ = ["CpuBackend", "gemm_plan"]
 
+#: The dtypes the kernels compute in; bfloat16 and float16 layers run in float32 inside (their
+#: GEMMs in bfloat16 where the CPU has bf16 instructions) and return their own dtype.
 _DTYPES = (torch.float32, torch.float64)
+_WIDENED = (torch.bfloat16, torch.float16)
+
+
+def gemm_plan(request: Request) -> gemm.Plan:
+    """Where the GEMMs of ``request`` come from and in which precision: bfloat16 operands for a
+    bfloat16 layer or under bfloat16 autocast (where the CPU has bf16 instructions), float32
+    otherwise; the sources by measurement (:mod:`.gemm`)."""
+    low = request.dtype == torch.bfloat16 or (
+        request.dtype == torch.float32 and request.autocast == torch.bfloat16
+    )
+    spec = SPECS[request.mode]  # type: ignore[index]
+    return gemm.plan(
+        request.steps, request.batch, request.input_size, request.hidden_size, spec.gate_count,
+        low,
+    )  # fmt: skip
 
 
 class CpuBackend:
@@ -44,9 +61,16 @@ class CpuBackend:
             return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
         if request.device_type != "cpu":
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
-        if request.dtype not in _DTYPES:
-            return f"dtype {request.dtype} has no C++ kernel (float32 and float64 do)"
+        if request.dtype not in _DTYPES + _WIDENED:
+            return (
+                f"dtype {request.dtype} has no C++ kernel (float32, float64, and bfloat16 and "
+                "float16 through float32 do)"
+            )
         return build.unavailable()
+
+    def details(self, request: Request) -> str:
+        """The call's GEMM plan, for :func:`rnnkit.explain`."""
+        return str(gemm_plan(request))
 
     def slower(self, request: Request) -> str | None:
         """Why automatic dispatch should prefer another backend for ``request``, though this one
@@ -73,26 +97,39 @@ class CpuBackend:
         kernel's saved activations, detached (not differentiable)."""
         first = layer.directions[0]
         spec = SPECS[first.mode]  # type: ignore[index]
+        plan = gemm_plan(layer.request)
         x = layer.inputs[0]
-        inputs = [x] if all(i is x for i in layer.inputs) else list(layer.inputs)
-        empty = x.new_empty(0)
-        states = [s for d in layer.directions for s in d.state]
-        weights = [d.weights.get(n, empty) for d in layer.directions for n in spec.weights]
-        masks = [m for d in layer.directions for m in ops.masks(d, empty)]
+        dtype = x.dtype
+        # bfloat16 / float16 layers: float32 inside (autograd converts the gradients back)
+        wide = (lambda t: t.float()) if dtype in _WIDENED else (lambda t: t)
+        inputs = [wide(x)] if all(i is x for i in layer.inputs) else [wide(i) for i in layer.inputs]
+        empty = inputs[0].new_empty(0)
+        states = [wide(s) for d in layer.directions for s in d.state]
+        weights = [
+            wide(d.weights[n]) if n in d.weights else empty
+            for d in layer.directions
+            for n in spec.weights
+        ]
+        masks = [wide(m) for d in layer.directions for m in ops.masks(d, empty)]
         grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (*inputs, *states, *weights)
         )
         reverse = [d.reverse for d in layer.directions]
         r = ops.layer_forward(
             inputs, states, weights, masks, layer.lengths, spec.kernel_id, reverse, first.eps,
-            grad or layer.gates,
+            grad or layer.gates, *plan.args(),
         )  # fmt: skip
         ns, per = len(spec.states), 1 + len(spec.states) + len(ops.SAVED)
         runs = [r[d * per : (d + 1) * per] for d in range(len(reverse))]
         out = torch.cat([run[0] for run in runs], dim=-1) if len(runs) > 1 else runs[0][0]
         finals = [tuple(run[1 : 1 + ns]) for run in runs]
+        if dtype in _WIDENED:
+            out = out.to(dtype)
+            finals = [tuple(s.to(dtype) for s in f) for f in finals]
         if not layer.gates:
             return LayerResult(out, finals)
         act, c = ops.SAVED.index("act"), ops.SAVED.index("c")
         gates = [ops.gates(spec, run[1 + ns + act], run[1 + ns + c]) for run in runs]
+        if dtype in _WIDENED:
+            gates = [tuple(g.to(dtype) for g in gs) for gs in gates]
         return LayerResult(out, finals, gates)
