@@ -14,7 +14,7 @@ import torch
 
 from ...cells.table import SPECS
 from .. import LayerCall, LayerResult, Request
-from . import build, gemm, ops
+from . import build, dispatch, gemm, ops
 
 __all__ = ["CpuBackend", "gemm_plan"]
 
@@ -44,9 +44,9 @@ class CpuBackend:
     reversal, bidirectional and deep stacks, gate outputs (detached), and the regularisers
     (variational dropout, state dropout, zoneout, DropConnect).
 
-    :meth:`slower` names the configurations where BENCHMARKS.md measured torch's own op to be
-    as fast or faster (a plain LSTM, on oneDNN): automatic dispatch then skips this backend,
-    while ``backend="cpu"`` still runs them.
+    :meth:`slower` names the configurations where torch's own op measured faster (the
+    crossovers of :mod:`.dispatch`, by shape, precision and mode): automatic dispatch then
+    skips this backend, while ``backend="cpu"`` still runs them.
     """
 
     name = "cpu"
@@ -73,23 +73,34 @@ class CpuBackend:
         return str(gemm_plan(request))
 
     def slower(self, request: Request) -> str | None:
-        """Why automatic dispatch should prefer another backend for ``request``, though this one
-        can run it (None: this one measured faster)."""
-        # torch's op returns no gates and has no regularisers inside the stack
-        native_runs_it = not (
-            request.gates or request.variational or request.state_dropout or request.zoneout
-        )
-        if (
-            request.mode == "lstm"
-            and request.lengths == "none"
+        """Why automatic dispatch should prefer torch's own op for ``request``, though this
+        backend can run it: where it measured faster at the nearest measured shape
+        (:mod:`.dispatch`). None: this backend measured faster, or torch's op cannot run it."""
+        native_runs_it = (
+            request.mode in ("lstm", "gru", "rnn_tanh", "rnn_relu")
+            and not (request.gates or request.variational or request.state_dropout)
+            and not request.zoneout
             and not request.proj
-            and native_runs_it
-        ):
-            return (
-                "torch's oneDNN LSTM measured as fast or faster for an LSTM without lengths or "
-                "projection (BENCHMARKS.md)"
-            )
-        return None
+            and request.lengths != "has_zero"
+            and not (request.reverse and request.lengths != "none")
+        )
+        if not native_runs_it:
+            return None
+        low = request.dtype == torch.bfloat16 or request.autocast == torch.bfloat16
+        precision = "bf16" if low and gemm.bf16_supported() else "fp32"
+        mode = "rnn_tanh" if request.mode == "rnn_relu" else request.mode
+        shape = (request.steps, request.batch, request.input_size, request.hidden_size)
+        lengths = request.lengths != "none"
+        point = dispatch.nearest(mode, lengths, precision, request.requires_grad, shape)  # type: ignore[arg-type]
+        if point is None or point.ratio >= 1.0:
+            return None
+        kind = "training" if request.requires_grad else "inference"
+        return (
+            f"torch's fused op measured faster for {request.mode} {precision} {kind}"
+            f"{' with lengths' if lengths else ''} at the nearest measured shape (T{point.steps} "
+            f"B{point.batch} I{point.input_size} H{point.hidden}: the cpu kernels at "
+            f"{point.ratio:.2f}x torch.nn; BENCHMARKS.md)"
+        )
 
     def run_layer(self, layer: LayerCall) -> LayerResult:
         """One layer in one op: both directions at once (each on its own thread) or one; state

@@ -69,7 +69,8 @@ void forward(const ForwardArgs<T>& a) {
   T* tmp = tmp_t.data();
 
   const PackedB<T> hh(a.gemm, true, B, G, P, a.w[kWeightHh], P);  // op(B) = w_hh^T (P, G)
-  const PackedB<T> hr(a.gemm, true, B, P, H, a.w[kWeightHr], H);  // op(B) = w_hr^T (H, P), projected
+  // op(B) = w_hr^T (H, P), projected
+  const PackedB<T> hr(a.gemm, true, B, P, H, a.w[kWeightHr], H);
   // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it runs
   // over (rows[k], k < A: their batch indices), when they are not h itself: with lengths while
   // some sequences have finished, and with state dropout (hc = h * mask).
@@ -276,55 +277,46 @@ void backward(const BackwardArgs<T>& a) {
   // The cell's own weights (biases, peepholes, LayerNorm gains); a LayerNorm cell turns dgi into
   // the gradient of W_ih x_t.
   Cell::template finish<T, kLengths>(p, a, dgi, dgh, cell_grads);
-  // With lengths, the bulk GEMMs run over the N valid rows alone (their rows gathered once):
-  // padded rows of dgi and dgh are zero and add nothing, and dx is zero there.
+  // The bulk GEMMs over the R rows that count: with lengths, the N valid rows alone (gathered
+  // once; padded rows of dgi and dgh are zero and add nothing, and dx is zero there), else all
+  // T*B. Each operand is rounded to bfloat16 once where the plan says so (Operand).
   const std::vector<int64_t> valid = kLengths ? valid_rows(len, T_, B) : std::vector<int64_t>{};
-  const int64_t N = static_cast<int64_t>(valid.size());
-  if (kLengths && N < TB) {
-    Buffer<T> dgic(N * G), dghc(Cell::kSplit ? N * G : 0), xc(N * I), hc(N * P);
-    gather_rows(valid, G, dgi, dgic.data());
-    if (Cell::kSplit) gather_rows(valid, G, dgh, dghc.data());
-    gather_rows(valid, I, a.x, xc.data());
-    gather_rows(valid, P, a.saved.at[kHprev], hc.data());
-    const T* dghv = Cell::kSplit ? dghc.data() : dgic.data();
-    if (a.dx) {
-      // dxc (N, I) = dgic (N, G) . w_ih (G, I), scattered into dx (T*B, I), 0 at padded rows
-      Buffer<T> dxc(N * I);
-      gemm<T>(a.gemm, kBulk, false, false, N, I, G, T(1), dgic.data(), G, a.w[kWeightIh], I,
-              T(0), dxc.data(), I);
-      std::fill_n(a.dx, TB * I, T(0));
-      scatter_rows(valid, I, dxc.data(), a.dx);
-    }
-    // dw_ih (G, I) = dgic^T (G, N) . xc (N, I)
-    gemm<T>(a.gemm, kBulk, true, false, G, I, N, T(1), dgic.data(), G, xc.data(), I, T(0),
-            a.dw[kWeightIh], I);
-    // dw_hh (G, P) = dghc^T (G, N) . hprevc (N, P)
-    gemm<T>(a.gemm, kBulk, true, false, G, P, N, T(1), dghv, G, hc.data(), P, T(0),
-            a.dw[kWeightHh], P);
-    if constexpr (kProjection) {
-      // dw_hr (P, H) = dhtc^T (P, N) . hprec (N, H)
-      Buffer<T> dhtc(N * P), hprec(N * H);
-      gather_rows(valid, P, dht, dhtc.data());
-      gather_rows(valid, H, a.saved.at[kHpre], hprec.data());
-      gemm<T>(a.gemm, kBulk, true, false, P, H, N, T(1), dhtc.data(), P, hprec.data(), H, T(0),
-              a.dw[kWeightHr], H);
-    }
-    return;
-  }
+  const bool compact = kLengths && static_cast<int64_t>(valid.size()) < TB;
+  const int64_t R = compact ? static_cast<int64_t>(valid.size()) : TB;
+  Buffer<T> dgi_c(compact ? R * G : 0), dgh_c(compact && Cell::kSplit ? R * G : 0);
+  Buffer<T> x_c(compact ? R * I : 0), hprev_c(compact ? R * P : 0);
+  // pick(full, W, buffer): the R rows of the (T*B, W) array full that count
+  auto pick = [&](const T* full, int64_t W, Buffer<T>& buffer) -> const T* {
+    if (!compact) return full;
+    gather_rows(valid, W, full, buffer.data());
+    return buffer.data();
+  };
+  const Operand<T> dgi_o(a.gemm, R, G, pick(dgi, G, dgi_c));
+  const Operand<T> dgh_o(a.gemm, Cell::kSplit ? R : 0, G,
+                         Cell::kSplit ? pick(dgh, G, dgh_c) : nullptr);
+  const Operand<T>& dg_hh = Cell::kSplit ? dgh_o : dgi_o;
+  const Operand<T> x_o(a.gemm, R, I, pick(a.x, I, x_c));
+  const Operand<T> hprev_o(a.gemm, R, P, pick(a.saved.at[kHprev], P, hprev_c));
   if (a.dx) {
-    // dx (T*B, I) = dgi (T*B, G) . w_ih (G, I)
-    gemm<T>(a.gemm, kBulk, false, false, TB, I, G, T(1), dgi, G, a.w[kWeightIh], I, T(0), a.dx,
-            I);
+    // dx (R, I) = dgi (R, G) . w_ih (G, I) [scattered into dx (T*B, I), 0 at padded rows]
+    const Operand<T> w_o(a.gemm, G, I, a.w[kWeightIh]);
+    Buffer<T> dx_c(compact ? R * I : 0);
+    gemm<T>(a.gemm, false, false, R, I, G, dgi_o, w_o, T(0), compact ? dx_c.data() : a.dx, I);
+    if (compact) {
+      std::fill_n(a.dx, TB * I, T(0));
+      scatter_rows(valid, I, dx_c.data(), a.dx);
+    }
   }
-  // dw_ih (G, I) = dgi^T (G, T*B) . x (T*B, I)
-  gemm<T>(a.gemm, kBulk, true, false, G, I, TB, T(1), dgi, G, a.x, I, T(0), a.dw[kWeightIh], I);
-  // dw_hh (G, P) = dgh^T (G, T*B) . hprev (T*B, P)
-  gemm<T>(a.gemm, kBulk, true, false, G, P, TB, T(1), dgh, G, a.saved.at[kHprev], P, T(0),
-          a.dw[kWeightHh], P);
+  // dw_ih (G, I) = dgi^T (G, R) . x (R, I)
+  gemm<T>(a.gemm, true, false, G, I, R, dgi_o, x_o, T(0), a.dw[kWeightIh], I);
+  // dw_hh (G, P) = dgh^T (G, R) . hprev (R, P)
+  gemm<T>(a.gemm, true, false, G, P, R, dg_hh, hprev_o, T(0), a.dw[kWeightHh], P);
   if constexpr (kProjection) {
-    // dw_hr (P, H) = dht^T (P, T*B) . hpre (T*B, H)
-    gemm<T>(a.gemm, kBulk, true, false, P, H, TB, T(1), dht, P, a.saved.at[kHpre], H, T(0),
-            a.dw[kWeightHr], H);
+    // dw_hr (P, H) = dht^T (P, R) . hpre (R, H)
+    Buffer<T> dht_c(compact ? R * P : 0), hpre_c(compact ? R * H : 0);
+    const Operand<T> dht_o(a.gemm, R, P, pick(dht, P, dht_c));
+    const Operand<T> hpre_o(a.gemm, R, H, pick(a.saved.at[kHpre], H, hpre_c));
+    gemm<T>(a.gemm, true, false, P, H, R, dht_o, hpre_o, T(0), a.dw[kWeightHr], H);
   }
 }
 

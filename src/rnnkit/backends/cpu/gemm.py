@@ -41,6 +41,8 @@ __all__ = ["ENV", "SOURCES", "Plan", "bf16_supported", "forced", "plan", "probe"
 
 #: The GEMM sources by ops.cpp's id.
 SOURCES = ("mkl", "torch")
+#: What gemm_probe measures: the recurrent step, the input projection, the weight gradients.
+ROLES = ("step", "bulk", "wgrad")
 #: The environment variable that forces a source ("auto": measure).
 ENV = "RNNKIT_GEMM"
 #: Seconds of measurement per source and shape class.
@@ -72,14 +74,19 @@ class Plan:
         return f"GEMMs {kind}: step {self.step}, bulk {self.bulk} ({self.how})"
 
 
-@functools.cache
+_bf16: bool | None = None  # bf16_supported's answer, once asked
+
+
 def bf16_supported() -> bool:
     """Whether this CPU runs bfloat16 GEMMs natively, by torch's own check (oneDNN's: avx512_bf16,
     AMX or avx_ne_convert); elsewhere they would be emulated at a fraction of float32's rate."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - a torch without oneDNN
-        return False
+    global _bf16
+    if _bf16 is None:
+        try:
+            _bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # pragma: no cover - a torch without oneDNN
+            _bf16 = False
+    return _bf16
 
 
 def forced() -> str | None:
@@ -140,12 +147,13 @@ def available(source: str, bf16: bool) -> bool:
 
 
 def probe(source: str, bf16: bool, role: str, m: int, n: int, k: int, budget: float = BUDGET):
-    """Seconds per call (median) of ``source``'s GEMM C (m, n) = A (m, k) . B^T as the kernels
-    run it in ``role`` ("step": B prepared once; "bulk": the input projection), measured for
-    about ``budget`` seconds."""
+    """Seconds per call (median) of ``source``'s GEMM C (m, n) = op(A) . op(B) as the kernels run
+    it in ``role`` ("step": A (m, k) . B^T, B prepared once; "bulk": A . B^T, the input
+    projection; "wgrad": A^T (m, k) . B (k, n), the weight gradients), measured for about
+    ``budget`` seconds."""
     build.ensure()
     op = torch.ops.rnnkit_cpu.gemm_probe
-    sid, rid = SOURCES.index(source), ("step", "bulk").index(role)
+    sid, rid = SOURCES.index(source), ROLES.index(role)
     first = op(sid, bf16, rid, m, n, k, 1)[0]
     reps = int(min(50, max(3, budget / max(first, 1e-7))))
     return statistics.median(op(sid, bf16, rid, m, n, k, reps))
@@ -176,12 +184,12 @@ def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16:
     """The GEMM plan of a call of these sizes (T, B, I, H and the cell's gate count): forced by
     ``RNNKIT_GEMM``, cached, or measured now. ``bf16`` asks for bfloat16 operands, granted where
     :func:`bf16_supported`."""
+    if torch.compiler.is_compiling():  # nothing is measured or asked while tracing
+        return Plan("mkl", "mkl", bf16 and bool(_bf16), "default while compiling")
     bf16 = bf16 and bf16_supported()
     source = forced()
     if source is not None:
         return Plan(source, source, bf16, f"forced by {ENV}")
-    if torch.compiler.is_compiling():
-        return Plan("mkl", "mkl", bf16, "default while compiling")
     g = gates * hidden
     step_shape = (max(1, batch), max(1, g), max(1, hidden))
     bulk_shape = (min(BULK_ROWS, _pow2(max(1, steps * batch))), max(1, g), max(1, input_size))

@@ -113,6 +113,36 @@ class PackedB {
 extern template class PackedB<float>;
 extern template class PackedB<double>;
 
+// Whether a plan's bulk GEMMs take operands rounded to bfloat16 beforehand (Operand), and the
+// rounding itself: dst (n) = src (n) to nearest even. Defined in ops.cpp.
+bool rounds_operands(const GemmPlan& plan);
+void round_bf16(int64_t n, const float* src, std::uint16_t* dst);
+
+// A contiguous (rows, cols) operand of several bulk GEMMs (dgi, x, the weights at the end of
+// backward): where the plan rounds operands to bfloat16 (float only), rounded once here and
+// read by every GEMM that takes it.
+template <typename T>
+struct Operand {
+  Operand(const GemmPlan& plan, int64_t rows, int64_t cols, const T* data)
+      : data(data), cols(cols) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (data && rows * cols > 0 && rounds_operands(plan)) {
+        half = Buffer<std::uint16_t>(rows * cols);
+        round_bf16(rows * cols, data, half.data());
+      }
+    }
+  }
+  const T* data;
+  int64_t cols;
+  Buffer<std::uint16_t> half;  // empty unless rounded
+};
+
+// C (M, N) = op(A) (M, K) . op(B) (K, N) + beta C of two Operands (their leading dimension their
+// cols), a bulk GEMM.
+template <typename T>
+void gemm(const GemmPlan& plan, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+          const Operand<T>& A, const Operand<T>& B, T beta, T* C, int64_t ldc);
+
 // ---------------------------------------------------------------------------------------------
 // The thread pool: a loop over [0, n) in chunks of at least `grain`, as at::parallel_for runs it
 // (ops.cpp; serial inside a parallel region). The body is called through Chunks, so the drivers

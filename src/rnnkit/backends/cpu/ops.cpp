@@ -56,6 +56,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 #include "cells.h"
 #include "checks.h"
@@ -113,24 +116,39 @@ bool have_blas() {
 
 bool have_mkl_bf16() { return cblas_gemm_bf16bf16f32 != nullptr; }
 
-// float -> bfloat16, rounded to nearest even (as torch rounds); NaN stays NaN.
+// float -> bfloat16, rounded to nearest even (as torch rounds); NaN stays NaN. Branch-free, so
+// that the row loop vectorises.
 RNNKIT_INLINE std::uint16_t to_bf16(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const std::uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>((nan ? (u | 0x400000u) : rounded) >> 16);
+}
+
+// dst (n) = src (n) rounded to bfloat16: the CPU's own conversion where it has one.
+inline void round_row(int64_t n, const float* src, std::uint16_t* dst) {
+  int64_t j = 0;
+#ifdef __AVX512BF16__
+  for (; j + 16 <= n; j += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<const __m256i&>(h));
+  }
+#endif
+#pragma omp simd
+  for (int64_t k = j; k < n; ++k) dst[k] = to_bf16(src[k]);
 }
 
 // dst (rows, cols), compact = src (rows, cols) with leading dimension ld, rounded to bfloat16.
 void round_rows(int64_t rows, int64_t cols, const float* src, int64_t ld, std::uint16_t* dst) {
+  if (ld == cols) {  // contiguous: one flat range, split evenly
+    parallel_for(rows * cols, 1 << 14, [&](int64_t k0, int64_t k1) {
+      round_row(k1 - k0, src + k0, dst + k0);
+    });
+    return;
+  }
   parallel_for(rows, grain(cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* s = src + r * ld;
-      std::uint16_t* d = dst + r * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) d[j] = to_bf16(s[j]);
-    }
+    for (int64_t r = r0; r < r1; ++r) round_row(cols, src + r * ld, dst + r * cols);
   });
 }
 
@@ -226,6 +244,31 @@ template void gemm<float>(const GemmPlan&, GemmRole, bool, bool, int64_t, int64_
 template void gemm<double>(const GemmPlan&, GemmRole, bool, bool, int64_t, int64_t, int64_t,
                            double, const double*, int64_t, const double*, int64_t, double,
                            double*, int64_t);
+
+bool rounds_operands(const GemmPlan& plan) {
+  return plan.bf16 && plan.source[kBulk] == kSourceMkl && have_mkl_bf16();
+}
+
+void round_bf16(int64_t n, const float* src, std::uint16_t* dst) { round_rows(1, n, src, n, dst); }
+
+template <typename T>
+void gemm(const GemmPlan& plan, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+          const Operand<T>& A, const Operand<T>& B, T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (A.half.data() && B.half.data() && M > 0 && N > 0 && K > 0) {
+      cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N, K,
+                             1.0f, A.half.data(), A.cols, B.half.data(), B.cols, beta, C, ldc);
+      return;
+    }
+  }
+  gemm<T>(plan, kBulk, ta, tb, M, N, K, T(1), A.data, A.cols, B.data, B.cols, beta, C, ldc);
+}
+
+template void gemm<float>(const GemmPlan&, bool, bool, int64_t, int64_t, int64_t,
+                          const Operand<float>&, const Operand<float>&, float, float*, int64_t);
+template void gemm<double>(const GemmPlan&, bool, bool, int64_t, int64_t, int64_t,
+                           const Operand<double>&, const Operand<double>&, double, double*,
+                           int64_t);
 
 template <typename T>
 PackedB<T>::PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t K, const T* B,
@@ -588,13 +631,14 @@ bool gemm_available(int64_t source, bool bf16) {
 }
 
 // Seconds per call of `reps` calls of one GEMM of `role` from `source`, as the drivers run it:
-// kStep, C (M, N) = A (M, K) . B^T with B (N, K) prepared once (PackedB), as the recurrent step;
-// kBulk, C (M, N) = A (M, K) . B^T, as the input projection. One warm-up call first.
+// 0 (kStep), C (M, N) = A (M, K) . B^T with B (N, K) prepared once (PackedB), as the recurrent
+// step; 1 (kBulk), C (M, N) = A (M, K) . B^T, as the input projection; 2, C (M, N) = A^T . B
+// with A (K, M) and B (K, N), as the weight gradients (bulk too). One warm-up call first.
 std::vector<double> gemm_probe(int64_t source, bool bf16, int64_t role, int64_t M, int64_t N,
                                int64_t K, int64_t reps) {
   check_source("source", source);
-  TORCH_CHECK(role == kStep || role == kBulk, "rnnkit cpu kernels: role = ", role,
-              "; expected 0 (step) or 1 (bulk)");
+  TORCH_CHECK(role >= 0 && role <= 2, "rnnkit cpu kernels: role = ", role,
+              "; expected 0 (step), 1 (bulk) or 2 (weight gradient)");
   TORCH_CHECK(M > 0 && N > 0 && K > 0 && reps > 0, "rnnkit cpu kernels: M, N, K, reps = ", M,
               ", ", N, ", ", K, ", ", reps, "; expected positive sizes");
   GemmPlan plan = plan_of(source, source, bf16);
@@ -607,6 +651,9 @@ std::vector<double> gemm_probe(int64_t source, bool bf16, int64_t role, int64_t 
     const auto start = std::chrono::steady_clock::now();
     if (role == kStep) {
       packed.run(a.data(), K, 0.0f, c.data(), N);
+    } else if (role == 2) {
+      gemm<float>(plan, kBulk, true, false, M, N, K, 1.0f, a.data(), M, b.data(), N, 0.0f,
+                  c.data(), N);
     } else {
       gemm<float>(plan, kBulk, false, true, M, N, K, 1.0f, a.data(), K, b.data(), K, 0.0f,
                   c.data(), N);
