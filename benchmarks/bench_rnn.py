@@ -3,6 +3,7 @@
     python benchmarks/bench_rnn.py                        # every cell, shapes S M L, both modes
     python benchmarks/bench_rnn.py --cells lstm --shapes M --backend reference
     python benchmarks/bench_rnn.py --json out.json --markdown
+    python benchmarks/bench_rnn.py --precision bf16       # both sides under bf16 autocast
 
 Shapes (DESIGN.md): S = (T100, B8, I64, H64), M = (T100, B32, I128, H256),
 L = (T200, B64, I256, H512), fp32, one layer, one direction. The case ``bilstm`` is a 2-layer
@@ -41,6 +42,8 @@ CELLS = {
     "rnn": (torch.nn.RNN, rnnkit.RNN, {"nonlinearity": "tanh"}),
     "rnn_relu": (torch.nn.RNN, rnnkit.RNN, {"nonlinearity": "relu"}),
 }
+#: --precision: fp32, or both sides under torch.autocast("cpu") in bfloat16.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 #: Interleaved pairs per measurement; the large shape takes fewer.
 DEFAULT_REPEATS = {"S": 30, "M": 12, "L": 5}
 
@@ -50,6 +53,7 @@ class Row:
     case: str
     shape: str
     mode: str
+    precision: str
     backend: str
     torch_ms: float
     rnnkit_ms: float
@@ -61,7 +65,7 @@ class Row:
 
 def _loss(out: torch.Tensor, states) -> torch.Tensor:
     leaves = states if isinstance(states, tuple) else (states,)
-    return out.sum() + sum(s.sum() for s in leaves)
+    return out.float().sum() + sum(s.float().sum() for s in leaves)
 
 
 _CLOCK = time.perf_counter  # --cpu-time: time.thread_time, which other processes cannot inflate
@@ -84,16 +88,21 @@ def _interleave(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup
     return ta, tb
 
 
-def _step_fns(ref, mine, x, mode, mine_kw=None, pack=None, unpack=None):
+def _step_fns(ref, mine, x, mode, mine_kw=None, pack=None, unpack=None, autocast=None):
     mine_kw = mine_kw or {}
     params = list(ref.parameters()) + list(mine.parameters())
 
+    def context():
+        return torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
+
     def run_ref():  # torch.nn users pack on every call, so the packing is timed too
-        out, st = ref(x if pack is None else pack(x))
-        return (unpack(out) if unpack else out), st
+        with context():
+            out, st = ref(x if pack is None else pack(x))
+            return (unpack(out) if unpack else out), st
 
     def run_mine():
-        return mine(x, **mine_kw)
+        with context():
+            return mine(x, **mine_kw)
 
     if mode == "infer":
 
@@ -118,8 +127,11 @@ def _step_fns(ref, mine, x, mode, mine_kw=None, pack=None, unpack=None):
     return train(run_ref), train(run_mine)
 
 
-def measure(case: str, shape: str, mode: str, backend: str, pairs: int) -> Row:
+def measure(
+    case: str, shape: str, mode: str, backend: str, pairs: int, precision: str = "fp32"
+) -> Row:
     steps, batch, inp, hidden = SHAPES[shape]
+    autocast = PRECISIONS[precision]
     torch.manual_seed(0)
     if case == "bilstm":
         ref = torch.nn.LSTM(inp, hidden, num_layers=2, bidirectional=True)
@@ -139,17 +151,20 @@ def measure(case: str, shape: str, mode: str, backend: str, pairs: int) -> Row:
         def unpack(out):
             return pad_packed_sequence(out, total_length=steps)[0]
 
-        a, b = _step_fns(ref, mine, x, mode, {"lengths": lengths}, pack, unpack)
-        chosen = rnnkit.explain(mine, x, lengths=lengths).backend
+        a, b = _step_fns(ref, mine, x, mode, {"lengths": lengths}, pack, unpack, autocast)
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            chosen = rnnkit.explain(mine, x, lengths=lengths).backend
     else:
-        a, b = _step_fns(ref, mine, x, mode)
-        chosen = rnnkit.explain(mine, x).backend
+        a, b = _step_fns(ref, mine, x, mode, autocast=autocast)
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            chosen = rnnkit.explain(mine, x).backend
     ta, tb = _interleave(a, b, pairs)
     ratios = [x / y for x, y in zip(ta, tb, strict=True)]
     return Row(
         case=case,
         shape=shape,
         mode=mode,
+        precision=precision,
         backend=chosen,
         torch_ms=1e3 * statistics.median(ta),
         rnnkit_ms=1e3 * statistics.median(tb),
@@ -162,12 +177,13 @@ def measure(case: str, shape: str, mode: str, backend: str, pairs: int) -> Row:
 
 def markdown(rows: list[Row]) -> str:
     lines = [
-        "| case | shape | mode | rnnkit backend | torch.nn ms | rnnkit ms | ratio (median) | min–max |",
-        "|---|---|---|---|---:|---:|---:|---|",
+        "| case | shape | mode | precision | rnnkit backend | torch.nn ms | rnnkit ms "
+        "| ratio (median) | min–max |",
+        "|---|---|---|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.case} | {r.shape} | {r.mode} | {r.backend} | {r.torch_ms:.2f} | "
+            f"| {r.case} | {r.shape} | {r.mode} | {r.precision} | {r.backend} | {r.torch_ms:.2f} | "
             f"{r.rnnkit_ms:.2f} | {r.ratio:.2f} | {r.ratio_min:.2f}–{r.ratio_max:.2f} |"
         )
     return "\n".join(lines)
@@ -196,6 +212,12 @@ def main(argv: list[str] | None = None) -> None:
         "--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"]
     )
     parser.add_argument("--backend", default="auto", help="rnnkit backend (default: auto)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=list(PRECISIONS),
+        help="fp32, or bf16: both sides under torch.autocast('cpu', dtype=torch.bfloat16)",
+    )
     parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs per row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -217,10 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         for shape in shapes:
             for mode in args.modes:
                 pairs = args.pairs or DEFAULT_REPEATS[shape]
-                row = measure(case, shape, mode, args.backend, pairs)
+                row = measure(case, shape, mode, args.backend, pairs, args.precision)
                 rows.append(row)
                 print(
-                    f"{row.case:8s} {row.shape} {row.mode:5s} {row.backend:9s} "
+                    f"{row.case:8s} {row.shape} {row.mode:5s} {row.precision} {row.backend:9s} "
                     f"torch.nn {row.torch_ms:9.2f} ms  rnnkit {row.rnnkit_ms:9.2f} ms  "
                     f"ratio {row.ratio:5.2f} [{row.ratio_min:.2f}, {row.ratio_max:.2f}]",
                     flush=True,

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 import rnnkit
 from rnnkit.backends import Request
-from rnnkit.backends.cpu import CpuBackend, build, ops
+from rnnkit.backends.cpu import CpuBackend, build, dispatch, ops
 from rnnkit.cells.table import BIASES, PROJECTION, SPECS
 
 T, B, I, H = 7, 5, 4, 6
@@ -440,13 +440,27 @@ def test_torch_compile_fullgraph(case):
 # -- what the backend accepts and declines -------------------------------------------------------
 
 
-def test_explain_reports_cpu_for_every_cell():
+@pytest.fixture
+def lstm_measured_slower(monkeypatch):
+    """A crossover table in which torch's LSTM measured faster at one shape near (T, B, I, H)
+    and the kernels faster at a larger one."""
+    table = {
+        ("lstm", False, "fp32", grad): (
+            dispatch.Point(T, B, I, H, 0.8),
+            dispatch.Point(200, 64, 256, 512, 1.3),
+        )
+        for grad in (False, True)
+    }
+    monkeypatch.setattr(dispatch, "MEASURED", table)
+
+
+def test_explain_reports_cpu_for_every_cell(lstm_measured_slower):
     x = torch.randn(T, B, I)
     for mode in MODES:
         assert rnnkit.explain(layer(mode), x, lengths=MIXED).backend == "cpu", mode
         plain = rnnkit.explain(layer(mode), x)
-        if mode == "lstm":  # oneDNN's fused LSTM measured as fast: automatic dispatch leaves it
-            assert plain.backend == "native" and "oneDNN LSTM measured as fast" in plain.reason
+        if mode == "lstm":  # torch's fused LSTM measured faster at this shape
+            assert plain.backend == "native" and "measured faster for lstm" in plain.reason
         else:
             assert plain.backend == "cpu", f"{mode}: {plain}"
     lstm = rnnkit.LSTM(I, H, proj_size=3)
@@ -457,14 +471,31 @@ def test_explain_reports_cpu_for_every_cell():
     assert rnnkit.explain(regularised, x, lengths=MIXED).backend == "cpu"
 
 
-def test_plain_lstm_runs_when_forced_and_names_where_onednn_is_as_fast():
+def test_plain_lstm_runs_when_forced_and_names_where_onednn_is_faster(lstm_measured_slower):
     backend = CpuBackend()
     request = rnnkit.LSTM(I, H, 2, bidirectional=True).dispatch_requests(torch.randn(T, B, I))
-    assert "oneDNN LSTM measured as fast" in backend.slower(request[0][1])
+    reason = backend.slower(request[0][1])
+    assert f"nearest measured shape (T{T} B{B} I{I} H{H}: the cpu kernels at 0.80x" in reason
     assert backend.slower(Request(mode="lstm", gates=True)) is None
     forced = rnnkit.LSTM(I, H, backend="cpu")
     assert rnnkit.explain(forced, torch.randn(T, B, I)).backend == "cpu"
     forced(torch.randn(T, B, I))
+
+
+def test_dispatch_follows_the_nearest_measured_shape(lstm_measured_slower):
+    backend = CpuBackend()
+
+    def request(t, b, i, h, **kw):
+        return Request(mode="lstm", steps=t, batch=b, input_size=i, hidden_size=h, **kw)
+
+    assert backend.slower(request(T, B, I, H)) is not None
+    assert backend.slower(request(150, 48, 200, 400)) is None  # nearer the faster point
+    assert backend.slower(request(T, B, I, H, lengths="positive")) is None  # not measured
+    assert backend.slower(request(T, B, I, H, zoneout=True)) is None  # torch's op cannot run it
+    assert backend.slower(request(T, B, I, H, requires_grad=True)) is not None
+    point = dispatch.nearest("lstm", False, "fp32", True, (180, 60, 256, 500))
+    assert point is not None and point.ratio == 1.3
+    assert dispatch.nearest("gru", True, "bf16", True, (T, B, I, H)) is None
 
 
 def test_accepts_every_cell_and_option_and_declines_the_rest():
@@ -472,9 +503,9 @@ def test_accepts_every_cell_and_option_and_declines_the_rest():
     every = {"zoneout": True, "state_dropout": True, "variational": True, "gates": True}
     for mode in MODES:
         for options in ({}, *({k: True} for k in every), every):
-            for dtype in (torch.float32, torch.float64):
+            for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
                 assert backend.check(Request(mode=mode, dtype=dtype, **options)) is None
-        assert "bfloat16" in backend.check(Request(mode=mode, dtype=torch.bfloat16))
+        assert "int32" in backend.check(Request(mode=mode, dtype=torch.int32))
         assert "cuda" in backend.check(Request(mode=mode, device_type="cuda"))
     assert backend.check(Request(mode="lstm_peephole", proj=True)) is None
     assert "custom cell" in backend.check(Request(mode=None))

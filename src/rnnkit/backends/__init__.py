@@ -21,7 +21,8 @@ A backend is an object with
   differentiates (a custom op with a hand-written backward, or plain torch operations);
 * optionally ``slower(request) -> str | None`` (a measured reason why automatic dispatch should
   prefer a lower-priority backend that can also run the request), ``why`` (one line for
-  :func:`rnnkit.explain`) and ``first = True`` (consulted before anything else, even a backend
+  :func:`rnnkit.explain`), ``details(request) -> str`` (what :func:`rnnkit.explain` adds about
+  the call once the backend is chosen) and ``first = True`` (consulted before anything else, even a backend
   named explicitly; automatic dispatch does not list its reasons when it declines).
 
 :func:`register` adds it beside the built-ins (``reference``: the Python time loop, which runs
@@ -64,6 +65,7 @@ __all__ = [
     "Request",
     "StackMasks",
     "StackResult",
+    "autocast_dtypes",
     "available",
     "exporting",
     "get_default_backend",
@@ -93,6 +95,11 @@ class Request:
     composer, around the backend), ``dropout`` for dropout between layers (likewise);
     ``gates`` asks for every step's gate activations. ``steps``, ``batch``, ``input_size`` (of
     the first layer) and ``hidden_size`` are T, B, I and H, for choices by shape.
+
+    ``autocast`` is the lower-precision dtype of :func:`torch.autocast` when it is on for the
+    device (None otherwise): the backends may run their matrix products in it, and the composer
+    returns what torch.nn returns for the same call (:func:`autocast_dtypes`). ``input_dtype`` is
+    the caller's input dtype where the layer converted it to the weights' (``dtype``), else None.
     """
 
     mode: str | None
@@ -115,6 +122,34 @@ class Request:
     batch: int = 0
     input_size: int = 0
     hidden_size: int = 0
+    autocast: torch.dtype | None = None
+    input_dtype: torch.dtype | None = None
+
+
+def autocast_dtypes(request: Request) -> tuple[torch.dtype, torch.dtype] | None:
+    """The dtypes torch.nn returns under autocast for the call ``request`` describes: (that of
+    the output and h, that of the cell state c), or None without autocast (or for a custom cell,
+    whose own operations decide).
+
+    torch.nn, measured (torch 2.13, CPU): the Elman RNN's state is a product, so in the autocast
+    dtype; a GRU's and a decomposed LSTM's state mixes the products with the previous state, so
+    it is in the wider of the autocast dtype and the initial state's (the input's); torch's
+    fused oneDNN LSTM (no lengths, no projection) returns everything in the autocast dtype; a
+    projected LSTM's h is the projection's product. rnnkit's other cells follow their family.
+    """
+    low = request.autocast
+    if low is None or request.mode is None:
+        return None
+    given = request.input_dtype or request.dtype
+    wide = torch.promote_types(low, given)
+    mode = request.mode
+    if mode in ("rnn_tanh", "rnn_relu"):
+        return low, low
+    if mode == "lstm" and request.lengths == "none" and not request.proj:
+        return low, low
+    if request.proj:
+        return low, wide
+    return wide, wide
 
 
 @dataclass
@@ -388,6 +423,16 @@ def _lengths_kind(lengths: Tensor | None) -> str:
     return "has_zero" if bool((lengths == 0).any()) else "positive"
 
 
+def _autocast(device_type: str) -> torch.dtype | None:
+    """The lower-precision dtype of torch.autocast when it is on for ``device_type``."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return None
+
+
 def make_call(
     x: Tensor,
     layers: list[list[Direction]],
@@ -399,8 +444,10 @@ def make_call(
     label: str = "",
     checkpoint: int = 0,
     masks: StackMasks | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> Call:
-    """A :class:`Call` for ``layers`` over the time-major ``x``, with its :class:`Request`."""
+    """A :class:`Call` for ``layers`` over the time-major ``x``, with its :class:`Request`.
+    ``input_dtype``: the caller's input dtype, when the layer converted it (autocast)."""
     directions = [d for layer in layers for d in layer]
     first = directions[0]
     modes = {d.mode for d in directions}
@@ -433,6 +480,8 @@ def make_call(
         batch=x.shape[1],
         input_size=x.shape[2],
         hidden_size=first.hidden_size,
+        autocast=_autocast(x.device.type),
+        input_dtype=input_dtype if input_dtype not in (None, x.dtype) else None,
     )
     return Call(request, x, layers, lengths, dropout, training, gates, checkpoint, masks)
 
@@ -459,12 +508,22 @@ class Explanation:
         return "\n".join(f"{name or 'layer'}: {c.backend}: {c.reason}" for name, c in self.layers)
 
 
+def _explained(request: Request, name: str | None) -> Choice:
+    """select's choice, with what the chosen backend adds about the call (``details``: e.g. the
+    cpu backend's GEMM sources)."""
+    backend, choice = select(request, name)
+    details = getattr(backend, "details", None)
+    if details is None:
+        return choice
+    return Choice(choice.backend, f"{choice.reason}; {details(request)}")
+
+
 def explain(module: Any, x: Any, lengths: Any = None) -> Explanation:
     """The backend each recurrent layer in ``module`` would use for input ``x`` (nothing runs)."""
     requests: list[tuple[str, Request, str | None]] = module.dispatch_requests(x, lengths)
     if not requests:
         raise TypeError(f"{type(module).__name__} contains no rnnkit recurrent layer to explain")
-    layers = tuple((label, select(req, name)[1]) for label, req, name in requests)
+    layers = tuple((label, _explained(req, name)) for label, req, name in requests)
     names = {c.backend for _, c in layers}
     if len(names) == 1:
         return Explanation(layers[0][1].backend, layers[0][1].reason, layers)

@@ -36,6 +36,7 @@ from . import (
     LayerResult,
     StackMasks,
     StackResult,
+    autocast_dtypes,
     exporting,
 )
 
@@ -148,7 +149,30 @@ def compose(call: Call, backend: Backend) -> StackResult:
         if call.gates:
             gates.append(list(result.gates or []))
         x = out
-    return StackResult(out, last, states, gates if call.gates else None)
+    result = StackResult(out, last, states, gates if call.gates else None)
+    return _as_torch_nn(call, result)
+
+
+def _as_torch_nn(call: Call, result: StackResult) -> StackResult:
+    """Under autocast, the output and the final states in the dtypes torch.nn returns for the
+    same call (:func:`autocast_dtypes`), whatever dtype the backend computed them in."""
+    dtypes = autocast_dtypes(call.request)
+    if dtypes is None:
+        return result
+    h, c = dtypes
+    if result.out.dtype == h and all(
+        s.dtype == (h, c)[min(k, 1)] for layer in result.states for d in layer
+        for k, s in enumerate(d)
+    ):  # fmt: skip
+        return result
+    out = result.out.to(h)
+    sizes = [t.shape[-1] for t in result.last]
+    last = list(out.split(sizes, dim=-1)) if len(sizes) > 1 else [out]
+    states = [
+        [tuple(s.to((h, c)[min(k, 1)]) for k, s in enumerate(d)) for d in layer]
+        for layer in result.states
+    ]
+    return StackResult(out, last, states, result.gates)
 
 
 # -- checkpointed backpropagation through time ---------------------------------------------------

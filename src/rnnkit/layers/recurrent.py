@@ -59,6 +59,8 @@ class Prepared:
     packed: PackedSequence | None
     batch_first: bool
     unbatched: bool
+    #: the caller's input dtype, before :func:`check_dtypes` (autocast converts it)
+    given_dtype: torch.dtype | None = None
 
     def restore(self, out: Tensor) -> Tensor | PackedSequence:
         """Give a time-major result the caller's layout (packed, batch-first or unbatched)."""
@@ -116,10 +118,11 @@ def prepare(
         )
     if x.shape[0] == 0:
         raise ValueError(f"input has T = 0 steps (shape {given}); expected T >= 1")
+    given_dtype = x.dtype
     x = check_dtypes(x, weights, layer)
     if lengths is not None:
         lengths = L.as_lengths(lengths, x.shape[1], x.shape[0], x.device)
-    return Prepared(x, lengths, packed, batch_first, unbatched)
+    return Prepared(x, lengths, packed, batch_first, unbatched, given_dtype)
 
 
 def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = "RNN") -> Tensor:
@@ -128,7 +131,9 @@ def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = 
     Every backend reads the input and the weights as one dtype, so a float64 input to a float32
     layer (or the reverse) is refused as torch.nn refuses it, before any backend runs; so is a
     layer whose weights do not share one dtype. Under autocast the input is converted instead,
-    as torch.nn's layers accept it there.
+    as torch.nn's layers accept it there; the backends see the autocast request
+    (:attr:`rnnkit.backends.Request.autocast`) and the caller's dtype, run their products in the
+    autocast dtype where they can, and return the dtypes torch.nn returns for the same call.
     """
     weights = list(weights)
     if not weights:
@@ -227,6 +232,7 @@ def run_stack(
         label=type(module).__name__,
         checkpoint=segment(checkpoint, inp.x.shape[0]),
         masks=masks,
+        input_dtype=inp.given_dtype,
     )
     return backends.run(call, backend)
 
@@ -262,7 +268,7 @@ def dispatch_request(
     """The request :func:`run_stack` would dispatch (for :func:`rnnkit.explain`; nothing runs)."""
     call = backends.make_call(
         inp.x, layers, inp.lengths, dropout=dropout, training=module.training,
-        label=type(module).__name__,
+        label=type(module).__name__, input_dtype=inp.given_dtype,
     )  # fmt: skip
     return call.request
 

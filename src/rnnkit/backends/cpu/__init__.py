@@ -14,11 +14,28 @@ import torch
 
 from ...cells.table import SPECS
 from .. import LayerCall, LayerResult, Request
-from . import build, ops
+from . import build, dispatch, gemm, ops
 
-__all__ = ["CpuBackend"]
+__all__ = ["CpuBackend", "gemm_plan"]
 
+#: The dtypes the kernels compute in; bfloat16 and float16 layers run in float32 inside (their
+#: GEMMs in bfloat16 where the CPU has bf16 instructions) and return their own dtype.
 _DTYPES = (torch.float32, torch.float64)
+_WIDENED = (torch.bfloat16, torch.float16)
+
+
+def gemm_plan(request: Request) -> gemm.Plan:
+    """Where the GEMMs of ``request`` come from and in which precision: bfloat16 operands for a
+    bfloat16 layer or under bfloat16 autocast (where the CPU has bf16 instructions), float32
+    otherwise; the sources by measurement (:mod:`.gemm`)."""
+    low = request.dtype == torch.bfloat16 or (
+        request.dtype == torch.float32 and request.autocast == torch.bfloat16
+    )
+    spec = SPECS[request.mode]  # type: ignore[index]
+    return gemm.plan(
+        request.steps, request.batch, request.input_size, request.hidden_size, spec.gate_count,
+        low,
+    )  # fmt: skip
 
 
 class CpuBackend:
@@ -27,9 +44,9 @@ class CpuBackend:
     reversal, bidirectional and deep stacks, gate outputs (detached), and the regularisers
     (variational dropout, state dropout, zoneout, DropConnect).
 
-    :meth:`slower` names the configurations where BENCHMARKS.md measured torch's own op to be
-    as fast or faster (a plain LSTM, on oneDNN): automatic dispatch then skips this backend,
-    while ``backend="cpu"`` still runs them.
+    :meth:`slower` names the configurations where torch's own op measured faster (the
+    crossovers of :mod:`.dispatch`, by shape, precision and mode): automatic dispatch then
+    skips this backend, while ``backend="cpu"`` still runs them.
     """
 
     name = "cpu"
@@ -44,28 +61,46 @@ class CpuBackend:
             return f"no C++ kernel for {request.mode or 'a custom cell'} yet"
         if request.device_type != "cpu":
             return f"the C++ kernels run on the CPU, not on {request.device_type}"
-        if request.dtype not in _DTYPES:
-            return f"dtype {request.dtype} has no C++ kernel (float32 and float64 do)"
+        if request.dtype not in _DTYPES + _WIDENED:
+            return (
+                f"dtype {request.dtype} has no C++ kernel (float32, float64, and bfloat16 and "
+                "float16 through float32 do)"
+            )
         return build.unavailable()
 
+    def details(self, request: Request) -> str:
+        """The call's GEMM plan, for :func:`rnnkit.explain`."""
+        return str(gemm_plan(request))
+
     def slower(self, request: Request) -> str | None:
-        """Why automatic dispatch should prefer another backend for ``request``, though this one
-        can run it (None: this one measured faster)."""
-        # torch's op returns no gates and has no regularisers inside the stack
-        native_runs_it = not (
-            request.gates or request.variational or request.state_dropout or request.zoneout
-        )
-        if (
-            request.mode == "lstm"
-            and request.lengths == "none"
+        """Why automatic dispatch should prefer torch's own op for ``request``, though this
+        backend can run it: where it measured faster at the nearest measured shape
+        (:mod:`.dispatch`). None: this backend measured faster, or torch's op cannot run it."""
+        native_runs_it = (
+            request.mode in ("lstm", "gru", "rnn_tanh", "rnn_relu")
+            and not (request.gates or request.variational or request.state_dropout)
+            and not request.zoneout
             and not request.proj
-            and native_runs_it
-        ):
-            return (
-                "torch's oneDNN LSTM measured as fast or faster for an LSTM without lengths or "
-                "projection (BENCHMARKS.md)"
-            )
-        return None
+            and request.lengths != "has_zero"
+            and not (request.reverse and request.lengths != "none")
+        )
+        if not native_runs_it:
+            return None
+        low = request.dtype == torch.bfloat16 or request.autocast == torch.bfloat16
+        precision = "bf16" if low and gemm.bf16_supported() else "fp32"
+        mode = "rnn_tanh" if request.mode == "rnn_relu" else request.mode
+        shape = (request.steps, request.batch, request.input_size, request.hidden_size)
+        lengths = request.lengths != "none"
+        point = dispatch.nearest(mode, lengths, precision, request.requires_grad, shape)  # type: ignore[arg-type]
+        if point is None or point.ratio >= 1.0:
+            return None
+        kind = "training" if request.requires_grad else "inference"
+        return (
+            f"torch's fused op measured faster for {request.mode} {precision} {kind}"
+            f"{' with lengths' if lengths else ''} at the nearest measured shape (T{point.steps} "
+            f"B{point.batch} I{point.input_size} H{point.hidden}: the cpu kernels at "
+            f"{point.ratio:.2f}x torch.nn; BENCHMARKS.md)"
+        )
 
     def run_layer(self, layer: LayerCall) -> LayerResult:
         """One layer in one op: both directions at once (each on its own thread) or one; state
@@ -73,26 +108,39 @@ class CpuBackend:
         kernel's saved activations, detached (not differentiable)."""
         first = layer.directions[0]
         spec = SPECS[first.mode]  # type: ignore[index]
+        plan = gemm_plan(layer.request)
         x = layer.inputs[0]
-        inputs = [x] if all(i is x for i in layer.inputs) else list(layer.inputs)
-        empty = x.new_empty(0)
-        states = [s for d in layer.directions for s in d.state]
-        weights = [d.weights.get(n, empty) for d in layer.directions for n in spec.weights]
-        masks = [m for d in layer.directions for m in ops.masks(d, empty)]
+        dtype = x.dtype
+        # bfloat16 / float16 layers: float32 inside (autograd converts the gradients back)
+        wide = (lambda t: t.float()) if dtype in _WIDENED else (lambda t: t)
+        inputs = [wide(x)] if all(i is x for i in layer.inputs) else [wide(i) for i in layer.inputs]
+        empty = inputs[0].new_empty(0)
+        states = [wide(s) for d in layer.directions for s in d.state]
+        weights = [
+            wide(d.weights[n]) if n in d.weights else empty
+            for d in layer.directions
+            for n in spec.weights
+        ]
+        masks = [wide(m) for d in layer.directions for m in ops.masks(d, empty)]
         grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (*inputs, *states, *weights)
         )
         reverse = [d.reverse for d in layer.directions]
         r = ops.layer_forward(
             inputs, states, weights, masks, layer.lengths, spec.kernel_id, reverse, first.eps,
-            grad or layer.gates,
+            grad or layer.gates, *plan.args(),
         )  # fmt: skip
         ns, per = len(spec.states), 1 + len(spec.states) + len(ops.SAVED)
         runs = [r[d * per : (d + 1) * per] for d in range(len(reverse))]
         out = torch.cat([run[0] for run in runs], dim=-1) if len(runs) > 1 else runs[0][0]
         finals = [tuple(run[1 : 1 + ns]) for run in runs]
+        if dtype in _WIDENED:
+            out = out.to(dtype)
+            finals = [tuple(s.to(dtype) for s in f) for f in finals]
         if not layer.gates:
             return LayerResult(out, finals)
         act, c = ops.SAVED.index("act"), ops.SAVED.index("c")
         gates = [ops.gates(spec, run[1 + ns + act], run[1 + ns + c]) for run in runs]
+        if dtype in _WIDENED:
+            gates = [tuple(g.to(dtype) for g in gs) for gs in gates]
         return LayerResult(out, finals, gates)

@@ -132,8 +132,9 @@ struct CellBase {
     T* ones = ones_t.data();
     std::fill_n(ones, TB, T(1));
     // db (1, G) = ones (1, T*B) . dg (T*B, G)
-    gemm<T>(false, false, 1, G, TB, T(1), ones, TB, dgi, G, T(0), a.dw[kBiasIh], G);
-    gemm<T>(false, false, 1, G, TB, T(1), ones, TB, dgh, G, T(0), a.dw[kBiasHh], G);
+    const GemmPlan plan = in_fp32(a.gemm);
+    gemm<T>(plan, kBulk, false, false, 1, G, TB, T(1), ones, TB, dgi, G, T(0), a.dw[kBiasIh], G);
+    gemm<T>(plan, kBulk, false, false, 1, G, TB, T(1), ones, TB, dgh, G, T(0), a.dw[kBiasHh], G);
   }
 };
 

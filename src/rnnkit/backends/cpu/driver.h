@@ -42,7 +42,19 @@ void forward(const ForwardArgs<T>& a) {
   // cell normalises it in place (into the saved xhat when saving).
   Buffer<T> xg_t(saved.at[kXhat] ? 0 : TB * G);
   T* xg = saved.at[kXhat] ? saved.at[kXhat] : xg_t.data();
-  gemm<T>(false, true, TB, G, I, T(1), a.x, I, a.w[kWeightIh], I, T(0), xg, G);
+  // With lengths, over the valid rows alone: xgc (N, G) = xc (N, I) . w_ih^T, xc the valid rows
+  // of x, scattered into xg (padded rows are never read; a LayerNorm cell zeroes them).
+  const std::vector<int64_t> valid = kLengths ? valid_rows(len, T_, B) : std::vector<int64_t>{};
+  const int64_t N = static_cast<int64_t>(valid.size());
+  if (kLengths && N < TB) {
+    Buffer<T> xc(N * I), xgc(N * G);
+    gather_rows(valid, I, a.x, xc.data());
+    gemm<T>(a.gemm, kBulk, false, true, N, G, I, T(1), xc.data(), I, a.w[kWeightIh], I, T(0),
+            xgc.data(), G);
+    scatter_rows(valid, G, xgc.data(), xg);
+  } else {
+    gemm<T>(a.gemm, kBulk, false, true, TB, G, I, T(1), a.x, I, a.w[kWeightIh], I, T(0), xg, G);
+  }
   Cell::template prepare<T, kLengths, kSaving>(n, len, p, xg, saved);
 
   T* h = a.h;  // (B, P) the state, updated in place
@@ -56,8 +68,9 @@ void forward(const ForwardArgs<T>& a) {
   Buffer<T> tmp_t(Cell::kRowScratch * B * H);  // (B, H) per row, for the cell's own use
   T* tmp = tmp_t.data();
 
-  const PackedB<T> hh(true, B, G, P, a.w[kWeightHh], P);  // op(B) = w_hh^T (P, G)
-  const PackedB<T> hr(true, B, P, H, a.w[kWeightHr], H);  // op(B) = w_hr^T (H, P), projected
+  const PackedB<T> hh(a.gemm, true, B, G, P, a.w[kWeightHh], P);  // op(B) = w_hh^T (P, G)
+  // op(B) = w_hr^T (H, P), projected
+  const PackedB<T> hr(a.gemm, true, B, P, H, a.w[kWeightHr], H);
   // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it runs
   // over (rows[k], k < A: their batch indices), when they are not h itself: with lengths while
   // some sequences have finished, and with state dropout (hc = h * mask).
@@ -89,7 +102,7 @@ void forward(const ForwardArgs<T>& a) {
       hh.run(gathered ? hc : h, P, T(0), hg, G);
     } else {
       // hg (A, G) = hc (A, P) . w_hh^T
-      gemm<T>(false, true, A, G, P, T(1), hc, P, a.w[kWeightHh], P, T(0), hg, G);
+      gemm<T>(a.gemm, kStep, false, true, A, G, P, T(1), hc, P, a.w[kWeightHh], P, T(0), hg, G);
     }
     parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -172,8 +185,8 @@ void backward(const BackwardArgs<T>& a) {
   T* dhs = dhs_t.data();
   T* dhp = dhp_t.data();
 
-  const PackedB<T> hh(false, B, P, G, w_hh, P);  // op(B) = w_hh (G, P)
-  const PackedB<T> hr(false, B, H, P, a.w[kWeightHr], H);  // op(B) = w_hr (P, H), projected
+  const PackedB<T> hh(a.gemm, false, B, P, G, w_hh, P);  // op(B) = w_hh (G, P)
+  const PackedB<T> hr(a.gemm, false, B, H, P, a.w[kWeightHr], H);  // op(B) = w_hr (P, H), projected
   const int64_t steps = max_length(len, B, T_);
   for (int64_t s = steps - 1; s >= 0; --s) {
     if constexpr (kLengths) active_rows<kLengths>(s, len, B, rows);
@@ -237,7 +250,7 @@ void backward(const BackwardArgs<T>& a) {
       if (A == B) {
         hh.run(dga, G, beta, dhc, P);
       } else {
-        gemm<T>(false, false, A, P, G, T(1), dga, G, w_hh, P, beta, dhc, P);
+        gemm<T>(a.gemm, kStep, false, false, A, P, G, T(1), dga, G, w_hh, P, beta, dhc, P);
       }
       for (int64_t k = 0; k < A; ++k) {
         T* dh_row = dh + rows[k] * P;
@@ -251,7 +264,7 @@ void backward(const BackwardArgs<T>& a) {
       hh.run(dga, G, T(1), dh, P);
     } else {
       // dhc (A, P) = dga (A, G) . w_hh (G, P), added to the active rows of dh
-      gemm<T>(false, false, A, P, G, T(1), dga, G, w_hh, P, T(0), dhc, P);
+      gemm<T>(a.gemm, kStep, false, false, A, P, G, T(1), dga, G, w_hh, P, T(0), dhc, P);
       for (int64_t k = 0; k < A; ++k) {
         T* dh_row = dh + rows[k] * P;
         const T* dhc_row = dhc + k * P;
@@ -264,17 +277,46 @@ void backward(const BackwardArgs<T>& a) {
   // The cell's own weights (biases, peepholes, LayerNorm gains); a LayerNorm cell turns dgi into
   // the gradient of W_ih x_t.
   Cell::template finish<T, kLengths>(p, a, dgi, dgh, cell_grads);
+  // The bulk GEMMs over the R rows that count: with lengths, the N valid rows alone (gathered
+  // once; padded rows of dgi and dgh are zero and add nothing, and dx is zero there), else all
+  // T*B. Each operand is rounded to bfloat16 once where the plan says so (Operand).
+  const std::vector<int64_t> valid = kLengths ? valid_rows(len, T_, B) : std::vector<int64_t>{};
+  const bool compact = kLengths && static_cast<int64_t>(valid.size()) < TB;
+  const int64_t R = compact ? static_cast<int64_t>(valid.size()) : TB;
+  Buffer<T> dgi_c(compact ? R * G : 0), dgh_c(compact && Cell::kSplit ? R * G : 0);
+  Buffer<T> x_c(compact ? R * I : 0), hprev_c(compact ? R * P : 0);
+  // pick(full, W, buffer): the R rows of the (T*B, W) array full that count
+  auto pick = [&](const T* full, int64_t W, Buffer<T>& buffer) -> const T* {
+    if (!compact) return full;
+    gather_rows(valid, W, full, buffer.data());
+    return buffer.data();
+  };
+  const Operand<T> dgi_o(a.gemm, R, G, pick(dgi, G, dgi_c));
+  const Operand<T> dgh_o(a.gemm, Cell::kSplit ? R : 0, G,
+                         Cell::kSplit ? pick(dgh, G, dgh_c) : nullptr);
+  const Operand<T>& dg_hh = Cell::kSplit ? dgh_o : dgi_o;
+  const Operand<T> x_o(a.gemm, R, I, pick(a.x, I, x_c));
+  const Operand<T> hprev_o(a.gemm, R, P, pick(a.saved.at[kHprev], P, hprev_c));
   if (a.dx) {
-    // dx (T*B, I) = dgi (T*B, G) . w_ih (G, I)
-    gemm<T>(false, false, TB, I, G, T(1), dgi, G, a.w[kWeightIh], I, T(0), a.dx, I);
+    // dx (R, I) = dgi (R, G) . w_ih (G, I) [scattered into dx (T*B, I), 0 at padded rows]
+    const Operand<T> w_o(a.gemm, G, I, a.w[kWeightIh]);
+    Buffer<T> dx_c(compact ? R * I : 0);
+    gemm<T>(a.gemm, false, false, R, I, G, dgi_o, w_o, T(0), compact ? dx_c.data() : a.dx, I);
+    if (compact) {
+      std::fill_n(a.dx, TB * I, T(0));
+      scatter_rows(valid, I, dx_c.data(), a.dx);
+    }
   }
-  // dw_ih (G, I) = dgi^T (G, T*B) . x (T*B, I)
-  gemm<T>(true, false, G, I, TB, T(1), dgi, G, a.x, I, T(0), a.dw[kWeightIh], I);
-  // dw_hh (G, P) = dgh^T (G, T*B) . hprev (T*B, P)
-  gemm<T>(true, false, G, P, TB, T(1), dgh, G, a.saved.at[kHprev], P, T(0), a.dw[kWeightHh], P);
+  // dw_ih (G, I) = dgi^T (G, R) . x (R, I)
+  gemm<T>(a.gemm, true, false, G, I, R, dgi_o, x_o, T(0), a.dw[kWeightIh], I);
+  // dw_hh (G, P) = dgh^T (G, R) . hprev (R, P)
+  gemm<T>(a.gemm, true, false, G, P, R, dg_hh, hprev_o, T(0), a.dw[kWeightHh], P);
   if constexpr (kProjection) {
-    // dw_hr (P, H) = dht^T (P, T*B) . hpre (T*B, H)
-    gemm<T>(true, false, P, H, TB, T(1), dht, P, a.saved.at[kHpre], H, T(0), a.dw[kWeightHr], H);
+    // dw_hr (P, H) = dht^T (P, R) . hpre (R, H)
+    Buffer<T> dht_c(compact ? R * P : 0), hpre_c(compact ? R * H : 0);
+    const Operand<T> dht_o(a.gemm, R, P, pick(dht, P, dht_c));
+    const Operand<T> hpre_o(a.gemm, R, H, pick(a.saved.at[kHpre], H, hpre_c));
+    gemm<T>(a.gemm, true, false, P, H, R, dht_o, hpre_o, T(0), a.dw[kWeightHr], H);
   }
 }
 

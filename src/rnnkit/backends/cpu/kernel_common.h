@@ -28,13 +28,43 @@ using std::int64_t;
 #define RNNKIT_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: MKL's BLAS when torch exports it, else at::addmm. Defined once, in ops.cpp: the one place
-// that decides where the GEMMs come from.
+// GEMM: where each of a call's GEMMs comes from, and in which precision. Defined once, in
+// ops.cpp: the one place that knows the sources.
+//
+// A call's GEMMs fall in two classes (roles): the recurrent step's (M = B rows, the right-hand
+// operand the same at every step) and the bulk ones over all steps (the input projection, dx and
+// the weight gradients: M or K = T*B). Each role has its source, chosen by the Python side by a
+// short measurement on the call's shapes (rnnkit.backends.cpu.gemm). With bf16, the operands are
+// rounded to bfloat16 and the products accumulate in float32 into float32 results (float only;
+// float64 ignores it).
+
+enum GemmRole : int { kStep = 0, kBulk = 1 };
+
+enum GemmSource : int {
+  kSourceMkl = 0,    // MKL's BLAS as torch exports it: sgemm_, its packed API, gemm_bf16bf16f32
+  kSourceTorch = 1,  // ATen's matrix product through the dispatcher (torch's MKL or oneDNN)
+  kSources
+};
+
+struct GemmPlan {
+  int source[2] = {kSourceMkl, kSourceMkl};  // by GemmRole
+  bool bf16 = false;
+};
+
+// The plan with float32 operands: for sums that must not be rounded (the bias gradients).
+inline GemmPlan in_fp32(GemmPlan plan) {
+  plan.bf16 = false;
+  return plan;
+}
 
 // C (M, N) = alpha * op(A) (M, K) . op(B) (K, N) + beta * C, row-major; op = transpose if ta/tb.
+// Whether `source` can run here (in bf16: bfloat16 operands); an unavailable one falls back
+// to ATen's.
+bool gemm_source_available(int source, bool bf16);
+
 template <typename T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+void gemm(const GemmPlan& plan, GemmRole role, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+          T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
 
 // ---------------------------------------------------------------------------------------------
 // Scratch memory: n elements of T, 64-byte aligned (as ATen allocates), uninitialised unless
@@ -57,27 +87,61 @@ class Buffer {
   std::unique_ptr<T[], Free> data_;
 };
 
-// A right-hand operand used at every step (w_hh, w_hr), packed once into MKL's internal layout:
-// per step C (M, N) = A (M, K) . op(B) (K, N) + beta C without re-packing B. Falls back to gemm
-// where the packed API is absent (fp64, or a torch without MKL). Defined in ops.cpp.
+// A right-hand operand used at every step (w_hh, w_hr), prepared once per call for the step's
+// source: packed into MKL's internal layout, or rounded to bfloat16 once (bf16). Per step
+// C (M, N) = A (M, K) . op(B) (K, N) + beta C without preparing B again. Defined in ops.cpp.
 template <typename T>
 class PackedB {
  public:
-  PackedB(bool tb, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb);
+  PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t K, const T* B,
+          int64_t ldb);
   // C (M, N) = A (M, K) . op(B) + beta C
   void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
 
  private:
+  GemmPlan plan_;
   bool tb_;
   int64_t M_, N_, K_;
   const T* B_;
   int64_t ldb_;
-  bool packed_ = false;
+  bool packed_ = false;  // MKL's packed fp32 B in buffer_
+  bool half_ = false;    // bf16: B rounded once into bhalf_ (op(B) layout kept), A per step
   Buffer<float> buffer_;
+  Buffer<std::uint16_t> bhalf_, ahalf_;
 };
 
 extern template class PackedB<float>;
 extern template class PackedB<double>;
+
+// Whether a plan's bulk GEMMs take operands rounded to bfloat16 beforehand (Operand), and the
+// rounding itself: dst (n) = src (n) to nearest even. Defined in ops.cpp.
+bool rounds_operands(const GemmPlan& plan);
+void round_bf16(int64_t n, const float* src, std::uint16_t* dst);
+
+// A contiguous (rows, cols) operand of several bulk GEMMs (dgi, x, the weights at the end of
+// backward): where the plan rounds operands to bfloat16 (float only), rounded once here and
+// read by every GEMM that takes it.
+template <typename T>
+struct Operand {
+  Operand(const GemmPlan& plan, int64_t rows, int64_t cols, const T* data)
+      : data(data), cols(cols) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (data && rows * cols > 0 && rounds_operands(plan)) {
+        half = Buffer<std::uint16_t>(rows * cols);
+        round_bf16(rows * cols, data, half.data());
+      }
+    }
+  }
+  const T* data;
+  int64_t cols;
+  Buffer<std::uint16_t> half;  // empty unless rounded
+};
+
+// C (M, N) = op(A) (M, K) . op(B) (K, N) + beta C of two Operands (their leading dimension their
+// cols), a bulk GEMM.
+template <typename T>
+void gemm(const GemmPlan& plan, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+          const Operand<T>& A, const Operand<T>& B, T beta, T* C, int64_t ldc);
 
 // ---------------------------------------------------------------------------------------------
 // The thread pool: a loop over [0, n) in chunks of at least `grain`, as at::parallel_for runs it
@@ -253,6 +317,33 @@ inline int64_t max_length(const int64_t* len, int64_t B, int64_t T) {
   int64_t m = 0;
   for (int64_t b = 0; b < B; ++b) m = std::max(m, len[b]);
   return m;
+}
+
+// The valid rows of a (T, B, .) array, in order: t * B + b for t < len_b. With lengths, the bulk
+// GEMMs run over these rows alone, never over the padding.
+inline std::vector<int64_t> valid_rows(const int64_t* len, int64_t T, int64_t B) {
+  std::vector<int64_t> rows;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t b = 0; b < B; ++b)
+      if (t < len[b]) rows.push_back(t * B + b);
+  return rows;
+}
+
+// dst (N, W) = the rows `rows` (N) of src (., W).
+template <typename T>
+inline void gather_rows(const std::vector<int64_t>& rows, int64_t W, const T* src, T* dst) {
+  parallel_for(static_cast<int64_t>(rows.size()), grain(W), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      std::copy(src + rows[k] * W, src + (rows[k] + 1) * W, dst + k * W);
+  });
+}
+
+// The rows `rows` (N) of dst (., W) = src (N, W).
+template <typename T>
+inline void scatter_rows(const std::vector<int64_t>& rows, int64_t W, const T* src, T* dst) {
+  parallel_for(static_cast<int64_t>(rows.size()), grain(W), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) std::copy(src + k * W, src + (k + 1) * W, dst + rows[k] * W);
+  });
 }
 
 // Time index of sequence b at step s, or -1 once the sequence has ended.

@@ -92,6 +92,7 @@ struct ForwardArgs {
   bool reverse = false;
   const int64_t* len = nullptr;  // (B) with lengths, else nullptr
   T eps = T(0);                  // the LayerNorms' epsilon
+  GemmPlan gemm;                 // where the GEMMs come from, and in which precision
   const T* x = nullptr;          // (T, B, I)
   const T* w[kSlots] = {};
   Masks<T> masks;
@@ -109,6 +110,7 @@ struct BackwardArgs {
   bool reverse = false;
   const int64_t* len = nullptr;
   T eps = T(0);
+  GemmPlan gemm;
   const T* gout = nullptr;  // (T, B, P) the gradient reaching out, or nullptr (zero)
   const T* x = nullptr;     // (T, B, I)
   const T* c0 = nullptr;    // (B, H) [a cell state]

@@ -39,11 +39,13 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -57,6 +59,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#ifdef __AVX512BF16__
+#include <immintrin.h>
 #endif
 
 #include "cells.h"
@@ -86,9 +91,9 @@ class FlushDenormals {
 };
 
 // ---------------------------------------------------------------------------------------------
-// What kernel_common.h declares, defined here once: the GEMMs (MKL's BLAS when torch exports it,
-// through its Fortran symbols and its packed API; else at::addmm) and the thread pool
-// (at::parallel_for). The one place that decides where the GEMMs come from.
+// What kernel_common.h declares, defined here once: the GEMMs of every source (GemmSource) in
+// float32, bfloat16 x bfloat16 -> float32 and float64, and the thread pool (at::parallel_for).
+// The one place that knows where the GEMMs come from.
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
@@ -103,6 +108,9 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
                          int lda, const float* b, int ldb, float beta, float* c, int ldc)
     __attribute__((weak));
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const std::uint16_t* a, int lda, const std::uint16_t* b, int ldb,
+                            float beta, float* c, int ldc) __attribute__((weak));
 }
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
 
@@ -128,18 +136,121 @@ bool have_blas() {
   }
 }
 
-}  // namespace
+bool have_mkl_bf16() { return cblas_gemm_bf16bf16f32 != nullptr; }
+
+// float -> bfloat16, rounded to nearest even (as torch rounds); NaN stays NaN. Branch-free, so
+// that the row loop vectorises.
+RNNKIT_INLINE std::uint16_t to_bf16(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const std::uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>((nan ? (u | 0x400000u) : rounded) >> 16);
+}
+
+// dst (n) = src (n) rounded to bfloat16: the CPU's own conversion where it has one.
+inline void round_row(int64_t n, const float* src, std::uint16_t* dst) {
+  int64_t j = 0;
+#ifdef __AVX512BF16__
+  for (; j + 16 <= n; j += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<const __m256i&>(h));
+  }
+#endif
+#pragma omp simd
+  for (int64_t k = j; k < n; ++k) dst[k] = to_bf16(src[k]);
+}
+
+// dst (rows, cols), compact = src (rows, cols) with leading dimension ld, rounded to bfloat16.
+void round_rows(int64_t rows, int64_t cols, const float* src, int64_t ld, std::uint16_t* dst) {
+  if (ld == cols) {  // contiguous: one flat range, split evenly
+    parallel_for(rows * cols, 1 << 14, [&](int64_t k0, int64_t k1) {
+      round_row(k1 - k0, src + k0, dst + k0);
+    });
+    return;
+  }
+  parallel_for(rows, grain(cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) round_row(cols, src + r * ld, dst + r * cols);
+  });
+}
+
+// Scratch for the bfloat16 copies of one GEMM's operands: grown, never shrunk, per thread (the
+// directions of a bidirectional layer run on two).
+std::uint16_t* scratch(int which, int64_t n) {
+  thread_local std::vector<std::uint16_t> pool[2];
+  if (static_cast<int64_t>(pool[which].size()) < n) pool[which].resize(n);
+  return pool[which].data();
+}
 
 template <typename T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+Tensor view(const T* p, int64_t rows, int64_t cols, int64_t ld, bool transpose) {
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor t = at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opts);
+  return transpose ? t.t() : t;
+}
+
+// C = alpha op(A) op(B) + beta C by ATen (the dispatcher picks MKL or oneDNN as torch does);
+// bf16: of the operands rounded to bfloat16 (a bfloat16 product, widened into C).
+template <typename T>
+void aten_gemm(bool bf16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha,
+               const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  Tensor c = view(C, M, N, ldc, false);
+  if (bf16) {
+    Tensor a = view(A, ta ? K : M, ta ? M : K, lda, false).to(at::kBFloat16);
+    Tensor b = view(B, tb ? N : K, tb ? K : N, ldb, false).to(at::kBFloat16);
+    Tensor p = at::mm(ta ? a.t() : a, tb ? b.t() : b);
+    if (beta == T(0)) {
+      c.copy_(p);
+      if (alpha != T(1)) c.mul_(alpha);
+    } else {
+      c.mul_(beta).add_(p, alpha);
+    }
+    return;
+  }
+  Tensor a = view(A, ta ? K : M, ta ? M : K, lda, ta);
+  Tensor b = view(B, tb ? N : K, tb ? K : N, ldb, tb);
+  if (beta == T(0)) c.zero_();
+  at::addmm_out(c, c, a, b, beta == T(0) ? T(1) : beta, alpha);
+}
+
+}  // namespace
+
+bool gemm_source_available(int source, bool bf16) {
+  switch (source) {
+    case kSourceMkl:
+      return bf16 ? have_mkl_bf16() : have_blas<float>();
+    case kSourceTorch:
+      return true;
+    default:
+      return false;
+  }
+}
+
+template <typename T>
+void gemm(const GemmPlan& plan, GemmRole role, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+          T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
     return;
   }
-  if (have_blas<T>()) {
+  const int source = plan.source[role];
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const bool bf16 = kFloat && plan.bf16;
+  if constexpr (kFloat) {
+    if (bf16 && source == kSourceMkl && have_mkl_bf16()) {
+      const int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+      std::uint16_t* a = scratch(0, ar * ac);
+      std::uint16_t* b = scratch(1, br * bc);
+      round_rows(ar, ac, A, lda, a);
+      round_rows(br, bc, B, ldb, b);
+      cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N, K,
+                             alpha, a, ac, b, bc, beta, C, ldc);
+      return;
+    }
+  }
+  if (!bf16 && source != kSourceTorch && have_blas<T>()) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
     const char fa = ta ? 'T' : 'N', fb = tb ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
@@ -147,27 +258,57 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
     blas_gemm<T>(&fb, &fa, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
     return;
   }
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
-                : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
-                : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (beta == T(0)) c.zero_();
-  at::addmm_out(c, c, a, b, beta == T(0) ? T(1) : beta, alpha);
+  aten_gemm<T>(bf16, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
-                          const float*, int64_t, float, float*, int64_t);
-template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
-                           const double*, int64_t, double, double*, int64_t);
+template void gemm<float>(const GemmPlan&, GemmRole, bool, bool, int64_t, int64_t, int64_t, float,
+                          const float*, int64_t, const float*, int64_t, float, float*, int64_t);
+template void gemm<double>(const GemmPlan&, GemmRole, bool, bool, int64_t, int64_t, int64_t,
+                           double, const double*, int64_t, const double*, int64_t, double,
+                           double*, int64_t);
+
+bool rounds_operands(const GemmPlan& plan) {
+  return plan.bf16 && plan.source[kBulk] == kSourceMkl && have_mkl_bf16();
+}
+
+void round_bf16(int64_t n, const float* src, std::uint16_t* dst) { round_rows(1, n, src, n, dst); }
 
 template <typename T>
-PackedB<T>::PackedB(bool tb, int64_t M, int64_t N, int64_t K, const T* B, int64_t ldb)
-    : tb_(tb), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
+void gemm(const GemmPlan& plan, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+          const Operand<T>& A, const Operand<T>& B, T beta, T* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    packed_ = B && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute && M > 0 &&
-              N > 0 && K > 0;
+    if (A.half.data() && B.half.data() && M > 0 && N > 0 && K > 0) {
+      cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N, K,
+                             1.0f, A.half.data(), A.cols, B.half.data(), B.cols, beta, C, ldc);
+      return;
+    }
+  }
+  gemm<T>(plan, kBulk, ta, tb, M, N, K, T(1), A.data, A.cols, B.data, B.cols, beta, C, ldc);
+}
+
+template void gemm<float>(const GemmPlan&, bool, bool, int64_t, int64_t, int64_t,
+                          const Operand<float>&, const Operand<float>&, float, float*, int64_t);
+template void gemm<double>(const GemmPlan&, bool, bool, int64_t, int64_t, int64_t,
+                           const Operand<double>&, const Operand<double>&, double, double*,
+                           int64_t);
+
+template <typename T>
+PackedB<T>::PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t K, const T* B,
+                    int64_t ldb)
+    : plan_(plan), tb_(tb), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
+  if constexpr (std::is_same_v<T, float>) {
+    const bool usable = B && M > 0 && N > 0 && K > 0 && plan.source[kStep] == kSourceMkl;
+    if (plan.bf16) {
+      half_ = usable && have_mkl_bf16();
+      if (half_) {
+        const int64_t rows = tb ? N : K, cols = tb ? K : N;
+        bhalf_ = Buffer<std::uint16_t>(rows * cols);
+        round_rows(rows, cols, B, ldb, bhalf_.data());
+        ahalf_ = Buffer<std::uint16_t>(M * K);
+      }
+      return;
+    }
+    packed_ = usable && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
     if (packed_) {
       const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, M, N, K);
       buffer_ = Buffer<float>(static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float)));
@@ -185,8 +326,14 @@ void PackedB<T>::run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
                           beta, C, ldc);
       return;
     }
+    if (half_) {
+      round_rows(M_, K_, A, lda, ahalf_.data());
+      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, tb_ ? kTrans : kNoTrans, M_, N_, K_, 1.0f,
+                             ahalf_.data(), K_, bhalf_.data(), tb_ ? K_ : N_, beta, C, ldc);
+      return;
+    }
   }
-  gemm<T>(false, tb_, M_, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
+  gemm<T>(plan_, kStep, false, tb_, M_, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
 }
 
 template class PackedB<float>;
@@ -312,6 +459,7 @@ struct Call {
   Tensor lengths;  // (B) int64 on the CPU, or undefined
   std::vector<Direction> dirs;
   at::TensorOptions opts;
+  GemmPlan plan;
 
   int64_t size() const { return static_cast<int64_t>(dirs.size()); }
 
@@ -399,6 +547,7 @@ void Call::fill(int64_t d, double eps, Args& a) {
   a.reverse = dir.reverse;
   a.len = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
   a.eps = static_cast<T>(eps);
+  a.gemm = plan;
   a.x = ptr<T>(dir.x);
   for (int k = 0; k < kSlots; ++k) a.w[k] = ptr<T>(dir.w[k]);
   const Regularisers& reg = *dir.reg;
@@ -485,14 +634,73 @@ void run(Call& call, double eps) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The GEMM plan of a call, and the measurement that chooses it (rnnkit.backends.cpu.gemm).
+
+void check_source(const char* name, int64_t source) {
+  TORCH_CHECK(source >= 0 && source < kSources, "rnnkit cpu kernels: ", name, " = ", source,
+              "; expected a GEMM source, 0 to ", kSources - 1);
+}
+
+GemmPlan plan_of(int64_t step, int64_t bulk, bool bf16) {
+  check_source("gemm_step", step);
+  check_source("gemm_bulk", bulk);
+  GemmPlan plan;
+  plan.source[kStep] = static_cast<int>(step);
+  plan.source[kBulk] = static_cast<int>(bulk);
+  plan.bf16 = bf16;
+  return plan;
+}
+
+bool gemm_available(int64_t source, bool bf16) {
+  check_source("source", source);
+  return gemm_source_available(static_cast<int>(source), bf16);
+}
+
+// Seconds per call of `reps` calls of one GEMM of `role` from `source`, as the drivers run it:
+// 0 (kStep), C (M, N) = A (M, K) . B^T with B (N, K) prepared once (PackedB), as the recurrent
+// step; 1 (kBulk), C (M, N) = A (M, K) . B^T, as the input projection; 2, C (M, N) = A^T . B
+// with A (K, M) and B (K, N), as the weight gradients (bulk too). One warm-up call first.
+std::vector<double> gemm_probe(int64_t source, bool bf16, int64_t role, int64_t M, int64_t N,
+                               int64_t K, int64_t reps) {
+  check_source("source", source);
+  TORCH_CHECK(role >= 0 && role <= 2, "rnnkit cpu kernels: role = ", role,
+              "; expected 0 (step), 1 (bulk) or 2 (weight gradient)");
+  TORCH_CHECK(M > 0 && N > 0 && K > 0 && reps > 0, "rnnkit cpu kernels: M, N, K, reps = ", M,
+              ", ", N, ", ", K, ", ", reps, "; expected positive sizes");
+  GemmPlan plan = plan_of(source, source, bf16);
+  Buffer<float> a(M * K), b(N * K), c(M * N);
+  for (int64_t k = 0; k < M * K; ++k) a.data()[k] = static_cast<float>((k % 17) - 8) / 16.0f;
+  for (int64_t k = 0; k < N * K; ++k) b.data()[k] = static_cast<float>((k % 13) - 6) / 16.0f;
+  std::vector<double> seconds;
+  const PackedB<float> packed(plan, true, M, N, K, role == kStep ? b.data() : nullptr, K);
+  for (int64_t r = 0; r <= reps; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    if (role == kStep) {
+      packed.run(a.data(), K, 0.0f, c.data(), N);
+    } else if (role == 2) {
+      gemm<float>(plan, kBulk, true, false, M, N, K, 1.0f, a.data(), M, b.data(), N, 0.0f,
+                  c.data(), N);
+    } else {
+      gemm<float>(plan, kBulk, false, true, M, N, K, 1.0f, a.data(), K, b.data(), K, 0.0f,
+                  c.data(), N);
+    }
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+    if (r > 0) seconds.push_back(took.count());
+  }
+  return seconds;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The entries.
 
 std::vector<Tensor> layer_forward(at::TensorList inputs, at::TensorList states,
                                   at::TensorList weights, at::TensorList masks,
                                   const std::optional<Tensor>& lengths, int64_t kernel_id,
-                                  const c10::List<bool>& reverse, double eps, bool save) {
+                                  const c10::List<bool>& reverse, double eps, bool save,
+                                  int64_t gemm_step, int64_t gemm_bulk, bool bf16) {
   TORCH_CHECK(eps >= 0, "rnnkit cpu kernels: eps = ", eps, "; expected eps >= 0");
   Call call(kernel_id, inputs, states, weights, masks, lengths, reverse, save);
+  call.plan = plan_of(gemm_step, gemm_bulk, bf16);
   for (Direction& dir : call.dirs) {
     const Shape& n = dir.n;
     dir.out = dir.v.lengths ? at::zeros({n.T, n.B, n.P}, call.opts)
@@ -524,8 +732,9 @@ std::vector<Tensor> layer_backward(const c10::List<std::optional<Tensor>>& grads
                                    at::TensorList weights, at::TensorList masks,
                                    at::TensorList saved, const std::optional<Tensor>& lengths,
                                    int64_t kernel_id, const c10::List<bool>& reverse, double eps,
-                                   bool need_dx) {
+                                   bool need_dx, int64_t gemm_step, int64_t gemm_bulk, bool bf16) {
   Call call(kernel_id, inputs, states, weights, masks, lengths, reverse, false);
+  call.plan = plan_of(gemm_step, gemm_bulk, bf16);
   const int64_t D = call.size(), ng = 1 + call.f.states;
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == D * ng, "rnnkit cpu kernels: grads has ",
               grads.size(), " entries; expected ", D * ng,
@@ -584,11 +793,15 @@ std::vector<Tensor> layer_backward(const c10::List<std::optional<Tensor>>& grads
 TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
       "layer_forward(Tensor[] inputs, Tensor[] states, Tensor[] weights, Tensor[] masks, "
-      "Tensor? lengths, int kernel_id, bool[] reverse, float eps, bool save) -> Tensor[]");
+      "Tensor? lengths, int kernel_id, bool[] reverse, float eps, bool save, int gemm_step=0, "
+      "int gemm_bulk=0, bool bf16=False) -> Tensor[]");
   m.def(
       "layer_backward(Tensor?[] grads, Tensor[] inputs, Tensor[] states, Tensor[] weights, "
       "Tensor[] masks, Tensor[] saved, Tensor? lengths, int kernel_id, bool[] reverse, "
-      "float eps, bool need_dx) -> Tensor[]");
+      "float eps, bool need_dx, int gemm_step=0, int gemm_bulk=0, bool bf16=False) -> Tensor[]");
+  m.def("gemm_available(int source, bool bf16) -> bool", &rnnkit::cpu::gemm_available);
+  m.def("gemm_probe(int source, bool bf16, int role, int M, int N, int K, int reps) -> float[]",
+        &rnnkit::cpu::gemm_probe);
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_cpu, CPU, m) {

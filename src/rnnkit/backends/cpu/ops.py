@@ -93,17 +93,26 @@ def layer_forward(
     reverse: list[bool],
     eps: float,
     save: bool,
+    gemm_step: int = 0,
+    gemm_bulk: int = 0,
+    bf16: bool = False,
 ) -> list[Tensor]:
     """One layer: per direction ``out, *final states, *saved`` (:data:`SAVED`, empty unless
-    ``save``)."""
+    ``save``). ``gemm_step`` and ``gemm_bulk``: the GEMM sources of the recurrent step and of
+    the GEMMs over all steps (:data:`rnnkit.backends.cpu.gemm.SOURCES`); ``bf16``: the GEMMs
+    take bfloat16 operands and accumulate in float32 (float32 calls only)."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_forward(
-        inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save
-    )
+        inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save, gemm_step,
+        gemm_bulk, bf16,
+    )  # fmt: skip
 
 
 @layer_forward.register_fake
-def _layer_forward_fake(inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save):
+def _layer_forward_fake(
+    inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save, gemm_step=0,
+    gemm_bulk=0, bf16=False,
+):  # fmt: skip
     spec = _spec(kernel_id)
     x = inputs[0]
     result = []
@@ -131,20 +140,25 @@ def layer_backward(
     reverse: list[bool],
     eps: float,
     need_dx: bool,
+    gemm_step: int = 0,
+    gemm_bulk: int = 0,
+    bf16: bool = False,
 ) -> list[Tensor]:
     """Backpropagation through one layer_forward: ``dx`` per input (empty unless ``need_dx``),
     then per direction the gradients of the initial states and of the weights (empty where a
     weight is)."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_backward(
-        grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx
-    )
+        grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx,
+        gemm_step, gemm_bulk, bf16,
+    )  # fmt: skip
 
 
 @layer_backward.register_fake
 def _layer_backward_fake(
-    grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx
-):
+    grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx,
+    gemm_step=0, gemm_bulk=0, bf16=False,
+):  # fmt: skip
     spec = _spec(kernel_id)
     x = inputs[0]
     nw, ns = len(spec.weights), len(spec.states)
@@ -156,11 +170,12 @@ def _layer_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ins, states, weights, masks, lengths, kernel_id, reverse, eps, save = inputs
+    ins, states, weights, masks, lengths, kernel_id, reverse, eps, save, *plan = inputs
     spec = _spec(kernel_id)
     first, per = 1 + len(spec.states), 1 + len(spec.states) + len(SAVED)
     saved = [t for d in range(len(reverse)) for t in output[d * per + first : (d + 1) * per]]
     ctx.kernel_id, ctx.reverse, ctx.eps, ctx.save = kernel_id, list(reverse), eps, save
+    ctx.plan = tuple(plan)
     ctx.counts = (len(ins), len(states), len(weights), len(masks))
     ctx.save_for_backward(*ins, *states, *weights, *masks, *saved, lengths)
     ctx.mark_non_differentiable(*saved)
@@ -186,7 +201,7 @@ def _backward(ctx, grads):
     need_dx = any(ctx.needs_input_grad[0])
     r = layer_backward(
         given, ins, states, weights, masks, tensors, lengths, ctx.kernel_id, ctx.reverse,
-        ctx.eps, need_dx,
+        ctx.eps, need_dx, *ctx.plan,
     )  # fmt: skip
     dx, r = r[: len(ins)], r[len(ins) :]
     dstates, dweights = [], []
@@ -196,8 +211,11 @@ def _backward(ctx, grads):
         given_w = weights[d * nw : (d + 1) * nw]
         dweights += [g if w.numel() else None for g, w in zip(part[ns:], given_w, strict=True)]
     dx = [g if need_dx else None for g in dx]
-    # masks: constants; lengths, kernel_id, reverse, eps, save: not tensors
-    return dx, dstates, dweights, [None] * len(masks), None, None, None, None, None
+    # masks: constants; lengths, kernel_id, reverse, eps, save and the GEMM plan: not tensors
+    # (one None for each argument the op was called with; torch leaves out those at their
+    # defaults)
+    constants = (None,) * (len(ctx.needs_input_grad) - 4)
+    return dx, dstates, dweights, [None] * len(masks), *constants
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,77 @@
+"""Where the cpu kernels are slower than torch's own fused op, by measurement: the crossovers
+:meth:`rnnkit.backends.cpu.CpuBackend.slower` consults.
+
+:data:`MEASURED` holds benchmarks/bench_rnn.py's interleaved medians (torch.nn time / rnnkit's
+cpu-kernel time; > 1: the kernels are faster) for the shapes it runs, per cell, lengths or not,
+precision and mode, on the machine :data:`MACHINE` names. A request is compared with the
+measured shape nearest to it (in log-distance over T, B, I and H); where torch's op measured
+faster there, automatic dispatch leaves the call to it. The table is data, not a rule about
+vendors: re-measure on another machine with ``python benchmarks/bench_rnn.py --backend cpu
+--precision fp32`` (and ``bf16``) to refresh it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+__all__ = ["MACHINE", "MEASURED", "Point", "nearest"]
+
+#: The machine the table was measured on (lscpu), with the command.
+MACHINE = (
+    "Intel Xeon (KVM, model 167) with avx512f/bw/vl, avx512_bf16, amx_bf16, 2 cores, torch 2.13; "
+    "python benchmarks/bench_rnn.py --threads 2 --backend cpu --precision fp32|bf16, 2026-12-02"
+)
+
+
+class Point(NamedTuple):
+    """One measured shape and torch.nn's time over the kernels' (> 1: the kernels won)."""
+
+    steps: int
+    batch: int
+    input_size: int
+    hidden: int
+    ratio: float
+
+
+S, M, L = (100, 8, 64, 64), (100, 32, 128, 256), (200, 64, 256, 512)
+
+#: (mode, lengths given, precision, training) -> the measured points: BENCHMARKS.md's 2-thread
+#: tables (``--backend cpu``, wall time, interleaved medians, quiet machine).
+MEASURED: dict[tuple[str, bool, str, bool], tuple[Point, ...]] = {
+    ("lstm", False, "fp32", True): (Point(*S, 0.84), Point(*M, 1.27), Point(*L, 1.11)),
+    ("lstm", False, "fp32", False): (Point(*S, 0.56), Point(*M, 0.70), Point(*L, 0.81)),
+    ("gru", False, "fp32", True): (Point(*S, 2.95), Point(*M, 2.09), Point(*L, 1.43)),
+    ("gru", False, "fp32", False): (Point(*S, 1.60), Point(*M, 1.34), Point(*L, 1.44)),
+    ("rnn_tanh", False, "fp32", True): (Point(*S, 2.16), Point(*M, 1.48), Point(*L, 1.51)),
+    ("rnn_tanh", False, "fp32", False): (Point(*S, 1.70), Point(*M, 1.52), Point(*L, 1.62)),
+    # a 2-layer bidirectional LSTM, lengths uniform in [T/4, T] against pack_padded_sequence
+    ("lstm", True, "fp32", True): (Point(*M, 3.73),),
+    ("lstm", True, "fp32", False): (Point(*M, 1.40),),
+    ("lstm", False, "bf16", True): (Point(*S, 0.88), Point(*M, 1.12), Point(*L, 0.71)),
+    ("lstm", False, "bf16", False): (Point(*S, 0.51), Point(*M, 0.37), Point(*L, 0.37)),
+    ("gru", False, "bf16", True): (Point(*S, 4.04), Point(*M, 2.09), Point(*L, 1.40)),
+    ("gru", False, "bf16", False): (Point(*S, 3.15), Point(*M, 1.47), Point(*L, 1.15)),
+    ("rnn_tanh", False, "bf16", True): (Point(*S, 5.01), Point(*M, 1.91), Point(*L, 1.42)),
+    ("rnn_tanh", False, "bf16", False): (Point(*S, 4.94), Point(*M, 1.68), Point(*L, 1.52)),
+    ("lstm", True, "bf16", True): (Point(*M, 4.74),),
+    ("lstm", True, "bf16", False): (Point(*M, 1.89),),
+}
+
+
+def nearest(
+    mode: str, lengths: bool, precision: str, training: bool, shape: tuple[int, int, int, int]
+) -> Point | None:
+    """The measured point nearest to ``shape`` (T, B, I, H), or None where nothing was measured
+    for this cell, lengths, precision and mode."""
+    points = MEASURED.get((mode, lengths, precision, training))
+    if not points:
+        return None
+
+    def distance(p: Point) -> float:
+        measured = (p.steps, p.batch, p.input_size, p.hidden)
+        return sum(
+            abs(math.log(max(a, 1) / max(b, 1))) for a, b in zip(shape, measured, strict=True)
+        )
+
+    return min(points, key=distance)

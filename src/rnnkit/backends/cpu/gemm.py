@@ -1,0 +1,250 @@
+"""Where the cpu kernels' GEMMs come from, chosen on the machine that runs them by measurement.
+
+A call's GEMMs fall in two classes: the recurrent step's (B rows times the recurrent weight,
+prepared once per call) and the bulk ones over all steps (the input projection, dx and the
+weight gradients). The best source differs by machine (MKL's BLAS takes a slow path on some
+CPUs; bfloat16 needs the CPU's bf16 instructions), so nothing here is decided in advance: at
+the first call of a shape class each available source (:data:`SOURCES`) runs that class's GEMM
+for a few milliseconds, the fastest is kept, and the choice is cached in memory and on disk
+(``gemm-<machine>.json`` in the kernels' cache directory, keyed by the CPU, torch and the thread
+count). ``RNNKIT_GEMM=<source>`` forces one source for every GEMM; :func:`rnnkit.explain` shows
+the choice.
+
+Sources (ops.cpp's GemmSource):
+
+* ``mkl``: MKL's BLAS as libtorch exports it (``sgemm_``, its packed API for the step, and
+  ``cblas_gemm_bf16bf16f32`` for bfloat16);
+* ``torch``: ATen's matrix product through the dispatcher, no extra dependency (torch's own
+  MKL for float32, its oneDNN for bfloat16).
+
+bfloat16 GEMMs (operands rounded to bfloat16, products accumulated in float32) are used only
+where :func:`bf16_supported` says the CPU has bf16 instructions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import build
+
+__all__ = ["ENV", "SOURCES", "Plan", "bf16_supported", "forced", "plan", "probe"]
+
+#: The GEMM sources by ops.cpp's id.
+SOURCES = ("mkl", "torch")
+#: What gemm_probe measures: the recurrent step, the input projection, the weight gradients.
+ROLES = ("step", "bulk", "wgrad")
+#: The environment variable that forces a source ("auto": measure).
+ENV = "RNNKIT_GEMM"
+#: Seconds of measurement per source and shape class.
+BUDGET = 0.004
+#: How much faster (ratio of times) another source must measure to replace the first one.
+MARGIN = 1.1
+#: The bulk GEMMs are measured on at most this many rows (their rate has settled by then).
+BULK_ROWS = 4096
+
+_lock = threading.Lock()
+_memory: dict[str, dict] = {}
+_loaded = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A call's GEMMs: the step's source, the bulk source, bfloat16 operands or not, and how the
+    sources were chosen (in words, for :func:`rnnkit.explain`)."""
+
+    step: str
+    bulk: str
+    bf16: bool
+    how: str
+
+    def args(self) -> tuple[int, int, bool]:
+        """The ops' ``gemm_step, gemm_bulk, bf16``."""
+        return SOURCES.index(self.step), SOURCES.index(self.bulk), self.bf16
+
+    def __str__(self) -> str:
+        kind = "bf16 x bf16 -> fp32" if self.bf16 else "fp32"
+        return f"GEMMs {kind}: step {self.step}, bulk {self.bulk} ({self.how})"
+
+
+_bf16: bool | None = None  # bf16_supported's answer, once asked
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 GEMMs natively, by torch's own check (oneDNN's: avx512_bf16,
+    AMX or avx_ne_convert); elsewhere they would be emulated at a fraction of float32's rate."""
+    global _bf16
+    if _bf16 is None:
+        try:
+            _bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # pragma: no cover - a torch without oneDNN
+            _bf16 = False
+    return _bf16
+
+
+def forced() -> str | None:
+    """The source ``RNNKIT_GEMM`` forces, or None ("auto" or unset)."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in SOURCES:
+        raise ValueError(f"{ENV} = {value!r}; expected one of {('auto', *SOURCES)}")
+    return value
+
+
+@functools.cache
+def _machine() -> str:
+    """The CPU (model and flags), torch's version and its BLAS: what decides the rates."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [
+            line for line in text.splitlines() if line.startswith(("model name", "flags", "vendor"))
+        ]
+        cpu = "\n".join(sorted(set(keep)))
+    h = hashlib.sha256()
+    h.update(cpu.encode())
+    h.update(torch.__version__.encode())
+    h.update(torch.__config__.show().encode())
+    return h.hexdigest()[:16]
+
+
+def _file() -> Path:
+    return build.cache_dir() / f"gemm-{_machine()}.json"
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(_file().read_text())
+        if isinstance(data, dict):
+            _memory.update({k: v for k, v in data.items() if isinstance(v, dict)})
+
+
+def _save() -> None:
+    path = _file()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(_memory, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def available(source: str, bf16: bool) -> bool:
+    """Whether ``source`` can run here (in bfloat16 with ``bf16``)."""
+    build.ensure()
+    return bool(torch.ops.rnnkit_cpu.gemm_available(SOURCES.index(source), bf16))
+
+
+def probe(source: str, bf16: bool, role: str, m: int, n: int, k: int, budget: float = BUDGET):
+    """Seconds per call (the fastest of the calls) of ``source``'s GEMM C (m, n) = op(A) . op(B)
+    as the kernels run it in ``role`` ("step": A (m, k) . B^T, B prepared once; "bulk": A . B^T,
+    the input projection; "wgrad": A^T (m, k) . B (k, n), the weight gradients), measured for
+    about ``budget`` seconds. The fastest call, not the median: on a shared machine a call can
+    only be slowed down (descheduled threads), never sped up."""
+    return min(_calls(source, bf16, role, m, n, k, budget))
+
+
+def _calls(source: str, bf16: bool, role: str, m: int, n: int, k: int, budget: float):
+    build.ensure()
+    op = torch.ops.rnnkit_cpu.gemm_probe
+    sid, rid = SOURCES.index(source), ROLES.index(role)
+    first = op(sid, bf16, rid, m, n, k, 1)[0]
+    reps = int(min(50, max(3, budget / max(first, 1e-7))))
+    return op(sid, bf16, rid, m, n, k, reps)
+
+
+def compare(sources: list[str], bf16: bool, role: str, m: int, n: int, k: int) -> dict:
+    """Seconds per call of each source, measured in interleaved rounds (A B A B ...: a burst of
+    load slows them all) for about :data:`BUDGET` seconds each; the fastest call of each."""
+    build.ensure()
+    op = torch.ops.rnnkit_cpu.gemm_probe
+    rid = ROLES.index(role)
+    rounds = 3
+    best = {s: op(SOURCES.index(s), bf16, rid, m, n, k, 1)[0] for s in sources}
+    reps = {s: int(min(20, max(1, BUDGET / rounds / max(t, 1e-7)))) for s, t in best.items()}
+    for _ in range(rounds):
+        for s in sources:
+            best[s] = min(best[s], *op(SOURCES.index(s), bf16, rid, m, n, k, reps[s]))
+    return best
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
+    """The fastest source for one shape class, and whether it was measured just now."""
+    key = f"{role}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{torch.get_num_threads()}"
+    entry = _memory.get(key)
+    if entry is not None and entry.get("best") in SOURCES:
+        return entry["best"], False
+    sources = [s for s in SOURCES if available(s, bf16)]
+    seconds = compare(sources, bf16, role, m, n, k)
+    if len(sources) > 1 and max(seconds.values()) > MARGIN * min(seconds.values()):
+        # a difference: measured again, so that one stalled pass (the machine's other work
+        # descheduling our threads) cannot decide alone
+        again = compare(sources, bf16, role, m, n, k)
+        seconds = {s: min(seconds[s], again[s]) for s in sources}
+    # The first available source (MKL where torch exports it) is kept unless another is clearly
+    # faster: a few milliseconds of measurement cannot resolve a few percent.
+    best = sources[0]
+    for s in sources[1:]:
+        if seconds[s] < seconds[best] / MARGIN:
+            best = s
+    flops = 2.0 * m * n * k
+    _memory[key] = {
+        "best": best,
+        "gflops": {s: round(flops / t / 1e9, 1) for s, t in seconds.items()},
+    }
+    _save()
+    return best, True
+
+
+def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16: bool) -> Plan:
+    """The GEMM plan of a call of these sizes (T, B, I, H and the cell's gate count): forced by
+    ``RNNKIT_GEMM``, cached, or measured now. ``bf16`` asks for bfloat16 operands, granted where
+    :func:`bf16_supported`."""
+    if torch.compiler.is_compiling():  # nothing is measured or asked while tracing
+        return Plan("mkl", "mkl", bf16 and bool(_bf16), "default while compiling")
+    bf16 = bf16 and bf16_supported()
+    source = forced()
+    if source is not None:
+        return Plan(source, source, bf16, f"forced by {ENV}")
+    g = gates * hidden
+    step_shape = (max(1, batch), max(1, g), max(1, hidden))
+    bulk_shape = (min(BULK_ROWS, _pow2(max(1, steps * batch))), max(1, g), max(1, input_size))
+    with _lock:
+        _load()
+        step, new_step = _best("step", bf16, *step_shape)
+        bulk, new_bulk = _best("bulk", bf16, *bulk_shape)
+    how = "measured now" if new_step or new_bulk else "measured earlier on this machine"
+    return Plan(step, bulk, bf16, how)
+
+
+def table() -> dict[str, dict]:
+    """Every shape class measured on this machine: the best source and each source's GFLOP/s."""
+    with _lock:
+        _load()
+        return {k: dict(v) for k, v in _memory.items()}
+
+
+def clear() -> None:
+    """Forget the measurements (in memory and on disk): the next call measures again."""
+    global _loaded
+    with _lock:
+        _memory.clear()
+        _loaded = True
+        with contextlib.suppress(OSError):
+            _file().unlink()

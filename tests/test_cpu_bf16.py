@@ -1,0 +1,221 @@
+"""bfloat16 in the cpu backend: under ``torch.autocast("cpu", dtype=torch.bfloat16)`` and for
+bfloat16 modules, the fused kernels run their GEMMs with bfloat16 operands (float32
+accumulation; the gate math and the cell state in float32) where the CPU has bf16 instructions,
+return the dtypes torch.nn returns for the same call, and send float32 gradients to float32
+master weights. Every cell and variant is compared with the same module in float32: outputs,
+final states and every gradient within bfloat16's tolerance.
+
+Also here: every backend returns torch.nn's dtypes under autocast (the composer's contract).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import weighted_sum
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkit
+from rnnkit.backends.cpu import build, gemm
+
+T, B, I, H = 9, 4, 6, 8
+LENGTHS = [9, 3, 0, 6]
+#: bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 per operand): over a few steps of
+#: GEMMs with fp32 accumulation, outputs and gradients stay within this of the fp32 results, in
+#: relative norm (torch.nn's own autocast, the reference backend here, differs from fp32 by
+#: about as much: 1e-2 to 4e-2).
+BF16_TOL = 5e-2
+#: the kernels without bf16 GEMMs compute in float32: equal to the float32 run to rounding
+FP32_TOL = 1e-5
+
+CELLS = {
+    "rnn_tanh": lambda i: rnnkit.RNNCell(i, H),
+    "rnn_relu": lambda i: rnnkit.RNNCell(i, H, nonlinearity="relu"),
+    "lstm": lambda i: rnnkit.LSTMCell(i, H),
+    "lstm_proj": lambda i: rnnkit.LSTMCell(i, H, proj_size=5),
+    "gru": lambda i: rnnkit.GRUCell(i, H),
+    "lstm_peephole": lambda i: rnnkit.PeepholeLSTMCell(i, H),
+    "lstm_layernorm": lambda i: rnnkit.LayerNormLSTMCell(i, H),
+    "gru_layernorm": lambda i: rnnkit.LayerNormGRUCell(i, H),
+}
+STRUCTURES = ("forward", "reverse", "bidirectional", "stack")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    reason = build.unavailable()
+    if reason is not None:
+        pytest.skip(f"the C++ kernels are unavailable: {reason}")
+
+
+def make(cell: str, structure: str, backend: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(0)
+
+    def recurrent(i: int, reverse: bool = False) -> rnnkit.Recurrent:
+        return rnnkit.Recurrent(CELLS[cell](i), reverse=reverse, backend=backend)
+
+    def bidirectional(i: int) -> rnnkit.Bidirectional:
+        return rnnkit.Bidirectional(recurrent(i), recurrent(i, reverse=True))
+
+    if structure in ("forward", "reverse"):
+        return recurrent(I, structure == "reverse")
+    if structure == "bidirectional":
+        return bidirectional(I)
+    first = bidirectional(I)
+    return rnnkit.Stacked([first, bidirectional(first.output_size)])
+
+
+def run(module, x, lengths, autocast: bool):
+    """Outputs, final states and the gradients of x and every parameter of one training step."""
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, state = module(x, lengths=lengths)
+    tensors = [out, *[t for t in _leaves(state)]]
+    loss = weighted_sum(*[t.float() for t in tensors])
+    params = list(module.parameters())
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    grads = [
+        torch.zeros_like(p) if g is None else g for g, p in zip(grads, [x, *params], strict=True)
+    ]
+    return tensors, grads, params
+
+
+def _leaves(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return [t for s in state for t in _leaves(s)]
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (a ReLU or a gate near its threshold may flip under
+    rounding, so single elements are not compared)."""
+    err = float((actual.detach().float() - expected.detach().float()).norm())
+    return err / max(float(expected.detach().float().norm()), 1e-3)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    err = relative(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_autocast_bf16_matches_fp32_within_bf16_tolerance(cell, structure, with_lengths):
+    # Within BF16_TOL of float32, or (a ReLU's unbounded state, where torch.nn's own autocast
+    # strays further) within 1.5x of what the reference backend under autocast strays.
+    module = make(cell, structure)
+    reference = make(cell, structure, backend="reference")
+    x = torch.randn(T, B, I)
+    lengths = torch.tensor(LENGTHS) if with_lengths else None
+    ref, ref_grads, _ = run(module, x, lengths, autocast=False)
+    got, got_grads, params = run(module, x, lengths, autocast=True)
+    torch_like, torch_like_grads, _ = run(reference, x, lengths, autocast=True)
+
+    def tol(theirs: torch.Tensor, expected: torch.Tensor) -> float:
+        return max(BF16_TOL, 1.5 * relative(theirs, expected))
+
+    for k, (a, e, o) in enumerate(zip(got, ref, torch_like, strict=True)):
+        close(a, e, tol(o, e), f"output/state {k}")
+    names = ["x", *[n for n, _ in module.named_parameters()]]
+    for name, a, e, o in zip(names, got_grads, ref_grads, torch_like_grads, strict=True):
+        assert a.dtype == e.dtype == torch.float32, f"{name}: gradient dtype {a.dtype}"
+        close(a, e, tol(o, e), f"gradient of {name}")
+    assert all(p.dtype == torch.float32 for p in params)
+
+
+def test_autocast_runs_bf16_gemms_where_the_cpu_has_bf16_instructions():
+    module = make("gru", "forward")
+    x = torch.randn(T, B, I)
+    ref, _, _ = run(module, x, None, autocast=False)
+    got, _, _ = run(module, x, None, autocast=True)
+    err = float((got[0].detach().float() - ref[0].detach()).abs().max())
+    assert got[0].dtype == torch.float32  # torch.nn.GRU's for a float32 input under autocast
+    if gemm.bf16_supported():
+        # bf16 operands: the GRU's float32 output moved by more than float32 rounding
+        assert err > 10 * FP32_TOL
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "GEMMs bf16 x bf16 -> fp32" in str(rnnkit.explain(module, x))
+    else:
+        assert err <= FP32_TOL
+
+
+def test_without_bf16_instructions_the_kernel_stays_fp32_and_returns_torch_nn_dtype(
+    monkeypatch,
+):
+    monkeypatch.setattr(gemm, "bf16_supported", lambda: False)
+    module = make("rnn_tanh", "forward")
+    x = torch.randn(T, B, I)
+    ref, ref_grads, _ = run(module, x, None, autocast=False)
+    got, got_grads, _ = run(module, x, None, autocast=True)
+    assert got[0].dtype == torch.bfloat16  # torch.nn.RNN's under autocast
+    # fp32 inside: only the final rounding to bfloat16 differs
+    close(got[0], ref[0].bfloat16().float(), FP32_TOL, "output")
+    for a, e in zip(got_grads, ref_grads, strict=True):
+        close(a, e, 1e-2, "gradient")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "GEMMs fp32" in str(rnnkit.explain(module, x))
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru", "lstm_layernorm"])
+def test_bf16_module_runs_on_the_cpu_kernels_and_returns_bf16(cell):
+    module = make(cell, "bidirectional")
+    x = torch.randn(T, B, I)
+    lengths = torch.tensor(LENGTHS)
+    ref, ref_grads, _ = run(module, x, lengths, autocast=False)
+    half = make(cell, "bidirectional").to(torch.bfloat16)
+    assert rnnkit.explain(half, x.bfloat16()).backend == "cpu"
+    got, got_grads, params = run(half, x.bfloat16(), lengths, autocast=False)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    assert all(
+        p.grad is None and g.dtype == torch.bfloat16
+        for p, g in zip(params, got_grads[1:], strict=True)
+    )
+    for k, (a, e) in enumerate(zip(got, ref, strict=True)):
+        close(a, e, 2 * BF16_TOL, f"output/state {k}")  # the weights are rounded too
+    for a, e in zip(got_grads, ref_grads, strict=True):
+        close(a, e, 2 * BF16_TOL, "gradient")
+
+
+# -- the dtypes torch.nn returns under autocast, on every backend --------------------------------
+
+DROP_INS = {
+    "rnn": (torch.nn.RNN, rnnkit.RNN, {}),
+    "gru": (torch.nn.GRU, rnnkit.GRU, {}),
+    "lstm": (torch.nn.LSTM, rnnkit.LSTM, {}),
+    "lstm_proj": (torch.nn.LSTM, rnnkit.LSTM, {"proj_size": 5}),
+}
+
+
+def _dtypes(result) -> list[torch.dtype]:
+    out, state = result
+    data = out.data if hasattr(out, "batch_sizes") else out
+    return [data.dtype, *[t.dtype for t in _leaves(state)]]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "native", "reference"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "bf16 input"])
+@pytest.mark.parametrize("name", list(DROP_INS))
+def test_every_backend_returns_torch_nn_dtypes_under_autocast(name, layout, backend):
+    if backend == "native" and name == "lstm_proj" and layout == "bf16 input":
+        pytest.skip("torch's own LSTM with projection runs unpacked bf16 input the same way")
+    ref_cls, cls, kw = DROP_INS[name]
+    torch.manual_seed(0)
+    ref = ref_cls(I, H, num_layers=2, bidirectional=True, **kw)
+    mine = cls(I, H, num_layers=2, bidirectional=True, backend=backend, **kw)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I)
+    lengths = torch.tensor([9, 3, 2, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if layout == "packed":
+            want = _dtypes(ref(pack_padded_sequence(x, lengths, enforce_sorted=False)))
+            got = _dtypes(mine(x, lengths=lengths))
+            got_packed = _dtypes(mine(pack_padded_sequence(x, lengths, enforce_sorted=False)))
+            assert got_packed == want
+        elif layout == "bf16 input":
+            want = _dtypes(ref(x.bfloat16()))
+            got = _dtypes(mine(x.bfloat16()))
+        else:
+            want = _dtypes(ref(x))
+            got = _dtypes(mine(x))
+    assert got == want, f"{name} {layout} on {backend}: {got}, torch.nn: {want}"
