@@ -24,7 +24,9 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..data import Vocab, bible
+import torch
+
+from ..data import Vocab, bible, bucket_batches
 from ..data.vocab import SPECIALS
 from ..errors import DataMissing, RecipeError
 from ..metrics import bleu, chrf
@@ -80,6 +82,11 @@ class TranslateConfig(EncoderDecoderConfig):
         "(softmax, loss and evaluation stay float32)",
     )
     max_decode_len: int = option(80, "most tokens generated per verse")
+    epoch_pairs: int = option(
+        0,
+        "training pairs per epoch (a fresh seeded sample each epoch), so that validation, "
+        "learning-rate decay and early stopping come more often than once per pass; 0 = all",
+    )
 
 
 class TranslateTask(Seq2SeqHooks, Task):
@@ -127,6 +134,16 @@ class TranslateTask(Seq2SeqHooks, Task):
         the tag of the French ``edition`` wanted."""
         tokens = self.target_tokens(text)
         return [edition_tag(edition), *tokens] if self.tags else tokens
+
+    def epoch_batches(self, data: Pairs, generator: torch.Generator) -> list[list[int]]:
+        """One epoch's batches: all training pairs, or a seeded sample of ``epoch_pairs``."""
+        n = self.config.epoch_pairs
+        if not n or n >= len(data.src):
+            return super().epoch_batches(data, generator)
+        pick = torch.randperm(len(data.src), generator=generator)[:n].tolist()
+        lengths = [len(data.src[i]) + len(data.tgt[i]) for i in pick]
+        batches = bucket_batches(lengths, self.config.batch_size, generator)
+        return [[pick[j] for j in batch] for batch in batches]
 
     def fit_vocab(self, train: list[bible.VersePair]) -> dict[str, Any]:
         c = self.config
@@ -214,8 +231,6 @@ def train_subwords(texts: list[str], kind: str, size: int, seed: int = SPLIT_SEE
     normalised (decoding gives the text back); every character seen is covered; at most
     :data:`SUBWORD_SENTENCES` distinct texts (a seeded sample) train it."""
     import io
-
-    import torch
 
     spm = _sentencepiece()
     unique = sorted(set(texts))
