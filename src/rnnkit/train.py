@@ -735,7 +735,8 @@ def _train(
 
     choice = None
     if world.is_main:
-        with torch.random.fork_rng(devices=[]):  # explaining must not move dropout's RNG
+        # explaining must not move dropout's RNG; under the run's precision, as training runs
+        with torch.random.fork_rng(devices=[]), autocast(dev, config.precision):
             choice = task.explain(model, data["train"])
     n_params = sum(t.numel() for t in model.parameters())
     procs = f" x {world.size} processes" if world.distributed else ""
