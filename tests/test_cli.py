@@ -12,13 +12,7 @@ from recipe_helpers import TINY, cli_args, need_data
 from rnnkit import cli
 from rnnkit.data import packages
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_tiny(task: str, out) -> None:

@@ -25,12 +25,7 @@ from rnnkit.train import _restore_state, _rng_states, _save_state, evaluate, loa
 RESUMABLE = {**TINY["speech"], "epochs": 3, "batch_size": 8, "checkpoint_every": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

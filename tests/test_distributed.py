@@ -37,12 +37,7 @@ LAUNCH_TIMEOUT = 180  # seconds; a hang (a rank left waiting at a collective) fa
 PER_PROCESS = {**TINY["speech"], "batch_size": 4, "epochs": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(task: str, out: Path, overrides: dict, *extra: str) -> list[str]:

@@ -23,13 +23,7 @@ LAYERS = ("rev1", "bi2", "bi1-zoneout")
 OPS = {"rev1": 1, "bi2": 2, "bi1-zoneout": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only waits at every op on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dynamic_shapes(module) -> dict:

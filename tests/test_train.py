@@ -25,12 +25,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 RESUMABLE = {**TINY["speech"], "epochs": 3, "batch_size": 8, "checkpoint_every": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(Exception):

@@ -41,16 +41,17 @@ __all__ = ["dot_precision", "kernel_path", "triton_backward", "triton_forward"]
 PERSISTENT_WEIGHT_BYTES = 64 * 1024
 #: Environment variable that forces the kernel shape: "persistent" or "stepwise".
 KERNEL_ENV = "RNNKIT_TRITON_KERNEL"
-#: The kernels' cell ids: (MODE, gates).
-_MODES = {
-    "rnn_tanh": (0, 1),
-    "rnn_relu": (1, 1),
-    "lstm": (2, 4),
-    "lstm_peephole": (2, 4),
-    "lstm_layernorm": (2, 4),
-    "gru": (3, 3),
-    "gru_layernorm": (3, 3),
-}
+#: The kernels' cell ids by family (the Elman RNN's are its activation's: the C++ kernel ids 0 tanh,
+#: 1 relu); gate counts and everything else come from the cell table.
+_FAMILY_IDS = {"lstm": 2, "gru": 3}
+
+
+def _kernel(mode: str) -> tuple[int, int]:
+    """(the kernels' cell id, the gate count) of a built-in ``mode``."""
+    spec = SPECS[mode]
+    return _FAMILY_IDS.get(spec.family, spec.kernel_id), spec.gate_count
+
+
 _BB = 16  # batch rows per program wherever a tl.dot needs them (every dot dim >= 16)
 
 _Tensors10 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -96,7 +97,7 @@ def kernel_path(mode: str, hidden: int, state: int, proj: bool, dtype: torch.dty
         return forced
     if forced:
         raise ValueError(f"{KERNEL_ENV} = {forced!r}; expected 'persistent' or 'stepwise'")
-    gates = _MODES[mode][1]
+    gates = SPECS[mode].gate_count
     tiles = gates * _pow2(hidden) * _pow2(state) + (_pow2(hidden) * _pow2(state) if proj else 0)
     size = tiles * torch.empty(0, dtype=dtype).element_size()
     if size > PERSISTENT_WEIGHT_BYTES:
@@ -122,7 +123,7 @@ class _Config:
         self, mode: str, T: int, B: int, D: int, G: int, P: int, proj: bool, dtype: torch.dtype
     ) -> None:
         self.mode = mode
-        self.kid, self.gates = _MODES[mode]
+        self.kid, self.gates = _kernel(mode)
         spec = SPECS[mode]
         self.lstm = self.gates == 4
         self.gru = self.kid == 3
@@ -335,7 +336,7 @@ def _forward_fake(
 ):  # fmt: skip
     T, B, _ = x.shape
     D, G, P = w_hh.shape
-    gates = _MODES[mode][1]
+    gates = SPECS[mode].gate_count
     H = G // gates
     spec = SPECS[mode]
     lstm = gates == 4
@@ -520,7 +521,7 @@ def _backward_fake(
     has_bias, need_dx,
 ):  # fmt: skip
     D, G, P = w_hh.shape
-    gates = _MODES[mode][1]
+    gates = SPECS[mode].gate_count
     H = G // gates
 
     def none() -> Tensor:
@@ -618,15 +619,15 @@ def _check(
 ) -> None:  # fmt: skip
     """Every tensor the op is given, against the shapes the kernels rely on: a mismatch is an
     error that names it, never a reinterpretation."""
-    if mode not in _MODES:
-        raise ValueError(f"mode = {mode!r} has no Triton kernel; expected one of {tuple(_MODES)}")
+    if mode not in SPECS:
+        raise ValueError(f"mode = {mode!r} has no Triton kernel; expected one of {tuple(SPECS)}")
     if x.dim() != 3:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (T, B, I)")
     T, B, I = x.shape
     if w_hh.dim() != 3:
         raise ValueError(f"w_hh has shape {tuple(w_hh.shape)}; expected (D, G, P)")
     D, G, P = w_hh.shape
-    gates = _MODES[mode][1]
+    gates = SPECS[mode].gate_count
     if D not in (1, 2) or G % gates:
         raise ValueError(f"w_hh has shape {tuple(w_hh.shape)}; expected (1 or 2, {gates}*H, P)")
     H = G // gates
