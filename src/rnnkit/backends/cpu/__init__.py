@@ -11,6 +11,7 @@ stack composer (:mod:`rnnkit.backends.stack`) runs the layers.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ...cells.table import SPECS
 from .. import LayerCall, LayerResult, Request
@@ -22,6 +23,12 @@ __all__ = ["CpuBackend", "gemm_plan", "release_memory", "scratch_memory"]
 #: GEMMs in bfloat16 where the CPU has bf16 instructions) and return their own dtype.
 _DTYPES = (torch.float32, torch.float64)
 _WIDENED = (torch.bfloat16, torch.float16)
+
+
+def _direct_forward(*args) -> list[Tensor]:
+    """ops.layer_forward's C++ op itself, for calls that need no autograd."""
+    build.ensure()
+    return torch.ops.rnnkit_cpu.layer_forward(*args)
 
 
 def gemm_plan(request: Request) -> gemm.Plan:
@@ -149,7 +156,15 @@ class CpuBackend:
             t.requires_grad for t in (*inputs, *states, *weights)
         )
         reverse = [d.reverse for d in layer.directions]
-        r = ops.layer_forward(
+        # Without autograd the C++ op runs directly: the custom op's wrapper (autograd, alias
+        # checks) costs more than a small layer's whole kernel. Tracing, tensor subclasses
+        # (fake, functional) and autograd go through the custom op.
+        forward = (
+            _direct_forward
+            if not grad and type(inputs[0]) is Tensor and not torch.compiler.is_compiling()
+            else ops.layer_forward
+        )
+        r = forward(
             inputs, states, weights, masks, layer.lengths, spec.kernel_id, reverse, first.eps,
             grad or layer.gates, *plan.args(),
         )  # fmt: skip
