@@ -134,9 +134,10 @@ def differentiable(args) -> list[torch.Tensor]:
     return [t for group in args[:3] for t in group if t.numel()]
 
 
-def gradcheck(args, fast: bool = False) -> None:
+def gradcheck(args, fast: bool = False, op=ops.layer_forward) -> None:
     """gradcheck of every output and final state w.r.t. every input, state and weight (``fast``:
-    of random projections of them, gradcheck's fast mode)."""
+    of random projections of them, gradcheck's fast mode), through ``op`` (the custom op, or the
+    eager path the layers take)."""
     tensors = differentiable(args)
     spec = SPECS[KERNELS_BY_ID[args[5]]]
     per = 1 + len(spec.states) + len(ops.SAVED)
@@ -145,7 +146,7 @@ def gradcheck(args, fast: bool = False) -> None:
     def f(*given):
         it = iter(given)
         groups = [[next(it) if t.numel() else t for t in group] for group in args[:3]]
-        r = ops.layer_forward(*groups, *args[3:])
+        r = op(*groups, *args[3:])
         return tuple(r[k] for k in keep)
 
     assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
@@ -163,6 +164,29 @@ KERNELS_BY_ID = {s.kernel_id: m for m, s in SPECS.items()}
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_gradcheck_one_direction(kernel, reverse, lengths, regularisers):
     gradcheck(op_args(kernel, reverse, lengths, regularisers=(regularisers,)))
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_gradcheck_of_the_eager_path(kernel):
+    # what eager layers call: the C++ ops under a plain autograd.Function
+    args = op_args(kernel, [False, True], GC_LENGTHS, regularisers=("train", "eval"))
+    gradcheck(args, op=ops.eager_layer_forward)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_eager_path_equals_the_custom_op(kernel):
+    args = op_args(kernel, [False, True], GC_LENGTHS, regularisers=("train", "eval"), own=True)
+    results = []
+    for op in (ops.layer_forward, ops.eager_layer_forward):
+        tensors = differentiable(args)
+        for t in tensors:
+            t.grad = None
+        out = op(*args)
+        torch.manual_seed(0)
+        sum(o.sum() * (k + 1) for k, o in enumerate(out) if o.requires_grad).backward()
+        results.append([*out, *(t.grad for t in tensors)])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

@@ -25,12 +25,6 @@ _DTYPES = (torch.float32, torch.float64)
 _WIDENED = (torch.bfloat16, torch.float16)
 
 
-def _direct_forward(*args) -> list[Tensor]:
-    """ops.layer_forward's C++ op itself, for calls that need no autograd."""
-    build.ensure()
-    return torch.ops.rnnkit_cpu.layer_forward(*args)
-
-
 def gemm_plan(request: Request) -> gemm.Plan:
     """Where the GEMMs of ``request`` come from and in which precision: bfloat16 operands for a
     bfloat16 layer or under bfloat16 autocast (where the CPU has bf16 instructions), float32
@@ -156,14 +150,15 @@ class CpuBackend:
             t.requires_grad for t in (*inputs, *states, *weights)
         )
         reverse = [d.reverse for d in layer.directions]
-        # Without autograd the C++ op runs directly: the custom op's wrapper (autograd, alias
-        # checks) costs more than a small layer's whole kernel. Tracing, tensor subclasses
-        # (fake, functional) and autograd go through the custom op.
-        forward = (
-            _direct_forward
-            if not grad and type(inputs[0]) is Tensor and not torch.compiler.is_compiling()
-            else ops.layer_forward
+        # Eager calls on plain tensors run the C++ ops under a plain autograd.Function (the
+        # custom op's wrapper costs more than a small layer's whole kernel); tracing, tensor
+        # subclasses (fake, functional) and functorch's transforms go through the custom op.
+        eager = (
+            type(inputs[0]) is Tensor
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
         )
+        forward = ops.eager_layer_forward if eager else ops.layer_forward
         r = forward(
             inputs, states, weights, masks, layer.lengths, spec.kernel_id, reverse, first.eps,
             grad or layer.gates, *plan.args(),

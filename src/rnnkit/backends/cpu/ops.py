@@ -26,7 +26,16 @@ from . import build
 if TYPE_CHECKING:
     from .. import Direction
 
-__all__ = ["MASKS", "SAVED", "gates", "layer_backward", "layer_forward", "masks", "saved_widths"]
+__all__ = [
+    "MASKS",
+    "SAVED",
+    "eager_layer_forward",
+    "gates",
+    "layer_backward",
+    "layer_forward",
+    "masks",
+    "saved_widths",
+]
 
 #: One direction's in-kernel regularisers, in the order the ops take them: state_mask (B, P)
 #: multiplies h_{t-1} entering the step; zone_h (T, B, P) or (P,) and zone_c (T, B, H) or (H,)
@@ -171,15 +180,54 @@ def _layer_backward_fake(
 
 def _setup_context(ctx, inputs, output) -> None:
     ins, states, weights, masks, lengths, kernel_id, reverse, eps, save, *plan = inputs
-    spec = _spec(kernel_id)
-    first, per = 1 + len(spec.states), 1 + len(spec.states) + len(SAVED)
-    saved = [t for d in range(len(reverse)) for t in output[d * per + first : (d + 1) * per]]
+    saved = _saved_of(kernel_id, len(reverse), output)
     ctx.kernel_id, ctx.reverse, ctx.eps, ctx.save = kernel_id, list(reverse), eps, save
     ctx.plan = tuple(plan)
     ctx.counts = (len(ins), len(states), len(weights), len(masks))
     ctx.save_for_backward(*ins, *states, *weights, *masks, *saved, lengths)
     ctx.mark_non_differentiable(*saved)
     ctx.set_materialize_grads(False)
+
+
+def _groups(tensors, counts) -> list[list]:
+    """``tensors`` cut into consecutive groups of ``counts``; what is left over last."""
+    groups, rest = [], list(tensors)
+    for count in counts:
+        groups.append(rest[:count])
+        rest = rest[count:]
+    return [*groups, rest]
+
+
+def _saved_of(kernel_id: int, directions: int, output) -> list[Tensor]:
+    """The saved arrays among a layer_forward's outputs."""
+    spec = _spec(kernel_id)
+    first, per = 1 + len(spec.states), 1 + len(spec.states) + len(SAVED)
+    return [t for d in range(directions) for t in output[d * per + first : (d + 1) * per]]
+
+
+def _gradients(backward_op, grads, groups, saved, lengths, args, need_dx: bool):
+    """dx, the initial states' and the weights' gradients of a layer_forward, from the gradients
+    of its outputs: ``backward_op`` (the custom op or the C++ op) on the forward's ``groups``
+    (inputs, states, weights, masks) and ``saved``; ``args``: the forward's kernel_id, reverse,
+    eps, save and GEMM plan."""
+    kernel_id, reverse, eps, _, *plan = args
+    ins, states, weights, masks = groups
+    spec = _spec(kernel_id)
+    ns, nw = len(spec.states), len(spec.weights)
+    per = 1 + ns + len(SAVED)
+    given = [grads[d * per + k] for d in range(len(reverse)) for k in range(1 + ns)]
+    r = backward_op(
+        given, ins, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx,
+        *plan,
+    )  # fmt: skip
+    dx, r = r[: len(ins)], r[len(ins) :]
+    dstates, dweights = [], []
+    for d in range(len(reverse)):
+        part = r[d * (ns + nw) : (d + 1) * (ns + nw)]
+        dstates += part[:ns]
+        given_w = weights[d * nw : (d + 1) * nw]
+        dweights += [g if w.numel() else None for g, w in zip(part[ns:], given_w, strict=True)]
+    return [g if need_dx else None for g in dx], dstates, dweights
 
 
 def _backward(ctx, grads):
@@ -189,28 +237,11 @@ def _backward(ctx, grads):
             "nothing for backward"
         )
     *tensors, lengths = ctx.saved_tensors
-    groups = []
-    for count in ctx.counts:
-        groups.append(tensors[:count])
-        tensors = tensors[count:]
-    ins, states, weights, masks = groups
-    spec = _spec(ctx.kernel_id)
-    ns, nw = len(spec.states), len(spec.weights)
-    per = 1 + ns + len(SAVED)
-    given = [grads[d * per + k] for d in range(len(ctx.reverse)) for k in range(1 + ns)]
+    *groups, saved = _groups(tensors, ctx.counts)
+    args = (ctx.kernel_id, ctx.reverse, ctx.eps, ctx.save, *ctx.plan)
     need_dx = any(ctx.needs_input_grad[0])
-    r = layer_backward(
-        given, ins, states, weights, masks, tensors, lengths, ctx.kernel_id, ctx.reverse,
-        ctx.eps, need_dx, *ctx.plan,
-    )  # fmt: skip
-    dx, r = r[: len(ins)], r[len(ins) :]
-    dstates, dweights = [], []
-    for d in range(len(ctx.reverse)):
-        part = r[d * (ns + nw) : (d + 1) * (ns + nw)]
-        dstates += part[:ns]
-        given_w = weights[d * nw : (d + 1) * nw]
-        dweights += [g if w.numel() else None for g, w in zip(part[ns:], given_w, strict=True)]
-    dx = [g if need_dx else None for g in dx]
+    dx, dstates, dweights = _gradients(layer_backward, grads, groups, saved, lengths, args, need_dx)
+    masks = groups[3]
     # masks: constants; lengths, kernel_id, reverse, eps, save and the GEMM plan: not tensors
     # (one None for each argument the op was called with; torch leaves out those at their
     # defaults)
@@ -219,6 +250,59 @@ def _backward(ctx, grads):
 
 
 layer_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def eager_layer_forward(
+    inputs: list[Tensor],
+    states: list[Tensor],
+    weights: list[Tensor],
+    masks: list[Tensor],
+    lengths: Tensor | None,
+    kernel_id: int,
+    reverse: list[bool],
+    eps: float,
+    save: bool,
+    gemm_step: int = 0,
+    gemm_bulk: int = 0,
+    bf16: bool = False,
+) -> list[Tensor]:
+    """:func:`layer_forward` for eager calls on plain tensors: the C++ ops under a plain
+    autograd.Function. The custom op's wrapper (its arguments flattened and checked at every
+    call) costs about half a millisecond per training step, more than a small layer's kernels;
+    tracing and tensor subclasses take :func:`layer_forward`, which they can see through."""
+    build.ensure()
+    args = (kernel_id, list(reverse), eps, save, gemm_step, gemm_bulk, bf16)
+    if not save:  # nothing to differentiate
+        return torch.ops.rnnkit_cpu.layer_forward(inputs, states, weights, masks, lengths, *args)
+    counts = (len(inputs), len(states), len(weights), len(masks))
+    return list(_Layer.apply(counts, lengths, args, *inputs, *states, *weights, *masks))
+
+
+class _Layer(torch.autograd.Function):
+    """One layer_forward / layer_backward pair of the C++ ops, for :func:`eager_layer_forward`:
+    the tensors flat (inputs, states, weights, masks) so that autograd sees each."""
+
+    @staticmethod
+    def forward(ctx, counts, lengths, args, *tensors):  # type: ignore[override]
+        *groups, _ = _groups(tensors, counts)
+        out = torch.ops.rnnkit_cpu.layer_forward(*groups, lengths, *args)
+        saved = _saved_of(args[0], len(args[1]), out)
+        ctx.args, ctx.counts, ctx.lengths = args, counts, lengths
+        ctx.save_for_backward(*tensors, *saved)
+        ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)
+        return tuple(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        *groups, saved = _groups(ctx.saved_tensors, ctx.counts)
+        need_dx = any(ctx.needs_input_grad[3 : 3 + ctx.counts[0]])
+        dx, dstates, dweights = _gradients(
+            torch.ops.rnnkit_cpu.layer_backward, grads, groups, saved, ctx.lengths, ctx.args,
+            need_dx,
+        )  # fmt: skip
+        return None, None, None, *dx, *dstates, *dweights, *([None] * ctx.counts[3])
 
 
 def masks(direction: Direction, empty: Tensor) -> list[Tensor]:
