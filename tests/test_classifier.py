@@ -8,7 +8,7 @@ import torch
 from recipe_helpers import need_data
 
 from rnnkit.models import SequenceClassifier
-from rnnkit.models.classifier import POOLING, SelfAttentionPool
+from rnnkit.models.classifier import POOLING, ConvFront, SelfAttentionPool
 from rnnkit.plots import attention_strips
 
 #: fp32 tolerance for outputs (DESIGN.md: verification chain).
@@ -117,3 +117,42 @@ def test_input_noise_in_training_only():
     assert not torch.equal(model(x, lengths), model(x, lengths))
     model.eval()
     torch.testing.assert_close(model(x, lengths), model(x, lengths), rtol=0, atol=0)
+
+
+def test_conv_front_is_causal_and_ignores_padding():
+    torch.manual_seed(0)
+    front = ConvFront(4, 5, kernel=3)
+    x, lengths = torch.randn(2, 6, 4), torch.tensor([6, 4])
+    y = front(x, lengths)
+    assert y.shape == (2, 6, 5) and (y[1, 4:] == 0).all()
+    # Step t reads steps t-2..t only: changing step 3 leaves the outputs before it as they were.
+    changed = x.clone()
+    changed[:, 3] += 10.0
+    again = front(changed, lengths)
+    torch.testing.assert_close(again[:, :3], y[:, :3], rtol=0, atol=0)
+    assert not torch.allclose(again[0, 3:], y[0, 3:])
+    # Padding never enters: garbage beyond a sequence's length changes nothing.
+    padded = x.clone()
+    padded[1, 4:] = 1e3
+    torch.testing.assert_close(front(padded, lengths), y, rtol=0, atol=0)
+    # The first step reads zeros before it: the same as the convolution of a zero-padded input.
+    by_hand = torch.relu(
+        torch.nn.functional.conv1d(
+            torch.nn.functional.pad(x[:1].transpose(1, 2), (2, 0)),
+            front.conv.weight,
+            front.conv.bias,
+        )
+    ).transpose(1, 2)
+    torch.testing.assert_close(y[:1], by_hand, rtol=OUT_TOL, atol=OUT_TOL)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_prediction_with_a_conv_front_does_not_depend_on_padding(bidirectional):
+    torch.manual_seed(0)
+    model = SequenceClassifier(3, input_size=4, hidden_size=6, bidirectional=bidirectional,
+                               pooling="meanmax", conv_channels=8, conv_kernel=3).eval()  # fmt: skip
+    x = torch.randn(2, 7, 4)
+    x[1, 3:] = 5.0  # padding of the second sequence
+    alone = model(x[1:, :3], torch.tensor([3]))
+    batched = model(x, torch.tensor([7, 3]))
+    torch.testing.assert_close(batched[1:], alone, rtol=OUT_TOL, atol=OUT_TOL)

@@ -38,6 +38,22 @@ def test_pushing_frames_gives_the_logits_of_the_prefix(cell, pooling):
         torch.testing.assert_close(logits, want, atol=OUT_TOL, rtol=OUT_TOL)
 
 
+@pytest.mark.parametrize("kernel", [1, 3, 4])
+def test_a_convolution_front_streams_exactly(kernel):
+    torch.manual_seed(0)
+    model = SequenceClassifier(5, input_size=4, hidden_size=6, bidirectional=False,
+                               conv_channels=7, conv_kernel=kernel).eval()  # fmt: skip
+    x = torch.randn(2, 8, 4)
+    reader = model.stream()
+    seen = 0
+    for n in (1, 2, 1, 4):  # pieces shorter and longer than the kernel
+        logits = reader.push(x[:, seen : seen + n])
+        seen += n
+        with torch.no_grad():
+            want = model(x[:, :seen], torch.full((2,), seen))
+        torch.testing.assert_close(logits, want, atol=OUT_TOL, rtol=OUT_TOL)
+
+
 def test_a_bidirectional_classifier_cannot_stream():
     model = SequenceClassifier(5, input_size=4, hidden_size=6, bidirectional=True)
     with pytest.raises(ValueError, match="bidirectional encoder reads each sequence from its end"):

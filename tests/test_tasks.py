@@ -55,8 +55,12 @@ def check_run(run, metrics, task, metric, low, high):
 # `python tests/measure_floors.py --seeds 0 1 2` (one thread, shared 2-core machine, load 2-4):
 # per recipe the worst working seed, then the best seed of each broken variant (learning rate 0;
 # training targets shuffled; a wrong mask, every sequence claiming the padded length):
-#   sentiment  accuracy  working >= 0.704; no learning <= 0.500, shuffled <= 0.514, mask 0.679-0.721
-#   speech     accuracy  working >= 0.889; no learning <= 0.200, shuffled <= 0.133, mask 0.778-0.867
+#   sentiment  accuracy  working >= 0.649; no learning <= 0.500, shuffled <= 0.532, mask 0.646-0.660
+#   speech     accuracy  working >= 0.889; no learning <= 0.233, shuffled <= 0.100, mask 0.878-0.900
+#                        (sentiment and speech remeasured with their fixed schedules, the last
+#                        epoch kept, and speech's GRU: load 0.7-1.9; the sentiment slice's rate
+#                        now falls to 0 over its 5 epochs, so it ends lower than it did at a
+#                        constant rate)
 #   charlm     bits/char working <= 3.65;  no learning >= 5.99,  shuffled >= 4.81
 #   g2p        PER       working <= 0.639; no learning >= 3.99,  shuffled >= 0.889, mask 0.541-0.680
 #   translate  loss      working <= 4.75; no learning >= 6.90,  shuffled 3.95-5.22 (remeasured with
@@ -68,7 +72,7 @@ def check_run(run, metrics, task, metric, low, high):
 # catch a model that does not learn, not a subtle mask error (the lengths tests of the
 # verification chain and test_classifier's padding tests do that).
 FLOOR = {
-    "sentiment": 0.62,
+    "sentiment": 0.59,
     "speech": 0.6,
     "charlm": 4.2,
     "g2p": 0.78,

@@ -208,7 +208,7 @@ def test_early_stopping_and_time_limit(tmp_path):
     need_data("speech")
     frozen = train(
         "speech",
-        {**TINY["speech"], "epochs": 5, "lr": 0.0, "patience": 2},
+        {**TINY["speech"], "epochs": 5, "lr": 0.0, "patience": 2, "keep": "best"},
         out=tmp_path / "frozen",
         progress=False,
     )
@@ -230,12 +230,64 @@ def test_learning_rate_decays_after_each_epoch_without_improvement(tmp_path):
     # on, no epoch improves, and each multiplies the rate by lr_decay.
     run = train(
         "speech",
-        {**TINY["speech"], "epochs": 4, "lr": 1e-12, "lr_decay": 0.5, "patience": 0},
+        {
+            **TINY["speech"],
+            "epochs": 4,
+            "lr": 1e-12,
+            "lr_decay": 0.5,
+            "patience": 0,
+            "lr_schedule": "plateau",
+            "keep": "best",
+        },
         out=tmp_path / "decay",
         progress=False,
     )
     assert run["best_epoch"] == 1
     assert [h["lr"] for h in run["history"]] == [1e-12, 1e-12, 5e-13, 2.5e-13]
+
+
+def test_lr_factor_of_the_schedules():
+    from rnnkit.train import lr_factor
+
+    assert [lr_factor("plateau", k, 4) for k in range(5)] == [1.0] * 5
+    assert [lr_factor("linear", k, 4) for k in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    cosine = [lr_factor("cosine", k, 4) for k in range(5)]
+    torch.testing.assert_close(torch.tensor(cosine), torch.tensor([1.0, 0.8536, 0.5, 0.1464, 0.0]),
+                               atol=1e-4, rtol=0)  # fmt: skip
+    assert lr_factor("linear", 9, 4) == 0.0  # past the end (more epochs on a resume): none
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_schedule_lowers_the_rate_every_step_to_zero_at_the_end(tmp_path, schedule):
+    need_data("speech")
+    from rnnkit.train import lr_factor
+
+    config = {**TINY["speech"], "epochs": 3, "batch_size": 8, "lr": 0.01,
+              "lr_schedule": schedule, "keep": "best", "lr_decay": 1.0}  # fmt: skip
+    run = train("speech", config, out=tmp_path / "run", progress=False)
+    per_epoch = run["history"][0]["batches"]
+    total = 3 * per_epoch
+    # Each epoch records the rate of its last step, (epoch * per_epoch - 1) steps in.
+    for k, h in enumerate(run["history"], 1):
+        want = 0.01 * lr_factor(schedule, k * per_epoch - 1, total)
+        assert h["lr"] == pytest.approx(want, rel=1e-9), (k, h["lr"], want)
+    assert run["history"][-1]["lr"] < 0.01 / total
+
+
+def test_keep_last_keeps_the_last_epoch_without_early_stopping(tmp_path):
+    need_data("speech")
+    # lr 0: no epoch is better than the first, so "best" keeps epoch 1 and stops by patience;
+    # "last" trains every epoch and keeps the weights the run ended with.
+    config = {**TINY["speech"], "epochs": 4, "lr": 0.0, "patience": 1, "keep": "last"}
+    run = train("speech", config, out=tmp_path / "last", progress=False)
+    assert run["epochs_run"] == 4 and run["best_epoch"] == 4
+    assert run["stopped"] == "4 epochs"
+    config = {**TINY["speech"], "epochs": 4, "batch_size": 8, "keep": "last"}
+    run = train("speech", config, out=tmp_path / "trained", progress=False)
+    kept = load_file(tmp_path / "trained" / "model.safetensors")
+    state = load_file(tmp_path / "trained" / "resume.safetensors")
+    for key in kept:
+        assert torch.equal(kept[key], state[f"model.{key}"]), key
 
 
 def test_resume_with_averaged_weights_gives_identical_weights(tmp_path):

@@ -4,7 +4,8 @@
 
 - ``config.json`` (task, config, versions) and ``vocab.json`` (what was learnt from the training
   split: vocabulary, labels, feature statistics), written once when the run starts;
-- ``model.safetensors``: the weights with the best validation metric so far;
+- ``model.safetensors``: the weights with the best validation metric so far (with
+  ``keep = "last"``: those of the last epoch);
 - ``resume.safetensors``: everything needed to continue exactly (weights, optimizer state, the
   torch RNG state, the epoch and batch reached, the history), written at the end of every epoch
   and, within an epoch, every ``checkpoint_minutes`` / ``checkpoint_every`` batches;
@@ -553,6 +554,18 @@ def _better(task: type[Task], value: float, loss: float, p: Progress) -> bool:
     return value > p.best if task.higher_is_better else value < p.best
 
 
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The share of its initial learning rate that optimizer step ``step`` (0, 1, ...) of
+    ``total`` takes: 1 under "plateau"; falling from 1 towards 0 at ``total`` along a line
+    ("linear") or half a cosine ("cosine")."""
+    done = min(step / max(total, 1), 1.0)
+    if schedule == "linear":
+        return 1.0 - done
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    return 1.0
+
+
 def _global_batches(task: Task, data: Any, generator: torch.Generator, world_size: int) -> list:
     """One epoch's batches for ``world_size`` processes together: the batches one process with a
     ``world_size`` times larger ``batch_size`` would train on, in the same order."""
@@ -697,6 +710,8 @@ def _train(
     model.to(dev)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    for group in opt.param_groups:  # what a schedule scales (lr_decay lowers it); resumes with it
+        group["initial_lr"] = group["lr"]
     averaged = average_of(model) if config.average else None
     scaler = grad_scaler(dev, config.precision)
     if world.rank:  # dropout: the other ranks draw their own masks (rank 0 draws as one process)
@@ -1055,6 +1070,10 @@ def _train_epochs(
                         )
                 else:
                     overflows = 0
+                if config.lr_schedule != "plateau":
+                    share = lr_factor(config.lr_schedule, p.step, config.epochs * per_epoch)
+                    for group in opt.param_groups:
+                        group["lr"] = group.get("initial_lr", config.lr) * share
                 try:
                     scaler.step(opt)
                 except RuntimeError as e:
@@ -1127,7 +1146,8 @@ def _train_epochs(
                 raise diverged("in validation", f"the validation loss is {valid['loss']}")
             lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with
             p.seconds = base + time.perf_counter() - start
-            better = _better(cls, valid[metric], valid["loss"], p)
+            # keep = "last": every epoch's weights replace the previous ones (no early stopping)
+            better = config.keep == "last" or _better(cls, valid[metric], valid["loss"], p)
             if better:
                 best_meta = {"epoch": str(p.epoch + 1), metric: repr(valid[metric])}
                 try:
@@ -1150,6 +1170,7 @@ def _train_epochs(
                 p.bad_epochs += 1
                 for group in opt.param_groups:  # kept in the optimiser state: resumes exactly
                     group["lr"] *= config.lr_decay
+                    group["initial_lr"] = group.get("initial_lr", config.lr) * config.lr_decay
             p.history.append(
                 {
                     "epoch": p.epoch + 1,
@@ -1164,7 +1185,8 @@ def _train_epochs(
             say(
                 f"epoch {p.epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, "
                 f"valid {metric} {valid[metric]:.4f} loss {valid['loss']:.4f}"
-                f"{' (best)' if better else ''}, {p.seconds:.0f} s"
+                f"{'' if not better else ' (kept)' if config.keep == 'last' else ' (best)'}, "
+                f"{p.seconds:.0f} s"
             )
             last_valid = valid[metric]
             p.epoch, p.batch, p.loss_sum, p.count = p.epoch + 1, 0, 0.0, 0
@@ -1195,7 +1217,8 @@ def _train_epochs(
     finally:
         bar.close()
     best = "none" if p.best is None else f"{p.best:.4f} at epoch {p.best_epoch}"
-    say(f"stopped: {p.stopped}; best validation {metric}: {best}")
+    kept_what = "the last epoch's" if config.keep == "last" else "best"
+    say(f"stopped: {p.stopped}; {kept_what} validation {metric}: {best}")
 
 
 def load_run(

@@ -15,6 +15,7 @@ __all__ = [
     "CELLS",
     "POOLING",
     "ClassifierStream",
+    "ConvFront",
     "SelfAttentionPool",
     "SequenceClassifier",
     "make_encoder",
@@ -103,6 +104,42 @@ class SelfAttentionPool(nn.Module):
         return torch.bmm(weights.unsqueeze(1), out).squeeze(1), weights  # (B, 1, T) @ (B, T, F)
 
 
+class ConvFront(nn.Module):
+    """A causal convolution over the steps before the recurrent encoder (the convolutional view
+    of LSTM-FCN, Karim et al. 2018, here feeding the recurrence): for each step t,
+
+        y_t = relu(b + sum_{j=0}^{k-1} W_j x_{t-j})     x_{t-j} = 0 before the first step
+
+    ``forward(x (B, T, I), lengths (B,)) -> y (B, T, C)``: padded steps are zeroed before the
+    convolution (so a sequence's outputs do not depend on its batch) and after it (outputs at
+    padded steps are exactly 0). Causal, so a sequence read piece by piece gives the same outputs
+    when each piece is preceded by the k-1 inputs before it (:meth:`step`).
+    """
+
+    def __init__(self, input_size: int, channels: int, kernel: int = 3) -> None:
+        super().__init__()
+        if kernel < 1:
+            raise ValueError(f"kernel = {kernel}; expected >= 1")
+        self.kernel = kernel
+        self.conv = nn.Conv1d(input_size, channels, kernel)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        valid = L.mask(lengths.to(x.device), x.shape[1]).T.unsqueeze(-1)  # (B, T, 1)
+        x = x.masked_fill(~valid, 0.0).transpose(1, 2)  # (B, I, T)
+        y = torch.relu(self.conv(nn.functional.pad(x, (self.kernel - 1, 0))))  # (B, C, T)
+        return y.transpose(1, 2).masked_fill(~valid, 0.0)
+
+    def step(self, x: Tensor, before: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The outputs (B, n, C) of the next ``n`` steps ``x`` (B, n, I) of unpadded sequences,
+        given the ``k - 1`` inputs ``before`` them (B, k-1, I; None at the start: zeros); returns
+        them and the ``k - 1`` inputs to give with the next piece."""
+        if before is None:
+            before = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
+        seen = torch.cat([before, x], dim=1)  # (B, k-1+n, I)
+        y = torch.relu(self.conv(seen.transpose(1, 2))).transpose(1, 2)  # (B, n, C)
+        return y, seen[:, seen.shape[1] - (self.kernel - 1) :]
+
+
 class SequenceClassifier(nn.Module):
     """Tokens or feature frames -> rnnkit recurrent encoder (``lengths=``) -> pooling -> logits.
 
@@ -113,7 +150,9 @@ class SequenceClassifier(nn.Module):
 
     ``pooling``: "max", "mean", "meanmax" (both concatenated), "last" (final states), "attention"
     (:class:`SelfAttentionPool`) or "attention-max" (attention and max pooling concatenated); each
-    reads the valid steps only. ``vectors`` (vocab_size, embed_size) initialises the embedding
+    reads the valid steps only. ``conv_channels`` > 0 puts a :class:`ConvFront` of that many
+    channels (kernel ``conv_kernel``) between the input and the encoder. ``vectors`` (vocab_size,
+    embed_size) initialises the embedding
     (pretrained word vectors); ``frozen`` (vocab_size,) bool marks rows that training leaves as
     they are (their gradient is zeroed), e.g. the words that have a pretrained vector.
     """
@@ -138,6 +177,8 @@ class SequenceClassifier(nn.Module):
         input_noise: float = 0.0,
         vectors: Tensor | None = None,
         frozen: Tensor | None = None,
+        conv_channels: int = 0,
+        conv_kernel: int = 3,
     ) -> None:
         super().__init__()
         if (vocab_size is None) == (input_size is None):
@@ -168,6 +209,10 @@ class SequenceClassifier(nn.Module):
                 self.embedding.weight.register_hook(lambda g: g * self.trainable_rows)
         elif vectors is not None or frozen is not None:
             raise ValueError("vectors and frozen need vocab_size (token ids)")
+        self.front = None
+        if conv_channels:
+            self.front = ConvFront(input_size, conv_channels, conv_kernel)
+            input_size = conv_channels
         self.dropout = nn.Dropout(dropout)
         self.encoder = make_encoder(
             cell, input_size, hidden_size, num_layers, bidirectional, dropout, backend
@@ -184,8 +229,8 @@ class SequenceClassifier(nn.Module):
         features = width * (2 if pooling in ("meanmax", "attention-max") else 1)
         self.head = nn.Linear(features, num_classes)
 
-    def encoder_input(self, x: Tensor) -> Tensor:
-        """What the recurrent encoder reads: embedded tokens or the features, after dropout.
+    def inputs(self, x: Tensor) -> Tensor:
+        """Embedded tokens or the features (B, T, I), before the convolution and dropout.
 
         In training, ``token_dropout`` replaces that fraction of the tokens by the unknown-token id
         ``unk_id`` (padding stays padding), so the model cannot lean on any single word; features
@@ -194,16 +239,24 @@ class SequenceClassifier(nn.Module):
         if self.embedding is None:
             if self.training and self.input_noise > 0:
                 x = x + self.input_noise * torch.randn_like(x)
-            return self.dropout(x)
+            return x
         if self.training and self.token_dropout > 0:
             drop = torch.rand(x.shape, device=x.device) < self.token_dropout
             x = torch.where(drop & (x != 0), self.unk_id, x)
-        return self.dropout(self.embedding(x))
+        return self.embedding(x)
+
+    def encoder_input(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """What the recurrent encoder reads: :meth:`inputs`, through the convolution (if any),
+        after dropout."""
+        inp = self.inputs(x)
+        if self.front is not None:
+            inp = self.front(inp, lengths)
+        return self.dropout(inp)
 
     def forward(
         self, x: Tensor, lengths: Tensor, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Tensor | None]:
-        out, state = self.encoder(self.encoder_input(x), lengths=lengths)
+        out, state = self.encoder(self.encoder_input(x, lengths), lengths=lengths)
         return self.classify(out, lengths, state, return_attention)
 
     def classify(
@@ -237,6 +290,8 @@ class SequenceClassifier(nn.Module):
 
         with torch.no_grad():  # no dropout here: explaining draws nothing from the RNG
             inp = self.embedding(x) if self.embedding is not None else x
+            if self.front is not None:
+                inp = self.front(inp, lengths)
         return explain(self.encoder, inp.requires_grad_(self.training), lengths=lengths)
 
 
@@ -249,6 +304,7 @@ class ClassifierStream:
     def __init__(self, model: SequenceClassifier) -> None:
         self.model = model
         self.state: Any = None
+        self.before: Tensor | None = None  # the convolution's last k-1 inputs
         self.outputs: list[Tensor] = []
 
     @torch.no_grad()
@@ -256,7 +312,10 @@ class ClassifierStream:
         """Read the next steps ``x`` (B, n) token ids or (B, n, features) of every sequence;
         returns the logits (B, classes) of the sequences read so far."""
         model = self.model
-        out, self.state = model.encoder(model.encoder_input(x), self.state)
+        inp = model.inputs(x)
+        if model.front is not None:
+            inp, self.before = model.front.step(inp, self.before)
+        out, self.state = model.encoder(model.dropout(inp), self.state)
         self.outputs.append(out)  # (B, n, F)
         seen = torch.cat(self.outputs, dim=1)
         lengths = torch.full((seen.shape[0],), seen.shape[1], dtype=torch.long)

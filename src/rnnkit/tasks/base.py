@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PredictOption", "Task", "TrainConfig", "flag", "option"]
+__all__ = ["KEEP", "SCHEDULES", "PredictOption", "Task", "TrainConfig", "flag", "option"]
 
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
@@ -32,8 +32,12 @@ POSITIVE = frozenset(
         "epochs", "batch_size", "embed_size", "hidden_size", "num_layers", "encoder_layers",
         "decoder_hidden", "decoder_layers", "seq_len", "eval_streams", "beam_size",
         "valid_beam_size", "max_decode_len", "max_words", "min_count", "min_freq", "max_vocab",
+        "conv_kernel",
     }
 )  # fmt: skip
+#: Learning-rate schedules (``lr_schedule``) and which weights a run keeps (``keep``).
+SCHEDULES = ("plateau", "linear", "cosine")
+KEEP = ("best", "last")
 #: Options that are probabilities in [0, 1).
 PROBABILITIES = frozenset({"dropout", "label_smoothing", "token_dropout", "average"})
 #: Options where 0 means "no limit" (what to give instead of infinity).
@@ -58,6 +62,18 @@ class TrainConfig:
         1.0,
         "multiply the learning rate by this after each epoch without a better validation "
         "metric; 1 = constant",
+    )
+    lr_schedule: str = option(
+        "plateau",
+        "plateau: the rate changes only by lr_decay; linear / cosine: it falls after every step "
+        "from lr to 0 at the end of the last epoch",
+        SCHEDULES,
+    )
+    keep: str = option(
+        "best",
+        "the weights a run keeps and evaluates: best (the best validation metric) or last (those "
+        "of the last epoch, for a fixed schedule: no early stopping)",
+        KEEP,
     )
     clip: float = option(1.0, "largest gradient norm; 0 = no clipping")
     average: float = option(

@@ -12,6 +12,12 @@ keeps every training word that has a vector (and the others seen ``min_freq`` ti
 encoder's outputs are pooled by additive self-attention over the valid steps, concatenated with
 max pooling (``--pooling attention-max``); ``rnnkit predict DIR --explain "..."`` prints each
 word's attention weight and draws them as a heat strip.
+
+Rotten Tomatoes trains for a fixed 16 epochs with a learning rate that falls linearly to 0, and
+the weights of the last epoch are kept (``--lr-schedule linear --keep last``): picking the epoch
+by the accuracy on 852 validation sentences (one sentence = 0.12 points) picked noise, and a run
+stopped early on it could keep an epoch-3 model. ``--dataset imdb`` keeps early stopping on its
+validation accuracy.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from ..data.vocab import SPECIALS, UNK
 from ..errors import RecipeError
 from ..models import SequenceClassifier
 from ..models.classifier import CELLS, POOLING
-from .base import PredictOption, Task, TrainConfig, option
+from .base import KEEP, SCHEDULES, PredictOption, Task, TrainConfig, option
 from .common import ClassifierHooks, Examples
 
 __all__ = ["SentimentConfig", "SentimentTask"]
@@ -41,12 +47,27 @@ class SentimentConfig(TrainConfig):
     dataset: str = option(
         "rt", "rt (Rotten Tomatoes sentences) or imdb (IMDB reviews)", ("rt", "imdb")
     )
-    epochs: int = option(20, "most passes over the training split")
+    epochs: int = option(16, "most passes over the training split")
     lr: float = option(3e-3, "learning rate (AdamW)")
-    patience: int = option(5, "stop after this many epochs without a better validation metric")
+    lr_schedule: str = option(
+        "linear",
+        "plateau: the rate changes only by lr_decay; linear / cosine: it falls after every step "
+        "from lr to 0 at the end of the last epoch",
+        SCHEDULES,
+    )
+    keep: str = option(
+        "last",
+        "the weights a run keeps and evaluates: best (the best validation metric) or last (those "
+        "of the last epoch)",
+        KEEP,
+    )
+    patience: int = option(
+        0, "stop after this many epochs without a better validation metric; 0 = never"
+    )
     lr_decay: float = option(
-        0.5,
-        "multiply the learning rate by this after each epoch without a better validation accuracy",
+        1.0,
+        "multiply the learning rate by this after each epoch without a better validation "
+        "accuracy (with keep = best); 1 = constant",
     )
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
     vectors: str = option(
@@ -79,7 +100,7 @@ class SentimentConfig(TrainConfig):
         "words the training split never shows keep their pretrained vector (beyond max_vocab)",
     )
     max_tokens: int = option(0, "keep the first and last N/2 tokens of longer texts; 0 = all")
-    max_minutes: float = option(8.0, "stop training after this many minutes; 0 = no limit")
+    max_minutes: float = option(9.0, "stop training after this many minutes; 0 = no limit")
 
     def check(self) -> None:
         super().check()
@@ -116,6 +137,9 @@ class SentimentTask(ClassifierHooks, Task):
             "imdb": {
                 "max_tokens": 400,
                 "epochs": 6,
+                "lr_schedule": "plateau",
+                "keep": "best",
+                "lr_decay": 0.5,
                 "patience": 2,
                 "max_minutes": 25.0,
                 "min_freq": 3,

@@ -4,6 +4,14 @@ The official split (270 training utterances, 370 test) from the ``.ts`` files th
 parsed by :mod:`rnnkit.data.japanese_vowels`; 27 training utterances (3 per speaker) are held out
 for validation. Each of the 12 channels is standardised with the training split's mean and standard
 deviation; utterances of 7-29 frames are batched with ``lengths=``.
+
+The model is a bidirectional GRU whose outputs are pooled by mean and max over the valid frames.
+It trains for a fixed 60 epochs with a learning rate that falls along half a cosine to 0, and the
+weights of the last epoch are kept: with 27 validation utterances (one error = 3.7 points), picking
+the epoch by validation accuracy picks noise. The defaults were chosen by 5-fold cross-validation
+on the 270 training utterances (never on the test split); ``--conv-channels`` adds a causal
+convolution over the frames before the recurrence (LSTM-FCN style), which helped the LSTM there
+but not the GRU.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from ..data import japanese_vowels
 from ..errors import RecipeError
 from ..models import SequenceClassifier
 from ..models.classifier import CELLS, POOLING
-from .base import PredictOption, Task, TrainConfig, option
+from .base import KEEP, SCHEDULES, PredictOption, Task, TrainConfig, option
 from .common import ClassifierHooks, Examples
 
 __all__ = ["SpeechConfig", "SpeechTask"]
@@ -33,9 +41,23 @@ class SpeechConfig(TrainConfig):
     epochs: int = option(60, "most passes over the training split")
     batch_size: int = option(16, "sequences per batch")
     lr: float = option(3e-3, "learning rate (AdamW)")
-    patience: int = option(20, "stop after this many epochs without a better validation metric")
+    lr_schedule: str = option(
+        "cosine",
+        "plateau: the rate changes only by lr_decay; linear / cosine: it falls after every step "
+        "from lr to 0 at the end of the last epoch",
+        SCHEDULES,
+    )
+    keep: str = option(
+        "last",
+        "the weights a run keeps and evaluates: best (the best validation metric) or last (those "
+        "of the last epoch)",
+        KEEP,
+    )
+    patience: int = option(
+        0, "stop after this many epochs without a better validation metric; 0 = never"
+    )
     max_minutes: float = option(1.5, "stop training after this many minutes; 0 = no limit")
-    cell: str = option("lstm", "recurrent cell", tuple(CELLS))
+    cell: str = option("gru", "recurrent cell", tuple(CELLS))
     hidden_size: int = option(64, "hidden size per direction")
     num_layers: int = option(1, "stacked recurrent layers")
     bidirectional: bool = option(True, "read each utterance in both directions")
@@ -46,6 +68,10 @@ class SpeechConfig(TrainConfig):
     pooling: str = option(
         "meanmax", "how encoder outputs become one vector (valid frames only)", POOLING
     )
+    conv_channels: int = option(
+        0, "channels of a causal convolution over the frames before the encoder; 0 = none"
+    )
+    conv_kernel: int = option(3, "frames each convolution output reads (itself and those before)")
 
 
 class SpeechTask(ClassifierHooks, Task):
@@ -122,6 +148,8 @@ class SpeechTask(ClassifierHooks, Task):
             pooling=c.pooling,
             backend=c.backend,
             input_noise=c.input_noise,
+            conv_channels=c.conv_channels,
+            conv_kernel=c.conv_kernel,
         )
 
     def read_input(self, path_text: str) -> list[tuple[str, list[list[float]]]]:
