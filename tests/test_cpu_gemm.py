@@ -193,12 +193,15 @@ def operands(m, n, k, ta, tb, strided):
 
 
 # How the kernels call each GEMM (ops.cpp's gemm_compute): the step's packed weight (forward
-# h . W_hh^T, backward dG . W_hh), the step's plain GEMM (with lengths), and the bulk GEMMs:
+# h . W_hh^T, backward dG . W_hh; on all its rows or fewer, as with lengths), the step's plain
+# GEMM (with lengths), and the bulk GEMMs:
 # input projection x . W_ih^T, dx = dG . W_ih, weight gradients dG^T . x, the bias gradients'
 # ones (1, R) . dG; as plain strided GEMMs and as Operands (rounded once).
 CALLS = [
     ("packed", False, True),
     ("packed", False, False),
+    ("packed_rows", False, True),
+    ("packed_rows", False, False),
     ("step", False, True),
     ("step", False, False),
     ("bulk", False, True),

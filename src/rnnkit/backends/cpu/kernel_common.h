@@ -103,6 +103,9 @@ class PackedB {
           int64_t ldb);
   // C (M, N) = A (M, K) . op(B) + beta C
   void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
+  // C (rows, N) = A (rows, K) . op(B) + beta C, rows <= M: the step over the sequences still
+  // running (with lengths), on B as prepared where the source allows it.
+  void run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
 
  private:
   GemmPlan plan_;

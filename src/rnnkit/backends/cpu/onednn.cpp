@@ -89,17 +89,20 @@ MemoryDesc matrix(const Api& f, int64_t rows, int64_t cols, int type, int64_t ro
 enum Kind : int { kPlain = 0, kPacked = 1, kPacking = 2 };
 
 // What a primitive is made for. kPacked: the weights in the layout the kPacked primitive of
-// (M, N, K, bf16, layout_threads) with lda = K, ldc = N, beta = 0 chose ("any"); kPacking: the
-// reorder of a plain float32 op(B) (ldb, tb) into that layout.
+// (layout_m, N, K, bf16, layout_threads) with lda = K, ldc = N, beta = 0 chose ("any");
+// kPacking: the reorder of a plain float32 op(B) (ldb, tb) into that layout.
 struct Key {
   int kind;
   bool bf16, ta, tb;
   int64_t M, N, K, lda, ldb, ldc;
   float beta;
-  int threads, layout_threads;
+  int threads;
+  int64_t layout_m;
+  int layout_threads;
 
   auto tie() const {
-    return std::tie(kind, bf16, ta, tb, M, N, K, lda, ldb, ldc, beta, threads, layout_threads);
+    return std::tie(kind, bf16, ta, tb, M, N, K, lda, ldb, ldc, beta, threads, layout_m,
+                    layout_threads);
   }
   bool operator<(const Key& o) const { return tie() < o.tie(); }
 };
@@ -376,7 +379,7 @@ bool available(bool bf16) {
 bool matmul(bool bf16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A,
             int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (!available(bf16)) return false;
-  const Key key{kPlain, bf16, ta, tb, M, N, K, lda, ldb, ldc, beta, current_threads(), 0};
+  const Key key{kPlain, bf16, ta, tb, M, N, K, lda, ldb, ldc, beta, current_threads(), 0, 0};
   thread_local std::map<Key, std::unique_ptr<Bound>> bound;
   auto it = bound.find(key);
   if (it == bound.end()) {
@@ -393,10 +396,10 @@ std::unique_ptr<Packed> Packed::make(bool bf16, bool tb, int64_t M, int64_t N, i
                                      const float* B, int64_t ldb) {
   if (!available(bf16)) return nullptr;
   const int threads = current_threads();
-  const Key layout{kPacked, bf16, false, false, M, N, K, K, 0, N, 0.0f, threads, threads};
+  const Key layout{kPacked, bf16, false, false, M, N, K, K, 0, N, 0.0f, threads, M, threads};
   std::shared_ptr<Entry> chosen = cached(layout, [&] { return make_matmul(layout, nullptr); });
   if (!chosen) return nullptr;
-  const Key packing{kPacking, bf16, false, tb, M, N, K, 0, ldb, 0, 0.0f, threads, threads};
+  const Key packing{kPacking, bf16, false, tb, M, N, K, 0, ldb, 0, 0.0f, threads, M, threads};
   std::shared_ptr<Entry> reorder =
       cached(packing, [&] { return make_packing(packing, chosen->md[1]); });
   if (!reorder) return nullptr;
@@ -415,9 +418,10 @@ std::unique_ptr<Packed> Packed::make(bool bf16, bool tb, int64_t M, int64_t N, i
 
 Packed::~Packed() = default;
 
-bool Packed::run(const void* A, int64_t lda, float beta, float* C, int64_t ldc) {
-  const Key key{kPacked, bf16_, false, false, M_, N_, K_, lda, 0, ldc, beta, current_threads(),
-                layout_threads_};
+bool Packed::run(int64_t rows, const void* A, int64_t lda, float beta, float* C, int64_t ldc) {
+  if (rows < 1 || rows > M_) return false;
+  const Key key{kPacked, bf16_, false, false, rows,  N_, K_, lda, 0, ldc, beta, current_threads(),
+                M_,      layout_threads_};
   Bound* b = nullptr;
   for (const auto& bound : bound_)
     if (!(bound->key < key) && !(key < bound->key)) b = bound.get();

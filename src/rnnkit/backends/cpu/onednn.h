@@ -45,9 +45,10 @@ class Packed {
   static std::unique_ptr<Packed> make(bool bf16, bool tb, int64_t M, int64_t N, int64_t K,
                                       const float* B, int64_t ldb);
   ~Packed();
-  // C (M, N) = A (M, K) . op(B) + beta C; A float32, or bfloat16 with bf16. False when no
-  // primitive could be made for these strides and beta (the caller falls back).
-  bool run(const void* A, int64_t lda, float beta, float* C, int64_t ldc);
+  // C (rows, N) = A (rows, K) . op(B) + beta C, rows <= M; A float32, or bfloat16 with bf16.
+  // False when no primitive could be made for these rows, strides and beta (the caller falls
+  // back).
+  bool run(int64_t rows, const void* A, int64_t lda, float beta, float* C, int64_t ldc);
 
  private:
   Packed() = default;
@@ -55,7 +56,7 @@ class Packed {
   int64_t M_ = 0, N_ = 0, K_ = 0;
   int layout_threads_ = 1;  // the threads the layout was chosen for
   std::shared_ptr<void> weights_;  // the packed B, 64-byte aligned
-  // The primitives bound to the packed B, per (lda, ldc, beta, threads) met so far; the first
+  // The primitives bound to the packed B, per (rows, lda, ldc, beta, threads) met so far; the first
   // is the one that chose the layout.
   std::vector<std::unique_ptr<Bound>> bound_;
 };

@@ -357,30 +357,37 @@ PackedB<T>::PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t
 
 template <typename T>
 void PackedB<T>::run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+  run_rows(M_, A, lda, beta, C, ldc);
+}
+
+template <typename T>
+void PackedB<T>::run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C,
+                          int64_t ldc) const {
+  if (rows <= 0) return;
   if constexpr (std::is_same_v<T, float>) {
     if (onednn_) {
       const void* a = A;
       int64_t la = lda;
       if (plan_.bf16) {
-        round_rows(M_, K_, A, lda, ahalf_.data());
+        round_rows(rows, K_, A, lda, ahalf_.data());
         a = ahalf_.data();
         la = K_;
       }
-      if (onednn_->run(a, la, beta, C, ldc)) return;
+      if (onednn_->run(rows, a, la, beta, C, ldc)) return;
     }
-    if (packed_) {
+    if (packed_ && rows == M_) {  // MKL's packed B is computed with the M it was packed for
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, M_, N_, K_, A, lda, buffer_.data(), ldb_,
                           beta, C, ldc);
       return;
     }
     if (half_) {
-      round_rows(M_, K_, A, lda, ahalf_.data());
-      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, tb_ ? kTrans : kNoTrans, M_, N_, K_, 1.0f,
+      round_rows(rows, K_, A, lda, ahalf_.data());
+      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, tb_ ? kTrans : kNoTrans, rows, N_, K_, 1.0f,
                              ahalf_.data(), K_, bhalf_.data(), tb_ ? K_ : N_, beta, C, ldc);
       return;
     }
   }
-  gemm<T>(plan_, kStep, false, tb_, M_, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
+  gemm<T>(plan_, kStep, false, tb_, rows, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
 }
 
 template class PackedB<float>;
@@ -743,7 +750,8 @@ std::vector<double> gemm_probe(int64_t source, bool bf16, int64_t role, int64_t 
 
 // C (M, N) = op(A) (M, K) . op(B) (K, N) + beta C in place, float32 (rows strided as given:
 // stride(1) == 1), by `source` as the kernels call it `how`: "packed" (the step: B prepared once,
-// PackedB; A not transposed), "step" (the step's plain GEMM, as with lengths), "bulk" (a bulk
+// PackedB; A not transposed), "packed_rows" (the same B prepared for M + 5 rows, run on M:
+// PackedB::run_rows), "step" (the step's plain GEMM, as with lengths), "bulk" (a bulk
 // GEMM), "operand" (a bulk GEMM of two Operands, rounded once where the plan says so: A and B
 // contiguous). For the tests of every source against a float64 product.
 void gemm_compute(int64_t source, bool bf16, std::string how, const Tensor& a,
@@ -764,10 +772,15 @@ void gemm_compute(int64_t source, bool bf16, std::string how, const Tensor& a,
   const float* B = b.const_data_ptr<float>();
   float* C = c.mutable_data_ptr<float>();
   const float fbeta = static_cast<float>(beta);
-  if (how == "packed") {
+  if (how == "packed" || how == "packed_rows") {
     TORCH_CHECK(!ta, "rnnkit cpu kernels: gemm_compute: the step does not transpose A");
-    const PackedB<float> packed(plan, tb, M, N, K, B, b.stride(0));
-    packed.run(A, a.stride(0), fbeta, C, c.stride(0));
+    if (how == "packed") {
+      const PackedB<float> packed(plan, tb, M, N, K, B, b.stride(0));
+      packed.run(A, a.stride(0), fbeta, C, c.stride(0));
+    } else {
+      const PackedB<float> packed(plan, tb, M + 5, N, K, B, b.stride(0));
+      packed.run_rows(M, A, a.stride(0), fbeta, C, c.stride(0));
+    }
   } else if (how == "step" || how == "bulk") {
     gemm<float>(plan, how == "step" ? kStep : kBulk, ta, tb, M, N, K, 1.0f, A, a.stride(0), B,
                 b.stride(0), fbeta, C, c.stride(0));
@@ -778,7 +791,7 @@ void gemm_compute(int64_t source, bool bf16, std::string how, const Tensor& a,
     gemm<float>(plan, ta, tb, M, N, K, oa, ob, fbeta, C, c.stride(0));
   } else {
     TORCH_CHECK(false, "rnnkit cpu kernels: gemm_compute: how = '", how,
-                "'; expected packed, step, bulk or operand");
+                "'; expected packed, packed_rows, step, bulk or operand");
   }
 }
 
