@@ -385,7 +385,7 @@ bool matmul(bool bf16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const 
   if (it == bound.end()) {
     std::shared_ptr<Entry> e = cached(key, [&] { return make_matmul(key, nullptr); });
     if (!e) return false;
-    if (bound.size() >= 64) bound.clear();
+    if (bound.size() >= 256) bound.clear();  // e.g. the step of every active-row count
     it = bound.emplace(key, std::make_unique<Bound>(key, std::move(e))).first;
   }
   it->second->run(A, B, C);
