@@ -11,17 +11,24 @@ stack composer (:mod:`rnnkit.backends.stack`) runs the layers.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ...cells.table import SPECS
 from .. import LayerCall, LayerResult, Request
 from . import build, dispatch, gemm, ops
 
-__all__ = ["CpuBackend", "gemm_plan"]
+__all__ = ["CpuBackend", "gemm_plan", "release_memory", "scratch_memory"]
 
 #: The dtypes the kernels compute in; bfloat16 and float16 layers run in float32 inside (their
 #: GEMMs in bfloat16 where the CPU has bf16 instructions) and return their own dtype.
 _DTYPES = (torch.float32, torch.float64)
 _WIDENED = (torch.bfloat16, torch.float16)
+
+
+def _direct_forward(*args) -> list[Tensor]:
+    """ops.layer_forward's C++ op itself, for calls that need no autograd."""
+    build.ensure()
+    return torch.ops.rnnkit_cpu.layer_forward(*args)
 
 
 def gemm_plan(request: Request) -> gemm.Plan:
@@ -36,6 +43,29 @@ def gemm_plan(request: Request) -> gemm.Plan:
         request.steps, request.batch, request.input_size, request.hidden_size, spec.gate_count,
         low,
     )  # fmt: skip
+
+
+def scratch_memory() -> tuple[int, int]:
+    """(bytes kept, limit) of the kernels' scratch pool: the large arrays of a call (the input
+    projection and gate gradients of every step, what the forward saves for backward) are kept
+    between calls and reused, so that a training step does not fault in fresh pages each time.
+    The limit comes from ``RNNKIT_CPU_SCRATCH_MB`` (default 1024; 0: keep nothing)."""
+    build.ensure()
+    kept, limit = torch.ops.rnnkit_cpu.scratch_memory(-1)
+    return int(kept), int(limit)
+
+
+def release_memory(limit_mb: float | None = None) -> None:
+    """Frees what the kernels' scratch pool keeps (as ``torch.cuda.empty_cache`` does for CUDA);
+    with ``limit_mb``, also sets how much it may keep from now on (0: nothing)."""
+    if build.unavailable() is not None:
+        return
+    if limit_mb is not None and not limit_mb >= 0:
+        raise ValueError(f"limit_mb = {limit_mb}; expected a number >= 0")
+    _, limit = scratch_memory()
+    torch.ops.rnnkit_cpu.scratch_memory(0)
+    new = limit if limit_mb is None else int(limit_mb * (1 << 20))
+    torch.ops.rnnkit_cpu.scratch_memory(new)
 
 
 class CpuBackend:
@@ -126,7 +156,15 @@ class CpuBackend:
             t.requires_grad for t in (*inputs, *states, *weights)
         )
         reverse = [d.reverse for d in layer.directions]
-        r = ops.layer_forward(
+        # Without autograd the C++ op runs directly: the custom op's wrapper (autograd, alias
+        # checks) costs more than a small layer's whole kernel. Tracing, tensor subclasses
+        # (fake, functional) and autograd go through the custom op.
+        forward = (
+            _direct_forward
+            if not grad and type(inputs[0]) is Tensor and not torch.compiler.is_compiling()
+            else ops.layer_forward
+        )
+        r = forward(
             inputs, states, weights, masks, layer.lengths, spec.kernel_id, reverse, first.eps,
             grad or layer.gates, *plan.args(),
         )  # fmt: skip

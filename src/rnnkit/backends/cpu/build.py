@@ -47,6 +47,7 @@ SOURCES = tuple(
         "cell_lstm_peephole.cpp",
         "cell_lstm.cpp",
         "ops.cpp",
+        "scratch.cpp",
         "cell_rnn.cpp",
         "cell_layernorm_lstm.cpp",
         "cell_layernorm_gru.cpp",

@@ -64,6 +64,21 @@ def nearest(
 ) -> Point | None:
     """The measured point nearest to ``shape`` (T, B, I, H), or None where nothing was measured
     for this cell, lengths, precision and mode."""
+    key = (mode, lengths, precision, training, shape)
+    if key not in _nearest:
+        if len(_nearest) >= 4096:
+            _nearest.clear()
+        _nearest[key] = _find_nearest(mode, lengths, precision, training, shape)
+    return _nearest[key]
+
+
+#: nearest's answers (asked at every call: worked out once per shape)
+_nearest: dict[tuple, Point | None] = {}
+
+
+def _find_nearest(
+    mode: str, lengths: bool, precision: str, training: bool, shape: tuple[int, int, int, int]
+) -> Point | None:
     points = MEASURED.get((mode, lengths, precision, training))
     if not points:
         return None

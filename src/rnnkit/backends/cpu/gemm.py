@@ -35,7 +35,7 @@ import json
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -292,6 +292,25 @@ def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16:
     if torch.compiler.is_compiling():  # nothing is measured or asked while tracing
         return Plan("mkl", "mkl", bf16 and bool(_bf16), "default while compiling")
     bf16 = bf16 and bf16_supported()
+    key = (steps, batch, input_size, hidden, gates, bf16, torch.get_num_threads(),
+           os.environ.get(ENV))  # fmt: skip
+    known = _plans.get(key)
+    if known is not None:
+        return known
+    found = _plan(steps, batch, input_size, hidden, gates, bf16)
+    if len(_plans) >= 4096:  # many distinct lengths and batch sizes: start over
+        _plans.clear()
+    _plans[key] = replace(found, how=_EARLIER) if found.how == "measured now" else found
+    return found
+
+
+#: plan's answers by its arguments, the thread count and RNNKIT_GEMM: the measurements they
+#: rest on are cached, so each is worked out once (a call's overhead matters at small sizes).
+_plans: dict[tuple, Plan] = {}
+_EARLIER = "measured earlier on this machine"
+
+
+def _plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16: bool) -> Plan:
     source = forced()
     if source is not None:
         _check_forced(source)
@@ -303,7 +322,7 @@ def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16:
         _load()
         step, new_step = _best("step", bf16, *step_shape)
         bulk, new_bulk = _best("bulk", bf16, *bulk_shape)
-    how = "measured now" if new_step or new_bulk else "measured earlier on this machine"
+    how = "measured now" if new_step or new_bulk else _EARLIER
     return Plan(step, bulk, bf16, how)
 
 
@@ -319,6 +338,7 @@ def clear() -> None:
     global _loaded
     with _lock:
         _memory.clear()
+        _plans.clear()
         _loaded = True
         with contextlib.suppress(OSError):
             _file().unlink()

@@ -69,21 +69,29 @@ void gemm(const GemmPlan& plan, GemmRole role, bool ta, bool tb, int64_t M, int6
 
 // ---------------------------------------------------------------------------------------------
 // Scratch memory: n elements of T, 64-byte aligned (as ATen allocates), uninitialised unless
-// zeroed. Allocated once per call, never per step.
+// zeroed. Allocated once per call, never per step; blocks of a megabyte or more come from the
+// pool of scratch.cpp, which keeps them between calls (no fresh pages to fault in each call).
+
+void* scratch_acquire(std::size_t bytes);
+void scratch_release(void* data, std::size_t bytes) noexcept;
+std::size_t scratch_kept();   // bytes the pool keeps now
+std::size_t scratch_limit();  // at most this many
+void set_scratch_limit(std::size_t bytes);
 
 template <typename T>
 class Buffer {
  public:
   explicit Buffer(int64_t n = 0, bool zeroed = false)
-      : data_(n > 0 ? new (std::align_val_t{kAlign}) T[n] : nullptr) {
+      : data_(n > 0 ? static_cast<T*>(scratch_acquire(sizeof(T) * n)) : nullptr,
+              Free{n > 0 ? sizeof(T) * n : 0}) {
     if (zeroed && n > 0) std::fill_n(data_.get(), n, T(0));
   }
   T* data() const { return data_.get(); }
 
  private:
-  static constexpr std::size_t kAlign = 64;
   struct Free {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{kAlign}); }
+    std::size_t bytes;
+    void operator()(T* p) const { scratch_release(p, bytes); }
   };
   std::unique_ptr<T[], Free> data_;
 };

@@ -798,6 +798,22 @@ void gemm_compute(int64_t source, bool bf16, std::string how, const Tensor& a,
 // ---------------------------------------------------------------------------------------------
 // The entries.
 
+// An uninitialised (zeroed) tensor of `sizes` for what the forward saves for backward: from the
+// scratch pool (scratch.cpp) when large, handed back to it when autograd frees the tensor, so
+// that each training step does not fault in fresh pages. Tensors the caller sees as results
+// (out, the states, the gradients) come from ATen's allocator as usual.
+Tensor pooled(const std::vector<int64_t>& sizes, const at::TensorOptions& opts, bool zeroed) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const std::size_t bytes = static_cast<std::size_t>(numel) * opts.dtype().itemsize();
+  if (bytes < (std::size_t(1) << 20))
+    return zeroed ? at::zeros(sizes, opts) : at::empty(sizes, opts);
+  void* data = scratch_acquire(bytes);
+  Tensor t = at::from_blob(data, sizes, [bytes](void* p) { scratch_release(p, bytes); }, opts);
+  if (zeroed) t.zero_();
+  return t;
+}
+
 std::vector<Tensor> layer_forward(at::TensorList inputs, at::TensorList states,
                                   at::TensorList weights, at::TensorList masks,
                                   const std::optional<Tensor>& lengths, int64_t kernel_id,
@@ -816,9 +832,9 @@ std::vector<Tensor> layer_forward(at::TensorList inputs, at::TensorList states,
       // Padded rows must hold finite values: the final GEMMs multiply them by zero. xhat's are
       // all written.
       const std::vector<int64_t> sizes{n.T, n.B, dir.widths[k]};
-      dir.saved[k] = !save || dir.widths[k] == 0   ? at::empty({0}, call.opts)
-                     : dir.v.lengths && k != kXhat ? at::zeros(sizes, call.opts)
-                                                   : at::empty(sizes, call.opts);
+      dir.saved[k] = !save || dir.widths[k] == 0
+                         ? at::empty({0}, call.opts)
+                         : pooled(sizes, call.opts, dir.v.lengths && k != kXhat);
     }
   }
   run<ForwardArgs>(call, eps);
