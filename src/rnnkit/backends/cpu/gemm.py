@@ -169,6 +169,11 @@ def onednn_library() -> Path | None:
     given = os.environ.get(ONEDNN_ENV, "").strip()
     if given:
         return Path(given)
+    return _installed_library()
+
+
+@functools.cache
+def _installed_library() -> Path | None:
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         for f in importlib.metadata.distribution("onednn-cpu-gomp").files or ():
             if f.name == ONEDNN_LIBRARY:
