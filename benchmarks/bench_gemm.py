@@ -1,14 +1,19 @@
-"""The GEMM probe: each source of the cpu kernels' GEMM layer, in float32 and bfloat16, on the
-shapes a GRU's training step runs, as the kernels call them (GFLOP/s; S step in µs per call).
+"""The GEMM probe: each source of the cpu kernels' GEMM layer (mkl, torch, onednn where its wheel
+is installed), in float32 and bfloat16, on the GEMMs a GRU's training step runs at DESIGN.md's
+S, M and L shapes, as the kernels call them. GFLOP/s (and µs per call for the step).
 
     python benchmarks/bench_gemm.py                    # threads 1 and 2, fp32 and bf16
     python benchmarks/bench_gemm.py --threads 2 --markdown --json gemm.json
 
-Shapes (DESIGN.md's S, M, L; a GRU: G = 3H): the recurrent step C (B, G) = h (B, H) . W_hh^T
-with W_hh prepared once per call (S, M, L); at L the input projection (T*B, G) = x (T*B, I) .
-W_ih^T and the weight gradient dW_hh (G, H) = dG^T (G, T*B) . hprev (T*B, H). The sources are
-rnnkit.backends.cpu.gemm.SOURCES, each measured alone for --seconds; bf16 rows round the
-operands to bfloat16 (the conversion is timed) and accumulate in float32.
+Shapes (a GRU: G = 3H): "step" C (B, G) = h (B, H) . W_hh^T with W_hh prepared once per call (the
+recurrent step; the prepared weight is reused, as in a call); "bulk" C (T*B, G) = x (T*B, I) .
+W_ih^T (the input projection); "wgrad" dW_hh (G, H) = dG^T (G, T*B) . hprev (T*B, H). bf16 rows
+round the operands to bfloat16 (the conversion is timed: it is part of the call) and accumulate
+in float32.
+
+Measured as DESIGN.md says: the sources interleaved (A B C A B C ...) for --rounds rounds after a
+warm-up, each turn a burst of calls of which the median is kept; reported: the median over the
+rounds (min and max in the JSON).
 """
 
 from __future__ import annotations
@@ -16,20 +21,28 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
+import time
 
 import torch
 
 from rnnkit.backends.cpu import gemm
 
-#: name -> (role, M, N, K) as gemm.probe takes them
-SHAPES = {
-    "L step": ("step", 64, 1536, 512),
-    "M step": ("step", 32, 768, 256),
-    "S step": ("step", 8, 192, 64),
-    "L input projection": ("bulk", 12800, 1536, 256),
-    "L weight gradient": ("wgrad", 1536, 512, 12800),
-}
+#: DESIGN.md's shapes as (T, B, I, H)
+SIZES = {"S": (100, 8, 64, 64), "M": (100, 32, 128, 256), "L": (200, 64, 256, 512)}
+ROLES = ("step", "bulk", "wgrad")
+
+
+def shapes() -> dict[str, tuple[str, int, int, int]]:
+    """name -> (role, M, N, K) as gemm.probe takes them."""
+    out = {}
+    for size, (t, b, i, h) in SIZES.items():
+        g = 3 * h
+        out[f"{size} step"] = ("step", b, g, h)
+        out[f"{size} bulk"] = ("bulk", t * b, g, i)
+        out[f"{size} wgrad"] = ("wgrad", g, h, t * b)
+    return out
 
 
 def lscpu() -> str:
@@ -44,56 +57,101 @@ def lscpu() -> str:
     return "; ".join(s.split(":", 1)[1].strip() for s in keep) + "; flags: " + " ".join(have)
 
 
+def measure(sources, bf16, role, m, n, k, seconds, rounds) -> dict[str, list[float]]:
+    """Per source, the median seconds per call of each round, the sources interleaved."""
+    op = torch.ops.rnnkit_cpu.gemm_probe
+    rid = gemm.ROLES.index(role)
+    ids = {s: gemm.SOURCES.index(s) for s in sources}
+    # warm-up (primitives made, weights packed, caches and threads awake), and a burst size
+    # that fills each turn's share of the time
+    first = {s: min(op(ids[s], bf16, rid, m, n, k, 3)) for s in sources}
+    turn = seconds / rounds / len(sources)
+    reps = {s: int(min(200, max(3, turn / max(t, 1e-7)))) for s, t in first.items()}
+    per_round: dict[str, list[float]] = {s: [] for s in sources}
+    for _ in range(rounds):
+        for s in sources:
+            per_round[s].append(statistics.median(op(ids[s], bf16, rid, m, n, k, reps[s])))
+    return per_round
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--seconds", type=float, default=0.3, help="per source and shape")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per shape, all sources")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--shapes", nargs="+", help="names to run (default: all), e.g. 'L step'")
+    parser.add_argument("--sources", nargs="+", choices=gemm.SOURCES, default=list(gemm.SOURCES))
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
-    rows = []
-    for bf16 in (False, True):
+    table = shapes()
+    names = args.shapes or list(table)
+    precisions = args.precision or ["fp32", "bf16"]
+    if not gemm.available("onednn", False) and "onednn" in args.sources:
+        print(f"onednn: unavailable ({gemm.onednn_problem()})")
+    started = time.time()
+    load = open("/proc/loadavg").read().split()[:3] if platform.system() == "Linux" else []
+    rows: dict[tuple[str, str], dict] = {}
+    for precision in precisions:
+        bf16 = precision == "bf16"
         if bf16 and not gemm.bf16_supported():
             print("no bf16 instructions (torch's check): bf16 rows skipped")
             continue
-        for source in gemm.SOURCES:
-            if not gemm.available(source, bf16):
-                continue
-            row = {"source": source, "precision": "bf16" if bf16 else "fp32", "cells": {}}
-            for name, (role, m, n, k) in SHAPES.items():
-                cells = []
-                for threads in args.threads:
-                    torch.set_num_threads(threads)
-                    seconds = gemm.probe(source, bf16, role, m, n, k, budget=args.seconds)
-                    rate = 2.0 * m * n * k / seconds / 1e9
-                    cells.append({"threads": threads, "gflops": rate, "us": seconds * 1e6})
-                row["cells"][name] = cells
-                shown = " / ".join(
-                    f"{c['us']:.1f} us" if name == "S step" else f"{c['gflops']:.0f}" for c in cells
-                )
-                print(f"{source:6s} {row['precision']} {name:20s} {shown}", flush=True)
-            rows.append(row)
+        sources = [s for s in args.sources if gemm.available(s, bf16)]
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name in names:
+                role, m, n, k = table[name]
+                runs = measure(sources, bf16, role, m, n, k, args.seconds, args.rounds)
+                flops = 2.0 * m * n * k
+                shown = []
+                for s in sources:
+                    med = statistics.median(runs[s])
+                    cell = {
+                        "threads": threads,
+                        "us": med * 1e6,
+                        "gflops": flops / med / 1e9,
+                        "gflops_min": flops / max(runs[s]) / 1e9,
+                        "gflops_max": flops / min(runs[s]) / 1e9,
+                    }
+                    row = rows.setdefault((s, precision), {"source": s, "precision": precision})
+                    row.setdefault("cells", {}).setdefault(name, []).append(cell)
+                    shown.append(f"{s} {cell['gflops']:.0f} ({cell['us']:.1f} us)")
+                print(f"{precision} t{threads} {name:8s} " + " | ".join(shown), flush=True)
     machine = lscpu()
-    print(machine)
+    after = open("/proc/loadavg").read().split()[:3] if platform.system() == "Linux" else []
+    print(f"{machine}; load before {' '.join(load)}, after {' '.join(after)}; "
+          f"{time.time() - started:.0f} s")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "machine": machine,
+                    "torch": torch.__version__,
+                    "load": {"before": load, "after": after},
+                    "rows": list(rows.values()),
+                },
+                f,
+                indent=1,
+            )
     if args.markdown:
         threads = " / ".join(str(t) for t in args.threads)
         print()
-        print(f"| source | precision | {' | '.join(SHAPES)} |")
-        print("|---|---|" + "---:|" * len(SHAPES))
-        for row in rows:
+        print(f"| source | precision | {' | '.join(names)} |")
+        print("|---|---|" + "---:|" * len(names))
+        for row in rows.values():
             cells = []
-            for name, values in row["cells"].items():
-                if name == "S step":
+            for name in names:
+                values = row["cells"].get(name, [])
+                if name.endswith("step") and name.startswith("S"):
                     cells.append(" / ".join(f"{v['us']:.1f} µs" for v in values))
                 else:
                     cells.append(" / ".join(f"{v['gflops']:.0f}" for v in values))
             print(f"| {row['source']} | {row['precision']} | {' | '.join(cells)} |")
-        print(f"\nGFLOP/s at {threads} threads (S step: µs per call); {machine}")
+        print(f"\nGFLOP/s at {threads} threads (S step: µs per call), medians; {machine}")
 
 
 if __name__ == "__main__":

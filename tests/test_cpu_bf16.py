@@ -102,6 +102,25 @@ def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 def test_autocast_bf16_matches_fp32_within_bf16_tolerance(cell, structure, with_lengths):
+    check_autocast(cell, structure, with_lengths)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_autocast_bf16_on_the_onednn_source_matches_fp32(monkeypatch, cell):
+    # every cell (the projection's packed w_hr too) with oneDNN's bf16 matmuls, both directions
+    # at once, with lengths
+    if not (gemm.bf16_supported() and gemm.available("onednn", True)):
+        pytest.skip(f"no bf16 matmul from oneDNN here ({gemm.onednn_problem() or 'no bf16'})")
+    monkeypatch.setenv(gemm.ENV, "onednn")
+    module = make(cell, "bidirectional")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "GEMMs bf16 x bf16 -> fp32: step onednn, bulk onednn" in str(
+            rnnkit.explain(module, torch.randn(T, B, I))
+        )
+    check_autocast(cell, "bidirectional", True)
+
+
+def check_autocast(cell: str, structure: str, with_lengths: bool) -> None:
     # Within BF16_TOL of float32, or (a ReLU's unbounded state, where torch.nn's own autocast
     # strays further) within 1.5x of what the reference backend under autocast strays.
     module = make(cell, structure)

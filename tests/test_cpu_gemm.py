@@ -1,11 +1,20 @@
 """The cpu kernels' GEMM layer: every source gives the same results, the choice is measured at
 first use of a shape class and cached (in memory and on disk, per machine), ``RNNKIT_GEMM``
 forces a source, and :func:`rnnkit.explain` shows the plan. With ``lengths=``, the bulk GEMMs
-cover the valid rows only and the results equal those of each sequence run alone."""
+cover the valid rows only and the results equal those of each sequence run alone.
+
+The onednn source (the optional ``onednn-cpu-gomp`` wheel, opened at run time): each GEMM the
+kernels call equals the float64 product, whole layers equal the mkl source's, and without the
+wheel it is unavailable, never chosen, and a clear error when forced. Its tests skip where the
+wheel is not installed."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +40,7 @@ def fresh(monkeypatch, tmp_path):
     path = tmp_path / "gemm-test.json"
     monkeypatch.setattr(gemm, "_file", lambda: path)
     monkeypatch.setattr(gemm, "_memory", {})
+    monkeypatch.setattr(gemm, "_plans", {})
     monkeypatch.setattr(gemm, "_loaded", False)
     monkeypatch.delenv(gemm.ENV, raising=False)
     return path
@@ -147,3 +157,209 @@ def test_lengths_equal_each_sequence_run_alone(cls):
         (o * w).sum().backward()
     for a, e in zip(together, [p.grad for p in module.parameters()], strict=True):
         torch.testing.assert_close(a, e, rtol=GRAD_TOL, atol=GRAD_TOL)
+
+
+# -- the onednn source ---------------------------------------------------------------------------
+
+#: float32 products of a few dozen terms: the float64 product to float32 rounding
+PRODUCT_TOL = 1e-5
+
+
+def needs_onednn(bf16: bool = False) -> None:
+    if not gemm.available("onednn", False):
+        pytest.skip(f"oneDNN is not available: {gemm.onednn_problem()}")
+    if bf16 and not (gemm.bf16_supported() and gemm.available("onednn", True)):
+        pytest.skip("no native bf16 matmul from oneDNN here")
+
+
+def product(a, b, c, ta, tb, beta, bf16):
+    """op(A) . op(B) + beta C in float64, of A and B rounded to bfloat16 with bf16 (the products
+    of bfloat16 numbers are exact in float64: what a bf16 x bf16 -> f32 GEMM accumulates)."""
+    if bf16:
+        a, b = a.bfloat16(), b.bfloat16()
+    a, b = a.double(), b.double()
+    return (a.t() if ta else a) @ (b.t() if tb else b) + beta * c.double()
+
+
+def operands(m, n, k, ta, tb, strided):
+    """A stored as op(A) needs, B likewise, C (m, n); rows padded (lda > cols) when strided."""
+
+    def matrix(rows, cols):
+        pad = 3 if strided else 0
+        return torch.randn(rows, cols + pad)[:, :cols]
+
+    a = matrix(k, m) if ta else matrix(m, k)
+    b = matrix(n, k) if tb else matrix(k, n)
+    return a, b, matrix(m, n)
+
+
+# How the kernels call each GEMM (ops.cpp's gemm_compute): the step's packed weight (forward
+# h . W_hh^T, backward dG . W_hh; on all its rows or fewer, as with lengths), the step's plain
+# GEMM (with lengths), and the bulk GEMMs:
+# input projection x . W_ih^T, dx = dG . W_ih, weight gradients dG^T . x, the bias gradients'
+# ones (1, R) . dG; as plain strided GEMMs and as Operands (rounded once).
+CALLS = [
+    ("packed", False, True),
+    ("packed", False, False),
+    ("packed_rows", False, True),
+    ("packed_rows", False, False),
+    ("step", False, True),
+    ("step", False, False),
+    ("bulk", False, True),
+    ("bulk", False, False),
+    ("bulk", True, False),
+    ("operand", False, True),
+    ("operand", False, False),
+    ("operand", True, False),
+]
+SIZES = [(1, 24, 9), (7, 17, 1), (5, 40, 33), (33, 19, 64)]  # (M, N, K): M = 1, K = 1, N odd
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize(("how", "ta", "tb"), CALLS)
+def test_onednn_gemms_equal_the_float64_product(how, ta, tb, beta, bf16):
+    needs_onednn(bf16)
+    import rnnkit.backends.cpu.ops  # noqa: F401  (the kernels' ops)
+
+    sid = gemm.SOURCES.index("onednn")
+    for m, n, k in SIZES:
+        for strided in [False] if how == "operand" else [False, True]:
+            a, b, c = operands(m, n, k, ta, tb, strided)
+            want = product(a, b, c, ta, tb, beta, bf16)
+            torch.ops.rnnkit_cpu.gemm_compute(sid, bf16, how, a, b, c, ta, tb, beta)
+            scale = float(want.abs().max()) + 1.0
+            err = float((c.double() - want).abs().max()) / scale
+            assert err < PRODUCT_TOL, f"{how} ta={ta} tb={tb} M,N,K={m},{n},{k}: {err:.2e}"
+
+
+def test_onednn_packed_step_runs_again_with_new_data():
+    # the step's primitive and memory objects are reused: each call reads the data it is given
+    needs_onednn()
+    import rnnkit.backends.cpu.ops  # noqa: F401
+
+    sid = gemm.SOURCES.index("onednn")
+    for _ in range(3):
+        a, b, c = operands(6, 30, 10, False, True, False)
+        want = product(a, b, c, False, True, 0.0, False)
+        torch.ops.rnnkit_cpu.gemm_compute(sid, False, "packed", a, b, c, False, True, 0.0)
+        torch.testing.assert_close(c.double(), want, rtol=PRODUCT_TOL, atol=PRODUCT_TOL)
+
+
+PARITY = {"gru": rnnkit.GRU, "lstm": rnnkit.LSTM, "rnn": rnnkit.RNN}
+
+
+def _baseline(bf16: bool) -> str:
+    return "mkl" if gemm.available("mkl", bf16) else "torch"
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("name", list(PARITY))
+def test_onednn_layers_equal_the_mkl_source(monkeypatch, name, bidirectional, bf16):
+    # forward and backward of whole layers with lengths (the step's packed and plain GEMMs, the
+    # bulk ones over the valid rows), both directions on two threads
+    needs_onednn(bf16)
+    torch.manual_seed(0)
+    t, b, i, h = 7, 16, 24, 40
+    module = PARITY[name](i, h, bidirectional=bidirectional, backend="cpu")
+    x = torch.randn(t, b, i)
+    lengths = torch.tensor([7, 3, 0, 5, 1, 7, 6, 2, 4, 7, 5, 3, 1, 6, 2, 7])
+
+    def run(source):
+        monkeypatch.setenv(gemm.ENV, source)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            assert f"step {source}, bulk {source}" in str(rnnkit.explain(module, x))
+            return step(module, x, lengths)
+
+    want, want_grads = run(_baseline(bf16))
+    got, got_grads = run("onednn")
+    if bf16:
+        from test_cpu_bf16 import BF16_TOL, close
+
+        for k, (a, e) in enumerate(
+            zip(got + list(got_grads), want + list(want_grads), strict=True)
+        ):
+            close(a, e, BF16_TOL, f"tensor {k}")
+    else:
+        for a, e in zip(got, want, strict=True):
+            torch.testing.assert_close(a, e, rtol=OUT_TOL, atol=OUT_TOL)
+        for a, e in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, e, rtol=GRAD_TOL, atol=GRAD_TOL)
+
+
+def test_a_cached_choice_without_onednn_is_measured_again(fresh):
+    # an entry from before the wheel was installed did not measure onednn: measured anew
+    needs_onednn()
+    module = rnnkit.GRU(I, H, backend="cpu")
+    x = torch.randn(T, B, I)
+    assert "measured now" in str(rnnkit.explain(module, x))
+    for entry in gemm._memory.values():
+        assert "onednn" in entry["gflops"]
+        entry["gflops"].pop("onednn")
+        entry["best"] = "mkl" if "mkl" in entry["gflops"] else "torch"
+    gemm._plans.clear()  # a new process, which reads such entries
+    assert "measured now" in str(rnnkit.explain(module, x))
+    assert all("onednn" in e["gflops"] for e in gemm._memory.values())
+    assert "measured earlier on this machine" in str(rnnkit.explain(module, x))
+
+
+def test_without_the_wheel_onednn_is_unavailable_and_never_chosen(fresh, monkeypatch):
+    missing = Path("/nonexistent/lib/libdnnl.so.3")
+    monkeypatch.setattr(gemm, "onednn_library", lambda: missing)
+    monkeypatch.setattr(gemm, "_onednn_problems", {})
+    assert not gemm.available("onednn", False)
+    assert str(missing) in gemm.onednn_problem()
+    module = rnnkit.GRU(I, H, backend="cpu")
+    x = torch.randn(T, B, I)
+    assert "onednn" not in str(rnnkit.explain(module, x))
+    assert gemm._memory and all("onednn" not in e["gflops"] for e in gemm._memory.values())
+    monkeypatch.setenv(gemm.ENV, "onednn")
+    with pytest.raises(RuntimeError, match=r"pip install onednn-cpu-gomp==2023\.2\.0") as e:
+        module(x)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(gemm, "onednn_library", lambda: None)
+    monkeypatch.setattr(gemm, "_onednn_problems", {})
+    with pytest.raises(RuntimeError, match="onednn-cpu-gomp package is not installed"):
+        module(x)
+
+
+def test_a_library_that_fails_to_open_leaves_the_kernels_working(tmp_path):
+    # In a fresh process (the library is opened once per process): RNNKIT_ONEDNN_LIBRARY names
+    # a file that is no library. The kernels' own op says unavailable, auto runs without it, and
+    # forcing it names the cause and the package.
+    bogus = tmp_path / "libdnnl.so.3"
+    bogus.write_text("not a shared library\n")
+    script = f"""
+import os, pathlib, torch, rnnkit
+from rnnkit.backends.cpu import gemm
+gemm._file = lambda: pathlib.Path({str(tmp_path / "gemm.json")!r})  # the measurements aside
+assert not gemm.available("onednn", False)
+assert not torch.ops.rnnkit_cpu.gemm_available({gemm.SOURCES.index("onednn")}, False)
+print("problem:", gemm.onednn_problem())
+m = rnnkit.GRU(3, 4, backend="cpu")
+x = torch.randn(2, 1, 3)
+m(x)
+os.environ["RNNKIT_GEMM"] = "onednn"
+try:
+    m(x)
+except RuntimeError as e:
+    print("error:", e)
+"""
+    src = str(Path(rnnkit.__file__).resolve().parents[1])  # this checkout's rnnkit
+    env = {
+        **os.environ,
+        gemm.ONEDNN_ENV: str(bogus),
+        "RNNKIT_GEMM": "auto",
+        "RNNKIT_CACHE": str(build.cache_dir()),
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("problem: cannot open " + str(bogus)) for line in lines), run.stdout
+    error = next(line for line in lines if line.startswith("error:"))
+    assert "RNNKIT_GEMM = 'onednn' but oneDNN cannot be used" in error
+    assert "pip install onednn-cpu-gomp==2023.2.0" in error

@@ -38,8 +38,9 @@ import torch
 __all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "library_path", "unavailable"]
 
 _HERE = Path(__file__).resolve().parent
-#: One translation unit per cell family instantiating the drivers, and the op entries (with the
-#: GEMMs and the thread pool): they compile in parallel, the longest first.
+#: One translation unit per cell family instantiating the drivers, the op entries (with the GEMMs
+#: and the thread pool) and the oneDNN source's loader: they compile in parallel, the longest
+#: first.
 SOURCES = tuple(
     _HERE / s
     for s in (
@@ -51,11 +52,21 @@ SOURCES = tuple(
         "cell_layernorm_lstm.cpp",
         "cell_layernorm_gru.cpp",
         "cell_gru.cpp",
+        "onednn.cpp",
     )
 )
 #: Hashed into the cache key, not compiled alone.
 HEADERS = tuple(
-    _HERE / h for h in ("kernel_common.h", "kernels.h", "cells.h", "driver.h", "checks.h")
+    _HERE / h
+    for h in (
+        "kernel_common.h",
+        "kernels.h",
+        "cells.h",
+        "driver.h",
+        "checks.h",
+        "onednn.h",
+        "onednn_api.h",
+    )
 )
 _CFLAGS = (
     "-O3",
@@ -65,7 +76,8 @@ _CFLAGS = (
     "-fno-trapping-math",
     "-std=c++17",
 )
-_LDFLAGS = ("-fopenmp",)
+# -ldl: dlopen() of the optional oneDNN library (onednn.cpp), never linked against
+_LDFLAGS = ("-fopenmp", "-ldl")
 
 _lock = threading.Lock()
 _loaded = False

@@ -15,7 +15,11 @@ Sources (ops.cpp's GemmSource):
 * ``mkl``: MKL's BLAS as libtorch exports it (``sgemm_``, its packed API for the step, and
   ``cblas_gemm_bf16bf16f32`` for bfloat16);
 * ``torch``: ATen's matrix product through the dispatcher, no extra dependency (torch's own
-  MKL for float32, its oneDNN for bfloat16).
+  MKL for float32, its oneDNN for bfloat16);
+* ``onednn``: oneDNN 3's matmul primitive, the step's weight reordered once per call into the
+  layout the primitive prefers, from the GOMP-threaded ``onednn-cpu-gomp`` wheel (the
+  ``rnnkit[onednn]`` extra). The kernels never link against it: its library is opened at first
+  use (:func:`onednn_library` says where), and without it the source is simply unavailable.
 
 bfloat16 GEMMs (operands rounded to bfloat16, products accumulated in float32) are used only
 where :func:`bf16_supported` says the CPU has bf16 instructions.
@@ -26,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
+import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,10 +42,20 @@ import torch
 
 from . import build
 
-__all__ = ["ENV", "SOURCES", "Plan", "bf16_supported", "forced", "plan", "probe"]
+__all__ = [
+    "ENV",
+    "SOURCES",
+    "Plan",
+    "bf16_supported",
+    "forced",
+    "onednn_library",
+    "onednn_problem",
+    "plan",
+    "probe",
+]
 
 #: The GEMM sources by ops.cpp's id.
-SOURCES = ("mkl", "torch")
+SOURCES = ("mkl", "torch", "onednn")
 #: What gemm_probe measures: the recurrent step, the input projection, the weight gradients.
 ROLES = ("step", "bulk", "wgrad")
 #: The environment variable that forces a source ("auto": measure).
@@ -50,6 +66,11 @@ BUDGET = 0.004
 MARGIN = 1.1
 #: The bulk GEMMs are measured on at most this many rows (their rate has settled by then).
 BULK_ROWS = 4096
+#: The wheel that brings the onednn source's library, and the library's file name in it.
+ONEDNN_WHEEL = "onednn-cpu-gomp==2023.2.0"
+ONEDNN_LIBRARY = "libdnnl.so.3"
+#: An environment variable naming another libdnnl.so.3 (an OpenMP build of oneDNN 3) to open.
+ONEDNN_ENV = "RNNKIT_ONEDNN_LIBRARY"
 
 _lock = threading.Lock()
 _memory: dict[str, dict] = {}
@@ -141,10 +162,62 @@ def _save() -> None:
         os.replace(tmp, path)
 
 
+def onednn_library() -> Path | None:
+    """Where the onednn source's library is: ``$RNNKIT_ONEDNN_LIBRARY``, else the
+    ``libdnnl.so.3`` the ``onednn-cpu-gomp`` distribution installed (it unpacks it at the
+    environment's root, ``sys.prefix/lib``), else None."""
+    given = os.environ.get(ONEDNN_ENV, "").strip()
+    if given:
+        return Path(given)
+    return _installed_library()
+
+
+@functools.cache
+def _installed_library() -> Path | None:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        for f in importlib.metadata.distribution("onednn-cpu-gomp").files or ():
+            if f.name == ONEDNN_LIBRARY:
+                return Path(str(f.locate())).resolve()
+    path = Path(sys.prefix) / "lib" / ONEDNN_LIBRARY
+    return path if path.is_file() else None
+
+
+_onednn_problems: dict[str, str | None] = {}  # by library path: why it could not be opened
+
+
+def onednn_problem() -> str | None:
+    """None when the onednn source's library is open (opened now at the first call), else why
+    it is not, in words."""
+    path = onednn_library()
+    if path is None:
+        return f"the {ONEDNN_WHEEL.split('==')[0]} package is not installed"
+    key = str(path)
+    if key not in _onednn_problems:
+        if not path.is_file():
+            _onednn_problems[key] = f"{path} does not exist"
+        else:
+            build.ensure()
+            _onednn_problems[key] = torch.ops.rnnkit_cpu.onednn_load(key) or None
+    return _onednn_problems[key]
+
+
 def available(source: str, bf16: bool) -> bool:
     """Whether ``source`` can run here (in bfloat16 with ``bf16``)."""
     build.ensure()
+    if source == "onednn" and onednn_problem() is not None:
+        return False
     return bool(torch.ops.rnnkit_cpu.gemm_available(SOURCES.index(source), bf16))
+
+
+def _check_forced(source: str) -> None:
+    """Raise, in one line, if a forced source cannot run here."""
+    if source == "onednn":
+        why = onednn_problem()
+        if why is not None:
+            raise RuntimeError(
+                f"{ENV} = 'onednn' but oneDNN cannot be used: {why}; install it with "
+                f"`pip install {ONEDNN_WHEEL}` (or `pip install 'rnnkit[onednn]'`)"
+            )
 
 
 def probe(source: str, bf16: bool, role: str, m: int, n: int, k: int, budget: float = BUDGET):
@@ -187,10 +260,15 @@ def _pow2(v: int) -> int:
 def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
     """The fastest source for one shape class, and whether it was measured just now."""
     key = f"{role}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{torch.get_num_threads()}"
-    entry = _memory.get(key)
-    if entry is not None and entry.get("best") in SOURCES:
-        return entry["best"], False
     sources = [s for s in SOURCES if available(s, bf16)]
+    entry = _memory.get(key)
+    # kept while it measured every source available now (one installed since is measured)
+    if (
+        entry is not None
+        and entry.get("best") in sources
+        and set(sources) <= set(entry.get("gflops", ()))
+    ):
+        return entry["best"], False
     seconds = compare(sources, bf16, role, m, n, k)
     if len(sources) > 1 and max(seconds.values()) > MARGIN * min(seconds.values()):
         # a difference: measured again, so that one stalled pass (the machine's other work
@@ -240,6 +318,7 @@ _EARLIER = "measured earlier on this machine"
 def _plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16: bool) -> Plan:
     source = forced()
     if source is not None:
+        _check_forced(source)
         return Plan(source, source, bf16, f"forced by {ENV}")
     g = gates * hidden
     step_shape = (max(1, batch), max(1, g), max(1, hidden))

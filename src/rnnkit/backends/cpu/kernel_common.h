@@ -41,8 +41,9 @@ using std::int64_t;
 enum GemmRole : int { kStep = 0, kBulk = 1 };
 
 enum GemmSource : int {
-  kSourceMkl = 0,    // MKL's BLAS as torch exports it: sgemm_, its packed API, gemm_bf16bf16f32
-  kSourceTorch = 1,  // ATen's matrix product through the dispatcher (torch's MKL or oneDNN)
+  kSourceMkl = 0,     // MKL's BLAS as torch exports it: sgemm_, its packed API, gemm_bf16bf16f32
+  kSourceTorch = 1,   // ATen's matrix product through the dispatcher (torch's MKL or oneDNN)
+  kSourceOnednn = 2,  // oneDNN 3's matmul primitive, opened at run time (onednn.h)
   kSources
 };
 
@@ -95,8 +96,13 @@ class Buffer {
   std::unique_ptr<T[], Free> data_;
 };
 
+namespace onednn {
+class Packed;
+}
+
 // A right-hand operand used at every step (w_hh, w_hr), prepared once per call for the step's
-// source: packed into MKL's internal layout, or rounded to bfloat16 once (bf16). Per step
+// source: packed into MKL's internal layout, or rounded to bfloat16 once (bf16), or reordered
+// into the layout oneDNN's matmul prefers (float32 or bfloat16). Per step
 // C (M, N) = A (M, K) . op(B) (K, N) + beta C without preparing B again. Defined in ops.cpp.
 template <typename T>
 class PackedB {
@@ -105,6 +111,9 @@ class PackedB {
           int64_t ldb);
   // C (M, N) = A (M, K) . op(B) + beta C
   void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
+  // C (rows, N) = A (rows, K) . op(B) + beta C, rows <= M: the step over the sequences still
+  // running (with lengths), on B as prepared where the source allows it.
+  void run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
 
  private:
   GemmPlan plan_;
@@ -115,7 +124,8 @@ class PackedB {
   bool packed_ = false;  // MKL's packed fp32 B in buffer_
   bool half_ = false;    // bf16: B rounded once into bhalf_ (op(B) layout kept), A per step
   Buffer<float> buffer_;
-  Buffer<std::uint16_t> bhalf_, ahalf_;
+  Buffer<std::uint16_t> bhalf_, ahalf_;  // ahalf_: A rounded per step (MKL's and oneDNN's bf16)
+  std::shared_ptr<onednn::Packed> onednn_;  // oneDNN's packed B (float32 or bfloat16)
 };
 
 extern template class PackedB<float>;

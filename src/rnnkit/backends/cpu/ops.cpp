@@ -50,6 +50,7 @@
 #include <cstdint>
 #include <exception>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -68,6 +69,7 @@
 #include "checks.h"
 #include "kernel_common.h"
 #include "kernels.h"
+#include "onednn.h"
 
 namespace rnnkit {
 namespace cpu {
@@ -221,6 +223,8 @@ bool gemm_source_available(int source, bool bf16) {
       return bf16 ? have_mkl_bf16() : have_blas<float>();
     case kSourceTorch:
       return true;
+    case kSourceOnednn:
+      return onednn::available(bf16);
     default:
       return false;
   }
@@ -239,6 +243,18 @@ void gemm(const GemmPlan& plan, GemmRole role, bool ta, bool tb, int64_t M, int6
   constexpr bool kFloat = std::is_same_v<T, float>;
   const bool bf16 = kFloat && plan.bf16;
   if constexpr (kFloat) {
+    if (source == kSourceOnednn && alpha == 1.0f && onednn::available(bf16)) {
+      if (!bf16) {
+        if (onednn::matmul(false, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc)) return;
+      } else {
+        const int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+        std::uint16_t* a = scratch(0, ar * ac);
+        std::uint16_t* b = scratch(1, br * bc);
+        round_rows(ar, ac, A, lda, a);
+        round_rows(br, bc, B, ldb, b);
+        if (onednn::matmul(true, ta, tb, M, N, K, a, ac, b, bc, beta, C, ldc)) return;
+      }
+    }
     if (bf16 && source == kSourceMkl && have_mkl_bf16()) {
       const int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
       std::uint16_t* a = scratch(0, ar * ac);
@@ -268,7 +284,15 @@ template void gemm<double>(const GemmPlan&, GemmRole, bool, bool, int64_t, int64
                            double*, int64_t);
 
 bool rounds_operands(const GemmPlan& plan) {
-  return plan.bf16 && plan.source[kBulk] == kSourceMkl && have_mkl_bf16();
+  if (!plan.bf16) return false;
+  switch (plan.source[kBulk]) {
+    case kSourceMkl:
+      return have_mkl_bf16();
+    case kSourceOnednn:
+      return onednn::available(true);
+    default:
+      return false;
+  }
 }
 
 void round_bf16(int64_t n, const float* src, std::uint16_t* dst) { round_rows(1, n, src, n, dst); }
@@ -278,9 +302,17 @@ void gemm(const GemmPlan& plan, bool ta, bool tb, int64_t M, int64_t N, int64_t 
           const Operand<T>& A, const Operand<T>& B, T beta, T* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
     if (A.half.data() && B.half.data() && M > 0 && N > 0 && K > 0) {
-      cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N, K,
-                             1.0f, A.half.data(), A.cols, B.half.data(), B.cols, beta, C, ldc);
-      return;
+      // rounded for the plan's bulk source (rounds_operands): oneDNN's or MKL's bf16 GEMM
+      if (plan.source[kBulk] == kSourceOnednn &&
+          onednn::matmul(true, ta, tb, M, N, K, A.half.data(), A.cols, B.half.data(), B.cols,
+                         beta, C, ldc))
+        return;
+      if (have_mkl_bf16()) {
+        cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N,
+                               K, 1.0f, A.half.data(), A.cols, B.half.data(), B.cols, beta, C,
+                               ldc);
+        return;
+      }
     }
   }
   gemm<T>(plan, kBulk, ta, tb, M, N, K, T(1), A.data, A.cols, B.data, B.cols, beta, C, ldc);
@@ -297,6 +329,11 @@ PackedB<T>::PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t
                     int64_t ldb)
     : plan_(plan), tb_(tb), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
   if constexpr (std::is_same_v<T, float>) {
+    if (B && M > 0 && N > 0 && K > 0 && plan.source[kStep] == kSourceOnednn) {
+      onednn_ = onednn::Packed::make(plan.bf16, tb, M, N, K, B, ldb);
+      if (onednn_ && plan.bf16) ahalf_ = Buffer<std::uint16_t>(M * K);
+      return;  // else (oneDNN cannot run it) the plain GEMM per step
+    }
     const bool usable = B && M > 0 && N > 0 && K > 0 && plan.source[kStep] == kSourceMkl;
     if (plan.bf16) {
       half_ = usable && have_mkl_bf16();
@@ -320,20 +357,37 @@ PackedB<T>::PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t
 
 template <typename T>
 void PackedB<T>::run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+  run_rows(M_, A, lda, beta, C, ldc);
+}
+
+template <typename T>
+void PackedB<T>::run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C,
+                          int64_t ldc) const {
+  if (rows <= 0) return;
   if constexpr (std::is_same_v<T, float>) {
-    if (packed_) {
+    if (onednn_) {
+      const void* a = A;
+      int64_t la = lda;
+      if (plan_.bf16) {
+        round_rows(rows, K_, A, lda, ahalf_.data());
+        a = ahalf_.data();
+        la = K_;
+      }
+      if (onednn_->run(rows, a, la, beta, C, ldc)) return;
+    }
+    if (packed_ && rows == M_) {  // MKL's packed B is computed with the M it was packed for
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, M_, N_, K_, A, lda, buffer_.data(), ldb_,
                           beta, C, ldc);
       return;
     }
     if (half_) {
-      round_rows(M_, K_, A, lda, ahalf_.data());
-      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, tb_ ? kTrans : kNoTrans, M_, N_, K_, 1.0f,
+      round_rows(rows, K_, A, lda, ahalf_.data());
+      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, tb_ ? kTrans : kNoTrans, rows, N_, K_, 1.0f,
                              ahalf_.data(), K_, bhalf_.data(), tb_ ? K_ : N_, beta, C, ldc);
       return;
     }
   }
-  gemm<T>(plan_, kStep, false, tb_, M_, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
+  gemm<T>(plan_, kStep, false, tb_, rows, N_, K_, T(1), A, lda, B_, ldb_, beta, C, ldc);
 }
 
 template class PackedB<float>;
@@ -651,6 +705,10 @@ GemmPlan plan_of(int64_t step, int64_t bulk, bool bf16) {
   return plan;
 }
 
+// Opens oneDNN's library at `path` for the onednn source: "" when it is open (now or before),
+// else why it could not be.
+std::string onednn_load(std::string path) { return onednn::load(path); }
+
 bool gemm_available(int64_t source, bool bf16) {
   check_source("source", source);
   return gemm_source_available(static_cast<int>(source), bf16);
@@ -688,6 +746,53 @@ std::vector<double> gemm_probe(int64_t source, bool bf16, int64_t role, int64_t 
     if (r > 0) seconds.push_back(took.count());
   }
   return seconds;
+}
+
+// C (M, N) = op(A) (M, K) . op(B) (K, N) + beta C in place, float32 (rows strided as given:
+// stride(1) == 1), by `source` as the kernels call it `how`: "packed" (the step: B prepared once,
+// PackedB; A not transposed), "packed_rows" (the same B prepared for M + 5 rows, run on M:
+// PackedB::run_rows), "step" (the step's plain GEMM, as with lengths), "bulk" (a bulk
+// GEMM), "operand" (a bulk GEMM of two Operands, rounded once where the plan says so: A and B
+// contiguous). For the tests of every source against a float64 product.
+void gemm_compute(int64_t source, bool bf16, std::string how, const Tensor& a,
+                  const Tensor& b, const Tensor& c, bool ta, bool tb, double beta) {
+  check_source("source", source);
+  for (const Tensor* t : {&a, &b, &c})
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->device().is_cpu() &&
+                    t->stride(1) == 1 && t->stride(0) >= std::max<int64_t>(t->size(1), 1),
+                "rnnkit cpu kernels: gemm_compute takes 2-D float32 CPU matrices with rows of "
+                "unit stride; got sizes ", t->sizes(), ", strides ", t->strides());
+  const int64_t M = c.size(0), N = c.size(1), K = ta ? a.size(0) : a.size(1);
+  TORCH_CHECK((ta ? a.size(1) : a.size(0)) == M && (tb ? b.size(1) : b.size(0)) == K &&
+                  (tb ? b.size(0) : b.size(1)) == N,
+              "rnnkit cpu kernels: gemm_compute: op(A) ", a.sizes(), ", op(B) ", b.sizes(),
+              " and C ", c.sizes(), " do not make a product");
+  const GemmPlan plan = plan_of(source, source, bf16);
+  const float* A = a.const_data_ptr<float>();
+  const float* B = b.const_data_ptr<float>();
+  float* C = c.mutable_data_ptr<float>();
+  const float fbeta = static_cast<float>(beta);
+  if (how == "packed" || how == "packed_rows") {
+    TORCH_CHECK(!ta, "rnnkit cpu kernels: gemm_compute: the step does not transpose A");
+    if (how == "packed") {
+      const PackedB<float> packed(plan, tb, M, N, K, B, b.stride(0));
+      packed.run(A, a.stride(0), fbeta, C, c.stride(0));
+    } else {
+      const PackedB<float> packed(plan, tb, M + 5, N, K, B, b.stride(0));
+      packed.run_rows(M, A, a.stride(0), fbeta, C, c.stride(0));
+    }
+  } else if (how == "step" || how == "bulk") {
+    gemm<float>(plan, how == "step" ? kStep : kBulk, ta, tb, M, N, K, 1.0f, A, a.stride(0), B,
+                b.stride(0), fbeta, C, c.stride(0));
+  } else if (how == "operand") {
+    TORCH_CHECK(a.is_contiguous() && b.is_contiguous(),
+                "rnnkit cpu kernels: gemm_compute: Operands are contiguous");
+    const Operand<float> oa(plan, a.size(0), a.size(1), A), ob(plan, b.size(0), b.size(1), B);
+    gemm<float>(plan, ta, tb, M, N, K, oa, ob, fbeta, C, c.stride(0));
+  } else {
+    TORCH_CHECK(false, "rnnkit cpu kernels: gemm_compute: how = '", how,
+                "'; expected packed, packed_rows, step, bulk or operand");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -816,6 +921,11 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "Tensor[] masks, Tensor[] saved, Tensor? lengths, int kernel_id, bool[] reverse, "
       "float eps, bool need_dx, int gemm_step=0, int gemm_bulk=0, bool bf16=False) -> Tensor[]");
   m.def("gemm_available(int source, bool bf16) -> bool", &rnnkit::cpu::gemm_available);
+  m.def("onednn_load(str path) -> str", &rnnkit::cpu::onednn_load);
+  m.def(
+      "gemm_compute(int source, bool bf16, str how, Tensor a, Tensor b, Tensor(c!) c, bool ta, "
+      "bool tb, float beta) -> ()",
+      &rnnkit::cpu::gemm_compute);
   m.def("gemm_probe(int source, bool bf16, int role, int M, int N, int K, int reps) -> float[]",
         &rnnkit::cpu::gemm_probe);
 }
