@@ -348,6 +348,7 @@ std::string load(const std::string& path) {
   RNNKIT_RESOLVE(primitive_create)
   RNNKIT_RESOLVE(primitive_execute)
   RNNKIT_RESOLVE(primitive_destroy)
+  RNNKIT_RESOLVE(set_primitive_cache_capacity)
 #undef RNNKIT_RESOLVE
   if (missing) return path + " lacks dnnl_" + missing + " (not oneDNN 3)";
   const Version* v = f.version();
@@ -357,6 +358,12 @@ std::string load(const std::string& path) {
   if (v->cpu_runtime != kRuntimeOpenMP)
     return path + " is not the OpenMP-threaded build of oneDNN (cpu_runtime " +
            std::to_string(v->cpu_runtime) + "); expected onednn-cpu-gomp";
+  // This copy of oneDNN shares a few C++ runtime symbols with the one inside libtorch (the
+  // vtables of the result types its primitive cache passes through std::future): they bind to
+  // libtorch's. With the cache off (the primitives are cached here, per shape) this copy does
+  // not create those objects.
+  if (f.set_primitive_cache_capacity(0) != kSuccess)
+    return "oneDNN at " + path + " could not turn its primitive cache off";
   if (f.engine_create(&lib->engine, kEngineCpu, 0) != kSuccess)
     return "oneDNN at " + path + " could not create a CPU engine";
   if (f.stream_create(&lib->stream, lib->engine, kStreamInOrder) != kSuccess)

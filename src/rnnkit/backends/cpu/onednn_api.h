@@ -115,6 +115,7 @@ struct Api {
   Status (*primitive_execute)(const PrimitiveObj* primitive, Stream stream, int nargs,
                               const ExecArg* args);
   Status (*primitive_destroy)(Primitive primitive);
+  Status (*set_primitive_cache_capacity)(int capacity);
 };
 
 }  // namespace dnnl_c
