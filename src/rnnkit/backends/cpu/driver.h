@@ -101,8 +101,8 @@ void forward(const ForwardArgs<T>& a) {
       // hg (B, G) = h or hc (B, P) . w_hh^T
       hh.run(gathered ? hc : h, P, T(0), hg, G);
     } else {
-      // hg (A, G) = hc (A, P) . w_hh^T
-      gemm<T>(a.gemm, kStep, false, true, A, G, P, T(1), hc, P, a.w[kWeightHh], P, T(0), hg, G);
+      // hg (A, G) = hc (A, P) . w_hh^T, on the weight as prepared for the step
+      hh.run_rows(A, hc, P, T(0), hg, G);
     }
     parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -250,7 +250,7 @@ void backward(const BackwardArgs<T>& a) {
       if (A == B) {
         hh.run(dga, G, beta, dhc, P);
       } else {
-        gemm<T>(a.gemm, kStep, false, false, A, P, G, T(1), dga, G, w_hh, P, beta, dhc, P);
+        hh.run_rows(A, dga, G, beta, dhc, P);
       }
       for (int64_t k = 0; k < A; ++k) {
         T* dh_row = dh + rows[k] * P;
@@ -264,7 +264,7 @@ void backward(const BackwardArgs<T>& a) {
       hh.run(dga, G, T(1), dh, P);
     } else {
       // dhc (A, P) = dga (A, G) . w_hh (G, P), added to the active rows of dh
-      gemm<T>(a.gemm, kStep, false, false, A, P, G, T(1), dga, G, w_hh, P, T(0), dhc, P);
+      hh.run_rows(A, dga, G, T(0), dhc, P);
       for (int64_t k = 0; k < A; ++k) {
         T* dh_row = dh + rows[k] * P;
         const T* dhc_row = dhc + k * P;
