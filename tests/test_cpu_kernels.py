@@ -26,7 +26,9 @@ from torch.utils._pytree import tree_leaves
 
 import rnnkit
 from rnnkit.backends import Request
+from rnnkit.backends import cpu as cpu_backend
 from rnnkit.backends.cpu import CpuBackend, build, dispatch, ops
+from rnnkit.backends.cpu import gemm as cpu_gemm
 from rnnkit.cells.table import BIASES, PROJECTION, SPECS
 
 T, B, I, H = 7, 5, 4, 6
@@ -520,6 +522,28 @@ def test_dispatch_follows_the_nearest_measured_shape(lstm_measured_slower):
     point = dispatch.nearest("lstm", False, "fp32", True, (180, 60, 256, 500))
     assert point is not None and point.ratio == 1.3
     assert dispatch.nearest("gru", True, "bf16", True, (T, B, I, H)) is None
+
+
+def test_bf16_dispatch_reads_the_points_of_the_step_source(monkeypatch):
+    # bf16 was measured twice: with MKL's GEMMs alone and with oneDNN's packed bf16 step
+    table = {
+        ("gru", False, "bf16", True): (dispatch.Point(T, B, I, H, 0.7),),
+        ("gru", False, "bf16-onednn", True): (dispatch.Point(T, B, I, H, 1.4),),
+    }
+    monkeypatch.setattr(dispatch, "MEASURED", table)
+    monkeypatch.setattr(cpu_gemm, "bf16_supported", lambda: True)
+    request = Request(
+        mode="gru", steps=T, batch=B, input_size=I, hidden_size=H, requires_grad=True,
+        dtype=torch.bfloat16,
+    )  # fmt: skip
+    backend = CpuBackend()
+    for step, slower in (("mkl", True), ("onednn", False)):
+        plan = cpu_gemm.Plan(step, "mkl", True, "test")
+        monkeypatch.setattr(cpu_backend, "gemm_plan", lambda request, plan=plan: plan)
+        reason = backend.slower(request)
+        assert (reason is not None) == slower, (step, reason)
+        if slower:
+            assert "measured faster for gru bf16 training" in reason
 
 
 def test_accepts_every_cell_and_option_and_declines_the_rest():
