@@ -358,10 +358,11 @@ std::string load(const std::string& path) {
   if (v->cpu_runtime != kRuntimeOpenMP)
     return path + " is not the OpenMP-threaded build of oneDNN (cpu_runtime " +
            std::to_string(v->cpu_runtime) + "); expected onednn-cpu-gomp";
-  // This copy of oneDNN shares a few C++ runtime symbols with the one inside libtorch (the
-  // vtables of the result types its primitive cache passes through std::future): they bind to
-  // libtorch's. With the cache off (the primitives are cached here, per shape) this copy does
-  // not create those objects.
+  // The primitives are cached here, per shape: oneDNN's own primitive cache would only hold
+  // them twice. (This copy shares a few C++ runtime symbols with the oneDNN inside libtorch,
+  // the vtables of the std::future results its primitive creation passes through; opened
+  // RTLD_LOCAL, its primitive creation runs its own copies of those methods, as a debugger
+  // shows.)
   if (f.set_primitive_cache_capacity(0) != kSuccess)
     return "oneDNN at " + path + " could not turn its primitive cache off";
   if (f.engine_create(&lib->engine, kEngineCpu, 0) != kSuccess)
