@@ -17,7 +17,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KEEP", "SCHEDULES", "PredictOption", "Task", "TrainConfig", "flag", "option"]
+__all__ = [
+    "KEEP",
+    "SCHEDULES",
+    "PredictOption",
+    "Task",
+    "TrainConfig",
+    "flag",
+    "keep_option",
+    "option",
+    "schedule_option",
+]
 
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
@@ -38,6 +48,28 @@ POSITIVE = frozenset(
 #: Learning-rate schedules (``lr_schedule``) and which weights a run keeps (``keep``).
 SCHEDULES = ("plateau", "linear", "cosine")
 KEEP = ("best", "last")
+
+
+def schedule_option(default: str) -> Any:
+    """The ``lr_schedule`` field, with a recipe's own default."""
+    return option(
+        default,
+        "plateau: the rate changes only by lr_decay; linear / cosine: it falls after every step "
+        "from lr to 0 at the end of the last epoch",
+        SCHEDULES,
+    )
+
+
+def keep_option(default: str) -> Any:
+    """The ``keep`` field, with a recipe's own default."""
+    return option(
+        default,
+        "the weights a run keeps and evaluates: best (the best validation metric) or last (those "
+        "of the last epoch, for a fixed schedule: no early stopping)",
+        KEEP,
+    )
+
+
 #: Options that are probabilities in [0, 1).
 PROBABILITIES = frozenset({"dropout", "label_smoothing", "token_dropout", "average"})
 #: Options where 0 means "no limit" (what to give instead of infinity).
@@ -63,18 +95,8 @@ class TrainConfig:
         "multiply the learning rate by this after each epoch without a better validation "
         "metric; 1 = constant",
     )
-    lr_schedule: str = option(
-        "plateau",
-        "plateau: the rate changes only by lr_decay; linear / cosine: it falls after every step "
-        "from lr to 0 at the end of the last epoch",
-        SCHEDULES,
-    )
-    keep: str = option(
-        "best",
-        "the weights a run keeps and evaluates: best (the best validation metric) or last (those "
-        "of the last epoch, for a fixed schedule: no early stopping)",
-        KEEP,
-    )
+    lr_schedule: str = schedule_option("plateau")
+    keep: str = keep_option("best")
     clip: float = option(1.0, "largest gradient norm; 0 = no clipping")
     average: float = option(
         0.0,

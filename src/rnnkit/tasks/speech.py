@@ -30,7 +30,7 @@ from ..data import japanese_vowels
 from ..errors import RecipeError
 from ..models import SequenceClassifier
 from ..models.classifier import CELLS, POOLING
-from .base import KEEP, SCHEDULES, PredictOption, Task, TrainConfig, option
+from .base import PredictOption, Task, TrainConfig, keep_option, option, schedule_option
 from .common import ClassifierHooks, Examples
 
 __all__ = ["SpeechConfig", "SpeechTask"]
@@ -41,18 +41,8 @@ class SpeechConfig(TrainConfig):
     epochs: int = option(60, "most passes over the training split")
     batch_size: int = option(16, "sequences per batch")
     lr: float = option(3e-3, "learning rate (AdamW)")
-    lr_schedule: str = option(
-        "cosine",
-        "plateau: the rate changes only by lr_decay; linear / cosine: it falls after every step "
-        "from lr to 0 at the end of the last epoch",
-        SCHEDULES,
-    )
-    keep: str = option(
-        "last",
-        "the weights a run keeps and evaluates: best (the best validation metric) or last (those "
-        "of the last epoch)",
-        KEEP,
-    )
+    lr_schedule: str = schedule_option("cosine")
+    keep: str = keep_option("last")
     patience: int = option(
         0, "stop after this many epochs without a better validation metric; 0 = never"
     )
