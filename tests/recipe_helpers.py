@@ -25,7 +25,7 @@ TINY = {
         "hidden_size": 16,
         "batch_size": 32,
     },
-    "speech": {"limit": 60, "epochs": 2, "hidden_size": 16, "batch_size": 16},
+    "speech": {"limit": 60, "epochs": 2, "hidden_size": 16, "batch_size": 16, "ensemble": 2},
     "charlm": {
         "limit": 4000,
         "epochs": 1,
@@ -72,7 +72,14 @@ SLICE = {
         "batch_size": 32,
         "max_minutes": 0.0,
     },
-    "speech": {"limit": 90, "epochs": 25, "hidden_size": 32, "batch_size": 16, "max_minutes": 0.0},
+    "speech": {
+        "limit": 90,
+        "epochs": 25,
+        "hidden_size": 32,
+        "batch_size": 16,
+        "max_minutes": 0.0,
+        "ensemble": 1,
+    },
     "charlm": {
         "limit": 30000,
         "epochs": 5,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from recipe_helpers import need_data
 
-from rnnkit.models import SequenceClassifier
+from rnnkit.models import ClassifierEnsemble, SequenceClassifier
 from rnnkit.models.classifier import POOLING, ConvFront, SelfAttentionPool
 from rnnkit.plots import attention_strips
 
@@ -156,3 +156,63 @@ def test_prediction_with_a_conv_front_does_not_depend_on_padding(bidirectional):
     alone = model(x[1:, :3], torch.tensor([3]))
     batched = model(x, torch.tensor([7, 3]))
     torch.testing.assert_close(batched[1:], alone, rtol=OUT_TOL, atol=OUT_TOL)
+
+
+def _ensemble(size: int, **kw) -> ClassifierEnsemble:
+    torch.manual_seed(0)
+    return ClassifierEnsemble(
+        lambda: SequenceClassifier(3, input_size=4, hidden_size=5, dropout=0.0, **kw), size
+    )
+
+
+def test_ensemble_predicts_the_mean_probability_of_its_members():
+    model = _ensemble(3, pooling="attention").eval()
+    x, lengths = torch.randn(4, 6, 4), torch.tensor([6, 1, 3, 5])
+    # Each member starts from its own initialisation.
+    assert not torch.equal(model.members[0].head.weight, model.members[1].head.weight)
+    members = model(x, lengths, members=True)
+    assert members.shape == (3, 4, 3)
+    for k, member in enumerate(model.members):
+        torch.testing.assert_close(members[k], member(x, lengths), rtol=0, atol=0)
+    mean = torch.softmax(members, dim=-1).mean(0)
+    logits, weights = model(x, lengths, return_attention=True)
+    torch.testing.assert_close(torch.softmax(logits, -1), mean, rtol=OUT_TOL, atol=OUT_TOL)
+    torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(4), rtol=0, atol=OUT_TOL)
+    each = torch.stack([m(x, lengths, return_attention=True)[1] for m in model.members])
+    torch.testing.assert_close(weights, each.mean(0), rtol=OUT_TOL, atol=OUT_TOL)
+    # An ensemble of one is that model.
+    one = _ensemble(1).eval()
+    torch.testing.assert_close(one(x, lengths), one.members[0](x, lengths), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="size = 0"):
+        ClassifierEnsemble(lambda: SequenceClassifier(2, input_size=1), 0)
+
+
+def test_ensemble_members_learn_as_they_would_alone():
+    """The recipes' loss (the mean of the members' losses) gives each member 1/size of the
+    gradient its own loss gives it: no member's gradient depends on another's."""
+    from rnnkit.tasks.common import ClassifierHooks
+
+    model = _ensemble(2)
+    hooks = ClassifierHooks()
+    hooks.config = type("C", (), {"ensemble": 2})()
+    x, lengths, y = torch.randn(3, 5, 4), torch.tensor([5, 2, 4]), torch.tensor([0, 2, 1])
+    loss, n = hooks.loss(model, {"x": x, "lengths": lengths, "y": y})
+    assert n == 3
+    loss.backward()
+    for member in model.members:
+        alone = torch.nn.functional.cross_entropy(member(x, lengths), y)
+        grads = torch.autograd.grad(alone, list(member.parameters()))
+        for p, g in zip(member.parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad, g / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_ensemble_streams_as_it_classifies():
+    model = _ensemble(2, bidirectional=False, pooling="meanmax").eval()
+    x = torch.randn(2, 7, 4)
+    reader = model.stream()
+    for t, n in ((0, 3), (3, 1), (4, 3)):
+        got = reader.push(x[:, t : t + n])
+        seen = torch.full((2,), t + n)
+        torch.testing.assert_close(got, model(x[:, : t + n], seen), rtol=OUT_TOL, atol=OUT_TOL)
+    with pytest.raises(ValueError, match="bidirectional"):
+        _ensemble(2).stream()

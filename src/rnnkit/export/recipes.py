@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RecipeError, StorageError
-from ..models import CharLM, SequenceClassifier
+from ..models import CharLM, ClassifierEnsemble, SequenceClassifier
 from ..models.seq2seq import DecoderState, Seq2Seq
 
 __all__ = ["Check", "ExportMismatch", "Graph", "export_run", "exporters"]
@@ -375,6 +375,7 @@ def exporters() -> list[tuple[type[nn.Module], Callable[[], Exporter]]]:
     """The model classes a run can hold, and how each is exported."""
     return [
         (SequenceClassifier, ClassifierExporter),
+        (ClassifierEnsemble, ClassifierExporter),
         (CharLM, CharLMExporter),
         (Seq2Seq, Seq2SeqExporter),
     ]

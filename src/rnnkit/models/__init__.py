@@ -11,7 +11,7 @@ from .attention import (
     length_mask,
     masked_softmax,
 )
-from .classifier import SequenceClassifier, make_encoder, pool
+from .classifier import ClassifierEnsemble, SequenceClassifier, make_encoder, pool
 from .lm import CharLM
 from .seq2seq import (
     DecoderState,
@@ -30,6 +30,7 @@ __all__ = [
     "Attention",
     "BahdanauAttention",
     "CharLM",
+    "ClassifierEnsemble",
     "DecoderState",
     "EncoderOutput",
     "Hypotheses",

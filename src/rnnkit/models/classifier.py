@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,8 +16,10 @@ from .attention import masked_softmax
 __all__ = [
     "CELLS",
     "POOLING",
+    "ClassifierEnsemble",
     "ClassifierStream",
     "ConvFront",
+    "EnsembleStream",
     "SelfAttentionPool",
     "SequenceClassifier",
     "make_encoder",
@@ -320,3 +324,69 @@ class ClassifierStream:
         seen = torch.cat(self.outputs, dim=1)
         lengths = torch.full((seen.shape[0],), seen.shape[1], dtype=torch.long)
         return model.classify(seen, lengths.to(seen.device), self.state)
+
+
+class ClassifierEnsemble(nn.Module):
+    """``size`` classifiers from ``build()``, each from its own initialisation, trained side by
+    side on the same batches; the ensemble predicts the mean of their class probabilities.
+
+    ``forward(x, lengths)`` returns the log of that mean, logits (B, classes) whose softmax is
+    the mean probability; ``forward(x, lengths, members=True)`` returns each member's own logits
+    (size, B, classes), which training scores one by one (the mean of the members' losses), so
+    each member learns as it would alone. With ``return_attention=True`` the attention weights
+    are the members' mean. :meth:`stream` and :meth:`explain` work as on one member.
+    """
+
+    def __init__(self, build: Callable[[], SequenceClassifier], size: int) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"size = {size}; expected at least 1 member")
+        self.members = nn.ModuleList(build() for _ in range(size))
+
+    @property
+    def pooling(self) -> str:
+        return self.members[0].pooling
+
+    @property
+    def attention(self) -> SelfAttentionPool | None:
+        return self.members[0].attention
+
+    def forward(
+        self, x: Tensor, lengths: Tensor, return_attention: bool = False, members: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        if members:
+            return torch.stack([m(x, lengths) for m in self.members])
+        outs = [m(x, lengths, return_attention=True) for m in self.members]
+        logits = average_probabilities([logits for logits, _ in outs])
+        if not return_attention:
+            return logits
+        weights = [w for _, w in outs if w is not None]
+        return logits, (torch.stack(weights).mean(0) if weights else None)
+
+    def stream(self) -> EnsembleStream:
+        """Every member read as a :class:`ClassifierStream` (a unidirectional encoder only)."""
+        return EnsembleStream([m.stream() for m in self.members])
+
+    def explain(self, x: Tensor, lengths: Tensor) -> Any:
+        """Which backend the members' encoders run on (they are alike), and why."""
+        return self.members[0].explain(x, lengths)
+
+
+class EnsembleStream:
+    """A :class:`ClassifierEnsemble` over sequences that arrive a few steps at a time:
+    :meth:`push` gives the logits the ensemble gives for the sequences read so far."""
+
+    def __init__(self, members: list[ClassifierStream]) -> None:
+        self.members = members
+
+    @torch.no_grad()
+    def push(self, x: Tensor) -> Tensor:
+        return average_probabilities([m.push(x) for m in self.members])
+
+
+def average_probabilities(logits: list[Tensor]) -> Tensor:
+    """Logits whose softmax is the mean of the softmaxes of ``logits`` (each (..., classes))."""
+    if len(logits) == 1:
+        return logits[0]
+    logp = torch.stack([torch.log_softmax(z.float(), dim=-1) for z in logits])
+    return torch.logsumexp(logp, dim=0) - math.log(len(logits))

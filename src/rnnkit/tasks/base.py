@@ -42,7 +42,7 @@ POSITIVE = frozenset(
         "epochs", "batch_size", "embed_size", "hidden_size", "num_layers", "encoder_layers",
         "decoder_hidden", "decoder_layers", "seq_len", "eval_streams", "beam_size",
         "valid_beam_size", "max_decode_len", "max_words", "min_count", "min_freq", "max_vocab",
-        "conv_kernel",
+        "conv_kernel", "ensemble",
     }
 )  # fmt: skip
 #: Learning-rate schedules (``lr_schedule``) and which weights a run keeps (``keep``).

@@ -3,6 +3,7 @@ recipes (g2p, translate)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from ..data import Vocab, bucket_batches, pad, pad_batch
 from ..models.attention import ATTENTIONS
-from ..models.classifier import make_encoder
+from ..models.classifier import ClassifierEnsemble, SequenceClassifier, make_encoder
 from ..models.seq2seq import Seq2Seq, Seq2SeqConfig, decoder_io, plot_attention, sequence_loss
 from .base import TrainConfig, option
 
@@ -24,6 +25,7 @@ __all__ = [
     "Examples",
     "Pairs",
     "Seq2SeqHooks",
+    "ensemble_option",
 ]
 
 ATTENTION = "attention.png"
@@ -31,8 +33,20 @@ ATTENTION = "attention.png"
 Examples = tuple[list[Tensor], Tensor]  # (sequences (L_i, ...), labels (N,))
 
 
+def ensemble_option(default: int = 1) -> Any:
+    """The ``ensemble`` field of the classifier recipes, with a recipe's own default."""
+    return option(
+        default,
+        "train this many classifiers side by side (each from its own initialisation, on the same "
+        "batches) and predict the mean of their probabilities; 1 = one model",
+    )
+
+
 class ClassifierHooks:
-    """Batching, loss and evaluation for a model ``(x, lengths) -> logits`` on labelled data."""
+    """Batching, loss and evaluation for a model ``(x, lengths) -> logits`` on labelled data.
+
+    With ``config.ensemble`` > 1 the model is a :class:`ClassifierEnsemble` (:meth:`classifier`)
+    and the training loss is the mean of its members' losses."""
 
     config: Any
     device: torch.device
@@ -48,9 +62,17 @@ class ClassifierHooks:
         x, lengths = pad([seqs[i] for i in batch])
         return {"x": x, "lengths": lengths, "y": labels[batch]}
 
+    def classifier(self, build: Callable[[], SequenceClassifier]) -> nn.Module:
+        """``build()``, or with ``config.ensemble`` > 1 an ensemble of that many of them."""
+        size = getattr(self.config, "ensemble", 1)
+        return build() if size == 1 else ClassifierEnsemble(build, size)
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        logits = model(batch["x"], batch["lengths"])
-        return F.cross_entropy(logits, batch["y"]), len(batch["y"])
+        y = batch["y"]
+        if getattr(self.config, "ensemble", 1) > 1:  # each member scored on its own
+            logits = model(batch["x"], batch["lengths"], members=True)  # (members, B, classes)
+            return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0])), len(y)
+        return F.cross_entropy(model(batch["x"], batch["lengths"]), y), len(y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Examples) -> dict[str, float]:

@@ -31,10 +31,10 @@ import torch
 from ..data import Vocab, glove, movie_reviews, pad, tokenise
 from ..data.vocab import SPECIALS, UNK
 from ..errors import RecipeError
-from ..models import SequenceClassifier
+from ..models import ClassifierEnsemble, SequenceClassifier
 from ..models.classifier import CELLS, POOLING
 from .base import PredictOption, Task, TrainConfig, keep_option, option, schedule_option
-from .common import ClassifierHooks, Examples
+from .common import ClassifierHooks, Examples, ensemble_option
 
 __all__ = ["SentimentConfig", "SentimentTask"]
 
@@ -91,6 +91,7 @@ class SentimentConfig(TrainConfig):
     )
     max_tokens: int = option(0, "keep the first and last N/2 tokens of longer texts; 0 = all")
     max_minutes: float = option(9.0, "stop training after this many minutes; 0 = no limit")
+    ensemble: int = ensemble_option(1)
 
     def check(self) -> None:
         super().check()
@@ -198,7 +199,7 @@ class SentimentTask(ClassifierHooks, Task):
         seqs = [self.ids(text) for text, _ in examples]
         return seqs, torch.tensor([label for _, label in examples], dtype=torch.long)
 
-    def build_model(self) -> SequenceClassifier:
+    def build_model(self) -> SequenceClassifier | ClassifierEnsemble:
         c = self.config
         vectors = frozen = None
         pretrained = slice(len(SPECIALS), len(SPECIALS) + self.with_vectors)
@@ -210,22 +211,24 @@ class SentimentTask(ClassifierHooks, Task):
         if c.vectors != "none" and c.freeze_vectors:
             frozen = torch.zeros(len(self.vocab), dtype=torch.bool)
             frozen[pretrained] = True
-        return SequenceClassifier(
-            len(self.labels),
-            vocab_size=len(self.vocab),
-            embed_size=c.embed_size,
-            cell=c.cell,
-            hidden_size=c.hidden_size,
-            num_layers=c.num_layers,
-            bidirectional=c.bidirectional,
-            dropout=c.dropout,
-            pooling=c.pooling,
-            token_dropout=c.token_dropout,
-            backend=c.backend,
-            attention_size=c.attention_size or None,
-            unk_id=Vocab.unk_id,
-            vectors=vectors,
-            frozen=frozen,
+        return self.classifier(
+            lambda: SequenceClassifier(
+                len(self.labels),
+                vocab_size=len(self.vocab),
+                embed_size=c.embed_size,
+                cell=c.cell,
+                hidden_size=c.hidden_size,
+                num_layers=c.num_layers,
+                bidirectional=c.bidirectional,
+                dropout=c.dropout,
+                pooling=c.pooling,
+                token_dropout=c.token_dropout,
+                backend=c.backend,
+                attention_size=c.attention_size or None,
+                unk_id=Vocab.unk_id,
+                vectors=vectors,
+                frozen=frozen,
+            )
         )
 
     def predict(self, model: Any, inputs: list[str], options: dict[str, Any]) -> list[str]:
@@ -243,7 +246,9 @@ class SentimentTask(ClassifierHooks, Task):
         ]
 
     @torch.no_grad()
-    def explain_lines(self, model: SequenceClassifier, inputs: list[str]) -> list[str]:
+    def explain_lines(
+        self, model: SequenceClassifier | ClassifierEnsemble, inputs: list[str]
+    ) -> list[str]:
         """Each input's label line, then one line per word: two spaces, the word (marked
         "(unknown)" when the vocabulary lacks it) padded to the longest, a tab, its attention
         weight, a tab and a bar of that length; the weights are drawn as heat strips in

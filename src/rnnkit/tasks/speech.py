@@ -5,13 +5,16 @@ parsed by :mod:`rnnkit.data.japanese_vowels`; 27 training utterances (3 per spea
 for validation. Each of the 12 channels is standardised with the training split's mean and standard
 deviation; utterances of 7-29 frames are batched with ``lengths=``.
 
-The model is a bidirectional GRU whose outputs are pooled by mean and max over the valid frames.
-It trains for a fixed 60 epochs with a learning rate that falls along half a cosine to 0, and the
-weights of the last epoch are kept: with 27 validation utterances (one error = 3.7 points), picking
-the epoch by validation accuracy picks noise. The defaults were chosen by 5-fold cross-validation
-on the 270 training utterances (never on the test split); ``--conv-channels`` adds a causal
-convolution over the frames before the recurrence (LSTM-FCN style), which helped the LSTM there
-but not the GRU.
+The model is an ensemble of five bidirectional GRUs (``--ensemble``), each pooling its outputs
+by mean and max over the valid frames, trained side by side from their own initialisations; the
+prediction is the mean of their probabilities. It trains for a fixed 60 epochs with a learning
+rate that falls along half a cosine to 0, and the weights of the last epoch are kept: with 27
+validation utterances (one error = 3.7 points), picking the epoch by validation accuracy picks
+noise. The defaults were chosen by 5-fold cross-validation on the 270 training utterances (never
+on the test split): one GRU 0.982, ensembles of 2 / 3 / 4 / 5 / 6 of them 0.985 / 0.986 / 0.987 /
+0.988 / 0.988 (the mean over every choice of members among eight seeds); ``--conv-channels`` adds
+a causal convolution over the frames before the recurrence (LSTM-FCN style), which helped the
+LSTM there but not the GRU.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ import torch
 
 from ..data import japanese_vowels
 from ..errors import RecipeError
-from ..models import SequenceClassifier
+from ..models import ClassifierEnsemble, SequenceClassifier
 from ..models.classifier import CELLS, POOLING
 from .base import PredictOption, Task, TrainConfig, keep_option, option, schedule_option
-from .common import ClassifierHooks, Examples
+from .common import ClassifierHooks, Examples, ensemble_option
 
 __all__ = ["SpeechConfig", "SpeechTask"]
 
@@ -62,6 +65,7 @@ class SpeechConfig(TrainConfig):
         0, "channels of a causal convolution over the frames before the encoder; 0 = none"
     )
     conv_kernel: int = option(3, "frames each convolution output reads (itself and those before)")
+    ensemble: int = ensemble_option(5)
 
 
 class SpeechTask(ClassifierHooks, Task):
@@ -125,7 +129,10 @@ class SpeechTask(ClassifierHooks, Task):
         seqs = [self.features(series) for series, _ in examples]
         return seqs, torch.tensor([index[label] for _, label in examples], dtype=torch.long)
 
-    def build_model(self) -> SequenceClassifier:
+    def build_model(self) -> SequenceClassifier | ClassifierEnsemble:
+        return self.classifier(self.member)
+
+    def member(self) -> SequenceClassifier:
         c = self.config
         return SequenceClassifier(
             len(self.labels),
