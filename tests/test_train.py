@@ -255,6 +255,30 @@ def test_lr_factor_of_the_schedules():
     torch.testing.assert_close(torch.tensor(cosine), torch.tensor([1.0, 0.8536, 0.5, 0.1464, 0.0]),
                                atol=1e-4, rtol=0)  # fmt: skip
     assert lr_factor("linear", 9, 4) == 0.0  # past the end (more epochs on a resume): none
+    # With a time budget the schedule stands at the further along of steps and time spent.
+    assert lr_factor("linear", 1, 4, seconds=30.0, budget=60.0) == 0.5
+    assert lr_factor("linear", 3, 4, seconds=30.0, budget=60.0) == 0.25
+    assert lr_factor("linear", 1, 4, seconds=90.0, budget=60.0) == 0.0
+    assert lr_factor("cosine", 0, 4, seconds=30.0, budget=60.0) == pytest.approx(0.5)
+    assert lr_factor("plateau", 1, 4, seconds=90.0, budget=60.0) == 1.0
+
+
+def test_a_schedule_by_time_reaches_zero_when_the_time_limit_ends_the_run(tmp_path):
+    need_data("speech")
+    from rnnkit.train import lr_factor
+
+    config = {**TINY["speech"], "epochs": 100_000, "lr": 0.01, "lr_schedule": "linear",
+              "keep": "last", "max_minutes": 0.03, "schedule_by_time": True}  # fmt: skip
+    run = train("speech", config, out=tmp_path / "run", progress=False)
+    assert run["stopped"].startswith("time limit")
+    per_epoch = run["history"][0]["batches"]
+    rates = [h["lr"] for h in run["history"]]
+    assert rates == sorted(rates, reverse=True)
+    # Far fewer steps than the epochs hold were taken, yet the rate fell by the time spent:
+    # well below the rate of the steps' share, near 0 at the end.
+    steps = len(rates) * per_epoch
+    assert rates[-1] < 0.01 * lr_factor("linear", steps, 100_000 * per_epoch) / 2
+    assert rates[-1] < 0.01 * 0.5
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

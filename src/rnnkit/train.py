@@ -554,11 +554,18 @@ def _better(task: type[Task], value: float, loss: float, p: Progress) -> bool:
     return value > p.best if task.higher_is_better else value < p.best
 
 
-def lr_factor(schedule: str, step: int, total: int) -> float:
+def lr_factor(
+    schedule: str, step: int, total: int, seconds: float = 0.0, budget: float = 0.0
+) -> float:
     """The share of its initial learning rate that optimizer step ``step`` (0, 1, ...) of
     ``total`` takes: 1 under "plateau"; falling from 1 towards 0 at ``total`` along a line
-    ("linear") or half a cosine ("cosine")."""
-    done = min(step / max(total, 1), 1.0)
+    ("linear") or half a cosine ("cosine"). With a time ``budget`` > 0 (seconds), the schedule
+    stands at the share of it already spent (``seconds``) when that is further along than the
+    share of the steps, so it ends at the budget if that comes first."""
+    done = step / max(total, 1)
+    if budget > 0:
+        done = max(done, seconds / budget)
+    done = min(done, 1.0)
     if schedule == "linear":
         return 1.0 - done
     if schedule == "cosine":
@@ -1071,7 +1078,13 @@ def _train_epochs(
                 else:
                     overflows = 0
                 if config.lr_schedule != "plateau":
-                    share = lr_factor(config.lr_schedule, p.step, config.epochs * per_epoch)
+                    share = lr_factor(
+                        config.lr_schedule,
+                        p.step,
+                        config.epochs * per_epoch,
+                        p.seconds,
+                        budget if config.schedule_by_time else 0.0,
+                    )
                     for group in opt.param_groups:
                         group["lr"] = group.get("initial_lr", config.lr) * share
                 try:

@@ -96,6 +96,12 @@ class TrainConfig:
         "metric; 1 = constant",
     )
     lr_schedule: str = schedule_option("plateau")
+    schedule_by_time: bool = option(
+        False,
+        "with a linear / cosine schedule and --max-minutes: the rate falls with the share of the "
+        "time limit spent too, whichever of the epochs and the time limit is further along, so it "
+        "reaches 0 when the time limit ends the run",
+    )
     keep: str = keep_option("best")
     clip: float = option(1.0, "largest gradient norm; 0 = no clipping")
     average: float = option(
