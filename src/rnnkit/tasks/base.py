@@ -26,6 +26,7 @@ __all__ = [
     "flag",
     "keep_option",
     "option",
+    "schedule_by_time_option",
     "schedule_option",
 ]
 
@@ -57,6 +58,16 @@ def schedule_option(default: str) -> Any:
         "plateau: the rate changes only by lr_decay; linear / cosine: it falls after every step "
         "from lr to 0 at the end of the last epoch",
         SCHEDULES,
+    )
+
+
+def schedule_by_time_option(default: bool) -> Any:
+    """The ``schedule_by_time`` field, with a recipe's own default."""
+    return option(
+        default,
+        "with a linear / cosine schedule and --max-minutes: the rate falls with the share of the "
+        "time limit spent too, whichever of the epochs and the time limit is further along, so it "
+        "reaches 0 when the time limit ends the run",
     )
 
 
@@ -96,12 +107,7 @@ class TrainConfig:
         "metric; 1 = constant",
     )
     lr_schedule: str = schedule_option("plateau")
-    schedule_by_time: bool = option(
-        False,
-        "with a linear / cosine schedule and --max-minutes: the rate falls with the share of the "
-        "time limit spent too, whichever of the epochs and the time limit is further along, so it "
-        "reaches 0 when the time limit ends the run",
-    )
+    schedule_by_time: bool = schedule_by_time_option(False)
     keep: str = keep_option("best")
     clip: float = option(1.0, "largest gradient norm; 0 = no clipping")
     average: float = option(

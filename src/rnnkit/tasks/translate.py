@@ -20,9 +20,10 @@ The defaults are sized for the 30-minute budget on a CPU, where a step is bound 
 (mostly the output layer over every target piece): 4,000 pieces and 192 units make a pair about
 twice as cheap as 8,000 and 256, so the budget covers about twice the pairs. An epoch is a fresh
 seeded sample of ``--epoch-pairs`` training pairs (20,000), so that the model is validated every
-few minutes rather than once per pass over the 156,603 pairs, and the model validated and kept
-is the moving average of the weights (``--average``), which smooths the noise of a constant
-learning rate.
+few minutes rather than once per pass over the 156,603 pairs. The learning rate falls linearly
+to 0 over the time limit (``--lr-schedule linear --schedule-by-time``: the budget, not the 60
+epochs, ends a default run), and the model validated and kept is the moving average of the
+weights (``--average``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..data.vocab import SPECIALS
 from ..errors import DataMissing, RecipeError
 from ..metrics import bleu, chrf
 from ..models.seq2seq import Seq2Seq
-from .base import PredictOption, Task, option
+from .base import PredictOption, Task, option, schedule_by_time_option, schedule_option
 from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
 
 __all__ = ["TranslateConfig", "TranslateTask"]
@@ -58,6 +59,8 @@ class TranslateConfig(EncoderDecoderConfig):
     lr_decay: float = option(
         1.0, "multiply the learning rate by this after each epoch without a better validation BLEU"
     )
+    lr_schedule: str = schedule_option("linear")
+    schedule_by_time: bool = schedule_by_time_option(True)
     patience: int = option(4, "stop after this many epochs without a better validation BLEU")
     max_minutes: float = option(30.0, "stop training after this many minutes; 0 = no limit")
     max_words: int = option(25, "keep verses of at most this many words on both sides")
