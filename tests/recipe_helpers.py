@@ -71,6 +71,7 @@ SLICE = {
         "hidden_size": 32,
         "batch_size": 32,
         "max_minutes": 0.0,
+        "ensemble": 1,
     },
     "speech": {
         "limit": 90,
