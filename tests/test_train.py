@@ -261,6 +261,26 @@ def test_lr_factor_of_the_schedules():
     assert lr_factor("linear", 1, 4, seconds=90.0, budget=60.0) == 0.0
     assert lr_factor("cosine", 0, 4, seconds=30.0, budget=60.0) == pytest.approx(0.5)
     assert lr_factor("plateau", 1, 4, seconds=90.0, budget=60.0) == 1.0
+    # decay_share: held at lr, then falling over the last share of the run.
+    held = [lr_factor("linear", k, 8, decay_share=0.25) for k in range(9)]
+    assert held == [1.0] * 7 + [0.5, 0.0]
+    assert lr_factor("linear", 0, 8, seconds=45.0, budget=60.0, decay_share=0.5) == 0.5
+    assert lr_factor("cosine", 7, 8, decay_share=0.25) == pytest.approx(0.5)
+
+
+def test_decay_share_holds_the_rate_then_falls_to_zero(tmp_path):
+    need_data("speech")
+    config = {**TINY["speech"], "epochs": 4, "batch_size": 8, "lr": 0.01, "lr_schedule": "linear",
+              "decay_share": 0.5, "keep": "last"}  # fmt: skip
+    run = train("speech", config, out=tmp_path / "run", progress=False)
+    per_epoch = run["history"][0]["batches"]
+    rates = [h["lr"] for h in run["history"]]
+    assert rates[:2] == [0.01, 0.01]  # the first half: held
+    # Each epoch records the rate of its last step; epoch 3's falls within the second half.
+    assert rates[2] == pytest.approx(
+        0.01 * (1 - ((3 * per_epoch - 1) / (4 * per_epoch) - 0.5) / 0.5)
+    )
+    assert rates[3] < rates[2] < 0.01 and rates[3] < 0.01 / per_epoch
 
 
 def test_a_schedule_by_time_reaches_zero_when_the_time_limit_ends_the_run(tmp_path):

@@ -555,17 +555,23 @@ def _better(task: type[Task], value: float, loss: float, p: Progress) -> bool:
 
 
 def lr_factor(
-    schedule: str, step: int, total: int, seconds: float = 0.0, budget: float = 0.0
+    schedule: str,
+    step: int,
+    total: int,
+    seconds: float = 0.0,
+    budget: float = 0.0,
+    decay_share: float = 1.0,
 ) -> float:
     """The share of its initial learning rate that optimizer step ``step`` (0, 1, ...) of
     ``total`` takes: 1 under "plateau"; falling from 1 towards 0 at ``total`` along a line
     ("linear") or half a cosine ("cosine"). With a time ``budget`` > 0 (seconds), the schedule
     stands at the share of it already spent (``seconds``) when that is further along than the
-    share of the steps, so it ends at the budget if that comes first."""
+    share of the steps, so it ends at the budget if that comes first. With ``decay_share`` < 1
+    the rate holds at 1 until that last share of the run, then falls over it."""
     done = step / max(total, 1)
     if budget > 0:
         done = max(done, seconds / budget)
-    done = min(done, 1.0)
+    done = min(max(done - (1.0 - decay_share), 0.0) / decay_share, 1.0)
     if schedule == "linear":
         return 1.0 - done
     if schedule == "cosine":
@@ -1084,6 +1090,7 @@ def _train_epochs(
                         config.epochs * per_epoch,
                         p.seconds,
                         budget if config.schedule_by_time else 0.0,
+                        config.decay_share,
                     )
                     for group in opt.param_groups:
                         group["lr"] = group.get("initial_lr", config.lr) * share

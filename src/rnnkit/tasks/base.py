@@ -23,6 +23,7 @@ __all__ = [
     "PredictOption",
     "Task",
     "TrainConfig",
+    "decay_share_option",
     "flag",
     "keep_option",
     "option",
@@ -71,6 +72,15 @@ def schedule_by_time_option(default: bool) -> Any:
     )
 
 
+def decay_share_option(default: float) -> Any:
+    """The ``decay_share`` field, with a recipe's own default."""
+    return option(
+        default,
+        "the last share of the run over which a linear / cosine schedule falls to 0, the rate "
+        "held at lr before it (1 = the whole run; 0.25 = held for the first three quarters)",
+    )
+
+
 def keep_option(default: str) -> Any:
     """The ``keep`` field, with a recipe's own default."""
     return option(
@@ -108,6 +118,7 @@ class TrainConfig:
     )
     lr_schedule: str = schedule_option("plateau")
     schedule_by_time: bool = schedule_by_time_option(False)
+    decay_share: float = decay_share_option(1.0)
     keep: str = keep_option("best")
     clip: float = option(1.0, "largest gradient norm; 0 = no clipping")
     average: float = option(
@@ -159,8 +170,8 @@ class TrainConfig:
                 raise ValueError(f"{f.name} = {value}; expected a finite number{off}")
             if f.name in POSITIVE and value <= 0:
                 raise ValueError(f"{f.name} = {value}; expected > 0")
-            if f.name == "lr_decay" and not 0 < value <= 1:
-                raise ValueError(f"lr_decay = {value}; expected a factor in (0, 1]")
+            if f.name in ("lr_decay", "decay_share") and not 0 < value <= 1:
+                raise ValueError(f"{f.name} = {value}; expected a share in (0, 1]")
             if f.name in PROBABILITIES and not 0 <= value < 1:
                 raise ValueError(f"{f.name} = {value}; expected a probability in [0, 1)")
             if value < 0 and f.name != "seed":

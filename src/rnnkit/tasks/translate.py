@@ -20,10 +20,12 @@ The defaults are sized for the 30-minute budget on a CPU, where a step is bound 
 (mostly the output layer over every target piece): 4,000 pieces and 192 units make a pair about
 twice as cheap as 8,000 and 256, so the budget covers about twice the pairs. An epoch is a fresh
 seeded sample of ``--epoch-pairs`` training pairs (20,000), so that the model is validated every
-few minutes rather than once per pass over the 156,603 pairs. The learning rate falls linearly
-to 0 over the time limit (``--lr-schedule linear --schedule-by-time``: the budget, not the 60
-epochs, ends a default run), and the model validated and kept is the moving average of the
-weights (``--average``).
+few minutes rather than once per pass over the 156,603 pairs. The learning rate holds for the
+first three quarters of the time limit and then falls linearly to 0 at its end (``--lr-schedule
+linear --schedule-by-time --decay-share 0.25``: the budget, not the 60 epochs, ends a default
+run); the model is still learning fast when the time runs out, so a rate that falls from the
+start costs more than it gives (validation BLEU 19.1 against 21.3). The model validated and kept
+is the moving average of the weights (``--average``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ from ..data.vocab import SPECIALS
 from ..errors import DataMissing, RecipeError
 from ..metrics import bleu, chrf
 from ..models.seq2seq import Seq2Seq
-from .base import PredictOption, Task, option, schedule_by_time_option, schedule_option
+from .base import (
+    PredictOption,
+    Task,
+    decay_share_option,
+    option,
+    schedule_by_time_option,
+    schedule_option,
+)
 from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
 
 __all__ = ["TranslateConfig", "TranslateTask"]
@@ -61,6 +70,7 @@ class TranslateConfig(EncoderDecoderConfig):
     )
     lr_schedule: str = schedule_option("linear")
     schedule_by_time: bool = schedule_by_time_option(True)
+    decay_share: float = decay_share_option(0.25)
     patience: int = option(4, "stop after this many epochs without a better validation BLEU")
     max_minutes: float = option(30.0, "stop training after this many minutes; 0 = no limit")
     max_words: int = option(25, "keep verses of at most this many words on both sides")
