@@ -199,6 +199,13 @@ def test_bad_option_values(capsys, tmp_path):
         ("speech", "--lr", "-1", "lr = -1.0; expected >= 0"),
         ("speech", "--lr-decay", "0", "lr_decay = 0.0; expected a factor in (0, 1]"),
         ("speech", "--lr-decay", "1.5", "lr_decay = 1.5; expected a factor in (0, 1]"),
+        (
+            "speech",
+            "--decay-share",
+            "0",
+            "decay_share = 0.0; expected a share of the run in (0, 1]",
+        ),
+        ("speech", "--ensemble", "0", "ensemble = 0; expected > 0"),
         ("speech", "--average", "1", "average = 1.0; expected a probability in [0, 1)"),
         ("translate", "--epoch-pairs", "-5", "epoch_pairs = -5; expected >= 0"),
         ("speech", "--max-minutes", "-2", "max_minutes = -2.0; expected >= 0"),

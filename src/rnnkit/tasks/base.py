@@ -170,8 +170,10 @@ class TrainConfig:
                 raise ValueError(f"{f.name} = {value}; expected a finite number{off}")
             if f.name in POSITIVE and value <= 0:
                 raise ValueError(f"{f.name} = {value}; expected > 0")
-            if f.name in ("lr_decay", "decay_share") and not 0 < value <= 1:
-                raise ValueError(f"{f.name} = {value}; expected a share in (0, 1]")
+            if f.name == "lr_decay" and not 0 < value <= 1:
+                raise ValueError(f"lr_decay = {value}; expected a factor in (0, 1]")
+            if f.name == "decay_share" and not 0 < value <= 1:
+                raise ValueError(f"decay_share = {value}; expected a share of the run in (0, 1]")
             if f.name in PROBABILITIES and not 0 <= value < 1:
                 raise ValueError(f"{f.name} = {value}; expected a probability in [0, 1)")
             if value < 0 and f.name != "seed":
