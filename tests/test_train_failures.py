@@ -172,20 +172,20 @@ def copy(run: Path, to: Path) -> Path:
 
 def test_a_model_with_a_nan_weight_is_refused(finished, tmp_path, capsys):
     run = copy(finished, tmp_path / "run")
-    damage_tensor(run / "model.safetensors", "encoder.bias_hh_l0_reverse", 3)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'encoder.bias_hh_l0_reverse' holds NaN"):  # fmt: skip
+    damage_tensor(run / "model.safetensors", "members.0.encoder.bias_hh_l0_reverse", 3)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'members.0.encoder.bias_hh_l0_reverse' holds NaN"):  # fmt: skip
         load_run(run)
     assert cli.main(["evaluate", str(run)]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and "encoder.bias_hh_l0_reverse" in one_error_line(err)
+    assert out == "" and "members.0.encoder.bias_hh_l0_reverse" in one_error_line(err)
     assert cli.main(["predict", str(run), "x.csv"]) == 2
 
 
 def test_a_resume_checkpoint_with_damaged_weights_is_refused(unfinished, tmp_path):
     run = copy(unfinished, tmp_path / "run")
-    damage_tensor(run / "resume.safetensors", "model.encoder.weight_hh_l0", 10)
+    damage_tensor(run / "resume.safetensors", "model.members.0.encoder.weight_hh_l0", 10)
     before = files(run)
-    with pytest.raises(CheckpointError, match=r"resume.safetensors: tensor 'model.encoder.weight_hh_l0' holds NaN"):  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"resume.safetensors: tensor 'model.members.0.encoder.weight_hh_l0' holds NaN"):  # fmt: skip
         train("speech", {}, out=run, resume=True, progress=False)
     assert files(run) == before
 
