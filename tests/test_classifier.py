@@ -204,15 +204,3 @@ def test_ensemble_members_learn_as_they_would_alone():
         grads = torch.autograd.grad(alone, list(member.parameters()))
         for p, g in zip(member.parameters(), grads, strict=True):
             torch.testing.assert_close(p.grad, g / 2, rtol=1e-5, atol=1e-7)
-
-
-def test_ensemble_streams_as_it_classifies():
-    model = _ensemble(2, bidirectional=False, pooling="meanmax").eval()
-    x = torch.randn(2, 7, 4)
-    reader = model.stream()
-    for t, n in ((0, 3), (3, 1), (4, 3)):
-        got = reader.push(x[:, t : t + n])
-        seen = torch.full((2,), t + n)
-        torch.testing.assert_close(got, model(x[:, : t + n], seen), rtol=OUT_TOL, atol=OUT_TOL)
-    with pytest.raises(ValueError, match="bidirectional"):
-        _ensemble(2).stream()

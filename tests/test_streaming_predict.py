@@ -14,7 +14,7 @@ import torch
 from conftest import OUT_TOL
 from recipe_helpers import TINY, need_data
 
-from rnnkit.models import SequenceClassifier
+from rnnkit.models import ClassifierEnsemble, SequenceClassifier
 from rnnkit.models.classifier import POOLING
 from rnnkit.train import predict, train
 
@@ -27,14 +27,19 @@ def test_pushing_frames_gives_the_logits_of_the_prefix(cell, pooling):
     torch.manual_seed(0)
     model = SequenceClassifier(5, input_size=4, cell=cell, hidden_size=6, num_layers=2,
                                bidirectional=False, pooling=pooling).eval()  # fmt: skip
-    x = torch.randn(3, 9, 4)  # (B, T, features)
+    streams_exactly(model, torch.randn(3, 9, 4), (1, 3, 1, 4))  # pieces of any size
+
+
+def streams_exactly(model, x: torch.Tensor, pieces: tuple[int, ...]) -> None:
+    """Pushing ``x`` (B, T, features) in ``pieces`` gives after each piece the logits the model
+    gives for the frames read so far."""
     reader = model.stream()
     seen = 0
-    for n in (1, 3, 1, 4):  # frames arrive in pieces of any size
+    for n in pieces:
         logits = reader.push(x[:, seen : seen + n])
         seen += n
         with torch.no_grad():
-            want = model(x[:, :seen], torch.full((3,), seen))
+            want = model(x[:, :seen], torch.full((len(x),), seen))
         torch.testing.assert_close(logits, want, atol=OUT_TOL, rtol=OUT_TOL)
 
 
@@ -43,15 +48,19 @@ def test_a_convolution_front_streams_exactly(kernel):
     torch.manual_seed(0)
     model = SequenceClassifier(5, input_size=4, hidden_size=6, bidirectional=False,
                                conv_channels=7, conv_kernel=kernel).eval()  # fmt: skip
-    x = torch.randn(2, 8, 4)
-    reader = model.stream()
-    seen = 0
-    for n in (1, 2, 1, 4):  # pieces shorter and longer than the kernel
-        logits = reader.push(x[:, seen : seen + n])
-        seen += n
-        with torch.no_grad():
-            want = model(x[:, :seen], torch.full((2,), seen))
-        torch.testing.assert_close(logits, want, atol=OUT_TOL, rtol=OUT_TOL)
+    streams_exactly(model, torch.randn(2, 8, 4), (1, 2, 1, 4))  # shorter and longer than it
+
+
+def test_an_ensemble_streams_exactly():
+    torch.manual_seed(0)
+    model = ClassifierEnsemble(
+        lambda: SequenceClassifier(3, input_size=4, hidden_size=5, bidirectional=False,
+                                   pooling="meanmax"), 2
+    ).eval()  # fmt: skip
+    streams_exactly(model, torch.randn(2, 7, 4), (3, 1, 3))
+    bidirectional = ClassifierEnsemble(lambda: SequenceClassifier(3, input_size=4), 2)
+    with pytest.raises(ValueError, match="bidirectional"):
+        bidirectional.stream()
 
 
 def test_a_bidirectional_classifier_cannot_stream():

@@ -3,7 +3,6 @@ recipes (g2p, translate)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ class ClassifierHooks:
     and the training loss is the mean of its members' losses."""
 
     config: Any
+    labels: Any  # the class names
     device: torch.device
     to_device: Any  # Task.to_device
     eval_batch_size = 256
@@ -62,14 +62,30 @@ class ClassifierHooks:
         x, lengths = pad([seqs[i] for i in batch])
         return {"x": x, "lengths": lengths, "y": labels[batch]}
 
-    def classifier(self, build: Callable[[], SequenceClassifier]) -> nn.Module:
-        """``build()``, or with ``config.ensemble`` > 1 an ensemble of that many of them."""
-        size = getattr(self.config, "ensemble", 1)
-        return build() if size == 1 else ClassifierEnsemble(build, size)
+    def classifier(self, **inputs: Any) -> SequenceClassifier | ClassifierEnsemble:
+        """A :class:`SequenceClassifier` over ``labels`` with the config's encoder, pooling and
+        backend, and ``inputs`` (what the recipe's inputs need: vocabulary or feature size,
+        word vectors, noise, ...); with ``config.ensemble`` > 1 an ensemble of that many."""
+        c = self.config
+
+        def build() -> SequenceClassifier:
+            return SequenceClassifier(
+                len(self.labels),
+                cell=c.cell,
+                hidden_size=c.hidden_size,
+                num_layers=c.num_layers,
+                bidirectional=c.bidirectional,
+                dropout=c.dropout,
+                pooling=c.pooling,
+                backend=c.backend,
+                **inputs,
+            )
+
+        return build() if c.ensemble == 1 else ClassifierEnsemble(build, c.ensemble)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         y = batch["y"]
-        if getattr(self.config, "ensemble", 1) > 1:  # each member scored on its own
+        if self.config.ensemble > 1:  # each member scored on its own
             logits = model(batch["x"], batch["lengths"], members=True)  # (members, B, classes)
             return F.cross_entropy(logits.flatten(0, 1), y.repeat(logits.shape[0])), len(y)
         return F.cross_entropy(model(batch["x"], batch["lengths"]), y), len(y)

@@ -225,23 +225,13 @@ class SentimentTask(ClassifierHooks, Task):
             frozen = torch.zeros(len(self.vocab), dtype=torch.bool)
             frozen[pretrained] = True
         return self.classifier(
-            lambda: SequenceClassifier(
-                len(self.labels),
-                vocab_size=len(self.vocab),
-                embed_size=c.embed_size,
-                cell=c.cell,
-                hidden_size=c.hidden_size,
-                num_layers=c.num_layers,
-                bidirectional=c.bidirectional,
-                dropout=c.dropout,
-                pooling=c.pooling,
-                token_dropout=c.token_dropout,
-                backend=c.backend,
-                attention_size=c.attention_size or None,
-                unk_id=Vocab.unk_id,
-                vectors=vectors,
-                frozen=frozen,
-            )
+            vocab_size=len(self.vocab),
+            embed_size=c.embed_size,
+            token_dropout=c.token_dropout,
+            attention_size=c.attention_size or None,
+            unk_id=Vocab.unk_id,
+            vectors=vectors,
+            frozen=frozen,
         )
 
     def predict(self, model: Any, inputs: list[str], options: dict[str, Any]) -> list[str]:

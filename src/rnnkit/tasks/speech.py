@@ -130,20 +130,9 @@ class SpeechTask(ClassifierHooks, Task):
         return seqs, torch.tensor([index[label] for _, label in examples], dtype=torch.long)
 
     def build_model(self) -> SequenceClassifier | ClassifierEnsemble:
-        return self.classifier(self.member)
-
-    def member(self) -> SequenceClassifier:
         c = self.config
-        return SequenceClassifier(
-            len(self.labels),
+        return self.classifier(
             input_size=len(self.mean),
-            cell=c.cell,
-            hidden_size=c.hidden_size,
-            num_layers=c.num_layers,
-            bidirectional=c.bidirectional,
-            dropout=c.dropout,
-            pooling=c.pooling,
-            backend=c.backend,
             input_noise=c.input_noise,
             conv_channels=c.conv_channels,
             conv_kernel=c.conv_kernel,
