@@ -7,13 +7,19 @@ pronunciation: ``wer``, the fraction of words not pronounced exactly as any one 
 pronunciations, and ``per``, the edit distance to the closest one / its length. metrics.json also
 reports ``wer_first``/``per_first`` (against the first listed pronunciation only) and
 ``wer_no_stress``/``per_no_stress`` (stress digits removed from output and references alike: the
-39-phoneme scoring of papers that drop stress). Early stopping and model selection use the validation WER of greedy
-decoding after each epoch; the final metrics use beam search.
+39-phoneme scoring of papers that drop stress). Each epoch ends with a validation by greedy
+decoding (shown, and used for model selection with ``--keep best``); the final metrics use beam
+search.
 
-The model: letter embeddings, a bidirectional LSTM encoder read with ``lengths=``, an LSTM decoder
-with Luong (general) attention, trained with teacher forcing, the decoder run over all steps at
-once (no input feeding; ``--input-feeding`` restores it, step by step) (cf. Yao & Zweig 2015, whose
-BiLSTM reaches 23.6 % WER / 5.5 % PER on CMUdict).
+The model: letter embeddings, a bidirectional LSTM encoder (one layer, 256 per direction) read
+with ``lengths=``, an LSTM decoder with Luong (general) attention, trained with teacher forcing,
+the decoder run over all steps at once (no input feeding; ``--input-feeding`` restores it, step by
+step) (cf. Yao & Zweig 2015, whose BiLSTM reaches 23.6 % WER / 5.5 % PER on CMUdict without
+stress). The defaults train it for a fixed 40 epochs (about 45 minutes on 2 cores) with the rate
+falling linearly to 0, dropout 0.3 and a moving average of the weights, and keep the last epoch's
+average: early stopping at a constant rate stalled at 0.31 validation WER while the training loss
+kept falling; at equal training time a second encoder layer (half the words per second) scored
+worse on validation, and beams wider than 5 changed nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from ..data import Vocab, cmudict
 from ..errors import RecipeError
 from ..metrics import g2p_error_rates
 from ..models.seq2seq import Seq2Seq
-from .base import PredictOption, Task, option
+from .base import PredictOption, Task, keep_option, option, schedule_option
 from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
 
 __all__ = ["G2PConfig", "G2PTask"]
@@ -37,15 +43,27 @@ Entry = tuple[str, list[tuple[str, ...]]]  # (word, its pronunciations)
 
 @dataclass
 class G2PConfig(EncoderDecoderConfig):
-    epochs: int = option(40, "most passes over the training split")
+    epochs: int = option(40, "passes over the training split")
     batch_size: int = option(128, "word pairs per batch")
     lr: float = option(2e-3, "learning rate (AdamW)")
-    lr_decay: float = option(
-        0.5, "multiply the learning rate by this after each epoch without a better validation WER"
+    lr_schedule: str = schedule_option("linear")
+    keep: str = keep_option("last")
+    average: float = option(
+        0.999,
+        "keep an exponential moving average of the weights with this decay per step and "
+        "validate, keep and evaluate it; 0 = off",
     )
-    patience: int = option(4, "stop after this many epochs without a better validation WER")
+    lr_decay: float = option(
+        1.0,
+        "multiply the learning rate by this after each epoch without a better validation WER "
+        "(with keep = best); 1 = constant",
+    )
+    patience: int = option(
+        0, "stop after this many epochs without a better validation WER; 0 = never"
+    )
     max_minutes: float = option(60.0, "stop training after this many minutes; 0 = no limit")
     embed_size: int = option(64, "letter and phoneme embedding size")
+    dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
     max_decode_len: int = option(40, "most phonemes generated per word")
 
 
