@@ -31,7 +31,14 @@ from ..data import Vocab, cmudict
 from ..errors import RecipeError
 from ..metrics import g2p_error_rates
 from ..models.seq2seq import Seq2Seq
-from .base import PredictOption, Task, keep_option, option, schedule_option
+from .base import (
+    PredictOption,
+    Task,
+    keep_option,
+    option,
+    schedule_by_time_option,
+    schedule_option,
+)
 from .common import EncoderDecoderConfig, Pairs, Seq2SeqHooks
 
 __all__ = ["G2PConfig", "G2PTask"]
@@ -47,6 +54,7 @@ class G2PConfig(EncoderDecoderConfig):
     batch_size: int = option(128, "word pairs per batch")
     lr: float = option(2e-3, "learning rate (AdamW)")
     lr_schedule: str = schedule_option("linear")
+    schedule_by_time: bool = schedule_by_time_option(True)
     keep: str = keep_option("last")
     average: float = option(
         0.999,
