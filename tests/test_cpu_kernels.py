@@ -599,3 +599,33 @@ def test_the_callers_subnormal_arithmetic_is_left_as_it_was():
     out.sum().backward()
     subnormal = torch.tensor(tiny) / 16
     assert 0 < subnormal.item() < tiny
+
+
+def _subnormal_results(x: torch.Tensor) -> int:
+    """How many elements of x * 1 stay subnormal: a parallel op, every thread of the pool takes a
+    part."""
+    return int(((x * 1.0) != 0).sum())
+
+
+def test_flush_denormals_reaches_every_thread_of_the_pool_and_restores():
+    if build.unavailable() is not None:
+        pytest.skip("the C++ kernels are unavailable")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.full((1 << 22,), torch.finfo(torch.float32).tiny / 16)
+        assert _subnormal_results(x) == x.numel()
+        torch.set_flush_denormal(True)  # the calling thread alone: the other thread's part stays
+        partly = _subnormal_results(x)
+        torch.set_flush_denormal(False)
+        before = cpu_backend.flush_denormals(True)
+        flushed = _subnormal_results(x)
+        was_on = cpu_backend.flush_denormals(before)
+        assert (before, was_on) == (False, True)
+        assert flushed == 0
+        assert _subnormal_results(x) == x.numel()  # IEEE arithmetic again on every thread
+        if torch.get_num_threads() > 1 and os.cpu_count() and os.cpu_count() > 1:
+            assert 0 < partly < x.numel()  # what flush_denormals adds to torch's own setting
+    finally:
+        cpu_backend.flush_denormals(False)
+        torch.set_num_threads(threads)

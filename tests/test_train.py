@@ -386,3 +386,20 @@ def test_an_averaged_run_keeps_the_average_and_trains_as_a_plain_one(tmp_path):
         assert torch.equal(kept[key], state[f"average.{key}"]), key
     key = next(k for k in kept if k.endswith("weight_ih_l0"))
     assert not torch.allclose(kept[key], state[f"model.{key}"])
+
+
+def _flushing() -> bool:
+    """Whether this thread's arithmetic flushes subnormals to zero."""
+    return (torch.tensor(torch.finfo(torch.float32).tiny) / 16).item() == 0
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_training_on_the_cpu_flushes_subnormals_and_restores_after(tmp_path, flush):
+    need_data("speech")
+    seen = []
+    config = {**TINY["speech"], "epochs": 1, "flush_denormals": flush}
+    assert not _flushing()
+    train("speech", config, out=tmp_path / "run", progress=False,
+          hook=lambda p: seen.append(_flushing()))  # fmt: skip
+    assert seen and set(seen) == {flush}
+    assert not _flushing()  # the caller's setting is back

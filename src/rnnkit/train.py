@@ -35,6 +35,7 @@ write (:class:`StorageError`; the files already there are left as they were).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -605,6 +606,19 @@ def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
     return Replicated(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+@contextlib.contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Subnormal floats read and written as zero on every CPU thread inside (the calling thread's
+    setting restored after; see :func:`rnnkit.backends.cpu.flush_denormals`)."""
+    from .backends.cpu import flush_denormals
+
+    before = flush_denormals(True)
+    try:
+        yield
+    finally:
+        flush_denormals(before)
+
+
 def train(
     name: str,
     overrides: dict[str, Any] | None = None,
@@ -634,7 +648,10 @@ def train(
     dev = resolve_device(device, world.local_rank if world.distributed else None)
     world.start(dev)
     try:
-        return _train(task_cls, overrides, out, resume, progress, hook, world, dev, started)
+        with contextlib.ExitStack() as undo:
+            return _train(
+                task_cls, overrides, out, resume, progress, hook, world, dev, started, undo
+            )
     finally:
         world.close()
 
@@ -697,10 +714,13 @@ def _train(
     world: World,
     dev: torch.device,
     started: float,
+    undo: contextlib.ExitStack,
 ) -> dict[str, Any]:
     name = task_cls.name
     run_dir, config, state = world.on_main(lambda: _setup(task_cls, overrides, out, resume, world))
     check_precision(dev, config.precision)
+    if dev.type == "cpu" and config.flush_denormals:
+        undo.enter_context(denormals_flushed())
     say = _say if world.is_main else _quiet
 
     task = task_cls(config)

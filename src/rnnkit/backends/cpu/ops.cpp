@@ -92,6 +92,31 @@ class FlushDenormals {
 #endif
 };
 
+// The same setting for a whole training run rather than one kernel call (rnnkit.train turns it
+// on): every thread of the OpenMP pool that runs torch's parallel regions, MKL's and oneDNN's
+// sets FTZ and DAZ (or clears them), the calling thread among them, since a thread's MXCSR is its
+// own and torch.set_flush_denormal() reaches the calling thread alone. A network that has trained
+// for a while meets subnormals outside the kernels too (attention and output softmaxes of a
+// confident model, their gradients), and a thread that computes on them runs its part many times
+// slower. Returns whether the calling thread flushed before (its MXCSR, restored by passing it);
+// false and nothing set where the CPU has no such control.
+bool flush_denormals(bool on) {
+#if defined(__SSE__)
+  constexpr unsigned kBits = 0x8000 | 0x0040;  // FTZ | DAZ
+  const bool before = (_mm_getcsr() & kBits) == kBits;
+  auto set = [&] { _mm_setcsr(on ? (_mm_getcsr() | kBits) : (_mm_getcsr() & ~kBits)); };
+  set();
+#ifdef _OPENMP
+#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
+  set();
+#endif
+  return before;
+#else
+  (void)on;
+  return false;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // What kernel_common.h declares, defined here once: the GEMMs of every source (GemmSource) in
 // float32, bfloat16 x bfloat16 -> float32 and float64, and the thread pool (at::parallel_for).
@@ -926,6 +951,7 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
       "gemm_compute(int source, bool bf16, str how, Tensor a, Tensor b, Tensor(c!) c, bool ta, "
       "bool tb, float beta) -> ()",
       &rnnkit::cpu::gemm_compute);
+  m.def("flush_denormals(bool on) -> bool", &rnnkit::cpu::flush_denormals);
   m.def("gemm_probe(int source, bool bf16, int role, int M, int N, int K, int reps) -> float[]",
         &rnnkit::cpu::gemm_probe);
 }
