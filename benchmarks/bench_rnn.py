@@ -4,6 +4,7 @@
     python benchmarks/bench_rnn.py --cells lstm --shapes M --backend reference
     python benchmarks/bench_rnn.py --json out.json --markdown
     python benchmarks/bench_rnn.py --precision bf16       # both sides under bf16 autocast
+    python benchmarks/bench_rnn.py --backend cpu --versus-gemm mkl   # the GEMM choice vs MKL
 
 Shapes (DESIGN.md): S = (T100, B8, I64, H64), M = (T100, B32, I128, H256),
 L = (T200, B64, I256, H512), fp32, one layer, one direction. The case ``bilstm`` is a 2-layer
@@ -13,13 +14,20 @@ with pack_padded_sequence(enforce_sorted=False) and pad_packed_sequence.
 The ratio is torch.nn time / rnnkit time for each interleaved pair (A B A B ...) after warm-up;
 > 1 means rnnkit is faster. A training step is forward + backward of a loss over the output and
 the final states.
+
+With ``--versus-gemm SOURCE`` the reference side is rnnkit itself (the same module, weights and
+backend) with every GEMM forced to SOURCE (``RNNKIT_GEMM``), and the ratio is what the automatic
+choice of sources gains over it: the check that the choice is never slower than MKL's path.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -88,7 +96,26 @@ def _interleave(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup
     return ta, tb
 
 
-def _step_fns(ref, mine, x, mode, mine_kw=None, pack=None, unpack=None, autocast=None):
+@contextlib.contextmanager
+def _forced_gemm(source: str | None):
+    """RNNKIT_GEMM = source inside (unchanged when None)."""
+    if source is None:
+        yield
+        return
+    before = os.environ.get("RNNKIT_GEMM")
+    os.environ["RNNKIT_GEMM"] = source
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RNNKIT_GEMM"]
+        else:
+            os.environ["RNNKIT_GEMM"] = before
+
+
+def _step_fns(
+    ref, mine, x, mode, mine_kw=None, pack=None, unpack=None, autocast=None, ref_gemm=None
+):
     mine_kw = mine_kw or {}
     params = list(ref.parameters()) + list(mine.parameters())
 
@@ -96,7 +123,9 @@ def _step_fns(ref, mine, x, mode, mine_kw=None, pack=None, unpack=None, autocast
         return torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
 
     def run_ref():  # torch.nn users pack on every call, so the packing is timed too
-        with context():
+        with context(), _forced_gemm(ref_gemm):
+            if ref_gemm is not None:  # rnnkit against itself on another GEMM source
+                return ref(x, **mine_kw)
             out, st = ref(x if pack is None else pack(x))
             return (unpack(out) if unpack else out), st
 
@@ -128,7 +157,13 @@ def _step_fns(ref, mine, x, mode, mine_kw=None, pack=None, unpack=None, autocast
 
 
 def measure(
-    case: str, shape: str, mode: str, backend: str, pairs: int, precision: str = "fp32"
+    case: str,
+    shape: str,
+    mode: str,
+    backend: str,
+    pairs: int,
+    precision: str = "fp32",
+    versus_gemm: str | None = None,
 ) -> Row:
     steps, batch, inp, hidden = SHAPES[shape]
     autocast = PRECISIONS[precision]
@@ -141,6 +176,8 @@ def measure(
         ref = ref_cls(inp, hidden, **kw)
         mine = mine_cls(inp, hidden, **kw, backend=backend)
     mine.load_state_dict(ref.state_dict())
+    if versus_gemm is not None:
+        ref = copy.deepcopy(mine)
     x = torch.randn(steps, batch, inp, requires_grad=mode == "train")
     if case == "bilstm":
         lengths = torch.randint(steps // 4, steps + 1, (batch,))
@@ -151,11 +188,13 @@ def measure(
         def unpack(out):
             return pad_packed_sequence(out, total_length=steps)[0]
 
-        a, b = _step_fns(ref, mine, x, mode, {"lengths": lengths}, pack, unpack, autocast)
+        a, b = _step_fns(
+            ref, mine, x, mode, {"lengths": lengths}, pack, unpack, autocast, versus_gemm
+        )
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             chosen = rnnkit.explain(mine, x, lengths=lengths).backend
     else:
-        a, b = _step_fns(ref, mine, x, mode, autocast=autocast)
+        a, b = _step_fns(ref, mine, x, mode, autocast=autocast, ref_gemm=versus_gemm)
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             chosen = rnnkit.explain(mine, x).backend
     ta, tb = _interleave(a, b, pairs)
@@ -218,6 +257,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(PRECISIONS),
         help="fp32, or bf16: both sides under torch.autocast('cpu', dtype=torch.bfloat16)",
     )
+    parser.add_argument(
+        "--versus-gemm",
+        metavar="SOURCE",
+        help="compare against rnnkit itself with every GEMM forced to SOURCE (e.g. mkl) instead "
+        "of torch.nn",
+    )
     parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs per row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -233,17 +278,20 @@ def main(argv: list[str] | None = None) -> None:
         global _CLOCK
         _CLOCK = time.thread_time
 
+    reference = f"gemm={args.versus_gemm}" if args.versus_gemm else "torch.nn"
     rows = []
     for case in args.cells:
         shapes = ["M"] if case == "bilstm" else args.shapes
         for shape in shapes:
             for mode in args.modes:
                 pairs = args.pairs or DEFAULT_REPEATS[shape]
-                row = measure(case, shape, mode, args.backend, pairs, args.precision)
+                row = measure(
+                    case, shape, mode, args.backend, pairs, args.precision, args.versus_gemm
+                )
                 rows.append(row)
                 print(
                     f"{row.case:8s} {row.shape} {row.mode:5s} {row.precision} {row.backend:9s} "
-                    f"torch.nn {row.torch_ms:9.2f} ms  rnnkit {row.rnnkit_ms:9.2f} ms  "
+                    f"{reference} {row.torch_ms:9.2f} ms  rnnkit {row.rnnkit_ms:9.2f} ms  "
                     f"ratio {row.ratio:5.2f} [{row.ratio_min:.2f}, {row.ratio_max:.2f}]",
                     flush=True,
                 )
