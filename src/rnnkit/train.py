@@ -1304,7 +1304,11 @@ def evaluate(
     dev = resolve_device(device)
     task, model = load_run(run_dir, backend, dev, precision)
     splits = task.load_splits()
-    with autocast(dev, task.config.precision):
+    flush = dev.type == "cpu" and task.config.flush_denormals
+    with (
+        autocast(dev, task.config.precision),
+        denormals_flushed() if flush else contextlib.nullcontext(),
+    ):
         return {
             split: task.evaluate(model, task.encode(splits[split])) for split in ("valid", "test")
         }
