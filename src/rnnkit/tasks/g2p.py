@@ -15,12 +15,12 @@ The model: letter embeddings, a bidirectional LSTM encoder (one layer, 256 per d
 with ``lengths=``, an LSTM decoder with Luong (general) attention, trained with teacher forcing,
 the decoder run over all steps at once (no input feeding; ``--input-feeding`` restores it, step by
 step) (cf. Yao & Zweig 2015, whose BiLSTM reaches 23.6 % WER / 5.5 % PER on CMUdict without
-stress). The defaults train it for a fixed 40 epochs (or the 60-minute limit, which the rate
-follows too: 39 epochs on a 2-core Xeon) with the rate falling linearly to 0, dropout 0.3 and a
-moving average of the weights, and keep the last epoch's average: early stopping at a constant
-rate stalled at 0.31 validation WER while the training loss kept falling; at equal training time
-a second encoder layer (half the words per second) scored worse on validation, and beams wider
-than 5 changed nothing.
+stress). The defaults train it for a fixed 40 epochs (44 minutes on a 2-core Xeon; the rate
+follows the 60-minute limit too, should that come first) with the rate falling linearly to 0,
+dropout 0.3 and a moving average of the weights, and keep the last epoch's average: early
+stopping at a constant rate stalled at 0.31 validation WER while the training loss kept falling;
+at equal training time a second encoder layer (half the words per second) scored worse on
+validation, and beams wider than 5 changed nothing.
 """
 
 from __future__ import annotations
