@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from . import __version__, tasks
+from .backends.cpu import denormals_flushed
 from .devices import (
     autocast,
     check_precision,
@@ -606,17 +607,12 @@ def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
     return Replicated(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-@contextlib.contextmanager
-def denormals_flushed() -> Iterator[None]:
-    """Subnormal floats read and written as zero on every CPU thread inside (the calling thread's
-    setting restored after; see :func:`rnnkit.backends.cpu.flush_denormals`)."""
-    from .backends.cpu import flush_denormals
-
-    before = flush_denormals(True)
-    try:
-        yield
-    finally:
-        flush_denormals(before)
+def _flushing(dev: torch.device, config: TrainConfig) -> contextlib.AbstractContextManager:
+    """Subnormals flushed on every CPU thread while a run on the CPU trains or evaluates, unless
+    its config says otherwise (:func:`rnnkit.backends.cpu.flush_denormals`)."""
+    if dev.type == "cpu" and config.flush_denormals:
+        return denormals_flushed()
+    return contextlib.nullcontext()
 
 
 def train(
@@ -719,8 +715,7 @@ def _train(
     name = task_cls.name
     run_dir, config, state = world.on_main(lambda: _setup(task_cls, overrides, out, resume, world))
     check_precision(dev, config.precision)
-    if dev.type == "cpu" and config.flush_denormals:
-        undo.enter_context(denormals_flushed())
+    undo.enter_context(_flushing(dev, config))
     say = _say if world.is_main else _quiet
 
     task = task_cls(config)
@@ -1304,11 +1299,7 @@ def evaluate(
     dev = resolve_device(device)
     task, model = load_run(run_dir, backend, dev, precision)
     splits = task.load_splits()
-    flush = dev.type == "cpu" and task.config.flush_denormals
-    with (
-        autocast(dev, task.config.precision),
-        denormals_flushed() if flush else contextlib.nullcontext(),
-    ):
+    with autocast(dev, task.config.precision), _flushing(dev, task.config):
         return {
             split: task.evaluate(model, task.encode(splits[split])) for split in ("valid", "test")
         }

@@ -10,6 +10,9 @@ stack composer (:mod:`rnnkit.backends.stack`) runs the layers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -17,7 +20,14 @@ from ...cells.table import SPECS
 from .. import LayerCall, LayerResult, Request
 from . import build, dispatch, gemm, ops
 
-__all__ = ["CpuBackend", "flush_denormals", "gemm_plan", "release_memory", "scratch_memory"]
+__all__ = [
+    "CpuBackend",
+    "denormals_flushed",
+    "flush_denormals",
+    "gemm_plan",
+    "release_memory",
+    "scratch_memory",
+]
 
 #: The dtypes the kernels compute in; bfloat16 and float16 layers run in float32 inside (their
 #: GEMMs in bfloat16 where the CPU has bf16 instructions) and return their own dtype.
@@ -75,6 +85,16 @@ def flush_denormals(on: bool) -> bool:
         return bool(torch.ops.rnnkit_cpu.flush_denormals(bool(on)))
     torch.set_flush_denormal(bool(on))
     return False
+
+
+@contextlib.contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """:func:`flush_denormals` on inside, the calling thread's setting restored after."""
+    before = flush_denormals(True)
+    try:
+        yield
+    finally:
+        flush_denormals(before)
 
 
 class CpuBackend:

@@ -80,14 +80,15 @@ namespace cpu {
 // decay over many steps), and a row pass that meets them measured a GRU layer's inference 1.4x
 // slower. Values below 1.2e-38 (float) carry nothing a recurrent network can use; outputs differ
 // from IEEE arithmetic only there. MXCSR is per thread: set on every thread that runs a part.
+constexpr unsigned kFlushBits = 0x8000 | 0x0040;  // MXCSR's FTZ | DAZ
+
 class FlushDenormals {
  public:
 #if defined(__SSE__)
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtz | kDaz); }
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushBits); }
   ~FlushDenormals() { _mm_setcsr(saved_); }
 
  private:
-  static constexpr unsigned kFtz = 0x8000, kDaz = 0x0040;
   unsigned saved_;
 #endif
 };
@@ -102,9 +103,11 @@ class FlushDenormals {
 // false and nothing set where the CPU has no such control.
 bool flush_denormals(bool on) {
 #if defined(__SSE__)
-  constexpr unsigned kBits = 0x8000 | 0x0040;  // FTZ | DAZ
-  const bool before = (_mm_getcsr() & kBits) == kBits;
-  auto set = [&] { _mm_setcsr(on ? (_mm_getcsr() | kBits) : (_mm_getcsr() & ~kBits)); };
+  const bool before = (_mm_getcsr() & kFlushBits) == kFlushBits;
+  auto set = [&] {
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(on ? csr | kFlushBits : csr & ~kFlushBits);
+  };
   set();
 #ifdef _OPENMP
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
