@@ -17,6 +17,9 @@ suite's (tests/test_conformance.py); here:
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -599,6 +602,30 @@ def test_the_callers_subnormal_arithmetic_is_left_as_it_was():
     out.sum().backward()
     subnormal = torch.tensor(tiny) / 16
     assert 0 < subnormal.item() < tiny
+
+
+def test_a_first_call_leaves_the_pools_threads_with_ieee_arithmetic():
+    # A fresh process whose first parallel region runs inside a kernel call (GEMM sources and
+    # schedule forced: nothing measured before it): the pool's threads, created then, must not
+    # copy the flushing the call sets on its own thread.
+    script = textwrap.dedent(
+        """
+        import torch, rnnkit
+        torch.set_num_threads(2)
+        layer = rnnkit.GRU(16, 16, backend="cpu")
+        out, _ = layer(torch.randn(5, 64, 16, requires_grad=True))
+        out.sum().backward()
+        x = torch.full((1 << 22,), torch.finfo(torch.float32).tiny / 16)
+        print(int(((x * 1) != 0).sum()), x.numel())
+        """
+    )
+    env = {**os.environ, "RNNKIT_GEMM": "mkl", "RNNKIT_SPLIT": "off", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    kept, total = map(int, done.stdout.split())
+    assert kept == total
 
 
 def _subnormal_results(x: torch.Tensor) -> int:

@@ -693,10 +693,34 @@ void each_direction(int64_t D, F&& run) {
     if (e) std::rethrow_exception(e);
 }
 
+// OpenMP's pool threads start with the MXCSR of the thread whose parallel region creates them.
+// Created inside a call (MKL's first threaded GEMM, say), while the calling thread flushes
+// subnormals (FlushDenormals), they would flush for the rest of the process and change the
+// caller's own arithmetic on them. So after the first call at each thread count, every thread of
+// the pool gets the calling thread's setting from before the call; a no-op after.
+class SettlePool {
+ public:
+#if defined(__SSE__) && defined(_OPENMP)
+  SettlePool() : csr_(_mm_getcsr()), n_(at::get_num_threads()) {}
+  ~SettlePool() {
+    thread_local int settled = 1;
+    if (n_ <= settled || omp_in_parallel()) return;
+    flush_denormals((csr_ & kFlushBits) == kFlushBits);
+    _mm_setcsr(csr_);
+    settled = n_;
+  }
+
+ private:
+  unsigned csr_;
+  int n_;
+#endif
+};
+
 // The drivers of the call's cell over its directions, in its dtype: forward or backward by the
 // arguments' type.
 template <template <typename> class Args>
 void run(Call& call, double eps) {
+  const SettlePool settle;
   AT_DISPATCH_FLOATING_TYPES(call.opts.dtype().toScalarType(), "rnnkit_layer", [&] {
     using T = scalar_t;
     std::vector<Args<T>> args(call.size());
