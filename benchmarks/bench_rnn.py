@@ -15,6 +15,13 @@ The ratio is torch.nn time / rnnkit time for each interleaved pair (A B A B ...)
 > 1 means rnnkit is faster. A training step is forward + backward of a loss over the output and
 the final states.
 
+With ``--floor`` each row of a single-layer case run by the cpu kernels also gets its GEMM floor:
+the time of the step's products alone (the input projection and T recurrent GEMMs forward; in
+training also T recurrent GEMMs backward, dx, dW_ih and dW_hh), each timed by itself with the GEMM
+source and precision the kernels use for the call (``rnnkit.backends.cpu.gemm.probe``, the fastest
+call), summed; ``bound`` = torch.nn time / floor, the highest ratio these GEMMs allow, and
+``gemm share`` = floor / rnnkit time, the part of rnnkit's step that is GEMM at those rates.
+
 With ``--versus-gemm SOURCE`` the reference side is rnnkit itself (the same module, weights and
 backend) with every GEMM forced to SOURCE (``RNNKIT_GEMM``), and the ratio is what the automatic
 choice of sources gains over it: the check that the choice is never slower than MKL's path.
@@ -69,6 +76,32 @@ class Row:
     ratio_min: float
     ratio_max: float
     pairs: int
+    floor_ms: float | None = None
+
+
+def gemm_floor(case: str, shape: str, mode: str, precision: str) -> float | None:
+    """Seconds of the GEMMs of one call of ``case`` at ``shape``, each timed alone with the
+    sources and precision the cpu kernels' plan picks for it (None where the case has more than
+    one layer or direction)."""
+    if case not in CELLS:
+        return None
+    from rnnkit.backends.cpu import gemm
+
+    steps, batch, inp, hidden = SHAPES[shape]
+    gates = {"lstm": 4, "gru": 3}.get(case, 1)
+    g, rows = gates * hidden, steps * batch
+    bf16 = precision == "bf16"
+    plan = gemm.plan(steps, batch, inp, hidden, gates, bf16)
+
+    def t(source: str, role: str, m: int, n: int, k: int) -> float:
+        return gemm.probe(source, plan.bf16, role, m, n, k, budget=0.05)
+
+    total = t(plan.bulk, "bulk", rows, g, inp) + steps * t(plan.step, "step", batch, g, hidden)
+    if mode == "train":
+        total += steps * t(plan.step, "step", batch, hidden, g)  # dh += dg . W_hh
+        total += t(plan.bulk, "bulk", rows, inp, g)  # dx = dg . W_ih
+        total += t(plan.bulk, "wgrad", g, inp, rows) + t(plan.bulk, "wgrad", g, hidden, rows)
+    return total
 
 
 def _loss(out: torch.Tensor, states) -> torch.Tensor:
@@ -164,6 +197,7 @@ def measure(
     pairs: int,
     precision: str = "fp32",
     versus_gemm: str | None = None,
+    floor: bool = False,
 ) -> Row:
     steps, batch, inp, hidden = SHAPES[shape]
     autocast = PRECISIONS[precision]
@@ -199,6 +233,7 @@ def measure(
             chosen = rnnkit.explain(mine, x).backend
     ta, tb = _interleave(a, b, pairs)
     ratios = [x / y for x, y in zip(ta, tb, strict=True)]
+    floor_s = gemm_floor(case, shape, mode, precision) if floor and chosen == "cpu" else None
     return Row(
         case=case,
         shape=shape,
@@ -211,20 +246,41 @@ def measure(
         ratio_min=min(ratios),
         ratio_max=max(ratios),
         pairs=pairs,
+        floor_ms=None if floor_s is None else 1e3 * floor_s,
+    )
+
+
+def _floor_text(r: Row) -> str:
+    if r.floor_ms is None:
+        return ""
+    return (
+        f"floor {r.floor_ms:.2f} ms  bound {r.torch_ms / r.floor_ms:5.2f}  "
+        f"gemm share {r.floor_ms / r.rnnkit_ms:.2f}"
     )
 
 
 def markdown(rows: list[Row]) -> str:
+    floors = any(r.floor_ms is not None for r in rows)
+    extra = " GEMM floor ms | bound | GEMM share |" if floors else ""
     lines = [
         "| case | shape | mode | precision | rnnkit backend | torch.nn ms | rnnkit ms "
-        "| ratio (median) | min–max |",
-        "|---|---|---|---|---|---:|---:|---:|---|",
+        "| ratio (median) | min–max |" + extra,
+        "|---|---|---|---|---|---:|---:|---:|---|" + ("---:|---:|---:|" if floors else ""),
     ]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r.case} | {r.shape} | {r.mode} | {r.precision} | {r.backend} | {r.torch_ms:.2f} | "
             f"{r.rnnkit_ms:.2f} | {r.ratio:.2f} | {r.ratio_min:.2f}–{r.ratio_max:.2f} |"
         )
+        if floors:
+            if r.floor_ms is None:
+                line += " | | |"
+            else:
+                line += (
+                    f" {r.floor_ms:.2f} | {r.torch_ms / r.floor_ms:.2f} | "
+                    f"{r.floor_ms / r.rnnkit_ms:.2f} |"
+                )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -263,6 +319,12 @@ def main(argv: list[str] | None = None) -> None:
         help="compare against rnnkit itself with every GEMM forced to SOURCE (e.g. mkl) instead "
         "of torch.nn",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time each single-layer cpu-kernel case's GEMMs alone: the floor they set and "
+        "the ratio bound it gives",
+    )
     parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs per row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -286,13 +348,21 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes:
                 pairs = args.pairs or DEFAULT_REPEATS[shape]
                 row = measure(
-                    case, shape, mode, args.backend, pairs, args.precision, args.versus_gemm
+                    case,
+                    shape,
+                    mode,
+                    args.backend,
+                    pairs,
+                    args.precision,
+                    args.versus_gemm,
+                    args.floor,
                 )
                 rows.append(row)
                 print(
                     f"{row.case:8s} {row.shape} {row.mode:5s} {row.precision} {row.backend:9s} "
                     f"{reference} {row.torch_ms:9.2f} ms  rnnkit {row.rnnkit_ms:9.2f} ms  "
-                    f"ratio {row.ratio:5.2f} [{row.ratio_min:.2f}, {row.ratio_max:.2f}]",
+                    f"ratio {row.ratio:5.2f} [{row.ratio_min:.2f}, {row.ratio_max:.2f}]  "
+                    f"{_floor_text(row)}",
                     flush=True,
                 )
     if args.json:
