@@ -171,6 +171,53 @@ def test_gradcheck_one_direction(kernel, reverse, lengths, regularisers):
     gradcheck(op_args(kernel, reverse, lengths, regularisers=(regularisers,)))
 
 
+@pytest.mark.parametrize(
+    ("lengths", "regularisers"),
+    [(None, "off"), (GC_LENGTHS, "off"), (GC_LENGTHS, "train"), (None, "eval")],
+    ids=["full", "lengths", "lengths-train", "full-eval"],
+)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_steps_split_by_batch_equal_the_threaded_steps(kernel, reverse, lengths, regularisers):
+    """The steps run on one slice of the batch per thread (split: 3 sequences as 2 and 1; with
+    lengths one of them is empty) give what every step threaded gives: outputs, final states and
+    every gradient, with regularisers; and gradcheck holds on the split path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = op_args(kernel, reverse, lengths, regularisers=(regularisers,))
+        tensors = differentiable(args)
+        spec = SPECS[KERNELS_BY_ID[args[5]]]
+        results = []
+        for split in (False, True):
+            r = ops.layer_forward(*args, 0, 0, False, split)
+            values = r[: 1 + len(spec.states)]
+            loss = sum((v * v.detach().cos()).sum() for v in values)
+            results.append(values + list(torch.autograd.grad(loss, tensors)))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+        gradcheck([*args, 0, 0, False, True], fast=True)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rnnkit_split_forces_the_schedule_and_names_a_bad_value(monkeypatch):
+    module = rnnkit.GRU(I, H, backend="cpu")
+    x = torch.randn(T, B, I)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setenv(cpu_gemm.SPLIT_ENV, "on")
+        assert "steps split by batch" in str(rnnkit.explain(module, x))
+        monkeypatch.setenv(cpu_gemm.SPLIT_ENV, "off")
+        assert "steps split by batch" not in str(rnnkit.explain(module, x))
+        monkeypatch.setenv(cpu_gemm.SPLIT_ENV, "sometimes")
+        with pytest.raises(ValueError, match=r"RNNKIT_SPLIT = 'sometimes'; expected auto, on or"):
+            module(x)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_gradcheck_of_the_eager_path(kernel):
     # what eager layers call: the C++ ops under a plain autograd.Function

@@ -59,8 +59,6 @@ void forward(const ForwardArgs<T>& a) {
 
   T* h = a.h;  // (B, P) the state, updated in place
   T* c = a.c;  // (B, H) the cell state, updated in place [a cell state]
-  Buffer<T> hg_t(B * G);  // (B, G) the recurrent projection of this step
-  T* hg = hg_t.data();
   // Projected LSTM: hp (B, H) the projection's input o * tanh(c), hq (B, P) its output.
   Buffer<T> hp_t(kProjection ? B * H : 0, true), hq_t(kProjection ? B * P : 0);
   T* hp = hp_t.data();
@@ -68,78 +66,85 @@ void forward(const ForwardArgs<T>& a) {
   Buffer<T> tmp_t(Cell::kRowScratch * B * H);  // (B, H) per row, for the cell's own use
   T* tmp = tmp_t.data();
 
-  const PackedB<T> hh(a.gemm, true, B, G, P, a.w[kWeightHh], P);  // op(B) = w_hh^T (P, G)
-  // op(B) = w_hr^T (H, P), projected
-  const PackedB<T> hr(a.gemm, true, B, P, H, a.w[kWeightHr], H);
-  // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it runs
-  // over (rows[k], k < A: their batch indices), when they are not h itself: with lengths while
-  // some sequences have finished, and with state dropout (hc = h * mask).
-  std::vector<int64_t> rows;
-  rows.reserve(B);
-  active_rows<kLengths>(0, len, B, rows);
-  Buffer<T> hc_t(kLengths || kStateDropout ? B * P : 0);
-  T* hc = hc_t.data();
-  const int64_t steps = max_length(len, B, T_);
-  for (int64_t s = 0; s < steps; ++s) {
-    if constexpr (kLengths) active_rows<kLengths>(s, len, B, rows);
-    const int64_t A = static_cast<int64_t>(rows.size());
-    const bool gathered = kStateDropout || (kLengths && A < B);
-    if (gathered) {
-      for (int64_t k = 0; k < A; ++k) {
-        const T* h_row = h + rows[k] * P;
-        T* hc_row = hc + k * P;
-        if constexpr (kStateDropout) {
-          const T* m_row = m.mask + rows[k] * P;
+  // The steps of sequences [b0, b1) (Bs of them): each slice of over_batch on its own thread,
+  // or all B at once.
+  over_batch(a.gemm.split, B, [&](int64_t b0, int64_t b1) {
+    const int64_t Bs = b1 - b0;
+    Buffer<T> hg_t(Bs * G);  // (Bs, G) the recurrent projection of this step
+    T* hg = hg_t.data();
+    const PackedB<T> hh(a.gemm, true, Bs, G, P, a.w[kWeightHh], P);  // op(B) = w_hh^T (P, G)
+    // op(B) = w_hr^T (H, P), projected
+    const PackedB<T> hr(a.gemm, true, Bs, P, H, a.w[kWeightHr], H);
+    // The recurrent GEMM reads hc (A, P), the states entering the step of the A sequences it
+    // runs over (rows[k], k < A: their batch indices), when they are not h itself: with lengths
+    // while some sequences have finished, and with state dropout (hc = h * mask).
+    std::vector<int64_t> rows;
+    rows.reserve(Bs);
+    active_rows<kLengths>(0, len, b0, b1, rows);
+    Buffer<T> hc_t(kLengths || kStateDropout ? Bs * P : 0);
+    T* hc = hc_t.data();
+    const int64_t steps = max_length(len ? len + b0 : nullptr, Bs, T_);
+    for (int64_t s = 0; s < steps; ++s) {
+      if constexpr (kLengths) active_rows<kLengths>(s, len, b0, b1, rows);
+      const int64_t A = static_cast<int64_t>(rows.size());
+      const bool gathered = kStateDropout || (kLengths && A < Bs);
+      if (gathered) {
+        for (int64_t k = 0; k < A; ++k) {
+          const T* h_row = h + rows[k] * P;
+          T* hc_row = hc + k * P;
+          if constexpr (kStateDropout) {
+            const T* m_row = m.mask + rows[k] * P;
 #pragma omp simd
-          for (int64_t j = 0; j < P; ++j) hc_row[j] = h_row[j] * m_row[j];
-        } else {
-          std::copy(h_row, h_row + P, hc_row);
+            for (int64_t j = 0; j < P; ++j) hc_row[j] = h_row[j] * m_row[j];
+          } else {
+            std::copy(h_row, h_row + P, hc_row);
+          }
+        }
+      }
+      if (A == Bs) {
+        // hg (Bs, G) = h or hc (Bs, P) . w_hh^T
+        hh.run(gathered ? hc : h + b0 * P, P, T(0), hg, G);
+      } else {
+        // hg (A, G) = hc (A, P) . w_hh^T, on the weight as prepared for the step
+        hh.run_rows(A, hc, P, T(0), hg, G);
+      }
+      parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t b = rows[k];
+          ForwardRow<T> r;
+          r.row = time_of<kLengths>(s, b, len, T_, a.reverse) * B + b;
+          r.xg = xg + r.row * G;
+          r.hg = hg + k * G;
+          r.hin = gathered ? hc + k * P : h + b * P;
+          if constexpr (kSaving) std::copy(r.hin, r.hin + P, saved.at[kHprev] + r.row * P);
+          if constexpr (kZoneout) {
+            r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
+            if constexpr (Cell::kCellState) r.keep_c = keep_row(m.zone_c, m.zone_c_step, r.row);
+          }
+          r.h = kProjection ? hp + b * H : h + b * H;
+          if constexpr (Cell::kCellState) r.c = c + b * H;
+          r.out = a.out + r.row * P;
+          if constexpr (kSaving) r.act = saved.at[kAct] + r.row * n.S;
+          if constexpr (Cell::kRowScratch > 0) r.tmp = tmp + b * H;
+          Cell::template forward_row<T, kSaving, kZoneout, kProjection>(p, r, saved, n);
+        }
+      });
+      if constexpr (kProjection) {
+        // hq (Bs, P) = hp (Bs, H) . w_hr^T; finished sequences keep their state.
+        hr.run(hp + b0 * H, H, T(0), hq + b0 * P, P);
+        for (int64_t k = 0; k < A; ++k) {
+          const int64_t b = rows[k];
+          ForwardRow<T> r;
+          r.row = time_of<kLengths>(s, b, len, T_, a.reverse) * B + b;
+          if constexpr (kZoneout) r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
+          r.h = h + b * P;
+          r.out = a.out + r.row * P;
+          const T* hq_row = hq + b * P;
+          for (int64_t j = 0; j < P; ++j) emit<kZoneout>(r, j, hq_row[j]);
         }
       }
     }
-    if (A == B) {
-      // hg (B, G) = h or hc (B, P) . w_hh^T
-      hh.run(gathered ? hc : h, P, T(0), hg, G);
-    } else {
-      // hg (A, G) = hc (A, P) . w_hh^T, on the weight as prepared for the step
-      hh.run_rows(A, hc, P, T(0), hg, G);
-    }
-    parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t b = rows[k];
-        ForwardRow<T> r;
-        r.row = time_of<kLengths>(s, b, len, T_, a.reverse) * B + b;
-        r.xg = xg + r.row * G;
-        r.hg = hg + k * G;
-        r.hin = gathered ? hc + k * P : h + b * P;
-        if constexpr (kSaving) std::copy(r.hin, r.hin + P, saved.at[kHprev] + r.row * P);
-        if constexpr (kZoneout) {
-          r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
-          if constexpr (Cell::kCellState) r.keep_c = keep_row(m.zone_c, m.zone_c_step, r.row);
-        }
-        r.h = kProjection ? hp + b * H : h + b * H;
-        if constexpr (Cell::kCellState) r.c = c + b * H;
-        r.out = a.out + r.row * P;
-        if constexpr (kSaving) r.act = saved.at[kAct] + r.row * n.S;
-        if constexpr (Cell::kRowScratch > 0) r.tmp = tmp + b * H;
-        Cell::template forward_row<T, kSaving, kZoneout, kProjection>(p, r, saved, n);
-      }
-    });
-    if constexpr (kProjection) {
-      // hq (B, P) = hp (B, H) . w_hr^T; finished sequences keep their state.
-      hr.run(hp, H, T(0), hq, P);
-      for (int64_t k = 0; k < A; ++k) {
-        const int64_t b = rows[k];
-        ForwardRow<T> r;
-        r.row = time_of<kLengths>(s, b, len, T_, a.reverse) * B + b;
-        if constexpr (kZoneout) r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
-        r.h = h + b * P;
-        r.out = a.out + r.row * P;
-        const T* hq_row = hq + b * P;
-        for (int64_t j = 0; j < P; ++j) emit<kZoneout>(r, j, hq_row[j]);
-      }
-    }
-  }
+  });
 }
 
 template <typename Cell, typename T, bool kLengths, bool kProjection, bool kStateDropout,
@@ -163,17 +168,6 @@ void backward(const BackwardArgs<T>& a) {
   T* dgi = dgi_t.data();
   T* dgh = Cell::kSplit ? dgh_t.data() : dgi;
   typename Cell::template Grads<T> cell_grads(a.n, kLengths);  // the cell's own, per step
-  // With lengths, the recurrent GEMM runs over the A sequences active at this step only
-  // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G). Its
-  // product dhc (A, P), the gradient reaching the states that entered the step (with state
-  // dropout: before the mask, which then multiplies it), is added to their dh.
-  Buffer<T> dgs_t(kLengths ? B * G : 0);
-  Buffer<T> dhc_t(kLengths || kStateDropout ? B * P : 0);
-  T* dgs = dgs_t.data();
-  T* dhc = dhc_t.data();
-  std::vector<int64_t> rows;
-  rows.reserve(B);
-  active_rows<kLengths>(0, len, B, rows);
   Buffer<T> zero_t(std::max(P, H), true);  // stands in for an absent grad_out row
   const T* zero = zero_t.data();
   // Projected LSTM: dht (T*B, P) the gradient reaching each projection output; dhs (B, P) this
@@ -185,94 +179,111 @@ void backward(const BackwardArgs<T>& a) {
   T* dhs = dhs_t.data();
   T* dhp = dhp_t.data();
 
-  const PackedB<T> hh(a.gemm, false, B, P, G, w_hh, P);  // op(B) = w_hh (G, P)
-  const PackedB<T> hr(a.gemm, false, B, H, P, a.w[kWeightHr], H);  // op(B) = w_hr (P, H), projected
-  const int64_t steps = max_length(len, B, T_);
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    if constexpr (kLengths) active_rows<kLengths>(s, len, B, rows);
-    const int64_t A = static_cast<int64_t>(rows.size());
-    if constexpr (kProjection) {
-      // Zoneout on h is taken apart before the projection: dhs = (1 - keep) (dh + gout) reaches
-      // the projection's output, keep (dh + gout) the state before the step.
-      for (int64_t k = 0; k < A; ++k) {
-        const int64_t b = rows[k];
-        BackwardRow<T> r;
-        r.row = time_of<kLengths>(s, b, len, T_, reverse) * B + b;
-        r.gout = a.gout ? a.gout + r.row * P : zero;
-        if constexpr (kZoneout) r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
-        r.dh = dh + b * P;
-        T* dhs_row = dhs + b * P;
-        for (int64_t j = 0; j < P; ++j) dhs_row[j] = receive<kZoneout>(r, j);
-        std::copy(dhs_row, dhs_row + P, dht + r.row * P);
-      }
-      // dhp (B, H) = dhs (B, P) . w_hr (P, H)
-      hr.run(dhs, P, T(0), dhp, H);
-    }
-    parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t b = rows[k];
-        const int64_t t = time_of<kLengths>(s, b, len, T_, reverse);
-        BackwardRow<T> r;
-        r.row = t * B + b;
-        r.gout = a.gout ? a.gout + r.row * P : zero;
-        r.act = a.saved.at[kAct] + r.row * a.n.S;
-        r.hin = a.saved.at[kHprev] + r.row * P;
-        if constexpr (kZoneout) {
-          r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
-          if constexpr (Cell::kCellState)
-            r.keep_c = keep_row(a.masks.zone_c, a.masks.zone_c_step, r.row);
+  // The steps of sequences [b0, b1) (Bs of them), in reverse: each slice of over_batch on its
+  // own thread, or all B at once.
+  over_batch(a.gemm.split, B, [&](int64_t b0, int64_t b1) {
+    const int64_t Bs = b1 - b0;
+    // With lengths, the recurrent GEMM runs over the A sequences active at this step only
+    // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G). Its
+    // product dhc (A, P), the gradient reaching the states that entered the step (with state
+    // dropout: before the mask, which then multiplies it), is added to their dh.
+    Buffer<T> dgs_t(kLengths ? Bs * G : 0);
+    Buffer<T> dhc_t(kLengths || kStateDropout ? Bs * P : 0);
+    T* dgs = dgs_t.data();
+    T* dhc = dhc_t.data();
+    std::vector<int64_t> rows;
+    rows.reserve(Bs);
+    active_rows<kLengths>(0, len, b0, b1, rows);
+    const PackedB<T> hh(a.gemm, false, Bs, P, G, w_hh, P);  // op(B) = w_hh (G, P)
+    // op(B) = w_hr (P, H), projected
+    const PackedB<T> hr(a.gemm, false, Bs, H, P, a.w[kWeightHr], H);
+    const int64_t steps = max_length(len ? len + b0 : nullptr, Bs, T_);
+    for (int64_t s = steps - 1; s >= 0; --s) {
+      if constexpr (kLengths) active_rows<kLengths>(s, len, b0, b1, rows);
+      const int64_t A = static_cast<int64_t>(rows.size());
+      if constexpr (kProjection) {
+        // Zoneout on h is taken apart before the projection: dhs = (1 - keep) (dh + gout)
+        // reaches the projection's output, keep (dh + gout) the state before the step.
+        for (int64_t k = 0; k < A; ++k) {
+          const int64_t b = rows[k];
+          BackwardRow<T> r;
+          r.row = time_of<kLengths>(s, b, len, T_, reverse) * B + b;
+          r.gout = a.gout ? a.gout + r.row * P : zero;
+          if constexpr (kZoneout) r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
+          r.dh = dh + b * P;
+          T* dhs_row = dhs + b * P;
+          for (int64_t j = 0; j < P; ++j) dhs_row[j] = receive<kZoneout>(r, j);
+          std::copy(dhs_row, dhs_row + P, dht + r.row * P);
         }
-        if constexpr (Cell::kCellState) {
-          // c_{t-1}: saved where the forward overwrote it (zoneout) or the cell saves it
-          // (peepholes); else the new cell state one step earlier in reading order, c0 first.
-          const int64_t prev = reverse ? t + 1 : t - 1;
-          r.cprev = Cell::saves_cprev(kZoneout) ? a.saved.at[kCprev] + r.row * H
-                    : s == 0                    ? a.c0 + b * H
-                                                : a.saved.at[kC] + (prev * B + b) * H;
-          r.dc = dc + b * H;
-        }
-        if constexpr (kProjection) r.dhp = dhp + b * H;
-        r.dh = dh + b * P;
-        if constexpr (kStateDropout) r.dhin = dhc + k * P;
-        r.dgi = dgi + r.row * G;
-        r.dg = kLengths ? dgs + k * G : dgh + r.row * G;
-        Cell::template backward_row<T, kZoneout, kStateDropout, kProjection>(p, r, a.saved,
-                                                                             cell_grads, a.n);
-        if (kLengths) std::copy(r.dg, r.dg + G, dgh + r.row * G);
+        // dhp (Bs, H) = dhs (Bs, P) . w_hr (P, H)
+        hr.run(dhs + b0 * P, P, T(0), dhp + b0 * H, H);
       }
-    });
-    // This step's gradients of W_hh hin of the A active sequences: dga (A, G).
-    const T* dga = kLengths ? dgs : dgh + (reverse ? T_ - 1 - s : s) * B * G;
-    if constexpr (kStateDropout) {
-      // dhc (A, P) = dga (A, G) . w_hh (G, P) [+ the cell's direct term, there already], the
-      // gradient reaching hin = h * mask; dh += mask * dhc on the active rows.
-      const T beta = Cell::kDirect ? T(1) : T(0);
-      if (A == B) {
-        hh.run(dga, G, beta, dhc, P);
+      parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t b = rows[k];
+          const int64_t t = time_of<kLengths>(s, b, len, T_, reverse);
+          BackwardRow<T> r;
+          r.row = t * B + b;
+          r.gout = a.gout ? a.gout + r.row * P : zero;
+          r.act = a.saved.at[kAct] + r.row * a.n.S;
+          r.hin = a.saved.at[kHprev] + r.row * P;
+          if constexpr (kZoneout) {
+            r.keep_h = keep_row(a.masks.zone_h, a.masks.zone_h_step, r.row);
+            if constexpr (Cell::kCellState)
+              r.keep_c = keep_row(a.masks.zone_c, a.masks.zone_c_step, r.row);
+          }
+          if constexpr (Cell::kCellState) {
+            // c_{t-1}: saved where the forward overwrote it (zoneout) or the cell saves it
+            // (peepholes); else the new cell state one step earlier in reading order, c0 first.
+            const int64_t prev = reverse ? t + 1 : t - 1;
+            r.cprev = Cell::saves_cprev(kZoneout) ? a.saved.at[kCprev] + r.row * H
+                      : s == 0                    ? a.c0 + b * H
+                                                  : a.saved.at[kC] + (prev * B + b) * H;
+            r.dc = dc + b * H;
+          }
+          if constexpr (kProjection) r.dhp = dhp + b * H;
+          r.dh = dh + b * P;
+          if constexpr (kStateDropout) r.dhin = dhc + k * P;
+          r.dgi = dgi + r.row * G;
+          r.dg = kLengths ? dgs + k * G : dgh + r.row * G;
+          Cell::template backward_row<T, kZoneout, kStateDropout, kProjection>(p, r, a.saved,
+                                                                               cell_grads, a.n);
+          if (kLengths) std::copy(r.dg, r.dg + G, dgh + r.row * G);
+        }
+      });
+      // This step's gradients of W_hh hin of the A active sequences: dga (A, G).
+      const T* dga = kLengths ? dgs : dgh + ((reverse ? T_ - 1 - s : s) * B + b0) * G;
+      if constexpr (kStateDropout) {
+        // dhc (A, P) = dga (A, G) . w_hh (G, P) [+ the cell's direct term, there already], the
+        // gradient reaching hin = h * mask; dh += mask * dhc on the active rows.
+        const T beta = Cell::kDirect ? T(1) : T(0);
+        if (A == Bs) {
+          hh.run(dga, G, beta, dhc, P);
+        } else {
+          hh.run_rows(A, dga, G, beta, dhc, P);
+        }
+        for (int64_t k = 0; k < A; ++k) {
+          T* dh_row = dh + rows[k] * P;
+          const T* m_row = a.masks.mask + rows[k] * P;
+          const T* dhc_row = dhc + k * P;
+#pragma omp simd
+          for (int64_t j = 0; j < P; ++j) dh_row[j] += m_row[j] * dhc_row[j];
+        }
+      } else if (!kLengths || A == Bs) {
+        // dh (Bs, P) += dga (Bs, G) . w_hh (G, P): every sequence is active, rows[k] = b0 + k
+        hh.run(dga, G, T(1), dh + b0 * P, P);
       } else {
-        hh.run_rows(A, dga, G, beta, dhc, P);
-      }
-      for (int64_t k = 0; k < A; ++k) {
-        T* dh_row = dh + rows[k] * P;
-        const T* m_row = a.masks.mask + rows[k] * P;
-        const T* dhc_row = dhc + k * P;
+        // dhc (A, P) = dga (A, G) . w_hh (G, P), added to the active rows of dh
+        hh.run_rows(A, dga, G, T(0), dhc, P);
+        for (int64_t k = 0; k < A; ++k) {
+          T* dh_row = dh + rows[k] * P;
+          const T* dhc_row = dhc + k * P;
 #pragma omp simd
-        for (int64_t j = 0; j < P; ++j) dh_row[j] += m_row[j] * dhc_row[j];
-      }
-    } else if (!kLengths || A == B) {
-      // dh (B, P) += dga (B, G) . w_hh (G, P): every sequence is active, rows[k] = k
-      hh.run(dga, G, T(1), dh, P);
-    } else {
-      // dhc (A, P) = dga (A, G) . w_hh (G, P), added to the active rows of dh
-      hh.run_rows(A, dga, G, T(0), dhc, P);
-      for (int64_t k = 0; k < A; ++k) {
-        T* dh_row = dh + rows[k] * P;
-        const T* dhc_row = dhc + k * P;
-#pragma omp simd
-        for (int64_t j = 0; j < P; ++j) dh_row[j] += dhc_row[j];
+          for (int64_t j = 0; j < P; ++j) dh_row[j] += dhc_row[j];
+        }
       }
     }
-  }
+  });
 
   // The cell's own weights (biases, peepholes, LayerNorm gains); a LayerNorm cell turns dgi into
   // the gradient of W_ih x_t.

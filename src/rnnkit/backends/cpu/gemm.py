@@ -10,6 +10,15 @@ for a few milliseconds, the fastest is kept, and the choice is cached in memory 
 count). ``RNNKIT_GEMM=<source>`` forces one source for every GEMM; :func:`rnnkit.explain` shows
 the choice.
 
+How the recurrent steps use the threads is measured the same way. Either every step's GEMM and
+row pass are spread over the threads (a fork and a join per step, the weight shared), or the
+batch is split into one slice per thread and each thread runs all the steps of its slice alone
+(sequences are independent: no synchronisation per step, but each thread streams the whole
+recurrent weight through its own cache). The second wins where the step is small or the weight
+fits a core's cache, the first where the weight is large; at the first call of a step shape the
+step GEMM is timed both ways (:data:`ROLES` "step" and "split") and the split is kept unless it
+is slower. ``RNNKIT_SPLIT=on|off`` forces it.
+
 Sources (ops.cpp's GemmSource):
 
 * ``mkl``: MKL's BLAS as libtorch exports it (``sgemm_``, its packed API for the step, and
@@ -45,9 +54,11 @@ from . import build
 __all__ = [
     "ENV",
     "SOURCES",
+    "SPLIT_ENV",
     "Plan",
     "bf16_supported",
     "forced",
+    "forced_split",
     "onednn_library",
     "onednn_problem",
     "plan",
@@ -56,10 +67,13 @@ __all__ = [
 
 #: The GEMM sources by ops.cpp's id.
 SOURCES = ("mkl", "torch", "onednn")
-#: What gemm_probe measures: the recurrent step, the input projection, the weight gradients.
-ROLES = ("step", "bulk", "wgrad")
+#: What gemm_probe measures: the recurrent step, the input projection, the weight gradients, and
+#: the recurrent step split by rows, each thread its own slice (as split steps run it).
+ROLES = ("step", "bulk", "wgrad", "split")
 #: The environment variable that forces a source ("auto": measure).
 ENV = "RNNKIT_GEMM"
+#: The environment variable that forces the steps split by batch or not ("auto": measure).
+SPLIT_ENV = "RNNKIT_SPLIT"
 #: Seconds of measurement per source and shape class.
 BUDGET = 0.004
 #: How much faster (ratio of times) another source must measure to replace the first one.
@@ -79,21 +93,24 @@ _loaded = False
 
 @dataclass(frozen=True)
 class Plan:
-    """A call's GEMMs: the step's source, the bulk source, bfloat16 operands or not, and how the
-    sources were chosen (in words, for :func:`rnnkit.explain`)."""
+    """A call's GEMMs: the step's source, the bulk source, bfloat16 operands or not, how the
+    sources were chosen (in words, for :func:`rnnkit.explain`), and whether the steps run split
+    by batch, one slice per thread."""
 
     step: str
     bulk: str
     bf16: bool
     how: str
+    split: bool = False
 
-    def args(self) -> tuple[int, int, bool]:
-        """The ops' ``gemm_step, gemm_bulk, bf16``."""
-        return SOURCES.index(self.step), SOURCES.index(self.bulk), self.bf16
+    def args(self) -> tuple[int, int, bool, bool]:
+        """The ops' ``gemm_step, gemm_bulk, bf16, split``."""
+        return SOURCES.index(self.step), SOURCES.index(self.bulk), self.bf16, self.split
 
     def __str__(self) -> str:
         kind = "bf16 x bf16 -> fp32" if self.bf16 else "fp32"
-        return f"GEMMs {kind}: step {self.step}, bulk {self.bulk} ({self.how})"
+        steps = "; steps split by batch, one slice per thread" if self.split else ""
+        return f"GEMMs {kind}: step {self.step}, bulk {self.bulk}{steps} ({self.how})"
 
 
 _bf16: bool | None = None  # bf16_supported's answer, once asked
@@ -119,6 +136,19 @@ def forced() -> str | None:
     if value not in SOURCES:
         raise ValueError(f"{ENV} = {value!r}; expected one of {('auto', *SOURCES)}")
     return value
+
+
+def forced_split() -> bool | None:
+    """Whether ``RNNKIT_SPLIT`` forces the steps split by batch (True), not split (False), or
+    leaves it to measurement (None: "auto" or unset)."""
+    value = os.environ.get(SPLIT_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"{SPLIT_ENV} = {value!r}; expected auto, on or off")
 
 
 @functools.cache
@@ -298,7 +328,7 @@ def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16:
         return Plan("mkl", "mkl", bf16 and bool(_bf16), "default while compiling")
     bf16 = bf16 and bf16_supported()
     key = (steps, batch, input_size, hidden, gates, bf16, torch.get_num_threads(),
-           os.environ.get(ENV))  # fmt: skip
+           os.environ.get(ENV), os.environ.get(SPLIT_ENV))  # fmt: skip
     known = _plans.get(key)
     if known is not None:
         return known
@@ -317,18 +347,57 @@ _EARLIER = "measured earlier on this machine"
 
 def _plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16: bool) -> Plan:
     source = forced()
-    if source is not None:
-        _check_forced(source)
-        return Plan(source, source, bf16, f"forced by {ENV}")
     g = gates * hidden
     step_shape = (max(1, batch), max(1, g), max(1, hidden))
     bulk_shape = (min(BULK_ROWS, _pow2(max(1, steps * batch))), max(1, g), max(1, input_size))
     with _lock:
         _load()
-        step, new_step = _best("step", bf16, *step_shape)
-        bulk, new_bulk = _best("bulk", bf16, *bulk_shape)
-    how = "measured now" if new_step or new_bulk else _EARLIER
-    return Plan(step, bulk, bf16, how)
+        if source is not None:
+            _check_forced(source)
+            step = bulk = source
+            new_step = new_bulk = False
+        else:
+            step, new_step = _best("step", bf16, *step_shape)
+            bulk, new_bulk = _best("bulk", bf16, *bulk_shape)
+        split, new_split = _split(step, bf16, *step_shape)
+    if source is not None:
+        how = f"forced by {ENV}"
+    else:
+        how = "measured now" if new_step or new_bulk or new_split else _EARLIER
+    return Plan(step, bulk, bf16, how, split)
+
+
+def _split(source: str, bf16: bool, m: int, n: int, k: int) -> tuple[bool, bool]:
+    """Whether the steps of this step shape run split by batch (see the module's docstring),
+    and whether that was measured just now: forced by ``RNNKIT_SPLIT``, off with one thread or
+    one sequence, else the step GEMM from ``source`` timed both ways, interleaved (cached like
+    the sources)."""
+    force = forced_split()
+    threads = torch.get_num_threads()
+    if force is not None or threads < 2 or m < 2:
+        return bool(force) and threads >= 2 and m >= 2, False
+    key = f"split:{source}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{threads}"
+    entry = _memory.get(key)
+    if entry is not None and "split" in entry:
+        return bool(entry["split"]), False
+    build.ensure()
+    op = torch.ops.rnnkit_cpu.gemm_probe
+    sid = SOURCES.index(source)
+    roles = {r: ROLES.index(r) for r in ("step", "split")}
+    best = {r: op(sid, bf16, rid, m, n, k, 1)[0] for r, rid in roles.items()}
+    reps = {r: int(min(20, max(1, BUDGET / 3 / max(t, 1e-7)))) for r, t in best.items()}
+    for _ in range(3):
+        for r, rid in roles.items():
+            best[r] = min(best[r], *op(sid, bf16, rid, m, n, k, reps[r]))
+    # Ties go to the split: its GEMM time aside, it saves a fork and a join per step.
+    split = best["split"] <= best["step"]
+    flops = 2.0 * m * n * k
+    _memory[key] = {
+        "split": split,
+        "gflops": {r: round(flops / t / 1e9, 1) for r, t in best.items()},
+    }
+    _save()
+    return split, True
 
 
 def table() -> dict[str, dict]:

@@ -50,6 +50,10 @@ enum GemmSource : int {
 struct GemmPlan {
   int source[2] = {kSourceMkl, kSourceMkl};  // by GemmRole
   bool bf16 = false;
+  // The recurrent steps on one slice of the batch per thread (over_batch), each slice's step
+  // GEMMs single-threaded, instead of every step's GEMM and row pass threaded: chosen by
+  // measuring the step GEMM both ways (rnnkit.backends.cpu.gemm).
+  bool split = false;
 };
 
 // The plan with float32 operands: for sums that must not be rounded (the bias gradients).
@@ -175,6 +179,9 @@ struct Chunks {
 
 void parallel_chunks(int64_t n, int64_t grain, const Chunks& body);
 
+// Threads of the pool (torch's intra-op thread count).
+int64_t pool_threads();
+
 // f(begin, end) over chunks of [0, n).
 template <typename F>
 inline void parallel_for(int64_t n, int64_t grain, const F& f) {
@@ -184,6 +191,22 @@ inline void parallel_for(int64_t n, int64_t grain, const F& f) {
     const F& f;
   };
   parallel_chunks(n, grain, Body(f));
+}
+
+// The recurrent steps of a layer over its B sequences: body(b0, b1) runs the steps of sequences
+// [b0, b1). With `split`, once per thread of the pool on its own slice of the batch (sequences are
+// independent, so the slices never wait for each other: no fork or join per step, and the GEMMs
+// and row passes inside run on the slice's thread alone); else body(0, B) once, its GEMMs and row
+// passes threaded per step. Inside a parallel region (a bidirectional layer's directions), one
+// slice.
+template <typename F>
+inline void over_batch(bool split, int64_t B, const F& body) {
+  if (!split || B < 2) {
+    body(0, B);
+    return;
+  }
+  const int64_t n = std::min<int64_t>(B, std::max<int64_t>(1, pool_threads()));
+  parallel_for(B, (B + n - 1) / n, body);
 }
 
 // Rows per parallel chunk: enough work per thread to pay for the fork.
@@ -378,9 +401,10 @@ inline int64_t time_of(int64_t s, int64_t b, const int64_t* len, int64_t T, bool
 
 // The batch indices of the sequences still running at step s (all of them without lengths).
 template <bool kLen>
-inline void active_rows(int64_t s, const int64_t* len, int64_t B, std::vector<int64_t>& rows) {
+inline void active_rows(int64_t s, const int64_t* len, int64_t b0, int64_t b1,
+                        std::vector<int64_t>& rows) {
   rows.clear();
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t b = b0; b < b1; ++b)
     if (!kLen || s < len[b]) rows.push_back(b);
 }
 

@@ -49,6 +49,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -421,6 +422,8 @@ void PackedB<T>::run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C,
 template class PackedB<float>;
 template class PackedB<double>;
 
+int64_t pool_threads() { return at::get_num_threads(); }
+
 void parallel_chunks(int64_t n, int64_t grain, const Chunks& body) {
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;  // on whichever thread runs the chunk
@@ -747,13 +750,14 @@ void check_source(const char* name, int64_t source) {
               "; expected a GEMM source, 0 to ", kSources - 1);
 }
 
-GemmPlan plan_of(int64_t step, int64_t bulk, bool bf16) {
+GemmPlan plan_of(int64_t step, int64_t bulk, bool bf16, bool split) {
   check_source("gemm_step", step);
   check_source("gemm_bulk", bulk);
   GemmPlan plan;
   plan.source[kStep] = static_cast<int>(step);
   plan.source[kBulk] = static_cast<int>(bulk);
   plan.bf16 = bf16;
+  plan.split = split;
   return plan;
 }
 
@@ -773,14 +777,33 @@ bool gemm_available(int64_t source, bool bf16) {
 std::vector<double> gemm_probe(int64_t source, bool bf16, int64_t role, int64_t M, int64_t N,
                                int64_t K, int64_t reps) {
   check_source("source", source);
-  TORCH_CHECK(role >= 0 && role <= 2, "rnnkit cpu kernels: role = ", role,
-              "; expected 0 (step), 1 (bulk) or 2 (weight gradient)");
+  TORCH_CHECK(role >= 0 && role <= 3, "rnnkit cpu kernels: role = ", role,
+              "; expected 0 (step), 1 (bulk), 2 (weight gradient) or 3 (split step)");
   TORCH_CHECK(M > 0 && N > 0 && K > 0 && reps > 0, "rnnkit cpu kernels: M, N, K, reps = ", M,
               ", ", N, ", ", K, ", ", reps, "; expected positive sizes");
-  GemmPlan plan = plan_of(source, source, bf16);
+  const GemmPlan plan = plan_of(source, source, bf16, false);
   Buffer<float> a(M * K), b(N * K), c(M * N);
   for (int64_t k = 0; k < M * K; ++k) a.data()[k] = static_cast<float>((k % 17) - 8) / 16.0f;
   for (int64_t k = 0; k < N * K; ++k) b.data()[k] = static_cast<float>((k % 13) - 6) / 16.0f;
+  if (role == 3) {
+    // The step as split steps run it: each thread of the pool its own slice of the M rows, B
+    // prepared per slice, the slices at once; a call takes as long as its slowest slice.
+    std::vector<double> seconds(reps, 0.0);
+    std::mutex lock;
+    over_batch(true, M, [&](int64_t m0, int64_t m1) {
+      const PackedB<float> packed(plan, true, m1 - m0, N, K, b.data(), K);
+      std::vector<double> mine;
+      for (int64_t r = 0; r <= reps; ++r) {
+        const auto start = std::chrono::steady_clock::now();
+        packed.run(a.data() + m0 * K, K, 0.0f, c.data() + m0 * N, N);
+        const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+        if (r > 0) mine.push_back(took.count());
+      }
+      const std::lock_guard<std::mutex> guard(lock);
+      for (int64_t r = 0; r < reps; ++r) seconds[r] = std::max(seconds[r], mine[r]);
+    });
+    return seconds;
+  }
   std::vector<double> seconds;
   const PackedB<float> packed(plan, true, M, N, K, role == kStep ? b.data() : nullptr, K);
   for (int64_t r = 0; r <= reps; ++r) {
@@ -819,7 +842,7 @@ void gemm_compute(int64_t source, bool bf16, std::string how, const Tensor& a,
                   (tb ? b.size(0) : b.size(1)) == N,
               "rnnkit cpu kernels: gemm_compute: op(A) ", a.sizes(), ", op(B) ", b.sizes(),
               " and C ", c.sizes(), " do not make a product");
-  const GemmPlan plan = plan_of(source, source, bf16);
+  const GemmPlan plan = plan_of(source, source, bf16, false);
   const float* A = a.const_data_ptr<float>();
   const float* B = b.const_data_ptr<float>();
   float* C = c.mutable_data_ptr<float>();
@@ -870,10 +893,10 @@ std::vector<Tensor> layer_forward(at::TensorList inputs, at::TensorList states,
                                   at::TensorList weights, at::TensorList masks,
                                   const std::optional<Tensor>& lengths, int64_t kernel_id,
                                   const c10::List<bool>& reverse, double eps, bool save,
-                                  int64_t gemm_step, int64_t gemm_bulk, bool bf16) {
+                                  int64_t gemm_step, int64_t gemm_bulk, bool bf16, bool split) {
   TORCH_CHECK(eps >= 0, "rnnkit cpu kernels: eps = ", eps, "; expected eps >= 0");
   Call call(kernel_id, inputs, states, weights, masks, lengths, reverse, save);
-  call.plan = plan_of(gemm_step, gemm_bulk, bf16);
+  call.plan = plan_of(gemm_step, gemm_bulk, bf16, split);
   for (Direction& dir : call.dirs) {
     const Shape& n = dir.n;
     dir.out = dir.v.lengths ? at::zeros({n.T, n.B, n.P}, call.opts)
@@ -905,9 +928,10 @@ std::vector<Tensor> layer_backward(const c10::List<std::optional<Tensor>>& grads
                                    at::TensorList weights, at::TensorList masks,
                                    at::TensorList saved, const std::optional<Tensor>& lengths,
                                    int64_t kernel_id, const c10::List<bool>& reverse, double eps,
-                                   bool need_dx, int64_t gemm_step, int64_t gemm_bulk, bool bf16) {
+                                   bool need_dx, int64_t gemm_step, int64_t gemm_bulk, bool bf16,
+                                   bool split) {
   Call call(kernel_id, inputs, states, weights, masks, lengths, reverse, false);
-  call.plan = plan_of(gemm_step, gemm_bulk, bf16);
+  call.plan = plan_of(gemm_step, gemm_bulk, bf16, split);
   const int64_t D = call.size(), ng = 1 + call.f.states;
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == D * ng, "rnnkit cpu kernels: grads has ",
               grads.size(), " entries; expected ", D * ng,
@@ -967,11 +991,12 @@ TORCH_LIBRARY(rnnkit_cpu, m) {
   m.def(
       "layer_forward(Tensor[] inputs, Tensor[] states, Tensor[] weights, Tensor[] masks, "
       "Tensor? lengths, int kernel_id, bool[] reverse, float eps, bool save, int gemm_step=0, "
-      "int gemm_bulk=0, bool bf16=False) -> Tensor[]");
+      "int gemm_bulk=0, bool bf16=False, bool split=False) -> Tensor[]");
   m.def(
       "layer_backward(Tensor?[] grads, Tensor[] inputs, Tensor[] states, Tensor[] weights, "
       "Tensor[] masks, Tensor[] saved, Tensor? lengths, int kernel_id, bool[] reverse, "
-      "float eps, bool need_dx, int gemm_step=0, int gemm_bulk=0, bool bf16=False) -> Tensor[]");
+      "float eps, bool need_dx, int gemm_step=0, int gemm_bulk=0, bool bf16=False, "
+      "bool split=False) -> Tensor[]");
   m.def("gemm_available(int source, bool bf16) -> bool", &rnnkit::cpu::gemm_available);
   m.def("onednn_load(str path) -> str", &rnnkit::cpu::onednn_load);
   m.def(

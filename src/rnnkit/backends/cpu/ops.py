@@ -105,22 +105,24 @@ def layer_forward(
     gemm_step: int = 0,
     gemm_bulk: int = 0,
     bf16: bool = False,
+    split: bool = False,
 ) -> list[Tensor]:
     """One layer: per direction ``out, *final states, *saved`` (:data:`SAVED`, empty unless
     ``save``). ``gemm_step`` and ``gemm_bulk``: the GEMM sources of the recurrent step and of
     the GEMMs over all steps (:data:`rnnkit.backends.cpu.gemm.SOURCES`); ``bf16``: the GEMMs
-    take bfloat16 operands and accumulate in float32 (float32 calls only)."""
+    take bfloat16 operands and accumulate in float32 (float32 calls only); ``split``: the steps
+    run on one slice of the batch per thread (the same results, another schedule)."""
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_forward(
         inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save, gemm_step,
-        gemm_bulk, bf16,
+        gemm_bulk, bf16, split,
     )  # fmt: skip
 
 
 @layer_forward.register_fake
 def _layer_forward_fake(
     inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save, gemm_step=0,
-    gemm_bulk=0, bf16=False,
+    gemm_bulk=0, bf16=False, split=False,
 ):  # fmt: skip
     spec = _spec(kernel_id)
     x = inputs[0]
@@ -152,6 +154,7 @@ def layer_backward(
     gemm_step: int = 0,
     gemm_bulk: int = 0,
     bf16: bool = False,
+    split: bool = False,
 ) -> list[Tensor]:
     """Backpropagation through one layer_forward: ``dx`` per input (empty unless ``need_dx``),
     then per direction the gradients of the initial states and of the weights (empty where a
@@ -159,14 +162,14 @@ def layer_backward(
     build.ensure()
     return torch.ops.rnnkit_cpu.layer_backward(
         grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx,
-        gemm_step, gemm_bulk, bf16,
+        gemm_step, gemm_bulk, bf16, split,
     )  # fmt: skip
 
 
 @layer_backward.register_fake
 def _layer_backward_fake(
     grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx,
-    gemm_step=0, gemm_bulk=0, bf16=False,
+    gemm_step=0, gemm_bulk=0, bf16=False, split=False,
 ):  # fmt: skip
     spec = _spec(kernel_id)
     x = inputs[0]
@@ -265,13 +268,14 @@ def eager_layer_forward(
     gemm_step: int = 0,
     gemm_bulk: int = 0,
     bf16: bool = False,
+    split: bool = False,
 ) -> list[Tensor]:
     """:func:`layer_forward` for eager calls on plain tensors: the C++ ops under a plain
     autograd.Function. The custom op's wrapper (its arguments flattened and checked at every
     call) costs about half a millisecond per training step, more than a small layer's kernels;
     tracing and tensor subclasses take :func:`layer_forward`, which they can see through."""
     build.ensure()
-    args = (kernel_id, list(reverse), eps, save, gemm_step, gemm_bulk, bf16)
+    args = (kernel_id, list(reverse), eps, save, gemm_step, gemm_bulk, bf16, split)
     if not save:  # nothing to differentiate
         return torch.ops.rnnkit_cpu.layer_forward(inputs, states, weights, masks, lengths, *args)
     counts = (len(inputs), len(states), len(weights), len(masks))
