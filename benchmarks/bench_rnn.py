@@ -25,6 +25,8 @@ call), summed; ``bound`` = torch.nn time / floor, the highest ratio these GEMMs 
 With ``--versus-gemm SOURCE`` the reference side is rnnkit itself (the same module, weights and
 backend) with every GEMM forced to SOURCE (``RNNKIT_GEMM``), and the ratio is what the automatic
 choice of sources gains over it: the check that the choice is never slower than MKL's path.
+``--versus-split on|off`` also forces the reference side's schedule of the steps
+(``RNNKIT_SPLIT``): ``--versus-gemm mkl --versus-split off`` is the path before both choices.
 """
 
 from __future__ import annotations
@@ -130,25 +132,25 @@ def _interleave(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup
 
 
 @contextlib.contextmanager
-def _forced_gemm(source: str | None):
-    """RNNKIT_GEMM = source inside (unchanged when None)."""
-    if source is None:
-        yield
-        return
-    before = os.environ.get("RNNKIT_GEMM")
-    os.environ["RNNKIT_GEMM"] = source
+def _forced_env(env: dict[str, str] | None):
+    """The environment variables ``env`` set inside (nothing changed when None)."""
+    before = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["RNNKIT_GEMM"]
-        else:
-            os.environ["RNNKIT_GEMM"] = before
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def _step_fns(
     ref, mine, x, mode, mine_kw=None, pack=None, unpack=None, autocast=None, ref_gemm=None
 ):
+    """The two timed callables: torch.nn's ``ref`` (packing with ``pack``/``unpack``), or with
+    ``ref_gemm`` (environment variables) rnnkit's ``ref`` under them; and rnnkit's ``mine``."""
     mine_kw = mine_kw or {}
     params = list(ref.parameters()) + list(mine.parameters())
 
@@ -156,7 +158,7 @@ def _step_fns(
         return torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
 
     def run_ref():  # torch.nn users pack on every call, so the packing is timed too
-        with context(), _forced_gemm(ref_gemm):
+        with context(), _forced_env(ref_gemm):
             if ref_gemm is not None:  # rnnkit against itself on another GEMM source
                 return ref(x, **mine_kw)
             out, st = ref(x if pack is None else pack(x))
@@ -198,6 +200,7 @@ def measure(
     precision: str = "fp32",
     versus_gemm: str | None = None,
     floor: bool = False,
+    versus_split: str | None = None,
 ) -> Row:
     steps, batch, inp, hidden = SHAPES[shape]
     autocast = PRECISIONS[precision]
@@ -210,8 +213,12 @@ def measure(
         ref = ref_cls(inp, hidden, **kw)
         mine = mine_cls(inp, hidden, **kw, backend=backend)
     mine.load_state_dict(ref.state_dict())
+    ref_env = None
     if versus_gemm is not None:
         ref = copy.deepcopy(mine)
+        ref_env = {"RNNKIT_GEMM": versus_gemm}
+        if versus_split is not None:
+            ref_env["RNNKIT_SPLIT"] = versus_split
     x = torch.randn(steps, batch, inp, requires_grad=mode == "train")
     if case == "bilstm":
         lengths = torch.randint(steps // 4, steps + 1, (batch,))
@@ -222,13 +229,11 @@ def measure(
         def unpack(out):
             return pad_packed_sequence(out, total_length=steps)[0]
 
-        a, b = _step_fns(
-            ref, mine, x, mode, {"lengths": lengths}, pack, unpack, autocast, versus_gemm
-        )
+        a, b = _step_fns(ref, mine, x, mode, {"lengths": lengths}, pack, unpack, autocast, ref_env)
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             chosen = rnnkit.explain(mine, x, lengths=lengths).backend
     else:
-        a, b = _step_fns(ref, mine, x, mode, autocast=autocast, ref_gemm=versus_gemm)
+        a, b = _step_fns(ref, mine, x, mode, autocast=autocast, ref_gemm=ref_env)
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             chosen = rnnkit.explain(mine, x).backend
     ta, tb = _interleave(a, b, pairs)
@@ -320,6 +325,11 @@ def main(argv: list[str] | None = None) -> None:
         "of torch.nn",
     )
     parser.add_argument(
+        "--versus-split",
+        choices=["on", "off"],
+        help="with --versus-gemm: also force the reference side's steps split by batch or not",
+    )
+    parser.add_argument(
         "--floor",
         action="store_true",
         help="also time each single-layer cpu-kernel case's GEMMs alone: the floor they set and "
@@ -335,12 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the rows and the environment here")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
     args = parser.parse_args(argv)
+    if args.versus_split and not args.versus_gemm:
+        parser.error("--versus-split needs --versus-gemm (it forces the reference side's schedule)")
     torch.set_num_threads(args.threads)
     if args.cpu_time:
         global _CLOCK
         _CLOCK = time.thread_time
 
     reference = f"gemm={args.versus_gemm}" if args.versus_gemm else "torch.nn"
+    if args.versus_split:
+        reference += f",split={args.versus_split}"
     rows = []
     for case in args.cells:
         shapes = ["M"] if case == "bilstm" else args.shapes
@@ -356,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.precision,
                     args.versus_gemm,
                     args.floor,
+                    args.versus_split,
                 )
                 rows.append(row)
                 print(
