@@ -122,6 +122,7 @@ def test_probe_reports_positive_times_for_each_available_source():
         if gemm.available(source, False):
             assert gemm.probe(source, False, "step", 8, 24, 8, budget=1e-4) > 0
             assert gemm.probe(source, False, "bulk", 64, 24, 8, budget=1e-4) > 0
+            assert gemm.probe(source, False, "split", 8, 24, 8, budget=1e-4) > 0
 
 
 def test_the_ops_refuse_an_unknown_source():

@@ -20,8 +20,8 @@ __all__ = ["MACHINE", "MEASURED", "Point", "nearest"]
 #: The machine the table was measured on (lscpu), with the command.
 MACHINE = (
     "Intel Xeon (KVM, model 167) with avx512f/bw/vl, avx512_bf16, amx_bf16, 2 cores, torch 2.13; "
-    "python benchmarks/bench_rnn.py --threads 2 --backend cpu --precision fp32|bf16, 2026-12-02 "
-    "(fp32 and bf16-onednn re-measured after the scratch pool and the onednn source)"
+    "python benchmarks/bench_rnn.py --threads 2 --backend cpu --precision fp32|bf16; fp32 and "
+    "bf16-onednn re-measured 2026-12-02 with the steps split by batch where measured faster"
 )
 
 
@@ -40,15 +40,15 @@ S, M, L = (100, 8, 64, 64), (100, 32, 128, 256), (200, 64, 256, 512)
 #: (mode, lengths given, precision, training) -> the measured points: BENCHMARKS.md's 2-thread
 #: tables (``--backend cpu``, wall time, interleaved medians, quiet machine).
 MEASURED: dict[tuple[str, bool, str, bool], tuple[Point, ...]] = {
-    ("lstm", False, "fp32", True): (Point(*S, 1.08), Point(*M, 1.34), Point(*L, 1.36)),
-    ("lstm", False, "fp32", False): (Point(*S, 0.79), Point(*M, 0.93), Point(*L, 1.03)),
-    ("gru", False, "fp32", True): (Point(*S, 4.05), Point(*M, 2.39), Point(*L, 1.72)),
-    ("gru", False, "fp32", False): (Point(*S, 2.40), Point(*M, 1.85), Point(*L, 1.63)),
-    ("rnn_tanh", False, "fp32", True): (Point(*S, 3.01), Point(*M, 1.55), Point(*L, 1.61)),
-    ("rnn_tanh", False, "fp32", False): (Point(*S, 2.48), Point(*M, 1.52), Point(*L, 1.49)),
+    ("lstm", False, "fp32", True): (Point(*S, 1.38), Point(*M, 1.30), Point(*L, 1.30)),
+    ("lstm", False, "fp32", False): (Point(*S, 1.29), Point(*M, 0.93), Point(*L, 1.02)),
+    ("gru", False, "fp32", True): (Point(*S, 6.07), Point(*M, 2.03), Point(*L, 1.57)),
+    ("gru", False, "fp32", False): (Point(*S, 3.49), Point(*M, 1.67), Point(*L, 1.58)),
+    ("rnn_tanh", False, "fp32", True): (Point(*S, 3.69), Point(*M, 1.81), Point(*L, 1.40)),
+    ("rnn_tanh", False, "fp32", False): (Point(*S, 2.80), Point(*M, 1.89), Point(*L, 1.41)),
     # a 2-layer bidirectional LSTM, lengths uniform in [T/4, T] against pack_padded_sequence
-    ("lstm", True, "fp32", True): (Point(*M, 3.78),),
-    ("lstm", True, "fp32", False): (Point(*M, 1.52),),
+    ("lstm", True, "fp32", True): (Point(*M, 3.58),),
+    ("lstm", True, "fp32", False): (Point(*M, 1.39),),
     # bf16 with MKL's GEMMs alone (no onednn extra)
     ("lstm", False, "bf16", True): (Point(*S, 0.88), Point(*M, 1.12), Point(*L, 0.71)),
     ("lstm", False, "bf16", False): (Point(*S, 0.51), Point(*M, 0.37), Point(*L, 0.37)),
@@ -59,14 +59,14 @@ MEASURED: dict[tuple[str, bool, str, bool], tuple[Point, ...]] = {
     ("lstm", True, "bf16", True): (Point(*M, 4.74),),
     ("lstm", True, "bf16", False): (Point(*M, 1.89),),
     # bf16 with the onednn extra installed (its matmul runs the bf16 step on packed weights)
-    ("lstm", False, "bf16-onednn", True): (Point(*M, 1.36), Point(*L, 1.17)),
-    ("lstm", False, "bf16-onednn", False): (Point(*M, 0.76), Point(*L, 0.93)),
-    ("gru", False, "bf16-onednn", True): (Point(*M, 3.33), Point(*L, 2.90)),
-    ("gru", False, "bf16-onednn", False): (Point(*M, 2.76), Point(*L, 2.27)),
-    ("rnn_tanh", False, "bf16-onednn", True): (Point(*M, 2.57), Point(*L, 2.08)),
-    ("rnn_tanh", False, "bf16-onednn", False): (Point(*M, 2.22), Point(*L, 2.12)),
-    ("lstm", True, "bf16-onednn", True): (Point(*M, 7.84),),
-    ("lstm", True, "bf16-onednn", False): (Point(*M, 2.96),),
+    ("lstm", False, "bf16-onednn", True): (Point(*M, 1.44), Point(*L, 1.21)),
+    ("lstm", False, "bf16-onednn", False): (Point(*M, 0.93), Point(*L, 0.84)),
+    ("gru", False, "bf16-onednn", True): (Point(*M, 3.03), Point(*L, 2.44)),
+    ("gru", False, "bf16-onednn", False): (Point(*M, 3.16), Point(*L, 2.35)),
+    ("rnn_tanh", False, "bf16-onednn", True): (Point(*M, 3.21), Point(*L, 1.87)),
+    ("rnn_tanh", False, "bf16-onednn", False): (Point(*M, 3.97), Point(*L, 2.10)),
+    ("lstm", True, "bf16-onednn", True): (Point(*M, 6.60),),
+    ("lstm", True, "bf16-onednn", False): (Point(*M, 2.61),),
 }
 
 

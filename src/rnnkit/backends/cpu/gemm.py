@@ -253,7 +253,8 @@ def _check_forced(source: str) -> None:
 def probe(source: str, bf16: bool, role: str, m: int, n: int, k: int, budget: float = BUDGET):
     """Seconds per call (the fastest of the calls) of ``source``'s GEMM C (m, n) = op(A) . op(B)
     as the kernels run it in ``role`` ("step": A (m, k) . B^T, B prepared once; "bulk": A . B^T,
-    the input projection; "wgrad": A^T (m, k) . B (k, n), the weight gradients), measured for
+    the input projection; "wgrad": A^T (m, k) . B (k, n), the weight gradients; "split": the
+    step with each thread of the pool on its own slice of the m rows at once), measured for
     about ``budget`` seconds. The fastest call, not the median: on a shared machine a call can
     only be slowed down (descheduled threads), never sped up."""
     return min(_calls(source, bf16, role, m, n, k, budget))
