@@ -272,16 +272,29 @@ def _calls(source: str, bf16: bool, role: str, m: int, n: int, k: int, budget: f
 def compare(sources: list[str], bf16: bool, role: str, m: int, n: int, k: int) -> dict:
     """Seconds per call of each source, measured in interleaved rounds (A B A B ...: a burst of
     load slows them all) for about :data:`BUDGET` seconds each; the fastest call of each."""
+    rid = ROLES.index(role)
+    return _interleaved({s: (SOURCES.index(s), rid) for s in sources}, bf16, m, n, k)
+
+
+def _interleaved(candidates: dict[str, tuple[int, int]], bf16: bool, m: int, n: int, k: int):
+    """Seconds per call of each candidate (name -> gemm_probe's source and role ids), in
+    interleaved rounds for about :data:`BUDGET` seconds each; the fastest call of each."""
     build.ensure()
     op = torch.ops.rnnkit_cpu.gemm_probe
-    rid = ROLES.index(role)
     rounds = 3
-    best = {s: op(SOURCES.index(s), bf16, rid, m, n, k, 1)[0] for s in sources}
-    reps = {s: int(min(20, max(1, BUDGET / rounds / max(t, 1e-7)))) for s, t in best.items()}
+    best = {c: op(sid, bf16, rid, m, n, k, 1)[0] for c, (sid, rid) in candidates.items()}
+    reps = {c: int(min(20, max(1, BUDGET / rounds / max(t, 1e-7)))) for c, t in best.items()}
     for _ in range(rounds):
-        for s in sources:
-            best[s] = min(best[s], *op(SOURCES.index(s), bf16, rid, m, n, k, reps[s]))
+        for c, (sid, rid) in candidates.items():
+            best[c] = min(best[c], *op(sid, bf16, rid, m, n, k, reps[c]))
     return best
+
+
+def _remember(key: str, choice: dict, seconds: dict[str, float], m: int, n: int, k: int) -> None:
+    """Keep a shape class's choice with each candidate's GFLOP/s, in memory and on disk."""
+    flops = 2.0 * m * n * k
+    _memory[key] = {**choice, "gflops": {c: round(flops / t / 1e9, 1) for c, t in seconds.items()}}
+    _save()
 
 
 def _pow2(v: int) -> int:
@@ -312,12 +325,7 @@ def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
     for s in sources[1:]:
         if seconds[s] < seconds[best] / MARGIN:
             best = s
-    flops = 2.0 * m * n * k
-    _memory[key] = {
-        "best": best,
-        "gflops": {s: round(flops / t / 1e9, 1) for s, t in seconds.items()},
-    }
-    _save()
+    _remember(key, {"best": best}, seconds, m, n, k)
     return best, True
 
 
@@ -381,23 +389,11 @@ def _split(source: str, bf16: bool, m: int, n: int, k: int) -> tuple[bool, bool]
     entry = _memory.get(key)
     if entry is not None and "split" in entry:
         return bool(entry["split"]), False
-    build.ensure()
-    op = torch.ops.rnnkit_cpu.gemm_probe
     sid = SOURCES.index(source)
-    roles = {r: ROLES.index(r) for r in ("step", "split")}
-    best = {r: op(sid, bf16, rid, m, n, k, 1)[0] for r, rid in roles.items()}
-    reps = {r: int(min(20, max(1, BUDGET / 3 / max(t, 1e-7)))) for r, t in best.items()}
-    for _ in range(3):
-        for r, rid in roles.items():
-            best[r] = min(best[r], *op(sid, bf16, rid, m, n, k, reps[r]))
+    seconds = _interleaved({r: (sid, ROLES.index(r)) for r in ("step", "split")}, bf16, m, n, k)
     # Ties go to the split: its GEMM time aside, it saves a fork and a join per step.
-    split = best["split"] <= best["step"]
-    flops = 2.0 * m * n * k
-    _memory[key] = {
-        "split": split,
-        "gflops": {r: round(flops / t / 1e9, 1) for r, t in best.items()},
-    }
-    _save()
+    split = seconds["split"] <= seconds["step"]
+    _remember(key, {"split": split}, seconds, m, n, k)
     return split, True
 
 
