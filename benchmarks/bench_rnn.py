@@ -81,20 +81,33 @@ class Row:
     pairs: int
     floor_ms: float | None = None
 
+    @property
+    def bound(self) -> float | None:
+        """torch.nn time / the GEMM floor: the highest ratio the GEMMs allow."""
+        return None if self.floor_ms is None else self.torch_ms / self.floor_ms
 
-def gemm_floor(case: str, shape: str, mode: str, precision: str) -> float | None:
-    """Seconds of the GEMMs of one call of ``case`` at ``shape``, each timed alone with the
-    sources and precision the cpu kernels' plan picks for it (None where the case has more than
-    one layer or direction)."""
-    if case not in CELLS:
+    @property
+    def gemm_share(self) -> float | None:
+        """The GEMM floor / rnnkit's time."""
+        return None if self.floor_ms is None else self.floor_ms / self.rnnkit_ms
+
+
+def gemm_floor(mine: torch.nn.Module, x: torch.Tensor, mode: str) -> float | None:
+    """Seconds of the GEMMs of one call of ``mine`` on ``x``, each timed alone with the sources
+    and precision the cpu kernels' plan picks for it (under the caller's autocast), the gate
+    count from the cell table (None where the module runs more than one layer or direction)."""
+    from rnnkit.backends.cpu import gemm, gemm_plan
+    from rnnkit.cells.table import SPECS
+
+    requests = mine.dispatch_requests(x)
+    if len(requests) != 1 or requests[0][1].bidirectional or requests[0][1].num_layers != 1:
         return None
-    from rnnkit.backends.cpu import gemm
-
-    steps, batch, inp, hidden = SHAPES[shape]
-    gates = {"lstm": 4, "gru": 3}.get(case, 1)
-    g, rows = gates * hidden, steps * batch
-    bf16 = precision == "bf16"
-    plan = gemm.plan(steps, batch, inp, hidden, gates, bf16)
+    request = requests[0][1]
+    plan = gemm_plan(request)
+    steps, batch, inp, hidden = (
+        request.steps, request.batch, request.input_size, request.hidden_size,
+    )  # fmt: skip
+    g, rows = SPECS[request.mode].gate_count * hidden, steps * batch
 
     def t(source: str, role: str, m: int, n: int, k: int) -> float:
         return gemm.probe(source, plan.bf16, role, m, n, k, budget=0.05)
@@ -239,7 +252,10 @@ def measure(
             chosen = rnnkit.explain(mine, x).backend
     ta, tb = _interleave(a, b, pairs)
     ratios = [x / y for x, y in zip(ta, tb, strict=True)]
-    floor_s = gemm_floor(case, shape, mode, precision) if floor and chosen == "cpu" else None
+    floor_s = None
+    if floor and chosen == "cpu" and case in CELLS:
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            floor_s = gemm_floor(mine, x, mode)
     return Row(
         case=case,
         shape=shape,
@@ -259,10 +275,7 @@ def measure(
 def _floor_text(r: Row) -> str:
     if r.floor_ms is None:
         return ""
-    return (
-        f"floor {r.floor_ms:.2f} ms  bound {r.torch_ms / r.floor_ms:5.2f}  "
-        f"gemm share {r.floor_ms / r.rnnkit_ms:.2f}"
-    )
+    return f"floor {r.floor_ms:.2f} ms  bound {r.bound:5.2f}  gemm share {r.gemm_share:.2f}"
 
 
 def markdown(rows: list[Row]) -> str:
@@ -282,10 +295,7 @@ def markdown(rows: list[Row]) -> str:
             if r.floor_ms is None:
                 line += " | | |"
             else:
-                line += (
-                    f" {r.floor_ms:.2f} | {r.torch_ms / r.floor_ms:.2f} | "
-                    f"{r.floor_ms / r.rnnkit_ms:.2f} |"
-                )
+                line += f" {r.floor_ms:.2f} | {r.bound:.2f} | {r.gemm_share:.2f} |"
         lines.append(line)
     return "\n".join(lines)
 

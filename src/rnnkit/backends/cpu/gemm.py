@@ -383,8 +383,10 @@ def _split(source: str, bf16: bool, m: int, n: int, k: int) -> tuple[bool, bool]
     the sources)."""
     force = forced_split()
     threads = torch.get_num_threads()
-    if force is not None or threads < 2 or m < 2:
-        return bool(force) and threads >= 2 and m >= 2, False
+    if threads < 2 or m < 2:
+        return False, False
+    if force is not None:
+        return force, False
     key = f"split:{source}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{threads}"
     entry = _memory.get(key)
     if entry is not None and "split" in entry:
