@@ -83,6 +83,17 @@ void forward(const ForwardArgs<T>& a) {
     active_rows<kLengths>(0, len, b0, b1, rows);
     Buffer<T> hc_t(kLengths || kStateDropout ? Bs * P : 0);
     T* hc = hc_t.data();
+    // A step GEMM in bf16 reads its operand rounded by whoever wrote it: hin_h (Bs, P), row k the
+    // k-th row the GEMM reads (h[b0 + k], or hc's row k where gathered), rounded by the row pass
+    // that wrote h (the state of the next step) or by the gathering below. Not projected (the
+    // projection writes h).
+    const bool step_half = std::is_same_v<T, float> && !kProjection && hh.takes_half();
+    Buffer<std::uint16_t> hin_h(step_half ? Bs * P : 0);
+    auto round_state = [&](const T* src, int64_t k) {
+      if constexpr (std::is_same_v<T, float>) round_row(P, src, hin_h.data() + k * P);
+    };
+    if (step_half && !kStateDropout)
+      for (int64_t b = b0; b < b1; ++b) round_state(h + b * P, b - b0);
     const int64_t steps = max_length(len ? len + b0 : nullptr, Bs, T_);
     for (int64_t s = 0; s < steps; ++s) {
       if constexpr (kLengths) active_rows<kLengths>(s, len, b0, b1, rows);
@@ -99,14 +110,16 @@ void forward(const ForwardArgs<T>& a) {
           } else {
             std::copy(h_row, h_row + P, hc_row);
           }
+          if (step_half) round_state(hc_row, k);
         }
       }
+      const std::uint16_t* hin_half = step_half ? hin_h.data() : nullptr;
       if (A == Bs) {
         // hg (Bs, G) = h or hc (Bs, P) . w_hh^T
-        hh.run(gathered ? hc : h + b0 * P, P, T(0), hg, G);
+        hh.run(gathered ? hc : h + b0 * P, P, T(0), hg, G, hin_half);
       } else {
         // hg (A, G) = hc (A, P) . w_hh^T, on the weight as prepared for the step
-        hh.run_rows(A, hc, P, T(0), hg, G);
+        hh.run_rows(A, hc, P, T(0), hg, G, hin_half);
       }
       parallel_for(A, grain(G), [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
@@ -127,6 +140,7 @@ void forward(const ForwardArgs<T>& a) {
           if constexpr (kSaving) r.act = saved.at[kAct] + r.row * n.S;
           if constexpr (Cell::kRowScratch > 0) r.tmp = tmp + b * H;
           Cell::template forward_row<T, kSaving, kZoneout, kProjection>(p, r, saved, n);
+          if (step_half && !kStateDropout) round_state(r.h, b - b0);
         }
       });
       if constexpr (kProjection) {
@@ -178,6 +192,14 @@ void backward(const BackwardArgs<T>& a) {
   T* dht = dht_t.data();
   T* dhs = dhs_t.data();
   T* dhp = dhp_t.data();
+  // Where the bulk GEMMs take bfloat16 operands (float, a bf16 plan), the row passes round the
+  // gate gradients they have just written: dgh_h (T*B, G) of dgh, dgi_h of dgi [kRoundDgi],
+  // read by the bulk GEMMs (Operand) and, without lengths, by the step's GEMM; no pass over all
+  // of dgi afterwards. Padded rows are never read (the bulk GEMMs gather the valid rows). A
+  // LayerNorm cell's finish rewrites dgi, which is then rounded after it.
+  constexpr bool kRoundDgi = Cell::kSplit && !Cell::kLayerNorm;
+  const bool half = std::is_same_v<T, float> && rounds_operands(a.gemm);
+  Buffer<std::uint16_t> dgh_h(half ? TB * G : 0), dgi_h(half && kRoundDgi ? TB * G : 0);
 
   // The steps of sequences [b0, b1) (Bs of them), in reverse: each slice of over_batch on its
   // own thread, or all B at once.
@@ -197,6 +219,11 @@ void backward(const BackwardArgs<T>& a) {
     const PackedB<T> hh(a.gemm, false, Bs, P, G, w_hh, P);  // op(B) = w_hh (G, P)
     // op(B) = w_hr (P, H), projected
     const PackedB<T> hr(a.gemm, false, Bs, H, P, a.w[kWeightHr], H);
+    // A step GEMM in bf16 reads its operand as the row pass rounded it: the step's rows of
+    // dgh_h, or (with lengths, or when the bulk GEMMs stay in float32) dgs_h (A, G).
+    const bool step_half = std::is_same_v<T, float> && hh.takes_half();
+    const bool own_half = step_half && (kLengths || !half);
+    Buffer<std::uint16_t> dgs_h(own_half ? Bs * G : 0);
     const int64_t steps = max_length(len ? len + b0 : nullptr, Bs, T_);
     for (int64_t s = steps - 1; s >= 0; --s) {
       if constexpr (kLengths) active_rows<kLengths>(s, len, b0, b1, rows);
@@ -249,18 +276,30 @@ void backward(const BackwardArgs<T>& a) {
           Cell::template backward_row<T, kZoneout, kStateDropout, kProjection>(p, r, a.saved,
                                                                                cell_grads, a.n);
           if (kLengths) std::copy(r.dg, r.dg + G, dgh + r.row * G);
+          if constexpr (std::is_same_v<T, float>) {
+            if (half) {
+              round_row(G, r.dg, dgh_h.data() + r.row * G);
+              if (kRoundDgi) round_row(G, r.dgi, dgi_h.data() + r.row * G);
+            }
+            if (own_half) round_row(G, r.dg, dgs_h.data() + k * G);
+          }
         }
       });
-      // This step's gradients of W_hh hin of the A active sequences: dga (A, G).
-      const T* dga = kLengths ? dgs : dgh + ((reverse ? T_ - 1 - s : s) * B + b0) * G;
+      // This step's gradients of W_hh hin of the A active sequences: dga (A, G), and rounded to
+      // bfloat16 where the step takes it so (else null).
+      const int64_t first = ((reverse ? T_ - 1 - s : s) * B + b0) * G;
+      const T* dga = kLengths ? dgs : dgh + first;
+      const std::uint16_t* dga_h = !step_half ? nullptr
+                                   : own_half ? dgs_h.data()
+                                              : dgh_h.data() + first;
       if constexpr (kStateDropout) {
         // dhc (A, P) = dga (A, G) . w_hh (G, P) [+ the cell's direct term, there already], the
         // gradient reaching hin = h * mask; dh += mask * dhc on the active rows.
         const T beta = Cell::kDirect ? T(1) : T(0);
         if (A == Bs) {
-          hh.run(dga, G, beta, dhc, P);
+          hh.run(dga, G, beta, dhc, P, dga_h);
         } else {
-          hh.run_rows(A, dga, G, beta, dhc, P);
+          hh.run_rows(A, dga, G, beta, dhc, P, dga_h);
         }
         for (int64_t k = 0; k < A; ++k) {
           T* dh_row = dh + rows[k] * P;
@@ -271,10 +310,10 @@ void backward(const BackwardArgs<T>& a) {
         }
       } else if (!kLengths || A == Bs) {
         // dh (Bs, P) += dga (Bs, G) . w_hh (G, P): every sequence is active, rows[k] = b0 + k
-        hh.run(dga, G, T(1), dh + b0 * P, P);
+        hh.run(dga, G, T(1), dh + b0 * P, P, dga_h);
       } else {
         // dhc (A, P) = dga (A, G) . w_hh (G, P), added to the active rows of dh
-        hh.run_rows(A, dga, G, T(0), dhc, P);
+        hh.run_rows(A, dga, G, T(0), dhc, P, dga_h);
         for (int64_t k = 0; k < A; ++k) {
           T* dh_row = dh + rows[k] * P;
           const T* dhc_row = dhc + k * P;
@@ -290,21 +329,27 @@ void backward(const BackwardArgs<T>& a) {
   Cell::template finish<T, kLengths>(p, a, dgi, dgh, cell_grads);
   // The bulk GEMMs over the R rows that count: with lengths, the N valid rows alone (gathered
   // once; padded rows of dgi and dgh are zero and add nothing, and dx is zero there), else all
-  // T*B. Each operand is rounded to bfloat16 once where the plan says so (Operand).
+  // T*B. Each operand is rounded to bfloat16 once where the plan says so (Operand; the gate
+  // gradients by the row passes that wrote them).
   const std::vector<int64_t> valid = kLengths ? valid_rows(len, T_, B) : std::vector<int64_t>{};
   const bool compact = kLengths && static_cast<int64_t>(valid.size()) < TB;
   const int64_t R = compact ? static_cast<int64_t>(valid.size()) : TB;
   Buffer<T> dgi_c(compact ? R * G : 0), dgh_c(compact && Cell::kSplit ? R * G : 0);
   Buffer<T> x_c(compact ? R * I : 0), hprev_c(compact ? R * P : 0);
-  // pick(full, W, buffer): the R rows of the (T*B, W) array full that count
-  auto pick = [&](const T* full, int64_t W, Buffer<T>& buffer) -> const T* {
-    if (!compact) return full;
+  // the gate gradients as the row passes rounded them (null where they did not)
+  const std::uint16_t* dgi_r = Cell::kSplit ? dgi_h.data() : dgh_h.data();
+  const std::uint16_t* dgh_r = Cell::kSplit ? dgh_h.data() : nullptr;
+  Buffer<std::uint16_t> dgi_hc(compact && dgi_r ? R * G : 0), dgh_hc(compact && dgh_r ? R * G : 0);
+  // pick(full, W, buffer): the R rows of the (T*B, W) array full that count (null: null)
+  auto pick = [&](const auto* full, int64_t W, auto& buffer) {
+    if (!compact || !full) return full;
     gather_rows(valid, W, full, buffer.data());
-    return buffer.data();
+    return static_cast<decltype(full)>(buffer.data());
   };
-  const Operand<T> dgi_o(a.gemm, R, G, pick(dgi, G, dgi_c));
+  const Operand<T> dgi_o(a.gemm, R, G, pick(dgi, G, dgi_c), pick(dgi_r, G, dgi_hc));
   const Operand<T> dgh_o(a.gemm, Cell::kSplit ? R : 0, G,
-                         Cell::kSplit ? pick(dgh, G, dgh_c) : nullptr);
+                         Cell::kSplit ? pick(dgh, G, dgh_c) : nullptr,
+                         pick(dgh_r, G, dgh_hc));
   const Operand<T>& dg_hh = Cell::kSplit ? dgh_o : dgi_o;
   const Operand<T> x_o(a.gemm, R, I, pick(a.x, I, x_c));
   const Operand<T> hprev_o(a.gemm, R, P, pick(a.saved.at[kHprev], P, hprev_c));

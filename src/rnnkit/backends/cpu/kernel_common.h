@@ -18,6 +18,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+
 namespace rnnkit {
 namespace cpu {
 
@@ -114,10 +118,16 @@ class PackedB {
   PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t K, const T* B,
           int64_t ldb);
   // C (M, N) = A (M, K) . op(B) + beta C
-  void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
+  void run(const T* A, int64_t lda, T beta, T* C, int64_t ldc,
+           const std::uint16_t* A_half = nullptr) const;
   // C (rows, N) = A (rows, K) . op(B) + beta C, rows <= M: the step over the sequences still
-  // running (with lengths), on B as prepared where the source allows it.
-  void run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
+  // running (with lengths), on B as prepared where the source allows it. A_half: A already
+  // rounded to bfloat16 (rows, K, compact), or null; a step that runs in bf16 (takes_half) reads
+  // it instead of rounding A itself.
+  void run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C, int64_t ldc,
+                const std::uint16_t* A_half = nullptr) const;
+  // Whether the step multiplies bfloat16 operands (so that a caller may round A as it writes it).
+  bool takes_half() const { return half_ || (onednn_ && plan_.bf16); }
 
  private:
   GemmPlan plan_;
@@ -135,6 +145,30 @@ class PackedB {
 extern template class PackedB<float>;
 extern template class PackedB<double>;
 
+// float -> bfloat16, rounded to nearest even (as torch rounds); NaN stays NaN. Branch-free, so
+// that the row loop vectorises.
+RNNKIT_INLINE std::uint16_t to_bf16(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const std::uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>((nan ? (u | 0x400000u) : rounded) >> 16);
+}
+
+// dst (n) = src (n) rounded to bfloat16, on the calling thread: the CPU's own conversion where it
+// has one. The row passes call it on the rows they have just written (still in cache).
+inline void round_row(int64_t n, const float* src, std::uint16_t* dst) {
+  int64_t j = 0;
+#ifdef __AVX512BF16__
+  for (; j + 16 <= n; j += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<const __m256i&>(h));
+  }
+#endif
+#pragma omp simd
+  for (int64_t k = j; k < n; ++k) dst[k] = to_bf16(src[k]);
+}
+
 // Whether a plan's bulk GEMMs take operands rounded to bfloat16 beforehand (Operand), and the
 // rounding itself: dst (n) = src (n) to nearest even. Defined in ops.cpp.
 bool rounds_operands(const GemmPlan& plan);
@@ -143,20 +177,28 @@ void round_bf16(int64_t n, const float* src, std::uint16_t* dst);
 // A contiguous (rows, cols) operand of several bulk GEMMs (dgi, x, the weights at the end of
 // backward): where the plan rounds operands to bfloat16 (float only), rounded once here and
 // read by every GEMM that takes it.
+// `rounded`, when given, is data already rounded (by the pass that wrote it) and is read as is.
 template <typename T>
 struct Operand {
-  Operand(const GemmPlan& plan, int64_t rows, int64_t cols, const T* data)
+  Operand(const GemmPlan& plan, int64_t rows, int64_t cols, const T* data,
+          const std::uint16_t* rounded = nullptr)
       : data(data), cols(cols) {
     if constexpr (std::is_same_v<T, float>) {
       if (data && rows * cols > 0 && rounds_operands(plan)) {
-        half = Buffer<std::uint16_t>(rows * cols);
-        round_bf16(rows * cols, data, half.data());
+        if (rounded) {
+          half = rounded;
+        } else {
+          own = Buffer<std::uint16_t>(rows * cols);
+          round_bf16(rows * cols, data, own.data());
+          half = own.data();
+        }
       }
     }
   }
   const T* data;
   int64_t cols;
-  Buffer<std::uint16_t> half;  // empty unless rounded
+  const std::uint16_t* half = nullptr;  // null unless rounded
+  Buffer<std::uint16_t> own;            // the rounding when done here
 };
 
 // C (M, N) = op(A) (M, K) . op(B) (K, N) + beta C of two Operands (their leading dimension their

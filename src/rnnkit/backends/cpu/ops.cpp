@@ -62,10 +62,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#ifdef __AVX512BF16__
-#include <immintrin.h>
-#endif
-
 #include "cells.h"
 #include "checks.h"
 #include "kernel_common.h"
@@ -168,29 +164,6 @@ bool have_blas() {
 }
 
 bool have_mkl_bf16() { return cblas_gemm_bf16bf16f32 != nullptr; }
-
-// float -> bfloat16, rounded to nearest even (as torch rounds); NaN stays NaN. Branch-free, so
-// that the row loop vectorises.
-RNNKIT_INLINE std::uint16_t to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  const std::uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>((nan ? (u | 0x400000u) : rounded) >> 16);
-}
-
-// dst (n) = src (n) rounded to bfloat16: the CPU's own conversion where it has one.
-inline void round_row(int64_t n, const float* src, std::uint16_t* dst) {
-  int64_t j = 0;
-#ifdef __AVX512BF16__
-  for (; j + 16 <= n; j += 16) {
-    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<const __m256i&>(h));
-  }
-#endif
-#pragma omp simd
-  for (int64_t k = j; k < n; ++k) dst[k] = to_bf16(src[k]);
-}
 
 // dst (rows, cols), compact = src (rows, cols) with leading dimension ld, rounded to bfloat16.
 void round_rows(int64_t rows, int64_t cols, const float* src, int64_t ld, std::uint16_t* dst) {
@@ -330,15 +303,15 @@ template <typename T>
 void gemm(const GemmPlan& plan, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
           const Operand<T>& A, const Operand<T>& B, T beta, T* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (A.half.data() && B.half.data() && M > 0 && N > 0 && K > 0) {
+    if (A.half && B.half && M > 0 && N > 0 && K > 0) {
       // rounded for the plan's bulk source (rounds_operands): oneDNN's or MKL's bf16 GEMM
       if (plan.source[kBulk] == kSourceOnednn &&
-          onednn::matmul(true, ta, tb, M, N, K, A.half.data(), A.cols, B.half.data(), B.cols,
+          onednn::matmul(true, ta, tb, M, N, K, A.half, A.cols, B.half, B.cols,
                          beta, C, ldc))
         return;
       if (have_mkl_bf16()) {
         cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N,
-                               K, 1.0f, A.half.data(), A.cols, B.half.data(), B.cols, beta, C,
+                               K, 1.0f, A.half, A.cols, B.half, B.cols, beta, C,
                                ldc);
         return;
       }
@@ -385,24 +358,27 @@ PackedB<T>::PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t
 }
 
 template <typename T>
-void PackedB<T>::run(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
-  run_rows(M_, A, lda, beta, C, ldc);
+void PackedB<T>::run(const T* A, int64_t lda, T beta, T* C, int64_t ldc,
+                     const std::uint16_t* A_half) const {
+  run_rows(M_, A, lda, beta, C, ldc, A_half);
 }
 
 template <typename T>
-void PackedB<T>::run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C,
-                          int64_t ldc) const {
+void PackedB<T>::run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C, int64_t ldc,
+                          const std::uint16_t* A_half) const {
   if (rows <= 0) return;
   if constexpr (std::is_same_v<T, float>) {
+    // A in bfloat16 (rows, K): the caller's rounding, else rounded here into ahalf_
+    auto rounded = [&]() -> const std::uint16_t* {
+      if (A_half) return A_half;
+      round_rows(rows, K_, A, lda, ahalf_.data());
+      return ahalf_.data();
+    };
     if (onednn_) {
-      const void* a = A;
-      int64_t la = lda;
-      if (plan_.bf16) {
-        round_rows(rows, K_, A, lda, ahalf_.data());
-        a = ahalf_.data();
-        la = K_;
-      }
-      if (onednn_->run(rows, a, la, beta, C, ldc)) return;
+      const bool bf16 = plan_.bf16;
+      if (onednn_->run(rows, bf16 ? static_cast<const void*>(rounded()) : A, bf16 ? K_ : lda,
+                       beta, C, ldc))
+        return;
     }
     if (packed_ && rows == M_) {  // MKL's packed B is computed with the M it was packed for
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, M_, N_, K_, A, lda, buffer_.data(), ldb_,
@@ -410,9 +386,8 @@ void PackedB<T>::run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C,
       return;
     }
     if (half_) {
-      round_rows(rows, K_, A, lda, ahalf_.data());
       cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, tb_ ? kTrans : kNoTrans, rows, N_, K_, 1.0f,
-                             ahalf_.data(), K_, bhalf_.data(), tb_ ? K_ : N_, beta, C, ldc);
+                             rounded(), K_, bhalf_.data(), tb_ ? K_ : N_, beta, C, ldc);
       return;
     }
   }
