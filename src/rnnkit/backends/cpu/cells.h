@@ -123,7 +123,8 @@ struct CellBase {
   template <typename T, bool kLen, bool kSave, typename ParamsT>
   static void prepare(const Shape&, const int64_t*, const ParamsT&, T*, const Saved<T>&) {}
 
-  // db_ih (G) = the sum over all steps of dgi, db_hh of dgh: a GEMM with a row of ones each.
+  // db_ih (G) = the sum over all steps of dgi, db_hh of dgh: a GEMM with a row of ones each (one,
+  // copied, where dgh is dgi).
   template <typename T, bool kLen, typename ParamsT, typename GradsT>
   static void finish(const ParamsT&, const BackwardArgs<T>& a, T* dgi, const T* dgh, GradsT&) {
     if (!a.dw[kBiasIh]) return;
@@ -134,7 +135,12 @@ struct CellBase {
     // db (1, G) = ones (1, T*B) . dg (T*B, G)
     const GemmPlan plan = in_fp32(a.gemm);
     gemm<T>(plan, kBulk, false, false, 1, G, TB, T(1), ones, TB, dgi, G, T(0), a.dw[kBiasIh], G);
-    gemm<T>(plan, kBulk, false, false, 1, G, TB, T(1), ones, TB, dgh, G, T(0), a.dw[kBiasHh], G);
+    if (dgh == dgi) {
+      std::copy(a.dw[kBiasIh], a.dw[kBiasIh] + G, a.dw[kBiasHh]);
+    } else {
+      gemm<T>(plan, kBulk, false, false, 1, G, TB, T(1), ones, TB, dgh, G, T(0), a.dw[kBiasHh],
+              G);
+    }
   }
 };
 
