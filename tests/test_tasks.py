@@ -185,6 +185,23 @@ def test_g2p_split_keeps_alternates_together():
     assert all(len(set(prons)) == len(prons) >= 1 for _, prons in splits["test"])
 
 
+def test_g2p_without_stress_merges_pronunciations_that_differ_in_stress_alone():
+    need_data("g2p")
+    task_cls = tasks.get("g2p")
+    kept = task_cls(task_cls.Config()).load_splits()
+    dropped = task_cls(task_cls.Config(stress="drop")).load_splits()
+    assert [[w for w, _ in v] for v in kept.values()] == [
+        [w for w, _ in v] for v in dropped.values()
+    ]
+    prons = {w: p for v in dropped.values() for w, p in v}
+    assert not any(ch.isdigit() for p in prons.values() for ph in p for ch in ph)
+    before = {w: p for v in kept.values() for w, p in v}
+    assert [list(p) for p in before["the"]] == [["DH", "AH0"], ["DH", "AH1"], ["DH", "IY0"]]
+    assert [list(p) for p in prons["the"]] == [["DH", "AH"], ["DH", "IY"]]
+    with pytest.raises(ValueError, match="stress = 'none'"):
+        task_cls.Config(stress="none").check()
+
+
 def test_translate_end_to_end(tmp_path):
     need_data("translate")
     run = tmp_path / "run"

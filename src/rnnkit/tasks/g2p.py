@@ -4,7 +4,9 @@ The split is :func:`rnnkit.data.cmudict.load_cmudict`'s (by word, ≈ 90/5/5, se
 pronunciations kept together). Every pronunciation of a training word is a training pair; a word is
 decoded once (beam search) and scored as the G2P literature scores it, against its closest listed
 pronunciation: ``wer``, the fraction of words not pronounced exactly as any one of their listed
-pronunciations, and ``per``, the edit distance to the closest one / its length. metrics.json also
+pronunciations, and ``per``, the edit distance to the closest one / its length. ``--stress drop``
+removes the stress digits from every pronunciation before training (the 39-phoneme task most
+CMUdict papers report; pronunciations that then coincide count once). metrics.json also
 reports ``wer_first``/``per_first`` (against the first listed pronunciation only) and
 ``wer_no_stress``/``per_no_stress`` (stress digits removed from output and references alike: the
 39-phoneme scoring of papers that drop stress). Each epoch ends with a validation by greedy
@@ -71,6 +73,12 @@ class G2PConfig(EncoderDecoderConfig):
         0, "stop after this many epochs without a better validation WER; 0 = never"
     )
     max_minutes: float = option(60.0, "stop training after this many minutes; 0 = no limit")
+    stress: str = option(
+        "keep",
+        "ARPAbet's stress digits: keep them (AH0, AH1: 69 phonemes) or drop them from every "
+        "pronunciation (AH: the 39 phonemes most CMUdict G2P papers score)",
+        ("keep", "drop"),
+    )
     embed_size: int = option(64, "letter and phoneme embedding size")
     dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
     max_decode_len: int = option(40, "most phonemes generated per word")
@@ -97,6 +105,11 @@ class G2PTask(Seq2SeqHooks, Task):
     def load_splits(self) -> dict[str, list[Entry]]:
         data = cmudict.load_cmudict(seed=SPLIT_SEED)
         splits = {name: list(data.split(name).items()) for name in ("train", "valid", "test")}
+        if self.config.stress == "drop":  # pronunciations that differ in stress alone merge
+            splits = {
+                k: [(w, list(dict.fromkeys(tuple(_no_stress(p)) for p in prons))) for w, prons in v]
+                for k, v in splits.items()
+            }
         if self.config.limit:
             splits = {k: v[: self.config.limit] for k, v in splits.items()}
         return splits
