@@ -176,8 +176,8 @@ void round_bf16(int64_t n, const float* src, std::uint16_t* dst);
 
 // A contiguous (rows, cols) operand of several bulk GEMMs (dgi, x, the weights at the end of
 // backward): where the plan rounds operands to bfloat16 (float only), rounded once here and
-// read by every GEMM that takes it.
-// `rounded`, when given, is data already rounded (by the pass that wrote it) and is read as is.
+// read by every GEMM that takes it; or, given `rounded` (data as the pass that wrote it rounded
+// it), read as is.
 template <typename T>
 struct Operand {
   Operand(const GemmPlan& plan, int64_t rows, int64_t cols, const T* data,

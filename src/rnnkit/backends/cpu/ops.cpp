@@ -306,13 +306,11 @@ void gemm(const GemmPlan& plan, bool ta, bool tb, int64_t M, int64_t N, int64_t 
     if (A.half && B.half && M > 0 && N > 0 && K > 0) {
       // rounded for the plan's bulk source (rounds_operands): oneDNN's or MKL's bf16 GEMM
       if (plan.source[kBulk] == kSourceOnednn &&
-          onednn::matmul(true, ta, tb, M, N, K, A.half, A.cols, B.half, B.cols,
-                         beta, C, ldc))
+          onednn::matmul(true, ta, tb, M, N, K, A.half, A.cols, B.half, B.cols, beta, C, ldc))
         return;
       if (have_mkl_bf16()) {
         cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N,
-                               K, 1.0f, A.half, A.cols, B.half, B.cols, beta, C,
-                               ldc);
+                               K, 1.0f, A.half, A.cols, B.half, B.cols, beta, C, ldc);
         return;
       }
     }
