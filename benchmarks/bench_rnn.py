@@ -20,8 +20,9 @@ the time of the step's products alone (the input projection and T recurrent GEMM
 training also T recurrent GEMMs backward, dx, dW_ih and dW_hh), each timed by itself with the GEMM
 source and precision the kernels use for the call (``rnnkit.backends.cpu.gemm.probe``, the fastest
 call; the step GEMMs threaded, as the unsplit schedule runs them: where the split is chosen its
-own step GEMMs measured 0-5 % faster), summed; ``bound`` = torch.nn time / floor, the highest ratio these GEMMs allow, and
-``gemm share`` = floor / rnnkit time, the part of rnnkit's step that is GEMM at those rates.
+own step GEMMs measured 0-5 % faster), summed; ``bound`` = torch.nn time / floor, the highest
+ratio these GEMMs allow, and ``gemm share`` = floor / rnnkit time, the part of rnnkit's step that
+is GEMM at those rates.
 
 With ``--versus-gemm SOURCE`` the reference side is rnnkit itself (the same module, weights and
 backend) with every GEMM forced to SOURCE (``RNNKIT_GEMM``), and the ratio is what the automatic

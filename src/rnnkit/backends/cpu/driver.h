@@ -341,10 +341,10 @@ void backward(const BackwardArgs<T>& a) {
   const std::uint16_t* dgh_r = Cell::kSplit ? dgh_h.data() : nullptr;
   Buffer<std::uint16_t> dgi_hc(compact && dgi_r ? R * G : 0), dgh_hc(compact && dgh_r ? R * G : 0);
   // pick(full, W, buffer): the R rows of the (T*B, W) array full that count (null: null)
-  auto pick = [&](const auto* full, int64_t W, auto& buffer) {
+  auto pick = [&](const auto* full, int64_t W, auto& buffer) -> decltype(full) {
     if (!compact || !full) return full;
     gather_rows(valid, W, full, buffer.data());
-    return static_cast<decltype(full)>(buffer.data());
+    return buffer.data();
   };
   const Operand<T> dgi_o(a.gemm, R, G, pick(dgi, G, dgi_c), pick(dgi_r, G, dgi_hc));
   const Operand<T> dgh_o(a.gemm, Cell::kSplit ? R : 0, G,
