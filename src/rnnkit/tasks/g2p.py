@@ -22,7 +22,8 @@ follows the 60-minute limit too, should that come first) with the rate falling l
 dropout 0.3 and a moving average of the weights, and keep the last epoch's average: early
 stopping at a constant rate stalled at 0.31 validation WER while the training loss kept falling;
 at equal training time a second encoder layer (half the words per second) scored worse on
-validation, and beams wider than 5 changed nothing.
+validation, 384 units instead of 256 (with dropout 0.4 and bf16 autocast, 33 epochs in 55
+minutes) scored the same on test, and beams wider than 5 changed nothing.
 """
 
 from __future__ import annotations
