@@ -199,9 +199,12 @@ def initial_state(module: torch.nn.Module, case: Case):
     return of(module)
 
 
-def run(module, case: Case, backend: str):
-    """Outputs, final states, gates and the gradient of a fixed loss w.r.t. every input."""
+def run(module, case: Case, backend: str, padding: list[float] | None = None):
+    """Outputs, final states, gates and the gradient of a fixed loss w.r.t. every input.
+    ``padding``: one value per sequence written into its padded steps of the input."""
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(3), dtype=case.dtype)
+    for b, value in enumerate(padding or ()):
+        x[MIXED[b] :, b] = value
     x.requires_grad_()
     state = initial_state(module, case)
     lengths = MIXED if case.lengths else None
@@ -275,6 +278,27 @@ def test_backend_equals_reference(backend: str, case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_automatic_dispatch_equals_reference(case: Case) -> None:
     assert_equal_to_reference(build(case), case, "auto")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_layernorm"])
+@pytest.mark.parametrize("backend", ["reference", *_backends()])
+def test_nan_and_inf_in_padding_reach_no_output_and_no_gradient(backend: str, cell: str) -> None:
+    case = Case(cell, "stack", regularisers="all")
+    module = build(case)
+    backends.select(request_of(module, case), "auto")  # registers the built-ins
+    reason = backends._registry[backend].check(request_of(module, case))
+    if reason is not None:
+        pytest.skip(f"{backend} declines the call: {reason}")
+    want_values, want_grads = run(module, case, backend)
+    values, grads = run(module, case, backend, padding=[0.0, float("nan"), float("-inf"), 1e38])
+    for name, want in (want_values | want_grads).items():
+        got = (values | grads)[name]
+        torch.testing.assert_close(
+            got, want, atol=OUT_TOL, rtol=OUT_TOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    for b, n in enumerate(MIXED):
+        padded = grads["d x"][n:, b]
+        assert torch.equal(padded, torch.zeros_like(padded)), f"d x[{n}:, {b}] is not 0"
 
 
 def test_the_suite_covers_every_cell_structure_and_regulariser() -> None:

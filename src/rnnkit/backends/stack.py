@@ -125,6 +125,11 @@ def compose(call: Call, backend: Backend) -> StackResult:
     # Checkpointing saves memory for a backward pass; an exported graph has none (and its T is
     # symbolic: it cannot be cut into segments).
     segment = call.checkpoint if call.request.requires_grad and not exporting() else 0
+    if call.lengths is not None and not exporting():
+        # Padded steps may hold anything (NaN, inf): zeroed here, no backend reads them, not even
+        # as a 0 * NaN in a weight gradient, and their input gradient is exactly 0. The layers
+        # above read the outputs below, already zero there.
+        x = torch.where(L.mask(call.lengths, x.shape[0]).unsqueeze(-1), x, 0.0)
     for index, directions in enumerate(_with_masks(call)):
         if index and call.dropout > 0 and call.training:
             x = F.dropout(x, call.dropout, True)
