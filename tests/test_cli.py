@@ -209,6 +209,12 @@ def test_bad_option_values(capsys, tmp_path):
         ("speech", "--average", "1", "average = 1.0; expected a probability in [0, 1)"),
         ("translate", "--epoch-pairs", "-5", "epoch_pairs = -5; expected >= 0"),
         ("speech", "--max-minutes", "-2", "max_minutes = -2.0; expected >= 0"),
+        (
+            "speech",
+            "--seed",
+            "99999999999999999999999",
+            "seed = 99999999999999999999999; expected -4294967296 < seed < 4294967296",
+        ),
     ]
     for task, flag, value, message in cases:
         code, _, err = run(capsys, "train", task, "--out", out, flag, value)
@@ -284,6 +290,38 @@ def test_corrupt_config_and_checkpoint(capsys, speech_run, tmp_path):
     (broken / "config.json").write_text("{not json")
     code, _, err = run(capsys, "predict", str(broken), "x.csv")
     assert code == 2 and "config.json cannot be read" in err and "corrupt" in err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"task": ["speech"]}, "config.json has no 'task' name; the file is corrupt"),
+        ({"task": 5}, "config.json has no 'task' name; the file is corrupt"),
+        ({"hidden_size": "16"}, "hidden_size = '16'; expected an integer"),
+        ({"hidden_size": 16.5}, "hidden_size = 16.5; expected an integer"),
+        ({"lr": None}, "lr = None; expected a number"),
+        ({"bidirectional": 1}, "bidirectional = 1; expected true or false"),
+        ({"seed": "x"}, "seed = 'x'; expected an integer"),
+        ({"backend": "fast"}, "backend = 'fast' is not a backend; expected one of"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_one_line(
+    capsys, speech_run, tmp_path, change, message
+):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(speech_run, broken)
+    saved = json.loads((broken / "config.json").read_text())
+    if "task" in change:
+        saved.update(change)
+    else:
+        saved["config"].update(change)
+    (broken / "config.json").write_text(json.dumps(saved))
+    for argv in (["evaluate", str(broken)], ["predict", str(broken), "x.csv"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and out == "" and message in err, err
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_resume_of_finished_or_foreign_run(capsys, speech_run):

@@ -488,8 +488,8 @@ def _saved_run(run_dir: Path) -> tuple[type[Task], TrainConfig, dict[str, Any]]:
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is not a directory; expected an rnnkit run directory")
     saved = read_json(run_dir / CONFIG)
-    if not isinstance(saved, dict) or "task" not in saved:
-        raise CheckpointError(f"{run_dir / CONFIG} has no 'task'; the file is corrupt")
+    if not isinstance(saved, dict) or not isinstance(saved.get("task"), str):
+        raise CheckpointError(f"{run_dir / CONFIG} has no 'task' name; the file is corrupt")
     task_cls = tasks.get(saved["task"])
     return task_cls, _config_from(task_cls, saved.get("config"), run_dir / CONFIG), saved
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from .. import backends
 
 __all__ = [
     "KEEP",
@@ -97,6 +100,18 @@ PROBABILITIES = frozenset({"dropout", "label_smoothing", "token_dropout", "avera
 ZERO_IS_OFF = frozenset({"clip", "max_minutes", "checkpoint_minutes"})
 
 
+#: A config field's type: the values it takes and how a message names them.
+_KINDS: dict[type, tuple[type | tuple[type, ...], str]] = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number"),
+    str: (str, "a string"),
+}
+#: Seeds are below this in magnitude: the seeds derived from them (per epoch, per process) fit
+#: torch's 64-bit generator seed.
+SEED_LIMIT = 2**32
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field or predict option: ``beam_size`` -> ``--beam-size``."""
     return "--" + name.replace("_", "-")
@@ -164,9 +179,20 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
-        """Raise ValueError naming the first option out of range (before any data is loaded)."""
+        """Raise ValueError naming the first option of the wrong type or out of range (before any
+        data is loaded)."""
+        kinds = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            kind = kinds[f.name]
+            if kind in _KINDS and (
+                isinstance(value, bool) != (kind is bool) or not isinstance(value, _KINDS[kind][0])
+            ):
+                raise ValueError(f"{f.name} = {value!r}; expected {_KINDS[kind][1]}")
+            if f.name == "seed" and not -SEED_LIMIT < value < SEED_LIMIT:
+                raise ValueError(f"seed = {value}; expected -{SEED_LIMIT} < seed < {SEED_LIMIT}")
+            if f.name == "backend":
+                backends.check_name(value)  # "backend = 'x' is not a backend; expected one of ..."
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ValueError(f"{f.name} = {value!r}; expected one of {list(choices)}")
