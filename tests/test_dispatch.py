@@ -64,6 +64,16 @@ def test_explain_forced_and_wrappers(reference_and_native) -> None:
     assert "0.forward._Custom: reference" in str(e)
 
 
+@pytest.mark.parametrize(
+    "module", [torch.nn.LSTM(I, H), torch.nn.Sequential(rnnkit.LSTM(I, H)), None]
+)
+def test_explain_of_something_else_names_what_it_expects(module) -> None:
+    with pytest.raises(
+        TypeError, match=f"{type(module).__name__} is not an rnnkit recurrent layer"
+    ):
+        rnnkit.explain(module, torch.randn(T, B, I))
+
+
 def test_use_backend_and_default() -> None:
     assert rnnkit.get_default_backend() == "auto"
     lstm = rnnkit.LSTM(I, H)

@@ -520,7 +520,14 @@ def _explained(request: Request, name: str | None) -> Choice:
 
 def explain(module: Any, x: Any, lengths: Any = None) -> Explanation:
     """The backend each recurrent layer in ``module`` would use for input ``x`` (nothing runs)."""
-    requests: list[tuple[str, Request, str | None]] = module.dispatch_requests(x, lengths)
+    read = getattr(module, "dispatch_requests", None)
+    if read is None:
+        raise TypeError(
+            f"{type(module).__name__} is not an rnnkit recurrent layer; expected a Recurrent, "
+            "Bidirectional, Stacked, RNN, LSTM or GRU of rnnkit with its own input (for a model, "
+            "explain its recurrent layer, e.g. explain(model.encoder, ...))"
+        )
+    requests: list[tuple[str, Request, str | None]] = read(x, lengths)
     if not requests:
         raise TypeError(f"{type(module).__name__} contains no rnnkit recurrent layer to explain")
     layers = tuple((label, _explained(req, name)) for label, req, name in requests)
