@@ -70,6 +70,22 @@ def test_hx_wrong_shape_dtype_device_or_type(lstm) -> None:
         rnnkit.Recurrent(rnnkit.GRUCell(I, H))(x, torch.zeros(B, 5))
 
 
+@pytest.mark.parametrize("backend", [None, "reference", "cpu", "native"])
+def test_lstm_hx_without_c0_or_with_extra_states(backend) -> None:
+    lstm = rnnkit.LSTM(I, H, num_layers=2, backend=backend)
+    x, good = torch.randn(T, B, I), torch.zeros(2, B, H)
+    with pytest.raises(
+        TypeError, match=r"c_0 is a NoneType; expected a Tensor of shape \(2, 3, 6\)"
+    ):
+        lstm(x, (good, None))
+    with pytest.raises(TypeError, match=r"c_0 is a NoneType; expected a Tensor of shape \(2, 6\)"):
+        lstm(x[:, 0], (good[:, 0], None))
+    with pytest.raises(
+        TypeError, match=r"hx is a tuple of length 3; expected a tuple \(h_0, c_0\)"
+    ):
+        lstm(x, (good, good, good))
+
+
 def test_unknown_nonlinearity_and_merge_mode() -> None:
     with pytest.raises(ValueError, match="nonlinearity = 'sigmoid'; expected 'tanh' or 'relu'"):
         rnnkit.RNN(I, H, nonlinearity="sigmoid")

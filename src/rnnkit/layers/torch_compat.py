@@ -168,17 +168,17 @@ class _RNNBase(PlainPickle, nn.Module):
             return h0, x.new_zeros(c_shape) if lstm else None
         if lstm:
             if not isinstance(hx, tuple | list) or len(hx) != 2:
-                raise TypeError(f"hx is a {type(hx).__name__}; expected a tuple (h_0, c_0)")
+                given = f" of length {len(hx)}" if isinstance(hx, tuple | list) else ""
+                raise TypeError(f"hx is a {type(hx).__name__}{given}; expected a tuple (h_0, c_0)")
             h0, c0 = hx
         else:
             h0, c0 = hx, None
         if inp.unbatched:  # unbatched states are (L*D, H)
-            h0 = check_state("h_0", h0, (layers, self.state_size), x).unsqueeze(1)
-            c0 = None if c0 is None else check_state("c_0", c0, (layers, self.hidden_size), x)
-            c0 = None if c0 is None else c0.unsqueeze(1)
-            return h0, c0
+            h_shape, c_shape = h_shape[::2], c_shape[::2]
         h0 = check_state("h_0", h0, h_shape, x)
-        c0 = None if c0 is None else check_state("c_0", c0, c_shape, x)
+        c0 = check_state("c_0", c0, c_shape, x) if lstm else None  # an LSTM needs c_0 too
+        if inp.unbatched:
+            return h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
         return h0, c0
 
     # -- dispatch ------------------------------------------------------------------------------
