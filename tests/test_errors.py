@@ -99,6 +99,19 @@ def test_unknown_nonlinearity_and_merge_mode() -> None:
         rnnkit.Bidirectional(fwd, rnnkit.Recurrent(rnnkit.GRUCell(I, H)))
 
 
+@pytest.mark.parametrize("cls", [rnnkit.RNN, rnnkit.GRU])
+def test_proj_size_only_on_lstm(cls) -> None:
+    name = cls.__name__
+    with pytest.raises(ValueError, match=f"proj_size = 0 given to {name}; only LSTM has a proj"):
+        cls(I, H, proj_size=0)
+    with pytest.raises(
+        TypeError, match=f"{name}\\(\\) got an unexpected keyword argument 'batchfirst'"
+    ):
+        cls(I, H, batchfirst=True)
+    with pytest.raises(TypeError, match="LSTM\\(\\) got an unexpected keyword argument 'proj'"):
+        rnnkit.LSTM(I, H, proj=2)
+
+
 def test_proj_size_not_below_hidden_size() -> None:
     with pytest.raises(ValueError, match="proj_size = 6 >= hidden_size = 6"):
         rnnkit.LSTM(I, H, proj_size=6)

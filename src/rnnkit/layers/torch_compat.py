@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -34,6 +35,22 @@ from .recurrent import (
 from .stacked import check_dropout
 
 __all__ = ["GRU", "LSTM", "RNN"]
+
+
+def _regularisers(layer: str, given: dict[str, Any]) -> Regularisers:
+    """A drop-in's keyword-only regularisers; any other keyword is refused naming ``layer``."""
+    if "proj_size" in given:  # LSTM takes it by name
+        raise ValueError(
+            f"proj_size = {given['proj_size']!r} given to {layer}; only LSTM has a projection"
+        )
+    names = [f.name for f in fields(Regularisers)]
+    for key in given:
+        if key not in names:
+            raise TypeError(
+                f"{layer}() got an unexpected keyword argument {key!r}; expected torch.nn.{layer}'s "
+                f"arguments, backend, checkpoint or a regulariser ({', '.join(names)})"
+            )
+    return Regularisers(**given)
 
 
 class _RNNBase(PlainPickle, nn.Module):
@@ -307,7 +324,7 @@ class RNN(_RNNBase):
             device,
             dtype,
             backend,
-            Regularisers(**regularisers),
+            _regularisers("RNN", regularisers),
             checkpoint,
         )
         self.nonlinearity = nonlinearity
@@ -367,7 +384,7 @@ class LSTM(_RNNBase):
             device,
             dtype,
             backend,
-            Regularisers(**regularisers),
+            _regularisers("LSTM", regularisers),
             checkpoint,
         )
 
@@ -409,6 +426,6 @@ class GRU(_RNNBase):
             device,
             dtype,
             backend,
-            Regularisers(**regularisers),
+            _regularisers("GRU", regularisers),
             checkpoint,
         )
