@@ -202,5 +202,9 @@ def test_drop_in_attributes() -> None:
     ):
         assert getattr(mine, attr) == getattr(ref, attr), attr
     assert repr(mine) == repr(ref)
+    assert mine._all_weights == ref._all_weights
+    assert [[p.data_ptr() for p in ps] for ps in mine.all_weights] == [
+        [getattr(mine, n).data_ptr() for n in names] for names in ref._all_weights
+    ]
     mine.flatten_parameters()
     assert [n for n, _ in mine.named_parameters()] == [n for n, _ in ref.named_parameters()]

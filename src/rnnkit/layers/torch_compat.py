@@ -140,11 +140,16 @@ class _RNNBase(PlainPickle, nn.Module):
         return [getattr(self, n) for n in self._flat_weights_names]
 
     @property
+    def _all_weights(self) -> list[list[str]]:
+        """Parameter names grouped per layer and direction, as torch.nn's ``_all_weights``."""
+        per = len(self._flat_weights_names) // (self.num_layers * self.num_directions)
+        names = self._flat_weights_names
+        return [names[k : k + per] for k in range(0, len(names), per)]
+
+    @property
     def all_weights(self) -> list[list[Tensor]]:
         """Parameters grouped per layer and direction, as torch.nn's ``all_weights``."""
-        per = len(self._flat_weights_names) // (self.num_layers * self.num_directions)
-        flat = self._flat_weights
-        return [flat[k : k + per] for k in range(0, len(flat), per)]
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in order."""
