@@ -208,3 +208,30 @@ def test_drop_in_attributes() -> None:
     ]
     mine.flatten_parameters()
     assert [n for n, _ in mine.named_parameters()] == [n for n, _ in ref.named_parameters()]
+
+
+@pytest.mark.parametrize("mode", [MODES[2], MODES[4]], ids=["lstm", "gru"])
+def test_torch_func_transforms_equal_torch_nn(mode) -> None:
+    mine, ref = pair(mode, num_layers=2, bidirectional=True)
+    x, tangent = torch.randn(T, B, I), torch.randn(T, B, I)
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+
+    def loss(mod):
+        return lambda p, x: weighted_sum(torch.func.functional_call(mod, p, (x,))[0])
+
+    def jvp(mod):
+        return torch.func.jvp(lambda x: mod(x)[0], (x,), (tangent,))[1]
+
+    def grad_of_grad(mod):
+        dx = torch.func.grad(loss(mod), argnums=1)
+        return torch.func.grad(lambda x: dx(params, x).pow(2).sum())(x)
+
+    for argnums in (0, 1):
+        dm = torch.func.grad(loss(mine), argnums=argnums)(params, x)
+        assert_close(dm, torch.func.grad(loss(ref), argnums=argnums)(params, x), GRAD_TOL)
+    if mode[0] == "gru":  # torch's oneDNN LSTM has no forward-mode AD, on either side
+        assert_close(jvp(mine), jvp(ref), GRAD_TOL, "jvp")
+    assert_close(grad_of_grad(mine), grad_of_grad(ref), GRAD_TOL, "grad of grad")
+    mine.backend = "cpu"
+    with pytest.raises(rnnkit.BackendUnavailable, match="torch.func's transforms"):
+        torch.func.grad(loss(mine))(params, x)

@@ -100,6 +100,8 @@ class Request:
     device (None otherwise): the backends may run their matrix products in it, and the composer
     returns what torch.nn returns for the same call (:func:`autocast_dtypes`). ``input_dtype`` is
     the caller's input dtype where the layer converted it to the weights' (``dtype``), else None.
+    ``func_transforms``: the call runs under :mod:`torch.func`'s transforms (grad, vjp, jvp,
+    vmap, functionalize), which see through plain torch operations only.
     """
 
     mode: str | None
@@ -124,6 +126,7 @@ class Request:
     hidden_size: int = 0
     autocast: torch.dtype | None = None
     input_dtype: torch.dtype | None = None
+    func_transforms: bool = False
 
 
 def autocast_dtypes(request: Request) -> tuple[torch.dtype, torch.dtype] | None:
@@ -482,6 +485,8 @@ def make_call(
         hidden_size=first.hidden_size,
         autocast=_autocast(x.device.type),
         input_dtype=input_dtype if input_dtype not in (None, x.dtype) else None,
+        func_transforms=not torch.compiler.is_compiling()
+        and torch._C._are_functorch_transforms_active(),
     )
     return Call(request, x, layers, lengths, dropout, training, gates, checkpoint, masks)
 

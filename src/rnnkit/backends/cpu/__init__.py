@@ -125,6 +125,11 @@ class CpuBackend:
                 f"dtype {request.dtype} has no C++ kernel (float32, float64, and bfloat16 and "
                 "float16 through float32 do)"
             )
+        if request.func_transforms:
+            return (
+                "torch.func's transforms (grad, vjp, jvp, vmap) cannot see through the C++ "
+                "kernels and their hand-written backward"
+            )
         return build.unavailable()
 
     def details(self, request: Request) -> str:
