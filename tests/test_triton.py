@@ -70,6 +70,12 @@ def test_declines_without_triton(monkeypatch) -> None:
         (_cuda("gru_layernorm", dtype=torch.float16), "triton", "hand-written BPTT"),
         (_cuda(None), "reference", "not triton: no Triton kernel for a custom cell"),
         (
+            _cuda("lstm_layernorm", func_transforms=True),
+            "reference",
+            "not triton: torch.func's transforms (grad, vjp, jvp, vmap) cannot see through the "
+            "Triton kernels",
+        ),
+        (
             _cuda("gru", lengths="has_zero", dtype=torch.float64),
             "reference",
             "not triton: dtype torch.float64 has no Triton kernel (float32, bfloat16, float16 do)",

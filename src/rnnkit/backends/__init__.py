@@ -55,6 +55,7 @@ from ..regularisers import Masks, Regularisers
 
 __all__ = [
     "AUTO",
+    "FUNC_TRANSFORMS",
     "Backend",
     "BackendUnavailable",
     "Call",
@@ -436,6 +437,20 @@ def _autocast(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _func_transforms() -> bool:
+    """Whether :mod:`torch.func`'s transforms are active around this call (outside compilation,
+    which traces through them). False where torch has no such query."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and not torch.compiler.is_compiling() and bool(active())
+
+
+#: Why a backend with its own autograd (hand-written backward) declines a call under torch.func.
+FUNC_TRANSFORMS = (
+    "torch.func's transforms (grad, vjp, jvp, vmap) cannot see through {what} and their "
+    "hand-written backward"
+)
+
+
 def make_call(
     x: Tensor,
     layers: list[list[Direction]],
@@ -485,8 +500,7 @@ def make_call(
         hidden_size=first.hidden_size,
         autocast=_autocast(x.device.type),
         input_dtype=input_dtype if input_dtype not in (None, x.dtype) else None,
-        func_transforms=not torch.compiler.is_compiling()
-        and torch._C._are_functorch_transforms_active(),
+        func_transforms=_func_transforms(),
     )
     return Call(request, x, layers, lengths, dropout, training, gates, checkpoint, masks)
 

@@ -195,7 +195,7 @@ class _RNNBase(PlainPickle, nn.Module):
             h0, c0 = hx
         else:
             h0, c0 = hx, None
-        if inp.unbatched:  # unbatched states are (L*D, H)
+        if inp.unbatched:  # unbatched states are (L*D, H): (layers, batch, n) without batch
             h_shape, c_shape = h_shape[::2], c_shape[::2]
         h0 = check_state("h_0", h0, h_shape, x)
         c0 = check_state("c_0", c0, c_shape, x) if lstm else None  # an LSTM needs c_0 too

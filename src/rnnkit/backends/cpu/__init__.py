@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ...cells.table import SPECS
-from .. import LayerCall, LayerResult, Request
+from .. import FUNC_TRANSFORMS, LayerCall, LayerResult, Request
 from . import build, dispatch, gemm, ops
 
 __all__ = [
@@ -126,10 +126,7 @@ class CpuBackend:
                 "float16 through float32 do)"
             )
         if request.func_transforms:
-            return (
-                "torch.func's transforms (grad, vjp, jvp, vmap) cannot see through the C++ "
-                "kernels and their hand-written backward"
-            )
+            return FUNC_TRANSFORMS.format(what="the C++ kernels")
         return build.unavailable()
 
     def details(self, request: Request) -> str:

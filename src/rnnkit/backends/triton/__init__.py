@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ...cells.table import SPECS
-from .. import Direction, LayerCall, LayerResult, Request
+from .. import FUNC_TRANSFORMS, Direction, LayerCall, LayerResult, Request
 
 __all__ = ["TritonBackend", "interpreting", "unavailable"]
 
@@ -90,6 +90,8 @@ class TritonBackend:
         if request.dtype not in dtypes:
             where = " under the interpreter" if request.device_type == "cpu" else ""
             return f"dtype {request.dtype} has no Triton kernel{where} ({_names(dtypes)} do)"
+        if request.func_transforms:
+            return FUNC_TRANSFORMS.format(what="the Triton kernels")
         return None
 
     def slower(self, request: Request) -> str | None:
