@@ -335,6 +335,18 @@ def test_resume_of_finished_or_foreign_run(capsys, speech_run):
     assert (speech_run / "resume.safetensors").read_bytes() == before
 
 
+def test_resume_without_a_checkpoint_never_overwrites_a_finished_run(capsys, speech_run, tmp_path):
+    copy = tmp_path / "lost-checkpoint"
+    copy.mkdir()
+    for f in ("config.json", "vocab.json", "model.safetensors", "metrics.json"):
+        (copy / f).write_bytes((speech_run / f).read_bytes())
+    before = {f.name: f.read_bytes() for f in copy.iterdir()}
+    code, _, err = run(capsys, "train", "speech", "--out", str(copy), "--resume")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds model.safetensors and metrics.json but no resume.safetensors" in err
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == before
+
+
 def test_resume_with_a_raised_budget_trains_on(capsys, tmp_path):
     need_data("speech")
     out = tmp_path / "speech"

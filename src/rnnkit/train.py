@@ -686,6 +686,16 @@ def _setup(
             elif p_saved.stopped and not _still_stopped(p_saved, config):  # a raised budget
                 _say(f"{run_dir} stopped ({p_saved.stopped}); the new budget lets it go on")
                 p_saved.stopped, p_saved.finished = "", False
+        else:
+            # No checkpoint: the run stopped before its first one and starts over, unless it
+            # left weights or metrics behind, which starting over would overwrite.
+            left = [f for f in (MODEL, METRICS) if (run_dir / f).exists()]
+            if left:
+                raise CheckpointError(
+                    f"{run_dir} holds {' and '.join(left)} but no {STATE} to continue from; "
+                    "resuming would start over and overwrite them. Choose another --out "
+                    "(nothing was overwritten)"
+                )
     else:
         existing = [f for f in RUN_FILES if (run_dir / f).exists()]
         if existing:
