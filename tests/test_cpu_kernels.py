@@ -241,6 +241,27 @@ def test_eager_path_equals_the_custom_op(kernel):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("op", [ops.layer_forward, ops.eager_layer_forward], ids=["op", "eager"])
+def test_a_second_derivative_raises_and_first_ones_stay_exact(op):
+    # the hand-written backward has no derivative: under create_graph=True its gradients are
+    # linked to the graph by a node that raises, never entered as constants (which would leave
+    # the layer's part out of a second derivative without a word)
+    args = op_args("gru", [False, True], GC_LENGTHS, regularisers=("train", "eval"))
+    x = args[0][0]
+
+    def first(create_graph: bool):
+        out = op(*args)
+        # a skip connection: the second derivative has a part that does not cross the layer
+        loss = (out[0].sum() + x.pow(3).sum()).pow(2) + out[1].square().sum()
+        return torch.autograd.grad(loss, differentiable(args), create_graph=create_graph)
+
+    plain, linked = first(False), first(True)
+    for a, b in zip(plain, linked, strict=True):
+        assert torch.equal(a, b) and not a.requires_grad and b.requires_grad
+    with pytest.raises(RuntimeError, match=r"^a second derivative through rnnkit's C\+\+ CPU"):
+        torch.autograd.grad(linked[0].sum(), x)
+
+
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_gradcheck_without_bias(kernel):
     gradcheck(op_args(kernel, True, GC_LENGTHS, bias=False))

@@ -235,3 +235,20 @@ def test_torch_func_transforms_equal_torch_nn(mode) -> None:
     mine.backend = "cpu"
     with pytest.raises(rnnkit.BackendUnavailable, match="torch.func's transforms"):
         torch.func.grad(loss(mine))(params, x)
+
+
+@pytest.mark.parametrize("mode", [MODES[2], MODES[4]], ids=["lstm", "gru"])
+def test_second_derivatives_raise_on_the_kernels_and_equal_torch_nn_on_reference(mode) -> None:
+    mine, ref = pair(mode, num_layers=2, bidirectional=True)
+    x = torch.randn(T, B, I, requires_grad=True)
+
+    def penalty(mod):  # a gradient penalty: the input gradient's norm, differentiated
+        (dx,) = torch.autograd.grad(weighted_sum(mod(x)[0]), x, create_graph=True)
+        return torch.autograd.grad(dx.square().sum(), [x, *mod.parameters()])
+
+    mine.backend = "cpu"
+    with pytest.raises(RuntimeError, match="^a second derivative through .* backend='reference'"):
+        penalty(mine)
+    mine.backend = "reference"
+    for a, b in zip(penalty(mine), penalty(ref), strict=True):
+        assert_close(a, b, GRAD_TOL)

@@ -306,6 +306,17 @@ def test_an_empty_batch() -> None:
 
 
 @needs_interpreter
+def test_a_second_derivative_raises_and_first_ones_stay_exact() -> None:
+    gru = rnnkit.GRU(3, 4, bidirectional=True, backend="triton")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    plain = torch.autograd.grad(gru(x, lengths=[5, 2])[0].square().sum(), x)[0]
+    (dx,) = torch.autograd.grad(gru(x, lengths=[5, 2])[0].square().sum(), x, create_graph=True)
+    assert torch.equal(dx, plain) and dx.requires_grad
+    with pytest.raises(RuntimeError, match="^a second derivative through rnnkit's Triton"):
+        torch.autograd.grad(dx.sum(), x)
+
+
+@needs_interpreter
 @pytest.mark.parametrize(
     ("mode", "proj", "dtype"),
     [("lstm_peephole", 3, torch.bfloat16), ("gru_layernorm", 0, torch.float16)],

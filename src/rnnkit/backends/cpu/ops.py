@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ...cells.table import SPECS, CellSpec
+from ..first_order import first_order
 from . import build
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ MASKS = ("state_mask", "zone_h", "zone_c")
 SAVED = ("act", "hprev", "c", "cprev", "hpre", "xhat", "hhat", "chat", "rstd")
 
 _BY_KERNEL = {s.kernel_id: s for s in SPECS.values()}
+#: What a second derivative would go through (first_order's message).
+KERNELS = "rnnkit's C++ CPU kernels"
 
 
 def _spec(kernel_id: int) -> CellSpec:
@@ -233,6 +236,14 @@ def _gradients(backward_op, grads, groups, saved, lengths, args, need_dx: bool):
     return [g if need_dx else None for g in dx], dstates, dweights
 
 
+def _linked(grads, groups, dx, dstates, dweights):
+    """dx, dstates, dweights as :func:`first_order` links them under ``create_graph=True``."""
+    sources = [*grads, *groups[0], *groups[1], *groups[2]]
+    flat = first_order(KERNELS, [*dx, *dstates, *dweights], sources)
+    n, m = len(dx), len(dx) + len(dstates)
+    return flat[:n], flat[n:m], flat[m:]
+
+
 def _backward(ctx, grads):
     if not ctx.save:
         raise RuntimeError(
@@ -243,7 +254,9 @@ def _backward(ctx, grads):
     *groups, saved = _groups(tensors, ctx.counts)
     args = (ctx.kernel_id, ctx.reverse, ctx.eps, ctx.save, *ctx.plan)
     need_dx = any(ctx.needs_input_grad[0])
-    dx, dstates, dweights = _gradients(layer_backward, grads, groups, saved, lengths, args, need_dx)
+    dx, dstates, dweights = _linked(
+        grads, groups, *_gradients(layer_backward, grads, groups, saved, lengths, args, need_dx)
+    )
     masks = groups[3]
     # masks: constants; lengths, kernel_id, reverse, eps, save and the GEMM plan: not tensors
     # (one None for each argument the op was called with; torch leaves out those at their
@@ -298,14 +311,15 @@ class _Layer(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):  # type: ignore[override]
         *groups, saved = _groups(ctx.saved_tensors, ctx.counts)
         need_dx = any(ctx.needs_input_grad[3 : 3 + ctx.counts[0]])
-        dx, dstates, dweights = _gradients(
-            torch.ops.rnnkit_cpu.layer_backward, grads, groups, saved, ctx.lengths, ctx.args,
-            need_dx,
-        )  # fmt: skip
+        with torch.no_grad():
+            r = _gradients(
+                torch.ops.rnnkit_cpu.layer_backward, grads, groups, saved, ctx.lengths, ctx.args,
+                need_dx,
+            )  # fmt: skip
+        dx, dstates, dweights = _linked(grads, groups, *r)
         return None, None, None, *dx, *dstates, *dweights, *([None] * ctx.counts[3])
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ...cells.table import SPECS
+from ..first_order import first_order
 
 __all__ = ["dot_precision", "kernel_path", "triton_backward", "triton_forward"]
 
@@ -584,6 +585,9 @@ def _backward(ctx, grad_out, grad_hn, grad_cn, *_saved_grads):
         ln_ih, ln_hh, ln_c, lengths, state_mask, zone_h, zone_c, *saved, ctx.mode, ctx.reverse,
         ctx.eps, ctx.has_bias, need_dx,
     )  # fmt: skip
+    # under create_graph=True, linked to what they derive from (a second derivative raises)
+    sources = (grad_out, grad_hn, grad_cn, x, x_b, h0, w_ih, w_hh, w_hr, peep, ln_ih, ln_hh, ln_c)
+    r = first_order("rnnkit's Triton kernels", r, sources)
     dx, dx_b, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dpeep, dln_ih, dln_hh, dln_c = r
     return (
         dx if need_dx else None,
