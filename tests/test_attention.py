@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -80,6 +82,29 @@ def test_gradients_are_finite_and_padding_gets_none(name: str) -> None:
     (context.square().sum() + weights.square().sum()).backward()
     assert torch.isfinite(memory.grad).all()
     assert torch.all(memory.grad[~mask] == 0.0)
+
+
+@pytest.mark.parametrize("garbage", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", sorted(ATTENTIONS))
+def test_nan_or_inf_in_padding_changes_nothing(name: str, garbage: float) -> None:
+    """Padding holding NaN or inf changes no output and no gradient (0 * inf would be NaN)."""
+    attn = make(name)
+    query, memory, mask = inputs()
+
+    def run(memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        attn.zero_grad()
+        q, m = query.clone().requires_grad_(True), memory.clone().requires_grad_(True)
+        context, weights = attn(q, m, mask)
+        (context.square().sum() + weights.square().sum()).backward()
+        params = [p.grad.clone() for p in attn.parameters()]
+        return context, weights, q.grad, m.grad, *params
+
+    expected = run(memory)
+    noisy = memory.masked_fill(~mask.unsqueeze(-1), garbage)
+    torch.testing.assert_close(run(noisy), expected, **TOL)
+    # Keys precomputed from the noisy memory give the same outputs too.
+    context, weights = attn(query, noisy, mask, keys=attn.keys(noisy))
+    torch.testing.assert_close((context, weights), expected[:2], **TOL)
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTIONS))

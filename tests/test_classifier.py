@@ -33,6 +33,25 @@ def test_attention_pool_weights_cover_valid_steps_only():
     torch.testing.assert_close(w_again, weights, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
+def test_attention_pool_ignores_nan_or_inf_in_padding(garbage):
+    torch.manual_seed(0)
+    attn = SelfAttentionPool(6, 5)
+    out = torch.randn(3, 4, 6)
+    lengths = torch.tensor([4, 2, 0])
+    pooled, weights = attn(out, lengths)
+    noisy = out.clone().requires_grad_(True)
+    with torch.no_grad():
+        noisy[1, 2:] = garbage
+        noisy[2] = garbage
+    again, w_again = attn(noisy, lengths)
+    torch.testing.assert_close(again, pooled, rtol=0, atol=0)
+    torch.testing.assert_close(w_again, weights, rtol=0, atol=0)
+    again.sum().backward()
+    assert torch.isfinite(noisy.grad).all() and (noisy.grad[1, 2:] == 0).all()
+    assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
+
+
 @pytest.mark.parametrize("pooling", POOLING)
 def test_prediction_does_not_depend_on_padding(pooling):
     model = SequenceClassifier(2, vocab_size=30, embed_size=8, hidden_size=6, pooling=pooling)

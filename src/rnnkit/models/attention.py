@@ -9,9 +9,10 @@ Every attention here computes, for a decoder query ``q`` (B, Q) and the encoder 
 
 and returns ``(c, a)``. A query may also hold every decoder step at once, ``q`` (B, T, Q): then
 ``c`` is (B, T, M) and ``a`` (B, T, S), all steps scored in one batched product (a teacher-forced
-decoder whose queries do not depend on earlier contexts uses this). Positions at or beyond a source's length get weight exactly 0 (not a
-small number), so padding never leaks into the context; a length-0 source gets all-zero weights
-and a zero context. The variants differ only in ``score``.
+decoder whose queries do not depend on earlier contexts uses this). Positions at or beyond a
+source's length get weight exactly 0 (not a small number) and whatever they hold (even NaN or inf)
+is ignored, so padding never leaks into the context or the gradients; a length-0 source gets
+all-zero weights and a zero context. The variants differ only in ``score``.
 
 The part of a score that depends on the memory alone (``W_k h_s``, ``W_a h_s``) is the same at
 every decoder step: :meth:`Attention.keys` computes it once per source, and a decoder passes it to
@@ -104,6 +105,12 @@ class Attention(nn.Module):
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}; expected (B, S) = {tuple(memory.shape[:2])}"
             )
+        if mask is not None:
+            # Padded positions may hold anything (NaN, inf): a zero weight times inf or NaN is
+            # NaN, so they are zeroed before they meet the weights, in the context and the keys.
+            pad = ~mask.unsqueeze(-1)  # (B, S, 1)
+            memory = memory.masked_fill(pad, 0.0)
+            keys = None if keys is None else keys.masked_fill(pad, 0.0)
         if keys is None:
             keys = self.keys(memory)
         one_step = query.dim() == 2

@@ -103,6 +103,7 @@ class SelfAttentionPool(nn.Module):
 
     def forward(self, out: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         valid = L.mask(lengths.to(out.device), out.shape[1]).T  # (B, T)
+        out = out.masked_fill(~valid.unsqueeze(-1), 0.0)  # padding may hold NaN or inf
         scores = self.v(torch.tanh(self.proj(out))).squeeze(-1)  # (B, T)
         weights = masked_softmax(scores, valid)  # (B, T)
         return torch.bmm(weights.unsqueeze(1), out).squeeze(1), weights  # (B, 1, T) @ (B, T, F)
