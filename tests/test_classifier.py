@@ -69,6 +69,29 @@ def test_prediction_does_not_depend_on_padding(pooling):
         assert weights is None
 
 
+@pytest.mark.parametrize("pooling", POOLING)
+@pytest.mark.parametrize("conv_channels", [0, 3])
+def test_lengths_as_a_list_equal_lengths_as_a_tensor(pooling, conv_channels):
+    torch.manual_seed(0)
+    model = SequenceClassifier(
+        2, vocab_size=30, embed_size=8, hidden_size=6, pooling=pooling, conv_channels=conv_channels
+    ).eval()
+    x = torch.randint(4, 30, (3, 7))
+    expected = model(x, torch.tensor([7, 3, 0]))
+    for lengths in ([7, 3, 0], (7, 3, 0)):
+        torch.testing.assert_close(model(x, lengths), expected, rtol=0, atol=0)
+    assert model.explain(x, [7, 3, 0]).backend == model.explain(x, torch.tensor([7, 3, 0])).backend
+    with pytest.raises(ValueError, match="lengths\\[0\\] = 8 > T = 7"):
+        model(x, [8, 3, 0])
+
+
+def test_an_ensemble_takes_lengths_as_a_list():
+    ensemble = _ensemble(2, pooling="attention").eval()
+    x = torch.randn(2, 7, 4)
+    expected = ensemble(x, torch.tensor([7, 3]))
+    torch.testing.assert_close(ensemble(x, [7, 3]), expected, rtol=0, atol=0)
+
+
 def test_pretrained_vectors_and_frozen_rows():
     vectors = torch.randn(10, 4)
     frozen = torch.zeros(10, dtype=torch.bool)

@@ -259,8 +259,10 @@ class SequenceClassifier(nn.Module):
         return self.dropout(inp)
 
     def forward(
-        self, x: Tensor, lengths: Tensor, return_attention: bool = False
+        self, x: Tensor, lengths: L.LengthsLike, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Tensor | None]:
+        if not isinstance(lengths, Tensor):  # a list: validated like every layer's lengths=
+            lengths = L.as_lengths(lengths, x.shape[0], x.shape[1], x.device)
         out, state = self.encoder(self.encoder_input(x, lengths), lengths=lengths)
         return self.classify(out, lengths, state, return_attention)
 
@@ -289,10 +291,12 @@ class SequenceClassifier(nn.Module):
             )
         return ClassifierStream(self)
 
-    def explain(self, x: Tensor, lengths: Tensor) -> Any:
+    def explain(self, x: Tensor, lengths: L.LengthsLike) -> Any:
         """Which backend the encoder runs on for this batch, and why (:func:`rnnkit.explain`)."""
         from ..backends import explain
 
+        if not isinstance(lengths, Tensor):
+            lengths = L.as_lengths(lengths, x.shape[0], x.shape[1], x.device)
         with torch.no_grad():  # no dropout here: explaining draws nothing from the RNG
             inp = self.embedding(x) if self.embedding is not None else x
             if self.front is not None:
