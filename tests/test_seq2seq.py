@@ -321,6 +321,51 @@ def test_max_len_stops_the_searches() -> None:
         model.beam_search(src, src_lengths, beam_size=0)
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_limit_per_source_equals_each_source_alone(beam_size: int) -> None:
+    # a model that never ends: every hypothesis runs to its source's own limit, whatever the
+    # other sources of the batch allow
+    model = tiny_model()
+    with torch.no_grad():
+        model.generator.bias[EOS] = -1e4
+    src, src_lengths = source_batch()
+    limits = 2 * src_lengths + 1
+
+    def search(s, n, limit):
+        if beam_size == 1:
+            return model.greedy(s, n, max_len=limit)
+        return model.beam_search(s, n, beam_size=beam_size, max_len=limit)
+
+    batched = search(src, src_lengths, limits)
+    assert batched.lengths.tolist() == limits.tolist()
+    for b in range(src.shape[0]):
+        alone = search(src[b : b + 1], src_lengths[b : b + 1], int(limits[b]))
+        n = int(alone.lengths[0])
+        assert torch.equal(batched.tokens[b, :n], alone.tokens[0, :n])
+        assert torch.allclose(batched.scores[b], alone.scores[0], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"max_len = \[3, 0"):
+        search(src, src_lengths, torch.tensor([3, 0, 1, 1, 1]))
+    with pytest.raises(ValueError, match=r"expected a positive integer or an integer tensor"):
+        search(src, src_lengths, torch.tensor([3, 1]))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_recipes_decode_a_source_alike_in_any_batch(beam_size: int) -> None:
+    from rnnkit.data import Vocab
+    from rnnkit.tasks.common import EncoderDecoderConfig, Seq2SeqHooks
+
+    hooks = Seq2SeqHooks()
+    hooks.config, hooks.device = EncoderDecoderConfig(), torch.device("cpu")
+    hooks.tgt_vocab = Vocab.from_json([*Vocab.build([]).itos, *"abcdefg"])
+    model = tiny_model(src_vocab=12, tgt_vocab=len(hooks.tgt_vocab)).float()
+    with torch.no_grad():
+        model.generator.bias[Vocab.eos_id] = -1e4  # never ends: each runs to its own limit
+    short, long = [5], [5] * 20
+    alone = hooks.decode(model, [short], beam_size=beam_size)[0]
+    assert len(alone) == 2 * len(short) + 10
+    assert hooks.decode(model, [short, long], beam_size=beam_size)[0] == alone
+
+
 def test_decoder_io() -> None:
     cfg = tiny_config()
     tgt = torch.tensor([[5, 6, 7], [8, 9, 9]])  # the second row's last 9 is padding

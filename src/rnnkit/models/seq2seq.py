@@ -494,28 +494,32 @@ class Seq2Seq(nn.Module):
         return logp
 
     @torch.no_grad()
-    def greedy(self, src: Tensor, src_lengths: Any, max_len: int | None = None) -> Hypotheses:
-        """Greedy decoding: the most probable token at each step, until EOS or ``max_len``."""
+    def greedy(
+        self, src: Tensor, src_lengths: Any, max_len: int | Tensor | None = None
+    ) -> Hypotheses:
+        """Greedy decoding: the most probable token at each step, until EOS or ``max_len`` (one
+        limit for all, or a (B,) tensor of one per source)."""
         c = self.config
-        max_len = _check_max_len(c.max_decode_len if max_len is None else max_len)
-        state = self.start(src, src_lengths)
         batch = src.shape[0]
+        limits = _check_max_len(c.max_decode_len if max_len is None else max_len, batch, src.device)
+        state = self.start(src, src_lengths)
         token = src.new_full((batch,), c.bos_id)
         done = torch.zeros(batch, dtype=torch.bool, device=src.device)
         scores = state.feed.new_zeros(batch)
         lengths = torch.zeros(batch, dtype=torch.long, device=src.device)
         out = []
-        for _ in range(max_len):
+        for t in range(int(limits.max()) if batch else 0):
             logits, state = self.step(token, state)
             best, token = self._log_probs(logits).max(-1)
             token = torch.where(done, c.pad_id, token)
             scores += torch.where(done, 0.0, best)
             lengths += ~done
             out.append(token)
-            done |= token == c.eos_id
+            done |= (token == c.eos_id) | (limits <= t + 1)
             if bool(done.all()):
                 break
-        return Hypotheses(torch.stack(out, 1), lengths, scores)
+        tokens = torch.stack(out, 1) if out else src.new_empty(batch, 0)
+        return Hypotheses(tokens, lengths, scores)
 
     @torch.no_grad()
     def beam_search(
@@ -523,7 +527,7 @@ class Seq2Seq(nn.Module):
         src: Tensor,
         src_lengths: Any,
         beam_size: int | None = None,
-        max_len: int | None = None,
+        max_len: int | Tensor | None = None,
         length_penalty: float | None = None,
     ) -> Hypotheses:
         """Batched beam search; returns the best hypothesis of each source.
@@ -534,17 +538,18 @@ class Seq2Seq(nn.Module):
         hypothesis is extended by every token, and a finished one (ended by EOS) competes
         unchanged with them for a place in the beam. The best finished hypothesis seen is kept
         even after longer ones push it out of the beam. The search ends when all hypotheses of
-        all sources have finished, or after ``max_len`` tokens (then an unfinished hypothesis
-        can win). All sources run as one batch of B * k rows; each source's result equals a
-        search over it alone. With ``beam_size = 1`` it is greedy decoding.
+        all sources have finished, or after ``max_len`` tokens (one limit for all, or a (B,)
+        tensor of one per source; then an unfinished hypothesis can win). All sources run as one
+        batch of B * k rows; each source's result equals a search over it alone (with its own
+        limit). With ``beam_size = 1`` it is greedy decoding.
         """
         c = self.config
         k = c.beam_size if beam_size is None else beam_size
-        max_len = _check_max_len(c.max_decode_len if max_len is None else max_len)
         alpha = c.length_penalty if length_penalty is None else length_penalty
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValueError(f"beam_size = {k!r}; expected a positive integer")
         batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
+        limits = _check_max_len(c.max_decode_len if max_len is None else max_len, batch, device)
 
         def normalised(score: Tensor, length: Tensor) -> Tensor:
             return score / ((5.0 + length.to(score.dtype)) / 6.0) ** alpha
@@ -561,7 +566,7 @@ class Seq2Seq(nn.Module):
         none = scores.new_full((batch,), -math.inf)
         best = Hypotheses(src.new_empty(batch, 0), lengths[:, 0].clone(), none)
         best_ranked = none  # (B,) its normalised score, -inf = none yet
-        for _ in range(max_len):
+        for t in range(int(limits.max()) if batch else 0):
             logits, state = self.step(token, state)
             cand = scores.unsqueeze(-1) + self._log_probs(logits).view(batch, k, vocab)
             # A finished hypothesis has one continuation: itself, padded, its score unchanged.
@@ -594,6 +599,7 @@ class Seq2Seq(nn.Module):
                 torch.where(better, scores.gather(1, pick).squeeze(1), best.scores),
             )
             best_ranked = torch.where(better, value, best_ranked)
+            done |= (limits <= t + 1).unsqueeze(1)  # a source at its limit: its beam stops
             if bool(done.all()):
                 break
         # topk sorted the beams: slot 0 is the best hypothesis still in each beam (finished, or
@@ -607,10 +613,20 @@ class Seq2Seq(nn.Module):
         )
 
 
-def _check_max_len(max_len: Any) -> int:
+def _check_max_len(max_len: Any, batch: int, device: torch.device) -> Tensor:
+    """``max_len`` (a positive int, or a (B,) integer tensor of positive limits) as (B,) int64."""
+    if isinstance(max_len, Tensor):
+        if max_len.shape != (batch,) or max_len.dtype.is_floating_point or max_len.is_complex():
+            raise ValueError(
+                f"max_len has shape {tuple(max_len.shape)} and dtype {max_len.dtype}; expected "
+                f"a positive integer or an integer tensor of shape ({batch},), one per source"
+            )
+        if batch and int(max_len.min()) <= 0:
+            raise ValueError(f"max_len = {max_len.tolist()}; expected positive limits")
+        return max_len.to(device, torch.long)
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"max_len = {max_len!r}; expected a positive integer")
-    return max_len
+    return torch.full((batch,), max_len, dtype=torch.long, device=device)
 
 
 # -- training and inspection helpers --------------------------------------------------------------

@@ -259,7 +259,8 @@ class Seq2SeqHooks:
         out: list[list[str]] = [[] for _ in items]
         for idx in bucket_batches([len(s) for s in items], self.eval_batch_size):
             src, lengths = pad_batch([items[i] for i in idx], Vocab.pad_id, self.device)
-            max_len = min(c.max_decode_len, 2 * int(lengths.max()) + 10)
+            # each source's own limit: a result never depends on the batch it was decoded in
+            max_len = (2 * lengths + 10).clamp(max=c.max_decode_len)
             if beam > 1:
                 hyp = model.beam_search(src, lengths, beam_size=beam, max_len=max_len)
             else:
