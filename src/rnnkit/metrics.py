@@ -94,6 +94,9 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 
 def _check_pairs(hypotheses: Sequence, references: Sequence) -> None:
+    for name, given in (("hypotheses", hypotheses), ("references", references)):
+        if isinstance(given, str):  # a string is a sequence too: of one-character sentences
+            raise TypeError(f"{name} is a string ({given[:20]!r}); expected a list of sentences")
     if len(hypotheses) != len(references):
         raise ValueError(
             f"{len(hypotheses)} hypotheses but {len(references)} references; expected one each"
