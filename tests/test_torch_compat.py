@@ -252,3 +252,11 @@ def test_second_derivatives_raise_on_the_kernels_and_equal_torch_nn_on_reference
     mine.backend = "reference"
     for a, b in zip(penalty(mine), penalty(ref), strict=True):
         assert_close(a, b, GRAD_TOL)
+
+
+def test_repr_names_the_regularisers_switched_on() -> None:
+    assert repr(rnnkit.LSTM(4, 6)) == repr(torch.nn.LSTM(4, 6))
+    lstm = rnnkit.LSTM(4, 6, 2, zoneout=0.1, weight_drop=0.25)
+    assert repr(lstm) == "LSTM(4, 6, num_layers=2, zoneout=0.1, weight_drop=0.25)"
+    gru = rnnkit.GRU(4, 6, dropout_state=0.2)
+    assert repr(gru) == "GRU(4, 6, dropout_state=0.2)"

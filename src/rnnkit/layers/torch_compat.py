@@ -175,7 +175,8 @@ class _RNNBase(PlainPickle, nn.Module):
         for key, default in defaults.items():
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)!r}"
-        return s
+        regularisers = self.regularisers.extra_repr()  # those switched on
+        return f"{s}, {regularisers}" if regularisers else s
 
     # -- states --------------------------------------------------------------------------------
 
