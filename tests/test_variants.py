@@ -250,6 +250,12 @@ def test_regulariser_errors() -> None:
         Regularisers(zoneout=1.0)
     with pytest.raises(ValueError, match="dropout_state = -0.5"):
         rnnkit.Recurrent(rnnkit.GRUCell(I, H), dropout_state=-0.5)
+    # None means "as zoneout" for zoneout_cell only; elsewhere it is refused when the layer is
+    # built, not met as a TypeError in the first training step
+    for name in ("dropout_input", "dropout_state", "dropout_output", "zoneout", "weight_drop"):
+        with pytest.raises(ValueError, match=rf"{name} = None; expected a probability in \[0, 1\)"):
+            rnnkit.Recurrent(rnnkit.GRUCell(I, H), zoneout_cell=0.1, **{name: None})
+    assert Regularisers(zoneout=0.2, zoneout_cell=None).zoneouts(2) == (0.2, 0.2)
     with pytest.raises(ValueError, match="weight_drop = 0.5 needs a cell with a recurrent weight"):
         rnnkit.Recurrent(_Echo(3), weight_drop=0.5)
 

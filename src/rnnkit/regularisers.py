@@ -47,7 +47,7 @@ class Regularisers:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None or f.name != "zoneout_cell":  # None: zoneout_cell = zoneout
                 object.__setattr__(self, f.name, check_probability(f.name, value))
 
     @property
