@@ -117,14 +117,16 @@ def test_checkpoint_argument_is_checked_and_auto_is_about_sqrt_t():
 
 # -- streaming ----------------------------------------------------------------------------------
 
+#: the stacks drop out between their layers: those masks are drawn once per sequence too
 STREAMING = {
-    "lstm-drop-in-2-layers": lambda **kw: rnnkit.LSTM(I, H, num_layers=2, **kw),
+    "lstm-drop-in-2-layers": lambda **kw: rnnkit.LSTM(I, H, num_layers=2, dropout=0.3, **kw),
     "gru-recurrent": lambda **kw: rnnkit.Recurrent(rnnkit.GRUCell(I, H), **kw),
     "peephole-stack": lambda **kw: rnnkit.Stacked(
         [
             rnnkit.Recurrent(rnnkit.PeepholeLSTMCell(I, H), **kw),
             rnnkit.Recurrent(rnnkit.PeepholeLSTMCell(H, H), **kw),
-        ]
+        ],
+        dropout=0.3,
     ),
 }
 STREAM_REGS = {"zoneout": 0.3, "dropout_input": 0.2, "dropout_state": 0.2, "dropout_output": 0.1,
@@ -160,7 +162,7 @@ def test_four_chunks_with_carried_state_equal_one_call(name, backend):
 
 
 def test_masks_drawn_again_differ_and_the_same_masks_repeat_the_call():
-    layer = rnnkit.GRU(I, H, zoneout=0.3, dropout_state=0.3).train()
+    layer = rnnkit.GRU(I, H, num_layers=2, dropout=0.3, zoneout=0.3, dropout_state=0.3).train()
     x = torch.randn(8, B, I)
     m1, m2 = layer.draw_masks(x), layer.draw_masks(x)
     a, _ = layer(x, masks=m1)

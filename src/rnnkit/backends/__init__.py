@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -194,13 +194,17 @@ class Direction:
 class StackMasks:
     """The regulariser masks of a whole stack, drawn once for a sequence of ``steps`` steps
     (``masks[layer][direction]``, None where a direction has no regulariser), so that a sequence
-    fed in chunks sees the masks one call over all of it would draw. :meth:`at` gives the view for
-    the chunk that starts at step ``t0`` (zoneout's per-step masks are read from there on)."""
+    fed in chunks sees the masks one call over all of it would draw. ``between[layer]``: the
+    dropout mask (T, B, I) on that layer's input, scaled by 1/(1-p) (None for the first layer and
+    where there is no dropout between layers; empty without any). :meth:`at` gives the view for
+    the chunk that starts at step ``t0`` (the per-step masks, zoneout's and the dropout between
+    layers, are read from there on)."""
 
     masks: tuple[tuple[Masks | None, ...], ...]
     steps: int
     batch: int
     offset: int = 0
+    between: tuple[Tensor | None, ...] = ()
 
     def at(self, t0: int) -> StackMasks:
         """These masks for the chunk that starts at step ``t0`` of the sequence."""
@@ -208,7 +212,7 @@ class StackMasks:
             raise ValueError(
                 f"t0 = {t0!r}; expected a step of the sequence, 0 <= t0 < {self.steps}"
             )
-        return StackMasks(self.masks, self.steps, self.batch, t0)
+        return replace(self, offset=t0)
 
 
 @dataclass

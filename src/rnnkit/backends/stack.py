@@ -10,7 +10,7 @@ for all of them, in one place:
 * DropConnect: the direction's ``weight_hh`` times its mask, differentiated by autograd;
 * variational dropout: each direction's input times its input mask (a backend that fuses the
   directions sees their own inputs), the layer's output times the output masks;
-* dropout between layers, in training;
+* dropout between layers, in training (drawn with the masks, so that chunks see it too);
 * checkpointed backpropagation through time (``Call.checkpoint``): each layer runs in segments
   of that many steps whose activations are recomputed, segment by segment, in the backward pass;
 * the final states and gates, per layer and direction.
@@ -23,7 +23,6 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 
 from .. import lengths as L
@@ -50,7 +49,8 @@ def _input_features(call: Call, index: int) -> int:
 
 
 def draw_masks(call: Call) -> StackMasks:
-    """Every direction's regulariser masks for ``call`` (None where it has none), drawn now."""
+    """Every direction's regulariser masks for ``call`` (None where it has none), then the
+    dropout masks between its layers (in training), drawn now."""
     steps, batch = call.x.shape[0], call.x.shape[1]
     layers = []
     for index, layer in enumerate(call.layers):
@@ -69,7 +69,13 @@ def draw_masks(call: Call) -> StackMasks:
             sizes = tuple(s.shape[-1] for s in d.state)
             drawn.append(regs.draw(call.training, like, d.output_size, sizes, w_hh))
         layers.append(tuple(drawn))
-    return StackMasks(tuple(layers), steps, batch)
+    between: tuple[Tensor | None, ...] = ()
+    p = call.dropout
+    if p > 0 and call.training and len(call.layers) > 1:
+        # as F.dropout draws it on the layer's input: bernoulli(1 - p) / (1 - p), per element
+        shapes = [(steps, batch, _input_features(call, k)) for k in range(1, len(call.layers))]
+        between = (None, *(call.x.new_empty(s).bernoulli_(1 - p) / (1 - p) for s in shapes))
+    return StackMasks(tuple(layers), steps, batch, between=between)
 
 
 def _chunk(masks: Masks, start: int, steps: int) -> Masks:
@@ -79,8 +85,10 @@ def _chunk(masks: Masks, start: int, steps: int) -> Masks:
     return replace(masks, zoneout=tuple(z[start : start + steps] for z in masks.zoneout))
 
 
-def _with_masks(call: Call) -> list[list[Direction]]:
-    """``call.layers`` with their masks (the call's own, or drawn now) and DropConnect applied."""
+def _with_masks(call: Call) -> tuple[list[list[Direction]], list[Tensor | None]]:
+    """``call.layers`` with their masks (the call's own, or drawn now) and DropConnect applied,
+    and per layer the dropout mask on its input (None: no dropout there), cut to the call's
+    steps."""
     stack = call.masks if call.masks is not None else draw_masks(call)
     steps, batch = call.x.shape[0], call.x.shape[1]
     if call.masks is not None:
@@ -107,7 +115,11 @@ def _with_masks(call: Call) -> list[list[Direction]]:
                 weights = {**weights, "weight_hh": weights["weight_hh"] * m.weight_hh}
             out.append(replace(d, masks=m, weights=weights))
         layers.append(out)
-    return layers
+    between = [
+        None if m is None else m[stack.offset : stack.offset + steps]
+        for m in stack.between or (None,) * len(layers)
+    ]
+    return layers, between
 
 
 def auto_checkpoint(steps: int) -> int:
@@ -130,9 +142,10 @@ def compose(call: Call, backend: Backend) -> StackResult:
         # as a 0 * NaN in a weight gradient, and their input gradient is exactly 0. The layers
         # above read the outputs below, already zero there.
         x = torch.where(L.mask(call.lengths, x.shape[0]).unsqueeze(-1), x, 0.0)
-    for index, directions in enumerate(_with_masks(call)):
-        if index and call.dropout > 0 and call.training:
-            x = F.dropout(x, call.dropout, True)
+    layers, between = _with_masks(call)
+    for directions, dropped in zip(layers, between, strict=True):
+        if dropped is not None:
+            x = x * dropped.to(x.dtype)
         inputs = [
             x * d.masks.input if d.masks is not None and d.masks.input is not None else x
             for d in directions

@@ -44,7 +44,8 @@ class Composite(nn.Module):
         """As :meth:`Recurrent.draw_masks`; the module must run fused (see ``fused()``)."""
         self._need_fused("draw_masks")
         inp = self._prepare(x, lengths)
-        return draw_stack_masks(self, inp, self.directions(inp.x, None))
+        dropout = getattr(self, "dropout", 0.0)  # Stacked's, between its layers
+        return draw_stack_masks(self, inp, self.directions(inp.x, None), dropout)
 
     def _need_fused(self, what: str) -> None:
         if not self.fused():

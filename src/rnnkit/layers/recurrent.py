@@ -256,9 +256,12 @@ def check_streaming(
         )
 
 
-def draw_stack_masks(module: nn.Module, inp: Prepared, layers: list[list[Direction]]) -> StackMasks:
-    """The masks ``module`` would draw for a call over ``inp``, drawn now (see :meth:`draw_masks`)."""
-    call = backends.make_call(inp.x, layers, inp.lengths, training=module.training)
+def draw_stack_masks(
+    module: nn.Module, inp: Prepared, layers: list[list[Direction]], dropout: float = 0.0
+) -> StackMasks:
+    """The masks ``module`` would draw for a call over ``inp`` (with ``dropout`` between its
+    layers), drawn now (see :meth:`draw_masks`)."""
+    call = backends.make_call(inp.x, layers, inp.lengths, dropout=dropout, training=module.training)
     return draw_masks(call)
 
 

@@ -252,7 +252,7 @@ class _RNNBase(PlainPickle, nn.Module):
         to compute what one call over ``input`` computes. A bidirectional layer cannot stream."""
         inp = self._prepare(input, lengths)
         h0, c0 = self._initial_states(None, inp)
-        return draw_stack_masks(self, inp, self.directions(inp.x, h0, c0))
+        return draw_stack_masks(self, inp, self.directions(inp.x, h0, c0), self.dropout)
 
     def forward(
         self,
