@@ -147,6 +147,40 @@ def test_zoneout_eval_uses_the_expectation() -> None:
     assert_close((h, c), (hh, cc), OUT_TOL, "final")
 
 
+class _ThreeStates(rnnkit.Cell):
+    """A custom cell whose state is three tensors (h, a, b), each new at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = I, H
+        self.lin = torch.nn.Linear(I + H, 3 * H)
+
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        return (H, H, H)
+
+    def forward(self, x, state):
+        h, a, b = state
+        new_h, da, db = torch.tanh(self.lin(torch.cat([x, h], 1))).chunk(3, 1)
+        return new_h, (new_h, a + da, b - db)
+
+
+def test_zoneout_of_a_custom_cell_with_three_state_tensors() -> None:
+    layer = rnnkit.Recurrent(_ThreeStates(), zoneout=0.25, zoneout_cell=0.5)
+    x = torch.randn(T, B, I)
+    out, state = layer.eval()(x)  # the expectation, zoneout_cell for every tensor after h
+    s = layer.cell.initial_state(B)
+    for t in range(T):
+        _, new = layer.cell(x[t], s)
+        zoned = zip((0.25, 0.5, 0.5), s, new, strict=True)
+        s = tuple(p * old + (1 - p) * n for p, old, n in zoned)
+        assert_close(out[t], s[0], OUT_TOL, f"h at {t}")
+    assert_close(state, s, OUT_TOL, "final")
+    torch.manual_seed(0)
+    out, state = layer.train()(x)  # every tensor has its own mask
+    assert out.shape == (T, B, H) and len(state) == 3
+
+
 class _Echo(rnnkit.Cell):
     """out_t = x_t + h_{t-1} as it enters the step; the state becomes x_t + t-dependent noise."""
 

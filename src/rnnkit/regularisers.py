@@ -4,7 +4,8 @@
   the input features (``dropout_input``), on h_{t-1} as it enters the step (``dropout_state``) and
   on the output features (``dropout_output``).
 * Zoneout (Krueger et al. 2016): at each step each unit of h (``zoneout``) and, for an LSTM, of c
-  (``zoneout_cell``, default: same as ``zoneout``) keeps its previous value with probability p.
+  (``zoneout_cell``, default: same as ``zoneout``) keeps its previous value with probability p;
+  a custom cell's state tensors after the first are zoned out with ``zoneout_cell``.
   In eval mode the expectation is used: ``p * previous + (1 - p) * new``.
 * DropConnect on the recurrent weights (``weight_drop``, Merity et al. 2017): one mask over the
   cell's ``weight_hh`` per forward call, applied to the weight tensor handed to the step or the
@@ -55,9 +56,10 @@ class Regularisers:
         return any(getattr(self, f.name) for f in fields(self))
 
     def zoneouts(self, n_states: int) -> tuple[float, ...]:
-        """Zoneout probability per state tensor (h, then c for an LSTM)."""
+        """Zoneout probability per state tensor: ``zoneout`` for h, ``zoneout_cell`` for each
+        tensor after it (c for an LSTM; any number of them for a custom cell)."""
         cell = self.zoneout if self.zoneout_cell is None else self.zoneout_cell
-        return (self.zoneout, cell)[:n_states] if n_states > 1 else (self.zoneout,)
+        return (self.zoneout, *(cell,) * (n_states - 1))
 
     def extra_repr(self) -> str:
         return ", ".join(
