@@ -214,6 +214,18 @@ def test_a_reversed_direction_refuses_to_stream(make):
         layer(x[4:], masks=masks.at(4))
 
 
+def test_masks_drawn_in_the_other_mode_are_refused():
+    layer = rnnkit.LSTM(I, H, num_layers=2, dropout=0.5, dropout_state=0.5, zoneout=0.3)
+    x = torch.randn(8, B, I)
+    trained = layer.train().draw_masks(x)
+    with pytest.raises(ValueError, match="drawn in training mode; this call runs in eval mode"):
+        layer.eval()(x, masks=trained)  # eval applies no dropout masks
+    evaluated = layer.draw_masks(x)
+    layer.eval()(x, masks=evaluated)
+    with pytest.raises(ValueError, match="drawn in eval mode; this call runs in training mode"):
+        layer.train()(x, masks=evaluated)
+
+
 def test_masks_that_do_not_fit_the_chunk_are_refused():
     layer = rnnkit.LSTM(I, H, zoneout=0.2).train()
     masks = layer.draw_masks(torch.randn(8, B, I))

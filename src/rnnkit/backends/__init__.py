@@ -198,13 +198,15 @@ class StackMasks:
     dropout mask (T, B, I) on that layer's input, scaled by 1/(1-p) (None for the first layer and
     where there is no dropout between layers; empty without any). :meth:`at` gives the view for
     the chunk that starts at step ``t0`` (the per-step masks, zoneout's and the dropout between
-    layers, are read from there on)."""
+    layers, are read from there on). ``training``: the mode they were drawn in (eval mode draws
+    no dropout masks and keeps zoneout's probabilities); a call in the other mode refuses them."""
 
     masks: tuple[tuple[Masks | None, ...], ...]
     steps: int
     batch: int
     offset: int = 0
     between: tuple[Tensor | None, ...] = ()
+    training: bool = True
 
     def at(self, t0: int) -> StackMasks:
         """These masks for the chunk that starts at step ``t0`` of the sequence."""

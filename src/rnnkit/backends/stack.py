@@ -75,7 +75,7 @@ def draw_masks(call: Call) -> StackMasks:
         # as F.dropout draws it on the layer's input: bernoulli(1 - p) / (1 - p), per element
         shapes = [(steps, batch, _input_features(call, k)) for k in range(1, len(call.layers))]
         between = (None, *(call.x.new_empty(s).bernoulli_(1 - p) / (1 - p) for s in shapes))
-    return StackMasks(tuple(layers), steps, batch, between=between)
+    return StackMasks(tuple(layers), steps, batch, between=between, training=call.training)
 
 
 def _chunk(masks: Masks, start: int, steps: int) -> Masks:
@@ -92,6 +92,12 @@ def _with_masks(call: Call) -> tuple[list[list[Direction]], list[Tensor | None]]
     stack = call.masks if call.masks is not None else draw_masks(call)
     steps, batch = call.x.shape[0], call.x.shape[1]
     if call.masks is not None:
+        if stack.training != call.training:
+            mode = {True: "training", False: "eval"}
+            raise ValueError(
+                f"masks were drawn in {mode[stack.training]} mode; this call runs in "
+                f"{mode[call.training]} mode (draw the masks in the mode the module runs in)"
+            )
         if stack.batch != batch or len(stack.masks) != len(call.layers):
             raise ValueError(
                 f"masks were drawn for {len(stack.masks)} layers and B = {stack.batch}; this call "
