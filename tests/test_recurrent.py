@@ -169,3 +169,47 @@ def test_wrappers_run_custom_cells_with_gradients() -> None:
     (dx,) = grads(out.sum(), [x])
     assert torch.count_nonzero(dx[4:, 3]) == 0  # padding gets no gradient
     assert torch.count_nonzero(dx[:4, 3]) > 0
+
+
+class TwoSidedCell(MinimalGatedCell):
+    """A user-defined cell whose output (h, -h) is wider than its state h."""
+
+    @property
+    def output_size(self) -> int:
+        return 2 * self.hidden_size
+
+    def forward(self, x, h):
+        _, h = super().forward(x, h)
+        return torch.cat([h, -h], 1), h
+
+
+@pytest.mark.parametrize("merge", ["concat", "sum", None])
+def test_custom_cell_whose_output_is_not_its_state(merge) -> None:
+    fwd, bwd = TwoSidedCell(I, H), TwoSidedCell(I, H)
+    p = 0.5
+    bi = rnnkit.Bidirectional(
+        rnnkit.Recurrent(fwd, dropout_output=p),
+        rnnkit.Recurrent(bwd, reverse=True, dropout_output=p),
+        merge,
+    )
+    x, lengths = torch.randn(T, B, I), torch.tensor(LENGTHS)
+    of, sf = by_hand(fwd, x, fwd.initial_state(B), LENGTHS, False)
+    ob, sb = by_hand(bwd, x, bwd.initial_state(B), LENGTHS, True)
+    out, states = bi.eval()(x, lengths=lengths)
+    want = {"concat": torch.cat([of, ob], -1), "sum": of + ob, None: (of, ob)}[merge]
+    assert_close(out, want, OUT_TOL, f"merge {merge}")
+    assert_close(states, (sf, sb), OUT_TOL, "states")
+    if merge != "concat":
+        return
+    # in training, one output mask per sequence over the 2 x 2H features, the same at every step
+    out = bi.train()(x, lengths=lengths)[0]
+    mask = torch.where(out[0] == 0, 0.0, 1 / (1 - p))  # (B, 4H), read at the first step
+    assert_close(out, want * mask, OUT_TOL, "output masks")
+    stack = rnnkit.Stacked([bi, rnnkit.Recurrent(TwoSidedCell(4 * H, H), dropout_input=p)])
+    assert stack(x, lengths=lengths)[0].shape == (T, B, 2 * H)
+
+
+def test_zoneout_refuses_a_cell_whose_output_is_not_its_state() -> None:
+    layer = rnnkit.Recurrent(TwoSidedCell(I, H), zoneout=0.1)
+    with pytest.raises(ValueError, match="zoned-out h of 5 features, but TwoSidedCell outputs 10"):
+        layer(torch.randn(T, B, I))

@@ -187,6 +187,9 @@ class Direction:
 
     @property
     def output_size(self) -> int:
+        """A built-in cell outputs its h; a custom cell says what it outputs (its contract)."""
+        if self.cell is not None:
+            return int(getattr(self.cell, "output_size", self.cell.hidden_size))
         return self.state[0].shape[-1]
 
 

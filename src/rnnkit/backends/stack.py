@@ -164,7 +164,7 @@ def compose(call: Call, backend: Backend) -> StackResult:
         out = result.out
         output_masks = [d.masks.output if d.masks is not None else None for d in directions]
         if any(m is not None for m in output_masks):
-            ones = [torch.ones_like(d.state[0]) for d in directions]
+            ones = [d.state[0].new_ones(d.state[0].shape[0], d.output_size) for d in directions]
             pieces = [m if m is not None else o for m, o in zip(output_masks, ones, strict=True)]
             out = out * torch.cat(pieces, -1)  # (B, D*P): one mask per sequence, every step
         sizes = [d.output_size for d in directions]

@@ -425,6 +425,14 @@ class Recurrent(PlainPickle, nn.Module):
             weights = cell.kernel_weights()
         else:  # a custom cell runs itself; DropConnect needs its weight_hh
             weights = {"weight_hh": cell.weight_hh} if self.regularisers.weight_drop else {}
+            tensors = _states(state)
+            zoned = tensors[0].shape[-1]
+            if any(self.regularisers.zoneouts(len(tensors))) and self.output_size != zoned:
+                raise ValueError(
+                    "zoneout makes the output the zoned-out h of "
+                    f"{zoned} features, but {type(cell).__name__} outputs {self.output_size}; "
+                    "expected a cell whose output is its hidden state (its first state tensor)"
+                )
         direction = Direction(
             mode=mode,
             weights=weights,
