@@ -213,3 +213,51 @@ def test_zoneout_refuses_a_cell_whose_output_is_not_its_state() -> None:
     layer = rnnkit.Recurrent(TwoSidedCell(I, H), zoneout=0.1)
     with pytest.raises(ValueError, match="zoned-out h of 5 features, but TwoSidedCell outputs 10"):
         layer(torch.randn(T, B, I))
+
+
+class GridCell(Cell):
+    """A user-defined cell whose state is (B, C, H): the contract allows any (B, ...) state."""
+
+    def __init__(self, input_size: int, hidden_size: int, channels: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.channels = input_size, hidden_size, channels
+        self.lin = torch.nn.Linear(input_size, channels * hidden_size)
+
+    @property
+    def output_size(self) -> int:
+        return self.channels * self.hidden_size
+
+    def initial_state(self, batch_size, *, dtype=None, device=None):
+        return torch.zeros(batch_size, self.channels, self.hidden_size, dtype=dtype, device=device)
+
+    def forward(self, x, h):
+        h = torch.tanh(self.lin(x).view_as(h) + 0.5 * h)
+        return h.flatten(1), h
+
+
+@pytest.mark.parametrize("channels", [B, 2])  # as many channels as sequences, and fewer
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_state_of_more_dimensions_with_lengths(channels: int, reverse: bool) -> None:
+    cell = GridCell(I, H, channels)
+    x, state = torch.randn(T, B, I), torch.rand(B, channels, H) + 0.5  # away from 0
+    out, final = rnnkit.Recurrent(cell, reverse=reverse)(x, state, lengths=LENGTHS)
+    for b, n in enumerate(LENGTHS):
+        h = state[b : b + 1]
+        for t in range(n - 1, -1, -1) if reverse else range(n):
+            o, h = cell(x[t, b : b + 1], h)
+            assert_close(out[t, b], o[0], OUT_TOL, f"output [{t}, {b}]")
+        assert_close(final[b], h[0], OUT_TOL, f"final state of sequence {b}")
+    assert torch.count_nonzero(out[:, 1]) == 0
+    # state dropout's mask has the state's shape, one per sequence, the same at every step
+    layer = rnnkit.Recurrent(cell, dropout_state=0.5).train()
+    out, final = layer(x, state, lengths=LENGTHS)
+    with torch.no_grad():
+        pre = cell.lin(x[0]).view_as(state)
+        mask = ((out[0].view_as(state).atanh() - pre) / (0.5 * state)).round()
+    assert set(mask[[0, 2, 3]].unique().tolist()) == {0.0, 2.0}  # kept units scaled by 1/(1-p)
+    for b, n in enumerate(LENGTHS):
+        h = state[b : b + 1]
+        for t in range(n):
+            o, h = cell(x[t, b : b + 1], h * mask[b])
+            assert_close(out[t, b], o[0], OUT_TOL, f"output [{t}, {b}] with state dropout")
+        assert_close(final[b], h[0], OUT_TOL, f"final state of sequence {b} with state dropout")

@@ -71,12 +71,14 @@ class Regularisers:
         training: bool,
         x: Tensor,
         out_size: int,
-        state_sizes: tuple[int, ...],
+        state_shapes: tuple[tuple[int, ...], ...],
         weight_hh: Tensor | None,
     ) -> Masks:
-        """The masks for one forward call over time-major ``x`` (T, B, I)."""
+        """The masks for one forward call over time-major ``x`` (T, B, I), for state tensors of
+        ``state_shapes`` (each without the batch dimension: (n,), or more dimensions for a
+        custom cell's (B, ...) state)."""
         steps, batch, inp = x.shape
-        zoneouts = self.zoneouts(len(state_sizes))
+        zoneouts = self.zoneouts(len(state_shapes))
         if not training:
             zone = zoneouts if any(zoneouts) else None
             return Masks(None, None, None, zone, None)
@@ -86,14 +88,14 @@ class Regularisers:
                 return None
             return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p) / (1 - p)
 
-        def hold(p: float, size: int) -> Tensor:  # True = keep the previous value
-            return torch.rand(steps, batch, size, device=x.device) < p
+        def hold(p: float, shape: tuple[int, ...]) -> Tensor:  # True = keep the previous value
+            return torch.rand(steps, batch, *shape, device=x.device) < p
 
         return Masks(
             input=keep(self.dropout_input, batch, inp),
-            state=keep(self.dropout_state, batch, state_sizes[0]),
+            state=keep(self.dropout_state, batch, *state_shapes[0]),
             output=keep(self.dropout_output, batch, out_size),
-            zoneout=tuple(hold(p, n) for p, n in zip(zoneouts, state_sizes, strict=True))
+            zoneout=tuple(hold(p, s) for p, s in zip(zoneouts, state_shapes, strict=True))
             if any(zoneouts)
             else None,
             weight_hh=None if weight_hh is None else keep(self.weight_drop, *weight_hh.shape),
@@ -106,7 +108,8 @@ class Masks:
 
     input (B, I), state (B, n_h), output (B, O), weight_hh like the weight. ``zoneout`` is None,
     one (T, B, n) bool tensor per state tensor (True = keep the previous value), or in eval mode
-    one probability per state tensor.
+    one probability per state tensor. (A custom cell's state tensor of more dimensions, (B, ...),
+    has masks of its shape: state (B, ...), zoneout (T, B, ...).)
     """
 
     input: Tensor | None

@@ -25,8 +25,9 @@ Step = Callable[..., tuple]
 
 
 def _where(valid: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``valid`` (B, 1), else ``old``: per sequence, for state tensors (B, ...)."""
     if isinstance(new, Tensor):
-        return torch.where(valid, new, old)
+        return torch.where(valid.view(-1, *(1,) * (new.dim() - 1)), new, old)
     return type(new)(_where(valid, n, o) for n, o in zip(new, old, strict=True))
 
 

@@ -66,8 +66,8 @@ def draw_masks(call: Call) -> StackMasks:
                 raise ValueError(
                     f"weight_drop = {regs.weight_drop} needs a recurrent weight named weight_hh"
                 )
-            sizes = tuple(s.shape[-1] for s in d.state)
-            drawn.append(regs.draw(call.training, like, d.output_size, sizes, w_hh))
+            shapes = tuple(tuple(s.shape[1:]) for s in d.state)
+            drawn.append(regs.draw(call.training, like, d.output_size, shapes, w_hh))
         layers.append(tuple(drawn))
     between: tuple[Tensor | None, ...] = ()
     p = call.dropout
