@@ -108,9 +108,19 @@ class Attention(nn.Module):
         if mask is not None:
             # Padded positions may hold anything (NaN, inf): a zero weight times inf or NaN is
             # NaN, so they are zeroed before they meet the weights, in the context and the keys.
-            pad = ~mask.unsqueeze(-1)  # (B, S, 1)
-            memory = memory.masked_fill(pad, 0.0)
-            keys = None if keys is None else keys.masked_fill(pad, 0.0)
+            memory, keys = clean(memory, mask), None if keys is None else clean(keys, mask)
+        return self.attend(query, memory, mask, keys)
+
+    def attend(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        mask: Tensor | None = None,
+        keys: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` without its checks, for a caller whose ``memory`` and ``keys`` hold
+        finite values at padded positions (:func:`clean` once per source): a decoder that
+        attends at every step pays for neither again."""
         if keys is None:
             keys = self.keys(memory)
         one_step = query.dim() == 2
@@ -124,6 +134,11 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"query_size={self.query_size}, memory_size={self.memory_size}"
+
+
+def clean(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` (B, S, n) with the positions where ``mask`` (B, S) is False set to 0."""
+    return values.masked_fill(~mask.unsqueeze(-1), 0.0)
 
 
 class _Additive(Attention):

@@ -43,7 +43,7 @@ from .. import lengths as L
 from ..cells import GRUCell, LSTMCell
 from ..layers import Bidirectional, Recurrent, Stacked, top_states
 from ..layers.stacked import check_dropout
-from .attention import ATTENTIONS, Attention, build_attention, length_mask
+from .attention import ATTENTIONS, Attention, build_attention, clean, length_mask
 from .classifier import CELLS, make_encoder
 
 __all__ = [
@@ -361,12 +361,15 @@ class Seq2Seq(nn.Module):
             h0 = (enc.memory.new_zeros(batch, hidden),) * layers
             c0 = h0
         cells = tuple(zip(h0, c0, strict=True)) if c.decoder_cell == "lstm" else tuple(h0)
+        # zero at padded positions once per source (an encoder of rnnkit's makes them 0
+        # already), so that each step attends without cleaning them again
+        memory = clean(enc.memory, enc.mask)
         return DecoderState(
             cells=cells,
             feed=enc.memory.new_zeros(batch, hidden),
             weights=enc.memory.new_zeros(batch, enc.memory.shape[1]),
-            memory=enc.memory,
-            keys=self.attention.keys(enc.memory),
+            memory=memory,
+            keys=clean(self.attention.keys(memory), enc.mask),
             mask=enc.mask,
         )
 
@@ -382,7 +385,9 @@ class Seq2Seq(nn.Module):
         if self.config.input_feeding:
             parts.append(state.feed)  # h~_{t-1}
         if self.attend_before:  # Bahdanau: attend from s_{t-1}, feed c_t to the cell
-            context, weights = self.attention(state.top, state.memory, state.mask, state.keys)
+            context, weights = self.attention.attend(
+                state.top, state.memory, state.mask, state.keys
+            )
             parts.append(context)
         x = torch.cat(parts, -1)
         cells = []
@@ -392,7 +397,7 @@ class Seq2Seq(nn.Module):
             x, s = cell(x, state.cells[k])
             cells.append(s)
         if not self.attend_before:  # Luong: attend from s_t
-            context, weights = self.attention(x, state.memory, state.mask, state.keys)
+            context, weights = self.attention.attend(x, state.memory, state.mask, state.keys)
         h_tilde = torch.tanh(self.combine(torch.cat([x, context], -1)))
         return h_tilde, replace(state, cells=tuple(cells), feed=h_tilde, weights=weights)
 
@@ -421,7 +426,7 @@ class Seq2Seq(nn.Module):
                 x = self.dropout(x)
             layer = Recurrent(cell, batch_first=True, backend=self.backend)  # shares the cell
             x, _ = layer.train(self.training)(x, state.cells[k])  # (B, T, H)
-        context, weights = self.attention(x, state.memory, state.mask, state.keys)  # all T
+        context, weights = self.attention.attend(x, state.memory, state.mask, state.keys)  # all T
         return torch.tanh(self.combine(torch.cat([x, context], -1))), weights
 
     def forward(
