@@ -108,6 +108,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_weights_of_one_with_the_global_batch(tmp_path):
     need_data("speech")
     overrides = {**PER_PROCESS, "dropout": 0.0}  # no dropout: one process draws other masks
@@ -138,6 +139,7 @@ def test_two_processes_reach_the_weights_of_one_with_the_global_batch(tmp_path):
         assert h2["batches"] == h1["batches"] == 8
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_exactly(tmp_path):
     need_data("speech")
     # Dropout on: each rank's random generator must come back as it was.

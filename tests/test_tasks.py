@@ -156,6 +156,7 @@ def test_charlm_end_to_end(tmp_path):
     assert greedy == predict(run, ["KING:"], {"length": 20, "temperature": 0.0, "seed": 5})
 
 
+@pytest.mark.slow
 def test_g2p_end_to_end(tmp_path):
     need_data("g2p")
     run = tmp_path / "run"
@@ -202,6 +203,7 @@ def test_g2p_without_stress_merges_pronunciations_that_differ_in_stress_alone():
         task_cls.Config(stress="none").check()
 
 
+@pytest.mark.slow
 def test_translate_end_to_end(tmp_path):
     need_data("translate")
     run = tmp_path / "run"

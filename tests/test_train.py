@@ -88,6 +88,7 @@ def _step(path: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     need_data("speech")
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
