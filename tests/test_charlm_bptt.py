@@ -55,6 +55,7 @@ def test_the_state_is_carried_from_batch_to_batch_and_restarts_each_epoch():
     assert not torch.allclose(with_state, without)
 
 
+@pytest.mark.slow
 def test_a_bptt_run_resumes_exactly_with_its_carried_state(tmp_path):
     need_data("charlm")
     torch.set_num_threads(1)

@@ -242,6 +242,7 @@ def test_translate_subword_model_round_trips_text():
     assert words.sp is None and "▁God" in words.src_vocab and "<2l>" in words.src_vocab
 
 
+@pytest.mark.slow
 def test_translate_split_by_chapter_and_length():
     need_data("translate")
     task_cls = tasks.get("translate")

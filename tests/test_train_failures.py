@@ -121,6 +121,7 @@ def test_a_non_finite_gradient_stops_training(tmp_path, monkeypatch):
         train("speech", RESUMABLE, out=tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow
 def test_a_diverging_learning_rate_exits_with_one_line(tmp_path):
     need_data("speech")
     run = tmp_path / "run"
@@ -315,6 +316,7 @@ def test_ctrl_c_saves_the_batch_reached_and_resume_is_exact(tmp_path):
     assert_same_run(tmp_path / "whole", run)
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_after_saving_and_resume_is_exact(tmp_path):
     need_data("speech")
     run = tmp_path / "run"
