@@ -44,7 +44,8 @@ DIRECTIONS = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# every test here exports through onnxscript and runs onnxruntime: slow (python -m pytest -m slow)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def onnx_dynamo(module, args, dynamic_shapes) -> bytes:
@@ -111,7 +112,6 @@ def test_dynamo_onnx_equals_rnnkit(cell: str) -> None:
     check_zoo(module, zoo_dynamo(module))
 
 
-@pytest.mark.slow
 def test_dynamo_onnx_directions_zoneout_sizes_of_one() -> None:
     """Single directions, zoneout, a drop-in; also at B = 1 and T = 1 (the example has B and T
     >= 2: torch.export treats 0 and 1 as constants)."""
@@ -224,7 +224,6 @@ def test_rnnkit_export_of_a_classifier(capsys, tmp_path) -> None:
     )
 
 
-@pytest.mark.slow
 def test_rnnkit_export_of_an_encoder_decoder_writes_two_graphs(capsys, tmp_path) -> None:
     need_data("g2p")
     _train("g2p", tmp_path / "run")
