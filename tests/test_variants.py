@@ -403,3 +403,45 @@ def test_torch_compat_regularisers_off_in_eval_and_dispatch() -> None:
         rnnkit.RNN(I, H)(x, return_gates=True)
     with pytest.raises(TypeError, match="unexpected keyword argument 'zonout'"):
         rnnkit.GRU(I, H, zonout=0.1)
+
+
+def _gru_backends() -> list[str]:
+    from rnnkit import backends
+
+    return [n for n in backends.available() if n not in ("auto", "export", "native")]
+
+
+@pytest.mark.parametrize("backend", _gru_backends())
+@pytest.mark.parametrize("cell", ["gru", "gru_layernorm"])
+def test_gru_state_dropout_leaves_the_carry_unmasked(backend: str, cell: str) -> None:
+    """State dropout masks h_{t-1} in the recurrent products only: with an update gate of 1 a
+    GRU keeps its state exactly, whatever the mask (masking the carry z * h_{t-1} too would zero
+    dropped units and double kept ones at every step)."""
+    size, steps = 8, 20
+    make = rnnkit.GRUCell if cell == "gru" else LayerNormGRUCell
+    layer = rnnkit.Recurrent(make(I, size), dropout_state=0.5, backend=backend).train()
+    with torch.no_grad():
+        layer.cell.bias_hh[size : 2 * size] = 40.0  # z = sigmoid(... + 40) = 1 in float32
+    h0 = torch.randn(B, size)
+    try:
+        out, h_n = layer(torch.randn(steps, B, I), h0)
+    except rnnkit.BackendUnavailable as e:  # e.g. triton without a GPU or its interpreter
+        pytest.skip(str(e))
+    torch.testing.assert_close(h_n, h0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[-1], h0, rtol=1e-5, atol=1e-5)
+
+
+def test_gru_state_dropout_step_by_the_equations() -> None:
+    """One GRU step under state dropout: r, z and n read W_hh (h * mask), the carry reads h."""
+    cell = rnnkit.GRUCell(I, H)
+    _randomise(cell)
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    mask = (torch.rand(B, H) > 0.5).float() * 2
+    weights = dict(cell.named_parameters())
+    h_t = F.step("gru", weights, x, h, state_mask=mask)[0]
+    gi = x @ cell.weight_ih.T + cell.bias_ih
+    gh = (h * mask) @ cell.weight_hh.T + cell.bias_hh
+    r = torch.sigmoid(gi[:, :H] + gh[:, :H])
+    z = torch.sigmoid(gi[:, H : 2 * H] + gh[:, H : 2 * H])
+    n = torch.tanh(gi[:, 2 * H :] + r * gh[:, 2 * H :])
+    assert_close(h_t, (1 - z) * n + z * h, OUT_TOL, "GRU step with a state mask")

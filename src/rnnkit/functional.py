@@ -224,6 +224,7 @@ def gru_step(
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
     return_gates: bool = False,
+    h_rec: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """One step of the GRU.
 
@@ -233,10 +234,13 @@ def gru_step(
         h_t = (1 - z) * n + z * h_{t-1}
 
     The update gate decides how much of the old state to keep, the reset gate how much of it the
-    candidate may see; the reset applies to ``W_hn h + b_hn`` as in torch.nn. Returns ``h_t``
+    candidate may see; the reset applies to ``W_hn h + b_hn`` as in torch.nn. ``h_rec`` (B, H),
+    when given, is the h_{t-1} the recurrent products ``W_h. h_{t-1}`` read in place of ``h``
+    (state dropout's masked state); the carry ``z * h_{t-1}`` always reads ``h``. Returns ``h_t``
     (B, H); with ``return_gates`` the pair ``(h_t, (r, z, n))``.
     """
-    return _gru_from(_linear(x, w_ih, b_ih), _linear(h, w_hh, b_hh), h, return_gates)
+    rec = h if h_rec is None else h_rec
+    return _gru_from(_linear(x, w_ih, b_ih), _linear(rec, w_hh, b_hh), h, return_gates)
 
 
 def layernorm_gru_step(
@@ -250,6 +254,7 @@ def layernorm_gru_step(
     ln_hh: tuple[Tensor, Tensor],
     eps: float = 1e-5,
     return_gates: bool = False,
+    h_rec: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """One step of the layer-normalised GRU: LN on the input and recurrent pre-activations.
 
@@ -259,10 +264,11 @@ def layernorm_gru_step(
         n = tanh(x_n + r * h_n)
         h_t = (1 - z) * n + z * h_{t-1}
 
-    Each LN normalises over all G = 3H pre-activations. Returns as :func:`gru_step`.
+    Each LN normalises over all G = 3H pre-activations. ``h_rec`` and the return as
+    :func:`gru_step`.
     """
     gi = layer_norm(x @ w_ih.T, *ln_ih, eps)
-    gh = layer_norm(h @ w_hh.T, *ln_hh, eps)
+    gh = layer_norm((h if h_rec is None else h_rec) @ w_hh.T, *ln_hh, eps)
     if b_ih is not None:
         gi, gh = gi + b_ih, gh + b_hh
     return _gru_from(gi, gh, h, return_gates)
@@ -285,27 +291,33 @@ def step(
     state: Any,
     return_gates: bool = False,
     eps: float = 1e-5,
+    state_mask: Tensor | None = None,
 ) -> tuple:
     """One step of the built-in cell ``mode`` (a key of the cell table), with one direction's
     ``weights`` by the table's names (``weight_ih``, ``weight_hh``, ``bias_ih``, ...; biases and
     projection optional): ``(out_t, new_state)``, plus the gates (the table's ``gate_outputs``)
     with ``return_gates``, as a cell's ``forward`` returns them. ``state`` is h, or (h, c) for
-    the LSTM family; ``eps`` is the LayerNorm cells'.
+    the LSTM family; ``eps`` is the LayerNorm cells'. ``state_mask`` (B, P), state dropout's
+    mask, multiplies h_{t-1} where the recurrent products read it, and nowhere else (a GRU's
+    carry ``z * h_{t-1}`` reads the unmasked state).
     """
     w = weights
     ih, hh, b_ih, b_hh = w["weight_ih"], w["weight_hh"], w.get("bias_ih"), w.get("bias_hh")
     family = spec(mode).family
+    if family == "gru":
+        rec = None if state_mask is None else state * state_mask
+        if mode == "gru_layernorm":
+            ln = (w["ln_ih.weight"], w["ln_ih.bias"]), (w["ln_hh.weight"], w["ln_hh.bias"])
+            out = layernorm_gru_step(x, state, ih, hh, b_ih, b_hh, *ln, eps, return_gates, rec)
+        else:
+            out = gru_step(x, state, ih, hh, b_ih, b_hh, return_gates, rec)
+        h, *gates = out if return_gates else (out,)
+        return (h, h, *gates)
+    if state_mask is not None:  # elsewhere h_{t-1} enters the recurrent product alone
+        state = state * state_mask if family == "rnn" else (state[0] * state_mask, state[1])
     if family == "rnn":
         h = rnn_step(x, state, ih, hh, b_ih, b_hh, mode.removeprefix("rnn_"))
         return h, h
-    if family == "gru":
-        if mode == "gru_layernorm":
-            ln = (w["ln_ih.weight"], w["ln_ih.bias"]), (w["ln_hh.weight"], w["ln_hh.bias"])
-            out = layernorm_gru_step(x, state, ih, hh, b_ih, b_hh, *ln, eps, return_gates)
-        else:
-            out = gru_step(x, state, ih, hh, b_ih, b_hh, return_gates)
-        h, *gates = out if return_gates else (out,)
-        return (h, h, *gates)
     if mode == "lstm_layernorm":
         ln = [(w[f"{n}.weight"], w[f"{n}.bias"]) for n in ("ln_ih", "ln_hh", "ln_c")]
         h, c, *gates = layernorm_lstm_step(x, *state, ih, hh, b_ih, b_hh, *ln, eps, return_gates)

@@ -2,10 +2,9 @@
 
 * Variational dropout (Gal & Ghahramani 2016): ONE mask per sequence, the same at every step, on
   the input features (``dropout_input``), on h_{t-1} as it enters the step (``dropout_state``) and
-  on the output features (``dropout_output``). The masked h_{t-1} is the state the step sees
-  everywhere: a GRU's carry ``z * h_{t-1}`` reads it too (Gal & Ghahramani's GRU masks only the
-  recurrent products), so with an update gate near 1 a kept unit grows by 1/(1-p) per step. On a
-  GRU, prefer ``weight_drop`` or ``zoneout`` until every backend separates the two.
+  on the output features (``dropout_output``). A built-in cell reads the masked h_{t-1} in its
+  recurrent products only: a GRU's carry ``z * h_{t-1}`` reads the unmasked state, as in Gal &
+  Ghahramani's GRU, on every backend. A custom cell is handed the masked state.
 * Zoneout (Krueger et al. 2016): at each step each unit of h (``zoneout``) and, for an LSTM, of c
   (``zoneout_cell``, default: same as ``zoneout``) keeps its previous value with probability p;
   a custom cell's state tensors after the first are zoned out with ``zoneout_cell``.

@@ -68,8 +68,10 @@ def scan(
     ``reverse`` the sequence is read from each sequence's own last valid step back to its first;
     outputs are returned in the original time order.
 
-    Regularisers (see :mod:`rnnkit.regularisers`): ``state_mask`` (B, n) multiplies the
-    first state tensor (h_{t-1}) as it enters the step; ``zoneout`` holds, per state tensor, a
+    Regularisers (see :mod:`rnnkit.regularisers`): ``state_mask`` (B, n) multiplies h_{t-1}
+    (the first state tensor) where the step's recurrent products read it: a built-in step (one
+    that takes a ``state_mask`` keyword, as :func:`step_of`'s do) applies it itself, so a GRU's
+    carry reads the unmasked state; a custom cell is handed the masked state; ``zoneout`` holds, per state tensor, a
     (T, B, n) bool mask (True = keep the previous value at that step) or an eval-mode probability;
     with zoneout the output is the zoned-out h. With ``return_gates`` the step is called with
     ``return_gates=True`` and its gates are returned stacked over time.
@@ -88,15 +90,17 @@ def scan(
     if lengths is not None:
         valid = L.mask(lengths, steps).unsqueeze(-1)  # (T, B, 1)
         run = int(lengths.max()) if lengths.numel() else 0
+    kw: dict[str, Any] = {"return_gates": True} if return_gates else {}
+    inside = state_mask is not None and getattr(step, "takes_state_mask", False)
+    if inside:
+        kw["state_mask"] = state_mask
     columns: list[tuple[Tensor, ...]] = []  # per step: out, then the gates
     for t in range(max(run, 1)):
         entering = state
-        if state_mask is not None:
+        if state_mask is not None and not inside:
             first, *rest = _states(state)
             entering = _like(state, [first * state_mask, *rest])
-        out, new, *gates = (
-            step(x[t], entering, return_gates=True) if return_gates else step(x[t], entering)
-        )
+        out, new, *gates = step(x[t], entering, **kw)
         if zoneout is not None:
             new = _zone(new, state, zoneout, t)
             out = _states(new)[0]
@@ -123,9 +127,12 @@ def step_of(direction: Direction) -> Step:
     if direction.mode is not None:
         mode, weights, eps = direction.mode, direction.weights, direction.eps
 
-        def built_in(x: Tensor, state: Any, return_gates: bool = False) -> tuple:
-            return F.step(mode, weights, x, state, return_gates, eps)
+        def built_in(
+            x: Tensor, state: Any, return_gates: bool = False, state_mask: Tensor | None = None
+        ) -> tuple:
+            return F.step(mode, weights, x, state, return_gates, eps, state_mask)
 
+        built_in.takes_state_mask = True  # type: ignore[attr-defined]
         return built_in
     cell = direction.cell
     assert cell is not None, "a direction without a mode runs its own cell"

@@ -33,7 +33,8 @@ struct ForwardRow {
   const T* xg = nullptr;      // (G) the input side of the pre-activations: W_ih x_t (normalised
                               // by a LayerNorm cell)
   const T* hg = nullptr;      // (G) W_hh hin, from this step's recurrent GEMM
-  const T* hin = nullptr;     // (P) the state entering the step (times the state dropout mask)
+  const T* hin = nullptr;     // (P) the state the recurrent GEMM read (times the state dropout
+                              // mask); h holds it unmasked
   const T* keep_h = nullptr;  // (P) zoneout's keep weights for h [kZone]
   const T* keep_c = nullptr;  // (H) and for c [kZone, a cell state]
   T* h = nullptr;    // (H) the state, updated in place; projected LSTM: the projection's input
@@ -60,14 +61,13 @@ struct BackwardRow {
   const T* keep_h = nullptr;  // as forward
   const T* keep_c = nullptr;
   const T* act = nullptr;     // (S) the activations the forward saved for the row
-  const T* hin = nullptr;     // (P) the state that entered the step (saved hprev)
+  const T* hin = nullptr;     // (P) the state that entered the step (saved hprev, unmasked)
   const T* cprev = nullptr;   // (H) c_{t-1} [a cell state]
   const T* dhp = nullptr;     // (H) projected LSTM: the gradient reaching o tanh(c_t) through
                               // the projection (zoneout on h and gout are taken apart before it)
   T* dh = nullptr;    // (P) in: the gradient reaching h_t from later steps; out: the part of
                       // dh_{t-1} that bypasses w_hh and the state dropout mask (zoneout's keep
-                      // part and, without state dropout, the cell's direct term)
-  T* dhin = nullptr;  // (P) with state dropout: receives the cell's direct term [kDirect]
+                      // part and a GRU's direct term z * dh_t)
   T* dc = nullptr;    // (H) in: the gradient reaching c_t; out: reaching c_{t-1}
   T* dgi = nullptr;   // (G) the gradient of the input side of the pre-activations [kSplit]
   T* dg = nullptr;    // (G) the gradient of W_hh hin, what the recurrent GEMM multiplies (and,
@@ -110,7 +110,6 @@ struct CellBase {
   static constexpr bool kPeephole = false;
   static constexpr bool kLayerNorm = false;
   static constexpr bool kSplit = false;   // dgh (of W_hh hin) differs from dgi (of the input side)
-  static constexpr bool kDirect = false;  // h_{t-1} reaches h_t other than through w_hh
   static constexpr int64_t kRowScratch = 0;  // the row pass's scratch, in units of H
   // Whether the forward saves c_{t-1} (kCprev), with or without zoneout.
   static constexpr bool saves_cprev(bool) { return false; }
@@ -176,7 +175,7 @@ struct Elman : CellBase {
     }
   }
 
-  template <typename T, bool kZone, bool kState, bool kProj, typename GradsT>
+  template <typename T, bool kZone, bool kProj, typename GradsT>
   static void backward_row(const Params<T>&, const BackwardRow<T>& step, const ConstSaved<T>&,
                            GradsT&, const Shape& dim) {
 #pragma omp simd
@@ -313,7 +312,7 @@ struct Lstm : CellBase {
   }
 
   // dc holds the gradient reaching c_t and receives the one reaching c_{t-1}.
-  template <typename T, bool kZone, bool kState, bool kProj, typename GradsT>
+  template <typename T, bool kZone, bool kProj, typename GradsT>
   static void backward_row(const Params<T>& p, const BackwardRow<T>& step,
                            const ConstSaved<T>& saved, GradsT&, const Shape& dim) {
     const int64_t H = dim.H;
@@ -386,7 +385,7 @@ struct Gru : CellBase {
   static constexpr int64_t kId = 3;
   static constexpr const char* kName = "GRU";
   static constexpr int64_t kGates = 3, kSaved = 4;
-  static constexpr bool kSplit = true, kDirect = true;
+  static constexpr bool kSplit = true;
   static constexpr SlotList kWeights = {4, {kWeightIh, kWeightHh, kBiasIh, kBiasHh}};
 
   template <typename T>
@@ -414,15 +413,16 @@ struct Gru : CellBase {
   }
 
   // The gates of unit j from its pre-activations: pr and pz of r and z, xn and hn the input and
-  // recurrent sides of n (hin: the state that entered the step, after state dropout); h_t out,
-  // and with kSave r z n hn to act.
+  // recurrent sides of n (the recurrent sides read h_{t-1} after state dropout; the carry
+  // z * h_{t-1} reads it unmasked, in step.h before emit overwrites it); h_t out, and with kSave
+  // r z n hn to act.
   template <typename T, bool kSave, bool kZone>
   RNNKIT_INLINE static void gates(int64_t H, int64_t j, T pr, T pz, T xn, T hn,
                                   const ForwardRow<T>& step) {
     const T r = sigmoid(pr);
     const T z = sigmoid(pz);
     const T n = tanh_(xn + r * hn);
-    emit<kZone>(step, j, (T(1) - z) * n + z * step.hin[j]);
+    emit<kZone>(step, j, (T(1) - z) * n + z * step.h[j]);
     if constexpr (kSave) {
       step.act[j] = r;
       step.act[H + j] = z;
@@ -432,16 +432,16 @@ struct Gru : CellBase {
   }
 
   // dgi: the gradient of the input pre-activations (r z n); dg: of W_hh hin + b_hh (r z hn).
-  template <typename T, bool kZone, bool kState, bool kProj, typename GradsT>
+  template <typename T, bool kZone, bool kProj, typename GradsT>
   static void backward_row(const Params<T>&, const BackwardRow<T>& step, const ConstSaved<T>&,
                            GradsT&, const Shape& dim) {
-    gates_backward<T, kZone, kState>(dim.H, step, step.dg);
+    gates_backward<T, kZone>(dim.H, step, step.dg);
   }
 
   // The mirror of gates over a row: dgi receives the gradient of the input sides (r z n), dgh of
-  // the recurrent sides (r z hn). The direct term z * dh_new (through h_t = ... + z hin) goes to
-  // dhin with state dropout (to be masked with the GEMM's result), else into dh.
-  template <typename T, bool kZone, bool kState>
+  // the recurrent sides (r z hn). The direct term z * dh_new (through the carry z * h_{t-1},
+  // which no state dropout mask touches) goes into dh.
+  template <typename T, bool kZone>
   static void gates_backward(int64_t H, const BackwardRow<T>& step, T* dgh) {
     const T* act = step.act;  // r z n hn
     T* dgi = step.dgi;
@@ -465,11 +465,7 @@ struct Gru : CellBase {
       dgh[j] = drp;
       dgh[H + j] = dzp;
       dgh[2 * H + j] = dnp * r;
-      if constexpr (kState) {
-        step.dhin[j] = dhz;
-      } else {
-        step.dh[j] += dhz;
-      }
+      step.dh[j] += dhz;
     }
   }
 };
@@ -685,7 +681,7 @@ struct LayerNormLstm : LayerNormCell<true> {
 
   // dgi receives the gradients of the pre-activations (dxl, which is dhl too); dcl of the cell
   // LayerNorm's output; dg of W_hh h_{t-1}, through the recurrent LayerNorm.
-  template <typename T, bool kZone, bool kState, bool kProj>
+  template <typename T, bool kZone, bool kProj>
   static void backward_row(const Params<T>& p, const BackwardRow<T>& step,
                            const ConstSaved<T>& saved, Grads<T>& grads, const Shape& dim) {
     const int64_t H = dim.H;
@@ -748,7 +744,6 @@ struct LayerNormGru : LayerNormCell<false> {
   static constexpr int64_t kId = 6;
   static constexpr const char* kName = "LayerNorm GRU";
   static constexpr int64_t kGates = 3, kSaved = 4;
-  static constexpr bool kDirect = true;
   static constexpr SlotList kWeights = {
       8, {kWeightIh, kWeightHh, kBiasIh, kBiasHh, kLnIhWeight, kLnIhBias, kLnHhWeight, kLnHhBias}};
 
@@ -779,11 +774,11 @@ struct LayerNormGru : LayerNormCell<false> {
 
   // dgi receives the gradient of the input side (dxl), dhl of the recurrent side after its
   // LayerNorm, dg of W_hh h_{t-1} through it; the direct term z * dh_new as the GRU's.
-  template <typename T, bool kZone, bool kState, bool kProj>
+  template <typename T, bool kZone, bool kProj>
   static void backward_row(const Params<T>& p, const BackwardRow<T>& step,
                            const ConstSaved<T>& saved, Grads<T>& grads, const Shape& dim) {
     T* dhl = grads.dnorm.data() + step.row * dim.G;
-    Gru::gates_backward<T, kZone, kState>(dim.H, step, dhl);
+    Gru::gates_backward<T, kZone>(dim.H, step, dhl);
     recurrent_backward(p, step, saved, dim, dhl);
   }
 

@@ -13,8 +13,9 @@
 //
 // A variant that is off costs nothing: kLengths (finished sequences keep their state, and the
 // recurrent GEMM runs over the active rows only), kProjection (w_hr), kSaving (the forward keeps
-// what backward needs), kStateDropout (h_{t-1} * mask enters the step), kZoneout (each state
-// becomes keep * previous + (1 - keep) * new).
+// what backward needs), kStateDropout (the recurrent GEMM reads h_{t-1} * mask; a GRU's carry
+// z * h_{t-1} reads the unmasked state), kZoneout (each state becomes keep * previous +
+// (1 - keep) * new).
 #pragma once
 
 #include <algorithm>
@@ -129,7 +130,8 @@ void forward(const ForwardArgs<T>& a) {
           r.xg = xg + r.row * G;
           r.hg = hg + k * G;
           r.hin = gathered ? hc + k * P : h + b * P;
-          if constexpr (kSaving) std::copy(r.hin, r.hin + P, saved.at[kHprev] + r.row * P);
+          // h_{t-1} unmasked: the backward masks it for dw_hh (state dropout)
+          if constexpr (kSaving) std::copy(h + b * P, h + b * P + P, saved.at[kHprev] + r.row * P);
           if constexpr (kZoneout) {
             r.keep_h = keep_row(m.zone_h, m.zone_h_step, r.row);
             if constexpr (Cell::kCellState) r.keep_c = keep_row(m.zone_c, m.zone_c_step, r.row);
@@ -207,8 +209,8 @@ void backward(const BackwardArgs<T>& a) {
     const int64_t Bs = b1 - b0;
     // With lengths, the recurrent GEMM runs over the A sequences active at this step only
     // (rows[k], k < A, their batch indices): their rows of dgh are gathered in dgs (A, G). Its
-    // product dhc (A, P), the gradient reaching the states that entered the step (with state
-    // dropout: before the mask, which then multiplies it), is added to their dh.
+    // product dhc (A, P), the gradient reaching the states the GEMM read (with state dropout:
+    // h * mask, so the mask then multiplies it), is added to their dh.
     Buffer<T> dgs_t(kLengths ? Bs * G : 0);
     Buffer<T> dhc_t(kLengths || kStateDropout ? Bs * P : 0);
     T* dgs = dgs_t.data();
@@ -270,11 +272,9 @@ void backward(const BackwardArgs<T>& a) {
           }
           if constexpr (kProjection) r.dhp = dhp + b * H;
           r.dh = dh + b * P;
-          if constexpr (kStateDropout) r.dhin = dhc + k * P;
           r.dgi = dgi + r.row * G;
           r.dg = kLengths ? dgs + k * G : dgh + r.row * G;
-          Cell::template backward_row<T, kZoneout, kStateDropout, kProjection>(p, r, a.saved,
-                                                                               cell_grads, a.n);
+          Cell::template backward_row<T, kZoneout, kProjection>(p, r, a.saved, cell_grads, a.n);
           if (kLengths) std::copy(r.dg, r.dg + G, dgh + r.row * G);
           if constexpr (std::is_same_v<T, float>) {
             if (half) {
@@ -293,13 +293,12 @@ void backward(const BackwardArgs<T>& a) {
                                    : own_half ? dgs_h.data()
                                               : dgh_h.data() + first;
       if constexpr (kStateDropout) {
-        // dhc (A, P) = dga (A, G) . w_hh (G, P) [+ the cell's direct term, there already], the
-        // gradient reaching hin = h * mask; dh += mask * dhc on the active rows.
-        const T beta = Cell::kDirect ? T(1) : T(0);
+        // dhc (A, P) = dga (A, G) . w_hh (G, P), the gradient reaching hin = h * mask; dh +=
+        // mask * dhc on the active rows (a GRU's direct term z * dh_t is in dh already).
         if (A == Bs) {
-          hh.run(dga, G, beta, dhc, P, dga_h);
+          hh.run(dga, G, T(0), dhc, P, dga_h);
         } else {
-          hh.run_rows(A, dga, G, beta, dhc, P, dga_h);
+          hh.run_rows(A, dga, G, T(0), dhc, P, dga_h);
         }
         for (int64_t k = 0; k < A; ++k) {
           T* dh_row = dh + rows[k] * P;
@@ -352,7 +351,22 @@ void backward(const BackwardArgs<T>& a) {
                          pick(dgh_r, G, dgh_hc));
   const Operand<T>& dg_hh = Cell::kSplit ? dgh_o : dgi_o;
   const Operand<T> x_o(a.gemm, R, I, pick(a.x, I, x_c));
-  const Operand<T> hprev_o(a.gemm, R, P, pick(a.saved.at[kHprev], P, hprev_c));
+  // The recurrent GEMM read h_{t-1} * mask under state dropout; the saved hprev is unmasked (a
+  // GRU's carry reads it so): dw_hh takes the masked rows, hprev_m (R, P).
+  const T* hprev = pick(a.saved.at[kHprev], P, hprev_c);
+  Buffer<T> hprev_m(kStateDropout ? R * P : 0);
+  if constexpr (kStateDropout) {
+    T* masked = hprev_m.data();
+    parallel_for(R, grain(P), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* m_row = a.masks.mask + ((compact ? valid[i] : i) % B) * P;
+#pragma omp simd
+        for (int64_t j = 0; j < P; ++j) masked[i * P + j] = hprev[i * P + j] * m_row[j];
+      }
+    });
+    hprev = masked;
+  }
+  const Operand<T> hprev_o(a.gemm, R, P, hprev);
   if (a.dx) {
     // dx (R, I) = dgi (R, G) . w_ih (G, I) [scattered into dx (T*B, I), 0 at padded rows]
     const Operand<T> w_o(a.gemm, G, I, a.w[kWeightIh]);

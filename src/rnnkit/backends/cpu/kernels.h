@@ -40,7 +40,7 @@ enum Slot : int {
 // does not save (or the cell does not use it). In the order the ops return them.
 enum SavedSlot : int {
   kAct,    // (S) the gates after their nonlinearity: lstm i f g o, gru r z n hn, rnn h_new
-  kHprev,  // (P) the state entering the step at t (after state dropout)
+  kHprev,  // (P) the state entering the step at t (before state dropout's mask)
   kC,      // (H) the new cell state, before zoneout [a cell state]
   kCprev,  // (H) the cell state entering the step [a cell state, with zoneout or peepholes]
   kHpre,   // (H) o * tanh(c) before the projection [projected LSTM]

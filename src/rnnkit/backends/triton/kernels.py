@@ -33,7 +33,7 @@ without a projection), all row-major and contiguous:
     out     (T, B, D*P)   every direction's output, zero at padded steps (allocated as zeros)
     saved (SAVE), per direction, at each step's own time position tt (zeros at padded steps):
       act (D, T, B, NA*H) LSTM i f g o; GRU r z n and gh_n (after LayerNorm and b_hn); RNN h_t
-      hin (D, T, B, P)    h_{t-1} * state mask, as it entered the step
+      hin (D, T, B, P)    h_{t-1} as it entered the step, before state dropout's mask
       cprev, c (D, T, B, H)   LSTM: the cell state entering the step, and c_t (before zoneout)
       hfull (D, T, B, H)  projection: o * tanh(c_t) before W_hr
       xhat (D, T, B, G)   LayerNorm: the normalised h_{t-1} W_hh^T
@@ -270,7 +270,8 @@ def forward_kernel(
             rg = 1.0 / (1.0 + tl.exp(-(g0 + a0)))
             zg = 1.0 / (1.0 + tl.exp(-(g1 + a1)))
             ng = 1.0 - 2.0 / (tl.exp(2.0 * (g2 + rg * a2)) + 1.0)
-            h_full = tl.where(hmask[None, :], (1.0 - zg) * ng + zg * hin, 0.0)
+            # the carry reads h_{t-1} unmasked: state dropout is on the products only
+            h_full = tl.where(hmask[None, :], (1.0 - zg) * ng + zg * h, 0.0)
         elif MODE == 0:
             h_full = tl.where(hmask[None, :], (1.0 - 2.0 / (tl.exp(2.0 * (g0 + a0)) + 1.0)), 0.0)
         else:
@@ -304,9 +305,9 @@ def forward_kernel(
             ap = s_act + trow[:, None] * NAH
             if PROJ:  # every H tile holds all of h_{t-1}: the first one stores it
                 first = (pc * 0 + pid_h) == 0  # (PP,)
-                tl.store(s_hin + trow[:, None] * P + pc[None, :], hin, mask=vp & first[None, :])
+                tl.store(s_hin + trow[:, None] * P + pc[None, :], h, mask=vp & first[None, :])
             else:
-                tl.store(s_hin + trow[:, None] * P + pc[None, :], hin, mask=vp)
+                tl.store(s_hin + trow[:, None] * P + pc[None, :], h, mask=vp)
             if MODE == 2:
                 tl.store(ap + (0 * H + hc)[None, :], ig, mask=vh)
                 tl.store(ap + (1 * H + hc)[None, :], fg, mask=vh)
@@ -648,12 +649,12 @@ def backward_kernel(
             if NG > 3:
                 dhin += tl.dot(r3.to(w0.dtype), w3, input_precision=DOT_PREC)
         if not HOST_PROJ:  # (with HOST_PROJ, proj_backward_kernel keeps the rest of d h_{t-1})
-            if MODE == 3:
-                dhin += dhin_direct
             if SMASK:
                 dh_prev = dhin * sm
             else:
                 dh_prev = dhin
+            if MODE == 3:  # the carry's z * dh_t, past the state dropout mask
+                dh_prev += dhin_direct
             if ZONE != 0:
                 dh_prev += dh_keep
             dh = tl.where(valid[:, None], dh_prev, dh)

@@ -493,6 +493,8 @@ def triton_backward(
             # two outputs, not two views of one tensor (outputs never alias)
             dx, dx_b = (d.reshape(x.shape).to(x.dtype, copy=True) for d in dxs)
     dw_ih = torch.bmm(draw.transpose(1, 2), xs.float())  # (D, G, I)
+    if state_mask is not None:  # the step's product read h_{t-1} * mask (hin is unmasked)
+        hin = hin * state_mask.unsqueeze(1)
     dw_hh = torch.bmm(dghr.view(D, TB, G).transpose(1, 2), hin.view(D, TB, P))  # (D, G, P)
     db_ih = dgx2.sum(1) if has_bias else none()
     db_hh = dgh2.sum(1) if has_bias else none()
