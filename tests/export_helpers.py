@@ -62,13 +62,17 @@ def layers_of(cell: str, names: tuple[str, ...] = LAYERS) -> dict[str, nn.Module
         return rnnkit.Bidirectional(recurrent(i, **kw), recurrent(i, reverse=True, **kw))
 
     out = CELLS[cell](I).output_size
+    # zoneout_cell where the cell has a cell state (a cell of h alone refuses it)
+    cell_zoneout = (
+        {"zoneout_cell": 0.2} if isinstance(CELLS[cell](I).initial_state(1), tuple) else {}
+    )
     make = {
         "uni1": lambda: recurrent(I),
         "rev1": lambda: recurrent(I, reverse=True),
         "uni2": lambda: rnnkit.Stacked([recurrent(I), recurrent(out)]),
         "bi1": lambda: bidirectional(I),
         "bi2": lambda: rnnkit.Stacked([bidirectional(I), bidirectional(2 * out)]),
-        "bi1-zoneout": lambda: bidirectional(I, zoneout=0.3, zoneout_cell=0.2),
+        "bi1-zoneout": lambda: bidirectional(I, zoneout=0.3, **cell_zoneout),
     }
     if cell in DROP_INS:
         make["drop-in-bi2"] = lambda: DROP_INS[cell](num_layers=2, bidirectional=True, dropout=0.3)

@@ -445,3 +445,24 @@ def test_gru_state_dropout_step_by_the_equations() -> None:
     z = torch.sigmoid(gi[:, H : 2 * H] + gh[:, H : 2 * H])
     n = torch.tanh(gi[:, 2 * H :] + r * gh[:, 2 * H :])
     assert_close(h_t, (1 - z) * n + z * h, OUT_TOL, "GRU step with a state mask")
+
+
+@pytest.mark.parametrize(
+    "make, owner",
+    [
+        (lambda: rnnkit.Recurrent(rnnkit.GRUCell(I, H), zoneout_cell=0.2), "GRUCell"),
+        (lambda: rnnkit.Recurrent(LayerNormGRUCell(I, H), zoneout_cell=0.1), "LayerNormGRUCell"),
+        (lambda: rnnkit.GRU(I, H, zoneout_cell=0.2), "GRU"),
+        (lambda: rnnkit.RNN(I, H, zoneout=0.1, zoneout_cell=0.2), "RNN"),
+    ],
+)
+def test_zoneout_cell_on_a_cell_without_cell_state_is_refused(make, owner: str) -> None:
+    with pytest.raises(ValueError, match=f"zoneout_cell = 0.[12] given to {owner}, whose only"):
+        make()
+
+
+def test_zoneout_cell_where_there_is_a_cell_state() -> None:
+    assert rnnkit.LSTM(I, H, zoneout_cell=0.2).regularisers.zoneout_cell == 0.2
+    assert rnnkit.Recurrent(rnnkit.GRUCell(I, H), zoneout_cell=0.0).regularisers.zoneout == 0.0
+    layer = rnnkit.Recurrent(PeepholeLSTMCell(I, H), zoneout_cell=0.3)
+    assert layer.regularisers.zoneouts(2) == (0.0, 0.3)

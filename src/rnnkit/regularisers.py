@@ -63,6 +63,15 @@ class Regularisers:
         cell = self.zoneout if self.zoneout_cell is None else self.zoneout_cell
         return (self.zoneout, *(cell,) * (n_states - 1))
 
+    def check_states(self, n_states: int, owner: str) -> None:
+        """ValueError naming ``owner`` when ``zoneout_cell`` is set for a cell of one state
+        tensor (h alone: nothing it could zone out)."""
+        if self.zoneout_cell and n_states == 1:
+            raise ValueError(
+                f"zoneout_cell = {self.zoneout_cell} given to {owner}, whose only state is h; "
+                "expected zoneout (zoneout_cell zones out a cell state, such as an LSTM's c)"
+            )
+
     def extra_repr(self) -> str:
         return ", ".join(
             f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name)

@@ -363,6 +363,10 @@ class Recurrent(PlainPickle, nn.Module):
             dropout_input, dropout_state, dropout_output, zoneout, zoneout_cell, weight_drop
         )
         self.checkpoint = check_checkpoint(checkpoint)
+        if self.regularisers.zoneout_cell:
+            probe = cell.initial_state(1)
+            n_states = 1 if isinstance(probe, Tensor) else len(probe)
+            self.regularisers.check_states(n_states, type(cell).__name__)
         if weight_drop and not isinstance(getattr(cell, "weight_hh", None), Tensor):
             raise ValueError(
                 f"weight_drop = {weight_drop} needs a cell with a recurrent weight named "
