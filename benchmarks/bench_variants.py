@@ -29,15 +29,15 @@ SHAPES = {"S": (100, 8, 64, 64), "M": (100, 32, 128, 256)}
 ROUNDS = {"S": 15, "M": 7}
 
 _VARIATIONAL = {"dropout_input": 0.25, "dropout_output": 0.25}
-#: Every regulariser at once (zoneout_cell applies to the LSTM family only).
-_ALL = {
+#: Every regulariser at once; zoneout_cell (the cell state's) for the LSTM family only.
+_ALL_GRU = {
     "zoneout": 0.1,
-    "zoneout_cell": 0.05,
     "dropout_state": 0.25,
     "dropout_input": 0.25,
     "dropout_output": 0.25,
     "weight_drop": 0.5,
 }
+_ALL = {**_ALL_GRU, "zoneout_cell": 0.05}
 
 # name -> (cell class, plain cell class it is compared with, Recurrent keyword arguments)
 CASES: dict[str, tuple[type, type, dict[str, Any]]] = {
@@ -52,10 +52,10 @@ CASES: dict[str, tuple[type, type, dict[str, Any]]] = {
     "variational-gru": (rnnkit.GRUCell, rnnkit.GRUCell, _VARIATIONAL),
     "weight-drop-lstm": (rnnkit.LSTMCell, rnnkit.LSTMCell, {"weight_drop": 0.5}),
     "all-lstm": (rnnkit.LSTMCell, rnnkit.LSTMCell, _ALL),
-    "all-gru": (rnnkit.GRUCell, rnnkit.GRUCell, _ALL),
+    "all-gru": (rnnkit.GRUCell, rnnkit.GRUCell, _ALL_GRU),
     "all-peephole": (rnnkit.PeepholeLSTMCell, rnnkit.LSTMCell, _ALL),
     "all-layernorm-lstm": (rnnkit.LayerNormLSTMCell, rnnkit.LSTMCell, _ALL),
-    "all-layernorm-gru": (rnnkit.LayerNormGRUCell, rnnkit.GRUCell, _ALL),
+    "all-layernorm-gru": (rnnkit.LayerNormGRUCell, rnnkit.GRUCell, _ALL_GRU),
 }
 
 _CLOCK: Callable[[], float] = time.perf_counter
