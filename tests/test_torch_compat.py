@@ -260,3 +260,20 @@ def test_repr_names_the_regularisers_switched_on() -> None:
     assert repr(lstm) == "LSTM(4, 6, num_layers=2, zoneout=0.1, weight_drop=0.25)"
     gru = rnnkit.GRU(4, 6, dropout_state=0.2)
     assert repr(gru) == "GRU(4, 6, dropout_state=0.2)"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_dropout_of_one_drops_every_input_but_the_first_layers(backend: str) -> None:
+    """torch.nn takes dropout in [0, 1]: with 1 the second layer reads zeros in training."""
+    torch.manual_seed(0)
+    ours = rnnkit.GRU(3, 5, num_layers=2, dropout=1.0, backend=backend).train()
+    assert ours.dropout == 1.0
+    theirs = torch.nn.GRU(3, 5, num_layers=2, dropout=1.0).train()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 2, 3)
+    out, h_n = ours(x)
+    expected, expected_h = theirs(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(h_n, expected_h)
+    with pytest.raises(ValueError, match=r"dropout = 1.5; expected a probability in \[0, 1\]"):
+        rnnkit.LSTM(3, 5, num_layers=2, dropout=1.5)

@@ -29,10 +29,12 @@ from torch import Tensor
 __all__ = ["Masks", "PlainPickle", "Regularisers"]
 
 
-def check_probability(name: str, p: object) -> float:
-    """``p`` as a float, or ValueError naming ``name`` unless it is a probability in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} = {p!r}; expected a probability in [0, 1)")
+def check_probability(name: str, p: object, one: bool = False) -> float:
+    """``p`` as a float, or ValueError naming ``name`` unless it is a probability in [0, 1)
+    (in [0, 1] with ``one``: a dropout that may drop everything, as torch.nn's)."""
+    number = not isinstance(p, bool) and isinstance(p, int | float)
+    if not number or not (0.0 <= p <= 1.0 if one else 0.0 <= p < 1.0):  # type: ignore[operator]
+        raise ValueError(f"{name} = {p!r}; expected a probability in [0, {'1]' if one else '1)'}")
     return float(p)
 
 

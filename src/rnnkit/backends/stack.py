@@ -73,8 +73,15 @@ def draw_masks(call: Call) -> StackMasks:
     p = call.dropout
     if p > 0 and call.training and len(call.layers) > 1:
         # as F.dropout draws it on the layer's input: bernoulli(1 - p) / (1 - p), per element
+        # (p = 1: zeros, drawing nothing)
         shapes = [(steps, batch, _input_features(call, k)) for k in range(1, len(call.layers))]
-        between = (None, *(call.x.new_empty(s).bernoulli_(1 - p) / (1 - p) for s in shapes))
+        between = (
+            None,
+            *(
+                call.x.new_zeros(s) if p == 1.0 else call.x.new_empty(s).bernoulli_(1 - p) / (1 - p)
+                for s in shapes
+            ),
+        )
     return StackMasks(tuple(layers), steps, batch, between=between, training=call.training)
 
 

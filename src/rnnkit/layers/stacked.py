@@ -25,7 +25,9 @@ __all__ = ["Stacked", "check_dropout", "dropout"]
 
 
 def check_dropout(p: Any) -> float:
-    return check_probability("dropout", p)
+    """The dropout between layers: a probability in [0, 1], as torch.nn's (1 zeroes every
+    layer's input but the first's)."""
+    return check_probability("dropout", p, one=True)
 
 
 def dropout(x: Any, p: float, training: bool) -> Any:
