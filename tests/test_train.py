@@ -149,6 +149,18 @@ def test_resume_with_different_options_is_refused(tmp_path):
     assert metrics["epochs_run"] == 4 and metrics["config"]["epochs"] == 4
 
 
+def test_options_raised_on_a_resume_hold_when_it_is_resumed_again(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    train("speech", {**TINY["speech"], "epochs": 1}, out=run, progress=False)  # 4 batches
+    with pytest.raises(Killed):  # in the second epoch, which --epochs 2 allowed
+        train("speech", {"epochs": 2}, out=run, resume=True, progress=False, hook=kill_at(6))
+    metrics = train("speech", {}, out=run, resume=True, progress=False)
+    assert metrics["epochs_run"] == 2 and metrics["stopped"] == "2 epochs"
+    assert [h["batches"] for h in metrics["history"]] == [4, 4]
+    assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 2
+
+
 def test_a_new_run_never_overwrites_an_old_one(tmp_path):
     need_data("speech")
     run = tmp_path / "run"

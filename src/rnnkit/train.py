@@ -524,6 +524,14 @@ def _check_resume(run_dir: Path, name: str, overrides: dict[str, Any]) -> TrainC
     return config
 
 
+def _record_config(run_dir: Path, config: TrainConfig) -> None:
+    """A resume's config in ``config.json`` when it changed options of ``TrainConfig.RESUMABLE``
+    (e.g. raised ``epochs``): a later resume of the run goes on under them, not the first ones."""
+    saved = read_json(run_dir / CONFIG)
+    if saved.get("config") != config.to_dict():
+        write_json(run_dir / CONFIG, {**saved, "config": config.to_dict()})
+
+
 def resume_command(task: str, run_dir: Path, world_size: int = 1, alone: bool = False) -> str:
     """The command that continues a run of ``world_size`` processes, in backquotes (``alone``:
     say that one process means no torchrun)."""
@@ -784,6 +792,8 @@ def _train(
             )
 
         world.on_main(start_files)
+    if resume:
+        world.on_main(lambda: _record_config(run_dir, config))
     wall_before = p.wall
 
     choice = None
