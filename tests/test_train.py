@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rnnkit.errors import CheckpointError
-from rnnkit.train import default_out, evaluate, train
+from rnnkit.train import default_out, evaluate, predict, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Several batches per epoch and a checkpoint after every other batch.
@@ -205,6 +205,17 @@ def test_corrupt_files_are_named_and_left_alone(tmp_path):
     before.pop("model.safetensors")
     after = {p.name: p.read_bytes() for p in run.iterdir()}
     assert all(after[k] == v for k, v in before.items() if k != "config.json")
+
+
+def test_a_config_naming_an_unknown_task_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"task": "speach", "config": {}}')
+    for command in (lambda: evaluate(run), lambda: predict(run, ["x"])):
+        with pytest.raises(CheckpointError, match=r"run/config.json names a task .*'speach'"):
+            command()
+    with pytest.raises(CheckpointError, match=r"run/config.json names a task .*'speach'"):
+        train("speech", {}, out=run, resume=True, progress=False)
 
 
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):

@@ -490,7 +490,10 @@ def _saved_run(run_dir: Path) -> tuple[type[Task], TrainConfig, dict[str, Any]]:
     saved = read_json(run_dir / CONFIG)
     if not isinstance(saved, dict) or not isinstance(saved.get("task"), str):
         raise CheckpointError(f"{run_dir / CONFIG} has no 'task' name; the file is corrupt")
-    task_cls = tasks.get(saved["task"])
+    try:
+        task_cls = tasks.get(saved["task"])
+    except RecipeError as e:
+        raise CheckpointError(f"{run_dir / CONFIG} names a task this rnnkit lacks: {e}") from None
     return task_cls, _config_from(task_cls, saved.get("config"), run_dir / CONFIG), saved
 
 
