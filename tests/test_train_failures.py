@@ -236,6 +236,25 @@ def test_damaged_optimizer_scalars_are_one_line(unfinished, tmp_path):
         train("speech", {}, out=run, resume=True, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (["--epochs", "0"], "epochs = 0; expected > 0"),
+        (["--max-minutes", "-1"], "max_minutes = -1.0; expected >= 0"),
+        (["--max-minutes", "inf"], "max_minutes = inf; expected a finite number"),
+        (["--patience", "-2"], "patience = -2; expected >= 0"),
+    ],
+)
+def test_a_bad_value_given_to_a_resume_is_one_line(unfinished, tmp_path, capsys, option, expected):
+    run = copy(unfinished, tmp_path / "run")
+    before = files(run)
+    code = cli.main(["train", "speech", "--out", str(run), "--resume", "--no-progress", *option])
+    _, err = capsys.readouterr()
+    assert expected in one_error_line(err)
+    assert code == 2, err
+    assert files(run) == before
+
+
 # -- the run directory ---------------------------------------------------------------------------
 
 

@@ -523,7 +523,10 @@ def _check_resume(run_dir: Path, name: str, overrides: dict[str, Any]) -> TrainC
     for k, v in overrides.items():
         if k in TrainConfig.RESUMABLE:
             setattr(config, k, v)
-    config.check()
+    try:
+        config.check()  # the values a resume changes, as a new run checks them
+    except (TypeError, ValueError) as e:
+        raise RecipeError(str(e)) from None
     return config
 
 
