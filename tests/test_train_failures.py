@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from test_train import RESUMABLE, Killed, assert_same_run, kill_at
 
 from rnnkit import cli
-from rnnkit.errors import CheckpointError, TrainingDiverged
+from rnnkit.errors import CheckpointError, RecipeError, TrainingDiverged
 from rnnkit.tasks.speech import SpeechTask
 from rnnkit.train import load_run, train
 
@@ -252,6 +252,19 @@ def test_a_bad_value_given_to_a_resume_is_one_line(unfinished, tmp_path, capsys,
     _, err = capsys.readouterr()
     assert expected in one_error_line(err)
     assert code == 2, err
+    assert files(run) == before
+
+
+def test_an_unknown_option_given_to_a_resume_is_refused(unfinished, tmp_path, monkeypatch):
+    run = copy(unfinished, tmp_path / "run")
+    before = files(run)
+
+    def no_loading(self):
+        raise AssertionError("the run was resumed with an option it does not have")
+
+    monkeypatch.setattr(SpeechTask, "load_splits", no_loading)
+    with pytest.raises(RecipeError, match="hiden_size: not an option of speech"):
+        train("speech", {"hiden_size": 8}, out=run, resume=True, progress=False)
     assert files(run) == before
 
 

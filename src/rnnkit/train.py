@@ -509,6 +509,12 @@ def _check_resume(run_dir: Path, name: str, overrides: dict[str, Any]) -> TrainC
             f"`rnnkit train {task_cls.name} --out {run_dir} --resume`"
         )
     saved = config.to_dict()
+    unknown = sorted(set(overrides) - set(saved))
+    if unknown:
+        raise RecipeError(
+            f"{', '.join(unknown)}: not an option of {name}; expected fields of "
+            f"{task_cls.Config.__name__}"
+        )
     diffs = [
         f"{k} = {saved[k]!r} in the run, {v!r} given"
         for k, v in overrides.items()
