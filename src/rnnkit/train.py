@@ -1212,7 +1212,8 @@ def _train_epochs(
             if not math.isfinite(valid["loss"]):
                 raise diverged("in validation", f"the validation loss is {valid['loss']}")
             lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with
-            p.seconds = base + time.perf_counter() - start
+            # rank 0's clock on every rank: a schedule by time reads it at the next step
+            p.seconds = world.share(base + time.perf_counter() - start)
             # keep = "last": every epoch's weights replace the previous ones (no early stopping)
             better = config.keep == "last" or _better(cls, valid[metric], valid["loss"], p)
             if better:
