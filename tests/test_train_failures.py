@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from test_train import RESUMABLE, Killed, assert_same_run, kill_at
 
 from rnnkit import cli
-from rnnkit.errors import CheckpointError, RecipeError, TrainingDiverged
+from rnnkit.errors import CheckpointError, RecipeError, StorageError, TrainingDiverged
 from rnnkit.tasks.speech import SpeechTask
 from rnnkit.train import load_run, train
 
@@ -289,6 +289,32 @@ def test_a_full_disk_is_one_line_and_keeps_the_files(unfinished, tmp_path, capsy
     assert files(run) == before  # no temporary file left, nothing replaced
     monkeypatch.undo()
     train("speech", {}, out=run, resume=True, progress=False)  # the run goes on once there is room
+
+
+def test_a_disk_full_while_the_run_directory_is_made_leaves_a_run_that_resumes(
+    tmp_path, monkeypatch
+):
+    need_data("speech")
+    import rnnkit.train
+
+    write_json, written = rnnkit.train.write_json, []
+
+    def fills_up(path, obj):
+        if written:  # the first file of the run directory got out, the second does not
+            raise StorageError(f"cannot write {path}: No space left on device")
+        written.append(path.name)
+        write_json(path, obj)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(rnnkit.train, "write_json", fills_up)
+    with pytest.raises(StorageError):
+        train("speech", TINY["speech"], out=run, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="already holds a run .*--resume"):
+        train("speech", TINY["speech"], out=run, progress=False)
+    metrics = train("speech", {}, out=run, resume=True, progress=False)
+    assert metrics["epochs_run"] == TINY["speech"]["epochs"]
+    assert (run / "vocab.json").exists()
 
 
 def test_unwritable_out_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):

@@ -753,7 +753,11 @@ def _train(
     splits = task.load_splits()
 
     def vocabulary() -> dict[str, Any]:
-        return read_json(run_dir / VOCAB) if resume else task.fit_vocab(splits["train"])
+        # A run that stopped before its first checkpoint starts over: it learns its vocabulary
+        # again if it never wrote it (config.json is written first).
+        if resume and (state is not None or (run_dir / VOCAB).exists()):
+            return read_json(run_dir / VOCAB)
+        return task.fit_vocab(splits["train"])
 
     vocab = world.on_main(vocabulary)
     try:
@@ -792,7 +796,6 @@ def _train(
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StorageError(f"cannot create {run_dir}: {e.strerror or e}") from None
-            write_json(run_dir / VOCAB, vocab)
             write_json(
                 run_dir / CONFIG,
                 {
@@ -802,6 +805,7 @@ def _train(
                     "torch": torch.__version__,
                 },
             )
+            write_json(run_dir / VOCAB, vocab)
 
         world.on_main(start_files)
     if resume:
