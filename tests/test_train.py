@@ -65,6 +65,22 @@ def test_resume_after_an_interruption_gives_identical_weights(tmp_path):
         assert_same_run(tmp_path / "whole", run)
 
 
+@pytest.mark.slow
+def test_resume_in_an_epoch_of_another_length_keeps_the_schedule(tmp_path):
+    need_data("charlm")
+    # 4010 characters in windows of 32 from a random offset: 124 or 125 windows, 4 or 5 batches
+    # of 31, so the second epoch is a batch longer than the first.
+    overrides = {**TINY["charlm"], "limit": 4010, "batch_size": 31, "epochs": 2}
+    overrides["lr_schedule"] = "linear"
+    whole = train("charlm", overrides, out=tmp_path / "whole", progress=False)
+    assert [h["batches"] for h in whole["history"]] == [4, 5]
+    run = tmp_path / "killed"
+    with pytest.raises(Killed):  # in the second epoch, after the first epoch's checkpoint
+        train("charlm", overrides, out=run, progress=False, hook=kill_at(5))
+    train("charlm", {}, out=run, resume=True, progress=False)
+    assert_same_run(tmp_path / "whole", run)
+
+
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
     need_data("speech")
     run = tmp_path / "run"

@@ -1000,11 +1000,14 @@ def _train_epochs(
         generator = _epoch_generator(config.seed, epoch)
         return _global_batches(task, data["train"], generator, world.size)
 
-    per_epoch = len(batches_of(p.epoch))
-    if p.batch > per_epoch:
+    # The epochs' length that the schedule's total steps and the progress bar count with: the
+    # first epoch's, whichever epoch a run resumes in (charlm's epochs may differ by a batch).
+    per_epoch = len(batches_of(0))
+    in_epoch = per_epoch if p.epoch == 0 else len(batches_of(p.epoch))
+    if p.batch > in_epoch:
         raise CheckpointError(
             f"{run_dir / STATE}: its progress record is damaged (batch = {p.batch}; the epoch "
-            f"has only {per_epoch} batches)"
+            f"has only {in_epoch} batches)"
         )
     show = (sys.stderr.isatty() if progress is None else progress) and world.is_main
     bar = tqdm(
