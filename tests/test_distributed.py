@@ -64,9 +64,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(*args: str, processes: int = 2) -> list[subprocess.Popen]:
-    """The ranks of ``rnnkit ARGS`` started with the environment torchrun gives them (without
-    torchrun's own process: cheaper, and each rank can be killed on its own)."""
+def spawn(
+    *args: str, processes: int = 2, program: tuple[str, ...] = ("-m", "rnnkit.cli")
+) -> list[subprocess.Popen]:
+    """The ranks of ``rnnkit ARGS`` (``python PROGRAM ARGS``) started with the environment
+    torchrun gives them (without torchrun's own process: cheaper, and each rank can be killed on
+    its own)."""
     port, procs = _free_port(), []
     for rank in range(processes):
         env = {
@@ -74,7 +77,7 @@ def spawn(*args: str, processes: int = 2) -> list[subprocess.Popen]:
             "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
         }  # fmt: skip
-        command = [sys.executable, "-m", "rnnkit.cli", *args]
+        command = [sys.executable, *program, *args]
         procs.append(
             subprocess.Popen(
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -173,6 +176,45 @@ def test_a_killed_two_process_run_resumes_exactly(tmp_path):
     assert_same_run(whole, killed)
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+
+
+#: One rank of a speech run (python -c RECORD_RATES OUT OVERRIDES) that writes the learning rate
+#: of each of its optimizer steps to OUT.rates.RANK.json.
+RECORD_RATES = """
+import json, os, sys
+import torch
+from rnnkit.train import train
+
+torch.set_num_threads(1)
+rates, step = [], torch.optim.AdamW.step
+
+def record(self, *args, **kwargs):
+    rates.append(self.param_groups[0]["lr"])
+    return step(self, *args, **kwargs)
+
+torch.optim.AdamW.step = record
+train("speech", json.loads(sys.argv[2]), out=sys.argv[1], progress=False, device="cpu")
+with open(f"{sys.argv[1]}.rates.{os.environ['RANK']}.json", "w") as f:
+    json.dump(rates, f)
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_steps_with_the_same_rate_under_a_schedule_by_time(tmp_path):
+    need_data("speech")
+    # The time limit ends the run long before its epochs: the rate follows the time spent, as
+    # rank 0's clock says, on every rank (or the replicas' weights drift apart).
+    overrides = {
+        **PER_PROCESS, "epochs": 1000, "lr_schedule": "linear", "schedule_by_time": True,
+        "max_minutes": 0.05,
+    }  # fmt: skip
+    run = tmp_path / "run"
+    ranks = finish(spawn(str(run), json.dumps(overrides), program=("-c", RECORD_RATES)))
+    for status, _, err in ranks:
+        assert status == 0, err[-3000:]
+    rates = [json.loads(Path(f"{run}.rates.{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(rates[0]) > 2 * 8, "the run ended within two epochs"
+    assert rates[0] == rates[1]
 
 
 def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):

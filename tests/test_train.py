@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rnnkit.errors import CheckpointError
-from rnnkit.train import default_out, evaluate, train
+from rnnkit.train import default_out, evaluate, predict, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Several batches per epoch and a checkpoint after every other batch.
@@ -63,6 +63,22 @@ def test_resume_after_an_interruption_gives_identical_weights(tmp_path):
         assert not (run / "metrics.json").exists()
         train("speech", {}, out=run, resume=True, progress=False)
         assert_same_run(tmp_path / "whole", run)
+
+
+@pytest.mark.slow
+def test_resume_in_an_epoch_of_another_length_keeps_the_schedule(tmp_path):
+    need_data("charlm")
+    # 4010 characters in windows of 32 from a random offset: 124 or 125 windows, 4 or 5 batches
+    # of 31, so the second epoch is a batch longer than the first.
+    overrides = {**TINY["charlm"], "limit": 4010, "batch_size": 31, "epochs": 2}
+    overrides["lr_schedule"] = "linear"
+    whole = train("charlm", overrides, out=tmp_path / "whole", progress=False)
+    assert [h["batches"] for h in whole["history"]] == [4, 5]
+    run = tmp_path / "killed"
+    with pytest.raises(Killed):  # in the second epoch, after the first epoch's checkpoint
+        train("charlm", overrides, out=run, progress=False, hook=kill_at(5))
+    train("charlm", {}, out=run, resume=True, progress=False)
+    assert_same_run(tmp_path / "whole", run)
 
 
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
@@ -149,6 +165,18 @@ def test_resume_with_different_options_is_refused(tmp_path):
     assert metrics["epochs_run"] == 4 and metrics["config"]["epochs"] == 4
 
 
+def test_options_raised_on_a_resume_hold_when_it_is_resumed_again(tmp_path):
+    need_data("speech")
+    run = tmp_path / "run"
+    train("speech", {**TINY["speech"], "epochs": 1}, out=run, progress=False)  # 4 batches
+    with pytest.raises(Killed):  # in the second epoch, which --epochs 2 allowed
+        train("speech", {"epochs": 2}, out=run, resume=True, progress=False, hook=kill_at(6))
+    metrics = train("speech", {}, out=run, resume=True, progress=False)
+    assert metrics["epochs_run"] == 2 and metrics["stopped"] == "2 epochs"
+    assert [h["batches"] for h in metrics["history"]] == [4, 4]
+    assert json.loads((run / "config.json").read_text())["config"]["epochs"] == 2
+
+
 def test_a_new_run_never_overwrites_an_old_one(tmp_path):
     need_data("speech")
     run = tmp_path / "run"
@@ -193,6 +221,17 @@ def test_corrupt_files_are_named_and_left_alone(tmp_path):
     before.pop("model.safetensors")
     after = {p.name: p.read_bytes() for p in run.iterdir()}
     assert all(after[k] == v for k, v in before.items() if k != "config.json")
+
+
+def test_a_config_naming_an_unknown_task_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"task": "speach", "config": {}}')
+    for command in (lambda: evaluate(run), lambda: predict(run, ["x"])):
+        with pytest.raises(CheckpointError, match=r"run/config.json names a task .*'speach'"):
+            command()
+    with pytest.raises(CheckpointError, match=r"run/config.json names a task .*'speach'"):
+        train("speech", {}, out=run, resume=True, progress=False)
 
 
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from test_train import RESUMABLE, Killed, assert_same_run, kill_at
 
 from rnnkit import cli
-from rnnkit.errors import CheckpointError, TrainingDiverged
+from rnnkit.errors import CheckpointError, RecipeError, StorageError, TrainingDiverged
 from rnnkit.tasks.speech import SpeechTask
 from rnnkit.train import load_run, train
 
@@ -236,6 +236,38 @@ def test_damaged_optimizer_scalars_are_one_line(unfinished, tmp_path):
         train("speech", {}, out=run, resume=True, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (["--epochs", "0"], "epochs = 0; expected > 0"),
+        (["--max-minutes", "-1"], "max_minutes = -1.0; expected >= 0"),
+        (["--max-minutes", "inf"], "max_minutes = inf; expected a finite number"),
+        (["--patience", "-2"], "patience = -2; expected >= 0"),
+    ],
+)
+def test_a_bad_value_given_to_a_resume_is_one_line(unfinished, tmp_path, capsys, option, expected):
+    run = copy(unfinished, tmp_path / "run")
+    before = files(run)
+    code = cli.main(["train", "speech", "--out", str(run), "--resume", "--no-progress", *option])
+    _, err = capsys.readouterr()
+    assert expected in one_error_line(err)
+    assert code == 2, err
+    assert files(run) == before
+
+
+def test_an_unknown_option_given_to_a_resume_is_refused(unfinished, tmp_path, monkeypatch):
+    run = copy(unfinished, tmp_path / "run")
+    before = files(run)
+
+    def no_loading(self):
+        raise AssertionError("the run was resumed with an option it does not have")
+
+    monkeypatch.setattr(SpeechTask, "load_splits", no_loading)
+    with pytest.raises(RecipeError, match="hiden_size: not an option of speech"):
+        train("speech", {"hiden_size": 8}, out=run, resume=True, progress=False)
+    assert files(run) == before
+
+
 # -- the run directory ---------------------------------------------------------------------------
 
 
@@ -257,6 +289,32 @@ def test_a_full_disk_is_one_line_and_keeps_the_files(unfinished, tmp_path, capsy
     assert files(run) == before  # no temporary file left, nothing replaced
     monkeypatch.undo()
     train("speech", {}, out=run, resume=True, progress=False)  # the run goes on once there is room
+
+
+def test_a_disk_full_while_the_run_directory_is_made_leaves_a_run_that_resumes(
+    tmp_path, monkeypatch
+):
+    need_data("speech")
+    import rnnkit.train
+
+    write_json, written = rnnkit.train.write_json, []
+
+    def fills_up(path, obj):
+        if written:  # the first file of the run directory got out, the second does not
+            raise StorageError(f"cannot write {path}: No space left on device")
+        written.append(path.name)
+        write_json(path, obj)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(rnnkit.train, "write_json", fills_up)
+    with pytest.raises(StorageError):
+        train("speech", TINY["speech"], out=run, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="already holds a run .*--resume"):
+        train("speech", TINY["speech"], out=run, progress=False)
+    metrics = train("speech", {}, out=run, resume=True, progress=False)
+    assert metrics["epochs_run"] == TINY["speech"]["epochs"]
+    assert (run / "vocab.json").exists()
 
 
 def test_unwritable_out_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):

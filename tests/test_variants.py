@@ -344,6 +344,25 @@ def test_gate_heatmap_png(tmp_path) -> None:
         gate_heatmap(gates, "q", tokens, tmp_path / "x.png")
 
 
+def test_gate_heatmap_leaves_the_pyplot_backend_and_figures_alone(tmp_path) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from rnnkit.plots import gate_heatmap
+
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")  # as a notebook's own backend would be
+    try:
+        mine = plt.figure()
+        layer = rnnkit.Recurrent(rnnkit.LSTMCell(I, 16))
+        _, _, gates = layer(torch.randn(T, 2, I), return_gates=True)
+        gate_heatmap(gates, "i", ["a", "b"], tmp_path / "input.png", dpi=20)
+        assert matplotlib.get_backend() == "svg" and plt.fignum_exists(mine.number)
+    finally:
+        plt.close("all")
+        plt.switch_backend(before)
+
+
 # -- the torch.nn-compatible layers ---------------------------------------------------------------
 
 

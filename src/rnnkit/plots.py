@@ -23,17 +23,19 @@ _RANGES = {
 }
 
 
-def _pyplot():
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure drawn by Agg, outside pyplot: the caller's pyplot backend and open
+    figures are left as they were."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover - depends on the install
         raise ImportError(
             "plotting needs matplotlib: pip install matplotlib (or rnnkit[plot])"
         ) from None
-    return plt
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def gate_heatmap(
@@ -60,10 +62,10 @@ def gate_heatmap(
     if len(tokens) > values.shape[0]:
         raise ValueError(f"{len(tokens)} tokens for a sequence of T = {values.shape[0]} steps")
     values = values[: len(tokens), :units].T  # (units, len(tokens))
-    plt = _pyplot()
     width = max(4.0, 0.35 * len(tokens) + 1.5)
     height = max(2.5, 0.12 * values.shape[0] + 1.2)
-    fig, ax = plt.subplots(figsize=(width, height))
+    fig = _figure(width, height)
+    ax = fig.subplots()
     low, high = _RANGES.get(gate, (None, None))
     image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=low, vmax=high)
     ax.set_xticks(range(len(tokens)))
@@ -74,7 +76,6 @@ def gate_heatmap(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 

@@ -490,7 +490,10 @@ def _saved_run(run_dir: Path) -> tuple[type[Task], TrainConfig, dict[str, Any]]:
     saved = read_json(run_dir / CONFIG)
     if not isinstance(saved, dict) or not isinstance(saved.get("task"), str):
         raise CheckpointError(f"{run_dir / CONFIG} has no 'task' name; the file is corrupt")
-    task_cls = tasks.get(saved["task"])
+    try:
+        task_cls = tasks.get(saved["task"])
+    except RecipeError as e:
+        raise CheckpointError(f"{run_dir / CONFIG} names a task this rnnkit lacks: {e}") from None
     return task_cls, _config_from(task_cls, saved.get("config"), run_dir / CONFIG), saved
 
 
@@ -506,6 +509,12 @@ def _check_resume(run_dir: Path, name: str, overrides: dict[str, Any]) -> TrainC
             f"`rnnkit train {task_cls.name} --out {run_dir} --resume`"
         )
     saved = config.to_dict()
+    unknown = sorted(set(overrides) - set(saved))
+    if unknown:
+        raise RecipeError(
+            f"{', '.join(unknown)}: not an option of {name}; expected fields of "
+            f"{task_cls.Config.__name__}"
+        )
     diffs = [
         f"{k} = {saved[k]!r} in the run, {v!r} given"
         for k, v in overrides.items()
@@ -520,8 +529,19 @@ def _check_resume(run_dir: Path, name: str, overrides: dict[str, Any]) -> TrainC
     for k, v in overrides.items():
         if k in TrainConfig.RESUMABLE:
             setattr(config, k, v)
-    config.check()
+    try:
+        config.check()  # the values a resume changes, as a new run checks them
+    except (TypeError, ValueError) as e:
+        raise RecipeError(str(e)) from None
     return config
+
+
+def _record_config(run_dir: Path, config: TrainConfig) -> None:
+    """A resume's config in ``config.json`` when it changed options of ``TrainConfig.RESUMABLE``
+    (e.g. raised ``epochs``): a later resume of the run goes on under them, not the first ones."""
+    saved = read_json(run_dir / CONFIG)
+    if saved.get("config") != config.to_dict():
+        write_json(run_dir / CONFIG, {**saved, "config": config.to_dict()})
 
 
 def resume_command(task: str, run_dir: Path, world_size: int = 1, alone: bool = False) -> str:
@@ -733,7 +753,11 @@ def _train(
     splits = task.load_splits()
 
     def vocabulary() -> dict[str, Any]:
-        return read_json(run_dir / VOCAB) if resume else task.fit_vocab(splits["train"])
+        # A run that stopped before its first checkpoint starts over: it learns its vocabulary
+        # again if it never wrote it (config.json is written first).
+        if resume and (state is not None or (run_dir / VOCAB).exists()):
+            return read_json(run_dir / VOCAB)
+        return task.fit_vocab(splits["train"])
 
     vocab = world.on_main(vocabulary)
     try:
@@ -772,7 +796,6 @@ def _train(
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StorageError(f"cannot create {run_dir}: {e.strerror or e}") from None
-            write_json(run_dir / VOCAB, vocab)
             write_json(
                 run_dir / CONFIG,
                 {
@@ -782,8 +805,11 @@ def _train(
                     "torch": torch.__version__,
                 },
             )
+            write_json(run_dir / VOCAB, vocab)
 
         world.on_main(start_files)
+    if resume:
+        world.on_main(lambda: _record_config(run_dir, config))
     wall_before = p.wall
 
     choice = None
@@ -974,11 +1000,14 @@ def _train_epochs(
         generator = _epoch_generator(config.seed, epoch)
         return _global_batches(task, data["train"], generator, world.size)
 
-    per_epoch = len(batches_of(p.epoch))
-    if p.batch > per_epoch:
+    # The epochs' length that the schedule's total steps and the progress bar count with: the
+    # first epoch's, whichever epoch a run resumes in (charlm's epochs may differ by a batch).
+    per_epoch = len(batches_of(0))
+    in_epoch = per_epoch if p.epoch == 0 else len(batches_of(p.epoch))
+    if p.batch > in_epoch:
         raise CheckpointError(
             f"{run_dir / STATE}: its progress record is damaged (batch = {p.batch}; the epoch "
-            f"has only {per_epoch} batches)"
+            f"has only {in_epoch} batches)"
         )
     show = (sys.stderr.isatty() if progress is None else progress) and world.is_main
     bar = tqdm(
@@ -1190,7 +1219,8 @@ def _train_epochs(
             if not math.isfinite(valid["loss"]):
                 raise diverged("in validation", f"the validation loss is {valid['loss']}")
             lr = opt.param_groups[0]["lr"]  # the rate this epoch trained with
-            p.seconds = base + time.perf_counter() - start
+            # rank 0's clock on every rank: a schedule by time reads it at the next step
+            p.seconds = world.share(base + time.perf_counter() - start)
             # keep = "last": every epoch's weights replace the previous ones (no early stopping)
             better = config.keep == "last" or _better(cls, valid[metric], valid["loss"], p)
             if better:
