@@ -117,8 +117,12 @@ def test_a_non_finite_gradient_stops_training(tmp_path, monkeypatch):
         return value, n
 
     monkeypatch.setattr(SpeechTask, "loss", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"epoch 1/3, batch 3/\d+: the gradient norm is nan"):
+    with pytest.raises(
+        TrainingDiverged, match=r"epoch 1/3, batch 3/\d+: the gradient norm is nan"
+    ) as e:
         train("speech", RESUMABLE, out=tmp_path / "run", progress=False)
+    # the advice is one a user can follow: a new run in this directory is refused
+    assert "start a new run with another --out" in str(e.value)
 
 
 @pytest.mark.slow

@@ -1047,7 +1047,7 @@ def _train_epochs(
         )
         return TrainingDiverged(
             f"training diverged at epoch {p.epoch + 1}/{config.epochs}, {where}: {what}; "
-            f"{cure} and start a new run; {kept}"
+            f"{cure} and start a new run with another --out; {kept}"
         )
 
     def checkpoint(where: str) -> None:
