@@ -238,3 +238,20 @@ def test_every_backend_returns_torch_nn_dtypes_under_autocast(name, layout, back
             want = _dtypes(ref(x))
             got = _dtypes(mine(x))
     assert got == want, f"{name} {layout} on {backend}: {got}, torch.nn: {want}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "native", "reference"])
+@pytest.mark.parametrize("name", list(DROP_INS))
+def test_a_float64_layer_under_autocast_computes_and_returns_float64(name, backend):
+    # autocast leaves float64 operations alone: torch.nn returns float64 at full precision
+    ref_cls, cls, kw = DROP_INS[name]
+    torch.manual_seed(0)
+    ref = ref_cls(I, H, num_layers=2, bidirectional=True, dtype=torch.float64, **kw)
+    mine = cls(I, H, num_layers=2, bidirectional=True, backend=backend, **kw).double()
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref(x), mine(x)
+    for a, e in zip(_leaves(got), _leaves(want), strict=True):
+        assert a.dtype == e.dtype == torch.float64, f"{name} on {backend}: {a.dtype}"
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)

@@ -323,6 +323,30 @@ def test_a_verified_library_is_loaded_without_building(tmp_path):
     assert "building" not in again.stderr
 
 
+@pytest.mark.usefixtures("kernels")
+def test_a_cache_that_cannot_be_written_says_how_to_point_it_elsewhere(tmp_path):
+    # a cache directory that cannot be created (here below a regular file; likewise a read-only
+    # home): the layers fall back, and the one-line reason names the directory and RNNKIT_CACHE
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CACHE_CHILD))
+    done = subprocess.run(
+        [sys.executable, str(script), str(build.library_path()), "copy"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC, "RNNKIT_CACHE": str(blocker / "cache")},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reason = next(line for line in done.stdout.splitlines() if line.startswith("compiled"))
+    assert reason.startswith("compiled 0 reason the C++ kernels failed to build: the kernel cache ")
+    assert str(blocker / "cache") in reason
+    assert "is not writable" in reason and "set RNNKIT_CACHE to a writable directory" in reason
+    assert "backend native" in reason or "backend reference" in reason
+    assert "warnings 1" in done.stdout
+
+
 # -- 8. pickling the drop-ins needs only their public class --------------------------------------
 
 

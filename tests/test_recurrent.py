@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import OUT_TOL, assert_close, grads, weighted_sum
+from conftest import GRAD_TOL, OUT_TOL, assert_close, grads, weighted_sum
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
+from rnnkit.backends.cpu import build
 from rnnkit.cells import Cell
 
 T, B, I, H = 6, 4, 3, 5
@@ -100,6 +103,35 @@ def test_recurrent_batch_first_and_packed(kind: str) -> None:
     assert torch.equal(out_p.sorted_indices, packed.sorted_indices)
     assert_close(out_p.data, want.data, OUT_TOL, "packed data")
     assert_close(final_p, final_l, OUT_TOL, "packed final")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_layernorm"])
+def test_a_parametrized_weight_runs_as_its_value_and_trains(kind: str, backend: str) -> None:
+    # torch.nn.utils.parametrizations.weight_norm keeps the weight's value and trains g and v
+    make = {
+        "lstm": lambda: rnnkit.LSTMCell(I, H),
+        "gru": lambda: rnnkit.GRUCell(I, H),
+        "lstm_layernorm": lambda: rnnkit.LayerNormLSTMCell(I, H),
+    }[kind]
+    if backend == "cpu" and build.unavailable() is not None:
+        pytest.skip(f"the C++ kernels are unavailable: {build.unavailable()}")
+    plain = make()
+    cell = copy.deepcopy(plain)
+    torch.nn.utils.parametrizations.weight_norm(cell, "weight_hh")
+    x = torch.randn(T, B, I)
+    out, final = rnnkit.Recurrent(cell, backend=backend)(x, lengths=LENGTHS)
+    want_out, want_final = rnnkit.Recurrent(plain, backend="reference")(x, lengths=LENGTHS)
+    assert_close(out, want_out, OUT_TOL, "output")
+    assert_close(final, want_final, OUT_TOL, "final state")
+    # d loss / d weight_hh, carried into g and v by the parametrization
+    g, v = cell.parametrizations.weight_hh.original0, cell.parametrizations.weight_hh.original1
+    loss = weighted_sum(out, *rnnkit.top_states(cell, final)[0])
+    dg, dv = grads(loss, [g, v])
+    dw = grads(weighted_sum(want_out, *rnnkit.top_states(plain, want_final)[0]), [plain.weight_hh])
+    want_dg, want_dv = torch.autograd.grad(cell.weight_hh, [g, v], dw)
+    assert_close(dg, want_dg, GRAD_TOL, "d g")
+    assert_close(dv, want_dv, GRAD_TOL, "d v")
 
 
 def test_lengths_zero_keeps_initial_state_and_gradient_flows_to_it() -> None:

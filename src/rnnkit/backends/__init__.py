@@ -98,7 +98,7 @@ class Request:
     the first layer) and ``hidden_size`` are T, B, I and H, for choices by shape.
 
     ``autocast`` is the lower-precision dtype of :func:`torch.autocast` when it is on for the
-    device (None otherwise): the backends may run their matrix products in it, and the composer
+    device and the layer's dtype (None otherwise; autocast leaves float64 alone): the backends may run their matrix products in it, and the composer
     returns what torch.nn returns for the same call (:func:`autocast_dtypes`). ``input_dtype`` is
     the caller's input dtype where the layer converted it to the weights' (``dtype``), else None.
     ``func_transforms``: the call runs under :mod:`torch.func`'s transforms (grad, vjp, jvp,
@@ -507,7 +507,8 @@ def make_call(
         batch=x.shape[1],
         input_size=x.shape[2],
         hidden_size=first.hidden_size,
-        autocast=_autocast(x.device.type),
+        # autocast leaves float64 operations alone: a float64 layer computes and returns float64
+        autocast=None if x.dtype == torch.float64 else _autocast(x.device.type),
         input_dtype=input_dtype if input_dtype not in (None, x.dtype) else None,
         func_transforms=_func_transforms(),
     )

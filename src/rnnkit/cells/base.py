@@ -96,12 +96,14 @@ class Cell(nn.Module):
 
     def kernel_weights(self) -> dict[str, Tensor]:
         """The weights of this cell's built-in step by the cell table's names, in the kernels'
-        order (``weight_ih``, ``weight_hh``, the biases, ...)."""
+        order (``weight_ih``, ``weight_hh``, the biases, ...). A weight under a parametrization
+        (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal) is its value as
+        the module computes it, differentiable into the parametrization."""
         spec = SPECS.get(self.mode or "")
         if spec is None:
             raise NotImplementedError(f"{type(self).__name__} has no built-in step")
         names = spec.weight_names(bool(getattr(self, "bias", True)), self.proj_size > 0)
-        return {n: self.get_parameter(n) for n in names}
+        return {n: _weight(self, n) for n in names}
 
 
 class BuiltinCell(Cell):
@@ -161,6 +163,13 @@ class _TorchLayoutCell(BuiltinCell):
         if self.proj_size > 0:
             s += f", proj_size={self.proj_size}"
         return s
+
+
+def _weight(module: nn.Module, name: str) -> Tensor:
+    """The tensor ``module`` holds under the dotted ``name`` (e.g. ``ln_ih.weight``): a
+    parameter, or the value of its parametrization."""
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner), attr)
 
 
 def _check_size(name: str, value: object) -> None:

@@ -195,6 +195,16 @@ def _discard(library: Path) -> None:
             path.unlink()
 
 
+def _unwritable(directory: Path, error: OSError) -> CacheError:
+    """The one-line reason a build cannot use ``directory``: it names the directory and how to
+    point the cache elsewhere."""
+    why = f"{error.strerror}: {error.filename}" if error.strerror else str(error)
+    return CacheError(
+        f"the kernel cache {directory} is not writable ({why}); set RNNKIT_CACHE to a writable "
+        "directory"
+    )
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     try:
@@ -202,7 +212,11 @@ def _file_lock(path: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX: builds are not serialised
         yield
         return
-    with open(path, "w") as f:
+    try:
+        f = open(path, "w")
+    except OSError as e:
+        raise _unwritable(path.parent, e) from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -271,7 +285,10 @@ def _build() -> None:
             _load(library)
             return
     directory = library.parent
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(directory, e) from None
     with _file_lock(directory / "build.lock"):
         with contextlib.suppress(CacheError):
             if _verified(library):  # another process built it while we waited
