@@ -388,3 +388,15 @@ def test_gradients_survive_a_pickled_drop_in():
     g1 = torch.autograd.grad(model(x)[0].sum(), model.weight_hh_l0)[0]
     g2 = torch.autograd.grad(loaded(x)[0].sum(), loaded.weight_hh_l0)[0]
     assert_close(g2, g1, GRAD_TOL, "weight_hh_l0 gradient")
+
+
+def test_a_cache_path_from_the_environment_expands_the_home_directory(monkeypatch, tmp_path):
+    """RNNKIT_CACHE="~/kernels" (set where no shell expands it: a Dockerfile's ENV, a unit
+    file) is the home directory's kernels, not a folder named '~' in the working directory."""
+    from rnnkit.backends.cpu import build
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RNNKIT_CACHE", "~/kernels")
+    assert build.cache_dir() == tmp_path / "kernels"
+    monkeypatch.delenv("RNNKIT_CACHE")
+    assert build.cache_dir() == tmp_path / ".cache" / "rnnkit"

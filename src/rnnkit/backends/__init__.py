@@ -98,9 +98,10 @@ class Request:
     the first layer) and ``hidden_size`` are T, B, I and H, for choices by shape.
 
     ``autocast`` is the lower-precision dtype of :func:`torch.autocast` when it is on for the
-    device and the layer's dtype (None otherwise; autocast leaves float64 alone): the backends may run their matrix products in it, and the composer
-    returns what torch.nn returns for the same call (:func:`autocast_dtypes`). ``input_dtype`` is
-    the caller's input dtype where the layer converted it to the weights' (``dtype``), else None.
+    device and the layer's dtype (None otherwise; autocast leaves float64 alone): the backends
+    may run their matrix products in it, and the composer returns what torch.nn returns for the
+    same call (:func:`autocast_dtypes`). ``input_dtype`` is the caller's input dtype where the
+    layer converted it to the weights' (``dtype``), else None.
     ``func_transforms``: the call runs under :mod:`torch.func`'s transforms (grad, vjp, jvp,
     vmap, functionalize), which see through plain torch operations only.
     """

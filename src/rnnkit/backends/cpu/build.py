@@ -126,11 +126,10 @@ def _key() -> str:
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept: ``$RNNKIT_CACHE`` or ``~/.cache/rnnkit``."""
-    root = os.environ.get("RNNKIT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "rnnkit"
-    )
-    return Path(root)
+    """Where built kernels are kept: ``$RNNKIT_CACHE`` (a leading ``~`` is the home directory,
+    as a shell would expand it) or ``~/.cache/rnnkit``."""
+    root = os.environ.get("RNNKIT_CACHE") or os.path.join("~", ".cache", "rnnkit")
+    return Path(os.path.expanduser(root))
 
 
 def library_path() -> Path:
