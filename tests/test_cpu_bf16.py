@@ -255,3 +255,28 @@ def test_a_float64_layer_under_autocast_computes_and_returns_float64(name, backe
     for a, e in zip(_leaves(got), _leaves(want), strict=True):
         assert a.dtype == e.dtype == torch.float64, f"{name} on {backend}: {a.dtype}"
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm", "lstm_proj"])  # an Elman RNN has no gates
+def test_gate_outputs_under_autocast_have_one_dtype_on_every_backend(name):
+    """Gate outputs come back in the output's dtype (an LSTM's c in the cell state's), whichever
+    backend computed them, and agree within bf16 tolerance."""
+    _, cls, kw = DROP_INS[name]
+    x, lengths = torch.randn(T, B, I), torch.tensor(LENGTHS)
+    seen = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(0)
+        layer = cls(I, H, num_layers=2, bidirectional=True, backend=backend, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, state, gates = layer(x, lengths=lengths, return_gates=True)
+        c_dtype = state[1].dtype if isinstance(state, tuple) else out.dtype
+        for key, layer_gates in gates.items():
+            for gate, value in layer_gates.items():
+                want = c_dtype if gate == "c" else out.dtype
+                assert value.dtype == want, f"{name} {key}.{gate} on {backend}: {value.dtype}"
+        seen[backend] = gates
+    for key, layer_gates in seen["cpu"].items():
+        for gate, value in layer_gates.items():
+            expected = seen["reference"][key][gate].float()
+            error = (value.float() - expected).norm() / expected.norm().clamp_min(1e-6)
+            assert error < BF16_TOL, f"{name} {key}.{gate}: {error:.3g}"

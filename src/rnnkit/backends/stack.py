@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as recompute
 
 from .. import lengths as L
+from ..cells.table import SPECS
 from ..regularisers import Masks
 from . import (
     Backend,
@@ -186,16 +187,27 @@ def compose(call: Call, backend: Backend) -> StackResult:
 
 def _as_torch_nn(call: Call, result: StackResult) -> StackResult:
     """Under autocast, the output and the final states in the dtypes torch.nn returns for the
-    same call (:func:`autocast_dtypes`), whatever dtype the backend computed them in."""
+    same call (:func:`autocast_dtypes`), whatever dtype the backend computed them in; the gate
+    outputs in the output's dtype (an LSTM's ``c`` in the cell state's), on every backend."""
     dtypes = autocast_dtypes(call.request)
     if dtypes is None:
         return result
     h, c = dtypes
+    gates = result.gates
+    if gates is not None and call.request.mode is not None:
+        names = SPECS[call.request.mode].gate_outputs
+        gates = [
+            [
+                tuple(g.to(c if n == "c" else h) for n, g in zip(names, d, strict=True))
+                for d in layer
+            ]
+            for layer in gates
+        ]
     if result.out.dtype == h and all(
         s.dtype == (h, c)[min(k, 1)] for layer in result.states for d in layer
         for k, s in enumerate(d)
     ):  # fmt: skip
-        return result
+        return replace(result, gates=gates)
     out = result.out.to(h)
     sizes = [t.shape[-1] for t in result.last]
     last = list(out.split(sizes, dim=-1)) if len(sizes) > 1 else [out]
@@ -203,7 +215,7 @@ def _as_torch_nn(call: Call, result: StackResult) -> StackResult:
         [tuple(s.to((h, c)[min(k, 1)]) for k, s in enumerate(d)) for d in layer]
         for layer in result.states
     ]
-    return StackResult(out, last, states, result.gates)
+    return StackResult(out, last, states, gates)
 
 
 # -- checkpointed backpropagation through time ---------------------------------------------------
