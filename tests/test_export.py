@@ -211,3 +211,31 @@ def test_a_checkpointed_layer_exports_as_one_op_per_layer() -> None:
             ep.module()(x, lengths=lengths), lstm(x, lengths=lengths), strict=True
         ):
             torch.testing.assert_close(got, expected, atol=OUT_TOL, rtol=OUT_TOL)
+
+
+class _Elman(rnnkit.Cell):
+    """A custom cell: h' = tanh(W [x, h] + b)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.lin = torch.nn.Linear(input_size + hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.lin(torch.cat([x, h], dim=-1)))
+        return h, h
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_custom_cell_exports_with_lengths_as_an_input(reverse: bool) -> None:
+    """A custom cell's loop is traced over the example's steps; ``lengths=`` stays an input of
+    the graph (not the example's longest length baked in): the graph equals the layer at
+    lengths other than the example's, longer ones among them."""
+    layer = rnnkit.Recurrent(_Elman(I, H), reverse=reverse).eval()
+    x = torch.randn(5, 3, I)
+    ep = torch.export.export(layer, (x,), {"lengths": torch.tensor([3, 2, 1])})
+    for lengths in ([5, 4, 2], [0, 5, 1]):
+        lengths = torch.tensor(lengths)
+        torch.testing.assert_close(
+            ep.module()(x, lengths=lengths), layer(x, lengths=lengths), atol=OUT_TOL, rtol=OUT_TOL
+        )

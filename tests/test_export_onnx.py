@@ -267,3 +267,17 @@ def test_rnnkit_export_refuses_bad_arguments(capsys, tmp_path) -> None:
     assert code == 2 and "ending in .onnx" in err
     code, _, err = _export(capsys, tmp_path, tmp_path / "m.onnx", "--tolerance", "nan")
     assert code == 2 and "--tolerance nan" in err
+
+
+def test_torchscript_onnx_of_a_custom_cell_reads_lengths_from_its_input() -> None:
+    """The custom cell's loop is unrolled over the example's steps; the lengths are the graph's
+    input, not the example's longest one baked in."""
+    from test_export import _Elman
+
+    layer = rnnkit.Recurrent(_Elman(3, 5)).eval()
+    x = torch.randn(5, 3, 3)
+    model = onnx_legacy(
+        layer, (x, None, torch.tensor([3, 2, 1])), ["x", "lengths"], {"lengths": {0: "B"}}
+    )
+    lengths = torch.tensor([5, 4, 2])
+    assert_matches(run_ort(model, [x, lengths]), layer(x, lengths=lengths), ["output", "h_n"])
