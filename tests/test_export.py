@@ -239,3 +239,33 @@ def test_a_custom_cell_exports_with_lengths_as_an_input(reverse: bool) -> None:
         torch.testing.assert_close(
             ep.module()(x, lengths=lengths), layer(x, lengths=lengths), atol=OUT_TOL, rtol=OUT_TOL
         )
+
+
+class _PackedLSTM(torch.nn.Module):
+    """The torch.nn idiom: pack the padded batch, run the layer, pad its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = rnnkit.LSTM(I, H, batch_first=True)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        out, (h_n, _) = self.rnn(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return out, h_n
+
+
+#: What a layer says when a PackedSequence reaches it while exporting.
+PACKED = r"^a PackedSequence does not export .*lengths="
+
+
+def test_a_packed_sequence_is_refused_while_exporting_with_the_way_that_exports() -> None:
+    """A PackedSequence's batch sizes are values the exported graph cannot read: the layer says
+    so in one line and names what exports (the padded batch with lengths=)."""
+    model = _PackedLSTM().eval()
+    x, lengths = torch.randn(3, 5, I), torch.tensor([5, 2, 4])
+    with pytest.raises(ValueError, match=PACKED):
+        torch.export.export(model, (x, lengths))
+    model(x, lengths)  # outside export it runs

@@ -309,3 +309,11 @@ def test_the_decoder_step_of_a_zero_bridge_reads_each_state_input(tmp_path) -> N
     assert [i.name for i in sessions[1].get_inputs()][1:3] == ["h0", "c0"]
     check = exporter.check(model, task, data, sessions, 0)
     assert check.difference <= recipes.TOLERANCE, (check.difference, check.worst)
+
+
+def test_torchscript_onnx_refuses_a_packed_sequence_in_one_line() -> None:
+    from test_export import PACKED, _PackedLSTM
+
+    x, lengths = torch.randn(3, 5, 3), torch.tensor([5, 2, 4])
+    with pytest.raises(ValueError, match=PACKED):
+        onnx_legacy(_PackedLSTM().eval(), (x, lengths), ["x", "lengths"], {})
