@@ -317,3 +317,12 @@ def test_torchscript_onnx_refuses_a_packed_sequence_in_one_line() -> None:
     x, lengths = torch.randn(3, 5, 3), torch.tensor([5, 2, 4])
     with pytest.raises(ValueError, match=PACKED):
         onnx_legacy(_PackedLSTM().eval(), (x, lengths), ["x", "lengths"], {})
+
+
+def test_torchscript_onnx_refuses_lengths_of_another_batch_naming_them() -> None:
+    gru = rnnkit.GRU(3, 5).eval()
+    x, lengths = torch.randn(5, 3, 3), torch.tensor([5, 2])
+    with pytest.raises(
+        ValueError, match=r"^lengths has 2 entries; expected one per sequence, B = 3"
+    ):
+        onnx_legacy(gru, (x, None, lengths), ["x", "lengths"], {})
