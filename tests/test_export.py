@@ -211,3 +211,61 @@ def test_a_checkpointed_layer_exports_as_one_op_per_layer() -> None:
             ep.module()(x, lengths=lengths), lstm(x, lengths=lengths), strict=True
         ):
             torch.testing.assert_close(got, expected, atol=OUT_TOL, rtol=OUT_TOL)
+
+
+class _Elman(rnnkit.Cell):
+    """A custom cell: h' = tanh(W [x, h] + b)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.lin = torch.nn.Linear(input_size + hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.lin(torch.cat([x, h], dim=-1)))
+        return h, h
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_custom_cell_exports_with_lengths_as_an_input(reverse: bool) -> None:
+    """A custom cell's loop is traced over the example's steps; ``lengths=`` stays an input of
+    the graph (not the example's longest length baked in): the graph equals the layer at
+    lengths other than the example's, longer ones among them."""
+    layer = rnnkit.Recurrent(_Elman(I, H), reverse=reverse).eval()
+    x = torch.randn(5, 3, I)
+    ep = torch.export.export(layer, (x,), {"lengths": torch.tensor([3, 2, 1])})
+    for lengths in ([5, 4, 2], [0, 5, 1]):
+        lengths = torch.tensor(lengths)
+        torch.testing.assert_close(
+            ep.module()(x, lengths=lengths), layer(x, lengths=lengths), atol=OUT_TOL, rtol=OUT_TOL
+        )
+
+
+class _PackedLSTM(torch.nn.Module):
+    """The torch.nn idiom: pack the padded batch, run the layer, pad its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = rnnkit.LSTM(I, H, batch_first=True)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        out, (h_n, _) = self.rnn(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return out, h_n
+
+
+#: What a layer says when a PackedSequence reaches it while exporting.
+PACKED = r"^a PackedSequence does not export .*lengths="
+
+
+def test_a_packed_sequence_is_refused_while_exporting_with_the_way_that_exports() -> None:
+    """A PackedSequence's batch sizes are values the exported graph cannot read: the layer says
+    so in one line and names what exports (the padded batch with lengths=)."""
+    model = _PackedLSTM().eval()
+    x, lengths = torch.randn(3, 5, I), torch.tensor([5, 2, 4])
+    with pytest.raises(ValueError, match=PACKED):
+        torch.export.export(model, (x, lengths))
+    model(x, lengths)  # outside export it runs

@@ -267,3 +267,62 @@ def test_rnnkit_export_refuses_bad_arguments(capsys, tmp_path) -> None:
     assert code == 2 and "ending in .onnx" in err
     code, _, err = _export(capsys, tmp_path, tmp_path / "m.onnx", "--tolerance", "nan")
     assert code == 2 and "--tolerance nan" in err
+
+
+def test_torchscript_onnx_of_a_custom_cell_reads_lengths_from_its_input() -> None:
+    """The custom cell's loop is unrolled over the example's steps; the lengths are the graph's
+    input, not the example's longest one baked in."""
+    from test_export import _Elman
+
+    layer = rnnkit.Recurrent(_Elman(3, 5)).eval()
+    x = torch.randn(5, 3, 3)
+    model = onnx_legacy(
+        layer, (x, None, torch.tensor([3, 2, 1])), ["x", "lengths"], {"lengths": {0: "B"}}
+    )
+    lengths = torch.tensor([5, 4, 2])
+    assert_matches(run_ort(model, [x, lengths]), layer(x, lengths=lengths), ["output", "h_n"])
+
+
+def test_the_decoder_step_of_a_zero_bridge_reads_each_state_input(tmp_path) -> None:
+    """With ``bridge="zero"`` the decoder's initial h and c are one tensor; exported, the step
+    still reads h0 and c0 as the two inputs they are (checked along the greedy path, where
+    they differ after the first step)."""
+    from types import SimpleNamespace
+
+    from rnnkit.export import recipes
+    from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
+
+    torch.manual_seed(0)
+    config = Seq2SeqConfig(
+        src_vocab=15, tgt_vocab=12, embed_size=6, encoder_hidden=5, encoder_layers=1,
+        decoder_hidden=7, attention_size=4, bridge="zero",
+    )  # fmt: skip
+    model = Seq2Seq(config).eval()
+    g = torch.Generator().manual_seed(1)
+    items = [torch.randint(3, 15, (n,), generator=g).tolist() for n in (5, 3, 7, 2, 1, 4)]
+    data, task = SimpleNamespace(items=items), SimpleNamespace(eval_batch_size=4)
+    exporter = recipes.Seq2SeqExporter()
+    sessions = []
+    for k, graph in enumerate(exporter.graphs(model, task, data)):
+        recipes._export(graph, tmp_path / f"{k}.onnx")
+        sessions.append(ort.InferenceSession(str(tmp_path / f"{k}.onnx")))
+    assert [i.name for i in sessions[1].get_inputs()][1:3] == ["h0", "c0"]
+    check = exporter.check(model, task, data, sessions, 0)
+    assert check.difference <= recipes.TOLERANCE, (check.difference, check.worst)
+
+
+def test_torchscript_onnx_refuses_a_packed_sequence_in_one_line() -> None:
+    from test_export import PACKED, _PackedLSTM
+
+    x, lengths = torch.randn(3, 5, 3), torch.tensor([5, 2, 4])
+    with pytest.raises(ValueError, match=PACKED):
+        onnx_legacy(_PackedLSTM().eval(), (x, lengths), ["x", "lengths"], {})
+
+
+def test_torchscript_onnx_refuses_lengths_of_another_batch_naming_them() -> None:
+    gru = rnnkit.GRU(3, 5).eval()
+    x, lengths = torch.randn(5, 3, 3), torch.tensor([5, 2])
+    with pytest.raises(
+        ValueError, match=r"^lengths has 2 entries; expected one per sequence, B = 3"
+    ):
+        onnx_legacy(gru, (x, None, lengths), ["x", "lengths"], {})

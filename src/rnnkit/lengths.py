@@ -42,14 +42,13 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
             raise ValueError(
                 f"lengths has shape {tuple(lengths.shape)}; expected a 1-D tensor of B = {batch}"
             )
-        if torch.compiler.is_exporting():  # torch.export: B may be symbolic
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            # torch.export (B may be symbolic) or the TorchScript-based exporter (it traces sizes)
             if lengths.shape[0] != batch:
                 raise ValueError(
                     f"lengths has {lengths.shape[0]} entries; expected one per sequence, "
                     f"B = {batch}"
                 )
-            return lengths.to(device, torch.int64)
-        if torch.onnx.is_in_onnx_export():  # the TorchScript-based exporter traces sizes
             return lengths.to(device, torch.int64)
         values = lengths.detach().to("cpu", torch.int64)
     else:

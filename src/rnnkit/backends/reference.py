@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import functional as F
 from .. import lengths as L
-from . import Direction, LayerCall, LayerResult, Request
+from . import Direction, LayerCall, LayerResult, Request, exporting
 
 __all__ = ["ReferenceBackend", "scan", "step_of"]
 
@@ -89,7 +89,10 @@ def scan(
     run = steps
     if lengths is not None:
         valid = L.mask(lengths, steps).unsqueeze(-1)  # (T, B, 1)
-        run = int(lengths.max()) if lengths.numel() else 0
+        # the steps after the longest sequence are skipped, except while exporting: lengths is
+        # then an input of the graph, whose longest value the trace cannot know
+        if not exporting():
+            run = int(lengths.max()) if lengths.numel() else 0
     kw: dict[str, Any] = {"return_gates": True} if return_gates else {}
     inside = state_mask is not None and getattr(step, "takes_state_mask", False)
     if inside:

@@ -310,7 +310,9 @@ class Seq2SeqExporter(Exporter):
 
     def graphs(self, model: nn.Module, task: Any, data: Any) -> list[Graph]:
         src, lengths = self._example(model, task, data)
-        state = _flat(model.start(src, lengths))
+        # a tensor of its own per input: the zero bridge gives h and c one tensor, which
+        # torch.export would take for one input (the step then reading h0 where c0 is)
+        state = tuple(t.clone() for t in _flat(model.start(src, lengths)))
         cells = _cell_names(model)
         state_names = [*cells, "feed", "weights", *_MEMORY]
         token = torch.full((src.shape[0],), model.config.bos_id)

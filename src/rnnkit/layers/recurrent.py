@@ -91,6 +91,11 @@ def prepare(
             raise ValueError(
                 "lengths was given with a PackedSequence, which carries its own lengths"
             )
+        if backends.exporting():
+            raise ValueError(
+                "a PackedSequence does not export (its batch sizes are values an exported graph "
+                "cannot read); export the padded batch with lengths= instead"
+            )
         packed = x
         x, lengths = L.from_packed(x)
         batch_first = False

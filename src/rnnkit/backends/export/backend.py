@@ -16,8 +16,8 @@ Each layer (both directions at once when they have one size) becomes:
   (ONNX's own RNN/GRU/LSTM, or a Scan over the cell's step).
 
 What it declines while exporting, and why: a custom cell (it has no lowering; the reference
-backend's loop is traced instead, unrolled over the example's steps, which ``lengths=`` cannot
-pass through) and gate outputs (for inspection, not for an exported graph). A layer with
+backend's loop is traced instead, unrolled over the example's steps, ``lengths=`` an input of
+the graph) and gate outputs (for inspection, not for an exported graph). A layer with
 regularisers in training mode is refused with an error (their masks are random): export in eval
 mode, where dropout is a no-op and zoneout its expectation, which the op computes. The op has no
 backward: an exported graph is for inference.
