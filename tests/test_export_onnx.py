@@ -267,6 +267,8 @@ def test_rnnkit_export_refuses_bad_arguments(capsys, tmp_path) -> None:
     assert code == 2 and "ending in .onnx" in err
     code, _, err = _export(capsys, tmp_path, tmp_path / "m.onnx", "--tolerance", "nan")
     assert code == 2 and "--tolerance nan" in err
+    code, _, err = _export(capsys, tmp_path, tmp_path / "m.onnx", "--limit", "-5")
+    assert code == 2 and "--limit -5; expected a number of examples >= 0" in err
 
 
 def test_torchscript_onnx_of_a_custom_cell_reads_lengths_from_its_input() -> None:

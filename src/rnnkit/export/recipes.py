@@ -459,6 +459,8 @@ def export_run(
         raise RecipeError(f"--onnx {path}: the directory {path.parent} does not exist")
     if not math.isfinite(tolerance) or tolerance <= 0:
         raise RecipeError(f"--tolerance {tolerance}; expected a positive number")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise RecipeError(f"--limit {limit!r}; expected a number of examples >= 0 (0 = all)")
     task, model = load_run(run_dir)
     model.eval()
     kind = next((make for cls, make in exporters() if isinstance(model, cls)), None)
