@@ -398,3 +398,33 @@ def test_g2p_scores_any_listed_pronunciation():
     assert s["wer"] == pytest.approx(1 / 3) and s["per"] == pytest.approx(1 / 9)  # "read" is right
     assert s["wer_first"] == pytest.approx(2 / 3) and s["per_first"] == pytest.approx(2 / 9)
     assert s["wer_no_stress"] == 0.0 and s["per_no_stress"] == 0.0  # "to": only its stress differs
+
+
+def untrained_speech(bidirectional: bool = True):
+    """A speech task with its vocabulary (two speakers, 12 unit channels) and an untrained model:
+    enough to read and classify inputs, without the data package."""
+    task_cls = tasks.get("speech")
+    config = task_cls.make_config({"hidden_size": 4, "ensemble": 1, "bidirectional": bidirectional})
+    task = task_cls(config)
+    task.set_vocab({"labels": ["1", "2"], "mean": [0.0] * 12, "std": [1.0] * 12})
+    return task, task.build_model().eval()
+
+
+def utterance_ts(frames: int) -> str:
+    """One utterance of ``frames`` frames in .ts form: 12 colon-separated channels, then a label."""
+    channels = [",".join(f"{0.1 * (f + c):.1f}" for f in range(frames)) for c in range(12)]
+    return ":".join(channels) + ":1\n"
+
+
+def test_speech_predict_of_a_ts_file_without_utterances_names_it(tmp_path):
+    task, model = untrained_speech()
+    empty = tmp_path / "empty.ts"
+    empty.write_text("@problemName x\n@dimensions 12\n@data\n")
+    with pytest.raises(RecipeError, match=r"empty.ts holds no utterances; expected"):
+        task.predict(model, [str(empty)], {})
+    two = tmp_path / "two.ts"
+    two.write_text("@dimensions 12\n@data\n" + utterance_ts(3) + utterance_ts(5))
+    assert [line.split("\t")[2] for line in task.predict(model, [str(two)], {})] == [
+        f"{two}#1",
+        f"{two}#2",
+    ]

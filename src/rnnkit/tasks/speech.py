@@ -166,6 +166,10 @@ class SpeechTask(ClassifierHooks, Task):
                 for f, frame in enumerate(frames):
                     for c, value in enumerate(frame):
                         _check_value(value, f"{path}#{k + 1} frame {f + 1}, channel {c + 1}")
+            if not series:
+                raise RecipeError(
+                    f"{path} holds no utterances; expected one data line per utterance after @data"
+                )
             return [(f"{path}#{k + 1}", s) for k, s in enumerate(series)]
         frames = list(self._csv_frames(text.splitlines(), str(path)))
         if not frames:
