@@ -428,3 +428,14 @@ def test_speech_predict_of_a_ts_file_without_utterances_names_it(tmp_path):
         f"{two}#1",
         f"{two}#2",
     ]
+
+
+def test_parse_ts_and_speech_predict_read_a_file_without_labels(tmp_path):
+    text = "@dimensions 2\n@classLabel false\n@data\n1,2,3:4,5,6\n7:8\n"
+    series, labels, _ = parse_ts(text)
+    assert series == [[[1, 4], [2, 5], [3, 6]], [[7, 8]]] and labels == []
+    task, model = untrained_speech()
+    unlabelled = tmp_path / "new.ts"
+    unlabelled.write_text("@classLabel false\n@data\n" + utterance_ts(4).removesuffix(":1\n"))
+    (line,) = task.predict(model, [str(unlabelled)], {})
+    assert line.startswith("speaker ") and line.endswith(f"\t{unlabelled}#1")

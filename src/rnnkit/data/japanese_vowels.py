@@ -35,8 +35,9 @@ def parse_ts(text: str, source: str = "<ts>") -> tuple[list[Series], list[str], 
     """Parse a sktime/aeon ``.ts`` file of multivariate series with class labels.
 
     Returns (series, labels, header): each series is a list of frames of ``@dimensions`` values;
-    a data line holds one ``:``-separated comma list per dimension, then the label. Raises
-    ValueError naming the line for anything else.
+    a data line holds one ``:``-separated comma list per dimension, then the label, which a file
+    with ``@classLabel false`` leaves out (its labels are then empty). Raises ValueError naming
+    the line for anything else.
     """
     header: dict[str, str] = {}
     series: list[Series] = []
@@ -57,7 +58,9 @@ def parse_ts(text: str, source: str = "<ts>") -> tuple[list[Series], list[str], 
             raise ValueError(
                 f"{source}:{number}: expected a @header line before @data; got {line[:40]!r}"
             )
-        *channels, label = line.split(":")
+        labelled = header.get("classlabel", "true").lower().split()[:1] != ["false"]
+        channels = line.split(":")
+        label = channels.pop() if labelled else None
         dims = int(header.get("dimensions", len(channels)))
         if len(channels) != dims:
             raise ValueError(
@@ -68,7 +71,8 @@ def parse_ts(text: str, source: str = "<ts>") -> tuple[list[Series], list[str], 
         if len(frames) != 1:
             raise ValueError(f"{source}:{number}: dimensions of different lengths {sorted(frames)}")
         series.append([list(frame) for frame in zip(*values, strict=True)])
-        labels.append(label.strip())
+        if label is not None:
+            labels.append(label.strip())
     if not in_data:
         raise ValueError(f"{source}: no @data section")
     return series, labels, header
