@@ -439,3 +439,17 @@ def test_parse_ts_and_speech_predict_read_a_file_without_labels(tmp_path):
     unlabelled.write_text("@classLabel false\n@data\n" + utterance_ts(4).removesuffix(":1\n"))
     (line,) = task.predict(model, [str(unlabelled)], {})
     assert line.startswith("speaker ") and line.endswith(f"\t{unlabelled}#1")
+
+
+def test_a_ts_value_that_is_not_a_number_names_its_line_and_place(tmp_path):
+    with pytest.raises(ValueError, match=r"<ts>:4: dimension 2, value 3: '\?'; expected a number"):
+        parse_ts("@dimensions 2\n@data\n1,2:3,4:a\n1,2,3:4,5,?:b\n")
+    with pytest.raises(ValueError, match=r"<ts>: @dimensions 'two'; expected a whole number"):
+        parse_ts("@dimensions two\n@data\n1:2:a\n")
+    task, model = untrained_speech()
+    bad = tmp_path / "bad.ts"
+    bad.write_text("@data\n" + utterance_ts(2) + utterance_ts(3).replace("0.2", "x", 1))
+    with pytest.raises(
+        RecipeError, match=rf"^{bad}:3: dimension 1, value 3: 'x'; expected a number$"
+    ):
+        task.predict(model, [str(bad)], {})

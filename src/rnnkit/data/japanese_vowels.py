@@ -61,12 +61,19 @@ def parse_ts(text: str, source: str = "<ts>") -> tuple[list[Series], list[str], 
         labelled = header.get("classlabel", "true").lower().split()[:1] != ["false"]
         channels = line.split(":")
         label = channels.pop() if labelled else None
-        dims = int(header.get("dimensions", len(channels)))
+        try:
+            dims = int(header.get("dimensions", len(channels)))
+        except ValueError:
+            raise ValueError(
+                f"{source}: @dimensions {header['dimensions']!r}; expected a whole number"
+            ) from None
         if len(channels) != dims:
             raise ValueError(
                 f"{source}:{number}: {len(channels)} dimensions; expected @dimensions = {dims}"
             )
-        values = [[float(v) for v in ch.split(",")] for ch in channels]
+        values = [
+            _numbers(ch, f"{source}:{number}: dimension {d}") for d, ch in enumerate(channels, 1)
+        ]
         frames = {len(v) for v in values}
         if len(frames) != 1:
             raise ValueError(f"{source}:{number}: dimensions of different lengths {sorted(frames)}")
@@ -76,6 +83,17 @@ def parse_ts(text: str, source: str = "<ts>") -> tuple[list[Series], list[str], 
     if not in_data:
         raise ValueError(f"{source}: no @data section")
     return series, labels, header
+
+
+def _numbers(text: str, where: str) -> list[float]:
+    """The comma-separated numbers of one dimension; ValueError names ``where`` and the value."""
+    out = []
+    for k, v in enumerate(text.split(","), 1):
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise ValueError(f"{where}, value {k}: {v.strip()!r}; expected a number") from None
+    return out
 
 
 def load() -> dict[str, list[tuple[Series, str]]]:
