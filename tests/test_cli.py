@@ -267,7 +267,7 @@ def test_predict_bad_files(capsys, speech_run, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("1,2,3\n")
     code, _, err = run(capsys, "predict", str(speech_run), str(bad))
-    assert code == 2 and "expected (frames >= 1, 12)" in err
+    assert code == 2 and f"{bad} line 1 has 3 values; expected one frame of 12 numbers" in err
     code, _, err = run(capsys, "predict", str(speech_run), " ")
     assert code == 2 and "an input is empty" in err
 

@@ -453,3 +453,15 @@ def test_a_ts_value_that_is_not_a_number_names_its_line_and_place(tmp_path):
         RecipeError, match=rf"^{bad}:3: dimension 1, value 3: 'x'; expected a number$"
     ):
         task.predict(model, [str(bad)], {})
+
+
+@pytest.mark.parametrize("channels", [11, 13])
+def test_speech_predict_names_a_csv_of_the_wrong_width(tmp_path, channels):
+    task, model = untrained_speech(bidirectional=False)
+    narrow = tmp_path / "narrow.csv"
+    narrow.write_text("\n" + "\n".join(",".join(["0.5"] * channels) for _ in range(4)) + "\n")
+    message = rf"^{narrow} line 2 has {channels} values; expected one frame of 12 numbers per line$"
+    with pytest.raises(RecipeError, match=message):
+        task.predict(model, [str(narrow)], {})
+    with pytest.raises(RecipeError, match=message):
+        list(task.predict(model, [str(narrow)], {"stream": True}))

@@ -185,6 +185,11 @@ class SpeechTask(ClassifierHooks, Task):
             fields = line.replace(",", " ").split()
             if not fields:
                 continue
+            if not width and len(fields) != len(self.mean):
+                raise RecipeError(
+                    f"{name} line {number} has {len(fields)} values; expected one frame of "
+                    f"{len(self.mean)} numbers per line"
+                )
             if width and len(fields) != width:
                 raise RecipeError(
                     f"{name} line {number} has {len(fields)} values where line {first} has "
