@@ -465,3 +465,19 @@ def test_speech_predict_names_a_csv_of_the_wrong_width(tmp_path, channels):
         task.predict(model, [str(narrow)], {})
     with pytest.raises(RecipeError, match=message):
         list(task.predict(model, [str(narrow)], {"stream": True}))
+
+
+def test_speech_predict_reads_files_that_open_with_a_byte_order_mark(tmp_path):
+    task, model = untrained_speech(bidirectional=False)
+    rows = "\r\n".join(",".join(f"{0.1 * (i + c):.1f}" for c in range(12)) for i in range(5))
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_text(rows, encoding="utf-8")
+    marked.write_text(rows, encoding="utf-8-sig")  # as a spreadsheet's "CSV UTF-8" is saved
+    want = [line.split("\t")[:2] for line in task.predict(model, [str(plain)], {})]
+    assert [line.split("\t")[:2] for line in task.predict(model, [str(marked)], {})] == want
+    streamed = list(task.predict(model, [str(marked)], {"stream": True}))
+    assert streamed == list(task.predict(model, [str(plain)], {"stream": True}))
+    ts = tmp_path / "marked.ts"
+    ts.write_text("@dimensions 12\n@data\n" + utterance_ts(3), encoding="utf-8-sig")
+    (line,) = task.predict(model, [str(ts)], {})
+    assert line.endswith(f"\t{ts}#1")

@@ -142,13 +142,14 @@ class SpeechTask(ClassifierHooks, Task):
         """Utterances in a ``.ts`` file (all of them) or a text/CSV file (one frame per line).
 
         Every value must be a number that float32 holds (finite, ``|x| <= 3.4e38``); the error
-        names the line and column (CSV) or the utterance, frame and channel (``.ts``).
+        names the line and column (CSV) or the utterance, frame and channel (``.ts``). A UTF-8
+        byte order mark (spreadsheets write one) is not part of the text.
         """
         if not path_text.strip():
             raise RecipeError("an input is empty; expected the path of a .ts or .csv file")
         path = Path(path_text)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except OSError as e:
             raise RecipeError(f"cannot read {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
@@ -178,10 +179,13 @@ class SpeechTask(ClassifierHooks, Task):
 
     def _csv_frames(self, lines: Iterable[str], name: str) -> Iterator[list[float]]:
         """The frames of CSV/text ``lines`` (one frame of numbers per line, blank lines skipped),
-        each checked as it is read; errors name ``name``, the line and the column."""
+        each checked as it is read; errors name ``name``, the line and the column. A byte order
+        mark opening the first line (a file or standard input) is skipped."""
         width = 0
         first = 0  # the line of the first frame
         for number, line in enumerate(lines, 1):
+            if number == 1:
+                line = line.removeprefix("\ufeff")
             fields = line.replace(",", " ").split()
             if not fields:
                 continue
