@@ -481,3 +481,19 @@ def test_speech_predict_reads_files_that_open_with_a_byte_order_mark(tmp_path):
     ts.write_text("@dimensions 12\n@data\n" + utterance_ts(3), encoding="utf-8-sig")
     (line,) = task.predict(model, [str(ts)], {})
     assert line.endswith(f"\t{ts}#1")
+
+
+def test_speech_predict_stream_of_a_source_without_frames_is_an_error(tmp_path, monkeypatch):
+    import io
+
+    task, model = untrained_speech(bidirectional=False)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n  \n")
+    message = "holds no frames; expected one line of 12 numbers per frame"
+    with pytest.raises(RecipeError, match=f"{blank} {message}"):
+        task.predict(model, [str(blank)], {})
+    with pytest.raises(RecipeError, match=f"^{blank} {message}$"):
+        list(task.predict(model, [str(blank)], {"stream": True}))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(RecipeError, match=f"^standard input {message}$"):
+        list(task.predict(model, ["-"], {"stream": True}))

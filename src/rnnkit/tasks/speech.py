@@ -213,7 +213,8 @@ class SpeechTask(ClassifierHooks, Task):
     def stream(self, model: Any, source: str) -> Iterator[str]:
         """The running prediction after every frame of ``source`` (a CSV/text file, or ``-`` for
         standard input), read line by line as the frames arrive: the encoder reads each frame
-        once, from the state it reached (a unidirectional model)."""
+        once, from the state it reached (a unidirectional model). A source that ends before its
+        first frame is an error, as it is without ``--stream``."""
         if self.config.bidirectional:
             raise RecipeError(
                 "--stream needs a unidirectional model (a bidirectional one reads each utterance "
@@ -228,12 +229,19 @@ class SpeechTask(ClassifierHooks, Task):
                 lines = open(source, encoding="utf-8")  # closed below
             except OSError as e:
                 raise RecipeError(f"cannot read {source}: {e.strerror or e}") from None
+        k = 0
         try:
             for k, frame in enumerate(self._csv_frames(lines, source), 1):
                 x = self.to_device(self.features([frame]).unsqueeze(0))  # (1, 1, channels)
                 probs = torch.softmax(reader.push(x).float(), dim=-1)[0]
                 best = int(probs.argmax())
                 yield f"frame {k}\tspeaker {self.labels[best]}\t{float(probs[best]):.3f}"
+            if not k:
+                what = "standard input" if source == "-" else source
+                raise RecipeError(
+                    f"{what} holds no frames; expected one line of {len(self.mean)} numbers per "
+                    "frame"
+                )
         except UnicodeDecodeError as e:
             raise RecipeError(f"{source} is not UTF-8 text ({e.reason})") from None
         finally:
