@@ -497,3 +497,28 @@ def test_speech_predict_stream_of_a_source_without_frames_is_an_error(tmp_path, 
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     with pytest.raises(RecipeError, match=f"^standard input {message}$"):
         list(task.predict(model, ["-"], {"stream": True}))
+
+
+def test_sentiment_predict_and_explain_give_the_model_its_inputs_on_its_device():
+    task_cls = tasks.get("sentiment")
+    config = task_cls.make_config(
+        {"vectors": "none", "embed_size": 8, "hidden_size": 4, "ensemble": 1}
+    )
+    task = task_cls(config)
+    task.set_vocab({"tokens": Vocab(["a", "fine", "film"]).to_json(), "labels": ["neg", "pos"]})
+    model = task.build_model().eval()
+    task.device = torch.device("meta")  # standing for a GPU, where the model would be
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def forward(x, lengths, **kwargs):
+        seen.append((x.device.type, lengths.device.type))
+        raise Reached
+
+    model.forward = forward
+    for explain in (False, True):
+        with pytest.raises(Reached):
+            task.predict(model, ["a fine film"], {"explain": explain})
+    assert seen == [("meta", "meta")] * 2

@@ -264,7 +264,7 @@ class SentimentTask(ClassifierHooks, Task):
         model.eval()
         words = [self.tokens(text) or [UNK] for text in inputs]
         seqs = [self.ids(text) for text in inputs]
-        x, lengths = pad(seqs)
+        x, lengths = self.to_device(pad(seqs))
         logits, weights = model(x, lengths, return_attention=True)
         probs = torch.softmax(logits, dim=-1)
         lines, strips = [], []
