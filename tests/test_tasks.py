@@ -522,3 +522,28 @@ def test_sentiment_predict_and_explain_give_the_model_its_inputs_on_its_device()
         with pytest.raises(Reached):
             task.predict(model, ["a fine film"], {"explain": explain})
     assert seen == [("meta", "meta")] * 2
+
+
+def test_tokenise_keeps_words_with_letters_beyond_ascii_whole():
+    assert tokenise("A naïve, clichéd CAFÉ scene isn't déjà-vu_") == [
+        "a",
+        "naïve",
+        ",",
+        "clichéd",
+        "café",
+        "scene",
+        "is",
+        "n't",
+        "déjà-vu",
+        "_",
+    ]
+    assert tokenise("東京物語 – «chef-d'œuvre»!") == [
+        "東京物語",
+        "–",
+        "«",
+        "chef-d",
+        "'",
+        "œuvre",
+        "»",
+        "!",
+    ]
