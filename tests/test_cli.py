@@ -165,6 +165,19 @@ def test_sentiment_predict_explain(capsys, sentiment_run, tmp_path):
     assert code == 2 and out == "" and "--explain needs a model trained with --pooling" in err
 
 
+def test_sentiment_predict_explain_into_a_run_it_cannot_write_is_one_line(
+    capsys, sentiment_run, tmp_path
+):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(sentiment_run, run_dir, ignore=shutil.ignore_patterns("explain.png"))
+    (run_dir / "explain.png").mkdir()  # the picture's path cannot be written as a file
+    code, out, err = run(capsys, "predict", str(run_dir), "--explain", "dull")
+    assert code == 1 and out == ""
+    assert one_line(err).startswith(f"rnnkit: error: cannot write {run_dir / 'explain.png'}: ")
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
@@ -267,7 +280,7 @@ def test_predict_bad_files(capsys, speech_run, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("1,2,3\n")
     code, _, err = run(capsys, "predict", str(speech_run), str(bad))
-    assert code == 2 and "expected (frames >= 1, 12)" in err
+    assert code == 2 and f"{bad} line 1 has 3 values; expected one frame of 12 numbers" in err
     code, _, err = run(capsys, "predict", str(speech_run), " ")
     assert code == 2 and "an input is empty" in err
 

@@ -398,3 +398,152 @@ def test_g2p_scores_any_listed_pronunciation():
     assert s["wer"] == pytest.approx(1 / 3) and s["per"] == pytest.approx(1 / 9)  # "read" is right
     assert s["wer_first"] == pytest.approx(2 / 3) and s["per_first"] == pytest.approx(2 / 9)
     assert s["wer_no_stress"] == 0.0 and s["per_no_stress"] == 0.0  # "to": only its stress differs
+
+
+def untrained_speech(bidirectional: bool = True):
+    """A speech task with its vocabulary (two speakers, 12 unit channels) and an untrained model:
+    enough to read and classify inputs, without the data package."""
+    task_cls = tasks.get("speech")
+    config = task_cls.make_config({"hidden_size": 4, "ensemble": 1, "bidirectional": bidirectional})
+    task = task_cls(config)
+    task.set_vocab({"labels": ["1", "2"], "mean": [0.0] * 12, "std": [1.0] * 12})
+    return task, task.build_model().eval()
+
+
+def utterance_ts(frames: int) -> str:
+    """One utterance of ``frames`` frames in .ts form: 12 colon-separated channels, then a label."""
+    channels = [",".join(f"{0.1 * (f + c):.1f}" for f in range(frames)) for c in range(12)]
+    return ":".join(channels) + ":1\n"
+
+
+def test_speech_predict_of_a_ts_file_without_utterances_names_it(tmp_path):
+    task, model = untrained_speech()
+    empty = tmp_path / "empty.ts"
+    empty.write_text("@problemName x\n@dimensions 12\n@data\n")
+    with pytest.raises(RecipeError, match=r"empty.ts holds no utterances; expected"):
+        task.predict(model, [str(empty)], {})
+    two = tmp_path / "two.ts"
+    two.write_text("@dimensions 12\n@data\n" + utterance_ts(3) + utterance_ts(5))
+    assert [line.split("\t")[2] for line in task.predict(model, [str(two)], {})] == [
+        f"{two}#1",
+        f"{two}#2",
+    ]
+
+
+def test_parse_ts_and_speech_predict_read_a_file_without_labels(tmp_path):
+    text = "@dimensions 2\n@classLabel false\n@data\n1,2,3:4,5,6\n7:8\n"
+    series, labels, _ = parse_ts(text)
+    assert series == [[[1, 4], [2, 5], [3, 6]], [[7, 8]]] and labels == []
+    task, model = untrained_speech()
+    unlabelled = tmp_path / "new.ts"
+    unlabelled.write_text("@classLabel false\n@data\n" + utterance_ts(4).removesuffix(":1\n"))
+    (line,) = task.predict(model, [str(unlabelled)], {})
+    assert line.startswith("speaker ") and line.endswith(f"\t{unlabelled}#1")
+
+
+def test_a_ts_value_that_is_not_a_number_names_its_line_and_place(tmp_path):
+    with pytest.raises(ValueError, match=r"<ts>:4: dimension 2, value 3: '\?'; expected a number"):
+        parse_ts("@dimensions 2\n@data\n1,2:3,4:a\n1,2,3:4,5,?:b\n")
+    with pytest.raises(ValueError, match=r"<ts>: @dimensions 'two'; expected a whole number"):
+        parse_ts("@dimensions two\n@data\n1:2:a\n")
+    task, model = untrained_speech()
+    bad = tmp_path / "bad.ts"
+    bad.write_text("@data\n" + utterance_ts(2) + utterance_ts(3).replace("0.2", "x", 1))
+    with pytest.raises(
+        RecipeError, match=rf"^{bad}:3: dimension 1, value 3: 'x'; expected a number$"
+    ):
+        task.predict(model, [str(bad)], {})
+
+
+@pytest.mark.parametrize("channels", [11, 13])
+def test_speech_predict_names_a_csv_of_the_wrong_width(tmp_path, channels):
+    task, model = untrained_speech(bidirectional=False)
+    narrow = tmp_path / "narrow.csv"
+    narrow.write_text("\n" + "\n".join(",".join(["0.5"] * channels) for _ in range(4)) + "\n")
+    message = rf"^{narrow} line 2 has {channels} values; expected one frame of 12 numbers per line$"
+    with pytest.raises(RecipeError, match=message):
+        task.predict(model, [str(narrow)], {})
+    with pytest.raises(RecipeError, match=message):
+        list(task.predict(model, [str(narrow)], {"stream": True}))
+
+
+def test_speech_predict_reads_files_that_open_with_a_byte_order_mark(tmp_path):
+    task, model = untrained_speech(bidirectional=False)
+    rows = "\r\n".join(",".join(f"{0.1 * (i + c):.1f}" for c in range(12)) for i in range(5))
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_text(rows, encoding="utf-8")
+    marked.write_text(rows, encoding="utf-8-sig")  # as a spreadsheet's "CSV UTF-8" is saved
+    want = [line.split("\t")[:2] for line in task.predict(model, [str(plain)], {})]
+    assert [line.split("\t")[:2] for line in task.predict(model, [str(marked)], {})] == want
+    streamed = list(task.predict(model, [str(marked)], {"stream": True}))
+    assert streamed == list(task.predict(model, [str(plain)], {"stream": True}))
+    ts = tmp_path / "marked.ts"
+    ts.write_text("@dimensions 12\n@data\n" + utterance_ts(3), encoding="utf-8-sig")
+    (line,) = task.predict(model, [str(ts)], {})
+    assert line.endswith(f"\t{ts}#1")
+
+
+def test_speech_predict_stream_of_a_source_without_frames_is_an_error(tmp_path, monkeypatch):
+    import io
+
+    task, model = untrained_speech(bidirectional=False)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n  \n")
+    message = "holds no frames; expected one line of 12 numbers per frame"
+    with pytest.raises(RecipeError, match=f"{blank} {message}"):
+        task.predict(model, [str(blank)], {})
+    with pytest.raises(RecipeError, match=f"^{blank} {message}$"):
+        list(task.predict(model, [str(blank)], {"stream": True}))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(RecipeError, match=f"^standard input {message}$"):
+        list(task.predict(model, ["-"], {"stream": True}))
+
+
+def test_sentiment_predict_and_explain_give_the_model_its_inputs_on_its_device():
+    task_cls = tasks.get("sentiment")
+    config = task_cls.make_config(
+        {"vectors": "none", "embed_size": 8, "hidden_size": 4, "ensemble": 1}
+    )
+    task = task_cls(config)
+    task.set_vocab({"tokens": Vocab(["a", "fine", "film"]).to_json(), "labels": ["neg", "pos"]})
+    model = task.build_model().eval()
+    task.device = torch.device("meta")  # standing for a GPU, where the model would be
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def forward(x, lengths, **kwargs):
+        seen.append((x.device.type, lengths.device.type))
+        raise Reached
+
+    model.forward = forward
+    for explain in (False, True):
+        with pytest.raises(Reached):
+            task.predict(model, ["a fine film"], {"explain": explain})
+    assert seen == [("meta", "meta")] * 2
+
+
+def test_tokenise_keeps_words_with_letters_beyond_ascii_whole():
+    assert tokenise("A naïve, clichéd CAFÉ scene isn't déjà-vu_") == [
+        "a",
+        "naïve",
+        ",",
+        "clichéd",
+        "café",
+        "scene",
+        "is",
+        "n't",
+        "déjà-vu",
+        "_",
+    ]
+    assert tokenise("東京物語 – «chef-d'œuvre»!") == [
+        "東京物語",
+        "–",
+        "«",
+        "chef-d",
+        "'",
+        "œuvre",
+        "»",
+        "!",
+    ]

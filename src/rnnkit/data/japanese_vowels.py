@@ -35,8 +35,9 @@ def parse_ts(text: str, source: str = "<ts>") -> tuple[list[Series], list[str], 
     """Parse a sktime/aeon ``.ts`` file of multivariate series with class labels.
 
     Returns (series, labels, header): each series is a list of frames of ``@dimensions`` values;
-    a data line holds one ``:``-separated comma list per dimension, then the label. Raises
-    ValueError naming the line for anything else.
+    a data line holds one ``:``-separated comma list per dimension, then the label, which a file
+    with ``@classLabel false`` leaves out (its labels are then empty). Raises ValueError naming
+    the line for anything else.
     """
     header: dict[str, str] = {}
     series: list[Series] = []
@@ -57,21 +58,42 @@ def parse_ts(text: str, source: str = "<ts>") -> tuple[list[Series], list[str], 
             raise ValueError(
                 f"{source}:{number}: expected a @header line before @data; got {line[:40]!r}"
             )
-        *channels, label = line.split(":")
-        dims = int(header.get("dimensions", len(channels)))
+        labelled = header.get("classlabel", "true").lower().split()[:1] != ["false"]
+        channels = line.split(":")
+        label = channels.pop() if labelled else None
+        try:
+            dims = int(header.get("dimensions", len(channels)))
+        except ValueError:
+            raise ValueError(
+                f"{source}: @dimensions {header['dimensions']!r}; expected a whole number"
+            ) from None
         if len(channels) != dims:
             raise ValueError(
                 f"{source}:{number}: {len(channels)} dimensions; expected @dimensions = {dims}"
             )
-        values = [[float(v) for v in ch.split(",")] for ch in channels]
+        values = [
+            _numbers(ch, f"{source}:{number}: dimension {d}") for d, ch in enumerate(channels, 1)
+        ]
         frames = {len(v) for v in values}
         if len(frames) != 1:
             raise ValueError(f"{source}:{number}: dimensions of different lengths {sorted(frames)}")
         series.append([list(frame) for frame in zip(*values, strict=True)])
-        labels.append(label.strip())
+        if label is not None:
+            labels.append(label.strip())
     if not in_data:
         raise ValueError(f"{source}: no @data section")
     return series, labels, header
+
+
+def _numbers(text: str, where: str) -> list[float]:
+    """The comma-separated numbers of one dimension; ValueError names ``where`` and the value."""
+    out = []
+    for k, v in enumerate(text.split(","), 1):
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise ValueError(f"{where}, value {k}: {v.strip()!r}; expected a number") from None
+    return out
 
 
 def load() -> dict[str, list[tuple[Series, str]]]:

@@ -9,11 +9,12 @@ __all__ = ["tokenise"]
 
 _TAGS = re.compile(r"<[^>]{0,40}>")
 # Clitics split off as in the Penn Treebank ("isn't" -> "is", "n't"; "film's" -> "film", "'s"),
-# then words (with inner hyphens: "well-made"), numbers, or one punctuation mark.
+# then words (with inner hyphens: "well-made"), numbers, or one punctuation mark. A word is a run of
+# letters and digits of any script ([^\W_]), so "cliché" stays one word, as GloVe has it.
 _TOKEN = re.compile(
-    r"[a-z0-9]+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b"  # clitics
-    r"|[a-z0-9]+(?:-[a-z0-9]+)*"  # words and numbers
-    r"|[^\sa-z0-9]"  # one punctuation mark
+    r"[^\W_]+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b"  # clitics
+    r"|[^\W_]+(?:-[^\W_]+)*"  # words and numbers
+    r"|[^\s\w]|_"  # one punctuation mark
 )
 
 

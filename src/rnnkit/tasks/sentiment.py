@@ -33,7 +33,7 @@ import torch
 
 from ..data import Vocab, glove, movie_reviews, pad, tokenise
 from ..data.vocab import SPECIALS, UNK
-from ..errors import RecipeError
+from ..errors import RecipeError, StorageError
 from ..models import ClassifierEnsemble, SequenceClassifier
 from ..models.classifier import CELLS, POOLING
 from .base import (
@@ -255,7 +255,7 @@ class SentimentTask(ClassifierHooks, Task):
         """Each input's label line, then one line per word: two spaces, the word (marked
         "(unknown)" when the vocabulary lacks it) padded to the longest, a tab, its attention
         weight, a tab and a bar of that length; the weights are drawn as heat strips in
-        ``run_dir/explain.png``."""
+        ``run_dir/explain.png`` (a :class:`StorageError` when it cannot be written)."""
         if model.attention is None:
             raise RecipeError(
                 f"this model pools by {model.pooling!r}, which has no per-word weights; --explain "
@@ -264,7 +264,7 @@ class SentimentTask(ClassifierHooks, Task):
         model.eval()
         words = [self.tokens(text) or [UNK] for text in inputs]
         seqs = [self.ids(text) for text in inputs]
-        x, lengths = pad(seqs)
+        x, lengths = self.to_device(pad(seqs))
         logits, weights = model(x, lengths, return_attention=True)
         probs = torch.softmax(logits, dim=-1)
         lines, strips = [], []
@@ -283,6 +283,12 @@ class SentimentTask(ClassifierHooks, Task):
         if self.run_dir is not None:
             from ..plots import attention_strips
 
-            path = attention_strips(strips, self.run_dir / EXPLAIN)
+            try:
+                path = attention_strips(strips, self.run_dir / EXPLAIN)
+            except OSError as e:
+                raise StorageError(
+                    f"cannot write {self.run_dir / EXPLAIN}: {e.strerror or e}; --explain draws "
+                    "the weights there"
+                ) from None
             lines.append(f"attention weights drawn in {path}")
         return lines

@@ -142,13 +142,14 @@ class SpeechTask(ClassifierHooks, Task):
         """Utterances in a ``.ts`` file (all of them) or a text/CSV file (one frame per line).
 
         Every value must be a number that float32 holds (finite, ``|x| <= 3.4e38``); the error
-        names the line and column (CSV) or the utterance, frame and channel (``.ts``).
+        names the line and column (CSV) or the utterance, frame and channel (``.ts``). A UTF-8
+        byte order mark (spreadsheets write one) is not part of the text.
         """
         if not path_text.strip():
             raise RecipeError("an input is empty; expected the path of a .ts or .csv file")
         path = Path(path_text)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except OSError as e:
             raise RecipeError(f"cannot read {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
@@ -166,6 +167,10 @@ class SpeechTask(ClassifierHooks, Task):
                 for f, frame in enumerate(frames):
                     for c, value in enumerate(frame):
                         _check_value(value, f"{path}#{k + 1} frame {f + 1}, channel {c + 1}")
+            if not series:
+                raise RecipeError(
+                    f"{path} holds no utterances; expected one data line per utterance after @data"
+                )
             return [(f"{path}#{k + 1}", s) for k, s in enumerate(series)]
         frames = list(self._csv_frames(text.splitlines(), str(path)))
         if not frames:
@@ -174,13 +179,21 @@ class SpeechTask(ClassifierHooks, Task):
 
     def _csv_frames(self, lines: Iterable[str], name: str) -> Iterator[list[float]]:
         """The frames of CSV/text ``lines`` (one frame of numbers per line, blank lines skipped),
-        each checked as it is read; errors name ``name``, the line and the column."""
+        each checked as it is read; errors name ``name``, the line and the column. A byte order
+        mark opening the first line (a file or standard input) is skipped."""
         width = 0
         first = 0  # the line of the first frame
         for number, line in enumerate(lines, 1):
+            if number == 1:
+                line = line.removeprefix("\ufeff")
             fields = line.replace(",", " ").split()
             if not fields:
                 continue
+            if not width and len(fields) != len(self.mean):
+                raise RecipeError(
+                    f"{name} line {number} has {len(fields)} values; expected one frame of "
+                    f"{len(self.mean)} numbers per line"
+                )
             if width and len(fields) != width:
                 raise RecipeError(
                     f"{name} line {number} has {len(fields)} values where line {first} has "
@@ -200,7 +213,8 @@ class SpeechTask(ClassifierHooks, Task):
     def stream(self, model: Any, source: str) -> Iterator[str]:
         """The running prediction after every frame of ``source`` (a CSV/text file, or ``-`` for
         standard input), read line by line as the frames arrive: the encoder reads each frame
-        once, from the state it reached (a unidirectional model)."""
+        once, from the state it reached (a unidirectional model). A source that ends before its
+        first frame is an error, as it is without ``--stream``."""
         if self.config.bidirectional:
             raise RecipeError(
                 "--stream needs a unidirectional model (a bidirectional one reads each utterance "
@@ -215,12 +229,19 @@ class SpeechTask(ClassifierHooks, Task):
                 lines = open(source, encoding="utf-8")  # closed below
             except OSError as e:
                 raise RecipeError(f"cannot read {source}: {e.strerror or e}") from None
+        k = 0
         try:
             for k, frame in enumerate(self._csv_frames(lines, source), 1):
                 x = self.to_device(self.features([frame]).unsqueeze(0))  # (1, 1, channels)
                 probs = torch.softmax(reader.push(x).float(), dim=-1)[0]
                 best = int(probs.argmax())
                 yield f"frame {k}\tspeaker {self.labels[best]}\t{float(probs[best]):.3f}"
+            if not k:
+                what = "standard input" if source == "-" else source
+                raise RecipeError(
+                    f"{what} holds no frames; expected one line of {len(self.mean)} numbers per "
+                    "frame"
+                )
         except UnicodeDecodeError as e:
             raise RecipeError(f"{source} is not UTF-8 text ({e.reason})") from None
         finally:
