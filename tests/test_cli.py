@@ -540,3 +540,26 @@ def test_errors_in_a_subprocess_are_one_line_with_their_exit_status(tmp_path):
             [sys.executable, "-m", "rnnkit.cli", *argv], env=env, capture_output=True, text=True
         )
         assert done.returncode == status and message in one_line(done.stderr), done.stderr
+
+
+def test_python_dash_m_rnnkit_is_the_rnnkit_command(tmp_path):
+    """``python -m rnnkit`` runs the CLI (where the scripts directory is not on PATH): its
+    exit status and its one-line errors are the command's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "rnnkit", "train", "nosuchtask"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "nosuchtask" in one_line(done.stderr), done.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "rnnkit", "--help"], env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0 and "train" in listed.stdout
