@@ -71,10 +71,10 @@ def scan(
     Regularisers (see :mod:`rnnkit.regularisers`): ``state_mask`` (B, n) multiplies h_{t-1}
     (the first state tensor) where the step's recurrent products read it: a built-in step (one
     that takes a ``state_mask`` keyword, as :func:`step_of`'s do) applies it itself, so a GRU's
-    carry reads the unmasked state; a custom cell is handed the masked state; ``zoneout`` holds, per state tensor, a
-    (T, B, n) bool mask (True = keep the previous value at that step) or an eval-mode probability;
-    with zoneout the output is the zoned-out h. With ``return_gates`` the step is called with
-    ``return_gates=True`` and its gates are returned stacked over time.
+    carry reads the unmasked state; a custom cell is handed the masked state. ``zoneout`` holds,
+    per state tensor, a (T, B, n) bool mask (True = keep the previous value at that step) or an
+    eval-mode probability; with zoneout the output is the zoned-out h. With ``return_gates`` the
+    step is called with ``return_gates=True`` and its gates are returned stacked over time.
 
     Returns ``(out (T, B, O), final_state)``, plus a tuple of (T, B, n) gates with ``return_gates``.
     """
