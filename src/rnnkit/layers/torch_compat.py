@@ -94,9 +94,7 @@ class _RNNBase(PlainPickle, nn.Module):
         self.proj_size = proj_size
         self.backend = backends.check_name(backend)
         self.regularisers = regularisers or Regularisers()
-        self.regularisers.check_states(
-            2 if SPECS[mode].family == "lstm" else 1, type(self).__name__
-        )
+        self.regularisers.check_states(len(SPECS[mode].states), type(self).__name__)
         self.checkpoint = check_checkpoint(checkpoint)
         if self.dropout > 0 and num_layers == 1:
             warnings.warn(
