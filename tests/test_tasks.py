@@ -547,3 +547,12 @@ def test_tokenise_keeps_words_with_letters_beyond_ascii_whole():
         "»",
         "!",
     ]
+
+
+def test_tokenise_composes_accents_typed_as_combining_marks():
+    import unicodedata
+
+    composed = "Un café naïve, déjà VU"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed  # "e" + U+0301 and so on
+    assert tokenise(decomposed) == tokenise(composed) == ["un", "café", "naïve", ",", "déjà", "vu"]

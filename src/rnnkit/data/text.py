@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 
 __all__ = ["tokenise"]
 
@@ -19,10 +20,13 @@ _TOKEN = re.compile(
 
 
 def tokenise(text: str) -> list[str]:
-    """Lower-cased word and punctuation tokens; HTML line breaks and entities are removed first.
+    """Lower-cased word and punctuation tokens; HTML line breaks and entities are removed first,
+    and accents are composed (Unicode NFC), so "café" typed as "e" + a combining accent is the
+    same one token as the precomposed "é".
 
     >>> tokenise("A well-made film.<br />Isn't it?")
     ['a', 'well-made', 'film', '.', 'is', "n't", 'it', '?']
     """
-    text = _TAGS.sub(" ", html.unescape(text)).lower().replace("’", "'")
+    text = unicodedata.normalize("NFC", _TAGS.sub(" ", html.unescape(text)))
+    text = text.lower().replace("’", "'")
     return _TOKEN.findall(text)
