@@ -479,6 +479,9 @@ def test_charlm_predict_samples_with_a_checked_temperature(capsys, tmp_path):
         ("1,2,3,4,5,6,7,8,9,10,11,1e300\n", "line 1, column 12: 1e+300; expected |x| <= 3.4e+38"),
         ("1,2,3,4,5,6,7,8,9,10,11,x\n", "line 1, column 12: 'x'; expected a number"),
         ("1,2,3,4,5,6,7,8,9,10,11,12\n1,2,3\n", "line 2 has 3 values where line 1 has 12"),
+        # thirteen fields, one empty: twelve numbers, but the columns would be shifted
+        ("1,2,,3,4,5,6,7,8,9,10,11,12\n", "line 1, column 3 is empty; expected one frame"),
+        ("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,\n", "line 1, column 13 is empty"),
     ],
 )
 def test_speech_predict_refuses_bad_values_naming_row_and_column(
@@ -563,3 +566,17 @@ def test_python_dash_m_rnnkit_is_the_rnnkit_command(tmp_path):
         [sys.executable, "-m", "rnnkit", "--help"], env=env, capture_output=True, text=True
     )
     assert listed.returncode == 0 and "train" in listed.stdout
+
+
+def test_speech_predict_reads_commas_with_spaces_as_whitespace_separated_frames(
+    capsys, speech_run, tmp_path
+):
+    rows = [[round(0.1 * (r + 1) * (c - 5), 3) for c in range(12)] for r in range(6)]
+    outputs = []
+    for name, sep in [("commas.csv", ","), ("spaced.csv", ", "), ("plain.txt", " ")]:
+        path = tmp_path / name
+        path.write_text("".join(sep.join(map(str, row)) + "\n" for row in rows))
+        code, out, err = run(capsys, "predict", str(speech_run), str(path))
+        assert code == 0, err
+        outputs.append(out.split("\t")[:2])  # the speaker and its probability
+    assert outputs[0] == outputs[1] == outputs[2]

@@ -178,7 +178,8 @@ class SpeechTask(ClassifierHooks, Task):
         return [(str(path), frames)]
 
     def _csv_frames(self, lines: Iterable[str], name: str) -> Iterator[list[float]]:
-        """The frames of CSV/text ``lines`` (one frame of numbers per line, blank lines skipped),
+        """The frames of CSV/text ``lines`` (one frame of numbers per line, separated by commas or
+        by whitespace; blank lines skipped, an empty field between commas an error),
         each checked as it is read; errors name ``name``, the line and the column. A byte order
         mark opening the first line (a file or standard input) is skipped."""
         width = 0
@@ -186,9 +187,17 @@ class SpeechTask(ClassifierHooks, Task):
         for number, line in enumerate(lines, 1):
             if number == 1:
                 line = line.removeprefix("\ufeff")
-            fields = line.replace(",", " ").split()
-            if not fields:
+            if not line.strip():
                 continue
+            # Comma-separated (spaces around the commas allowed) or whitespace-separated; an
+            # empty field between commas is an error, not a column silently dropped.
+            fields = [f.strip() for f in line.split(",")] if "," in line else line.split()
+            for c, field in enumerate(fields, 1):
+                if not field:
+                    raise RecipeError(
+                        f"{name} line {number}, column {c} is empty; expected one frame of "
+                        f"{len(self.mean)} numbers per line, separated by commas or spaces"
+                    )
             if not width and len(fields) != len(self.mean):
                 raise RecipeError(
                     f"{name} line {number} has {len(fields)} values; expected one frame of "
