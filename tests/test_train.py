@@ -443,3 +443,12 @@ def test_training_on_the_cpu_flushes_subnormals_and_restores_after(tmp_path, flu
           hook=lambda p: seen.append(_flushing()))  # fmt: skip
     assert seen and set(seen) == {flush}
     assert not _flushing()  # the caller's setting is back
+
+
+def test_eta_is_the_rate_so_far_and_never_negative():
+    from rnnkit.train import _clock, _eta
+
+    assert _eta(30, 20.0, 10) == 60.0  # 10 batches in 20 s, 30 to go
+    assert _eta(-1, 20.0, 10) == 0.0  # an epoch one batch longer than the bar counts
+    assert _eta(5, 0.0, 0) == 0.0
+    assert _clock(_eta(-1, 20.0, 10)) == "0:00:00"

@@ -453,6 +453,12 @@ def format_metrics(split: str, metrics: dict[str, Any]) -> str:
     return f"{split} " + " ".join(parts)
 
 
+def _eta(batches_left: int, seconds: float, batches_done: int) -> float:
+    """Seconds left at the rate so far; never negative (the bar counts every epoch at the first
+    epoch's length, and a later epoch of charlm's may hold one batch more)."""
+    return max(batches_left, 0) * seconds / max(batches_done, 1)
+
+
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
@@ -1177,7 +1183,7 @@ def _train_epochs(
                 bar.set_postfix(shown, refresh=False)
                 if not show and now - last_log >= LOG_SECONDS:
                     last_log = now
-                    left = (bar.total - bar.n) * (now - start) / done_here
+                    left = _eta(bar.total - bar.n, now - start, done_here)
                     if budget:
                         left = min(left, max(budget - p.seconds, 0.0))
                     say(
