@@ -92,6 +92,23 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
     assert_same_run(tmp_path / "whole", run)
 
 
+def test_a_sentiment_run_started_over_begins_from_the_word_vectors(tmp_path):
+    # Killed before its first checkpoint, the run is started over by --resume from the saved
+    # vocab.json: it must begin from the GloVe vectors as the uninterrupted run does, not from
+    # random embeddings (nor freeze random rows with --freeze-vectors).
+    need_data("sentiment")
+    need_data("glove")
+    overrides = {**TINY["sentiment"], "vectors": "glove50", "epochs": 1, "ensemble": 1}
+    overrides.pop("embed_size")
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train("sentiment", overrides, out=run, progress=False, hook=kill_at(1))
+    assert (run / "vocab.json").exists() and not (run / "resume.safetensors").exists()
+    train("sentiment", {}, out=run, resume=True, progress=False)
+    train("sentiment", overrides, out=tmp_path / "whole", progress=False)
+    assert_same_run(tmp_path / "whole", run)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "rnnkit.cli", *args, "--threads", "1", "--no-progress"]
 

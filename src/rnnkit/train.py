@@ -773,6 +773,9 @@ def _train(
     data = {k: task.encode(v) for k, v in splits.items()}
     sizes = {k: task.size(v) for k, v in splits.items()}
 
+    # A run without a checkpoint (new, or started over by a resume that found none, with the
+    # vocabulary it saved) builds its initial weights as a new run does, pretrained parts included.
+    task.fresh = state is None
     torch.manual_seed(config.seed)
     model = task.build_model()  # on the CPU: the same initial weights on every device
     model.to(dev)

@@ -249,6 +249,11 @@ class Task:
     #: The run directory of a loaded model (set by :func:`rnnkit.train.load_run`), where
     #: :meth:`predict` may write pictures; None while training.
     run_dir: Path | None = None
+    #: Whether the model that :meth:`build_model` makes next starts training from its initial
+    #: weights (set by :mod:`rnnkit.train`: a new run, or a resumed run that had no checkpoint
+    #: and starts over), so that it may begin from pretrained data (sentiment's word vectors);
+    #: False when saved weights replace them (a resume from a checkpoint, a loaded run).
+    fresh: bool = False
 
     #: Where the model is (set by :mod:`rnnkit.train`): the hooks that build tensors for the
     #: model (evaluation, prediction) put them here with :meth:`to_device`.

@@ -191,7 +191,7 @@ class SentimentTask(ClassifierHooks, Task):
             frequent = sorted(rows, key=rows.__getitem__)[: c.glove_words]
             with_vectors += [w for w in frequent if w not in have]
         tokens = Vocab(with_vectors + [t for t in kept if t not in rows]).to_json()
-        self.fresh = True  # build_model starts from the vectors (not on a resume or a load)
+        self.fresh = True  # build_model starts from the vectors (rnnkit.train sets it too)
         return {
             "tokens": tokens,
             "labels": list(self.labels),
@@ -216,7 +216,7 @@ class SentimentTask(ClassifierHooks, Task):
         c = self.config
         vectors = frozen = None
         pretrained = slice(len(SPECIALS), len(SPECIALS) + self.with_vectors)
-        if c.vectors != "none" and getattr(self, "fresh", False):
+        if c.vectors != "none" and self.fresh:
             # Rows without a vector keep nn.Embedding's N(0, 1) start scaled to the vectors' spread.
             found, _ = glove.lookup(self.vocab.itos[pretrained])
             vectors = torch.randn(len(self.vocab), c.embed_size) * found.std()
