@@ -235,6 +235,29 @@ def test_bad_option_values(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("units", "max_vocab", "message"),
+    [
+        ("unigram", "4000", "max_vocab = 4000; expected --max-vocab <= "),
+        ("bpe", "4000", "max_vocab = 4000; expected --max-vocab <= "),
+        ("unigram", "8", "max_vocab = 8; expected --max-vocab >= "),
+    ],
+)
+def test_a_subword_vocabulary_the_training_text_cannot_fill_is_one_line(
+    capsys, tmp_path, units, max_vocab, message
+):
+    # `--limit 40` (a quick check) leaves too little text for the default 4,000 pieces, and 8
+    # cannot hold the characters it uses: sentencepiece's own error became a traceback.
+    need_data("translate")
+    pytest.importorskip("sentencepiece")
+    overrides = {**TINY["translate"], "limit": 40, "units": units, "max_vocab": max_vocab}
+    code, _, err = run(
+        capsys, "train", "translate", "--out", str(tmp_path / "r"), *cli_args(overrides)
+    )
+    assert code == 2 and "Traceback" not in err, err
+    assert message in err.strip().splitlines()[-1], err
+
+
 def test_missing_data_package_names_the_install_command(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(packages, "package_dir", lambda module: None)
     for task, command in [

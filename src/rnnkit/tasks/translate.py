@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -257,16 +258,26 @@ def train_subwords(texts: list[str], kind: str, size: int, seed: int = SPLIT_SEE
     """A sentencepiece model (``kind`` "unigram" or "bpe", ``size`` pieces) of ``texts``, as the
     bytes of its model file. Ids 0-3 are the specials of :class:`~rnnkit.data.Vocab`; text is not
     normalised (decoding gives the text back); every character seen is covered; at most
-    :data:`SUBWORD_SENTENCES` distinct texts (a seeded sample) train it."""
+    :data:`SUBWORD_SENTENCES` distinct texts (a seeded sample) train it. A ``size`` that the
+    texts cannot fill, or too small for the characters they use, is a :class:`RecipeError`
+    naming the ``--max-vocab`` that fits."""
     import io
 
     spm = _sentencepiece()
     unique = sorted(set(texts))
     random.Random(seed).shuffle(unique)
     out = io.BytesIO()
+    try:
+        _train_sentencepiece(spm, unique[:SUBWORD_SENTENCES], out, kind, size)
+    except RuntimeError as e:
+        raise _vocab_size_error(str(e), kind, size, min(len(unique), SUBWORD_SENTENCES)) from None
+    return out.getvalue()
+
+
+def _train_sentencepiece(spm: Any, texts: list[str], out: Any, kind: str, size: int) -> None:
     pad, bos, eos, unk = SPECIALS
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(unique[:SUBWORD_SENTENCES]),
+        sentence_iterator=iter(texts),
         model_writer=out,
         model_type=kind,
         vocab_size=size,
@@ -284,4 +295,23 @@ def train_subwords(texts: list[str], kind: str, size: int, seed: int = SPLIT_SEE
         num_threads=torch.get_num_threads(),
         minloglevel=2,
     )
-    return out.getvalue()
+
+
+def _vocab_size_error(message: str, kind: str, size: int, texts: int) -> RecipeError:
+    """sentencepiece's refusal of ``size`` pieces as one line naming the ``--max-vocab`` that
+    fits (its messages: "... too high (4000). Please set it to a value <= 257." and "...
+    smaller than required_chars. 8 vs 60. ...")."""
+    high = re.search(r"too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+    if high:
+        return RecipeError(
+            f"max_vocab = {size}; expected --max-vocab <= {high.group(1)}: the training split "
+            f"({texts:,} distinct texts) makes at most that many {kind} pieces"
+        )
+    low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if low:
+        return RecipeError(
+            f"max_vocab = {size}; expected --max-vocab >= {low.group(1)}: every character of the "
+            "training split and the special tokens need a piece of their own"
+        )
+    line = message.strip().splitlines()[0] if message.strip() else "no message"
+    return RecipeError(f"sentencepiece cannot train {size} {kind} pieces: {line}")
