@@ -258,6 +258,28 @@ def test_a_subword_vocabulary_the_training_text_cannot_fill_is_one_line(
     assert message in err.strip().splitlines()[-1], err
 
 
+def test_charlm_trains_on_a_limit_shorter_than_its_window(capsys, tmp_path):
+    # `--limit 20` with 32-character windows: one window of the whole text, where the windows'
+    # start positions used to be a torch traceback.
+    need_data("charlm")
+    out = tmp_path / "short"
+    code, stdout, err = run(
+        capsys, "train", "charlm", "--out", str(out), *cli_args({**TINY["charlm"], "limit": 20})
+    )
+    assert code == 0, err
+    assert stdout.strip().splitlines()[-1].startswith("test bits_per_char=")
+    code, _, err = run(
+        capsys,
+        "train",
+        "charlm",
+        "--out",
+        str(tmp_path / "one"),
+        *cli_args({**TINY["charlm"], "limit": 1}),
+    )
+    assert code == 2 and "Traceback" not in err, err
+    assert "limit = 1; expected --limit >= 2" in err
+
+
 def test_missing_data_package_names_the_install_command(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(packages, "package_dir", lambda module: None)
     for task, command in [

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..data import Vocab, shakespeare
 from ..data.vocab import SPECIALS
+from ..errors import RecipeError
 from ..layers import detach_state
 from ..models import CharLM
 from ..models.classifier import CELLS
@@ -75,6 +76,11 @@ class CharLMTask(Task):
             k: ["\n".join(text for _, text in plays)] for k, plays in shakespeare.load().items()
         }
         if self.config.limit:
+            if self.config.limit < 2:  # a character to read and the next one to predict
+                raise RecipeError(
+                    f"limit = {self.config.limit}; expected --limit >= 2 (characters of each "
+                    "text: one to read and the next to predict), or 0 for all"
+                )
             splits = {k: [v[0][: self.config.limit]] for k, v in splits.items()}
         return splits
 
@@ -98,8 +104,9 @@ class CharLMTask(Task):
             return self._stream_batches(data, generator)
         span = self.config.seq_len
         offset = int(torch.randint(span, (1,), generator=generator))
-        starts = torch.arange(offset, len(data) - span - 1, span)
-        if len(starts) == 0:
+        stop = len(data) - span - 1
+        starts = torch.arange(offset, max(stop, offset), span)
+        if len(starts) == 0:  # a text no longer than a window and its offset: one window from 0
             starts = torch.zeros(1, dtype=torch.long)
         starts = starts[torch.randperm(len(starts), generator=generator)].tolist()
         size = self.config.batch_size
