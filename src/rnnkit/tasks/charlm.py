@@ -82,6 +82,13 @@ class CharLMTask(Task):
                     "text: one to read and the next to predict), or 0 for all"
                 )
             splits = {k: [v[0][: self.config.limit]] for k, v in splits.items()}
+        c, chars = self.config, len(splits["train"][0])
+        if c.bptt and chars < (c.batch_size + 1) * c.bptt:  # every epoch's offset (< bptt) fits
+            raise RecipeError(
+                f"bptt = {c.bptt} with {c.batch_size} streams needs "
+                f"{(c.batch_size + 1) * c.bptt} characters of training text; it has {chars} "
+                "(lower --bptt or --batch-size, or raise --limit)"
+            )
         return splits
 
     def size(self, examples: list[str]) -> int:
@@ -119,7 +126,7 @@ class CharLMTask(Task):
         offset = int(torch.randint(span, (1,), generator=generator))
         per = (len(data) - 1 - offset) // streams  # characters per stream
         if per < span:
-            raise ValueError(
+            raise RecipeError(
                 f"bptt = {span} with {streams} streams needs {streams * span + offset + 1} "
                 f"characters; the training text has {len(data)} (lower --bptt or --batch-size)"
             )
