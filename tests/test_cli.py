@@ -517,6 +517,17 @@ def test_charlm_temperature_must_be_finite(capsys, tmp_path, value, message):
     assert code == 2 and "--length -5; expected >= 0" in one_line(err)
 
 
+@pytest.mark.parametrize(
+    "value", ["99999999999999999999999", "18446744073709551616", "-9223372036854775809"]
+)
+def test_charlm_predict_seed_beyond_the_generator_is_one_line(capsys, tmp_path, value):
+    # torch's generator takes seeds in [-2**63, 2**64): beyond, predict was a ValueError traceback
+    charlm = fake_run(tmp_path / "charlm", "charlm")
+    code, _, err = run(capsys, "predict", str(charlm), "ROMEO:", "--seed", value)
+    expected = f"--seed {value}; expected -9223372036854775808 <= seed <= 18446744073709551615"
+    assert code == 2 and expected in one_line(err)
+
+
 def test_charlm_predict_samples_with_a_checked_temperature(capsys, tmp_path):
     need_data("charlm")
     out = tmp_path / "charlm"

@@ -216,20 +216,33 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PredictOption:
     """An option of ``rnnkit predict`` for one task (e.g. charlm's ``--temperature``): a number
-    of ``type``, finite and at least ``minimum`` when that is set."""
+    of ``type``, finite and at least ``minimum`` and at most ``maximum`` when those are set."""
 
     type: type
     default: Any
     help: str
     minimum: float | None = None
+    maximum: float | None = None
 
     def check(self, name: str, value: Any) -> None:
         """Raise ValueError naming the flag when ``value`` is not a usable setting."""
         if isinstance(value, float) and not math.isfinite(value):
             low = f" >= {self.minimum:g}" if self.minimum is not None else ""
             raise ValueError(f"{flag(name)} {value}; expected a finite number{low}")
+        if self.maximum is not None and (
+            value > self.maximum or (self.minimum is not None and value < self.minimum)
+        ):
+            low = "" if self.minimum is None else f"{_bound(self.minimum)} <= "
+            raise ValueError(
+                f"{flag(name)} {value}; expected {low}{name} <= {_bound(self.maximum)}"
+            )
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"{flag(name)} {value}; expected >= {self.minimum:g}")
+
+
+def _bound(value: float) -> str:
+    """A bound as a message shows it: an integer in full, a float as ``%g``."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 class Task:

@@ -66,7 +66,9 @@ class CharLMTask(Task):
             float, 0.8, "sampling temperature; 0 = most likely character", minimum=0
         ),
         "length": PredictOption(int, 300, "characters to generate after each prompt", minimum=0),
-        "seed": PredictOption(int, 0, "seed of the sampling"),
+        "seed": PredictOption(
+            int, 0, "seed of the sampling", minimum=-(2**63), maximum=2**64 - 1
+        ),  # what torch.Generator.manual_seed takes
     }
 
     config: CharLMConfig
