@@ -14,6 +14,7 @@ import torch
 import rnnkit
 from rnnkit.models import (
     ATTENTIONS,
+    CharLM,
     DecoderState,
     Seq2Seq,
     Seq2SeqConfig,
@@ -576,3 +577,12 @@ def test_learns_to_reverse_sequences() -> None:
     model.eval()
     beam = model.beam_search(test_src, test_lengths, beam_size=3, max_len=8).to_lists(EOS)
     assert sum(g == e for g, e in zip(beam, expected, strict=True)) / len(expected) >= 0.99
+
+
+def test_charlm_sampling_at_a_tiny_temperature_is_the_most_likely_text():
+    torch.manual_seed(0)
+    model = CharLM(vocab_size=12, embed_size=8, hidden_size=16)
+    greedy = model.sample([4, 5], 20, temperature=0, banned=range(4))
+    for temperature in (1e-40, 1e-30):  # the logits / temperature overflow float32 unshifted
+        gen = torch.Generator().manual_seed(0)
+        assert model.sample([4, 5], 20, temperature, gen, banned=range(4)) == greedy

@@ -81,7 +81,9 @@ class CharLM(nn.Module):
             if temperature == 0:
                 nxt = int(last.argmax())
             else:
-                probs = torch.softmax(last / temperature, dim=-1)
+                # Shifted so that the largest logit is 0 before dividing: a temperature as small
+                # as 1e-40 then sharpens towards the most likely id instead of overflowing.
+                probs = torch.softmax((last - last.max()) / temperature, dim=-1)
                 nxt = int(torch.multinomial(probs, 1, generator=generator))
             out.append(nxt)
             logits, state = self(torch.tensor([[nxt]], device=device), state)
