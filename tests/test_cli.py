@@ -115,6 +115,11 @@ def test_train_evaluate_predict(capsys, speech_run, tmp_path):
     )
     code, out, _ = run(capsys, "predict", str(speech_run), str(ts))
     assert code == 0 and len(out.strip().splitlines()) == 2 and "two.ts#2" in out
+    upper = tmp_path / "TWO.TS"  # the extension in capitals is still the .ts format
+    upper.write_text(ts.read_text())
+    code, out_upper, err = run(capsys, "predict", str(speech_run), str(upper))
+    assert code == 0, err
+    assert out_upper.replace("TWO.TS", "two.ts") == out
 
 
 def test_train_prints_test_metrics_last(capsys, tmp_path):

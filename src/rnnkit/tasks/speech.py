@@ -157,7 +157,7 @@ class SpeechTask(ClassifierHooks, Task):
                 f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                 "expected a .ts file or a CSV of numbers, one frame per line"
             ) from None
-        if path.suffix == ".ts":
+        if path.suffix.lower() == ".ts":  # "T3.TS" too
             try:
                 series, _, _ = japanese_vowels.parse_ts(text, str(path))
             except ValueError as e:
