@@ -138,6 +138,14 @@ def test_train_prints_test_metrics_last(capsys, tmp_path):
     assert "backend: " in err and "epoch 1/1" in err
 
 
+def test_speech_limit_below_the_speakers_is_one_line_naming_the_least(capsys, tmp_path):
+    need_data("speech")
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", "speech", "--out", str(out), "--limit", "3")
+    assert code == 2 and "limit = 3; expected --limit >= 9" in one_line(err), err
+    assert not out.exists()
+
+
 def test_sentiment_predict_prints_label_and_probability(capsys, sentiment_run):
     code, out, _ = run(capsys, "predict", str(sentiment_run), "a gorgeous, witty movie.", "dull")
     assert code == 0

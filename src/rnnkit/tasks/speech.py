@@ -94,6 +94,12 @@ class SpeechTask(ClassifierHooks, Task):
     def load_splits(self) -> dict[str, list[tuple[list[list[float]], str]]]:
         splits = japanese_vowels.load()
         if self.config.limit:  # a slice with every speaker: take the utterances round-robin
+            speakers = len({label for _, label in splits["train"]})
+            if self.config.limit < speakers:
+                raise RecipeError(
+                    f"limit = {self.config.limit}; expected --limit >= {speakers} (one utterance "
+                    "of each speaker in every split), or 0 for all"
+                )
             splits = {k: _round_robin(v)[: self.config.limit] for k, v in splits.items()}
         return splits
 
