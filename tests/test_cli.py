@@ -138,6 +138,27 @@ def test_train_prints_test_metrics_last(capsys, tmp_path):
     assert "backend: " in err and "epoch 1/1" in err
 
 
+def test_speech_predict_names_a_ts_file_with_the_wrong_number_of_channels(
+    capsys, speech_run, tmp_path
+):
+    line = ":".join(",".join(["0.5"] * 8) for _ in range(12))  # 12 channels, no label
+    cases = [
+        ("@data\n" + line + "\n", "#1 has 11 channels; expected 12 (the file does not say"),
+        (
+            "@classLabel false\n@data\n" + line + ":" + ",".join(["0.5"] * 8) + "\n",
+            "#1 has 13 channels; expected 12",
+        ),
+    ]
+    for content, message in cases:
+        ts = tmp_path / "unlabelled.ts"
+        ts.write_text(content)
+        code, _, err = run(capsys, "predict", str(speech_run), str(ts))
+        assert code == 2 and f"unlabelled.ts{message}" in one_line(err), err
+    ts.write_text("@classLabel false\n@data\n" + line + "\n")
+    code, out, err = run(capsys, "predict", str(speech_run), str(ts))
+    assert code == 0 and "unlabelled.ts#1" in out, err
+
+
 def test_speech_limit_below_the_speakers_is_one_line_naming_the_least(capsys, tmp_path):
     need_data("speech")
     out = tmp_path / "r"

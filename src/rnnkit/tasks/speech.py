@@ -165,11 +165,22 @@ class SpeechTask(ClassifierHooks, Task):
             ) from None
         if path.suffix.lower() == ".ts":  # "T3.TS" too
             try:
-                series, _, _ = japanese_vowels.parse_ts(text, str(path))
+                series, _, header = japanese_vowels.parse_ts(text, str(path))
             except ValueError as e:
                 where = "" if str(e).startswith(str(path)) else f"{path}: "
                 raise RecipeError(f"{where}{e}") from None
             for k, frames in enumerate(series):
+                width = len(frames[0]) if frames else len(self.mean)
+                if width != len(self.mean):
+                    hint = (
+                        " (the file does not say '@classLabel false', so the last field of each "
+                        "line was read as its label)"
+                        if width == len(self.mean) - 1 and "classlabel" not in header
+                        else ""
+                    )
+                    raise RecipeError(
+                        f"{path}#{k + 1} has {width} channels; expected {len(self.mean)}{hint}"
+                    )
                 for f, frame in enumerate(frames):
                     for c, value in enumerate(frame):
                         _check_value(value, f"{path}#{k + 1} frame {f + 1}, channel {c + 1}")
