@@ -99,6 +99,30 @@ def test_unknown_nonlinearity_and_merge_mode() -> None:
         rnnkit.Bidirectional(fwd, rnnkit.Recurrent(rnnkit.GRUCell(I, H)))
 
 
+def test_wrappers_refuse_layers_of_different_layouts() -> None:
+    # A batch-first layer beside a time-major one would read time as batch: refused when built.
+    def gru(batch_first: bool, reverse: bool = False, i: int = I) -> rnnkit.Recurrent:
+        return rnnkit.Recurrent(rnnkit.GRUCell(i, H), reverse=reverse, batch_first=batch_first)
+
+    with pytest.raises(
+        ValueError,
+        match="the backward layer has batch_first=True, but the forward layer has "
+        "batch_first=False; expected every layer to read the same layout",
+    ):
+        rnnkit.Bidirectional(gru(False), gru(True, reverse=True))
+    with pytest.raises(
+        ValueError, match=r"layers\[1\] has batch_first=False, but layers\[0\] has batch_first=True"
+    ):
+        rnnkit.Stacked([gru(True), gru(False, i=H)])
+    bi = rnnkit.Bidirectional(gru(True), gru(True, reverse=True))
+    assert bi.batch_first is True
+    with pytest.raises(ValueError, match=r"layers\[1\] has batch_first=False"):
+        rnnkit.Stacked([bi, rnnkit.GRU(2 * H, H)])
+    stack = rnnkit.Stacked([bi, rnnkit.GRU(2 * H, H, batch_first=True)])
+    assert stack.batch_first is True
+    assert stack(torch.randn(B, T, I))[0].shape == (B, T, H)
+
+
 @pytest.mark.parametrize("cls", [rnnkit.RNN, rnnkit.GRU])
 def test_proj_size_only_on_lstm(cls) -> None:
     name = cls.__name__

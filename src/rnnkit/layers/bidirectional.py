@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..backends import Direction, StackMasks
-from .composite import Composite
+from .composite import Composite, check_layouts
 from .recurrent import (
     cell_state,
     dispatch_request,
@@ -76,6 +76,7 @@ class Bidirectional(Composite):
                 "the backward layer has reverse=False; expected a layer reading the sequence "
                 "backwards, e.g. Recurrent(cell, reverse=True)"
             )
+        check_layouts([("the forward layer", forward), ("the backward layer", backward)])
         self.forward_layer = forward
         self.backward_layer = backward
         self.merge = check_merge(merge)

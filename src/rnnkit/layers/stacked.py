@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..backends import Direction, StackMasks
 from ..regularisers import check_probability
 from .bidirectional import Bidirectional, merge
-from .composite import Composite
+from .composite import Composite, check_layouts
 from .recurrent import (
     cell_state,
     dispatch_request,
@@ -60,6 +60,7 @@ class Stacked(Composite):
         self.layers = nn.ModuleList(layers)
         if len(self.layers) == 0:
             raise ValueError("layers is empty; expected at least one layer")
+        check_layouts([(f"layers[{k}]", layer) for k, layer in enumerate(self.layers)])
         self.dropout = check_dropout(dropout)
 
     @property
