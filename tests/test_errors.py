@@ -123,6 +123,35 @@ def test_wrappers_refuse_layers_of_different_layouts() -> None:
     assert stack(torch.randn(B, T, I))[0].shape == (B, T, H)
 
 
+def test_wrappers_refuse_layers_whose_sizes_do_not_chain() -> None:
+    def gru(i: int, h: int = H, reverse: bool = False) -> rnnkit.Recurrent:
+        return rnnkit.Recurrent(rnnkit.GRUCell(i, h), reverse=reverse)
+
+    with pytest.raises(
+        ValueError,
+        match="the backward layer has input_size = 5, but the forward layer has input_size = 4",
+    ):
+        rnnkit.Bidirectional(gru(I), gru(I + 1, reverse=True))
+    with pytest.raises(
+        ValueError,
+        match="merge = 'sum' combines .* forward layer outputs 6 features and the backward layer 7",
+    ):
+        rnnkit.Bidirectional(gru(I), gru(I, H + 1, reverse=True), merge="sum")
+    with pytest.raises(
+        ValueError, match=r"layers\[1\] has input_size = 4, but layers\[0\] outputs 6 features"
+    ):
+        rnnkit.Stacked([gru(I), gru(I)])
+    # concatenated directions of different sizes: output_size is their sum, and a stack reads it
+    bi = rnnkit.Bidirectional(gru(I), gru(I, H + 1, reverse=True))
+    assert bi.output_size == 2 * H + 1
+    stack = rnnkit.Stacked([bi, gru(bi.output_size)])
+    assert stack(torch.randn(T, B, I), lengths=[5, 0, 2])[0].shape == (T, B, H)
+    with pytest.raises(
+        ValueError, match=r"layers\[1\] has input_size = 12, but layers\[0\] outputs 13"
+    ):
+        rnnkit.Stacked([bi, gru(2 * H)])
+
+
 @pytest.mark.parametrize("cls", [rnnkit.RNN, rnnkit.GRU])
 def test_proj_size_only_on_lstm(cls) -> None:
     name = cls.__name__

@@ -37,6 +37,24 @@ def check_merge(mode: Any) -> str | None:
     return mode
 
 
+def check_sizes(forward: nn.Module, backward: nn.Module, mode: str | None) -> None:
+    """ValueError unless both layers read the same features and, for a merge that combines
+    their outputs element by element, output as many (layers that do not say are not checked)."""
+    f_in, b_in = (getattr(layer, "input_size", None) for layer in (forward, backward))
+    if None not in (f_in, b_in) and f_in != b_in:
+        raise ValueError(
+            f"the backward layer has input_size = {b_in}, but the forward layer has input_size "
+            f"= {f_in}; expected both to read the same input features"
+        )
+    f_out, b_out = (getattr(layer, "output_size", None) for layer in (forward, backward))
+    if mode not in ("concat", None) and None not in (f_out, b_out) and f_out != b_out:
+        raise ValueError(
+            f"merge = {mode!r} combines the outputs element by element, but the forward layer "
+            f"outputs {f_out} features and the backward layer {b_out}; expected the same "
+            "output_size (or merge='concat')"
+        )
+
+
 def merge(a: Any, b: Any, mode: str | None) -> Any:
     """Merge forward and backward outputs (Tensors or PackedSequences of the same layout)."""
     if mode is None:
@@ -80,6 +98,7 @@ class Bidirectional(Composite):
         self.forward_layer = forward
         self.backward_layer = backward
         self.merge = check_merge(merge)
+        check_sizes(forward, backward, self.merge)
 
     @property
     def input_size(self) -> int:
@@ -88,7 +107,9 @@ class Bidirectional(Composite):
     @property
     def output_size(self) -> int:
         size = self.forward_layer.output_size
-        return 2 * size if self.merge == "concat" else size
+        if self.merge == "concat":  # both directions' features, side by side
+            return size + getattr(self.backward_layer, "output_size", size)
+        return size
 
     def extra_repr(self) -> str:
         return f"merge={self.merge!r}"

@@ -61,6 +61,14 @@ class Stacked(Composite):
         if len(self.layers) == 0:
             raise ValueError("layers is empty; expected at least one layer")
         check_layouts([(f"layers[{k}]", layer) for k, layer in enumerate(self.layers)])
+        for k in range(1, len(self.layers)):
+            below = getattr(self.layers[k - 1], "output_size", None)
+            reads = getattr(self.layers[k], "input_size", None)
+            if None not in (below, reads) and below != reads:
+                raise ValueError(
+                    f"layers[{k}] has input_size = {reads}, but layers[{k - 1}] outputs {below} "
+                    f"features; expected each layer to read the output of the one below it"
+                )
         self.dropout = check_dropout(dropout)
 
     @property
