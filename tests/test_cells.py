@@ -47,6 +47,37 @@ def test_state_dicts_load_both_ways_and_steps_agree(make_mine, make_ref) -> None
     assert_close(out, new[0] if isinstance(new, tuple) else new, 0.0, "out is h")
 
 
+@pytest.mark.parametrize("make_mine,make_ref", PAIRS)
+def test_a_step_without_state_or_batch_and_bad_shapes_as_torch_nn(make_mine, make_ref) -> None:
+    mine, ref = make_mine(), make_ref()
+    ref.load_state_dict(mine.state_dict())
+    name = type(mine).__name__
+    x = torch.randn(3, I)
+
+    def h_of(new):  # torch.nn's LSTMCell returns (h, c), the others h
+        return new[0] if isinstance(new, tuple) else new
+
+    # no state: zeros, as torch.nn's hx=None
+    assert_close(mine(x)[0], h_of(ref(x)), OUT_TOL, "state=None")
+    # unbatched (I,) with states (n,): torch.nn's unbatched step
+    state = mine.initial_state(1)
+    state = state[0] + 0.5 if isinstance(state, torch.Tensor) else tuple(s[0] + 0.5 for s in state)
+    out, new = mine(x[0], state)
+    assert out.shape == (H,)
+    assert_close(new, ref(x[0], state), OUT_TOL, "unbatched step")
+    # a state of another batch size is refused, not broadcast over the batch
+    with pytest.raises(
+        ValueError, match=rf"{name} state(\[0\])? has shape \(1, 6\); expected \(3, 6\)"
+    ):
+        mine(x, mine.initial_state(1))
+    with pytest.raises(
+        ValueError, match=r"has shape \(3, 6\); expected \(6,\) for an input of shape \(4,\)"
+    ):
+        mine(x[0], mine.initial_state(3))
+    with pytest.raises(ValueError, match=rf"{name} input has shape \(3, 5\); expected \(B, 4\)"):
+        mine(torch.randn(3, I + 1))
+
+
 def test_initial_state_shapes_and_kernel_modes() -> None:
     lstm = rnnkit.LSTMCell(I, H, proj_size=2)
     h, c = lstm.initial_state(5, dtype=torch.float64)

@@ -112,8 +112,51 @@ class BuiltinCell(Cell):
 
     eps: float = 1e-5  # the LayerNorm cells' epsilon
 
-    def forward(self, x: Tensor, state: Any, return_gates: bool = False) -> tuple:
-        return F.step(self.mode, self.kernel_weights(), x, state, return_gates, self.eps)
+    def forward(self, x: Tensor, state: Any = None, return_gates: bool = False) -> tuple:
+        """One step: ``x`` (B, I) and ``state`` (None: zeros) -> ``(out_t, new_state)`` (and the
+        gates with ``return_gates``). As torch.nn's cells, an unbatched ``x`` (I,) takes and
+        returns unbatched states (n,)."""
+        x, state, unbatched = self._check_step(x, state)
+        out = F.step(self.mode, self.kernel_weights(), x, state, return_gates, self.eps)
+        return _squeeze_batch(out) if unbatched else out
+
+    def _check_step(self, x: Any, state: Any) -> tuple[Tensor, Any, bool]:
+        """``x`` as (B, I) and ``state`` as the step takes it, each checked against the cell's
+        sizes (a ValueError naming the bad shape), and whether the call is unbatched."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} input is a {type(x).__name__}; expected a Tensor")
+        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{name} input has shape {tuple(x.shape)}; expected (B, {self.input_size}) or "
+                f"unbatched ({self.input_size},)"
+            )
+        unbatched = x.dim() == 1
+        batch = 1 if unbatched else x.shape[0]
+        sizes = self.state_sizes
+        if state is None:
+            state = self.initial_state(batch, dtype=x.dtype, device=x.device)
+            return (x.unsqueeze(0) if unbatched else x), state, unbatched
+        tensors = (state,) if len(sizes) == 1 else state
+        if not isinstance(tensors, tuple | list) or len(tensors) != len(sizes):
+            raise TypeError(
+                f"{name} state is a {type(state).__name__}; expected a tuple of {len(sizes)} "
+                "tensors (h, c)"
+            )
+        checked = []
+        for k, (t, n) in enumerate(zip(tensors, sizes, strict=True)):
+            label = "state" if len(sizes) == 1 else f"state[{k}]"
+            want = (n,) if unbatched else (batch, n)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} {label} is a {type(t).__name__}; expected a Tensor {want}")
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"{name} {label} has shape {tuple(t.shape)}; expected {want} for an input of "
+                    f"shape {tuple(x.shape)}"
+                )
+            checked.append(t.unsqueeze(0) if unbatched else t)
+        state = checked[0] if len(sizes) == 1 else tuple(checked)
+        return (x.unsqueeze(0) if unbatched else x), state, unbatched
 
 
 class _TorchLayoutCell(BuiltinCell):
@@ -163,6 +206,13 @@ class _TorchLayoutCell(BuiltinCell):
         if self.proj_size > 0:
             s += f", proj_size={self.proj_size}"
         return s
+
+
+def _squeeze_batch(tree: Any) -> Any:
+    """Every tensor of a step's (nested tuple) result without its batch dimension of 1."""
+    if isinstance(tree, Tensor):
+        return tree.squeeze(0)
+    return tuple(_squeeze_batch(t) for t in tree)
 
 
 def _weight(module: nn.Module, name: str) -> Tensor:
