@@ -152,6 +152,19 @@ def test_wrappers_refuse_layers_whose_sizes_do_not_chain() -> None:
         rnnkit.Stacked([bi, gru(2 * H)])
 
 
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_recurrent_refuses_a_torch_nn_cell_when_built(name) -> None:
+    # torch.nn's cells have input_size but no initial_state: refused when built, not at the call
+    with pytest.raises(
+        TypeError,
+        match=rf"cell is a {name}; expected an rnnkit Cell .*; rnnkit.{name} has torch.nn.{name}'s "
+        rf"parameters: rnnkit.{name}\(...\).load_state_dict\(cell.state_dict\(\)\)",
+    ):
+        rnnkit.Recurrent(getattr(torch.nn, name)(I, H))
+    with pytest.raises(TypeError, match="cell is a Linear; expected an rnnkit Cell"):
+        rnnkit.Recurrent(torch.nn.Linear(I, H))
+
+
 @pytest.mark.parametrize("cls", [rnnkit.RNN, rnnkit.GRU])
 def test_proj_size_only_on_lstm(cls) -> None:
     name = cls.__name__

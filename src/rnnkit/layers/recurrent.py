@@ -355,10 +355,18 @@ class Recurrent(PlainPickle, nn.Module):
         checkpoint: int | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(cell, nn.Module) or not hasattr(cell, "input_size"):
+        needs = ("input_size", "hidden_size", "initial_state")
+        if not isinstance(cell, nn.Module) or not all(hasattr(cell, n) for n in needs):
+            name = type(cell).__name__
+            hint = ""
+            if isinstance(cell, nn.RNNCellBase):  # torch.nn's RNNCell, LSTMCell, GRUCell
+                hint = (
+                    f"; rnnkit.{name} has torch.nn.{name}'s parameters: rnnkit.{name}(...)"
+                    ".load_state_dict(cell.state_dict())"
+                )
             raise TypeError(
-                f"cell is a {type(cell).__name__}; expected an rnnkit Cell (an nn.Module with "
-                "input_size, hidden_size, initial_state and forward(x_t, state))"
+                f"cell is a {name}; expected an rnnkit Cell (an nn.Module with input_size, "
+                f"hidden_size, initial_state and forward(x_t, state)){hint}"
             )
         self.cell = cell
         self.reverse = bool(reverse)
