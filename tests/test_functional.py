@@ -61,3 +61,16 @@ def test_gate_layout_and_converters() -> None:
         F.reorder_gates(w, "ifgo", "ifgx")
     with pytest.raises(ValueError, match="'bogus'"):
         F.gate_count("bogus")
+
+
+def test_gate_converters_refuse_sizes_that_do_not_split_into_equal_blocks() -> None:
+    # 10 rows are not 4 gates of H rows each: chunk would give blocks of 3, 3, 3 and 1
+    w = torch.arange(10.0).unsqueeze(1)
+    with pytest.raises(
+        ValueError, match=r"t has size 10 along dim 0, which does not split into the 4 equal"
+    ):
+        F.reorder_gates(w, "ifgo", "igfo")
+    with pytest.raises(ValueError, match=r"size 6 along dim 0, .* lstm's gates"):
+        F.split_gates(torch.zeros(6, 2), "lstm")  # would give 3 blocks of 2
+    with pytest.raises(ValueError, match=r"size 4 along dim 1, .* gru's gates"):
+        F.split_gates(torch.zeros(2, 4), "gru", dim=1)

@@ -52,9 +52,21 @@ def gate_count(mode: str) -> int:
     return spec(mode).gate_count
 
 
+def _check_blocks(t: Tensor, count: int, dim: int, gates: str) -> None:
+    """ValueError unless ``t`` splits into ``count`` equal gate blocks along ``dim``."""
+    size = t.shape[dim]
+    if size % count:
+        raise ValueError(
+            f"t has size {size} along dim {dim}, which does not split into the {count} equal "
+            f"blocks of {gates}; expected gates * H = a multiple of {count}"
+        )
+
+
 def split_gates(t: Tensor, mode: str, dim: int = 0) -> tuple[Tensor, ...]:
     """Split a stacked (G, ...) weight, bias or pre-activation into its gate blocks, in order."""
-    return t.chunk(gate_count(mode), dim=dim)
+    count = gate_count(mode)
+    _check_blocks(t, count, dim, f"{mode}'s gates {spec(mode).gates}")
+    return t.chunk(count, dim=dim)
 
 
 def reorder_gates(t: Tensor, src: Sequence[str], dst: Sequence[str], dim: int = 0) -> Tensor:
@@ -65,6 +77,7 @@ def reorder_gates(t: Tensor, src: Sequence[str], dst: Sequence[str], dim: int = 
     """
     if sorted(src) != sorted(dst):
         raise ValueError(f"gate orders {tuple(src)} and {tuple(dst)} name different gates")
+    _check_blocks(t, len(src), dim, f"the gates {tuple(src)}")
     blocks = dict(zip(src, t.chunk(len(src), dim=dim), strict=True))
     return torch.cat([blocks[g] for g in dst], dim=dim)
 
