@@ -74,3 +74,9 @@ def test_gate_converters_refuse_sizes_that_do_not_split_into_equal_blocks() -> N
         F.split_gates(torch.zeros(6, 2), "lstm")  # would give 3 blocks of 2
     with pytest.raises(ValueError, match=r"size 4 along dim 1, .* gru's gates"):
         F.split_gates(torch.zeros(2, 4), "gru", dim=1)
+
+
+def test_step_names_an_unknown_mode_before_reading_weights() -> None:
+    x, h = torch.zeros(1, 2), torch.zeros(1, 3)
+    with pytest.raises(ValueError, match=r"mode = 'lstmx' is not a built-in cell; expected one of"):
+        F.step("lstmx", {}, x, h)  # no weights at all: the mode is what is wrong

@@ -314,9 +314,9 @@ def step(
     mask, multiplies h_{t-1} where the recurrent products read it, and nowhere else (a GRU's
     carry ``z * h_{t-1}`` reads the unmasked state).
     """
+    family = spec(mode).family  # an unknown mode is named before any weight is looked up
     w = weights
     ih, hh, b_ih, b_hh = w["weight_ih"], w["weight_hh"], w.get("bias_ih"), w.get("bias_hh")
-    family = spec(mode).family
     if family == "gru":
         rec = None if state_mask is None else state * state_mask
         if mode == "gru_layernorm":
