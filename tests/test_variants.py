@@ -488,3 +488,10 @@ def test_zoneout_cell_where_there_is_a_cell_state() -> None:
     assert rnnkit.Recurrent(rnnkit.GRUCell(I, H), zoneout_cell=0.0).regularisers.zoneout == 0.0
     layer = rnnkit.Recurrent(PeepholeLSTMCell(I, H), zoneout_cell=0.3)
     assert layer.regularisers.zoneouts(2) == (0.0, 0.3)
+
+
+@pytest.mark.parametrize("cell", ["LayerNormLSTMCell", "LayerNormGRUCell"])
+@pytest.mark.parametrize("eps", [-1.0, 0.0, float("nan"), float("inf"), "1e-5"])
+def test_layernorm_cells_refuse_an_eps_that_is_not_a_positive_number(cell, eps):
+    with pytest.raises(ValueError, match=rf"eps = {eps!r}; expected a finite number > 0"):
+        getattr(rnnkit, cell)(3, 4, eps=eps)
