@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rnnkit.errors import CheckpointError
+from rnnkit.tasks.speech import SpeechTask
 from rnnkit.train import default_out, evaluate, predict, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -213,6 +214,36 @@ def test_default_run_directory_is_never_reused(tmp_path, monkeypatch):
     Path("runs/speech/config.json").write_text("{}")
     assert default_out("speech", resume=False) == Path("runs/speech-2")
     assert default_out("speech", resume=True) == Path("runs/speech")
+
+
+def test_runs_started_side_by_side_never_share_a_run_directory(tmp_path, monkeypatch):
+    # Seeds trained side by side, each with the default --out: the second starts while the
+    # first still loads its data (nothing written yet), and must neither train into the first's
+    # directory nor have its files replaced by the first's.
+    need_data("speech")
+    monkeypatch.chdir(tmp_path)
+    load, started = SpeechTask.load_splits, []
+
+    def load_while_another_starts(self):
+        if not started:
+            started.append(True)
+            for out, resume in (("runs/speech", False), ("runs/speech", True)):
+                with pytest.raises(CheckpointError, match="runs/speech is in use by another"):
+                    train("speech", TINY["speech"], out=out, resume=resume, progress=False)
+            train("speech", {**TINY["speech"], "seed": 1}, progress=False)
+        return load(self)
+
+    monkeypatch.setattr(SpeechTask, "load_splits", load_while_another_starts)
+    first = train("speech", TINY["speech"], progress=False)
+    seeds = {
+        d: json.loads((tmp_path / "runs" / d / "config.json").read_text())["config"]["seed"]
+        for d in ("speech", "speech-2")
+    }
+    assert seeds == {"speech": 0, "speech-2": 1}
+    metrics = json.loads((tmp_path / "runs/speech/metrics.json").read_text())
+    assert metrics["seed"] == 0 and metrics["test"] == first["test"]
+    names = {p.name for p in (tmp_path / "runs/speech").iterdir()}
+    assert "model.safetensors" in names and ".rnnkit.lock" not in names  # gone with the run
 
 
 def test_corrupt_files_are_named_and_left_alone(tmp_path):

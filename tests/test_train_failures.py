@@ -41,7 +41,8 @@ def _cli(*args: str) -> list[str]:
 
 
 def files(run: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in run.iterdir()}
+    """The run's files (not the lock that a run in progress holds there)."""
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".rnnkit.lock"}
 
 
 def progress_of(path: Path) -> dict:

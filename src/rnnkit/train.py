@@ -19,6 +19,10 @@ run killed (even by SIGKILL) and resumed with ``resume=True`` ends with the same
 that was never interrupted. Ctrl-C (SIGINT) lets the batch at hand finish, saves a resumable
 checkpoint of that batch, then raises :class:`Interrupted`.
 
+While a run trains, its process holds a lock in ``out`` (``.rnnkit.lock``, removed at the end):
+runs started side by side never share a directory (with the default ``out`` the later one takes
+``runs/TASK-2``; a named ``out`` in use, or a ``--resume`` of it, is refused).
+
 Devices and precision: ``train(..., device="auto")`` (``--device``) puts the model, its batches
 and its optimizer state on a device (:mod:`rnnkit.devices`); the config's ``precision`` runs the
 forward passes under autocast (fp16 with a gradient scaler). Checkpoints hold CPU copies, so a run
@@ -89,6 +93,8 @@ __all__ = [
 CONFIG, VOCAB, MODEL, STATE = "config.json", "vocab.json", "model.safetensors", "resume.safetensors"
 METRICS, CURVES = "metrics.json", "curves.png"
 RUN_FILES = (CONFIG, VOCAB, MODEL, STATE, METRICS)
+#: Held (flock) by the process that trains into a run directory, while it does.
+LOCK = ".rnnkit.lock"
 STATE_FORMAT = "rnnkit-resume-1"
 #: fp16 only: this many optimizer steps in a row skipped for overflowing gradients is divergence.
 MAX_OVERFLOWS = 50
@@ -468,15 +474,72 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def default_out(task: str, resume: bool) -> Path:
-    """``runs/TASK``, or the first free ``runs/TASK-2``, ``-3``, ... for a new run."""
+def default_out(task: str, resume: bool, busy: Callable[[Path], bool] | None = None) -> Path:
+    """``runs/TASK``, or the first free ``runs/TASK-2``, ``-3``, ... for a new run: free means
+    holding no run's files, and not ``busy`` (another process is starting a run there)."""
     base = Path("runs") / task
-    if resume or not any((base / f).exists() for f in RUN_FILES):
+    if resume:
         return base
-    k = 2
-    while any((base.with_name(f"{task}-{k}") / f).exists() for f in RUN_FILES):
+    k = 1
+    while True:
+        candidate = base if k == 1 else base.with_name(f"{task}-{k}")
+        if not any((candidate / f).exists() for f in RUN_FILES) and not (
+            busy is not None and busy(candidate)
+        ):
+            return candidate
         k += 1
-    return base.with_name(f"{task}-{k}")
+
+
+def _lock(run_dir: Path) -> Callable[[], None] | None:
+    """Make ``run_dir`` if needed and take its lock (:data:`LOCK`), which this process then holds
+    until the returned release is called (or it exits, even killed): None when another process
+    holds it, i.e. is training into ``run_dir``. The release removes the lock file, and the
+    directories made here if nothing else was written into them. Where the file system (or the
+    platform) has no locks, the run goes on without one."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return lambda: None
+    made, d = [], run_dir
+    while not d.exists() and d != d.parent:
+        made.append(d)
+        d = d.parent
+    path = run_dir / LOCK
+    fd: int | None = None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except OSError:  # a file system without locks (some network mounts)
+                os.close(fd)
+                fd = None
+                break
+            try:  # the file this process locked is still the lock (not one released and removed)
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as e:
+        raise StorageError(f"cannot create {path}: {e.strerror or e}") from None
+
+    def release() -> None:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            os.close(fd)
+        for directory in made:  # the deepest first; stops at the first that holds anything
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+    return release
 
 
 def _config_from(task_cls: type[Task], values: Any, source: Path) -> TrainConfig:
@@ -684,11 +747,35 @@ def _setup(
     out: str | Path | None,
     resume: bool,
     world: World,
+    undo: contextlib.ExitStack,
 ) -> tuple[Path, TrainConfig, Any]:
-    """Rank 0's look at the run directory: where it is, the config, the checkpoint to resume."""
+    """Rank 0's look at the run directory: where it is, the config, the checkpoint to resume.
+
+    The run directory is claimed first (its lock, held until the run ends), so that runs started
+    side by side never train into one directory: a new run with the default ``out`` takes the
+    next free one, any other is refused while another process trains there."""
     name = task_cls.name
-    run_dir = Path(out) if out is not None else default_out(name, resume)
-    check_out(run_dir)
+
+    def busy(candidate: Path) -> bool:
+        check_out(candidate)
+        release = _lock(candidate)
+        if release is None:
+            return True
+        if out is None and not resume and any((candidate / f).exists() for f in RUN_FILES):
+            release()  # a run that started and wrote its files since default_out looked
+            return True
+        undo.callback(release)
+        return False
+
+    if out is None and not resume:
+        run_dir = default_out(name, resume, busy)
+    else:
+        run_dir = Path(out) if out is not None else default_out(name, resume)
+        if busy(run_dir):
+            raise CheckpointError(
+                f"{run_dir} is in use by another rnnkit process, which is training into it "
+                f"(it holds {run_dir / LOCK}); wait for it to end, or choose another --out"
+            )
     state = None
     if resume:
         config = _check_resume(run_dir, name, overrides)
@@ -749,7 +836,9 @@ def _train(
     undo: contextlib.ExitStack,
 ) -> dict[str, Any]:
     name = task_cls.name
-    run_dir, config, state = world.on_main(lambda: _setup(task_cls, overrides, out, resume, world))
+    run_dir, config, state = world.on_main(
+        lambda: _setup(task_cls, overrides, out, resume, world, undo)
+    )
     check_precision(dev, config.precision)
     undo.enter_context(_flushing(dev, config))
     say = _say if world.is_main else _quiet
