@@ -322,6 +322,38 @@ def test_a_disk_full_while_the_run_directory_is_made_leaves_a_run_that_resumes(
     assert (run / "vocab.json").exists()
 
 
+def test_a_disk_full_at_the_first_checkpoint_leaves_a_run_that_resumes(tmp_path, monkeypatch):
+    # The first epoch's weights got out, its checkpoint did not: --resume starts the run over
+    # (it rewrites those weights) instead of refusing a run that a new run refuses too.
+    need_data("speech")
+    save_file = safetensors.torch.save_file
+
+    def no_room_for_checkpoints(tensors, filename, metadata=None):
+        if "resume" in Path(filename).name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save_file(tensors, filename, metadata=metadata)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(safetensors.torch, "save_file", no_room_for_checkpoints)
+    with pytest.raises(StorageError, match="resume.safetensors"):
+        train("speech", TINY["speech"], out=run, progress=False)
+    monkeypatch.undo()
+    assert {p.name for p in run.iterdir()} == {"config.json", "model.safetensors", "vocab.json"}
+    train("speech", {}, out=run, resume=True, progress=False)
+    train("speech", TINY["speech"], out=tmp_path / "whole", progress=False)
+    assert_same_run(tmp_path / "whole", run)
+
+
+def test_weights_of_a_later_epoch_without_a_checkpoint_are_not_overwritten(finished, tmp_path):
+    run = copy(finished, tmp_path / "run")
+    for name in ("resume.safetensors", "metrics.json"):  # the weights of its last epoch stay
+        (run / name).unlink()
+    before = files(run)
+    with pytest.raises(CheckpointError, match="no resume.safetensors to continue from"):
+        train("speech", {}, out=run, resume=True, progress=False)
+    assert files(run) == before
+
+
 def test_unwritable_out_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):
     need_data("speech")
 

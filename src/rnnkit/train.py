@@ -284,6 +284,18 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
+def _epoch_of(path: Path) -> int | None:
+    """The epoch whose weights ``path`` (model.safetensors) holds, from its metadata; None when
+    the file cannot be read or does not say."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("epoch", ""))
+    except Exception:  # safetensors' own errors for a damaged file; no epoch or not a number
+        return None
+
+
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
     try:
         model.load_state_dict(weights, strict=True)
@@ -801,8 +813,16 @@ def _setup(
                 p_saved.stopped, p_saved.finished = "", False
         else:
             # No checkpoint: the run stopped before its first one and starts over, unless it
-            # left weights or metrics behind, which starting over would overwrite.
+            # left weights or metrics behind, which starting over would overwrite. Weights of
+            # the first epoch alone are what stopping at its checkpoint (a full disk, a kill)
+            # leaves: starting over writes them again.
             left = [f for f in (MODEL, METRICS) if (run_dir / f).exists()]
+            if left == [MODEL] and _epoch_of(run_dir / MODEL) == 1:
+                _say(
+                    f"{run_dir} holds the weights of its first epoch but not its checkpoint; "
+                    "starting the run over"
+                )
+                left = []
             if left:
                 raise CheckpointError(
                     f"{run_dir} holds {' and '.join(left)} but no {STATE} to continue from; "
