@@ -4,6 +4,7 @@ predict path, and the message each kind of bad input gets."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -467,6 +468,37 @@ def test_resume_with_a_raised_budget_trains_on(capsys, tmp_path):
 
 
 # -- one line, never a traceback -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(bool(os.environ.get("TRITON_INTERPRET")), reason="triton runs on the CPU")
+def test_a_run_whose_backend_cannot_run_on_this_device_is_one_line(capsys, speech_run, tmp_path):
+    # A run trained on a GPU with --backend triton, then used on the CPU.
+    gpu_run = tmp_path / "gpu-run"
+    gpu_run.mkdir()
+    for f in speech_run.iterdir():
+        (gpu_run / f.name).write_bytes(f.read_bytes())
+    saved = json.loads((gpu_run / "config.json").read_text())
+    saved["config"]["backend"] = "triton"
+    (gpu_run / "config.json").write_text(json.dumps(saved))
+    before = {f.name: f.read_bytes() for f in gpu_run.iterdir()}
+    ts = tmp_path / "one.ts"
+    ts.write_text("@classLabel false\n@data\n" + ":".join(["0.5,0.4"] * 12) + "\n")
+    expected = "backend 'triton' cannot run this call: the Triton kernels run on CUDA devices"
+    for argv in (
+        ["evaluate", str(gpu_run), "--device", "cpu"],
+        ["predict", str(gpu_run), str(ts), "--device", "cpu"],
+        ["train", "speech", "--out", str(gpu_run), "--resume", "--epochs", "9", "--device", "cpu"],
+        ["train", "speech", "--out", str(tmp_path / "new"), "--backend", "triton", "--device",
+         "cpu", *cli_args(TINY["speech"])],
+    ):  # fmt: skip
+        code, _, err = run(capsys, *argv)
+        assert "Traceback" not in err, err
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and expected in line and "choose another with --backend" in line, argv
+    assert {f.name: f.read_bytes() for f in gpu_run.iterdir()} == before
+    assert not (tmp_path / "new").exists()
+    code, out, err = run(capsys, "evaluate", str(gpu_run), "--device", "cpu", "--backend", "auto")
+    assert code == 0 and out.strip().splitlines()[-1].startswith("test accuracy="), err
 
 
 def one_line(err: str) -> str:

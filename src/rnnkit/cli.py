@@ -24,6 +24,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .backends import BackendUnavailable
 from .errors import RecipeError
 from .tasks.base import flag as _flag
 
@@ -301,6 +302,8 @@ def _rank() -> int:
 
 
 def cmd_export(argv: Sequence[str]) -> int:
+    from .backends import available
+
     parser = Parser(
         prog=f"{PROG} export",
         description="Export a trained run's model to ONNX (dynamic batch and lengths): a "
@@ -326,12 +329,19 @@ def cmd_export(argv: Sequence[str]) -> int:
         metavar="N",
         help="check only the first N validation examples (characters for charlm); 0 = all",
     )
+    parser.add_argument(
+        "--backend",
+        choices=available(),
+        help="rnnkit backend of the PyTorch model it is checked against (default: the run's)",
+    )
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     args = parser.parse_args(argv)
     _set_threads(args.threads)
     from .export.recipes import export_run
 
-    export_run(args.dir, args.onnx, tolerance=args.tolerance, limit=args.limit)
+    export_run(
+        args.dir, args.onnx, tolerance=args.tolerance, limit=args.limit, backend=args.backend
+    )
     return 0
 
 
@@ -377,6 +387,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(e, "shared", False):  # under torchrun, rank 0 reports what all ranks hit
             print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BackendUnavailable as e:  # e.g. a run trained with --backend triton, used on the CPU
+        if _rank() == 0:
+            print(
+                f"{PROG}: error: {e}; choose another with --backend (auto picks one that runs "
+                "on this device)",
+                file=sys.stderr,
+            )
+        return 2
     except KeyboardInterrupt as e:
         if _rank() == 0:  # under torchrun every rank stops at the same batch; rank 0 says where
             message = (

@@ -889,6 +889,15 @@ def _train(
     model = task.build_model()  # on the CPU: the same initial weights on every device
     model.to(dev)
     model.train()
+
+    def explain() -> Any:
+        # explaining must not move dropout's RNG; under the run's precision, as training runs
+        with torch.random.fork_rng(devices=[]), autocast(dev, config.precision):
+            return task.explain(model, data["train"])
+
+    # Before anything is written: a backend that cannot run here (BackendUnavailable) leaves
+    # the run directory as it was.
+    choice = world.on_main(explain)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     for group in opt.param_groups:  # what a schedule scales (lr_decay lowers it); resumes with it
         group["initial_lr"] = group["lr"]
@@ -930,11 +939,6 @@ def _train(
         world.on_main(lambda: _record_config(run_dir, config))
     wall_before = p.wall
 
-    choice = None
-    if world.is_main:
-        # explaining must not move dropout's RNG; under the run's precision, as training runs
-        with torch.random.fork_rng(devices=[]), autocast(dev, config.precision):
-            choice = task.explain(model, data["train"])
     n_params = sum(t.numel() for t in model.parameters())
     procs = f" x {world.size} processes" if world.distributed else ""
     say(

@@ -445,10 +445,11 @@ def export_run(
     tolerance: float = TOLERANCE,
     limit: int = 0,
     say: Callable[[str], None] = print,
+    backend: str | None = None,
 ) -> list[Path]:
     """Export the model of ``run_dir`` to ``path`` (see the module docstring); returns the
     files written. ``limit`` > 0 checks only that many validation examples (characters for
-    charlm)."""
+    charlm); ``backend`` replaces the run's for the PyTorch model it is checked against."""
     ort = _needs()
     from ..train import load_run
 
@@ -461,7 +462,7 @@ def export_run(
         raise RecipeError(f"--tolerance {tolerance}; expected a positive number")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise RecipeError(f"--limit {limit!r}; expected a number of examples >= 0 (0 = all)")
-    task, model = load_run(run_dir)
+    task, model = load_run(run_dir, backend)
     model.eval()
     kind = next((make for cls, make in exporters() if isinstance(model, cls)), None)
     if kind is None:
