@@ -9,9 +9,12 @@ Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime); skipped without it.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,6 +272,29 @@ def test_rnnkit_export_refuses_bad_arguments(capsys, tmp_path) -> None:
     assert code == 2 and "--tolerance nan" in err
     code, _, err = _export(capsys, tmp_path, tmp_path / "m.onnx", "--limit", "-5")
     assert code == 2 and "--limit -5; expected a number of examples >= 0" in err
+
+
+def test_rnnkit_export_where_it_cannot_write_is_one_line(capsys, tmp_path, monkeypatch) -> None:
+    need_data("speech")
+    _train("speech", tmp_path / "run")
+    capsys.readouterr()
+    if Path("/proc/self").is_dir():  # a directory no one can create files in, root included
+        code, out, err = _export(capsys, tmp_path / "run", "/proc/speech.onnx")
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("rnnkit: error: --onnx /proc/speech.onnx: cannot create files in")
+        assert "expected a writable directory" in err
+    from rnnkit.export import recipes
+
+    def disk_full(graph, path):
+        path.write_bytes(b"\x08\x09")  # part of the file got out
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(recipes, "_export", disk_full)
+    code, out, err = _export(capsys, tmp_path / "run", tmp_path / "speech.onnx")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "cannot write" in err and "No space left on device" in err
+    assert "nothing was written" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no draft left behind
 
 
 def test_torchscript_onnx_of_a_custom_cell_reads_lengths_from_its_input() -> None:

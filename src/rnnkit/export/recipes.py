@@ -458,6 +458,15 @@ def export_run(
         raise RecipeError(f"--onnx {path}: expected a file name ending in .onnx")
     if not path.parent.is_dir():
         raise RecipeError(f"--onnx {path}: the directory {path.parent} does not exist")
+    try:  # before the model is loaded and exported: a directory that takes no file
+        fd, probe = tempfile.mkstemp(prefix=".rnnkit-probe-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StorageError(
+            f"--onnx {path}: cannot create files in {path.parent} ({e.strerror or e}); expected "
+            "a writable directory"
+        ) from None
     if not math.isfinite(tolerance) or tolerance <= 0:
         raise RecipeError(f"--tolerance {tolerance}; expected a positive number")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
@@ -475,7 +484,13 @@ def export_run(
         for graph in graphs:
             draft = Path(tmp) / f"{len(drafts)}.onnx"
             say(f"exporting {graph.title} ...")
-            _export(graph, draft)
+            try:
+                _export(graph, draft)
+            except OSError as e:  # a full disk: the drafts go with the temporary directory
+                raise StorageError(
+                    f"cannot write {_target(path, graph.suffix)}: {e.strerror or e}; nothing "
+                    "was written"
+                ) from None
             drafts.append(draft)
         sessions = [
             ort.InferenceSession(str(d), providers=["CPUExecutionProvider"]) for d in drafts
