@@ -3,6 +3,7 @@ safety (nothing overwritten, corrupt files named), early stopping and the time l
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from rnnkit.errors import CheckpointError
 from rnnkit.tasks.speech import SpeechTask
-from rnnkit.train import default_out, evaluate, predict, train
+from rnnkit.train import default_out, evaluate, load_run, predict, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Several batches per epoch and a checkpoint after every other batch.
@@ -269,6 +270,20 @@ def test_corrupt_files_are_named_and_left_alone(tmp_path):
     before.pop("model.safetensors")
     after = {p.name: p.read_bytes() for p in run.iterdir()}
     assert all(after[k] == v for k, v in before.items() if k != "config.json")
+
+
+def test_a_damaged_subword_model_in_vocab_json_is_named(tmp_path):
+    # translate's vocab.json holds its sentencepiece model (base64): a damaged one is a
+    # CheckpointError naming the file for evaluate, predict and --resume alike.
+    pytest.importorskip("sentencepiece")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": "translate", "config": {}}))
+    damaged = base64.b64encode(b"\x0a\x05piece\x12\x03").decode("ascii")  # cut short
+    vocab = {"units": "unigram", "tags": True, "sentencepiece": damaged}
+    (run / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(CheckpointError, match=r"run/vocab.json is damaged: .*sentencepiece"):
+        load_run(run)
 
 
 def test_a_config_naming_an_unknown_task_is_named(tmp_path):

@@ -193,7 +193,11 @@ class TranslateTask(Seq2SeqHooks, Task):
     def set_vocab(self, vocab: dict[str, Any]) -> None:
         self.tags = bool(vocab.get("tags", False))
         if "sentencepiece" in vocab:
-            self.sp = _processor(base64.b64decode(vocab["sentencepiece"]))
+            try:
+                self.sp = _processor(base64.b64decode(vocab["sentencepiece"]))
+            except RuntimeError as e:  # sentencepiece's error for bytes that are not a model
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"its sentencepiece model cannot be read ({first})") from None
             pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
             self.src_vocab = self.tgt_vocab = Vocab.from_json(pieces)
             return
