@@ -654,6 +654,16 @@ def test_damaged_vocabulary_statistics_are_named(capsys, speech_run, tmp_path):
     (broken / "vocab.json").write_text(json.dumps(vocab))
     code, _, err = run(capsys, "evaluate", str(broken))
     assert code == 2 and "vocab.json is damaged" in one_line(err) and "std = " in err
+    good = json.loads((speech_run / "vocab.json").read_text())
+    for change, message in [
+        ({"mean": 0.5}, "mean has shape () and std (12,)"),
+        ({"mean": good["mean"][:11]}, "mean has shape (11,) and std (12,)"),
+        ({"labels": "123"}, "labels = '123'; expected a list"),
+        ({"labels": []}, "labels = []; expected a list"),
+    ]:
+        (broken / "vocab.json").write_text(json.dumps({**good, **change}))
+        code, _, err = run(capsys, "predict", str(broken), "x.csv")
+        assert code == 2 and "vocab.json is damaged" in one_line(err) and message in err, err
 
 
 def test_errors_in_a_subprocess_are_one_line_with_their_exit_status(tmp_path):

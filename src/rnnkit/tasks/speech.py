@@ -112,9 +112,21 @@ class SpeechTask(ClassifierHooks, Task):
         }
 
     def set_vocab(self, vocab: dict[str, Any]) -> None:
-        self.labels = list(vocab["labels"])
+        labels = vocab["labels"]
+        if (
+            not isinstance(labels, list)
+            or not labels
+            or not all(isinstance(x, str) for x in labels)
+        ):
+            raise ValueError(f"labels = {labels!r}; expected a list of the speakers' names")
+        self.labels = list(labels)
         self.mean = torch.tensor(vocab["mean"], dtype=torch.float32)
         self.std = torch.tensor(vocab["std"], dtype=torch.float32)
+        if self.mean.dim() != 1 or self.mean.numel() == 0 or self.std.shape != self.mean.shape:
+            raise ValueError(
+                f"mean has shape {tuple(self.mean.shape)} and std {tuple(self.std.shape)}; "
+                "expected one number per channel in each, as many in both"
+            )
         for name, t in (("mean", self.mean), ("std", self.std)):
             if not bool(torch.isfinite(t).all()) or (name == "std" and bool((t <= 0).any())):
                 raise ValueError(f"{name} = {t.tolist()}; expected finite numbers (std > 0)")
