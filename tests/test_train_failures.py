@@ -196,6 +196,16 @@ def test_a_resume_checkpoint_with_damaged_weights_is_refused(unfinished, tmp_pat
     assert files(run) == before
 
 
+NO_METRIC = {
+    "epoch": 1,
+    "batches": 4,
+    "train_loss": 0.7,
+    "lr": 0.001,
+    "seconds": 1.0,
+    "valid": {"loss": 0.5},
+}
+
+
 def rewrite_progress(path: Path, change) -> None:
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -211,6 +221,10 @@ def rewrite_progress(path: Path, change) -> None:
         (lambda p: json.dumps({**p, "batch": -3}), "batch = -3; expected an integer >= 0"),
         (lambda p: json.dumps({**p, "batch": 999}), r"batch = 999; the epoch has only \d+"),
         (lambda p: json.dumps({**p, "history": [1]}), r"history\[0\] = 1; expected an object"),
+        (  # an epoch's record whose metrics lack the task's (speech: accuracy)
+            lambda p: json.dumps({**p, "history": [NO_METRIC]}),
+            r"history\[0\]\.valid has no 'accuracy': \{'loss': 0\.5\}",
+        ),
         (lambda p: json.dumps({"epoch": 1}), "missing bad_epochs, batch, best"),
         (lambda p: json.dumps({**p, "loss_sum": float("nan")}), "loss_sum = nan; expected"),
         (lambda p: json.dumps([1]), "expected an object"),

@@ -910,6 +910,13 @@ def _train(
     if state is not None:
         rngs = _restore_state(run_dir / STATE, *state[:2], model, opt, scaler, world, dev, averaged)
         p = state[2]
+        for k, h in enumerate(p.history):  # the progress record's own check knows no task
+            value = h["valid"].get(task.metric)  # NaN is a metric a diverged epoch may have
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CheckpointError(
+                    f"{run_dir / STATE}: its progress record is damaged (history[{k}].valid has "
+                    f"no {task.metric!r}: {h['valid']!r}; expected the task's metrics)"
+                )
         carried = {k[len(CARRY) :]: v for k, v in rngs[world.rank].items() if k.startswith(CARRY)}
         if carried and p.batch:
             task.load_carry(to_device(carried, dev))
