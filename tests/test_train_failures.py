@@ -255,6 +255,47 @@ def test_damaged_optimizer_scalars_are_one_line(unfinished, tmp_path):
         train("speech", {}, out=run, resume=True, progress=False)
 
 
+def _first_moment(tensors, meta):
+    key = next(k for k in sorted(tensors) if k.startswith("optim.") and k.endswith(".exp_avg"))
+    return key, tensors[key]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (  # a moment of another shape than its parameter
+            lambda t, m: t.update({_first_moment(t, m)[0]: torch.zeros(3)}),
+            r"state\[\d+\]\.exp_avg has shape \(3,\); expected \(",
+        ),
+        (
+            lambda t, m: m.update(
+                optim_groups=m["optim_groups"].replace('"betas": [0.9, 0.999]', '"betas": [2, 0]')
+            ),
+            r"param_groups\[0\]\.betas = \[2, 0\]; expected two numbers in \[0, 1\)",
+        ),
+        (
+            lambda t, m: m.update(
+                optim_groups=m["optim_groups"].replace('"initial_lr": ', '"initial_lr": "x", "_": ')
+            ),
+            r"param_groups\[0\]\.initial_lr = 'x'; expected a number >= 0",
+        ),
+    ],
+)
+def test_damaged_optimizer_settings_and_moments_are_named(unfinished, tmp_path, change, expected):
+    run = copy(unfinished, tmp_path / "run")
+    path = run / "resume.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    before = dict(meta), {k: v.shape for k, v in tensors.items()}
+    change(tensors, meta)
+    assert (meta, {k: v.shape for k, v in tensors.items()}) != before  # the change applied
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="the optimizer or RNG state is damaged") as e:
+        train("speech", {}, out=run, resume=True, progress=False)
+    assert re.search(expected, str(e.value)), str(e.value)
+
+
 @pytest.mark.parametrize(
     ("option", "expected"),
     [

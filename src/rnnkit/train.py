@@ -419,6 +419,7 @@ def _restore_state(
         for idx, entries in json.loads(meta["optim_scalars"]).items():
             state.setdefault(int(idx), {}).update(entries)
         opt.load_state_dict({"state": state, "param_groups": json.loads(meta["optim_groups"])})
+        _check_optimizer(opt)
         rngs: list[RNG] = [{} for _ in range(world.size)]
         for key, value in tensors.items():  # rng.KIND (rank 0) or rng.KIND.RANK
             if key.startswith("rng."):
@@ -437,6 +438,40 @@ def _restore_state(
     except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the optimizer or RNG state is damaged ({e})") from None
     return rngs
+
+
+def _check_optimizer(opt: torch.optim.Optimizer) -> None:
+    """ValueError naming the first setting or state of a loaded AdamW that its next step could
+    not use: torch checks none of them when they are loaded, and the step then fails deep inside
+    (a moment of the wrong shape) or silently misbehaves (betas outside [0, 1))."""
+    for g, group in enumerate(opt.param_groups):
+        for key in ("lr", "initial_lr", "eps", "weight_decay"):
+            value = group.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"param_groups[{g}].{key} = {value!r}; expected a number >= 0")
+        betas = group.get("betas")
+        if not (
+            isinstance(betas, list | tuple)
+            and len(betas) == 2
+            and all(isinstance(b, int | float) and not isinstance(b, bool) for b in betas)
+            and all(0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(f"param_groups[{g}].betas = {betas!r}; expected two numbers in [0, 1)")
+    for k, param in enumerate(p for group in opt.param_groups for p in group["params"]):
+        entries = opt.state.get(param, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = entries.get(name)
+            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != param.shape):
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"state[{k}].{name} has shape {shape}; expected {tuple(param.shape)}, its "
+                    "parameter's"
+                )
+        step = entries.get("step")
+        if step is not None and (
+            not isinstance(step, torch.Tensor) or step.numel() != 1 or not bool(step >= 0)
+        ):
+            raise ValueError(f"state[{k}].step = {step!r}; expected one number >= 0")
 
 
 def plot_curves(history: list[dict[str, Any]], metric: str, path: Path) -> None:
