@@ -296,6 +296,23 @@ def test_damaged_optimizer_settings_and_moments_are_named(unfinished, tmp_path, 
     assert re.search(expected, str(e.value)), str(e.value)
 
 
+@pytest.mark.parametrize("value", ["two", "-1", "0"])
+def test_a_damaged_process_count_is_named(unfinished, tmp_path, capsys, value):
+    run = copy(unfinished, tmp_path / "run")
+    path = run / "resume.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {**f.metadata(), "world_size": value}
+    save_file(tensors, str(path), metadata=meta)
+    before = files(run)
+    code = cli.main(["train", "speech", "--out", str(run), "--resume", "--no-progress"])
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    line = one_error_line(err)
+    assert f"processes that trained it is damaged (world_size = {value!r}" in line, line
+    assert files(run) == before
+
+
 @pytest.mark.parametrize(
     ("option", "expected"),
     [

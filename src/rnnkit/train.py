@@ -382,12 +382,20 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Pr
     return tensors, meta, progress
 
 
-def _saved_world_size(meta: dict[str, str]) -> int:
-    """How many processes trained the checkpoint (1 for checkpoints before torchrun support)."""
+def _saved_world_size(meta: dict[str, str], path: Path) -> int:
+    """How many processes trained the checkpoint at ``path`` (1 for checkpoints before torchrun
+    support); a :class:`CheckpointError` when the record is not a whole number >= 1."""
+    text = meta.get("world_size", "1")
     try:
-        return int(meta.get("world_size", "1"))
+        size = int(text)
     except ValueError:
-        return -1
+        size = 0
+    if size < 1:
+        raise CheckpointError(
+            f"{path}: its record of the processes that trained it is damaged (world_size = "
+            f"{text!r}; expected a whole number >= 1)"
+        )
+    return size
 
 
 def _restore_state(
@@ -829,7 +837,7 @@ def _setup(
         if (run_dir / STATE).exists():
             state = _read_state(run_dir / STATE)
             p_saved = state[2]
-            saved_world = _saved_world_size(state[1])
+            saved_world = _saved_world_size(state[1], run_dir / STATE)
             if saved_world != world.size:
                 many = f"{world.size} processes are" if world.distributed else "1 process is"
                 raise CheckpointError(
