@@ -296,6 +296,17 @@ def test_damaged_optimizer_settings_and_moments_are_named(unfinished, tmp_path, 
     assert re.search(expected, str(e.value)), str(e.value)
 
 
+def test_a_resume_removes_the_drafts_a_killed_write_left(unfinished, tmp_path):
+    run = copy(unfinished, tmp_path / "run")
+    drafts = [run / ".resume.safetensors.4242.tmp", run / ".metrics.json.17.tmp"]
+    kept = [run / "notes.tmp", run / ".resume.safetensors.tmp", run / "my.model.safetensors.1.tmp"]
+    for path in drafts + kept:
+        path.write_bytes(b"\x00" * 64)  # half a file, as a SIGKILL mid-write leaves
+    train("speech", {}, out=run, resume=True, progress=False)
+    assert not any(p.exists() for p in drafts)
+    assert all(p.exists() for p in kept)  # files that are not rnnkit's drafts stay
+
+
 @pytest.mark.parametrize("value", ["two", "-1", "0"])
 def test_a_damaged_process_count_is_named(unfinished, tmp_path, capsys, value):
     run = copy(unfinished, tmp_path / "run")

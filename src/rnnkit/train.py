@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -198,6 +199,20 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+_DRAFT = re.compile(r"\.(" + "|".join(re.escape(f) for f in (*RUN_FILES, CURVES)) + r")\.\d+\.tmp")
+
+
+def _remove_drafts(run_dir: Path) -> None:
+    """Remove the temporary files of :func:`_atomic` that a process killed mid-write (SIGKILL,
+    a power cut) left in ``run_dir``; called while this process holds the directory's lock, so
+    no other process is writing them."""
+    with contextlib.suppress(OSError):
+        for entry in run_dir.iterdir():
+            if _DRAFT.fullmatch(entry.name) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
 
 def check_out(run_dir: Path) -> None:
@@ -831,6 +846,7 @@ def _setup(
                 f"{run_dir} is in use by another rnnkit process, which is training into it "
                 f"(it holds {run_dir / LOCK}); wait for it to end, or choose another --out"
             )
+    _remove_drafts(run_dir)
     state = None
     if resume:
         config = _check_resume(run_dir, name, overrides)
