@@ -253,7 +253,7 @@ def test_a_checkpoint_restores_onto_the_device_of_the_model(tmp_path):
     torch.rand(3)  # rank 0's has drawn on since
     mine = _rng_states(cpu)
     _save_state(tmp_path / "s", model, opt, train_module.Progress(), [mine, other], scaler, cpu)
-    tensors, meta, _ = train_module._read_state(tmp_path / "s")
+    tensors, meta, _ = train_module._read_state(tmp_path / "s", "accuracy")
     assert all(t.device.type == "cpu" for t in tensors.values())
     assert meta["world_size"] == "2"
 

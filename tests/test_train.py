@@ -83,15 +83,21 @@ def test_resume_in_an_epoch_of_another_length_keeps_the_schedule(tmp_path):
     assert_same_run(tmp_path / "whole", run)
 
 
-def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
-    need_data("speech")
+def assert_started_over_matches(task, overrides, tmp_path, written):
+    """Kill ``task`` before its first checkpoint (after it wrote ``written``), resume it, and
+    check it ends as the run that was never interrupted."""
     run = tmp_path / "run"
     with pytest.raises(Killed):
-        train("speech", RESUMABLE, out=run, progress=False, hook=kill_at(1))
-    assert (run / "config.json").exists() and not (run / "resume.safetensors").exists()
-    train("speech", {}, out=run, resume=True, progress=False)
-    train("speech", RESUMABLE, out=tmp_path / "whole", progress=False)
+        train(task, overrides, out=run, progress=False, hook=kill_at(1))
+    assert (run / written).exists() and not (run / "resume.safetensors").exists()
+    train(task, {}, out=run, resume=True, progress=False)
+    train(task, overrides, out=tmp_path / "whole", progress=False)
     assert_same_run(tmp_path / "whole", run)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
+    need_data("speech")
+    assert_started_over_matches("speech", RESUMABLE, tmp_path, "config.json")
 
 
 def test_a_sentiment_run_started_over_begins_from_the_word_vectors(tmp_path):
@@ -102,13 +108,7 @@ def test_a_sentiment_run_started_over_begins_from_the_word_vectors(tmp_path):
     need_data("glove")
     overrides = {**TINY["sentiment"], "vectors": "glove50", "epochs": 1, "ensemble": 1}
     overrides.pop("embed_size")
-    run = tmp_path / "run"
-    with pytest.raises(Killed):
-        train("sentiment", overrides, out=run, progress=False, hook=kill_at(1))
-    assert (run / "vocab.json").exists() and not (run / "resume.safetensors").exists()
-    train("sentiment", {}, out=run, resume=True, progress=False)
-    train("sentiment", overrides, out=tmp_path / "whole", progress=False)
-    assert_same_run(tmp_path / "whole", run)
+    assert_started_over_matches("sentiment", overrides, tmp_path, "vocab.json")
 
 
 def _cli(*args: str) -> list[str]:

@@ -137,8 +137,9 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _progress_from(text: str) -> Progress:
-    """The :class:`Progress` saved as JSON; ValueError naming the first field out of place."""
+def _progress_from(text: str, metric: str) -> Progress:
+    """The :class:`Progress` saved as JSON by a task whose validation ``metric`` each epoch's
+    record holds; ValueError naming the first field out of place."""
     values = json.loads(text)
     if not isinstance(values, dict):
         raise ValueError(f"{type(values).__name__} found; expected an object")
@@ -171,6 +172,11 @@ def _progress_from(text: str) -> Progress:
                 raise ValueError(f"history[{k}].{key} = {h.get(key)!r}; expected a {kind.__name__}")
         if not isinstance(h.get("valid"), dict) or "loss" not in h["valid"]:
             raise ValueError(f"history[{k}].valid = {h.get('valid')!r}; expected the metrics")
+        value = h["valid"].get(metric)  # NaN is a metric a diverged epoch may have
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(
+                f"history[{k}].valid has no {metric!r}: {h['valid']!r}; expected the task's metrics"
+            )
     return Progress(**values)
 
 
@@ -383,7 +389,9 @@ def _save_state(
     _save_tensors(path, tensors, meta)
 
 
-def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Progress]:
+def _read_state(
+    path: Path, metric: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str], Progress]:
     tensors, meta = _load_tensors(path)
     if meta.get("format") != STATE_FORMAT:
         raise CheckpointError(
@@ -391,7 +399,7 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Pr
             f"{STATE_FORMAT!r})"
         )
     try:
-        progress = _progress_from(meta["progress"])
+        progress = _progress_from(meta["progress"], metric)
     except (KeyError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: its progress record is damaged ({e})") from None
     return tensors, meta, progress
@@ -851,7 +859,7 @@ def _setup(
     if resume:
         config = _check_resume(run_dir, name, overrides)
         if (run_dir / STATE).exists():
-            state = _read_state(run_dir / STATE)
+            state = _read_state(run_dir / STATE, task_cls.metric)
             p_saved = state[2]
             saved_world = _saved_world_size(state[1], run_dir / STATE)
             if saved_world != world.size:
@@ -969,13 +977,6 @@ def _train(
     if state is not None:
         rngs = _restore_state(run_dir / STATE, *state[:2], model, opt, scaler, world, dev, averaged)
         p = state[2]
-        for k, h in enumerate(p.history):  # the progress record's own check knows no task
-            value = h["valid"].get(task.metric)  # NaN is a metric a diverged epoch may have
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise CheckpointError(
-                    f"{run_dir / STATE}: its progress record is damaged (history[{k}].valid has "
-                    f"no {task.metric!r}: {h['valid']!r}; expected the task's metrics)"
-                )
         carried = {k[len(CARRY) :]: v for k, v in rngs[world.rank].items() if k.startswith(CARRY)}
         if carried and p.batch:
             task.load_carry(to_device(carried, dev))

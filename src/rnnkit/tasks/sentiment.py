@@ -191,7 +191,6 @@ class SentimentTask(ClassifierHooks, Task):
             frequent = sorted(rows, key=rows.__getitem__)[: c.glove_words]
             with_vectors += [w for w in frequent if w not in have]
         tokens = Vocab(with_vectors + [t for t in kept if t not in rows]).to_json()
-        self.fresh = True  # build_model starts from the vectors (rnnkit.train sets it too)
         return {
             "tokens": tokens,
             "labels": list(self.labels),
