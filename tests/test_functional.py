@@ -48,6 +48,32 @@ def test_steps_without_bias_equal_torch_cells() -> None:
     assert_close(F.gru_step(x, h, cell.weight_ih, cell.weight_hh), cell(x, h), OUT_TOL, "gru")
 
 
+@pytest.mark.parametrize("which", ["b_ih", "b_hh"])
+def test_layernorm_steps_add_a_bias_given_alone(which: str) -> None:
+    # one bias given and the other None: the step equals both given with the missing one zero
+    x, h, c = torch.randn(2, 4), torch.randn(2, 6), torch.randn(2, 6)
+    for gates, step, state in (
+        (4, F.layernorm_lstm_step, (h, c)),
+        (3, F.layernorm_gru_step, (h,)),
+    ):
+        w_ih, w_hh, bias = (
+            torch.randn(gates * 6, 4),
+            torch.randn(gates * 6, 6),
+            torch.randn(gates * 6),
+        )
+        ln = [(torch.rand(gates * 6) + 0.5, torch.randn(gates * 6))] * 2
+        if gates == 4:
+            ln.append((torch.rand(6) + 0.5, torch.randn(6)))
+        alone = (bias, None) if which == "b_ih" else (None, bias)
+        zero = (bias, torch.zeros_like(bias)) if which == "b_ih" else (torch.zeros_like(bias), bias)
+        got = step(x, *state, w_ih, w_hh, *alone, *ln)
+        want = step(x, *state, w_ih, w_hh, *zero, *ln)
+        for g, w in zip(
+            got if gates == 4 else (got,), want if gates == 4 else (want,), strict=True
+        ):
+            assert_close(g, w, OUT_TOL, f"{step.__name__} with {which} alone")
+
+
 def test_gate_layout_and_converters() -> None:
     assert F.GATES["lstm"] == ("i", "f", "g", "o")
     assert F.GATES["gru"] == ("r", "z", "n")

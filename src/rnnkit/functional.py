@@ -207,7 +207,9 @@ def layernorm_lstm_step(
     """
     pre = layer_norm(x @ w_ih.T, *ln_ih, eps) + layer_norm(h @ w_hh.T, *ln_hh, eps)
     if b_ih is not None:
-        pre = pre + b_ih + b_hh
+        pre = pre + b_ih
+    if b_hh is not None:
+        pre = pre + b_hh
     i, f, g, o = split_gates(pre, "lstm", dim=1)
     i = torch.sigmoid(i)
     f = torch.sigmoid(f)
@@ -283,7 +285,9 @@ def layernorm_gru_step(
     gi = layer_norm(x @ w_ih.T, *ln_ih, eps)
     gh = layer_norm((h if h_rec is None else h_rec) @ w_hh.T, *ln_hh, eps)
     if b_ih is not None:
-        gi, gh = gi + b_ih, gh + b_hh
+        gi = gi + b_ih
+    if b_hh is not None:
+        gh = gh + b_hh
     return _gru_from(gi, gh, h, return_gates)
 
 
