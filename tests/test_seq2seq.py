@@ -586,3 +586,24 @@ def test_charlm_sampling_at_a_tiny_temperature_is_the_most_likely_text():
     for temperature in (1e-40, 1e-30):  # the logits / temperature overflow float32 unshifted
         gen = torch.Generator().manual_seed(0)
         assert model.sample([4, 5], 20, temperature, gen, banned=range(4)) == greedy
+
+
+def test_charlm_sampling_restores_the_training_mode_when_it_fails():
+    torch.manual_seed(0)
+    model = CharLM(vocab_size=12, embed_size=8, hidden_size=16).train()
+    calls = 0
+
+    def fail_on_the_third_step(module, args, output):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("interrupted")
+
+    hook = model.head.register_forward_hook(fail_on_the_third_step)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.sample([4, 5], 20)
+    hook.remove()
+    assert model.training
+    model.eval()
+    model.sample([4, 5], 3)
+    assert not model.training

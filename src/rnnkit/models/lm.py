@@ -71,10 +71,22 @@ class CharLM(nn.Module):
             raise ValueError(f"temperature = {temperature}; expected >= 0")
         was_training = self.training
         self.eval()
+        try:
+            return self._sample(prompt, length, temperature, generator, list(banned))
+        finally:
+            self.train(was_training)
+
+    def _sample(
+        self,
+        prompt: list[int],
+        length: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        banned: list[int],
+    ) -> list[int]:
         device = self.head.weight.device
         logits, state = self(torch.tensor([prompt], device=device))
         last = logits[0, -1].float().cpu()  # drawn on the CPU: the same text on every device
-        banned = list(banned)
         out = []
         for _ in range(length):
             last[banned] = -math.inf
@@ -88,5 +100,4 @@ class CharLM(nn.Module):
             out.append(nxt)
             logits, state = self(torch.tensor([[nxt]], device=device), state)
             last = logits[0, -1].float().cpu()
-        self.train(was_training)
         return out
