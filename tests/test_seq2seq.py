@@ -607,3 +607,37 @@ def test_charlm_sampling_restores_the_training_mode_when_it_fails():
     model.eval()
     model.sample([4, 5], 3)
     assert not model.training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(prompt=[4, 12]), r"prompt\[1\] = 12; expected an id in \[0, 12\)"),
+        (dict(prompt=[-1]), r"prompt\[0\] = -1; expected an id in \[0, 12\)"),
+        (dict(banned=[3, 99]), r"banned\[1\] = 99; expected an id in \[0, 12\)"),
+        (dict(banned=range(12), temperature=0), r"banned holds every id .*vocab_size = 12"),
+        (dict(banned=range(12)), r"banned holds every id"),
+        (dict(length=-1), r"length = -1; expected a non-negative integer"),
+        (dict(length=2.5), r"length = 2.5; expected a non-negative integer"),
+        (dict(temperature=math.nan), r"temperature = nan; expected >= 0"),
+    ],
+)
+def test_charlm_sampling_names_a_bad_argument(kwargs, message):
+    torch.manual_seed(0)
+    model = CharLM(vocab_size=12, embed_size=8, hidden_size=16).train()
+    args = {"prompt": [4, 5], "length": 3, "temperature": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        model.sample(**args)
+    assert model.training
+
+
+def test_charlm_sampling_takes_ids_from_any_iterable_and_numpy_integers():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = CharLM(vocab_size=12, embed_size=8, hidden_size=16)
+    want = model.sample([4, 5], 6, temperature=0, banned=[0, 1, 2, 3])
+    got = model.sample(
+        list(np.array([4, 5])), np.int64(6), temperature=0, banned=(i for i in range(4))
+    )
+    assert got == want
+    assert not {0, 1, 2, 3} & set(got)

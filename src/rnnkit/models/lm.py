@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,14 +66,23 @@ class CharLM(nn.Module):
         Temperature divides the logits: below 1 sharpens, above 1 flattens; 0 takes the most
         likely id each step.
         """
+        vocab = self.head.out_features
         if not prompt:
             raise ValueError("prompt is empty; expected at least one id")
-        if temperature < 0:
+        prompt, banned = _ids(prompt, "prompt", vocab), _ids(banned, "banned", vocab)
+        if _whole(length) is None or length < 0:
+            raise ValueError(f"length = {length!r}; expected a non-negative integer")
+        if not temperature >= 0:  # NaN too
             raise ValueError(f"temperature = {temperature}; expected >= 0")
+        if len(set(banned)) == vocab:
+            raise ValueError(
+                f"banned holds every id of the vocabulary (vocab_size = {vocab}); expected at "
+                "least one id that may be drawn"
+            )
         was_training = self.training
         self.eval()
         try:
-            return self._sample(prompt, length, temperature, generator, list(banned))
+            return self._sample(prompt, length, temperature, generator, banned)
         finally:
             self.train(was_training)
 
@@ -101,3 +111,22 @@ class CharLM(nn.Module):
             logits, state = self(torch.tensor([[nxt]], device=device), state)
             last = logits[0, -1].float().cpu()
         return out
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (a Python or numpy one, not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _ids(values: Sequence[int], name: str, vocab: int) -> list[int]:
+    """``values`` as a list of ids, or ValueError naming the first that is not in [0, vocab)."""
+    ids = list(values)
+    for k, i in enumerate(ids):
+        if _whole(i) is None or not 0 <= i < vocab:
+            raise ValueError(f"{name}[{k}] = {i!r}; expected an id in [0, {vocab})")
+    return [int(i) for i in ids]
