@@ -322,6 +322,17 @@ def test_max_len_stops_the_searches() -> None:
         model.beam_search(src, src_lengths, beam_size=0)
 
 
+@pytest.mark.parametrize("alpha", [-0.5, math.nan, math.inf, "0.6", None])
+def test_a_bad_length_penalty_is_named(alpha) -> None:
+    model = tiny_model()
+    src, src_lengths = source_batch()
+    with pytest.raises(ValueError, match=r"length_penalty = .*; expected a finite number >= 0"):
+        tiny_config(length_penalty=alpha)
+    if alpha is not None:  # None: the config's
+        with pytest.raises(ValueError, match=r"length_penalty = .*; expected a finite number"):
+            model.beam_search(src, src_lengths, beam_size=2, max_len=3, length_penalty=alpha)
+
+
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_a_limit_per_source_equals_each_source_alone(beam_size: int) -> None:
     # a model that never ends: every hypothesis runs to its source's own limit, whatever the

@@ -119,8 +119,7 @@ class Seq2SeqConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}; expected one of {allowed}")
         check_dropout(self.dropout)
-        if self.length_penalty < 0:
-            raise ValueError(f"length_penalty = {self.length_penalty!r}; expected >= 0")
+        _check_length_penalty(self.length_penalty)
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         if len(set(ids.values())) != 3:
             raise ValueError(f"special ids {ids} must be distinct")
@@ -550,7 +549,9 @@ class Seq2Seq(nn.Module):
         """
         c = self.config
         k = c.beam_size if beam_size is None else beam_size
-        alpha = c.length_penalty if length_penalty is None else length_penalty
+        alpha = _check_length_penalty(
+            c.length_penalty if length_penalty is None else length_penalty
+        )
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValueError(f"beam_size = {k!r}; expected a positive integer")
         batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
@@ -616,6 +617,13 @@ class Seq2Seq(nn.Module):
             torch.where(keep.squeeze(1), best.lengths, lengths[:, 0]),
             torch.where(keep.squeeze(1), best.scores, scores[:, 0]),
         )
+
+
+def _check_length_penalty(alpha: Any) -> float:
+    """``length_penalty`` (a finite number >= 0) as a float."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha < math.inf:
+        raise ValueError(f"length_penalty = {alpha!r}; expected a finite number >= 0")
+    return float(alpha)
 
 
 def _check_max_len(max_len: Any, batch: int, device: torch.device) -> Tensor:
