@@ -320,6 +320,9 @@ def test_max_len_stops_the_searches() -> None:
         model.greedy(src, src_lengths, max_len=0)
     with pytest.raises(ValueError, match="beam_size = 0"):
         model.beam_search(src, src_lengths, beam_size=0)
+    for limits in (torch.ones(5, dtype=torch.bool), torch.full((5,), 3.0)):
+        with pytest.raises(ValueError, match=f"dtype {limits.dtype}; expected a positive integer"):
+            model.greedy(src, src_lengths, max_len=limits)
 
 
 @pytest.mark.parametrize("alpha", [-0.5, math.nan, math.inf, "0.6", None])

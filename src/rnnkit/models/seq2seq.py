@@ -629,7 +629,12 @@ def _check_length_penalty(alpha: Any) -> float:
 def _check_max_len(max_len: Any, batch: int, device: torch.device) -> Tensor:
     """``max_len`` (a positive int, or a (B,) integer tensor of positive limits) as (B,) int64."""
     if isinstance(max_len, Tensor):
-        if max_len.shape != (batch,) or max_len.dtype.is_floating_point or max_len.is_complex():
+        if (
+            max_len.shape != (batch,)
+            or max_len.dtype == torch.bool
+            or max_len.dtype.is_floating_point
+            or max_len.is_complex()
+        ):
             raise ValueError(
                 f"max_len has shape {tuple(max_len.shape)} and dtype {max_len.dtype}; expected "
                 f"a positive integer or an integer tensor of shape ({batch},), one per source"
