@@ -522,6 +522,13 @@ def test_config_errors_name_the_bad_value() -> None:
     src, src_lengths = source_batch()
     with pytest.raises(ValueError, match=r"tgt_in has shape \(2, 3\); expected \(B, T\)"):
         tiny_model()(src, src_lengths, torch.ones(2, 3, dtype=torch.long))
+    for feed in (True, False):  # the step loop, and all steps at once
+        model = tiny_model(attention="general", input_feeding=feed)
+        empty = torch.ones(5, 0, dtype=torch.long)
+        with pytest.raises(ValueError, match=r"tgt_in has shape \(5, 0\); .* and T >= 1"):
+            model(src, src_lengths, empty)
+        with pytest.raises(ValueError, match=r"tgt_in has shape \(5, 0\); .* and T >= 1"):
+            model.loss(src, src_lengths, empty, empty)
     assert Seq2SeqConfig(**tiny_config().to_dict()) == tiny_config()
 
 

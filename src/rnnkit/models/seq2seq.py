@@ -448,10 +448,10 @@ class Seq2Seq(nn.Module):
         self, src: Tensor, src_lengths: Any, tgt_in: Tensor
     ) -> tuple[Tensor, Tensor]:
         """h~ (B, T, H) and the attention weights (B, T, S) of teacher forcing ``tgt_in``."""
-        if tgt_in.dim() != 2 or tgt_in.shape[0] != src.shape[0]:
+        if tgt_in.dim() != 2 or tgt_in.shape[0] != src.shape[0] or tgt_in.shape[1] == 0:
             raise ValueError(
                 f"tgt_in has shape {tuple(tgt_in.shape)}; expected (B, T) token ids with "
-                f"B = {src.shape[0]}"
+                f"B = {src.shape[0]} and T >= 1"
             )
         state = self.start(src, src_lengths)
         if self.parallel_decoder:
