@@ -189,3 +189,11 @@ def test_errors_name_the_bad_value() -> None:
         attn(query, memory, mask[:, :5])
     with pytest.raises(ValueError, match=r"query has shape \(3, 8\)"):
         attn(query[:3], memory, mask)
+    for name in ATTENTIONS:  # a feature size that does not fit is named before any product
+        attn = make(name)
+        with pytest.raises(ValueError, match=r"query has shape \(4, 7\); .* Q = query_size = 8"):
+            attn(query[:, :7], memory, mask)
+        with pytest.raises(ValueError, match=r"memory has shape \(4, 6, 7\); .* memory_size = 8"):
+            attn(query, memory[..., :7], mask)
+        with pytest.raises(TypeError, match=r"mask has dtype torch.int64; expected torch.bool"):
+            attn(query, memory, mask.long())

@@ -94,17 +94,26 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         keys: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        if memory.dim() != 3:
-            raise ValueError(f"memory has shape {tuple(memory.shape)}; expected (B, S, M)")
-        if query.dim() not in (2, 3) or query.shape[0] != memory.shape[0]:
+        if memory.dim() != 3 or memory.shape[2] != self.memory_size:
+            raise ValueError(
+                f"memory has shape {tuple(memory.shape)}; expected (B, S, M) with M = "
+                f"memory_size = {self.memory_size}"
+            )
+        if (
+            query.dim() not in (2, 3)
+            or query.shape[0] != memory.shape[0]
+            or query.shape[-1] != self.query_size
+        ):
             raise ValueError(
                 f"query has shape {tuple(query.shape)}; expected (B, Q) or (B, T, Q) with "
-                f"B = {memory.shape[0]}"
+                f"B = {memory.shape[0]} and Q = query_size = {self.query_size}"
             )
         if mask is not None and tuple(mask.shape) != tuple(memory.shape[:2]):
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)}; expected (B, S) = {tuple(memory.shape[:2])}"
             )
+        if mask is not None and mask.dtype != torch.bool:
+            raise TypeError(f"mask has dtype {mask.dtype}; expected torch.bool (True = valid)")
         if mask is not None:
             # Padded positions may hold anything (NaN, inf): a zero weight times inf or NaN is
             # NaN, so they are zeroed before they meet the weights, in the context and the keys.
