@@ -128,6 +128,30 @@ def test_token_dropout_uses_the_unknown_id():
     assert seen[0].tolist() == [[3, 3, 0]]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_classes=0), r"num_classes = 0; expected an integer >= 1"),
+        (dict(num_classes=2.0), r"num_classes = 2.0; expected an integer >= 1"),
+        (dict(vocab_size=0), r"vocab_size = 0; expected an integer >= 1"),
+        (dict(conv_channels=-1), r"conv_channels = -1; expected an integer >= 0"),
+        (dict(token_dropout=1.5), r"token_dropout = 1.5; expected a probability in \[0, 1\]"),
+        (dict(token_dropout=float("nan")), r"token_dropout = nan; expected a probability"),
+        (dict(token_dropout=0.1, unk_id=10), r"unk_id = 10; expected an id in \[0, 10\)"),
+    ],
+)
+def test_classifier_arguments_are_checked(kwargs, message):
+    args = {"num_classes": 2, "vocab_size": 10, "embed_size": 4, "hidden_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        SequenceClassifier(args.pop("num_classes"), **args)
+
+
+@pytest.mark.parametrize("noise", [-0.5, float("nan"), float("inf")])
+def test_classifier_input_noise_is_checked(noise):
+    with pytest.raises(ValueError, match=r"input_noise = .*; expected a finite number >= 0"):
+        SequenceClassifier(2, input_size=4, hidden_size=3, input_noise=noise)
+
+
 def test_glove_vectors():
     need_data("glove")
     from rnnkit.data import glove

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .. import lengths as L
 from ..layers import GRU, LSTM, RNN, top_states
+from ..regularisers import check_probability
 from .attention import masked_softmax
 
 __all__ = [
@@ -145,6 +146,12 @@ class ConvFront(nn.Module):
         return y, seen[:, seen.shape[1] - (self.kernel - 1) :]
 
 
+def _check_count(name: str, value: Any, least: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} = {value!r}; expected an integer >= {least}")
+
+
 class SequenceClassifier(nn.Module):
     """Tokens or feature frames -> rnnkit recurrent encoder (``lengths=``) -> pooling -> logits.
 
@@ -188,6 +195,17 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         if (vocab_size is None) == (input_size is None):
             raise ValueError("give exactly one of vocab_size (token ids) or input_size (features)")
+        _check_count("num_classes", num_classes, 1)
+        for name, size in (("vocab_size", vocab_size), ("input_size", input_size)):
+            if size is not None:
+                _check_count(name, size, 1)
+        _check_count("conv_channels", conv_channels, 0)
+        check_probability("token_dropout", token_dropout, one=True)
+        noise_ok = isinstance(input_noise, int | float) and not isinstance(input_noise, bool)
+        if not noise_ok or not 0 <= input_noise < math.inf:
+            raise ValueError(f"input_noise = {input_noise!r}; expected a finite number >= 0")
+        if vocab_size is not None and token_dropout > 0 and not 0 <= unk_id < vocab_size:
+            raise ValueError(f"unk_id = {unk_id!r}; expected an id in [0, {vocab_size})")
         if pooling not in POOLING:
             raise ValueError(f"pooling = {pooling!r}; expected one of {POOLING}")
         self.embedding = None
