@@ -529,6 +529,12 @@ def test_config_errors_name_the_bad_value() -> None:
             model(src, src_lengths, empty)
         with pytest.raises(ValueError, match=r"tgt_in has shape \(5, 0\); .* and T >= 1"):
             model.loss(src, src_lengths, empty, empty)
+    tgt_in, tgt_out = decoder_io(*target_batch(), tiny_config())
+    for bad in (tgt_out[:, 1:], tgt_out[1:]):
+        with pytest.raises(
+            ValueError, match=rf"tgt_out has shape \({bad.shape[0]}, {bad.shape[1]}\)"
+        ):
+            tiny_model().loss(src, src_lengths, tgt_in, bad)
     assert Seq2SeqConfig(**tiny_config().to_dict()) == tiny_config()
 
 

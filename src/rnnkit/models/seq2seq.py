@@ -484,6 +484,11 @@ class Seq2Seq(nn.Module):
         Equals ``sequence_loss(model(src, src_lengths, tgt_in), tgt_out, pad_id)``, but the output
         layer and softmax run on the non-padding positions only.
         """
+        if tgt_out.shape != tgt_in.shape:
+            raise ValueError(
+                f"tgt_out has shape {tuple(tgt_out.shape)}; expected tgt_in's shape "
+                f"{tuple(tgt_in.shape)}, one target per decoder input"
+            )
         h_tilde, _ = self._attentional_states(src, src_lengths, tgt_in)
         valid = tgt_out != self.config.pad_id  # (B, T)
         logits = self._output(self.dropout(h_tilde[valid]))  # (N, H) -> (N, V)
