@@ -513,6 +513,9 @@ def test_config_errors_name_the_bad_value() -> None:
         tiny_config(embed_size=0)
     with pytest.raises(ValueError, match="special ids"):
         tiny_config(bos_id=0)
+    for name, value in (("eos_id", 2.5), ("pad_id", 0.0), ("bos_id", True)):
+        with pytest.raises(ValueError, match=f"{name} = {value}; expected an integer token id"):
+            tiny_config(**{name: value})
     with pytest.raises(ValueError, match="tie_embeddings"):
         tiny_config(tie_embeddings=True)
     with pytest.raises(ValueError, match="expected embed_size = 6"):

@@ -121,6 +121,9 @@ class Seq2SeqConfig:
         check_dropout(self.dropout)
         _check_length_penalty(self.length_penalty)
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
+        for name, value in ids.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} = {value!r}; expected an integer token id")
         if len(set(ids.values())) != 3:
             raise ValueError(f"special ids {ids} must be distinct")
         for name, value in ids.items():
