@@ -85,6 +85,8 @@ def test_gate_layout_and_converters() -> None:
     assert torch.equal(F.reorder_gates(w, "ifgo", "igfo")[1], w[2])
     with pytest.raises(ValueError, match="different gates"):
         F.reorder_gates(w, "ifgo", "ifgx")
+    with pytest.raises(ValueError, match=r"\('i', 'i', 'f', 'o'\) names a gate twice"):
+        F.reorder_gates(w, "iifo", "ifio")  # the second block would overwrite the first
     with pytest.raises(ValueError, match="'bogus'"):
         F.gate_count("bogus")
 

@@ -77,6 +77,8 @@ def reorder_gates(t: Tensor, src: Sequence[str], dst: Sequence[str], dim: int = 
     """
     if sorted(src) != sorted(dst):
         raise ValueError(f"gate orders {tuple(src)} and {tuple(dst)} name different gates")
+    if len(set(src)) != len(src):
+        raise ValueError(f"gate order {tuple(src)} names a gate twice; expected distinct gates")
     _check_blocks(t, len(src), dim, f"the gates {tuple(src)}")
     blocks = dict(zip(src, t.chunk(len(src), dim=dim), strict=True))
     return torch.cat([blocks[g] for g in dst], dim=dim)
