@@ -49,6 +49,10 @@ def test_lengths_out_of_range_or_not_integer(lstm) -> None:
         lstm(x, lengths=[5, 12, 1])
     with pytest.raises(ValueError, match=r"lengths\[2\] = -1 < 0"):
         lstm(x, lengths=torch.tensor([5, 2, -1]))
+    with pytest.raises(ValueError, match=rf"lengths\[1\] = {2**64} > T = 5"):
+        lstm(x, lengths=[5, 2**64, 1])
+    with pytest.raises(ValueError, match=rf"lengths\[0\] = {-(2**70)} < 0"):
+        lstm(x, lengths=[-(2**70), 2, 1])
     with pytest.raises(TypeError, match="lengths has dtype torch.float32; expected an integer"):
         lstm(x, lengths=torch.tensor([5.0, 2.0, 1.0]))
     with pytest.raises(TypeError, match=r"lengths\[0\] = 2.5; expected an integer"):

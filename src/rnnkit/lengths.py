@@ -66,6 +66,10 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
                 ints.append(operator.index(v))
             except TypeError:
                 raise TypeError(f"lengths[{k}] = {v!r}; expected an integer") from None
+        for k, v in enumerate(ints):  # beyond int64 (so beyond any T): named before converting
+            if not -(2**63) <= v < 2**63:
+                bound = f"> T = {steps}" if v > 0 else "< 0; expected 0 <= length <= T"
+                raise ValueError(f"lengths[{k}] = {v} {bound}")
         values = torch.tensor(ints, dtype=torch.int64)
     if values.numel() != batch:
         raise ValueError(
