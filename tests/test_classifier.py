@@ -253,6 +253,19 @@ def test_ensemble_predicts_the_mean_probability_of_its_members():
         ClassifierEnsemble(lambda: SequenceClassifier(2, input_size=1), 0)
 
 
+def test_a_float64_ensemble_averages_in_float64():
+    model = _ensemble(3, bidirectional=False).double().eval()
+    x, lengths = torch.randn(4, 6, 4, dtype=torch.float64), torch.tensor([6, 1, 3, 5])
+    mean = torch.softmax(model(x, lengths, members=True), dim=-1).mean(0)  # float64
+    logits = model(x, lengths)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(torch.softmax(logits, -1), mean, rtol=1e-12, atol=1e-12)
+    streamed = model.stream().push(x)  # every sequence read to its end: full lengths
+    assert streamed.dtype == torch.float64
+    full = torch.softmax(model(x, [6] * 4, members=True), dim=-1).mean(0)
+    torch.testing.assert_close(torch.softmax(streamed, -1), full, rtol=1e-12, atol=1e-12)
+
+
 def test_ensemble_members_learn_as_they_would_alone():
     """The recipes' loss (the mean of the members' losses) gives each member 1/size of the
     gradient its own loss gives it: no member's gradient depends on another's."""

@@ -408,8 +408,10 @@ class EnsembleStream:
 
 
 def average_probabilities(logits: list[Tensor]) -> Tensor:
-    """Logits whose softmax is the mean of the softmaxes of ``logits`` (each (..., classes))."""
+    """Logits whose softmax is the mean of the softmaxes of ``logits`` (each (..., classes)), in
+    float32 or the logits' own wider dtype."""
     if len(logits) == 1:
         return logits[0]
-    logp = torch.stack([torch.log_softmax(z.float(), dim=-1) for z in logits])
+    dtype = torch.promote_types(logits[0].dtype, torch.float32)
+    logp = torch.stack([torch.log_softmax(z.to(dtype), dim=-1) for z in logits])
     return torch.logsumexp(logp, dim=0) - math.log(len(logits))
