@@ -556,3 +556,30 @@ def test_tokenise_composes_accents_typed_as_combining_marks():
     decomposed = unicodedata.normalize("NFD", composed)
     assert decomposed != composed  # "e" + U+0301 and so on
     assert tokenise(decomposed) == tokenise(composed) == ["un", "café", "naïve", ",", "déjà", "vu"]
+
+
+class _Failing(torch.nn.Module):
+    """A model whose forward raises, to see what a failed evaluation leaves behind."""
+
+    def forward(self, *args: object) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+
+@pytest.mark.parametrize("name", ["speech", "charlm"])
+def test_failed_evaluation_leaves_the_model_training(name: str) -> None:
+    """An evaluation that raises (out of memory, a bad batch) puts the model back in training
+    mode, so a caller who catches the error and trains on does not train without dropout."""
+    task = tasks.get(name)(tasks.get(name).Config())
+    if name == "speech":
+        task.set_vocab({"labels": ["1", "2"], "mean": [0.0] * 12, "std": [1.0] * 12})
+        data = ([torch.zeros(3, 12)], torch.tensor([0]))
+    else:
+        data = torch.arange(40) % 5
+    model = _Failing().train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        task.evaluate(model, data)
+    assert model.training
+    model.eval()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        task.evaluate(model, data)
+    assert not model.training

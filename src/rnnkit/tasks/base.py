@@ -7,6 +7,7 @@ the training split, encode examples, batch them, compute the loss, evaluate, and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import typing
@@ -238,6 +239,18 @@ class PredictOption:
             )
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"{flag(name)} {value}; expected >= {self.minimum:g}")
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; its training mode comes back afterwards, also when
+    the block raises (a failed evaluation must not leave a model training without dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _bound(value: float) -> str:

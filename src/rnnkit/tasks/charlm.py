@@ -26,7 +26,7 @@ from ..errors import RecipeError
 from ..layers import detach_state
 from ..models import CharLM
 from ..models.classifier import CELLS
-from .base import PredictOption, Task, TrainConfig, option
+from .base import PredictOption, Task, TrainConfig, evaluating, option
 
 __all__ = ["CharLMConfig", "CharLMTask"]
 
@@ -169,22 +169,20 @@ class CharLMTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: CharLM, data: Tensor) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         streams = max(1, min(self.config.eval_streams, (len(data) - 1) // 2))
         per = (len(data) - 1) // streams
         x = self.to_device(data[: streams * per].view(streams, per))  # (S, N)
         y = self.to_device(data[1 : streams * per + 1].view(streams, per))
         window = 4 * self.config.seq_len
         total, state = 0.0, None
-        for t in range(0, per, window):
-            logits, state = model(x[:, t : t + window], state)
-            total += float(
-                F.cross_entropy(
-                    logits.flatten(0, 1), y[:, t : t + window].flatten(), reduction="sum"
+        with evaluating(model):
+            for t in range(0, per, window):
+                logits, state = model(x[:, t : t + window], state)
+                total += float(
+                    F.cross_entropy(
+                        logits.flatten(0, 1), y[:, t : t + window].flatten(), reduction="sum"
+                    )
                 )
-            )
-        model.train(was_training)
         n = streams * per
         nats = total / max(n, 1)
         return {"bits_per_char": nats / math.log(2), "loss": nats, "n": n}

@@ -15,7 +15,7 @@ from ..data import Vocab, bucket_batches, pad, pad_batch
 from ..models.attention import ATTENTIONS
 from ..models.classifier import ClassifierEnsemble, SequenceClassifier, make_encoder
 from ..models.seq2seq import Seq2Seq, Seq2SeqConfig, decoder_io, plot_attention, sequence_loss
-from .base import TrainConfig, option
+from .base import TrainConfig, evaluating, option
 
 __all__ = [
     "ATTENTION",
@@ -92,16 +92,14 @@ class ClassifierHooks:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Examples) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         seqs, labels = data
         correct, total_loss = 0, 0.0
-        for idx in bucket_batches([len(s) for s in seqs], self.eval_batch_size):
-            b = self.to_device(self.collate(data, idx))
-            logits = model(b["x"], b["lengths"])
-            total_loss += float(F.cross_entropy(logits, b["y"], reduction="sum"))
-            correct += int((logits.argmax(-1) == b["y"]).sum())
-        model.train(was_training)
+        with evaluating(model):
+            for idx in bucket_batches([len(s) for s in seqs], self.eval_batch_size):
+                b = self.to_device(self.collate(data, idx))
+                logits = model(b["x"], b["lengths"])
+                total_loss += float(F.cross_entropy(logits, b["y"], reduction="sum"))
+                correct += int((logits.argmax(-1) == b["y"]).sum())
         n = len(labels)
         return {"accuracy": correct / max(n, 1), "loss": total_loss / max(n, 1), "n": n}
 
@@ -252,22 +250,20 @@ class Seq2SeqHooks:
     ) -> list[list[str]]:
         """Output tokens of each source by beam search (``beam_size``, default the config's;
         1: greedy)."""
-        was_training = model.training
-        model.eval()
         c = self.config
         beam = c.beam_size if beam_size is None else beam_size
         out: list[list[str]] = [[] for _ in items]
-        for idx in bucket_batches([len(s) for s in items], self.eval_batch_size):
-            src, lengths = pad_batch([items[i] for i in idx], Vocab.pad_id, self.device)
-            # each source's own limit: a result never depends on the batch it was decoded in
-            max_len = (2 * lengths + 10).clamp(max=c.max_decode_len)
-            if beam > 1:
-                hyp = model.beam_search(src, lengths, beam_size=beam, max_len=max_len)
-            else:
-                hyp = model.greedy(src, lengths, max_len=max_len)
-            for i, ids in zip(idx, hyp.to_lists(Vocab.eos_id), strict=True):
-                out[i] = self.tgt_vocab.decode(ids)
-        model.train(was_training)
+        with evaluating(model):
+            for idx in bucket_batches([len(s) for s in items], self.eval_batch_size):
+                src, lengths = pad_batch([items[i] for i in idx], Vocab.pad_id, self.device)
+                # each source's own limit: a result never depends on the batch it was decoded in
+                max_len = (2 * lengths + 10).clamp(max=c.max_decode_len)
+                if beam > 1:
+                    hyp = model.beam_search(src, lengths, beam_size=beam, max_len=max_len)
+                else:
+                    hyp = model.greedy(src, lengths, max_len=max_len)
+                for i, ids in zip(idx, hyp.to_lists(Vocab.eos_id), strict=True):
+                    out[i] = self.tgt_vocab.decode(ids)
         return out
 
     def validate(self, model: Seq2Seq, data: Pairs) -> dict[str, float]:
@@ -279,15 +275,13 @@ class Seq2SeqHooks:
     def evaluate(
         self, model: Seq2Seq, data: Pairs, beam_size: int | None = None
     ) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
         total, tokens = 0.0, 0
-        for idx in bucket_batches([len(s) for s in data.src], self.eval_batch_size):
-            logits, tgt_out = self._logits(model, self.to_device(self.collate(data, idx)))
-            n = int((tgt_out != Vocab.pad_id).sum())
-            total += float(sequence_loss(logits, tgt_out, Vocab.pad_id)) * n
-            tokens += n
-        model.train(was_training)
+        with evaluating(model):
+            for idx in bucket_batches([len(s) for s in data.src], self.eval_batch_size):
+                logits, tgt_out = self._logits(model, self.to_device(self.collate(data, idx)))
+                n = int((tgt_out != Vocab.pad_id).sum())
+                total += float(sequence_loss(logits, tgt_out, Vocab.pad_id)) * n
+                tokens += n
         metrics = self.scores(self.decode(model, data.items, beam_size), data.refs)
         return {**metrics, "loss": total / max(tokens, 1), "n": len(data.items)}
 
