@@ -217,6 +217,25 @@ def test_every_rank_steps_with_the_same_rate_under_a_schedule_by_time(tmp_path):
     assert rates[0] == rates[1]
 
 
+ON_MAIN_EXITS = """
+import sys, torch
+from rnnkit.distributed import World
+world = World.from_env()
+world.start(torch.device("cpu"))
+try:
+    world.on_main(lambda: sys.exit(3))
+finally:
+    world.close()
+"""
+
+
+def test_an_exit_on_rank_0_ends_every_rank():
+    """sys.exit inside rank 0's share of the work ends the other ranks with the same status, at
+    once, rather than leaving them at the collective until its timeout."""
+    ranks = finish(spawn(program=("-c", ON_MAIN_EXITS)))
+    assert [status for status, _, _ in ranks] == [3, 3], [err[-2000:] for _, _, err in ranks]
+
+
 def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):
     need_data("speech")
     run = tmp_path / "run"

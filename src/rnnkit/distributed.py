@@ -166,14 +166,15 @@ class World:
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` run on rank 0 alone; its result on every rank, or its exception raised on
-        every rank (a KeyboardInterrupt too, so that all of them stop at this point)."""
+        every rank (a KeyboardInterrupt or SystemExit too, so that all of them stop at this point
+        instead of waiting for rank 0 until the collective's timeout)."""
         if not self.distributed:
             return fn()
         result: Any = None
         if self.is_main:
             try:
                 result = fn()
-            except (Exception, KeyboardInterrupt) as e:
+            except BaseException as e:  # re-raised on every rank below
                 result = _Failed(e)
         result = self.share(result)
         if isinstance(result, _Failed):
