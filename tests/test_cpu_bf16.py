@@ -240,6 +240,34 @@ def test_every_backend_returns_torch_nn_dtypes_under_autocast(name, layout, back
     assert got == want, f"{name} {layout} on {backend}: {got}, torch.nn: {want}"
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("given", [torch.float32, torch.bfloat16], ids=["fp32 input", "bf16 input"])
+@pytest.mark.parametrize("name", list(DROP_INS))
+def test_initial_states_of_another_dtype_give_torch_nn_dtypes_under_autocast(
+    name, given, packed, backend
+):
+    """A GRU's h_0 and an LSTM's c_0 carry their dtype into the state torch.nn returns (an
+    encoder's bf16 state handed to a decoder fed fp32 embeddings), whatever the input's."""
+    ref_cls, cls, kw = DROP_INS[name]
+    torch.manual_seed(0)
+    ref = ref_cls(I, H, num_layers=2, bidirectional=True, **kw)
+    mine = cls(I, H, num_layers=2, bidirectional=True, backend=backend, **kw)
+    mine.load_state_dict(ref.state_dict())
+    other = torch.bfloat16 if given == torch.float32 else torch.float32
+    x = torch.randn(T, B, I, dtype=given)
+    h0 = torch.randn(4, B, kw.get("proj_size", H), dtype=other)
+    hx = (h0, torch.randn(4, B, H, dtype=other)) if ref_cls is torch.nn.LSTM else h0
+    lengths = torch.tensor([9, 3, 2, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if packed:
+            want = _dtypes(ref(pack_padded_sequence(x, lengths, enforce_sorted=False), hx))
+            got = _dtypes(mine(x, hx, lengths=lengths))
+        else:
+            want, got = _dtypes(ref(x, hx)), _dtypes(mine(x, hx))
+    assert got == want, f"{name} on {backend}: {got}, torch.nn: {want}"
+
+
 @pytest.mark.parametrize("backend", ["cpu", "native", "reference"])
 @pytest.mark.parametrize("name", list(DROP_INS))
 def test_a_float64_layer_under_autocast_computes_and_returns_float64(name, backend):

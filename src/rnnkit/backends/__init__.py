@@ -101,7 +101,8 @@ class Request:
     device and the layer's dtype (None otherwise; autocast leaves float64 alone): the backends
     may run their matrix products in it, and the composer returns what torch.nn returns for the
     same call (:func:`autocast_dtypes`). ``input_dtype`` is the caller's input dtype where the
-    layer converted it to the weights' (``dtype``), else None.
+    layer converted it to the weights' (``dtype``), else None; ``state_dtypes`` likewise the
+    caller's initial-state dtypes (h, c, ...) where the layer converted any of them.
     ``func_transforms``: the call runs under :mod:`torch.func`'s transforms (grad, vjp, jvp,
     vmap, functionalize), which see through plain torch operations only.
     """
@@ -128,6 +129,7 @@ class Request:
     hidden_size: int = 0
     autocast: torch.dtype | None = None
     input_dtype: torch.dtype | None = None
+    state_dtypes: tuple[torch.dtype, ...] | None = None
     func_transforms: bool = False
 
 
@@ -137,16 +139,18 @@ def autocast_dtypes(request: Request) -> tuple[torch.dtype, torch.dtype] | None:
     whose own operations decide).
 
     torch.nn, measured (torch 2.13, CPU): the Elman RNN's state is a product, so in the autocast
-    dtype; a GRU's and a decomposed LSTM's state mixes the products with the previous state, so
-    it is in the wider of the autocast dtype and the initial state's (the input's); torch's
-    fused oneDNN LSTM (no lengths, no projection) returns everything in the autocast dtype; a
-    projected LSTM's h is the projection's product. rnnkit's other cells follow their family.
+    dtype; a GRU's and a decomposed LSTM's state mixes the products with the previous state (the
+    GRU's h, the LSTM's c), so it is in the wider of the autocast dtype and that initial state's
+    (the input's when none is given); torch's fused oneDNN LSTM (no lengths, no projection)
+    returns everything in the autocast dtype; a projected LSTM's h is the projection's product.
+    rnnkit's other cells follow their family.
     """
     low = request.autocast
     if low is None or request.mode is None:
         return None
     given = request.input_dtype or request.dtype
-    wide = torch.promote_types(low, given)
+    carried = request.state_dtypes[-1] if request.state_dtypes else given  # GRU's h, LSTM's c
+    wide = torch.promote_types(low, carried)
     mode = request.mode
     if mode in ("rnn_tanh", "rnn_relu"):
         return low, low
@@ -473,11 +477,14 @@ def make_call(
     checkpoint: int = 0,
     masks: StackMasks | None = None,
     input_dtype: torch.dtype | None = None,
+    state_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> Call:
     """A :class:`Call` for ``layers`` over the time-major ``x``, with its :class:`Request`.
-    ``input_dtype``: the caller's input dtype, when the layer converted it (autocast)."""
+    ``input_dtype``, ``state_dtypes``: the caller's input and initial-state dtypes, when the
+    layer converted them (autocast)."""
     directions = [d for layer in layers for d in layer]
     first = directions[0]
+    given = input_dtype or x.dtype  # the caller's input dtype
     modes = {d.mode for d in directions}
     regs = [d.regularisers for d in directions]
     grad = torch.is_grad_enabled() and (
@@ -511,6 +518,7 @@ def make_call(
         # autocast leaves float64 operations alone: a float64 layer computes and returns float64
         autocast=None if x.dtype == torch.float64 else _autocast(x.device.type),
         input_dtype=input_dtype if input_dtype not in (None, x.dtype) else None,
+        state_dtypes=state_dtypes if any(d != given for d in state_dtypes or ()) else None,
         func_transforms=_func_transforms(),
     )
     return Call(request, x, layers, lengths, dropout, training, gates, checkpoint, masks)

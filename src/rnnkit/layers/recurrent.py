@@ -223,8 +223,11 @@ def run_stack(
     gates: bool = False,
     checkpoint: int | str | None = None,
     masks: StackMasks | None = None,
+    state_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> StackResult:
-    """Hand a layer's stack (``layers``, built by the layer over ``inp``) to the backends."""
+    """Hand a layer's stack (``layers``, built by the layer over ``inp``) to the backends.
+    ``state_dtypes``: the dtypes of the initial states the caller gave, before
+    :func:`check_state` converted them (autocast)."""
     if masks is not None:
         check_streaming(module, layers, masks, inp.x.shape[0])
     call = backends.make_call(
@@ -238,6 +241,7 @@ def run_stack(
         checkpoint=segment(checkpoint, inp.x.shape[0]),
         masks=masks,
         input_dtype=inp.given_dtype,
+        state_dtypes=state_dtypes,
     )
     return backends.run(call, backend)
 

@@ -267,10 +267,12 @@ class _RNNBase(PlainPickle, nn.Module):
             raise ValueError("return_gates=True, but an Elman RNN has no gates; use LSTM or GRU")
         inp = self._prepare(input, lengths)
         h0, c0 = self._initial_states(hx, inp)
+        given = None if hx is None else hx if isinstance(hx, tuple | list) else (hx,)
         layers = self.directions(inp.x, h0, c0)
         result = run_stack(
             self, inp, layers, self.backend, dropout=self.dropout, gates=return_gates,
             checkpoint=self.checkpoint, masks=masks,
+            state_dtypes=None if given is None else tuple(s.dtype for s in given),
         )  # fmt: skip
         finals = [s for layer in result.states for s in layer]
         h_n = torch.stack([s[0] for s in finals])  # (L*D, B, P)
