@@ -310,6 +310,27 @@ def test_the_suite_covers_every_cell_structure_and_regulariser() -> None:
     assert {c.cell.removesuffix("_proj") for c in CASES} == set(SPECS)
 
 
+@pytest.mark.parametrize("backend", ["reference", *_backends()])
+@pytest.mark.parametrize("cell", list(DROP_INS))
+def test_an_empty_batch_with_lengths_runs(backend: str, cell: str) -> None:
+    """An empty batch (the last slice of a dataset) with ``lengths=[]``: outputs and states of
+    the shapes a call without lengths gives."""
+    module = DROP_INS[cell](num_layers=2, bidirectional=True, backend=backend)
+    x = torch.randn(T, 0, I)
+    backends.select(request_of_call(module, x, []), "auto")  # registers the built-ins
+    reason = backends._registry[backend].check(request_of_call(module, x, []))
+    if reason is not None:
+        pytest.skip(f"{backend} declines the call: {reason}")
+    got = module(x, lengths=torch.tensor([], dtype=torch.long))
+    want = module(x)
+    for a, b in zip(tree_leaves(got), tree_leaves(want), strict=True):
+        assert a.shape == b.shape, f"{tuple(a.shape)}, without lengths {tuple(b.shape)}"
+
+
+def request_of_call(module, x, lengths) -> backends.Request:
+    return module.dispatch_requests(x, lengths)[0][1]
+
+
 # -- errors: the same clear message whichever backend runs -----------------------------------------
 
 ERRORS = {

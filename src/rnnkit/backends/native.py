@@ -52,7 +52,7 @@ class NativeBackend:
         hx = [h0, torch.stack([d.state[1] for d in directions])] if lstm else [h0]
         args = (weights, bias, 1, 0.0, layer.training, bidirectional)
         x = layer.inputs[0]
-        if layer.lengths is None:
+        if layer.lengths is None or x.shape[1] == 0:  # an empty batch has nothing to pack
             if reverse:
                 x = x.flip(0)
             out, *finals = op(x, hx if lstm else hx[0], *args, False)
