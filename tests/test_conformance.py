@@ -310,21 +310,27 @@ def test_the_suite_covers_every_cell_structure_and_regulariser() -> None:
     assert {c.cell.removesuffix("_proj") for c in CASES} == set(SPECS)
 
 
+@pytest.mark.parametrize("lengths", [[], [0, 0]], ids=["empty batch", "empty sequences"])
 @pytest.mark.parametrize("backend", ["reference", *_backends()])
 @pytest.mark.parametrize("cell", list(DROP_INS))
-def test_an_empty_batch_with_lengths_runs(backend: str, cell: str) -> None:
-    """An empty batch (the last slice of a dataset) with ``lengths=[]``: outputs and states of
-    the shapes a call without lengths gives."""
+def test_a_batch_without_a_step_runs_and_backpropagates(backend: str, cell: str, lengths) -> None:
+    """An empty batch with ``lengths=[]`` (the last slice of a dataset) or a batch of empty
+    sequences only: zero outputs and initial states, of the shapes a call without lengths
+    gives, and a loss over them backpropagates (zero gradients), as on every other batch."""
     module = DROP_INS[cell](num_layers=2, bidirectional=True, backend=backend)
-    x = torch.randn(T, 0, I)
-    backends.select(request_of_call(module, x, []), "auto")  # registers the built-ins
-    reason = backends._registry[backend].check(request_of_call(module, x, []))
+    x = torch.randn(T, len(lengths), I, requires_grad=True)
+    backends.select(request_of_call(module, x, lengths), "auto")  # registers the built-ins
+    reason = backends._registry[backend].check(request_of_call(module, x, lengths))
     if reason is not None:
         pytest.skip(f"{backend} declines the call: {reason}")
-    got = module(x, lengths=torch.tensor([], dtype=torch.long))
-    want = module(x)
-    for a, b in zip(tree_leaves(got), tree_leaves(want), strict=True):
+    got = tree_leaves(module(x, lengths=torch.tensor(lengths, dtype=torch.long)))
+    want = tree_leaves(module(torch.zeros_like(x)))  # the shapes
+    for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape, f"{tuple(a.shape)}, without lengths {tuple(b.shape)}"
+        assert torch.count_nonzero(a) == 0
+    loss = sum(t.sum() for t in got)
+    for g in torch.autograd.grad(loss, [x, *module.parameters()]):
+        assert torch.count_nonzero(g) == 0
 
 
 def request_of_call(module, x, lengths) -> backends.Request:

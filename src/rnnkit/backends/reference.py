@@ -98,6 +98,8 @@ def scan(
     if inside:
         kw["state_mask"] = state_mask
     columns: list[tuple[Tensor, ...]] = []  # per step: out, then the gates
+    # when every sequence is empty (run = 0) one step still runs, fully masked: it gives the
+    # shapes, and outputs and states that stay in the graph (zero gradients), as a kernel's do
     for t in range(max(run, 1)):
         entering = state
         if state_mask is not None and not inside:
@@ -108,9 +110,6 @@ def scan(
             new = _zone(new, state, zoneout, t)
             out = _states(new)[0]
         column = (out, *(gates[0] if gates else ()))
-        if t >= run:  # every sequence is empty: this step only gave the shapes
-            columns.append(tuple(torch.zeros_like(c) for c in column))
-            break
         if valid is not None:
             column = tuple(torch.where(valid[t], c, 0.0) for c in column)
             new = _where(valid[t], new, state)
