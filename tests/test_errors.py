@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,6 +198,16 @@ def test_dropout_outside_unit_interval(p) -> None:
         rnnkit.Stacked([rnnkit.Recurrent(rnnkit.GRUCell(I, H))], dropout=p)
 
 
+@pytest.mark.parametrize("p", [np.float32(0.25), np.float64(0.5), np.int64(0)])
+def test_numpy_probabilities_are_accepted_as_torch_nn_accepts_them(p) -> None:
+    theirs = torch.nn.GRU(I, H, num_layers=2, dropout=p)
+    ours = rnnkit.GRU(I, H, num_layers=2, dropout=p, zoneout=p, dropout_input=p)
+    assert ours.dropout == theirs.dropout
+    assert ours.regularisers.zoneout == ours.regularisers.dropout_input == float(p)
+    with pytest.raises(ValueError, match=r"dropout = np.float32\(1.5\); expected a prob"):
+        rnnkit.GRU(I, H, num_layers=2, dropout=np.float32(1.5))
+
+
 def test_invalid_sizes() -> None:
     with pytest.raises(ValueError, match="hidden_size = 0; expected a positive integer"):
         rnnkit.GRU(I, 0)
@@ -253,8 +264,6 @@ class _Custom(rnnkit.Cell):
 
 
 def test_lengths_accept_numpy_integers_but_not_bools(lstm) -> None:
-    import numpy as np
-
     x = torch.randn(T, B, I)
     a = lstm(x, lengths=[np.int64(5), np.int32(2), 1])[0]
     assert_equal = torch.testing.assert_close

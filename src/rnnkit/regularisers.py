@@ -21,6 +21,7 @@ so a seed reproduces a run, and every backend sees the same masks.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from numbers import Real
 from typing import Any
 
 import torch
@@ -31,8 +32,9 @@ __all__ = ["Masks", "PlainPickle", "Regularisers"]
 
 def check_probability(name: str, p: object, one: bool = False) -> float:
     """``p`` as a float, or ValueError naming ``name`` unless it is a probability in [0, 1)
-    (in [0, 1] with ``one``: a dropout that may drop everything, as torch.nn's)."""
-    number = not isinstance(p, bool) and isinstance(p, int | float)
+    (in [0, 1] with ``one``: a dropout that may drop everything, as torch.nn's). Any real
+    number is taken (a NumPy float from a config or a sweep), as torch.nn takes it."""
+    number = not isinstance(p, bool) and isinstance(p, Real)
     if not number or not (0.0 <= p <= 1.0 if one else 0.0 <= p < 1.0):  # type: ignore[operator]
         raise ValueError(f"{name} = {p!r}; expected a probability in [0, {'1]' if one else '1)'}")
     return float(p)
