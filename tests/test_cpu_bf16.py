@@ -268,6 +268,26 @@ def test_initial_states_of_another_dtype_give_torch_nn_dtypes_under_autocast(
     assert got == want, f"{name} on {backend}: {got}, torch.nn: {want}"
 
 
+@pytest.mark.parametrize("name", list(DROP_INS))
+def test_a_float16_layer_under_bf16_autocast_runs_as_torch_nn_runs_it(name):
+    """torch's fused op fails on float16 weights under bfloat16 autocast: the native backend
+    declines the call and another computes what torch.nn computes."""
+    ref_cls, cls, kw = DROP_INS[name]
+    torch.manual_seed(0)
+    ref = ref_cls(I, H, num_layers=2, **kw).half()
+    mine = cls(I, H, num_layers=2, **kw).half()
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref(x), mine(x)
+        mine.backend = "native"
+        with pytest.raises(rnnkit.BackendUnavailable, match="float16 weights under"):
+            mine(x)
+    for a, e in zip(_leaves(got), _leaves(want), strict=True):
+        assert a.dtype == e.dtype, f"{name}: {a.dtype}, torch.nn: {e.dtype}"
+        close(a, e, BF16_TOL, name)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "native", "reference"])
 @pytest.mark.parametrize("name", list(DROP_INS))
 def test_a_float64_layer_under_autocast_computes_and_returns_float64(name, backend):

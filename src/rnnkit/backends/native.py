@@ -35,6 +35,11 @@ class NativeBackend:
             return "torch has no single reversed direction over packed lengths"
         if not request.dtype.is_floating_point:
             return f"dtype {request.dtype} is not floating point"
+        if request.autocast not in (None, request.dtype) and request.dtype != torch.float32:
+            return (
+                f"torch's op fails on {request.dtype} weights under {request.autocast} autocast "
+                "(it converts float32 only)"
+            )
         return None
 
     def run_layer(self, layer: LayerCall) -> LayerResult:
