@@ -76,6 +76,26 @@ def test_hx_wrong_shape_dtype_device_or_type(lstm) -> None:
 
 
 @pytest.mark.parametrize("backend", [None, "reference", "cpu", "native"])
+def test_input_and_parameters_on_different_devices(backend) -> None:
+    """(meta stands in for another device: a model on the GPU given a CPU batch.)"""
+    x = torch.randn(T, B, I)
+    on_meta = rnnkit.GRU(I, H, num_layers=2, device="meta", backend=backend)
+    with pytest.raises(ValueError, match=r"GRU input is on cpu, but its parameters are on meta"):
+        on_meta(x)
+    with pytest.raises(ValueError, match=r"input is on meta, but its parameters are on cpu"):
+        rnnkit.LSTM(I, H, backend=backend)(x.to("meta"), lengths=[5, 2, 1])
+    cell = rnnkit.Recurrent(rnnkit.LSTMCell(I, H, device="meta"), backend=backend)
+    with pytest.raises(ValueError, match=r"Recurrent\(LSTMCell\) input is on cpu, but its param"):
+        cell(x)
+    split = rnnkit.GRU(I, H, num_layers=2, backend=backend)
+    split.weight_hh_l1 = torch.nn.Parameter(split.weight_hh_l1.to("meta"))
+    with pytest.raises(
+        ValueError, match="parameter weight_hh_l1 is on meta, but weight_ih_l0 is on"
+    ):
+        split(x)
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpu", "native"])
 def test_lstm_hx_without_c0_or_with_extra_states(backend) -> None:
     lstm = rnnkit.LSTM(I, H, num_layers=2, backend=backend)
     x, good = torch.randn(T, B, I), torch.zeros(2, B, H)

@@ -139,11 +139,25 @@ def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = 
     as torch.nn's layers accept it there; the backends see the autocast request
     (:attr:`rnnkit.backends.Request.autocast`) and the caller's dtype, run their products in the
     autocast dtype where they can, and return the dtypes torch.nn returns for the same call.
+    An input on another device than the weights (or weights on several devices) is refused too.
     """
     weights = list(weights)
     if not weights:
         return x
     first_name, first = weights[0]
+    for name, w in weights[1:]:
+        if w.device != first.device:
+            raise ValueError(
+                f"{layer} parameter {name} is on {w.device}, but {first_name} is on "
+                f"{first.device}; expected one device for every parameter (move the model with "
+                f"model.to({str(first.device)!r}))"
+            )
+    if x.device != first.device:
+        raise ValueError(
+            f"{layer} input is on {x.device}, but its parameters are on {first.device}; "
+            f"expected one device (move the input: input.to({str(first.device)!r}), or the "
+            f"model: model.to({str(x.device)!r}))"
+        )
     for name, w in weights[1:]:
         if w.dtype != first.dtype:
             raise ValueError(
