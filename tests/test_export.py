@@ -114,6 +114,26 @@ def test_regularisers_in_training_mode_are_refused_while_exporting(regulariser: 
     assert [n.target for n in ep.graph.nodes if "rnnkit" in str(n.target)] == [OP]
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rnnkit.GRU(I, H, num_layers=2, dropout=0.3),
+        lambda: rnnkit.Stacked(
+            [rnnkit.Recurrent(rnnkit.GRUCell(I, H)), rnnkit.Recurrent(rnnkit.LSTMCell(H, H))],
+            dropout=0.3,
+        ),  # cells that differ: the layers run one by one, the stack drops out between them
+    ],
+)
+def test_dropout_between_layers_in_training_mode_is_refused_while_exporting(make) -> None:
+    """Its mask is random: an exported graph would drop a random part of every input."""
+    stack = make()
+    x = torch.randn(4, 2, I)
+    with pytest.raises(RuntimeError, match=r"dropout between layers: .*export the model in eval"):
+        torch.export.export(stack.train(), (x,))
+    ep = torch.export.export(stack.eval(), (x,))
+    torch.testing.assert_close(ep.module()(x), stack(x), atol=OUT_TOL, rtol=OUT_TOL)
+
+
 def test_directions_of_different_sizes_export_as_one_op_each() -> None:
     layer = rnnkit.Bidirectional(
         rnnkit.Recurrent(rnnkit.GRUCell(I, H)), rnnkit.Recurrent(rnnkit.GRUCell(I, 7), reverse=True)

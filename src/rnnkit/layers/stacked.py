@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from ..backends import Direction, StackMasks
+from ..backends import Direction, StackMasks, exporting
 from ..regularisers import check_probability
 from .bidirectional import Bidirectional, merge
 from .composite import Composite, check_layouts
@@ -31,9 +31,14 @@ def check_dropout(p: Any) -> float:
 
 
 def dropout(x: Any, p: float, training: bool) -> Any:
-    """Dropout on a Tensor or on a PackedSequence's data (padding stays zero)."""
+    """Dropout on a Tensor or on a PackedSequence's data (padding stays zero); refused while a
+    model is exported (its mask is random), as the export backend refuses it in a fused stack."""
     if p == 0.0 or not training:
         return x
+    if exporting():
+        from ..backends.export.backend import TRAINING
+
+        raise RuntimeError(f"dropout between layers: {TRAINING}")
     if isinstance(x, PackedSequence):
         return x._replace(data=F.dropout(x.data, p, True))
     return F.dropout(x, p, True)

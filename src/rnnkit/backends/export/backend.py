@@ -18,8 +18,8 @@ Each layer (both directions at once when they have one size) becomes:
 What it declines while exporting, and why: a custom cell (it has no lowering; the reference
 backend's loop is traced instead, unrolled over the example's steps, ``lengths=`` an input of
 the graph) and gate outputs (for inspection, not for an exported graph). A layer with
-regularisers in training mode is refused with an error (their masks are random): export in eval
-mode, where dropout is a no-op and zoneout its expectation, which the op computes. The op has no
+regularisers, or a stack with dropout between its layers, in training mode is refused with an
+error (their masks are random): export in eval mode, where dropout is a no-op and zoneout its expectation, which the op computes. The op has no
 backward: an exported graph is for inference.
 """
 
@@ -67,6 +67,8 @@ class ExportBackend:
 
     def run_layer(self, layer: LayerCall) -> LayerResult:
         """One op for the layer, or one per direction when the two differ in size."""
+        if layer.request.dropout:  # the composer drew random masks between the layers
+            raise RuntimeError(f"dropout between layers: {TRAINING}")
         directions = layer.directions
         sizes = {(d.output_size, d.state[-1].shape[-1]) for d in directions}
         groups = [directions] if len(sizes) == 1 else [[d] for d in directions]
