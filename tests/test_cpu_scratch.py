@@ -113,3 +113,19 @@ def test_no_result_reads_scratch_it_did_not_write() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("value", ["512MB", "-1", "1.5", "lots", "512 "])
+def test_a_bad_scratch_limit_in_the_environment_is_named(monkeypatch, value) -> None:
+    """The kernels read RNNKIT_CPU_SCRATCH_MB as a whole number of megabytes; anything else is
+    an error naming it, not the default taken silently."""
+    monkeypatch.setattr(build, "_environment_checked", False)
+    monkeypatch.setenv(build.SCRATCH_ENV, value)
+    gru = rnnkit.GRU(3, 5, backend="cpu")
+    with pytest.raises(ValueError, match=rf"^RNNKIT_CPU_SCRATCH_MB = '{value}'; expected a whole"):
+        gru(torch.randn(4, 2, 3))
+    with pytest.raises(ValueError, match=r"RNNKIT_CPU_SCRATCH_MB = "):
+        scratch_memory()
+    for good in ("", "0", "256", " 64"):
+        monkeypatch.setenv(build.SCRATCH_ENV, good)
+        gru(torch.randn(4, 2, 3))

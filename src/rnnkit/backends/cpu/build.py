@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -35,7 +36,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HEADERS", "SOURCES", "cache_dir", "ensure", "library_path", "unavailable"]
+__all__ = [
+    "HEADERS",
+    "SCRATCH_ENV",
+    "SOURCES",
+    "cache_dir",
+    "ensure",
+    "library_path",
+    "unavailable",
+]
 
 _HERE = Path(__file__).resolve().parent
 #: One translation unit per cell family instantiating the drivers, the op entries (with the GEMMs
@@ -79,8 +88,12 @@ _CFLAGS = (
 # -ldl: dlopen() of the optional oneDNN library (onednn.cpp), never linked against
 _LDFLAGS = ("-fopenmp", "-ldl")
 
+#: The scratch pool's limit in megabytes (scratch.cpp reads it when the pool is first used).
+SCRATCH_ENV = "RNNKIT_CPU_SCRATCH_MB"
+
 _lock = threading.Lock()
 _loaded = False
+_environment_checked = False  # the variables the kernels read passed their check once
 _failure: str | None = None  # why the kernels cannot be used, once a build was tried
 
 
@@ -341,8 +354,25 @@ def unavailable() -> str | None:
     return _failure
 
 
+def _check_environment() -> None:
+    """ValueError naming the value of an environment variable the kernels read unless they read
+    it as given: ``RNNKIT_CPU_SCRATCH_MB`` unset, empty or a whole number of megabytes (the
+    kernels would otherwise fall back to the default without a word)."""
+    value = os.environ.get(SCRATCH_ENV, "")
+    if value and (re.fullmatch(r"\s*\+?[0-9]+", value) is None or int(value) > (2**63 - 1) >> 20):
+        raise ValueError(
+            f"{SCRATCH_ENV} = {value!r}; expected a whole number of megabytes >= 0 (default "
+            "1024; 0 keeps nothing)"
+        )
+
+
 def ensure() -> None:
-    """Load the kernels or raise with the reason they are unavailable."""
+    """Load the kernels or raise with the reason they are unavailable (or with the bad value of
+    an environment variable they read)."""
+    global _environment_checked
     reason = unavailable()
     if reason is not None:
         raise RuntimeError(f"rnnkit cpu backend: {reason}")
+    if not _environment_checked:
+        _check_environment()
+        _environment_checked = True
