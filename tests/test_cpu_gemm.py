@@ -117,6 +117,29 @@ def test_rnnkit_gemm_names_a_source(fresh, monkeypatch):
         rnnkit.GRU(I, H, backend="cpu")(torch.randn(T, B, I))
 
 
+@pytest.mark.parametrize("variable,value", [(gemm.ENV, "openblas"), (gemm.SPLIT_ENV, "sometimes")])
+def test_a_bad_value_is_named_where_dispatch_then_picks_torchs_op(
+    fresh, monkeypatch, variable, value
+):
+    """At a shape where torch's fused op measured faster, automatic dispatch leaves the call to
+    it; the variable's bad value is still an error, as at the shapes the kernels run."""
+    from rnnkit.backends.cpu import dispatch
+
+    slower = [p for p in dispatch.MEASURED[("lstm", False, "fp32", False)] if p.ratio < 1.0]
+    if not slower:
+        pytest.skip("the kernels measured faster than torch's op at every shape")
+    point = slower[0]
+    lstm = rnnkit.LSTM(point.input_size, point.hidden)
+    x = torch.randn(point.steps, point.batch, point.input_size)
+    with torch.no_grad():
+        assert rnnkit.explain(lstm, x).backend == "native"
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ValueError, match=rf"^{variable} = '{value}'; expected"):
+            lstm(x)
+        with pytest.raises(ValueError, match=rf"^{variable} = '{value}'; expected"):
+            rnnkit.explain(lstm, x)
+
+
 def test_probe_reports_positive_times_for_each_available_source():
     for source in gemm.SOURCES:
         if gemm.available(source, False):

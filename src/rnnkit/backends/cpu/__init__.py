@@ -136,7 +136,11 @@ class CpuBackend:
     def slower(self, request: Request) -> str | None:
         """Why automatic dispatch should prefer torch's own op for ``request``, though this
         backend can run it: where it measured faster at the nearest measured shape
-        (:mod:`.dispatch`). None: this backend measured faster, or torch's op cannot run it."""
+        (:mod:`.dispatch`). None: this backend measured faster, or torch's op cannot run it.
+        A bad ``RNNKIT_GEMM`` or ``RNNKIT_SPLIT`` is an error here too, where the call then goes
+        to torch's op, as it is where the kernels run it."""
+        gemm.forced()
+        gemm.forced_split()
         native_runs_it = (
             request.mode in ("lstm", "gru", "rnn_tanh", "rnn_relu")
             and not (request.gates or request.variational or request.state_dropout)
