@@ -62,6 +62,21 @@ def test_release_memory_frees_what_is_kept_and_can_set_the_limit() -> None:
         release_memory(-1)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e14, "64"])
+def test_a_refused_limit_leaves_the_pool_as_it_was(bad) -> None:
+    """release_memory(limit_mb) checks the limit before it frees anything: one it refuses
+    (none at all, NaN, more bytes than an int64 holds, not a number) names itself and changes
+    nothing, the limit included."""
+    gru = rnnkit.GRU(64, 256, backend="cpu")
+    x = torch.randn(50, 32, 64, requires_grad=True)
+    _train_step(gru, x)
+    before = scratch_memory()
+    assert before[0] > 0
+    with pytest.raises((ValueError, TypeError), match=r"^limit_mb = .*; expected a number"):
+        release_memory(bad)
+    assert scratch_memory() == before
+
+
 _POISONED = textwrap.dedent(
     """
     import torch, rnnkit

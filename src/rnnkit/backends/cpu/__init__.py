@@ -11,6 +11,7 @@ stack composer (:mod:`rnnkit.backends.stack`) runs the layers.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -59,17 +60,27 @@ def scratch_memory() -> tuple[int, int]:
     return int(kept), int(limit)
 
 
+#: The largest limit_mb of :func:`release_memory`: its bytes fit the kernels' int64.
+_MAX_LIMIT_MB = (2**63 - 1) >> 20
+
+
 def release_memory(limit_mb: float | None = None) -> None:
     """Frees what the kernels' scratch pool keeps (as ``torch.cuda.empty_cache`` does for CUDA);
     with ``limit_mb``, also sets how much it may keep from now on (0: nothing)."""
     if build.unavailable() is not None:
         return
-    if limit_mb is not None and not limit_mb >= 0:
-        raise ValueError(f"limit_mb = {limit_mb}; expected a number >= 0")
+    new = None
+    if limit_mb is not None:
+        if isinstance(limit_mb, bool) or not isinstance(limit_mb, numbers.Real):
+            raise TypeError(f"limit_mb = {limit_mb!r}; expected a number of megabytes >= 0")
+        if not 0 <= limit_mb <= _MAX_LIMIT_MB:  # NaN and inf included
+            raise ValueError(
+                f"limit_mb = {limit_mb}; expected a number >= 0 (at most {_MAX_LIMIT_MB})"
+            )
+        new = int(limit_mb * (1 << 20))
     _, limit = scratch_memory()
     torch.ops.rnnkit_cpu.scratch_memory(0)
-    new = limit if limit_mb is None else int(limit_mb * (1 << 20))
-    torch.ops.rnnkit_cpu.scratch_memory(new)
+    torch.ops.rnnkit_cpu.scratch_memory(limit if new is None else new)
 
 
 def flush_denormals(on: bool) -> bool:
