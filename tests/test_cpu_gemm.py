@@ -111,6 +111,29 @@ def test_the_choice_is_measured_once_and_cached_on_disk(fresh):
     assert "measured earlier on this machine" in str(rnnkit.explain(module, x))
 
 
+def test_entries_of_another_shape_in_the_file_are_measured_again(fresh, monkeypatch):
+    """The measurements file holds, under a shape class's key, what this version did not write
+    (an edited file, another version's layout): that class is measured again, not a TypeError
+    at every call."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the split is measured too
+    module = rnnkit.GRU(I, H, backend="cpu")
+    x = torch.randn(T, B, I)
+    rnnkit.explain(module, x)
+    data = json.loads(fresh.read_text())
+    assert any(k.startswith("split:") for k in data)
+    for entry in data.values():
+        entry["gflops"] = 12.5 if "best" in entry else None
+        if "split" in entry:
+            entry["split"] = "no"
+    fresh.write_text(json.dumps(data))
+    gemm._memory.clear()
+    gemm._plans.clear()
+    gemm._loaded = False  # a new process reads the file
+    assert "measured now" in str(rnnkit.explain(module, x))
+    module(x)
+    assert all(isinstance(e["gflops"], dict) for e in json.loads(fresh.read_text()).values())
+
+
 def test_rnnkit_gemm_names_a_source(fresh, monkeypatch):
     monkeypatch.setenv(gemm.ENV, "openblas")
     with pytest.raises(ValueError, match=r"RNNKIT_GEMM = 'openblas'; expected one of"):

@@ -306,11 +306,13 @@ def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
     key = f"{role}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{torch.get_num_threads()}"
     sources = [s for s in SOURCES if available(s, bf16)]
     entry = _memory.get(key)
-    # kept while it measured every source available now (one installed since is measured)
+    # kept while it measured every source available now (one installed since is measured), and
+    # measured again where the file holds something else under its key
     if (
         entry is not None
         and entry.get("best") in sources
-        and set(sources) <= set(entry.get("gflops", ()))
+        and isinstance(entry.get("gflops"), dict)
+        and set(sources) <= set(entry["gflops"])
     ):
         return entry["best"], False
     seconds = compare(sources, bf16, role, m, n, k)
@@ -389,8 +391,8 @@ def _split(source: str, bf16: bool, m: int, n: int, k: int) -> tuple[bool, bool]
         return force, False
     key = f"split:{source}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{threads}"
     entry = _memory.get(key)
-    if entry is not None and "split" in entry:
-        return bool(entry["split"]), False
+    if entry is not None and isinstance(entry.get("split"), bool):
+        return entry["split"], False
     sid = SOURCES.index(source)
     seconds = _interleaved({r: (sid, ROLES.index(r)) for r in ("step", "split")}, bf16, m, n, k)
     # Ties go to the split: its GEMM time aside, it saves a fork and a join per step.
