@@ -129,3 +129,37 @@ def test_default_backend_is_process_wide_and_use_backend_is_scoped() -> None:
     finally:
         rnnkit.set_default_backend("auto")
     assert seen == ["reference", "reference", "native"]
+
+
+class _Incomplete:
+    """A backend object missing what the dispatch reads, piece by piece."""
+
+    def __init__(self, **attrs: object) -> None:
+        self.__dict__.update(attrs)
+
+
+def _ok(request):
+    return None
+
+
+@pytest.mark.parametrize(
+    "attrs,problem",
+    [
+        ({"name": "mine", "check": _ok, "run_layer": _ok}, "no priority"),
+        ({"name": "mine", "priority": "5", "check": _ok, "run_layer": _ok}, "priority = '5'"),
+        ({"name": "auto", "priority": 5, "check": _ok, "run_layer": _ok}, "name = 'auto'"),
+        ({"priority": 5, "check": _ok, "run_layer": _ok}, "no name"),
+        ({"name": "mine", "priority": 5, "check": _ok}, r"no method run_layer\(\)"),
+    ],
+)
+def test_a_backend_missing_part_of_the_contract_is_refused_when_registered(attrs, problem) -> None:
+    """Refused at register(), the table left as it was: accepted, it would break every later
+    call of every layer (the dispatch sorts backends by priority)."""
+    before = rnnkit.available_backends()
+    with pytest.raises(
+        TypeError, match=rf"^_Incomplete cannot be registered as a backend: {problem}"
+    ):
+        backends.register(_Incomplete(**attrs))
+    assert rnnkit.available_backends() == before
+    out, _ = rnnkit.GRU(3, 4)(torch.randn(2, 1, 3))
+    assert out.shape == (2, 1, 4)

@@ -311,11 +311,40 @@ _scoped = threading.local()  # use_backend: this thread, within the block (torch
 def register(backend: Backend) -> None:
     """Add (or replace) a backend in the dispatch table, beside the built-in ones.
 
-    A backend registered under a built-in's name replaces it, whenever it is registered.
+    A backend registered under a built-in's name replaces it, whenever it is registered. One
+    that lacks what the dispatch reads (a ``name`` other than "auto", a numeric ``priority``,
+    ``check`` and ``run_layer``) is refused with a TypeError naming what is missing, and the
+    table is left as it was.
     """
+    problems = _contract_problems(backend)
+    if problems:
+        raise TypeError(
+            f"{type(backend).__name__} cannot be registered as a backend: {'; '.join(problems)}; "
+            f"expected a name (a string other than {AUTO!r}), a number priority, "
+            "check(request) and run_layer(layer)"
+        )
     _ensure_registered()
     with _lock:
         _registry[backend.name] = backend
+
+
+def _contract_problems(backend: Any) -> list[str]:
+    """What ``backend`` lacks of what the dispatch reads (see :class:`Backend`), in words."""
+    problems = []
+    if not hasattr(backend, "name"):
+        problems.append("no name")
+    elif not isinstance(backend.name, str) or backend.name in ("", AUTO):
+        problems.append(f"name = {backend.name!r}")
+    if not hasattr(backend, "priority"):
+        problems.append("no priority")
+    elif isinstance(backend.priority, bool) or not isinstance(backend.priority, int | float):
+        problems.append(f"priority = {backend.priority!r}")
+    problems += [
+        f"no method {m}()"
+        for m in ("check", "run_layer")
+        if not callable(getattr(backend, m, None))
+    ]
+    return problems
 
 
 def available() -> tuple[str, ...]:
