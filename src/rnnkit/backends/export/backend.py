@@ -19,8 +19,8 @@ What it declines while exporting, and why: a custom cell (it has no lowering; th
 backend's loop is traced instead, unrolled over the example's steps, ``lengths=`` an input of
 the graph) and gate outputs (for inspection, not for an exported graph). A layer with
 regularisers, or a stack with dropout between its layers, in training mode is refused with an
-error (their masks are random): export in eval mode, where dropout is a no-op and zoneout its expectation, which the op computes. The op has no
-backward: an exported graph is for inference.
+error (their masks are random): export in eval mode, where dropout is a no-op and zoneout its
+expectation, which the op computes. The op has no backward: an exported graph is for inference.
 """
 
 from __future__ import annotations
