@@ -84,7 +84,7 @@ class SentimentConfig(TrainConfig):
     hidden_size: int = option(256, "hidden size per direction")
     num_layers: int = option(1, "stacked recurrent layers")
     bidirectional: bool = option(True, "read each text in both directions")
-    dropout: float = option(0.5, "dropout on embeddings, between layers and before the classifier")
+    dropout: float = option(0.6, "dropout on embeddings, between layers and before the classifier")
     token_dropout: float = option(0.25, "in training, replace this fraction of words by <unk>")
     pooling: str = option(
         "attention-max", "how encoder outputs become one vector (valid steps only)", POOLING
@@ -150,6 +150,7 @@ class SentimentTask(ClassifierHooks, Task):
                 "lr": 2e-3,
                 "hidden_size": 64,
                 "token_dropout": 0.1,
+                "dropout": 0.5,
             },
         },
     }
