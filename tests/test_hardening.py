@@ -252,13 +252,16 @@ CACHE_CHILD = """
 """
 
 
-def cache_case(tmp_path: Path, damage: str, mode: str = "copy"):
-    """Put a damaged library where this machine's build belongs in a fresh cache, then run a
-    layer in a subprocess whose compiler copies the known-good library."""
+def cache_case(tmp_path: Path, damage: str, mode: str = "copy", also=None):
+    """Put a damaged library where this machine's build belongs in a fresh cache (and whatever
+    ``also(its directory)`` puts there), then run a layer in a subprocess whose compiler copies
+    the known-good library."""
     good = build.library_path()
     cache = tmp_path / "cache"
     target = cache / good.relative_to(build.cache_dir())
     target.parent.mkdir(parents=True)
+    if also is not None:
+        also(target.parent)
     data = good.read_bytes()
     checksum = target.with_name(target.name + ".sha256")
     if damage == "truncated":  # a build killed mid-write: no checksum was ever written
@@ -294,6 +297,28 @@ def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(tmp_path, damage):
     assert "checksum True" in done.stdout
     assert "warnings 0" in done.stdout
     assert "rebuilding the C++ CPU kernels" in done.stderr
+
+
+@pytest.mark.usefixtures("kernels")
+def test_a_rebuild_removes_what_killed_builds_left_and_nothing_else(tmp_path):
+    """Builds killed midway leave their private build directory and a staged library behind;
+    the next build (it holds the directory's lock) removes them, and only them."""
+    name = build.library_path().stem
+
+    def leftovers(directory: Path) -> None:
+        (directory / "build-k3j2x9").mkdir()
+        (directory / "build-k3j2x9" / "cell_gru.o").write_bytes(b"\0" * 4096)
+        (directory / f".{name}.4242.so").write_bytes(b"\0" * 4096)
+        (directory / ".another_library.4242.so").write_bytes(b"kept")
+        (directory / "build-notes.txt").write_text("kept")
+
+    done = cache_case(tmp_path, "truncated", also=leftovers)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    assert "compiled 1 reason None backend cpu" in done.stdout, done.stdout + done.stderr
+    directory = tmp_path / "cache" / name
+    left = sorted(p.name for p in directory.iterdir())
+    assert "build-k3j2x9" not in left and f".{name}.4242.so" not in left, left
+    assert {".another_library.4242.so", "build-notes.txt", f"{name}.so"} <= set(left), left
 
 
 @pytest.mark.usefixtures("kernels")

@@ -280,6 +280,18 @@ def _compile(directory: Path, name: str) -> Path:
     return staged
 
 
+def _remove_leftovers(directory: Path, name: str) -> None:
+    """Remove what builds of ``name`` killed midway left in ``directory`` (the library's own):
+    their private ``build-*`` directories and staged ``.NAME.PID.so`` libraries. Called with the
+    directory's build lock held, so no build that is still running owns any of them."""
+    for path in directory.glob("build-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+    for path in directory.glob(".*.so"):
+        if re.fullmatch(rf"\.{re.escape(name)}\.[0-9]+\.so", path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def _load(library: Path) -> None:
     if not _elf_complete(library):
         raise CacheError(f"{library} is not a complete shared library")
@@ -308,6 +320,7 @@ def _build() -> None:
                 return
         stale = library.exists()
         _discard(library)
+        _remove_leftovers(directory, library.stem)
         print(
             f"rnnkit: building the C++ CPU kernels (first use, cached in {directory})"
             if not stale
