@@ -145,26 +145,23 @@ def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = 
     if not weights:
         return x
     first_name, first = weights[0]
-    for name, w in weights[1:]:
-        if w.device != first.device:
-            raise ValueError(
-                f"{layer} parameter {name} is on {w.device}, but {first_name} is on "
-                f"{first.device}; expected one device for every parameter (move the model with "
-                f"model.to({str(first.device)!r}))"
-            )
+    for kind, verb, theirs_verb, fix in (
+        ("device", "is on", "is on", f"move the model with model.to({str(first.device)!r})"),
+        ("dtype", "has dtype", "has", f"convert the model with model.to({first.dtype})"),
+    ):
+        for name, w in weights[1:]:
+            if getattr(w, kind) != getattr(first, kind):
+                raise ValueError(
+                    f"{layer} parameter {name} {verb} {getattr(w, kind)}, but {first_name} "
+                    f"{theirs_verb} {getattr(first, kind)}; expected one {kind} for every "
+                    f"parameter ({fix})"
+                )
     if x.device != first.device:
         raise ValueError(
             f"{layer} input is on {x.device}, but its parameters are on {first.device}; "
             f"expected one device (move the input: input.to({str(first.device)!r}), or the "
             f"model: model.to({str(x.device)!r}))"
         )
-    for name, w in weights[1:]:
-        if w.dtype != first.dtype:
-            raise ValueError(
-                f"{layer} parameter {name} has dtype {w.dtype}, but {first_name} has "
-                f"{first.dtype}; expected one dtype for every parameter (convert the model with "
-                f"model.to({first.dtype}))"
-            )
     if x.dtype == first.dtype:
         return x
     if torch.is_autocast_enabled(x.device.type):
