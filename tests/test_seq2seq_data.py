@@ -6,6 +6,7 @@ import importlib.util
 import re
 
 import pytest
+import torch
 
 from rnnkit.data import bible, cmudict
 from rnnkit.data.vocab import SPECIALS, Vocab, pad_batch
@@ -96,6 +97,16 @@ def test_vocab_round_trip_and_unknowns() -> None:
     assert vocab.encode(["a", "c", "b"]) == [5, vocab.unk_id, 4]
     assert vocab.decode([vocab.bos_id, 4, 5, vocab.eos_id, 4]) == ["b", "a"]
     assert Vocab(list(vocab)).itos == vocab.itos
+
+
+@pytest.mark.parametrize("bad", [-1, 6, 100])
+def test_vocab_decode_refuses_ids_outside_the_vocabulary(bad: int) -> None:
+    vocab = Vocab(["a", "b"])  # ids 0..5
+    assert vocab.decode(torch.tensor([4, 5, 3])) == ["a", "b", "<unk>"]
+    with pytest.raises(
+        ValueError, match=rf"^id {bad} is not in the vocabulary; expected 0 <= id < 6$"
+    ):
+        vocab.decode([4, bad])
 
 
 def test_pad_batch() -> None:

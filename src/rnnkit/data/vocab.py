@@ -6,6 +6,7 @@ BOS and EOS. The specials sit at ids 0-3 of every vocabulary (Seq2SeqConfig's de
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -78,11 +79,15 @@ class Vocab:
         return [self.stoi.get(t, self.unk_id) for t in tokens]
 
     def decode(self, ids: Iterable[int]) -> list[str]:
-        """Tokens of ``ids``, stopping at EOS; PAD and BOS are skipped."""
+        """Tokens of ``ids``, stopping at EOS; PAD and BOS are skipped. An id outside the
+        vocabulary (negative, or ``>= len(vocab)``) is a ValueError."""
         out = []
         for i in ids:
+            i = operator.index(i)
             if i == self.eos_id:
                 break
+            if not 0 <= i < len(self.itos):
+                raise ValueError(f"id {i} is not in the vocabulary; expected 0 <= id < {len(self)}")
             if i not in (self.pad_id, self.bos_id):
                 out.append(self.itos[i])
         return out
