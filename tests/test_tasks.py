@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -334,6 +335,20 @@ def test_bucket_batches_cover_each_index_once_and_follow_the_seed():
     assert spread < 49  # batches group similar lengths
     fixed = bucket_batches(lengths, 16)
     assert [lengths[i] for i in fixed[0]] == sorted([lengths[i] for i in fixed[0]], reverse=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch_size = 0; expected an integer >= 1"),
+        ({"batch_size": 2.5}, "batch_size = 2.5; expected an integer >= 1"),
+        ({"batch_size": True}, "batch_size = True; expected an integer >= 1"),
+        ({"batch_size": 2, "pool": 0}, "pool = 0; expected an integer >= 1"),
+    ],
+)
+def test_bucket_batches_refuse_a_batch_size_or_pool_that_is_not_a_positive_integer(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        bucket_batches([3, 1, 2], generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def test_pad_and_pool_see_valid_steps_only():

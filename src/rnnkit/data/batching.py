@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -23,8 +24,9 @@ def bucket_batches(
     only on the generator's seed. Without one (evaluation) the batches are the indices sorted by
     length, longest first.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size = {batch_size}; expected >= 1")
+    for name, value in (("batch_size", batch_size), ("pool", pool)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"{name} = {value!r}; expected an integer >= 1")
     n = len(lengths)
     if generator is None:
         order = sorted(range(n), key=lambda i: -lengths[i])
