@@ -351,6 +351,11 @@ def test_bucket_batches_refuse_a_batch_size_or_pool_that_is_not_a_positive_integ
         bucket_batches([3, 1, 2], generator=torch.Generator().manual_seed(0), **kwargs)
 
 
+def test_pad_of_no_sequences_is_a_value_error():
+    with pytest.raises(ValueError, match=r"^pad got no sequences; expected at least one"):
+        pad([])
+
+
 def test_pad_and_pool_see_valid_steps_only():
     x, lengths = pad([torch.ones(3, 2), 2 * torch.ones(1, 2)])
     assert x.shape == (2, 3, 2) and lengths.tolist() == [3, 1] and x[1, 1:].abs().sum() == 0

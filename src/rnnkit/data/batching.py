@@ -42,9 +42,14 @@ def bucket_batches(
 
 
 def pad(seqs: Sequence[Tensor], value: float = 0) -> tuple[Tensor, Tensor]:
-    """Right-pad sequences (L_i, ...) to one (B, T, ...) tensor; returns it and the lengths (B,)."""
+    """Right-pad sequences (L_i, ...) to one (B, T, ...) tensor; returns it and the lengths (B,).
+
+    At least one sequence is needed: the padded tensor takes its dtype, device and trailing
+    dimensions from them."""
+    if len(seqs) == 0:
+        raise ValueError("pad got no sequences; expected at least one (L, ...) tensor")
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    steps = max(1, int(lengths.max())) if len(seqs) else 1
+    steps = max(1, int(lengths.max()))
     out = seqs[0].new_full((len(seqs), steps, *seqs[0].shape[1:]), value)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
