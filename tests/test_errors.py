@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rnnkit
+from rnnkit.cells import PeepholeLSTMCell
 
 T, B, I, H = 5, 3, 4, 6
 
@@ -208,6 +209,15 @@ def test_proj_size_not_below_hidden_size() -> None:
         rnnkit.LSTM(I, H, proj_size=6)
     with pytest.raises(ValueError, match="proj_size = 8 >= hidden_size = 6"):
         rnnkit.LSTMCell(I, H, proj_size=8)
+
+
+@pytest.mark.parametrize("cls", [rnnkit.LSTMCell, PeepholeLSTMCell])
+@pytest.mark.parametrize("hidden", ["6", None, 0])
+def test_lstm_cells_name_a_bad_hidden_size(cls, hidden) -> None:
+    with pytest.raises(
+        ValueError, match=f"^hidden_size = {hidden!r}; expected a positive integer$"
+    ):
+        cls(I, hidden)
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.5, "0.2"])  # 1.0 is allowed, as torch.nn allows it

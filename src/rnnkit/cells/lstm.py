@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import _TorchLayoutCell
+from .base import _check_size, _TorchLayoutCell
 
 
 class LSTMCell(_TorchLayoutCell):
@@ -27,9 +27,11 @@ class LSTMCell(_TorchLayoutCell):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        _check_size("input_size", input_size)
+        _check_size("hidden_size", hidden_size)  # before it is compared with proj_size
         if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
             raise ValueError(f"proj_size = {proj_size!r}; expected an integer >= 0")
-        if proj_size >= hidden_size > 0:
+        if proj_size >= hidden_size:
             raise ValueError(
                 f"proj_size = {proj_size} >= hidden_size = {hidden_size}; "
                 "expected proj_size < hidden_size"
