@@ -99,6 +99,15 @@ def test_vocab_round_trip_and_unknowns() -> None:
     assert Vocab(list(vocab)).itos == vocab.itos
 
 
+def test_vocab_build_max_size_counts_the_specials() -> None:
+    sequences = [["a", "b", "a", "c"]]
+    assert Vocab.build(sequences, max_size=5).itos == [*SPECIALS, "a"]
+    assert Vocab.build(sequences, max_size=4).itos == list(SPECIALS)
+    for bad in (0, 2, 3):
+        with pytest.raises(ValueError, match=rf"^max_size = {bad}; expected None or >= 4"):
+            Vocab.build(sequences, max_size=bad)
+
+
 @pytest.mark.parametrize("bad", [-1, 6, 100])
 def test_vocab_decode_refuses_ids_outside_the_vocabulary(bad: int) -> None:
     vocab = Vocab(["a", "b"])  # ids 0..5

@@ -45,12 +45,18 @@ class Vocab:
     def build(
         cls, sequences: Iterable[Sequence[str]], min_count: int = 1, max_size: int | None = None
     ) -> Vocab:
-        """Tokens seen at least ``min_count`` times, most frequent first (ties alphabetical)."""
+        """Tokens seen at least ``min_count`` times, most frequent first (ties alphabetical);
+        ``max_size`` counts the specials, so it is at least their number."""
+        if max_size is not None and max_size < len(SPECIALS):
+            raise ValueError(
+                f"max_size = {max_size!r}; expected None or >= {len(SPECIALS)} (the specials "
+                f"{', '.join(SPECIALS)} take ids 0-{len(SPECIALS) - 1})"
+            )
         counts = Counter(t for seq in sequences for t in seq)
         kept = sorted(
             (t for t, n in counts.items() if n >= min_count), key=lambda t: (-counts[t], t)
         )
-        return cls(kept if max_size is None else kept[: max(0, max_size - len(SPECIALS))])
+        return cls(kept if max_size is None else kept[: max_size - len(SPECIALS)])
 
     def to_json(self) -> list[str]:
         """Every token by id, the specials first."""
