@@ -399,6 +399,13 @@ def test_seq2seq_configs_reject_bad_sizes(task, option, value):
         tasks.get(task).make_config({option: value})
 
 
+@pytest.mark.parametrize("value", [1, 3])
+def test_sentiment_max_vocab_below_the_specials_is_refused(value):
+    with pytest.raises(ValueError, match=rf"^max_vocab = {value}; expected >= 4 \(the special"):
+        tasks.get("sentiment").make_config({"max_vocab": value})
+    assert tasks.get("sentiment").make_config({"max_vocab": 4}).max_vocab == 4
+
+
 def test_speech_limit_keeps_every_speaker():
     need_data("speech")
     task_cls = tasks.get("speech")

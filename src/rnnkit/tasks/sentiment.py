@@ -107,6 +107,11 @@ class SentimentConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
+        if self.max_vocab < len(SPECIALS):
+            raise ValueError(
+                f"max_vocab = {self.max_vocab}; expected >= {len(SPECIALS)} (the special tokens "
+                f"take ids 0-{len(SPECIALS) - 1})"
+            )
         dim = glove.VECTORS.get(self.vectors)
         if dim is not None and self.embed_size != dim:
             raise ValueError(
