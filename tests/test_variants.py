@@ -495,3 +495,10 @@ def test_zoneout_cell_where_there_is_a_cell_state() -> None:
 def test_layernorm_cells_refuse_an_eps_that_is_not_a_positive_number(cell, eps):
     with pytest.raises(ValueError, match=rf"eps = {eps!r}; expected a finite number > 0"):
         getattr(rnnkit, cell)(3, 4, eps=eps)
+
+
+@pytest.mark.parametrize("cell", [LayerNormLSTMCell, LayerNormGRUCell])
+def test_layernorm_cells_repr_shows_bias_false(cell) -> None:
+    assert "(\n  3, 5, bias=False\n" in repr(cell(3, 5, bias=False))
+    assert "(\n  3, 5\n" in repr(cell(3, 5))
+    assert repr(rnnkit.LSTMCell(3, 5, bias=False)) == "LSTMCell(3, 5, bias=False)"

@@ -85,7 +85,7 @@ class _LayerNormCell(BuiltinCell):
                 nn.init.uniform_(p, -bound, bound)
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}"
+        return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
 
 
 class LayerNormLSTMCell(_LayerNormCell):
