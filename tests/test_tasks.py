@@ -356,6 +356,15 @@ def test_pad_of_no_sequences_is_a_value_error():
         pad([])
 
 
+def test_pad_names_a_sequence_that_is_not_a_tensor_or_of_another_shape():
+    with pytest.raises(TypeError, match=r"^seqs\[1\] is a list; expected a tensor \(L, \.\.\.\)$"):
+        pad([torch.ones(2), [1.0, 2.0]])
+    with pytest.raises(TypeError, match=r"^seqs\[0\] is a 0-d tensor; expected a tensor"):
+        pad([torch.tensor(1.0)])
+    with pytest.raises(ValueError, match=r"^seqs\[1\] has shape \(1, 4\); expected \(L, 3\) as"):
+        pad([torch.ones(2, 3), torch.ones(1, 4)])
+
+
 def test_pad_and_pool_see_valid_steps_only():
     x, lengths = pad([torch.ones(3, 2), 2 * torch.ones(1, 2)])
     assert x.shape == (2, 3, 2) and lengths.tolist() == [3, 1] and x[1, 1:].abs().sum() == 0

@@ -48,6 +48,14 @@ def pad(seqs: Sequence[Tensor], value: float = 0) -> tuple[Tensor, Tensor]:
     dimensions from them."""
     if len(seqs) == 0:
         raise ValueError("pad got no sequences; expected at least one (L, ...) tensor")
+    trailing = tuple(seqs[0].shape[1:]) if isinstance(seqs[0], Tensor) else ()
+    for i, s in enumerate(seqs):
+        if not isinstance(s, Tensor) or s.dim() == 0:
+            what = "a 0-d tensor" if isinstance(s, Tensor) else f"a {type(s).__name__}"
+            raise TypeError(f"seqs[{i}] is {what}; expected a tensor (L, ...)")
+        if tuple(s.shape[1:]) != trailing:
+            want = ", ".join(["L", *map(str, trailing)])
+            raise ValueError(f"seqs[{i}] has shape {tuple(s.shape)}; expected ({want}) as seqs[0]")
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     steps = max(1, int(lengths.max()))
     out = seqs[0].new_full((len(seqs), steps, *seqs[0].shape[1:]), value)
