@@ -296,6 +296,12 @@ def test_sentiment_splits_are_fixed_and_balanced():
 # -- the pieces ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("text", [None, float("nan"), b"bytes", ["a", "list"]])
+def test_tokenise_names_an_input_that_is_not_a_str(text):
+    with pytest.raises(TypeError, match=rf"^tokenise takes a str; got a {type(text).__name__} \("):
+        tokenise(text)
+
+
 def test_tokenise():
     assert tokenise("A well-made film.<br /><br />Isn't it &amp; more?") == [
         "a",

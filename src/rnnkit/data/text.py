@@ -27,6 +27,8 @@ def tokenise(text: str) -> list[str]:
     >>> tokenise("A well-made film.<br />Isn't it?")
     ['a', 'well-made', 'film', '.', 'is', "n't", 'it', '?']
     """
+    if not isinstance(text, str):
+        raise TypeError(f"tokenise takes a str; got a {type(text).__name__} ({text!r})")
     text = unicodedata.normalize("NFC", _TAGS.sub(" ", html.unescape(text)))
     text = text.lower().replace("’", "'")
     return _TOKEN.findall(text)
