@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import OUT_TOL, assert_close
@@ -495,6 +496,17 @@ def test_zoneout_cell_where_there_is_a_cell_state() -> None:
 def test_layernorm_cells_refuse_an_eps_that_is_not_a_positive_number(cell, eps):
     with pytest.raises(ValueError, match=rf"eps = {eps!r}; expected a finite number > 0"):
         getattr(rnnkit, cell)(3, 4, eps=eps)
+
+
+@pytest.mark.parametrize("cell", [LayerNormLSTMCell, LayerNormGRUCell])
+def test_layernorm_cells_take_a_numpy_eps(cell) -> None:
+    x = torch.randn(B, I)
+    torch.manual_seed(0)
+    plain = cell(I, H, eps=1e-3)
+    torch.manual_seed(0)
+    numpy = cell(I, H, eps=np.float32(1e-3))
+    assert type(numpy.eps) is float and numpy.ln_ih.eps == numpy.eps == float(np.float32(1e-3))
+    assert_close(numpy(x), plain(x), OUT_TOL, "eps from NumPy")
 
 
 @pytest.mark.parametrize("cell", [LayerNormLSTMCell, LayerNormGRUCell])

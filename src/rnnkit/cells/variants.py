@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import nn
@@ -56,11 +57,12 @@ class _LayerNormCell(BuiltinCell):
         super().__init__()
         _check_size("input_size", input_size)
         _check_size("hidden_size", hidden_size)
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < math.inf:
+        if isinstance(eps, bool) or not isinstance(eps, Real) or not 0 < eps < math.inf:
             raise ValueError(
                 f"eps = {eps!r}; expected a finite number > 0 (added to the variance before its "
                 "square root)"
             )
+        eps = float(eps)  # a NumPy float from a config or a sweep, as torch.nn.LayerNorm takes it
         self.input_size, self.hidden_size, self.bias, self.eps = input_size, hidden_size, bias, eps
         spec = SPECS[self.mode]
         kw = {"device": device, "dtype": dtype}
