@@ -324,6 +324,9 @@ def test_returned_gates_equal_the_step_recomputed(make, reverse: bool) -> None:
 def test_gates_are_not_available_for_cells_without_gates() -> None:
     with pytest.raises(ValueError, match="RNNCell has no gates to return"):
         rnnkit.Recurrent(rnnkit.RNNCell(I, H))(torch.randn(T, B, I), return_gates=True)
+    for nonlinearity in ("tanh", "relu"):  # the cell too, rather than (h, h) without them
+        with pytest.raises(ValueError, match="^return_gates=True, but RNNCell has no gates"):
+            rnnkit.RNNCell(I, H, nonlinearity=nonlinearity)(torch.randn(B, I), return_gates=True)
 
 
 def test_gate_heatmap_png(tmp_path) -> None:

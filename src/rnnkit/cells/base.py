@@ -116,6 +116,11 @@ class BuiltinCell(Cell):
         """One step: ``x`` (B, I) and ``state`` (None: zeros) -> ``(out_t, new_state)`` (and the
         gates with ``return_gates``). As torch.nn's cells, an unbatched ``x`` (I,) takes and
         returns unbatched states (n,)."""
+        if return_gates and not self.gate_names:
+            raise ValueError(
+                f"return_gates=True, but {type(self).__name__} has no gates to return; expected "
+                "a cell of the LSTM or GRU family"
+            )
         x, state, unbatched = self._check_step(x, state)
         out = F.step(self.mode, self.kernel_weights(), x, state, return_gates, self.eps)
         return _squeeze_batch(out) if unbatched else out
