@@ -484,8 +484,7 @@ def _check_optimizer(opt: torch.optim.Optimizer) -> None:
         if not (
             isinstance(betas, list | tuple)
             and len(betas) == 2
-            and all(isinstance(b, int | float) and not isinstance(b, bool) for b in betas)
-            and all(0 <= b < 1 for b in betas)
+            and all(_number(b) and 0 <= b < 1 for b in betas)
         ):
             raise ValueError(f"param_groups[{g}].betas = {betas!r}; expected two numbers in [0, 1)")
     for k, param in enumerate(p for group in opt.param_groups for p in group["params"]):

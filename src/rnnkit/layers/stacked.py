@@ -36,9 +36,9 @@ def dropout(x: Any, p: float, training: bool) -> Any:
     if p == 0.0 or not training:
         return x
     if exporting():
-        from ..backends.export.backend import TRAINING
+        from ..backends.export.backend import DROPOUT_BETWEEN
 
-        raise RuntimeError(f"dropout between layers: {TRAINING}")
+        raise RuntimeError(DROPOUT_BETWEEN)
     if isinstance(x, PackedSequence):
         return x._replace(data=F.dropout(x.data, p, True))
     return F.dropout(x, p, True)

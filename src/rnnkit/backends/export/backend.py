@@ -44,6 +44,9 @@ TRAINING = (
     "the regularisers draw random masks in training mode; export the model in eval mode "
     "(model.eval()), where dropout is a no-op and zoneout its expectation"
 )
+#: A stack's dropout between its layers in training mode, refused while exporting (its mask is
+#: random) wherever the layers are composed: here for a fused stack, in Stacked for the others.
+DROPOUT_BETWEEN = f"dropout between layers: {TRAINING}"
 
 
 class ExportBackend:
@@ -68,7 +71,7 @@ class ExportBackend:
     def run_layer(self, layer: LayerCall) -> LayerResult:
         """One op for the layer, or one per direction when the two differ in size."""
         if layer.request.dropout:  # the composer drew random masks between the layers
-            raise RuntimeError(f"dropout between layers: {TRAINING}")
+            raise RuntimeError(DROPOUT_BETWEEN)
         directions = layer.directions
         sizes = {(d.output_size, d.state[-1].shape[-1]) for d in directions}
         groups = [directions] if len(sizes) == 1 else [[d] for d in directions]
