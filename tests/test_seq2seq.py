@@ -618,6 +618,18 @@ def test_charlm_sampling_at_a_tiny_temperature_is_the_most_likely_text():
         assert model.sample([4, 5], 20, temperature, gen, banned=range(4)) == greedy
 
 
+def test_charlm_sampling_at_a_temperature_beyond_float32_draws_without_nan():
+    torch.manual_seed(0)
+    model = CharLM(vocab_size=12, embed_size=8, hidden_size=16)
+    greedy = model.sample([4, 5], 20, temperature=0, banned=range(4))
+    gen = torch.Generator().manual_seed(0)
+    assert model.sample([4, 5], 20, 1e-320, gen, banned=range(4)) == greedy  # 0 in float32
+    for temperature in (1e308, math.inf):  # inf in float32: every allowed id alike
+        gen = torch.Generator().manual_seed(0)
+        drawn = model.sample([4, 5], 200, temperature, gen, banned=range(4))
+        assert set(drawn) == set(range(4, 12))
+
+
 def test_charlm_sampling_restores_the_training_mode_when_it_fails():
     torch.manual_seed(0)
     model = CharLM(vocab_size=12, embed_size=8, hidden_size=16).train()

@@ -105,7 +105,15 @@ class CharLM(nn.Module):
             else:
                 # Shifted so that the largest logit is 0 before dividing: a temperature as small
                 # as 1e-40 then sharpens towards the most likely id instead of overflowing.
-                probs = torch.softmax((last - last.max()) / temperature, dim=-1)
+                shifted = last - last.max()
+                if float(torch.tensor(temperature, dtype=last.dtype)) in (0.0, math.inf):
+                    # A temperature beyond float32's range (1e-320, 1e308, inf) divides in float64,
+                    # and a banned id stays at -inf (rather than -inf / inf = NaN).
+                    scaled = (shifted.double() / temperature).to(last.dtype)
+                    scaled = torch.where(shifted == -math.inf, -math.inf, scaled)
+                else:
+                    scaled = shifted / temperature
+                probs = torch.softmax(scaled, dim=-1)
                 nxt = int(torch.multinomial(probs, 1, generator=generator))
             out.append(nxt)
             logits, state = self(torch.tensor([[nxt]], device=device), state)
