@@ -274,6 +274,17 @@ def test_rnnkit_export_refuses_bad_arguments(capsys, tmp_path) -> None:
     assert code == 2 and "--limit -5; expected a number of examples >= 0" in err
 
 
+def test_rnnkit_export_onto_a_directory_is_refused_before_exporting(capsys, tmp_path) -> None:
+    need_data("speech")
+    _train("speech", tmp_path / "run")
+    capsys.readouterr()
+    (tmp_path / "speech.onnx").mkdir()
+    code, out, err = _export(capsys, tmp_path / "run", tmp_path / "speech.onnx")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path / 'speech.onnx'} is a directory; expected a file name" in err
+    assert not list((tmp_path / "speech.onnx").iterdir())
+
+
 def test_rnnkit_export_where_it_cannot_write_is_one_line(capsys, tmp_path, monkeypatch) -> None:
     need_data("speech")
     _train("speech", tmp_path / "run")

@@ -479,6 +479,13 @@ def export_run(
     exporter = kind()
     data = task.encode(task.load_splits()["valid"])
     graphs = exporter.graphs(model, task, data)
+    for graph in graphs:  # before exporting: a file name taken by a directory
+        target = _target(path, graph.suffix)
+        if target.is_dir():
+            raise RecipeError(
+                f"--onnx {path}: {target} is a directory; expected a file name to write "
+                f"{graph.title} to (nothing was written)"
+            )
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".rnnkit-export-") as tmp:
         drafts = []
         for graph in graphs:
