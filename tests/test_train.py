@@ -451,6 +451,19 @@ def test_resume_with_averaged_weights_gives_identical_weights(tmp_path):
         assert_same_run(tmp_path / "whole", run)
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_a_finished_run_given_more_epochs_trains_on_from_its_last_weights(tmp_path, keep):
+    """The final evaluation loads the kept weights (best, or the average); the checkpoint left
+    after it still holds the weights training reached, so more epochs go on from them exactly."""
+    need_data("speech")
+    config = {**RESUMABLE, "lr_schedule": "plateau", "average": 0.9, "keep": keep, "patience": 0}
+    train("speech", config, out=tmp_path / "whole", progress=False)
+    run = tmp_path / "run"
+    train("speech", {**config, "epochs": 2}, out=run, progress=False)
+    train("speech", {"epochs": 3}, out=run, resume=True, progress=False)
+    assert_same_run(tmp_path / "whole", run)
+
+
 def test_averaged_weights_are_the_moving_average_that_is_kept():
     from torch import nn
 

@@ -1054,7 +1054,9 @@ def _train(
     if not world.is_main:
         return {}  # rank 0 evaluates and writes metrics.json
 
-    # Final evaluation of the best weights.
+    # Final evaluation of the best weights (or the average), in the model: the weights training
+    # reached come back before the last checkpoint, so that more epochs go on from them.
+    reached = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     weights, _ = _load_tensors(run_dir / MODEL)
     _load_weights(model, weights, run_dir / MODEL)
     with autocast(dev, config.precision):
@@ -1093,6 +1095,7 @@ def _train(
             task.artifacts(model, data, run_dir)
     except OSError as e:
         raise StorageError(f"cannot write the plots of {task.name} into {run_dir}: {e}") from None
+    model.load_state_dict(reached)
     p.finished = True
     save_state(final=True)
     return metrics
