@@ -325,6 +325,22 @@ def test_max_len_stops_the_searches() -> None:
             model.greedy(src, src_lengths, max_len=limits)
 
 
+def test_the_searches_take_numpy_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    model = trained_a_little()
+    src, src_lengths = source_batch()
+    greedy = model.greedy(src, src_lengths, max_len=6)
+    assert torch.equal(model.greedy(src, src_lengths, max_len=np.int64(6)).tokens, greedy.tokens)
+    want = model.beam_search(src, src_lengths, beam_size=3, max_len=6, length_penalty=0.5)
+    got = model.beam_search(
+        src, src_lengths, beam_size=np.int32(3), max_len=np.int64(6), length_penalty=np.float32(0.5)
+    )
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.scores, want.scores)
+    for bad in (np.True_, True, torch.tensor(3)):
+        with pytest.raises(ValueError, match="beam_size = .*; expected a positive integer"):
+            model.beam_search(src, src_lengths, beam_size=bad)
+
+
 @pytest.mark.parametrize("alpha", [-0.5, math.nan, math.inf, "0.6", None])
 def test_a_bad_length_penalty_is_named(alpha) -> None:
     model = tiny_model()

@@ -29,6 +29,8 @@ Layouts are batch-first: ``src`` (B, S) and ``tgt`` (B, T) int64 token ids, righ
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -560,8 +562,9 @@ class Seq2Seq(nn.Module):
         alpha = _check_length_penalty(
             c.length_penalty if length_penalty is None else length_penalty
         )
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        if _whole(k) is None or k <= 0:
             raise ValueError(f"beam_size = {k!r}; expected a positive integer")
+        k = int(k)
         batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
         limits = _check_max_len(c.max_decode_len if max_len is None else max_len, batch, device)
 
@@ -629,9 +632,20 @@ class Seq2Seq(nn.Module):
 
 def _check_length_penalty(alpha: Any) -> float:
     """``length_penalty`` (a finite number >= 0) as a float."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha < math.inf:
+    real = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+    if not real or not 0 <= alpha < math.inf:
         raise ValueError(f"length_penalty = {alpha!r}; expected a finite number >= 0")
     return float(alpha)
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (a Python or NumPy one, not a bool), else None."""
+    if isinstance(value, bool | Tensor):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _check_max_len(max_len: Any, batch: int, device: torch.device) -> Tensor:
@@ -650,9 +664,10 @@ def _check_max_len(max_len: Any, batch: int, device: torch.device) -> Tensor:
         if batch and int(max_len.min()) <= 0:
             raise ValueError(f"max_len = {max_len.tolist()}; expected positive limits")
         return max_len.to(device, torch.long)
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+    limit = _whole(max_len)
+    if limit is None or limit <= 0:
         raise ValueError(f"max_len = {max_len!r}; expected a positive integer")
-    return torch.full((batch,), max_len, dtype=torch.long, device=device)
+    return torch.full((batch,), limit, dtype=torch.long, device=device)
 
 
 # -- training and inspection helpers --------------------------------------------------------------
