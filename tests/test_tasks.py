@@ -541,6 +541,15 @@ def test_speech_predict_stream_of_a_source_without_frames_is_an_error(tmp_path, 
         list(task.predict(model, ["-"], {"stream": True}))
 
 
+def test_speech_predict_stream_of_a_ts_file_says_to_predict_it_whole(tmp_path):
+    task, model = untrained_speech(bidirectional=False)
+    ts = tmp_path / "one.TS"
+    ts.write_text("@dimensions 12\n@data\n" + utterance_ts(3), encoding="utf-8")
+    assert len(task.predict(model, [str(ts)], {})) == 1
+    with pytest.raises(RecipeError, match=f"{ts} is a .ts file .*predict it without --stream$"):
+        list(task.predict(model, [str(ts)], {"stream": True}))
+
+
 def test_sentiment_predict_and_explain_give_the_model_its_inputs_on_its_device():
     task_cls = tasks.get("sentiment")
     config = task_cls.make_config(

@@ -258,6 +258,11 @@ class SpeechTask(ClassifierHooks, Task):
                 "--stream needs a unidirectional model (a bidirectional one reads each utterance "
                 "from its end too); train one with --no-bidirectional"
             )
+        if source != "-" and Path(source).suffix.lower() == ".ts":
+            raise RecipeError(
+                f"--stream reads a CSV or text file of frames, one per line; {source} is a .ts "
+                "file of whole utterances: predict it without --stream"
+            )
         model.eval()
         reader = model.stream()
         if source == "-":
