@@ -153,6 +153,8 @@ def test_charlm_end_to_end(tmp_path):
     first, empty = predict(run, ["ROMEO:", "   "], {"length": 40, "temperature": 0.8})
     assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 40
     assert len(empty) == 3 + 40
+    alone = predict(run, ["   "], {"length": 40, "temperature": 0.8})
+    assert alone == [empty]  # a prompt's text does not depend on the prompts before it
     greedy = predict(run, ["KING:"], {"length": 20, "temperature": 0.0})
     assert greedy == predict(run, ["KING:"], {"length": 20, "temperature": 0.0, "seed": 5})
 

@@ -195,9 +195,12 @@ class CharLMTask(Task):
     def predict(self, model: CharLM, inputs: list[str], options: dict[str, Any]) -> list[str]:
         temperature = float(options.get("temperature", 0.8))
         length = int(options.get("length", 300))
-        gen = torch.Generator().manual_seed(int(options.get("seed", 0)))
+        seed = int(options.get("seed", 0))
         out = []
         for prompt in inputs:
+            # Each prompt draws from its own generator: its text does not depend on the prompts
+            # given before it on the same command line.
+            gen = torch.Generator().manual_seed(seed)
             # An empty or whitespace-only prompt is a fine start: the model begins a new speech.
             ids = self.ids(prompt) if prompt.strip() else self.ids("\n")
             sampled = model.sample(ids, length, temperature, gen, banned=range(len(SPECIALS)))
