@@ -235,6 +235,28 @@ def test_unknown_command_task_and_option(capsys):
     assert code == 2 and "--threads 0" in err
 
 
+def test_backend_choices_leave_out_the_export_only_backend(capsys, tmp_path):
+    # The export backend runs only while a model is exported: never offered for eager runs.
+    from rnnkit import tasks
+
+    run_dir = str(tmp_path / "run")
+    for argv in (
+        ["train", "sentiment", "--out", run_dir, "--backend", "export"],
+        ["evaluate", run_dir, "--backend", "export"],
+        ["predict", run_dir, "a movie", "--backend", "export"],
+        ["export", run_dir, "--onnx", str(tmp_path / "m.onnx"), "--backend", "export"],
+    ):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "invalid choice: 'export'" in err, (argv, err)
+        assert "'cpu'" in err and "'reference'" in err and "'export'," not in err, err
+    assert not (tmp_path / "run").exists()
+    code, out, _ = run(capsys, "train", "sentiment", "--help")
+    assert code == 0 and "--backend" in out
+    with pytest.raises(ValueError, match="backend = 'export' runs only while a model is exported"):
+        tasks.get("speech").Config(backend="export").check()
+    tasks.get("speech").Config(backend="reference").check()
+
+
 def test_bad_option_values(capsys, tmp_path):
     need_data("speech")
     out = str(tmp_path / "r")

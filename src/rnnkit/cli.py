@@ -67,7 +67,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _add_config_options(parser: argparse.ArgumentParser, task_cls: Any) -> None:
-    from .backends import available
+    from .backends import eager
 
     hints = typing.get_type_hints(task_cls.Config)
     presets: dict[str, list[str]] = {}
@@ -86,7 +86,7 @@ def _add_config_options(parser: argparse.ArgumentParser, task_cls: Any) -> None:
             default += "; " + ", ".join(presets[f.name])
         choices = f.metadata.get("choices")
         if f.name == "backend":
-            choices = available()
+            choices = eager()
         kw: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
@@ -226,7 +226,7 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(argv: Sequence[str]) -> int:
-    from .backends import available
+    from .backends import eager
 
     parser = Parser(
         prog=f"{PROG} evaluate",
@@ -235,9 +235,7 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
         epilog="example:\n  rnnkit evaluate runs/sentiment\n  rnnkit evaluate runs/sentiment --device cpu",
     )
     parser.add_argument("dir", metavar="DIR", help="run directory written by `rnnkit train`")
-    parser.add_argument(
-        "--backend", choices=available(), help="rnnkit backend (default: the run's)"
-    )
+    parser.add_argument("--backend", choices=eager(), help="rnnkit backend (default: the run's)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     _add_device_options(parser)
     args = parser.parse_args(argv)
@@ -252,7 +250,7 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
 
 def cmd_predict(argv: Sequence[str]) -> int:
     from . import tasks
-    from .backends import available
+    from .backends import eager
 
     examples = "\n".join(f"  {cls.predict_example}" for _, cls in sorted(tasks.TASKS.items()))
     parser = Parser(
@@ -264,9 +262,7 @@ def cmd_predict(argv: Sequence[str]) -> int:
     )
     parser.add_argument("dir", metavar="DIR", help="run directory written by `rnnkit train`")
     parser.add_argument("inputs", metavar="INPUT", nargs="+", help="what to run the model on")
-    parser.add_argument(
-        "--backend", choices=available(), help="rnnkit backend (default: the run's)"
-    )
+    parser.add_argument("--backend", choices=eager(), help="rnnkit backend (default: the run's)")
     _add_device_options(parser)
     seen: set[str] = set()
     for name, cls in sorted(tasks.TASKS.items()):
@@ -302,7 +298,7 @@ def _rank() -> int:
 
 
 def cmd_export(argv: Sequence[str]) -> int:
-    from .backends import available
+    from .backends import eager
 
     parser = Parser(
         prog=f"{PROG} export",
@@ -331,7 +327,7 @@ def cmd_export(argv: Sequence[str]) -> int:
     )
     parser.add_argument(
         "--backend",
-        choices=available(),
+        choices=eager(),
         help="rnnkit backend of the PyTorch model it is checked against (default: the run's)",
     )
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")

@@ -22,8 +22,10 @@ A backend is an object with
 * optionally ``slower(request) -> str | None`` (a measured reason why automatic dispatch should
   prefer a lower-priority backend that can also run the request), ``why`` (one line for
   :func:`rnnkit.explain`), ``details(request) -> str`` (what :func:`rnnkit.explain` adds about
-  the call once the backend is chosen) and ``first = True`` (consulted before anything else, even a backend
-  named explicitly; automatic dispatch does not list its reasons when it declines).
+  the call once the backend is chosen), ``first = True`` (consulted before anything else, even a backend
+  named explicitly; automatic dispatch does not list its reasons when it declines) and
+  ``eager = False`` (it runs only while a model is exported, never an eager call: training,
+  evaluating, predicting; :func:`eager` leaves it out).
 
 :func:`register` adds it beside the built-ins (``reference``: the Python time loop, which runs
 everything; ``native``: torch's own fused ops; ``cpu``: rnnkit's C++ kernels; ``export``: while
@@ -68,6 +70,7 @@ __all__ = [
     "StackResult",
     "autocast_dtypes",
     "available",
+    "eager",
     "exporting",
     "get_default_backend",
     "make_call",
@@ -351,6 +354,13 @@ def available() -> tuple[str, ...]:
     """Names accepted by ``backend=``: "auto" and every registered backend."""
     _ensure_registered()
     return (AUTO, *sorted(_registry, key=lambda n: -_registry[n].priority))
+
+
+def eager() -> tuple[str, ...]:
+    """The names in :func:`available` that run eager calls (training, evaluating, predicting):
+    all but a backend that runs only while a model is exported (``eager = False``: ``export``)."""
+    names = available()
+    return tuple(n for n in names if n == AUTO or getattr(_registry[n], "eager", True))
 
 
 def check_name(name: str | None) -> str | None:

@@ -194,6 +194,11 @@ class TrainConfig:
                 raise ValueError(f"seed = {value}; expected -{SEED_LIMIT} < seed < {SEED_LIMIT}")
             if f.name == "backend":
                 backends.check_name(value)  # "backend = 'x' is not a backend; expected one of ..."
+                if value not in backends.eager():  # export: runs only while a model is exported
+                    raise ValueError(
+                        f"backend = {value!r} runs only while a model is exported, it cannot "
+                        f"train; expected one of {backends.eager()}"
+                    )
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ValueError(f"{f.name} = {value!r}; expected one of {list(choices)}")

@@ -55,6 +55,7 @@ class ExportBackend:
     name = "export"
     priority = 100
     first = True
+    eager = False  # never runs an eager call: not a choice for training, evaluating, predicting
     why = "the model is being exported: one rnnkit::export_layer op per layer, lowered to ONNX"
 
     def check(self, request: Request) -> str | None:
