@@ -293,3 +293,94 @@ def test_a_state_of_more_dimensions_with_lengths(channels: int, reverse: bool) -
             o, h = cell(x[t, b : b + 1], h * mask[b])
             assert_close(out[t, b], o[0], OUT_TOL, f"output [{t}, {b}] with state dropout")
         assert_close(final[b], h[0], OUT_TOL, f"final state of sequence {b} with state dropout")
+
+
+# -- initial states of another dtype under autocast ----------------------------------------------
+
+#: the drop-in and the cell of the same step: (drop-in class, cell factory, drop-in keywords)
+DROP_IN_CELLS = {
+    "rnn": (rnnkit.RNN, lambda i: rnnkit.RNNCell(i, H), {}),
+    "gru": (rnnkit.GRU, lambda i: rnnkit.GRUCell(i, H), {}),
+    "lstm": (rnnkit.LSTM, lambda i: rnnkit.LSTMCell(i, H), {}),
+    "lstm_proj": (rnnkit.LSTM, lambda i: rnnkit.LSTMCell(i, H, proj_size=3), {"proj_size": 3}),
+}
+
+
+def _generic(name: str, structure: str, backend: str) -> torch.nn.Module:
+    make = DROP_IN_CELLS[name][1]
+
+    def recurrent(i: int, reverse: bool = False) -> rnnkit.Recurrent:
+        return rnnkit.Recurrent(make(i), reverse=reverse, backend=backend)
+
+    def bidirectional(i: int) -> rnnkit.Bidirectional:
+        return rnnkit.Bidirectional(recurrent(i), recurrent(i, reverse=True))
+
+    if structure == "recurrent":
+        return recurrent(I)
+    if structure == "bidirectional":
+        return bidirectional(I)
+    first = bidirectional(I)
+    return rnnkit.Stacked([first, bidirectional(first.output_size)])
+
+
+def _leaf_dtypes(state) -> list[torch.dtype]:
+    if isinstance(state, torch.Tensor):
+        return [state.dtype]
+    return [d for s in state for d in _leaf_dtypes(s)]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "lengths"])
+@pytest.mark.parametrize("given", [torch.float32, torch.bfloat16], ids=["fp32 x", "bf16 x"])
+@pytest.mark.parametrize("structure", ["recurrent", "bidirectional", "stacked"])
+@pytest.mark.parametrize("name", list(DROP_IN_CELLS))
+def test_generic_layers_give_the_drop_ins_dtypes_for_initial_states_of_another_dtype(
+    name, structure, given, with_lengths, backend
+):
+    """Under bf16 autocast, Recurrent, Bidirectional and Stacked return the dtypes the drop-in
+    (and torch.nn) returns for the same cell, input and initial state of another dtype: a GRU's
+    h_0 and an LSTM's c_0 carry their dtype into the states and the output."""
+    if backend == "cpu" and build.unavailable() is not None:
+        pytest.skip(f"the C++ kernels are unavailable: {build.unavailable()}")
+    drop_cls, _, kw = DROP_IN_CELLS[name]
+    torch.manual_seed(0)
+    layers, directions = {"recurrent": (1, 1), "bidirectional": (1, 2), "stacked": (2, 2)}[
+        structure
+    ]
+    drop_in = drop_cls(
+        I, H, num_layers=layers, bidirectional=directions == 2, backend=backend, **kw
+    )
+    generic = _generic(name, structure, backend)
+    other = torch.bfloat16 if given == torch.float32 else torch.float32
+    x = torch.randn(T, B, I, dtype=given)
+    h0 = torch.randn(layers * directions, B, kw.get("proj_size", H), dtype=other)
+    c0 = torch.randn(layers * directions, B, H, dtype=other) if drop_cls is rnnkit.LSTM else None
+    hx = h0 if c0 is None else (h0, c0)
+    cells = [h0[k] if c0 is None else (h0[k], c0[k]) for k in range(layers * directions)]
+    if structure == "recurrent":
+        state = cells[0]
+    elif structure == "bidirectional":
+        state = (cells[0], cells[1])
+    else:
+        state = ((cells[0], cells[1]), (cells[2], cells[3]))
+    lengths = torch.tensor(LENGTHS) if with_lengths else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_out, want_state = drop_in(x, hx, lengths=lengths)
+        got_out, got_state = generic(x, state, lengths=lengths)
+        if not with_lengths:  # the drop-in's dtypes are torch.nn's
+            ref = getattr(torch.nn, drop_cls.__name__)(
+                I, H, num_layers=layers, bidirectional=directions == 2, **kw
+            )
+            ref_out, ref_state = ref(x, hx)
+            assert [want_out.dtype, *_leaf_dtypes(want_state)] == [
+                ref_out.dtype,
+                *_leaf_dtypes(ref_state),
+            ]
+    want_h = want_state[0].dtype if c0 is not None else want_state.dtype
+    want_c = want_state[1].dtype if c0 is not None else want_h
+    per_direction = [want_h, want_c] if c0 is not None else [want_h]
+    assert got_out.dtype == want_out.dtype, (got_out.dtype, want_out.dtype)
+    assert _leaf_dtypes(got_state) == per_direction * (layers * directions), (
+        _leaf_dtypes(got_state),
+        per_direction,
+    )

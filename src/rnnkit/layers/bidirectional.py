@@ -14,6 +14,7 @@ from .composite import Composite, check_layouts
 from .recurrent import (
     cell_state,
     dispatch_request,
+    given_state_dtypes,
     run_stack,
     signature,
     top_states,
@@ -143,6 +144,14 @@ class Bidirectional(Composite):
             )
         return state[0], state[1]
 
+    def direction_states(self, state: Any) -> list[Any]:
+        """``state`` as the caller gave it, one cell state per direction (when :meth:`fused`)."""
+        forward, backward = self._check_state(state)
+        return [
+            *self.forward_layer.direction_states(forward),
+            *self.backward_layer.direction_states(backward),
+        ]
+
     def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
         forward, backward = self._check_state(state)
         return (
@@ -169,8 +178,9 @@ class Bidirectional(Composite):
             layers = self.directions(inp.x, state)
             first = self.forward_layer
             result = run_stack(
-                self, inp, layers, first.backend, checkpoint=first.checkpoint, masks=masks
-            )
+                self, inp, layers, first.backend, checkpoint=first.checkpoint, masks=masks,
+                state_dtypes=given_state_dtypes(self.direction_states(state), inp.x),
+            )  # fmt: skip
             out_f, out_b = (inp.restore(o) for o in result.last)
             out = (
                 inp.restore(result.out)

@@ -38,7 +38,15 @@ from ..backends.stack import auto_checkpoint, draw_masks
 from ..cells.base import Cell, State
 from ..regularisers import PlainPickle, Regularisers
 
-__all__ = ["Recurrent", "check_dtypes", "detach_state", "prepare", "scan", "top_states"]
+__all__ = [
+    "Recurrent",
+    "check_dtypes",
+    "detach_state",
+    "given_state_dtypes",
+    "prepare",
+    "scan",
+    "top_states",
+]
 
 
 def _states(state: Any) -> tuple[Tensor, ...]:
@@ -185,6 +193,30 @@ def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> 
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}; expected {like.device} like the input")
     return value
+
+
+def given_state_dtypes(states: Iterable[Any], like: Tensor) -> tuple[torch.dtype, ...] | None:
+    """The dtypes of the initial states a caller gave a stack, before :func:`check_state`
+    converted them (autocast), for :func:`rnnkit.backends.autocast_dtypes`: what a drop-in's
+    ``(h_0, c_0)`` says, position by position (h, c, ...). ``states``: one cell state per
+    direction (a tensor, a tuple of them, or None where none was given: the input's dtype
+    ``like``); where directions differ, the wider dtype. None when no state was given."""
+    states = list(states)
+    if all(s is None for s in states):
+        return None
+    dtypes: list[torch.dtype] = []
+    for state in states:
+        tensors = () if state is None else _states(state)
+        if not all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors):
+            return None  # check_state refuses it with the message it deserves
+        for k, t in enumerate(tensors):
+            if k < len(dtypes):
+                dtypes[k] = torch.promote_types(dtypes[k], t.dtype)
+            else:
+                dtypes.append(t.dtype)
+    if any(s is None for s in states):
+        dtypes = [torch.promote_types(d, like.dtype) for d in dtypes]
+    return tuple(dtypes)
 
 
 def top_states(layer: nn.Module, state: Any) -> tuple[tuple[Tensor, ...], ...]:
@@ -480,6 +512,10 @@ class Recurrent(PlainPickle, nn.Module):
     def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
         return (_states(state),)
 
+    def direction_states(self, state: Any) -> list[Any]:
+        """``state`` as the caller gave it, one cell state per direction (one here)."""
+        return [state]
+
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
         inp = self._prepare(x, lengths)
         request = dispatch_request(self, inp, self.directions(inp.x, None))
@@ -517,7 +553,7 @@ class Recurrent(PlainPickle, nn.Module):
         layers = self.directions(inp.x, state)
         result = run_stack(
             self, inp, layers, self.backend, gates=return_gates, checkpoint=self.checkpoint,
-            masks=masks,
+            masks=masks, state_dtypes=given_state_dtypes([state], inp.x),
         )  # fmt: skip
         final = cell_state(layers[0][0], result.states[0][0])
         if not return_gates:

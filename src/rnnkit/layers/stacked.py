@@ -16,6 +16,7 @@ from .composite import Composite, check_layouts
 from .recurrent import (
     cell_state,
     dispatch_request,
+    given_state_dtypes,
     run_stack,
     signature,
     top_states,
@@ -128,6 +129,15 @@ class Stacked(Composite):
         first = self.layers[0]
         return first.forward_layer if isinstance(first, Bidirectional) else first
 
+    def direction_states(self, state: Any) -> list[Any]:
+        """``state`` as the caller gave it, one cell state per direction of every layer (when
+        :meth:`fused`)."""
+        return [
+            d
+            for layer, s in zip(self.layers, self._check_state(state), strict=True)
+            for d in layer.direction_states(s)
+        ]
+
     def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
         return top_states(self.layers[-1], self._check_state(state)[-1])
 
@@ -169,7 +179,7 @@ class Stacked(Composite):
         first = self._first()
         result = run_stack(
             self, inp, layers, first.backend, dropout=self.dropout, checkpoint=first.checkpoint,
-            masks=masks,
+            masks=masks, state_dtypes=given_state_dtypes(self.direction_states(state), inp.x),
         )  # fmt: skip
         top = self.layers[-1]
         if isinstance(top, Bidirectional) and top.merge != "concat":
