@@ -140,6 +140,49 @@ def test_rnnkit_gemm_names_a_source(fresh, monkeypatch):
         rnnkit.GRU(I, H, backend="cpu")(torch.randn(T, B, I))
 
 
+@pytest.mark.parametrize("source", gemm.SOURCES)
+@pytest.mark.parametrize("cls", [rnnkit.GRU, rnnkit.LSTM])
+def test_rnnkit_gemm_is_honoured_under_torch_compile(fresh, monkeypatch, source, cls):
+    """The source RNNKIT_GEMM forces is the one the compiled graph's op runs (its gemm_step and
+    gemm_bulk arguments), as in an eager call, with the eager call's results and gradients."""
+    if not gemm.available(source, False):
+        pytest.skip(f"{source} is unavailable here")
+    monkeypatch.setenv(gemm.ENV, source)
+    torch.manual_seed(0)
+    module = cls(I, H, backend="cpu")
+    x = torch.randn(T, B, I)
+    assert f"step {source}, bulk {source}" in str(rnnkit.explain(module, x))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=capture)
+    got, got_grads = step(compiled, x)
+    torch._dynamo.reset()
+    ops = [
+        n
+        for gm in graphs
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.rnnkit.layer_forward.default
+    ]
+    assert ops, "the compiled graph holds no rnnkit.layer_forward op"
+    wanted = gemm.SOURCES.index(source)
+    for node in ops:
+        step_source, bulk_source = node.args[9:11]
+        assert (step_source, bulk_source) == (wanted, wanted), (
+            f"compiled with {gemm.ENV}={source}: step {gemm.SOURCES[step_source]}, bulk "
+            f"{gemm.SOURCES[bulk_source]}"
+        )
+    want, want_grads = step(module, x)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=OUT_TOL, atol=OUT_TOL)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=GRAD_TOL, atol=GRAD_TOL)
+
+
 @pytest.mark.parametrize("variable,value", [(gemm.ENV, "openblas"), (gemm.SPLIT_ENV, "sometimes")])
 def test_a_bad_value_is_named_where_dispatch_then_picks_torchs_op(
     fresh, monkeypatch, variable, value

@@ -8,7 +8,8 @@ the first call of a shape class each available source (:data:`SOURCES`) runs tha
 for a few milliseconds, the fastest is kept, and the choice is cached in memory and on disk
 (``gemm-<machine>.json`` in the kernels' cache directory, keyed by the CPU, torch and the thread
 count). ``RNNKIT_GEMM=<source>`` forces one source for every GEMM; :func:`rnnkit.explain` shows
-the choice.
+the choice. Under torch.compile nothing is measured: the graph keeps the source
+``RNNKIT_GEMM`` forces when the layer is traced, else MKL (``RNNKIT_SPLIT`` likewise).
 
 How the recurrent steps use the threads is measured the same way. Either every step's GEMM and
 row pass are spread over the threads (a fork and a join per step, the weight shared), or the
@@ -61,6 +62,7 @@ __all__ = [
     "forced_split",
     "onednn_library",
     "onednn_problem",
+    "open_sources",
     "plan",
     "probe",
 ]
@@ -250,6 +252,15 @@ def _check_forced(source: str) -> None:
             )
 
 
+def open_sources(step: int, bulk: int) -> None:
+    """Open oneDNN where the ops' ``gemm_step`` or ``gemm_bulk`` names it, as :func:`plan` does
+    for an eager call (a compiled graph's plan is made while tracing, where nothing is opened);
+    RuntimeError in one line where it cannot be used."""
+    if SOURCES.index("onednn") in (step, bulk):
+        with _lock:
+            _check_forced("onednn")
+
+
 def probe(source: str, bf16: bool, role: str, m: int, n: int, k: int, budget: float = BUDGET):
     """Seconds per call (the fastest of the calls) of ``source``'s GEMM C (m, n) = op(A) . op(B)
     as the kernels run it in ``role`` ("step": A (m, k) . B^T, B prepared once; "bulk": A . B^T,
@@ -335,8 +346,9 @@ def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16:
     """The GEMM plan of a call of these sizes (T, B, I, H and the cell's gate count): forced by
     ``RNNKIT_GEMM``, cached, or measured now. ``bf16`` asks for bfloat16 operands, granted where
     :func:`bf16_supported`."""
-    if torch.compiler.is_compiling():  # nothing is measured or asked while tracing
-        return Plan("mkl", "mkl", bf16 and bool(_bf16), "default while compiling")
+    if torch.compiler.is_compiling():  # nothing is measured while tracing; a forced source is
+        step, split, how = _compiling_plan(batch)  # kept (read when the trace is made)
+        return Plan(step, step, bf16 and bool(_bf16), how, split)
     bf16 = bf16 and bf16_supported()
     key = (steps, batch, input_size, hidden, gates, bf16, torch.get_num_threads(),
            os.environ.get(ENV), os.environ.get(SPLIT_ENV))  # fmt: skip
@@ -348,6 +360,19 @@ def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16:
         _plans.clear()
     _plans[key] = replace(found, how=_EARLIER) if found.how == "measured now" else found
     return found
+
+
+@torch.compiler.assume_constant_result
+def _compiling_plan(batch: int) -> tuple[str, bool, str]:
+    """The plan of a call traced by torch.compile, run as plain Python while tracing (its answer
+    is a constant of the graph): the source ``RNNKIT_GEMM`` forces, else MKL; the steps split
+    by batch where ``RNNKIT_SPLIT`` forces it. Nothing is measured or opened while tracing (the
+    op opens oneDNN when it runs: :func:`open_sources`): a compiled graph keeps what the
+    environment said when it was traced."""
+    source = forced()
+    split = bool(forced_split()) and torch.get_num_threads() > 1 and batch > 1
+    how = f"forced by {ENV} while compiling" if source is not None else "default while compiling"
+    return source or "mkl", split, how
 
 
 #: plan's answers by its arguments, the thread count and RNNKIT_GEMM: the measurements they

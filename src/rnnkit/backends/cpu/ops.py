@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...cells.table import SPECS, CellSpec
 from ..first_order import first_order
-from . import build
+from . import build, gemm
 
 if TYPE_CHECKING:
     from .. import Direction
@@ -116,6 +116,7 @@ def layer_forward(
     take bfloat16 operands and accumulate in float32 (float32 calls only); ``split``: the steps
     run on one slice of the batch per thread (the same results, another schedule)."""
     build.ensure()
+    gemm.open_sources(gemm_step, gemm_bulk)
     return torch.ops.rnnkit_cpu.layer_forward(
         inputs, states, weights, masks, lengths, kernel_id, reverse, eps, save, gemm_step,
         gemm_bulk, bf16, split,
@@ -163,6 +164,7 @@ def layer_backward(
     then per direction the gradients of the initial states and of the weights (empty where a
     weight is)."""
     build.ensure()
+    gemm.open_sources(gemm_step, gemm_bulk)
     return torch.ops.rnnkit_cpu.layer_backward(
         grads, inputs, states, weights, masks, saved, lengths, kernel_id, reverse, eps, need_dx,
         gemm_step, gemm_bulk, bf16, split,
