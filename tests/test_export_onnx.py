@@ -125,6 +125,45 @@ def test_dynamo_onnx_directions_zoneout_sizes_of_one() -> None:
     check_zoo(module, model, lengths=[0], steps=4)
 
 
+#: (cell, layer) of an ExportedProgram handed on to torch.onnx.export: ONNX's own GRU and LSTM
+#: (their gates reordered), peepholes, a Scan (LayerNorm, projection), a drop-in.
+PROGRAM = [
+    ("gru", "bi1"),
+    ("lstm", "rev1"),
+    ("lstm_peephole", "uni1"),
+    ("gru_layernorm", "bi1"),
+    ("lstm_proj", "drop-in-bi2"),
+]
+
+
+def test_an_exported_program_exports_to_onnx_without_a_translation_table() -> None:
+    """torch.export.export(model), then torch.onnx.export(program): rnnkit's op is lowered as
+    under torch.onnx.export(model), no custom_translation_table from the user; T and B stay
+    dynamic, lengths from 0 to T; the program itself keeps the op."""
+    module = mixed(PROGRAM)
+    steps, batch = torch.export.Dim("T"), torch.export.Dim("B")
+    shapes = {
+        "x": {0: steps, 1: batch},
+        "lengths": {0: batch},
+        "states": [{axis: batch} for axis in module.state_axes()],
+    }
+    program = torch.export.export(module, example(module), dynamic_shapes=shapes)
+    op = torch.ops.rnnkit.export_layer.default
+    ops = sum(n.target is op for n in program.graph.nodes)
+    assert ops == 2 * (len(PROGRAM) + 1)  # with and without lengths; the drop-in: two layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(program, verbose=False)
+    model = onnx_program.model_proto.SerializeToString()
+    check_zoo(module, model)
+    check_zoo(module, model, lengths=[1], steps=1)
+    assert sum(n.target is op for n in program.graph.nodes) == ops  # left as it was
+    x, lengths, states = example(module)
+    got, want = program.module()(x, lengths, states), module(x, lengths, states)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=OUT_TOL, rtol=OUT_TOL)
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_torchscript_onnx_equals_rnnkit(cell: str) -> None:
     module = zoo(cell, LAYERS)

@@ -19,6 +19,12 @@ same arguments and results (:func:`lower`):
   reversal within each length is a GatherElements).
 
 Both keep T and B dynamic.
+
+An ``ExportedProgram`` of a model (``torch.export.export``) holds the op itself; handed to
+``torch.onnx.export``, the op is decomposed into the same lowering (:func:`decompose`, in torch's
+decomposition table, which that exporter consults while it translates an ExportedProgram), so
+no ``custom_translation_table`` is needed. Outside the ONNX exporter the decomposition declines
+and the op stays one op.
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ... import functional as F
 from ... import lengths as L
 from ...cells.table import SPECS
 from .layout import NATIVE_OPS, ONNX_GATES, ONNX_PEEPHOLES, Layout, native_reason
+from .ops import export_layer, fake_export_layer
 
-__all__ = ["active", "lower"]
+__all__ = ["active", "decompose", "lower"]
 
 
 def active() -> bool:
@@ -55,22 +63,53 @@ def lower(
     proj: bool,
     zoneout: list[float],
     eps: float,
+    constants: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What :func:`~rnnkit.backends.export.ops.export_layer` computes, as ops the ONNX exporter
-    translates: ONNX's own operator where it is exact, else a Scan."""
+    translates: ONNX's own operator where it is exact, else a Scan. ``constants``: whether the
+    ops may hold tensor constants (not in a decomposition of an ExportedProgram)."""
     layout = Layout(mode, direction, bias, proj)
     if native_reason(layout, zoneout, x.dtype) is None:
-        return _native(x, h0, c0, layout.split(weights), lengths, layout)
+        return _native(x, h0, c0, layout.split(weights), lengths, layout, constants)
     return _scan(x, h0, c0, weights, lengths, layout, zoneout, eps)
 
 
-def _onnx_order(t: Tensor, mode: str) -> Tensor:
-    """A stacked (G, ...) weight or bias with its gate blocks in ONNX's order (an index the
-    exporter folds into the constant, where a chunked reorder would stay in the graph)."""
+def decompose(*args: Any, **kwargs: Any) -> Any:
+    """``rnnkit::export_layer`` as :func:`lower`'s ops while ``torch.onnx.export`` translates an
+    ExportedProgram that holds it. Anywhere else the op stays one op: fake tensors (whose mode
+    reads this table before the op's fake kernel) get that kernel's results, any other caller
+    NotImplemented."""
+    if torch.onnx.is_in_onnx_export():
+        return lower(*args, **kwargs, constants=False)
+    if isinstance(args[0], FakeTensor):
+        return fake_export_layer(*args, **kwargs)
+    return NotImplemented
+
+
+def _register_decomposition() -> None:
+    """Put :func:`decompose` in torch's decomposition table, which ``torch.onnx.export`` reads
+    when it is given an ExportedProgram (where a library cannot add to its translation table)."""
+    from torch._decomp import decomposition_table, register_decomposition
+
+    op = export_layer._opoverload
+    if op not in decomposition_table:
+        register_decomposition(op)(decompose)
+
+
+_register_decomposition()
+
+
+def _onnx_order(t: Tensor, mode: str, constants: bool = True) -> Tensor:
+    """A stacked (G, ...) weight or bias with its gate blocks in ONNX's order: an index the
+    exporter folds into the constant, where a chunked reorder would stay in the graph; chunked
+    without ``constants`` (a decomposition cannot add the index as a constant)."""
     spec = SPECS[mode]
     if spec.family not in ONNX_GATES:
         return t
     order = [spec.gates.index(g) for g in ONNX_GATES[spec.family]]
+    if not constants:
+        blocks = t.chunk(spec.gate_count, 0)
+        return torch.cat([blocks[k] for k in order])
     return t.unflatten(0, (spec.gate_count, -1))[order].flatten(0, 1)
 
 
@@ -81,15 +120,19 @@ def _native(
     per: list[dict[str, Tensor]],
     lengths: Tensor | None,
     layout: Layout,
+    constants: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     mode, count = layout.mode, len(per)
     steps, batch = x.shape[0], x.shape[1]
     hidden = h0.shape[2]
-    W = torch.stack([_onnx_order(d["weight_ih"], mode) for d in per])  # (D, G, I)
-    R = torch.stack([_onnx_order(d["weight_hh"], mode) for d in per])  # (D, G, H)
+    W = torch.stack([_onnx_order(d["weight_ih"], mode, constants) for d in per])  # (D, G, I)
+    R = torch.stack([_onnx_order(d["weight_hh"], mode, constants) for d in per])  # (D, G, H)
     B = (
         torch.stack(
-            [torch.cat([_onnx_order(d[n], mode) for n in ("bias_ih", "bias_hh")]) for d in per]
+            [
+                torch.cat([_onnx_order(d[n], mode, constants) for n in ("bias_ih", "bias_hh")])
+                for d in per
+            ]
         )  # (D, 2G)
         if layout.bias
         else None

@@ -31,7 +31,7 @@ from .. import Direction, LayerCall, Request
 from ..reference import ReferenceBackend
 from .layout import Layout
 
-__all__ = ["NAME", "export_layer"]
+__all__ = ["NAME", "export_layer", "fake_export_layer"]
 
 NAME = "rnnkit::export_layer"
 
@@ -91,7 +91,7 @@ def export_layer(
 
 
 @export_layer.register_fake
-def _(
+def fake_export_layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor | None,
