@@ -291,3 +291,22 @@ def test_a_broken_torchrun_environment_is_one_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(DeviceError, match=r"WORLD_SIZE = 'two'; expected an integer"):
         World.from_env()
+
+
+def test_a_charlm_bptt_the_global_streams_cannot_hold_is_refused_before_anything_is_written(
+    tmp_path,
+):
+    """--bptt reads batch_size streams per process: with 2 processes, 32 streams of 40 characters
+    need more than the 1,000 characters that one process's 16 would fit in."""
+    need_data("charlm")
+    run = tmp_path / "run"
+    overrides = {**TINY["charlm"], "limit": 1000, "batch_size": 16, "bptt": 40}
+    ranks = finish(spawn(*_args("charlm", run, overrides)))
+    assert [status for status, _, _ in ranks] == [2, 2], [err[-2000:] for _, _, err in ranks]
+    err = ranks[0][2]
+    assert "Traceback" not in err, err
+    assert (
+        "bptt = 40 with 32 streams (16 per process x 2 processes) needs 1320 characters of "
+        "training text; it has 1000"
+    ) in err
+    assert not run.exists()  # a run directory --out could not start again at

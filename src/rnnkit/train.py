@@ -931,6 +931,7 @@ def _train(
 
     task = task_cls(config)
     task.device = dev
+    task.world_size = world.size
     splits = task.load_splits()
 
     def vocabulary() -> dict[str, Any]:

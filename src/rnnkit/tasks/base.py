@@ -286,6 +286,10 @@ class Task:
     #: False when saved weights replace them (a resume from a checkpoint, a loaded run).
     fresh: bool = False
 
+    #: How many processes train together (set by :mod:`rnnkit.train`; torchrun's WORLD_SIZE):
+    #: every optimizer step's global batch holds ``world_size`` x ``batch_size`` items (streams).
+    world_size: int = 1
+
     #: Where the model is (set by :mod:`rnnkit.train`): the hooks that build tensors for the
     #: model (evaluation, prediction) put them here with :meth:`to_device`.
     device: torch.device = torch.device("cpu")

@@ -85,11 +85,19 @@ class CharLMTask(Task):
                 )
             splits = {k: [v[0][: self.config.limit]] for k, v in splits.items()}
         c, chars = self.config, len(splits["train"][0])
-        if c.bptt and chars < (c.batch_size + 1) * c.bptt:  # every epoch's offset (< bptt) fits
+        # Under torchrun the global batch's streams are read: batch_size of them per process.
+        streams = c.batch_size * self.world_size
+        if c.bptt and chars < (streams + 1) * c.bptt:  # every epoch's offset (< bptt) fits
+            many = (
+                f" ({c.batch_size} per process x {self.world_size} processes)"
+                if self.world_size > 1
+                else ""
+            )
             raise RecipeError(
-                f"bptt = {c.bptt} with {c.batch_size} streams needs "
-                f"{(c.batch_size + 1) * c.bptt} characters of training text; it has {chars} "
-                "(lower --bptt or --batch-size, or raise --limit)"
+                f"bptt = {c.bptt} with {streams} streams{many} needs "
+                f"{(streams + 1) * c.bptt} characters of training text; it has {chars} "
+                f"(lower --bptt or --batch-size{', or run fewer processes' if many else ''}, or "
+                "raise --limit)"
             )
         return splits
 
