@@ -47,7 +47,22 @@ def one_error_line(err: str) -> str:
 # -- device names -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:-1", "cpu:0", "mps:1", "CUDA", "", "tpu"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpu",
+        "cuda:",
+        "cuda:-1",
+        "cpu:0",
+        "mps:1",
+        "CUDA",
+        "",
+        "tpu",
+        "cpu\n",
+        "auto\n",
+        "cuda:\u0663",
+    ],
+)
 def test_a_device_name_that_means_nothing_is_a_usage_error(name, capsys, tmp_path):
     for argv in (
         ["train", "speech", "--out", str(tmp_path / "run"), "--device", name],

@@ -46,12 +46,14 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
-_NAME = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
+# fullmatch, ASCII digits: no name with a trailing newline (which "$" lets through) or other
+# scripts' digits
+_NAME = re.compile(r"(auto|cpu|mps|cuda)(?::([0-9]+))?")
 
 
 def check_device_name(spec: str) -> None:
     """RecipeError (exit 2) unless ``spec`` is one of :data:`DEVICES`."""
-    m = _NAME.match(spec) if isinstance(spec, str) else None
+    m = _NAME.fullmatch(spec) if isinstance(spec, str) else None
     if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
         raise RecipeError(
             f"--device {spec!r}; expected auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
