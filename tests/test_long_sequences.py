@@ -80,6 +80,24 @@ def test_checkpointed_bptt_equals_the_plain_run(name, regs, lengths, backend, ev
         torch.testing.assert_close(got, want, atol=F64_TOL, rtol=F64_TOL)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_checkpointed_bptt_with_lengths_on_torchs_op(mode, bidirectional):
+    # lengths all >= 1, which torch's op packs; a later segment holds the short ones with 0
+    torch.manual_seed(0)
+    plain = getattr(rnnkit, mode)(I, H, num_layers=2, bidirectional=bidirectional).double()
+    checkpointed = getattr(rnnkit, mode)(
+        I, H, num_layers=2, bidirectional=bidirectional, checkpoint=4
+    ).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    lengths = [T, 1, 3, 9]
+    want_values, want_grads = loss_and_grads(plain, x, lengths, "reference")
+    values, grads = loss_and_grads(checkpointed, x, lengths, "native")
+    for got, want in zip(values + list(grads), want_values + list(want_grads), strict=True):
+        torch.testing.assert_close(got, want, atol=F64_TOL, rtol=F64_TOL)
+
+
 def saved_bytes(module, x) -> int:
     """Bytes autograd keeps for the backward pass of one forward (outside recomputed segments)."""
     total = 0

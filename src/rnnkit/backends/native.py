@@ -65,14 +65,24 @@ class NativeBackend:
                 out = out.flip(0)
         else:
             steps = x.shape[0]
-            packed = pack_padded_sequence(x, layer.lengths.cpu(), enforce_sorted=False)
+            # A segment of a checkpointed call holds the sequences that ended before it with a
+            # length of 0 (the request's lengths were all >= 1): they run one step, then keep
+            # their initial state and a zero output, as any backend's do.
+            ended = layer.lengths == 0
+            packed = pack_padded_sequence(x, layer.lengths.clamp(min=1).cpu(), enforce_sorted=False)
             order, unorder = packed.sorted_indices, packed.unsorted_indices
+            initial = hx
             hx = [h.index_select(1, order) for h in hx]
             out, *finals = op(packed.data, packed.batch_sizes, hx if lstm else hx[0], *args)
             finals = [s.index_select(1, unorder) for s in finals]
             out, _ = pad_packed_sequence(
                 type(packed)(out, packed.batch_sizes, order, unorder), total_length=steps
             )
+            out = out.masked_fill(ended.view(1, -1, 1), 0.0)
+            finals = [
+                torch.where(ended.view(1, -1, 1), s0, s)
+                for s0, s in zip(initial, finals, strict=True)
+            ]
         states: list[tuple[Tensor, ...]] = [
             tuple(s[k] for s in finals) for k in range(len(directions))
         ]
