@@ -384,3 +384,30 @@ def test_generic_layers_give_the_drop_ins_dtypes_for_initial_states_of_another_d
         _leaf_dtypes(got_state),
         per_direction,
     )
+
+
+@pytest.mark.parametrize("lengths", [None, [6, 2, 1, 4]], ids=["full", "lengths"])
+@pytest.mark.parametrize("backend", ["native", "cpu"])
+@pytest.mark.parametrize("cell", ["GRUCell", "LSTMCell"])
+def test_bidirectional_of_two_sizes_on_every_backend(cell, backend, lengths) -> None:
+    # the directions fuse into one layer though their sizes differ; torch's op takes one size
+    if backend == "cpu" and build.unavailable():
+        pytest.skip("the cpu kernels are not built here")
+    torch.manual_seed(0)
+    make = getattr(rnnkit, cell)
+    bi = rnnkit.Bidirectional(
+        rnnkit.Recurrent(make(I, H)), rnnkit.Recurrent(make(I, H - 1), reverse=True)
+    ).double()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+
+    def run(name):
+        for layer in (bi.forward_layer, bi.backward_layer):
+            layer.backend = name
+        out, state = bi(x, lengths=lengths)
+        values = [out, *torch.utils._pytree.tree_leaves(state)]
+        loss = sum((v * v.detach().cos()).sum() for v in values)
+        return values + list(torch.autograd.grad(loss, [x, *bi.parameters()]))
+
+    want = run("reference")
+    for got, expected in zip(run(backend), want, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)

@@ -8,10 +8,13 @@ packed (all >= 1), and no single reversed direction with lengths. It runs one la
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import _VF, Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .. import lengths as L
 from . import LayerCall, LayerResult, Request
 
 _OPS = {"rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu, "lstm": _VF.lstm, "gru": _VF.gru}
@@ -44,6 +47,8 @@ class NativeBackend:
 
     def run_layer(self, layer: LayerCall) -> LayerResult:
         directions = layer.directions
+        if len({(d.output_size, d.state[-1].shape[-1]) for d in directions}) > 1:
+            return self._apart(layer)
         mode = directions[0].mode
         assert mode is not None
         op = _OPS[mode]
@@ -87,3 +92,17 @@ class NativeBackend:
             tuple(s[k] for s in finals) for k in range(len(directions))
         ]
         return LayerResult(out, states)
+
+    def _apart(self, layer: LayerCall) -> LayerResult:
+        """Two directions of different sizes (torch's op takes one size for both): one call
+        each, the reversed one over its input reversed within each sequence's length."""
+        outs, states = [], []
+        for x, d in zip(layer.inputs, layer.directions, strict=True):
+            if d.reverse:
+                x = L.reverse_padded(x, layer.lengths)
+            one = replace(layer, inputs=[x], directions=[replace(d, reverse=False)])
+            result = self.run_layer(one)
+            out = result.out
+            outs.append(L.reverse_padded(out, layer.lengths) if d.reverse else out)
+            states += result.states
+        return LayerResult(torch.cat(outs, dim=-1), states)
