@@ -255,3 +255,20 @@ def test_masks_that_do_not_fit_the_chunk_are_refused():
         masks.at(8)
     with pytest.raises(TypeError, match="masks is a dict"):
         layer(torch.randn(4, B, I), masks={})
+
+
+def test_a_chunk_starts_at_a_numpy_integer():
+    np = pytest.importorskip("numpy")
+    layer = rnnkit.GRU(I, H, zoneout=0.3).train()
+    x = torch.randn(8, B, I)
+    masks = layer.draw_masks(x)
+    whole, _ = layer(x, masks=masks)
+    outs, state = [], None
+    for t0 in np.arange(0, 8, 4):  # np.int64
+        out, state = layer(x[t0 : t0 + 4], state, masks=masks.at(t0))
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs), whole, atol=OUT_TOL, rtol=OUT_TOL)
+    assert type(masks.at(np.int64(4)).offset) is int
+    for bad in (True, 4.0, np.float64(4.0)):
+        with pytest.raises(ValueError, match="expected a step of the sequence"):
+            masks.at(bad)

@@ -44,6 +44,7 @@ A backend named explicitly (the layer's ``backend=`` argument, :func:`set_defaul
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -220,12 +221,14 @@ class StackMasks:
     training: bool = True
 
     def at(self, t0: int) -> StackMasks:
-        """These masks for the chunk that starts at step ``t0`` of the sequence."""
-        if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 < self.steps:
+        """These masks for the chunk that starts at step ``t0`` of the sequence (an integer:
+        a NumPy one too, as from ``np.arange``)."""
+        whole = not isinstance(t0, bool) and isinstance(t0, numbers.Integral)
+        if not whole or not 0 <= t0 < self.steps:  # type: ignore[operator]
             raise ValueError(
                 f"t0 = {t0!r}; expected a step of the sequence, 0 <= t0 < {self.steps}"
             )
-        return replace(self, offset=t0)
+        return replace(self, offset=int(t0))
 
 
 @dataclass
