@@ -125,6 +125,26 @@ def test_dynamo_onnx_directions_zoneout_sizes_of_one() -> None:
     check_zoo(module, model, lengths=[0], steps=4)
 
 
+@pytest.mark.parametrize("opset", [16, 17])
+def test_dynamo_onnx_of_scan_layers_at_an_earlier_opset(opset: int) -> None:
+    """Layers lowered to a Scan (LayerNorm, projection, zoneout) exported with an opset below
+    the exporter's own 18: the graph converted down loads in onnxruntime and computes what the
+    layers do (a Split inside the Scan's body kept its opset-18 form, which onnxruntime refused)."""
+    module = mixed([("gru_layernorm", "rev1"), ("lstm_proj", "uni1"), ("lstm", "bi1-zoneout")])
+    shapes = {
+        "x": {0: "T", 1: "B"},
+        "lengths": {0: "B"},
+        "states": [{axis: "B"} for axis in module.state_axes()],
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, example(module), dynamic_shapes=shapes, dynamo=True, verbose=False,
+            opset_version=opset,
+        )  # fmt: skip
+    check_zoo(module, program.model_proto.SerializeToString())
+
+
 #: (cell, layer) of an ExportedProgram handed on to torch.onnx.export: ONNX's own GRU and LSTM
 #: (their gates reordered), peepholes, a Scan (LayerNorm, projection), a drop-in.
 PROGRAM = [

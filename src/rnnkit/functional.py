@@ -66,7 +66,11 @@ def split_gates(t: Tensor, mode: str, dim: int = 0) -> tuple[Tensor, ...]:
     """Split a stacked (G, ...) weight, bias or pre-activation into its gate blocks, in order."""
     count = gate_count(mode)
     _check_blocks(t, count, dim, f"{mode}'s gates {spec(mode).gates}")
-    return t.chunk(count, dim=dim)
+    # Slices rather than chunk: the same views, and an exported graph holds Slice ops, which
+    # every ONNX opset reads alike (a Split's form changed at opset 18, and converting a graph
+    # down to an earlier opset leaves those inside a Scan's body as they were).
+    size = t.shape[dim] // count
+    return tuple(t.narrow(dim, k * size, size) for k in range(count))
 
 
 def reorder_gates(t: Tensor, src: Sequence[str], dst: Sequence[str], dim: int = 0) -> Tensor:
