@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .checks import whole
 from .classifier import make_encoder
 
 __all__ = ["CharLM"]
@@ -70,7 +70,7 @@ class CharLM(nn.Module):
         if not prompt:
             raise ValueError("prompt is empty; expected at least one id")
         prompt, banned = _ids(prompt, "prompt", vocab), _ids(banned, "banned", vocab)
-        if _whole(length) is None or length < 0:
+        if whole(length) is None or length < 0:
             raise ValueError(f"length = {length!r}; expected a non-negative integer")
         if not temperature >= 0:  # NaN too
             raise ValueError(f"temperature = {temperature}; expected >= 0")
@@ -121,20 +121,10 @@ class CharLM(nn.Module):
         return out
 
 
-def _whole(value: Any) -> int | None:
-    """``value`` as an int if it is an integer (a Python or numpy one, not a bool), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _ids(values: Sequence[int], name: str, vocab: int) -> list[int]:
     """``values`` as a list of ids, or ValueError naming the first that is not in [0, vocab)."""
     ids = list(values)
     for k, i in enumerate(ids):
-        if _whole(i) is None or not 0 <= i < vocab:
+        if whole(i) is None or not 0 <= i < vocab:
             raise ValueError(f"{name}[{k}] = {i!r}; expected an id in [0, {vocab})")
     return [int(i) for i in ids]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -46,6 +45,7 @@ from ..cells import GRUCell, LSTMCell
 from ..layers import Bidirectional, Recurrent, Stacked, top_states
 from ..layers.stacked import check_dropout
 from .attention import ATTENTIONS, Attention, build_attention, clean, length_mask
+from .checks import whole
 from .classifier import CELLS, make_encoder
 
 __all__ = [
@@ -562,7 +562,7 @@ class Seq2Seq(nn.Module):
         alpha = _check_length_penalty(
             c.length_penalty if length_penalty is None else length_penalty
         )
-        if _whole(k) is None or k <= 0:
+        if isinstance(k, Tensor) or whole(k) is None or k <= 0:
             raise ValueError(f"beam_size = {k!r}; expected a positive integer")
         k = int(k)
         batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
@@ -638,16 +638,6 @@ def _check_length_penalty(alpha: Any) -> float:
     return float(alpha)
 
 
-def _whole(value: Any) -> int | None:
-    """``value`` as an int if it is an integer (a Python or NumPy one, not a bool), else None."""
-    if isinstance(value, bool | Tensor):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _check_max_len(max_len: Any, batch: int, device: torch.device) -> Tensor:
     """``max_len`` (a positive int, or a (B,) integer tensor of positive limits) as (B,) int64."""
     if isinstance(max_len, Tensor):
@@ -664,7 +654,7 @@ def _check_max_len(max_len: Any, batch: int, device: torch.device) -> Tensor:
         if batch and int(max_len.min()) <= 0:
             raise ValueError(f"max_len = {max_len.tolist()}; expected positive limits")
         return max_len.to(device, torch.long)
-    limit = _whole(max_len)
+    limit = whole(max_len)
     if limit is None or limit <= 0:
         raise ValueError(f"max_len = {max_len!r}; expected a positive integer")
     return torch.full((batch,), limit, dtype=torch.long, device=device)
