@@ -14,8 +14,8 @@ import torch
 from torch import _VF, Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .. import lengths as L
-from . import LayerCall, LayerResult, Request
+from . import Direction, LayerCall, LayerResult, Request
+from .stack import directions_apart
 
 _OPS = {"rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu, "lstm": _VF.lstm, "gru": _VF.gru}
 
@@ -95,14 +95,10 @@ class NativeBackend:
 
     def _apart(self, layer: LayerCall) -> LayerResult:
         """Two directions of different sizes (torch's op takes one size for both): one call
-        each, the reversed one over its input reversed within each sequence's length."""
-        outs, states = [], []
-        for x, d in zip(layer.inputs, layer.directions, strict=True):
-            if d.reverse:
-                x = L.reverse_padded(x, layer.lengths)
-            one = replace(layer, inputs=[x], directions=[replace(d, reverse=False)])
-            result = self.run_layer(one)
-            out = result.out
-            outs.append(L.reverse_padded(out, layer.lengths) if d.reverse else out)
-            states += result.states
-        return LayerResult(torch.cat(outs, dim=-1), states)
+        each, forward-reading (the composer's :func:`~rnnkit.backends.stack.directions_apart`)."""
+
+        def run(x: Tensor, d: Direction) -> tuple[Tensor, tuple[Tensor, ...], tuple[()]]:
+            result = self.run_layer(replace(layer, inputs=[x], directions=[d]))
+            return result.out, result.states[0], ()
+
+        return directions_apart(layer, run)

@@ -19,6 +19,7 @@ for all of them, in one place:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -40,7 +41,7 @@ from . import (
     exporting,
 )
 
-__all__ = ["auto_checkpoint", "compose", "draw_masks"]
+__all__ = ["auto_checkpoint", "compose", "directions_apart", "draw_masks"]
 
 
 def _input_features(call: Call, index: int) -> int:
@@ -225,8 +226,20 @@ def _run_checkpointed(backend: Backend, layer: LayerCall, every: int) -> LayerRe
     """One layer in segments of ``every`` steps: the forward keeps each segment's output and the
     state at its end; the backward recomputes each segment (its input projection included) from
     the state at its start, just before it needs the segment's activations. Each direction runs
-    on its own; a reversed one reads its input reversed within each sequence's length (zoneout
-    masks likewise), so that reading step s sits at position s and the steps can be cut."""
+    on its own, forward-reading (:func:`directions_apart`), so that the steps can be cut."""
+    return directions_apart(layer, lambda x, d: _segments(backend, layer, x, d, every))
+
+
+#: What :func:`directions_apart` runs for one direction: its input (T, B, I) read forwards and
+#: the direction (reverse=False) -> its output, final state and gates (() without gates).
+RunDirection = Callable[[Tensor, Direction], tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]]
+
+
+def directions_apart(layer: LayerCall, run: RunDirection) -> LayerResult:
+    """``layer`` with each direction run on its own by ``run``, as a forward-reading one: a
+    reversed direction reads its input reversed within each sequence's length (zoneout masks
+    likewise) and its output and gates are reversed back; the outputs are joined along the
+    features. For a backend or schedule that cannot take the directions together."""
     outs, states, gates = [], [], []
     for x, d in zip(layer.inputs, layer.directions, strict=True):
         reverse = d.reverse
@@ -235,7 +248,7 @@ def _run_checkpointed(backend: Backend, layer: LayerCall, every: int) -> LayerRe
             x = L.reverse_padded(x, layer.lengths)
             if m is not None and m.zoneout is not None and isinstance(m.zoneout[0], Tensor):
                 m = replace(m, zoneout=tuple(L.reverse_padded(z, layer.lengths) for z in m.zoneout))
-        out, state, g = _segments(backend, layer, x, replace(d, reverse=False, masks=m), every)
+        out, state, g = run(x, replace(d, reverse=False, masks=m))
         if reverse:
             out = L.reverse_padded(out, layer.lengths)
             g = tuple(L.reverse_padded(t, layer.lengths) for t in g)
