@@ -65,22 +65,25 @@ def _free_port() -> int:
 
 
 def spawn(
-    *args: str, processes: int = 2, program: tuple[str, ...] = ("-m", "rnnkit.cli")
+    *args: str,
+    processes: int = 2,
+    program: tuple[str, ...] = ("-m", "rnnkit.cli"),
+    env: dict[str, str] | None = None,
 ) -> list[subprocess.Popen]:
     """The ranks of ``rnnkit ARGS`` (``python PROGRAM ARGS``) started with the environment
     torchrun gives them (without torchrun's own process: cheaper, and each rank can be killed on
-    its own)."""
+    its own), plus ``env``."""
     port, procs = _free_port(), []
     for rank in range(processes):
-        env = {
-            **ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+        rank_env = {
+            **ENV, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
             "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
         }  # fmt: skip
         command = [sys.executable, *program, *args]
         procs.append(
             subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                command, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
     return procs
@@ -248,6 +251,58 @@ def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):
     assert errors[0].startswith("rnnkit: error: ") and "already holds a run" in errors[0]
 
 
+FAILS_ON_RANK_1 = """
+import torch
+from rnnkit.distributed import World
+from rnnkit.errors import DataMissing
+world = World.from_env()
+world.start(torch.device("cpu"))
+try:
+    with world.together():
+        if world.rank == 1:
+            raise DataMissing("the data is not installed on this machine")
+except DataMissing as e:
+    print(f"{e}|{getattr(e, 'shared', False)}")
+finally:
+    world.close()
+"""
+
+
+def test_an_error_of_one_rank_before_training_stops_every_rank_rank_0_naming_it():
+    ranks = finish(spawn(program=("-c", FAILS_ON_RANK_1)))
+    assert [status for status, _, _ in ranks] == [0, 0], [err[-2000:] for *_, err in ranks]
+    assert [out.strip() for _, out, _ in ranks] == [
+        "rank 1 of 2: the data is not installed on this machine|False",
+        "the data is not installed on this machine|True",
+    ]
+
+
+@pytest.mark.parametrize("case", ["missing data", "unknown option", "device"])
+def test_an_error_every_rank_hits_before_training_is_said_once(tmp_path, case):
+    """An error each rank hits on its own before the first step (before the processes join, or
+    after) is printed by rank 0 alone; every rank exits with its status."""
+    need_data("speech")
+    args, env, expected = _args("speech", tmp_path / "run", PER_PROCESS), {}, "--device cuda:7"
+    if case == "missing data":  # packages of the speech data's name that hold none of it
+        shadow = tmp_path / "shadow"
+        for module in ("sktime", "aeon"):
+            (shadow / module).mkdir(parents=True)
+            (shadow / module / "__init__.py").write_text("")
+        env = {"PYTHONPATH": str(shadow) + os.pathsep + ENV["PYTHONPATH"]}
+        expected = "the Japanese Vowels .ts files not found"
+    elif case == "unknown option":
+        args, expected = [*args, "--hiden-size", "8"], "--hiden-size (did you mean --hidden-size?)"
+    else:
+        args = [*args, "--device", "cuda:7"]
+    ranks = finish(spawn(*args, env=env))
+    statuses = [status for status, _, _ in ranks]
+    assert statuses[0] in (1, 2) and statuses[1] == statuses[0], [e[-2000:] for *_, e in ranks]
+    said = [err.count("rnnkit: error:") for _, _, err in ranks]
+    assert said == [1, 0], [err[-2000:] for _, _, err in ranks]  # once, by rank 0
+    assert expected in ranks[0][2] and "Traceback" not in ranks[0][2] + ranks[1][2]
+    assert not (tmp_path / "run").exists()
+
+
 # -- the batches each process takes ---------------------------------------------------------
 
 
@@ -305,6 +360,7 @@ def test_a_charlm_bptt_the_global_streams_cannot_hold_is_refused_before_anything
     assert [status for status, _, _ in ranks] == [2, 2], [err[-2000:] for _, _, err in ranks]
     err = ranks[0][2]
     assert "Traceback" not in err, err
+    assert ranks[1][2].count("error") == 0, ranks[1][2][-2000:]  # rank 0 alone says it
     assert (
         "bptt = 40 with 32 streams (16 per process x 2 processes) needs 1320 characters of "
         "training text; it has 1000"

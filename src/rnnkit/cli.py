@@ -192,7 +192,10 @@ def cmd_train(argv: Sequence[str]) -> int:
             f"{', '.join(sorted(tasks.TASKS))}"
         )
     name = argv[0]
-    task_cls = tasks.get(name)
+    try:
+        task_cls = tasks.get(name)
+    except RecipeError as e:
+        raise UsageError(str(e)) from None
     args = vars(_train_parser(task_cls).parse_args(argv[1:]))
     keys = ("out", "resume", "progress", "threads", "device")
     out, resume, progress, threads, device = (args.pop(k) for k in keys)
@@ -289,10 +292,11 @@ def cmd_predict(argv: Sequence[str]) -> int:
     return 0
 
 
-def _rank() -> int:
-    """This process's rank under torchrun (0 without it)."""
+def _rank(variable: str = "RANK") -> int:
+    """This process's rank under torchrun (0 without it); ``LOCAL_RANK``: its rank on this
+    machine."""
     try:
-        return int(os.environ.get("RANK") or 0)
+        return int(os.environ.get(variable) or 0)
     except ValueError:
         return 0
 
@@ -379,8 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "export": cmd_export,
         }[command]
         return handler(rest)
+    except UsageError as e:
+        # Under torchrun every process has the same command line: the first on each machine
+        # says what is wrong with it.
+        if _rank("LOCAL_RANK") == 0:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except RecipeError as e:
-        if not getattr(e, "shared", False):  # under torchrun, rank 0 reports what all ranks hit
+        if not getattr(e, "shared", False):  # under torchrun, one process reports what all hit
             print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
     except BackendUnavailable as e:  # e.g. a run trained with --backend triton, used on the CPU

@@ -13,6 +13,9 @@ The rules :mod:`rnnkit.train` follows with a :class:`World`:
 - whatever rank 0 does alone runs through :meth:`World.on_main`, which hands its result, or the
   exception it raised, to every rank, so that an error stops all of them at the same point with
   the same message instead of leaving the others waiting;
+- what every rank does on its own before training (loading the data, building the model) runs
+  under :meth:`World.together`: when it fails on any rank, every rank stops there with the error
+  of the first rank that failed, and rank 0 alone reports it;
 - every decision that changes the control flow (stop, checkpoint, out of time) is taken from
   numbers every rank holds identically (:meth:`World.sum`), never from a clock of its own.
 
@@ -22,10 +25,11 @@ With one process (no torchrun) every method is the identity and nothing touches
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -158,11 +162,16 @@ class World:
         """Every rank's ``obj`` as a list on rank 0 (None on the others)."""
         if not self.distributed:
             return [obj]
+        out = self._all(obj)
+        return out if self.is_main else None
+
+    def _all(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` as a list on every rank."""
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.size
         dist.all_gather_object(out, obj)  # (gather_object is not supported by every backend)
-        return out if self.is_main else None
+        return out
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` run on rank 0 alone; its result on every rank, or its exception raised on
@@ -182,6 +191,38 @@ class World:
                 result.error.shared = True  # type: ignore[attr-defined]  # rank 0 reports it
             raise result.error
         return result
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """A block every rank runs on its own (it must hold no collective), after which the ranks
+        agree on how it went: where it raised on any rank, every rank raises the error of the
+        first rank that failed, rank 0 alone reporting it (prefixed with the rank that hit it
+        when rank 0 did not), instead of each rank printing its own copy or going on to wait
+        for a rank that has stopped."""
+        if not self.distributed:
+            yield
+            return
+        try:
+            yield
+        except BaseException as e:  # re-raised below, once every rank knows
+            self._agree(e)
+            raise
+        self._agree(None)
+
+    def _agree(self, mine: BaseException | None) -> None:
+        outcomes = self._all(None if mine is None else _Failed(mine))
+        failed = next((rank for rank, o in enumerate(outcomes) if o is not None), None)
+        if failed is None:
+            return
+        error = mine if failed == self.rank and mine is not None else outcomes[failed].error
+        if isinstance(error, RecipeError):
+            if not self.is_main:
+                error.shared = True  # type: ignore[attr-defined]  # rank 0 reports it
+            elif failed != 0:
+                error.args = (f"rank {failed} of {self.size}: {error}",)
+        if error is mine:
+            raise error
+        raise error from None
 
     def _object_device(self) -> torch.device | None:
         return self.device if self.device is not None and self.device.type == "cuda" else None

@@ -807,7 +807,14 @@ def train(
     overrides = dict(overrides or {})
     task_cls = tasks.get(name)
     world = World.from_env()
-    dev = resolve_device(device, world.local_rank if world.distributed else None)
+    try:
+        dev = resolve_device(device, world.local_rank if world.distributed else None)
+    except RecipeError as e:
+        # Before the processes join they cannot agree: the first on each machine (LOCAL_RANK 0)
+        # says what every process on it hits; one whose own GPU is missing says so itself.
+        if world.local_rank and _fails(lambda: resolve_device(device, 0)):
+            e.shared = True  # type: ignore[attr-defined]
+        raise
     world.start(dev)
     try:
         with contextlib.ExitStack() as undo:
@@ -816,6 +823,15 @@ def train(
             )
     finally:
         world.close()
+
+
+def _fails(step: Callable[[], object]) -> bool:
+    """Whether ``step()`` raises a :class:`RecipeError`."""
+    try:
+        step()
+    except RecipeError:
+        return True
+    return False
 
 
 def _setup(
@@ -925,14 +941,16 @@ def _train(
     run_dir, config, state = world.on_main(
         lambda: _setup(task_cls, overrides, out, resume, world, undo)
     )
-    check_precision(dev, config.precision)
-    undo.enter_context(_flushing(dev, config))
     say = _say if world.is_main else _quiet
-
-    task = task_cls(config)
-    task.device = dev
-    task.world_size = world.size
-    splits = task.load_splits()
+    # What every rank does on its own before training (the device's precision, the data, the
+    # model, the checkpoint) fails alike on every rank: rank 0 alone reports it.
+    with world.together():
+        check_precision(dev, config.precision)
+        undo.enter_context(_flushing(dev, config))
+        task = task_cls(config)
+        task.device = dev
+        task.world_size = world.size
+        splits = task.load_splits()
 
     def vocabulary() -> dict[str, Any]:
         # A run that stopped before its first checkpoint starts over: it learns its vocabulary
@@ -942,20 +960,22 @@ def _train(
         return task.fit_vocab(splits["train"])
 
     vocab = world.on_main(vocabulary)
-    try:
-        task.set_vocab(vocab)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir / VOCAB} is damaged: {e!r}") from None
-    data = {k: task.encode(v) for k, v in splits.items()}
-    sizes = {k: task.size(v) for k, v in splits.items()}
+    with world.together():
+        try:
+            task.set_vocab(vocab)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{run_dir / VOCAB} is damaged: {e!r}") from None
+        data = {k: task.encode(v) for k, v in splits.items()}
+        sizes = {k: task.size(v) for k, v in splits.items()}
 
-    # A run without a checkpoint (new, or started over by a resume that found none, with the
-    # vocabulary it saved) builds its initial weights as a new run does, pretrained parts included.
-    task.fresh = state is None
-    torch.manual_seed(config.seed)
-    model = task.build_model()  # on the CPU: the same initial weights on every device
-    model.to(dev)
-    model.train()
+        # A run without a checkpoint (new, or started over by a resume that found none, with the
+        # vocabulary it saved) builds its initial weights as a new run does, pretrained parts
+        # included.
+        task.fresh = state is None
+        torch.manual_seed(config.seed)
+        model = task.build_model()  # on the CPU: the same initial weights on every device
+        model.to(dev)
+        model.train()
 
     def explain() -> Any:
         # explaining must not move dropout's RNG; under the run's precision, as training runs
@@ -965,21 +985,27 @@ def _train(
     # Before anything is written: a backend that cannot run here (BackendUnavailable) leaves
     # the run directory as it was.
     choice = world.on_main(explain)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    for group in opt.param_groups:  # what a schedule scales (lr_decay lowers it); resumes with it
-        group["initial_lr"] = group["lr"]
-    averaged = average_of(model) if config.average else None
-    scaler = grad_scaler(dev, config.precision)
-    if world.rank:  # dropout: the other ranks draw their own masks (rank 0 draws as one process)
-        torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
     p = Progress()
     rngs: list[RNG] = []
+    with world.together():
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        for group in opt.param_groups:  # what a schedule scales (lr_decay lowers it); resumed
+            group["initial_lr"] = group["lr"]
+        averaged = average_of(model) if config.average else None
+        scaler = grad_scaler(dev, config.precision)
+        if world.rank:  # dropout: the other ranks draw their own masks (rank 0 as one process)
+            torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
+        if state is not None:
+            rngs = _restore_state(
+                run_dir / STATE, *state[:2], model, opt, scaler, world, dev, averaged
+            )
+            p = state[2]
+            carried = {
+                k[len(CARRY) :]: v for k, v in rngs[world.rank].items() if k.startswith(CARRY)
+            }
+            if carried and p.batch:
+                task.load_carry(to_device(carried, dev))
     if state is not None:
-        rngs = _restore_state(run_dir / STATE, *state[:2], model, opt, scaler, world, dev, averaged)
-        p = state[2]
-        carried = {k[len(CARRY) :]: v for k, v in rngs[world.rank].items() if k.startswith(CARRY)}
-        if carried and p.batch:
-            task.load_carry(to_device(carried, dev))
         say(f"resuming {run_dir}: epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
     else:
 
