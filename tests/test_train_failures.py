@@ -324,6 +324,27 @@ def test_a_damaged_process_count_is_named(unfinished, tmp_path, capsys, value):
     assert files(run) == before
 
 
+def test_a_finished_run_of_two_processes_resumed_by_one_is_told_it_has_finished(
+    finished, tmp_path, capsys
+):
+    """As with the same number of processes: nothing to resume; and the number to train it
+    further with, in the same line."""
+    run = copy(finished, tmp_path / "run")
+    path = run / "resume.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {**f.metadata(), "world_size": "2"}
+    save_file(tensors, str(path), metadata=meta)
+    before = files(run)
+    code = cli.main(["train", "speech", "--out", str(run), "--resume", "--no-progress"])
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    line = one_error_line(err)
+    assert "has finished" in line and "nothing to resume" in line, line
+    assert "with 2 process(es)" in line and "--nproc-per-node=2" in line, line
+    assert files(run) == before
+
+
 @pytest.mark.parametrize(
     ("option", "expected"),
     [

@@ -877,18 +877,21 @@ def _setup(
             state = _read_state(run_dir / STATE, task_cls.metric)
             p_saved = state[2]
             saved_world = _saved_world_size(state[1], run_dir / STATE)
-            if saved_world != world.size:
+            same_world = saved_world == world.size
+            again = resume_command(name, run_dir, saved_world, alone=True)
+            if p_saved.finished and _still_stopped(p_saved, config):
+                # Whatever the number of processes: a finished run has nothing to resume.
+                further = "" if same_world else f" with {saved_world} process(es), as in {again}"
+                raise CheckpointError(
+                    f"the run in {run_dir} has finished ({p_saved.stopped}); nothing to resume. "
+                    f"Raise --epochs, --max-minutes or --patience to train it further{further}; "
+                    f"`rnnkit evaluate {run_dir}` prints its metrics"
+                )
+            if not same_world:
                 many = f"{world.size} processes are" if world.distributed else "1 process is"
                 raise CheckpointError(
                     f"{run_dir / STATE} holds a run of {saved_world} process(es) and {many} "
-                    f"running; the batch order needs the same number: "
-                    f"{resume_command(name, run_dir, saved_world, alone=True)}"
-                )
-            if p_saved.finished and _still_stopped(p_saved, config):
-                raise CheckpointError(
-                    f"the run in {run_dir} has finished ({p_saved.stopped}); nothing to resume. "
-                    "Raise --epochs, --max-minutes or --patience to train it further; "
-                    f"`rnnkit evaluate {run_dir}` prints its metrics"
+                    f"running; the batch order needs the same number: {again}"
                 )
             elif p_saved.stopped and not _still_stopped(p_saved, config):  # a raised budget
                 _say(f"{run_dir} stopped ({p_saved.stopped}); the new budget lets it go on")
