@@ -130,9 +130,33 @@ def test_kernel_shape_follows_the_weights_size(monkeypatch) -> None:
     assert ops.kernel_path("rnn_tanh", 128, 128, False, f32) == "stepwise"  # exact fp32 dots
     monkeypatch.setenv(ops.KERNEL_ENV, "stepwise")
     assert ops.kernel_path("lstm", 5, 5, False, f32) == "stepwise"
+
+
+@needs_triton
+def test_a_bad_forced_kernel_shape_is_one_error_wherever_the_kernels_could_run(
+    monkeypatch,
+) -> None:
+    """As RNNKIT_GEMM: read without case or spaces, "auto" leaves the choice to the size, and
+    any other value is an error as soon as the backend could take the call, named or not."""
+    f32 = torch.float32
+    monkeypatch.setenv(ops.KERNEL_ENV, "auto")
+    assert ops.kernel_path("lstm", 65, 65, False, f32) == "stepwise"
+    monkeypatch.setenv(ops.KERNEL_ENV, " Persistent ")
+    assert ops.kernel_path("lstm", 65, 65, False, f32) == "persistent"
     monkeypatch.setenv(ops.KERNEL_ENV, "fast")
-    with pytest.raises(ValueError, match="RNNKIT_TRITON_KERNEL = 'fast'; expected"):
-        ops.kernel_path("lstm", 5, 5, False, f32)
+    expected = (
+        r"^RNNKIT_TRITON_KERNEL = 'fast'; "
+        r"expected one of \('auto', 'persistent', 'stepwise'\)$"
+    )
+    for run in (
+        lambda: ops.kernel_path("lstm", 5, 5, False, f32),
+        lambda: triton_backend.TritonBackend().check(_cuda("lstm")),
+        lambda: backends.select(_cuda("lstm"), "triton"),
+    ):
+        with pytest.raises(ValueError, match=expected):
+            run()
+    # Where the kernels cannot run the call, the variable is not theirs to read.
+    assert "no Triton kernel" in triton_backend.TritonBackend().check(_cuda(None))
 
 
 def test_the_op_checks_every_argument() -> None:

@@ -10,8 +10,9 @@ gate outputs (detached), float32 and bfloat16/float16 (fp32 accumulation and fp3
 The kernel shape follows the size (:func:`.ops.kernel_path`): a persistent kernel (one
 program per batch tile loops over all steps, its recurrent weights resident on chip) while one
 direction's recurrent weights fit in 64 KiB, else one launch per step beside the host's cuBLAS
-GEMM; ``RNNKIT_TRITON_KERNEL=persistent|stepwise`` forces either. fp32 dots are exact unless
-``torch.set_float32_matmul_precision("high")`` allows TF32, as for torch's own matmuls.
+GEMM; ``RNNKIT_TRITON_KERNEL=persistent|stepwise`` forces either (``auto`` or unset: by size).
+fp32 dots are exact unless ``torch.set_float32_matmul_precision("high")`` allows TF32, as for
+torch's own matmuls.
 :mod:`.ahead` compiles the kernels for a GPU target on a machine without one.
 
 Triton is optional (``pip install 'rnnkit[gpu]'``): without it the backend declines, naming
@@ -92,6 +93,11 @@ class TritonBackend:
             return f"dtype {request.dtype} has no Triton kernel{where} ({_names(dtypes)} do)"
         if request.func_transforms:
             return FUNC_TRANSFORMS.format(what="the Triton kernels")
+        # A bad RNNKIT_TRITON_KERNEL is an error wherever the kernels could run the call (as a
+        # bad RNNKIT_GEMM is for the cpu backend), not only once they do.
+        from .ops import forced_kernel
+
+        forced_kernel()
         return None
 
     def slower(self, request: Request) -> str | None:

@@ -35,13 +35,15 @@ from torch.nn import functional as F
 from ...cells.table import SPECS
 from ..first_order import first_order
 
-__all__ = ["dot_precision", "kernel_path", "triton_backward", "triton_forward"]
+__all__ = ["dot_precision", "forced_kernel", "kernel_path", "triton_backward", "triton_forward"]
 
 #: Recurrent weights up to this many bytes stay resident in the persistent kernel; larger ones
 #: run one launch per step.
 PERSISTENT_WEIGHT_BYTES = 64 * 1024
-#: Environment variable that forces the kernel shape: "persistent" or "stepwise".
+#: Environment variable that forces the kernel shape ("auto": by the weights' size).
 KERNEL_ENV = "RNNKIT_TRITON_KERNEL"
+#: The kernel shapes.
+KERNEL_PATHS = ("persistent", "stepwise")
 #: The kernels' cell ids by family (the Elman RNN's are its activation's: the C++ kernel ids 0 tanh,
 #: 1 relu); gate counts and everything else come from the cell table.
 _FAMILY_IDS = {"lstm": 2, "gru": 3}
@@ -90,14 +92,23 @@ def _floor_pow2(n: int) -> int:
     return p
 
 
+def forced_kernel() -> str | None:
+    """The kernel shape ``RNNKIT_TRITON_KERNEL`` forces, or None ("auto" or unset); a
+    ValueError naming any other value."""
+    value = os.environ.get(KERNEL_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in KERNEL_PATHS:
+        raise ValueError(f"{KERNEL_ENV} = {value!r}; expected one of {('auto', *KERNEL_PATHS)}")
+    return value
+
+
 def kernel_path(mode: str, hidden: int, state: int, proj: bool, dtype: torch.dtype) -> str:
     """ "persistent" when the recurrent weights of one direction fit on chip, else "stepwise"
     (``RNNKIT_TRITON_KERNEL`` forces either)."""
-    forced = os.environ.get(KERNEL_ENV, "")
-    if forced in ("persistent", "stepwise"):
+    forced = forced_kernel()
+    if forced is not None:
         return forced
-    if forced:
-        raise ValueError(f"{KERNEL_ENV} = {forced!r}; expected 'persistent' or 'stepwise'")
     gates = SPECS[mode].gate_count
     tiles = gates * _pow2(hidden) * _pow2(state) + (_pow2(hidden) * _pow2(state) if proj else 0)
     size = tiles * torch.empty(0, dtype=dtype).element_size()
