@@ -702,6 +702,34 @@ def _subnormal_results(x: torch.Tensor) -> int:
     return int(((x * 1.0) != 0).sum())
 
 
+def test_flush_denormals_without_the_kernels_returns_and_restores_the_threads_setting(
+    monkeypatch,
+):
+    """Where the kernels cannot be built, the calling thread alone is set, and what it did before
+    comes back, so that denormals_flushed restores it."""
+    monkeypatch.setattr(build, "unavailable", lambda: "no C++ compiler (simulated)")
+    tiny = torch.full((1,), torch.finfo(torch.float32).tiny)
+
+    def flushing() -> bool:
+        return bool(tiny * 0.5 == 0)
+
+    before = flushing()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        assert cpu_backend.flush_denormals(False) is True
+        assert not flushing()
+        assert cpu_backend.flush_denormals(True) is False
+        assert flushing()
+        for setting in (True, False):
+            torch.set_flush_denormal(setting)
+            with cpu_backend.denormals_flushed():
+                assert flushing()
+            assert flushing() is setting
+    finally:
+        torch.set_flush_denormal(before)
+
+
 def test_flush_denormals_reaches_every_thread_of_the_pool_and_restores():
     if build.unavailable() is not None:
         pytest.skip("the C++ kernels are unavailable")

@@ -91,11 +91,21 @@ def flush_denormals(on: bool) -> bool:
     on one up to ~100x slower: a model that has trained for a while produces them (its softmaxes
     grow confident), and one late in training measured 1.9x slower per step than the same model
     at its start. Values below 1.2e-38 (float32) then read as zero. Where the kernels cannot be
-    built, only the calling thread is set (``torch.set_flush_denormal``)."""
+    built, only the calling thread is set (``torch.set_flush_denormal``), and what it did before
+    is found by computing a subnormal on it."""
     if build.unavailable() is None:  # builds the kernels at first use
         return bool(torch.ops.rnnkit_cpu.flush_denormals(bool(on)))
+    before = _flushing_here()
     torch.set_flush_denormal(bool(on))
-    return False
+    return before
+
+
+def _flushing_here() -> bool:
+    """Whether the calling thread flushes subnormals (FTZ or DAZ): half the smallest normal
+    float32, computed on it (one element: no other thread takes part), comes out as zero."""
+    with torch.no_grad():
+        tiny = torch.full((1,), torch.finfo(torch.float32).tiny, dtype=torch.float32)
+        return bool((tiny * 0.5 == 0).item())
 
 
 @contextlib.contextmanager
