@@ -237,6 +237,37 @@ def test_torch_func_transforms_equal_torch_nn(mode) -> None:
         torch.func.grad(loss(mine))(params, x)
 
 
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_torch_func_transforms_with_lengths_and_vmap_under_automatic_dispatch(mode) -> None:
+    """grad, vjp and jvp with lengths=, and vmap, which torch's fused op cannot run: automatic
+    dispatch passes over it, and the results equal the reference backend's (or, for vmap, the
+    layer called on each sequence)."""
+    mine, _ = pair(mode, num_layers=2, bidirectional=True)
+    lengths = [5, 2, 4]
+    x, tangent = torch.randn(T, B, I), torch.randn(T, B, I)
+
+    def out(x):
+        return mine(x, lengths=lengths)[0]
+
+    def transforms():
+        dx = torch.func.grad(lambda x: weighted_sum(out(x)))(x)
+        y, pullback = torch.func.vjp(out, x)
+        padded = torch.func.jvp(lambda x: mine(x)[0], (x,), (tangent,))[1]  # torch's LSTM: none
+        return dx, pullback(torch.cos(y))[0], torch.func.jvp(out, (x,), (tangent,))[1], padded
+
+    with rnnkit.use_backend("reference"):
+        want = transforms()
+    names = ("grad with lengths", "vjp with lengths", "jvp with lengths", "jvp")
+    for name, a, b in zip(names, transforms(), want, strict=True):
+        assert_close(a, b, GRAD_TOL, name)
+    xs = torch.randn(2, T, I)  # two unbatched sequences, mapped over
+    got = torch.func.vmap(lambda x: mine(x)[0])(xs)
+    assert_close(got, torch.stack([mine(x)[0] for x in xs]), OUT_TOL, "vmap")
+    xs = torch.randn(T, 2, B, I)  # two batches, mapped over
+    got = torch.func.vmap(out, in_dims=1, out_dims=1)(xs)
+    assert_close(got, torch.stack([out(xs[:, k]) for k in range(2)], 1), OUT_TOL, "vmap lengths")
+
+
 @pytest.mark.parametrize("mode", [MODES[2], MODES[4]], ids=["lstm", "gru"])
 def test_second_derivatives_raise_on_the_kernels_and_equal_torch_nn_on_reference(mode) -> None:
     mine, ref = pair(mode, num_layers=2, bidirectional=True)

@@ -107,8 +107,9 @@ class Request:
     same call (:func:`autocast_dtypes`). ``input_dtype`` is the caller's input dtype where the
     layer converted it to the weights' (``dtype``), else None; ``state_dtypes`` likewise the
     caller's initial-state dtypes (h, c, ...) where the layer converted any of them.
-    ``func_transforms``: the call runs under :mod:`torch.func`'s transforms (grad, vjp, jvp,
-    vmap, functionalize), which see through plain torch operations only.
+    ``func_transforms``: the :mod:`torch.func` transforms the call runs under, outermost first
+    ("grad" (grad and vjp), "jvp", "vmap", "functionalize"; "unknown" where torch does not say
+    which), () outside them; they see through plain torch operations only.
     """
 
     mode: str | None
@@ -134,7 +135,7 @@ class Request:
     autocast: torch.dtype | None = None
     input_dtype: torch.dtype | None = None
     state_dtypes: tuple[torch.dtype, ...] | None = None
-    func_transforms: bool = False
+    func_transforms: tuple[str, ...] = ()
 
 
 def autocast_dtypes(request: Request) -> tuple[torch.dtype, torch.dtype] | None:
@@ -493,11 +494,20 @@ def _autocast(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _func_transforms() -> bool:
-    """Whether :mod:`torch.func`'s transforms are active around this call (outside compilation,
-    which traces through them). False where torch has no such query."""
+def _func_transforms() -> tuple[str, ...]:
+    """The :mod:`torch.func` transforms active around this call, outermost first ("grad",
+    "jvp", "vmap", "functionalize"; "unknown" where torch does not say which), or () outside
+    them, under compilation (which traces through them) and where torch has no such query."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return active is not None and not torch.compiler.is_compiling() and bool(active())
+    if active is None or torch.compiler.is_compiling() or not active():
+        return ()
+    stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
+    try:
+        interpreters = stack() if stack is not None else None
+        names = tuple(i.key().name.lower() for i in interpreters or ())
+    except (AttributeError, RuntimeError):
+        names = ()
+    return names or ("unknown",)
 
 
 #: Why a backend with its own autograd (hand-written backward) declines a call under torch.func.

@@ -43,7 +43,7 @@ class NativeBackend:
                 f"torch's op fails on {request.dtype} weights under {request.autocast} autocast "
                 "(it converts float32 only)"
             )
-        return None
+        return _func_transforms_missing(request)
 
     def run_layer(self, layer: LayerCall) -> LayerResult:
         directions = layer.directions
@@ -102,3 +102,21 @@ class NativeBackend:
             return result.out, result.states[0], ()
 
         return directions_apart(layer, run)
+
+
+def _func_transforms_missing(request: Request) -> str | None:
+    """What torch's op lacks under the :mod:`torch.func` transforms of ``request`` (None: it
+    runs under them, as grad and vjp of a padded batch do)."""
+    transforms = set(request.func_transforms)
+    if not transforms:
+        return None
+    if transforms - {"grad", "jvp", "vmap", "functionalize"}:
+        return "torch.func's transforms are active and torch does not say which"
+    if "vmap" in transforms:
+        return "torch's fused op has no batching rule for torch.func.vmap"
+    if request.lengths != "none":
+        return "packing the lengths reads memory that torch.func's transforms hide"
+    if "jvp" in transforms and request.mode == "lstm" and request.device_type == "cpu":
+        if request.dtype != torch.float64:  # torch runs these on oneDNN
+            return f"torch's {request.dtype} CPU LSTM (oneDNN) has no forward-mode derivative"
+    return None
