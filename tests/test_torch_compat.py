@@ -269,6 +269,24 @@ def test_torch_func_transforms_with_lengths_and_vmap_under_automatic_dispatch(mo
 
 
 @pytest.mark.parametrize("mode", [MODES[2], MODES[4]], ids=["lstm", "gru"])
+def test_jit_trace_under_automatic_dispatch_passes_over_the_kernels(mode) -> None:
+    """torch.jit.trace records torch's operations only: automatic dispatch runs the traced call
+    on torch's op (or the reference loop, for a cell torch has no op for), and the traced module
+    computes what the layer computes; the C++ kernels, asked for by name, say why they cannot."""
+    mine, _ = pair(mode, num_layers=2, bidirectional=True)
+    ln = rnnkit.Recurrent(rnnkit.LayerNormLSTMCell(I, H))
+    x = torch.randn(T, B, I)
+    for module in (mine, ln):
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+        with rnnkit.use_backend("reference"):
+            want = module(x)
+        assert_close(traced(x), want, OUT_TOL, f"traced {type(module).__name__}")
+    mine.backend = "cpu"
+    with pytest.raises(rnnkit.BackendUnavailable, match="torch.jit.trace records torch's own"):
+        torch.jit.trace(mine, (x,), check_trace=False)
+
+
+@pytest.mark.parametrize("mode", [MODES[2], MODES[4]], ids=["lstm", "gru"])
 def test_second_derivatives_raise_on_the_kernels_and_equal_torch_nn_on_reference(mode) -> None:
     mine, ref = pair(mode, num_layers=2, bidirectional=True)
     x = torch.randn(T, B, I, requires_grad=True)

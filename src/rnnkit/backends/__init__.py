@@ -59,6 +59,7 @@ from ..regularisers import Masks, Regularisers
 __all__ = [
     "AUTO",
     "FUNC_TRANSFORMS",
+    "JIT_TRACING",
     "Backend",
     "BackendUnavailable",
     "Call",
@@ -109,7 +110,8 @@ class Request:
     caller's initial-state dtypes (h, c, ...) where the layer converted any of them.
     ``func_transforms``: the :mod:`torch.func` transforms the call runs under, outermost first
     ("grad" (grad and vjp), "jvp", "vmap", "functionalize"; "unknown" where torch does not say
-    which), () outside them; they see through plain torch operations only.
+    which), () outside them; they see through plain torch operations only. ``jit_tracing``:
+    the call is recorded by :func:`torch.jit.trace`, which records torch's own operations only.
     """
 
     mode: str | None
@@ -136,6 +138,7 @@ class Request:
     input_dtype: torch.dtype | None = None
     state_dtypes: tuple[torch.dtype, ...] | None = None
     func_transforms: tuple[str, ...] = ()
+    jit_tracing: bool = False
 
 
 def autocast_dtypes(request: Request) -> tuple[torch.dtype, torch.dtype] | None:
@@ -517,6 +520,13 @@ FUNC_TRANSFORMS = (
 )
 
 
+#: Why a backend whose kernels are not torch operations declines a call that torch.jit.trace records.
+JIT_TRACING = (
+    "torch.jit.trace records torch's own operations, not {what}: trace with "
+    "backend='native' or backend='reference' (automatic dispatch picks one by itself)"
+)
+
+
 def make_call(
     x: Tensor,
     layers: list[list[Direction]],
@@ -572,6 +582,7 @@ def make_call(
         input_dtype=input_dtype if input_dtype not in (None, x.dtype) else None,
         state_dtypes=state_dtypes if any(d != given for d in state_dtypes or ()) else None,
         func_transforms=_func_transforms(),
+        jit_tracing=torch.jit.is_tracing(),
     )
     return Call(request, x, layers, lengths, dropout, training, gates, checkpoint, masks)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ...cells.table import SPECS
-from .. import FUNC_TRANSFORMS, LayerCall, LayerResult, Request
+from .. import FUNC_TRANSFORMS, JIT_TRACING, LayerCall, LayerResult, Request
 from . import build, dispatch, gemm, ops
 
 __all__ = [
@@ -148,6 +148,8 @@ class CpuBackend:
             )
         if request.func_transforms:
             return FUNC_TRANSFORMS.format(what="the C++ kernels")
+        if request.jit_tracing:
+            return JIT_TRACING.format(what="the C++ kernels")
         return build.unavailable()
 
     def details(self, request: Request) -> str:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ...cells.table import SPECS
-from .. import FUNC_TRANSFORMS, Direction, LayerCall, LayerResult, Request
+from .. import FUNC_TRANSFORMS, JIT_TRACING, Direction, LayerCall, LayerResult, Request
 
 __all__ = ["TritonBackend", "interpreting", "unavailable"]
 
@@ -93,6 +93,8 @@ class TritonBackend:
             return f"dtype {request.dtype} has no Triton kernel{where} ({_names(dtypes)} do)"
         if request.func_transforms:
             return FUNC_TRANSFORMS.format(what="the Triton kernels")
+        if request.jit_tracing:
+            return JIT_TRACING.format(what="the Triton kernels")
         # A bad RNNKIT_TRITON_KERNEL is an error wherever the kernels could run the call (as a
         # bad RNNKIT_GEMM is for the cpu backend), not only once they do.
         from .ops import forced_kernel
