@@ -302,6 +302,18 @@ def test_lengths_accept_numpy_integers_but_not_bools(lstm) -> None:
         lstm(x, lengths=[5, True, 1])
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int16, torch.int32, torch.uint32, torch.uint64]
+)
+def test_lengths_of_every_integer_dtype_and_an_unsigned_value_past_int64(lstm, dtype) -> None:
+    x = torch.randn(T, B, I)
+    got = lstm(x, lengths=torch.tensor([5, 2, 0], dtype=dtype))[0]
+    torch.testing.assert_close(got, lstm(x, lengths=[5, 2, 0])[0])
+    if dtype == torch.uint64:  # named as given, not wrapped round to a negative length
+        with pytest.raises(ValueError, match=rf"lengths\[0\] = {2**63 + 5} > T = {T}"):
+            lstm(x, lengths=torch.tensor([2**63 + 5, 2, 0], dtype=dtype))
+
+
 def test_return_gates_needs_named_gates() -> None:
     class Gated(_Custom):
         def forward(self, x, h, return_gates=False):

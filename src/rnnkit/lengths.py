@@ -50,6 +50,8 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
                     f"B = {batch}"
                 )
             return lengths.to(device, torch.int64)
+        if lengths.dtype == torch.uint64:  # values past int64's range would wrap to negatives
+            return as_lengths(lengths.tolist(), batch, steps, device)
         values = lengths.detach().to("cpu", torch.int64)
     else:
         try:
