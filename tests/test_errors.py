@@ -314,6 +314,12 @@ def test_lengths_of_every_integer_dtype_and_an_unsigned_value_past_int64(lstm, d
             lstm(x, lengths=torch.tensor([2**63 + 5, 2, 0], dtype=dtype))
 
 
+@pytest.mark.parametrize("given", [{5, 2, 0}, frozenset({5, 2, 0}), {5: 0, 2: 1, 0: 2}])
+def test_lengths_without_an_order_are_refused(lstm, given) -> None:
+    with pytest.raises(TypeError, match=rf"lengths is a {type(given).__name__}; expected"):
+        lstm(torch.randn(T, B, I), lengths=given)
+
+
 def test_return_gates_needs_named_gates() -> None:
     class Gated(_Custom):
         def forward(self, x, h, return_gates=False):

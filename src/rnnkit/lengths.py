@@ -9,7 +9,7 @@ sequence returns its initial state); a reversed direction starts at each sequenc
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 
 import torch
 from torch import Tensor
@@ -54,6 +54,11 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
             return as_lengths(lengths.tolist(), batch, steps, device)
         values = lengths.detach().to("cpu", torch.int64)
     else:
+        if isinstance(lengths, (Set, Mapping)):  # no order of its own to match the batch's
+            raise TypeError(
+                f"lengths is a {type(lengths).__name__}; expected a 1-D integer tensor or a list "
+                "of ints in the batch's order"
+            )
         try:
             items = list(lengths)
         except TypeError:
