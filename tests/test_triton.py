@@ -70,7 +70,7 @@ def test_declines_without_triton(monkeypatch) -> None:
         (_cuda("gru_layernorm", dtype=torch.float16), "triton", "hand-written BPTT"),
         (_cuda(None), "reference", "not triton: no Triton kernel for a custom cell"),
         (
-            _cuda("lstm_layernorm", func_transforms=True),
+            _cuda("lstm_layernorm", func_transforms=("grad",)),
             "reference",
             "not triton: torch.func's transforms (grad, vjp, jvp, vmap) cannot see through the "
             "Triton kernels",
