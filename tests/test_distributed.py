@@ -277,7 +277,14 @@ def test_an_error_of_one_rank_before_training_stops_every_rank_rank_0_naming_it(
     ]
 
 
-@pytest.mark.parametrize("case", ["missing data", "unknown option", "device"])
+@pytest.mark.parametrize(
+    "case",
+    [  # each starts two processes; the plain run keeps one case
+        "missing data",
+        pytest.param("unknown option", marks=pytest.mark.slow),
+        pytest.param("device", marks=pytest.mark.slow),
+    ],
+)
 def test_an_error_every_rank_hits_before_training_is_said_once(tmp_path, case):
     """An error each rank hits on its own before the first step (before the processes join, or
     after) is printed by rank 0 alone; every rank exits with its status."""

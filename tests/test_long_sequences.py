@@ -113,7 +113,7 @@ def saved_bytes(module, x) -> int:
     return total
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("reference", marks=pytest.mark.slow)])
 def test_checkpointing_keeps_a_fraction_of_the_activations(backend):
     x = torch.randn(256, 8, 16, requires_grad=True)
     with rnnkit.use_backend(backend):

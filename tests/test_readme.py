@@ -45,6 +45,7 @@ def test_the_streaming_example_runs() -> None:
     assert not any(t.requires_grad for t in namespace["state"])
 
 
+@pytest.mark.slow  # two ONNX exports and their onnxruntime checks
 def test_the_export_example_runs(tmp_path, monkeypatch) -> None:
     pytest.importorskip("onnxscript", reason='pip install "rnnkit[onnx]"')
     pytest.importorskip("onnxruntime", reason='pip install "rnnkit[onnx]"')
