@@ -3,6 +3,10 @@ and the attention heat strip."""
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from recipe_helpers import need_data
@@ -117,6 +121,28 @@ def test_pretrained_vectors_and_frozen_rows():
     assert not torch.equal(after[8:10], before[8:10])  # the others learn
     with pytest.raises(ValueError, match=r"vectors have shape \(9, 4\); expected"):
         SequenceClassifier(2, vocab_size=10, embed_size=4, vectors=torch.zeros(9, 4))
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle", "torch.save"])
+def test_frozen_rows_stay_frozen_in_a_copy_of_the_model(copy_by):
+    frozen = torch.zeros(10, dtype=torch.bool)
+    frozen[4:8] = True
+    torch.manual_seed(0)
+    model = SequenceClassifier(2, vocab_size=10, embed_size=4, hidden_size=3, frozen=frozen)
+    if copy_by == "deepcopy":
+        model = copy.deepcopy(model)
+    elif copy_by == "pickle":
+        model = pickle.loads(pickle.dumps(model))
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        model = torch.load(buffer, weights_only=False)
+    x = torch.tensor([[4, 5, 8, 9], [6, 7, 8, 3]])
+    model(x, [4, 4]).sum().backward()
+    grad = model.embedding.weight.grad
+    assert (grad[4:8] == 0).all()  # the frozen rows get no gradient
+    assert (grad[8:10] != 0).any()  # the others do
 
 
 def test_token_dropout_uses_the_unknown_id():

@@ -209,6 +209,7 @@ class SequenceClassifier(nn.Module):
         if pooling not in POOLING:
             raise ValueError(f"pooling = {pooling!r}; expected one of {POOLING}")
         self.embedding = None
+        self.register_buffer("frozen_rows", None, persistent=False)
         if vocab_size is not None:
             self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=0)
             input_size = embed_size
@@ -227,9 +228,9 @@ class SequenceClassifier(nn.Module):
                         f"frozen has shape {tuple(frozen.shape)}; expected (vocab_size,) = "
                         f"({vocab_size},)"
                     )
-                keep = (~frozen.bool()).to(self.embedding.weight.dtype).unsqueeze(1)  # (V, 1)
-                self.register_buffer("trainable_rows", keep, persistent=False)
-                self.embedding.weight.register_hook(lambda g: g * self.trainable_rows)
+                # Applied in :meth:`inputs` rather than as a gradient hook on the weight, which
+                # a copy of the model (deepcopy, pickle, torch.save) would not carry.
+                self.frozen_rows = frozen.to(torch.bool, copy=True)
         elif vectors is not None or frozen is not None:
             raise ValueError("vectors and frozen need vocab_size (token ids)")
         self.front = None
@@ -266,7 +267,12 @@ class SequenceClassifier(nn.Module):
         if self.training and self.token_dropout > 0:
             drop = torch.rand(x.shape, device=x.device) < self.token_dropout
             x = torch.where(drop & (x != 0), self.unk_id, x)
-        return self.embedding(x)
+        embedded = self.embedding(x)
+        if self.frozen_rows is not None and embedded.requires_grad:
+            # The same values, but no gradient reaches the frozen rows of the weight.
+            frozen = self.frozen_rows[x].unsqueeze(-1)  # (B, T, 1)
+            embedded = torch.where(frozen, embedded.detach(), embedded)
+        return embedded
 
     def encoder_input(self, x: Tensor, lengths: Tensor) -> Tensor:
         """What the recurrent encoder reads: :meth:`inputs`, through the convolution (if any),
