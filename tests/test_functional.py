@@ -108,3 +108,32 @@ def test_step_names_an_unknown_mode_before_reading_weights() -> None:
     x, h = torch.zeros(1, 2), torch.zeros(1, 3)
     with pytest.raises(ValueError, match=r"mode = 'lstmx' is not a built-in cell; expected one of"):
         F.step("lstmx", {}, x, h)  # no weights at all: the mode is what is wrong
+
+
+@pytest.mark.parametrize("mode", ["lstm", "lstm_peephole", "lstm_layernorm"])
+def test_step_refuses_a_lone_tensor_as_an_lstm_state(mode: str) -> None:
+    # A (2, H) tensor unpacks into two rows taken for h and c: a wrong result, not an error.
+    torch.manual_seed(0)
+    weights = {"weight_ih": torch.randn(16, 3), "weight_hh": torch.randn(16, 4)}
+    weights |= {f"weight_c{g}": torch.randn(4) for g in "ifo"}
+    weights |= {
+        f"{n}.{p}": torch.ones(16 if n != "ln_c" else 4)
+        for n in ("ln_ih", "ln_hh", "ln_c")
+        for p in ("weight", "bias")
+    }
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    with pytest.raises(
+        TypeError,
+        match=rf"state for '{mode}' is a tensor of shape \(2, 4\); expected the pair \(h, c\)",
+    ):
+        F.step(mode, weights, x, h)
+    with pytest.raises(TypeError, match=rf"state for '{mode}' is a tuple of 1; expected the pair"):
+        F.step(mode, weights, x, (h,))
+    assert F.step(mode, weights, x, (h, h))[0].shape == (2, 4)  # the pair is taken
+
+
+def test_step_refuses_a_pair_as_the_state_of_a_cell_without_c() -> None:
+    weights = {"weight_ih": torch.randn(12, 3), "weight_hh": torch.randn(12, 4)}
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"state for 'gru' is a tuple; expected h, a tensor"):
+        F.step("gru", weights, x, (h, h))

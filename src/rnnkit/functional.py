@@ -307,6 +307,27 @@ def _gru_from(gi: Tensor, gh: Tensor, h: Tensor, return_gates: bool):
     return (h_t, (r, z, n)) if return_gates else h_t
 
 
+def _check_state(mode: str, family: str, state: Any) -> None:
+    """TypeError unless ``state`` is what ``mode`` steps from: the pair (h, c) for the LSTM
+    family (a lone tensor would be unpacked along its batch dimension), h for the others."""
+    if isinstance(state, Tensor):
+        if family == "lstm":
+            raise TypeError(
+                f"state for {mode!r} is a tensor of shape {tuple(state.shape)}; expected the "
+                "pair (h, c)"
+            )
+        return
+    if family != "lstm":
+        raise TypeError(f"state for {mode!r} is a {type(state).__name__}; expected h, a tensor")
+    if not (isinstance(state, tuple | list) and len(state) == 2):
+        what = (
+            f"a {type(state).__name__} of {len(state)}"
+            if isinstance(state, tuple | list)
+            else repr(state)
+        )
+        raise TypeError(f"state for {mode!r} is {what}; expected the pair (h, c)")
+
+
 def step(
     mode: str,
     weights: Mapping[str, Tensor],
@@ -325,6 +346,7 @@ def step(
     carry ``z * h_{t-1}`` reads the unmasked state).
     """
     family = spec(mode).family  # an unknown mode is named before any weight is looked up
+    _check_state(mode, family, state)
     w = weights
     ih, hh, b_ih, b_hh = w["weight_ih"], w["weight_hh"], w.get("bias_ih"), w.get("bias_hh")
     if family == "gru":
