@@ -678,6 +678,9 @@ def test_charlm_sampling_restores_the_training_mode_when_it_fails():
         (dict(length=-1), r"length = -1; expected a non-negative integer"),
         (dict(length=2.5), r"length = 2.5; expected a non-negative integer"),
         (dict(temperature=math.nan), r"temperature = nan; expected >= 0"),
+        (dict(temperature="0.5"), r"temperature = '0.5'; expected a number >= 0"),
+        (dict(temperature=None), r"temperature = None; expected a number >= 0"),
+        (dict(prompt=7), r"prompt = 7; expected a sequence of ids in \[0, 12\)"),
     ],
 )
 def test_charlm_sampling_names_a_bad_argument(kwargs, message):
@@ -699,3 +702,9 @@ def test_charlm_sampling_takes_ids_from_any_iterable_and_numpy_integers():
     )
     assert got == want
     assert not {0, 1, 2, 3} & set(got)
+    # a prompt of several ids as a NumPy array or a tensor, a temperature as a 0-d tensor
+    assert model.sample(np.array([4, 5]), 6, temperature=0, banned=[0, 1, 2, 3]) == want
+    assert (
+        model.sample(torch.tensor([4, 5]), 6, temperature=torch.tensor(0.0), banned=[0, 1, 2, 3])
+        == want
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,13 +68,18 @@ class CharLM(nn.Module):
         likely id each step.
         """
         vocab = self.head.out_features
+        prompt, banned = _ids(prompt, "prompt", vocab), _ids(banned, "banned", vocab)
         if not prompt:
             raise ValueError("prompt is empty; expected at least one id")
-        prompt, banned = _ids(prompt, "prompt", vocab), _ids(banned, "banned", vocab)
         if whole(length) is None or length < 0:
             raise ValueError(f"length = {length!r}; expected a non-negative integer")
+        if isinstance(temperature, Tensor) and temperature.numel() == 1:
+            temperature = temperature.item()  # a one-element tensor as its number
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise ValueError(f"temperature = {temperature!r}; expected a number >= 0")
         if not temperature >= 0:  # NaN too
             raise ValueError(f"temperature = {temperature}; expected >= 0")
+        temperature = float(temperature)
         if len(set(banned)) == vocab:
             raise ValueError(
                 f"banned holds every id of the vocabulary (vocab_size = {vocab}); expected at "
@@ -122,8 +128,14 @@ class CharLM(nn.Module):
 
 
 def _ids(values: Sequence[int], name: str, vocab: int) -> list[int]:
-    """``values`` as a list of ids, or ValueError naming the first that is not in [0, vocab)."""
-    ids = list(values)
+    """``values`` (any iterable: a list, a NumPy array, a 1-D tensor) as a list of ids, or
+    ValueError naming the first that is not in [0, vocab)."""
+    try:
+        ids = list(values)
+    except TypeError:
+        raise ValueError(
+            f"{name} = {values!r}; expected a sequence of ids in [0, {vocab})"
+        ) from None
     for k, i in enumerate(ids):
         if whole(i) is None or not 0 <= i < vocab:
             raise ValueError(f"{name}[{k}] = {i!r}; expected an id in [0, {vocab})")
