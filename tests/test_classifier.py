@@ -279,6 +279,22 @@ def test_ensemble_predicts_the_mean_probability_of_its_members():
         ClassifierEnsemble(lambda: SequenceClassifier(2, input_size=1), 0)
 
 
+@pytest.mark.parametrize("pooling", ["attention", "max"])
+def test_ensemble_members_come_with_their_attention_weights(pooling):
+    model = _ensemble(2, pooling=pooling).eval()
+    x, lengths = torch.randn(4, 6, 4), torch.tensor([6, 1, 3, 5])
+    # Two members: a result without the weights would unpack silently into the two members.
+    logits, weights = model(x, lengths, return_attention=True, members=True)
+    assert logits.shape == (2, 4, 3)
+    for k, member in enumerate(model.members):
+        want_logits, want_weights = member(x, lengths, return_attention=True)
+        torch.testing.assert_close(logits[k], want_logits, rtol=0, atol=0)
+        if pooling == "max":
+            assert weights is None
+        else:
+            torch.testing.assert_close(weights[k], want_weights, rtol=0, atol=0)
+
+
 def test_a_float64_ensemble_averages_in_float64():
     model = _ensemble(3, bidirectional=False).double().eval()
     x, lengths = torch.randn(4, 6, 4, dtype=torch.float64), torch.tensor([6, 1, 3, 5])

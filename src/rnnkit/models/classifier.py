@@ -363,7 +363,9 @@ class ClassifierEnsemble(nn.Module):
     the mean probability; ``forward(x, lengths, members=True)`` returns each member's own logits
     (size, B, classes), which training scores one by one (the mean of the members' losses), so
     each member learns as it would alone. With ``return_attention=True`` the attention weights
-    are the members' mean. :meth:`stream` and :meth:`explain` work as on one member.
+    (None for poolings without attention) come second: the members' mean (B, T), or with
+    ``members=True`` each member's own (size, B, T). :meth:`stream` and :meth:`explain` work as
+    on one member.
     """
 
     def __init__(self, build: Callable[[], SequenceClassifier], size: int) -> None:
@@ -383,13 +385,16 @@ class ClassifierEnsemble(nn.Module):
     def forward(
         self, x: Tensor, lengths: Tensor, return_attention: bool = False, members: bool = False
     ) -> Tensor | tuple[Tensor, Tensor | None]:
-        if members:
-            return torch.stack([m(x, lengths) for m in self.members])
         outs = [m(x, lengths, return_attention=True) for m in self.members]
+        weights = [w for _, w in outs if w is not None]
+        if members:
+            logits = torch.stack([logits for logits, _ in outs])  # (size, B, classes)
+            if not return_attention:
+                return logits
+            return logits, (torch.stack(weights) if weights else None)  # (size, B, T)
         logits = average_probabilities([logits for logits, _ in outs])
         if not return_attention:
             return logits
-        weights = [w for _, w in outs if w is not None]
         return logits, (torch.stack(weights).mean(0) if weights else None)
 
     def stream(self) -> EnsembleStream:
