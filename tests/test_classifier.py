@@ -145,6 +145,22 @@ def test_frozen_rows_stay_frozen_in_a_copy_of_the_model(copy_by):
     assert (grad[8:10] != 0).any()  # the others do
 
 
+def test_bad_inputs_are_named():
+    tokens = SequenceClassifier(2, vocab_size=10, embed_size=4, hidden_size=3)
+    x = torch.tensor([[4, 5, 8, 9], [6, 7, 10, 3]])
+    with pytest.raises(ValueError, match=r"x\[1, 2\] = 10; expected a token id in \[0, 10\)"):
+        tokens(x, [4, 4])
+    with pytest.raises(ValueError, match=r"x has shape \(4,\); expected \(B, T\) token ids"):
+        tokens(x[0], [4])
+    with pytest.raises(TypeError, match=r"x has dtype torch.float32; expected integer token ids"):
+        tokens(x.float(), [4, 4])
+    frames = SequenceClassifier(2, input_size=3, hidden_size=3, bidirectional=False)
+    with pytest.raises(ValueError, match=r"x has shape \(5, 3\); expected \(B, T, features\)"):
+        frames(torch.randn(5, 3), [5])
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3\); expected \(B, T, features\)"):
+        frames.stream().push(torch.randn(2, 3))
+
+
 def test_token_dropout_uses_the_unknown_id():
     model = SequenceClassifier(2, vocab_size=10, embed_size=4, token_dropout=0.999, unk_id=3)
     seen = []

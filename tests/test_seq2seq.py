@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -557,6 +558,31 @@ def test_config_errors_name_the_bad_value() -> None:
     assert Seq2SeqConfig(**tiny_config().to_dict()) == tiny_config()
 
 
+def test_bad_token_ids_are_named() -> None:
+    model = tiny_model()
+    src, src_lengths = source_batch()
+    tgt_in, _ = decoder_io(*target_batch(), model.config)
+    bad_src = src.clone()
+    bad_src[2, 1] = 9  # src_vocab = 9
+    with pytest.raises(ValueError, match=r"src\[2, 1\] = 9; expected a token id in \[0, 9\)"):
+        model.greedy(bad_src, src_lengths)
+    with pytest.raises(ValueError, match=r"src\[2, 1\] = 9; expected a token id in \[0, 9\)"):
+        model.beam_search(bad_src, src_lengths)
+    with pytest.raises(TypeError, match=r"src has dtype torch.float32; expected integer"):
+        model.start(src.float(), src_lengths)
+    bad_tgt = tgt_in.clone()
+    bad_tgt[1, 3] = -1
+    with pytest.raises(ValueError, match=r"tgt_in\[1, 3\] = -1; expected a token id in \[0, 10\)"):
+        model(src, src_lengths, bad_tgt)
+    state = model.start(src, src_lengths)
+    with pytest.raises(ValueError, match=r"token\[4\] = 10; expected a token id in \[0, 10\)"):
+        model.step(torch.tensor([1, 1, 1, 1, 10]), state)
+    for token in (torch.ones(3, dtype=torch.long), torch.ones(5, 1, dtype=torch.long)):
+        shape = re.escape(str(tuple(token.shape)))
+        with pytest.raises(ValueError, match=rf"token has shape {shape}; expected \(B,\) = \(5,\)"):
+            model.step(token, state)
+
+
 def test_attention_heatmap_png(tmp_path) -> None:
     pytest.importorskip("matplotlib", reason="pip install matplotlib")
     model = tiny_model()
@@ -690,6 +716,12 @@ def test_charlm_sampling_names_a_bad_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         model.sample(**args)
     assert model.training
+
+
+def test_charlm_names_a_bad_token_id():
+    model = CharLM(vocab_size=12, embed_size=8, hidden_size=16)
+    with pytest.raises(ValueError, match=r"x\[1, 2\] = 12; expected a token id in \[0, 12\)"):
+        model(torch.tensor([[1, 2, 3], [4, 5, 12]]))
 
 
 def test_charlm_sampling_takes_ids_from_any_iterable_and_numpy_integers():

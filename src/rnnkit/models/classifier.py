@@ -13,6 +13,7 @@ from .. import lengths as L
 from ..layers import GRU, LSTM, RNN, top_states
 from ..regularisers import check_probability
 from .attention import masked_softmax
+from .checks import check_ids
 
 __all__ = [
     "CELLS",
@@ -253,6 +254,17 @@ class SequenceClassifier(nn.Module):
         features = width * (2 if pooling in ("meanmax", "attention-max") else 1)
         self.head = nn.Linear(features, num_classes)
 
+    def check_input(self, x: Any) -> None:
+        """ValueError (or TypeError) unless ``x`` is what the model reads: token ids (B, T) in
+        ``[0, vocab_size)``, or feature frames (B, T, input_size)."""
+        tokens = self.embedding is not None
+        expected = "(B, T) token ids" if tokens else "(B, T, features) frames"
+        if not isinstance(x, Tensor) or x.dim() != (2 if tokens else 3):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x has shape {shape}; expected {expected}")
+        if tokens:
+            check_ids("x", x, self.embedding.num_embeddings)
+
     def inputs(self, x: Tensor) -> Tensor:
         """Embedded tokens or the features (B, T, I), before the convolution and dropout.
 
@@ -285,6 +297,7 @@ class SequenceClassifier(nn.Module):
     def forward(
         self, x: Tensor, lengths: L.LengthsLike, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Tensor | None]:
+        self.check_input(x)
         if not isinstance(lengths, Tensor):  # a list: validated like every layer's lengths=
             lengths = L.as_lengths(lengths, x.shape[0], x.shape[1], x.device)
         out, state = self.encoder(self.encoder_input(x, lengths), lengths=lengths)
@@ -345,6 +358,7 @@ class ClassifierStream:
         """Read the next steps ``x`` (B, n) token ids or (B, n, features) of every sequence;
         returns the logits (B, classes) of the sequences read so far."""
         model = self.model
+        model.check_input(x)
         inp = model.inputs(x)
         if model.front is not None:
             inp, self.before = model.front.step(inp, self.before)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import whole
+from .checks import check_ids, whole
 from .classifier import make_encoder
 
 __all__ = ["CharLM"]
@@ -41,6 +41,7 @@ class CharLM(nn.Module):
         self.head = nn.Linear(hidden_size, vocab_size)
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        check_ids("x", x, self.embedding.num_embeddings)
         out, state = self.encoder(self.embedding(x), state)
         return self.head(self.dropout(out)), state
 

@@ -45,7 +45,7 @@ from ..cells import GRUCell, LSTMCell
 from ..layers import Bidirectional, Recurrent, Stacked, top_states
 from ..layers.stacked import check_dropout
 from .attention import ATTENTIONS, Attention, build_attention, clean, length_mask
-from .checks import whole
+from .checks import check_ids, whole
 from .classifier import CELLS, make_encoder
 
 __all__ = [
@@ -349,6 +349,7 @@ class Seq2Seq(nn.Module):
         """Encode ``src`` (B, S) of lengths ``src_lengths`` (B,) (a tensor or a list)."""
         if src.dim() != 2:
             raise ValueError(f"src has shape {tuple(src.shape)}; expected (B, S) token ids")
+        check_ids("src", src, self.config.src_vocab)
         lengths = L.as_lengths(src_lengths, src.shape[0], src.shape[1], src.device)
         return self.encoder(src, lengths)
 
@@ -410,6 +411,14 @@ class Seq2Seq(nn.Module):
 
         The attention weights of this step are ``next_state.weights`` (B, S).
         """
+        batch = state.feed.shape[0]
+        if not isinstance(token, Tensor) or token.dim() != 1 or token.shape[0] != batch:
+            shape = tuple(token.shape) if isinstance(token, Tensor) else type(token).__name__
+            raise ValueError(
+                f"token has shape {shape}; expected (B,) = ({batch},), one previous token per "
+                "row of the state"
+            )
+        check_ids("token", token, self.config.tgt_vocab)
         h_tilde, state = self._advance(token, state)
         return self.generator(self.dropout(h_tilde)), state
 
@@ -458,6 +467,7 @@ class Seq2Seq(nn.Module):
                 f"tgt_in has shape {tuple(tgt_in.shape)}; expected (B, T) token ids with "
                 f"B = {src.shape[0]} and T >= 1"
             )
+        check_ids("tgt_in", tgt_in, self.config.tgt_vocab)
         state = self.start(src, src_lengths)
         if self.parallel_decoder:
             return self._decode_all(state, tgt_in)
