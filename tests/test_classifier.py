@@ -12,7 +12,7 @@ import torch
 from recipe_helpers import need_data
 
 from rnnkit.models import ClassifierEnsemble, SequenceClassifier
-from rnnkit.models.classifier import POOLING, ConvFront, SelfAttentionPool
+from rnnkit.models.classifier import POOLING, ConvFront, SelfAttentionPool, pool
 from rnnkit.plots import attention_strips
 
 #: fp32 tolerance for outputs (DESIGN.md: verification chain).
@@ -159,6 +159,22 @@ def test_bad_inputs_are_named():
         frames(torch.randn(5, 3), [5])
     with pytest.raises(ValueError, match=r"x has shape \(2, 3\); expected \(B, T, features\)"):
         frames.stream().push(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("how", ["max", "mean", "meanmax", "attention"])
+def test_poolings_take_lengths_as_a_list(how):
+    torch.manual_seed(0)
+    out = torch.randn(3, 5, 4)
+    if how == "attention":
+        pooling = SelfAttentionPool(4, 6)
+        torch.testing.assert_close(pooling(out, [5, 0, 2]), pooling(out, torch.tensor([5, 0, 2])))
+        with pytest.raises(ValueError, match=r"lengths\[0\] = 6 > T = 5"):
+            pooling(out, [6, 0, 2])
+    else:
+        want = pool(out, torch.tensor([5, 0, 2]), how)
+        torch.testing.assert_close(pool(out, [5, 0, 2], how), want, rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"lengths has 2 entries; expected one per sequence"):
+            pool(out, [5, 0], how)
 
 
 def test_token_dropout_uses_the_unknown_id():

@@ -60,15 +60,18 @@ def make_encoder(
 
 
 def pool(
-    out: Tensor, lengths: Tensor, how: str, h_n: Tensor | None = None, directions: int = 1
+    out: Tensor, lengths: L.LengthsLike, how: str, h_n: Tensor | None = None, directions: int = 1
 ) -> Tensor:
     """Pool encoder outputs (B, T, F) over each sequence's valid steps only -> (B, F).
 
     "max" and "mean" never see padding; "meanmax" concatenates both (B, 2F); "last" concatenates
     the last layer's final states (``h_n``, (L*D, B, H), ``directions`` = D), which the layers take
     at each sequence's own last step. A length-0 sequence pools to zeros (or its initial state).
+    ``lengths`` is a tensor or a list, as everywhere in rnnkit.
     """
     steps = out.shape[1]
+    if not isinstance(lengths, Tensor):  # a list: validated like every layer's lengths=
+        lengths = L.as_lengths(lengths, out.shape[0], steps, out.device)
     valid = L.mask(lengths.to(out.device), steps).T.unsqueeze(-1)  # (B, T, 1)
     if how == "last":
         if h_n is None:
@@ -94,8 +97,8 @@ class SelfAttentionPool(nn.Module):
         a   = softmax(e) over valid t only    padded steps get weight exactly 0
         c   = sum_t a_t h_t                   (B, F)
 
-    ``forward(out (B, T, F), lengths (B,)) -> (c (B, F), a (B, T))``. A length-0 sequence gets
-    all-zero weights and a zero vector.
+    ``forward(out (B, T, F), lengths (B,)) -> (c (B, F), a (B, T))``, ``lengths`` a tensor or
+    a list. A length-0 sequence gets all-zero weights and a zero vector.
     """
 
     def __init__(self, features: int, attention_size: int) -> None:
@@ -103,7 +106,9 @@ class SelfAttentionPool(nn.Module):
         self.proj = nn.Linear(features, attention_size)  # W, b
         self.v = nn.Linear(attention_size, 1, bias=False)
 
-    def forward(self, out: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, out: Tensor, lengths: L.LengthsLike) -> tuple[Tensor, Tensor]:
+        if not isinstance(lengths, Tensor):  # a list: validated like every layer's lengths=
+            lengths = L.as_lengths(lengths, out.shape[0], out.shape[1], out.device)
         valid = L.mask(lengths.to(out.device), out.shape[1]).T  # (B, T)
         out = out.masked_fill(~valid.unsqueeze(-1), 0.0)  # padding may hold NaN or inf
         scores = self.v(torch.tanh(self.proj(out))).squeeze(-1)  # (B, T)
