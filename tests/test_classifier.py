@@ -309,6 +309,9 @@ def test_ensemble_predicts_the_mean_probability_of_its_members():
     torch.testing.assert_close(one(x, lengths), one.members[0](x, lengths), rtol=0, atol=0)
     with pytest.raises(ValueError, match="size = 0"):
         ClassifierEnsemble(lambda: SequenceClassifier(2, input_size=1), 0)
+    for size in (2.5, True, "3"):  # not a count of members
+        with pytest.raises(ValueError, match=rf"size = {size!r}; expected at least 1 member"):
+            ClassifierEnsemble(lambda: SequenceClassifier(2, input_size=1), size)
 
 
 @pytest.mark.parametrize("pooling", ["attention", "max"])

@@ -13,7 +13,7 @@ from .. import lengths as L
 from ..layers import GRU, LSTM, RNN, top_states
 from ..regularisers import check_probability
 from .attention import masked_softmax
-from .checks import check_ids
+from .checks import check_ids, whole
 
 __all__ = [
     "CELLS",
@@ -389,9 +389,9 @@ class ClassifierEnsemble(nn.Module):
 
     def __init__(self, build: Callable[[], SequenceClassifier], size: int) -> None:
         super().__init__()
-        if size < 1:
-            raise ValueError(f"size = {size}; expected at least 1 member")
-        self.members = nn.ModuleList(build() for _ in range(size))
+        if whole(size) is None or size < 1:  # an int or a NumPy integer, not a bool
+            raise ValueError(f"size = {size!r}; expected at least 1 member, an integer")
+        self.members = nn.ModuleList(build() for _ in range(int(size)))
 
     @property
     def pooling(self) -> str:
