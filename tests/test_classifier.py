@@ -234,6 +234,37 @@ def test_attention_strips(tmp_path):
         attention_strips([("x", "y", ["a", "b"], [0.1, 0.2, 0.7])], tmp_path / "bad.png")
 
 
+def test_attention_strips_of_a_long_text_wrap_it_and_keep_every_word_legible(tmp_path, monkeypatch):
+    """A review longer than the picture is wide goes on over several lines of the strip: no
+    word is drawn over another, neither in the long text nor in a short one beside it."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    save = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    review = ("an oddly moving film whose actors carry the slow middle well " * 12).split()
+    rows = [
+        ("a long review", "positive 0.9", review, [1 / len(review)] * len(review)),
+        ("dull film", "negative 0.8", ["dull", "film"], [0.7, 0.3]),
+    ]
+    attention_strips(rows, tmp_path / "long.png")
+    (fig,) = drawn
+    assert fig.get_size_inches()[0] <= 30.0
+    renderer = fig.canvas.get_renderer()
+    for ax, (_, _, words, _) in zip(fig.axes, rows, strict=True):
+        texts = [t for t in ax.texts if t.get_text()]
+        assert [t.get_text() for t in texts] == words
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        for k, a in enumerate(boxes):
+            for b in boxes[k + 1 :]:
+                assert not a.overlaps(b), (texts[k].get_text(), a, b)
+
+
 def test_input_noise_in_training_only():
     model = SequenceClassifier(3, input_size=4, hidden_size=5, input_noise=0.5)
     x, lengths = torch.randn(2, 6, 4), torch.tensor([6, 3])

@@ -79,6 +79,30 @@ def gate_heatmap(
     return path
 
 
+#: The widest picture :func:`attention_strips` draws (inches); a longer text wraps onto more lines.
+STRIPS_WIDTH = 30.0
+#: Inches per character of a word's cell in :func:`attention_strips` (a cell holds the word and
+#: two characters of margin, three at least).
+_CELL = 0.11
+
+
+def _strip_lines(words: Sequence[str], width: float) -> list[list[tuple[int, str, float]]]:
+    """``words`` cut into lines of at most ``width`` inches of cells: (index, shown word, cell
+    width) each; a word too long for a line alone is shown cut, ending in an ellipsis."""
+    chars = int(width / _CELL) - 2  # the most a cell of one line shows
+    lines: list[list[tuple[int, str, float]]] = [[]]
+    used = 0.0
+    for k, word in enumerate(words):
+        shown = word if len(word) <= chars else word[: chars - 1] + "\u2026"
+        span = (max(len(shown), 3) + 2) * _CELL
+        if lines[-1] and used + span > width:
+            lines.append([])
+            used = 0.0
+        lines[-1].append((k, shown, span))
+        used += span
+    return lines
+
+
 def attention_strips(
     rows: Sequence[tuple[str, str, Sequence[str], Sequence[float]]],
     path: str | Path,
@@ -88,38 +112,41 @@ def attention_strips(
 
     ``rows``: ``(title, label, words, weights)`` per text, e.g. a sentence, its predicted label,
     its tokens and the attention weight of each (they sum to 1 over a text). One colour scale
-    (0 .. the largest weight shown) serves every strip. Returns the path written.
+    (0 .. the largest weight shown) serves every strip. A text wider than the picture
+    (:data:`STRIPS_WIDTH` inches) goes on over as many lines as it needs, every word at the
+    same size. Returns the path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    import matplotlib
 
     if not rows:
         raise ValueError("no rows to draw; expected at least one (title, label, words, weights)")
     for title, _, words, weights in rows:
         if len(words) != len(weights):
             raise ValueError(f"{len(words)} words but {len(weights)} weights for {title!r}")
-    import matplotlib
-
     cmap = matplotlib.colormaps["Reds"]
     top = max(max(w, default=0.0) for *_, w in rows) or 1.0
-    cell_w = 0.11  # inches per character
-    widths = [max(sum(max(len(t), 3) + 2 for t in words) * cell_w, 2.0) for _, _, words, _ in rows]
-    fig = Figure(figsize=(min(max(widths) + 0.6, 30.0), 0.95 * len(rows) + 0.3))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, (title, label, words, weights) in zip(axes, rows, strict=True):
-        x = 0.0
-        for word, w in zip(words, weights, strict=True):
-            span = (max(len(word), 3) + 2) * cell_w
-            colour: Any = cmap(w / top)
-            ax.add_patch(matplotlib.patches.Rectangle((x, 0), span, 1, color=colour))
-            ax.text(
-                x + span / 2, 0.5, word, ha="center", va="center", fontsize=9,
-                color="white" if w / top > 0.6 else "black",
-            )  # fmt: skip
-            x += span
-        ax.set_xlim(0, max(widths))
-        ax.set_ylim(0, 1)
+    margin = 0.6  # inches around the strips
+    lined = [_strip_lines(words, STRIPS_WIDTH - margin) for _, _, words, _ in rows]
+    width = max(
+        [2.0] + [sum(span for *_, span in line) for lines in lined for line in lines]
+    )  # one scale for every strip: a character is as wide in each
+    heights = [0.65 * len(lines) + 0.3 for lines in lined]  # the strip's lines and its title
+    fig = _figure(width + margin, sum(heights) + 0.3)
+    axes = fig.subplots(len(rows), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, (title, label, _, weights), lines in zip(axes, rows, lined, strict=True):
+        for row, line in enumerate(lines):
+            x, y = 0.0, len(lines) - 1 - row  # the first line on top
+            for k, shown, span in line:
+                w = weights[k]
+                colour: Any = cmap(w / top)
+                ax.add_patch(matplotlib.patches.Rectangle((x, y + 0.04), span, 0.92, color=colour))
+                ax.text(
+                    x + span / 2, y + 0.5, shown, ha="center", va="center", fontsize=9,
+                    color="white" if w / top > 0.6 else "black",
+                )  # fmt: skip
+                x += span
+        ax.set_xlim(0, width)
+        ax.set_ylim(0, len(lines))
         ax.set_axis_off()
         ax.set_title(f"{label}: {title[:100]}", fontsize=9, loc="left")
     fig.tight_layout()
