@@ -577,6 +577,30 @@ def test_sentiment_predict_and_explain_give_the_model_its_inputs_on_its_device()
     assert seen == [("meta", "meta")] * 2
 
 
+def test_sentiment_predict_prints_one_line_of_three_fields_per_input(tmp_path):
+    task_cls = tasks.get("sentiment")
+    config = task_cls.make_config(
+        {
+            "vectors": "none",
+            "embed_size": 8,
+            "hidden_size": 4,
+            "ensemble": 1,
+            "pooling": "attention",
+        }
+    )
+    task = task_cls(config)
+    task.set_vocab({"tokens": Vocab(["a", "fine", "film"]).to_json(), "labels": ["neg", "pos"]})
+    task.run_dir = tmp_path
+    model = task.build_model().eval()
+    texts = ["a fine\nfilm", "a\tfine  film\r\n"]
+    lines = task.predict(model, texts, {})
+    assert [line.split("\t")[2] for line in lines] == ["a fine film", "a fine film"]
+    assert all(len(line.split("\t")) == 3 and "\n" not in line for line in lines)
+    explained = task.predict(model, texts, {"explain": True})
+    labels = [line for line in explained if not line.startswith(("  ", "attention weights"))]
+    assert [line.split("\t")[2] for line in labels] == ["a fine film", "a fine film"]
+
+
 def test_tokenise_keeps_words_with_letters_beyond_ascii_whole():
     assert tokenise("A naïve, clichéd CAFÉ scene isn't déjà-vu_") == [
         "a",

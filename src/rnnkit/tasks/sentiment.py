@@ -249,7 +249,7 @@ class SentimentTask(ClassifierHooks, Task):
             return self.explain_lines(model, inputs)
         results = self.classify(model, [self.ids(text) for text in inputs])
         return [
-            f"{self.labels[k]}\t{p:.3f}\t{text}"
+            f"{self.labels[k]}\t{p:.3f}\t{_one_line(text)}"
             for (k, p), text in zip(results, inputs, strict=True)
         ]
 
@@ -275,7 +275,7 @@ class SentimentTask(ClassifierHooks, Task):
         lines, strips = [], []
         for b, text in enumerate(inputs):
             k = int(probs[b].argmax())
-            lines.append(f"{self.labels[k]}\t{float(probs[b, k]):.3f}\t{text}")
+            lines.append(f"{self.labels[k]}\t{float(probs[b, k]):.3f}\t{_one_line(text)}")
             w = weights[b, : len(words[b])].tolist()
             shown = [
                 t if i != self.vocab.unk_id else f"{t} (unknown)"
@@ -297,3 +297,9 @@ class SentimentTask(ClassifierHooks, Task):
                 ) from None
             lines.append(f"attention weights drawn in {path}")
         return lines
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one field of a tab-separated line: its runs of whitespace (line breaks and
+    tabs too) as single spaces."""
+    return " ".join(text.split())
