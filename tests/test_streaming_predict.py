@@ -1,5 +1,5 @@
 """Streaming inference: a unidirectional classifier reads a sequence as it arrives, each frame
-once from the state it reached, and gives after each frame exactly the logits of the sequence so
+once from the state it reached, and gives after each frame the logits of the sequence so
 far; ``rnnkit predict RUN --stream FILE`` prints that running prediction frame by frame."""
 
 from __future__ import annotations
@@ -41,6 +41,35 @@ def streams_exactly(model, x: torch.Tensor, pieces: tuple[int, ...]) -> None:
         with torch.no_grad():
             want = model(x[:, :seen], torch.full((len(x),), seen))
         torch.testing.assert_close(logits, want, atol=OUT_TOL, rtol=OUT_TOL)
+
+
+def _held(reader) -> int:
+    """How many numbers the stream keeps between pushes."""
+    held = 0
+    for value in vars(reader).values():
+        for t in value if isinstance(value, tuple | list) else (value,):
+            held += t.numel() if isinstance(t, torch.Tensor) else 0
+    return held
+
+
+@pytest.mark.parametrize("pooling", POOLING)
+def test_a_long_stream_keeps_no_more_than_a_short_one(pooling):
+    """The running pooling holds totals, not every output so far: after 300 frames the stream
+    keeps what it kept after 3, and its logits are still the model's for all 300."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(4, input_size=3, hidden_size=5, bidirectional=False,
+                               pooling=pooling).eval()  # fmt: skip
+    x = 3 * torch.randn(2, 300, 3)  # large scores: the attention's running maximum moves
+    reader = model.stream()
+    for t in range(3):
+        reader.push(x[:, t : t + 1])
+    early = _held(reader)
+    for t in range(3, 300, 7):
+        logits = reader.push(x[:, t : t + 7])
+    assert _held(reader) == early
+    with torch.no_grad():
+        want = model(x, [300, 300])
+    torch.testing.assert_close(logits, want, atol=OUT_TOL, rtol=OUT_TOL)
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 4])

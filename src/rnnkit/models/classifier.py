@@ -349,14 +349,23 @@ class SequenceClassifier(nn.Module):
 class ClassifierStream:
     """A :class:`SequenceClassifier` over sequences that arrive a few steps at a time: the encoder
     reads each new piece once, from the state it reached (streaming inference), and the pooling
-    runs over every output so far, so :meth:`push` gives exactly the logits the model gives for
-    the sequences read so far."""
+    keeps running totals of the outputs so far (their sum, their maximum, and for attention the
+    softmax's running normaliser), so :meth:`push` gives the logits the model gives for the
+    sequences read so far (to rounding) at a cost per piece that does not grow with the steps
+    already read."""
 
     def __init__(self, model: SequenceClassifier) -> None:
         self.model = model
         self.state: Any = None
         self.before: Tensor | None = None  # the convolution's last k-1 inputs
-        self.outputs: list[Tensor] = []
+        self.steps = 0
+        self.total: Tensor | None = None  # (B, F) the sum of the outputs so far
+        self.peak: Tensor | None = None  # (B, F) their maximum
+        # Attention: the largest score so far (B, 1), and the sums of exp(score - largest)
+        # (B, 1) and of exp(score - largest) * output (B, F).
+        self.top_score: Tensor | None = None
+        self.norm: Tensor | None = None
+        self.weighted: Tensor | None = None
 
     @torch.no_grad()
     def push(self, x: Tensor) -> Tensor:
@@ -367,11 +376,39 @@ class ClassifierStream:
         inp = model.inputs(x)
         if model.front is not None:
             inp, self.before = model.front.step(inp, self.before)
-        out, self.state = model.encoder(model.dropout(inp), self.state)
-        self.outputs.append(out)  # (B, n, F)
-        seen = torch.cat(self.outputs, dim=1)
-        lengths = torch.full((seen.shape[0],), seen.shape[1], dtype=torch.long)
-        return model.classify(seen, lengths.to(seen.device), self.state)
+        out, self.state = model.encoder(model.dropout(inp), self.state)  # (B, n, F)
+        if model.pooling == "last":  # the final states alone
+            lengths = torch.full((out.shape[0],), out.shape[1], device=out.device)
+            return model.classify(out, lengths, self.state)
+        self._add(out)
+        parts = []
+        if model.attention is not None:
+            parts.append(self.weighted / self.norm)  # type: ignore[operator]
+        if model.pooling in ("mean", "meanmax"):
+            parts.append(self.total / self.steps)  # type: ignore[operator]
+        if model.pooling in ("max", "meanmax", "attention-max"):
+            parts.append(self.peak)
+        return model.head(model.dropout(torch.cat(parts, dim=-1)))  # type: ignore[arg-type]
+
+    def _add(self, out: Tensor) -> None:
+        """Fold the outputs ``out`` (B, n, F) of the next n steps into the running totals."""
+        self.steps += out.shape[1]
+        total, peak = out.sum(1), out.amax(1)
+        self.total = total if self.total is None else self.total + total
+        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
+        attention = self.model.attention
+        if attention is None:
+            return
+        scores = attention.v(torch.tanh(attention.proj(out)))  # (B, n, 1)
+        top = scores.amax(1)  # (B, 1)
+        if self.top_score is not None:
+            top = torch.maximum(top, self.top_score)
+        e = torch.exp(scores - top.unsqueeze(1))  # (B, n, 1)
+        norm, weighted = e.sum(1), (e * out).sum(1)
+        if self.top_score is not None:  # the earlier sums, rescaled to the new largest score
+            rescale = torch.exp(self.top_score - top)
+            norm, weighted = norm + self.norm * rescale, weighted + self.weighted * rescale
+        self.top_score, self.norm, self.weighted = top, norm, weighted
 
 
 class ClassifierEnsemble(nn.Module):
