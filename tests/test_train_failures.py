@@ -207,11 +207,20 @@ NO_METRIC = {
 
 
 def rewrite_progress(path: Path, change) -> None:
+    meta = read_checkpoint(path)[1]
+    rewrite_meta(path, progress=change(json.loads(meta["progress"])))
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """A checkpoint's tensors and metadata."""
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = dict(f.metadata())
-    meta["progress"] = change(json.loads(meta["progress"]))
-    save_file(tensors, str(path), metadata=meta)
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def rewrite_meta(path: Path, **changes: str) -> None:
+    """The checkpoint at ``path`` rewritten with ``changes`` to its metadata."""
+    tensors, meta = read_checkpoint(path)
+    save_file(tensors, str(path), metadata={**meta, **changes})
 
 
 @pytest.mark.parametrize(
@@ -246,11 +255,7 @@ def test_a_damaged_progress_record_is_one_line(unfinished, tmp_path, capsys, cha
 
 def test_damaged_optimizer_scalars_are_one_line(unfinished, tmp_path):
     run = copy(unfinished, tmp_path / "run")
-    path = run / "resume.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = {**f.metadata(), "optim_scalars": '{"0": 5}'}
-    save_file(tensors, str(path), metadata=meta)
+    rewrite_meta(run / "resume.safetensors", optim_scalars='{"0": 5}')
     with pytest.raises(CheckpointError, match="the optimizer or RNG state is damaged"):
         train("speech", {}, out=run, resume=True, progress=False)
 
@@ -284,9 +289,7 @@ def _first_moment(tensors, meta):
 def test_damaged_optimizer_settings_and_moments_are_named(unfinished, tmp_path, change, expected):
     run = copy(unfinished, tmp_path / "run")
     path = run / "resume.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = dict(f.metadata())
+    tensors, meta = read_checkpoint(path)
     before = dict(meta), {k: v.shape for k, v in tensors.items()}
     change(tensors, meta)
     assert (meta, {k: v.shape for k, v in tensors.items()}) != before  # the change applied
@@ -310,11 +313,7 @@ def test_a_resume_removes_the_drafts_a_killed_write_left(unfinished, tmp_path):
 @pytest.mark.parametrize("value", ["two", "-1", "0"])
 def test_a_damaged_process_count_is_named(unfinished, tmp_path, capsys, value):
     run = copy(unfinished, tmp_path / "run")
-    path = run / "resume.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = {**f.metadata(), "world_size": value}
-    save_file(tensors, str(path), metadata=meta)
+    rewrite_meta(run / "resume.safetensors", world_size=value)
     before = files(run)
     code = cli.main(["train", "speech", "--out", str(run), "--resume", "--no-progress"])
     _, err = capsys.readouterr()
@@ -330,11 +329,7 @@ def test_a_finished_run_of_two_processes_resumed_by_one_is_told_it_has_finished(
     """As with the same number of processes: nothing to resume; and the number to train it
     further with, in the same line."""
     run = copy(finished, tmp_path / "run")
-    path = run / "resume.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = {**f.metadata(), "world_size": "2"}
-    save_file(tensors, str(path), metadata=meta)
+    rewrite_meta(run / "resume.safetensors", world_size="2")
     before = files(run)
     code = cli.main(["train", "speech", "--out", str(run), "--resume", "--no-progress"])
     _, err = capsys.readouterr()

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from ..env import forced_choice
 from . import build
 
 __all__ = [
@@ -132,12 +133,7 @@ def bf16_supported() -> bool:
 
 def forced() -> str | None:
     """The source ``RNNKIT_GEMM`` forces, or None ("auto" or unset)."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value not in SOURCES:
-        raise ValueError(f"{ENV} = {value!r}; expected one of {('auto', *SOURCES)}")
-    return value
+    return forced_choice(ENV, SOURCES)
 
 
 def forced_split() -> bool | None:

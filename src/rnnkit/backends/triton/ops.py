@@ -25,7 +25,6 @@ Defining the ops imports nothing from triton: :mod:`.kernels` is imported at the
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ...cells.table import SPECS
+from ..env import forced_choice
 from ..first_order import first_order
 
 __all__ = ["dot_precision", "forced_kernel", "kernel_path", "triton_backward", "triton_forward"]
@@ -95,12 +95,7 @@ def _floor_pow2(n: int) -> int:
 def forced_kernel() -> str | None:
     """The kernel shape ``RNNKIT_TRITON_KERNEL`` forces, or None ("auto" or unset); a
     ValueError naming any other value."""
-    value = os.environ.get(KERNEL_ENV, "").strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value not in KERNEL_PATHS:
-        raise ValueError(f"{KERNEL_ENV} = {value!r}; expected one of {('auto', *KERNEL_PATHS)}")
-    return value
+    return forced_choice(KERNEL_ENV, KERNEL_PATHS)
 
 
 def kernel_path(mode: str, hidden: int, state: int, proj: bool, dtype: torch.dtype) -> str:
