@@ -289,3 +289,16 @@ def test_a_packed_sequence_is_refused_while_exporting_with_the_way_that_exports(
     with pytest.raises(ValueError, match=PACKED):
         torch.export.export(model, (x, lengths))
     model(x, lengths)  # outside export it runs
+
+
+def test_an_input_of_two_dimensions_is_named_in_numbers_while_exported() -> None:
+    """The one-line error gives the input's shape as numbers under the TorchScript-based exporter
+    too, which traces sizes as tensors."""
+    import io
+
+    from rnnkit.cells import GRUCell
+    from rnnkit.layers import Recurrent
+
+    model = Recurrent(GRUCell(3, 4)).eval()
+    with pytest.raises(ValueError, match=r"^input has shape \(5, 3\); expected 3 dimensions"):
+        torch.onnx.export(model, (torch.randn(5, 3),), io.BytesIO(), dynamo=False)

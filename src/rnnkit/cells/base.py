@@ -133,7 +133,8 @@ class BuiltinCell(Cell):
             raise TypeError(f"{name} input is a {type(x).__name__}; expected a Tensor")
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
             raise ValueError(
-                f"{name} input has shape {tuple(x.shape)}; expected (B, {self.input_size}) or "
+                f"{name} input has shape {tuple(int(n) for n in x.shape)}; expected "
+                f"(B, {self.input_size}) or "
                 f"unbatched ({self.input_size},)"
             )
         unbatched = x.dim() == 1

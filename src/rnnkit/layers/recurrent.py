@@ -122,7 +122,8 @@ def prepare(
     elif x.dim() != 3:
         layout = "(B, T, I)" if batch_first else "(T, B, I)"
         extra = " or (T, I)" if allow_unbatched else ""
-        raise ValueError(f"input has shape {tuple(x.shape)}; expected 3 dimensions {layout}{extra}")
+        shape = tuple(int(n) for n in x.shape)  # ints also while a model is traced for export
+        raise ValueError(f"input has shape {shape}; expected 3 dimensions {layout}{extra}")
     elif batch_first:
         x = x.transpose(0, 1)
     if x.shape[-1] != input_size:
