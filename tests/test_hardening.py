@@ -202,6 +202,34 @@ def test_the_cache_key_holds_the_compiler_and_the_target_isa(monkeypatch):
     assert build._key() == key
 
 
+def test_the_sanitizer_opt_in_changes_the_flags_and_the_cache_key(monkeypatch):
+    monkeypatch.delenv(build.SANITIZE_ENV, raising=False)
+    cflags, ldflags, key = build._cflags(), build._ldflags(), build._key()
+    assert not any("sanitize" in f for f in cflags + ldflags)
+    monkeypatch.setenv(build.SANITIZE_ENV, "0")
+    assert (build._cflags(), build._key()) == (cflags, key)
+    monkeypatch.setenv(build.SANITIZE_ENV, "1")
+    # the usual flags kept (-march=native, OpenMP), the sanitizers' added after them
+    assert build._cflags()[: len(cflags)] == cflags
+    assert "-fsanitize=address,undefined" in build._cflags()
+    assert "-fsanitize=address,undefined" in build._ldflags()
+    assert build._key() != key
+    assert build.library_path().parent != build.cache_dir() / f"rnnkit_cpu_{key}"
+    monkeypatch.setenv(build.SANITIZE_ENV, "yes")
+    with pytest.raises(build.CacheError, match="RNNKIT_CPU_SANITIZE = 'yes'; expected 1"):
+        build._key()
+
+
+def test_a_sanitized_build_without_its_runtime_preloaded_says_how_to_preload_it(monkeypatch):
+    if "libasan" in Path("/proc/self/maps").read_text():
+        pytest.skip("the sanitizer runtime is preloaded in this process")
+    monkeypatch.setenv(build.SANITIZE_ENV, "1")
+    # raised before anything is built or loaded (loading it would end the process)
+    monkeypatch.setattr(build, "_compile", lambda *a: pytest.fail("compiled"))
+    with pytest.raises(build.CacheError, match="LD_PRELOAD="):
+        build._build()
+
+
 def test_elf_completeness_check(tmp_path):
     good = build.library_path()
     if not good.exists():

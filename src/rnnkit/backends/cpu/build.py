@@ -38,6 +38,7 @@ import torch
 
 __all__ = [
     "HEADERS",
+    "SANITIZE_ENV",
     "SCRATCH_ENV",
     "SOURCES",
     "cache_dir",
@@ -88,6 +89,47 @@ _CFLAGS = (
 # -ldl: dlopen() of the optional oneDNN library (onednn.cpp), never linked against
 _LDFLAGS = ("-fopenmp", "-ldl")
 
+#: ``RNNKIT_CPU_SANITIZE=1`` builds the kernels with AddressSanitizer and UndefinedBehaviorSanitizer
+#: (a separate library in the cache: the flags are part of its key). Python is not instrumented,
+#: so such a build loads only with the sanitizer runtimes preloaded (see README, "Run the tests").
+SANITIZE_ENV = "RNNKIT_CPU_SANITIZE"
+_SANITIZE_CFLAGS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1")
+_SANITIZE_LDFLAGS = ("-fsanitize=address,undefined",)
+
+
+def _sanitize() -> bool:
+    value = os.environ.get(SANITIZE_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise CacheError(f"{SANITIZE_ENV} = {value!r}; expected 1 (sanitizers on), 0 or unset")
+    return value == "1"
+
+
+def _check_sanitizer_runtime() -> None:
+    """CacheError unless a sanitized build can load here: its runtime must be in the process
+    before the library (loaded afterwards, the runtime ends the process)."""
+    if not _sanitize():
+        return
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # pragma: no cover - not Linux: nothing to check
+        return
+    if "libasan" not in maps:
+        raise CacheError(
+            f"{SANITIZE_ENV}=1 builds the kernels with AddressSanitizer, which load only into a "
+            'process started with its runtime preloaded: LD_PRELOAD="$(c++ '
+            '-print-file-name=libasan.so):$(c++ -print-file-name=libubsan.so)"'
+        )
+
+
+def _cflags() -> tuple[str, ...]:
+    """The compiler's flags (the sanitizers' after the others: their -O1 overrides -O3)."""
+    return _CFLAGS + (_SANITIZE_CFLAGS if _sanitize() else ())
+
+
+def _ldflags() -> tuple[str, ...]:
+    return _LDFLAGS + (_SANITIZE_LDFLAGS if _sanitize() else ())
+
+
 #: The scratch pool's limit in megabytes (scratch.cpp reads it when the pool is first used).
 SCRATCH_ENV = "RNNKIT_CPU_SCRATCH_MB"
 
@@ -131,7 +173,7 @@ def _key() -> str:
     h = hashlib.sha256()
     for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
-    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    h.update(" ".join(_cflags() + _ldflags()).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     h.update(_toolchain().encode())
@@ -267,8 +309,8 @@ def _compile(directory: Path, name: str) -> Path:
         cpp_extension.load(
             name=name,
             sources=[str(s) for s in SOURCES],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
+            extra_cflags=list(_cflags()),
+            extra_ldflags=list(_ldflags()),
             build_directory=tmp,
             is_python_module=False,
             verbose=False,
@@ -303,6 +345,7 @@ def _load(library: Path) -> None:
 
 def _build() -> None:
     """Load the cached library if it passes its checks; else build, install and load it."""
+    _check_sanitizer_runtime()
     library = library_path()
     with contextlib.suppress(CacheError):
         if _verified(library):
