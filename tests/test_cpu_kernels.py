@@ -510,6 +510,26 @@ def test_layernorm_eps_reaches_the_kernel():
     torch.testing.assert_close(outs["cpu"], outs["reference"], atol=OUT_TOL, rtol=OUT_TOL)
 
 
+@pytest.mark.parametrize("lengths", [None, MIXED], ids=["full", "lengths"])
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru", "lstm_layernorm", "gru_layernorm"])
+def test_nan_and_infinite_inputs_give_the_reference_results(mode, lengths):
+    """A NaN in the input makes the activations of its sequence NaN from its step on, as on the
+    reference backend, and infinities saturate the gates; the float32 exponential the kernels
+    use for sigmoid and tanh stays defined on NaN (a build with UndefinedBehaviorSanitizer,
+    RNNKIT_CPU_SANITIZE=1, reported converting it to an integer)."""
+    module = layer(mode, 1)
+    x = torch.randn(T, B, I)
+    x[1, 0, 2] = float("nan")
+    x[4, 1, 0] = float("inf")
+    x[2, 4, 1] = -float("inf")
+    results = {}
+    for backend in ("reference", "cpu"):
+        results[backend] = run(module, backend, x.clone().requires_grad_(), lengths)
+    for got, expected in zip(results["cpu"], results["reference"], strict=True):
+        assert torch.equal(got.isnan(), expected.isnan())
+        torch.testing.assert_close(got, expected, atol=OUT_TOL, rtol=OUT_TOL, equal_nan=True)
+
+
 COMPILED = {
     "gru": lambda: rnnkit.GRU(I, H, 2, bidirectional=True),
     "lstm_layernorm": lambda: layer("lstm_layernorm", 1),

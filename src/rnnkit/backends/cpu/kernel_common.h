@@ -305,7 +305,9 @@ RNNKIT_INLINE float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  // 2^n. A NaN x passes the clamp and stays in p, so the result is NaN (as std::exp's); its
+  // exponent is taken from 0, since converting NaN to an integer is undefined behaviour.
+  const int32_t bits = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
