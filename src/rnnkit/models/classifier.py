@@ -59,6 +59,14 @@ def make_encoder(
     )
 
 
+def _lengths_of(lengths: L.LengthsLike, x: Tensor) -> Tensor:
+    """The lengths of the batch ``x`` (B, T, ...): a list (or NumPy array) validated as every
+    layer's ``lengths=`` is, a tensor as given."""
+    if isinstance(lengths, Tensor):
+        return lengths
+    return L.as_lengths(lengths, x.shape[0], x.shape[1], x.device)
+
+
 def pool(
     out: Tensor, lengths: L.LengthsLike, how: str, h_n: Tensor | None = None, directions: int = 1
 ) -> Tensor:
@@ -70,8 +78,7 @@ def pool(
     ``lengths`` is a tensor or a list, as everywhere in rnnkit.
     """
     steps = out.shape[1]
-    if not isinstance(lengths, Tensor):  # a list: validated like every layer's lengths=
-        lengths = L.as_lengths(lengths, out.shape[0], steps, out.device)
+    lengths = _lengths_of(lengths, out)
     valid = L.mask(lengths.to(out.device), steps).T.unsqueeze(-1)  # (B, T, 1)
     if how == "last":
         if h_n is None:
@@ -106,12 +113,15 @@ class SelfAttentionPool(nn.Module):
         self.proj = nn.Linear(features, attention_size)  # W, b
         self.v = nn.Linear(attention_size, 1, bias=False)
 
+    def scores(self, out: Tensor) -> Tensor:
+        """The score e_t = v^T tanh(W h_t + b) of each step of ``out`` (B, T, F) -> (B, T)."""
+        return self.v(torch.tanh(self.proj(out))).squeeze(-1)
+
     def forward(self, out: Tensor, lengths: L.LengthsLike) -> tuple[Tensor, Tensor]:
-        if not isinstance(lengths, Tensor):  # a list: validated like every layer's lengths=
-            lengths = L.as_lengths(lengths, out.shape[0], out.shape[1], out.device)
+        lengths = _lengths_of(lengths, out)
         valid = L.mask(lengths.to(out.device), out.shape[1]).T  # (B, T)
         out = out.masked_fill(~valid.unsqueeze(-1), 0.0)  # padding may hold NaN or inf
-        scores = self.v(torch.tanh(self.proj(out))).squeeze(-1)  # (B, T)
+        scores = self.scores(out)  # (B, T)
         weights = masked_softmax(scores, valid)  # (B, T)
         return torch.bmm(weights.unsqueeze(1), out).squeeze(1), weights  # (B, 1, T) @ (B, T, F)
 
@@ -303,8 +313,7 @@ class SequenceClassifier(nn.Module):
         self, x: Tensor, lengths: L.LengthsLike, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         self.check_input(x)
-        if not isinstance(lengths, Tensor):  # a list: validated like every layer's lengths=
-            lengths = L.as_lengths(lengths, x.shape[0], x.shape[1], x.device)
+        lengths = _lengths_of(lengths, x)
         out, state = self.encoder(self.encoder_input(x, lengths), lengths=lengths)
         return self.classify(out, lengths, state, return_attention)
 
@@ -337,8 +346,7 @@ class SequenceClassifier(nn.Module):
         """Which backend the encoder runs on for this batch, and why (:func:`rnnkit.explain`)."""
         from ..backends import explain
 
-        if not isinstance(lengths, Tensor):
-            lengths = L.as_lengths(lengths, x.shape[0], x.shape[1], x.device)
+        lengths = _lengths_of(lengths, x)
         with torch.no_grad():  # no dropout here: explaining draws nothing from the RNG
             inp = self.embedding(x) if self.embedding is not None else x
             if self.front is not None:
@@ -399,7 +407,7 @@ class ClassifierStream:
         attention = self.model.attention
         if attention is None:
             return
-        scores = attention.v(torch.tanh(attention.proj(out)))  # (B, n, 1)
+        scores = attention.scores(out).unsqueeze(-1)  # (B, n, 1)
         top = scores.amax(1)  # (B, 1)
         if self.top_score is not None:
             top = torch.maximum(top, self.top_score)
