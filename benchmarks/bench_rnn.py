@@ -49,6 +49,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnkit
+from rnnkit.backends.cpu.calibrate import interleaved, step_pair
 
 SHAPES = {
     "S": (100, 8, 64, 64),
@@ -121,29 +122,11 @@ def gemm_floor(mine: torch.nn.Module, x: torch.Tensor, mode: str) -> float | Non
     return total
 
 
-def _loss(out: torch.Tensor, states) -> torch.Tensor:
-    leaves = states if isinstance(states, tuple) else (states,)
-    return out.float().sum() + sum(s.float().sum() for s in leaves)
-
-
 _CLOCK = time.perf_counter  # --cpu-time: time.thread_time, which other processes cannot inflate
 
 
-def _timed(fn: Callable[[], None]) -> float:
-    start = _CLOCK()
-    fn()
-    return _CLOCK() - start
-
-
-def _interleave(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup: int = 2):
-    for _ in range(warmup):
-        a()
-        b()
-    ta, tb = [], []
-    for _ in range(pairs):
-        ta.append(_timed(a))
-        tb.append(_timed(b))
-    return ta, tb
+def _interleave(a: Callable[[], None], b: Callable[[], None], pairs: int):
+    return interleaved(a, b, pairs, clock=_CLOCK)
 
 
 @contextlib.contextmanager
@@ -183,27 +166,7 @@ def _step_fns(
         with context():
             return mine(x, **mine_kw)
 
-    if mode == "infer":
-
-        def infer(fn):
-            def go():
-                with torch.no_grad():
-                    fn()
-
-            return go
-
-        return infer(run_ref), infer(run_mine)
-
-    def train(fn):
-        def go():
-            for p in params:
-                p.grad = None
-            out, st = fn()
-            _loss(out, st).backward()
-
-        return go
-
-    return train(run_ref), train(run_mine)
+    return step_pair(run_ref, run_mine, mode == "train", params)
 
 
 def measure(
@@ -246,11 +209,13 @@ def measure(
 
         a, b = _step_fns(ref, mine, x, mode, {"lengths": lengths}, pack, unpack, autocast, ref_env)
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            chosen = rnnkit.explain(mine, x, lengths=lengths).backend
+            with torch.set_grad_enabled(mode == "train"):  # inference rows run under no_grad
+                chosen = rnnkit.explain(mine, x, lengths=lengths).backend
     else:
         a, b = _step_fns(ref, mine, x, mode, autocast=autocast, ref_gemm=ref_env)
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            chosen = rnnkit.explain(mine, x).backend
+            with torch.set_grad_enabled(mode == "train"):
+                chosen = rnnkit.explain(mine, x).backend
     ta, tb = _interleave(a, b, pairs)
     ratios = [x / y for x, y in zip(ta, tb, strict=True)]
     floor_s = None

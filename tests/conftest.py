@@ -18,6 +18,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _shipped_dispatch_table(monkeypatch) -> None:
+    """Automatic dispatch follows the shipped crossover table in tests, whatever
+    `rnnkit calibrate` measured on this machine (the calibration's tests opt back in)."""
+    from rnnkit.backends.cpu import dispatch
+
+    monkeypatch.setattr(dispatch, "_calibrations", {})
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (for modules of tiny tensors, where a second thread only

@@ -25,13 +25,13 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .backends import BackendUnavailable
-from .errors import RecipeError
+from .errors import RecipeError, StorageError
 from .tasks.base import flag as _flag
 
 __all__ = ["main"]
 
 PROG = "rnnkit"
-COMMANDS = ("tasks", "train", "evaluate", "predict", "export")
+COMMANDS = ("tasks", "train", "evaluate", "predict", "export", "calibrate")
 DEVICE_HELP = (
     "where the model runs: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps "
     "(default: auto)"
@@ -345,6 +345,103 @@ def cmd_export(argv: Sequence[str]) -> int:
     return 0
 
 
+#: calibrate's cell names and the dispatch table's
+_CALIBRATE_CELLS = {"lstm": "lstm", "gru": "gru", "rnn": "rnn_tanh"}
+
+
+def cmd_calibrate(argv: Sequence[str]) -> int:
+    parser = Parser(
+        prog=f"{PROG} calibrate",
+        description="Measure, on this machine, where the cpu backend's kernels are faster than "
+        "torch's own fused RNN op: each cell at DESIGN.md's S, M and L shapes, training and "
+        "inference, float32 and (where the CPU has bf16 instructions) bfloat16 autocast, plus "
+        "the 2-layer bidirectional LSTM with lengths against packing; interleaved medians. "
+        "Automatic dispatch then follows this machine's crossovers at this thread count "
+        "instead of the shipped table (rnnkit.explain names which decided). Run it on a quiet "
+        "machine: about a minute on a fast one, several on a slow one.",
+        epilog="example:\n  rnnkit calibrate --threads 2\n  rnnkit calibrate --show",
+    )
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads to measure at")
+    parser.add_argument(
+        "--cells", nargs="+", choices=tuple(_CALIBRATE_CELLS), default=list(_CALIBRATE_CELLS)
+    )
+    parser.add_argument("--shapes", nargs="+", choices=("S", "M", "L"), default=["S", "M", "L"])
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        help="default: fp32, and bf16 where the CPU has bf16 instructions",
+    )
+    parser.add_argument("--pairs", type=int, metavar="N", help="interleaved pairs per point")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--show", action="store_true", help="print the table in use; measure nothing")
+    what.add_argument(
+        "--reset", action="store_true", help="forget this machine's table: the shipped one decides"
+    )
+    args = parser.parse_args(argv)
+    _set_threads(args.threads)
+    if args.pairs is not None and args.pairs < 1:
+        raise UsageError(f"--pairs {args.pairs}; expected >= 1")
+    import torch
+
+    from .backends.cpu import build, calibrate, dispatch
+
+    threads = torch.get_num_threads()
+    if args.reset:
+        had = dispatch.forget_calibration()
+        print(
+            f"{'forgot' if had else 'there was no'} calibration ({dispatch.calibration_path()}); "
+            "the shipped table decides"
+        )
+        return 0
+    if args.show:
+        measured = dispatch.calibration(threads)
+        if measured is None:
+            print(f"the shipped table ({dispatch.MACHINE}); no calibration at {threads} threads")
+            table = dispatch.MEASURED
+        else:
+            print(f"{measured.describe()} ({measured.path})")
+            table = measured.table
+        for (mode, lengths, precision, training), points in sorted(table.items()):
+            kind = "training" if training else "inference"
+            ratios = ", ".join(
+                f"T{p.steps} B{p.batch} I{p.input_size} H{p.hidden} {p.ratio:.2f}x" for p in points
+            )
+            print(f"  {mode}{' with lengths' if lengths else ''} {precision} {kind}: {ratios}")
+        if measured is not None:
+            print(f"anything else: the shipped table ({dispatch.MACHINE})")
+        return 0
+    why = build.unavailable()
+    if why is not None:
+        raise RecipeError(f"the cpu kernels are unavailable here ({why}); nothing to calibrate")
+    precisions = None if args.precision is None else tuple(dict.fromkeys(args.precision))
+    print(f"measuring at {threads} thread{'s' if threads != 1 else ''} (torch.nn / cpu kernels)")
+    table = calibrate.measure(
+        cells=tuple(_CALIBRATE_CELLS[c] for c in dict.fromkeys(args.cells)),
+        shapes=tuple(dict.fromkeys(args.shapes)),
+        precisions=precisions,
+        pairs=args.pairs,
+        progress=lambda line: print(f"  {line}", flush=True),
+    )
+    try:
+        saved = dispatch.save_calibration(table, threads)
+    except OSError as e:
+        raise StorageError(f"cannot write {dispatch.calibration_path()}: {e}") from e
+    slower = [
+        f"{mode}{' with lengths' if lengths else ''} {precision} "
+        f"{'training' if training else 'inference'} at T{p.steps} B{p.batch} ({p.ratio:.2f}x)"
+        for (mode, lengths, precision, training), points in table.items()
+        for p in points
+        if p.ratio < 1.0
+    ]
+    print(f"wrote {saved.path}")
+    if slower:
+        print("automatic dispatch leaves these to torch's op: " + "; ".join(slower))
+    else:
+        print("the cpu kernels measured faster everywhere: automatic dispatch runs them")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = Parser(
@@ -356,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "  train      train a task's model: rnnkit train TASK [options]\n"
             "  evaluate   recompute a run's metrics: rnnkit evaluate DIR\n"
             "  predict    run a trained model: rnnkit predict DIR INPUT...\n"
-            "  export     export a trained model to ONNX: rnnkit export DIR --onnx PATH\n\n"
+            "  export     export a trained model to ONNX: rnnkit export DIR --onnx PATH\n"
+            "  calibrate  measure where the cpu kernels beat torch's op on this machine\n\n"
             "example:\n"
             "  rnnkit train sentiment --out runs/sentiment\n"
             '  rnnkit predict runs/sentiment "a gorgeous, witty, seductive movie."\n\n'
@@ -381,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "evaluate": cmd_evaluate,
             "predict": cmd_predict,
             "export": cmd_export,
+            "calibrate": cmd_calibrate,
         }[command]
         return handler(rest)
     except UsageError as e:

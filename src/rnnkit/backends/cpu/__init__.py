@@ -185,11 +185,13 @@ class CpuBackend:
         if point is None or point.ratio >= 1.0:
             return None
         kind = "training" if request.requires_grad else "inference"
+        measured = dispatch.deciding(mode, lengths, precision, request.requires_grad)
+        where = "BENCHMARKS.md" if measured is None else measured.describe()
         return (
             f"torch's fused op measured faster for {request.mode} {precision} {kind}"
             f"{' with lengths' if lengths else ''} at the nearest measured shape (T{point.steps} "
             f"B{point.batch} I{point.input_size} H{point.hidden}: the cpu kernels at "
-            f"{point.ratio:.2f}x torch.nn; BENCHMARKS.md)"
+            f"{point.ratio:.2f}x torch.nn; {where})"
         )
 
     def run_layer(self, layer: LayerCall) -> LayerResult:
