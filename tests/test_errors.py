@@ -332,3 +332,77 @@ def test_return_gates_needs_named_gates() -> None:
     Gated.gate_names = ("a",)
     _, _, gates = layer(torch.randn(T, B, I), return_gates=True)
     assert list(gates) == ["a"] and gates["a"].shape == (T, B, H)
+
+
+def test_a_composites_state_error_names_the_part_and_direction() -> None:
+    x = torch.randn(T, B, I)
+
+    def bi(cell):
+        return rnnkit.Bidirectional(
+            rnnkit.Recurrent(cell(I, H)), rnnkit.Recurrent(cell(I, H), reverse=True)
+        )
+
+    good = torch.zeros(B, H)
+    with pytest.raises(ValueError, match=rf"^state\[1\] has shape \(2, {H}\); expected \({B}, "
+                       rf"{H}\) in the backward direction$"):  # fmt: skip
+        bi(rnnkit.GRUCell)(x, (good, torch.zeros(2, H)))
+    with pytest.raises(TypeError, match=r"^state\[0\] is a list; expected a Tensor .* in the "
+                       r"forward direction$"):  # fmt: skip
+        bi(rnnkit.GRUCell)(x, ([good], good))
+    lstm = bi(rnnkit.LSTMCell)
+    with pytest.raises(ValueError, match=r"^state\[1\]\[1\] has shape .* backward direction$"):
+        lstm(x, ((good, good), (good, good[:, :-1])))
+    stack = rnnkit.Stacked([lstm, rnnkit.Recurrent(rnnkit.GRUCell(2 * H, H))])
+    with pytest.raises(ValueError, match=r"^state\[0\]\[1\]\[0\] has shape \(2, "):
+        stack(x, (((good, good), (good[:2], good)), None))
+    with pytest.raises(ValueError, match=r"^state\[1\] has shape \(3, 4\); expected"):
+        stack(x, (None, torch.zeros(3, 4)))
+    # layers that do not run fused (a custom cell) name the part the same way
+    custom = rnnkit.Stacked([rnnkit.Recurrent(Doubling(I, H)), rnnkit.Recurrent(Doubling(H, H))])
+    with pytest.raises(ValueError, match=r"^state\[1\] has shape \(3, 4\); expected"):
+        custom(x, (None, torch.zeros(3, 4)))
+
+
+class Doubling(rnnkit.Cell):
+    """A custom cell (h' = tanh(W x + 2 h)): runs outside the fused layers."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.lin = torch.nn.Linear(input_size, hidden_size)
+
+    def forward(self, x, state):
+        h = torch.tanh(self.lin(x) + 2 * state)
+        return h, h
+
+
+@pytest.mark.parametrize("given", ["list", "meta tensor", "cpu tensor"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rnnkit.LSTM(I, H, num_layers=2, bidirectional=True),
+        lambda: rnnkit.GRU(I, H, batch_first=True),
+        lambda: rnnkit.Recurrent(rnnkit.LayerNormLSTMCell(I, H), zoneout=0.1),
+        lambda: rnnkit.RNN(I, H, checkpoint=2),
+    ],
+)
+def test_lengths_on_the_meta_device_give_shapes(make, given) -> None:
+    """As torch.nn's layers do on the meta device, the output's shape without data, forward and
+    backward (lengths on meta have no values to check: their dtype and shape are)."""
+    layer = make().to("meta")
+    first = getattr(layer, "batch_first", False)
+    x = torch.randn(B, T, I) if first else torch.randn(T, B, I)
+    values = [T, 2, 0]
+    lengths = {
+        "list": values,
+        "meta tensor": torch.tensor(values, device="meta"),
+        "cpu tensor": torch.tensor(values),
+    }[given]
+    out, _ = layer(x.to("meta").requires_grad_(), lengths=lengths)
+    width = 2 * H if getattr(layer, "bidirectional", False) else H
+    assert out.device.type == "meta" and out.shape == ((B, T, width) if first else (T, B, width))
+    out.sum().backward()
+    with pytest.raises(ValueError, match=r"lengths has shape \(3, 1\); expected a 1-D tensor"):
+        layer(x.to("meta"), lengths=torch.ones(3, 1, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 9 > T = 5"):
+        layer(x.to("meta"), lengths=[9, 1, 1])

@@ -33,7 +33,8 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
     names the offending entry, e.g. ``lengths[3] = 12 > T = 10``.
 
     While a model is exported (:func:`rnnkit.backends.exporting`) a tensor's values are the
-    graph's input, unknown when it is traced: its dtype and shape are checked, not its values.
+    graph's input, unknown when it is traced, and a meta tensor has none: its dtype and shape
+    are checked, not its values.
     """
     if isinstance(lengths, Tensor):
         if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
@@ -42,8 +43,9 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
             raise ValueError(
                 f"lengths has shape {tuple(lengths.shape)}; expected a 1-D tensor of B = {batch}"
             )
-        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
-            # torch.export (B may be symbolic) or the TorchScript-based exporter (it traces sizes)
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or lengths.is_meta:
+            # torch.export (B may be symbolic), the TorchScript-based exporter (it traces sizes),
+            # or a meta tensor (shapes without data)
             if lengths.shape[0] != batch:
                 raise ValueError(
                     f"lengths has {lengths.shape[0]} entries; expected one per sequence, "

@@ -482,7 +482,7 @@ def _ensure_registered() -> None:
 def _lengths_kind(lengths: Tensor | None) -> str:
     if lengths is None:
         return "none"
-    if exporting():  # the values are the graph's input: any of them may be 0
+    if exporting() or lengths.is_meta:  # values unknown (the graph's input; no data): any may be 0
         return "has_zero"
     return "has_zero" if bool((lengths == 0).any()) else "positive"
 

@@ -17,6 +17,7 @@ from .recurrent import (
     given_state_dtypes,
     run_stack,
     signature,
+    state_part,
     top_states,
 )
 
@@ -30,6 +31,8 @@ _MERGES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mul": torch.mul,
     "ave": lambda a, b: (a + b) / 2,
 }
+
+FORWARD, BACKWARD = "in the forward direction", "in the backward direction"
 
 
 def check_merge(mode: Any) -> str | None:
@@ -125,8 +128,10 @@ class Bidirectional(Composite):
     def directions(self, like: Tensor, state: Any) -> list[list[Direction]]:
         """Both layers as one layer of two directions (when :meth:`fused`)."""
         state = self._check_state(state)
-        (forward,) = self.forward_layer.directions(like, state[0])
-        (backward,) = self.backward_layer.directions(like, state[1])
+        with state_part(0, FORWARD):
+            (forward,) = self.forward_layer.directions(like, state[0])
+        with state_part(1, BACKWARD):
+            (backward,) = self.backward_layer.directions(like, state[1])
         return [[*forward, *backward]]
 
     def _parts(self) -> list[nn.Module]:
@@ -147,17 +152,17 @@ class Bidirectional(Composite):
     def direction_states(self, state: Any) -> list[Any]:
         """``state`` as the caller gave it, one cell state per direction (when :meth:`fused`)."""
         forward, backward = self._check_state(state)
-        return [
-            *self.forward_layer.direction_states(forward),
-            *self.backward_layer.direction_states(backward),
-        ]
+        with state_part(0, FORWARD):
+            first = self.forward_layer.direction_states(forward)
+        with state_part(1, BACKWARD):
+            return [*first, *self.backward_layer.direction_states(backward)]
 
     def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
         forward, backward = self._check_state(state)
-        return (
-            *top_states(self.forward_layer, forward),
-            *top_states(self.backward_layer, backward),
-        )
+        with state_part(0, FORWARD):
+            first = top_states(self.forward_layer, forward)
+        with state_part(1, BACKWARD):
+            return (*first, *top_states(self.backward_layer, backward))
 
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
         if self.fused():
@@ -192,6 +197,8 @@ class Bidirectional(Composite):
         if masks is not None:
             self._need_fused("masks=")
         state = self._check_state(state)
-        out_f, s_f = self.forward_layer(x, state[0], lengths=lengths)
-        out_b, s_b = self.backward_layer(x, state[1], lengths=lengths)
+        with state_part(0, FORWARD):
+            out_f, s_f = self.forward_layer(x, state[0], lengths=lengths)
+        with state_part(1, BACKWARD):
+            out_b, s_b = self.backward_layer(x, state[1], lengths=lengths)
         return merge(out_f, out_b, self.merge), (s_f, s_b)

@@ -21,8 +21,9 @@ be handed back in (streaming):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +195,23 @@ def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> 
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}; expected {like.device} like the input")
     return value
+
+
+@contextlib.contextmanager
+def state_part(index: int, where: str = "") -> Iterator[None]:
+    """Errors about ``state`` raised inside (by :func:`check_state` and the layers' own checks)
+    name the part of a composite's state they concern, ``state[index]``, and ``where`` it
+    belongs (e.g. "in the backward direction"); nested composites add their indices in turn."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        text = str(e)
+        if type(e) not in (ValueError, TypeError) or not text.startswith("state"):
+            raise
+        text = f"state[{index}]{text[len('state') :]}"
+        if where and " direction" not in text:
+            text += f" {where}"
+        raise type(e)(text) from None
 
 
 def given_state_dtypes(states: Iterable[Any], like: Tensor) -> tuple[torch.dtype, ...] | None:

@@ -19,6 +19,7 @@ from .recurrent import (
     given_state_dtypes,
     run_stack,
     signature,
+    state_part,
     top_states,
 )
 
@@ -107,11 +108,11 @@ class Stacked(Composite):
     def directions(self, like: Tensor, state: Any) -> list[list[Direction]]:
         """Every layer's directions, from ``state`` (one entry per layer, or None)."""
         state = self._check_state(state)
-        return [
-            d
-            for layer, s in zip(self.layers, state, strict=True)
-            for d in layer.directions(like, s)
-        ]
+        out = []
+        for k, (layer, s) in enumerate(zip(self.layers, state, strict=True)):
+            with state_part(k):
+                out += layer.directions(like, s)
+        return out
 
     def _parts(self) -> list[nn.Module]:
         return list(self.layers)
@@ -132,14 +133,15 @@ class Stacked(Composite):
     def direction_states(self, state: Any) -> list[Any]:
         """``state`` as the caller gave it, one cell state per direction of every layer (when
         :meth:`fused`)."""
-        return [
-            d
-            for layer, s in zip(self.layers, self._check_state(state), strict=True)
-            for d in layer.direction_states(s)
-        ]
+        out = []
+        for k, (layer, s) in enumerate(zip(self.layers, self._check_state(state), strict=True)):
+            with state_part(k):
+                out += layer.direction_states(s)
+        return out
 
     def top_states(self, state: Any) -> tuple[tuple[Tensor, ...], ...]:
-        return top_states(self.layers[-1], self._check_state(state)[-1])
+        with state_part(len(self.layers) - 1):
+            return top_states(self.layers[-1], self._check_state(state)[-1])
 
     def dispatch_requests(self, x: Any, lengths: Any = None) -> list:
         if self.fused():
@@ -167,7 +169,8 @@ class Stacked(Composite):
         for k, layer in enumerate(self.layers):
             if k:
                 x = dropout(x, self.dropout, self.training)
-            x, s = layer(x, state[k], lengths=lengths)
+            with state_part(k):
+                x, s = layer(x, state[k], lengths=lengths)
             finals.append(s)
         return x, tuple(finals)
 
