@@ -326,3 +326,38 @@ def test_dropout_of_one_drops_every_input_but_the_first_layers(backend: str) -> 
     torch.testing.assert_close(h_n, expected_h)
     with pytest.raises(ValueError, match=r"dropout = 1.5; expected a probability in \[0, 1\]"):
         rnnkit.LSTM(3, 5, num_layers=2, dropout=1.5)
+
+
+LENGTHS_UNDER_COMPILE = {
+    "tensor": lambda: torch.tensor([T, 2, 0]),
+    "list": lambda: [T, 2, 0],
+}
+
+
+@pytest.mark.parametrize("given", list(LENGTHS_UNDER_COMPILE))
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+def test_lengths_under_torch_compile_fullgraph(backend, given):
+    """torch.compile(fullgraph=True) traces a call with lengths= whole (no value is read while
+    tracing: a tensor's values are checked when the graph runs), with the eager call's outputs
+    and gradients; a length outside [0, T] is an error there too."""
+    if backend == "cpu":
+        from rnnkit.backends.cpu import build
+
+        if build.unavailable() is not None:
+            pytest.skip(build.unavailable())
+    torch.manual_seed(0)
+    module = rnnkit.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True, backend=backend)
+    x = torch.randn(B, T, I, requires_grad=True)
+    lengths = LENGTHS_UNDER_COMPILE[given]()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out, (h, c) = compiled(x, lengths=lengths)
+    want, (wh, wc) = module(x, lengths=lengths)
+    for got, expected in ((out, want), (h, wh), (c, wc)):
+        assert_close(got, expected, OUT_TOL, "compiled")
+    got_dx = grads(weighted_sum(out, h, c), [x])
+    want_dx = grads(weighted_sum(want, wh, wc), [x])
+    assert_close(got_dx[0], want_dx[0], GRAD_TOL, "dx")
+    if given == "tensor":
+        for bad in ([T + 4, 2, 0], [T, -1, 0]):
+            with pytest.raises(RuntimeError, match="lengths has an entry outside 0 <= length <= T"):
+                compiled(x, lengths=torch.tensor(bad))

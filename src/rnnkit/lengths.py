@@ -9,7 +9,7 @@ sequence returns its initial state); a reversed direction starts at each sequenc
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 
 import torch
 from torch import Tensor
@@ -34,7 +34,8 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
 
     While a model is exported (:func:`rnnkit.backends.exporting`) a tensor's values are the
     graph's input, unknown when it is traced, and a meta tensor has none: its dtype and shape
-    are checked, not its values.
+    are checked, not its values. Under torch.compile the values are checked when the graph runs
+    (an assertion in the graph, which cannot name the entry), so that the trace reads none.
     """
     if isinstance(lengths, Tensor):
         if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
@@ -43,15 +44,24 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
             raise ValueError(
                 f"lengths has shape {tuple(lengths.shape)}; expected a 1-D tensor of B = {batch}"
             )
-        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or lengths.is_meta:
+        unknown = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or lengths.is_meta
+        if unknown or torch.compiler.is_compiling():
             # torch.export (B may be symbolic), the TorchScript-based exporter (it traces sizes),
-            # or a meta tensor (shapes without data)
+            # a meta tensor (shapes without data), or torch.compile's trace (values known when
+            # the graph runs: checked there, so that no value is read while tracing)
             if lengths.shape[0] != batch:
                 raise ValueError(
                     f"lengths has {lengths.shape[0]} entries; expected one per sequence, "
                     f"B = {batch}"
                 )
-            return lengths.to(device, torch.int64)
+            values = lengths.to(device, torch.int64)
+            if not unknown:
+                torch._assert_async(
+                    ((values >= 0) & (values <= steps)).all(),
+                    "lengths has an entry outside 0 <= length <= T (the input's steps); under "
+                    "torch.compile the entry is not named: call the layer eagerly to see which",
+                )
+            return values
         if lengths.dtype == torch.uint64:  # values past int64's range would wrap to negatives
             return as_lengths(lengths.tolist(), batch, steps, device)
         values = lengths.detach().to("cpu", torch.int64)
@@ -79,18 +89,38 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
             if not -(2**63) <= v < 2**63:
                 bound = f"> T = {steps}" if v > 0 else "< 0; expected 0 <= length <= T"
                 raise ValueError(f"lengths[{k}] = {v} {bound}")
-        values = torch.tensor(ints, dtype=torch.int64)
-    if values.numel() != batch:
-        raise ValueError(
-            f"lengths has {values.numel()} entries; expected one per sequence, B = {batch}"
-        )
-    if batch:
+        # checked as Python ints (no tensor is read, so torch.compile traces the list as
+        # constants), then made a tensor on the device
+        _check_values(len(ints), batch, steps, lambda: _extremes(ints))
+        return torch.tensor(ints, dtype=torch.int64, device=device)
+
+    def extremes() -> tuple[int, int, int, int]:
         lo, hi = int(values.argmin()), int(values.argmax())
-        if values[lo] < 0:
-            raise ValueError(f"lengths[{lo}] = {int(values[lo])} < 0; expected 0 <= length <= T")
-        if values[hi] > steps:
-            raise ValueError(f"lengths[{hi}] = {int(values[hi])} > T = {steps}")
+        return lo, int(values[lo]), hi, int(values[hi])
+
+    _check_values(values.numel(), batch, steps, extremes)
     return values.to(device)
+
+
+def _extremes(ints: list[int]) -> tuple[int, int, int, int]:
+    lo = min(range(len(ints)), key=ints.__getitem__)
+    hi = max(range(len(ints)), key=ints.__getitem__)
+    return lo, ints[lo], hi, ints[hi]
+
+
+def _check_values(
+    count: int, batch: int, steps: int, extremes: Callable[[], tuple[int, int, int, int]]
+) -> None:
+    """One entry per sequence, each in [0, T]; ``extremes`` gives the smallest entry's index and
+    value, then the largest's."""
+    if count != batch:
+        raise ValueError(f"lengths has {count} entries; expected one per sequence, B = {batch}")
+    if batch:
+        lo, low, hi, high = extremes()
+        if low < 0:
+            raise ValueError(f"lengths[{lo}] = {low} < 0; expected 0 <= length <= T")
+        if high > steps:
+            raise ValueError(f"lengths[{hi}] = {high} > T = {steps}")
 
 
 def mask(lengths: Tensor, steps: int) -> Tensor:

@@ -482,7 +482,9 @@ def _ensure_registered() -> None:
 def _lengths_kind(lengths: Tensor | None) -> str:
     if lengths is None:
         return "none"
-    if exporting() or lengths.is_meta:  # values unknown (the graph's input; no data): any may be 0
+    # values unknown while a graph is traced (compiled or exported: the graph's input) and on
+    # the meta device: any of them may be 0
+    if exporting() or torch.compiler.is_compiling() or lengths.is_meta:
         return "has_zero"
     return "has_zero" if bool((lengths == 0).any()) else "positive"
 

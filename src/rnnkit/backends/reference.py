@@ -89,10 +89,10 @@ def scan(
     run = steps
     if lengths is not None:
         valid = L.mask(lengths, steps).unsqueeze(-1)  # (T, B, 1)
-        # the steps after the longest sequence are skipped, except while exporting (lengths is
-        # then an input of the graph, whose longest value the trace cannot know) and on the meta
-        # device (no values)
-        if not exporting() and not lengths.is_meta:
+        # the steps after the longest sequence are skipped, except while compiled or exported
+        # (lengths is then an input of the graph, whose longest value the trace cannot know) and
+        # on the meta device (no values)
+        if not (exporting() or torch.compiler.is_compiling() or lengths.is_meta):
             run = int(lengths.max()) if lengths.numel() else 0
     kw: dict[str, Any] = {"return_gates": True} if return_gates else {}
     inside = state_mask is not None and getattr(step, "takes_state_mask", False)
