@@ -373,3 +373,16 @@ def test_a_charlm_bptt_the_global_streams_cannot_hold_is_refused_before_anything
         "training text; it has 1000"
     ) in err
     assert not run.exists()  # a run directory --out could not start again at
+
+
+@pytest.mark.slow
+def test_a_diverging_two_process_run_says_so_once(tmp_path):
+    """Every rank sees the same all-reduced loss, so every rank stops at the same batch with
+    status 1; rank 0 alone prints the line."""
+    need_data("speech")
+    overrides = {**PER_PROCESS, "clip": 0, "checkpoint_every": 1}
+    ranks = finish(spawn(*_args("speech", tmp_path / "run", overrides, "--lr", "3e37")))
+    assert [status for status, _, _ in ranks] == [1, 1], [e[-2000:] for *_, e in ranks]
+    said = [err.count("rnnkit: error: training diverged at epoch") for _, _, err in ranks]
+    assert said == [1, 0], [err[-2000:] for _, _, err in ranks]
+    assert "Traceback" not in ranks[0][2] + ranks[1][2]

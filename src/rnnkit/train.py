@@ -1266,10 +1266,15 @@ def _train_epochs(
             if saved[0] is not None
             else f"no checkpoint had been saved in {run_dir}"
         )
-        return TrainingDiverged(
+        error = TrainingDiverged(
             f"training diverged at epoch {p.epoch + 1}/{config.epochs}, {where}: {what}; "
             f"{cure} and start a new run with another --out; {kept}"
         )
+        if world.distributed and not world.is_main:
+            # every rank sees the same all-reduced loss and gradients, so every rank stops at
+            # the same batch: rank 0 says it once
+            error.shared = True  # type: ignore[attr-defined]
+        return error
 
     def checkpoint(where: str) -> None:
         if saved[0] == (p.epoch, p.batch) and p.batch:
