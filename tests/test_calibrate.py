@@ -211,3 +211,14 @@ def test_cli_names_a_bad_option(calibrated, capsys, args, message):
     assert main(["calibrate", *args]) == 2
     assert message in capsys.readouterr().err
     assert not calibrated.exists()
+
+
+def test_cli_says_when_the_kernels_cannot_run_here(calibrated, capsys, monkeypatch):
+    monkeypatch.setattr(build, "unavailable", lambda: "no C++ compiler found")
+    assert main(["calibrate", "--cells", "gru", "--shapes", "S"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "rnnkit: error: the cpu kernels are unavailable here (no C++ compiler found); nothing to "
+        "calibrate\n"
+    )
+    assert not calibrated.exists()
