@@ -43,6 +43,7 @@ TINY = {
         "decoder_hidden": 32,
         "batch_size": 32,
         "beam_size": 2,
+        "ensemble": 2,
     },
     "translate": {
         "limit": 120,

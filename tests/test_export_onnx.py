@@ -256,11 +256,11 @@ def test_a_word_language_model_with_rnnkit_gru_exports_as_the_example_does(tmp_p
 # -- rnnkit export ------------------------------------------------------------------------------
 
 
-def _train(task: str, out) -> None:
+def _train(task: str, out, **overrides) -> None:
     """A tiny run: one epoch, greedy decoding (what is exported is checked, not learnt)."""
     quick = {"epochs": 1} | ({"beam_size": 1} if "beam_size" in TINY[task] else {})
     argv = ["train", task, "--out", str(out), "--no-progress", "--threads", "1"]
-    assert cli.main(argv + cli_args(TINY[task] | quick)) == 0
+    assert cli.main(argv + cli_args(TINY[task] | quick | overrides)) == 0
 
 
 def _export(capsys, run, path, *extra: str) -> tuple[int, str, str]:
@@ -286,13 +286,19 @@ def test_rnnkit_export_of_a_classifier(capsys, tmp_path) -> None:
     )
 
 
-def test_rnnkit_export_of_an_encoder_decoder_writes_two_graphs(capsys, tmp_path) -> None:
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_rnnkit_export_of_an_encoder_decoder_writes_two_graphs(capsys, tmp_path, ensemble):
+    """One model: the encoder's 7 state tensors, then 8 steps of the logits and the 4 that a step
+    changes; an ensemble of two: each member's state, the step's logits their mean."""
     need_data("g2p")
-    _train("g2p", tmp_path / "run")
+    _train("g2p", tmp_path / "run", ensemble=ensemble)
     capsys.readouterr()
     code, out, err = _export(capsys, tmp_path / "run", tmp_path / "g2p.onnx", "--limit", "40")
     assert code == 0, err
-    assert re.search(r"on 40 validation examples: max \|difference\| .*; 12 outputs compared", out)
+    outputs = 12 if ensemble == 1 else 23
+    assert re.search(
+        rf"on 40 validation examples: max \|difference\| .*; {outputs} outputs compared", out
+    )
     for name in ("g2p.encoder.onnx", "g2p.decoder_step.onnx"):
         assert (tmp_path / name).stat().st_size > 0
     assert not (tmp_path / "g2p.onnx").exists()

@@ -19,6 +19,7 @@ from rnnkit.models import (
     DecoderState,
     Seq2Seq,
     Seq2SeqConfig,
+    Seq2SeqEnsemble,
     decoder_io,
     plot_attention,
     sequence_loss,
@@ -740,3 +741,111 @@ def test_charlm_sampling_takes_ids_from_any_iterable_and_numpy_integers():
         model.sample(torch.tensor([4, 5]), 6, temperature=torch.tensor(0.0), banned=[0, 1, 2, 3])
         == want
     )
+
+
+# -- ensembles --------------------------------------------------------------------------------
+
+
+def tiny_ensemble(size: int = 3, **overrides) -> Seq2SeqEnsemble:
+    torch.manual_seed(0)
+    return Seq2SeqEnsemble(lambda: Seq2Seq(tiny_config(**overrides)), size).double().eval()
+
+
+def test_ensemble_step_gives_the_members_mean_probability() -> None:
+    model = tiny_ensemble(3)
+    src, src_lengths = source_batch()
+    token = torch.full((5,), BOS)
+    logits, state = model.step(token, model.start(src, src_lengths))
+    probs = []
+    for m in model.members:  # each member alone, from its own initial state
+        member_logits, _ = m.step(token, m.start(src, src_lengths))
+        probs.append(torch.softmax(member_logits, -1))
+    torch.testing.assert_close(torch.softmax(logits, -1), torch.stack(probs).mean(0), **TOL)
+    assert len(state.members) == 3
+    mean_weights = torch.stack([s.weights for s in state.members]).mean(0)
+    torch.testing.assert_close(state.weights, mean_weights, **TOL)
+    # the members differ (each its own initialisation), so the mean is not any one of them
+    assert not torch.allclose(probs[0], probs[1])
+
+
+def test_ensemble_of_one_model_twice_decodes_as_the_model() -> None:
+    one = trained_a_little()
+    twice = Seq2SeqEnsemble(lambda: one, 2).eval()
+    src, src_lengths = source_batch()
+    for k in (1, 3):
+        a = one.beam_search(src, src_lengths, beam_size=k, max_len=9)
+        b = twice.beam_search(src, src_lengths, beam_size=k, max_len=9)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        torch.testing.assert_close(a.scores, b.scores, **TOL)
+    g = twice.greedy(src, src_lengths, max_len=9)
+    assert torch.equal(g.tokens, one.greedy(src, src_lengths, max_len=9).tokens)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_wide_beam_search_of_an_ensemble_is_exhaustive_search(alpha: float) -> None:
+    """The ensemble's sequence score is the sum over steps of the log of its members' mean
+    next-token probability (the teacher-forced logits of ``forward``), and a beam wider than every
+    candidate set finds the best sequence under it."""
+    model = tiny_ensemble(2, tgt_vocab=5, dropout=0.0)
+    with torch.no_grad():
+        for m in model.members:
+            m.generator.weight.mul_(8.0)
+    src = torch.tensor([[3, 4, 5, 6]])
+    max_len = 3
+    candidates = [[*body, EOS] for n in range(3) for body in itertools.product([3, 4], repeat=n)]
+    candidates += [list(c) for c in itertools.product([3, 4], repeat=3)]
+    best_score, best = max(
+        (sequence_log_prob(model, src, c) / ((5 + len(c)) / 6) ** alpha, c) for c in candidates
+    )
+    found = model.beam_search(src, [4], beam_size=27, max_len=max_len, length_penalty=alpha)
+    assert found.to_lists(EOS)[0] == [y for y in best if y != EOS]
+    n = int(found.lengths[0])
+    assert math.isclose(float(found.scores[0]) / ((5 + n) / 6) ** alpha, best_score, rel_tol=1e-9)
+    # ...which is not what either member alone would say of every candidate
+    alone = [sequence_log_prob(m, src, best) for m in model.members]
+    assert all(not math.isclose(a, sequence_log_prob(model, src, best)) for a in alone)
+
+
+def test_batched_ensemble_beam_search_equals_one_at_a_time() -> None:
+    model = tiny_ensemble(2, dropout=0.0)
+    src, src_lengths = source_batch()
+    batched = model.beam_search(src, src_lengths, beam_size=3, max_len=7)
+    for b, n in enumerate(src_lengths.tolist()):
+        alone = model.beam_search(src[b : b + 1, :n], [n], beam_size=3, max_len=7)
+        t = alone.tokens.shape[1]
+        assert torch.equal(batched.tokens[b, :t], alone.tokens[0])
+        torch.testing.assert_close(batched.scores[b], alone.scores[0], **TOL)
+
+
+def test_ensemble_loss_is_the_members_mean_and_trains_each_member() -> None:
+    model = tiny_ensemble(3).train()
+    src, src_lengths = source_batch()
+    tgt_in, tgt_out = decoder_io(*target_batch(), model.config)
+    torch.manual_seed(5)
+    loss = model.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing=0.1)
+    torch.manual_seed(5)  # the same dropout masks, drawn in the same order
+    each = [m.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing=0.1) for m in model.members]
+    torch.testing.assert_close(loss, torch.stack(each).mean(), **TOL)
+    loss.backward()
+    for m in model.members:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters())
+    model.eval()
+    logits, weights = model(src, src_lengths, tgt_in, return_attention=True)
+    outs = [m(src, src_lengths, tgt_in, return_attention=True) for m in model.members]
+    mean = torch.stack([torch.softmax(o[0], -1) for o in outs]).mean(0)
+    torch.testing.assert_close(torch.softmax(logits, -1), mean, **TOL)
+    torch.testing.assert_close(weights, torch.stack([o[1] for o in outs]).mean(0), **TOL)
+
+
+def test_ensemble_errors_name_the_bad_value() -> None:
+    for size in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"size = {size!r}; expected at least 1 member"):
+            Seq2SeqEnsemble(lambda: Seq2Seq(tiny_config()), size)
+    sizes = iter([10, 11])
+    with pytest.raises(ValueError, match="member 1 has tgt_vocab = 11; expected 10, as member 0"):
+        Seq2SeqEnsemble(lambda: Seq2Seq(tiny_config(tgt_vocab=next(sizes))), 2)
+    model = tiny_ensemble(2)
+    src, src_lengths = source_batch()
+    state = model.members[0].start(src, src_lengths)
+    with pytest.raises(ValueError, match="state is DecoderState; expected an EnsembleState of 2"):
+        model.step(torch.full((5,), BOS), state)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import RecipeError, StorageError
 from ..models import CharLM, ClassifierEnsemble, SequenceClassifier
-from ..models.seq2seq import DecoderState, Seq2Seq
+from ..models.seq2seq import DecoderState, EnsembleState, Seq2Seq, Seq2SeqEnsemble
 
 __all__ = ["Check", "ExportMismatch", "Graph", "export_run", "exporters"]
 
@@ -250,6 +250,10 @@ class CharLMExporter(Exporter):
 _MEMORY = ("memory", "keys", "mask")  # the encoded source: read by every step, never changed
 
 
+def _members(model: Seq2Seq | Seq2SeqEnsemble) -> list[Seq2Seq]:
+    return list(model.members) if isinstance(model, Seq2SeqEnsemble) else [model]
+
+
 def _cell_names(model: Seq2Seq) -> list[str]:
     lstm = model.config.decoder_cell == "lstm"
     return [
@@ -259,17 +263,45 @@ def _cell_names(model: Seq2Seq) -> list[str]:
     ]
 
 
-def _flat(state: DecoderState) -> tuple[Tensor, ...]:
-    cells = [t for s in state.cells for t in ((s,) if isinstance(s, Tensor) else s)]
-    return (*cells, state.feed, state.weights, state.memory, state.keys, state.mask)
+def _state_names(model: Seq2Seq | Seq2SeqEnsemble) -> tuple[list[str], list[str]]:
+    """The names of the flat decoder state: what a step changes, then what it only reads (an
+    ensemble's member k prefixed ``m{k}_``)."""
+    members = _members(model)
+    prefixes = [f"m{k}_" for k in range(len(members))] if len(members) > 1 else [""]
+    changing, fixed = [], []
+    for prefix, m in zip(prefixes, members, strict=True):
+        changing += [prefix + n for n in (*_cell_names(m), "feed", "weights")]
+        fixed += [prefix + n for n in _MEMORY]
+    return changing, fixed
 
 
-def _unflat(model: Seq2Seq, tensors: tuple[Tensor, ...]) -> DecoderState:
-    n = len(_cell_names(model))
-    flat, (feed, weights, memory, keys, mask) = tensors[:n], tensors[n:]
-    lstm = model.config.decoder_cell == "lstm"
-    cells = tuple(zip(flat[::2], flat[1::2], strict=True)) if lstm else tuple(flat)
-    return DecoderState(cells, feed, weights, memory, keys, mask)
+def _flat(state: DecoderState | EnsembleState) -> tuple[Tensor, ...]:
+    """The state's tensors: every member's changing ones, then every member's fixed ones."""
+    states = state.members if isinstance(state, EnsembleState) else (state,)
+    changing = []
+    for s in states:
+        changing += [t for c in s.cells for t in ((c,) if isinstance(c, Tensor) else c)]
+        changing += [s.feed, s.weights]
+    fixed = [t for s in states for t in (s.memory, s.keys, s.mask)]
+    return (*changing, *fixed)
+
+
+def _unflat(
+    model: Seq2Seq | Seq2SeqEnsemble, tensors: tuple[Tensor, ...]
+) -> DecoderState | EnsembleState:
+    members = _members(model)
+    changing = list(tensors[: len(tensors) - len(_MEMORY) * len(members)])
+    fixed = list(tensors[len(changing) :])
+    states = []
+    for m in members:
+        n = len(_cell_names(m))
+        flat, (feed, weights) = changing[:n], changing[n : n + 2]
+        memory, keys, mask = fixed[: len(_MEMORY)]
+        changing, fixed = changing[n + 2 :], fixed[len(_MEMORY) :]
+        lstm = m.config.decoder_cell == "lstm"
+        cells = tuple(zip(flat[::2], flat[1::2], strict=True)) if lstm else tuple(flat)
+        states.append(DecoderState(cells, feed, weights, memory, keys, mask))
+    return EnsembleState(tuple(states)) if isinstance(model, Seq2SeqEnsemble) else states[0]
 
 
 class _Encode(nn.Module):
@@ -293,7 +325,8 @@ class _Step(nn.Module):
 
     def forward(self, token: Tensor, state: list[Tensor]) -> tuple[Tensor, ...]:
         logits, new = self.model.step(token, _unflat(self.model, tuple(state)))
-        return (logits, *_flat(new)[: -len(_MEMORY)])
+        changing, _ = _state_names(self.model)
+        return (logits, *_flat(new)[: len(changing)])
 
 
 class Seq2SeqExporter(Exporter):
@@ -302,7 +335,9 @@ class Seq2SeqExporter(Exporter):
 
     steps = 8
 
-    def _example(self, model: Seq2Seq, task: Any, data: Any) -> tuple[Tensor, Tensor]:
+    def _example(
+        self, model: Seq2Seq | Seq2SeqEnsemble, task: Any, data: Any
+    ) -> tuple[Tensor, Tensor]:
         from ..data import pad_batch
 
         idx = _example_batch([len(s) for s in data.items], 8)
@@ -313,10 +348,10 @@ class Seq2SeqExporter(Exporter):
         # a tensor of its own per input: the zero bridge gives h and c one tensor, which
         # torch.export would take for one input (the step then reading h0 where c0 is)
         state = tuple(t.clone() for t in _flat(model.start(src, lengths)))
-        cells = _cell_names(model)
-        state_names = [*cells, "feed", "weights", *_MEMORY]
+        changing, fixed = _state_names(model)
+        state_names = [*changing, *fixed]
         token = torch.full((src.shape[0],), model.config.bos_id)
-        by_source = ("weights", *_MEMORY)  # (batch, source_steps, ...)
+        by_source = [n for n in state_names if n.endswith(("weights", *_MEMORY))]  # (B, S, ...)
         axes = [
             {0: "batch", 1: "source_steps"} if n in by_source else {0: "batch"} for n in state_names
         ]
@@ -336,7 +371,7 @@ class Seq2SeqExporter(Exporter):
                 _Step(model),
                 (token, list(state)),
                 ["token", *state_names],
-                ["logits", *[f"next_{n}" for n in (*cells, "feed", "weights")]],
+                ["logits", *[f"next_{n}" for n in changing]],
                 ({0: "batch"}, axes),
             ),
         ]
@@ -348,8 +383,8 @@ class Seq2SeqExporter(Exporter):
         from ..data import pad_batch
 
         encoder, step = sessions
-        cells = _cell_names(model)
-        state_names = [*cells, "feed", "weights", *_MEMORY]
+        changing, fixed = _state_names(model)
+        state_names = [*changing, *fixed]
         result = Check()
         for idx in _batches([len(s) for s in data.items], task.eval_batch_size, limit):
             src, lengths = pad_batch([data.items[i] for i in idx], model.config.pad_id)
@@ -357,10 +392,10 @@ class Seq2SeqExporter(Exporter):
             got = encoder.run(None, {"src": src.numpy(), "src_lengths": lengths.numpy()})
             for name, g, e in zip(state_names, got, _flat(state), strict=True):
                 result.add(name, g, e)
-            memory = got[-len(_MEMORY) :]
+            memory = got[len(changing) :]
             token = torch.full((len(idx),), model.config.bos_id)
             for _ in range(self.steps):
-                feed = dict(zip(state_names, [*got[: -len(_MEMORY)], *memory], strict=True))
+                feed = dict(zip(state_names, [*got[: len(changing)], *memory], strict=True))
                 got = step.run(None, {"token": token.numpy()} | feed)
                 logits, state = model.step(token, state)
                 result.add("logits", got[0], logits)
@@ -380,6 +415,7 @@ def exporters() -> list[tuple[type[nn.Module], Callable[[], Exporter]]]:
         (ClassifierEnsemble, ClassifierExporter),
         (CharLM, CharLMExporter),
         (Seq2Seq, Seq2SeqExporter),
+        (Seq2SeqEnsemble, Seq2SeqExporter),
     ]
 
 

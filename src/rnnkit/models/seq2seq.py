@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -46,14 +46,16 @@ from ..layers import Bidirectional, Recurrent, Stacked, top_states
 from ..layers.stacked import check_dropout
 from .attention import ATTENTIONS, Attention, build_attention, clean, length_mask
 from .checks import check_ids, whole
-from .classifier import CELLS, make_encoder
+from .classifier import CELLS, average_probabilities, make_encoder
 
 __all__ = [
     "DecoderState",
     "EncoderOutput",
+    "EnsembleState",
     "Hypotheses",
     "Seq2Seq",
     "Seq2SeqConfig",
+    "Seq2SeqEnsemble",
     "decoder_io",
     "plot_attention",
     "sequence_loss",
@@ -295,10 +297,151 @@ class Hypotheses:
         return out
 
 
+# -- searches -------------------------------------------------------------------------------
+
+
+class _Searches:
+    """Greedy decoding and beam search over any decoder with ``config``, ``start(src,
+    src_lengths) -> state`` and ``step(token, state) -> (logits, state)``, whose state has
+    ``select``, ``reorder`` and ``feed``: a :class:`Seq2Seq`, or a :class:`Seq2SeqEnsemble`."""
+
+    config: Seq2SeqConfig
+    start: Any
+    step: Any
+
+    def _log_probs(self, logits: Tensor) -> Tensor:
+        """Next-token log-probabilities; PAD and BOS are never generated."""
+        logp = F.log_softmax(logits, dim=-1)
+        logp[:, [self.config.pad_id, self.config.bos_id]] = -math.inf
+        return logp
+
+    @torch.no_grad()
+    def greedy(
+        self, src: Tensor, src_lengths: Any, max_len: int | Tensor | None = None
+    ) -> Hypotheses:
+        """Greedy decoding: the most probable token at each step, until EOS or ``max_len`` (one
+        limit for all, or a (B,) tensor of one per source)."""
+        c = self.config
+        batch = src.shape[0]
+        limits = _check_max_len(c.max_decode_len if max_len is None else max_len, batch, src.device)
+        state = self.start(src, src_lengths)
+        token = src.new_full((batch,), c.bos_id)
+        done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+        scores = state.feed.new_zeros(batch)
+        lengths = torch.zeros(batch, dtype=torch.long, device=src.device)
+        out = []
+        for t in range(int(limits.max()) if batch else 0):
+            logits, state = self.step(token, state)
+            best, token = self._log_probs(logits).max(-1)
+            token = torch.where(done, c.pad_id, token)
+            scores += torch.where(done, 0.0, best)
+            lengths += ~done
+            out.append(token)
+            done |= (token == c.eos_id) | (limits <= t + 1)
+            if bool(done.all()):
+                break
+        tokens = torch.stack(out, 1) if out else src.new_empty(batch, 0)
+        return Hypotheses(tokens, lengths, scores)
+
+    @torch.no_grad()
+    def beam_search(
+        self,
+        src: Tensor,
+        src_lengths: Any,
+        beam_size: int | None = None,
+        max_len: int | Tensor | None = None,
+        length_penalty: float | None = None,
+    ) -> Hypotheses:
+        """Batched beam search; returns the best hypothesis of each source.
+
+        Each source keeps ``beam_size`` hypotheses, ranked by the length-normalised score
+        ``log p(y | x) / lp(|y|)``, ``lp(n) = ((5 + n) / 6) ** alpha`` (Wu et al., 2016; alpha =
+        ``length_penalty``, 0 = no normalisation; |y| counts the EOS). At each step every live
+        hypothesis is extended by every token, and a finished one (ended by EOS) competes
+        unchanged with them for a place in the beam. The best finished hypothesis seen is kept
+        even after longer ones push it out of the beam. The search ends when all hypotheses of
+        all sources have finished, or after ``max_len`` tokens (one limit for all, or a (B,)
+        tensor of one per source; then an unfinished hypothesis can win). All sources run as one
+        batch of B * k rows; each source's result equals a search over it alone (with its own
+        limit). With ``beam_size = 1`` it is greedy decoding.
+        """
+        c = self.config
+        k = c.beam_size if beam_size is None else beam_size
+        alpha = _check_length_penalty(
+            c.length_penalty if length_penalty is None else length_penalty
+        )
+        if isinstance(k, Tensor) or whole(k) is None or k <= 0:
+            raise ValueError(f"beam_size = {k!r}; expected a positive integer")
+        k = int(k)
+        batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
+        limits = _check_max_len(c.max_decode_len if max_len is None else max_len, batch, device)
+
+        def normalised(score: Tensor, length: Tensor) -> Tensor:
+            return score / ((5.0 + length.to(score.dtype)) / 6.0) ** alpha
+
+        rows = torch.arange(batch, device=device)
+        state = self.start(src, src_lengths).select(rows.repeat_interleave(k))  # B * k rows
+        token = src.new_full((batch * k,), c.bos_id)
+        scores = state.feed.new_full((batch, k), -math.inf)
+        scores[:, 0] = 0.0  # one live hypothesis to start with; the others are empty slots
+        lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
+        done = scores == -math.inf
+        history = src.new_empty(batch, k, 0)
+        # The best finished hypothesis of each source so far.
+        none = scores.new_full((batch,), -math.inf)
+        best = Hypotheses(src.new_empty(batch, 0), lengths[:, 0].clone(), none)
+        best_ranked = none  # (B,) its normalised score, -inf = none yet
+        for t in range(int(limits.max()) if batch else 0):
+            logits, state = self.step(token, state)
+            cand = scores.unsqueeze(-1) + self._log_probs(logits).view(batch, k, vocab)
+            # A finished hypothesis has one continuation: itself, padded, its score unchanged.
+            stay = torch.full_like(cand, -math.inf)
+            stay[..., c.pad_id] = scores
+            cand = torch.where(done.unsqueeze(-1), stay, cand)  # (B, k, V)
+            new_lengths = lengths + (~done).long()
+            ranked = normalised(cand, new_lengths.unsqueeze(-1)).view(batch, k * vocab)
+            top = ranked.topk(k, dim=1).indices  # (B, k), best first
+            beam, token = top // vocab, top % vocab
+            scores = cand.view(batch, k * vocab).gather(1, top)
+            lengths = new_lengths.gather(1, beam)
+            was_done = done.gather(1, beam)
+            done = was_done | (token == c.eos_id) | (scores == -math.inf)
+            history = history.gather(1, beam.unsqueeze(-1).expand(-1, -1, history.shape[2]))
+            history = torch.cat([history, token.unsqueeze(-1)], -1)  # (B, k, t + 1)
+            state = state.reorder((beam + rows.unsqueeze(1) * k).view(-1))  # within each source
+            token = token.view(-1)
+
+            # Record hypotheses that finished at this step if they beat the best so far.
+            just_done = (token.view(batch, k) == c.eos_id) & ~was_done
+            ranked_done = torch.where(just_done, normalised(scores, lengths), -math.inf)
+            value, slot = ranked_done.max(1)  # the first slot on a tie: the higher ranked
+            better = value > best_ranked
+            pick = slot.unsqueeze(1)
+            padded = torch.cat([best.tokens, best.tokens.new_full((batch, 1), c.pad_id)], 1)
+            best = Hypotheses(
+                torch.where(better.unsqueeze(1), history[rows, slot], padded),
+                torch.where(better, lengths.gather(1, pick).squeeze(1), best.lengths),
+                torch.where(better, scores.gather(1, pick).squeeze(1), best.scores),
+            )
+            best_ranked = torch.where(better, value, best_ranked)
+            done |= (limits <= t + 1).unsqueeze(1)  # a source at its limit: its beam stops
+            if bool(done.all()):
+                break
+        # topk sorted the beams: slot 0 is the best hypothesis still in each beam (finished, or
+        # cut at max_len). A recorded finished one wins ties: slot 0 may be that very one.
+        top_ranked = normalised(scores[:, 0], lengths[:, 0])
+        keep = (best_ranked >= top_ranked).unsqueeze(1)
+        return Hypotheses(
+            torch.where(keep, best.tokens, history[:, 0]),
+            torch.where(keep.squeeze(1), best.lengths, lengths[:, 0]),
+            torch.where(keep.squeeze(1), best.scores, scores[:, 0]),
+        )
+
+
 # -- the model --------------------------------------------------------------------------------
 
 
-class Seq2Seq(nn.Module):
+class Seq2Seq(_Searches, nn.Module):
     """Attentional encoder–decoder (see the module docstring for the equations).
 
     ``Seq2Seq(config, encoder=None, backend=None)``: ``encoder`` is any rnnkit layer reading
@@ -509,135 +652,109 @@ class Seq2Seq(nn.Module):
         logits = self._output(self.dropout(h_tilde[valid]))  # (N, H) -> (N, V)
         return F.cross_entropy(logits, tgt_out[valid], label_smoothing=label_smoothing)
 
-    # -- searches ---------------------------------------------------------------------------------
 
-    def _log_probs(self, logits: Tensor) -> Tensor:
-        """Next-token log-probabilities; PAD and BOS are never generated."""
-        logp = F.log_softmax(logits, dim=-1)
-        logp[:, [self.config.pad_id, self.config.bos_id]] = -math.inf
-        return logp
+# -- ensembles ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def greedy(
-        self, src: Tensor, src_lengths: Any, max_len: int | Tensor | None = None
-    ) -> Hypotheses:
-        """Greedy decoding: the most probable token at each step, until EOS or ``max_len`` (one
-        limit for all, or a (B,) tensor of one per source)."""
-        c = self.config
-        batch = src.shape[0]
-        limits = _check_max_len(c.max_decode_len if max_len is None else max_len, batch, src.device)
-        state = self.start(src, src_lengths)
-        token = src.new_full((batch,), c.bos_id)
-        done = torch.zeros(batch, dtype=torch.bool, device=src.device)
-        scores = state.feed.new_zeros(batch)
-        lengths = torch.zeros(batch, dtype=torch.long, device=src.device)
-        out = []
-        for t in range(int(limits.max()) if batch else 0):
-            logits, state = self.step(token, state)
-            best, token = self._log_probs(logits).max(-1)
-            token = torch.where(done, c.pad_id, token)
-            scores += torch.where(done, 0.0, best)
-            lengths += ~done
-            out.append(token)
-            done |= (token == c.eos_id) | (limits <= t + 1)
-            if bool(done.all()):
-                break
-        tokens = torch.stack(out, 1) if out else src.new_empty(batch, 0)
-        return Hypotheses(tokens, lengths, scores)
 
-    @torch.no_grad()
-    def beam_search(
+@dataclass
+class EnsembleState:
+    """The decoder states of a :class:`Seq2SeqEnsemble`'s members, one per member, rows alike."""
+
+    members: tuple[DecoderState, ...]
+
+    def select(self, index: Tensor) -> EnsembleState:
+        """Every member's :meth:`DecoderState.select`."""
+        return EnsembleState(tuple(s.select(index) for s in self.members))
+
+    def reorder(self, index: Tensor) -> EnsembleState:
+        """Every member's :meth:`DecoderState.reorder`."""
+        return EnsembleState(tuple(s.reorder(index) for s in self.members))
+
+    @property
+    def feed(self) -> Tensor:
+        """The first member's last attentional state (B, H): its rows, dtype and device."""
+        return self.members[0].feed
+
+    @property
+    def weights(self) -> Tensor:
+        """The members' mean attention weights of the last step (B, S)."""
+        return torch.stack([s.weights for s in self.members]).mean(0)
+
+
+class Seq2SeqEnsemble(_Searches, nn.Module):
+    """``size`` encoder–decoders from ``build()``, each from its own initialisation, trained side
+    by side on the same batches; the ensemble decodes by the mean of their next-token
+    probabilities.
+
+    :meth:`step` returns the log of that mean (logits whose softmax is the mean probability), so
+    :meth:`greedy` and :meth:`beam_search` search the ensemble as they search one model; the
+    members are alike in their vocabularies, ids and search defaults (``config`` is the first
+    member's). :meth:`loss` is the mean of the members' losses, so each member learns as it would
+    alone; :meth:`forward` gives the teacher-forced logits of the mean probabilities (and the
+    members' mean attention weights).
+    """
+
+    def __init__(self, build: Callable[[], Seq2Seq], size: int) -> None:
+        super().__init__()
+        if whole(size) is None or size < 1:
+            raise ValueError(f"size = {size!r}; expected at least 1 member, an integer")
+        self.members = nn.ModuleList(build() for _ in range(int(size)))
+        first = self.members[0].config
+        for k, m in enumerate(self.members):
+            for name in ("src_vocab", "tgt_vocab", "pad_id", "bos_id", "eos_id"):
+                if getattr(m.config, name) != getattr(first, name):
+                    raise ValueError(
+                        f"member {k} has {name} = {getattr(m.config, name)}; expected "
+                        f"{getattr(first, name)}, as member 0: members decode one vocabulary"
+                    )
+
+    @property
+    def config(self) -> Seq2SeqConfig:  # type: ignore[override]
+        return self.members[0].config
+
+    @property
+    def encoder(self) -> Encoder:
+        """The first member's encoder (the members' are alike but for their weights)."""
+        return self.members[0].encoder
+
+    def start(self, src: Tensor, src_lengths: Any) -> EnsembleState:
+        """Every member's initial decoder state for ``src``."""
+        return EnsembleState(tuple(m.start(src, src_lengths) for m in self.members))
+
+    def step(self, token: Tensor, state: EnsembleState) -> tuple[Tensor, EnsembleState]:
+        """Feed ``token`` (B,) to every member -> (log of the mean next-token probabilities
+        (B, V), the next states)."""
+        if not isinstance(state, EnsembleState) or len(state.members) != len(self.members):
+            raise ValueError(
+                f"state is {type(state).__name__}; expected an EnsembleState of "
+                f"{len(self.members)} members, from this ensemble's start()"
+            )
+        outs = [m.step(token, s) for m, s in zip(self.members, state.members, strict=True)]
+        logits = average_probabilities([logits for logits, _ in outs])
+        return logits, EnsembleState(tuple(s for _, s in outs))
+
+    def forward(
+        self, src: Tensor, src_lengths: Any, tgt_in: Tensor, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Teacher-forced logits (B, T, V) of the members' mean probabilities; with
+        ``return_attention`` also the members' mean attention weights (B, T, S)."""
+        outs = [m(src, src_lengths, tgt_in, return_attention=True) for m in self.members]
+        logits = average_probabilities([logits for logits, _ in outs])
+        if not return_attention:
+            return logits
+        return logits, torch.stack([w for _, w in outs]).mean(0)
+
+    def loss(
         self,
         src: Tensor,
         src_lengths: Any,
-        beam_size: int | None = None,
-        max_len: int | Tensor | None = None,
-        length_penalty: float | None = None,
-    ) -> Hypotheses:
-        """Batched beam search; returns the best hypothesis of each source.
-
-        Each source keeps ``beam_size`` hypotheses, ranked by the length-normalised score
-        ``log p(y | x) / lp(|y|)``, ``lp(n) = ((5 + n) / 6) ** alpha`` (Wu et al., 2016; alpha =
-        ``length_penalty``, 0 = no normalisation; |y| counts the EOS). At each step every live
-        hypothesis is extended by every token, and a finished one (ended by EOS) competes
-        unchanged with them for a place in the beam. The best finished hypothesis seen is kept
-        even after longer ones push it out of the beam. The search ends when all hypotheses of
-        all sources have finished, or after ``max_len`` tokens (one limit for all, or a (B,)
-        tensor of one per source; then an unfinished hypothesis can win). All sources run as one
-        batch of B * k rows; each source's result equals a search over it alone (with its own
-        limit). With ``beam_size = 1`` it is greedy decoding.
-        """
-        c = self.config
-        k = c.beam_size if beam_size is None else beam_size
-        alpha = _check_length_penalty(
-            c.length_penalty if length_penalty is None else length_penalty
-        )
-        if isinstance(k, Tensor) or whole(k) is None or k <= 0:
-            raise ValueError(f"beam_size = {k!r}; expected a positive integer")
-        k = int(k)
-        batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
-        limits = _check_max_len(c.max_decode_len if max_len is None else max_len, batch, device)
-
-        def normalised(score: Tensor, length: Tensor) -> Tensor:
-            return score / ((5.0 + length.to(score.dtype)) / 6.0) ** alpha
-
-        rows = torch.arange(batch, device=device)
-        state = self.start(src, src_lengths).select(rows.repeat_interleave(k))  # B * k rows
-        token = src.new_full((batch * k,), c.bos_id)
-        scores = state.feed.new_full((batch, k), -math.inf)
-        scores[:, 0] = 0.0  # one live hypothesis to start with; the others are empty slots
-        lengths = torch.zeros(batch, k, dtype=torch.long, device=device)
-        done = scores == -math.inf
-        history = src.new_empty(batch, k, 0)
-        # The best finished hypothesis of each source so far.
-        none = scores.new_full((batch,), -math.inf)
-        best = Hypotheses(src.new_empty(batch, 0), lengths[:, 0].clone(), none)
-        best_ranked = none  # (B,) its normalised score, -inf = none yet
-        for t in range(int(limits.max()) if batch else 0):
-            logits, state = self.step(token, state)
-            cand = scores.unsqueeze(-1) + self._log_probs(logits).view(batch, k, vocab)
-            # A finished hypothesis has one continuation: itself, padded, its score unchanged.
-            stay = torch.full_like(cand, -math.inf)
-            stay[..., c.pad_id] = scores
-            cand = torch.where(done.unsqueeze(-1), stay, cand)  # (B, k, V)
-            new_lengths = lengths + (~done).long()
-            ranked = normalised(cand, new_lengths.unsqueeze(-1)).view(batch, k * vocab)
-            top = ranked.topk(k, dim=1).indices  # (B, k), best first
-            beam, token = top // vocab, top % vocab
-            scores = cand.view(batch, k * vocab).gather(1, top)
-            lengths = new_lengths.gather(1, beam)
-            was_done = done.gather(1, beam)
-            done = was_done | (token == c.eos_id) | (scores == -math.inf)
-            history = history.gather(1, beam.unsqueeze(-1).expand(-1, -1, history.shape[2]))
-            history = torch.cat([history, token.unsqueeze(-1)], -1)  # (B, k, t + 1)
-            state = state.reorder((beam + rows.unsqueeze(1) * k).view(-1))  # within each source
-            token = token.view(-1)
-
-            # Record hypotheses that finished at this step if they beat the best so far.
-            just_done = (token.view(batch, k) == c.eos_id) & ~was_done
-            ranked_done = torch.where(just_done, normalised(scores, lengths), -math.inf)
-            value, slot = ranked_done.max(1)  # the first slot on a tie: the higher ranked
-            better = value > best_ranked
-            pick = slot.unsqueeze(1)
-            padded = torch.cat([best.tokens, best.tokens.new_full((batch, 1), c.pad_id)], 1)
-            best = Hypotheses(
-                torch.where(better.unsqueeze(1), history[rows, slot], padded),
-                torch.where(better, lengths.gather(1, pick).squeeze(1), best.lengths),
-                torch.where(better, scores.gather(1, pick).squeeze(1), best.scores),
-            )
-            best_ranked = torch.where(better, value, best_ranked)
-            done |= (limits <= t + 1).unsqueeze(1)  # a source at its limit: its beam stops
-            if bool(done.all()):
-                break
-        # topk sorted the beams: slot 0 is the best hypothesis still in each beam (finished, or
-        # cut at max_len). A recorded finished one wins ties: slot 0 may be that very one.
-        top_ranked = normalised(scores[:, 0], lengths[:, 0])
-        keep = (best_ranked >= top_ranked).unsqueeze(1)
-        return Hypotheses(
-            torch.where(keep, best.tokens, history[:, 0]),
-            torch.where(keep.squeeze(1), best.lengths, lengths[:, 0]),
-            torch.where(keep.squeeze(1), best.scores, scores[:, 0]),
-        )
+        tgt_in: Tensor,
+        tgt_out: Tensor,
+        label_smoothing: float = 0.0,
+    ) -> Tensor:
+        """The mean of the members' :meth:`Seq2Seq.loss`: each member learns as it would alone."""
+        losses = [m.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing) for m in self.members]
+        return torch.stack(losses).mean()
 
 
 def _check_length_penalty(alpha: Any) -> float:

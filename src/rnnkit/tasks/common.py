@@ -14,7 +14,14 @@ from torch import Tensor, nn
 from ..data import Vocab, bucket_batches, pad, pad_batch
 from ..models.attention import ATTENTIONS
 from ..models.classifier import ClassifierEnsemble, SequenceClassifier, make_encoder
-from ..models.seq2seq import Seq2Seq, Seq2SeqConfig, decoder_io, plot_attention, sequence_loss
+from ..models.seq2seq import (
+    Seq2Seq,
+    Seq2SeqConfig,
+    Seq2SeqEnsemble,
+    decoder_io,
+    plot_attention,
+    sequence_loss,
+)
 from .base import TrainConfig, evaluating, option
 
 __all__ = [
@@ -33,11 +40,12 @@ Examples = tuple[list[Tensor], Tensor]  # (sequences (L_i, ...), labels (N,))
 
 
 def ensemble_option(default: int = 1) -> Any:
-    """The ``ensemble`` field of the classifier recipes, with a recipe's own default."""
+    """The ``ensemble`` field of the classifier and encoder-decoder recipes, with a recipe's own
+    default."""
     return option(
         default,
-        "train this many classifiers side by side (each from its own initialisation, on the same "
-        "batches) and predict the mean of their probabilities; 1 = one model",
+        "train this many models side by side (each from its own initialisation, on the same "
+        "batches) and predict by the mean of their probabilities; 1 = one model",
     )
 
 
@@ -149,6 +157,7 @@ class EncoderDecoderConfig(TrainConfig):
     valid_beam_size: int = option(1, "beam size of the per-epoch validation; 1 = greedy")
     length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
     max_decode_len: int = option(80, "most tokens generated per source")
+    ensemble: int = ensemble_option(1)
 
 
 @dataclass
@@ -169,7 +178,9 @@ class Pairs:
 
 class Seq2SeqHooks:
     """Batching, teacher-forced loss, beam-search evaluation and the attention heatmap for a
-    :class:`~rnnkit.models.Seq2Seq` on :class:`Pairs`. A task supplies ``src_vocab``,
+    :class:`~rnnkit.models.Seq2Seq` (with ``config.ensemble`` > 1 a
+    :class:`~rnnkit.models.Seq2SeqEnsemble`, whose training loss is the mean of its members') on
+    :class:`Pairs`. A task supplies ``src_vocab``,
     ``tgt_vocab``, :meth:`source_tokens` and :meth:`scores` (metrics of decoded token lists)."""
 
     config: EncoderDecoderConfig
@@ -196,7 +207,7 @@ class Seq2SeqHooks:
                 tgt.append(self.tgt_vocab.encode(ref))
         return Pairs(src, tgt, items, targets, list(sources))
 
-    def build_model(self) -> Seq2Seq:
+    def build_model(self) -> Seq2Seq | Seq2SeqEnsemble:
         c = self.config
         config = Seq2SeqConfig(
             src_vocab=len(self.src_vocab),
@@ -220,10 +231,14 @@ class Seq2SeqHooks:
             bos_id=Vocab.bos_id,
             eos_id=Vocab.eos_id,
         )
-        encoder = make_encoder(
-            c.cell, c.embed_size, c.hidden_size, c.encoder_layers, True, c.dropout, c.backend
-        )
-        return Seq2Seq(config, encoder=encoder, backend=c.backend)
+
+        def build() -> Seq2Seq:
+            encoder = make_encoder(
+                c.cell, c.embed_size, c.hidden_size, c.encoder_layers, True, c.dropout, c.backend
+            )
+            return Seq2Seq(config, encoder=encoder, backend=c.backend)
+
+        return build() if c.ensemble == 1 else Seq2SeqEnsemble(build, c.ensemble)
 
     def epoch_batches(self, data: Pairs, generator: torch.Generator) -> list[list[int]]:
         lengths = [len(s) + len(t) for s, t in zip(data.src, data.tgt, strict=True)]
@@ -234,11 +249,15 @@ class Seq2SeqHooks:
         tgt, tgt_lengths = pad_batch([data.tgt[i] for i in batch], Vocab.pad_id)
         return {"src": src, "src_lengths": src_lengths, "tgt": tgt, "tgt_lengths": tgt_lengths}
 
-    def _logits(self, model: Seq2Seq, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _logits(
+        self, model: Seq2Seq | Seq2SeqEnsemble, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
         tgt_in, tgt_out = decoder_io(batch["tgt"], batch["tgt_lengths"], model.config)
         return model(batch["src"], batch["src_lengths"], tgt_in), tgt_out
 
-    def loss(self, model: Seq2Seq, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    def loss(
+        self, model: Seq2Seq | Seq2SeqEnsemble, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, int]:
         tgt_in, tgt_out = decoder_io(batch["tgt"], batch["tgt_lengths"], model.config)
         src, lengths = batch["src"], batch["src_lengths"]
         loss = model.loss(src, lengths, tgt_in, tgt_out, self.config.label_smoothing)
@@ -246,7 +265,7 @@ class Seq2SeqHooks:
 
     @torch.no_grad()
     def decode(
-        self, model: Seq2Seq, items: list[list[int]], beam_size: int | None = None
+        self, model: Seq2Seq | Seq2SeqEnsemble, items: list[list[int]], beam_size: int | None = None
     ) -> list[list[str]]:
         """Output tokens of each source by beam search (``beam_size``, default the config's;
         1: greedy)."""
@@ -266,14 +285,14 @@ class Seq2SeqHooks:
                     out[i] = self.tgt_vocab.decode(ids)
         return out
 
-    def validate(self, model: Seq2Seq, data: Pairs) -> dict[str, float]:
+    def validate(self, model: Seq2Seq | Seq2SeqEnsemble, data: Pairs) -> dict[str, float]:
         """Per-epoch validation decodes greedily (``valid_beam_size``): beam search over the whole
         validation split each epoch would cost more than the training steps it guides."""
         return self.evaluate(model, data, beam_size=self.config.valid_beam_size)
 
     @torch.no_grad()
     def evaluate(
-        self, model: Seq2Seq, data: Pairs, beam_size: int | None = None
+        self, model: Seq2Seq | Seq2SeqEnsemble, data: Pairs, beam_size: int | None = None
     ) -> dict[str, float]:
         total, tokens = 0.0, 0
         with evaluating(model):
@@ -285,7 +304,7 @@ class Seq2SeqHooks:
         metrics = self.scores(self.decode(model, data.items, beam_size), data.refs)
         return {**metrics, "loss": total / max(tokens, 1), "n": len(data.items)}
 
-    def explain(self, model: Seq2Seq, data: Pairs) -> Any:
+    def explain(self, model: Seq2Seq | Seq2SeqEnsemble, data: Pairs) -> Any:
         from ..backends import explain
 
         b = self.collate(data, list(range(min(len(data.src), self.config.batch_size))))
@@ -295,7 +314,9 @@ class Seq2SeqHooks:
         return explain(model.encoder.layer, x.requires_grad_(True), lengths=b["src_lengths"])
 
     @torch.no_grad()
-    def artifacts(self, model: Seq2Seq, data: dict[str, Pairs], run_dir: Path) -> None:
+    def artifacts(
+        self, model: Seq2Seq | Seq2SeqEnsemble, data: dict[str, Pairs], run_dir: Path
+    ) -> None:
         """``attention.png``: the attention weights of the model's output for one test example."""
         test = data["test"]
         if not test.items:
