@@ -146,6 +146,25 @@ def test_two_processes_reach_the_weights_of_one_with_the_global_batch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_two_processes_train_an_encoder_decoder_as_one(tmp_path, ensemble):
+    """The encoder-decoders' loss is a method of their own, not the module's call: its gradients
+    are still averaged over the processes (an ensemble's members' too)."""
+    need_data("g2p")
+    overrides = {
+        **TINY["g2p"], "limit": 64, "batch_size": 8, "epochs": 1, "dropout": 0.0,
+        "ensemble": ensemble, "beam_size": 1, "average": 0.0,
+    }  # fmt: skip
+    train("g2p", {**overrides, "batch_size": 16}, out=tmp_path / "one", progress=False)
+    done = torchrun(*_args("g2p", tmp_path / "two", overrides))
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=WEIGHT_TOL, atol=WEIGHT_TOL, msg=key)
+
+
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_exactly(tmp_path):
     need_data("speech")
     # Dropout on: each rank's random generator must come back as it was.

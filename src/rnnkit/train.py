@@ -757,10 +757,30 @@ def _global_batches(task: Task, data: Any, generator: torch.Generator, world_siz
     return wide.epoch_batches(data, generator)
 
 
+class _Calls(nn.Module):
+    """``model``, whose call can run one of its methods instead of its forward:
+    ``calls(*args, method="loss")`` is ``model.loss(*args)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, method: str = "forward", **kwargs: Any) -> Any:
+        if method == "forward":
+            return self.model(*args, **kwargs)
+        return getattr(self.model, method)(*args, **kwargs)
+
+
+#: Methods of a model that the tasks' losses call instead of the model itself (the
+#: encoder-decoders' ``loss``); on a replicated model they run through DistributedDataParallel's
+#: call like the model's own, so the backward pass after them averages the gradients too.
+_LOSS_METHODS = ("loss",)
+
+
 def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` wrapped in DistributedDataParallel (its call synchronises the gradients of the
-    backward pass that follows); the model's own attributes (``config``, methods) stay visible
-    through the wrapper, so the tasks' hooks read it as the model."""
+    """``model`` wrapped in DistributedDataParallel (its call, and its loss methods', synchronises
+    the gradients of the backward pass that follows); the model's own attributes (``config``,
+    other methods) stay visible through the wrapper, so the tasks' hooks read it as the model."""
     from torch.nn.parallel import DistributedDataParallel
 
     class Replicated(DistributedDataParallel):
@@ -768,9 +788,13 @@ def _replicate(model: nn.Module, device: torch.device) -> nn.Module:
             try:
                 return super().__getattr__(name)
             except AttributeError:
-                return getattr(self.module, name)
+                inner = self.module.model
+                if name in _LOSS_METHODS and callable(getattr(inner, name, None)):
+                    return lambda *args, **kwargs: self(*args, method=name, **kwargs)
+                return getattr(inner, name)
 
-    return Replicated(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index] if device.type == "cuda" else None
+    return Replicated(_Calls(model), device_ids=ids)
 
 
 def _flushing(dev: torch.device, config: TrainConfig) -> contextlib.AbstractContextManager:
