@@ -307,6 +307,23 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
         evaluate(a)
 
 
+@pytest.mark.parametrize("task", ["g2p", "speech"])
+def test_a_run_saved_before_ensembles_loads_as_one_model(tmp_path, task):
+    """A config saved without ``ensemble`` (the option did not exist) was one model, whatever
+    the recipe's default is now: evaluate, predict and resume read it so."""
+    need_data(task)
+    run = tmp_path / "run"
+    train(task, {**TINY[task], "ensemble": 1}, out=run, progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["config"]["ensemble"]
+    (run / "config.json").write_text(json.dumps(saved))
+    _, model = load_run(run)
+    assert not hasattr(model, "members")
+    assert evaluate(run)["test"]["n"] > 0
+    train(task, {"epochs": TINY[task]["epochs"] + 1}, out=run, resume=True, progress=False)
+    assert json.loads((run / "config.json").read_text())["config"]["ensemble"] == 1
+
+
 def test_early_stopping_and_time_limit(tmp_path):
     need_data("speech")
     frozen = train(

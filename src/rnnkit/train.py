@@ -75,7 +75,7 @@ from .devices import (
 )
 from .distributed import World
 from .errors import CheckpointError, RecipeError, StorageError, TrainingDiverged
-from .tasks.base import Task, TrainConfig, flag
+from .tasks.base import BEFORE_ADDED, Task, TrainConfig, flag
 
 __all__ = [
     "CONFIG",
@@ -622,6 +622,8 @@ def _lock(run_dir: Path) -> Callable[[], None] | None:
 def _config_from(task_cls: type[Task], values: Any, source: Path) -> TrainConfig:
     if not isinstance(values, dict):
         raise CheckpointError(f"{source}: 'config' is not an object")
+    names = {f.name for f in dataclasses.fields(task_cls.Config)}
+    values = {k: v for k, v in BEFORE_ADDED.items() if k in names} | values
     try:
         config = task_cls.Config(**values)
         config.check()
