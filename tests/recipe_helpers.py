@@ -103,6 +103,7 @@ SLICE = {
         "batch_size": 64,
         "beam_size": 2,
         "max_minutes": 0.0,
+        "ensemble": 1,
     },
     "translate": {
         "limit": 3000,
