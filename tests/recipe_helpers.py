@@ -142,8 +142,13 @@ def need_data(task: str) -> None:
 
 
 def cli_args(overrides: dict) -> list[str]:
-    """``{"hidden_size": 16}`` -> ``["--hidden-size", "16"]``."""
+    """``{"hidden_size": 16, "bidirectional": False}`` -> ``["--hidden-size", "16",
+    "--no-bidirectional"]``."""
     args = []
     for k, v in overrides.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+        flag = k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(f"--{flag}" if v else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(v)]
     return args

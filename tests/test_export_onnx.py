@@ -286,12 +286,45 @@ def test_rnnkit_export_of_a_classifier(capsys, tmp_path) -> None:
     )
 
 
+def test_an_ensemble_with_a_right_to_left_member_exports_both_directions(capsys, tmp_path):
+    """Members 0 and 1 left to right, member 2 right to left: the first pair of graphs is the
+    pair's (each member's state, the mean logits), the second member 2's, each checked against
+    its members along their greedy path (23 + 12 outputs)."""
+    need_data("g2p")
+    _train("g2p", tmp_path / "run", ensemble=3, right_to_left=True)
+    capsys.readouterr()
+    code, out, err = _export(capsys, tmp_path / "run", tmp_path / "g2p.onnx", "--limit", "40")
+    assert code == 0, err
+    assert "right-to-left members' decoder step" in out
+    assert re.search(r"on 40 validation examples: max \|difference\| .*; 35 outputs compared", out)
+    names = ("encoder", "decoder_step", "reverse_encoder", "reverse_decoder_step")
+    for name in names:
+        assert (tmp_path / f"g2p.{name}.onnx").stat().st_size > 0
+    # the reverse step is member 2's: its logits from member 2's initial state
+    from rnnkit.export.recipes import _flat
+    from rnnkit.train import load_run
+
+    _, model = load_run(tmp_path / "run")
+    src, lengths = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([3, 2])
+    backward = model.members[2]
+    state = backward.start(src, lengths)
+    encoder = ort.InferenceSession(str(tmp_path / "g2p.reverse_encoder.onnx"))
+    step = ort.InferenceSession(str(tmp_path / "g2p.reverse_decoder_step.onnx"))
+    got = encoder.run(None, {"src": src.numpy(), "src_lengths": lengths.numpy()})
+    token = torch.full((2,), backward.config.bos_id)
+    feed = {i.name: v for i, v in zip(step.get_inputs()[1:], got, strict=True)}
+    logits = step.run(None, {"token": token.numpy()} | feed)[0]
+    want, _ = backward.step(token, state)
+    torch.testing.assert_close(torch.from_numpy(logits), want.detach(), atol=OUT_TOL, rtol=OUT_TOL)
+    assert len(_flat(state)) == len(got)
+
+
 @pytest.mark.parametrize("ensemble", [1, 2])
 def test_rnnkit_export_of_an_encoder_decoder_writes_two_graphs(capsys, tmp_path, ensemble):
     """One model: the encoder's 7 state tensors, then 8 steps of the logits and the 4 that a step
     changes; an ensemble of two: each member's state, the step's logits their mean."""
     need_data("g2p")
-    _train("g2p", tmp_path / "run", ensemble=ensemble)
+    _train("g2p", tmp_path / "run", ensemble=ensemble, right_to_left=False)
     capsys.readouterr()
     code, out, err = _export(capsys, tmp_path / "run", tmp_path / "g2p.onnx", "--limit", "40")
     assert code == 0, err

@@ -22,6 +22,8 @@ from rnnkit.models import (
     Seq2SeqEnsemble,
     decoder_io,
     plot_attention,
+    reverse_targets,
+    seq2seq,
     sequence_loss,
     summarise_final_state,
 )
@@ -849,3 +851,109 @@ def test_ensemble_errors_name_the_bad_value() -> None:
     state = model.members[0].start(src, src_lengths)
     with pytest.raises(ValueError, match="state is DecoderState; expected an EnsembleState of 2"):
         model.step(torch.full((5,), BOS), state)
+
+
+# -- right-to-left members --------------------------------------------------------------------
+
+
+def tiny_mixed(size: int = 2, right_to_left: int = 1, **overrides) -> Seq2SeqEnsemble:
+    torch.manual_seed(0)
+    build = lambda: Seq2Seq(tiny_config(**overrides))  # noqa: E731
+    return Seq2SeqEnsemble(build, size, right_to_left).double().eval()
+
+
+def test_reverse_targets_reverse_each_body_and_keep_eos_last() -> None:
+    config = tiny_config()
+    tgt, lengths = target_batch()
+    tgt_in, tgt_out = decoder_io(tgt, lengths, config)
+    rev_in, rev_out = reverse_targets(tgt_out, config)
+    assert rev_in.shape == tgt_in.shape and rev_out.shape == tgt_out.shape
+    for b, n in enumerate(lengths.tolist()):
+        body = tgt[b, :n].tolist()[::-1]
+        assert rev_out[b].tolist() == [*body, EOS] + [PAD] * (tgt.shape[1] - n)
+        assert rev_in[b].tolist() == [BOS, *body] + [PAD] * (tgt.shape[1] - n)
+    # twice reversed is the original
+    again_in, again_out = reverse_targets(rev_out, config)
+    assert torch.equal(again_in, tgt_in) and torch.equal(again_out, tgt_out)
+
+
+def test_a_right_to_left_member_learns_the_targets_reversed() -> None:
+    model = tiny_mixed(3, right_to_left=1).train()
+    assert model.reverse == (False, False, True)
+    src, src_lengths = source_batch()
+    tgt_in, tgt_out = decoder_io(*target_batch(), model.config)
+    rev_in, rev_out = reverse_targets(tgt_out, model.config)
+    torch.manual_seed(5)
+    loss = model.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing=0.1)
+    torch.manual_seed(5)  # the same dropout masks, drawn in the same order
+    m0, m1, m2 = model.members
+    each = [
+        m0.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing=0.1),
+        m1.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing=0.1),
+        m2.loss(src, src_lengths, rev_in, rev_out, label_smoothing=0.1),
+    ]
+    torch.testing.assert_close(loss, torch.stack(each).mean(), **TOL)
+    # forward covers the left-to-right members only
+    model.eval()
+    logits = model(src, src_lengths, tgt_in)
+    mean = torch.stack([torch.softmax(m(src, src_lengths, tgt_in), -1) for m in (m0, m1)]).mean(0)
+    torch.testing.assert_close(torch.softmax(logits, -1), mean, **TOL)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_a_search_in_both_directions_picks_the_best_candidate_by_both(alpha: float) -> None:
+    """With beams wider than every candidate set, every sequence is a candidate, and the search
+    returns the one with the highest (log p_left(y) + log p_right(reversed y)) / lp(|y|)."""
+    model = tiny_mixed(2, right_to_left=1, tgt_vocab=5, dropout=0.0)
+    forward, backward = model.members
+    with torch.no_grad():
+        for m in model.members:
+            m.generator.weight.mul_(8.0)
+    src = torch.tensor([[3, 4, 5, 6]])
+    bodies = [list(b) for n in range(4) for b in itertools.product([3, 4], repeat=n)]
+
+    def both(body: list[int]) -> float:
+        return sequence_log_prob(forward, src, [*body, EOS]) + sequence_log_prob(
+            backward, src, [*body[::-1], EOS]
+        )
+
+    best_score, best = max((both(b) / ((5 + len(b) + 1) / 6) ** alpha, b) for b in bodies)
+    found = model.beam_search(src, [4], beam_size=27, max_len=3, length_penalty=alpha)
+    assert found.to_lists(EOS)[0] == best
+    lp = ((5 + len(best) + 1) / 6) ** alpha
+    assert math.isclose(float(found.scores[0]) / lp, best_score, rel_tol=1e-9)
+    # EOS where a search produced it (a body of 3 tokens reached max_len without one)
+    assert (found.tokens[0, len(best)] == EOS) == (len(best) < 3)
+
+
+def test_a_search_in_both_directions_batched_equals_one_at_a_time(monkeypatch) -> None:
+    model = tiny_mixed(3, right_to_left=1, dropout=0.0)
+    src, src_lengths = source_batch()
+    whole_batch = model.beam_search(src, src_lengths, beam_size=3, max_len=7)
+    monkeypatch.setattr(seq2seq, "_RESCORE_LOGITS", 1)  # rescored one candidate at a time
+    for k in (1, 3):
+        batched = model.beam_search(src, src_lengths, beam_size=k, max_len=7)
+        for b, n in enumerate(src_lengths.tolist()):
+            alone = model.beam_search(src[b : b + 1, :n], [n], beam_size=k, max_len=7)
+            t = int(alone.lengths[0])
+            assert torch.equal(batched.tokens[b, :t], alone.tokens[0, :t])
+            assert torch.all(batched.tokens[b, t:] == PAD)
+            assert batched.lengths[b] == alone.lengths[0]
+            torch.testing.assert_close(batched.scores[b], alone.scores[0], **TOL)
+        if k == 3:
+            assert torch.equal(batched.tokens, whole_batch.tokens)
+            torch.testing.assert_close(batched.scores, whole_batch.scores, **TOL)
+    greedy = model.greedy(src, src_lengths, max_len=7)
+    beam1 = model.beam_search(src, src_lengths, beam_size=1, max_len=7)
+    assert torch.equal(greedy.tokens, beam1.tokens)
+    # per-source limits hold
+    limits = torch.tensor([1, 2, 3, 4, 5])
+    hyp = model.beam_search(src, src_lengths, beam_size=2, max_len=limits)
+    assert all(len(h) <= int(m) for h, m in zip(hyp.to_lists(EOS), limits, strict=True))
+
+
+def test_right_to_left_errors_name_the_bad_value() -> None:
+    build = lambda: Seq2Seq(tiny_config())  # noqa: E731
+    for r in (2, 3, -1, 0.5, True):
+        with pytest.raises(ValueError, match=rf"right_to_left = {r!r}; expected an integer from"):
+            Seq2SeqEnsemble(build, 2, r)

@@ -17,7 +17,7 @@ from rnnkit.data.japanese_vowels import parse_ts
 from rnnkit.data.shakespeare import markdown_to_text
 from rnnkit.errors import RecipeError
 from rnnkit.models.classifier import pool
-from rnnkit.train import evaluate, predict, train
+from rnnkit.train import evaluate, load_run, predict, train
 
 RUN_FILES = [
     "config.json",
@@ -178,6 +178,23 @@ def test_g2p_end_to_end(tmp_path):
     assert [line.split("\t")[0] for line in lines] == ["hello", "rnnkit", "world"]
     phonemes = set(vocab["phonemes"][4:])
     assert all(set(line.split("\t")[1].split()) <= phonemes for line in lines)
+
+
+@pytest.mark.slow
+def test_g2p_with_a_right_to_left_member_clears_the_floor(tmp_path):
+    """An ensemble whose second member writes right to left: the pair clears the floor, and so
+    does that member alone with its outputs read backwards (read forwards, they do not)."""
+    need_data("g2p")
+    run = tmp_path / "run"
+    overrides = SLICE["g2p"] | {"ensemble": 2, "right_to_left": True}
+    metrics = train("g2p", overrides, out=run, progress=False)
+    clears_floor(metrics, "g2p")
+    task, model = load_run(run)
+    assert model.reverse == (False, True)
+    data = task.encode(task.load_splits()["test"])
+    hyps = task.decode(model.members[1], data.items)
+    backwards = task.scores([h[::-1] for h in hyps], data.refs)["per"]
+    assert backwards <= FLOOR["g2p"] < task.scores(hyps, data.refs)["per"]
 
 
 def test_g2p_split_keeps_alternates_together():

@@ -324,6 +324,23 @@ def test_a_run_saved_before_ensembles_loads_as_one_model(tmp_path, task):
     assert json.loads((run / "config.json").read_text())["config"]["ensemble"] == 1
 
 
+def test_a_run_saved_before_right_to_left_members_loads_with_none(tmp_path):
+    """A g2p config saved without ``right_to_left`` had every member write left to right, though
+    g2p's default now splits its ensemble between the two directions."""
+    need_data("g2p")
+    run = tmp_path / "run"
+    train("g2p", {**TINY["g2p"], "right_to_left": False}, out=run, progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["config"]["right_to_left"]
+    (run / "config.json").write_text(json.dumps(saved))
+    _, model = load_run(run)
+    assert model.reverse == (False, False)
+    assert evaluate(run)["test"]["n"] > 0
+    # today's default: the second member writes right to left
+    train("g2p", TINY["g2p"], out=tmp_path / "now", progress=False)
+    assert load_run(tmp_path / "now")[1].reverse == (False, True)
+
+
 def test_early_stopping_and_time_limit(tmp_path):
     need_data("speech")
     frozen = train(

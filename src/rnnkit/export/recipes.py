@@ -10,7 +10,10 @@ What is exported, by model (:func:`exporters`):
 * an encoder-decoder (g2p, translate): two graphs, so beam search can run outside Python:
   ``PATH`` with ``.encoder.onnx`` (the source -> the decoder's initial state) and
   ``.decoder_step.onnx`` (one decoder step: the previous token and state -> the next token's
-  logits and the next state); :class:`rnnkit.models.DecoderState` names the state tensors.
+  logits and the next state); :class:`rnnkit.models.DecoderState` names the state tensors. An
+  ensemble with right-to-left members (``--right-to-left``) adds the same two graphs of those
+  members, ``.reverse_encoder.onnx`` and ``.reverse_decoder_step.onnx``, for the search in
+  the other direction; rescoring a candidate is stepping its tokens through both.
 
 Every graph has dynamic batch and length axes. Before anything is written, onnxruntime runs
 it on the whole validation split (or ``limit`` examples of it) against the PyTorch model: the
@@ -250,6 +253,27 @@ class CharLMExporter(Exporter):
 _MEMORY = ("memory", "keys", "mask")  # the encoded source: read by every step, never changed
 
 
+def _directions(model: Seq2Seq | Seq2SeqEnsemble) -> list[tuple[str, Seq2Seq | Seq2SeqEnsemble]]:
+    """The model's parts searched on their own, each with the prefix of its graphs' names: the
+    model itself, or an ensemble's left-to-right members and (``reverse_``) its right-to-left
+    ones, each part one model or an ensemble sharing the members' modules."""
+    if not isinstance(model, Seq2SeqEnsemble) or not any(model.reverse):
+        return [("", model)]
+    parts = []
+    for prefix, reverse in (("", False), ("reverse_", True)):
+        members = [m for m, r in zip(model.members, model.reverse, strict=True) if r == reverse]
+        parts.append((prefix, _together(members)))
+    return parts
+
+
+def _together(members: list[Seq2Seq]) -> Seq2Seq | Seq2SeqEnsemble:
+    """One member, or an ensemble of several (the same modules, not copies)."""
+    if len(members) == 1:
+        return members[0]
+    it = iter(members)
+    return Seq2SeqEnsemble(lambda: next(it), len(members)).train(members[0].training)
+
+
 def _members(model: Seq2Seq | Seq2SeqEnsemble) -> list[Seq2Seq]:
     return list(model.members) if isinstance(model, Seq2SeqEnsemble) else [model]
 
@@ -345,6 +369,14 @@ class Seq2SeqExporter(Exporter):
 
     def graphs(self, model: nn.Module, task: Any, data: Any) -> list[Graph]:
         src, lengths = self._example(model, task, data)
+        graphs = []
+        for prefix, part in _directions(model):
+            graphs += self._graphs(part, src, lengths, prefix)
+        return graphs
+
+    def _graphs(
+        self, model: Seq2Seq | Seq2SeqEnsemble, src: Tensor, lengths: Tensor, prefix: str
+    ) -> list[Graph]:
         # a tensor of its own per input: the zero bridge gives h and c one tensor, which
         # torch.export would take for one input (the step then reading h0 where c0 is)
         state = tuple(t.clone() for t in _flat(model.start(src, lengths)))
@@ -357,8 +389,8 @@ class Seq2SeqExporter(Exporter):
         ]
         return [
             Graph(
-                ".encoder",
-                "the encoder",
+                f".{prefix}encoder",
+                "the encoder" if not prefix else "the right-to-left members' encoder",
                 _Encode(model),
                 (src, lengths),
                 ["src", "src_lengths"],
@@ -366,8 +398,8 @@ class Seq2SeqExporter(Exporter):
                 ({0: "batch", 1: "source_steps"}, {0: "batch"}),
             ),
             Graph(
-                ".decoder_step",
-                "one decoder step",
+                f".{prefix}decoder_step",
+                "one decoder step" if not prefix else "the right-to-left members' decoder step",
                 _Step(model),
                 (token, list(state)),
                 ["token", *state_names],
@@ -380,32 +412,49 @@ class Seq2SeqExporter(Exporter):
     def check(
         self, model: nn.Module, task: Any, data: Any, sessions: list[Any], limit: int
     ) -> Check:
+        result = Check()
+        parts = _directions(model)
+        for k, (prefix, part) in enumerate(parts):
+            encoder, step = sessions[2 * k : 2 * k + 2]
+            self._check(part, task, data, (encoder, step), limit, prefix, result)
+        result.examples //= len(parts)  # each direction ran every example
+        return result
+
+    def _check(
+        self,
+        model: Seq2Seq | Seq2SeqEnsemble,
+        task: Any,
+        data: Any,
+        sessions: tuple[Any, Any],
+        limit: int,
+        prefix: str,
+        result: Check,
+    ) -> None:
+        """Run one direction's graphs against its members along their greedy path."""
         from ..data import pad_batch
 
         encoder, step = sessions
         changing, fixed = _state_names(model)
         state_names = [*changing, *fixed]
-        result = Check()
         for idx in _batches([len(s) for s in data.items], task.eval_batch_size, limit):
             src, lengths = pad_batch([data.items[i] for i in idx], model.config.pad_id)
             state = model.start(src, lengths)
             got = encoder.run(None, {"src": src.numpy(), "src_lengths": lengths.numpy()})
             for name, g, e in zip(state_names, got, _flat(state), strict=True):
-                result.add(name, g, e)
+                result.add(prefix + name, g, e)
             memory = got[len(changing) :]
             token = torch.full((len(idx),), model.config.bos_id)
             for _ in range(self.steps):
                 feed = dict(zip(state_names, [*got[: len(changing)], *memory], strict=True))
                 got = step.run(None, {"token": token.numpy()} | feed)
                 logits, state = model.step(token, state)
-                result.add("logits", got[0], logits)
+                result.add(f"{prefix}logits", got[0], logits)
                 result.predictions_of(got[0], logits)
                 for name, g, e in zip(state_names, got[1:], _flat(state), strict=False):
-                    result.add(f"next {name}", g, e)
+                    result.add(f"next {prefix}{name}", g, e)
                 got = got[1:] + memory
                 token = logits.argmax(-1)  # both follow PyTorch's greedy path
             result.examples += len(idx)
-        return result
 
 
 def exporters() -> list[tuple[type[nn.Module], Callable[[], Exporter]]]:

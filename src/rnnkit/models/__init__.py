@@ -23,6 +23,7 @@ from .seq2seq import (
     Seq2SeqEnsemble,
     decoder_io,
     plot_attention,
+    reverse_targets,
     sequence_loss,
     summarise_final_state,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "masked_softmax",
     "plot_attention",
     "pool",
+    "reverse_targets",
     "sequence_loss",
     "summarise_final_state",
 ]

@@ -58,6 +58,7 @@ __all__ = [
     "Seq2SeqEnsemble",
     "decoder_io",
     "plot_attention",
+    "reverse_targets",
     "sequence_loss",
     "summarise_final_state",
 ]
@@ -365,6 +366,20 @@ class _Searches:
         batch of B * k rows; each source's result equals a search over it alone (with its own
         limit). With ``beam_size = 1`` it is greedy decoding.
         """
+        k, limits, alpha = self._search_args(src, beam_size, max_len, length_penalty)
+        return self._search(src, src_lengths, k, limits, alpha)
+
+    def _search(
+        self, src: Tensor, src_lengths: Any, k: int, limits: Tensor, alpha: float
+    ) -> Hypotheses:
+        """:meth:`beam_search` with its arguments checked."""
+        return self._beam(src, src_lengths, k, limits, alpha).best
+
+    def _search_args(
+        self, src: Tensor, beam_size: Any, max_len: Any, length_penalty: Any
+    ) -> tuple[int, Tensor, float]:
+        """:meth:`beam_search`'s arguments checked, the config's where None: the beam size, the
+        (B,) limits and the length penalty."""
         c = self.config
         k = c.beam_size if beam_size is None else beam_size
         alpha = _check_length_penalty(
@@ -372,12 +387,17 @@ class _Searches:
         )
         if isinstance(k, Tensor) or whole(k) is None or k <= 0:
             raise ValueError(f"beam_size = {k!r}; expected a positive integer")
-        k = int(k)
+        limit = c.max_decode_len if max_len is None else max_len
+        return int(k), _check_max_len(limit, src.shape[0], src.device), alpha
+
+    def _beam(self, src: Tensor, src_lengths: Any, k: int, limits: Tensor, alpha: float) -> _Beams:
+        """The search of :meth:`beam_search` (checked arguments): its best hypotheses and the
+        final beams."""
+        c = self.config
         batch, vocab, device = src.shape[0], c.tgt_vocab, src.device
-        limits = _check_max_len(c.max_decode_len if max_len is None else max_len, batch, device)
 
         def normalised(score: Tensor, length: Tensor) -> Tensor:
-            return score / ((5.0 + length.to(score.dtype)) / 6.0) ** alpha
+            return _normalised(score, length, alpha)
 
         rows = torch.arange(batch, device=device)
         state = self.start(src, src_lengths).select(rows.repeat_interleave(k))  # B * k rows
@@ -431,11 +451,29 @@ class _Searches:
         # cut at max_len). A recorded finished one wins ties: slot 0 may be that very one.
         top_ranked = normalised(scores[:, 0], lengths[:, 0])
         keep = (best_ranked >= top_ranked).unsqueeze(1)
-        return Hypotheses(
+        chosen = Hypotheses(
             torch.where(keep, best.tokens, history[:, 0]),
             torch.where(keep.squeeze(1), best.lengths, lengths[:, 0]),
             torch.where(keep.squeeze(1), best.scores, scores[:, 0]),
         )
+        return _Beams(chosen, history, lengths, scores)
+
+
+@dataclass
+class _Beams:
+    """A beam search's result: ``best`` (what :meth:`_Searches.beam_search` returns) and the final
+    beams, ``tokens`` (B, k, T) with their ``lengths`` and ``scores`` (B, k) (-inf: an empty
+    slot)."""
+
+    best: Hypotheses
+    tokens: Tensor
+    lengths: Tensor
+    scores: Tensor
+
+
+def _normalised(score: Tensor, length: Tensor, alpha: float) -> Tensor:
+    """``score / lp(length)``, ``lp(n) = ((5 + n) / 6) ** alpha``: the beam search's ranking."""
+    return score / ((5.0 + length.to(score.dtype)) / 6.0) ** alpha
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -681,6 +719,36 @@ class EnsembleState:
         return torch.stack([s.weights for s in self.members]).mean(0)
 
 
+#: Candidates are rescored in slices of at most this many logits (or one candidate).
+_RESCORE_LOGITS = 2**24
+
+
+class _Group(_Searches):
+    """Members searched together by the mean of their next-token probabilities."""
+
+    def __init__(self, members: Sequence[Seq2Seq]) -> None:
+        self.members = list(members)
+        self.config = self.members[0].config
+
+    def start(self, src: Tensor, src_lengths: Any) -> EnsembleState:
+        return EnsembleState(tuple(m.start(src, src_lengths) for m in self.members))
+
+    def step(self, token: Tensor, state: EnsembleState) -> tuple[Tensor, EnsembleState]:
+        if not isinstance(state, EnsembleState) or len(state.members) != len(self.members):
+            raise ValueError(
+                f"state is {type(state).__name__}; expected an EnsembleState of "
+                f"{len(self.members)} members, from this ensemble's start()"
+            )
+        outs = [m.step(token, s) for m, s in zip(self.members, state.members, strict=True)]
+        logits = average_probabilities([logits for logits, _ in outs])
+        return logits, EnsembleState(tuple(s for _, s in outs))
+
+    def forward(self, src: Tensor, src_lengths: Any, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
+        outs = [m(src, src_lengths, tgt_in, return_attention=True) for m in self.members]
+        logits = average_probabilities([logits for logits, _ in outs])
+        return logits, torch.stack([w for _, w in outs]).mean(0)
+
+
 class Seq2SeqEnsemble(_Searches, nn.Module):
     """``size`` encoder–decoders from ``build()``, each from its own initialisation, trained side
     by side on the same batches; the ensemble decodes by the mean of their next-token
@@ -692,13 +760,31 @@ class Seq2SeqEnsemble(_Searches, nn.Module):
     member's). :meth:`loss` is the mean of the members' losses, so each member learns as it would
     alone; :meth:`forward` gives the teacher-forced logits of the mean probabilities (and the
     members' mean attention weights).
+
+    With ``right_to_left = r`` > 0 the last r members learn every target reversed (``y_n ..
+    y_1``, then EOS), and a search runs in both directions: each direction's members search
+    together (a beam search by their mean probabilities), the hypotheses of every final beam
+    (with each search's best) become candidates, and the candidate with the highest sum of the
+    two directions' log-probabilities (each from its members' mean probabilities, EOS included),
+    normalised by length as the beam search ranks (``length_penalty``), wins. Greedy decoding is
+    that with beams of 1. :meth:`start`, :meth:`step` and :meth:`forward` then cover the
+    left-to-right members only (a right-to-left member's probability at a step conditions on the
+    tokens after it), and at least one member writes left to right.
     """
 
-    def __init__(self, build: Callable[[], Seq2Seq], size: int) -> None:
+    def __init__(self, build: Callable[[], Seq2Seq], size: int, right_to_left: int = 0) -> None:
         super().__init__()
         if whole(size) is None or size < 1:
             raise ValueError(f"size = {size!r}; expected at least 1 member, an integer")
+        r = whole(right_to_left)
+        if r is None or not 0 <= r < size:
+            raise ValueError(
+                f"right_to_left = {right_to_left!r}; expected an integer from 0 to {size - 1}: "
+                "at least one member writes left to right"
+            )
         self.members = nn.ModuleList(build() for _ in range(int(size)))
+        #: Whether each member writes its output right to left.
+        self.reverse = tuple(k >= size - r for k in range(int(size)))
         first = self.members[0].config
         for k, m in enumerate(self.members):
             for name in ("src_vocab", "tgt_vocab", "pad_id", "bos_id", "eos_id"):
@@ -717,32 +803,25 @@ class Seq2SeqEnsemble(_Searches, nn.Module):
         """The first member's encoder (the members' are alike but for their weights)."""
         return self.members[0].encoder
 
+    def _group(self, reverse: bool) -> _Group:
+        return _Group([m for m, r in zip(self.members, self.reverse, strict=True) if r == reverse])
+
     def start(self, src: Tensor, src_lengths: Any) -> EnsembleState:
-        """Every member's initial decoder state for ``src``."""
-        return EnsembleState(tuple(m.start(src, src_lengths) for m in self.members))
+        """Every (left-to-right) member's initial decoder state for ``src``."""
+        return self._group(False).start(src, src_lengths)
 
     def step(self, token: Tensor, state: EnsembleState) -> tuple[Tensor, EnsembleState]:
-        """Feed ``token`` (B,) to every member -> (log of the mean next-token probabilities
-        (B, V), the next states)."""
-        if not isinstance(state, EnsembleState) or len(state.members) != len(self.members):
-            raise ValueError(
-                f"state is {type(state).__name__}; expected an EnsembleState of "
-                f"{len(self.members)} members, from this ensemble's start()"
-            )
-        outs = [m.step(token, s) for m, s in zip(self.members, state.members, strict=True)]
-        logits = average_probabilities([logits for logits, _ in outs])
-        return logits, EnsembleState(tuple(s for _, s in outs))
+        """Feed ``token`` (B,) to every (left-to-right) member -> (log of the mean next-token
+        probabilities (B, V), the next states)."""
+        return self._group(False).step(token, state)
 
     def forward(
         self, src: Tensor, src_lengths: Any, tgt_in: Tensor, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Teacher-forced logits (B, T, V) of the members' mean probabilities; with
-        ``return_attention`` also the members' mean attention weights (B, T, S)."""
-        outs = [m(src, src_lengths, tgt_in, return_attention=True) for m in self.members]
-        logits = average_probabilities([logits for logits, _ in outs])
-        if not return_attention:
-            return logits
-        return logits, torch.stack([w for _, w in outs]).mean(0)
+        """Teacher-forced logits (B, T, V) of the (left-to-right) members' mean probabilities;
+        with ``return_attention`` also their mean attention weights (B, T, S)."""
+        logits, weights = self._group(False).forward(src, src_lengths, tgt_in)
+        return (logits, weights) if return_attention else logits
 
     def loss(
         self,
@@ -752,9 +831,105 @@ class Seq2SeqEnsemble(_Searches, nn.Module):
         tgt_out: Tensor,
         label_smoothing: float = 0.0,
     ) -> Tensor:
-        """The mean of the members' :meth:`Seq2Seq.loss`: each member learns as it would alone."""
-        losses = [m.loss(src, src_lengths, tgt_in, tgt_out, label_smoothing) for m in self.members]
+        """The mean of the members' :meth:`Seq2Seq.loss` (a right-to-left member's on the
+        targets reversed): each member learns as it would alone."""
+        reversed_io = reverse_targets(tgt_out, self.config) if any(self.reverse) else None
+        losses = []
+        for m, r in zip(self.members, self.reverse, strict=True):
+            inputs, targets = reversed_io if r and reversed_io else (tgt_in, tgt_out)
+            losses.append(m.loss(src, src_lengths, inputs, targets, label_smoothing))
         return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def greedy(
+        self, src: Tensor, src_lengths: Any, max_len: int | Tensor | None = None
+    ) -> Hypotheses:
+        """Greedy decoding (with right-to-left members: of each direction, then rescored)."""
+        if not any(self.reverse):
+            return super().greedy(src, src_lengths, max_len)
+        return self.beam_search(src, src_lengths, beam_size=1, max_len=max_len)
+
+    def _search(
+        self, src: Tensor, src_lengths: Any, k: int, limits: Tensor, alpha: float
+    ) -> Hypotheses:
+        """The beam search of :meth:`beam_search`; with right-to-left members, both directions'
+        beams rescored (see the class docstring)."""
+        if not any(self.reverse):
+            return super()._search(src, src_lengths, k, limits, alpha)
+        return self._rescored(src, src_lengths, k, limits, alpha)
+
+    def _rescored(
+        self, src: Tensor, src_lengths: Any, k: int, limits: Tensor, alpha: float
+    ) -> Hypotheses:
+        c = self.config
+        batch, device = src.shape[0], src.device
+        groups = [(self._group(r), r) for r in (False, True)]
+        # Each source's candidates, left to right without EOS -> whether a search finished it.
+        found: list[dict[tuple[int, ...], bool]] = [{} for _ in range(batch)]
+        for group, reverse in groups:
+            beams = group._beam(src, src_lengths, k, limits, alpha)
+            best = beams.best
+            tokens = torch.cat([best.tokens.unsqueeze(1), beams.tokens], 1).tolist()
+            lengths = torch.cat([best.lengths.unsqueeze(1), beams.lengths], 1).tolist()
+            live = torch.cat([best.scores.unsqueeze(1), beams.scores], 1) > -math.inf
+            for b, j in live.nonzero().tolist():
+                ids = tokens[b][j][: lengths[b][j]]
+                finished = bool(ids) and ids[-1] == c.eos_id
+                ids = ids[:-1] if finished else ids
+                key = tuple(reversed(ids)) if reverse else tuple(ids)
+                found[b][key] = found[b].get(key, False) or finished
+        flat = [(b, ids) for b in range(batch) for ids in found[b]]
+        if not flat:
+            empty = src.new_empty(batch, 0)
+            return Hypotheses(empty, src.new_zeros(batch), src.new_zeros(batch, dtype=torch.float))
+        rows = torch.tensor([b for b, _ in flat], device=device)
+        n = torch.tensor([len(ids) for _, ids in flat], device=device)
+        width = max(1, int(n.max()))
+        tgt = src.new_full((len(flat), width), c.pad_id)
+        for j, (_, ids) in enumerate(flat):
+            tgt[j, : len(ids)] = torch.tensor(ids, dtype=tgt.dtype)
+        lengths = L.as_lengths(src_lengths, batch, src.shape[1], device)
+        sub_src, sub_lengths = src[rows], lengths[rows]
+        tgt_in, tgt_out = decoder_io(tgt, n, c)
+        chunk = max(1, _RESCORE_LOGITS // ((width + 1) * c.tgt_vocab))
+        parts = []
+        for i in range(0, len(flat), chunk):
+            part = slice(i, i + chunk)
+            score = 0.0
+            for group, reverse in groups:
+                inputs, targets = tgt_in[part], tgt_out[part]
+                if reverse:
+                    inputs, targets = reverse_targets(targets, c)
+                logits, _ = group.forward(sub_src[part], sub_lengths[part], inputs)
+                wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                logp = F.log_softmax(wide, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                score = score + logp.masked_fill(targets == c.pad_id, 0.0).sum(1)
+            parts.append(score)
+        total = torch.cat(parts)
+        ranked = _normalised(total, n + 1, alpha).tolist()
+        pick: dict[int, int] = {}
+        for j, (b, _) in enumerate(flat):
+            if b not in pick or ranked[j] > ranked[pick[b]]:
+                pick[b] = j
+        out = src.new_full((batch, width + 1), c.pad_id)
+        out_lengths = src.new_zeros(batch)
+        scores = total.new_zeros(batch)
+        for b, j in pick.items():
+            ids = list(flat[j][1]) + ([c.eos_id] if found[b][flat[j][1]] else [])
+            out[b, : len(ids)] = torch.tensor(ids, dtype=out.dtype)
+            out_lengths[b] = len(ids)
+            scores[b] = total[j]
+        return Hypotheses(out, out_lengths, scores)
+
+
+def reverse_targets(tgt_out: Tensor, config: Seq2SeqConfig) -> tuple[Tensor, Tensor]:
+    """A right-to-left decoder's teacher-forcing inputs and targets from a left-to-right
+    ``tgt_out`` = [y_1 .. y_n, EOS] (B, T), padded with ``pad_id``: [BOS, y_n .. y_1] and
+    [y_n .. y_1, EOS], both (B, T)."""
+    lengths = (tgt_out != config.pad_id).sum(1) - 1
+    body = tgt_out[:, :-1]
+    index = lengths.unsqueeze(1) - 1 - torch.arange(body.shape[1], device=body.device)
+    return decoder_io(body.gather(1, index.clamp(min=0)), lengths, config)
 
 
 def _check_length_penalty(alpha: Any) -> float:

@@ -49,6 +49,15 @@ def ensemble_option(default: int = 1) -> Any:
     )
 
 
+def right_to_left_option(default: bool = False) -> Any:
+    """The ``right_to_left`` field of the encoder-decoder recipes, with a recipe's own default."""
+    return option(
+        default,
+        "with an ensemble, half of its members (rounded down) learn each target right to left, "
+        "and a search runs in both directions and keeps the candidate that both score highest",
+    )
+
+
 class ClassifierHooks:
     """Batching, loss and evaluation for a model ``(x, lengths) -> logits`` on labelled data.
 
@@ -158,6 +167,7 @@ class EncoderDecoderConfig(TrainConfig):
     length_penalty: float = option(0.6, "length normalisation alpha of the beam search")
     max_decode_len: int = option(80, "most tokens generated per source")
     ensemble: int = ensemble_option(1)
+    right_to_left: bool = right_to_left_option(False)
 
 
 @dataclass
@@ -238,7 +248,9 @@ class Seq2SeqHooks:
             )
             return Seq2Seq(config, encoder=encoder, backend=c.backend)
 
-        return build() if c.ensemble == 1 else Seq2SeqEnsemble(build, c.ensemble)
+        if c.ensemble == 1:
+            return build()
+        return Seq2SeqEnsemble(build, c.ensemble, c.ensemble // 2 if c.right_to_left else 0)
 
     def epoch_batches(self, data: Pairs, generator: torch.Generator) -> list[list[int]]:
         lengths = [len(s) + len(t) for s, t in zip(data.src, data.tgt, strict=True)]
