@@ -259,11 +259,7 @@ def _directions(model: Seq2Seq | Seq2SeqEnsemble) -> list[tuple[str, Seq2Seq | S
     ones, each part one model or an ensemble sharing the members' modules."""
     if not isinstance(model, Seq2SeqEnsemble) or not any(model.reverse):
         return [("", model)]
-    parts = []
-    for prefix, reverse in (("", False), ("reverse_", True)):
-        members = [m for m, r in zip(model.members, model.reverse, strict=True) if r == reverse]
-        parts.append((prefix, _together(members)))
-    return parts
+    return [(p, _together(model.writing(r))) for p, r in (("", False), ("reverse_", True))]
 
 
 def _together(members: list[Seq2Seq]) -> Seq2Seq | Seq2SeqEnsemble:

@@ -803,8 +803,12 @@ class Seq2SeqEnsemble(_Searches, nn.Module):
         """The first member's encoder (the members' are alike but for their weights)."""
         return self.members[0].encoder
 
+    def writing(self, reverse: bool) -> list[Seq2Seq]:
+        """The members that write right to left (``reverse``) or left to right."""
+        return [m for m, r in zip(self.members, self.reverse, strict=True) if r == reverse]
+
     def _group(self, reverse: bool) -> _Group:
-        return _Group([m for m, r in zip(self.members, self.reverse, strict=True) if r == reverse])
+        return _Group(self.writing(reverse))
 
     def start(self, src: Tensor, src_lengths: Any) -> EnsembleState:
         """Every (left-to-right) member's initial decoder state for ``src``."""
