@@ -394,6 +394,39 @@ def test_a_charlm_bptt_the_global_streams_cannot_hold_is_refused_before_anything
     assert not run.exists()  # a run directory --out could not start again at
 
 
+#: One rank of a diverging speech run (python -c DIVERGES OUT OVERRIDES) that prints, while the
+#: error is still held, how many DistributedDataParallel wrappers are alive and whether the
+#: process group is gone.
+DIVERGES = """
+import gc, json, sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from rnnkit.errors import TrainingDiverged
+from rnnkit.train import train
+
+torch.set_num_threads(1)
+try:
+    train("speech", json.loads(sys.argv[2]), out=sys.argv[1], progress=False, device="cpu")
+except TrainingDiverged as e:
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"{type(e).__name__} {alive} {dist.is_initialized()}")
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_two_process_run_frees_its_replica_before_leaving_the_group(tmp_path):
+    """The wrapper's reducer holds the process group; freed after the group was left (with the
+    error that holds the training frames), it would destroy the group with the GIL held and
+    could wait forever for a gloo thread that needs the GIL. None may outlive train()."""
+    need_data("speech")
+    overrides = {**PER_PROCESS, "clip": 0, "lr": 3e37}
+    ranks = finish(spawn(str(tmp_path / "run"), json.dumps(overrides), program=("-c", DIVERGES)))
+    assert [out.strip() for _, out, _ in ranks] == ["TrainingDiverged 0 False"] * 2, [
+        err[-2000:] for *_, err in ranks
+    ]
+
+
 @pytest.mark.slow
 def test_a_diverging_two_process_run_says_so_once(tmp_path):
     """Every rank sees the same all-reduced loss, so every rank stops at the same batch with

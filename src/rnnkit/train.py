@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -53,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -847,8 +849,33 @@ def train(
             return _train(
                 task_cls, overrides, out, resume, progress, hook, world, dev, started, undo
             )
+    except BaseException as e:
+        if world.distributed:
+            _release_frames(e)
+        raise
     finally:
         world.close()
+
+
+def _release_frames(error: BaseException) -> None:
+    """Free the locals of the finished frames ``error`` (and the errors it chains) holds, so that
+    the model's DistributedDataParallel wrapper goes before the process group does, as it does
+    when training ends normally.
+
+    Its reducer holds the process group and is freed with the GIL held: were it the last owner,
+    the group's destructor would wait, GIL held, for a gloo worker thread that may still be
+    releasing the last all-reduce's tensors and needs the GIL to do so (a process that never
+    exits). Freed before :meth:`World.close`, the group outlives it, and leaving the group
+    releases the GIL while it waits. The traceback keeps its lines (what a report prints)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            traceback.clear_frames(e.__traceback__)
+            todo += [e.__cause__, e.__context__]
+    gc.collect()
 
 
 def _fails(step: Callable[[], object]) -> bool:
