@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from test_train import assert_same_run
 
 from rnnkit.distributed import World
-from rnnkit.errors import CheckpointError
+from rnnkit.errors import CheckpointError, ProcessLost
 from rnnkit.tasks.speech import SpeechConfig, SpeechTask
 from rnnkit.train import _global_batches, train
 
@@ -374,6 +375,36 @@ def test_a_broken_torchrun_environment_is_one_line(monkeypatch):
         World.from_env()
 
 
+GLOO_RESET = (
+    "[/src/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:8600: "
+    "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in "
+    "the application.\nmore"
+)
+
+
+def test_a_collective_whose_peer_is_gone_is_one_line_naming_the_rank():
+    world = World(rank=1, size=3)
+    with pytest.raises(ProcessLost) as caught, world.collective("an all-reduce"):
+        raise RuntimeError(GLOO_RESET)
+    assert str(caught.value) == (
+        "rank 1 of 3: an all-reduce failed (Read error [127.0.0.1]:8600: Connection reset by "
+        "peer): another process of this run stopped or cannot be reached (its own output says why)"
+    )
+    assert caught.value.__suppress_context__  # the transport's traceback is not printed
+    with pytest.raises(ProcessLost, match=r"rank 1 of 3: a broadcast failed \(NCCL timeout\)"):
+        with world.collective("a broadcast"):
+            raise torch.distributed.DistBackendError("NCCL timeout")
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("shape mismatch: [2, 3] vs [3, 2]"), ValueError("/gloo/ bad value")]
+)
+def test_an_error_that_is_not_the_transport_passes_through_a_collective(error):
+    with pytest.raises(type(error), match=re.escape(str(error))):
+        with World(rank=0, size=2).collective("an all-reduce"):
+            raise error
+
+
 def test_a_charlm_bptt_the_global_streams_cannot_hold_is_refused_before_anything_is_written(
     tmp_path,
 ):
@@ -392,6 +423,44 @@ def test_a_charlm_bptt_the_global_streams_cannot_hold_is_refused_before_anything
         "training text; it has 1000"
     ) in err
     assert not run.exists()  # a run directory --out could not start again at
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_rank_killed_mid_run_stops_the_other_with_one_line_that_says_how_to_go_on(
+    tmp_path, killed
+):
+    """A peer gone in the middle of a collective (the OOM killer, a lost machine): the other
+    rank stops at once with status 1 and one line naming itself and the resume command, not
+    gloo's traceback, and not after the collective's 30-minute timeout."""
+    need_data("speech")
+    run = tmp_path / "run"
+    procs = spawn(*_args("speech", run, {**PER_PROCESS, "epochs": 1000, "checkpoint_every": 1}))
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while _step(run / "resume.safetensors") < 9 and procs[0].poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        os.kill(procs[killed].pid, signal.SIGKILL)
+        gone = time.monotonic()
+        procs[1 - killed].wait(timeout=60)
+        waited = time.monotonic() - gone
+    finally:
+        ranks = finish(procs)
+    status, _, err = ranks[1 - killed]
+    assert status == 1, err[-3000:]
+    assert waited < 30
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1, errors
+    line, survivor = errors[0], 1 - killed
+    assert line.startswith(f"rnnkit: error: rank {survivor} of 2: "), line
+    assert " failed (" in line and "Traceback" not in line, line
+    assert "another process of this run stopped or cannot be reached" in line, line
+    assert f"--nproc-per-node=2 $(which rnnkit) train speech --out {run} --resume`" in line, line
+    last = "the last checkpoint" if survivor == 0 else "rank 0's last checkpoint"
+    assert line.endswith(f"continues it from {last} in {run}"), line
+    assert _step(run / "resume.safetensors") >= 9  # the checkpoint is there to go on from
 
 
 #: One rank of a diverging speech run (python -c DIVERGES OUT OVERRIDES) that prints, while the

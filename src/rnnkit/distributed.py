@@ -16,6 +16,9 @@ The rules :mod:`rnnkit.train` follows with a :class:`World`:
 - what every rank does on its own before training (loading the data, building the model) runs
   under :meth:`World.together`: when it fails on any rank, every rank stops there with the error
   of the first rank that failed, and rank 0 alone reports it;
+- a collective that cannot reach another process (killed, out of memory, its machine gone) raises
+  :class:`~rnnkit.errors.ProcessLost` on each rank still there (:meth:`World.collective`),
+  rather than the transport's traceback or a wait for the collective's timeout;
 - every decision that changes the control flow (stop, checkpoint, out of time) is taken from
   numbers every rank holds identically (:meth:`World.sum`), never from a clock of its own.
 
@@ -35,7 +38,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import DeviceError, RecipeError
+from .errors import DeviceError, ProcessLost, RecipeError
 
 __all__ = ["World"]
 
@@ -141,7 +144,8 @@ class World:
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        with self.collective("an all-reduce"):
+            dist.all_reduce(t)
         return t.tolist()
 
     def any(self, flag: bool) -> bool:
@@ -155,7 +159,8 @@ class World:
         import torch.distributed as dist
 
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, device=self._object_device())
+        with self.collective("a broadcast from rank 0"):
+            dist.broadcast_object_list(box, src=0, device=self._object_device())
         return box[0]  # type: ignore[return-value]
 
     def gather(self, obj: Any) -> list[Any] | None:
@@ -170,7 +175,8 @@ class World:
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj)  # (gather_object is not supported by every backend)
+        with self.collective("an all-gather"):  # (gather_object: not on every backend)
+            dist.all_gather_object(out, obj)
         return out
 
     def on_main(self, fn: Callable[[], T]) -> T:
@@ -224,8 +230,47 @@ class World:
             raise error
         raise error from None
 
+    @contextlib.contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """A block of collectives (``what`` names them for a user), whose failure to reach the
+        other processes raises :class:`ProcessLost` naming this rank instead of the transport's
+        own error; any other error passes through as it is."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not _lost_peer(e):
+                raise
+            raise ProcessLost(
+                f"rank {self.rank} of {self.size}: {what} failed ({_first_line(e)}): another "
+                "process of this run stopped or cannot be reached (its own output says why)"
+            ) from None
+
     def _object_device(self) -> torch.device | None:
         return self.device if self.device is not None and self.device.type == "cuda" else None
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective's transport failing (a peer gone, a connection reset or
+    closed, a timeout), as gloo and nccl raise it, rather than an error in what was sent."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        mark in text for mark in ("/gloo/", "Gloo", "NCCL", "Connection reset", "Connection closed")
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a transport's error: its first line, without the source location gloo puts
+    in front of it, at most 200 characters."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    text = text.split(" This is typically caused", 1)[0].rstrip(". ")
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _env_int(name: str, default: int) -> int:

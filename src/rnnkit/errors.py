@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "DataMissing",
     "DeviceError",
+    "ProcessLost",
     "RecipeError",
     "StorageError",
     "TrainingDiverged",
@@ -51,3 +52,10 @@ class DeviceError(RecipeError):
     message says what to use instead."""
 
     exit_code = 1
+
+
+class ProcessLost(DeviceError):
+    """Another process of a multi-process run stopped or could not be reached in the middle of a
+    collective (killed, out of memory, its machine gone): this one stops too, rather than
+    printing the transport's traceback or waiting for the collective's timeout. The message says
+    which rank, where, and how the run goes on from its last checkpoint."""

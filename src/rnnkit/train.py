@@ -76,7 +76,7 @@ from .devices import (
     to_device,
 )
 from .distributed import World
-from .errors import CheckpointError, RecipeError, StorageError, TrainingDiverged
+from .errors import CheckpointError, ProcessLost, RecipeError, StorageError, TrainingDiverged
 from .tasks.base import BEFORE_ADDED, Task, TrainConfig, flag
 
 __all__ = [
@@ -878,6 +878,26 @@ def _release_frames(error: BaseException) -> None:
     gc.collect()
 
 
+@contextlib.contextmanager
+def _lost_peer_resumes(world: World, task: str, run_dir: Path) -> Iterator[None]:
+    """Training, where another process lost in a collective (:class:`ProcessLost`, from the
+    world's own collectives or DistributedDataParallel's gradient all-reduce) stops this one
+    with how the run goes on."""
+    try:
+        with world.collective("the gradients' all-reduce"):
+            yield
+    except ProcessLost as e:
+        again = resume_command(task, run_dir, world.size)
+        if not world.is_main:
+            goes_on = f"{again} continues it from rank 0's last checkpoint in {run_dir}"
+        elif (run_dir / STATE).exists():
+            goes_on = f"{again} continues it from the last checkpoint in {run_dir}"
+        else:
+            goes_on = f"no checkpoint had been saved in {run_dir}: start it again"
+        e.args = (f"{e}; {goes_on}",)
+        raise
+
+
 def _fails(step: Callable[[], object]) -> bool:
     """Whether ``step()`` raises a :class:`RecipeError`."""
     try:
@@ -1115,7 +1135,7 @@ def _train(
 
     if not p.stopped:
         trained = _replicate(model, dev) if world.distributed else model
-        with _CtrlC() as ctrl_c:
+        with _lost_peer_resumes(world, name, run_dir), _CtrlC() as ctrl_c:
             _train_epochs(
                 task,
                 config,
