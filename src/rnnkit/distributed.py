@@ -249,17 +249,15 @@ class World:
         return self.device if self.device is not None and self.device.type == "cuda" else None
 
 
-def _lost_peer(error: BaseException) -> bool:
+def _lost_peer(error: RuntimeError) -> bool:
     """Whether ``error`` is a collective's transport failing (a peer gone, a connection reset or
     closed, a timeout), as gloo and nccl raise it, rather than an error in what was sent."""
     import torch.distributed as dist
 
     if isinstance(error, dist.DistError):
         return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        mark in text for mark in ("/gloo/", "Gloo", "NCCL", "Connection reset", "Connection closed")
-    )
+    marks = ("/gloo/", "Gloo", "NCCL", "Connection reset", "Connection closed")
+    return any(mark in str(error) for mark in marks)
 
 
 def _first_line(error: BaseException) -> str:

@@ -837,10 +837,11 @@ class Seq2SeqEnsemble(_Searches, nn.Module):
     ) -> Tensor:
         """The mean of the members' :meth:`Seq2Seq.loss` (a right-to-left member's on the
         targets reversed): each member learns as it would alone."""
-        reversed_io = reverse_targets(tgt_out, self.config) if any(self.reverse) else None
+        forward = (tgt_in, tgt_out)
+        backward = reverse_targets(tgt_out, self.config) if any(self.reverse) else forward
         losses = []
         for m, r in zip(self.members, self.reverse, strict=True):
-            inputs, targets = reversed_io if r and reversed_io else (tgt_in, tgt_out)
+            inputs, targets = backward if r else forward
             losses.append(m.loss(src, src_lengths, inputs, targets, label_smoothing))
         return torch.stack(losses).mean()
 

@@ -13,24 +13,23 @@ reports ``wer_first``/``per_first`` (against the first listed pronunciation only
 decoding (shown, and used for model selection with ``--keep best``); the final metrics use beam
 search.
 
-The model: letter embeddings, a bidirectional LSTM encoder (one layer, 256 per direction) read
-with ``lengths=``, an LSTM decoder with Luong (general) attention, trained with teacher forcing,
-the decoder run over all steps at once (no input feeding; ``--input-feeding`` restores it, step by
+The model: letter embeddings, a bidirectional LSTM encoder (one layer, 256 per direction) read with
+``lengths=``, an LSTM decoder with Luong (general) attention, trained with teacher forcing, the
+decoder run over all steps at once (no input feeding; ``--input-feeding`` restores it, step by
 step) (cf. Yao & Zweig 2015, whose BiLSTM reaches 23.6 % WER / 5.5 % PER on CMUdict without
 stress). The defaults train two such models side by side (``--ensemble 2``, each from its own
 initialisation, on the same batches), the second learning each pronunciation right to left
-(``--right-to-left``): each searches its own direction, and of both beams' hypotheses the one
-the two models score highest together wins. Such a pair scored 0.004 WER better on test than two
-left-to-right models decoded by the mean of their next-token probabilities, which in turn
-scored 0.009 better than one model. Training runs for at most 40 epochs with the rate falling
-linearly to 0 by the epochs or by the 57-minute limit, whichever comes first (on a 2-core Zen 5
-the limit does: 32 epochs of the pair; one model trains all 40 in 38-44 minutes), with dropout
-0.3 and a moving average of the
-weights, and keeps the last epoch's average: early
-stopping at a constant rate stalled at 0.31 validation WER while the training loss kept falling;
-at equal training time a second encoder layer (half the words per second) scored worse on
-validation, 384 units instead of 256 (with dropout 0.4 and bf16 autocast, 33 epochs in 55
-minutes) scored the same on test, and beams wider than 5 changed nothing.
+(``--right-to-left``): each searches its own direction, and of both beams' hypotheses the one the
+two models score highest together wins. Such a pair scored 0.004 WER better on test than two
+left-to-right models decoded by the mean of their next-token probabilities, which in turn scored
+0.009 better than one model. Training runs for at most 40 epochs with the rate falling linearly to
+0 by the epochs or by the 57-minute limit, whichever comes first (on a 2-core Zen 5 the limit does:
+32 epochs of the pair; one model trains all 40 in 38-44 minutes), with dropout 0.3 and a moving
+average of the weights, and keeps the last epoch's average: early stopping at a constant rate
+stalled at 0.31 validation WER while the training loss kept falling; at equal training time a
+second encoder layer (half the words per second) scored worse on validation, 384 units instead of
+256 (with dropout 0.4 and bf16 autocast, 33 epochs in 55 minutes) scored the same on test, and
+beams wider than 5 changed nothing.
 """
 
 from __future__ import annotations
