@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
 from rnnkit.backends.cpu import build, gemm
+from rnnkit.backends.native import onednn_has_bf16
 
 T, B, I, H = 9, 4, 6, 8
 LENGTHS = [9, 3, 0, 6]
@@ -198,6 +199,15 @@ def test_bf16_module_runs_on_the_cpu_kernels_and_returns_bf16(cell):
 
 # -- the dtypes torch.nn returns under autocast, on every backend --------------------------------
 
+
+def skip_unless_torch_nn_runs_on_onednn(name: str) -> None:
+    """torch.nn.LSTM hands unpacked bf16 under autocast to oneDNN, and the dtypes it returns are
+    oneDNN's; where oneDNN has no bf16 (no AVX-512) the call fails or takes another path with
+    other dtypes, so there is no torch.nn answer to compare with (rnnkit keeps oneDNN's)."""
+    if name == "lstm" and not onednn_has_bf16():
+        pytest.skip("torch.nn.LSTM under bf16 autocast needs oneDNN's bf16 (AVX-512) here")
+
+
 DROP_INS = {
     "rnn": (torch.nn.RNN, rnnkit.RNN, {}),
     "gru": (torch.nn.GRU, rnnkit.GRU, {}),
@@ -226,6 +236,13 @@ def test_every_backend_returns_torch_nn_dtypes_under_autocast(name, layout, back
     x = torch.randn(T, B, I)
     lengths = torch.tensor([9, 3, 2, 6])
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        if backend == "native" and name == "lstm" and layout != "packed" and not onednn_has_bf16():
+            # torch's op would fail in oneDNN: the backend declines the call, naming why
+            with pytest.raises(rnnkit.BackendUnavailable, match="oneDNN"):
+                mine(x.bfloat16() if layout == "bf16 input" else x)
+            return
+        if layout != "packed":
+            skip_unless_torch_nn_runs_on_onednn(name)
         if layout == "packed":
             want = _dtypes(ref(pack_padded_sequence(x, lengths, enforce_sorted=False)))
             got = _dtypes(mine(x, lengths=lengths))
@@ -259,6 +276,8 @@ def test_initial_states_of_another_dtype_give_torch_nn_dtypes_under_autocast(
     h0 = torch.randn(4, B, kw.get("proj_size", H), dtype=other)
     hx = (h0, torch.randn(4, B, H, dtype=other)) if ref_cls is torch.nn.LSTM else h0
     lengths = torch.tensor([9, 3, 2, 6])
+    if not packed:
+        skip_unless_torch_nn_runs_on_onednn(name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if packed:
             want = _dtypes(ref(pack_padded_sequence(x, lengths, enforce_sorted=False), hx))
@@ -272,6 +291,7 @@ def test_initial_states_of_another_dtype_give_torch_nn_dtypes_under_autocast(
 def test_a_float16_layer_under_bf16_autocast_runs_as_torch_nn_runs_it(name):
     """torch's fused op fails on float16 weights under bfloat16 autocast: the native backend
     declines the call and another computes what torch.nn computes."""
+    skip_unless_torch_nn_runs_on_onednn(name)
     ref_cls, cls, kw = DROP_INS[name]
     torch.manual_seed(0)
     ref = ref_cls(I, H, num_layers=2, **kw).half()
@@ -328,3 +348,23 @@ def test_gate_outputs_under_autocast_have_one_dtype_on_every_backend(name):
             expected = seen["reference"][key][gate].float()
             error = (value.float() - expected).norm() / expected.norm().clamp_min(1e-6)
             assert error < BF16_TOL, f"{name} {key}.{gate}: {error:.3g}"
+
+
+def test_where_onednn_lacks_bf16_native_declines_an_unpacked_lstm_under_autocast(monkeypatch):
+    """torch's LSTM op hands bf16 under autocast to oneDNN even where oneDNN has no bf16 (no
+    AVX-512), which fails there: the native backend declines such calls, naming why, and the
+    automatic choice runs them on another backend; packed calls and GRUs stay native."""
+    import rnnkit.backends.native as native
+
+    monkeypatch.setattr(native, "onednn_has_bf16", lambda: False)
+    torch.manual_seed(0)
+    lstm, gru = rnnkit.LSTM(I, H, backend="native"), rnnkit.GRU(I, H, backend="native")
+    x, lengths = torch.randn(T, B, I), torch.tensor([9, 3, 2, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(rnnkit.BackendUnavailable, match="refuses it on this CPU"):
+            lstm(x)
+        assert lstm(x, lengths=lengths)[0].shape == (T, B, H)
+        assert gru(x)[0].shape == (T, B, H)
+        lstm.backend = "auto"
+        assert rnnkit.explain(lstm, x).backend != "native"
+        assert lstm(x)[0].shape == (T, B, H)

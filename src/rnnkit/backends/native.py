@@ -8,6 +8,7 @@ packed (all >= 1), and no single reversed direction with lengths. It runs one la
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -42,6 +43,18 @@ class NativeBackend:
             return (
                 f"torch's op fails on {request.dtype} weights under {request.autocast} autocast "
                 "(it converts float32 only)"
+            )
+        # unpacked, without projection: the calls torch's LSTM op gives to oneDNN
+        lstm_in_onednn = request.mode == "lstm" and not request.proj and request.lengths == "none"
+        if (
+            lstm_in_onednn
+            and request.device_type == "cpu"
+            and request.autocast == torch.bfloat16
+            and not onednn_has_bf16()
+        ):
+            return (
+                "torch's LSTM op hands bf16 under autocast to oneDNN, which refuses it on this "
+                "CPU (its oneDNN has no bf16 without AVX-512)"
             )
         return _func_transforms_missing(request)
 
@@ -102,6 +115,14 @@ class NativeBackend:
             return result.out, result.states[0], ()
 
         return directions_apart(layer, run)
+
+
+@functools.cache
+def onednn_has_bf16() -> bool:
+    """Whether torch's oneDNN computes in bf16 on this CPU (AVX-512 or newer); torch's LSTM op
+    under bf16 autocast sends it bf16 either way, and where it does not, the op fails."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if check is None else bool(check())
 
 
 def _func_transforms_missing(request: Request) -> str | None:
