@@ -12,7 +12,7 @@ import torch
 from recipe_helpers import need_data
 
 from rnnkit.models import ClassifierEnsemble, SequenceClassifier
-from rnnkit.models.classifier import POOLING, ConvFront, SelfAttentionPool, pool
+from rnnkit.models.classifier import POOLING, ConvBranch, ConvFront, SelfAttentionPool, pool
 from rnnkit.plots import attention_strips
 
 #: fp32 tolerance for outputs (DESIGN.md: verification chain).
@@ -311,6 +311,103 @@ def test_prediction_with_a_conv_front_does_not_depend_on_padding(bidirectional):
     alone = model(x[1:, :3], torch.tensor([3]))
     batched = model(x, torch.tensor([7, 3]))
     torch.testing.assert_close(batched[1:], alone, rtol=OUT_TOL, atol=OUT_TOL)
+
+
+def _branch_by_hand(branch: ConvBranch, seqs: list[torch.Tensor]) -> torch.Tensor:
+    """The branch's summaries of unpadded sequences (T_i, I), from torch.nn's own modules: each
+    sequence convolved on its own (zeros beyond both ends), BatchNorm1d over the steps of all of
+    them laid end to end, ReLU; the mean of each sequence's steps."""
+    ys = [s.T.unsqueeze(0) for s in seqs]  # (1, I, T_i)
+    for conv, norm in zip(branch.convs, branch.norms, strict=True):
+        outs = [conv(y) for y in ys]
+        joined = torch.relu(norm(torch.cat(outs, dim=-1)))
+        ys = list(joined.split([o.shape[-1] for o in outs], dim=-1))
+    return torch.stack([y.mean(-1)[0] for y in ys])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_conv_branch_matches_torch_nn_on_the_valid_steps(training):
+    torch.manual_seed(0)
+    branch = ConvBranch(4, 3)
+    with torch.no_grad():  # running statistics away from their initial 0 and 1
+        for norm in branch.norms:
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    reference = copy.deepcopy(branch)
+    branch.train(training)
+    reference.train(training)
+    x, lengths = torch.randn(3, 9, 4), torch.tensor([9, 5, 3])
+    summary = branch(x, lengths)
+    assert summary.shape == (3, 3)
+    expected = _branch_by_hand(reference, [x[b, :n] for b, n in enumerate(lengths.tolist())])
+    torch.testing.assert_close(summary, expected, rtol=1e-5, atol=1e-5)
+    # Training updates the running statistics as torch.nn does over the 17 valid steps (with
+    # their unbiased variance); evaluation leaves them.
+    for mine, theirs in zip(branch.norms, reference.norms, strict=True):
+        torch.testing.assert_close(mine.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_branch_ignores_padding_in_training_and_evaluation():
+    torch.manual_seed(0)
+    branch = ConvBranch(4, 3)
+    x, lengths = torch.randn(3, 7, 4), torch.tensor([7, 4, 2])
+    garbage = x.clone()
+    garbage[1, 4:], garbage[2, 2:] = 1e3, -1e3
+    for training in (True, False):
+        first, second = copy.deepcopy(branch).train(training), copy.deepcopy(branch).train(training)
+        torch.testing.assert_close(second(garbage, lengths), first(x, lengths), rtol=0, atol=0)
+        for a, b in zip(first.norms, second.norms, strict=True):  # statistics of valid steps only
+            torch.testing.assert_close(a.running_mean, b.running_mean, rtol=0, atol=0)
+    # In evaluation a sequence's summary does not depend on its batch.
+    branch.eval()
+    torch.testing.assert_close(
+        branch(x, lengths)[1:2], branch(x[1:2, :4], lengths[1:2]), rtol=OUT_TOL, atol=OUT_TOL
+    )
+    # Training statistics are those of the valid steps: the same as one batch of the valid
+    # steps laid end to end would give, were the convolutions not to read across sequences.
+    branch.train()
+    before = branch.norms[0].running_mean.clone()
+    branch(x, torch.tensor([0, 0, 0]))  # nothing valid: statistics left as they were
+    torch.testing.assert_close(branch.norms[0].running_mean, before, rtol=0, atol=0)
+
+
+def test_a_classifier_with_a_conv_branch():
+    torch.manual_seed(0)
+    model = SequenceClassifier(3, input_size=4, hidden_size=5, pooling="meanmax", fcn_channels=6)
+    assert model.head.in_features == 2 * 2 * 5 + 6
+    x, lengths = torch.randn(2, 7, 4), torch.tensor([7, 3])
+    logits = model.eval()(x, lengths)
+    # The head reads the pooled outputs and the branch's summary side by side.
+    out, _ = model.encoder(x, lengths=lengths)
+    pooled = torch.cat([pool(out, lengths, "meanmax"), model.branch(x, lengths)], dim=-1)
+    torch.testing.assert_close(logits, model.head(pooled), rtol=OUT_TOL, atol=OUT_TOL)
+    torch.testing.assert_close(
+        model(x[1:, :3], lengths[1:]), logits[1:], rtol=OUT_TOL, atol=OUT_TOL
+    )
+    # Every parameter of the branch learns.
+    model.train()
+    model(x, lengths).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.branch.parameters())
+    # It reads each sequence whole: no streaming; a negative width is refused.
+    with pytest.raises(ValueError, match="convolutional branch"):
+        SequenceClassifier(3, input_size=4, bidirectional=False, fcn_channels=2).stream()
+    with pytest.raises(ValueError, match="fcn_channels = -1"):
+        SequenceClassifier(3, input_size=4, fcn_channels=-1)
+    # The training step moved the running statistics; a pickled copy carries them.
+    moved = model.eval()(x, lengths)
+    assert not torch.allclose(moved, logits)
+    restored = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(restored(x, lengths), moved, rtol=0, atol=0)
+
+
+def test_conv_branch_gradcheck_float64():
+    torch.manual_seed(0)
+    model = SequenceClassifier(2, input_size=3, hidden_size=2, fcn_channels=2, pooling="mean")
+    model = model.double().train()
+    x = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4])
+    assert torch.autograd.gradcheck(lambda x: model(x, lengths), (x,))
 
 
 def _ensemble(size: int, **kw) -> ClassifierEnsemble:

@@ -20,6 +20,7 @@ __all__ = [
     "POOLING",
     "ClassifierEnsemble",
     "ClassifierStream",
+    "ConvBranch",
     "ConvFront",
     "EnsembleStream",
     "SelfAttentionPool",
@@ -162,6 +163,66 @@ class ConvFront(nn.Module):
         return y, seen[:, seen.shape[1] - (self.kernel - 1) :]
 
 
+class ConvBranch(nn.Module):
+    """The fully convolutional branch of LSTM-FCN, beside the recurrent encoder: three
+    convolutions over the steps, of ``channels``, 2 x ``channels`` and ``channels`` outputs, each
+    reading the 7, 5 and 3 steps centred on its own, batch-normalised and through a ReLU; the mean
+    over the valid steps is the branch's summary (B, ``channels``), which the classifier's head
+    reads beside the encoder's pooled outputs.
+
+    Padding never reaches a valid step: the steps past each sequence's length are zeroed before
+    every convolution (so in evaluation a sequence's summary does not depend on its batch), and in
+    training the normalisation's batch statistics count the valid steps only.
+    """
+
+    KERNELS = (7, 5, 3)
+
+    def __init__(self, input_size: int, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        size = input_size
+        for width, kernel in zip((channels, 2 * channels, channels), self.KERNELS, strict=True):
+            self.convs.append(nn.Conv1d(size, width, kernel, padding=kernel // 2))
+            self.norms.append(nn.BatchNorm1d(width))
+            size = width
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """x (B, T, I) and lengths (B,) -> (B, channels)."""
+        valid = L.mask(lengths.to(x.device), x.shape[1]).T.unsqueeze(1).to(x.dtype)  # (B, 1, T)
+        y = x.transpose(1, 2) * valid
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            y = torch.relu(_masked_batch_norm(norm, conv(y), valid)) * valid
+        return y.sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def _masked_batch_norm(norm: nn.BatchNorm1d, y: Tensor, valid: Tensor) -> Tensor:
+    """``norm`` applied to y (B, C, T) with the statistics of its valid steps (``valid``
+    (B, 1, T), 1 where a step is one) in training; the running statistics in evaluation."""
+    if norm.training:
+        n = valid.sum()
+        count = n.clamp(min=1)
+        mean = (y * valid).sum((0, 2)) / count
+        var = ((y - mean[:, None]).square() * valid).sum((0, 2)) / count
+        with torch.no_grad():  # a batch of length-0 sequences leaves them as they were
+            seen = n > 0
+            unbiased = var * (count / (count - 1).clamp(min=1))
+            running_mean, running_var = norm.running_mean, norm.running_var
+            assert running_mean is not None and running_var is not None
+            m = norm.momentum if norm.momentum is not None else 0.1
+            running_mean.copy_(
+                torch.where(seen, running_mean.lerp(mean.to(running_mean), m), running_mean)
+            )
+            running_var.copy_(
+                torch.where(seen, running_var.lerp(unbiased.to(running_var), m), running_var)
+            )
+    else:
+        mean, var = norm.running_mean, norm.running_var
+    scale = norm.weight * torch.rsqrt(var + norm.eps)
+    return (y - mean[:, None]) * scale[:, None] + norm.bias[:, None]
+
+
 def _check_count(name: str, value: Any, least: int) -> None:
     """ValueError naming ``name`` unless ``value`` is an integer >= ``least``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -179,7 +240,9 @@ class SequenceClassifier(nn.Module):
     ``pooling``: "max", "mean", "meanmax" (both concatenated), "last" (final states), "attention"
     (:class:`SelfAttentionPool`) or "attention-max" (attention and max pooling concatenated); each
     reads the valid steps only. ``conv_channels`` > 0 puts a :class:`ConvFront` of that many
-    channels (kernel ``conv_kernel``) between the input and the encoder. ``vectors`` (vocab_size,
+    channels (kernel ``conv_kernel``) between the input and the encoder; ``fcn_channels`` > 0 puts
+    a :class:`ConvBranch` of that width beside the encoder (LSTM-FCN), its summary read by the
+    head with the pooled outputs. ``vectors`` (vocab_size,
     embed_size) initialises the embedding
     (pretrained word vectors); ``frozen`` (vocab_size,) bool marks rows that training leaves as
     they are (their gradient is zeroed), e.g. the words that have a pretrained vector.
@@ -207,6 +270,7 @@ class SequenceClassifier(nn.Module):
         frozen: Tensor | None = None,
         conv_channels: int = 0,
         conv_kernel: int = 3,
+        fcn_channels: int = 0,
     ) -> None:
         super().__init__()
         if (vocab_size is None) == (input_size is None):
@@ -216,6 +280,7 @@ class SequenceClassifier(nn.Module):
             if size is not None:
                 _check_count(name, size, 1)
         _check_count("conv_channels", conv_channels, 0)
+        _check_count("fcn_channels", fcn_channels, 0)
         check_probability("token_dropout", token_dropout, one=True)
         noise_ok = isinstance(input_noise, int | float) and not isinstance(input_noise, bool)
         if not noise_ok or not 0 <= input_noise < math.inf:
@@ -249,6 +314,9 @@ class SequenceClassifier(nn.Module):
                 self.frozen_rows = frozen.to(torch.bool, copy=True)
         elif vectors is not None or frozen is not None:
             raise ValueError("vectors and frozen need vocab_size (token ids)")
+        self.branch = None
+        if fcn_channels:
+            self.branch = ConvBranch(input_size, fcn_channels)
         self.front = None
         if conv_channels:
             self.front = ConvFront(input_size, conv_channels, conv_kernel)
@@ -266,7 +334,7 @@ class SequenceClassifier(nn.Module):
         self.attention = None
         if pooling.startswith("attention"):
             self.attention = SelfAttentionPool(width, attention_size or width)
-        features = width * (2 if pooling in ("meanmax", "attention-max") else 1)
+        features = width * (2 if pooling in ("meanmax", "attention-max") else 1) + fcn_channels
         self.head = nn.Linear(features, num_classes)
 
     def check_input(self, x: Any) -> None:
@@ -304,7 +372,9 @@ class SequenceClassifier(nn.Module):
     def encoder_input(self, x: Tensor, lengths: Tensor) -> Tensor:
         """What the recurrent encoder reads: :meth:`inputs`, through the convolution (if any),
         after dropout."""
-        inp = self.inputs(x)
+        return self._encoder_input(self.inputs(x), lengths)
+
+    def _encoder_input(self, inp: Tensor, lengths: Tensor) -> Tensor:
         if self.front is not None:
             inp = self.front(inp, lengths)
         return self.dropout(inp)
@@ -314,13 +384,21 @@ class SequenceClassifier(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         self.check_input(x)
         lengths = _lengths_of(lengths, x)
-        out, state = self.encoder(self.encoder_input(x, lengths), lengths=lengths)
-        return self.classify(out, lengths, state, return_attention)
+        inp = self.inputs(x)
+        summary = self.branch(inp, lengths) if self.branch is not None else None
+        out, state = self.encoder(self._encoder_input(inp, lengths), lengths=lengths)
+        return self.classify(out, lengths, state, return_attention, summary)
 
     def classify(
-        self, out: Tensor, lengths: Tensor, state: Any, return_attention: bool = False
+        self,
+        out: Tensor,
+        lengths: Tensor,
+        state: Any,
+        return_attention: bool = False,
+        summary: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
-        """Logits (B, classes) from the encoder's outputs (B, T, F) and final state."""
+        """Logits (B, classes) from the encoder's outputs (B, T, F) and final state, and the
+        :class:`ConvBranch`'s ``summary`` (B, fcn_channels) when the model has one."""
         weights = None
         if self.attention is not None:
             pooled, weights = self.attention(out, lengths)
@@ -329,6 +407,8 @@ class SequenceClassifier(nn.Module):
         else:
             top = torch.stack([d[0] for d in top_states(self.encoder, state)])  # (D, B, H)
             pooled = pool(out, lengths, self.pooling, top, self.directions)
+        if summary is not None:
+            pooled = torch.cat([pooled, summary.to(pooled.dtype)], dim=-1)
         logits = self.head(self.dropout(pooled))
         return (logits, weights) if return_attention else logits
 
@@ -339,6 +419,11 @@ class SequenceClassifier(nn.Module):
             raise ValueError(
                 "a bidirectional encoder reads each sequence from its end too, so it cannot "
                 "classify a sequence while it arrives; train a unidirectional model"
+            )
+        if self.branch is not None:
+            raise ValueError(
+                "the convolutional branch (fcn_channels) reads each sequence whole, so it cannot "
+                "classify a sequence while it arrives; train a model without it"
             )
         return ClassifierStream(self)
 
