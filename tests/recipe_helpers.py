@@ -25,7 +25,14 @@ TINY = {
         "hidden_size": 16,
         "batch_size": 32,
     },
-    "speech": {"limit": 60, "epochs": 2, "hidden_size": 16, "batch_size": 16, "ensemble": 2},
+    "speech": {
+        "limit": 60,
+        "epochs": 2,
+        "hidden_size": 16,
+        "batch_size": 16,
+        "ensemble": 2,
+        "fcn_channels": 8,
+    },
     "charlm": {
         "limit": 4000,
         "epochs": 1,

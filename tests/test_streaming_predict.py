@@ -108,7 +108,8 @@ def frames_csv(path: Path, count: int) -> Path:
 def test_predict_stream_prints_the_running_prediction_per_frame(tmp_path):
     need_data("speech")
     run = tmp_path / "run"
-    train("speech", {**TINY["speech"], "bidirectional": False}, out=run, progress=False)
+    uni = {**TINY["speech"], "bidirectional": False, "fcn_channels": 0}
+    train("speech", uni, out=run, progress=False)
     utterance = frames_csv(tmp_path / "utterance.csv", 7)
     lines = list(predict(run, [str(utterance)], {"stream": True}))
     assert [line.split("\t")[0] for line in lines] == [f"frame {k}" for k in range(1, 8)]
@@ -137,9 +138,22 @@ def test_predict_stream_refuses_a_bidirectional_model_and_bad_frames(tmp_path):
     utterance = frames_csv(tmp_path / "u.csv", 3)
     with pytest.raises(Exception, match="--stream needs a unidirectional model"):
         list(predict(run, [str(utterance)], {"stream": True}))
+    # the convolutional branch reads each utterance whole
+    branch = tmp_path / "branch"
+    train(
+        "speech",
+        {**TINY["speech"], "epochs": 1, "bidirectional": False},
+        out=branch,
+        progress=False,
+    )
+    with pytest.raises(Exception, match="--stream needs a model without the convolutional branch"):
+        list(predict(branch, [str(utterance)], {"stream": True}))
     uni = tmp_path / "uni"
     train(
-        "speech", {**TINY["speech"], "epochs": 1, "bidirectional": False}, out=uni, progress=False
+        "speech",
+        {**TINY["speech"], "epochs": 1, "bidirectional": False, "fcn_channels": 0},
+        out=uni,
+        progress=False,
     )
     bad = tmp_path / "bad.csv"
     bad.write_text("\n".join([",".join(["0.1"] * 12), ",".join(["0.1"] * 11 + ["nan"])]))

@@ -341,6 +341,23 @@ def test_a_run_saved_before_right_to_left_members_loads_with_none(tmp_path):
     assert load_run(tmp_path / "now")[1].reverse == (False, True)
 
 
+def test_a_speech_run_saved_before_the_conv_branch_loads_without_it(tmp_path):
+    """A speech config saved without ``fcn_channels`` had no convolutional branch, though speech
+    now has one by default."""
+    need_data("speech")
+    run = tmp_path / "run"
+    train("speech", {**TINY["speech"], "fcn_channels": 0}, out=run, progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["config"]["fcn_channels"]
+    (run / "config.json").write_text(json.dumps(saved))
+    _, model = load_run(run)
+    assert all(member.branch is None for member in model.members)
+    assert evaluate(run)["test"]["n"] > 0
+    today = {k: v for k, v in TINY["speech"].items() if k != "fcn_channels"}  # the default
+    train("speech", {**today, "epochs": 1}, out=tmp_path / "now", progress=False)
+    assert all(m.branch is not None for m in load_run(tmp_path / "now")[1].members)
+
+
 def test_early_stopping_and_time_limit(tmp_path):
     need_data("speech")
     frozen = train(

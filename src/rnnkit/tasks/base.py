@@ -54,7 +54,7 @@ POSITIVE = frozenset(
 #: Options added after runs had been saved without them, and the value such a run was trained
 #: with: a saved config that lacks one reads as this value, not as today's default (a g2p run
 #: from before ``ensemble`` is one model, though g2p now trains two by default).
-BEFORE_ADDED = {"ensemble": 1, "right_to_left": False}
+BEFORE_ADDED = {"ensemble": 1, "right_to_left": False, "fcn_channels": 0}
 #: Learning-rate schedules (``lr_schedule``) and which weights a run keeps (``keep``).
 SCHEDULES = ("plateau", "linear", "cosine")
 KEEP = ("best", "last")
