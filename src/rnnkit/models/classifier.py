@@ -172,7 +172,10 @@ class ConvBranch(nn.Module):
 
     Padding never reaches a valid step: the steps past each sequence's length are zeroed before
     every convolution (so in evaluation a sequence's summary does not depend on its batch), and in
-    training the normalisation's batch statistics count the valid steps only.
+    training the normalisation's batch statistics count the valid steps only. Under torchrun each
+    process normalises by the statistics of its own part of the batch, as ``nn.BatchNorm1d`` does
+    without ``SyncBatchNorm``; the running statistics are rank 0's, which DistributedDataParallel
+    hands to the others.
     """
 
     KERNELS = (7, 5, 3)
