@@ -211,9 +211,8 @@ def _masked_batch_norm(norm: nn.BatchNorm1d, y: Tensor, valid: Tensor) -> Tensor
         with torch.no_grad():  # a batch of length-0 sequences leaves them as they were
             seen = n > 0
             unbiased = var * (count / (count - 1).clamp(min=1))
-            running_mean, running_var = norm.running_mean, norm.running_var
-            assert running_mean is not None and running_var is not None
-            m = norm.momentum if norm.momentum is not None else 0.1
+            running_mean, running_var, m = norm.running_mean, norm.running_var, norm.momentum
+            assert running_mean is not None and running_var is not None and m is not None
             running_mean.copy_(
                 torch.where(seen, running_mean.lerp(mean.to(running_mean), m), running_mean)
             )
@@ -372,12 +371,9 @@ class SequenceClassifier(nn.Module):
             embedded = torch.where(frozen, embedded.detach(), embedded)
         return embedded
 
-    def encoder_input(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """What the recurrent encoder reads: :meth:`inputs`, through the convolution (if any),
-        after dropout."""
-        return self._encoder_input(self.inputs(x), lengths)
-
-    def _encoder_input(self, inp: Tensor, lengths: Tensor) -> Tensor:
+    def encoder_input(self, inp: Tensor, lengths: Tensor) -> Tensor:
+        """What the recurrent encoder reads of :meth:`inputs`' ``inp``: it through the
+        convolution (if any), after dropout."""
         if self.front is not None:
             inp = self.front(inp, lengths)
         return self.dropout(inp)
@@ -389,7 +385,7 @@ class SequenceClassifier(nn.Module):
         lengths = _lengths_of(lengths, x)
         inp = self.inputs(x)
         summary = self.branch(inp, lengths) if self.branch is not None else None
-        out, state = self.encoder(self._encoder_input(inp, lengths), lengths=lengths)
+        out, state = self.encoder(self.encoder_input(inp, lengths), lengths=lengths)
         return self.classify(out, lengths, state, return_attention, summary)
 
     def classify(
