@@ -315,6 +315,7 @@ def test_a_subword_vocabulary_the_training_text_cannot_fill_is_one_line(
     assert message in err.strip().splitlines()[-1], err
 
 
+@pytest.mark.slow
 def test_charlm_trains_on_a_limit_shorter_than_its_window(capsys, tmp_path):
     # `--limit 20` with 32-character windows: one window of the whole text, where the windows'
     # start positions used to be a torch traceback.
@@ -688,6 +689,7 @@ def test_damaged_vocabulary_statistics_are_named(capsys, speech_run, tmp_path):
         assert code == 2 and "vocab.json is damaged" in one_line(err) and message in err, err
 
 
+@pytest.mark.slow
 def test_errors_in_a_subprocess_are_one_line_with_their_exit_status(tmp_path):
     import os
     import subprocess
@@ -711,6 +713,7 @@ def test_errors_in_a_subprocess_are_one_line_with_their_exit_status(tmp_path):
         assert done.returncode == status and message in one_line(done.stderr), done.stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m_rnnkit_is_the_rnnkit_command(tmp_path):
     """``python -m rnnkit`` runs the CLI (where the scripts directory is not on PATH): its
     exit status and its one-line errors are the command's."""

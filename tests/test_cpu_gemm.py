@@ -417,6 +417,7 @@ def test_without_the_wheel_onednn_is_unavailable_and_never_chosen(fresh, monkeyp
         module(x)
 
 
+@pytest.mark.slow
 def test_a_library_that_fails_to_open_leaves_the_kernels_working(tmp_path):
     # In a fresh process (the library is opened once per process): RNNKIT_ONEDNN_LIBRARY names
     # a file that is no library. The kernels' own op says unavailable, auto runs without it, and

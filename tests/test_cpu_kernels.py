@@ -692,6 +692,7 @@ def test_the_callers_subnormal_arithmetic_is_left_as_it_was():
     assert 0 < subnormal.item() < tiny
 
 
+@pytest.mark.slow
 def test_a_first_call_leaves_the_pools_threads_with_ieee_arithmetic():
     # A fresh process whose first parallel region runs inside a kernel call (GEMM sources and
     # schedule forced: nothing measured before it): the pool's threads, created then, must not

@@ -119,6 +119,7 @@ _POISONED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_no_result_reads_scratch_it_did_not_write() -> None:
     # Every block handed out is filled with NaN bytes first: a kernel that read a value it had
     # not written (a padded row, a reused block) would give NaN or differ from the reference.

@@ -223,6 +223,7 @@ def test_fp16_skips_overflowing_steps_and_lowers_the_scale(tmp_path, monkeypatch
         train("speech", {**TINY["speech"], "precision": "fp16"}, out=tmp_path / "d", progress=False)
 
 
+@pytest.mark.slow
 def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
     need_data("speech")
 
@@ -241,6 +242,7 @@ def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch):
         assert_same_run(tmp_path / "whole", run)
 
 
+@pytest.mark.slow
 def test_precision_may_change_when_a_run_is_resumed(tmp_path):
     need_data("speech")
     run = tmp_path / "run"

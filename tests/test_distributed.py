@@ -254,6 +254,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_an_exit_on_rank_0_ends_every_rank():
     """sys.exit inside rank 0's share of the work ends the other ranks with the same status, at
     once, rather than leaving them at the collective until its timeout."""
@@ -261,6 +262,7 @@ def test_an_exit_on_rank_0_ends_every_rank():
     assert [status for status, _, _ in ranks] == [3, 3], [err[-2000:] for _, _, err in ranks]
 
 
+@pytest.mark.slow
 def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path):
     need_data("speech")
     run = tmp_path / "run"
@@ -290,6 +292,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_an_error_of_one_rank_before_training_stops_every_rank_rank_0_naming_it():
     ranks = finish(spawn(program=("-c", FAILS_ON_RANK_1)))
     assert [status for status, _, _ in ranks] == [0, 0], [err[-2000:] for *_, err in ranks]
@@ -301,12 +304,9 @@ def test_an_error_of_one_rank_before_training_stops_every_rank_rank_0_naming_it(
 
 @pytest.mark.parametrize(
     "case",
-    [  # each starts two processes; the plain run keeps one case
-        "missing data",
-        pytest.param("unknown option", marks=pytest.mark.slow),
-        pytest.param("device", marks=pytest.mark.slow),
-    ],
+    ["missing data", "unknown option", "device"],  # each starts two processes
 )
+@pytest.mark.slow
 def test_an_error_every_rank_hits_before_training_is_said_once(tmp_path, case):
     """An error each rank hits on its own before the first step (before the processes join, or
     after) is printed by rank 0 alone; every rank exits with its status."""
@@ -407,6 +407,7 @@ def test_an_error_that_is_not_the_transport_passes_through_a_collective(error):
             raise error
 
 
+@pytest.mark.slow
 def test_a_charlm_bptt_the_global_streams_cannot_hold_is_refused_before_anything_is_written(
     tmp_path,
 ):

@@ -104,6 +104,7 @@ def test_batch_first_shape_errors_quote_the_shape_passed():
         gru(torch.randn(4, 10, 8))
 
 
+@pytest.mark.slow
 def test_large_float64_layer_given_float32_weights_does_not_crash():
     # Read as double, float32 weights of this size ran far past their buffer (a segfault).
     done = run_python(
@@ -124,6 +125,7 @@ def test_large_float64_layer_given_float32_weights_does_not_crash():
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("limit", ["1", "2"])
+@pytest.mark.slow
 def test_bidirectional_kernels_under_an_openmp_thread_limit(limit):
     done = run_python(
         """
@@ -157,6 +159,7 @@ def test_bidirectional_kernels_under_an_openmp_thread_limit(limit):
 # -- 3. a user's backend joins the built-in ones -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_backend_registered_before_first_use_joins_the_builtins():
     done = run_python(
         """
@@ -318,6 +321,7 @@ def cache_case(tmp_path: Path, damage: str, mode: str = "copy", also=None):
 @pytest.mark.parametrize(
     "damage", ["truncated", "truncated, checksum of the good one", "flipped bytes"]
 )
+@pytest.mark.slow
 def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(tmp_path, damage):
     done = cache_case(tmp_path, damage)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
@@ -328,6 +332,7 @@ def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(tmp_path, damage):
 
 
 @pytest.mark.usefixtures("kernels")
+@pytest.mark.slow
 def test_a_rebuild_removes_what_killed_builds_left_and_nothing_else(tmp_path):
     """Builds killed midway leave their private build directory and a staged library behind;
     the next build (it holds the directory's lock) removes them, and only them."""
@@ -350,6 +355,7 @@ def test_a_rebuild_removes_what_killed_builds_left_and_nothing_else(tmp_path):
 
 
 @pytest.mark.usefixtures("kernels")
+@pytest.mark.slow
 def test_a_failed_rebuild_warns_once_and_falls_back(tmp_path):
     done = cache_case(tmp_path, "truncated", mode="build fails")
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
@@ -359,6 +365,7 @@ def test_a_failed_rebuild_warns_once_and_falls_back(tmp_path):
 
 
 @pytest.mark.usefixtures("kernels")
+@pytest.mark.slow
 def test_a_verified_library_is_loaded_without_building(tmp_path):
     done = cache_case(tmp_path, "none")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -377,6 +384,7 @@ def test_a_verified_library_is_loaded_without_building(tmp_path):
 
 
 @pytest.mark.usefixtures("kernels")
+@pytest.mark.slow
 def test_a_cache_that_cannot_be_written_says_how_to_point_it_elsewhere(tmp_path):
     # a cache directory that cannot be created (here below a regular file; likewise a read-only
     # home): the layers fall back, and the one-line reason names the directory and RNNKIT_CACHE

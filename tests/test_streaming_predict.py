@@ -105,6 +105,7 @@ def frames_csv(path: Path, count: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_predict_stream_prints_the_running_prediction_per_frame(tmp_path):
     need_data("speech")
     run = tmp_path / "run"

@@ -90,6 +90,7 @@ def clears_floor(metrics, task: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_sentiment_end_to_end(tmp_path):
     need_data("sentiment")
     need_data("glove")
@@ -107,6 +108,7 @@ def test_sentiment_end_to_end(tmp_path):
     assert vocab["tokens"][:4] == ["<pad>", "<s>", "</s>", "<unk>"]
 
 
+@pytest.mark.slow
 def test_sentiment_imdb_preset(tmp_path):
     need_data("sentiment")
     config = tasks.get("sentiment").make_config({"dataset": "imdb"})
@@ -120,6 +122,7 @@ def test_sentiment_imdb_preset(tmp_path):
     check_run(run, metrics, "sentiment", "accuracy", 0.0, 1.0)
 
 
+@pytest.mark.slow
 def test_speech_end_to_end(tmp_path):
     need_data("speech")
     run = tmp_path / "run"
@@ -144,6 +147,7 @@ def test_speech_full_split_sizes():
     assert all(len(frame) == 12 for s, _ in splits["test"] for frame in s)
 
 
+@pytest.mark.slow
 def test_charlm_end_to_end(tmp_path):
     need_data("charlm")
     run = tmp_path / "run"
@@ -206,6 +210,7 @@ def test_g2p_split_keeps_alternates_together():
     assert all(len(set(prons)) == len(prons) >= 1 for _, prons in splits["test"])
 
 
+@pytest.mark.slow
 def test_g2p_without_stress_merges_pronunciations_that_differ_in_stress_alone():
     need_data("g2p")
     task_cls = tasks.get("g2p")
@@ -238,6 +243,7 @@ def test_translate_end_to_end(tmp_path):
         predict(run, ["  "])
 
 
+@pytest.mark.slow
 def test_translate_subword_model_round_trips_text():
     need_data("translate")
     pytest.importorskip("sentencepiece")

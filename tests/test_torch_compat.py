@@ -335,7 +335,9 @@ LENGTHS_UNDER_COMPILE = {
 
 
 @pytest.mark.parametrize("given", list(LENGTHS_UNDER_COMPILE))
-@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+@pytest.mark.parametrize(
+    "backend", [None, pytest.param("reference", marks=pytest.mark.slow), "cpu"]
+)  # the reference's Python time loop takes seconds to trace
 def test_lengths_under_torch_compile_fullgraph(backend, given):
     """torch.compile(fullgraph=True) traces a call with lengths= whole (no value is read while
     tracing: a tensor's values are checked when the graph runs), with the eager call's outputs

@@ -55,6 +55,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in mb["history"]]
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_gives_identical_weights(tmp_path):
     need_data("speech")
     train("speech", RESUMABLE, out=tmp_path / "whole", progress=False)
@@ -95,6 +96,7 @@ def assert_started_over_matches(task, overrides, tmp_path, written):
     assert_same_run(tmp_path / "whole", run)
 
 
+@pytest.mark.slow
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
     need_data("speech")
     assert_started_over_matches("speech", RESUMABLE, tmp_path, "config.json")
@@ -307,7 +309,7 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
         evaluate(a)
 
 
-@pytest.mark.parametrize("task", ["g2p", "speech"])
+@pytest.mark.parametrize("task", [pytest.param("g2p", marks=pytest.mark.slow), "speech"])
 def test_a_run_saved_before_ensembles_loads_as_one_model(tmp_path, task):
     """A config saved without ``ensemble`` (the option did not exist) was one model, whatever
     the recipe's default is now: evaluate, predict and resume read it so."""
@@ -324,6 +326,7 @@ def test_a_run_saved_before_ensembles_loads_as_one_model(tmp_path, task):
     assert json.loads((run / "config.json").read_text())["config"]["ensemble"] == 1
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_right_to_left_members_loads_with_none(tmp_path):
     """A g2p config saved without ``right_to_left`` had every member write left to right, though
     g2p's default now splits its ensemble between the two directions."""
@@ -341,6 +344,7 @@ def test_a_run_saved_before_right_to_left_members_loads_with_none(tmp_path):
     assert load_run(tmp_path / "now")[1].reverse == (False, True)
 
 
+@pytest.mark.slow
 def test_a_speech_run_saved_before_the_conv_branch_loads_without_it(tmp_path):
     """A speech config saved without ``fcn_channels`` had no convolutional branch, though speech
     now has one by default."""
@@ -358,6 +362,7 @@ def test_a_speech_run_saved_before_the_conv_branch_loads_without_it(tmp_path):
     assert all(m.branch is not None for m in load_run(tmp_path / "now")[1].members)
 
 
+@pytest.mark.slow
 def test_early_stopping_and_time_limit(tmp_path):
     need_data("speech")
     frozen = train(
@@ -437,6 +442,7 @@ def test_decay_share_holds_the_rate_then_falls_to_zero(tmp_path):
     assert rates[3] < rates[2] < 0.01 and rates[3] < 0.01 / per_epoch
 
 
+@pytest.mark.slow
 def test_a_schedule_by_time_reaches_zero_when_the_time_limit_ends_the_run(tmp_path):
     need_data("speech")
     from rnnkit.train import lr_factor
@@ -472,6 +478,7 @@ def test_a_schedule_lowers_the_rate_every_step_to_zero_at_the_end(tmp_path, sche
     assert run["history"][-1]["lr"] < 0.01 / total
 
 
+@pytest.mark.slow
 def test_keep_last_keeps_the_last_epoch_without_early_stopping(tmp_path):
     need_data("speech")
     # lr 0: no epoch is better than the first, so "best" keeps epoch 1 and stops by patience;
@@ -488,6 +495,7 @@ def test_keep_last_keeps_the_last_epoch_without_early_stopping(tmp_path):
         assert torch.equal(kept[key], state[f"model.{key}"]), key
 
 
+@pytest.mark.slow
 def test_resume_with_averaged_weights_gives_identical_weights(tmp_path):
     need_data("speech")
     averaged = {**RESUMABLE, "average": 0.9}
@@ -503,6 +511,7 @@ def test_resume_with_averaged_weights_gives_identical_weights(tmp_path):
 
 
 @pytest.mark.parametrize("keep", ["best", "last"])
+@pytest.mark.slow
 def test_a_finished_run_given_more_epochs_trains_on_from_its_last_weights(tmp_path, keep):
     """The final evaluation loads the kept weights (best, or the average); the checkpoint left
     after it still holds the weights training reached, so more epochs go on from them exactly."""

@@ -73,6 +73,7 @@ def damage_tensor(path: Path, name: str, index: int = 0) -> None:
 # -- non-finite values ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_training_at_that_batch_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     need_data("speech")
     run = tmp_path / "run"
@@ -421,6 +422,7 @@ def test_a_disk_full_while_the_run_directory_is_made_leaves_a_run_that_resumes(
     assert (run / "vocab.json").exists()
 
 
+@pytest.mark.slow
 def test_a_disk_full_at_the_first_checkpoint_leaves_a_run_that_resumes(tmp_path, monkeypatch):
     # The first epoch's weights got out, its checkpoint did not: --resume starts the run over
     # (it rewrites those weights) instead of refusing a run that a new run refuses too.
@@ -491,6 +493,7 @@ def test_unwritable_out_is_refused_before_the_data_loads(tmp_path, capsys, monke
 ONE_EPOCH_AT_A_TIME = {**RESUMABLE, "batch_size": 4, "checkpoint_every": 0, "patience": 0}
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_batch_reached_and_resume_is_exact(tmp_path):
     need_data("speech")
     run = tmp_path / "run"
@@ -550,6 +553,7 @@ def test_sigint_exits_130_after_saving_and_resume_is_exact(tmp_path):
     assert_same_run(tmp_path / "whole", run)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_validation_stops_at_once_and_resume_validates_again(tmp_path, monkeypatch):
     need_data("speech")
     run = tmp_path / "run"
