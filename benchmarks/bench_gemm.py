@@ -1,5 +1,6 @@
 """The GEMM probe: each source of the cpu kernels' GEMM layer (mkl, torch, onednn where its wheel
-is installed), in float32 and bfloat16, on the GEMMs a GRU's training step runs at DESIGN.md's
+is installed, and avx2, rnnkit's own step, where the kernels have AVX2 and FMA: its rows show the
+step alone), in float32 and bfloat16, on the GEMMs a GRU's training step runs at DESIGN.md's
 S, M and L shapes, as the kernels call them. GFLOP/s (and µs per call for the step).
 
     python benchmarks/bench_gemm.py                    # threads 1 and 2, fp32 and bf16
@@ -105,10 +106,11 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(threads)
             for name in names:
                 role, m, n, k = table[name]
-                runs = measure(sources, bf16, role, m, n, k, args.seconds, args.rounds)
+                here = [s for s in sources if role == "step" or s not in gemm.STEP_ONLY]
+                runs = measure(here, bf16, role, m, n, k, args.seconds, args.rounds)
                 flops = 2.0 * m * n * k
                 shown = []
-                for s in sources:
+                for s in here:
                     med = statistics.median(runs[s])
                     cell = {
                         "threads": threads,
@@ -146,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
             cells = []
             for name in names:
                 values = row["cells"].get(name, [])
-                if name.endswith("step") and name.startswith("S"):
+                if not values:
+                    cells.append("—")
+                elif name.endswith("step") and name.startswith("S"):
                     cells.append(" / ".join(f"{v['us']:.1f} µs" for v in values))
                 else:
                     cells.append(" / ".join(f"{v['gflops']:.0f}" for v in values))

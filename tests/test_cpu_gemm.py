@@ -46,6 +46,13 @@ def fresh(monkeypatch, tmp_path):
     return path
 
 
+def forced_pair(source: str) -> str:
+    """What explain says of the plan RNNKIT_GEMM=source forces: a step-only source's bulk GEMMs
+    take MKL's BLAS."""
+    bulk = gemm.BULK_FOR_STEP_ONLY if source in gemm.STEP_ONLY else source
+    return f"step {source}, bulk {bulk}"
+
+
 def step(module, x, lengths=None):
     x = x.detach().requires_grad_()
     out, h = module(x, lengths=lengths)
@@ -73,7 +80,7 @@ def test_every_source_computes_what_the_default_computes(monkeypatch, source, cl
     for a, e in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=GRAD_TOL, atol=GRAD_TOL)
     assert f"forced by {gemm.ENV}" in str(rnnkit.explain(module, x))
-    assert f"step {source}, bulk {source}" in str(rnnkit.explain(module, x))
+    assert forced_pair(source) in str(rnnkit.explain(module, x))
 
 
 @pytest.mark.parametrize("source", gemm.SOURCES)
@@ -151,7 +158,7 @@ def test_rnnkit_gemm_is_honoured_under_torch_compile(fresh, monkeypatch, source,
     torch.manual_seed(0)
     module = cls(I, H, backend="cpu")
     x = torch.randn(T, B, I)
-    assert f"step {source}, bulk {source}" in str(rnnkit.explain(module, x))
+    assert forced_pair(source) in str(rnnkit.explain(module, x))
     graphs = []
 
     def capture(gm, example_inputs):
@@ -170,9 +177,12 @@ def test_rnnkit_gemm_is_honoured_under_torch_compile(fresh, monkeypatch, source,
     ]
     assert ops, "the compiled graph holds no rnnkit.layer_forward op"
     wanted = gemm.SOURCES.index(source)
+    wanted_bulk = gemm.SOURCES.index(
+        gemm.BULK_FOR_STEP_ONLY if source in gemm.STEP_ONLY else source
+    )
     for node in ops:
         step_source, bulk_source = node.args[9:11]
-        assert (step_source, bulk_source) == (wanted, wanted), (
+        assert (step_source, bulk_source) == (wanted, wanted_bulk), (
             f"compiled with {gemm.ENV}={source}: step {gemm.SOURCES[step_source]}, bulk "
             f"{gemm.SOURCES[bulk_source]}"
         )
@@ -457,3 +467,84 @@ except RuntimeError as e:
     error = next(line for line in lines if line.startswith("error:"))
     assert "RNNKIT_GEMM = 'onednn' but oneDNN cannot be used" in error
     assert "pip install onednn-cpu-gomp==2023.2.0" in error
+
+
+# -- the avx2 source -----------------------------------------------------------------------------
+
+# Sizes that reach every edge of its kernel: M past and short of its 6-row tiles, N past and
+# short of its 16-column panels, K within, at and past its 256-deep blocks.
+AVX2_SIZES = [(1, 24, 9), (7, 17, 1), (5, 40, 33), (13, 100, 300), (6, 16, 256), (12, 33, 513)]
+
+
+def needs_avx2() -> None:
+    if not gemm.available("avx2", False):
+        pytest.skip("the cpu kernels were compiled without AVX2 and FMA")
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("how", ["packed", "packed_rows"])
+@pytest.mark.parametrize("tb", [True, False], ids=["forward", "backward"])
+def test_avx2_step_equals_the_float64_product(how, tb, beta):
+    # the step as the kernels run it: forward h . W_hh^T, backward dG . W_hh, on the rows the
+    # weight was packed for or fewer (lengths), rows strided or not; with beta 0 whatever C held
+    # (NaN here) must not reach the result
+    needs_avx2()
+    sid = gemm.SOURCES.index("avx2")
+    torch.manual_seed(0)
+    for m, n, k in AVX2_SIZES:
+        for strided in (False, True):
+            a, b, c = operands(m, n, k, False, tb, strided)
+            if beta == 0.0:
+                c.fill_(float("nan"))
+            want = product(a, b, c.nan_to_num(), False, tb, beta, False)
+            torch.ops.rnnkit_cpu.gemm_compute(sid, False, how, a, b, c, False, tb, beta)
+            scale = float(want.abs().max()) + 1.0
+            err = float((c.double() - want).abs().max()) / scale
+            assert err < PRODUCT_TOL, (
+                f"{how} tb={tb} M,N,K={m},{n},{k} strided={strided}: {err:.2e}"
+            )
+
+
+def test_avx2_is_measured_for_the_step_alone(fresh):
+    needs_avx2()
+    module = rnnkit.LSTM(I, H, backend="cpu")
+    x = torch.randn(T, B, I)
+    assert "bulk avx2" not in str(rnnkit.explain(module, x))
+    steps = {k: e for k, e in gemm._memory.items() if k.startswith("step:")}
+    bulks = {k: e for k, e in gemm._memory.items() if k.startswith("bulk:")}
+    assert steps and bulks
+    assert all("avx2" in e["gflops"] for e in steps.values())
+    assert all("avx2" not in e["gflops"] for e in bulks.values())
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("name", list(PARITY))
+def test_avx2_layers_equal_the_mkl_source(monkeypatch, name, bidirectional):
+    # whole layers with lengths, forward and backward, the steps split by batch and not
+    needs_avx2()
+    torch.manual_seed(0)
+    t, b, i, h = 7, 16, 24, 40
+    module = PARITY[name](i, h, bidirectional=bidirectional, backend="cpu")
+    x = torch.randn(t, b, i)
+    lengths = torch.tensor([7, 3, 0, 5, 1, 7, 6, 2, 4, 7, 5, 3, 1, 6, 2, 7])
+    monkeypatch.setenv(gemm.ENV, _baseline(False))
+    want, want_grads = step(module, x, lengths)
+    monkeypatch.setenv(gemm.ENV, "avx2")
+    for split in ("on", "off"):
+        monkeypatch.setenv(gemm.SPLIT_ENV, split)
+        got, got_grads = step(module, x, lengths)
+        for a, e in zip(got, want, strict=True):
+            torch.testing.assert_close(a, e, rtol=OUT_TOL, atol=OUT_TOL)
+        for a, e in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, e, rtol=GRAD_TOL, atol=GRAD_TOL)
+
+
+def test_forcing_avx2_where_it_cannot_run_is_a_clear_error(fresh, monkeypatch):
+    real = gemm.available
+    monkeypatch.setattr(gemm, "available", lambda s, bf16: s != "avx2" and real(s, bf16))
+    monkeypatch.setenv(gemm.ENV, "avx2")
+    with pytest.raises(
+        RuntimeError, match=r"^RNNKIT_GEMM = 'avx2' but .* without AVX2 and FMA"
+    ) as e:
+        rnnkit.GRU(I, H, backend="cpu")(torch.randn(T, B, I))
+    assert "\n" not in str(e.value)

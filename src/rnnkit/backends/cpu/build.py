@@ -63,6 +63,7 @@ SOURCES = tuple(
         "cell_layernorm_gru.cpp",
         "cell_gru.cpp",
         "onednn.cpp",
+        "gemm_avx2.cpp",
     )
 )
 #: Hashed into the cache key, not compiled alone.

@@ -30,6 +30,11 @@ Sources (ops.cpp's GemmSource):
   layout the primitive prefers, from the GOMP-threaded ``onednn-cpu-gomp`` wheel (the
   ``rnnkit[onednn]`` extra). The kernels never link against it: its library is opened at first
   use (:func:`onednn_library` says where), and without it the source is simply unavailable.
+* ``avx2``: rnnkit's own float32 step (gemm_avx2.cpp), for the step alone: the recurrent weight
+  packed once per call into the panels its AVX2/FMA kernel reads, so that no step copies it
+  (MKL's packed API copies it again at every call where MKL takes its generic path, as on AMD
+  CPUs). Available where the kernels were compiled with AVX2 and FMA; never in bfloat16. It is
+  measured for the step only; forced by ``RNNKIT_GEMM=avx2``, the bulk GEMMs take MKL.
 
 bfloat16 GEMMs (operands rounded to bfloat16, products accumulated in float32) are used only
 where :func:`bf16_supported` says the CPU has bf16 instructions.
@@ -54,9 +59,11 @@ from ..env import forced_choice
 from . import build
 
 __all__ = [
+    "BULK_FOR_STEP_ONLY",
     "ENV",
     "SOURCES",
     "SPLIT_ENV",
+    "STEP_ONLY",
     "Plan",
     "bf16_supported",
     "forced",
@@ -69,7 +76,10 @@ __all__ = [
 ]
 
 #: The GEMM sources by ops.cpp's id.
-SOURCES = ("mkl", "torch", "onednn")
+SOURCES = ("mkl", "torch", "onednn", "avx2")
+#: The sources of the recurrent step alone, and the bulk source a plan forcing one of them takes.
+STEP_ONLY = ("avx2",)
+BULK_FOR_STEP_ONLY = "mkl"
 #: What gemm_probe measures: the recurrent step, the input projection, the weight gradients, and
 #: the recurrent step split by rows, each thread its own slice (as split steps run it).
 ROLES = ("step", "bulk", "wgrad", "split")
@@ -239,6 +249,11 @@ def available(source: str, bf16: bool) -> bool:
 
 def _check_forced(source: str) -> None:
     """Raise, in one line, if a forced source cannot run here."""
+    if source in STEP_ONLY and not available(source, False):
+        raise RuntimeError(
+            f"{ENV} = {source!r} but the cpu kernels were compiled without AVX2 and FMA (this "
+            f"CPU lacks them); expected one of {', '.join(s for s in SOURCES if s != source)}"
+        )
     if source == "onednn":
         why = onednn_problem()
         if why is not None:
@@ -311,7 +326,7 @@ def _pow2(v: int) -> int:
 def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
     """The fastest source for one shape class, and whether it was measured just now."""
     key = f"{role}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{torch.get_num_threads()}"
-    sources = [s for s in SOURCES if available(s, bf16)]
+    sources = [s for s in SOURCES if (role == "step" or s not in STEP_ONLY) and available(s, bf16)]
     entry = _memory.get(key)
     # kept while it measured every source available now (one installed since is measured), and
     # measured again where the file holds something else under its key
@@ -344,7 +359,7 @@ def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16:
     :func:`bf16_supported`."""
     if torch.compiler.is_compiling():  # nothing is measured while tracing; a forced source is
         step, split, how = _compiling_plan(batch)  # kept (read when the trace is made)
-        return Plan(step, step, bf16 and bool(_bf16), how, split)
+        return Plan(step, _bulk_for(step), bf16 and bool(_bf16), how, split)
     bf16 = bf16 and bf16_supported()
     key = (steps, batch, input_size, hidden, gates, bf16, torch.get_num_threads(),
            os.environ.get(ENV), os.environ.get(SPLIT_ENV))  # fmt: skip
@@ -386,7 +401,7 @@ def _plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16
         _load()
         if source is not None:
             _check_forced(source)
-            step = bulk = source
+            step, bulk = source, _bulk_for(source)
             new_step = new_bulk = False
         else:
             step, new_step = _best("step", bf16, *step_shape)
@@ -397,6 +412,12 @@ def _plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16
     else:
         how = "measured now" if new_step or new_bulk or new_split else _EARLIER
     return Plan(step, bulk, bf16, how, split)
+
+
+def _bulk_for(source: str) -> str:
+    """The bulk GEMMs' source when ``source`` is forced for every GEMM: itself, or MKL's BLAS
+    for a step-only source (the C++ side falls back to ATen's where MKL is absent)."""
+    return BULK_FOR_STEP_ONLY if source in STEP_ONLY else source
 
 
 def _split(source: str, bf16: bool, m: int, n: int, k: int) -> tuple[bool, bool]:

@@ -48,6 +48,7 @@ enum GemmSource : int {
   kSourceMkl = 0,     // MKL's BLAS as torch exports it: sgemm_, its packed API, gemm_bf16bf16f32
   kSourceTorch = 1,   // ATen's matrix product through the dispatcher (torch's MKL or oneDNN)
   kSourceOnednn = 2,  // oneDNN 3's matmul primitive, opened at run time (onednn.h)
+  kSourceAvx2 = 3,    // rnnkit's own float32 step on AVX2 and FMA (gemm_avx2.cpp); step only
   kSources
 };
 
@@ -74,6 +75,15 @@ bool gemm_source_available(int source, bool bf16);
 template <typename T>
 void gemm(const GemmPlan& plan, GemmRole role, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
           T alpha, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+
+// The avx2 source (gemm_avx2.cpp), the step's product only: op(B) (K, N) packed once into
+// avx2_packed_size(N, K) floats by avx2_pack, then per step C (M, N) = A (M, K) . op(B) + beta C
+// for any M. A bulk GEMM under a plan that names it runs on MKL's BLAS (gemm's generic path).
+bool avx2_available();  // compiled with AVX2 and FMA
+int64_t avx2_packed_size(int64_t N, int64_t K);
+void avx2_pack(bool tb, int64_t N, int64_t K, const float* B, int64_t ldb, float* dst);
+void avx2_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* packed,
+               float beta, float* C, int64_t ldc);
 
 // ---------------------------------------------------------------------------------------------
 // Scratch memory: n elements of T, 64-byte aligned (as ATen allocates), uninitialised unless
@@ -109,7 +119,7 @@ class Packed;
 }
 
 // A right-hand operand used at every step (w_hh, w_hr), prepared once per call for the step's
-// source: packed into MKL's internal layout, or rounded to bfloat16 once (bf16), or reordered
+// source: packed into MKL's internal layout or the avx2 source's panels, or rounded to bfloat16 once (bf16), or reordered
 // into the layout oneDNN's matmul prefers (float32 or bfloat16). Per step
 // C (M, N) = A (M, K) . op(B) (K, N) + beta C without preparing B again. Defined in ops.cpp.
 template <typename T>
@@ -136,6 +146,7 @@ class PackedB {
   const T* B_;
   int64_t ldb_;
   bool packed_ = false;  // MKL's packed fp32 B in buffer_
+  bool panels_ = false;  // the avx2 source's panels of B in buffer_ (any rows per run)
   bool half_ = false;    // bf16: B rounded once into bhalf_ (op(B) layout kept), A per step
   Buffer<float> buffer_;
   Buffer<std::uint16_t> bhalf_, ahalf_;  // ahalf_: A rounded per step (MKL's and oneDNN's bf16)

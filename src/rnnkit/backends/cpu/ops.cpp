@@ -227,6 +227,8 @@ bool gemm_source_available(int source, bool bf16) {
       return true;
     case kSourceOnednn:
       return onednn::available(bf16);
+    case kSourceAvx2:
+      return !bf16 && avx2_available();
     default:
       return false;
   }
@@ -329,6 +331,13 @@ PackedB<T>::PackedB(const GemmPlan& plan, bool tb, int64_t M, int64_t N, int64_t
                     int64_t ldb)
     : plan_(plan), tb_(tb), M_(M), N_(N), K_(K), B_(B), ldb_(ldb) {
   if constexpr (std::is_same_v<T, float>) {
+    if (B && M > 0 && N > 0 && K > 0 && plan.source[kStep] == kSourceAvx2 && !plan.bf16 &&
+        avx2_available()) {
+      buffer_ = Buffer<float>(avx2_packed_size(N, K));
+      avx2_pack(tb, N, K, B, ldb, buffer_.data());
+      panels_ = true;
+      return;
+    }
     if (B && M > 0 && N > 0 && K > 0 && plan.source[kStep] == kSourceOnednn) {
       onednn_ = onednn::Packed::make(plan.bf16, tb, M, N, K, B, ldb);
       if (onednn_ && plan.bf16) ahalf_ = Buffer<std::uint16_t>(M * K);
@@ -372,6 +381,10 @@ void PackedB<T>::run_rows(int64_t rows, const T* A, int64_t lda, T beta, T* C, i
       round_rows(rows, K_, A, lda, ahalf_.data());
       return ahalf_.data();
     };
+    if (panels_) {
+      avx2_gemm(rows, N_, K_, A, lda, buffer_.data(), beta, C, ldc);
+      return;
+    }
     if (onednn_) {
       const bool bf16 = plan_.bf16;
       if (onednn_->run(rows, bf16 ? static_cast<const void*>(rounded()) : A, bf16 ? K_ : lda,
