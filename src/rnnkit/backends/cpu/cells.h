@@ -284,29 +284,45 @@ struct Lstm : CellBase {
     const T* b = p.bias.data();
     T* hpre = kSave && kProj ? saved.at[kHpre] + step.row * H : nullptr;
     const CellState<T, kSave, kZone, saves_cprev(kZone)> state(step, saved, dim);
+    // Two passes over each block of kBlock units, so that neither chains all five activations:
+    // the first computes i, f, g (independent of each other) and c_t, the second o and
+    // tanh(c_t) (likewise) and h_t. One pass over all of them is a chain of two activations
+    // per unit too long for the core to overlap the next units with it.
+    constexpr int64_t kBlock = 64;
+    for (int64_t j0 = 0; j0 < H; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, H - j0);
+      alignas(64) T po_b[kBlock], c_b[kBlock];  // o's pre-activation and c_t of the block
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const T c_old = state.c[j];
-      T pi = xg[j] + hg[j] + b[j];
-      T pf = xg[H + j] + hg[H + j] + b[H + j];
-      T po = xg[3 * H + j] + hg[3 * H + j] + b[3 * H + j];
-      if constexpr (kPeep) {
-        pi += p.w_ci[j] * c_old;
-        pf += p.w_cf[j] * c_old;
+      for (int64_t u = 0; u < n; ++u) {
+        const int64_t j = j0 + u;
+        const T c_old = state.c[j];
+        T pi = xg[j] + hg[j] + b[j];
+        T pf = xg[H + j] + hg[H + j] + b[H + j];
+        T po = xg[3 * H + j] + hg[3 * H + j] + b[3 * H + j];
+        if constexpr (kPeep) {
+          pi += p.w_ci[j] * c_old;
+          pf += p.w_cf[j] * c_old;
+        }
+        const T i = sigmoid(pi);
+        const T f = sigmoid(pf);
+        const T g = tanh_(xg[2 * H + j] + hg[2 * H + j] + b[2 * H + j]);
+        const T c_new = state.update(H, j, i, f, g);
+        if constexpr (kPeep) po += p.w_co[j] * c_new;
+        po_b[u] = po;
+        c_b[u] = c_new;
       }
-      const T i = sigmoid(pi);
-      const T f = sigmoid(pf);
-      const T g = tanh_(xg[2 * H + j] + hg[2 * H + j] + b[2 * H + j]);
-      const T c_new = state.update(H, j, i, f, g);
-      if constexpr (kPeep) po += p.w_co[j] * c_new;
-      const T o = sigmoid(po);
-      state.save_o(H, j, o);
-      const T h_new = o * tanh_(c_new);
-      if constexpr (kProj) {
-        step.h[j] = h_new;
-        if constexpr (kSave) hpre[j] = h_new;
-      } else {
-        emit<kZone>(step, j, h_new);
+#pragma omp simd
+      for (int64_t u = 0; u < n; ++u) {
+        const int64_t j = j0 + u;
+        const T o = sigmoid(po_b[u]);
+        state.save_o(H, j, o);
+        const T h_new = o * tanh_(c_b[u]);
+        if constexpr (kProj) {
+          step.h[j] = h_new;
+          if constexpr (kSave) hpre[j] = h_new;
+        } else {
+          emit<kZone>(step, j, h_new);
+        }
       }
     }
   }

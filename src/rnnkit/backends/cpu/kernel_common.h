@@ -305,8 +305,14 @@ inline auto possible(bool flag) {
 // fp64 (gradcheck): the C library's.
 
 RNNKIT_INLINE float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // x = n ln2 + r, |r| <= ln2/2
+  // A NaN x fails both comparisons and passes through (the result is then NaN).
+  x = -87.0f > x ? -87.0f : x;
+  x = 88.0f < x ? 88.0f : x;
+  // n = round(x / ln2) by adding and subtracting 1.5 * 2^23 (the sum's low bits then hold n,
+  // ties to even), so that x = n ln2 + r, |r| <= ln2/2.
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
+  const float shifted = x * 1.44269504088896341f + kShift;
+  const float n = shifted - kShift;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -316,11 +322,14 @@ RNNKIT_INLINE float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  // 2^n. A NaN x passes the clamp and stays in p, so the result is NaN (as std::exp's); its
-  // exponent is taken from 0, since converting NaN to an integer is undefined behaviour.
-  const int32_t bits = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) << 23;
+  // 2^n from the integer in the sum's low bits, in unsigned arithmetic (no float-to-integer
+  // conversion, so a NaN x is no undefined behaviour: p is NaN and so is the result).
+  constexpr std::uint32_t kShiftBits = 0x4B400000u;  // kShift's bits
+  std::uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  const std::uint32_t exponent = (bits - kShiftBits + 127u) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
+  std::memcpy(&scale, &exponent, sizeof(scale));
   return p * scale;
 }
 
