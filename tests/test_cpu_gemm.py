@@ -141,6 +141,33 @@ def test_entries_of_another_shape_in_the_file_are_measured_again(fresh, monkeypa
     assert all(isinstance(e["gflops"], dict) for e in json.loads(fresh.read_text()).values())
 
 
+def test_the_step_source_is_chosen_in_the_schedule_it_runs(fresh, monkeypatch):
+    """One source is the fastest threaded per step, another the fastest of all with the steps
+    split by batch: the second is chosen, split, as its split time is what a call costs."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.delenv(gemm.SPLIT_ENV, raising=False)
+    sources = [s for s in gemm.SOURCES if gemm.available(s, False)]
+    split_fast, step_fast = sources[0], sources[1]
+    fake = {(split_fast, "split"): 4e-4, (step_fast, "step"): 8e-4, (step_fast, "split"): 9e-4}
+
+    def timed(candidates, bf16, m, n, k):
+        out = {}
+        for c in candidates:
+            if isinstance(c, tuple):  # the step: (source, schedule)
+                out[c] = fake.get(c, 1e-3)
+            else:  # the bulk: by source
+                out[c] = 1e-3
+        return out
+
+    monkeypatch.setattr(gemm, "_interleaved", timed)
+    module = rnnkit.GRU(I, H, backend="cpu")
+    shown = str(rnnkit.explain(module, torch.randn(T, B, I)))
+    assert f"step {split_fast}," in shown and "steps split by batch" in shown, shown
+    splits = {k: e["split"] for k, e in gemm._memory.items() if k.startswith("split:")}
+    assert any(k.startswith(f"split:{split_fast}:") and v for k, v in splits.items()), splits
+    assert any(k.startswith(f"split:{step_fast}:") and not v for k, v in splits.items()), splits
+
+
 def test_rnnkit_gemm_names_a_source(fresh, monkeypatch):
     monkeypatch.setenv(gemm.ENV, "openblas")
     with pytest.raises(ValueError, match=r"RNNKIT_GEMM = 'openblas'; expected one of"):

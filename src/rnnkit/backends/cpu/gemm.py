@@ -16,9 +16,10 @@ row pass are spread over the threads (a fork and a join per step, the weight sha
 batch is split into one slice per thread and each thread runs all the steps of its slice alone
 (sequences are independent: no synchronisation per step, but each thread streams the whole
 recurrent weight through its own cache). The second wins where the step is small or the weight
-fits a core's cache, the first where the weight is large; at the first call of a step shape the
-step GEMM is timed both ways (:data:`ROLES` "step" and "split") and the split is kept unless it
-is slower. ``RNNKIT_SPLIT=on|off`` forces it.
+fits a core's cache, the first where the weight is large; at the first call of a step shape
+each source's step GEMM is timed both ways (:data:`ROLES` "step" and "split"), each source is
+ranked by its faster way (the split where it is not slower), and the chosen source runs that
+way. ``RNNKIT_SPLIT=on|off`` forces it (the sources are then timed that way alone).
 
 Sources (ops.cpp's GemmSource):
 
@@ -52,6 +53,7 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -291,14 +293,7 @@ def _calls(source: str, bf16: bool, role: str, m: int, n: int, k: int, budget: f
     return op(sid, bf16, rid, m, n, k, reps)
 
 
-def compare(sources: list[str], bf16: bool, role: str, m: int, n: int, k: int) -> dict:
-    """Seconds per call of each source, measured in interleaved rounds (A B A B ...: a burst of
-    load slows them all) for about :data:`BUDGET` seconds each; the fastest call of each."""
-    rid = ROLES.index(role)
-    return _interleaved({s: (SOURCES.index(s), rid) for s in sources}, bf16, m, n, k)
-
-
-def _interleaved(candidates: dict[str, tuple[int, int]], bf16: bool, m: int, n: int, k: int):
+def _interleaved(candidates: dict[Any, tuple[int, int]], bf16: bool, m: int, n: int, k: int):
     """Seconds per call of each candidate (name -> gemm_probe's source and role ids), in
     interleaved rounds for about :data:`BUDGET` seconds each; the fastest call of each."""
     build.ensure()
@@ -324,7 +319,9 @@ def _pow2(v: int) -> int:
 
 
 def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
-    """The fastest source for one shape class, and whether it was measured just now."""
+    """The fastest source for one shape class, and whether it was measured just now. The step's
+    sources are timed in the schedule each would run (see :func:`_schedules`): a source whose
+    split steps are fast must not lose to one that is faster only unsplit."""
     key = f"{role}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{torch.get_num_threads()}"
     sources = [s for s in SOURCES if (role == "step" or s not in STEP_ONLY) and available(s, bf16)]
     entry = _memory.get(key)
@@ -337,12 +334,24 @@ def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
         and set(sources) <= set(entry["gflops"])
     ):
         return entry["best"], False
-    seconds = compare(sources, bf16, role, m, n, k)
-    if len(sources) > 1 and max(seconds.values()) > MARGIN * min(seconds.values()):
+    schedules = _schedules(m) if role == "step" else (role,)
+    candidates = {(s, r): (SOURCES.index(s), ROLES.index(r)) for s in sources for r in schedules}
+    timed = _interleaved(candidates, bf16, m, n, k)
+    if len(sources) > 1 and max(timed.values()) > MARGIN * min(timed.values()):
         # a difference: measured again, so that one stalled pass (the machine's other work
         # descheduling our threads) cannot decide alone
-        again = compare(sources, bf16, role, m, n, k)
-        seconds = {s: min(seconds[s], again[s]) for s in sources}
+        again = _interleaved(candidates, bf16, m, n, k)
+        timed = {c: min(timed[c], again[c]) for c in candidates}
+    # each source in its faster schedule (ties go to the split: its GEMM time aside, it saves a
+    # fork and a join per step), whose choice is kept as _split reads it
+    seconds = {s: min(timed[(s, r)] for r in schedules) for s in sources}
+    if len(schedules) > 1:
+        for s in sources:
+            split = timed[(s, "split")] <= timed[(s, "step")]
+            _remember(
+                _split_key(s, bf16, m, n, k), {"split": split},
+                {r: timed[(s, r)] for r in schedules}, m, n, k,
+            )  # fmt: skip
     # The first available source (MKL where torch exports it) is kept unless another is clearly
     # faster: a few milliseconds of measurement cannot resolve a few percent.
     best = sources[0]
@@ -351,6 +360,18 @@ def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
             best = s
     _remember(key, {"best": best}, seconds, m, n, k)
     return best, True
+
+
+def _schedules(m: int) -> tuple[str, ...]:
+    """The roles the step's sources are timed in: "split" (the steps split by batch) or "step"
+    (threaded per step) where RNNKIT_SPLIT forces one or where there is nothing to split (one
+    thread, one sequence), both where the split is measured."""
+    force = forced_split()
+    if torch.get_num_threads() < 2 or m < 2:
+        return ("step",)
+    if force is not None:
+        return ("split",) if force else ("step",)
+    return ("step", "split")
 
 
 def plan(steps: int, batch: int, input_size: int, hidden: int, gates: int, bf16: bool) -> Plan:
@@ -431,7 +452,7 @@ def _split(source: str, bf16: bool, m: int, n: int, k: int) -> tuple[bool, bool]
         return False, False
     if force is not None:
         return force, False
-    key = f"split:{source}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{threads}"
+    key = _split_key(source, bf16, m, n, k)
     entry = _memory.get(key)
     if entry is not None and isinstance(entry.get("split"), bool):
         return entry["split"], False
@@ -441,6 +462,11 @@ def _split(source: str, bf16: bool, m: int, n: int, k: int) -> tuple[bool, bool]
     split = seconds["split"] <= seconds["step"]
     _remember(key, {"split": split}, seconds, m, n, k)
     return split, True
+
+
+def _split_key(source: str, bf16: bool, m: int, n: int, k: int) -> str:
+    threads = torch.get_num_threads()
+    return f"split:{source}:{'bf16' if bf16 else 'fp32'}:m{m}:n{n}:k{k}:t{threads}"
 
 
 def table() -> dict[str, dict]:
