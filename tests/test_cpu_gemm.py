@@ -53,6 +53,14 @@ def forced_pair(source: str) -> str:
     return f"step {source}, bulk {bulk}"
 
 
+def assert_matches(got, want, got_grads, want_grads):
+    """Outputs and gradients equal, to the kernels' float32 tolerances."""
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=OUT_TOL, atol=OUT_TOL)
+    for a, e in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=GRAD_TOL, atol=GRAD_TOL)
+
+
 def step(module, x, lengths=None):
     x = x.detach().requires_grad_()
     out, h = module(x, lengths=lengths)
@@ -75,10 +83,7 @@ def test_every_source_computes_what_the_default_computes(monkeypatch, source, cl
     want, want_grads = step(reference, x, lengths)
     monkeypatch.setenv(gemm.ENV, source)
     got, got_grads = step(module, x, lengths)
-    for a, e in zip(got, want, strict=True):
-        torch.testing.assert_close(a, e, rtol=OUT_TOL, atol=OUT_TOL)
-    for a, e in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(a, e, rtol=GRAD_TOL, atol=GRAD_TOL)
+    assert_matches(got, want, got_grads, want_grads)
     assert f"forced by {gemm.ENV}" in str(rnnkit.explain(module, x))
     assert forced_pair(source) in str(rnnkit.explain(module, x))
 
@@ -214,10 +219,7 @@ def test_rnnkit_gemm_is_honoured_under_torch_compile(fresh, monkeypatch, source,
             f"{gemm.SOURCES[bulk_source]}"
         )
     want, want_grads = step(module, x)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=OUT_TOL, atol=OUT_TOL)
-    for a, b in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=GRAD_TOL, atol=GRAD_TOL)
+    assert_matches(got, want, got_grads, want_grads)
 
 
 @pytest.mark.parametrize("variable,value", [(gemm.ENV, "openblas"), (gemm.SPLIT_ENV, "sometimes")])
@@ -409,10 +411,7 @@ def test_onednn_layers_equal_the_mkl_source(monkeypatch, name, bidirectional, bf
         ):
             close(a, e, BF16_TOL, f"tensor {k}")
     else:
-        for a, e in zip(got, want, strict=True):
-            torch.testing.assert_close(a, e, rtol=OUT_TOL, atol=OUT_TOL)
-        for a, e in zip(got_grads, want_grads, strict=True):
-            torch.testing.assert_close(a, e, rtol=GRAD_TOL, atol=GRAD_TOL)
+        assert_matches(got, want, got_grads, want_grads)
 
 
 def test_a_cached_choice_without_onednn_is_measured_again(fresh):
@@ -560,10 +559,7 @@ def test_avx2_layers_equal_the_mkl_source(monkeypatch, name, bidirectional):
     for split in ("on", "off"):
         monkeypatch.setenv(gemm.SPLIT_ENV, split)
         got, got_grads = step(module, x, lengths)
-        for a, e in zip(got, want, strict=True):
-            torch.testing.assert_close(a, e, rtol=OUT_TOL, atol=OUT_TOL)
-        for a, e in zip(got_grads, want_grads, strict=True):
-            torch.testing.assert_close(a, e, rtol=GRAD_TOL, atol=GRAD_TOL)
+        assert_matches(got, want, got_grads, want_grads)
 
 
 def test_forcing_avx2_where_it_cannot_run_is_a_clear_error(fresh, monkeypatch):
