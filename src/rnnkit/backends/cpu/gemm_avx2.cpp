@@ -2,11 +2,11 @@
 //
 // The step multiplies B rows of state by the same recurrent weight at every step. A BLAS's
 // packed API is meant to prepare that weight once, but where its generic code path runs (MKL on
-// AMD CPUs) each call copies the packed weight again: a fixed cost per step that is a tenth to a
-// third of the step at common sizes. Here the weight, op(B) (K, N), is packed once per call into
-// panels of kNr columns, each panel cut into blocks of at most kKc rows of depth, kNr floats per
-// row, in the order the kernel reads them; a step then streams the panels and nothing else is
-// copied. The kernel keeps a tile of kMr x kNr results in twelve 8-wide registers (two more hold
+// AMD CPUs) each call copies the packed weight again: a fixed cost per step, 7-29 % of the step
+// at the sizes measured (BENCHMARKS.md). Here the weight, op(B) (K, N), is packed once per call
+// into panels of kNr columns, each panel cut into blocks of at most kKc rows of depth, kNr floats
+// per row, in the order the kernel reads them; a step then streams the panels and nothing else
+// is copied. The kernel keeps a tile of kMr x kNr results in twelve 8-wide registers (two more hold
 // a row of the panel, one the broadcast element of A), the classic register blocking for 16
 // vector registers; a block of a panel (kKc x kNr floats, 16 KiB) stays in L1 while every row
 // tile of A passes over it. Threads take whole panels (at::parallel_for: serial inside a
@@ -17,7 +17,6 @@
 // unavailable.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "kernel_common.h"
 
@@ -119,7 +118,8 @@ inline void tile(int64_t kc, const float* A, int64_t lda, const float* bp, float
 void rows_by_block(int64_t M, int64_t kc, const float* A, int64_t lda, const float* bp, float* C,
                    int64_t ldc, int64_t nc, bool first, float beta) {
   int64_t r = 0;
-  for (; r + kMr <= M; r += kMr) tile<kMr>(kc, A + r * lda, lda, bp, C + r * ldc, ldc, nc, first, beta);
+  for (; r + kMr <= M; r += kMr)
+    tile<kMr>(kc, A + r * lda, lda, bp, C + r * ldc, ldc, nc, first, beta);
   const float* a = A + r * lda;
   float* c = C + r * ldc;
   switch (M - r) {
@@ -182,7 +182,8 @@ void avx2_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
   const int64_t np = panels(N);
   // Panels per chunk: about 2^17 multiply-adds each, enough to pay for a thread's fork.
   const int64_t per_panel = M * kNr * K;
-  const int64_t grain_panels = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(per_panel, 1));
+  const int64_t grain_panels =
+      std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(per_panel, 1));
   parallel_for(np, grain_panels, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kNr, nc = std::min(kNr, N - n0);

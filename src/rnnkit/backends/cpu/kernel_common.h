@@ -119,8 +119,8 @@ class Packed;
 }
 
 // A right-hand operand used at every step (w_hh, w_hr), prepared once per call for the step's
-// source: packed into MKL's internal layout or the avx2 source's panels, or rounded to bfloat16 once (bf16), or reordered
-// into the layout oneDNN's matmul prefers (float32 or bfloat16). Per step
+// source: packed into MKL's internal layout or the avx2 source's panels, or rounded to bfloat16
+// once (bf16), or reordered into the layout oneDNN's matmul prefers (float32 or bfloat16). Per step
 // C (M, N) = A (M, K) . op(B) (K, N) + beta C without preparing B again. Defined in ops.cpp.
 template <typename T>
 class PackedB {
