@@ -342,16 +342,11 @@ def _best(role: str, bf16: bool, m: int, n: int, k: int) -> tuple[str, bool]:
         # descheduling our threads) cannot decide alone
         again = _interleaved(candidates, bf16, m, n, k)
         timed = {c: min(timed[c], again[c]) for c in candidates}
-    # each source in its faster schedule (ties go to the split: its GEMM time aside, it saves a
-    # fork and a join per step), whose choice is kept as _split reads it
+    # each source in its faster schedule, whose choice is kept as _split reads it
     seconds = {s: min(timed[(s, r)] for r in schedules) for s in sources}
     if len(schedules) > 1:
         for s in sources:
-            split = timed[(s, "split")] <= timed[(s, "step")]
-            _remember(
-                _split_key(s, bf16, m, n, k), {"split": split},
-                {r: timed[(s, r)] for r in schedules}, m, n, k,
-            )  # fmt: skip
+            _keep_split(s, bf16, m, n, k, {r: timed[(s, r)] for r in schedules})
     # The first available source (MKL where torch exports it) is kept unless another is clearly
     # faster: a few milliseconds of measurement cannot resolve a few percent.
     best = sources[0]
@@ -446,22 +441,23 @@ def _split(source: str, bf16: bool, m: int, n: int, k: int) -> tuple[bool, bool]
     and whether that was measured just now: forced by ``RNNKIT_SPLIT``, off with one thread or
     one sequence, else the step GEMM from ``source`` timed both ways, interleaved (cached like
     the sources)."""
-    force = forced_split()
-    threads = torch.get_num_threads()
-    if threads < 2 or m < 2:
-        return False, False
-    if force is not None:
-        return force, False
-    key = _split_key(source, bf16, m, n, k)
-    entry = _memory.get(key)
+    schedules = _schedules(m)
+    if len(schedules) == 1:
+        return schedules == ("split",), False
+    entry = _memory.get(_split_key(source, bf16, m, n, k))
     if entry is not None and isinstance(entry.get("split"), bool):
         return entry["split"], False
     sid = SOURCES.index(source)
-    seconds = _interleaved({r: (sid, ROLES.index(r)) for r in ("step", "split")}, bf16, m, n, k)
-    # Ties go to the split: its GEMM time aside, it saves a fork and a join per step.
+    seconds = _interleaved({r: (sid, ROLES.index(r)) for r in schedules}, bf16, m, n, k)
+    return _keep_split(source, bf16, m, n, k, seconds), True
+
+
+def _keep_split(source: str, bf16: bool, m: int, n: int, k: int, seconds: dict) -> bool:
+    """Whether ``source``'s steps run split, from its step GEMM's ``seconds`` each way, kept
+    with them. Ties go to the split: its GEMM time aside, it saves a fork and a join per step."""
     split = seconds["split"] <= seconds["step"]
-    _remember(key, {"split": split}, seconds, m, n, k)
-    return split, True
+    _remember(_split_key(source, bf16, m, n, k), {"split": split}, seconds, m, n, k)
+    return split
 
 
 def _split_key(source: str, bf16: bool, m: int, n: int, k: int) -> str:

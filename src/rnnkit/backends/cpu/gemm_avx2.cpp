@@ -40,6 +40,19 @@ int64_t panels(int64_t N) { return (N + kNr - 1) / kNr; }
 
 #if RNNKIT_HAVE_AVX2
 
+// Row r of a tile at depth k: its two accumulators += A[r][k] * the panel's row (b0, b1). A row
+// past the tile's R does nothing, so that tile<R> names all twelve accumulators as registers
+// (an array of them is spilled to the stack at every step of the loop).
+template <int R, int r>
+inline __attribute__((always_inline)) void row_fma(const float* a, __m256 b0, __m256 b1,
+                                                   __m256& lo, __m256& hi) {
+  if constexpr (r < R) {
+    const __m256 x = _mm256_broadcast_ss(a);
+    lo = _mm256_fmadd_ps(x, b0, lo);
+    hi = _mm256_fmadd_ps(x, b1, hi);
+  }
+}
+
 // The tile of R (<= kMr) rows of A (lda apart) times one block of a panel (kc x kNr at bp), into
 // C (R rows, ldc apart, nc <= kNr columns). first: the block at depth 0, which writes
 // C = acc (beta 0: C is not read, so what it held never leaks in) or acc + beta C; the later
@@ -49,43 +62,18 @@ inline void tile(int64_t kc, const float* A, int64_t lda, const float* bp, float
                  int64_t nc, bool first, float beta) {
   __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
   __m256 c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
-  const float* a0 = A;
-  const float* a1 = A + (R > 1 ? lda : 0);
-  const float* a2 = A + (R > 2 ? 2 * lda : 0);
-  const float* a3 = A + (R > 3 ? 3 * lda : 0);
-  const float* a4 = A + (R > 4 ? 4 * lda : 0);
-  const float* a5 = A + (R > 5 ? 5 * lda : 0);
+  auto a_row = [&](int r) { return A + (r < R ? r * lda : 0); };  // rows past R: never read
+  const float *a0 = a_row(0), *a1 = a_row(1), *a2 = a_row(2), *a3 = a_row(3), *a4 = a_row(4),
+              *a5 = a_row(5);
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(bp + k * kNr);
     const __m256 b1 = _mm256_loadu_ps(bp + k * kNr + 8);
-    __m256 x = _mm256_broadcast_ss(a0 + k);
-    c0 = _mm256_fmadd_ps(x, b0, c0);
-    c1 = _mm256_fmadd_ps(x, b1, c1);
-    if constexpr (R > 1) {
-      x = _mm256_broadcast_ss(a1 + k);
-      c2 = _mm256_fmadd_ps(x, b0, c2);
-      c3 = _mm256_fmadd_ps(x, b1, c3);
-    }
-    if constexpr (R > 2) {
-      x = _mm256_broadcast_ss(a2 + k);
-      c4 = _mm256_fmadd_ps(x, b0, c4);
-      c5 = _mm256_fmadd_ps(x, b1, c5);
-    }
-    if constexpr (R > 3) {
-      x = _mm256_broadcast_ss(a3 + k);
-      c6 = _mm256_fmadd_ps(x, b0, c6);
-      c7 = _mm256_fmadd_ps(x, b1, c7);
-    }
-    if constexpr (R > 4) {
-      x = _mm256_broadcast_ss(a4 + k);
-      c8 = _mm256_fmadd_ps(x, b0, c8);
-      c9 = _mm256_fmadd_ps(x, b1, c9);
-    }
-    if constexpr (R > 5) {
-      x = _mm256_broadcast_ss(a5 + k);
-      c10 = _mm256_fmadd_ps(x, b0, c10);
-      c11 = _mm256_fmadd_ps(x, b1, c11);
-    }
+    row_fma<R, 0>(a0 + k, b0, b1, c0, c1);
+    row_fma<R, 1>(a1 + k, b0, b1, c2, c3);
+    row_fma<R, 2>(a2 + k, b0, b1, c4, c5);
+    row_fma<R, 3>(a3 + k, b0, b1, c6, c7);
+    row_fma<R, 4>(a4 + k, b0, b1, c8, c9);
+    row_fma<R, 5>(a5 + k, b0, b1, c10, c11);
   }
   // The accumulators leave the registers only here, after the loop.
   const __m256 acc[2 * kMr] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
