@@ -363,3 +363,64 @@ def test_lengths_under_torch_compile_fullgraph(backend, given):
         for bad in ([T + 4, 2, 0], [T, -1, 0]):
             with pytest.raises(RuntimeError, match="lengths has an entry outside 0 <= length <= T"):
                 compiled(x, lengths=torch.tensor(bad))
+
+
+def _hx(mode, layers, batch):
+    """An initial state of ``layers`` x ``batch`` for ``mode`` (LSTMs: (h_0, c_0))."""
+    h_size = P if mode[0] == "lstm_proj" else H
+    h0 = torch.zeros(layers, batch, h_size)
+    return (h0, torch.zeros(layers, batch, H)) if mode[0].startswith("lstm") else h0
+
+
+# (what is wrong, the call on a layer of `mode`); each with torch.nn's error type below
+SHAPE_MISTAKES = {
+    "initial state of another batch": lambda mod, mode: mod(torch.randn(T, B, I), _hx(mode, 1, 2)),
+    "initial state of other layers": lambda mod, mode: mod(torch.randn(T, B, I), _hx(mode, 2, B)),
+    "another feature count": lambda mod, mode: mod(torch.randn(T, B, I + 1)),
+    "no time steps": lambda mod, mode: mod(torch.randn(0, B, I)),
+    "four dimensions": lambda mod, mode: mod(torch.randn(T, B, I, 1)),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+@pytest.mark.parametrize("mistake", list(SHAPE_MISTAKES))
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_a_shape_mistake_raises_what_torch_nn_raises_and_a_shape_error(mode, mistake, backend):
+    """Code written around torch.nn's layers catches rnnkit's error for the same mistake (a
+    RuntimeError for most, a ValueError for the input's dimensions); the message is rnnkit's."""
+    call = SHAPE_MISTAKES[mistake]
+    mine, ref = pair(mode)
+    mine.backend = None if backend == "auto" else backend
+    with pytest.raises(Exception) as theirs:
+        call(ref, mode)
+    with pytest.raises(rnnkit.errors.ShapeError) as ours:
+        call(mine, mode)
+    assert isinstance(ours.value, ValueError)
+    assert isinstance(ours.value, type(theirs.value)), (type(theirs.value), str(ours.value))
+    assert "shape" in str(ours.value) and "\n" not in str(ours.value)
+
+
+CELLS = [
+    (rnnkit.RNNCell, torch.nn.RNNCell, lambda b: torch.zeros(b, H)),
+    (rnnkit.GRUCell, torch.nn.GRUCell, lambda b: torch.zeros(b, H)),
+    (rnnkit.LSTMCell, torch.nn.LSTMCell, lambda b: (torch.zeros(b, H), torch.zeros(b, H))),
+]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda cell, hx: cell(torch.randn(B, I + 1)),
+        lambda cell, hx: cell(torch.randn(B, I), hx(B + 1)),
+        lambda cell, hx: cell(torch.randn(B, I, 1)),
+    ],
+    ids=["another feature count", "state of another batch", "three dimensions"],
+)
+@pytest.mark.parametrize("cells", CELLS, ids=["rnn", "gru", "lstm"])
+def test_a_cells_shape_mistake_raises_what_torch_nn_raises(cells, call):
+    ours, theirs, hx = cells
+    with pytest.raises(Exception) as expected:
+        call(theirs(I, H), hx)
+    with pytest.raises(rnnkit.errors.ShapeError) as got:
+        call(ours(I, H), hx)
+    assert isinstance(got.value, type(expected.value)), (type(expected.value), str(got.value))

@@ -1,7 +1,9 @@
 """Errors the recipes raise for a user to read: the CLI prints the message on one line and exits
 with the error's ``exit_code``: 2 when the command line, an input or a run directory is wrong
 (the user changes the command), 1 when a sound command could not run to the end (the disk is full
-or read-only, training diverged, the machine lacks the device asked for)."""
+or read-only, training diverged, the machine lacks the device asked for).
+
+And :class:`ShapeError`, which the layers and cells raise for a tensor of the wrong shape."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ __all__ = [
     "DeviceError",
     "ProcessLost",
     "RecipeError",
+    "ShapeError",
     "StorageError",
     "TrainingDiverged",
 ]
@@ -59,3 +62,10 @@ class ProcessLost(DeviceError):
     collective (killed, out of memory, its machine gone): this one stops too, rather than
     printing the transport's traceback or waiting for the collective's timeout. The message says
     which rank, where, and how the run goes on from its last checkpoint."""
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor given to a layer or cell has the wrong shape: a wrong number of dimensions or of
+    features, no time steps, an initial state that does not fit the input. A ValueError, and a
+    RuntimeError as torch.nn raises for most of the same mistakes, so code written around
+    torch.nn's layers catches it where it caught theirs."""

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..errors import ShapeError
 from .table import SPECS, CellSpec
 
 #: A cell's recurrent state: one tensor, or a tuple of tensors, each (B, ...).
@@ -127,12 +128,12 @@ class BuiltinCell(Cell):
 
     def _check_step(self, x: Any, state: Any) -> tuple[Tensor, Any, bool]:
         """``x`` as (B, I) and ``state`` as the step takes it, each checked against the cell's
-        sizes (a ValueError naming the bad shape), and whether the call is unbatched."""
+        sizes (a ShapeError naming the bad shape), and whether the call is unbatched."""
         name = type(self).__name__
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} input is a {type(x).__name__}; expected a Tensor")
         if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
-            raise ValueError(
+            raise ShapeError(
                 f"{name} input has shape {tuple(int(n) for n in x.shape)}; expected "
                 f"(B, {self.input_size}) or "
                 f"unbatched ({self.input_size},)"
@@ -156,7 +157,7 @@ class BuiltinCell(Cell):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} {label} is a {type(t).__name__}; expected a Tensor {want}")
             if tuple(t.shape) != want:
-                raise ValueError(
+                raise ShapeError(
                     f"{name} {label} has shape {tuple(t.shape)}; expected {want} for an input of "
                     f"shape {tuple(x.shape)}"
                 )

@@ -37,6 +37,7 @@ from ..backends import Direction, StackMasks, StackResult
 from ..backends.reference import scan
 from ..backends.stack import auto_checkpoint, draw_masks
 from ..cells.base import Cell, State
+from ..errors import ShapeError
 from ..regularisers import PlainPickle, Regularisers
 
 __all__ = [
@@ -124,15 +125,15 @@ def prepare(
         layout = "(B, T, I)" if batch_first else "(T, B, I)"
         extra = " or (T, I)" if allow_unbatched else ""
         shape = tuple(int(n) for n in x.shape)  # ints also while a model is traced for export
-        raise ValueError(f"input has shape {shape}; expected 3 dimensions {layout}{extra}")
+        raise ShapeError(f"input has shape {shape}; expected 3 dimensions {layout}{extra}")
     elif batch_first:
         x = x.transpose(0, 1)
     if x.shape[-1] != input_size:
-        raise ValueError(
+        raise ShapeError(
             f"input has {x.shape[-1]} features (shape {given}); expected input_size = {input_size}"
         )
     if x.shape[0] == 0:
-        raise ValueError(f"input has T = 0 steps (shape {given}); expected T >= 1")
+        raise ShapeError(f"input has T = 0 steps (shape {given}); expected T >= 1")
     given_dtype = x.dtype
     x = check_dtypes(x, weights, layer)
     if lengths is not None:
@@ -187,7 +188,7 @@ def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> 
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} is a {type(value).__name__}; expected a Tensor of shape {shape}")
     if tuple(value.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(value.shape)}; expected {shape}")
+        raise ShapeError(f"{name} has shape {tuple(value.shape)}; expected {shape}")
     if value.dtype != like.dtype:
         if value.is_floating_point() and torch.is_autocast_enabled(like.device.type):
             return value.to(like.dtype)  # as the input was converted (check_dtypes)
@@ -206,7 +207,7 @@ def state_part(index: int, where: str = "") -> Iterator[None]:
         yield
     except (ValueError, TypeError) as e:
         text = str(e)
-        if type(e) not in (ValueError, TypeError) or not text.startswith("state"):
+        if type(e) not in (ShapeError, ValueError, TypeError) or not text.startswith("state"):
             raise
         text = f"state[{index}]{text[len('state') :]}"
         if where and " direction" not in text:
