@@ -17,10 +17,11 @@ import torch
 from recipe_helpers import TINY, cli_args, need_data
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 
 from rnnkit.errors import CheckpointError
 from rnnkit.tasks.speech import SpeechTask
-from rnnkit.train import default_out, evaluate, load_run, predict, train
+from rnnkit.train import adamw, default_out, evaluate, load_run, predict, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Several batches per epoch and a checkpoint after every other batch.
@@ -579,6 +580,35 @@ def test_training_on_the_cpu_flushes_subnormals_and_restores_after(tmp_path, flu
           hook=lambda p: seen.append(_flushing()))  # fmt: skip
     assert seen and set(seen) == {flush}
     assert not _flushing()  # the caller's setting is back
+
+
+def test_the_fused_adamw_takes_the_default_adamws_steps():
+    """The recipes' optimizer is torch's fused AdamW where the device has it, with the learning
+    rate and weight decay it is given: its steps are the default implementation's to rounding."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (64,), (7, 3, 5)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(5)]
+    runs = {}
+    for name, make in {
+        "fused": lambda ps: adamw(ps, 3e-3, 0.1, torch.device("cpu")),
+        "default": lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1),
+    }.items():
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs[name] = (opt, params)
+    assert runs["fused"][0].defaults["fused"] is True
+    assert runs["default"][0].defaults["fused"] is None
+    for a, b, s in zip(runs["fused"][1], runs["default"][1], start, strict=True):
+        assert not torch.equal(a, s)  # the steps moved it
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # where torch has no fused kernel for the device, torch's default
+    meta = adamw([nn.Parameter(torch.zeros(3, device="meta"))], 1e-3, 0.0, torch.device("meta"))
+    assert meta.defaults["fused"] is None
 
 
 def test_eta_is_the_rate_so_far_and_never_negative():

@@ -300,6 +300,21 @@ def test_damaged_optimizer_settings_and_moments_are_named(unfinished, tmp_path, 
     assert re.search(expected, str(e.value)), str(e.value)
 
 
+@pytest.mark.parametrize("saved", [None, False, "yes"])
+def test_a_checkpoint_saved_before_fused_steps_resumes_fused(unfinished, tmp_path, saved):
+    """A run saved by a version whose AdamW was not fused (``"fused": null``), or whose record of
+    it is damaged, resumes with this version's fused steps and finishes."""
+    run = copy(unfinished, tmp_path / "run")
+    path = run / "resume.safetensors"
+    _, meta = read_checkpoint(path)
+    groups = json.loads(meta["optim_groups"])
+    assert [g["fused"] for g in groups] == [True]  # how this version saves it on the CPU
+    rewrite_meta(path, optim_groups=json.dumps([{**g, "fused": saved} for g in groups]))
+    train("speech", {}, out=run, resume=True, progress=False)
+    assert (run / "metrics.json").exists()
+    assert [g["fused"] for g in json.loads(read_checkpoint(path)[1]["optim_groups"])] == [True]
+
+
 def test_a_resume_removes_the_drafts_a_killed_write_left(unfinished, tmp_path):
     run = copy(unfinished, tmp_path / "run")
     drafts = [run / ".resume.safetensors.4242.tmp", run / ".metrics.json.17.tmp"]
