@@ -406,3 +406,6 @@ def test_lengths_on_the_meta_device_give_shapes(make, given) -> None:
         layer(x.to("meta"), lengths=torch.ones(3, 1, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match=r"lengths\[0\] = 9 > T = 5"):
         layer(x.to("meta"), lengths=[9, 1, 1])
+    if given == "meta tensor":  # and on a layer with values, lengths without them are named
+        with pytest.raises(ValueError, match="lengths is on the meta device .* input on cpu"):
+            make()(x, lengths=lengths)

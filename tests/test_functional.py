@@ -7,6 +7,7 @@ import torch
 from conftest import OUT_TOL, assert_close
 
 from rnnkit import functional as F
+from rnnkit.errors import ShapeError
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu"])
@@ -137,3 +138,19 @@ def test_step_refuses_a_pair_as_the_state_of_a_cell_without_c() -> None:
     x, h = torch.randn(2, 3), torch.randn(2, 4)
     with pytest.raises(TypeError, match=r"state for 'gru' is a tuple; expected h, a tensor"):
         F.step("gru", weights, x, (h, h))
+
+
+def test_step_names_a_missing_weight_and_an_input_weight_ih_cannot_read() -> None:
+    weights = {"weight_ih": torch.randn(16, 3), "weight_hh": torch.randn(16, 4)}
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"weights for 'lstm' lack weight_hh; expected weight_ih"):
+        F.step("lstm", {"weight_ih": weights["weight_ih"]}, x, (h, h))
+    with pytest.raises(ValueError, match=r"lack ln_ih.weight, ln_ih.bias, ln_hh.weight"):
+        F.step("lstm_layernorm", weights, x, (h, h))
+    with pytest.raises(ShapeError, match=r"x has shape \(3,\); expected \(B, I\) with I = 3"):
+        F.step("lstm", weights, torch.randn(3), (h, h))  # unbatched: the cells take it, not step
+    with pytest.raises(ShapeError, match=r"x has shape \(2, 5\); expected \(B, I\) with I = 3"):
+        F.step("lstm", weights, torch.randn(2, 5), (h, h))
+    with pytest.raises(TypeError, match=r"x is a list; expected a Tensor"):
+        F.step("lstm", weights, [[0.0] * 3] * 2, (h, h))
+    assert F.step("lstm", weights, x, (h, h))[0].shape == (2, 4)  # the biases are optional

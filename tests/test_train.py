@@ -306,7 +306,7 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     train("speech", TINY["speech"], out=a, progress=False)
     train("speech", {**TINY["speech"], "hidden_size": 8}, out=b, progress=False)
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
-    with pytest.raises(CheckpointError, match="does not fit the model"):
+    with pytest.raises(CheckpointError, match="does not fit the model that config.json and vocab"):
         evaluate(a)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .cells.table import SPECS, TORCH_MODES, spec
+from .errors import ShapeError
 
 __all__ = [
     "GATES",
@@ -328,6 +329,27 @@ def _check_state(mode: str, family: str, state: Any) -> None:
         raise TypeError(f"state for {mode!r} is {what}; expected the pair (h, c)")
 
 
+def _check_step_inputs(mode: str, weights: Mapping[str, Tensor], x: Any) -> None:
+    """A clear error unless ``weights`` holds every weight ``mode`` needs (the cell table's names,
+    biases and projection optional) and ``x`` is a (B, I) tensor that ``weight_ih`` reads."""
+    table = spec(mode)
+    missing = [n for n in table.weight_names(bias=False) if n not in weights]
+    if missing:
+        raise ValueError(
+            f"weights for {mode!r} lack {', '.join(missing)}; expected "
+            f"{', '.join(table.weight_names(bias=True, proj=table.projection))} (biases and "
+            "projection optional)"
+        )
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x is a {type(x).__name__}; expected a Tensor (B, I)")
+    w_ih = weights["weight_ih"]
+    if x.dim() != 2 or x.shape[1] != w_ih.shape[1]:
+        raise ShapeError(
+            f"x has shape {tuple(x.shape)}; expected (B, I) with I = {w_ih.shape[1]}, the columns "
+            "of weight_ih (one step of a batch; the cells also take an unbatched (I,))"
+        )
+
+
 def step(
     mode: str,
     weights: Mapping[str, Tensor],
@@ -347,6 +369,7 @@ def step(
     """
     family = spec(mode).family  # an unknown mode is named before any weight is looked up
     _check_state(mode, family, state)
+    _check_step_inputs(mode, weights, x)
     w = weights
     ih, hh, b_ih, b_hh = w["weight_ih"], w["weight_hh"], w.get("bias_ih"), w.get("bias_hh")
     if family == "gru":

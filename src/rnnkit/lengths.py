@@ -44,6 +44,11 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
             raise ValueError(
                 f"lengths has shape {tuple(lengths.shape)}; expected a 1-D tensor of B = {batch}"
             )
+        if lengths.is_meta and device.type != "meta":
+            raise ValueError(
+                f"lengths is on the meta device (no values) and the input on {device}; expected "
+                "lengths with values (a list, or a tensor on the cpu or the input's device)"
+            )
         unknown = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or lengths.is_meta
         if unknown or torch.compiler.is_compiling():
             # torch.export (B may be symbolic), the TorchScript-based exporter (it traces sizes),

@@ -325,7 +325,8 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0:3]
         raise CheckpointError(
-            f"{path} does not fit the model that config.json describes: {' '.join(first)}"
+            f"{path} does not fit the model that config.json and vocab.json describe (one of "
+            f"the three does not belong to the run): {' '.join(first)}"
         ) from None
 
 
