@@ -27,7 +27,7 @@ from test_train import RESUMABLE, Killed, assert_same_run, kill_at
 from rnnkit import cli
 from rnnkit.errors import CheckpointError, RecipeError, StorageError, TrainingDiverged
 from rnnkit.tasks.speech import SpeechTask
-from rnnkit.train import load_run, train
+from rnnkit.train import CHECKSUMS, load_run, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -177,9 +177,19 @@ def copy(run: Path, to: Path) -> Path:
     return to
 
 
+def without_checksums(path: Path) -> None:
+    """The checkpoint at ``path`` as versions before checksums wrote it."""
+    tensors, meta = read_checkpoint(path)
+    del meta[CHECKSUMS]
+    save_file(tensors, str(path), metadata=meta)
+
+
 def test_a_model_with_a_nan_weight_is_refused(finished, tmp_path, capsys):
     run = copy(finished, tmp_path / "run")
     damage_tensor(run / "model.safetensors", "members.0.encoder.bias_hh_l0_reverse", 3)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'members.0.encoder.bias_hh_l0_reverse' does not match the checksum written with it \(expected [0-9a-f]{16}, read [0-9a-f]{16}\); the file is damaged, or was changed after rnnkit wrote it"):  # fmt: skip
+        load_run(run)
+    without_checksums(run / "model.safetensors")  # then the NaN itself is what is named
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'members.0.encoder.bias_hh_l0_reverse' holds NaN"):  # fmt: skip
         load_run(run)
     assert cli.main(["evaluate", str(run)]) == 2
@@ -192,9 +202,31 @@ def test_a_resume_checkpoint_with_damaged_weights_is_refused(unfinished, tmp_pat
     run = copy(unfinished, tmp_path / "run")
     damage_tensor(run / "resume.safetensors", "model.members.0.encoder.weight_hh_l0", 10)
     before = files(run)
+    with pytest.raises(CheckpointError, match=r"resume.safetensors: tensor 'model.members.0.encoder.weight_hh_l0' does not match the checksum"):  # fmt: skip
+        train("speech", {}, out=run, resume=True, progress=False)
+    assert files(run) == before
+    without_checksums(run / "resume.safetensors")
+    before = files(run)
     with pytest.raises(CheckpointError, match=r"resume.safetensors: tensor 'model.members.0.encoder.weight_hh_l0' holds NaN"):  # fmt: skip
         train("speech", {}, out=run, resume=True, progress=False)
     assert files(run) == before
+
+
+def test_a_flipped_bit_in_a_weight_is_found_and_a_damaged_record_named(finished, tmp_path):
+    """A change no other check sees (a finite weight, one bit of its mantissa flipped)."""
+    run = copy(finished, tmp_path / "run")
+    path = run / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    data[8 + size + header["members.0.encoder.weight_ih_l0"]["data_offsets"][0]] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"tensor 'members.0.encoder.weight_ih_l0' does not match the checksum"):  # fmt: skip
+        load_run(run)
+    tensors, meta = read_checkpoint(path)
+    save_file(tensors, str(path), metadata={**meta, CHECKSUMS: "[1, 2]"})
+    with pytest.raises(CheckpointError, match=r"its record of checksums is damaged \(a list\)"):
+        load_run(run)
 
 
 NO_METRIC = {
@@ -294,6 +326,7 @@ def test_damaged_optimizer_settings_and_moments_are_named(unfinished, tmp_path, 
     before = dict(meta), {k: v.shape for k, v in tensors.items()}
     change(tensors, meta)
     assert (meta, {k: v.shape for k, v in tensors.items()}) != before  # the change applied
+    del meta[CHECKSUMS]  # as a file from before checksums: what the other checks see
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(CheckpointError, match="the optimizer or RNG state is damaged") as e:
         train("speech", {}, out=run, resume=True, progress=False)

@@ -43,6 +43,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -99,6 +100,10 @@ RUN_FILES = (CONFIG, VOCAB, MODEL, STATE, METRICS)
 #: Held (flock) by the process that trains into a run directory, while it does.
 LOCK = ".rnnkit.lock"
 STATE_FORMAT = "rnnkit-resume-1"
+#: The metadata entry of a checkpoint's checksums: JSON {tensor name: the first 16 hex digits of
+#: the SHA-256 of its dtype, shape and bytes}, checked when the file is read (files written
+#: before it have none and are read as before).
+CHECKSUMS = "rnnkit.sha256"
 #: fp16 only: this many optimizer steps in a row skipped for overflowing gradients is divergence.
 MAX_OVERFLOWS = 50
 PLOT_SECONDS = 60.0  # redraw curves.png during training at most this often (and at the end)
@@ -282,7 +287,40 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
     bad = _non_finite(flat)
     if bad is not None:
         raise _NonFinite(f"tensor {bad[0]!r} {bad[1]}")
+    meta = {**meta, CHECKSUMS: json.dumps({k: _checksum(v) for k, v in flat.items()})}
     _atomic(path, lambda tmp: safetensors.torch.save_file(flat, str(tmp), metadata=meta))
+
+
+def _checksum(t: torch.Tensor) -> str:
+    """The first 16 hex digits of the SHA-256 of a (CPU, contiguous) tensor's dtype, shape and
+    bytes."""
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)} ".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def _check_sums(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """CheckpointError naming the first tensor that does not match the checksum written with it
+    (a flipped bit or sector, a file changed since): what safetensors' own checks cannot see."""
+    if CHECKSUMS not in meta:
+        return
+    try:
+        sums = json.loads(meta[CHECKSUMS])
+        if not isinstance(sums, dict):
+            raise ValueError(f"a {type(sums).__name__}")
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"{path}: its record of checksums is damaged ({e}); expected an object of one "
+            "checksum per tensor"
+        ) from None
+    for name, t in tensors.items():
+        got = _checksum(t.contiguous())
+        if sums.get(name) != got:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} does not match the checksum written with it (expected "
+                f"{sums.get(name)}, read {got}); the file is damaged, or was changed after "
+                "rnnkit wrote it"
+            )
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -298,6 +336,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is corrupt or "
             "incomplete"
         ) from None
+    _check_sums(path, tensors, meta)
     bad = _non_finite(tensors)
     if bad is not None:
         raise CheckpointError(
