@@ -233,6 +233,10 @@ def test_unknown_command_task_and_option(capsys):
     assert code == 2 and "valid tasks" in err
     code, _, err = run(capsys, "train", "speech", "--threads", "0")
     assert code == 2 and "--threads 0" in err
+    for argv in (["--epochs", "x"], ["--cell", "foo"], ["--bogus", "1"]):  # argparse's errors
+        code, _, err = run(capsys, "train", "speech", *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.strip().endswith("(see `rnnkit train speech --help`)"), err
 
 
 def test_backend_choices_leave_out_the_export_only_backend(capsys, tmp_path):

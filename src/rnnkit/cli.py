@@ -63,7 +63,7 @@ class Parser(argparse.ArgumentParser):
                 f"unknown option(s) for `{self.prog}`: {', '.join(hints)}; valid options: "
                 f"{' '.join(self.option_names())}"
             )
-        raise UsageError(f"{message}\n(see `{self.prog} --help`)")
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _add_config_options(parser: argparse.ArgumentParser, task_cls: Any) -> None:
