@@ -5,10 +5,10 @@ the recipe's whole training step (forward, backward, optimizer, the weights' mov
     python benchmarks/bench_optimizer.py                       # g2p's default pair, 2 threads
     python benchmarks/bench_optimizer.py --task translate --threads 1
 
-Measured as DESIGN.md says: the two interleaved (A B A B ...), each turn a burst whose median is
-kept, after a warm-up; reported: the median over the turns and the ratio default / fused (> 1: the
-fused step is faster). The whole-step comparison trains two copies of one initialisation on the
-same batches, each with its optimizer.
+Measured as DESIGN.md says: the two called alternately (A B A B ..., after a warm-up of each, by
+:func:`rnnkit.backends.cpu.calibrate.interleaved`, as bench_rnn.py does); reported: the medians
+and the ratio default / fused (> 1: the fused step is faster). The whole-step comparison trains
+two copies of one initialisation on the same batches, each with its optimizer.
 """
 
 from __future__ import annotations
@@ -16,34 +16,32 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from rnnkit import tasks
+from rnnkit.backends.cpu.calibrate import interleaved
 from rnnkit.train import adamw, average_of, update_average
 
 
-def interleaved(cases: dict[str, Callable[[], None]], rounds: int, burst: int) -> dict[str, float]:
-    """Median over ``rounds`` turns of each case's median call time in a burst of ``burst``."""
-    per: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, call in cases.items():
-            times = []
-            for _ in range(burst):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            per[name].append(statistics.median(times))
-    return {name: statistics.median(ts) for name, ts in per.items()}
+def medians(cases: dict[str, Callable[[], None]], pairs: int) -> dict[str, float]:
+    """Median seconds of each of the two ``cases``, called alternately ``pairs`` times."""
+    (a, run_a), (b, run_b) = cases.items()
+    ta, tb = interleaved(run_a, run_b, pairs)
+    return {a: statistics.median(ta), b: statistics.median(tb)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="g2p", help="the recipe whose default model is stepped")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=12, help="turns of each case")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=12,
+        help="tens of optimizer steps, fives of training steps, per case",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -68,9 +66,7 @@ def main() -> None:
             p.grad = torch.randn_like(p)
         opt = adamw(params, 2e-3, 0.0, cpu) if name == "fused" else torch.optim.AdamW(params)
         alone[name] = opt.step
-    for step in alone.values():
-        step()
-    t = interleaved(alone, args.rounds, 10)
+    t = medians(alone, 10 * args.rounds)
     print(
         f"optimizer step: default {t['default'] * 1e3:.2f} ms, fused {t['fused'] * 1e3:.2f} ms, "
         f"default / fused = {t['default'] / t['fused']:.2f}"
@@ -102,10 +98,7 @@ def main() -> None:
         return step
 
     whole = {"default": trainer(False), "fused": trainer(True)}
-    for step in whole.values():
-        for _ in range(3):
-            step()
-    t = interleaved(whole, args.rounds, 5)
+    t = medians(whole, 5 * args.rounds)
     print(
         f"training step: default {t['default'] * 1e3:.1f} ms, fused {t['fused'] * 1e3:.1f} ms, "
         f"default / fused = {t['default'] / t['fused']:.3f}"
