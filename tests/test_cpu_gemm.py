@@ -46,14 +46,9 @@ def fresh(monkeypatch, tmp_path):
     return path
 
 
-def forced_bulk(source: str) -> str:
-    """The bulk GEMMs' source under RNNKIT_GEMM=source: a step-only source's take MKL's BLAS."""
-    return gemm.BULK_FOR_STEP_ONLY if source in gemm.STEP_ONLY else source
-
-
 def forced_pair(source: str) -> str:
     """What explain says of the plan RNNKIT_GEMM=source forces."""
-    return f"step {source}, bulk {forced_bulk(source)}"
+    return f"step {source}, bulk {gemm._bulk_for(source)}"
 
 
 def assert_matches(got, want, got_grads, want_grads):
@@ -212,7 +207,7 @@ def test_rnnkit_gemm_is_honoured_under_torch_compile(fresh, monkeypatch, source,
     ]
     assert ops, "the compiled graph holds no rnnkit.layer_forward op"
     wanted = gemm.SOURCES.index(source)
-    wanted_bulk = gemm.SOURCES.index(forced_bulk(source))
+    wanted_bulk = gemm.SOURCES.index(gemm._bulk_for(source))
     for node in ops:
         step_source, bulk_source = node.args[9:11]
         assert (step_source, bulk_source) == (wanted, wanted_bulk), (
