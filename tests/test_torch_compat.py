@@ -424,3 +424,114 @@ def test_a_cells_shape_mistake_raises_what_torch_nn_raises(cells, call):
     with pytest.raises(rnnkit.errors.ShapeError) as got:
         call(ours(I, H), hx)
     assert isinstance(got.value, type(expected.value)), (type(expected.value), str(got.value))
+
+
+def _hx_of(mode, layers, batch, dtype):
+    """``_hx`` in ``dtype``."""
+    hx = _hx(mode, layers, batch)
+    return tuple(h.to(dtype) for h in hx) if isinstance(hx, tuple) else hx.to(dtype)
+
+
+# (what is wrong, the call on a layer of `mode`); each with torch.nn's error type below
+DTYPE_MISTAKES = {
+    "integer input": lambda mod, mode: mod(torch.ones(T, B, I, dtype=torch.long)),
+    "float64 input": lambda mod, mode: mod(torch.randn(T, B, I, dtype=torch.float64)),
+    "float64 initial state": lambda mod, mode: mod(
+        torch.randn(T, B, I), _hx_of(mode, 1, B, torch.float64)
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+@pytest.mark.parametrize("mistake", list(DTYPE_MISTAKES))
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_a_dtype_mistake_raises_what_torch_nn_raises_and_a_dtype_error(mode, mistake, backend):
+    """torch.nn raises a ValueError for the input's dtype and a RuntimeError (from inside its
+    op) for the state's; rnnkit's DTypeError is both, and a TypeError, with one line naming the
+    dtype given and the one expected."""
+    call = DTYPE_MISTAKES[mistake]
+    mine, ref = pair(mode)
+    mine.backend = None if backend == "auto" else backend
+    with pytest.raises(Exception) as theirs:
+        call(ref, mode)
+    with pytest.raises(rnnkit.errors.DTypeError) as ours:
+        call(mine, mode)
+    assert isinstance(ours.value, TypeError)
+    assert isinstance(ours.value, type(theirs.value)), (type(theirs.value), str(ours.value))
+    text = str(ours.value)
+    given = "torch.int64" if mistake == "integer input" else "torch.float64"
+    assert given in text and ("torch.float32" in text or "floating-point" in text)
+    assert "\n" not in text
+
+
+CELL_DTYPE_MISTAKES = {
+    "integer input": lambda cell, hx: cell(torch.ones(B, I, dtype=torch.long)),
+    "float64 input": lambda cell, hx: cell(torch.randn(B, I, dtype=torch.float64)),
+    "float64 state": lambda cell, hx: cell(
+        torch.randn(B, I),
+        tuple(h.double() for h in hx(B)) if isinstance(hx(B), tuple) else hx(B).double(),
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(CELL_DTYPE_MISTAKES))
+@pytest.mark.parametrize("cells", CELLS, ids=["rnn", "gru", "lstm"])
+def test_a_cells_dtype_mistake_names_the_dtypes_and_raises_what_torch_nn_raises(cells, mistake):
+    """torch.nn's cells fail inside their matmul ("mat1 and mat2 must have the same dtype"); a
+    cell of rnnkit says which tensor has which dtype, as the same RuntimeError."""
+    ours, theirs, hx = cells
+    call = CELL_DTYPE_MISTAKES[mistake]
+    with pytest.raises(Exception) as expected:
+        call(theirs(I, H), hx)
+    with pytest.raises(rnnkit.errors.DTypeError) as got:
+        call(ours(I, H), hx)
+    assert isinstance(got.value, type(expected.value)), (type(expected.value), str(got.value))
+    text = str(got.value)
+    given = "torch.int64" if mistake == "integer input" else "torch.float64"
+    assert ours.__name__ in text and given in text and "\n" not in text
+    assert "torch.float32" in text or "floating-point" in text
+
+
+@pytest.mark.parametrize("cells", CELLS, ids=["rnn", "gru", "lstm"])
+def test_a_cell_under_autocast_takes_mixed_dtypes_as_torch_nn_does(cells):
+    ours, theirs, hx = cells
+    torch.manual_seed(0)
+    ref = theirs(I, H)
+    mine = ours(I, H)
+    mine.load_state_dict(ref.state_dict())
+    x, state = torch.randn(B, I).bfloat16(), hx(B)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref(x, state)
+        got = mine(x, state)[1]  # (out, state)
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        assert_close(g.float(), w.float(), 2e-2, "autocast cell")
+
+
+# (the argument, the value): a size of the wrong type, as torch.nn's TypeError
+ARGUMENT_TYPE_MISTAKES = [("hidden_size", 4.0), ("input_size", 4.5), ("num_layers", 1.5)]
+
+
+@pytest.mark.parametrize(("name", "value"), ARGUMENT_TYPE_MISTAKES)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_a_size_of_the_wrong_type_raises_torch_nns_type_error(mode, name, value):
+    _, ours, theirs, extra = mode
+    args = {"input_size": I, "hidden_size": H, "num_layers": 1, **extra, name: value}
+    with pytest.raises(Exception) as expected:
+        theirs(**args)
+    with pytest.raises(rnnkit.errors.ArgumentTypeError, match=f"^{name} = {value!r}; expected"):
+        ours(**args)
+    assert isinstance(expected.value, TypeError), expected.value
+    with pytest.raises(ValueError):  # still the ValueError of rnnkit's other argument checks
+        ours(**args)
+
+
+@pytest.mark.parametrize("cells", CELLS, ids=["rnn", "gru", "lstm"])
+def test_a_cells_size_of_the_wrong_type_is_a_type_error(cells):
+    ours, theirs, _ = cells
+    with pytest.raises(TypeError):
+        theirs(I, 4.0)
+    with pytest.raises(rnnkit.errors.ArgumentTypeError, match=r"^hidden_size = 4\.0; expected"):
+        ours(I, 4.0)

@@ -3,14 +3,19 @@ with the error's ``exit_code``: 2 when the command line, an input or a run direc
 (the user changes the command), 1 when a sound command could not run to the end (the disk is full
 or read-only, training diverged, the machine lacks the device asked for).
 
-And :class:`ShapeError`, which the layers and cells raise for a tensor of the wrong shape."""
+And the errors the layers and cells raise for a wrong argument, each also the exception type torch.nn
+raises for the same mistake: :class:`ShapeError` (a tensor of the wrong shape), :class:`DTypeError`
+(a tensor of the wrong dtype) and :class:`ArgumentTypeError` (a constructor argument of the wrong
+type)."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
 __all__ = [
+    "ArgumentTypeError",
     "CheckpointError",
+    "DTypeError",
     "DataMissing",
     "DeviceError",
     "ProcessLost",
@@ -69,3 +74,16 @@ class ShapeError(ValueError, RuntimeError):
     features, no time steps, an initial state that does not fit the input. A ValueError, and a
     RuntimeError as torch.nn raises for most of the same mistakes, so code written around
     torch.nn's layers catches it where it caught theirs."""
+
+
+class DTypeError(TypeError, ValueError, RuntimeError):
+    """A tensor given to a layer or cell has a dtype the call cannot take: integer input, or an
+    input or initial state whose floating dtype differs from the weights' outside autocast. A
+    TypeError, and the ValueError or RuntimeError torch.nn raises for these mistakes (which one
+    depends on the mistake and the layer), so code written around torch.nn's layers catches it."""
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """A layer or cell was constructed with an argument of the wrong type (a size given as a
+    float): the TypeError torch.nn raises, and a ValueError like rnnkit's other checks of
+    constructor arguments (a size of 0)."""

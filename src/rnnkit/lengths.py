@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from .errors import DTypeError
+
 __all__ = [
     "as_lengths",
     "from_packed",
@@ -39,7 +41,7 @@ def as_lengths(lengths: LengthsLike, batch: int, steps: int, device: torch.devic
     """
     if isinstance(lengths, Tensor):
         if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
-            raise TypeError(f"lengths has dtype {lengths.dtype}; expected an integer tensor")
+            raise DTypeError(f"lengths has dtype {lengths.dtype}; expected an integer tensor")
         if lengths.dim() != 1:
             raise ValueError(
                 f"lengths has shape {tuple(lengths.shape)}; expected a 1-D tensor of B = {batch}"

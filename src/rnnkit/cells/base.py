@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..errors import ShapeError
+from ..errors import ArgumentTypeError, DTypeError, ShapeError
 from .table import SPECS, CellSpec
 
 #: A cell's recurrent state: one tensor, or a tuple of tensors, each (B, ...).
@@ -128,7 +128,8 @@ class BuiltinCell(Cell):
 
     def _check_step(self, x: Any, state: Any) -> tuple[Tensor, Any, bool]:
         """``x`` as (B, I) and ``state`` as the step takes it, each checked against the cell's
-        sizes (a ShapeError naming the bad shape), and whether the call is unbatched."""
+        sizes (a ShapeError naming the bad shape) and dtype (a DTypeError: one floating dtype for
+        input, state and weights, outside autocast), and whether the call is unbatched."""
         name = type(self).__name__
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} input is a {type(x).__name__}; expected a Tensor")
@@ -137,6 +138,15 @@ class BuiltinCell(Cell):
                 f"{name} input has shape {tuple(int(n) for n in x.shape)}; expected "
                 f"(B, {self.input_size}) or "
                 f"unbatched ({self.input_size},)"
+            )
+        autocast = torch.is_autocast_enabled(x.device.type)
+        weight = next(self.parameters(), None)
+        if not x.is_floating_point():
+            raise DTypeError(f"{name} input has dtype {x.dtype}; expected a floating-point tensor")
+        if weight is not None and x.dtype != weight.dtype and not autocast:
+            raise DTypeError(
+                f"{name} input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
             )
         unbatched = x.dim() == 1
         batch = 1 if unbatched else x.shape[0]
@@ -160,6 +170,10 @@ class BuiltinCell(Cell):
                 raise ShapeError(
                     f"{name} {label} has shape {tuple(t.shape)}; expected {want} for an input of "
                     f"shape {tuple(x.shape)}"
+                )
+            if t.dtype != x.dtype and not (autocast and t.is_floating_point()):
+                raise DTypeError(
+                    f"{name} {label} has dtype {t.dtype}; expected {x.dtype} like the input"
                 )
             checked.append(t.unsqueeze(0) if unbatched else t)
         state = checked[0] if len(sizes) == 1 else tuple(checked)
@@ -229,6 +243,11 @@ def _weight(module: nn.Module, name: str) -> Tensor:
     return getattr(module.get_submodule(owner), attr)
 
 
-def _check_size(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} = {value!r}; expected a positive integer")
+def _check_size(name: str, value: object, least: int = 1) -> None:
+    """``value`` is an int >= ``least``: else an ArgumentTypeError (a TypeError, as torch.nn's
+    for a size given as a float) or a ValueError naming it."""
+    want = "a positive integer" if least == 1 else f"an integer >= {least}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} = {value!r}; expected {want}")
+    if value < least:
+        raise ValueError(f"{name} = {value!r}; expected {want}")

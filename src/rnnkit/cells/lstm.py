@@ -29,8 +29,7 @@ class LSTMCell(_TorchLayoutCell):
     ) -> None:
         _check_size("input_size", input_size)
         _check_size("hidden_size", hidden_size)  # before it is compared with proj_size
-        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
-            raise ValueError(f"proj_size = {proj_size!r}; expected an integer >= 0")
+        _check_size("proj_size", proj_size, least=0)
         if proj_size >= hidden_size:
             raise ValueError(
                 f"proj_size = {proj_size} >= hidden_size = {hidden_size}; "

@@ -37,7 +37,7 @@ from ..backends import Direction, StackMasks, StackResult
 from ..backends.reference import scan
 from ..backends.stack import auto_checkpoint, draw_masks
 from ..cells.base import Cell, State
-from ..errors import ShapeError
+from ..errors import DTypeError, ShapeError
 from ..regularisers import PlainPickle, Regularisers
 
 __all__ = [
@@ -112,7 +112,7 @@ def prepare(
     if not isinstance(x, Tensor):
         raise TypeError(f"input is a {type(x).__name__}; expected a Tensor or a PackedSequence")
     if not x.is_floating_point():
-        raise TypeError(f"input has dtype {x.dtype}; expected a floating-point tensor")
+        raise DTypeError(f"input has dtype {x.dtype}; expected a floating-point tensor")
     given = tuple(x.shape)  # as the caller passed it, for the messages below
     unbatched = allow_unbatched and x.dim() == 2
     if unbatched:
@@ -142,7 +142,7 @@ def prepare(
 
 
 def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = "RNN") -> Tensor:
-    """The input in the dtype of the layer's weights, or ValueError naming the mismatch.
+    """The input in the dtype of the layer's weights, or a DTypeError naming the mismatch.
 
     Every backend reads the input and the weights as one dtype, so a float64 input to a float32
     layer (or the reverse) is refused as torch.nn refuses it, before any backend runs; so is a
@@ -162,7 +162,7 @@ def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = 
     ):
         for name, w in weights[1:]:
             if getattr(w, kind) != getattr(first, kind):
-                raise ValueError(
+                raise (DTypeError if kind == "dtype" else ValueError)(
                     f"{layer} parameter {name} {verb} {getattr(w, kind)}, but {first_name} "
                     f"{theirs_verb} {getattr(first, kind)}; expected one {kind} for every "
                     f"parameter ({fix})"
@@ -177,7 +177,7 @@ def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = 
         return x
     if torch.is_autocast_enabled(x.device.type):
         return x.to(first.dtype)
-    raise ValueError(
+    raise DTypeError(
         f"{layer} input dtype ({x.dtype}) does not match weight dtype ({first.dtype}). Convert "
         f"input: input.to({first.dtype}), or convert model: model.to({x.dtype})"
     )
@@ -192,7 +192,7 @@ def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> 
     if value.dtype != like.dtype:
         if value.is_floating_point() and torch.is_autocast_enabled(like.device.type):
             return value.to(like.dtype)  # as the input was converted (check_dtypes)
-        raise TypeError(f"{name} has dtype {value.dtype}; expected {like.dtype} like the input")
+        raise DTypeError(f"{name} has dtype {value.dtype}; expected {like.dtype} like the input")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}; expected {like.device} like the input")
     return value
@@ -207,7 +207,8 @@ def state_part(index: int, where: str = "") -> Iterator[None]:
         yield
     except (ValueError, TypeError) as e:
         text = str(e)
-        if type(e) not in (ShapeError, ValueError, TypeError) or not text.startswith("state"):
+        known = (ShapeError, DTypeError, ValueError, TypeError)
+        if type(e) not in known or not text.startswith("state"):
             raise
         text = f"state[{index}]{text[len('state') :]}"
         if where and " direction" not in text:

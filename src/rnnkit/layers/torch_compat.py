@@ -75,8 +75,7 @@ class _RNNBase(PlainPickle, nn.Module):
         _check_size("input_size", input_size)
         _check_size("hidden_size", hidden_size)
         _check_size("num_layers", num_layers)
-        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
-            raise ValueError(f"proj_size = {proj_size!r}; expected an integer >= 0")
+        _check_size("proj_size", proj_size, least=0)
         if proj_size >= hidden_size:
             raise ValueError(
                 f"proj_size = {proj_size} >= hidden_size = {hidden_size}; "
