@@ -257,6 +257,57 @@ def test_masks_that_do_not_fit_the_chunk_are_refused():
         layer(torch.randn(4, B, I), masks={})
 
 
+# (the layer that draws the masks, the layer given them, what the error names)
+FOREIGN_MASKS = {
+    "another regulariser": (
+        lambda: rnnkit.GRU(I, H, zoneout=0.5),
+        lambda: rnnkit.GRU(I, H, weight_drop=0.5),
+        "no weight_drop mask for a layer with weight_drop = 0.5",
+    ),
+    "a regulariser more": (
+        lambda: rnnkit.GRU(I, H, zoneout=0.5, dropout_state=0.2),
+        lambda: rnnkit.GRU(I, H, zoneout=0.5),
+        "a dropout_state mask for a layer with dropout_state = 0.0",
+    ),
+    "another hidden size": (
+        lambda: rnnkit.LSTM(I, H, dropout_state=0.2),
+        lambda: rnnkit.LSTM(I, H + 1, dropout_state=0.2),
+        rf"the dropout_state mask has shape \({B}, {H}\); expected \({B}, {H + 1}\)",
+    ),
+    "another cell": (
+        lambda: rnnkit.LSTM(I, H, zoneout=0.1),
+        lambda: rnnkit.GRU(I, H, zoneout=0.1),
+        "2 zoneout masks; this layer zones out 1 state tensors",
+    ),
+    "another dtype": (
+        lambda: rnnkit.LSTM(I, H, dropout_input=0.2),
+        lambda: rnnkit.LSTM(I, H, dropout_input=0.2, dtype=torch.float64),
+        "the dropout_input mask has dtype torch.float32; expected torch.float64",
+    ),
+    "no dropout between layers": (
+        lambda: rnnkit.GRU(I, H, num_layers=2, dropout=0.5, zoneout=0.1),
+        lambda: rnnkit.GRU(I, H, num_layers=2, zoneout=0.1),
+        "1 dropout masks between layers; this call has 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+@pytest.mark.parametrize("case", list(FOREIGN_MASKS))
+def test_masks_of_another_configuration_are_refused_alike_on_every_backend(case, backend):
+    """Masks drawn by a layer of other regularisers, sizes or dtype: one ValueError naming the
+    difference, the same on every backend (never run with the masks that happen to fit)."""
+    drawer, runner, message = FOREIGN_MASKS[case]
+    x = torch.randn(8, B, I)
+    masks = drawer().train().draw_masks(x)
+    layer = runner().train()
+    layer.backend = None if backend == "auto" else backend
+    x = x.to(next(layer.parameters()).dtype)
+    with pytest.raises(ValueError, match=f"masks were drawn for another configuration: {message}"):
+        layer(x, masks=masks)
+    layer(x, masks=layer.draw_masks(x))  # its own run
+
+
 def test_a_chunk_starts_at_a_numpy_integer():
     np = pytest.importorskip("numpy")
     layer = rnnkit.GRU(I, H, zoneout=0.3).train()

@@ -76,6 +76,60 @@ class Regularisers:
                 "expected zoneout (zoneout_cell zones out a cell state, such as an LSTM's c)"
             )
 
+    def mismatch(
+        self,
+        masks: Masks | None,
+        training: bool,
+        like: Tensor,
+        out_size: int,
+        state_shapes: tuple[tuple[int, ...], ...],
+        weight_hh: Tensor | None,
+    ) -> str | None:
+        """Why ``masks`` (a caller's, from ``draw_masks``) are not masks :meth:`draw` could
+        have drawn for this layer over ``like`` (T, B, I: the whole sequence the masks were drawn
+        for, with the call's dtype and device), in words; None when they are. ``weight_hh``:
+        the weight DropConnect masks, where it applies."""
+        if not self.any:
+            return None if masks is None else "masks of regularisers this layer does not have"
+        if masks is None:
+            return f"no masks for a layer with regularisers ({self.extra_repr()})"
+        steps, batch, inp = like.shape
+        zoneouts = self.zoneouts(len(state_shapes))
+        dropouts = {
+            "dropout_input": (masks.input, self.dropout_input, (batch, inp)),
+            "dropout_state": (masks.state, self.dropout_state, (batch, *state_shapes[0])),
+            "dropout_output": (masks.output, self.dropout_output, (batch, out_size)),
+            "weight_drop": (
+                masks.weight_hh,
+                self.weight_drop if weight_hh is not None else 0.0,
+                () if weight_hh is None else tuple(weight_hh.shape),
+            ),
+        }
+        for name, (mask, p, shape) in dropouts.items():
+            if mask is None and p and training:
+                return f"no {name} mask for a layer with {name} = {p}"
+            if mask is not None and not (p and training):
+                why = f"{name} = {p}" if training else "eval mode"
+                return f"a {name} mask for a layer with {why}"
+            if mask is not None:
+                problem = tensor_mismatch(mask, shape, like.dtype, like.device)
+                if problem:
+                    return f"the {name} mask {problem}"
+        if not any(zoneouts):
+            return None if masks.zoneout is None else "zoneout masks for a layer without zoneout"
+        if not training:
+            if masks.zoneout != zoneouts:
+                return f"zoneout {masks.zoneout!r} in eval mode; this layer's is {zoneouts!r}"
+            return None
+        if masks.zoneout is None or len(masks.zoneout) != len(state_shapes):
+            held = 0 if masks.zoneout is None else len(masks.zoneout)
+            return f"{held} zoneout masks; this layer zones out {len(state_shapes)} state tensors"
+        for k, (z, shape) in enumerate(zip(masks.zoneout, state_shapes, strict=True)):
+            problem = tensor_mismatch(z, (steps, batch, *shape), torch.bool, like.device)
+            if problem:
+                return f"zoneout mask {k} {problem}"
+        return None
+
     def extra_repr(self) -> str:
         return ", ".join(
             f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name)
@@ -115,6 +169,21 @@ class Regularisers:
             else None,
             weight_hh=None if weight_hh is None else keep(self.weight_drop, *weight_hh.shape),
         )
+
+
+def tensor_mismatch(
+    mask: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> str | None:
+    """What is wrong with ``mask`` for a tensor of ``shape``, ``dtype`` on ``device``, or None."""
+    if not isinstance(mask, Tensor):
+        return f"is a {type(mask).__name__}; expected a tensor of shape {shape}"
+    if tuple(mask.shape) != shape:
+        return f"has shape {tuple(mask.shape)}; expected {shape}"
+    if mask.dtype != dtype:
+        return f"has dtype {mask.dtype}; expected {dtype}"
+    if mask.device != device:
+        return f"is on {mask.device}; expected {device}"
+    return None
 
 
 @dataclass

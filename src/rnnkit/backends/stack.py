@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from .. import lengths as L
 from ..cells.table import SPECS
-from ..regularisers import Masks
+from ..regularisers import Masks, tensor_mismatch
 from . import (
     Backend,
     Call,
@@ -50,6 +50,30 @@ def _input_features(call: Call, index: int) -> int:
     return sum(d.output_size for d in call.layers[index - 1])
 
 
+def _mask_args(
+    call: Call, index: int, d: Direction, steps: int, batch: int
+) -> tuple[Tensor, int, tuple[tuple[int, ...], ...], Tensor | None]:
+    """What :meth:`Regularisers.draw` takes for direction ``d`` of layer ``index`` over a
+    sequence of ``steps`` x ``batch``: its input's like (no data), output size, state shapes and
+    the weight DropConnect masks (None without weight_drop)."""
+    regs = d.regularisers
+    like = call.x.new_empty(steps, batch, _input_features(call, index))
+    w_hh = d.weights.get("weight_hh") if regs.weight_drop else None
+    if regs.weight_drop and w_hh is None:
+        raise ValueError(
+            f"weight_drop = {regs.weight_drop} needs a recurrent weight named weight_hh"
+        )
+    return like, d.output_size, tuple(tuple(s.shape[1:]) for s in d.state), w_hh
+
+
+def _between_shapes(call: Call, steps: int, batch: int) -> list[tuple[int, int, int]]:
+    """The shapes of the dropout masks between the layers of ``call`` (none outside training or
+    without dropout)."""
+    if not (call.dropout > 0 and call.training and len(call.layers) > 1):
+        return []
+    return [(steps, batch, _input_features(call, k)) for k in range(1, len(call.layers))]
+
+
 def draw_masks(call: Call) -> StackMasks:
     """Every direction's regulariser masks for ``call`` (None where it has none), then the
     dropout masks between its layers (in training), drawn now."""
@@ -58,25 +82,19 @@ def draw_masks(call: Call) -> StackMasks:
     for index, layer in enumerate(call.layers):
         drawn: list[Masks | None] = []
         for d in layer:
-            regs = d.regularisers
-            if not regs.any:
+            if not d.regularisers.any:
                 drawn.append(None)
                 continue
-            like = call.x.new_empty(steps, batch, _input_features(call, index))
-            w_hh = d.weights.get("weight_hh") if regs.weight_drop else None
-            if regs.weight_drop and w_hh is None:
-                raise ValueError(
-                    f"weight_drop = {regs.weight_drop} needs a recurrent weight named weight_hh"
-                )
-            shapes = tuple(tuple(s.shape[1:]) for s in d.state)
-            drawn.append(regs.draw(call.training, like, d.output_size, shapes, w_hh))
+            drawn.append(
+                d.regularisers.draw(call.training, *_mask_args(call, index, d, steps, batch))
+            )
         layers.append(tuple(drawn))
     between: tuple[Tensor | None, ...] = ()
     p = call.dropout
-    if p > 0 and call.training and len(call.layers) > 1:
+    shapes = _between_shapes(call, steps, batch)
+    if shapes:
         # as F.dropout draws it on the layer's input: bernoulli(1 - p) / (1 - p), per element
         # (p = 1: zeros, drawing nothing)
-        shapes = [(steps, batch, _input_features(call, k)) for k in range(1, len(call.layers))]
         between = (
             None,
             *(
@@ -92,6 +110,41 @@ def _chunk(masks: Masks, start: int, steps: int) -> Masks:
     if masks.zoneout is None or not isinstance(masks.zoneout[0], Tensor):
         return masks
     return replace(masks, zoneout=tuple(z[start : start + steps] for z in masks.zoneout))
+
+
+def _check_fit(call: Call, stack: StackMasks) -> None:
+    """ValueError unless ``stack`` (a caller's masks) holds the masks this call's layers would
+    draw over ``stack.steps`` steps: the same regularisers, shapes, dtype and device."""
+    for index, (layer, drawn) in enumerate(zip(call.layers, stack.masks, strict=True)):
+        if len(drawn) != len(layer):
+            raise ValueError(
+                f"masks were drawn for {len(drawn)} directions in layer {index}; this call has "
+                f"{len(layer)} (draw them with the draw_masks of the module that runs them)"
+            )
+        for k, (d, m) in enumerate(zip(layer, drawn, strict=True)):
+            args = _mask_args(call, index, d, stack.steps, stack.batch)
+            problem = d.regularisers.mismatch(m, call.training, *args)
+            if problem:
+                where = f"layer {index}" + (f", direction {k}" if len(layer) > 1 else "")
+                raise ValueError(
+                    f"masks were drawn for another configuration: {problem} ({where}; draw "
+                    "them with the draw_masks of the module that runs them)"
+                )
+    shapes = _between_shapes(call, stack.steps, stack.batch)
+    between = [m for m in stack.between[1:] if m is not None] if stack.between else []
+    if len(between) != len(shapes):
+        raise ValueError(
+            f"masks were drawn for another configuration: {len(between)} dropout masks between "
+            f"layers; this call has {len(shapes)} (dropout = {call.dropout}, "
+            f"{len(call.layers)} layers, {'training' if call.training else 'eval'} mode)"
+        )
+    for k, (m, shape) in enumerate(zip(between, shapes, strict=True)):
+        problem = tensor_mismatch(m, shape, call.x.dtype, call.x.device)
+        if problem:
+            raise ValueError(
+                "masks were drawn for another configuration: the dropout mask between layers "
+                f"{k} and {k + 1} {problem}"
+            )
 
 
 def _with_masks(call: Call) -> tuple[list[list[Direction]], list[Tensor | None]]:
@@ -117,6 +170,7 @@ def _with_masks(call: Call) -> tuple[list[list[Direction]], list[Tensor | None]]
                 f"masks were drawn for {stack.steps} steps; this chunk runs steps "
                 f"{stack.offset}..{stack.offset + steps - 1}"
             )
+        _check_fit(call, stack)
     layers = []
     for directions, drawn in zip(call.layers, stack.masks, strict=True):
         out = []
