@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
 from rnnkit.backends.cpu import build, gemm
-from rnnkit.backends.native import onednn_has_bf16
+from rnnkit.backends.native import onednn_computes
 
 T, B, I, H = 9, 4, 6, 8
 LENGTHS = [9, 3, 0, 6]
@@ -204,7 +204,7 @@ def skip_unless_torch_nn_runs_on_onednn(name: str) -> None:
     """torch.nn.LSTM hands unpacked bf16 under autocast to oneDNN, and the dtypes it returns are
     oneDNN's; where oneDNN has no bf16 (no AVX-512) the call fails or takes another path with
     other dtypes, so there is no torch.nn answer to compare with (rnnkit keeps oneDNN's)."""
-    if name == "lstm" and not onednn_has_bf16():
+    if name == "lstm" and not onednn_computes(torch.bfloat16):
         pytest.skip("torch.nn.LSTM under bf16 autocast needs oneDNN's bf16 (AVX-512) here")
 
 
@@ -236,7 +236,12 @@ def test_every_backend_returns_torch_nn_dtypes_under_autocast(name, layout, back
     x = torch.randn(T, B, I)
     lengths = torch.tensor([9, 3, 2, 6])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        if backend == "native" and name == "lstm" and layout != "packed" and not onednn_has_bf16():
+        if (
+            backend == "native"
+            and name == "lstm"
+            and layout != "packed"
+            and not onednn_computes(torch.bfloat16)
+        ):
             # torch's op would fail in oneDNN: the backend declines the call, naming why
             with pytest.raises(rnnkit.BackendUnavailable, match="oneDNN"):
                 mine(x.bfloat16() if layout == "bf16 input" else x)
@@ -350,17 +355,21 @@ def test_gate_outputs_under_autocast_have_one_dtype_on_every_backend(name):
             assert error < BF16_TOL, f"{name} {key}.{gate}: {error:.3g}"
 
 
-def test_where_onednn_lacks_bf16_native_declines_an_unpacked_lstm_under_autocast(monkeypatch):
-    """torch's LSTM op hands bf16 under autocast to oneDNN even where oneDNN has no bf16 (no
-    AVX-512), which fails there: the native backend declines such calls, naming why, and the
-    automatic choice runs them on another backend; packed calls and GRUs stay native."""
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_where_onednn_lacks_the_dtype_native_declines_an_unpacked_lstm_under_autocast(
+    monkeypatch, low
+):
+    """torch's LSTM op hands bf16 or fp16 under autocast to oneDNN even where oneDNN does not
+    compute in it (no AVX-512), which fails there: the native backend declines such calls,
+    naming why, and the automatic choice runs them on another backend; packed calls and GRUs
+    stay native."""
     import rnnkit.backends.native as native
 
-    monkeypatch.setattr(native, "onednn_has_bf16", lambda: False)
+    monkeypatch.setattr(native, "onednn_computes", lambda dtype: False)
     torch.manual_seed(0)
     lstm, gru = rnnkit.LSTM(I, H, backend="native"), rnnkit.GRU(I, H, backend="native")
     x, lengths = torch.randn(T, B, I), torch.tensor([9, 3, 2, 6])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=low):
         with pytest.raises(rnnkit.BackendUnavailable, match="refuses it on this CPU"):
             lstm(x)
         assert lstm(x, lengths=lengths)[0].shape == (T, B, H)
@@ -368,3 +377,24 @@ def test_where_onednn_lacks_bf16_native_declines_an_unpacked_lstm_under_autocast
         lstm.backend = "auto"
         assert rnnkit.explain(lstm, x).backend != "native"
         assert lstm(x)[0].shape == (T, B, H)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_kernels_step_aside_only_for_a_native_op_that_runs_the_call(monkeypatch, low):
+    """Where the crossover table prefers torch's op (an LSTM's inference at a shape where it
+    measured faster) but that op declines the call (oneDNN without the autocast dtype), the
+    automatic choice stays with the kernels, not the Python reference loop."""
+    import rnnkit.backends.native as native
+    from rnnkit.backends.cpu import dispatch
+
+    slow = dispatch.Point(*dispatch.M, 0.5)  # torch's op measured faster at every shape
+    monkeypatch.setattr(dispatch, "nearest", lambda *args: slow)
+    monkeypatch.setattr(native, "onednn_computes", lambda dtype: False)
+    lstm = rnnkit.LSTM(I, H).eval()
+    x = torch.randn(T, B, I)
+    with torch.no_grad(), torch.autocast("cpu", dtype=low):
+        choice = rnnkit.explain(lstm, x)
+        assert choice.backend == "cpu", choice
+        assert lstm(x)[0].shape == (T, B, H)
+    with torch.no_grad():  # float32: torch's op runs it, and measured faster
+        assert rnnkit.explain(lstm, x).backend == "native"

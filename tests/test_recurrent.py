@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
 from rnnkit.backends.cpu import build
-from rnnkit.backends.native import onednn_has_bf16
+from rnnkit.backends.native import onednn_computes
 from rnnkit.cells import Cell
 
 T, B, I, H = 6, 4, 3, 5
@@ -370,7 +370,7 @@ def test_generic_layers_give_the_drop_ins_dtypes_for_initial_states_of_another_d
         got_out, got_state = generic(x, state, lengths=lengths)
         # the drop-in's dtypes are torch.nn's, where torch.nn.LSTM has oneDNN's bf16 to run on
         # (without it, it fails or returns other dtypes: tests/test_cpu_bf16.py)
-        if not with_lengths and (name != "lstm" or onednn_has_bf16()):
+        if not with_lengths and (name != "lstm" or onednn_computes(torch.bfloat16)):
             ref = getattr(torch.nn, drop_cls.__name__)(
                 I, H, num_layers=layers, bidirectional=directions == 2, **kw
             )

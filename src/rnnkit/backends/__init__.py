@@ -70,6 +70,7 @@ __all__ = [
     "Request",
     "StackMasks",
     "StackResult",
+    "accepts",
     "autocast_dtypes",
     "available",
     "eager",
@@ -361,6 +362,14 @@ def available() -> tuple[str, ...]:
     """Names accepted by ``backend=``: "auto" and every registered backend."""
     _ensure_registered()
     return (AUTO, *sorted(_registry, key=lambda n: -_registry[n].priority))
+
+
+def accepts(name: str, request: Request) -> bool:
+    """Whether the backend registered as ``name`` runs ``request`` (False where none is): what a
+    backend's ``slower`` asks before it steps aside for that one."""
+    _ensure_registered()
+    backend = _registry.get(name)
+    return backend is not None and backend.check(request) is None
 
 
 def eager() -> tuple[str, ...]:

@@ -46,15 +46,12 @@ class NativeBackend:
             )
         # unpacked, without projection: the calls torch's LSTM op gives to oneDNN
         lstm_in_onednn = request.mode == "lstm" and not request.proj and request.lengths == "none"
-        if (
-            lstm_in_onednn
-            and request.device_type == "cpu"
-            and request.autocast == torch.bfloat16
-            and not onednn_has_bf16()
-        ):
+        low = request.autocast if request.autocast in (torch.bfloat16, torch.float16) else None
+        if lstm_in_onednn and request.device_type == "cpu" and low and not onednn_computes(low):
+            name = "bf16" if low == torch.bfloat16 else "fp16"
             return (
-                "torch's LSTM op hands bf16 under autocast to oneDNN, which refuses it on this "
-                "CPU (its oneDNN has no bf16 without AVX-512)"
+                f"torch's LSTM op hands {name} under autocast to oneDNN, which refuses it on this "
+                f"CPU (its oneDNN has no {name} here)"
             )
         return _func_transforms_missing(request)
 
@@ -118,10 +115,12 @@ class NativeBackend:
 
 
 @functools.cache
-def onednn_has_bf16() -> bool:
-    """Whether torch's oneDNN computes in bf16 on this CPU (AVX-512 or newer); torch's LSTM op
-    under bf16 autocast sends it bf16 either way, and where it does not, the op fails."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+def onednn_computes(dtype: torch.dtype) -> bool:
+    """Whether torch's oneDNN computes in ``dtype`` (bfloat16 or float16) on this CPU; torch's
+    LSTM op under autocast to that dtype sends it the dtype either way, and where oneDNN does
+    not compute in it, the op fails."""
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    check = getattr(torch.ops.mkldnn, f"_is_mkldnn_{name}_supported", None)
     return True if check is None else bool(check())
 
 

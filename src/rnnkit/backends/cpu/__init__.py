@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ...cells.table import SPECS
-from .. import FUNC_TRANSFORMS, JIT_TRACING, LayerCall, LayerResult, Request
+from .. import FUNC_TRANSFORMS, JIT_TRACING, LayerCall, LayerResult, Request, accepts
 from . import build, dispatch, gemm, ops
 
 __all__ = [
@@ -164,15 +164,8 @@ class CpuBackend:
         to torch's op, as it is where the kernels run it."""
         gemm.forced()
         gemm.forced_split()
-        native_runs_it = (
-            request.mode in ("lstm", "gru", "rnn_tanh", "rnn_relu")
-            and not (request.gates or request.variational or request.state_dropout)
-            and not request.zoneout
-            and not request.proj
-            and request.lengths != "has_zero"
-            and not (request.reverse and request.lengths != "none")
-        )
-        if not native_runs_it:
+        # the calls the table measured (no projection) that torch's op, as registered, runs
+        if request.proj or not accepts("native", request):
             return None
         low = request.dtype == torch.bfloat16 or request.autocast == torch.bfloat16
         precision = "bf16" if low and gemm.bf16_supported() else "fp32"
