@@ -248,12 +248,15 @@ class _Elman(rnnkit.Cell):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_a_custom_cell_exports_with_lengths_as_an_input(reverse: bool) -> None:
-    """A custom cell's loop is traced over the example's steps; ``lengths=`` stays an input of
-    the graph (not the example's longest length baked in): the graph equals the layer at
+    """A custom cell's loop is traced over the example's steps (which a warning says: the graph
+    runs that many steps, whatever the steps the exporter was told are dynamic); ``lengths=``
+    stays an input of the graph (not the example's longest length baked in): the graph equals the layer at
     lengths other than the example's, longer ones among them."""
     layer = rnnkit.Recurrent(_Elman(I, H), reverse=reverse).eval()
     x = torch.randn(5, 3, I)
-    ep = torch.export.export(layer, (x,), {"lengths": torch.tensor([3, 2, 1])})
+    unrolled = "custom cell exports as its Python time loop, unrolled over the example's 5 steps"
+    with pytest.warns(UserWarning, match=unrolled):
+        ep = torch.export.export(layer, (x,), {"lengths": torch.tensor([3, 2, 1])})
     for lengths in ([5, 4, 2], [0, 5, 1]):
         lengths = torch.tensor(lengths)
         torch.testing.assert_close(
@@ -279,6 +282,35 @@ class _PackedLSTM(torch.nn.Module):
 
 #: What a layer says when a PackedSequence reaches it while exporting.
 PACKED = r"^a PackedSequence does not export .*lengths="
+
+
+class _Gates(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, return_gates=True)[0]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [lambda: rnnkit.LSTM(I, H), lambda: rnnkit.Recurrent(rnnkit.LayerNormGRUCell(I, H))],
+    ids=["drop-in", "recurrent"],
+)
+def test_return_gates_is_refused_while_exporting_in_one_line(layer) -> None:
+    """The gates are for looking into an eager call; an exported call that asks for them is
+    refused by the layer, naming it, on either exporter (not by a backend's op, late)."""
+    import io
+
+    model = _Gates(layer()).eval()
+    x = torch.randn(4, 2, I)
+    message = r"^return_gates=True while \w+ is exported; expected a call without it"
+    with pytest.raises(ValueError, match=message):
+        torch.export.export(model, (x,))
+    with pytest.raises(ValueError, match=message):
+        torch.onnx.export(model, (x,), io.BytesIO(), dynamo=False)
+    model(x)  # outside export it runs
 
 
 def test_a_packed_sequence_is_refused_while_exporting_with_the_way_that_exports() -> None:

@@ -125,6 +125,46 @@ def test_dynamo_onnx_directions_zoneout_sizes_of_one() -> None:
     check_zoo(module, model, lengths=[0], steps=4)
 
 
+class _AfterLinear(nn.Module):
+    """A Linear, then a layer lowered to a Scan (its input computed from parameters), with
+    lengths; then a GRU lowered to ONNX's own, reading the Scan's output."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 6)
+        self.layer = layer
+        self.top = rnnkit.Recurrent(rnnkit.GRUCell(layer.output_size, 5))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out = self.layer(self.proj(x), lengths=lengths)[0]
+        return self.top(out, lengths=lengths)[0]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: rnnkit.Recurrent(rnnkit.LayerNormLSTMCell(6, 7)),
+        lambda: rnnkit.LSTM(6, 7, proj_size=4, bidirectional=True),
+        lambda: rnnkit.GRU(6, 7, zoneout=0.2),
+    ],
+    ids=["layernorm", "projection", "zoneout"],
+)
+def test_dynamo_onnx_of_a_scan_layer_reading_a_computed_input(layer) -> None:
+    """The Scan's operands come from other ops (here a Linear, whose output torch treats as
+    needing gradients): the batch and the steps stay dynamic."""
+    torch.manual_seed(0)
+    module = _AfterLinear(layer()).eval()
+    x, lengths = torch.randn(5, 3, 3), torch.tensor([5, 2, 4])
+    shapes = {"x": {0: "T", 1: "B"}, "lengths": {0: "B"}}
+    model = onnx_dynamo(module, (x, lengths), shapes)
+    for steps, batch_lengths in ((8, [8, 1, 0, 6]), (2, [2])):
+        x = torch.randn(steps, len(batch_lengths), 3)
+        lengths = torch.tensor(batch_lengths)
+        with torch.no_grad():
+            expected = module(x, lengths)
+        assert_matches(run_ort(model, [x, lengths]), [expected], ["out"])
+
+
 @pytest.mark.parametrize("opset", [16, 17])
 def test_dynamo_onnx_of_scan_layers_at_an_earlier_opset(opset: int) -> None:
     """Layers lowered to a Scan (LayerNorm, projection, zoneout) exported with an opset below

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
@@ -603,6 +604,13 @@ def run(call: Call, name: str | None = None) -> StackResult:
     from .stack import compose
 
     backend, _ = select(call.request, name)
+    if exporting() and any(d.mode is None for layer in call.layers for d in layer):
+        warnings.warn(
+            f"rnnkit: {call.request.layer or 'a layer'} with a custom cell exports as its Python "
+            f"time loop, unrolled over the example's {call.x.shape[0]} steps: the exported graph "
+            "runs exactly that many (the built-in cells export as one op with the steps dynamic)",
+            stacklevel=2,
+        )
     return compose(call, backend)
 
 

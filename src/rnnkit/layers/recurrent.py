@@ -292,6 +292,11 @@ def run_stack(
     """Hand a layer's stack (``layers``, built by the layer over ``inp``) to the backends.
     ``state_dtypes``: the dtypes of the initial states the caller gave, before
     :func:`check_state` converted them (autocast)."""
+    if gates and backends.exporting():
+        raise ValueError(
+            f"return_gates=True while {type(module).__name__} is exported; expected a call "
+            "without it (the gates are for looking into an eager call, and do not export)"
+        )
     if masks is not None:
         check_streaming(module, layers, masks, inp.x.shape[0])
     call = backends.make_call(

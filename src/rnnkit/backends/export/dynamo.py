@@ -219,7 +219,7 @@ def _scan(
     lowers to an ONNX Scan.
 
     The operator itself is called (``scan_op``, with the weights as its additional inputs,
-    detached: the graph is for inference): the ``scan`` function in front of it compiles the
+    everything detached: the graph is for inference): the ``scan`` function in front of it compiles the
     whole loop with torch.compile first, which takes seconds per call."""
     try:
         from torch._higher_order_ops.scan import scan_op
@@ -236,7 +236,10 @@ def _scan(
         xs.append(L.mask(lengths, x.shape[0]).unsqueeze(-1))  # (T, B, 1)
     constants = tuple(w.detach() for w in weights)
     body = _body(layout, layout.zoneouts(zoneout), lengths is not None, eps)
-    results = scan_op(body, inits, xs, constants)
+    # Every operand detached: an input computed from parameters (a Linear's output) would send
+    # the operator through its autograd rule when an exporter pass re-runs the graph, and that
+    # rule fails on a dynamic batch (it stacks the sizes it saves for backward as outputs).
+    results = scan_op(body, [s.detach() for s in inits], [t.detach() for t in xs], constants)
     finals, ys = results[: len(inits)], results[len(inits) :]
     outs = [
         L.reverse_padded(y, lengths) if r else y for y, r in zip(ys, layout.reverses, strict=True)
