@@ -323,3 +323,29 @@ def test_a_chunk_starts_at_a_numpy_integer():
     for bad in (True, 4.0, np.float64(4.0)):
         with pytest.raises(ValueError, match="expected a step of the sequence"):
             masks.at(bad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_a_float16_layer_under_bf16_autocast_checkpoints_as_it_runs_whole(backend, bidirectional):
+    """The segments are joined outside autocast (whose cat fails on float16 operands under
+    bf16 autocast on the CPU): the same outputs, gradients and dtype as the call in one piece,
+    and torch.nn's dtype for it."""
+    results = []
+    for every in (None, 2):
+        torch.manual_seed(0)
+        layer = rnnkit.GRU(I, H, bidirectional=bidirectional, checkpoint=every).half()
+        layer.backend = None if backend == "auto" else backend
+        x = torch.randn(7, B, I).half().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, h = layer(x)
+        out.float().square().sum().backward()
+        results.append((out, h, x.grad))
+    torch.manual_seed(0)
+    theirs = torch.nn.GRU(I, H, bidirectional=bidirectional).half()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_dtype = theirs(x.detach())[0].dtype
+    (out, h, dx), (out_k, h_k, dx_k) = results
+    assert out.dtype == out_k.dtype == want_dtype
+    for got, expected in ((out_k, out), (h_k, h), (dx_k, dx)):
+        torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)

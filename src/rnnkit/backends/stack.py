@@ -19,7 +19,7 @@ for all of them, in one place:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -309,7 +309,7 @@ def directions_apart(layer: LayerCall, run: RunDirection) -> LayerResult:
         outs.append(out)
         states.append(state)
         gates.append(g)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    out = outs[0] if len(outs) == 1 else _cat(outs, dim=-1)
     return LayerResult(out, states, gates if layer.gates else None)
 
 
@@ -336,5 +336,16 @@ def _segments(
         state = result.states[0]
         if layer.gates:
             gates.append(result.gates[0] if result.gates else ())
-    joined = tuple(torch.cat(parts) for parts in zip(*gates, strict=True)) if gates else ()
-    return torch.cat(outs), tuple(state), joined
+    joined = tuple(_cat(parts) for parts in zip(*gates, strict=True)) if gates else ()
+    return _cat(outs), tuple(state), joined
+
+
+def _cat(parts: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat`` of parts of one dtype, outside autocast: autocast's cat promotes its
+    operands' dtypes and fails on float16 ones under bfloat16 autocast on the CPU (a float16
+    layer under bf16 autocast, whose kernels return float16 segments)."""
+    device = parts[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return torch.cat(parts, dim)
+    with torch.autocast(device, enabled=False):
+        return torch.cat(parts, dim)
