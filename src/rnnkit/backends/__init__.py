@@ -151,8 +151,10 @@ def autocast_dtypes(request: Request) -> tuple[torch.dtype, torch.dtype] | None:
     torch.nn, measured (torch 2.13, CPU): the Elman RNN's state is a product, so in the autocast
     dtype; a GRU's and a decomposed LSTM's state mixes the products with the previous state (the
     GRU's h, the LSTM's c), so it is in the wider of the autocast dtype and that initial state's
-    (the input's when none is given); torch's fused oneDNN LSTM (no lengths, no projection)
-    returns everything in the autocast dtype; a projected LSTM's h is the projection's product.
+    (the input's when none is given); torch's fused oneDNN LSTM (no lengths, no projection, a
+    float32 input to float32 weights) returns everything in the autocast dtype, and for an
+    input of another dtype torch decomposes the LSTM; a projected LSTM's h is the projection's
+    product.
     rnnkit's other cells follow their family.
     """
     low = request.autocast
@@ -165,7 +167,9 @@ def autocast_dtypes(request: Request) -> tuple[torch.dtype, torch.dtype] | None:
     if mode in ("rnn_tanh", "rnn_relu"):
         return low, low
     if mode == "lstm" and request.lengths == "none" and not request.proj:
-        return low, low
+        # torch hands the call to oneDNN where the input was given in the weights' float32
+        fused = request.input_dtype is None and request.dtype == torch.float32
+        return (low, low) if fused else (wide, wide)
     if request.proj:
         return low, wide
     return wide, wide
