@@ -313,6 +313,24 @@ def test_a_float16_layer_under_bf16_autocast_runs_as_torch_nn_runs_it(name):
         close(a, e, BF16_TOL, name)
 
 
+@pytest.mark.parametrize("cell", ["LayerNormLSTMCell", "LayerNormGRUCell"])
+def test_a_float16_layernorm_layer_under_bf16_autocast_runs_alike_on_every_backend(cell):
+    """Autocast's float32 layer_norm converts bf16 tensors only: the reference step converts a
+    float16 layer's gains itself, as the kernels read them, and both compute the same."""
+    seen = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(0)
+        layer = rnnkit.Recurrent(getattr(rnnkit, cell)(I, H), backend=backend).half()
+        x = torch.randn(T, B, I).half().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = layer(x)
+        out.float().square().sum().backward()
+        seen[backend] = (out, x.grad, layer.cell.ln_ih.weight.grad)
+    for got, want in zip(seen["cpu"], seen["reference"], strict=True):
+        assert got.dtype == want.dtype
+        close(got.float(), want.float(), BF16_TOL, cell)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "native", "reference"])
 @pytest.mark.parametrize("name", list(DROP_INS))
 def test_a_float64_layer_under_autocast_computes_and_returns_float64(name, backend):
