@@ -3,10 +3,10 @@ with the error's ``exit_code``: 2 when the command line, an input or a run direc
 (the user changes the command), 1 when a sound command could not run to the end (the disk is full
 or read-only, training diverged, the machine lacks the device asked for).
 
-And the errors the layers and cells raise for a wrong argument, each also the exception type torch.nn
-raises for the same mistake: :class:`ShapeError` (a tensor of the wrong shape), :class:`DTypeError`
-(a tensor of the wrong dtype) and :class:`ArgumentTypeError` (a constructor argument of the wrong
-type)."""
+And the errors the layers and cells raise for a wrong argument, each also the exception type
+torch.nn raises for the same mistake: :class:`ShapeError` (a tensor of the wrong shape),
+:class:`DTypeError` (a tensor of the wrong dtype) and :class:`ArgumentTypeError` (a constructor
+argument of the wrong type)."""
 
 from __future__ import annotations
 

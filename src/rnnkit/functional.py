@@ -233,13 +233,22 @@ def _lstm_out(h_t: Tensor, c_t: Tensor, w_hr: Tensor | None, gates: tuple | None
     return (h_t, c_t) if gates is None else (h_t, c_t, gates)
 
 
+def autocasting(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (False for a device type autocast does
+    not know, such as meta, where torch raises instead)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def layer_norm(x: Tensor, gain: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """``gain * (x - mean(x)) / sqrt(var(x) + eps) + bias`` over the last dimension.
 
     Autocast runs layer_norm in float32 but converts only its own dtype's tensors to it: the
     gains and biases of a float16 layer under bf16 autocast are converted here, as the fused
     kernels read them."""
-    if gain.dtype == torch.float16 and torch.is_autocast_enabled(x.device.type):
+    if gain.dtype == torch.float16 and autocasting(x.device.type):
         gain, bias = gain.float(), bias.float()
     return torch.nn.functional.layer_norm(x, x.shape[-1:], gain, bias, eps)
 

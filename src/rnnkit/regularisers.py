@@ -88,7 +88,7 @@ class Regularisers:
         """Why ``masks`` (a caller's, from ``draw_masks``) are not masks :meth:`draw` could
         have drawn for this layer over ``like`` (T, B, I: the whole sequence the masks were drawn
         for, with the call's dtype and device), in words; None when they are. ``weight_hh``:
-        the weight DropConnect masks, where it applies."""
+        the recurrent weight DropConnect masks (None without weight_drop)."""
         if not self.any:
             return None if masks is None else "masks of regularisers this layer does not have"
         if masks is None:

@@ -54,6 +54,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from .. import functional as F
 from ..cells.table import SPECS
 from ..regularisers import Masks, Regularisers
 
@@ -505,11 +506,8 @@ def _lengths_kind(lengths: Tensor | None) -> str:
 
 def _autocast(device_type: str) -> torch.dtype | None:
     """The lower-precision dtype of torch.autocast when it is on for ``device_type``."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except RuntimeError:  # a device type autocast does not know
-        return None
+    if F.autocasting(device_type):
+        return torch.get_autocast_dtype(device_type)
     return None
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as recompute
 
+from .. import functional as F
 from .. import lengths as L
 from ..cells.table import SPECS
 from ..regularisers import Masks, tensor_mismatch
@@ -345,7 +346,7 @@ def _cat(parts: Sequence[Tensor], dim: int = 0) -> Tensor:
     operands' dtypes and fails on float16 ones under bfloat16 autocast on the CPU (a float16
     layer under bf16 autocast, whose kernels return float16 segments)."""
     device = parts[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not F.autocasting(device):
         return torch.cat(parts, dim)
     with torch.autocast(device, enabled=False):
         return torch.cat(parts, dim)

@@ -139,7 +139,7 @@ class BuiltinCell(Cell):
                 f"(B, {self.input_size}) or "
                 f"unbatched ({self.input_size},)"
             )
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = F.autocasting(x.device.type)
         weight = next(self.parameters(), None)
         if not x.is_floating_point():
             raise DTypeError(f"{name} input has dtype {x.dtype}; expected a floating-point tensor")

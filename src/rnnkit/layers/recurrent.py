@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
+from .. import functional as F
 from .. import lengths as L
 from ..backends import Direction, StackMasks, StackResult
 from ..backends.reference import scan
@@ -175,7 +176,7 @@ def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = 
         )
     if x.dtype == first.dtype:
         return x
-    if torch.is_autocast_enabled(x.device.type):
+    if F.autocasting(x.device.type):
         return x.to(first.dtype)
     raise DTypeError(
         f"{layer} input dtype ({x.dtype}) does not match weight dtype ({first.dtype}). Convert "
@@ -190,7 +191,7 @@ def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> 
     if tuple(value.shape) != shape:
         raise ShapeError(f"{name} has shape {tuple(value.shape)}; expected {shape}")
     if value.dtype != like.dtype:
-        if value.is_floating_point() and torch.is_autocast_enabled(like.device.type):
+        if value.is_floating_point() and F.autocasting(like.device.type):
             return value.to(like.dtype)  # as the input was converted (check_dtypes)
         raise DTypeError(f"{name} has dtype {value.dtype}; expected {like.dtype} like the input")
     if value.device != like.device:

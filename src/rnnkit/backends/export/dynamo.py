@@ -219,8 +219,8 @@ def _scan(
     lowers to an ONNX Scan.
 
     The operator itself is called (``scan_op``, with the weights as its additional inputs,
-    everything detached: the graph is for inference): the ``scan`` function in front of it compiles the
-    whole loop with torch.compile first, which takes seconds per call."""
+    everything detached: the graph is for inference): the ``scan`` function in front of it
+    compiles the whole loop with torch.compile first, which takes seconds per call."""
     try:
         from torch._higher_order_ops.scan import scan_op
     except ImportError as e:  # pragma: no cover - torch versions without scan
