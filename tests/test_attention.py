@@ -197,3 +197,14 @@ def test_errors_name_the_bad_value() -> None:
             attn(query, memory[..., :7], mask)
         with pytest.raises(TypeError, match=r"mask has dtype torch.int64; expected torch.bool"):
             attn(query, memory, mask.long())
+
+
+def test_keys_and_sizes_that_do_not_fit_are_named() -> None:
+    attn = make("bahdanau")
+    query, memory, mask = inputs()
+    keys = attn.keys(memory)
+    with pytest.raises(ValueError, match=r"^keys has shape \(4, 5, \d+\); expected \(B, S, K\)"):
+        attn(query, memory, mask, keys=keys[:, :5])
+    for name in ATTENTIONS:
+        with pytest.raises(ValueError, match=r"^attention_size = 0; expected a positive integer"):
+            build_attention(name, 8, 8, 0)

@@ -488,3 +488,29 @@ def test_ensemble_members_learn_as_they_would_alone():
         grads = torch.autograd.grad(alone, list(member.parameters()))
         for p, g in zip(member.parameters(), grads, strict=True):
             torch.testing.assert_close(p.grad, g / 2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        ([7, 2], r"^lengths\[0\] = 7 > T = 5"),
+        ([-1, 2], r"^lengths\[0\] = -1 < 0"),
+        ([5, 2, 1], r"^lengths has 3 entries; expected one per sequence, B = 2"),
+    ],
+)
+@pytest.mark.parametrize("given", ["list", "tensor"])
+def test_pooling_and_front_ends_check_lengths_given_as_a_tensor_as_a_list(lengths, message, given):
+    """A lengths tensor is checked as a list is, before pooling or a front end reads it (it was
+    taken as given: a mean over 7 of 5 steps, a max over none)."""
+    out = torch.randn(2, 5, 3)
+    value = lengths if given == "list" else torch.tensor(lengths)
+    for how in ("mean", "max"):
+        with pytest.raises(ValueError, match=message):
+            pool(out, value, how)
+    with pytest.raises(ValueError, match=message):
+        SelfAttentionPool(3, 4)(out, value)
+    model = SequenceClassifier(2, input_size=3, hidden_size=4, conv_channels=3)
+    with pytest.raises(ValueError, match=message):
+        model(out, value)
+    with pytest.raises(TypeError, match="lengths has dtype torch.float32"):
+        pool(out, torch.tensor([2.5, 2.0]), "mean")

@@ -957,3 +957,58 @@ def test_right_to_left_errors_name_the_bad_value() -> None:
     for r in (2, 3, -1, 0.5, True):
         with pytest.raises(ValueError, match=rf"right_to_left = {r!r}; expected an integer from"):
             Seq2SeqEnsemble(build, 2, r)
+
+
+def test_beam_size_one_equals_greedy_on_tied_scores() -> None:
+    """Where next tokens tie (an output layer of zeros), beam_size=1 picks what greedy decoding
+    picks, the first of them, not what topk happens to return."""
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.zero_()
+    src, src_lengths = source_batch()
+    greedy = model.greedy(src, src_lengths, max_len=6)
+    beam = model.beam_search(src, src_lengths, beam_size=1, max_len=6)
+    assert torch.equal(beam.tokens, greedy.tokens)
+
+
+def test_targets_are_checked_and_a_batch_without_one_has_loss_zero() -> None:
+    model = tiny_model(dropout=0.0)
+    src, src_lengths = source_batch()
+    tgt_in, tgt_out = decoder_io(*target_batch(), model.config)
+    bad = tgt_out.clone()
+    bad[1, 2] = 10  # tgt_vocab = 10
+    with pytest.raises(
+        ValueError, match=r"^tgt_out\[1, 2\] = 10; expected a token id in \[0, 10\)"
+    ):
+        model.loss(src, src_lengths, tgt_in, bad)
+    nothing = torch.full_like(tgt_out, PAD)
+    loss = model.loss(src, src_lengths, tgt_in, nothing)
+    assert loss.item() == 0.0  # no token to learn: 0, not the NaN of a mean over none
+    loss.backward()
+    logits = model(src, src_lengths, tgt_in)
+    assert sequence_loss(logits, nothing, PAD).item() == 0.0
+
+
+def test_a_right_to_left_member_learns_nothing_from_a_row_without_target() -> None:
+    """An ensemble with right-to-left members takes a target row of padding alone, as one
+    model does: the loss is the loss of the other rows."""
+    torch.manual_seed(0)
+    ensemble = Seq2SeqEnsemble(
+        lambda: Seq2Seq(tiny_config(dropout=0.0)), 2, right_to_left=1
+    ).double()
+    src, src_lengths = source_batch()
+    tgt_in, tgt_out = decoder_io(*target_batch(), ensemble.config)
+    tgt_out[1] = PAD  # row 1: nothing to learn
+    keep = [0, 2, 3, 4]
+    whole = ensemble.loss(src, src_lengths, tgt_in, tgt_out)
+    rest = ensemble.loss(src[keep], src_lengths[keep], tgt_in[keep], tgt_out[keep])
+    torch.testing.assert_close(whole, rest, **TOL)
+
+
+def test_a_zero_dimensional_limit_is_one_limit_for_every_source() -> None:
+    model = tiny_model()
+    src, src_lengths = source_batch()
+    want = model.greedy(src, src_lengths, max_len=3)
+    got = model.greedy(src, src_lengths, max_len=torch.tensor(3))
+    assert torch.equal(got.tokens, want.tokens)

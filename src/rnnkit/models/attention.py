@@ -114,6 +114,11 @@ class Attention(nn.Module):
             )
         if mask is not None and mask.dtype != torch.bool:
             raise TypeError(f"mask has dtype {mask.dtype}; expected torch.bool (True = valid)")
+        if keys is not None and (keys.dim() != 3 or keys.shape[:2] != memory.shape[:2]):
+            raise ValueError(
+                f"keys has shape {tuple(keys.shape)}; expected (B, S, K) with (B, S) = "
+                f"{tuple(memory.shape[:2])}, as self.keys(memory) gives"
+            )
         if mask is not None:
             # Padded positions may hold anything (NaN, inf): a zero weight times inf or NaN is
             # NaN, so they are zeroed before they meet the weights, in the context and the keys.
@@ -253,4 +258,11 @@ def build_attention(name: str, query_size: int, memory_size: int, attention_size
         raise ValueError(
             f"attention = {name!r} is not an attention; expected one of {tuple(ATTENTIONS)}"
         ) from None
+    for label, size in (
+        ("query_size", query_size),
+        ("memory_size", memory_size),
+        ("attention_size", attention_size),
+    ):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{label} = {size!r}; expected a positive integer")
     return cls(query_size, memory_size, attention_size)

@@ -61,10 +61,8 @@ def make_encoder(
 
 
 def _lengths_of(lengths: L.LengthsLike, x: Tensor) -> Tensor:
-    """The lengths of the batch ``x`` (B, T, ...): a list (or NumPy array) validated as every
-    layer's ``lengths=`` is, a tensor as given."""
-    if isinstance(lengths, Tensor):
-        return lengths
+    """The lengths of the batch ``x`` (B, T, ...): a tensor or a list (or NumPy array),
+    validated as every layer's ``lengths=`` is (before a pooling or front end reads them)."""
     return L.as_lengths(lengths, x.shape[0], x.shape[1], x.device)
 
 

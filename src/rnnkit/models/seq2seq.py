@@ -420,7 +420,8 @@ class _Searches:
             cand = torch.where(done.unsqueeze(-1), stay, cand)  # (B, k, V)
             new_lengths = lengths + (~done).long()
             ranked = normalised(cand, new_lengths.unsqueeze(-1)).view(batch, k * vocab)
-            top = ranked.topk(k, dim=1).indices  # (B, k), best first
+            # (B, k), best first; one hypothesis as greedy decoding picks it (the first on a tie)
+            top = ranked.max(1, keepdim=True).indices if k == 1 else ranked.topk(k, dim=1).indices
             beam, token = top // vocab, top % vocab
             scores = cand.view(batch, k * vocab).gather(1, top)
             lengths = new_lengths.gather(1, beam)
@@ -685,9 +686,12 @@ class Seq2Seq(_Searches, nn.Module):
                 f"tgt_out has shape {tuple(tgt_out.shape)}; expected tgt_in's shape "
                 f"{tuple(tgt_in.shape)}, one target per decoder input"
             )
+        check_ids("tgt_out", tgt_out, self.config.tgt_vocab)
         h_tilde, _ = self._attentional_states(src, src_lengths, tgt_in)
         valid = tgt_out != self.config.pad_id  # (B, T)
         logits = self._output(self.dropout(h_tilde[valid]))  # (N, H) -> (N, V)
+        if logits.shape[0] == 0:  # no target token: nothing to learn (not the mean of none, NaN)
+            return logits.sum()
         return F.cross_entropy(logits, tgt_out[valid], label_smoothing=label_smoothing)
 
 
@@ -931,10 +935,13 @@ def reverse_targets(tgt_out: Tensor, config: Seq2SeqConfig) -> tuple[Tensor, Ten
     """A right-to-left decoder's teacher-forcing inputs and targets from a left-to-right
     ``tgt_out`` = [y_1 .. y_n, EOS] (B, T), padded with ``pad_id``: [BOS, y_n .. y_1] and
     [y_n .. y_1, EOS], both (B, T)."""
-    lengths = (tgt_out != config.pad_id).sum(1) - 1
+    held = (tgt_out != config.pad_id).sum(1)
+    lengths = (held - 1).clamp(min=0)
     body = tgt_out[:, :-1]
     index = lengths.unsqueeze(1) - 1 - torch.arange(body.shape[1], device=body.device)
-    return decoder_io(body.gather(1, index.clamp(min=0)), lengths, config)
+    tgt_in, out = decoder_io(body.gather(1, index.clamp(min=0)), lengths, config)
+    # a row of padding alone (no target) stays one: nothing to learn there in either direction
+    return tgt_in, out.masked_fill((held == 0).unsqueeze(1), config.pad_id)
 
 
 def _check_length_penalty(alpha: Any) -> float:
@@ -947,6 +954,8 @@ def _check_length_penalty(alpha: Any) -> float:
 
 def _check_max_len(max_len: Any, batch: int, device: torch.device) -> Tensor:
     """``max_len`` (a positive int, or a (B,) integer tensor of positive limits) as (B,) int64."""
+    if isinstance(max_len, Tensor) and max_len.dim() == 0 and whole(max_len) is not None:
+        max_len = whole(max_len)  # a 0-d integer tensor: one limit for every source
     if isinstance(max_len, Tensor):
         if (
             max_len.shape != (batch,)
@@ -988,13 +997,16 @@ def decoder_io(tgt: Tensor, tgt_lengths: Any, config: Seq2SeqConfig) -> tuple[Te
 def sequence_loss(
     logits: Tensor, target: Tensor, pad_id: int, label_smoothing: float = 0.0
 ) -> Tensor:
-    """Mean cross-entropy over the non-padding tokens of ``target`` (B, T); ``logits`` (B, T, V)."""
-    return F.cross_entropy(
+    """Mean cross-entropy over the non-padding tokens of ``target`` (B, T); ``logits`` (B, T, V).
+    0 where every token is padding (not the mean of none, NaN)."""
+    total = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         target.reshape(-1),
         ignore_index=pad_id,
         label_smoothing=label_smoothing,
+        reduction="sum",
     )
+    return total / (target != pad_id).sum().clamp(min=1)
 
 
 def plot_attention(
