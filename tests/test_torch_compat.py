@@ -388,16 +388,22 @@ SHAPE_MISTAKES = {
 def test_a_shape_mistake_raises_what_torch_nn_raises_and_a_shape_error(mode, mistake, backend):
     """Code written around torch.nn's layers catches rnnkit's error for the same mistake (a
     RuntimeError for most, a ValueError for the input's dimensions); the message is rnnkit's."""
-    call = SHAPE_MISTAKES[mistake]
+    ours = _raises_as_torch_nn(mode, backend, SHAPE_MISTAKES[mistake], rnnkit.errors.ShapeError)
+    assert isinstance(ours, ValueError)
+    assert "shape" in str(ours) and "\n" not in str(ours)
+
+
+def _raises_as_torch_nn(mode, backend: str, call, error: type) -> Exception:
+    """What ``call`` raises on rnnkit's layer of ``mode`` on ``backend``: an ``error`` that is
+    also the type of what torch.nn's raises for it."""
     mine, ref = pair(mode)
     mine.backend = None if backend == "auto" else backend
     with pytest.raises(Exception) as theirs:
         call(ref, mode)
-    with pytest.raises(rnnkit.errors.ShapeError) as ours:
+    with pytest.raises(error) as ours:
         call(mine, mode)
-    assert isinstance(ours.value, ValueError)
     assert isinstance(ours.value, type(theirs.value)), (type(theirs.value), str(ours.value))
-    assert "shape" in str(ours.value) and "\n" not in str(ours.value)
+    return ours.value
 
 
 CELLS = [
@@ -449,16 +455,9 @@ def test_a_dtype_mistake_raises_what_torch_nn_raises_and_a_dtype_error(mode, mis
     """torch.nn raises a ValueError for the input's dtype and a RuntimeError (from inside its
     op) for the state's; rnnkit's DTypeError is both, and a TypeError, with one line naming the
     dtype given and the one expected."""
-    call = DTYPE_MISTAKES[mistake]
-    mine, ref = pair(mode)
-    mine.backend = None if backend == "auto" else backend
-    with pytest.raises(Exception) as theirs:
-        call(ref, mode)
-    with pytest.raises(rnnkit.errors.DTypeError) as ours:
-        call(mine, mode)
-    assert isinstance(ours.value, TypeError)
-    assert isinstance(ours.value, type(theirs.value)), (type(theirs.value), str(ours.value))
-    text = str(ours.value)
+    ours = _raises_as_torch_nn(mode, backend, DTYPE_MISTAKES[mistake], rnnkit.errors.DTypeError)
+    assert isinstance(ours, TypeError)
+    text = str(ours)
     given = "torch.int64" if mistake == "integer input" else "torch.float64"
     assert given in text and ("torch.float32" in text or "floating-point" in text)
     assert "\n" not in text
