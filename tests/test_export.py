@@ -250,8 +250,8 @@ class _Elman(rnnkit.Cell):
 def test_a_custom_cell_exports_with_lengths_as_an_input(reverse: bool) -> None:
     """A custom cell's loop is traced over the example's steps (which a warning says: the graph
     runs that many steps, whatever the steps the exporter was told are dynamic); ``lengths=``
-    stays an input of the graph (not the example's longest length baked in): the graph equals the layer at
-    lengths other than the example's, longer ones among them."""
+    stays an input of the graph (not the example's longest length baked in): the graph equals
+    the layer at lengths other than the example's, longer ones among them."""
     layer = rnnkit.Recurrent(_Elman(I, H), reverse=reverse).eval()
     x = torch.randn(5, 3, I)
     unrolled = "custom cell exports as its Python time loop, unrolled over the example's 5 steps"
