@@ -82,6 +82,15 @@ class DTypeError(TypeError, ValueError, RuntimeError):
     TypeError, and the ValueError or RuntimeError torch.nn raises for these mistakes (which one
     depends on the mistake and the layer), so code written around torch.nn's layers catches it."""
 
+    @classmethod
+    def input_of(cls, owner: str, given: object, weights: object) -> DTypeError:
+        """The error for ``owner``'s input of dtype ``given`` where its weights are ``weights``
+        (torch.nn's words, and what to convert)."""
+        return cls(
+            f"{owner} input dtype ({given}) does not match weight dtype ({weights}). Convert "
+            f"input: input.to({weights}), or convert model: model.to({given})"
+        )
+
 
 class ArgumentTypeError(TypeError, ValueError):
     """A layer or cell was constructed with an argument of the wrong type (a size given as a

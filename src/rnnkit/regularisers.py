@@ -101,7 +101,7 @@ class Regularisers:
             "dropout_output": (masks.output, self.dropout_output, (batch, out_size)),
             "weight_drop": (
                 masks.weight_hh,
-                self.weight_drop if weight_hh is not None else 0.0,
+                self.weight_drop,
                 () if weight_hh is None else tuple(weight_hh.shape),
             ),
         }

@@ -144,10 +144,7 @@ class BuiltinCell(Cell):
         if not x.is_floating_point():
             raise DTypeError(f"{name} input has dtype {x.dtype}; expected a floating-point tensor")
         if weight is not None and x.dtype != weight.dtype and not autocast:
-            raise DTypeError(
-                f"{name} input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
-                f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})"
-            )
+            raise DTypeError.input_of(name, x.dtype, weight.dtype)
         unbatched = x.dim() == 1
         batch = 1 if unbatched else x.shape[0]
         sizes = self.state_sizes

@@ -178,10 +178,7 @@ def check_dtypes(x: Tensor, weights: Iterable[tuple[str, Tensor]], layer: str = 
         return x
     if F.autocasting(x.device.type):
         return x.to(first.dtype)
-    raise DTypeError(
-        f"{layer} input dtype ({x.dtype}) does not match weight dtype ({first.dtype}). Convert "
-        f"input: input.to({first.dtype}), or convert model: model.to({x.dtype})"
-    )
+    raise DTypeError.input_of(layer, x.dtype, first.dtype)
 
 
 def check_state(name: str, value: Any, shape: tuple[int, ...], like: Tensor) -> Tensor:

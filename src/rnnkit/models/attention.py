@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import lengths as L
+from ..cells.base import _check_size
 
 __all__ = [
     "ATTENTIONS",
@@ -258,11 +259,7 @@ def build_attention(name: str, query_size: int, memory_size: int, attention_size
         raise ValueError(
             f"attention = {name!r} is not an attention; expected one of {tuple(ATTENTIONS)}"
         ) from None
-    for label, size in (
-        ("query_size", query_size),
-        ("memory_size", memory_size),
-        ("attention_size", attention_size),
-    ):
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"{label} = {size!r}; expected a positive integer")
+    _check_size("query_size", query_size)
+    _check_size("memory_size", memory_size)
+    _check_size("attention_size", attention_size)
     return cls(query_size, memory_size, attention_size)
